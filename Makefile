@@ -1,0 +1,62 @@
+# xesp build. Everything BPF needs root: run the test and demo targets with sudo.
+GO        ?= go
+PKGS      ?= ./...
+# Debian packages the build, the tests and the demo use. `make deps` installs
+# whichever are missing, so a fresh Debian machine needs only Go and make.
+APT_PKGS  := clang llvm libbpf-dev linux-libc-dev bpftool iproute2 ethtool nftables tcpdump
+# Fuzz targets run for this long each in `make fuzz` (CI keeps it short).
+FUZZTIME  ?= 20s
+
+.PHONY: all build generate check-generate deps test test-short lint fuzz bench clean
+
+all: build
+
+build:
+	$(GO) build -o bin/xesp ./cmd/xesp
+
+# bpf2go: C programs in bpf/ -> bpf/*_bpfel.{go,o}. The output is committed
+# so `go build` works without clang.
+generate:
+	$(GO) generate ./bpf/...
+
+# Fails when the committed bpf2go output differs from what the sources give.
+check-generate: generate
+	@git diff --exit-code --stat -- bpf/ || { echo "bpf2go output is stale: run 'make generate' and commit it"; exit 1; }
+
+deps:
+	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+# The test command (README, CI): unit tests, BPF_PROG_TEST_RUN fixtures,
+# namespace end-to-end tests and short fuzzing. Needs root.
+test: deps
+	$(GO) test -count=1 -timeout 30m $(PKGS)
+	$(MAKE) fuzz
+
+test-short:
+	$(GO) test -short -count=1 $(PKGS)
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); [ -z "$$out" ] || { echo "gofmt:"; echo "$$out"; exit 1; }
+	$(GO) vet $(PKGS)
+	$(GO) tool staticcheck $(PKGS)
+
+# Each fuzz target for FUZZTIME. Listed by scanning for Fuzz functions so a
+# new target is picked up without editing this file.
+fuzz:
+	@set -e; for f in $$(grep -rl --include='*_test.go' '^func Fuzz' .); do \
+		dir=$$(dirname $$f); \
+		for t in $$(grep -o '^func Fuzz[A-Za-z0-9_]*' $$f | cut -d' ' -f2); do \
+			echo "fuzz $$dir $$t ($(FUZZTIME))"; \
+			$(GO) test -run='^$$' -fuzz="^$$t$$" -fuzztime=$(FUZZTIME) $$dir; \
+		done; \
+	done
+
+bench:
+	$(GO) test -run='^$$' -bench=. -benchmem $(PKGS)
+
+clean:
+	rm -rf bin

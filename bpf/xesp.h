@@ -1,0 +1,93 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Types shared by the XDP programs and Go. bpf2go generates the Go types
+ * from this header (-type), so every map key, value and the XDP metadata
+ * have exactly one definition. Change a layout here and regenerate; never
+ * mirror these structs by hand in Go.
+ */
+#ifndef XESP_H
+#define XESP_H
+
+#include <linux/types.h>
+
+/* Why a packet got its verdict. One per-CPU counter per reason. */
+enum xesp_reason {
+	/* xesp_public */
+	XESP_PASS_NOT_IP = 0,     /* ARP, LLDP, anything that is not IPv4/IPv6 */
+	XESP_PASS_OTHER,          /* IP but neither UDP to the NAT-T port nor ESP */
+	XESP_PASS_MALFORMED,      /* truncated or invalid L2/L3 header: left to the kernel */
+	XESP_PASS_IKE,            /* non-ESP marker (RFC 3948 2.2): IKE for the slow path */
+	XESP_PASS_FRAGMENT,       /* IP fragment: reassembled by the kernel, slow path */
+	XESP_DROP_KEEPALIVE,      /* single 0xFF byte (RFC 3948 2.3) */
+	XESP_DROP_RUNT,           /* shorter than an ESP header plus 8 bytes */
+	XESP_DROP_BAD_UDP_LEN,    /* UDP length disagrees with the packet */
+	XESP_DROP_NO_SA,          /* SPI not in the inbound SA map */
+	XESP_DROP_NO_XSK,         /* no AF_XDP socket at the steering index */
+	XESP_REDIRECT_ESP_UDP,    /* UDP-encapsulated ESP, stripped and steered */
+	XESP_REDIRECT_ESP,        /* plain ESP (IP protocol 50), steered */
+	XESP_ABORTED,             /* a helper failed (adjust_head/meta): bug or kernel limit */
+	/* xesp_private */
+	XESP_PRIV_PASS_NOT_IP,
+	XESP_PRIV_PASS_MALFORMED,
+	XESP_PRIV_PASS_NO_POLICY, /* destination matches no outbound policy */
+	XESP_PRIV_DROP_NO_XSK,
+	XESP_PRIV_REDIRECT,
+	XESP_REASON_MAX,
+};
+
+struct xesp_counter {
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* Runtime configuration: the single entry of the config array map. */
+struct xesp_config {
+	__u16 natt_port;   /* host byte order, default 4500 */
+	__u16 workers;     /* sockets per RX queue in the XSK map */
+	__u32 flags;
+};
+
+/* Inbound SA map: key is the SPI in host byte order. */
+struct xesp_sa {
+	__u32 sa_index;    /* index of the SA in its worker's table, handed on in the metadata */
+	__u16 worker;      /* owning worker: xsks[rx_queue * workers + worker] */
+	__u16 flags;       /* XESP_SA_F_* */
+};
+
+#define XESP_SA_F_ENCAP 0x1 /* SA was negotiated with UDP encapsulation */
+
+/* Outbound policy LPM trie: inner destination prefix -> outbound SA.
+ * IPv4 destinations are stored IPv4-mapped (::ffff:a.b.c.d, prefixlen + 96)
+ * so one trie serves both families. */
+struct xesp_policy_key {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+
+struct xesp_policy {
+	__u32 sa_index;    /* index of the outbound SA in its worker's table */
+	__u16 worker;
+	__u16 flags;
+};
+
+/*
+ * XDP metadata placed in front of the packet (bpf_xdp_adjust_meta) for
+ * every redirected frame. The AF_XDP reader finds it in the
+ * sizeof(struct xesp_meta) bytes just before the descriptor's address.
+ * What UDP stripping loses (the outer ports) travels here.
+ */
+struct xesp_meta {
+	__u32 sa_index;    /* from xesp_sa / xesp_policy */
+	__u16 sport;       /* outer UDP source port, network byte order; 0 for plain ESP */
+	__u16 dport;       /* outer UDP destination port, network byte order */
+	__u16 l3_off;      /* offset of the (outer) IP header from the frame start */
+	__u8  kind;        /* XESP_META_* */
+	__u8  magic;       /* XESP_META_MAGIC: tells metadata from leftover headroom */
+};
+
+#define XESP_META_MAGIC 0xE5
+#define XESP_META_ESP_UDP 1 /* inbound, UDP header stripped */
+#define XESP_META_ESP     2 /* inbound, plain ESP */
+#define XESP_META_CLEAR   3 /* outbound cleartext from the private side */
+
+#endif /* XESP_H */
