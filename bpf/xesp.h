@@ -4,6 +4,25 @@
  * from this header (-type), so every map key, value and the XDP metadata
  * have exactly one definition. Change a layout here and regenerate; never
  * mirror these structs by hand in Go.
+ *
+ * Maps (names as in xesp.c, pinned under the loader's per-instance bpffs
+ * directory with these names):
+ *   sas            HASH, SPI (host order) -> struct xesp_sa; max_entries set
+ *                  by the loader (default 1<<20), BPF_F_NO_PREALLOC
+ *   policies       LPM_TRIE, struct xesp_policy_key -> struct xesp_policy
+ *   config         ARRAY[1] of struct xesp_config
+ *   counters       PERCPU_ARRAY[XESP_REASON_MAX] of struct xesp_counter,
+ *                  indexed by enum xesp_reason
+ *   xsks_public    XSKMAP read by xesp_public
+ *   xsks_private   XSKMAP read by xesp_private
+ *
+ * AF_XDP socket maps: one XSKMAP per side, both indexed
+ * rx_queue_index * workers + worker. A socket is bound to one (device,
+ * queue), and a redirect to a socket bound elsewhere fails, so the public
+ * and private sockets of a worker are two different entries; separate maps
+ * keep the same index scheme on both sides instead of an offset that every
+ * writer would have to agree on. One-arm mode (one interface, both roles)
+ * is not served by these programs: only one native XDP program per device.
  */
 #ifndef XESP_H
 #define XESP_H
@@ -14,15 +33,16 @@
 enum xesp_reason {
 	/* xesp_public */
 	XESP_PASS_NOT_IP = 0,     /* ARP, LLDP, anything that is not IPv4/IPv6 */
-	XESP_PASS_OTHER,          /* IP but neither UDP to the NAT-T port nor ESP */
+	XESP_PASS_OTHER,          /* IP but neither UDP to the NAT-T port nor ESP; also IPv6 with
+	                           * extension headers other than a fragment header */
 	XESP_PASS_MALFORMED,      /* truncated or invalid L2/L3 header: left to the kernel */
 	XESP_PASS_IKE,            /* non-ESP marker (RFC 3948 2.2): IKE for the slow path */
-	XESP_PASS_FRAGMENT,       /* IP fragment: reassembled by the kernel, slow path */
+	XESP_PASS_FRAGMENT,       /* IPv4 fragment (any protocol) or IPv6 fragment header: slow path */
 	XESP_DROP_KEEPALIVE,      /* single 0xFF byte (RFC 3948 2.3) */
 	XESP_DROP_RUNT,           /* shorter than an ESP header plus 8 bytes */
 	XESP_DROP_BAD_UDP_LEN,    /* UDP length disagrees with the packet */
 	XESP_DROP_NO_SA,          /* SPI not in the inbound SA map */
-	XESP_DROP_NO_XSK,         /* no AF_XDP socket at the steering index */
+	XESP_DROP_NO_XSK,         /* no AF_XDP socket at the steering index, or sa.worker >= workers */
 	XESP_REDIRECT_ESP_UDP,    /* UDP-encapsulated ESP, stripped and steered */
 	XESP_REDIRECT_ESP,        /* plain ESP (IP protocol 50), steered */
 	XESP_ABORTED,             /* a helper failed (adjust_head/meta): bug or kernel limit */
@@ -32,6 +52,7 @@ enum xesp_reason {
 	XESP_PRIV_PASS_NO_POLICY, /* destination matches no outbound policy */
 	XESP_PRIV_DROP_NO_XSK,
 	XESP_PRIV_REDIRECT,
+	XESP_PRIV_ABORTED,        /* adjust_meta failed on the private side */
 	XESP_REASON_MAX,
 };
 
@@ -42,8 +63,8 @@ struct xesp_counter {
 
 /* Runtime configuration: the single entry of the config array map. */
 struct xesp_config {
-	__u16 natt_port;   /* host byte order, default 4500 */
-	__u16 workers;     /* sockets per RX queue in the XSK map */
+	__u16 natt_port;   /* host byte order; 0 means 4500 */
+	__u16 workers;     /* sockets per RX queue in the XSK maps; 0 means 1 */
 	__u32 flags;
 };
 
@@ -54,7 +75,10 @@ struct xesp_sa {
 	__u16 flags;       /* XESP_SA_F_* */
 };
 
-#define XESP_SA_F_ENCAP 0x1 /* SA was negotiated with UDP encapsulation */
+/* Constants are enums, not #defines, so they reach Go through BTF. */
+enum xesp_sa_flag {
+	XESP_SA_F_ENCAP = 0x1, /* SA was negotiated with UDP encapsulation */
+};
 
 /* Outbound policy LPM trie: inner destination prefix -> outbound SA.
  * IPv4 destinations are stored IPv4-mapped (::ffff:a.b.c.d, prefixlen + 96)
@@ -85,9 +109,14 @@ struct xesp_meta {
 	__u8  magic;       /* XESP_META_MAGIC: tells metadata from leftover headroom */
 };
 
-#define XESP_META_MAGIC 0xE5
-#define XESP_META_ESP_UDP 1 /* inbound, UDP header stripped */
-#define XESP_META_ESP     2 /* inbound, plain ESP */
-#define XESP_META_CLEAR   3 /* outbound cleartext from the private side */
+enum xesp_meta_magic {
+	XESP_META_MAGIC = 0xE5,
+};
+
+enum xesp_meta_kind {
+	XESP_META_ESP_UDP = 1, /* inbound, UDP header stripped */
+	XESP_META_ESP     = 2, /* inbound, plain ESP */
+	XESP_META_CLEAR   = 3, /* outbound cleartext from the private side */
+};
 
 #endif /* XESP_H */

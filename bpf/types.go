@@ -1,0 +1,133 @@
+package bpf
+
+import "encoding/binary"
+
+// Short names for the types bpf2go generates from xesp.h. They are aliases,
+// not copies: the layout still comes from the header alone.
+type (
+	SA        = XespXespSa
+	Policy    = XespXespPolicy
+	PolicyKey = XespXespPolicyKey
+	Config    = XespXespConfig
+	Counter   = XespXespCounter
+	Meta      = XespXespMeta
+	Reason    = XespXespReason
+	MetaKind  = XespXespMetaKind
+)
+
+// Constants from xesp.h's enums under Go names.
+const (
+	MetaMagic   = uint8(XespXespMetaMagicXESP_META_MAGIC)
+	MetaESPUDP  = XespXespMetaKindXESP_META_ESP_UDP
+	MetaESP     = XespXespMetaKindXESP_META_ESP
+	MetaClear   = XespXespMetaKindXESP_META_CLEAR
+	SAFlagEncap = uint16(XespXespSaFlagXESP_SA_F_ENCAP)
+
+	// MetaSize is sizeof(struct xesp_meta): the bytes before a redirected
+	// frame's data that hold the metadata.
+	MetaSize = 12
+
+	// NumReasons is XESP_REASON_MAX, the size of the counters map.
+	NumReasons = int(XespXespReasonXESP_REASON_MAX)
+)
+
+// Reasons under Go names, in enum order.
+const (
+	PassNotIP         = XespXespReasonXESP_PASS_NOT_IP
+	PassOther         = XespXespReasonXESP_PASS_OTHER
+	PassMalformed     = XespXespReasonXESP_PASS_MALFORMED
+	PassIKE           = XespXespReasonXESP_PASS_IKE
+	PassFragment      = XespXespReasonXESP_PASS_FRAGMENT
+	DropKeepalive     = XespXespReasonXESP_DROP_KEEPALIVE
+	DropRunt          = XespXespReasonXESP_DROP_RUNT
+	DropBadUDPLen     = XespXespReasonXESP_DROP_BAD_UDP_LEN
+	DropNoSA          = XespXespReasonXESP_DROP_NO_SA
+	DropNoXSK         = XespXespReasonXESP_DROP_NO_XSK
+	RedirectESPUDP    = XespXespReasonXESP_REDIRECT_ESP_UDP
+	RedirectESP       = XespXespReasonXESP_REDIRECT_ESP
+	Aborted           = XespXespReasonXESP_ABORTED
+	PrivPassNotIP     = XespXespReasonXESP_PRIV_PASS_NOT_IP
+	PrivPassMalformed = XespXespReasonXESP_PRIV_PASS_MALFORMED
+	PrivPassNoPolicy  = XespXespReasonXESP_PRIV_PASS_NO_POLICY
+	PrivDropNoXSK     = XespXespReasonXESP_PRIV_DROP_NO_XSK
+	PrivRedirect      = XespXespReasonXESP_PRIV_REDIRECT
+	PrivAborted       = XespXespReasonXESP_PRIV_ABORTED
+)
+
+// reasonNames are the enum names without the XESP_ prefix, lower case: the
+// label values of the verdict metrics. TestReasonNamesMatchBTF keeps them
+// in step with xesp.h.
+var reasonNames = [...]string{
+	PassNotIP:         "pass_not_ip",
+	PassOther:         "pass_other",
+	PassMalformed:     "pass_malformed",
+	PassIKE:           "pass_ike",
+	PassFragment:      "pass_fragment",
+	DropKeepalive:     "drop_keepalive",
+	DropRunt:          "drop_runt",
+	DropBadUDPLen:     "drop_bad_udp_len",
+	DropNoSA:          "drop_no_sa",
+	DropNoXSK:         "drop_no_xsk",
+	RedirectESPUDP:    "redirect_esp_udp",
+	RedirectESP:       "redirect_esp",
+	Aborted:           "aborted",
+	PrivPassNotIP:     "priv_pass_not_ip",
+	PrivPassMalformed: "priv_pass_malformed",
+	PrivPassNoPolicy:  "priv_pass_no_policy",
+	PrivDropNoXSK:     "priv_drop_no_xsk",
+	PrivRedirect:      "priv_redirect",
+	PrivAborted:       "priv_aborted",
+}
+
+// String returns the metric label of the reason, e.g. "drop_no_sa".
+func (r XespXespReason) String() string {
+	if int(r) < len(reasonNames) {
+		return reasonNames[r]
+	}
+	return "reason_" + itoa(uint32(r))
+}
+
+// Private reports whether the reason belongs to xesp_private.
+func (r XespXespReason) Private() bool {
+	return r >= PrivPassNotIP && r < XespXespReasonXESP_REASON_MAX
+}
+
+func itoa(v uint32) string {
+	var b [10]byte
+	i := len(b)
+	for {
+		i--
+		b[i] = byte('0' + v%10)
+		v /= 10
+		if v == 0 {
+			return string(b[i:])
+		}
+	}
+}
+
+// DecodeMeta reads the metadata the programs put in the MetaSize bytes
+// before a redirected frame's data. ok is false when b is short or the
+// magic is missing (headroom left over from something else).
+func DecodeMeta(b []byte) (m Meta, ok bool) {
+	if len(b) < MetaSize {
+		return m, false
+	}
+	if _, err := binary.Decode(b[len(b)-MetaSize:], binary.NativeEndian, &m); err != nil {
+		return m, false
+	}
+	return m, m.Magic == MetaMagic
+}
+
+// SrcPort is the outer UDP source port in host order (0 for plain ESP).
+func (m XespXespMeta) SrcPort() uint16 { return ntohs(m.Sport) }
+
+// DstPort is the outer UDP destination port in host order.
+func (m XespXespMeta) DstPort() uint16 { return ntohs(m.Dport) }
+
+// ntohs undoes the network order the C side stored through a native-order
+// __u16 field.
+func ntohs(v uint16) uint16 {
+	var b [2]byte
+	binary.NativeEndian.PutUint16(b[:], v)
+	return binary.BigEndian.Uint16(b[:])
+}
