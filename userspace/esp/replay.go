@@ -1,0 +1,181 @@
+package esp
+
+import (
+	"fmt"
+	"math/bits"
+)
+
+// Replay window limits. Sizes need not be multiples of 64.
+const (
+	MinReplayWindow     = 32
+	MaxReplayWindow     = 1 << 16
+	DefaultReplayWindow = 1024
+)
+
+// inferWindowDisabled is the window the ESN high-order inference (RFC 4303
+// Appendix A2.2) uses when anti-replay is off: a receiver must still know
+// the high 32 bits for the ICV, and half the 32-bit space tolerates any
+// realistic reordering without ambiguity.
+const inferWindowDisabled = 1 << 31
+
+// ReplayWindow is the inbound anti-replay state of one SA: the highest
+// authenticated sequence number and a bitmap of those seen inside the
+// window. The bitmap is a ring of 64-bit words (RFC 6479): advancing clears
+// whole words instead of shifting, and the ring is one word larger than the
+// window so a cleared word never holds an in-window bit.
+type ReplayWindow struct {
+	size  uint64 // W; 0 disables the check (high bits are still tracked)
+	esn   bool
+	top   uint64 // highest authenticated sequence number, 0 before the first
+	ring  []uint64
+	wmask uint64 // len(ring)-1; len(ring) is a power of two
+}
+
+// NewReplayWindow returns a window of size bits (0 disables anti-replay,
+// otherwise MinReplayWindow..MaxReplayWindow). esn selects 64-bit sequence
+// numbers with the Appendix A2 inference of the high half.
+func NewReplayWindow(size int, esn bool) (*ReplayWindow, error) {
+	w := &ReplayWindow{}
+	if err := w.init(size, esn); err != nil {
+		return nil, err
+	}
+	return w, nil
+}
+
+func (w *ReplayWindow) init(size int, esn bool) error {
+	if size != 0 && (size < MinReplayWindow || size > MaxReplayWindow) {
+		return fmt.Errorf("replay_window: %d out of range (0 disables, else %d..%d)", size, MinReplayWindow, MaxReplayWindow)
+	}
+	*w = ReplayWindow{size: uint64(size), esn: esn}
+	if size > 0 {
+		words := (size+63)/64 + 1
+		n := 1 << bits.Len(uint(words-1))
+		w.ring = make([]uint64, n)
+		w.wmask = uint64(n - 1)
+	}
+	return nil
+}
+
+// Size is the window size in packets; 0 when anti-replay is disabled.
+func (w *ReplayWindow) Size() int { return int(w.size) }
+
+// Top is the highest authenticated sequence number (0 before the first).
+func (w *ReplayWindow) Top() uint64 { return w.top }
+
+// Check is the pre-integrity test of RFC 4303 3.4.3: it infers the full
+// sequence number from the 32 bits on the wire and rejects duplicates and
+// numbers left of the window. It changes nothing; call Update once the
+// packet authenticated.
+func (w *ReplayWindow) Check(seqLo uint32) (uint64, Reason) {
+	seq := uint64(seqLo)
+	if w.esn {
+		var r Reason
+		if seq, r = w.infer(seqLo); r != ReasonNone {
+			return seq, r
+		}
+	}
+	if seq == 0 {
+		// The first packet an SA sends is number 1 (RFC 4303 3.3.3).
+		return 0, ReasonReplay
+	}
+	if w.size == 0 || seq > w.top {
+		return seq, ReasonNone
+	}
+	if w.top-seq >= w.size {
+		return seq, ReasonReplayOld
+	}
+	if w.ring[(seq>>6)&w.wmask]&(1<<(seq&63)) != 0 {
+		return seq, ReasonReplay
+	}
+	return seq, ReasonNone
+}
+
+// infer implements RFC 4303 Appendix A2.2.
+func (w *ReplayWindow) infer(seqLo uint32) (uint64, Reason) {
+	win := uint32(inferWindowDisabled)
+	if w.size > 0 {
+		win = uint32(w.size)
+	}
+	tl, th := uint32(w.top), uint32(w.top>>32)
+	var hi uint32
+	if tl >= win-1 {
+		// Case A: the window lies within one 2^32 block.
+		if seqLo >= tl-win+1 {
+			hi = th
+		} else {
+			hi = th + 1
+		}
+	} else {
+		// Case B: the window straddles a 2^32 boundary.
+		if seqLo >= tl-win+1 { // wraps: the upper part of the previous block
+			if th == 0 {
+				return uint64(seqLo), ReasonReplayOld
+			}
+			hi = th - 1
+		} else {
+			hi = th
+		}
+	}
+	return uint64(hi)<<32 | uint64(seqLo), ReasonNone
+}
+
+// Update records an authenticated sequence number, sliding the window when
+// it is the new highest.
+func (w *ReplayWindow) Update(seq uint64) {
+	if seq <= w.top {
+		if w.size != 0 && w.top-seq < w.size {
+			w.ring[(seq>>6)&w.wmask] |= 1 << (seq & 63)
+		}
+		return
+	}
+	if w.size != 0 {
+		ringWords := w.wmask + 1
+		if seq-w.top >= ringWords*64 {
+			clear(w.ring)
+		} else {
+			for k := w.top>>6 + 1; k <= seq>>6; k++ {
+				w.ring[k&w.wmask] = 0
+			}
+		}
+		w.ring[(seq>>6)&w.wmask] |= 1 << (seq & 63)
+	}
+	w.top = seq
+}
+
+// ReplayState is a window's persistent form, independent of the ring layout:
+// bit i of Bitmap (word i/64, bit i%64) says Top-i was received.
+type ReplayState struct {
+	Top    uint64   `json:"top" yaml:"top"`
+	Bitmap []uint64 `json:"bitmap" yaml:"bitmap"`
+}
+
+// Export returns the state for persisting; it allocates (control plane).
+func (w *ReplayWindow) Export() ReplayState {
+	st := ReplayState{Top: w.top, Bitmap: make([]uint64, (w.size+63)/64)}
+	for i := uint64(0); i < w.size && i < w.top; i++ {
+		s := w.top - i
+		if w.ring[(s>>6)&w.wmask]&(1<<(s&63)) != 0 {
+			st.Bitmap[i/64] |= 1 << (i % 64)
+		}
+	}
+	return st
+}
+
+// Import restores a state written by Export for a window of the same size.
+func (w *ReplayWindow) Import(st ReplayState) error {
+	if want := int((w.size + 63) / 64); len(st.Bitmap) != want {
+		return fmt.Errorf("replay state: bitmap has %d words, window of %d needs %d", len(st.Bitmap), w.size, want)
+	}
+	if !w.esn && st.Top > 0xffffffff {
+		return fmt.Errorf("replay state: top %d exceeds 32 bits on a non-ESN SA", st.Top)
+	}
+	clear(w.ring)
+	w.top = st.Top
+	for i := uint64(0); i < w.size && i < w.top; i++ {
+		if st.Bitmap[i/64]&(1<<(i%64)) != 0 {
+			s := w.top - i
+			w.ring[(s>>6)&w.wmask] |= 1 << (s & 63)
+		}
+	}
+	return nil
+}
