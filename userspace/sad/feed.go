@@ -115,7 +115,7 @@ func (d *SAD) SetBinding(id sa.ID, b netip.AddrPort) (int, error) {
 		return 0, fmt.Errorf("set binding of %s: %w", id, ErrNotFound)
 	}
 	n := 0
-	for m := d.groups[groupOf(&e.sa)].head; m != nil; m = m.nextPeer {
+	for m := d.groups[GroupOf(&e.sa)].head; m != nil; m = m.nextPeer {
 		if m.binding != b {
 			m.binding = b
 			d.record(m, OpBinding, m.worker, m.index)

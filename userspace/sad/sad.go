@@ -127,19 +127,21 @@ func (e *entry) export() Entry {
 	}
 }
 
-// groupKey identifies the SAs sharing one worker and one NAT mapping.
-type groupKey struct {
+// GroupKey identifies the SAs sharing one worker and one NAT mapping. It
+// is comparable: the manager keys the binding a group's SAs share by it.
+type GroupKey struct {
 	label string
 	peer  netip.Addr
 	port  uint16
 	inner netip.Prefix
 }
 
-func groupOf(s *sa.SA) groupKey {
+// GroupOf is the pair group an SA belongs to (see the package doc).
+func GroupOf(s *sa.SA) GroupKey {
 	if s.Pair != "" {
-		return groupKey{label: s.Pair}
+		return GroupKey{label: s.Pair}
 	}
-	k := groupKey{peer: s.Peer, inner: s.InnerPeer}
+	k := GroupKey{peer: s.Peer, inner: s.InnerPeer}
 	if s.Encap != nil {
 		k.port = s.Encap.PeerPort
 	}
@@ -184,7 +186,7 @@ type SAD struct {
 	byID    map[sa.ID]*entry
 	byName  map[string]*entry
 	outSPI  map[uint32]*entry // head of the chain of outbound SAs with this SPI
-	groups  map[groupKey]group
+	groups  map[GroupKey]group
 	order   []*entry // by seq; deleted entries linger until compaction
 	dead    int      // deleted entries in order
 	seq     uint64
@@ -212,7 +214,7 @@ func New(o Options) (*SAD, error) {
 		byID:    make(map[sa.ID]*entry),
 		byName:  make(map[string]*entry),
 		outSPI:  make(map[uint32]*entry),
-		groups:  make(map[groupKey]group),
+		groups:  make(map[GroupKey]group),
 		workers: make([]worker, o.Workers),
 		max:     o.MaxSAs,
 		log:     make([]Change, o.LogSize),
@@ -256,7 +258,7 @@ func (d *SAD) add(s *sa.SA, now int64) (*entry, error) {
 		return nil, err
 	}
 	id := s.ID()
-	gk := groupOf(s)
+	gk := GroupOf(s)
 	g, ok := d.groups[gk]
 	if !ok {
 		g.worker = d.leastLoaded()
@@ -339,7 +341,7 @@ func (d *SAD) leastLoaded() uint16 {
 
 // leave takes e out of its group, dropping the group when it empties.
 func (d *SAD) leave(e *entry) {
-	gk := groupOf(&e.sa)
+	gk := GroupOf(&e.sa)
 	g := d.groups[gk]
 	for p := &g.head; *p != nil; p = &(*p).nextPeer {
 		if *p == e {
@@ -404,7 +406,7 @@ func (d *SAD) update(s *sa.SA) (*entry, error) {
 		return nil, err
 	}
 	prevWorker, prevIndex := e.worker, e.index
-	oldKey, newKey := groupOf(&e.sa), groupOf(s)
+	oldKey, newKey := GroupOf(&e.sa), GroupOf(s)
 	if oldKey != newKey {
 		d.leave(e)
 		g, joined := d.groups[newKey]

@@ -1,0 +1,269 @@
+// Package gateway assembles a running xesp data path from a validated
+// configuration: it loads and attaches the XDP programs, creates the
+// shared UMEM and every worker's AF_XDP sockets, starts the workers, the
+// neighbour resolver and the manager, loads the configured SAs, and tears
+// it all down again in the reverse order. `xesp run` and the end-to-end
+// tests use it; it holds no packet logic of its own.
+package gateway
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/xesp/xesp/bpf"
+	"github.com/xesp/xesp/loader"
+	"github.com/xesp/xesp/maps"
+	"github.com/xesp/xesp/userspace/config"
+	"github.com/xesp/xesp/userspace/manager"
+	"github.com/xesp/xesp/userspace/neigh"
+	"github.com/xesp/xesp/userspace/sad"
+	"github.com/xesp/xesp/userspace/worker"
+	"github.com/xesp/xesp/userspace/xsk"
+)
+
+// rxQueue is the one RX queue per interface the gateway serves. veth has
+// one active queue; on a multi-queue NIC, steer UDP 4500 and the private
+// side's traffic to queue 0 (ethtool -N/-X) until per-queue sockets land.
+const rxQueue = 0
+
+// Gateway is a running data path.
+type Gateway struct {
+	Config  *config.Config
+	Loader  *loader.Instance
+	Maps    *maps.Set
+	UMEM    *xsk.UMEM
+	Workers worker.Set
+	// Sockets[w] are worker w's public and private sockets.
+	Sockets   [][2]*xsk.Socket
+	Neighbors *neigh.Resolver
+	SAD       *sad.SAD
+	Manager   *manager.Manager
+	Started   time.Time
+
+	log    *slog.Logger
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	errs   chan error
+	once   sync.Once
+}
+
+// Options change how Start behaves beyond the configuration.
+type Options struct {
+	Log *slog.Logger
+	// NoPin keeps nothing in bpffs (tests, dry runs).
+	NoPin bool
+}
+
+// Start brings the data path up. On error everything it built is torn
+// down again.
+func Start(ctx context.Context, cfg *config.Config, o Options) (g *Gateway, err error) {
+	if o.Log == nil {
+		o.Log = slog.Default()
+	}
+	if cfg.Public.Interface == cfg.Private.Interface {
+		return nil, fmt.Errorf("config: private.interface: one-arm mode (%s on both sides) is not supported: the XDP programs need one interface each", cfg.Public.Interface)
+	}
+	g = &Gateway{Config: cfg, log: o.Log, errs: make(chan error, 16)}
+	defer func() {
+		if err != nil {
+			g.teardown(false)
+		}
+	}()
+	pubIf, err := net.InterfaceByName(cfg.Public.Interface)
+	if err != nil {
+		return nil, fmt.Errorf("public interface: %w", err)
+	}
+	privIf, err := net.InterfaceByName(cfg.Private.Interface)
+	if err != nil {
+		return nil, fmt.Errorf("private interface: %w", err)
+	}
+
+	g.Loader, err = loader.Load(loader.Options{
+		Public: cfg.Public.Interface, Private: cfg.Private.Interface,
+		Generic: cfg.XDPMode == "generic", PinRoot: cfg.PinDir, NoPin: o.NoPin,
+		SACapacity: uint32(cfg.MaxSAs), PolicyCapacity: uint32(cfg.MaxSAs),
+	})
+	if err != nil {
+		return nil, err
+	}
+	g.Maps = g.Loader.Maps
+	if err := g.Maps.Config.Set(bpf.Config{NattPort: uint16(cfg.NATTPort), Workers: uint16(cfg.Workers)}); err != nil {
+		return nil, fmt.Errorf("write XDP config: %w", err)
+	}
+	// Clear sockets a previous process left in pinned XSK maps: their fds
+	// are gone, and a stale slot would swallow packets.
+	for w := 0; w < cfg.Workers; w++ {
+		idx := maps.Index(rxQueue, uint16(cfg.Workers), uint16(w))
+		g.Maps.XSKPublic.Delete(idx)
+		g.Maps.XSKPrivate.Delete(idx)
+	}
+
+	g.UMEM, err = xsk.New(xsk.Config{
+		FrameSize: uint32(cfg.UMEM.FrameSize), FrameCount: uint32(cfg.UMEM.Frames),
+		FillSize: uint32(cfg.UMEM.FillRing), CompletionSize: uint32(cfg.UMEM.CompletionRing),
+		RxSize: uint32(cfg.UMEM.RXRing), TxSize: uint32(cfg.UMEM.TXRing),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("create UMEM: %w", err)
+	}
+
+	g.Neighbors, err = neigh.New(neigh.Config{Ifindexes: []int{pubIf.Index, privIf.Index}})
+	if err != nil {
+		return nil, fmt.Errorf("neighbour resolver: %w", err)
+	}
+	if len(cfg.Private.NextHop) == 6 {
+		if err := g.Neighbors.SetDefault(privIf.Index, [6]byte(cfg.Private.NextHop)); err != nil {
+			return nil, fmt.Errorf("private next hop: %w", err)
+		}
+	}
+	pubMAC, err := neigh.InterfaceMAC(pubIf.Index)
+	if err != nil {
+		return nil, fmt.Errorf("public interface MAC: %w", err)
+	}
+	privMAC, err := neigh.InterfaceMAC(privIf.Index)
+	if err != nil {
+		return nil, fmt.Errorf("private interface MAC: %w", err)
+	}
+
+	events := make(chan worker.BindingChange, 4096)
+	for w := 0; w < cfg.Workers; w++ {
+		pub, err := g.UMEM.Open(pubIf.Index, rxQueue)
+		if err != nil {
+			return nil, fmt.Errorf("worker %d: AF_XDP socket on %s: %w", w, pubIf.Name, err)
+		}
+		priv, err := g.UMEM.Open(privIf.Index, rxQueue)
+		if err != nil {
+			pub.Close()
+			return nil, fmt.Errorf("worker %d: AF_XDP socket on %s: %w", w, privIf.Name, err)
+		}
+		g.Sockets = append(g.Sockets, [2]*xsk.Socket{pub, priv})
+		wk, err := worker.New(worker.Config{
+			ID: w, UMEM: g.UMEM, Public: pub, Private: priv,
+			PublicMAC: pubMAC, PrivateMAC: privMAC,
+			Neighbors: g.Neighbors, BindingEvents: events,
+		})
+		if err != nil {
+			return nil, err
+		}
+		g.Workers = append(g.Workers, wk)
+	}
+
+	g.SAD, err = sad.New(sad.Options{Workers: cfg.Workers, MaxSAs: cfg.MaxSAs})
+	if err != nil {
+		return nil, err
+	}
+	g.Manager, err = manager.New(manager.Options{SAD: g.SAD, Maps: g.Maps, Workers: g.Workers, Events: events, Log: o.Log})
+	if err != nil {
+		return nil, err
+	}
+
+	runCtx, cancel := context.WithCancel(context.Background())
+	g.cancel = cancel
+	g.goRun("neighbour resolver", func() error { return g.Neighbors.Run(runCtx) })
+	for _, wk := range g.Workers {
+		g.goRun(fmt.Sprintf("worker %d", wk.ID()), func() error { return wk.Run(runCtx) })
+	}
+	// Sockets go into the XSK maps only once their worker runs and has
+	// filled the fill rings, so XDP never redirects into a socket nobody
+	// serves.
+	for w, s := range g.Sockets {
+		if err := g.Workers[w].Sync(ctx); err != nil {
+			return nil, err
+		}
+		idx := maps.Index(rxQueue, uint16(cfg.Workers), uint16(w))
+		if err := g.Maps.XSKPublic.Set(idx, s[0].FD()); err != nil {
+			return nil, fmt.Errorf("worker %d: publish public socket: %w", w, err)
+		}
+		if err := g.Maps.XSKPrivate.Set(idx, s[1].FD()); err != nil {
+			return nil, fmt.Errorf("worker %d: publish private socket: %w", w, err)
+		}
+	}
+	if err := g.SAD.AddAll(cfg.SAList); err != nil {
+		return nil, fmt.Errorf("load configured SAs: %w", err)
+	}
+	if err := g.Manager.Sync(ctx); err != nil {
+		return nil, fmt.Errorf("install configured SAs: %w", err)
+	}
+	g.goRun("manager", func() error { return g.Manager.Run(runCtx) })
+	if err := g.Loader.Attach(); err != nil {
+		return nil, err
+	}
+	g.Started = time.Now()
+	o.Log.Info("xesp data path up",
+		"public", fmt.Sprintf("%s (xdp %s)", pubIf.Name, g.Loader.Public.Mode),
+		"private", fmt.Sprintf("%s (xdp %s)", privIf.Name, g.Loader.Private.Mode),
+		"af_xdp", g.Sockets[0][0].Mode().String(), "workers", cfg.Workers, "sas", len(cfg.SAList))
+	return g, nil
+}
+
+func (g *Gateway) goRun(what string, f func() error) {
+	g.wg.Add(1)
+	go func() {
+		defer g.wg.Done()
+		if err := f(); err != nil {
+			select {
+			case g.errs <- fmt.Errorf("%s: %w", what, err):
+			default:
+			}
+		}
+	}()
+}
+
+// Errors reports a component that stopped with an error; the daemon
+// shuts down on the first one.
+func (g *Gateway) Errors() <-chan error { return g.errs }
+
+// Stop drains and tears the data path down. keepPinned leaves the XDP
+// programs attached and the maps pinned for a restarted daemon to adopt.
+func (g *Gateway) Stop(keepPinned bool) error {
+	var err error
+	g.once.Do(func() { err = g.teardown(keepPinned) })
+	return err
+}
+
+func (g *Gateway) teardown(keepPinned bool) error {
+	var errs []error
+	// Unsteer first so nothing is redirected to sockets about to close.
+	if g.Maps != nil {
+		for w := range g.Sockets {
+			idx := maps.Index(rxQueue, uint16(g.Config.Workers), uint16(w))
+			g.Maps.XSKPublic.Delete(idx)
+			g.Maps.XSKPrivate.Delete(idx)
+		}
+	}
+	if g.cancel != nil {
+		g.cancel()
+	}
+	g.wg.Wait()
+	for _, w := range g.Workers {
+		w.Close()
+	}
+	for _, s := range g.Sockets {
+		for _, sock := range s {
+			if err := sock.Close(); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	if g.UMEM != nil {
+		if err := g.UMEM.Close(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if g.Neighbors != nil {
+		g.Neighbors.Close()
+	}
+	if g.Loader != nil {
+		if keepPinned {
+			errs = append(errs, g.Loader.Close())
+		} else {
+			errs = append(errs, g.Loader.Detach())
+		}
+	}
+	return errors.Join(errs...)
+}

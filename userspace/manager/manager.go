@@ -1,0 +1,537 @@
+// Package manager keeps the data path in step with the SA database. It is
+// the only writer of the BPF SA map and policy trie and the only sender of
+// worker commands: it follows the SAD's change feed, builds each SA's
+// cipher state once (esp.NewSA), installs it in its worker's table, then
+// publishes it to XDP; on delete it unpublishes first, then uninstalls.
+// That order means XDP never steers a packet to a slot its worker has not
+// filled yet. It also carries NAT bindings the workers learn back into the
+// SAD, and answers the API's per-SA questions.
+//
+// It must not touch packets or sockets, and it never blocks a worker: all
+// hand-over is by Commands applied between batches and by atomics.
+package manager
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"sync"
+
+	"github.com/xesp/xesp/bpf"
+	"github.com/xesp/xesp/maps"
+	"github.com/xesp/xesp/userspace/esp"
+	"github.com/xesp/xesp/userspace/sa"
+	"github.com/xesp/xesp/userspace/sad"
+	"github.com/xesp/xesp/userspace/worker"
+)
+
+// Workers is what the manager needs of the data-path workers.
+type Workers interface {
+	Send(ctx context.Context, w int, cmds []worker.Command) error
+	Sync(ctx context.Context, w int) error
+	Len() int
+}
+
+// Options wires a Manager.
+type Options struct {
+	SAD     *sad.SAD
+	Maps    *maps.Set
+	Workers Workers
+	// Events carries binding changes from the workers.
+	Events <-chan worker.BindingChange
+	Log    *slog.Logger
+}
+
+// slot is one SA installed in the data path.
+type slot struct {
+	id     sa.ID
+	spi    uint32
+	worker uint16
+	index  uint32
+	entry  *worker.Entry
+	group  groupRef
+	policy netip.Prefix // outbound: the policy trie key this SA serves
+	encap  bool
+}
+
+type groupRef struct {
+	worker uint16
+	key    sad.GroupKey
+}
+
+type sharedBinding struct {
+	b    *worker.Binding
+	refs int
+}
+
+// Manager mirrors a SAD into the data path.
+type Manager struct {
+	o   Options
+	log *slog.Logger
+
+	mu       sync.RWMutex // guards live (read by the API)
+	live     map[sa.ID]*slot
+	slots    [][]*slot // [worker][index], for binding events
+	bindings map[groupRef]*sharedBinding
+	// policies lists, per inner prefix, the outbound SAs that serve it, in
+	// install order; the trie points at the newest, so a rekeyed SA takes
+	// over and the older one takes back over if the newer goes first.
+	policies map[netip.Prefix][]*slot
+
+	version uint64
+	changes []sad.Change
+}
+
+// New returns a Manager; Sync or Run start mirroring.
+func New(o Options) (*Manager, error) {
+	if o.SAD == nil || o.Maps == nil || o.Workers == nil {
+		return nil, errors.New("manager: SAD, maps and workers are required")
+	}
+	if o.Log == nil {
+		o.Log = slog.Default()
+	}
+	return &Manager{
+		o: o, log: o.Log,
+		live:     make(map[sa.ID]*slot),
+		slots:    make([][]*slot, o.Workers.Len()),
+		bindings: make(map[groupRef]*sharedBinding),
+		policies: make(map[netip.Prefix][]*slot),
+	}, nil
+}
+
+// Run follows the SAD until ctx ends.
+func (m *Manager) Run(ctx context.Context) error {
+	if err := m.Sync(ctx); err != nil {
+		return err
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-m.o.SAD.Notify():
+			if err := m.Sync(ctx); err != nil {
+				if ctx.Err() != nil {
+					return nil
+				}
+				m.log.Error("sync data path with SA database", "err", err)
+			}
+		case ev := <-m.o.Events:
+			m.bindingChanged(ev)
+		}
+	}
+}
+
+// Sync applies every SAD change made so far and returns once the data
+// path reflects them.
+func (m *Manager) Sync(ctx context.Context) error {
+	var err error
+	var next uint64
+	m.changes, next, err = m.o.SAD.Changes(m.version, m.changes)
+	if errors.Is(err, sad.ErrResync) {
+		return m.resync(ctx)
+	}
+	if err != nil {
+		return fmt.Errorf("read SA changes: %w", err)
+	}
+	if len(m.changes) == 0 {
+		return nil
+	}
+	var b batch
+	for _, c := range m.changes {
+		m.plan(&b, c)
+	}
+	if err := m.commit(ctx, &b); err != nil {
+		return err
+	}
+	m.version = next
+	return nil
+}
+
+// resync rebuilds the data path from a full listing: what the SAD holds is
+// installed (or kept), what it no longer holds is removed.
+func (m *Manager) resync(ctx context.Context) error {
+	version := m.o.SAD.Version()
+	want := make(map[sa.ID]sad.Entry)
+	var page []sad.Entry
+	var cur uint64
+	for {
+		page, cur = m.o.SAD.List(cur, 4096, page[:0])
+		for _, e := range page {
+			want[e.ID] = e
+		}
+		if cur == 0 {
+			break
+		}
+	}
+	var b batch
+	m.mu.RLock()
+	for id, s := range m.live {
+		e, ok := want[id]
+		if !ok || e.Worker != s.worker || e.Index != s.index {
+			b.removes = append(b.removes, s)
+		}
+	}
+	m.mu.RUnlock()
+	for _, e := range want {
+		b.adds = append(b.adds, e)
+	}
+	if err := m.commit(ctx, &b); err != nil {
+		return err
+	}
+	m.version = version
+	return nil
+}
+
+// batch is one round of changes, applied in the safe order by commit.
+type batch struct {
+	removes  []*slot     // unpublish, then uninstall
+	adds     []sad.Entry // install, then publish (also updates)
+	bindings []sa.ID
+}
+
+func (m *Manager) plan(b *batch, c sad.Change) {
+	switch c.Op {
+	case sad.OpAdd, sad.OpUpdate:
+		if e, ok := m.o.SAD.Get(c.ID); ok {
+			b.adds = append(b.adds, e)
+		}
+	case sad.OpDelete:
+		m.mu.RLock()
+		s := m.live[c.ID]
+		m.mu.RUnlock()
+		if s != nil {
+			b.removes = append(b.removes, s)
+		}
+	case sad.OpBinding:
+		b.bindings = append(b.bindings, c.ID)
+	case sad.OpState:
+		// Lifetime enforcement acts through Delete; nothing to mirror.
+	}
+}
+
+// commit applies a batch in the order that keeps XDP and the workers
+// consistent: unpublish what goes away; uninstall it (and the old version
+// of every updated SA) and wait until the workers have let go, so its
+// state is quiescent; carry sequence counters and replay windows over to
+// the updated versions; install; then publish. An updated SA drops packets
+// as no_sa for the moment between its uninstall and install.
+func (m *Manager) commit(ctx context.Context, b *batch) error {
+	var errs []error
+
+	var installs, olds []*slot
+	for _, e := range b.adds {
+		s, err := m.build(e)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		installs = append(installs, s)
+		m.mu.RLock()
+		old := m.live[e.ID]
+		m.mu.RUnlock()
+		if old != nil {
+			olds = append(olds, old)
+		}
+	}
+	newByID := make(map[sa.ID]*slot, len(installs))
+	for _, s := range installs {
+		newByID[s.id] = s
+	}
+	// 1. Unpublish deleted SAs and updated SAs that move, so XDP stops
+	// steering to their slots.
+	for _, s := range b.removes {
+		if err := m.unpublish(s); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	for _, s := range olds {
+		if n := newByID[s.id]; n.worker != s.worker || n.index != s.index {
+			if err := m.unpublish(s); err != nil {
+				errs = append(errs, err)
+			}
+		} else {
+			m.dropPolicy(s)
+		}
+	}
+	// 2. Uninstall, and wait until no worker touches those entries.
+	var out []*slot
+	out = append(append(out, b.removes...), olds...)
+	if err := m.send(ctx, out, false); err != nil {
+		return err
+	}
+	// 3. Updated SAs continue where the old version stopped.
+	for _, s := range olds {
+		carryOver(s.entry, newByID[s.id].entry)
+	}
+	// 4. Install.
+	if err := m.send(ctx, installs, true); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	for _, s := range out {
+		m.forget(s)
+	}
+	for _, s := range installs {
+		m.remember(s)
+	}
+	m.mu.Unlock()
+	// 5. Publish: from now on XDP steers to the filled slots.
+	if err := m.publish(installs); err != nil {
+		errs = append(errs, err)
+	}
+	for _, id := range b.bindings {
+		m.applyBinding(id)
+	}
+	return errors.Join(errs...)
+}
+
+// send installs (or removes) slots in their workers' tables and returns
+// once every worker concerned has applied the commands.
+func (m *Manager) send(ctx context.Context, slots []*slot, install bool) error {
+	if len(slots) == 0 {
+		return nil
+	}
+	cmds := make(map[uint16][]worker.Command)
+	for _, s := range slots {
+		c := worker.Command{Index: s.index}
+		if install {
+			c.Entry = s.entry
+		}
+		cmds[s.worker] = append(cmds[s.worker], c)
+	}
+	for w, c := range cmds {
+		if err := m.o.Workers.Send(ctx, int(w), c); err != nil {
+			return fmt.Errorf("send to worker %d: %w", w, err)
+		}
+	}
+	for w := range cmds {
+		if err := m.o.Workers.Sync(ctx, int(w)); err != nil {
+			return fmt.Errorf("sync worker %d: %w", w, err)
+		}
+	}
+	return nil
+}
+
+// build makes the worker entry for an SAD entry.
+func (m *Manager) build(e sad.Entry) (*slot, error) {
+	s := &e.SA
+	mode := esp.ModeTunnel
+	if s.Mode == sa.Transport {
+		mode = esp.ModeTransport
+	}
+	cipher, err := esp.NewSA(esp.Config{
+		Name: s.Name, SPI: s.SPI, Proposal: s.Proposal,
+		EncKey: s.EncKey, AuthKey: s.AuthKey, ESN: s.ESN,
+		ReplayWindow: int(s.ReplayWindow), Mode: mode,
+	})
+	if err != nil {
+		return nil, err
+	}
+	sl := &slot{id: e.ID, spi: s.SPI, worker: e.Worker, index: e.Index, encap: s.Encap != nil,
+		group: groupRef{worker: e.Worker, key: sad.GroupOf(s)}}
+	ent := &worker.Entry{SA: cipher, Local: s.Local}
+	if s.Encap != nil {
+		ent.LocalPort = s.Encap.LocalPort
+	}
+	if s.Direction == sa.In {
+		ent.Dir = worker.Inbound
+		ent.InnerPeer = s.InnerPeer
+	} else {
+		ent.Dir = worker.Outbound
+		sl.policy = s.InnerPeer
+		if !sl.policy.IsValid() {
+			// Transport mode: cleartext for the phone is addressed to the
+			// phone itself.
+			sl.policy = netip.PrefixFrom(s.Peer, s.Peer.BitLen())
+		}
+	}
+	m.mu.Lock()
+	sb := m.bindings[sl.group]
+	if sb == nil {
+		sb = &sharedBinding{b: worker.NewBinding(worker.Peer{Addr: e.Binding})}
+		m.bindings[sl.group] = sb
+	}
+	sb.refs++
+	m.mu.Unlock()
+	ent.Binding = sb.b
+	sl.entry = ent
+	return sl, nil
+}
+
+// carryOver keeps an updated SA's sequence counter, replay window and
+// counters: rebuilding cipher state must never rewind a sequence number.
+// from must be uninstalled (quiescent) already.
+func carryOver(from, to *worker.Entry) {
+	if next := from.SA.NextSeq(); next > to.SA.NextSeq() {
+		to.SA.SetNextSeq(next)
+	}
+	if from.SA.Replay().Size() == to.SA.Replay().Size() {
+		to.SA.Replay().Import(from.SA.Replay().Export())
+	}
+	to.Counters.Packets.Store(from.Counters.Packets.Load())
+	to.Counters.Bytes.Store(from.Counters.Bytes.Load())
+	to.Counters.Drops.Store(from.Counters.Drops.Load())
+	to.Counters.Seq.Store(from.Counters.Seq.Load())
+}
+
+func (m *Manager) remember(s *slot) {
+	m.live[s.id] = s
+	ws := m.slots[s.worker]
+	if int(s.index) >= len(ws) {
+		ws = append(ws, make([]*slot, int(s.index)+1-len(ws))...)
+		m.slots[s.worker] = ws
+	}
+	ws[s.index] = s
+	if s.entry.Dir == worker.Outbound {
+		m.policies[s.policy] = append(m.policies[s.policy], s)
+	}
+}
+
+func (m *Manager) forget(s *slot) {
+	if m.live[s.id] == s {
+		delete(m.live, s.id)
+	}
+	if ws := m.slots[s.worker]; int(s.index) < len(ws) && ws[s.index] == s {
+		ws[s.index] = nil
+	}
+	if sb := m.bindings[s.group]; sb != nil && sb.b == s.entry.Binding {
+		if sb.refs--; sb.refs == 0 {
+			delete(m.bindings, s.group)
+		}
+	}
+}
+
+// publish writes installed slots to the BPF maps.
+func (m *Manager) publish(installs []*slot) error {
+	var spis []uint32
+	var vals []bpf.SA
+	var errs []error
+	for _, s := range installs {
+		if s.entry.Dir == worker.Inbound {
+			var flags uint16
+			if s.encap {
+				flags = bpf.SAFlagEncap
+			}
+			spis = append(spis, s.spi)
+			vals = append(vals, bpf.SA{SaIndex: s.index, Worker: s.worker, Flags: flags})
+			continue
+		}
+		m.mu.RLock()
+		newest := m.policies[s.policy]
+		m.mu.RUnlock()
+		if len(newest) > 0 && newest[len(newest)-1] == s {
+			if err := m.o.Maps.Policies.Put(s.policy, bpf.Policy{SaIndex: s.index, Worker: s.worker}); err != nil {
+				errs = append(errs, fmt.Errorf("publish policy %s for %s: %w", s.policy, s.id, err))
+			}
+		}
+	}
+	if len(spis) > 0 {
+		if err := m.o.Maps.SAs.PutBatch(spis, vals); err != nil {
+			errs = append(errs, fmt.Errorf("publish %d inbound SAs: %w", len(spis), err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// unpublish stops XDP steering to s. For a policy served by several SAs
+// it hands the prefix back to the newest remaining one.
+func (m *Manager) unpublish(s *slot) error {
+	if s.entry.Dir == worker.Inbound {
+		if err := m.o.Maps.SAs.Delete(s.spi); err != nil && !errors.Is(err, maps.ErrNotFound) {
+			return fmt.Errorf("unpublish %s: %w", s.id, err)
+		}
+		return nil
+	}
+	list := m.dropPolicy(s)
+	if len(list) > 0 {
+		n := list[len(list)-1]
+		return m.o.Maps.Policies.Put(s.policy, bpf.Policy{SaIndex: n.index, Worker: n.worker})
+	}
+	if err := m.o.Maps.Policies.Delete(s.policy); err != nil && !errors.Is(err, maps.ErrNotFound) {
+		return fmt.Errorf("unpublish policy %s of %s: %w", s.policy, s.id, err)
+	}
+	return nil
+}
+
+// dropPolicy takes s off the list of SAs serving its policy prefix and
+// returns the SAs left.
+func (m *Manager) dropPolicy(s *slot) []*slot {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	list := m.policies[s.policy]
+	for i, x := range list {
+		if x == s {
+			list = append(list[:i:i], list[i+1:]...)
+			break
+		}
+	}
+	if len(list) == 0 {
+		delete(m.policies, s.policy)
+	} else {
+		m.policies[s.policy] = list
+	}
+	return list
+}
+
+// bindingChanged records a binding a worker learnt in the SAD, where the
+// API shows it and the SA's later entries start from it.
+func (m *Manager) bindingChanged(ev worker.BindingChange) {
+	m.mu.RLock()
+	var s *slot
+	if ev.Worker < len(m.slots) && int(ev.Index) < len(m.slots[ev.Worker]) {
+		s = m.slots[ev.Worker][ev.Index]
+	}
+	m.mu.RUnlock()
+	if s == nil {
+		return
+	}
+	if _, err := m.o.SAD.SetBinding(s.id, ev.Peer.Addr); err != nil && !errors.Is(err, sad.ErrNotFound) {
+		m.log.Warn("record NAT binding", "sa", s.id, "err", err)
+	}
+}
+
+// applyBinding pushes a binding set in the SAD (by the API, or echoed from
+// a worker) to the data path if it differs.
+func (m *Manager) applyBinding(id sa.ID) {
+	e, ok := m.o.SAD.Get(id)
+	if !ok {
+		return
+	}
+	m.mu.RLock()
+	s := m.live[id]
+	m.mu.RUnlock()
+	if s == nil {
+		return
+	}
+	if cur := s.entry.Binding.Load(); cur.Addr != e.Binding {
+		s.entry.Binding.Set(worker.Peer{Addr: e.Binding})
+	}
+}
+
+// SACounters are one SA's live figures.
+type SACounters struct {
+	Packets, Bytes, Drops, Seq uint64
+	Binding                    worker.Peer
+}
+
+// Counters returns the live figures of an installed SA.
+func (m *Manager) Counters(id sa.ID) (SACounters, bool) {
+	m.mu.RLock()
+	s := m.live[id]
+	m.mu.RUnlock()
+	if s == nil {
+		return SACounters{}, false
+	}
+	c := &s.entry.Counters
+	return SACounters{Packets: c.Packets.Load(), Bytes: c.Bytes.Load(), Drops: c.Drops.Load(),
+		Seq: c.Seq.Load(), Binding: *s.entry.Binding.Load()}, true
+}
+
+// Installed is the number of SAs in the data path.
+func (m *Manager) Installed() int {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return len(m.live)
+}

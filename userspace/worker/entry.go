@@ -1,0 +1,95 @@
+package worker
+
+import (
+	"net/netip"
+	"sync/atomic"
+
+	"github.com/xesp/xesp/userspace/esp"
+)
+
+// Direction of an SA, seen from the gateway.
+type Direction uint8
+
+const (
+	Inbound  Direction = iota // public → private: open
+	Outbound                  // private → public: seal
+)
+
+// Entry is one SA as its worker holds it. After Install the worker owns
+// SA; the manager only reads Counters and Binding.
+type Entry struct {
+	SA  *esp.SA
+	Dir Direction
+	// Local is the outer source address of outbound packets and LocalPort
+	// the UDP source port (RFC 3948); LocalPort 0 means plain ESP.
+	Local     netip.Addr
+	LocalPort uint16
+	// InnerPeer is, for inbound tunnel-mode SAs, the prefix inner source
+	// addresses must fall in (RFC 4301 5.2: the inbound selector check),
+	// so one phone cannot inject packets that claim another's address.
+	// Invalid (zero) disables the check (transport mode).
+	InnerPeer netip.Prefix
+	// Binding is shared by the SAs of one pair group on this worker: what
+	// the inbound SA learns, the outbound SA uses.
+	Binding  *Binding
+	Counters Counters
+
+	index uint32 // slot in the worker's table, set by Install
+}
+
+// Counters are one SA's figures, written by its worker, read by the API.
+type Counters struct {
+	Packets atomic.Uint64 // accepted (opened or sealed)
+	Bytes   atomic.Uint64 // payload bytes of accepted packets
+	Drops   atomic.Uint64 // packets for this SA that were dropped
+	// Seq is the highest sequence number accepted (inbound) or the last
+	// one sent (outbound): what the manager persists as a high-water mark.
+	Seq atomic.Uint64
+}
+
+// Peer is an SA pair's NAT binding: where the phone's packets come from,
+// which is where replies must go.
+type Peer struct {
+	Addr netip.AddrPort // outer address and UDP port; port 0 for plain ESP
+	// MAC is the Ethernet source of the last authenticated packet: the next
+	// hop toward the peer (its NAPT or router). Zero until one arrived.
+	MAC    [6]byte
+	HasMAC bool
+}
+
+// Binding holds a Peer that its worker replaces (never mutates) on change,
+// so readers on other goroutines always see a consistent value.
+type Binding struct {
+	v atomic.Pointer[Peer]
+}
+
+// NewBinding starts a binding at the configured peer.
+func NewBinding(p Peer) *Binding {
+	b := &Binding{}
+	b.v.Store(&p)
+	return b
+}
+
+// Load returns the current peer.
+func (b *Binding) Load() *Peer { return b.v.Load() }
+
+// Set replaces the peer, e.g. when an operator moves a binding through the
+// API. The worker's own learning may replace it again after the next
+// authenticated packet from elsewhere.
+func (b *Binding) Set(p Peer) { b.v.Store(&p) }
+
+// Command installs (Entry != nil) or removes (Entry == nil) the SA at Index
+// of a worker's table. Done, when not nil, is closed once the worker has
+// applied every command up to and including this one.
+type Command struct {
+	Index uint32
+	Entry *Entry
+	Done  chan struct{}
+}
+
+// BindingChange tells the manager that the SA at Index moved its binding.
+type BindingChange struct {
+	Worker int
+	Index  uint32
+	Peer   Peer
+}

@@ -1,0 +1,302 @@
+package worker
+
+import (
+	"encoding/binary"
+	"net/netip"
+	"unsafe"
+
+	"github.com/xesp/xesp/bpf"
+	"github.com/xesp/xesp/userspace/esp"
+	"github.com/xesp/xesp/userspace/xsk"
+)
+
+// Memory is the frame store the pipeline works in: an xsk.UMEM in the
+// gateway, a plain slice in unit tests.
+type Memory interface {
+	Frame(addr uint64) []byte
+	FrameBase(addr uint64) uint64
+	Meta(addr uint64, n int) []byte
+}
+
+// Neighbors resolves next-hop MACs without blocking (neigh.Resolver).
+type Neighbors interface {
+	Lookup(dst netip.Addr) ([6]byte, bool)
+	Request(dst netip.Addr)
+}
+
+const ethLen = 14
+
+// pipeline is the per-batch packet work of a worker, separate from the
+// socket loop so it can be tested on frames built in memory.
+type pipeline struct {
+	mem        Memory
+	table      []*Entry
+	nb         Neighbors
+	pubMAC     [6]byte // source MAC of frames sent on the public side
+	privMAC    [6]byte
+	stats      *Stats
+	id         int
+	bindEvents chan<- BindingChange
+
+	parked []parkedFrame
+	now    int64 // unix ns of the current batch, set when first needed
+}
+
+// meta returns the xesp metadata in front of a received frame, or nil.
+// The layout is bpf2go's type for struct xesp_meta; the kernel writes it 4-byte
+// aligned right before the packet.
+func (p *pipeline) meta(addr uint64) *bpf.Meta {
+	b := p.mem.Meta(addr, bpf.MetaSize)
+	if b == nil {
+		return nil
+	}
+	m := (*bpf.Meta)(unsafe.Pointer(&b[0]))
+	if m.Magic != bpf.MetaMagic {
+		return nil
+	}
+	return m
+}
+
+func (p *pipeline) entry(idx uint32, dir Direction) (*Entry, Drop) {
+	if int(idx) >= len(p.table) || p.table[idx] == nil {
+		return nil, Drop(esp.ReasonNoSA)
+	}
+	e := p.table[idx]
+	if e.Dir != dir {
+		return nil, DropWrongDir
+	}
+	return e, 0
+}
+
+// decap opens each received public-side frame. Frames to forward are
+// appended to tx (for the private TX ring), the others to drop.
+func (p *pipeline) decap(rx []xsk.Desc, tx []xsk.Desc, drop []uint64) ([]xsk.Desc, []uint64) {
+	st := &p.stats.Decap
+	p.now = 0
+	for i := range rx {
+		d := rx[i]
+		out, why := p.decapOne(d)
+		if why == held {
+			continue
+		}
+		if why != 0 {
+			st.Drops[why].Add(1)
+			drop = append(drop, d.Addr)
+			continue
+		}
+		tx = append(tx, out)
+	}
+	st.Batches[batchBucket(len(rx))].Add(1)
+	return tx, drop
+}
+
+func (p *pipeline) decapOne(d xsk.Desc) (xsk.Desc, Drop) {
+	m := p.meta(d.Addr)
+	if m == nil || (m.Kind != uint8(bpf.MetaESPUDP) && m.Kind != uint8(bpf.MetaESP)) {
+		return d, DropBadMeta
+	}
+	e, why := p.entry(m.SaIndex, Inbound)
+	if e == nil {
+		return d, why
+	}
+	frame := p.mem.Frame(d.Addr)
+	off := int(d.Addr - p.mem.FrameBase(d.Addr))
+	l3 := off + int(m.L3Off)
+	end := off + int(d.Len)
+	if int(m.L3Off) >= int(d.Len) || end > len(frame) {
+		return d, DropBadMeta
+	}
+	pk, err := e.SA.OpenPacket(frame[l3:end])
+	if err != nil {
+		e.Counters.Drops.Add(1)
+		return d, Drop(esp.ReasonOf(err))
+	}
+	if pk.Class != esp.ClassESP {
+		// XDP stripped the UDP header, so anything else is a metadata lie.
+		e.Counters.Drops.Add(1)
+		return d, DropBadMeta
+	}
+	ip := pk.IP
+	if e.InnerPeer.IsValid() && !e.InnerPeer.Contains(srcAddr(ip)) {
+		e.Counters.Drops.Add(1)
+		return d, DropPolicy
+	}
+	// Authenticated and inside the replay window: only now may the
+	// binding follow the packet (RFC 3948 NAT re-mapping).
+	p.learn(e, m, pk.Outer.Src, frame[off+6:off+12])
+	e.Counters.Packets.Add(1)
+	e.Counters.Bytes.Add(uint64(len(pk.Payload)))
+	e.Counters.Seq.Store(pk.Seq)
+
+	start := len(frame) - cap(ip) // ip aliases frame
+	h := frame[start-ethLen : start]
+	copy(h[6:12], p.privMAC[:])
+	binary.BigEndian.PutUint16(h[12:], etherType(ip))
+	base := p.mem.FrameBase(d.Addr)
+	out := xsk.Desc{Addr: base + uint64(start-ethLen), Len: uint32(ethLen + len(ip))}
+	dst := dstAddr(ip)
+	mac, ok := p.nb.Lookup(dst)
+	if !ok {
+		return p.park(out, dst, toPrivate)
+	}
+	copy(h[0:6], mac[:])
+	return out, 0
+}
+
+// learn moves the SA's binding to the packet's outer source if it
+// differs. Called only for authenticated, in-window packets.
+func (p *pipeline) learn(e *Entry, m *bpf.Meta, src netip.Addr, srcMAC []byte) {
+	var port uint16
+	if m.Kind == uint8(bpf.MetaESPUDP) {
+		port = binary.BigEndian.Uint16((*[2]byte)(unsafe.Pointer(&m.Sport))[:])
+	}
+	cur := e.Binding.Load()
+	ap := netip.AddrPortFrom(src, port)
+	if cur.Addr == ap && cur.HasMAC && string(cur.MAC[:]) == string(srcMAC) {
+		return
+	}
+	np := &Peer{Addr: ap, HasMAC: true}
+	copy(np.MAC[:], srcMAC)
+	e.Binding.v.Store(np)
+	if cur.Addr != ap {
+		p.stats.BindingChanges.Add(1)
+		select {
+		case p.bindEvents <- BindingChange{Worker: p.id, Index: e.index, Peer: *np}:
+		default:
+			p.stats.BindingEventsLost.Add(1)
+		}
+	}
+}
+
+// encap seals each received private-side frame toward its SA's binding.
+func (p *pipeline) encap(rx []xsk.Desc, tx []xsk.Desc, drop []uint64) ([]xsk.Desc, []uint64) {
+	st := &p.stats.Encap
+	p.now = 0
+	for i := range rx {
+		d := rx[i]
+		out, why := p.encapOne(d)
+		if why == held {
+			continue
+		}
+		if why != 0 {
+			st.Drops[why].Add(1)
+			drop = append(drop, d.Addr)
+			continue
+		}
+		tx = append(tx, out)
+	}
+	st.Batches[batchBucket(len(rx))].Add(1)
+	return tx, drop
+}
+
+func (p *pipeline) encapOne(d xsk.Desc) (xsk.Desc, Drop) {
+	m := p.meta(d.Addr)
+	if m == nil || m.Kind != uint8(bpf.MetaClear) {
+		return d, DropBadMeta
+	}
+	e, why := p.entry(m.SaIndex, Outbound)
+	if e == nil {
+		return d, why
+	}
+	frame := p.mem.Frame(d.Addr)
+	off := int(d.Addr - p.mem.FrameBase(d.Addr))
+	l3 := off + int(m.L3Off)
+	if int(m.L3Off) >= int(d.Len) {
+		return d, DropBadMeta
+	}
+	n, ok := ipLen(frame[l3 : off+int(d.Len)])
+	if !ok {
+		e.Counters.Drops.Add(1)
+		return d, Drop(esp.ReasonBadHeader)
+	}
+	nh := uint8(esp.NextHeaderIPv4)
+	if frame[l3]>>4 == 6 {
+		nh = esp.NextHeaderIPv6
+	}
+	start, end, err := e.SA.Seal(frame, l3, n, nh, 0)
+	if err != nil {
+		e.Counters.Drops.Add(1)
+		return d, Drop(esp.ReasonOf(err))
+	}
+	peer := e.Binding.Load()
+	o := esp.Outer{Src: e.Local, Dst: peer.Addr.Addr(), Encap: e.LocalPort != 0, SrcPort: e.LocalPort, DstPort: peer.Addr.Port()}
+	s, err := esp.PutOuter(frame, start, end, &o)
+	if err != nil || s < ethLen {
+		e.Counters.Drops.Add(1)
+		return d, Drop(esp.ReasonNoRoom)
+	}
+	e.Counters.Packets.Add(1)
+	e.Counters.Bytes.Add(uint64(n))
+	e.Counters.Seq.Store(e.SA.NextSeq() - 1)
+	h := frame[s-ethLen : s]
+	copy(h[6:12], p.pubMAC[:])
+	binary.BigEndian.PutUint16(h[12:], etherType(frame[s:]))
+	base := p.mem.FrameBase(d.Addr)
+	out := xsk.Desc{Addr: base + uint64(s-ethLen), Len: uint32(end - s + ethLen)}
+	if !peer.HasMAC {
+		mac, ok := p.nb.Lookup(o.Dst)
+		if !ok {
+			return p.park(out, o.Dst, toPublic)
+		}
+		copy(h[0:6], mac[:])
+		return out, 0
+	}
+	copy(h[0:6], peer.MAC[:])
+	return out, 0
+}
+
+// ipLen is the length an IP packet's header claims, if the bytes hold it;
+// Ethernet padding past it is not part of the packet.
+func ipLen(b []byte) (int, bool) {
+	if len(b) < 1 {
+		return 0, false
+	}
+	switch b[0] >> 4 {
+	case 4:
+		if len(b) < 20 {
+			return 0, false
+		}
+		n := int(binary.BigEndian.Uint16(b[2:]))
+		if n < 20 || n > len(b) {
+			return 0, false
+		}
+		return n, true
+	case 6:
+		if len(b) < 40 {
+			return 0, false
+		}
+		n := 40 + int(binary.BigEndian.Uint16(b[4:]))
+		if n > len(b) {
+			return 0, false
+		}
+		return n, true
+	}
+	return 0, false
+}
+
+func srcAddr(ip []byte) netip.Addr {
+	if len(ip) >= 20 && ip[0]>>4 == 4 {
+		return netip.AddrFrom4([4]byte(ip[12:16]))
+	}
+	if len(ip) >= 40 && ip[0]>>4 == 6 {
+		return netip.AddrFrom16([16]byte(ip[8:24]))
+	}
+	return netip.Addr{}
+}
+
+func dstAddr(ip []byte) netip.Addr {
+	if len(ip) >= 20 && ip[0]>>4 == 4 {
+		return netip.AddrFrom4([4]byte(ip[16:20]))
+	}
+	if len(ip) >= 40 && ip[0]>>4 == 6 {
+		return netip.AddrFrom16([16]byte(ip[24:40]))
+	}
+	return netip.Addr{}
+}
+
+func etherType(ip []byte) uint16 {
+	if len(ip) > 0 && ip[0]>>4 == 6 {
+		return 0x86dd
+	}
+	return 0x0800
+}
