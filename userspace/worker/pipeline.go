@@ -152,11 +152,15 @@ func (p *pipeline) learn(e *Entry, m *bpf.Meta, src netip.Addr, srcMAC []byte) {
 	}
 	cur := e.Binding.Load()
 	ap := netip.AddrPortFrom(src, port)
-	if cur.Addr == ap && cur.HasMAC && string(cur.MAC[:]) == string(srcMAC) {
+	// A zero source MAC marks a slow-path packet: keep the MAC we have.
+	known := string(srcMAC) != "\x00\x00\x00\x00\x00\x00"
+	if cur.Addr == ap && (!known || cur.HasMAC && string(cur.MAC[:]) == string(srcMAC)) {
 		return
 	}
-	np := &Peer{Addr: ap, HasMAC: true}
-	copy(np.MAC[:], srcMAC)
+	np := &Peer{Addr: ap, HasMAC: known}
+	if known {
+		copy(np.MAC[:], srcMAC)
+	}
 	e.Binding.v.Store(np)
 	if cur.Addr != ap {
 		p.stats.BindingChanges.Add(1)

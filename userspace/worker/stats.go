@@ -18,6 +18,7 @@ const (
 	DropPolicy                                   // inner source outside the SA's selector
 	DropNoNeighbor                               // next-hop MAC not known yet (resolution requested)
 	DropTxFull                                   // the other side's TX ring was full
+	DropNoFrame                                  // no free UMEM frame for a slow-path packet
 	NumDrops
 )
 
@@ -27,6 +28,7 @@ var dropNames = [NumDrops - Drop(esp.NumReasons)]string{
 	DropPolicy - Drop(esp.NumReasons):     "policy",
 	DropNoNeighbor - Drop(esp.NumReasons): "no_neighbor",
 	DropTxFull - Drop(esp.NumReasons):     "tx_full",
+	DropNoFrame - Drop(esp.NumReasons):    "no_frame",
 }
 
 // String is the stable metric label of the reason.

@@ -36,11 +36,12 @@ type Config struct {
 
 // Worker runs one data-path loop.
 type Worker struct {
-	cfg   Config
-	pipe  pipeline
-	stats Stats
-	cmds  chan []Command
-	wake  int // eventfd: commands queued or shutdown requested
+	cfg    Config
+	pipe   pipeline
+	stats  Stats
+	cmds   chan []Command
+	inject chan SlowPacket
+	wake   int // eventfd: commands queued, packets injected, or shutdown requested
 }
 
 // New checks cfg and prepares the worker; Run starts it.
@@ -61,7 +62,7 @@ func New(cfg Config) (*Worker, error) {
 	if err != nil {
 		return nil, fmt.Errorf("worker %d: eventfd: %w", cfg.ID, err)
 	}
-	w := &Worker{cfg: cfg, cmds: make(chan []Command, 64), wake: fd}
+	w := &Worker{cfg: cfg, cmds: make(chan []Command, 64), inject: make(chan SlowPacket, injectQueue), wake: fd}
 	events := cfg.BindingEvents
 	if events == nil {
 		events = make(chan BindingChange) // never read: every send takes the default branch
@@ -170,6 +171,7 @@ func (w *Worker) Run(ctx context.Context) error {
 	var evbuf [8]byte
 	txPubBuf := make([]xsk.Desc, 0, parkMax)
 	var nextRetry int64
+	var slowAddrs [1]uint64
 	defer func() {
 		for _, f := range w.pipe.parked {
 			pool.Put([]uint64{f.d.Addr})
@@ -198,6 +200,14 @@ func (w *Worker) Run(ctx context.Context) error {
 			tx, drop = w.pipe.decap(rx[:n], tx[:0], drop[:0])
 			pool.Put(drop)
 			w.transmit(priv, tx, &w.stats.Decap, pool)
+		}
+		if len(w.inject) > 0 {
+			if n := w.injected(pool, rx, slowAddrs[:]); n > 0 {
+				got += n
+				tx, drop = w.pipe.decap(rx[:n], tx[:0], drop[:0])
+				pool.Put(drop)
+				w.transmit(priv, tx, &w.stats.Decap, pool)
+			}
 		}
 		if n := priv.Receive(rx); n > 0 {
 			got += n
