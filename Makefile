@@ -7,7 +7,7 @@ APT_PKGS  := clang llvm libbpf-dev linux-libc-dev bpftool iproute2 ethtool nftab
 # Fuzz targets run for this long each in `make fuzz` (CI keeps it short).
 FUZZTIME  ?= 20s
 
-.PHONY: all build generate check-generate deps test test-short lint fuzz bench clean
+.PHONY: all build generate check-generate deps demo test test-short lint fuzz bench clean
 
 all: build
 
@@ -29,6 +29,12 @@ deps:
 		echo "installing:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
+
+# The main job on the built-in topology: 3 phones behind an nftables NAPT,
+# the gateway (XDP + AF_XDP) and a SIP responder, in namespaces it removes
+# on exit. Needs root.
+demo: deps build
+	./bin/xesp demo $(DEMO_ARGS)
 
 # The test command (README, CI): unit tests, BPF_PROG_TEST_RUN fixtures,
 # namespace end-to-end tests and short fuzzing. Needs root.

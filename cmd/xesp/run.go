@@ -1,0 +1,96 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/xesp/xesp/userspace/config"
+	"github.com/xesp/xesp/userspace/gateway"
+	"github.com/xesp/xesp/userspace/metrics"
+)
+
+func init() {
+	register(command{name: "run", summary: "run the gateway (XDP + AF_XDP data path, API, metrics)", run: runDaemon})
+}
+
+func runDaemon(args []string) error {
+	fs := flag.NewFlagSet("run", flag.ContinueOnError)
+	path := fs.String("config", "/etc/xesp/xesp.yaml", "configuration file")
+	keep := fs.Bool("keep-pinned", false, "on exit leave the XDP programs attached and maps pinned for the next daemon to adopt")
+	printCfg := fs.Bool("print-config", false, "print the effective configuration (keys redacted) and exit")
+	level := fs.String("log-level", "info", "debug, info, warn or error")
+	if err := fs.Parse(args); err != nil {
+		return errors.Join(errUsage, err)
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("%w: unexpected arguments %q", errUsage, fs.Args())
+	}
+	var lvl slog.Level
+	if err := lvl.UnmarshalText([]byte(*level)); err != nil {
+		return fmt.Errorf("%w: --log-level: %v", errUsage, err)
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl}))
+
+	cfg, err := config.Load(*path)
+	if err != nil {
+		return err
+	}
+	if *printCfg {
+		out, err := cfg.Effective()
+		if err != nil {
+			return err
+		}
+		fmt.Print(string(out))
+		return nil
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	g, err := gateway.Start(ctx, cfg, gateway.Options{Log: log})
+	if err != nil {
+		return err
+	}
+	// Listeners stop before the gateway does: nothing may read a socket
+	// or map being closed.
+	svcCtx, stopSvc := context.WithCancel(context.Background())
+	svcDone := make(chan error, 2)
+	services := 0
+	if addr := cfg.Metrics.Listen; addr != "" {
+		src, err := g.MetricsSources(version)
+		if err != nil {
+			g.Stop(*keep)
+			stopSvc()
+			return err
+		}
+		services++
+		go func() { svcDone <- metrics.Serve(svcCtx, addr, metrics.Handler(metrics.New(src))) }()
+		log.Info("metrics", "listen", "http://"+addr+"/metrics")
+	}
+
+	var runErr error
+	select {
+	case <-ctx.Done():
+		log.Info("shutting down", "keep_pinned", *keep)
+	case runErr = <-g.Errors():
+		log.Error("component failed, shutting down", "err", runErr)
+	case runErr = <-svcDone:
+		services--
+		log.Error("listener failed, shutting down", "err", runErr)
+	}
+	stopSvc()
+	for ; services > 0; services-- {
+		if err := <-svcDone; err != nil {
+			runErr = errors.Join(runErr, err)
+		}
+	}
+	if err := g.Stop(*keep); err != nil {
+		return errors.Join(runErr, fmt.Errorf("shutdown: %w", err))
+	}
+	return runErr
+}

@@ -1,0 +1,64 @@
+// Package pkt builds small IP packets with correct checksums for the
+// demo, the tools and tests. It is not on any data path.
+package pkt
+
+import (
+	"encoding/binary"
+	"net/netip"
+)
+
+// UDP4 returns an IPv4/UDP packet from src to dst carrying payload, with
+// valid header and UDP checksums.
+func UDP4(src, dst netip.AddrPort, payload []byte) []byte {
+	p := make([]byte, 28+len(payload))
+	p[0], p[8], p[9] = 0x45, 64, 17
+	binary.BigEndian.PutUint16(p[2:], uint16(len(p)))
+	s, d := src.Addr().As4(), dst.Addr().As4()
+	copy(p[12:], s[:])
+	copy(p[16:], d[:])
+	binary.BigEndian.PutUint16(p[10:], ^fold(sum(p[:20], 0)))
+	u := p[20:]
+	binary.BigEndian.PutUint16(u[0:], src.Port())
+	binary.BigEndian.PutUint16(u[2:], dst.Port())
+	binary.BigEndian.PutUint16(u[4:], uint16(8+len(payload)))
+	copy(u[8:], payload)
+	ck := ^fold(sum(u, sum(p[12:20], 17+uint32(len(u)))))
+	if ck == 0 {
+		ck = 0xffff
+	}
+	binary.BigEndian.PutUint16(u[6:], ck)
+	return p
+}
+
+// UDP4Parse returns the addresses and payload of an IPv4/UDP packet.
+func UDP4Parse(p []byte) (src, dst netip.AddrPort, payload []byte, ok bool) {
+	if len(p) < 28 || p[0]>>4 != 4 || p[9] != 17 {
+		return src, dst, nil, false
+	}
+	ihl := int(p[0]&0x0f) * 4
+	tot := int(binary.BigEndian.Uint16(p[2:]))
+	if ihl < 20 || tot > len(p) || tot < ihl+8 {
+		return src, dst, nil, false
+	}
+	u := p[ihl:tot]
+	src = netip.AddrPortFrom(netip.AddrFrom4([4]byte(p[12:16])), binary.BigEndian.Uint16(u[0:]))
+	dst = netip.AddrPortFrom(netip.AddrFrom4([4]byte(p[16:20])), binary.BigEndian.Uint16(u[2:]))
+	return src, dst, u[8:], true
+}
+
+func sum(b []byte, s uint32) uint32 {
+	for i := 0; i+1 < len(b); i += 2 {
+		s += uint32(b[i])<<8 | uint32(b[i+1])
+	}
+	if len(b)%2 == 1 {
+		s += uint32(b[len(b)-1]) << 8
+	}
+	return s
+}
+
+func fold(s uint32) uint16 {
+	for s > 0xffff {
+		s = s&0xffff + s>>16
+	}
+	return uint16(s)
+}
