@@ -27,4 +27,3 @@ func runDemo(args []string) error {
 	defer stop()
 	return demo.Run(ctx, demo.Options{Phones: *phones, Hold: *hold, Metrics: *metricsAddr, Version: version, Out: os.Stdout})
 }
-
