@@ -28,6 +28,11 @@ type Outer struct {
 	// ports; without it the packet is plain IP protocol 50.
 	Encap            bool
 	SrcPort, DstPort uint16
+	// ID, when non-zero, makes an outer IPv4 packet fragmentable: DF clear
+	// and this IP ID, which the sender must keep unique per (source,
+	// destination, protocol) for the reassembly lifetime (RFC 6864). Zero
+	// sends an atomic datagram: DF set, ID 0. Not used for IPv6.
+	ID uint16
 }
 
 // OuterLen is the header length PutOuter writes for o: 20 (IPv4) or 40
@@ -45,8 +50,8 @@ func OuterLen(o *Outer) int {
 
 // PutOuter writes the outer IP header (and UDP header when o.Encap) into the
 // bytes before buf[start:end], which holds a sealed ESP packet, and returns
-// the new start. IPv4: DF set and ID 0 (an atomic datagram, RFC 6864), UDP
-// checksum 0 (RFC 3948 2.1). IPv6: the UDP checksum is mandatory and is
+// the new start. IPv4: DF set and ID 0 (an atomic datagram, RFC 6864)
+// unless o.ID asks for a fragmentable one; UDP checksum 0 (RFC 3948 2.1). IPv6: the UDP checksum is mandatory and is
 // computed over the whole datagram.
 func PutOuter(buf []byte, start, end int, o *Outer) (int, error) {
 	v4 := o.Src.Is4()
@@ -79,8 +84,13 @@ func PutOuter(buf []byte, start, end int, o *Outer) (int, error) {
 	if v4 {
 		h[0], h[1] = 0x45, 0
 		binary.BigEndian.PutUint16(h[2:], uint16(total))
-		h[4], h[5] = 0, 0
-		h[6], h[7] = 0x40, 0 // DF
+		if o.ID != 0 {
+			binary.BigEndian.PutUint16(h[4:], o.ID)
+			h[6], h[7] = 0, 0
+		} else {
+			h[4], h[5] = 0, 0
+			h[6], h[7] = 0x40, 0 // DF
+		}
 		h[8], h[9] = outerTTL, proto
 		h[10], h[11] = 0, 0
 		a, b := o.Src.As4(), o.Dst.As4()

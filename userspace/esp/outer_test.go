@@ -210,3 +210,21 @@ func TestOpenPacketClasses(t *testing.T) {
 		t.Errorf("SA.OpenPacket for another SPI: %v", err)
 	}
 }
+
+// A non-zero ID makes a fragmentable outer IPv4 packet: DF clear, the ID
+// in place, the header checksum still valid.
+func TestPutOuterFragmentableID(t *testing.T) {
+	buf := make([]byte, 100)
+	o := Outer{Src: netip.MustParseAddr("192.0.2.1"), Dst: netip.MustParseAddr("192.0.2.2"), Encap: true, SrcPort: 4500, DstPort: 4500, ID: 0xbeef}
+	s, err := PutOuter(buf, MaxOuterLen, len(buf), &o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := buf[s : s+20]
+	if h[4] != 0xbe || h[5] != 0xef || h[6] != 0 || h[7] != 0 {
+		t.Fatalf("id/flags %x", h[4:8])
+	}
+	if fold(sum(h, 0)) != 0xffff {
+		t.Fatalf("header checksum invalid: %x", h)
+	}
+}

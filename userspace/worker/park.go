@@ -58,7 +58,7 @@ func (p *pipeline) retryParked(now int64, pub, priv []xsk.Desc, drop []uint64) (
 			off := f.d.Addr - p.mem.FrameBase(f.d.Addr)
 			copy(frame[off:off+6], mac[:])
 			if f.side == toPublic {
-				pub = append(pub, f.d)
+				pub, drop = p.emitPublic(f.d, pub, drop)
 			} else {
 				priv = append(priv, f.d)
 			}

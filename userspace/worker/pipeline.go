@@ -40,6 +40,22 @@ type pipeline struct {
 
 	parked []parkedFrame
 	now    int64 // unix ns of the current batch, set when first needed
+
+	frag       fragmenter // outer IPv4 fragmentation toward the public side
+	privateMTU int        // largest IP packet the private link takes; 0: unchecked
+}
+
+// emitPublic queues a sealed frame for the public TX ring, fragmenting
+// the outer IPv4 packet when it exceeds the public MTU.
+func (p *pipeline) emitPublic(d xsk.Desc, tx []xsk.Desc, drop []uint64) ([]xsk.Desc, []uint64) {
+	if p.frag.mtu == 0 || int(d.Len) <= p.frag.mtu+ethLen {
+		return append(tx, d), drop
+	}
+	if out, ok := p.frag.fragment4(d, tx); ok {
+		return out, drop
+	}
+	p.stats.Encap.Drops[DropOversized].Add(1)
+	return tx, append(drop, d.Addr)
 }
 
 // meta returns the xesp metadata in front of a received frame, or nil.
@@ -121,6 +137,10 @@ func (p *pipeline) decapOne(d xsk.Desc) (xsk.Desc, Drop) {
 		e.Counters.Drops.Add(1)
 		return d, DropPolicy
 	}
+	if p.privateMTU > 0 && len(ip) > p.privateMTU {
+		e.Counters.Drops.Add(1)
+		return d, DropOversized
+	}
 	// Authenticated and inside the replay window: only now may the
 	// binding follow the packet (RFC 3948 NAT re-mapping).
 	p.learn(e, m, pk.Outer.Src, frame[off+6:off+12])
@@ -187,7 +207,7 @@ func (p *pipeline) encap(rx []xsk.Desc, tx []xsk.Desc, drop []uint64) ([]xsk.Des
 			drop = append(drop, d.Addr)
 			continue
 		}
-		tx = append(tx, out)
+		tx, drop = p.emitPublic(out, tx, drop)
 	}
 	st.Batches[batchBucket(len(rx))].Add(1)
 	return tx, drop
@@ -224,6 +244,9 @@ func (p *pipeline) encapOne(d xsk.Desc) (xsk.Desc, Drop) {
 	}
 	peer := e.Binding.Load()
 	o := esp.Outer{Src: e.Local, Dst: peer.Addr.Addr(), Encap: e.LocalPort != 0, SrcPort: e.LocalPort, DstPort: peer.Addr.Port()}
+	if o.Src.Is4() {
+		o.ID = p.frag.nextIPID()
+	}
 	s, err := esp.PutOuter(frame, start, end, &o)
 	if err != nil || s < ethLen {
 		e.Counters.Drops.Add(1)

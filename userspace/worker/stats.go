@@ -18,7 +18,8 @@ const (
 	DropPolicy                                   // inner source outside the SA's selector
 	DropNoNeighbor                               // next-hop MAC not known yet (resolution requested)
 	DropTxFull                                   // the other side's TX ring was full
-	DropNoFrame                                  // no free UMEM frame for a slow-path packet
+	DropNoFrame                                  // no free UMEM frame for a slow-path packet or a fragment
+	DropOversized                                // larger than the outgoing link's MTU and not fragmentable
 	NumDrops
 )
 
@@ -29,6 +30,7 @@ var dropNames = [NumDrops - Drop(esp.NumReasons)]string{
 	DropNoNeighbor - Drop(esp.NumReasons): "no_neighbor",
 	DropTxFull - Drop(esp.NumReasons):     "tx_full",
 	DropNoFrame - Drop(esp.NumReasons):    "no_frame",
+	DropOversized - Drop(esp.NumReasons):  "oversized",
 }
 
 // String is the stable metric label of the reason.

@@ -20,7 +20,14 @@ type Config struct {
 	UMEM                  *xsk.UMEM
 	Public, Private       *xsk.Socket
 	PublicMAC, PrivateMAC [6]byte
-	Neighbors             Neighbors
+	// PublicMTU and PrivateMTU are the links' MTUs (IP bytes). Sealed
+	// IPv4 packets above PublicMTU are fragmented; decrypted packets above
+	// PrivateMTU are dropped as oversized. 0 disables the checks.
+	PublicMTU, PrivateMTU int
+	// Workers is how many workers the gateway runs; it partitions the
+	// outer IPv4 ID space between them (1 when 0).
+	Workers   int
+	Neighbors Neighbors
 	// BindingEvents receives binding changes without blocking the worker;
 	// nil discards them (they are still counted).
 	BindingEvents chan<- BindingChange
@@ -75,7 +82,11 @@ func New(cfg Config) (*Worker, error) {
 		stats:      &w.stats,
 		id:         cfg.ID,
 		bindEvents: events,
+		privateMTU: cfg.PrivateMTU,
 	}
+	stride := max(cfg.Workers, 1)
+	w.pipe.frag = fragmenter{mtu: cfg.PublicMTU, mem: cfg.UMEM, rxOff: uint64(cfg.UMEM.RxOffset()),
+		stride: uint16(stride), nextID: uint16(cfg.ID)}
 	return w, nil
 }
 
@@ -164,6 +175,7 @@ func (w *Worker) Run(ctx context.Context) error {
 	pub, priv := w.cfg.Public, w.cfg.Private
 	pool := w.cfg.UMEM.NewPool()
 	defer pool.Close()
+	w.pipe.frag.pool = pool
 	rx := make([]xsk.Desc, w.cfg.Batch)
 	tx := make([]xsk.Desc, 0, w.cfg.Batch)
 	drop := make([]uint64, 0, w.cfg.Batch)
