@@ -1,0 +1,346 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/xesp/xesp/userspace/api"
+	"github.com/xesp/xesp/userspace/config"
+	"github.com/xesp/xesp/userspace/sa"
+)
+
+func init() {
+	register(command{name: "sa", summary: "add, delete, list and show SAs through the control API", run: func(args []string) error {
+		return runSA(args, os.Stdout, os.Stderr)
+	}})
+}
+
+const saHelp = `usage:
+  xesp sa add FILE...           add the SAs of SA files (YAML or JSON by extension)
+  xesp sa del REF...            delete SAs
+  xesp sa list [--json]         list every SA with its binding and counters
+  xesp sa show REF [--json]     show one SA
+
+REF is an SA name, in:SPI, out:SPI or out:SPI@peer[:port]
+(e.g. ue1-in, in:0x00001001, out:0xc0000001@192.0.2.10:4500, out:0x1@[2001:db8::1]:4500).
+
+API flags (every subcommand):
+  --api ADDR         unix:/path or http://host:port (default $XESP_API, else unix:%s)
+  --token TOKEN      bearer token for http:// (default $XESP_TOKEN)
+  --token-file FILE  file holding the bearer token
+`
+
+// apiFlags choose the API endpoint; every command that talks to the
+// daemon shares them.
+type apiFlags struct {
+	addr, token, tokenFile string
+}
+
+func (f *apiFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&f.addr, "api", "", "control API address: unix:/path or http://host:port (default $XESP_API, else unix:"+config.Defaults().API.Unix+")")
+	fs.StringVar(&f.token, "token", "", "bearer token for an http:// API (default $XESP_TOKEN)")
+	fs.StringVar(&f.tokenFile, "token-file", "", "file holding the bearer token")
+}
+
+// client resolves flags, then environment, then the default socket.
+func (f *apiFlags) client() (*api.Client, error) {
+	addr := f.addr
+	if addr == "" {
+		addr = os.Getenv("XESP_API")
+	}
+	if addr == "" {
+		addr = "unix:" + config.Defaults().API.Unix
+	}
+	token := f.token
+	if f.tokenFile != "" {
+		if token != "" {
+			return nil, fmt.Errorf("%w: give --token or --token-file, not both", errUsage)
+		}
+		b, err := os.ReadFile(f.tokenFile)
+		if err != nil {
+			return nil, fmt.Errorf("token file: %w", err)
+		}
+		token = strings.TrimSpace(string(b))
+	}
+	if token == "" {
+		token = os.Getenv("XESP_TOKEN")
+	}
+	c, err := api.NewClient(addr, token)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", errUsage, err)
+	}
+	return c, nil
+}
+
+// parseInterleaved parses flags wherever they appear among the
+// positional arguments (`xesp sa del REF --api X` as well as
+// `xesp sa del --api X REF`); everything after "--" is positional.
+func parseInterleaved(fs *flag.FlagSet, args []string) ([]string, error) {
+	var pos []string
+	for {
+		if err := fs.Parse(args); err != nil {
+			if errors.Is(err, flag.ErrHelp) {
+				return nil, err
+			}
+			return nil, fmt.Errorf("%w: %v", errUsage, err)
+		}
+		rest := fs.Args()
+		if len(rest) == 0 {
+			return pos, nil
+		}
+		if used := len(args) - len(rest); used > 0 && args[used-1] == "--" {
+			return append(pos, rest...), nil
+		}
+		pos = append(pos, rest[0])
+		args = rest[1:]
+	}
+}
+
+func runSA(args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+		fmt.Fprintf(stderr, saHelp, config.Defaults().API.Unix)
+		if len(args) == 0 {
+			return fmt.Errorf("%w: missing subcommand", errUsage)
+		}
+		return flag.ErrHelp
+	}
+	sub, args := args[0], args[1:]
+	fs := flag.NewFlagSet("sa "+sub, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var af apiFlags
+	af.register(fs)
+	asJSON := false
+	if sub == "list" || sub == "show" {
+		fs.BoolVar(&asJSON, "json", false, "print JSON instead of a table")
+	}
+	pos, err := parseInterleaved(fs, args)
+	if err != nil {
+		return err
+	}
+	var want func(n int) bool
+	switch sub {
+	case "add", "del":
+		want = func(n int) bool { return n >= 1 }
+	case "list":
+		want = func(n int) bool { return n == 0 }
+	case "show":
+		want = func(n int) bool { return n == 1 }
+	default:
+		return fmt.Errorf("%w: unknown subcommand %q: use add, del, list or show", errUsage, sub)
+	}
+	if !want(len(pos)) {
+		return fmt.Errorf("%w: wrong arguments for sa %s (run xesp sa -h)", errUsage, sub)
+	}
+	if sub == "add" {
+		// Files are read and validated before anything is sent, so a typo
+		// in the second file does not leave the first half-applied.
+		var all []sa.SA
+		var errs []error
+		for _, path := range pos {
+			sas, err := sa.ParseFile(path, sa.Options{})
+			errs = append(errs, err)
+			all = append(all, sas...)
+		}
+		if err := errors.Join(errs...); err != nil {
+			return err
+		}
+		if len(all) == 0 {
+			return fmt.Errorf("%s: no SA in the file", strings.Join(pos, ", "))
+		}
+		pos = nil
+		c, err := af.client()
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		return saAdd(c, all, stdout, stderr)
+	}
+	c, err := af.client()
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	switch sub {
+	case "del":
+		return saDel(c, pos, stdout, stderr)
+	case "list":
+		return saList(c, asJSON, stdout)
+	default:
+		return saShow(c, pos[0], asJSON, stdout)
+	}
+}
+
+func apiContext() (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.Background(), 5*time.Minute)
+}
+
+// each runs op on every item, printing the failures and returning the
+// one failure itself (so main prints the server's message) or a count.
+func each[T any](items []T, verb string, stderr io.Writer, op func(T) error) error {
+	var failed []error
+	for _, it := range items {
+		if err := op(it); err != nil {
+			failed = append(failed, err)
+		}
+	}
+	switch {
+	case len(failed) == 0:
+		return nil
+	case len(items) == 1:
+		return failed[0]
+	}
+	for _, err := range failed {
+		fmt.Fprintln(stderr, err)
+	}
+	return fmt.Errorf("%d of %d SAs not %s", len(failed), len(items), verb)
+}
+
+func saAdd(c *api.Client, sas []sa.SA, stdout, stderr io.Writer) error {
+	ctx, cancel := apiContext()
+	defer cancel()
+	return each(sas, "added", stderr, func(s sa.SA) error {
+		v, err := c.Add(ctx, api.SpecOf(&s))
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(stdout, "added %s %s (worker %d, index %d)\n", s.Label(), v.Ref, v.Worker, v.Index)
+		return nil
+	})
+}
+
+func saDel(c *api.Client, refs []string, stdout, stderr io.Writer) error {
+	ctx, cancel := apiContext()
+	defer cancel()
+	return each(refs, "deleted", stderr, func(ref string) error {
+		v, err := c.Delete(ctx, ref)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(stdout, "deleted %s %s\n", viewLabel(&v), v.Ref)
+		return nil
+	})
+}
+
+func viewLabel(v *api.SAView) string {
+	if v.Name != "" {
+		return strconv.Quote(v.Name)
+	}
+	return v.SPI.String()
+}
+
+func saList(c *api.Client, asJSON bool, stdout io.Writer) error {
+	ctx, cancel := apiContext()
+	defer cancel()
+	if asJSON {
+		// Streamed item by item: a million SAs must not be held at once.
+		n := 0
+		err := c.Each(ctx, func(v *api.SAView) error {
+			b, err := json.Marshal(v)
+			if err != nil {
+				return err
+			}
+			sep := ",\n"
+			if n == 0 {
+				sep = "[\n"
+			}
+			n++
+			_, err = fmt.Fprintf(stdout, "%s%s", sep, b)
+			return err
+		})
+		if err != nil {
+			return err
+		}
+		if n == 0 {
+			_, err = fmt.Fprintln(stdout, "[]")
+		} else {
+			_, err = fmt.Fprintln(stdout, "\n]")
+		}
+		return err
+	}
+	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "NAME\tSPI\tDIR\tPROPOSAL\tMODE\tBINDING\tWORKER\tPACKETS\tBYTES\tDROPS")
+	err := c.Each(ctx, func(v *api.SAView) error {
+		name := v.Name
+		if name == "" {
+			name = "-"
+		}
+		pk, by, dr := "-", "-", "-"
+		if k := v.Counters; k != nil {
+			pk, by, dr = strconv.FormatUint(k.Packets, 10), strconv.FormatUint(k.Bytes, 10), strconv.FormatUint(k.Drops, 10)
+		}
+		_, err := fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\n",
+			name, v.SPI, v.Direction, v.Proposal, v.Mode, v.Binding, v.Worker, pk, by, dr)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	return tw.Flush()
+}
+
+func saShow(c *api.Client, ref string, asJSON bool, stdout io.Writer) error {
+	ctx, cancel := apiContext()
+	defer cancel()
+	v, err := c.Get(ctx, ref)
+	if err != nil {
+		return err
+	}
+	if asJSON {
+		b, err := json.MarshalIndent(&v, "", "  ")
+		if err != nil {
+			return err
+		}
+		_, err = fmt.Fprintf(stdout, "%s\n", b)
+		return err
+	}
+	tw := tabwriter.NewWriter(stdout, 0, 0, 1, ' ', 0)
+	line := func(k, f string, a ...any) { fmt.Fprintf(tw, "%s:\t"+f+"\n", append([]any{k}, a...)...) }
+	if v.Name != "" {
+		line("name", "%s", v.Name)
+	}
+	line("ref", "%s", v.Ref)
+	line("spi", "%s", v.SPI)
+	line("direction", "%s", v.Direction)
+	line("mode", "%s", v.Mode)
+	line("proposal", "%s", v.Proposal)
+	if v.Pair != "" {
+		line("pair", "%s", v.Pair)
+	}
+	line("esn", "%t", v.ESN)
+	if v.ReplayWindow != nil {
+		line("replay window", "%d", *v.ReplayWindow)
+	}
+	line("local", "%s", v.Local)
+	line("peer", "%s", v.Peer)
+	if v.Encap != nil && v.Encap.LocalPort != nil && v.Encap.PeerPort != nil {
+		line("encap", "udp %d -> %d", *v.Encap.LocalPort, *v.Encap.PeerPort)
+	} else {
+		line("encap", "none (plain ESP)")
+	}
+	line("binding", "%s", v.Binding)
+	if v.Inner != nil {
+		line("inner", "%s <-> %s", v.Inner.Local, v.Inner.Peer)
+	}
+	if l := v.Lifetime; l != nil {
+		line("lifetime", "soft %d B / %d pkts / %d s, hard %d B / %d pkts / %d s",
+			l.SoftBytes, l.SoftPackets, l.SoftSeconds, l.HardBytes, l.HardPackets, l.HardSeconds)
+	}
+	line("worker", "%d (index %d)", v.Worker, v.Index)
+	line("state", "%s", v.State)
+	line("created", "%s", v.Created.Format(time.RFC3339))
+	if k := v.Counters; k != nil {
+		line("counters", "%d packets, %d bytes, %d drops, seq %d", k.Packets, k.Bytes, k.Drops, k.Seq)
+	} else {
+		line("counters", "not in the data path yet")
+	}
+	return tw.Flush()
+}

@@ -1,0 +1,338 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/xesp/xesp/userspace/api"
+	"github.com/xesp/xesp/userspace/config"
+	"github.com/xesp/xesp/userspace/sa"
+	"github.com/xesp/xesp/userspace/sad"
+)
+
+const cliToken = "cli-token-0123456789abcdef"
+
+// cliDP is a data path with fixed figures; counters derive from the SPI.
+type cliDP struct{}
+
+func (cliDP) SACounters(id sa.ID) (api.SACounters, bool) {
+	if id.SPI == 0x2002 {
+		return api.SACounters{}, false
+	}
+	return api.SACounters{Packets: uint64(id.SPI & 0xffff), Bytes: uint64(id.SPI&0xffff) * 10, Drops: 1, Seq: 42}, true
+}
+
+func (cliDP) Stats() api.Stats {
+	return api.Stats{
+		In:             api.DirStats{Packets: 1000, Bytes: 150000, Drops: map[string]uint64{"replay": 4, "integ_error": 2}},
+		Out:            api.DirStats{Packets: 900, Bytes: 140000, Drops: map[string]uint64{"tx_full": 1}},
+		XDP:            map[string]uint64{"redirect_esp_udp": 1006, "drop_no_sa": 9},
+		BindingChanges: 5,
+		Workers:        []api.WorkerStats{{Worker: 0, DecapPackets: 600, EncapPackets: 500, Drops: 4, BindingChanges: 3}, {Worker: 1, DecapPackets: 400, EncapPackets: 400, Drops: 3, BindingChanges: 2}},
+	}
+}
+
+func (cliDP) Health() api.Health { return api.Health{OK: true, Workers: 2} }
+
+type cliEnv struct {
+	sad       *sad.SAD
+	unix, tcp string
+	dir       string
+}
+
+func newCLIEnv(t *testing.T) *cliEnv {
+	dir, err := os.MkdirTemp("", "xcli")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	d, err := sad.New(sad.Options{Workers: 2, LogSize: 64})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(dir, "api.sock")
+	srv, err := api.New(api.Options{SAD: d, DataPath: cliDP{}, API: config.API{Unix: sock, TCP: "127.0.0.1:0", BearerToken: sa.Secret(cliToken)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := srv.Listen(); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+	})
+	return &cliEnv{sad: d, unix: "unix:" + sock, tcp: "http://" + srv.TCPAddr().String(), dir: dir}
+}
+
+// run runs a CLI command in-process, as main would dispatch it.
+func cliRun(t *testing.T, cmd string, args ...string) (stdout, stderr string, err error) {
+	t.Helper()
+	var o, e bytes.Buffer
+	switch cmd {
+	case "sa":
+		err = runSA(args, &o, &e)
+	case "stats":
+		err = runStats(args, &o, &e)
+	default:
+		t.Fatalf("unknown command %s", cmd)
+	}
+	return o.String(), e.String(), err
+}
+
+const cliEncKey1 = "a1a2a3a4a5a6a7a8a9aaabacadaeafb0b1b2b3b4"
+const cliEncKey2 = "c1c2c3c4c5c6c7c8c9cacbcccdcecfd0d1d2d3d4"
+
+func cliWriteSAFile(t *testing.T, dir string) string {
+	t.Helper()
+	if err := os.MkdirAll(filepath.Join(dir, "keys"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "keys", "ue1-out.hex"), []byte(cliEncKey2+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	doc := `sas:
+  - name: ue1-in
+    spi: 0x00002001
+    direction: in
+    mode: tunnel
+    proposal: aes128gcm16
+    enc_key: ` + cliEncKey1 + `
+    local: 198.51.100.20
+    peer: 192.0.2.10
+    encap: {peer_port: 31000}
+    inner: {local: 10.0.0.0/24, peer: 100.64.0.1}
+  - name: ue1-out
+    spi: 0xc0002001
+    direction: out
+    mode: tunnel
+    proposal: aes128gcm16
+    enc_key_file: keys/ue1-out.hex
+    local: 198.51.100.20
+    peer: 192.0.2.10
+    encap: {peer_port: 31000}
+    inner: {local: 10.0.0.0/24, peer: 100.64.0.1}
+  - spi: 0x2002
+    direction: in
+    mode: transport
+    proposal: null-sha1
+    auth_key: ` + strings.Repeat("5a", 20) + `
+    local: 198.51.100.20
+    peer: 192.0.2.11
+`
+	path := filepath.Join(dir, "phones.yaml")
+	if err := os.WriteFile(path, []byte(doc), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+func TestCLISA(t *testing.T) {
+	e := newCLIEnv(t)
+	file := cliWriteSAFile(t, e.dir)
+
+	out, _, err := cliRun(t, "sa", "add", file, "--api", e.unix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := `added sa "ue1-in" in:0x00002001 (worker 0, index 0)
+added sa "ue1-out" out:0xc0002001@192.0.2.10:31000 (worker 0, index 1)
+added sa 0x00002002 in:0x00002002 (worker 1, index 0)
+`
+	if out != want {
+		t.Fatalf("sa add:\n%s\nwant\n%s", out, want)
+	}
+	// The key file was read by the CLI and its key reached the SAD.
+	ent, ok := e.sad.GetName("ue1-out")
+	if !ok || api.SpecOf(&ent.SA).EncKey != cliEncKey2 {
+		t.Fatal("ue1-out not in the SAD with the key file's key")
+	}
+
+	out, _, err = cliRun(t, "sa", "list", "--api", e.unix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want = `NAME     SPI         DIR  PROPOSAL     MODE       BINDING           WORKER  PACKETS  BYTES  DROPS
+ue1-in   0x00002001  in   aes128gcm16  tunnel     192.0.2.10:31000  0       8193     81930  1
+ue1-out  0xc0002001  out  aes128gcm16  tunnel     192.0.2.10:31000  0       8193     81930  1
+-        0x00002002  in   null-sha1    transport  192.0.2.11:0      1       -        -      -
+`
+	if out != want {
+		t.Fatalf("sa list:\n%s\nwant\n%s", out, want)
+	}
+
+	t.Setenv("XESP_API", e.unix) // the environment names the API from here on
+	out, _, err = cliRun(t, "sa", "list", "--json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var views []api.SAView
+	if err := json.Unmarshal([]byte(out), &views); err != nil {
+		t.Fatalf("list --json: %v\n%s", err, out)
+	}
+	if len(views) != 3 || views[1].Ref != "out:0xc0002001@192.0.2.10:31000" || views[2].Counters != nil || views[0].Counters.Seq != 42 {
+		t.Fatalf("list --json: %+v", views)
+	}
+
+	out, _, err = cliRun(t, "sa", "show", "ue1-in")
+	if err != nil {
+		t.Fatal(err)
+	}
+	created := ent.Created.UTC().Format("2006-01-02T15:04:05Z07:00")
+	want = `name:          ue1-in
+ref:           in:0x00002001
+spi:           0x00002001
+direction:     in
+mode:          tunnel
+proposal:      aes128gcm16
+esn:           false
+replay window: 1024
+local:         198.51.100.20
+peer:          192.0.2.10
+encap:         udp 4500 -> 31000
+binding:       192.0.2.10:31000
+inner:         10.0.0.0/24 <-> 100.64.0.1/32
+worker:        0 (index 0)
+state:         active
+created:       ` + created + `
+counters:      8193 packets, 81930 bytes, 1 drops, seq 42
+`
+	if out != want {
+		t.Fatalf("sa show:\n%s\nwant\n%s", out, want)
+	}
+	out, _, err = cliRun(t, "sa", "show", "--json", "in:0x2002")
+	var v api.SAView
+	if err != nil || json.Unmarshal([]byte(out), &v) != nil || v.Proposal != "null-sha1" || v.Counters != nil {
+		t.Fatalf("show --json: %v %s", err, out)
+	}
+
+	// Keys never come back through any command.
+	for _, args := range [][]string{{"list"}, {"list", "--json"}, {"show", "ue1-out", "--json"}, {"show", "ue1-in"}} {
+		out, _, _ := cliRun(t, "sa", args...)
+		for _, k := range []string{cliEncKey1[:16], cliEncKey2[:16], strings.Repeat("5a", 8)} {
+			if strings.Contains(out, k) {
+				t.Fatalf("sa %v prints key material:\n%s", args, out)
+			}
+		}
+	}
+
+	// Adding again: every SA fails, each with the server's message.
+	_, stderr, err := cliRun(t, "sa", "add", file)
+	if err == nil || err.Error() != "3 of 3 SAs not added" || errors.Is(err, errUsage) {
+		t.Fatalf("re-add: %v", err)
+	}
+	if want := `sa "ue1-in": already exists: inbound SPI 0x00002001 is used by sa "ue1-in" (the XDP SA map is keyed by SPI alone)`; !strings.HasPrefix(stderr, want+"\n") {
+		t.Fatalf("re-add stderr:\n%s", stderr)
+	}
+
+	// Delete: flags may follow the references; one failure is the
+	// server's message itself.
+	out, _, err = cliRun(t, "sa", "del", "ue1-in", "out:0xc0002001@192.0.2.10:31000", "--api", e.unix)
+	if err != nil || out != "deleted \"ue1-in\" in:0x00002001\ndeleted \"ue1-out\" out:0xc0002001@192.0.2.10:31000\n" {
+		t.Fatalf("sa del: %v\n%s", err, out)
+	}
+	_, _, err = cliRun(t, "sa", "del", "ue1-in")
+	if err == nil || err.Error() != `sa "ue1-in": no such SA` || errors.Is(err, errUsage) {
+		t.Fatalf("del missing: %v", err)
+	}
+	if in, outN := e.sad.Len(); in != 1 || outN != 0 {
+		t.Fatalf("SAD holds %d/%d", in, outN)
+	}
+}
+
+func TestCLIStats(t *testing.T) {
+	e := newCLIEnv(t)
+	if _, _, err := cliRun(t, "sa", "add", cliWriteSAFile(t, e.dir), "--api", e.unix); err != nil {
+		t.Fatal(err)
+	}
+	// Over TCP with the token from a file, then from the environment.
+	tokFile := filepath.Join(e.dir, "token")
+	if err := os.WriteFile(tokFile, []byte(cliToken+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, _, err := cliRun(t, "stats", "--api", e.tcp, "--token-file", tokFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := `    direction  ok packets  ok bytes  dropped
+   in (decap)        1000    150000        6
+  out (encap)         900    140000        1
+
+drops by reason:
+  in   integ_error  2
+  in   replay       4
+  out  tx_full      1
+
+XDP verdicts:
+  drop_no_sa        9
+  redirect_esp_udp  1006
+
+SAs: 2 in, 1 out
+binding changes: 5
+
+  worker  SAs  decap  encap  drops  binding changes
+       0    2    600    500      4                3
+       1    1    400    400      3                2
+`
+	if out != want {
+		t.Fatalf("stats:\n%s\nwant\n%s", out, want)
+	}
+	t.Setenv("XESP_TOKEN", cliToken)
+	out, _, err = cliRun(t, "stats", "--json", "--api", e.tcp)
+	var st api.Stats
+	if err != nil || json.Unmarshal([]byte(out), &st) != nil || st.SAs != (api.SACount{In: 2, Out: 1}) || st.XDP["redirect_esp_udp"] != 1006 {
+		t.Fatalf("stats --json: %v %s", err, out)
+	}
+	// A wrong token is the server's 401 message, exit 1 not 2.
+	_, _, err = cliRun(t, "stats", "--api", e.tcp, "--token", "not-the-token-at-all")
+	if err == nil || err.Error() != "authorization: invalid bearer token" || errors.Is(err, errUsage) {
+		t.Fatalf("wrong token: %v", err)
+	}
+}
+
+func TestCLIUsage(t *testing.T) {
+	e := newCLIEnv(t)
+	bad := filepath.Join(e.dir, "bad.yaml")
+	if err := os.WriteFile(bad, []byte("spi: 0x3001\ndirection: in\nmode: transport\nproposal: aes128gcm16\nenc_key_file: keys/none\nlocal: 192.0.2.1\npeer: 192.0.2.2\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cases := []struct {
+		cmd   string
+		args  []string
+		usage bool
+		msg   string
+	}{
+		{"sa", nil, true, "usage: missing subcommand"},
+		{"sa", []string{"frob"}, true, `usage: unknown subcommand "frob": use add, del, list or show`},
+		{"sa", []string{"add"}, true, "usage: wrong arguments for sa add (run xesp sa -h)"},
+		{"sa", []string{"show", "a", "b"}, true, "usage: wrong arguments for sa show (run xesp sa -h)"},
+		{"sa", []string{"list", "--bogus"}, true, "usage: flag provided but not defined: -bogus"},
+		{"sa", []string{"list", "--api", "ftp://x"}, true, `usage: api address "ftp://x": want unix:/path or http://host:port`},
+		{"sa", []string{"list", "--api", e.tcp}, true, "usage: api address " + e.tcp + ": TCP needs a bearer token (--token, --token-file or XESP_TOKEN)"},
+		{"sa", []string{"list", "--api", e.tcp, "--token", "x", "--token-file", "y"}, true, "usage: give --token or --token-file, not both"},
+		{"stats", []string{"extra"}, true, `usage: unexpected arguments ["extra"]`},
+		// Not usage: the file's own problem, found before anything is sent.
+		{"sa", []string{"add", bad, "--api", e.unix}, false, bad + `: sa 0x00003001: enc_key_file: open key file: open ` + filepath.Join(e.dir, "keys/none") + `: no such file or directory`},
+		{"sa", []string{"show", "bad ref", "--api", e.unix}, false, `ref "bad ref": not an SA name (1..64 of A-Z a-z 0-9 . _ - starting with a letter), in:SPI or out:SPI[@peer[:port]]`},
+	}
+	for _, c := range cases {
+		_, _, err := cliRun(t, c.cmd, c.args...)
+		if err == nil || err.Error() != c.msg || errors.Is(err, errUsage) != c.usage {
+			t.Errorf("%s %q: %v (usage %v), want %q (usage %v)", c.cmd, c.args, err, errors.Is(err, errUsage), c.msg, c.usage)
+		}
+	}
+	if in, out := e.sad.Len(); in+out != 0 {
+		t.Fatalf("SAD holds %d SAs after failed commands", in+out)
+	}
+}

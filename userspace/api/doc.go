@@ -1,0 +1,51 @@
+// Package api owns xesp's control API: an HTTP+JSON server that writes
+// SAs into the SA database and reads the data path's figures, and the Go
+// client the CLI (and a P-CSCF) uses to talk to it.
+//
+// It must not touch BPF maps, sockets of the data path or packets: the
+// manager mirrors the SAD into the kernel by itself, and the data path's
+// figures reach the API only through the DataPath interface, filled with
+// plain data. Keys enter through POST and PUT and never leave: every view
+// the API returns is built from sa.SA.Public, and no error quotes a key.
+//
+// # Listeners
+//
+// A Unix socket (mode 0600; the file's permissions are the
+// authentication, so requests there carry no token) and, optionally, a
+// TCP listener that is served only when a bearer token is configured;
+// every TCP request must carry `Authorization: Bearer <token>`.
+//
+// # Endpoints
+//
+//	GET    /v1/health          Health; 503 when the data path is not ok
+//	GET    /v1/stats           Stats
+//	GET    /v1/sas             Page; ?limit=1..10000 (default 100) &cursor=<next of the previous page>
+//	POST   /v1/sas             one SA in the SA format (JSON) → 201, the SAView, Location: /v1/sas/<ref>
+//	GET    /v1/sas/{ref}       SAView
+//	PUT    /v1/sas/{ref}       the whole SA again (keys included) → 200, SAView; never creates
+//	DELETE /v1/sas/{ref}       → 200, the SAView of what was deleted
+//
+// Request bodies must be `application/json` and at most 64 KiB. Errors are
+// `{"error": "..."}` (plus "errors": [...] when there are several), with
+// the SA format's messages (`sa "ue1-in": enc_key: ...`). Status codes:
+// 400 malformed or invalid input, 401 missing or wrong token (TCP), 404 no
+// such SA, 405 wrong method, 409 the SA exists already or an outbound SPI
+// names several SAs, 413 body too large, 415 not JSON, 507 SA table full.
+//
+// # SA references
+//
+// {ref} names one SA in one of these forms:
+//
+//	ue1-in                             its name (names start with a letter and never hold ':')
+//	in:0x00001001                      inbound SA by SPI (hex with 0x, or decimal)
+//	out:0x00001001                     outbound SA by SPI; 409 when peers share the SPI
+//	out:0x00001001@192.0.2.10:4500     outbound SA by full identity: SPI, peer, encap peer port
+//	out:0x00001001@192.0.2.10          ... plain ESP (no UDP encapsulation, port 0)
+//	out:0x00001001@[2001:db8::1]:4500  IPv6 peers in brackets when a port follows
+//
+// The prefixes are case-insensitive. In a URL the reference is one path
+// segment escaped with url.PathEscape: ':' and '@' may stay as they are,
+// '[' and ']' become %5B and %5D. The canonical form (RefOf, the "ref"
+// field of a view, the Location header) is the identity form with an
+// 8-digit hex SPI.
+package api
