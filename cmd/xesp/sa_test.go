@@ -323,7 +323,7 @@ func TestCLIUsage(t *testing.T) {
 		{"sa", []string{"list", "--api", e.tcp, "--token", "x", "--token-file", "y"}, true, "usage: give --token or --token-file, not both"},
 		{"stats", []string{"extra"}, true, `usage: unexpected arguments ["extra"]`},
 		// Not usage: the file's own problem, found before anything is sent.
-		{"sa", []string{"add", bad, "--api", e.unix}, false, bad + `: sa 0x00003001: enc_key_file: open key file: open ` + filepath.Join(e.dir, "keys/none") + `: no such file or directory`},
+		{"sa", []string{"add", bad, "--api", e.unix}, false, bad + `: sa 0x00003001: enc_key_file: key file: open ` + filepath.Join(e.dir, "keys/none") + `: no such file or directory`},
 		{"sa", []string{"show", "bad ref", "--api", e.unix}, false, `ref "bad ref": not an SA name (1..64 of A-Z a-z 0-9 . _ - starting with a letter), in:SPI or out:SPI[@peer[:port]]`},
 	}
 	for _, c := range cases {

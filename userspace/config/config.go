@@ -12,10 +12,10 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"github.com/xesp/xesp/internal/safefile"
 	"io"
 	"net"
 	"net/netip"
-	"os"
 	"path/filepath"
 	"regexp"
 	"runtime"
@@ -112,7 +112,10 @@ type SlowPath struct {
 
 // Limits checked by validation.
 const (
-	MaxWorkers = 64
+	// MaxConfigSize bounds the config file itself; large SA sets belong in
+	// sa_files.
+	MaxConfigSize = 64 << 20
+	MaxWorkers    = 64
 	// MaxMaxSAs bounds max_sas: beyond it the BPF maps alone need
 	// gigabytes, which is more likely a typo than a plan.
 	MaxMaxSAs    = 1 << 24
@@ -144,7 +147,7 @@ func Defaults() Config {
 // Load reads and validates the config file at path. Every problem found
 // is returned at once, each as `config <path>: <field path>: <reason>`.
 func Load(path string) (*Config, error) {
-	data, err := os.ReadFile(path)
+	data, err := safefile.Read(path, MaxConfigSize)
 	if err != nil {
 		return nil, fmt.Errorf("config: %w", err)
 	}
@@ -411,26 +414,7 @@ func (c *Config) validateAPI(errs *errList) {
 }
 
 func readSmallFile(path string, limit int64) ([]byte, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return nil, err
-	}
-	if !st.Mode().IsRegular() {
-		return nil, fmt.Errorf("%s is not a regular file", path)
-	}
-	b, err := io.ReadAll(io.LimitReader(f, limit+1))
-	if err != nil {
-		return nil, fmt.Errorf("read %s: %w", path, err)
-	}
-	if int64(len(b)) > limit {
-		return nil, fmt.Errorf("%s is larger than %d bytes", path, limit)
-	}
-	return b, nil
+	return safefile.Read(path, limit)
 }
 
 // validateSAs parses inline SAs and SA files, then checks them together:

@@ -245,7 +245,7 @@ func TestRejections(t *testing.T) {
 			"sa_files: [ues.yaml, missing.yaml]\n", []string{
 			`config xesp.yaml: sas[3] "ue3-out": peer: required`,
 			`config xesp.yaml: sa_files[0]: ues.yaml: sa "f2": enc_key: aes128gcm16 needs 20 bytes (16 key + 4 salt), got 1`,
-			`config xesp.yaml: sa_files[1]: read SA file: stat missing.yaml: no such file or directory`,
+			`config xesp.yaml: sa_files[1]: read SA file: open missing.yaml: no such file or directory`,
 			`config xesp.yaml: sas[1] "dup": name: "dup" is also used by sas[0] "dup"`,
 			`config xesp.yaml: sas[1] "dup": spi: in 0x00001001 is also used by sas[0] "dup"`,
 			`config xesp.yaml: sas[2]: local: 198.51.100.21 is not one of public.addresses`,

@@ -5,8 +5,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/xesp/xesp/internal/safefile"
 	"io"
-	"os"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -34,6 +34,9 @@ func FormatOf(path string) (Format, error) {
 	return 0, fmt.Errorf("%s: unknown extension %q: use .yaml, .yml or .json", path, filepath.Ext(path))
 }
 
+// MaxSAFileSize bounds one SA file: about 2 million SAs in YAML.
+const MaxSAFileSize = 1 << 30
+
 // ParseFile reads an SA file. Three shapes are accepted, so a file written
 // for one SA needs no wrapper and a config's `sas:` block can be moved out
 // unchanged:
@@ -50,14 +53,7 @@ func ParseFile(path string, opts Options) ([]SA, error) {
 	if err != nil {
 		return nil, err
 	}
-	st, err := os.Stat(path)
-	if err != nil {
-		return nil, fmt.Errorf("read SA file: %w", err)
-	}
-	if !st.Mode().IsRegular() {
-		return nil, fmt.Errorf("read SA file %s: not a regular file", path)
-	}
-	data, err := os.ReadFile(path)
+	data, err := safefile.Read(path, MaxSAFileSize)
 	if err != nil {
 		return nil, fmt.Errorf("read SA file: %w", err)
 	}

@@ -4,9 +4,8 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
+	"github.com/xesp/xesp/internal/safefile"
 	"net/netip"
-	"os"
 	"path/filepath"
 	"strings"
 
@@ -274,24 +273,9 @@ func readKeyFile(dir, name string) ([]byte, error) {
 	if !filepath.IsAbs(path) {
 		path = filepath.Join(dir, path)
 	}
-	f, err := os.Open(path)
+	b, err := safefile.Read(path, maxKeyFile)
 	if err != nil {
-		return nil, fmt.Errorf("open key file: %w", err)
-	}
-	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return nil, fmt.Errorf("stat key file %s: %w", path, err)
-	}
-	if !st.Mode().IsRegular() {
-		return nil, fmt.Errorf("key file %s is not a regular file", path)
-	}
-	b, err := io.ReadAll(io.LimitReader(f, maxKeyFile+1))
-	if err != nil {
-		return nil, fmt.Errorf("read key file %s: %w", path, err)
-	}
-	if len(b) > maxKeyFile {
-		return nil, fmt.Errorf("key file %s is larger than %d bytes", path, maxKeyFile)
+		return nil, fmt.Errorf("key file: %w", err)
 	}
 	return b, nil
 }

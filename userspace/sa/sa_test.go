@@ -460,9 +460,9 @@ func TestParseFileKeyFiles(t *testing.T) {
 	_, err = ParseFile(path, Options{})
 	got := messages(err)
 	want := []string{
-		path + `: sa "ue1-out": enc_key_file: open key file: open ` + filepath.Join(dir, "keys/missing") + `: no such file or directory`,
-		path + `: sa "ue1-out": auth_key_file: key file /dev/zero is not a regular file`,
-		path + `: sa "ue2-out": enc_key_file: key file ` + filepath.Join(dir, "keys/big") + ` is larger than 4096 bytes`,
+		path + `: sa "ue1-out": enc_key_file: key file: open ` + filepath.Join(dir, "keys/missing") + `: no such file or directory`,
+		path + `: sa "ue1-out": auth_key_file: key file: /dev/zero is not a regular file`,
+		path + `: sa "ue2-out": enc_key_file: key file: ` + filepath.Join(dir, "keys/big") + ` is larger than 4096 bytes`,
 	}
 	if strings.Join(got, "\n") != strings.Join(want, "\n") {
 		t.Errorf("errors:\n got  %q\n want %q", got, want)
