@@ -10,6 +10,7 @@ import (
 	"os/signal"
 	"syscall"
 
+	"github.com/xesp/xesp/userspace/api"
 	"github.com/xesp/xesp/userspace/config"
 	"github.com/xesp/xesp/userspace/gateway"
 	"github.com/xesp/xesp/userspace/metrics"
@@ -73,6 +74,21 @@ func runDaemon(args []string) error {
 		log.Info("metrics", "listen", "http://"+addr+"/metrics")
 	}
 
+	if cfg.API.Unix != "" || cfg.API.TCP != "" {
+		srv, err := startAPI(g, cfg, log)
+		if err != nil {
+			stopSvc()
+			for ; services > 0; services-- {
+				<-svcDone
+			}
+			g.Stop(*keep)
+			return err
+		}
+		services++
+		go func() { svcDone <- srv.Serve(svcCtx) }()
+		log.Info("control API", "unix", cfg.API.Unix, "tcp", cfg.API.TCP)
+	}
+
 	var runErr error
 	select {
 	case <-ctx.Done():
@@ -93,4 +109,19 @@ func runDaemon(args []string) error {
 		return errors.Join(runErr, fmt.Errorf("shutdown: %w", err))
 	}
 	return runErr
+}
+
+func startAPI(g *gateway.Gateway, cfg *config.Config, log *slog.Logger) (*api.Server, error) {
+	dp, err := g.DataPath()
+	if err != nil {
+		return nil, err
+	}
+	srv, err := api.New(api.Options{SAD: g.SAD, DataPath: dp, API: cfg.API, Log: log})
+	if err != nil {
+		return nil, err
+	}
+	if err := srv.Listen(); err != nil {
+		return nil, err
+	}
+	return srv, nil
 }

@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/xesp/xesp/bpf"
@@ -22,6 +23,7 @@ import (
 	"github.com/xesp/xesp/userspace/manager"
 	"github.com/xesp/xesp/userspace/neigh"
 	"github.com/xesp/xesp/userspace/sad"
+	"github.com/xesp/xesp/userspace/slowpath"
 	"github.com/xesp/xesp/userspace/worker"
 	"github.com/xesp/xesp/userspace/xsk"
 )
@@ -43,13 +45,17 @@ type Gateway struct {
 	Neighbors *neigh.Resolver
 	SAD       *sad.SAD
 	Manager   *manager.Manager
-	Started   time.Time
+	// SlowPath serves the NAT-T port for what XDP passes up: reassembled
+	// fragments and IKE.
+	SlowPath *slowpath.Server
+	Started  time.Time
 
-	log    *slog.Logger
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
-	errs   chan error
-	once   sync.Once
+	log     *slog.Logger
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup
+	errs    chan error
+	failure atomic.Pointer[error] // the first component failure, for health
+	once    sync.Once
 }
 
 // Options change how Start behaves beyond the configuration.
@@ -145,6 +151,7 @@ func Start(ctx context.Context, cfg *config.Config, o Options) (g *Gateway, err 
 		wk, err := worker.New(worker.Config{
 			ID: w, UMEM: g.UMEM, Public: pub, Private: priv,
 			PublicMAC: pubMAC, PrivateMAC: privMAC,
+			PublicMTU: pubIf.MTU, PrivateMTU: privIf.MTU, Workers: cfg.Workers,
 			Neighbors: g.Neighbors, BindingEvents: events,
 		})
 		if err != nil {
@@ -190,6 +197,20 @@ func Start(ctx context.Context, cfg *config.Config, o Options) (g *Gateway, err 
 		return nil, fmt.Errorf("install configured SAs: %w", err)
 	}
 	g.goRun("manager", func() error { return g.Manager.Run(runCtx) })
+	// Before XDP attaches, so a fragment passed up never meets a closed
+	// port (the kernel would answer ICMP port unreachable).
+	injectors := make([]slowpath.Injector, len(g.Workers))
+	for i, wk := range g.Workers {
+		injectors[i] = wk
+	}
+	g.SlowPath, err = slowpath.New(slowpath.Options{
+		Addrs: cfg.Public.Addrs, Port: cfg.NATTPort, SAD: g.SAD, Workers: injectors,
+		IKEForward: cfg.SlowPath.IKEForwardAddr, Log: o.Log,
+	})
+	if err != nil {
+		return nil, err
+	}
+	g.goRun("slow path", func() error { return g.SlowPath.Run(runCtx) })
 	if err := g.Loader.Attach(); err != nil {
 		return nil, err
 	}
@@ -206,8 +227,10 @@ func (g *Gateway) goRun(what string, f func() error) {
 	go func() {
 		defer g.wg.Done()
 		if err := f(); err != nil {
+			err = fmt.Errorf("%s: %w", what, err)
+			g.failure.CompareAndSwap(nil, &err)
 			select {
-			case g.errs <- fmt.Errorf("%s: %w", what, err):
+			case g.errs <- err:
 			default:
 			}
 		}
@@ -240,6 +263,10 @@ func (g *Gateway) teardown(keepPinned bool) error {
 		g.cancel()
 	}
 	g.wg.Wait()
+	// The slow path injects into workers: it stops before they close.
+	if g.SlowPath != nil {
+		g.SlowPath.Close()
+	}
 	for _, w := range g.Workers {
 		w.Close()
 	}

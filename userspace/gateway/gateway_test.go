@@ -335,11 +335,12 @@ func TestGatewayBothDirectionsByteExact(t *testing.T) {
 		t.Fatalf("ESP from the gateway\n got %x\nwant %x", espPkt, want)
 	}
 	// And the frame around it: Ethernet to the phone's MAC (learned from
-	// its authenticated packet), IPv4 192.0.2.1 → 192.0.2.10, UDP 4500 →
-	// 4500 with checksum 0 (RFC 3948 2.1).
+	// its authenticated packet), IPv4 192.0.2.1 → 192.0.2.10, DF clear
+	// with the worker's first IP ID, UDP 4500 → 4500 with checksum 0
+	// (RFC 3948 2.1).
 	wantFrame := make([]byte, 14+28+len(espPkt))
 	copy(wantFrame[14+28:], espPkt)
-	if _, err := esp.PutOuter(wantFrame, 42, len(wantFrame), &esp.Outer{Src: netip.MustParseAddr("192.0.2.1"), Dst: netip.MustParseAddr("192.0.2.10"), Encap: true, SrcPort: 4500, DstPort: 4500}); err != nil {
+	if _, err := esp.PutOuter(wantFrame, 42, len(wantFrame), &esp.Outer{Src: netip.MustParseAddr("192.0.2.1"), Dst: netip.MustParseAddr("192.0.2.10"), Encap: true, SrcPort: 4500, DstPort: 4500, ID: 1}); err != nil {
 		t.Fatal(err)
 	}
 	copy(wantFrame[0:6], macOf(t, tp.phone, tp.phIf))
@@ -447,5 +448,49 @@ func TestGatewayFollowsNATRemapping(t *testing.T) {
 	}
 	if got := tp.g.Workers[0].Stats().BindingChanges.Load(); got != 1 {
 		t.Fatalf("binding changes %d, want 1", got)
+	}
+}
+
+// A reply larger than the public MTU once sealed leaves as outer IPv4
+// fragments (DF clear, one ID, MF on all but the last); the phone's kernel
+// reassembles them and the phone opens the ESP packet.
+func TestGatewayFragmentsLargeReplies(t *testing.T) {
+	tp := newTopo(t, 1)
+	phone := udpSock(t, tp.phone, "192.0.2.10:4500")
+	coreUDP := udpSock(t, tp.core, coreAddr.String())
+	phoneRaw := packetSock(t, tp.phone, tp.phIf)
+	phoneOut := mustSA(t, spiIn, keyIn, 0)
+	phoneIn := mustSA(t, spiOut, keyOut, 1024)
+	if _, err := phone.WriteToUDP(seal(t, phoneOut, udp4(phoneInner, coreAddr, []byte("REGISTER"))), gwPublic); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 65536)
+	coreUDP.SetReadDeadline(time.Now().Add(3 * time.Second))
+	if _, err := coreUDP.Read(buf); err != nil {
+		t.Fatal(err)
+	}
+	big := bytes.Repeat([]byte("SIP/2.0 200 OK with a large SDP body. "), 38)[:1440] // 1468-byte inner packet
+	if _, err := coreUDP.WriteToUDPAddrPort(big, phoneInner); err != nil {
+		t.Fatal(err)
+	}
+	first := nextFrame(t, phoneRaw, func(f []byte) bool { return len(f) > 34 && f[23] == 17 && f[20]&0x20 != 0 })
+	if len(first) != 14+1500 || first[20]&0x40 != 0 || binary.BigEndian.Uint16(first[18:]) == 0 {
+		t.Fatalf("first fragment: %d bytes, flags %#x, id %#x", len(first), first[20], binary.BigEndian.Uint16(first[18:]))
+	}
+	phone.SetReadDeadline(time.Now().Add(3 * time.Second))
+	n, err := phone.Read(buf)
+	if err != nil {
+		t.Fatalf("phone got no reassembled datagram: %v", err)
+	}
+	res, err := phoneIn.Open(buf[:n])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := buf[res.Start:res.End]; !bytes.Equal(got[28:], big) {
+		t.Fatalf("reassembled reply differs: %d bytes", len(got))
+	}
+	st := tp.g.Workers[0].Stats()
+	if st.Encap.Packets.Load() != 2 || st.Encap.Drops[worker.DropOversized].Load() != 0 {
+		t.Fatalf("encap sent %d frames, oversized drops %d; want 2 fragments", st.Encap.Packets.Load(), st.Encap.Drops[worker.DropOversized].Load())
 	}
 }

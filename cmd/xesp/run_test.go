@@ -1,0 +1,245 @@
+package main
+
+import (
+	"bytes"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/xesp/xesp/internal/netns"
+	"github.com/xesp/xesp/internal/pkt"
+	"github.com/xesp/xesp/userspace/esp"
+	"github.com/xesp/xesp/userspace/ue"
+)
+
+// TestMain lets the test binary stand in for the xesp binary: the daemon
+// tests start it as a separate process inside a namespace.
+func TestMain(m *testing.M) {
+	if os.Getenv("XESP_TEST_AS_MAIN") == "1" {
+		os.Args = append([]string{"xesp"}, os.Args[1:]...)
+		main()
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+// xespCmd is the xesp binary (this test binary in disguise) run in ns, or
+// on the host when ns is nil.
+func xespCmd(ns *netns.NS, args ...string) *exec.Cmd {
+	var c *exec.Cmd
+	if ns == nil {
+		c = exec.Command(os.Args[0], args...)
+	} else {
+		c = ns.Command(os.Args[0], args...)
+	}
+	c.Env = append(os.Environ(), "XESP_TEST_AS_MAIN=1")
+	return c
+}
+
+const (
+	runKeyIn  = "606162636465666768696a6b6c6d6e6f70717273"
+	runKeyOut = "808182838485868788898a8b8c8d8e8f90919293"
+)
+
+func mustESP(t *testing.T, spi uint32, key string, window int) *esp.SA {
+	t.Helper()
+	k, _ := hex.DecodeString(key)
+	s, err := esp.NewSA(esp.Config{SPI: spi, Proposal: esp.AES128GCM16, EncKey: k, ReplayWindow: window, Mode: esp.ModeTunnel})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+func saYAML(name string, spi uint32, dir, key string, inner int) string {
+	return fmt.Sprintf(`  - {name: %s, spi: %d, direction: %s, mode: tunnel, proposal: aes128gcm16, enc_key: %s,
+     local: 192.0.2.1, peer: 192.0.2.10, encap: {local_port: 4500, peer_port: 4500},
+     inner: {local: 10.0.0.0/24, peer: 10.99.0.%d/32}}
+`, name, spi, dir, key, inner)
+}
+
+// The daemon as an operator runs it: `xesp run` in its own process, SIP-ish
+// traffic from a phone through it, the CLI over the control API, an SA
+// added at runtime, /metrics, and a clean SIGTERM that detaches XDP.
+func TestRunDaemon(t *testing.T) {
+	phone, gw, core := netns.ForTest(t, "rph"), netns.ForTest(t, "rgw"), netns.ForTest(t, "rco")
+	phIf, pubIf := netns.VethForTest(t, phone, gw)
+	privIf, coreIf := netns.VethForTest(t, gw, core)
+	phone.MustRun("ip", "addr", "add", "192.0.2.10/24", "dev", phIf)
+	gw.MustRun("ip", "addr", "add", "192.0.2.1/24", "dev", pubIf)
+	gw.MustRun("ip", "addr", "add", "10.0.0.254/24", "dev", privIf)
+	core.MustRun("ip", "addr", "add", "10.0.0.1/24", "dev", coreIf)
+	core.MustRun("ip", "route", "add", "10.99.0.0/16", "via", "10.0.0.254")
+
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "api.sock")
+	cfg := fmt.Sprintf("public: {interface: %s, addresses: [192.0.2.1]}\nprivate: {interface: %s}\nworkers: 2\n"+
+		"umem: {frames: 4096, fill_ring: 1024, completion_ring: 1024, rx_ring: 1024, tx_ring: 1024}\n"+
+		"pin_dir: /sys/fs/bpf/xesp-test-%d\nstate_dir: %s\napi: {unix: %s}\nmetrics: {listen: 127.0.0.1:19109}\nsas:\n%s%s",
+		pubIf, privIf, os.Getpid(), filepath.Join(dir, "state"), sock,
+		saYAML("ue1-in", 0x1001, "in", runKeyIn, 1), saYAML("ue1-out", 0x2001, "out", runKeyOut, 1))
+	cfgPath := filepath.Join(dir, "xesp.yaml")
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var logs bytes.Buffer
+	d := xespCmd(gw, "run", "--config", cfgPath)
+	d.Stdout, d.Stderr = &logs, &logs
+	if err := d.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- d.Wait() }()
+	t.Cleanup(func() {
+		if d.ProcessState == nil {
+			d.Process.Kill()
+			<-exited
+		}
+		if t.Failed() {
+			t.Logf("daemon log:\n%s", logs.String())
+		}
+	})
+	cli := func(args ...string) string {
+		t.Helper()
+		out, err := xespCmd(nil, append(args, "--api", "unix:"+sock)...).CombinedOutput()
+		if err != nil {
+			t.Fatalf("xesp %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+		return string(out)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if _, err := os.Stat(sock); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("daemon did not come up:\n%s", logs.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+
+	// A SIP responder in the core echoes each request's first line.
+	var coreConn *net.UDPConn
+	if err := core.Do(func() (err error) {
+		coreConn, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(10, 0, 0, 1), Port: 5060})
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer coreConn.Close()
+	go func() {
+		buf := make([]byte, 2048)
+		for {
+			n, from, err := coreConn.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				return
+			}
+			coreConn.WriteToUDPAddrPort(append([]byte("200 OK for "), buf[:n]...), from)
+		}
+	}()
+	talk := func(p *ue.Phone, inner netip.AddrPort, msg string) {
+		t.Helper()
+		if err := p.Send(pkt.UDP4(inner, netip.MustParseAddrPort("10.0.0.1:5060"), []byte(msg))); err != nil {
+			t.Fatal(err)
+		}
+		buf := make([]byte, 2048)
+		got, _, err := p.Recv(buf, time.Now().Add(3*time.Second))
+		if err != nil {
+			t.Fatalf("%s: %v", msg, err)
+		}
+		if _, dst, payload, ok := pkt.UDP4Parse(got); !ok || dst != inner || string(payload) != "200 OK for "+msg {
+			t.Fatalf("%s: got %q to %v", msg, payload, dst)
+		}
+	}
+	newPhone := func(port int, out, in *esp.SA) *ue.Phone {
+		var p *ue.Phone
+		if err := phone.Do(func() (err error) {
+			p, err = ue.New(netip.AddrPortFrom(netip.MustParseAddr("192.0.2.10"), uint16(port)), netip.MustParseAddrPort("192.0.2.1:4500"), out, in)
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { p.Close() })
+		return p
+	}
+	ue1 := newPhone(4500, mustESP(t, 0x1001, runKeyIn, 0), mustESP(t, 0x2001, runKeyOut, 1024))
+	talk(ue1, netip.MustParseAddrPort("10.99.0.1:5060"), "REGISTER ue1")
+
+	list := cli("sa", "list")
+	for _, want := range []string{"ue1-in", "ue1-out", "0x00001001"} {
+		if !strings.Contains(list, want) {
+			t.Fatalf("sa list lacks %q:\n%s", want, list)
+		}
+	}
+	if show := cli("sa", "show", "ue1-in", "--json"); !strings.Contains(show, `"packets": 1`) || strings.Contains(show, runKeyIn[:16]) {
+		t.Fatalf("sa show: want 1 packet and no key:\n%s", show)
+	}
+
+	// A second phone's SAs arrive through the API while traffic runs.
+	saFile := filepath.Join(dir, "ue2.yaml")
+	os.WriteFile(saFile, []byte("sas:\n"+strings.ReplaceAll(saYAML("ue2-in", 0x1002, "in", runKeyIn, 2)+saYAML("ue2-out", 0x2002, "out", runKeyOut, 2), "peer_port: 4500", "peer_port: 4501")), 0o600)
+	cli("sa", "add", saFile)
+	ue2 := newPhone(4501, mustESP(t, 0x1002, runKeyIn, 0), mustESP(t, 0x2002, runKeyOut, 1024))
+	talk(ue2, netip.MustParseAddrPort("10.99.0.2:5060"), "REGISTER ue2")
+	talk(ue1, netip.MustParseAddrPort("10.99.0.1:5060"), "OPTIONS ue1")
+
+	stats := cli("stats")
+	if !strings.Contains(stats, "redirect_esp_udp") {
+		t.Fatalf("stats lack XDP verdicts:\n%s", stats)
+	}
+	var scrape string
+	if err := gw.Do(func() error {
+		c, err := net.Dial("tcp", "127.0.0.1:19109")
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		fmt.Fprint(c, "GET /metrics HTTP/1.0\r\n\r\n")
+		b, err := io.ReadAll(c)
+		scrape = string(b)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{`xesp_packets_total{direction="decap",result="ok"} 3`, `xesp_packets_total{direction="encap",result="ok"} 3`} {
+		if !strings.Contains(scrape, want) {
+			t.Fatalf("/metrics lacks %s", want)
+		}
+	}
+
+	cli("sa", "del", "ue2-in", "ue2-out")
+	if err := ue2.Send(pkt.UDP4(netip.MustParseAddrPort("10.99.0.2:5060"), netip.MustParseAddrPort("10.0.0.1:5060"), []byte("after delete"))); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := ue2.Recv(make([]byte, 2048), time.Now().Add(300*time.Millisecond)); err == nil {
+		t.Fatal("a deleted SA still carried traffic")
+	}
+
+	d.Process.Signal(syscall.SIGTERM)
+	select {
+	case err := <-exited:
+		if err != nil {
+			t.Fatalf("daemon exit: %v\n%s", err, logs.String())
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("daemon did not exit on SIGTERM")
+	}
+	for _, ifname := range []string{pubIf, privIf} {
+		out, _ := gw.Run("ip", "-d", "link", "show", "dev", ifname)
+		if strings.Contains(string(out), "prog/xdp") {
+			t.Fatalf("XDP still attached to %s after shutdown:\n%s", ifname, out)
+		}
+	}
+	if _, err := os.Stat(sock); !os.IsNotExist(err) {
+		t.Fatalf("API socket left behind: %v", err)
+	}
+}
