@@ -67,75 +67,47 @@ func saYAML(name string, spi uint32, dir, key string, inner int) string {
 `, name, spi, dir, key, inner)
 }
 
-// The daemon as an operator runs it: `xesp run` in its own process, SIP-ish
-// traffic from a phone through it, the CLI over the control API, an SA
-// added at runtime, /metrics, and a clean SIGTERM that detaches XDP.
-func TestRunDaemon(t *testing.T) {
-	phone, gw, core := netns.ForTest(t, "rph"), netns.ForTest(t, "rgw"), netns.ForTest(t, "rco")
-	phIf, pubIf := netns.VethForTest(t, phone, gw)
-	privIf, coreIf := netns.VethForTest(t, gw, core)
-	phone.MustRun("ip", "addr", "add", "192.0.2.10/24", "dev", phIf)
-	gw.MustRun("ip", "addr", "add", "192.0.2.1/24", "dev", pubIf)
-	gw.MustRun("ip", "addr", "add", "10.0.0.254/24", "dev", privIf)
-	core.MustRun("ip", "addr", "add", "10.0.0.1/24", "dev", coreIf)
-	core.MustRun("ip", "route", "add", "10.99.0.0/16", "via", "10.0.0.254")
+// daemonTopo is phone ─ gw ─ core with a SIP echo responder in the core and
+// a config for one phone's SA pair; start runs `xesp run` in gw.
+type daemonTopo struct {
+	phone, gw, core *netns.NS
+	pubIf, privIf   string
+	dir, sock, cfg  string
+}
 
-	dir := t.TempDir()
-	sock := filepath.Join(dir, "api.sock")
+func newDaemonTopo(t *testing.T) *daemonTopo {
+	t.Helper()
+	d := &daemonTopo{phone: netns.ForTest(t, "rph"), gw: netns.ForTest(t, "rgw"), core: netns.ForTest(t, "rco")}
+	phIf, pubIf := netns.VethForTest(t, d.phone, d.gw)
+	privIf, coreIf := netns.VethForTest(t, d.gw, d.core)
+	d.pubIf, d.privIf = pubIf, privIf
+	d.phone.MustRun("ip", "addr", "add", "192.0.2.10/24", "dev", phIf)
+	d.gw.MustRun("ip", "addr", "add", "192.0.2.1/24", "dev", pubIf)
+	d.gw.MustRun("ip", "addr", "add", "10.0.0.254/24", "dev", privIf)
+	d.core.MustRun("ip", "addr", "add", "10.0.0.1/24", "dev", coreIf)
+	d.core.MustRun("ip", "route", "add", "10.99.0.0/16", "via", "10.0.0.254")
+
+	d.dir = t.TempDir()
+	d.sock = filepath.Join(d.dir, "api.sock")
 	cfg := fmt.Sprintf("public: {interface: %s, addresses: [192.0.2.1]}\nprivate: {interface: %s}\nworkers: 2\n"+
 		"umem: {frames: 4096, fill_ring: 1024, completion_ring: 1024, rx_ring: 1024, tx_ring: 1024}\n"+
 		"pin_dir: /sys/fs/bpf/xesp-test-%d\nstate_dir: %s\napi: {unix: %s}\nmetrics: {listen: 127.0.0.1:19109}\nsas:\n%s%s",
-		pubIf, privIf, os.Getpid(), filepath.Join(dir, "state"), sock,
+		pubIf, privIf, os.Getpid(), filepath.Join(d.dir, "state"), d.sock,
 		saYAML("ue1-in", 0x1001, "in", runKeyIn, 1), saYAML("ue1-out", 0x2001, "out", runKeyOut, 1))
-	cfgPath := filepath.Join(dir, "xesp.yaml")
-	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
+	d.cfg = filepath.Join(d.dir, "xesp.yaml")
+	if err := os.WriteFile(d.cfg, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
-	}
-	var logs bytes.Buffer
-	d := xespCmd(gw, "run", "--config", cfgPath)
-	d.Stdout, d.Stderr = &logs, &logs
-	if err := d.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan error, 1)
-	go func() { exited <- d.Wait() }()
-	t.Cleanup(func() {
-		if d.ProcessState == nil {
-			d.Process.Kill()
-			<-exited
-		}
-		if t.Failed() {
-			t.Logf("daemon log:\n%s", logs.String())
-		}
-	})
-	cli := func(args ...string) string {
-		t.Helper()
-		out, err := xespCmd(nil, append(args, "--api", "unix:"+sock)...).CombinedOutput()
-		if err != nil {
-			t.Fatalf("xesp %s: %v\n%s", strings.Join(args, " "), err, out)
-		}
-		return string(out)
-	}
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		if _, err := os.Stat(sock); err == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("daemon did not come up:\n%s", logs.String())
-		}
-		time.Sleep(20 * time.Millisecond)
 	}
 
-	// A SIP responder in the core echoes each request's first line.
+	// A SIP responder in the core answers each request to its sender.
 	var coreConn *net.UDPConn
-	if err := core.Do(func() (err error) {
+	if err := d.core.Do(func() (err error) {
 		coreConn, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(10, 0, 0, 1), Port: 5060})
 		return err
 	}); err != nil {
 		t.Fatal(err)
 	}
-	defer coreConn.Close()
+	t.Cleanup(func() { coreConn.Close() })
 	go func() {
 		buf := make([]byte, 2048)
 		for {
@@ -146,33 +118,99 @@ func TestRunDaemon(t *testing.T) {
 			coreConn.WriteToUDPAddrPort(append([]byte("200 OK for "), buf[:n]...), from)
 		}
 	}()
-	talk := func(p *ue.Phone, inner netip.AddrPort, msg string) {
+	return d
+}
+
+// daemon is one running `xesp run` process; exited closes when it ends,
+// with its exit error in err.
+type daemon struct {
+	cmd    *exec.Cmd
+	logs   *bytes.Buffer
+	exited chan struct{}
+	err    error
+}
+
+func (d *daemonTopo) start(t *testing.T) *daemon {
+	t.Helper()
+	dm := &daemon{logs: &bytes.Buffer{}, exited: make(chan struct{})}
+	dm.cmd = xespCmd(d.gw, "run", "--config", d.cfg)
+	dm.cmd.Stdout, dm.cmd.Stderr = dm.logs, dm.logs
+	if err := dm.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { dm.err = dm.cmd.Wait(); close(dm.exited) }()
+	t.Cleanup(func() {
+		select {
+		case <-dm.exited:
+		default:
+			dm.cmd.Process.Kill()
+			<-dm.exited
+		}
+		if t.Failed() {
+			t.Logf("daemon log:\n%s", dm.logs.String())
+		}
+	})
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if c, err := net.Dial("unix", d.sock); err == nil {
+			c.Close()
+			return dm
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("daemon did not come up:\n%s", dm.logs.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func (d *daemonTopo) newPhone(t *testing.T, port int, out, in *esp.SA) *ue.Phone {
+	t.Helper()
+	var p *ue.Phone
+	if err := d.phone.Do(func() (err error) {
+		p, err = ue.New(netip.AddrPortFrom(netip.MustParseAddr("192.0.2.10"), uint16(port)), netip.MustParseAddrPort("192.0.2.1:4500"), out, in)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	return p
+}
+
+// talk sends msg from the phone's inner address to the core and checks the
+// reply; it returns the reply's ESP sequence number.
+func talk(t *testing.T, p *ue.Phone, inner netip.AddrPort, msg string) uint64 {
+	t.Helper()
+	if err := p.Send(pkt.UDP4(inner, netip.MustParseAddrPort("10.0.0.1:5060"), []byte(msg))); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 2048)
+	got, seq, err := p.RecvSeq(buf, time.Now().Add(3*time.Second))
+	if err != nil {
+		t.Fatalf("%s: %v", msg, err)
+	}
+	if _, dst, payload, ok := pkt.UDP4Parse(got); !ok || dst != inner || string(payload) != "200 OK for "+msg {
+		t.Fatalf("%s: got %q to %v", msg, payload, dst)
+	}
+	return seq
+}
+
+// The daemon as an operator runs it: `xesp run` in its own process, SIP-ish
+// traffic from a phone through it, the CLI over the control API, an SA
+// added at runtime, /metrics, and a clean SIGTERM that detaches XDP.
+func TestRunDaemon(t *testing.T) {
+	d := newDaemonTopo(t)
+	dm := d.start(t)
+	gw, pubIf, privIf, dir, sock := d.gw, d.pubIf, d.privIf, d.dir, d.sock
+	cli := func(args ...string) string {
 		t.Helper()
-		if err := p.Send(pkt.UDP4(inner, netip.MustParseAddrPort("10.0.0.1:5060"), []byte(msg))); err != nil {
-			t.Fatal(err)
-		}
-		buf := make([]byte, 2048)
-		got, _, err := p.Recv(buf, time.Now().Add(3*time.Second))
+		out, err := xespCmd(nil, append(args, "--api", "unix:"+sock)...).CombinedOutput()
 		if err != nil {
-			t.Fatalf("%s: %v", msg, err)
+			t.Fatalf("xesp %s: %v\n%s", strings.Join(args, " "), err, out)
 		}
-		if _, dst, payload, ok := pkt.UDP4Parse(got); !ok || dst != inner || string(payload) != "200 OK for "+msg {
-			t.Fatalf("%s: got %q to %v", msg, payload, dst)
-		}
+		return string(out)
 	}
-	newPhone := func(port int, out, in *esp.SA) *ue.Phone {
-		var p *ue.Phone
-		if err := phone.Do(func() (err error) {
-			p, err = ue.New(netip.AddrPortFrom(netip.MustParseAddr("192.0.2.10"), uint16(port)), netip.MustParseAddrPort("192.0.2.1:4500"), out, in)
-			return err
-		}); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { p.Close() })
-		return p
-	}
-	ue1 := newPhone(4500, mustESP(t, 0x1001, runKeyIn, 0), mustESP(t, 0x2001, runKeyOut, 1024))
-	talk(ue1, netip.MustParseAddrPort("10.99.0.1:5060"), "REGISTER ue1")
+	ue1 := d.newPhone(t, 4500, mustESP(t, 0x1001, runKeyIn, 0), mustESP(t, 0x2001, runKeyOut, 1024))
+	talk(t, ue1, netip.MustParseAddrPort("10.99.0.1:5060"), "REGISTER ue1")
 
 	list := cli("sa", "list")
 	for _, want := range []string{"ue1-in", "ue1-out", "0x00001001"} {
@@ -188,9 +226,9 @@ func TestRunDaemon(t *testing.T) {
 	saFile := filepath.Join(dir, "ue2.yaml")
 	os.WriteFile(saFile, []byte("sas:\n"+strings.ReplaceAll(saYAML("ue2-in", 0x1002, "in", runKeyIn, 2)+saYAML("ue2-out", 0x2002, "out", runKeyOut, 2), "peer_port: 4500", "peer_port: 4501")), 0o600)
 	cli("sa", "add", saFile)
-	ue2 := newPhone(4501, mustESP(t, 0x1002, runKeyIn, 0), mustESP(t, 0x2002, runKeyOut, 1024))
-	talk(ue2, netip.MustParseAddrPort("10.99.0.2:5060"), "REGISTER ue2")
-	talk(ue1, netip.MustParseAddrPort("10.99.0.1:5060"), "OPTIONS ue1")
+	ue2 := d.newPhone(t, 4501, mustESP(t, 0x1002, runKeyIn, 0), mustESP(t, 0x2002, runKeyOut, 1024))
+	talk(t, ue2, netip.MustParseAddrPort("10.99.0.2:5060"), "REGISTER ue2")
+	talk(t, ue1, netip.MustParseAddrPort("10.99.0.1:5060"), "OPTIONS ue1")
 
 	stats := cli("stats")
 	if !strings.Contains(stats, "redirect_esp_udp") {
@@ -224,11 +262,11 @@ func TestRunDaemon(t *testing.T) {
 		t.Fatal("a deleted SA still carried traffic")
 	}
 
-	d.Process.Signal(syscall.SIGTERM)
+	dm.cmd.Process.Signal(syscall.SIGTERM)
 	select {
-	case err := <-exited:
-		if err != nil {
-			t.Fatalf("daemon exit: %v\n%s", err, logs.String())
+	case <-dm.exited:
+		if dm.err != nil {
+			t.Fatalf("daemon exit: %v\n%s", dm.err, dm.logs.String())
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("daemon did not exit on SIGTERM")
@@ -241,5 +279,38 @@ func TestRunDaemon(t *testing.T) {
 	}
 	if _, err := os.Stat(sock); !os.IsNotExist(err) {
 		t.Fatalf("API socket left behind: %v", err)
+	}
+}
+
+// IV safety across a crash (issue 7): replies before a kill -9 and after
+// the restart, under the same SA and key, never share a sequence number —
+// GCM's IV is the sequence number.
+func TestRunDaemonKill9NeverReusesSequence(t *testing.T) {
+	d := newDaemonTopo(t)
+	inner := netip.MustParseAddrPort("10.99.0.1:5060")
+	seen := map[uint64]bool{}
+	record := func(seq uint64) {
+		if seen[seq] {
+			t.Fatalf("outbound sequence number %d sent twice under one key", seq)
+		}
+		seen[seq] = true
+	}
+	out, in := mustESP(t, 0x1001, runKeyIn, 0), mustESP(t, 0x2001, runKeyOut, 4096)
+	ph := d.newPhone(t, 4500, out, in)
+	var last uint64
+	for round := 0; round < 3; round++ {
+		dm := d.start(t)
+		for i := 0; i < 5; i++ {
+			last = talk(t, ph, inner, fmt.Sprintf("OPTIONS round %d #%d", round, i))
+			record(last)
+		}
+		dm.cmd.Process.Kill() // SIGKILL: no shutdown path runs
+		<-dm.exited
+	}
+	if len(seen) != 15 {
+		t.Fatalf("%d distinct sequence numbers, want 15", len(seen))
+	}
+	if last < 2<<20 {
+		t.Fatalf("after two restarts the gateway sent %d; each restart must start above the previous run's reservation", last)
 	}
 }

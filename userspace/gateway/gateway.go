@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -23,6 +24,7 @@ import (
 	"github.com/xesp/xesp/userspace/manager"
 	"github.com/xesp/xesp/userspace/neigh"
 	"github.com/xesp/xesp/userspace/sad"
+	"github.com/xesp/xesp/userspace/seqstore"
 	"github.com/xesp/xesp/userspace/slowpath"
 	"github.com/xesp/xesp/userspace/worker"
 	"github.com/xesp/xesp/userspace/xsk"
@@ -45,6 +47,8 @@ type Gateway struct {
 	Neighbors *neigh.Resolver
 	SAD       *sad.SAD
 	Manager   *manager.Manager
+	// Seq holds the outbound sequence reservations in Config.StateDir.
+	Seq *seqstore.Store
 	// SlowPath serves the NAT-T port for what XDP passes up: reassembled
 	// fragments and IKE.
 	SlowPath *slowpath.Server
@@ -136,7 +140,12 @@ func Start(ctx context.Context, cfg *config.Config, o Options) (g *Gateway, err 
 		return nil, fmt.Errorf("private interface MAC: %w", err)
 	}
 
+	g.Seq, err = seqstore.Open(filepath.Join(cfg.StateDir, "seq"), seqstore.Options{})
+	if err != nil {
+		return nil, fmt.Errorf("state_dir: %w", err)
+	}
 	events := make(chan worker.BindingChange, 4096)
+	seqReqs := make(chan worker.SeqRequest, 4096)
 	for w := 0; w < cfg.Workers; w++ {
 		pub, err := g.UMEM.Open(pubIf.Index, rxQueue)
 		if err != nil {
@@ -152,7 +161,7 @@ func Start(ctx context.Context, cfg *config.Config, o Options) (g *Gateway, err 
 			ID: w, UMEM: g.UMEM, Public: pub, Private: priv,
 			PublicMAC: pubMAC, PrivateMAC: privMAC,
 			PublicMTU: pubIf.MTU, PrivateMTU: privIf.MTU, Workers: cfg.Workers,
-			Neighbors: g.Neighbors, BindingEvents: events,
+			Neighbors: g.Neighbors, BindingEvents: events, SeqRequests: seqReqs,
 		})
 		if err != nil {
 			return nil, err
@@ -164,7 +173,8 @@ func Start(ctx context.Context, cfg *config.Config, o Options) (g *Gateway, err 
 	if err != nil {
 		return nil, err
 	}
-	g.Manager, err = manager.New(manager.Options{SAD: g.SAD, Maps: g.Maps, Workers: g.Workers, Events: events, Log: o.Log})
+	g.Manager, err = manager.New(manager.Options{SAD: g.SAD, Maps: g.Maps, Workers: g.Workers, Events: events,
+		Seq: g.Seq, SeqRequests: seqReqs, Log: o.Log})
 	if err != nil {
 		return nil, err
 	}
@@ -284,6 +294,9 @@ func (g *Gateway) teardown(keepPinned bool) error {
 	}
 	if g.Neighbors != nil {
 		g.Neighbors.Close()
+	}
+	if g.Seq != nil {
+		errs = append(errs, g.Seq.Close())
 	}
 	if g.Loader != nil {
 		if keepPinned {

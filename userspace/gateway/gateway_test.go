@@ -52,6 +52,7 @@ func newTopo(t *testing.T, workers int) *topo {
 public: {interface: %s, addresses: [192.0.2.1]}
 private: {interface: %s}
 workers: %d
+state_dir: %s
 umem: {frames: 4096, fill_ring: 1024, completion_ring: 1024, rx_ring: 1024, tx_ring: 1024}
 sas:
   - {name: ue1-in, spi: %d, direction: in, mode: tunnel, proposal: aes128gcm16, enc_key: %s,
@@ -60,7 +61,7 @@ sas:
   - {name: ue1-out, spi: %d, direction: out, mode: tunnel, proposal: aes128gcm16, enc_key: %s,
      local: 192.0.2.1, peer: 192.0.2.10, encap: {local_port: 4500, peer_port: 4500},
      inner: {local: 10.0.0.0/24, peer: 10.99.0.1/32}}
-`, tp.pubIf, tp.privIf, workers, spiIn, keyIn, spiOut, keyOut)
+`, tp.pubIf, tp.privIf, workers, t.TempDir(), spiIn, keyIn, spiOut, keyOut)
 	cfg, err := config.Parse([]byte(yaml), "")
 	if err != nil {
 		t.Fatal(err)

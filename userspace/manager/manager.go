@@ -24,6 +24,7 @@ import (
 	"github.com/xesp/xesp/userspace/esp"
 	"github.com/xesp/xesp/userspace/sa"
 	"github.com/xesp/xesp/userspace/sad"
+	"github.com/xesp/xesp/userspace/seqstore"
 	"github.com/xesp/xesp/userspace/worker"
 )
 
@@ -41,7 +42,12 @@ type Options struct {
 	Workers Workers
 	// Events carries binding changes from the workers.
 	Events <-chan worker.BindingChange
-	Log    *slog.Logger
+	// Seq, when set, keeps every outbound SA's sequence numbers durably
+	// reserved ahead of use (no IV reuse across restarts); SeqRequests
+	// carries the workers' requests for more.
+	Seq         *seqstore.Store
+	SeqRequests <-chan worker.SeqRequest
+	Log         *slog.Logger
 }
 
 // slot is one SA installed in the data path.
@@ -54,6 +60,7 @@ type slot struct {
 	group  groupRef
 	policy netip.Prefix // outbound: the policy trie key this SA serves
 	encap  bool
+	seqKey seqstore.Key // outbound: its reservation record
 }
 
 type groupRef struct {
@@ -119,6 +126,10 @@ func (m *Manager) Run(ctx context.Context) error {
 			}
 		case ev := <-m.o.Events:
 			m.bindingChanged(ev)
+		case req := <-m.o.SeqRequests:
+			if err := m.extend(req); err != nil {
+				m.log.Error("reserve sequence numbers", "err", err)
+			}
 		}
 	}
 }
@@ -261,9 +272,15 @@ func (m *Manager) commit(ctx context.Context, b *batch) error {
 	if err := m.send(ctx, out, false); err != nil {
 		return err
 	}
-	// 3. Updated SAs continue where the old version stopped.
+	// 3. Updated SAs continue where the old version stopped, and every
+	// outbound SA gets durably reserved sequence numbers before its first
+	// packet.
 	for _, s := range olds {
 		carryOver(s.entry, newByID[s.id].entry)
+	}
+	installs, err := m.reserve(installs, &errs)
+	if err != nil {
+		return errors.Join(append(errs, err)...)
 	}
 	// 4. Install.
 	if err := m.send(ctx, installs, true); err != nil {
@@ -339,6 +356,11 @@ func (m *Manager) build(e sad.Entry) (*slot, error) {
 		ent.Dir = worker.Inbound
 		ent.InnerPeer = s.InnerPeer
 	} else {
+		if m.o.Seq != nil {
+			// The configured peer, not the current binding: the binding
+			// moves, the SA (and its key) stay the same.
+			sl.seqKey = m.o.Seq.KeyFor("out", s.SPI, e.ID.Peer, s.Proposal.String(), s.EncKey, s.AuthKey)
+		}
 		ent.Dir = worker.Outbound
 		sl.policy = s.InnerPeer
 		if !sl.policy.IsValid() {
@@ -358,6 +380,74 @@ func (m *Manager) build(e sad.Entry) (*slot, error) {
 	ent.Binding = sb.b
 	sl.entry = ent
 	return sl, nil
+}
+
+// reserve starts each outbound SA above every sequence number it may
+// ever have sent under its key and durably reserves a block ahead (one
+// fsync for the batch). SAs whose space is exhausted are left out with an
+// error; nothing is installed when the reservation cannot be written.
+func (m *Manager) reserve(installs []*slot, errs *[]error) ([]*slot, error) {
+	if m.o.Seq == nil {
+		return installs, nil
+	}
+	block := m.o.Seq.Block()
+	var batch []seqstore.Reservation
+	keep := installs[:0]
+	for _, s := range installs {
+		if s.entry.Dir != worker.Outbound {
+			keep = append(keep, s)
+			continue
+		}
+		persisted, _ := m.o.Seq.High(s.seqKey)
+		next := max(s.entry.SA.NextSeq(), seqstore.StartSeq(persisted))
+		if next != s.entry.SA.NextSeq() {
+			if err := s.entry.SA.SetNextSeq(next); err != nil {
+				*errs = append(*errs, fmt.Errorf("%s: sequence space used up by earlier runs, rekey: %w", s.id, err))
+				m.mu.Lock()
+				m.release(s)
+				m.mu.Unlock()
+				continue
+			}
+		}
+		high, _ := seqstore.NextBlock(next, next, block)
+		batch = append(batch, seqstore.Reservation{Key: s.seqKey, High: high})
+		s.entry.Limit.Store(high)
+		s.entry.ExtendAt.Store(high - block/2)
+		keep = append(keep, s)
+	}
+	if err := m.o.Seq.Reserve(batch); err != nil {
+		return nil, fmt.Errorf("reserve sequence numbers for %d outbound SAs: %w", len(batch), err)
+	}
+	return keep, nil
+}
+
+// extend reserves the next block for an outbound SA whose worker passed
+// the midpoint of its current one.
+func (m *Manager) extend(req worker.SeqRequest) error {
+	if m.o.Seq == nil {
+		return nil
+	}
+	m.mu.RLock()
+	var s *slot
+	if req.Worker < len(m.slots) && int(req.Index) < len(m.slots[req.Worker]) {
+		s = m.slots[req.Worker][req.Index]
+	}
+	m.mu.RUnlock()
+	if s == nil || s.entry.Dir != worker.Outbound {
+		return nil
+	}
+	block := m.o.Seq.Block()
+	limit := s.entry.Limit.Load()
+	high, more := seqstore.NextBlock(s.entry.Counters.Seq.Load()+1, limit, block)
+	if !more {
+		return nil
+	}
+	if err := m.o.Seq.Reserve([]seqstore.Reservation{{Key: s.seqKey, High: high}}); err != nil {
+		return fmt.Errorf("%s: %w", s.id, err)
+	}
+	s.entry.Limit.Store(high)
+	s.entry.ExtendAt.Store(high - block/2)
+	return nil
 }
 
 // carryOver keeps an updated SA's sequence counter, replay window and
@@ -386,6 +476,15 @@ func (m *Manager) remember(s *slot) {
 	ws[s.index] = s
 	if s.entry.Dir == worker.Outbound {
 		m.policies[s.policy] = append(m.policies[s.policy], s)
+	}
+}
+
+// release drops a built slot that will not be installed.
+func (m *Manager) release(s *slot) {
+	if sb := m.bindings[s.group]; sb != nil && sb.b == s.entry.Binding {
+		if sb.refs--; sb.refs == 0 {
+			delete(m.bindings, s.group)
+		}
 	}
 }
 

@@ -78,15 +78,26 @@ var ErrTimeout = errors.New("phone: no packet before the deadline")
 // under the inbound SA and returns the inner packet (a slice of buf).
 // Packets that fail to open are counted in drops and skipped.
 func (p *Phone) Recv(buf []byte, deadline time.Time) (inner []byte, drops int, err error) {
+	inner, _, drops, err = p.recv(buf, deadline)
+	return inner, drops, err
+}
+
+// RecvSeq is Recv that also returns the packet's ESP sequence number.
+func (p *Phone) RecvSeq(buf []byte, deadline time.Time) (inner []byte, seq uint64, err error) {
+	inner, seq, _, err = p.recv(buf, deadline)
+	return inner, seq, err
+}
+
+func (p *Phone) recv(buf []byte, deadline time.Time) (inner []byte, seq uint64, drops int, err error) {
 	p.conn.SetReadDeadline(deadline)
 	for {
 		n, from, err := p.conn.ReadFromUDPAddrPort(buf)
 		if err != nil {
 			var ne net.Error
 			if errors.As(err, &ne) && ne.Timeout() {
-				return nil, drops, ErrTimeout
+				return nil, 0, drops, ErrTimeout
 			}
-			return nil, drops, err
+			return nil, 0, drops, err
 		}
 		if from.Addr().Unmap() != p.gw.Addr().Unmap() || n < 8 {
 			drops++
@@ -97,7 +108,7 @@ func (p *Phone) Recv(buf []byte, deadline time.Time) (inner []byte, drops int, e
 			drops++
 			continue
 		}
-		return buf[res.Start:res.End], drops, nil
+		return buf[res.Start:res.End], res.Seq, drops, nil
 	}
 }
 

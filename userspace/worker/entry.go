@@ -34,7 +34,15 @@ type Entry struct {
 	Binding  *Binding
 	Counters Counters
 
+	// Limit is, for outbound SAs, the first sequence number the worker
+	// may not send: everything below it is durably reserved (seqstore),
+	// so a restart can never reuse a GCM/ChaCha IV. Zero means no
+	// reservation is kept (no state directory). ExtendAt is where the
+	// worker asks the manager for the next block, well before Limit.
+	Limit, ExtendAt atomic.Uint64
+
 	index uint32 // slot in the worker's table, set by Install
+	asked uint64 // the Limit an extension was last requested for
 }
 
 // Counters are one SA's figures, written by its worker, read by the API.
@@ -85,6 +93,13 @@ type Command struct {
 	Index uint32
 	Entry *Entry
 	Done  chan struct{}
+}
+
+// SeqRequest asks the manager to reserve more sequence numbers for the
+// outbound SA at Index.
+type SeqRequest struct {
+	Worker int
+	Index  uint32
 }
 
 // BindingChange tells the manager that the SA at Index moved its binding.

@@ -37,6 +37,8 @@ type pipeline struct {
 	stats      *Stats
 	id         int
 	bindEvents chan<- BindingChange
+	// seqRequests asks the manager for more reserved sequence numbers.
+	seqRequests chan<- SeqRequest
 
 	parked []parkedFrame
 	now    int64 // unix ns of the current batch, set when first needed
@@ -236,6 +238,20 @@ func (p *pipeline) encapOne(d xsk.Desc) (xsk.Desc, Drop) {
 	nh := uint8(esp.NextHeaderIPv4)
 	if frame[l3]>>4 == 6 {
 		nh = esp.NextHeaderIPv6
+	}
+	if limit := e.Limit.Load(); limit != 0 {
+		next := e.SA.NextSeq()
+		if next >= e.ExtendAt.Load() && e.asked != limit {
+			select {
+			case p.seqRequests <- SeqRequest{Worker: p.id, Index: e.index}:
+				e.asked = limit
+			default: // asked again on the next packet
+			}
+		}
+		if next >= limit {
+			e.Counters.Drops.Add(1)
+			return d, DropSeqUnreserved
+		}
 	}
 	start, end, err := e.SA.Seal(frame, l3, n, nh, 0)
 	if err != nil {

@@ -13,24 +13,26 @@ import (
 type Drop uint8
 
 const (
-	DropBadMeta    = Drop(esp.NumReasons) + iota // frame without valid xesp metadata
-	DropWrongDir                                 // SA at the index is of the other direction
-	DropPolicy                                   // inner source outside the SA's selector
-	DropNoNeighbor                               // next-hop MAC not known yet (resolution requested)
-	DropTxFull                                   // the other side's TX ring was full
-	DropNoFrame                                  // no free UMEM frame for a slow-path packet or a fragment
-	DropOversized                                // larger than the outgoing link's MTU and not fragmentable
+	DropBadMeta       = Drop(esp.NumReasons) + iota // frame without valid xesp metadata
+	DropWrongDir                                    // SA at the index is of the other direction
+	DropPolicy                                      // inner source outside the SA's selector
+	DropNoNeighbor                                  // next-hop MAC not known yet (resolution requested)
+	DropTxFull                                      // the other side's TX ring was full
+	DropNoFrame                                     // no free UMEM frame for a slow-path packet or a fragment
+	DropOversized                                   // larger than the outgoing link's MTU and not fragmentable
+	DropSeqUnreserved                               // next sequence number not durably reserved yet
 	NumDrops
 )
 
 var dropNames = [NumDrops - Drop(esp.NumReasons)]string{
-	DropBadMeta - Drop(esp.NumReasons):    "bad_meta",
-	DropWrongDir - Drop(esp.NumReasons):   "wrong_direction",
-	DropPolicy - Drop(esp.NumReasons):     "policy",
-	DropNoNeighbor - Drop(esp.NumReasons): "no_neighbor",
-	DropTxFull - Drop(esp.NumReasons):     "tx_full",
-	DropNoFrame - Drop(esp.NumReasons):    "no_frame",
-	DropOversized - Drop(esp.NumReasons):  "oversized",
+	DropBadMeta - Drop(esp.NumReasons):       "bad_meta",
+	DropWrongDir - Drop(esp.NumReasons):      "wrong_direction",
+	DropPolicy - Drop(esp.NumReasons):        "policy",
+	DropNoNeighbor - Drop(esp.NumReasons):    "no_neighbor",
+	DropTxFull - Drop(esp.NumReasons):        "tx_full",
+	DropNoFrame - Drop(esp.NumReasons):       "no_frame",
+	DropOversized - Drop(esp.NumReasons):     "oversized",
+	DropSeqUnreserved - Drop(esp.NumReasons): "seq_unreserved",
 }
 
 // String is the stable metric label of the reason.

@@ -31,6 +31,9 @@ type Config struct {
 	// BindingEvents receives binding changes without blocking the worker;
 	// nil discards them (they are still counted).
 	BindingEvents chan<- BindingChange
+	// SeqRequests receives requests for more reserved sequence numbers
+	// (outbound SAs with a Limit); required when any entry has one.
+	SeqRequests chan<- SeqRequest
 	// Batch is the most descriptors taken from a ring at once (64).
 	Batch int
 	// Spin is how many empty loop turns pass before the worker sleeps in
@@ -74,15 +77,20 @@ func New(cfg Config) (*Worker, error) {
 	if events == nil {
 		events = make(chan BindingChange) // never read: every send takes the default branch
 	}
+	seqReq := cfg.SeqRequests
+	if seqReq == nil {
+		seqReq = make(chan SeqRequest) // never read: requests wait for a manager that never comes
+	}
 	w.pipe = pipeline{
-		mem:        cfg.UMEM,
-		nb:         cfg.Neighbors,
-		pubMAC:     cfg.PublicMAC,
-		privMAC:    cfg.PrivateMAC,
-		stats:      &w.stats,
-		id:         cfg.ID,
-		bindEvents: events,
-		privateMTU: cfg.PrivateMTU,
+		seqRequests: seqReq,
+		mem:         cfg.UMEM,
+		nb:          cfg.Neighbors,
+		pubMAC:      cfg.PublicMAC,
+		privMAC:     cfg.PrivateMAC,
+		stats:       &w.stats,
+		id:          cfg.ID,
+		bindEvents:  events,
+		privateMTU:  cfg.PrivateMTU,
 	}
 	stride := max(cfg.Workers, 1)
 	w.pipe.frag = fragmenter{mtu: cfg.PublicMTU, mem: cfg.UMEM, rxOff: uint64(cfg.UMEM.RxOffset()),
