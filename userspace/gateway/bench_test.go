@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net"
@@ -22,7 +23,9 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/xesp/xesp/bench/gen"
+	"github.com/xesp/xesp/bpf"
 	"github.com/xesp/xesp/internal/netns"
+	"github.com/xesp/xesp/maps"
 	"github.com/xesp/xesp/userspace/config"
 	"github.com/xesp/xesp/userspace/esp"
 	"github.com/xesp/xesp/userspace/sa"
@@ -106,7 +109,8 @@ func (tp *benchTopo) start(tb testing.TB, workers int, extra string) *Gateway {
 public: {interface: %s, addresses: [192.0.2.1]}
 private: {interface: %s, next_hop_mac: "%s"}
 workers: %d
-%s`, tp.pub.name, tp.priv.name, tp.co.mac, workers, extra)
+state_dir: %s
+%s`, tp.pub.name, tp.priv.name, tp.co.mac, workers, tb.TempDir(), extra)
 	cfg, err := config.Parse([]byte(yaml), "")
 	if err != nil {
 		tb.Fatal(err)
@@ -585,6 +589,7 @@ func BenchmarkLoadSAs(b *testing.B) {
 		b.Fatalf("max_sas %d < %d", g.Config.MaxSAs, pairs)
 	}
 
+	keys, vals := make([]uint32, 1<<16), make([]bpf.SA, 1<<16)
 	runtime.GC()
 	var m0 runtime.MemStats
 	runtime.ReadMemStats(&m0)
@@ -616,11 +621,28 @@ func BenchmarkLoadSAs(b *testing.B) {
 	}
 	tSAD := time.Since(t0)
 	// The gateway's manager goroutine picks the change up (Sync must not
-	// be called beside it): wait until it has installed every SA.
+	// be called beside it). It counts an SA installed once its worker
+	// holds it, and publishes to the BPF maps after that, policies first
+	// and the inbound SA map last: the sync is over when the SA map holds
+	// every inbound SA.
 	t1 := time.Now()
 	for g.Manager.Installed() < total {
 		if time.Since(t1) > 5*time.Minute {
 			b.Fatalf("manager installed %d of %d SAs in 5 minutes", g.Manager.Installed(), total)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	tInstall := time.Since(t1)
+	for {
+		n, err := countSAMap(g.Maps.SAs.Map(), keys, vals)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if n == pairs {
+			break
+		}
+		if time.Since(t1) > 5*time.Minute {
+			b.Fatalf("SA map holds %d of %d SAs after 5 minutes", n, pairs)
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
@@ -649,8 +671,8 @@ func BenchmarkLoadSAs(b *testing.B) {
 	}
 	b.ReportMetric(float64(kernel)/float64(pairs), "bpf_B/pair")
 	b.ReportMetric(0, "ns/op")
-	b.Logf("%d SAs: SAD.AddAll %v, manager sync %v; heap in use %d → %d MiB; SA map + policy trie memlock %d MiB",
-		total, tSAD, tSync, m0.HeapInuse>>20, m1.HeapInuse>>20, kernel>>20)
+	b.Logf("%d SAs: SAD.AddAll %v, manager sync %v (workers hold all after %v, then BPF maps); heap in use %d → %d MiB; SA map + policy trie memlock %d MiB",
+		total, tSAD, tSync, tInstall, m0.HeapInuse>>20, m1.HeapInuse>>20, kernel>>20)
 
 	// One packet each way for a random pair, through the full tables.
 	r := rand.IntN(pairs)
@@ -683,6 +705,7 @@ func BenchmarkLoadSAs(b *testing.B) {
 	core.SetReadDeadline(time.Now().Add(3 * time.Second))
 	n, from, err := core.ReadFromUDPAddrPort(buf)
 	if err != nil || from != src || !bytes.Equal(buf[:n], msg) {
+		dumpGateway(b, g)
 		b.Fatalf("decap of pair %d: core got %q from %v (%v)", r, buf[:n], from, err)
 	}
 	reply := []byte(fmt.Sprintf("200 OK pair %d", r))
@@ -692,6 +715,7 @@ func BenchmarkLoadSAs(b *testing.B) {
 	phone.SetReadDeadline(time.Now().Add(3 * time.Second))
 	n, err = phone.Read(buf)
 	if err != nil {
+		dumpGateway(b, g)
 		b.Fatalf("encap of pair %d: nothing reached the phone: %v", r, err)
 	}
 	res, err := phoneRx.Open(buf[:n])
@@ -719,4 +743,34 @@ func benchUDP(tb testing.TB, ns *netns.NS, addr string) *net.UDPConn {
 	}
 	tb.Cleanup(func() { c.Close() })
 	return c
+}
+
+// countSAMap counts the inbound SA map's entries with batch lookups.
+func countSAMap(m *ebpf.Map, keys []uint32, vals []bpf.SA) (int, error) {
+	var cur ebpf.MapBatchCursor
+	total := 0
+	for {
+		n, err := m.BatchLookup(&cur, keys, vals, nil)
+		total += n
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return total, nil
+		}
+		if err != nil {
+			return total, fmt.Errorf("count SA map: %w", err)
+		}
+	}
+}
+
+// dumpGateway logs what XDP and the workers counted, for a failed probe.
+func dumpGateway(tb testing.TB, g *Gateway) {
+	var s maps.Snapshot
+	if err := g.Maps.Counters.Read(&s); err == nil {
+		for r := range s {
+			if s[r].Packets > 0 {
+				tb.Logf("xdp %s: %d", bpf.Reason(r), s[r].Packets)
+			}
+		}
+	}
+	f := snapshotWorkers(g)
+	tb.Logf("workers: decap %d encap %d drops %v", f.decap, f.encap, f.drops)
 }

@@ -1,0 +1,575 @@
+// Package gen is xesp's traffic generator: it precomputes a ring of valid
+// Ethernet frames — really encrypted ESP-in-UDP under real SAs, or
+// cleartext IPv4/UDP for the encap direction — stores them in a BPF array
+// map, and sends them out of a device at line rate with BPF_PROG_RUN in
+// XDP live-frames mode (BPF_F_TEST_XDP_LIVE_FRAMES). No kernel pktgen is
+// needed (PLATFORM.md). The benchmarks use it, and `xesp pktgen` is meant
+// to wrap it.
+//
+// Why a ring of precomputed frames: every ESP packet must carry a fresh
+// sequence number (the receiver's replay window drops repeats) and with
+// AES-GCM the IV is the sequence number, so a number cannot be rewritten
+// without re-encrypting. So one Send transmits each of the Ring frames
+// exactly once, in slot order, and Refill seals the next Ring sequence
+// numbers (outside any measured window) before the next Send. Per SA the
+// sequence numbers on the wire are strictly increasing and never repeat;
+// Send refuses to transmit an ESP ring twice.
+//
+// Use:
+//
+//	g, _ := gen.New(gen.Options{Ifindex: ifindex})   // in the device's namespace
+//	g.LoadESP(l2, flows, gen.Fixed(200))            // or LoadClear
+//	for ... {
+//		n, elapsed, _ := g.SendPinned(0)            // Ring frames, pinned to CPU 0
+//		g.Refill()                                  // next sequence numbers
+//	}
+//	g.Close()
+//
+// On veth the receiver's XDP (and an AF_XDP copy into its UMEM) runs in
+// the sender's softirq, on the generator's CPU: pin the generator away
+// from the workers. The device's peer must have an XDP program attached,
+// or XDP_TX frames vanish.
+//
+// The package does crypto through userspace/esp and nothing else: it does
+// not decide what a receiver does, it holds no SA database, and it never
+// attaches a program to a link (NewCounter's caller attaches it).
+package gen
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"reflect"
+	"runtime"
+	"time"
+	"unsafe"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"golang.org/x/sys/unix"
+
+	"github.com/xesp/xesp/userspace/esp"
+)
+
+// Defaults for Options.
+const (
+	DefaultRing     = 32768
+	DefaultMaxFrame = 1536 // a 1500-byte MTU frame (1514) fits
+	// slotHeader precedes each frame in its map value: the frame length
+	// (u32, host order) and 4 bytes of padding.
+	slotHeader = 8
+)
+
+// ErrStale is returned by Send when the ESP ring was already sent and not
+// refilled since: sending it again would replay every sequence number.
+var ErrStale = errors.New("gen: ESP ring already sent; Refill first")
+
+// Options size a generator.
+type Options struct {
+	// Ifindex is the device frames leave through (XDP_TX), resolved in the
+	// namespace of the thread that calls Send.
+	Ifindex int
+	// MaxFrame is the largest frame, Ethernet header included (default
+	// DefaultMaxFrame, at most 3000: live frames live in one page).
+	MaxFrame int
+	// Ring is the number of distinct frames, and so the number one Send
+	// transmits (default DefaultRing).
+	Ring int
+	// Batch is the kernel's live-frames batch size (0: its default, 64).
+	Batch int
+}
+
+// L2 is the Ethernet header of every frame.
+type L2 struct {
+	Src, Dst net.HardwareAddr
+}
+
+// Flow is one stream in the ring. Slot i carries flow i % len(flows).
+type Flow struct {
+	// SA seals the flow's frames (LoadESP); it is the sender's side of the
+	// SA, and the generator advances its sequence counter. Not used by
+	// LoadClear. The caller must not use it concurrently with the
+	// generator.
+	SA *esp.SA
+	// Outer is the ESP packet's outer addressing (LoadESP only); with
+	// Encap set it is RFC 3948 ESP-in-UDP.
+	Outer esp.Outer
+	// Src and Dst are the inner IPv4/UDP endpoints (LoadESP), or the
+	// cleartext packet's (LoadClear).
+	Src, Dst netip.AddrPort
+}
+
+// Sizes says how long each slot's IP packet is: for LoadESP the inner
+// packet the receiver decrypts (the frame adds the ESP and outer
+// overhead), for LoadClear the IP packet itself. Slot i has size
+// pattern[(i / flows) % len(pattern)], so every flow sees the whole mix.
+type Sizes struct {
+	pattern []int
+}
+
+// Fixed is one size for every packet.
+func Fixed(n int) Sizes { return Sizes{pattern: []int{n}} }
+
+// Mix interleaves lens in proportion to weights (e.g. 7:4:1), spreading
+// each size evenly over the pattern rather than in runs.
+func Mix(lens, weights []int) (Sizes, error) {
+	if len(lens) == 0 || len(lens) != len(weights) {
+		return Sizes{}, fmt.Errorf("gen: mix needs one weight per size, got %d sizes and %d weights", len(lens), len(weights))
+	}
+	total := 0
+	for _, w := range weights {
+		if w <= 0 {
+			return Sizes{}, fmt.Errorf("gen: mix weights must be positive, got %v", weights)
+		}
+		total += w
+	}
+	// Smooth weighted round robin (as nginx balances upstreams): each
+	// step picks the size furthest behind its share.
+	cur := make([]int, len(lens))
+	p := make([]int, 0, total)
+	for range total {
+		best := 0
+		for i := range lens {
+			cur[i] += weights[i]
+			if cur[i] > cur[best] {
+				best = i
+			}
+		}
+		cur[best] -= total
+		p = append(p, lens[best])
+	}
+	return Sizes{pattern: p}, nil
+}
+
+// IMIX is the 7:4:1 Internet mix of 64, 570 and 1400 bytes. The large
+// size is 1400 rather than the classic 1518 so that an ESP-in-UDP frame
+// around it still fits a 1500-byte MTU.
+func IMIX() Sizes {
+	s, _ := Mix([]int{64, 570, 1400}, []int{7, 4, 1})
+	return s
+}
+
+// At is the size of slot i in a ring of flows flows.
+func (s Sizes) At(i, flows int) int {
+	return s.pattern[(i/max(flows, 1))%len(s.pattern)]
+}
+
+// Pattern returns the sizes in their order of use.
+func (s Sizes) Pattern() []int { return append([]int(nil), s.pattern...) }
+
+// Gen is a loaded generator. Not safe for concurrent use.
+type Gen struct {
+	o        Options
+	prog     *ebpf.Program
+	frames   *ebpf.Map // ARRAY: slot → [len u32, pad, frame]
+	counter  *ebpf.Map // ARRAY[1] u64: the next slot
+	valSize  int
+	host     []byte // Ring map values, as written to the map
+	vals     any    // host as a []([valSize]byte), the shape BatchUpdate takes
+	keys     []uint32
+	template []byte
+
+	l2     L2
+	flows  []Flow
+	sizes  Sizes
+	esp    bool
+	loaded bool
+	stale  bool // ESP ring sent since the last fill
+	serial uint64
+}
+
+// xdpMD is the kernel's struct xdp_md, the context of a test run; the
+// kernel wants DataEnd equal to the input length.
+type xdpMD struct {
+	Data, DataEnd, DataMeta, IngressIfindex, RxQueueIndex, EgressIfindex uint32
+}
+
+// New creates the maps and loads the sending program.
+func New(o Options) (*Gen, error) {
+	if o.Ring == 0 {
+		o.Ring = DefaultRing
+	}
+	if o.MaxFrame == 0 {
+		o.MaxFrame = DefaultMaxFrame
+	}
+	if o.Ifindex <= 0 {
+		return nil, fmt.Errorf("gen: ifindex %d", o.Ifindex)
+	}
+	if o.Ring < 1 || o.Ring > 1<<20 {
+		return nil, fmt.Errorf("gen: ring %d outside 1..%d", o.Ring, 1<<20)
+	}
+	if o.MaxFrame < 64 || o.MaxFrame > 3000 {
+		return nil, fmt.Errorf("gen: max frame %d outside 64..3000", o.MaxFrame)
+	}
+	o.MaxFrame = (o.MaxFrame + 7) &^ 7
+	g := &Gen{o: o, valSize: slotHeader + o.MaxFrame}
+	var err error
+	g.frames, err = ebpf.NewMap(&ebpf.MapSpec{
+		Name: "xgen_frames", Type: ebpf.Array, KeySize: 4, ValueSize: uint32(g.valSize),
+		MaxEntries: uint32(o.Ring),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("gen: create frame map (%d × %d bytes): %w", o.Ring, g.valSize, err)
+	}
+	g.counter, err = ebpf.NewMap(&ebpf.MapSpec{
+		Name: "xgen_next", Type: ebpf.Array, KeySize: 4, ValueSize: 8, MaxEntries: 1,
+	})
+	if err != nil {
+		g.frames.Close()
+		return nil, fmt.Errorf("gen: create counter map: %w", err)
+	}
+	g.prog, err = ebpf.NewProgram(&ebpf.ProgramSpec{
+		Name: "xgen_send", Type: ebpf.XDP, License: "GPL",
+		Instructions: sendProgram(g.frames.FD(), g.counter.FD(), o.Ring, o.MaxFrame),
+	})
+	if err != nil {
+		g.Close()
+		return nil, fmt.Errorf("gen: load send program: %w", err)
+	}
+	// One slice element per map value, so BatchUpdate writes the whole
+	// ring in one syscall; host aliases it byte by byte.
+	vals := reflect.MakeSlice(reflect.SliceOf(reflect.ArrayOf(g.valSize, reflect.TypeFor[byte]())), o.Ring, o.Ring)
+	g.vals = vals.Interface()
+	g.host = unsafe.Slice((*byte)(vals.UnsafePointer()), o.Ring*g.valSize)
+	g.keys = make([]uint32, o.Ring)
+	for i := range g.keys {
+		g.keys[i] = uint32(i)
+	}
+	// Every live frame starts as this template and the program shrinks
+	// it to the slot's length: bpf_xdp_adjust_tail may shrink freely but
+	// grows only into tailroom.
+	g.template = make([]byte, o.MaxFrame)
+	return g, nil
+}
+
+// sendProgram is the XDP program each live frame runs: take the next slot
+// from the counter, give the frame that slot's length, copy the slot in,
+// XDP_TX. The counter is a plain (not per-CPU) array: a run is sequential
+// even if the thread migrates, so the slot sequence stays 0, 1, 2, ...
+// whatever CPU runs the next batch. Past the last slot it drops instead
+// of wrapping, so a run the syscall layer restarts (EINTR: cilium/ebpf
+// retries with the same Repeat) never sends a sequence number twice.
+func sendProgram(framesFD, counterFD, ring, maxFrame int) asm.Instructions {
+	const (
+		ctxData    = 0
+		ctxDataEnd = 4
+		xdpDrop    = 1
+		xdpTX      = 3
+	)
+	return asm.Instructions{
+		asm.Mov.Reg(asm.R6, asm.R1),
+		asm.StoreImm(asm.R10, -4, 0, asm.Word),
+		asm.LoadMapPtr(asm.R1, counterFD),
+		asm.Mov.Reg(asm.R2, asm.R10),
+		asm.Add.Imm(asm.R2, -4),
+		asm.FnMapLookupElem.Call(),
+		asm.JEq.Imm(asm.R0, 0, "drop"),
+		asm.LoadMem(asm.R7, asm.R0, 0, asm.DWord),
+		asm.Mov.Reg(asm.R1, asm.R7),
+		asm.Add.Imm(asm.R1, 1),
+		asm.StoreMem(asm.R0, 0, asm.R1, asm.DWord),
+		asm.JGE.Imm(asm.R7, int32(ring), "drop"),
+		// Slot lookup.
+		asm.StoreMem(asm.R10, -8, asm.R7, asm.Word),
+		asm.LoadMapPtr(asm.R1, framesFD),
+		asm.Mov.Reg(asm.R2, asm.R10),
+		asm.Add.Imm(asm.R2, -8),
+		asm.FnMapLookupElem.Call(),
+		asm.JEq.Imm(asm.R0, 0, "drop"),
+		asm.Mov.Reg(asm.R9, asm.R0),
+		asm.LoadMem(asm.R8, asm.R9, 0, asm.Word),
+		asm.JLT.Imm(asm.R8, 14, "drop"),
+		asm.JGT.Imm(asm.R8, int32(maxFrame), "drop"),
+		// Resize: delta = len - (data_end - data).
+		asm.LoadMem(asm.R2, asm.R6, ctxData, asm.Word),
+		asm.LoadMem(asm.R3, asm.R6, ctxDataEnd, asm.Word),
+		asm.Sub.Reg(asm.R3, asm.R2),
+		asm.Mov.Reg(asm.R2, asm.R8),
+		asm.Sub.Reg(asm.R2, asm.R3),
+		asm.Mov.Reg(asm.R1, asm.R6),
+		asm.FnXdpAdjustTail.Call(),
+		asm.JNE.Imm(asm.R0, 0, "drop"),
+		// bpf_xdp_store_bytes(ctx, 0, slot frame, len).
+		asm.Mov.Reg(asm.R1, asm.R6),
+		asm.Mov.Imm(asm.R2, 0),
+		asm.Mov.Reg(asm.R3, asm.R9),
+		asm.Add.Imm(asm.R3, slotHeader),
+		asm.Mov.Reg(asm.R4, asm.R8),
+		asm.FnXdpStoreBytes.Call(),
+		asm.JNE.Imm(asm.R0, 0, "drop"),
+		asm.Mov.Imm(asm.R0, xdpTX),
+		asm.Return(),
+		asm.Mov.Imm(asm.R0, xdpDrop).WithSymbol("drop"),
+		asm.Return(),
+	}
+}
+
+// Ring is the number of frames one Send transmits.
+func (g *Gen) Ring() int { return g.o.Ring }
+
+// LoadESP fills the ring with ESP frames: slot i seals an inner IPv4/UDP
+// packet of sizes.At(i) bytes from flows[i%len(flows)].Src to .Dst under
+// that flow's SA, at the SA's next sequence number, inside the flow's
+// outer header and l2. Each inner payload starts with a marker (see
+// Marker) naming the flow and a serial number.
+func (g *Gen) LoadESP(l2 L2, flows []Flow, sizes Sizes) error {
+	for i, f := range flows {
+		if f.SA == nil {
+			return fmt.Errorf("gen: flow %d: no SA", i)
+		}
+		if !f.Outer.Src.IsValid() || !f.Outer.Dst.IsValid() {
+			return fmt.Errorf("gen: flow %d: outer addresses unset", i)
+		}
+	}
+	if err := g.set(l2, flows, sizes, true); err != nil {
+		return err
+	}
+	return g.fill()
+}
+
+// LoadClear fills the ring with cleartext IPv4/UDP frames (the encap
+// direction: what the core sends toward phones). Replaying them is
+// harmless, so Send may repeat them without Refill.
+func (g *Gen) LoadClear(l2 L2, flows []Flow, sizes Sizes) error {
+	if err := g.set(l2, flows, sizes, false); err != nil {
+		return err
+	}
+	return g.fill()
+}
+
+func (g *Gen) set(l2 L2, flows []Flow, sizes Sizes, isESP bool) error {
+	if len(flows) == 0 {
+		return errors.New("gen: no flows")
+	}
+	if len(sizes.pattern) == 0 {
+		return errors.New("gen: no sizes")
+	}
+	if len(l2.Src) != 6 || len(l2.Dst) != 6 {
+		return fmt.Errorf("gen: L2 needs two 6-byte MACs, got %v and %v", l2.Src, l2.Dst)
+	}
+	for i, f := range flows {
+		if !f.Src.Addr().Is4() || !f.Dst.Addr().Is4() {
+			return fmt.Errorf("gen: flow %d: inner endpoints must be IPv4, got %v → %v", i, f.Src, f.Dst)
+		}
+	}
+	for _, n := range sizes.pattern {
+		if n < MinSize {
+			return fmt.Errorf("gen: size %d below the minimum %d (IPv4 + UDP + marker)", n, MinSize)
+		}
+	}
+	g.l2, g.flows, g.sizes, g.esp = l2, flows, sizes, isESP
+	g.loaded = false
+	return nil
+}
+
+// Refill seals the next Ring sequence numbers into the ESP ring (and
+// writes the cleartext ring again, which changes nothing on the wire).
+func (g *Gen) Refill() error {
+	if g.flows == nil {
+		return errors.New("gen: nothing loaded")
+	}
+	return g.fill()
+}
+
+func (g *Gen) fill() error {
+	for i := 0; i < g.o.Ring; i++ {
+		if err := g.build(i); err != nil {
+			return err
+		}
+	}
+	if _, err := g.frames.BatchUpdate(g.keys, g.vals, nil); err != nil {
+		return fmt.Errorf("gen: write %d frames to the frame map: %w", g.o.Ring, err)
+	}
+	g.loaded, g.stale = true, false
+	return nil
+}
+
+// MinSize is the smallest IP packet: IPv4 + UDP headers and the marker.
+const MinSize = 28 + MarkerLen
+
+// MarkerLen is the size of the marker that starts each UDP payload:
+// "xgen", the flow index (u32) and a serial number (u64), big endian.
+// The serial counts every packet the generator built, so two refills
+// never carry the same payload either.
+const MarkerLen = 16
+
+// Marker parses a payload's marker.
+func Marker(payload []byte) (flow uint32, serial uint64, ok bool) {
+	if len(payload) < MarkerLen || string(payload[:4]) != "xgen" {
+		return 0, 0, false
+	}
+	return binary.BigEndian.Uint32(payload[4:]), binary.BigEndian.Uint64(payload[8:]), true
+}
+
+func (g *Gen) build(i int) error {
+	fi := i % len(g.flows)
+	f := &g.flows[fi]
+	size := g.sizes.At(i, len(g.flows))
+	val := g.host[i*g.valSize : (i+1)*g.valSize]
+	frame := val[slotHeader:]
+	ip := 14
+	if g.esp {
+		ip = 14 + esp.OuterLen(&f.Outer) + f.SA.Headroom()
+	}
+	// gcm8 scratch needs 8 bytes past the ICV: keep a margin.
+	if ip+size+16 > len(frame) {
+		return fmt.Errorf("gen: slot %d: a %d-byte packet does not fit a %d-byte frame", i, size, g.o.MaxFrame)
+	}
+	g.serial++
+	putUDP(frame[ip:ip+size], f.Src, f.Dst, uint32(fi), g.serial)
+	end := ip + size
+	ethType := uint16(0x0800)
+	if g.esp {
+		start, e, err := f.SA.Seal(frame, ip, size, esp.NextHeaderIPv4, 0)
+		if err != nil {
+			return fmt.Errorf("gen: slot %d: seal under SPI 0x%08x: %w", i, f.SA.SPI(), err)
+		}
+		s, err := esp.PutOuter(frame, start, e, &f.Outer)
+		if err != nil {
+			return fmt.Errorf("gen: slot %d: outer header: %w", i, err)
+		}
+		if s != 14 {
+			return fmt.Errorf("gen: slot %d: outer header starts at %d, want 14", i, s)
+		}
+		if e+8 > len(frame) || e > g.o.MaxFrame {
+			return fmt.Errorf("gen: slot %d: a %d-byte frame exceeds max frame %d", i, e, g.o.MaxFrame)
+		}
+		end = e
+		if f.Outer.Src.Is6() {
+			ethType = 0x86dd
+		}
+	}
+	copy(frame[0:6], g.l2.Dst)
+	copy(frame[6:12], g.l2.Src)
+	binary.BigEndian.PutUint16(frame[12:], ethType)
+	binary.NativeEndian.PutUint32(val[0:], uint32(end))
+	return nil
+}
+
+// Frame returns a copy of slot i as the next Send transmits it.
+func (g *Gen) Frame(i int) []byte {
+	val := g.host[i*g.valSize : (i+1)*g.valSize]
+	n := binary.NativeEndian.Uint32(val)
+	return append([]byte(nil), val[slotHeader:slotHeader+int(n)]...)
+}
+
+// Send transmits the ring's frames once, slot 0 first, in one
+// BPF_PROG_RUN, on the calling thread (which must be in the device's
+// namespace). It returns how many frames the program handed to XDP_TX and
+// the wall time the run took. Frames the receiver could not take are
+// dropped there and show in its counters, not here.
+func (g *Gen) Send() (sent int, elapsed time.Duration, err error) {
+	if !g.loaded {
+		return 0, 0, errors.New("gen: nothing loaded")
+	}
+	if g.esp && g.stale {
+		return 0, 0, ErrStale
+	}
+	if err := g.counter.Put(uint32(0), uint64(0)); err != nil {
+		return 0, 0, fmt.Errorf("gen: reset slot counter: %w", err)
+	}
+	g.stale = true
+	start := time.Now()
+	_, err = g.prog.Run(&ebpf.RunOptions{
+		Data:      g.template,
+		Context:   xdpMD{DataEnd: uint32(len(g.template)), IngressIfindex: uint32(g.o.Ifindex)},
+		Repeat:    uint32(g.o.Ring),
+		BatchSize: uint32(g.o.Batch),
+		Flags:     unix.BPF_F_TEST_XDP_LIVE_FRAMES,
+	})
+	elapsed = time.Since(start)
+	if err != nil {
+		return 0, elapsed, fmt.Errorf("gen: live-frames run of %d frames on ifindex %d: %w", g.o.Ring, g.o.Ifindex, err)
+	}
+	var next uint64
+	if err := g.counter.Lookup(uint32(0), &next); err != nil {
+		return 0, elapsed, fmt.Errorf("gen: read slot counter: %w", err)
+	}
+	return int(min(next, uint64(g.o.Ring))), elapsed, nil
+}
+
+// SendPinned is Send with the calling thread pinned to cpu for the run;
+// the thread's previous affinity is restored afterwards.
+func (g *Gen) SendPinned(cpu int) (int, time.Duration, error) {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	restore, err := PinThread(cpu)
+	if err != nil {
+		return 0, 0, err
+	}
+	defer restore()
+	return g.Send()
+}
+
+// PinThread pins the calling OS thread to cpu and returns a function that
+// restores its previous affinity. The caller must hold
+// runtime.LockOSThread until it has called restore.
+func PinThread(cpu int) (restore func() error, err error) {
+	var old, set unix.CPUSet
+	if err := unix.SchedGetaffinity(0, &old); err != nil {
+		return nil, fmt.Errorf("sched_getaffinity: %w", err)
+	}
+	set.Set(cpu)
+	if err := unix.SchedSetaffinity(0, &set); err != nil {
+		return nil, fmt.Errorf("pin thread to cpu %d: %w", cpu, err)
+	}
+	return func() error { return unix.SchedSetaffinity(0, &old) }, nil
+}
+
+// Close unloads the program and frees the maps.
+func (g *Gen) Close() error {
+	var errs []error
+	if g.prog != nil {
+		errs = append(errs, g.prog.Close())
+	}
+	if g.frames != nil {
+		errs = append(errs, g.frames.Close())
+	}
+	if g.counter != nil {
+		errs = append(errs, g.counter.Close())
+	}
+	return errors.Join(errs...)
+}
+
+// putUDP writes an IPv4/UDP packet filling p (len(p) ≥ MinSize) with
+// valid checksums, its payload the marker then zeros.
+func putUDP(p []byte, src, dst netip.AddrPort, flow uint32, serial uint64) {
+	clear(p)
+	p[0], p[8], p[9] = 0x45, 64, 17
+	binary.BigEndian.PutUint16(p[2:], uint16(len(p)))
+	s, d := src.Addr().As4(), dst.Addr().As4()
+	copy(p[12:], s[:])
+	copy(p[16:], d[:])
+	binary.BigEndian.PutUint16(p[10:], ^fold(sum(p[:20], 0)))
+	u := p[20:]
+	binary.BigEndian.PutUint16(u[0:], src.Port())
+	binary.BigEndian.PutUint16(u[2:], dst.Port())
+	binary.BigEndian.PutUint16(u[4:], uint16(len(u)))
+	copy(u[8:], "xgen")
+	binary.BigEndian.PutUint32(u[12:], flow)
+	binary.BigEndian.PutUint64(u[16:], serial)
+	ck := ^fold(sum(u, sum(p[12:20], 17+uint32(len(u)))))
+	if ck == 0 {
+		ck = 0xffff
+	}
+	binary.BigEndian.PutUint16(u[6:], ck)
+}
+
+func sum(b []byte, s uint32) uint32 {
+	for i := 0; i+1 < len(b); i += 2 {
+		s += uint32(b[i])<<8 | uint32(b[i+1])
+	}
+	if len(b)%2 == 1 {
+		s += uint32(b[len(b)-1]) << 8
+	}
+	return s
+}
+
+func fold(s uint32) uint16 {
+	for s > 0xffff {
+		s = s&0xffff + s>>16
+	}
+	return uint16(s)
+}
