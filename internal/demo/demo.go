@@ -22,7 +22,9 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"os"
 	"os/exec"
+	"sort"
 	"strings"
 	"sync"
 	"time"
@@ -68,6 +70,7 @@ type phone struct {
 	wrongReply  int
 	callID      string
 	replyStatus string
+	retransmits int
 }
 
 // Run builds the topology, runs the exchange, prints the result and tears
@@ -204,7 +207,12 @@ func Run(ctx context.Context, o Options) (err error) {
 		defer p.ue.Close()
 	}
 
-	cfgText := fmt.Sprintf("public: {interface: pub, addresses: [%s]}\nprivate: {interface: priv}\nworkers: 2\n"+
+	stateDir, err := os.MkdirTemp("", "xesp-demo-state-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(stateDir)
+	cfgText := fmt.Sprintf("public: {interface: pub, addresses: [%s]}\nprivate: {interface: priv}\nworkers: 2\nstate_dir: "+stateDir+"\n"+
 		"umem: {frames: 4096, fill_ring: 1024, completion_ring: 1024, rx_ring: 1024, tx_ring: 1024}\nsas:%s\n", gwPublic, sas.String())
 	cfg, err := config.Parse([]byte(cfgText), "demo")
 	if err != nil {
@@ -252,22 +260,39 @@ func Run(ctx context.Context, o Options) (err error) {
 	defer coreConn.Close()
 
 	fmt.Fprintln(w, "\neach phone sends REGISTER through the NAPT, inside ESP-in-UDP to port 4500 ...")
+	// exchange sends a request and waits for its 200 OK, retransmitting
+	// like a SIP UA over UDP (RFC 3261 timer A: 500 ms, doubling): a
+	// NAPT, like any network, may lose the first packet of a new flow.
 	exchange := func(p *phone, method string) (string, error) {
 		msg := sipRequest(method, p)
-		if err := p.ue.Send(pkt.UDP4(p.inner, netip.AddrPortFrom(netip.MustParseAddr(coreIP), sipPort), msg)); err != nil {
-			return "", err
-		}
+		inner := pkt.UDP4(p.inner, netip.AddrPortFrom(netip.MustParseAddr(coreIP), sipPort), msg)
 		buf := make([]byte, 65536)
-		inner, _, err := p.ue.Recv(buf, time.Now().Add(3*time.Second))
-		if err != nil {
-			return "", err
+		wait := 500 * time.Millisecond
+		for try := 0; try < 4; try, wait = try+1, wait*2 {
+			if try > 0 {
+				p.retransmits++
+			}
+			if err := p.ue.Send(inner); err != nil {
+				return "", err
+			}
+			deadline := time.Now().Add(wait)
+			for {
+				got, _, err := p.ue.Recv(buf, deadline)
+				if err != nil {
+					break // retransmit
+				}
+				_, dst, payload, ok := pkt.UDP4Parse(got)
+				if !ok || dst != p.inner || !bytes.Contains(payload, []byte("Call-ID: "+p.callID)) {
+					p.wrongReply++
+					return "", fmt.Errorf("reply for someone else: %q", firstLine(payload))
+				}
+				if bytes.Contains(payload, []byte("CSeq: 1 "+method)) {
+					return firstLine(payload), nil
+				}
+				// a late answer to an earlier request of ours: keep waiting
+			}
 		}
-		_, dst, payload, ok := pkt.UDP4Parse(inner)
-		if !ok || dst != p.inner || !bytes.Contains(payload, []byte("Call-ID: "+p.callID)) {
-			p.wrongReply++
-			return "", fmt.Errorf("reply for someone else: %q", firstLine(payload))
-		}
-		return firstLine(payload), nil
+		return "", fmt.Errorf("%s: no answer after 4 transmissions", method)
 	}
 	var wg sync.WaitGroup
 	for _, p := range phones {
@@ -324,11 +349,40 @@ func Run(ctx context.Context, o Options) (err error) {
 		wrong += p.wrongReply
 	}
 	fmt.Fprintf(w, "replies delivered to the wrong phone: %d\n", wrong)
+	for _, p := range phones {
+		if p.retransmits > 0 {
+			fmt.Fprintf(w, "ue%d retransmitted %d time(s): a request or its answer was lost on the way (counters below say where)\n", p.n, p.retransmits)
+		}
+	}
+	if dp, err := g.DataPath(); err == nil {
+		st := dp.Stats()
+		fmt.Fprintf(w, "XDP verdicts: %s\n", kv(st.XDP))
+		if len(st.In.Drops)+len(st.Out.Drops) > 0 {
+			fmt.Fprintf(w, "worker drops: decap %s; encap %s\n", kv(st.In.Drops), kv(st.Out.Drops))
+		}
+	}
 	fmt.Fprintln(w, "every phone sits behind the same NAPT address", naptWAN, "with its own UDP port: the gateway keeps one binding per SA.")
 	if len(failed) > 0 || wrong > 0 {
 		return fmt.Errorf("demo failed: %s", strings.Join(failed, "; "))
 	}
 	return nil
+}
+
+// kv prints a counter map in a stable order.
+func kv(m map[string]uint64) string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	var b strings.Builder
+	for i, k := range keys {
+		if i > 0 {
+			b.WriteString(", ")
+		}
+		fmt.Fprintf(&b, "%s %d", k, m[k])
+	}
+	return b.String()
 }
 
 func newSA(spi uint32, keyHex string, window int) (*esp.SA, error) {
