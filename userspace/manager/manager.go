@@ -61,6 +61,11 @@ type slot struct {
 	policy netip.Prefix // outbound: the policy trie key this SA serves
 	encap  bool
 	seqKey seqstore.Key // outbound: its reservation record
+
+	// While a commit builds an update: the slot it replaces, and whether
+	// the worker inherits its state in place (same worker and index).
+	replaces *slot
+	inherit  bool
 }
 
 type groupRef struct {
@@ -223,11 +228,12 @@ func (m *Manager) plan(b *batch, c sad.Change) {
 }
 
 // commit applies a batch in the order that keeps XDP and the workers
-// consistent: unpublish what goes away; uninstall it (and the old version
-// of every updated SA) and wait until the workers have let go, so its
-// state is quiescent; carry sequence counters and replay windows over to
-// the updated versions; install; then publish. An updated SA drops packets
-// as no_sa for the moment between its uninstall and install.
+// consistent: unpublish what goes away, uninstall it, install, publish.
+// An updated SA that keeps its slot is replaced by one command that makes
+// its worker carry the sequence counter and replay window over, so it
+// loses no packet. One that moves (another worker or index) is
+// unpublished and uninstalled first, and its state, quiescent by then,
+// carried over by the manager.
 func (m *Manager) commit(ctx context.Context, b *batch) error {
 	var errs []error
 
@@ -238,45 +244,39 @@ func (m *Manager) commit(ctx context.Context, b *batch) error {
 			errs = append(errs, err)
 			continue
 		}
-		installs = append(installs, s)
 		m.mu.RLock()
 		old := m.live[e.ID]
 		m.mu.RUnlock()
 		if old != nil {
-			olds = append(olds, old)
+			if old.worker == s.worker && old.index == s.index {
+				s.inherit = true
+				m.dropPolicy(old)
+			} else {
+				olds = append(olds, old)
+			}
+			s.replaces = old
 		}
-	}
-	newByID := make(map[sa.ID]*slot, len(installs))
-	for _, s := range installs {
-		newByID[s.id] = s
+		installs = append(installs, s)
 	}
 	// 1. Unpublish deleted SAs and updated SAs that move, so XDP stops
 	// steering to their slots.
-	for _, s := range b.removes {
+	for _, s := range append(b.removes[:len(b.removes):len(b.removes)], olds...) {
 		if err := m.unpublish(s); err != nil {
 			errs = append(errs, err)
 		}
 	}
-	for _, s := range olds {
-		if n := newByID[s.id]; n.worker != s.worker || n.index != s.index {
-			if err := m.unpublish(s); err != nil {
-				errs = append(errs, err)
-			}
-		} else {
-			m.dropPolicy(s)
-		}
-	}
-	// 2. Uninstall, and wait until no worker touches those entries.
+	// 2. Uninstall them, and wait until no worker touches those entries.
 	var out []*slot
 	out = append(append(out, b.removes...), olds...)
 	if err := m.send(ctx, out, false); err != nil {
 		return err
 	}
-	// 3. Updated SAs continue where the old version stopped, and every
-	// outbound SA gets durably reserved sequence numbers before its first
-	// packet.
-	for _, s := range olds {
-		carryOver(s.entry, newByID[s.id].entry)
+	// 3. Moved SAs continue where the old version stopped; every outbound
+	// SA gets durably reserved sequence numbers before its first packet.
+	for _, s := range installs {
+		if s.replaces != nil && !s.inherit {
+			worker.Inherit(s.entry, s.replaces.entry)
+		}
 	}
 	installs, err := m.reserve(installs, &errs)
 	if err != nil {
@@ -291,6 +291,10 @@ func (m *Manager) commit(ctx context.Context, b *batch) error {
 		m.forget(s)
 	}
 	for _, s := range installs {
+		if s.replaces != nil && s.inherit {
+			m.forget(s.replaces)
+		}
+		s.replaces = nil
 		m.remember(s)
 	}
 	m.mu.Unlock()
@@ -314,7 +318,7 @@ func (m *Manager) send(ctx context.Context, slots []*slot, install bool) error {
 	for _, s := range slots {
 		c := worker.Command{Index: s.index}
 		if install {
-			c.Entry = s.entry
+			c.Entry, c.Inherit = s.entry, s.inherit
 		}
 		cmds[s.worker] = append(cmds[s.worker], c)
 	}
@@ -448,22 +452,6 @@ func (m *Manager) extend(req worker.SeqRequest) error {
 	s.entry.Limit.Store(high)
 	s.entry.ExtendAt.Store(high - block/2)
 	return nil
-}
-
-// carryOver keeps an updated SA's sequence counter, replay window and
-// counters: rebuilding cipher state must never rewind a sequence number.
-// from must be uninstalled (quiescent) already.
-func carryOver(from, to *worker.Entry) {
-	if next := from.SA.NextSeq(); next > to.SA.NextSeq() {
-		to.SA.SetNextSeq(next)
-	}
-	if from.SA.Replay().Size() == to.SA.Replay().Size() {
-		to.SA.Replay().Import(from.SA.Replay().Export())
-	}
-	to.Counters.Packets.Store(from.Counters.Packets.Load())
-	to.Counters.Bytes.Store(from.Counters.Bytes.Load())
-	to.Counters.Drops.Store(from.Counters.Drops.Load())
-	to.Counters.Seq.Store(from.Counters.Seq.Load())
 }
 
 func (m *Manager) remember(s *slot) {

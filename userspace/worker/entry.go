@@ -87,12 +87,33 @@ func (b *Binding) Load() *Peer { return b.v.Load() }
 func (b *Binding) Set(p Peer) { b.v.Store(&p) }
 
 // Command installs (Entry != nil) or removes (Entry == nil) the SA at Index
-// of a worker's table. Done, when not nil, is closed once the worker has
-// applied every command up to and including this one.
+// of a worker's table. Inherit makes an install that replaces an entry of
+// the same SPI and direction continue its state (Inherit), applied on the
+// worker's own thread so no packet is lost or raced. Done, when not nil,
+// is closed once the worker has applied every command up to and including
+// this one.
 type Command struct {
-	Index uint32
-	Entry *Entry
-	Done  chan struct{}
+	Index   uint32
+	Entry   *Entry
+	Inherit bool
+	Done    chan struct{}
+}
+
+// Inherit makes to, a rebuilt version of the SA from (e.g. new keys), go
+// on where from stopped: its sequence counter (never rewound: that would
+// reuse IVs), replay window and counters. from must not be in use by a
+// worker while this runs.
+func Inherit(to, from *Entry) {
+	if next := from.SA.NextSeq(); next > to.SA.NextSeq() {
+		to.SA.SetNextSeq(next)
+	}
+	if from.SA.Replay().Size() == to.SA.Replay().Size() {
+		to.SA.Replay().Import(from.SA.Replay().Export())
+	}
+	to.Counters.Packets.Store(from.Counters.Packets.Load())
+	to.Counters.Bytes.Store(from.Counters.Bytes.Load())
+	to.Counters.Drops.Store(from.Counters.Drops.Load())
+	to.Counters.Seq.Store(from.Counters.Seq.Load())
 }
 
 // SeqRequest asks the manager to reserve more sequence numbers for the

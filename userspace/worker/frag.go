@@ -26,9 +26,10 @@ import (
 
 // fragmenter holds what outer fragmentation needs from the worker.
 type fragmenter struct {
-	mtu     int // public link MTU (IP bytes)
-	nextID  uint16
-	stride  uint16
+	mtu     int    // public link MTU (IP bytes)
+	idSeq   uint32 // IP IDs handed out so far
+	worker  uint16 // this worker's residue class
+	stride  uint16 // number of workers
 	pool    *xsk.Pool
 	mem     Memory
 	rxOff   uint64 // where a fresh frame's packet starts
@@ -108,16 +109,20 @@ func (f *fragmenter) fragment4(d xsk.Desc, tx []xsk.Desc) ([]xsk.Desc, bool) {
 }
 
 // nextIPID is the IP ID for the next outer IPv4 packet: never zero (zero
-// asks PutOuter for an atomic DF datagram), and ≡ the worker's number
-// modulo the number of workers.
+// asks PutOuter for an atomic DF datagram), and always ≡ the worker's
+// number modulo the number of workers. The cycle is the largest multiple
+// of the worker count that fits 16 bits, so the partition survives the
+// wrap (65536 is not a multiple of 3).
 func (f *fragmenter) nextIPID() uint16 {
-	id := f.nextID
-	f.nextID += f.stride
-	if id == 0 {
-		id = f.nextID
-		f.nextID += f.stride
+	stride := uint32(max(f.stride, 1))
+	per := 65536 / stride
+	for {
+		id := uint16((f.idSeq%per)*stride + uint32(f.worker))
+		f.idSeq++
+		if id != 0 {
+			return id
+		}
 	}
-	return id
 }
 
 func ipChecksum(h []byte) uint16 {

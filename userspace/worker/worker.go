@@ -94,7 +94,7 @@ func New(cfg Config) (*Worker, error) {
 	}
 	stride := max(cfg.Workers, 1)
 	w.pipe.frag = fragmenter{mtu: cfg.PublicMTU, mem: cfg.UMEM, rxOff: uint64(cfg.UMEM.RxOffset()),
-		stride: uint16(stride), nextID: uint16(cfg.ID)}
+		stride: uint16(stride), worker: uint16(cfg.ID)}
 	return w, nil
 }
 
@@ -151,6 +151,9 @@ func (w *Worker) apply(cmds []Command) {
 			}
 			if c.Entry != nil {
 				c.Entry.index = c.Index
+				if old := w.pipe.table[c.Index]; c.Inherit && old != nil && old.Dir == c.Entry.Dir && old.SA.SPI() == c.Entry.SA.SPI() {
+					Inherit(c.Entry, old)
+				}
 			}
 			w.pipe.table[c.Index] = c.Entry
 		}
