@@ -39,6 +39,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"github.com/xesp/xesp/internal/pkt"
 	"net"
 	"net/netip"
 	"reflect"
@@ -542,7 +543,7 @@ func putUDP(p []byte, src, dst netip.AddrPort, flow uint32, serial uint64) {
 	s, d := src.Addr().As4(), dst.Addr().As4()
 	copy(p[12:], s[:])
 	copy(p[16:], d[:])
-	binary.BigEndian.PutUint16(p[10:], ^fold(sum(p[:20], 0)))
+	binary.BigEndian.PutUint16(p[10:], ^pkt.Fold(pkt.Sum(p[:20], 0)))
 	u := p[20:]
 	binary.BigEndian.PutUint16(u[0:], src.Port())
 	binary.BigEndian.PutUint16(u[2:], dst.Port())
@@ -550,26 +551,9 @@ func putUDP(p []byte, src, dst netip.AddrPort, flow uint32, serial uint64) {
 	copy(u[8:], "xgen")
 	binary.BigEndian.PutUint32(u[12:], flow)
 	binary.BigEndian.PutUint64(u[16:], serial)
-	ck := ^fold(sum(u, sum(p[12:20], 17+uint32(len(u)))))
+	ck := ^pkt.Fold(pkt.Sum(u, pkt.Sum(p[12:20], 17+uint32(len(u)))))
 	if ck == 0 {
 		ck = 0xffff
 	}
 	binary.BigEndian.PutUint16(u[6:], ck)
-}
-
-func sum(b []byte, s uint32) uint32 {
-	for i := 0; i+1 < len(b); i += 2 {
-		s += uint32(b[i])<<8 | uint32(b[i+1])
-	}
-	if len(b)%2 == 1 {
-		s += uint32(b[len(b)-1]) << 8
-	}
-	return s
-}
-
-func fold(s uint32) uint16 {
-	for s > 0xffff {
-		s = s&0xffff + s>>16
-	}
-	return uint16(s)
 }

@@ -16,13 +16,13 @@ func UDP4(src, dst netip.AddrPort, payload []byte) []byte {
 	s, d := src.Addr().As4(), dst.Addr().As4()
 	copy(p[12:], s[:])
 	copy(p[16:], d[:])
-	binary.BigEndian.PutUint16(p[10:], ^fold(sum(p[:20], 0)))
+	binary.BigEndian.PutUint16(p[10:], ^Fold(Sum(p[:20], 0)))
 	u := p[20:]
 	binary.BigEndian.PutUint16(u[0:], src.Port())
 	binary.BigEndian.PutUint16(u[2:], dst.Port())
 	binary.BigEndian.PutUint16(u[4:], uint16(8+len(payload)))
 	copy(u[8:], payload)
-	ck := ^fold(sum(u, sum(p[12:20], 17+uint32(len(u)))))
+	ck := ^Fold(Sum(u, Sum(p[12:20], 17+uint32(len(u)))))
 	if ck == 0 {
 		ck = 0xffff
 	}
@@ -46,7 +46,9 @@ func UDP4Parse(p []byte) (src, dst netip.AddrPort, payload []byte, ok bool) {
 	return src, dst, u[8:], true
 }
 
-func sum(b []byte, s uint32) uint32 {
+// Sum adds b to a ones'-complement accumulator as big-endian 16-bit words
+// (an odd last byte padded with zero), for Internet checksums (RFC 1071).
+func Sum(b []byte, s uint32) uint32 {
 	for i := 0; i+1 < len(b); i += 2 {
 		s += uint32(b[i])<<8 | uint32(b[i+1])
 	}
@@ -56,7 +58,8 @@ func sum(b []byte, s uint32) uint32 {
 	return s
 }
 
-func fold(s uint32) uint16 {
+// Fold folds an accumulator to 16 bits; the checksum is ^Fold(...).
+func Fold(s uint32) uint16 {
 	for s > 0xffff {
 		s = s&0xffff + s>>16
 	}

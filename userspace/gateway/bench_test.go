@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"github.com/xesp/xesp/internal/pkt"
 	"math/rand/v2"
 	"net"
 	"net/netip"
@@ -687,13 +688,13 @@ func BenchmarkLoadSAs(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	phone := benchUDP(b, tp.phone, "192.0.2.10:4500")
-	core := benchUDP(b, tp.core, "10.0.0.1:5060")
+	phone := udpSock(b, tp.phone, "192.0.2.10:4500")
+	core := udpSock(b, tp.core, "10.0.0.1:5060")
 	src := netip.AddrPortFrom(innerAddr, 5060)
 	msg := []byte(fmt.Sprintf("REGISTER pair %d", r))
 	buf := make([]byte, 2048)
 	off := 64
-	inner := udp4(src, coreAddr, msg)
+	inner := pkt.UDP4(src, coreAddr, msg)
 	copy(buf[off:], inner)
 	start, end, err := phoneTx.Seal(buf, off, len(inner), esp.NextHeaderIPv4, 0)
 	if err != nil {
@@ -726,23 +727,6 @@ func BenchmarkLoadSAs(b *testing.B) {
 	if len(got) < 28 || netip.AddrFrom4([4]byte(got[16:20])) != innerAddr || !bytes.Equal(got[28:], reply) {
 		b.Fatalf("encap of pair %d: phone decrypted %x", r, got)
 	}
-}
-
-func benchUDP(tb testing.TB, ns *netns.NS, addr string) *net.UDPConn {
-	tb.Helper()
-	var c *net.UDPConn
-	if err := ns.Do(func() error {
-		a, err := net.ResolveUDPAddr("udp4", addr)
-		if err != nil {
-			return err
-		}
-		c, err = net.ListenUDP("udp4", a)
-		return err
-	}); err != nil {
-		tb.Fatal(err)
-	}
-	tb.Cleanup(func() { c.Close() })
-	return c
 }
 
 // countSAMap counts the inbound SA map's entries with batch lookups.

@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"encoding/hex"
 	"fmt"
+	"github.com/xesp/xesp/internal/pkt"
 	"net"
 	"net/netip"
 	"testing"
@@ -117,47 +118,6 @@ func mustSA(t *testing.T, spi uint32, key string, window int) *esp.SA {
 	return s
 }
 
-// udp4 builds an IPv4/UDP packet with valid checksums.
-func udp4(src, dst netip.AddrPort, payload []byte) []byte {
-	p := make([]byte, 28+len(payload))
-	p[0], p[8], p[9] = 0x45, 64, 17
-	binary.BigEndian.PutUint16(p[2:], uint16(len(p)))
-	s, d := src.Addr().As4(), dst.Addr().As4()
-	copy(p[12:], s[:])
-	copy(p[16:], d[:])
-	binary.BigEndian.PutUint16(p[10:], ^fold(sum(p[:20])))
-	u := p[20:]
-	binary.BigEndian.PutUint16(u[0:], src.Port())
-	binary.BigEndian.PutUint16(u[2:], dst.Port())
-	binary.BigEndian.PutUint16(u[4:], uint16(8+len(payload)))
-	copy(u[8:], payload)
-	ps := sum(p[12:20]) + 17 + uint32(len(u))
-	ck := ^fold(ps + sum(u))
-	if ck == 0 {
-		ck = 0xffff
-	}
-	binary.BigEndian.PutUint16(u[6:], ck)
-	return p
-}
-
-func sum(b []byte) uint32 {
-	var s uint32
-	for i := 0; i+1 < len(b); i += 2 {
-		s += uint32(b[i])<<8 | uint32(b[i+1])
-	}
-	if len(b)%2 == 1 {
-		s += uint32(b[len(b)-1]) << 8
-	}
-	return s
-}
-
-func fold(s uint32) uint16 {
-	for s > 0xffff {
-		s = s&0xffff + s>>16
-	}
-	return uint16(s)
-}
-
 // seal returns the ESP packet (SPI..ICV) for inner under s.
 func seal(t *testing.T, s *esp.SA, inner []byte) []byte {
 	t.Helper()
@@ -218,7 +178,7 @@ func nextFrame(t *testing.T, fd int, match func([]byte) bool) []byte {
 	return nil
 }
 
-func udpSock(t *testing.T, ns *netns.NS, addr string) *net.UDPConn {
+func udpSock(t testing.TB, ns *netns.NS, addr string) *net.UDPConn {
 	t.Helper()
 	var c *net.UDPConn
 	if err := ns.Do(func() error {
@@ -291,7 +251,7 @@ func TestGatewayBothDirectionsByteExact(t *testing.T) {
 	ref := mustSA(t, spiOut, keyOut, 0) // the gateway's outbound SA, replayed
 
 	// Decap.
-	inner := udp4(phoneInner, coreAddr, []byte("REGISTER sip:ims.example SIP/2.0\r\n\r\n"))
+	inner := pkt.UDP4(phoneInner, coreAddr, []byte("REGISTER sip:ims.example SIP/2.0\r\n\r\n"))
 	if _, err := phone.WriteToUDP(seal(t, phoneOut, inner), gwPublic); err != nil {
 		t.Fatal(err)
 	}
@@ -370,7 +330,7 @@ func TestGatewayDropsByReason(t *testing.T) {
 	phone := udpSock(t, tp.phone, "192.0.2.10:4500")
 	phoneOut := mustSA(t, spiIn, keyIn, 0)
 	stranger := mustSA(t, 0x7777, keyIn, 0)
-	inner := udp4(phoneInner, coreAddr, []byte("OPTIONS"))
+	inner := pkt.UDP4(phoneInner, coreAddr, []byte("OPTIONS"))
 
 	if _, err := phone.WriteToUDP(seal(t, stranger, inner), gwPublic); err != nil {
 		t.Fatal(err)
@@ -413,7 +373,7 @@ func TestGatewayFollowsNATRemapping(t *testing.T) {
 	forger := udpSock(t, tp.phone, "192.0.2.10:50000")
 	coreUDP := udpSock(t, tp.core, coreAddr.String())
 	phoneOut := mustSA(t, spiIn, keyIn, 0)
-	inner := udp4(phoneInner, coreAddr, []byte("REGISTER"))
+	inner := pkt.UDP4(phoneInner, coreAddr, []byte("REGISTER"))
 
 	for _, c := range []*net.UDPConn{oldPort, newPort} {
 		if _, err := c.WriteToUDP(seal(t, phoneOut, inner), gwPublic); err != nil {
@@ -462,7 +422,7 @@ func TestGatewayFragmentsLargeReplies(t *testing.T) {
 	phoneRaw := packetSock(t, tp.phone, tp.phIf)
 	phoneOut := mustSA(t, spiIn, keyIn, 0)
 	phoneIn := mustSA(t, spiOut, keyOut, 1024)
-	if _, err := phone.WriteToUDP(seal(t, phoneOut, udp4(phoneInner, coreAddr, []byte("REGISTER"))), gwPublic); err != nil {
+	if _, err := phone.WriteToUDP(seal(t, phoneOut, pkt.UDP4(phoneInner, coreAddr, []byte("REGISTER"))), gwPublic); err != nil {
 		t.Fatal(err)
 	}
 	buf := make([]byte, 65536)

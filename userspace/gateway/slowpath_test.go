@@ -3,6 +3,7 @@ package gateway
 import (
 	"bytes"
 	"context"
+	"github.com/xesp/xesp/internal/pkt"
 	"net"
 	"net/netip"
 	"testing"
@@ -65,7 +66,7 @@ func TestSlowPathFragmentedESP(t *testing.T) {
 	phoneIn := mustSA(t, spiOut, keyOut, 1024)
 
 	invite := bytes.Repeat([]byte("INVITE sip:bob@ims.example SIP/2.0 with SDP "), 68)[:2972]
-	inner := udp4(phoneInner, coreAddr, invite) // 3000 bytes
+	inner := pkt.UDP4(phoneInner, coreAddr, invite) // 3000 bytes
 	espPkt := seal(t, phoneOut, inner)
 	if _, err := phone.WriteToUDP(espPkt, gwPublic); err != nil {
 		t.Fatal(err)
@@ -174,7 +175,7 @@ func TestSlowPathUnknownSPIAndKeepalive(t *testing.T) {
 	tp := newTopo(t, 1)
 	phone := udpSock(t, tp.phone, "192.0.2.10:4500")
 	stranger := mustSA(t, 0x7777, keyIn, 0)
-	espPkt := seal(t, stranger, udp4(phoneInner, coreAddr, make([]byte, 2500)))
+	espPkt := seal(t, stranger, pkt.UDP4(phoneInner, coreAddr, make([]byte, 2500)))
 	if _, err := phone.WriteToUDP(espPkt, gwPublic); err != nil {
 		t.Fatal(err)
 	}

@@ -89,20 +89,32 @@ func (p *pipeline) entry(idx uint32, dir Direction) (*Entry, Drop) {
 // decap opens each received public-side frame. Frames to forward are
 // appended to tx (for the private TX ring), the others to drop.
 func (p *pipeline) decap(rx []xsk.Desc, tx []xsk.Desc, drop []uint64) ([]xsk.Desc, []uint64) {
-	st := &p.stats.Decap
+	return p.batch(rx, tx, drop, &p.stats.Decap, Inbound)
+}
+
+// batch runs one direction's per-packet work over a batch: forwarded
+// frames go to tx, dropped ones to drop, parked ones stay with the
+// pipeline until their next hop resolves.
+func (p *pipeline) batch(rx []xsk.Desc, tx []xsk.Desc, drop []uint64, st *DirStats, dir Direction) ([]xsk.Desc, []uint64) {
 	p.now = 0
-	for i := range rx {
-		d := rx[i]
-		out, why := p.decapOne(d)
-		if why == held {
-			continue
+	for _, d := range rx {
+		var out xsk.Desc
+		var why Drop
+		if dir == Inbound {
+			out, why = p.decapOne(d)
+		} else {
+			out, why = p.encapOne(d)
 		}
-		if why != 0 {
+		switch {
+		case why == held:
+		case why != 0:
 			st.Drops[why].Add(1)
 			drop = append(drop, d.Addr)
-			continue
+		case dir == Inbound:
+			tx = append(tx, out)
+		default:
+			tx, drop = p.emitPublic(out, tx, drop)
 		}
-		tx = append(tx, out)
 	}
 	st.Batches[batchBucket(len(rx))].Add(1)
 	return tx, drop
@@ -196,23 +208,7 @@ func (p *pipeline) learn(e *Entry, m *bpf.Meta, src netip.Addr, srcMAC []byte) {
 
 // encap seals each received private-side frame toward its SA's binding.
 func (p *pipeline) encap(rx []xsk.Desc, tx []xsk.Desc, drop []uint64) ([]xsk.Desc, []uint64) {
-	st := &p.stats.Encap
-	p.now = 0
-	for i := range rx {
-		d := rx[i]
-		out, why := p.encapOne(d)
-		if why == held {
-			continue
-		}
-		if why != 0 {
-			st.Drops[why].Add(1)
-			drop = append(drop, d.Addr)
-			continue
-		}
-		tx, drop = p.emitPublic(out, tx, drop)
-	}
-	st.Batches[batchBucket(len(rx))].Add(1)
-	return tx, drop
+	return p.batch(rx, tx, drop, &p.stats.Encap, Outbound)
 }
 
 func (p *pipeline) encapOne(d xsk.Desc) (xsk.Desc, Drop) {
