@@ -248,7 +248,8 @@ func TestRunDaemon(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{`xesp_packets_total{direction="decap",result="ok"} 3`, `xesp_packets_total{direction="encap",result="ok"} 3`} {
+	for _, want := range []string{`xesp_packets_total{direction="decap",result="ok"} 3`, `xesp_packets_total{direction="encap",result="ok"} 3`,
+		`xesp_slowpath_packets_total{result="esp_injected"} 0`} {
 		if !strings.Contains(scrape, want) {
 			t.Fatalf("/metrics lacks %s", want)
 		}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -27,6 +28,8 @@ const testToken = "s3cret-token-0123456789"
 // its SPI, so a test can tell that the right SA's figures were shown.
 type fakeDP struct {
 	ok atomic.Bool
+	// stalled makes Synced fail, as a data path that does not catch up.
+	stalled atomic.Bool
 }
 
 func countersOf(id sa.ID) (SACounters, bool) {
@@ -48,6 +51,14 @@ func (*fakeDP) Stats() Stats {
 		SAs:     SACount{In: 99, Out: 99},
 		Workers: []WorkerStats{{Worker: 0, DecapPackets: 600, EncapPackets: 500, Drops: 4, BindingChanges: 3}, {Worker: 1, DecapPackets: 400, EncapPackets: 400, Drops: 3, BindingChanges: 2}},
 	}
+}
+
+// Synced: the fake data path reflects every change at once, unless stalled.
+func (d *fakeDP) Synced(context.Context, uint64) error {
+	if d.stalled.Load() {
+		return errors.New("data path stalled")
+	}
+	return nil
 }
 
 func (d *fakeDP) Health() Health {

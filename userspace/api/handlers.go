@@ -1,6 +1,7 @@
 package api
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -129,6 +130,9 @@ func (s *Server) add(w http.ResponseWriter, r *http.Request) {
 		writeError(w, sadStatus(err), err.Error())
 		return
 	}
+	if !s.synced(w, r) {
+		return
+	}
 	s.log.Info("sa added", "sa", e.SA.Label(), "ref", RefOf(e.ID), "worker", e.Worker, "from", from(r))
 	w.Header().Set("Location", "/v1/sas/"+url.PathEscape(RefOf(e.ID)))
 	writeJSON(w, http.StatusCreated, s.view(&e))
@@ -156,6 +160,9 @@ func (s *Server) update(w http.ResponseWriter, r *http.Request) {
 		writeError(w, sadStatus(err), err.Error())
 		return
 	}
+	if !s.synced(w, r) {
+		return
+	}
 	s.log.Info("sa updated", "sa", e.SA.Label(), "ref", RefOf(e.ID), "worker", e.Worker, "from", from(r))
 	writeJSON(w, http.StatusOK, s.view(&e))
 }
@@ -174,8 +181,30 @@ func (s *Server) del(w http.ResponseWriter, r *http.Request) {
 		writeError(w, sadStatus(err), err.Error())
 		return
 	}
+	if !s.synced(w, r) {
+		return
+	}
 	s.log.Info("sa deleted", "sa", e.SA.Label(), "ref", RefOf(e.ID), "from", from(r))
 	writeJSON(w, http.StatusOK, v)
+}
+
+// syncTimeout bounds how long a write waits for the data path.
+const syncTimeout = 5 * time.Second
+
+// synced waits until the data path reflects the SAD as it is now, so the
+// change just made is in force when the client hears back. On timeout it
+// answers 503: the change is stored and will apply, but is not in force.
+func (s *Server) synced(w http.ResponseWriter, r *http.Request) bool {
+	if s.dp == nil {
+		return true
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), syncTimeout)
+	defer cancel()
+	if err := s.dp.Synced(ctx, s.sad.Version()); err != nil {
+		writeError(w, http.StatusServiceUnavailable, "stored, but not yet in force in the data path: "+err.Error())
+		return false
+	}
+	return true
 }
 
 // resolve finds the SA a reference names.

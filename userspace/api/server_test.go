@@ -594,3 +594,23 @@ func TestGracefulShutdown(t *testing.T) {
 		t.Fatal("served after shutdown")
 	}
 }
+
+// A write is acknowledged only once the data path applied it; when it does
+// not catch up the client hears 503 and why, and the change stays stored.
+func TestWriteWaitsForDataPath(t *testing.T) {
+	e := newEnv(t, false, 0)
+	e.dp.stalled.Store(true)
+	sp := e.spec(1, "in")
+	_, err := e.unix.Add(context.Background(), sp)
+	var ae *Error
+	if !errors.As(err, &ae) || ae.Status != http.StatusServiceUnavailable || !strings.Contains(ae.Message, "not yet in force") {
+		t.Fatalf("add on a stalled data path: %v", err)
+	}
+	if in, _ := e.sad.Len(); in != 1 {
+		t.Fatal("the SA was not stored")
+	}
+	e.dp.stalled.Store(false)
+	if _, err := e.unix.Get(context.Background(), sp.Name); err != nil {
+		t.Fatalf("get after the stall: %v", err)
+	}
+}

@@ -1,6 +1,7 @@
 package api
 
 import (
+	"context"
 	"time"
 
 	"github.com/xesp/xesp/userspace/sa"
@@ -15,6 +16,10 @@ type DataPath interface {
 	SACounters(id sa.ID) (SACounters, bool)
 	Stats() Stats
 	Health() Health
+	// Synced returns once the data path reflects the SA database at
+	// version (sad.SAD.Version), so a change the API acknowledges is in
+	// force: an SA added can carry the very next packet.
+	Synced(ctx context.Context, version uint64) error
 }
 
 // SACounters are one SA's data-path figures.

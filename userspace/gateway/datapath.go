@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"context"
 	"fmt"
 	"sync"
 
@@ -81,6 +82,10 @@ func (d *dataPath) Stats() api.Stats {
 		}
 	}
 	return st
+}
+
+func (d *dataPath) Synced(ctx context.Context, version uint64) error {
+	return d.g.Manager.WaitVersion(ctx, version)
 }
 
 func (d *dataPath) Health() api.Health {

@@ -5,6 +5,7 @@ import (
 
 	"github.com/xesp/xesp/maps"
 	"github.com/xesp/xesp/userspace/metrics"
+	"github.com/xesp/xesp/userspace/slowpath"
 )
 
 // MetricsSources is everything of this gateway that /metrics reports. The
@@ -24,6 +25,16 @@ func (g *Gateway) MetricsSources(version string) (metrics.Sources, error) {
 			in, out := g.SAD.Len()
 			return []metrics.SACount{{Direction: "in", State: "active", Count: in}, {Direction: "out", State: "active", Count: out}}
 		},
+	}
+	if g.SlowPath != nil {
+		src.SlowPath = func() map[string]uint64 {
+			st := g.SlowPath.Stats()
+			out := make(map[string]uint64, len(st))
+			for i, n := range st {
+				out[slowpath.Counter(i).String()] = n
+			}
+			return out
+		}
 	}
 	for _, w := range g.Workers {
 		src.Workers = append(src.Workers, w.Stats())

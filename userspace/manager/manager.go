@@ -94,6 +94,12 @@ type Manager struct {
 
 	version uint64
 	changes []sad.Change
+
+	// synced is the SAD version the data path reflects; waiters watch
+	// syncedCh, which is closed and replaced at every advance.
+	syncMu   sync.Mutex
+	synced   uint64
+	syncedCh chan struct{}
 }
 
 // New returns a Manager; Sync or Run start mirroring.
@@ -105,7 +111,7 @@ func New(o Options) (*Manager, error) {
 		o.Log = slog.Default()
 	}
 	return &Manager{
-		o: o, log: o.Log,
+		o: o, log: o.Log, syncedCh: make(chan struct{}),
 		live:     make(map[sa.ID]*slot),
 		slots:    make([][]*slot, o.Workers.Len()),
 		bindings: make(map[groupRef]*sharedBinding),
@@ -158,24 +164,75 @@ func (m *Manager) Sync(ctx context.Context) error {
 	for _, c := range m.changes {
 		m.plan(&b, c)
 	}
-	if err := m.commit(ctx, &b); err != nil {
+	err = m.commit(ctx, &b)
+	if ctx.Err() != nil {
 		return err
 	}
-	m.version = next
-	return nil
+	// SAs that failed to build or publish are reported, not retried:
+	// waiting on them would stall every later change.
+	m.advance(next)
+	return err
+}
+
+// advance records that the data path reflects SAD version v.
+func (m *Manager) advance(v uint64) {
+	m.version = v
+	m.syncMu.Lock()
+	if v > m.synced {
+		m.synced = v
+		close(m.syncedCh)
+		m.syncedCh = make(chan struct{})
+	}
+	m.syncMu.Unlock()
+}
+
+// WaitVersion returns once the data path reflects SAD version v, i.e.
+// every change up to it is installed and published (or failed and was
+// logged). The API uses it so that an SA it added carries traffic by the
+// time the caller hears back.
+func (m *Manager) WaitVersion(ctx context.Context, v uint64) error {
+	for {
+		m.syncMu.Lock()
+		done, ch := m.synced >= v, m.syncedCh
+		m.syncMu.Unlock()
+		if done {
+			return nil
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return fmt.Errorf("waiting for the data path to apply SA database version %d: %w", v, ctx.Err())
+		}
+	}
 }
 
 // resync rebuilds the data path from a full listing: what the SAD holds is
-// installed (or kept), what it no longer holds is removed.
+// installed page by page (an SA already live is updated in place), then
+// what it no longer holds is removed. Committing per page bounds memory
+// and lets the data path fill up progressively on a large initial load.
 func (m *Manager) resync(ctx context.Context) error {
 	version := m.o.SAD.Version()
-	want := make(map[sa.ID]sad.Entry)
+	in, out := m.o.SAD.Len()
+	seen := make(map[sa.ID]struct{}, in+out)
+	m.mu.Lock()
+	if len(m.live) == 0 {
+		m.live = make(map[sa.ID]*slot, in+out)
+		m.policies = make(map[netip.Prefix][]*slot, out)
+	}
+	m.mu.Unlock()
+	var errs []error
 	var page []sad.Entry
 	var cur uint64
 	for {
-		page, cur = m.o.SAD.List(cur, 4096, page[:0])
+		page, cur = m.o.SAD.List(cur, resyncPage, page[:0])
 		for _, e := range page {
-			want[e.ID] = e
+			seen[e.ID] = struct{}{}
+		}
+		if err := m.commit(ctx, &batch{adds: page}); err != nil {
+			if ctx.Err() != nil {
+				return err
+			}
+			errs = append(errs, err)
 		}
 		if cur == 0 {
 			break
@@ -184,21 +241,20 @@ func (m *Manager) resync(ctx context.Context) error {
 	var b batch
 	m.mu.RLock()
 	for id, s := range m.live {
-		e, ok := want[id]
-		if !ok || e.Worker != s.worker || e.Index != s.index {
+		if _, ok := seen[id]; !ok {
 			b.removes = append(b.removes, s)
 		}
 	}
 	m.mu.RUnlock()
-	for _, e := range want {
-		b.adds = append(b.adds, e)
-	}
 	if err := m.commit(ctx, &b); err != nil {
-		return err
+		errs = append(errs, err)
 	}
-	m.version = version
-	return nil
+	m.advance(version)
+	return errors.Join(errs...)
 }
+
+// resyncPage is how many SAs one resync commit handles.
+const resyncPage = 16384
 
 // batch is one round of changes, applied in the safe order by commit.
 type batch struct {

@@ -307,3 +307,48 @@ func TestSequenceReservation(t *testing.T) {
 		t.Fatalf("after restart the SA starts at %d, want 2001 (above every reservation)", got)
 	}
 }
+
+// When the SAD's change log overran, Sync rebuilds from a full listing:
+// everything the SAD holds ends up installed and published, and what it
+// dropped meanwhile is unpublished and uninstalled.
+func TestResyncAfterLogOverrun(t *testing.T) {
+	f := newFixture(t, 2, "")
+	d, err := sad.New(sad.Options{Workers: 2, MaxSAs: 1000, LogSize: 4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.d = d
+	f.m, _ = New(Options{SAD: d, Maps: f.maps, Workers: f.w, Events: make(chan worker.BindingChange)})
+	var ids []sa.ID
+	for i := 0; i < 40; i++ { // 40 changes > the log's 4: a resync
+		s := mkSA("", 0x3000+uint32(i), sa.In, "10.99.1.0/24", byte(i))
+		s.InnerPeer = netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 99, 1, byte(i)}), 32)
+		if _, err := d.Add(s); err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, s.ID())
+	}
+	f.sync(t)
+	if f.m.Installed() != 40 {
+		t.Fatalf("installed %d after resync, want 40", f.m.Installed())
+	}
+	for i := 0; i < 30; i++ { // 30 deletes: another overrun
+		if _, err := d.Delete(ids[i]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f.sync(t)
+	if f.m.Installed() != 10 {
+		t.Fatalf("installed %d after the second resync, want 10", f.m.Installed())
+	}
+	for i, id := range ids {
+		_, err := f.maps.SAs.Lookup(id.SPI)
+		if gone := errors.Is(err, maps.ErrNotFound); gone != (i < 30) {
+			t.Fatalf("SPI 0x%x published=%v, want %v", id.SPI, !gone, i >= 30)
+		}
+		e, ok := d.Get(id)
+		if ok && f.w.entry(int(e.Worker), e.Index) == nil {
+			t.Fatalf("SPI 0x%x not in its worker's table", id.SPI)
+		}
+	}
+}

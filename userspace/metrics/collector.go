@@ -40,6 +40,9 @@ var (
 	descPolls = desc("xesp_worker_idle_polls_total",
 		"Times a worker found nothing to do and slept in poll(2).",
 		"worker")
+	descSlowPath = desc("xesp_slowpath_packets_total",
+		"Datagrams the NAT-T socket received from the kernel (what XDP passed up: reassembled fragments, IKE), by outcome.",
+		"result")
 	descXDPPackets = desc("xesp_xdp_packets_total",
 		"Packets the XDP programs gave a verdict, by program and reason.",
 		"program", "reason")
@@ -80,7 +83,7 @@ var (
 var allDescs = []*prometheus.Desc{
 	descPackets, descBytes, descDrops, descBatch, descBindingChanges, descBindingLost, descPolls,
 	descXDPPackets, descXDPBytes, descRing, descFill, descFillEmpty, descRxDropped, descRxFull,
-	descInvalid, descFrames, descSAs, descUptime, descBuild,
+	descInvalid, descFrames, descSAs, descUptime, descBuild, descSlowPath,
 }
 
 // directions are the label values of worker.Stats' two DirStats, in the
@@ -181,6 +184,11 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		}{{"free", a.Free}, {"fill", a.Fill}, {"kernel_rx", a.KernelRX}, {"rx", a.RX}, {"worker", a.Worker},
 			{"tx", a.TX}, {"kernel_tx", a.KernelTX}, {"completion", a.Completion}, {"lost", a.Lost}} {
 			ch <- prometheus.MustNewConstMetric(descFrames, prometheus.GaugeValue, float64(p.n), p.place)
+		}
+	}
+	if c.src.SlowPath != nil {
+		for name, n := range c.src.SlowPath() {
+			ch <- prometheus.MustNewConstMetric(descSlowPath, prometheus.CounterValue, float64(n), name)
 		}
 	}
 	if c.src.SAs != nil {

@@ -477,3 +477,23 @@ func TestServe(t *testing.T) {
 		t.Errorf("serve on a bad address: %v", err)
 	}
 }
+
+// The slow path's outcomes appear under their names.
+func TestSlowPathFigures(t *testing.T) {
+	src := metrics.Sources{SlowPath: func() map[string]uint64 {
+		return map[string]uint64{"esp_injected": 7, "ike_dropped": 2, "no_sa": 0}
+	}}
+	_, mfs := scrape(t, serve(t, src))
+	got := map[string]float64{}
+	for _, mf := range mfs {
+		if mf.GetName() != "xesp_slowpath_packets_total" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			got[m.GetLabel()[0].GetValue()] = m.GetCounter().GetValue()
+		}
+	}
+	if len(got) != 3 || got["esp_injected"] != 7 || got["ike_dropped"] != 2 || got["no_sa"] != 0 {
+		t.Fatalf("slow path series: %v", got)
+	}
+}

@@ -33,6 +33,9 @@ type Sources struct {
 	// SAs counts the SAs by direction and state; it is called once per
 	// scrape and must not block on the data path.
 	SAs func() []SACount
+	// SlowPath reports the NAT-T socket's outcomes by name (reassembled
+	// ESP handed to workers, IKE relayed or dropped, keepalives, ...).
+	SlowPath func() map[string]uint64
 }
 
 // CounterReader is what the collector needs of maps.Counters.
