@@ -428,6 +428,7 @@ func (m *Manager) build(e sad.Entry) (*slot, error) {
 			// phone itself.
 			sl.policy = netip.PrefixFrom(s.Peer, s.Peer.BitLen())
 		}
+		ent.InnerPeer = sl.policy
 	}
 	m.mu.Lock()
 	sb := m.bindings[sl.group]

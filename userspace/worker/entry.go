@@ -24,10 +24,13 @@ type Entry struct {
 	// the UDP source port (RFC 3948); LocalPort 0 means plain ESP.
 	Local     netip.Addr
 	LocalPort uint16
-	// InnerPeer is, for inbound tunnel-mode SAs, the prefix inner source
-	// addresses must fall in (RFC 4301 5.2: the inbound selector check),
-	// so one phone cannot inject packets that claim another's address.
-	// Invalid (zero) disables the check (transport mode).
+	// InnerPeer is the phone's side of the SA's selectors (RFC 4301 5.2):
+	// inbound, the prefix inner source addresses must fall in, so one
+	// phone cannot inject packets that claim another's address; outbound,
+	// the prefix the cleartext destination must fall in, so a frame XDP
+	// steered to a slot just before it was reused for another phone's SA
+	// is dropped, never sealed for that phone. Invalid (zero) disables the
+	// check.
 	InnerPeer netip.Prefix
 	// Binding is shared by the SAs of one pair group on this worker: what
 	// the inbound SA learns, the outbound SA uses.

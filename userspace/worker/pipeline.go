@@ -231,6 +231,10 @@ func (p *pipeline) encapOne(d xsk.Desc) (xsk.Desc, Drop) {
 		e.Counters.Drops.Add(1)
 		return d, Drop(esp.ReasonBadHeader)
 	}
+	if e.InnerPeer.IsValid() && !e.InnerPeer.Contains(dstAddr(frame[l3:l3+n])) {
+		e.Counters.Drops.Add(1)
+		return d, DropPolicy
+	}
 	nh := uint8(esp.NextHeaderIPv4)
 	if frame[l3]>>4 == 6 {
 		nh = esp.NextHeaderIPv6

@@ -15,7 +15,7 @@ type Drop uint8
 const (
 	DropBadMeta       = Drop(esp.NumReasons) + iota // frame without valid xesp metadata
 	DropWrongDir                                    // SA at the index is of the other direction
-	DropPolicy                                      // inner source outside the SA's selector
+	DropPolicy                                      // inner source (in) or destination (out) outside the SA's selector
 	DropNoNeighbor                                  // next-hop MAC not known yet (resolution requested)
 	DropTxFull                                      // the other side's TX ring was full
 	DropNoFrame                                     // no free UMEM frame for a slow-path packet or a fragment
