@@ -3,6 +3,8 @@
 // sec-agree, used by the demo, the tests and the benchmark baselines. It
 // seals inner packets with its outbound SA, opens the gateway's replies
 // with its inbound SA (replay window included), and sends NAT keepalives.
+// Phone is driven by Go code; Tunnel puts a TUN device in front of the same
+// protocol so unmodified programs (ping, SIP clients) send through it.
 //
 // It must not know anything about the gateway's internals: it speaks only
 // the wire protocol, so it proves the gateway against an independent peer.

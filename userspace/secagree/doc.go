@@ -1,0 +1,40 @@
+// Package secagree owns the IMS security agreement of RFC 3329 and
+// 3GPP TS 33.203 clause 7 as a P-CSCF speaks it: parsing and producing the
+// Security-Client, Security-Server and Security-Verify header values,
+// choosing the ipsec-3gpp mechanism from the phone's offer by the
+// P-CSCF's preference, and deriving the four SAs of one registration as
+// sa.Spec values (SA-FORMAT.md), keys expanded from the IMS AKA IK and CK.
+//
+// It must not do I/O, hold state between calls, install SAs or speak SIP
+// transactions: the caller (API, P-CSCF glue) decides when SAs are created
+// and deleted. Key material only appears in the returned Specs.
+//
+// Assumptions, stated because the 3GPP text was not at hand to quote:
+//
+//   - Key expansion (TS 33.203 clause 7.1 / Annex I): hmac-md5-96 uses IK
+//     as is (128 bit); hmac-sha-1-96 uses IK followed by 32 zero bits
+//     (160 bit); aes-cbc uses CK as is (AES-128); des-ede3-cbc uses
+//     CK1||CK2||CK1 where CK = CK1||CK2 (64 bit halves); null takes no key.
+//     ExpandKeys implements all of these; Derive refuses what the ESP engine
+//     cannot run (hmac-md5-96, des-ede3-cbc).
+//   - aes-gcm is left out: how newer releases form the GCM key and salt
+//     from CK/IK could not be confirmed, and guessing a salt would produce
+//     SAs that silently fail to interoperate.
+//   - An absent ealg means null encryption, an absent mod means trans, an
+//     absent prot means esp (TS 33.203 defaults).
+//   - UDP-enc-tun: ESP is UDP-encapsulated (RFC 3948) between the P-CSCF's
+//     protected port of the SA pair (port-s for the pair with the UE's
+//     client port, port-c for the pair with the UE's server port) and the
+//     UE's observed (NAPT) port. The observed port is only the first
+//     binding: the SAD re-learns it from authenticated inbound packets, so
+//     both UE-side pairs start on the one port the caller observed.
+//   - Parameter names and the mechanism name are case-insensitive (RFC
+//     3261 7.3.1); alg and ealg values are compared exactly as registered
+//     (unknown values are kept so an offer with a future algorithm still
+//     parses); mod and prot values are matched case-insensitively and
+//     written in their registered spelling. SPIs in headers are decimal;
+//     leading zeros are accepted (TS 24.229 examples use them).
+//   - sa.Spec has no port selectors, so the protected ports each SA covers
+//     travel next to the Spec in DerivedSA; steering by port is the policy
+//     layer's job.
+package secagree
