@@ -2,7 +2,13 @@ package lab
 
 import (
 	"context"
+	"encoding/binary"
 	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -186,5 +192,125 @@ func TestNATRemapping(t *testing.T) {
 	if _, moved := l.InCounters(l.Phones[1].SPIIn); moved.Port() < 40000 || moved.Port() > 40999 {
 		t.Fatalf("second phone's binding %s after it sent", moved)
 	}
-	_ = time.Second
+}
+
+// Spoofing: packets carrying a phone's valid SPI but a bad ICV, from
+// another address and from another port of the NAPT's address, are
+// dropped by the gateway as integrity failures and do not move the
+// phone's binding; the phone keeps working.
+func TestSpoofedPacketDoesNotMoveBinding(t *testing.T) {
+	l := startLab(t, Options{Phones: 1})
+	p := l.Phones[0]
+	register(t, l, p, "spoof")
+	inBefore, binding := l.InCounters(p.SPIIn)
+	dp, err := l.Gateway.DataPath()
+	if err != nil {
+		t.Fatal(err)
+	}
+	integ := func() uint64 { return dp.Stats().In.Drops["integ_error"] }
+	before := integ()
+	l.NAPT.MustRun("ip", "addr", "add", "198.51.100.66/32", "dev", "wan")
+	// SPI, a sequence number well ahead (it would pass the replay
+	// check), an IV, ciphertext and an ICV that is not the tag.
+	forged := make([]byte, 8+8+32+16)
+	binary.BigEndian.PutUint32(forged[0:], p.SPIIn)
+	binary.BigEndian.PutUint32(forged[4:], 1000)
+	for i := 8; i < len(forged); i++ {
+		forged[i] = byte(i * 7)
+	}
+	gw := netip.AddrPortFrom(GatewayPublic, 4500)
+	for _, from := range []string{"198.51.100.66:4500", "198.51.100.2:5555"} {
+		var c *net.UDPConn
+		if err := l.NAPT.Do(func() (err error) {
+			c, err = net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.MustParseAddrPort(from)))
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		for range 3 {
+			if _, err := c.WriteToUDPAddrPort(forged, gw); err != nil {
+				t.Fatal(err)
+			}
+		}
+		c.Close()
+	}
+	for end := time.Now().Add(5 * time.Second); integ() < before+6; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(end) {
+			t.Fatalf("integrity drops %d, want %d more than %d", integ(), 6, before)
+		}
+	}
+	if in, now := l.InCounters(p.SPIIn); now != binding || in != inBefore {
+		t.Fatalf("binding %s -> %s, packets in %d -> %d after forged packets", binding, now, inBefore, in)
+	}
+	register(t, l, p, "after-spoof")
+	if _, now := l.InCounters(p.SPIIn); now != binding {
+		t.Fatalf("binding moved to %s", now)
+	}
+}
+
+// The capture check: tcpdump on the NAPT's public side records the ESP in
+// UDP 4500; Wireshark's tshark, given the SA keys (esp_sa table) and
+// nothing from xesp, decrypts it to the SIP messages the phone and
+// kamailio exchanged.
+func TestCaptureDecryptsWithTshark(t *testing.T) {
+	if _, err := exec.LookPath("tshark"); err != nil {
+		t.Fatal("tshark missing (Debian package tshark; make deps installs it)")
+	}
+	l := startLab(t, Options{Phones: 2})
+	pcap := filepath.Join(t.TempDir(), "public.pcap")
+	stop, err := l.Capture("wan", pcap)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range l.Phones {
+		register(t, l, p, "capture")
+	}
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+	var stderr strings.Builder
+	cmd := exec.Command("tshark", l.TsharkArgs(pcap, "-Y", "sip", "-T", "fields", "-E", "separator=|", "-E", "occurrence=f",
+		"-e", "ip.src", "-e", "udp.srcport", "-e", "esp.spi", "-e", "sip.Request-Line", "-e", "sip.Status-Line", "-e", "sip.Call-ID",
+		"-e", "frame.protocols")...)
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("tshark: %v\n%s", err, stderr.String())
+	}
+	text := string(out)
+	// Without the keys the same capture holds no SIP at all.
+	if blind, err := exec.Command("tshark", "-r", pcap, "-n", "-Y", "sip").Output(); err != nil || len(blind) != 0 {
+		t.Fatalf("tshark without keys: %v %q", err, blind)
+	}
+	if d := os.Getenv("XESP_LAB_KEEP_PCAP"); d != "" {
+		b, _ := os.ReadFile(pcap)
+		os.WriteFile(filepath.Join(d, "public.pcap"), b, 0o600)
+		os.WriteFile(filepath.Join(d, "tshark-args"), []byte(strings.Join(l.TsharkArgs(pcap), "\n")), 0o600)
+	}
+	for _, p := range l.Phones {
+		for _, m := range []string{"register", "options"} {
+			id := fmt.Sprintf("capture-ue%d-%s@xesp", p.N, m)
+			req := fmt.Sprintf("%s sip:ims.example SIP/2.0", strings.ToUpper(m))
+			var sawReq, sawResp bool
+			for _, line := range strings.Split(text, "\n") {
+				// outer source | outer port | SPI | request line | status line | Call-ID | layers
+				f := strings.Split(line, "|")
+				if len(f) != 7 || f[5] != id {
+					continue
+				}
+				if !strings.HasSuffix(f[6], ":udp:udpencap:esp:ip:udp:sip") {
+					t.Fatalf("not decoded as SIP in ESP in UDP encapsulation: %s", line)
+				}
+				if f[0] == NAPTWAN.String() && f[2] == fmt.Sprintf("0x%08x", p.SPIIn) && f[3] == req {
+					sawReq = true
+				}
+				if f[0] == GatewayPublic.String() && f[2] == fmt.Sprintf("0x%08x", p.SPIOut) && f[4] == "SIP/2.0 200 OK" {
+					sawResp = true
+				}
+			}
+			if !sawReq || !sawResp {
+				t.Fatalf("ue%d %s: request seen %v, 200 OK seen %v in tshark's decryption:\n%s", p.N, m, sawReq, sawResp, text)
+			}
+		}
+	}
 }
