@@ -31,9 +31,9 @@ deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-# The main job on the built-in topology: 3 phones behind an nftables NAPT,
-# the gateway (XDP + AF_XDP) and a SIP responder, in namespaces it removes
-# on exit. Needs root.
+# The main job on the built-in topology: 3 phones (xesp's phone on a TUN,
+# sipsak as SIP client) behind an nftables NAPT, the gateway (XDP + AF_XDP)
+# and kamailio as SIP core, in namespaces it removes on exit. Needs root.
 demo: deps build
 	./bin/xesp demo $(DEMO_ARGS)
 

@@ -27,6 +27,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/xesp/xesp/examples/kamailio"
 	"github.com/xesp/xesp/internal/netns"
 	"github.com/xesp/xesp/userspace/config"
 	"github.com/xesp/xesp/userspace/esp"
@@ -63,8 +64,8 @@ type Options struct {
 	Phones, Bulk int
 	// Keepalive for the TUN phones (0: ue.DefaultKeepalive).
 	Keepalive time.Duration
-	// KamailioConfig is the core's config file (default: found by
-	// FindKamailioConfig).
+	// KamailioConfig is the core's config file (default:
+	// examples/kamailio/kamailio.cfg, built into the binary).
 	KamailioConfig string
 	Log            *slog.Logger
 }
@@ -123,34 +124,6 @@ func CheckTools() error {
 	return nil
 }
 
-// FindKamailioConfig looks for examples/kamailio/kamailio.cfg in the
-// working directory and its parents (tests run in their package
-// directory, the demo from the repository root), then next to the
-// executable.
-func FindKamailioConfig() (string, error) {
-	const rel = "examples/kamailio/kamailio.cfg"
-	var starts []string
-	if wd, err := os.Getwd(); err == nil {
-		starts = append(starts, wd)
-	}
-	if exe, err := os.Executable(); err == nil {
-		starts = append(starts, filepath.Dir(exe))
-	}
-	for _, d := range starts {
-		for {
-			if _, err := os.Stat(filepath.Join(d, rel)); err == nil {
-				return filepath.Join(d, rel), nil
-			}
-			up := filepath.Dir(d)
-			if up == d {
-				break
-			}
-			d = up
-		}
-	}
-	return "", fmt.Errorf("kamailio config %s not found from the working directory or the executable's", rel)
-}
-
 // Start builds the topology, starts kamailio, the gateway and the phones.
 // On error everything made so far is removed.
 func Start(ctx context.Context, o Options) (l *Lab, err error) {
@@ -162,11 +135,6 @@ func Start(ctx context.Context, o Options) (l *Lab, err error) {
 	}
 	if err := CheckTools(); err != nil {
 		return nil, fmt.Errorf("lab: %w", err)
-	}
-	if o.KamailioConfig == "" {
-		if o.KamailioConfig, err = FindKamailioConfig(); err != nil {
-			return nil, fmt.Errorf("lab: %w", err)
-		}
 	}
 	l = &Lab{opts: o}
 	defer func() {
@@ -356,8 +324,15 @@ func (l *Lab) startKamailio() error {
 	if err := os.MkdirAll(run, 0o700); err != nil {
 		return err
 	}
+	cfg := l.opts.KamailioConfig
+	if cfg == "" {
+		cfg = filepath.Join(run, "kamailio.cfg")
+		if err := os.WriteFile(cfg, []byte(kamailio.Config), 0o600); err != nil {
+			return err
+		}
+	}
 	l.kamailioLog = &syncBuffer{}
-	l.kamailio = l.Core.Command("kamailio", "-f", l.opts.KamailioConfig, "-DD", "-E",
+	l.kamailio = l.Core.Command("kamailio", "-f", cfg, "-DD", "-E",
 		"-l", fmt.Sprintf("udp:%s:%d", Core, SIPPort), "-m", "32", "-M", "4",
 		"-Y", run, "-P", filepath.Join(run, "kamailio.pid"), "-w", run)
 	l.kamailio.Stdout, l.kamailio.Stderr = l.kamailioLog, l.kamailioLog
