@@ -9,6 +9,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -154,11 +156,11 @@ func TestManyPhonesRegister(t *testing.T) {
 }
 
 // NAT re-mapping: after registering, the NAPT forgets its mappings and
-// takes ports from a new range. The phone's next request leaves from a
-// new port; the gateway authenticates it, moves the binding, and the 200
-// reaches the phone at the new port.
+// takes ports from a new range. Keepalives from the new port leave the
+// binding alone; the phone's next request (the next authenticated packet)
+// moves it, and the 200 reaches the phone at the new port.
 func TestNATRemapping(t *testing.T) {
-	l := startLab(t, Options{Phones: 2})
+	l := startLab(t, Options{Phones: 2, Keepalive: 100 * time.Millisecond})
 	for _, p := range l.Phones {
 		register(t, l, p, "before")
 	}
@@ -171,6 +173,31 @@ func TestNATRemapping(t *testing.T) {
 		t.Fatal(err)
 	}
 	p := l.Phones[0]
+	// Keepalives now leave from the new port; they are not authenticated
+	// and must not move the binding.
+	ka := p.Tunnel.Counters().KeepalivesSent
+	for end := time.Now().Add(5 * time.Second); p.Tunnel.Counters().KeepalivesSent < ka+3; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(end) {
+			t.Fatal("no keepalives after the re-mapping")
+		}
+	}
+	// The NAPT did map them to the new range.
+	ct, err := l.NAPT.Run("conntrack", "-L", "-p", "udp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	remapped := false
+	for _, m := range regexp.MustCompile(`src=198\.51\.100\.1 dst=198\.51\.100\.2 sport=4500 dport=(\d+)`).FindAllStringSubmatch(string(ct), -1) {
+		if port, _ := strconv.Atoi(m[1]); port >= 40000 && port <= 40999 {
+			remapped = true
+		}
+	}
+	if !remapped {
+		t.Fatalf("no NAPT mapping in the new range:\n%s", ct)
+	}
+	if _, now := l.InCounters(p.SPIIn); now != before {
+		t.Fatalf("keepalives moved the binding from %s to %s", before, now)
+	}
 	r, err := l.Sipsak(context.Background(), p, "OPTIONS", "after-remap@xesp", 3)
 	if err != nil || !r.OK() || r.CallID != "after-remap@xesp" {
 		t.Fatalf("OPTIONS after the re-mapping: %v %q\n%s", err, r.Status, r.Raw)
@@ -313,4 +340,50 @@ func TestCaptureDecryptsWithTshark(t *testing.T) {
 			}
 		}
 	}
+}
+
+// A hundred TUN phones, each in its own namespace with sipsak as its SIP
+// client (the tunnels share this test process), register through the one
+// NAPT; every phone gets its own 200 and its own binding. -short runs 12.
+func TestHundredSipsakPhones(t *testing.T) {
+	n := 100
+	if testing.Short() {
+		n = 12
+	}
+	start := time.Now()
+	l := startLab(t, Options{Phones: n})
+	built := time.Since(start)
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, 16)
+	for _, p := range l.Phones {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			sem <- struct{}{}
+			defer func() { <-sem }()
+			callID := fmt.Sprintf("hundred-ue%d@xesp", p.N)
+			r, err := l.Sipsak(context.Background(), p, "REGISTER", callID, 1)
+			if err != nil || !r.OK() || r.CallID != callID {
+				t.Errorf("ue%d: %v %q Call-ID %q", p.N, err, r.Status, r.CallID)
+			}
+		}()
+	}
+	wg.Wait()
+	if t.Failed() {
+		return
+	}
+	ports := map[uint16]bool{}
+	for _, p := range l.Phones {
+		in, binding := l.InCounters(p.SPIIn)
+		out := l.OutPackets(p.SPIOut)
+		c := p.Tunnel.Counters()
+		if binding.Addr() != NAPTWAN || in < 1 || c.Received != out || len(c.DropList()) != 0 {
+			t.Fatalf("ue%d: binding %s, gw in %d out %d, phone %+v", p.N, binding, in, out, c)
+		}
+		ports[binding.Port()] = true
+	}
+	if len(ports) != n {
+		t.Fatalf("%d phones, %d distinct NAPT ports", n, len(ports))
+	}
+	t.Logf("%d TUN phones with sipsak registered; topology built in %v, exchange in %v", n, built.Round(time.Millisecond), (time.Since(start) - built).Round(time.Millisecond))
 }
