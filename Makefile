@@ -29,6 +29,10 @@ deps:
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+		case " $$missing " in *" kamailio "*) \
+			echo "disabling the kamailio system service the package enabled (the demo and tests run their own in a namespace)"; \
+			systemctl disable --now kamailio >/dev/null 2>&1 || true;; \
+		esac; \
 	fi
 
 # The main job on the built-in topology: 3 phones (xesp's phone on a TUN,
