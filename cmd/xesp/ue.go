@@ -145,16 +145,17 @@ func ueConfig(o ueOptions) (ue.TunnelConfig, error) {
 	if out.Encap == nil {
 		return cfg, fmt.Errorf("%s: %s has no encap: the emulated phone speaks UDP-encapsulated ESP only", o.saFile, out.Label())
 	}
-	// Addresses and ports from the phone's side.
-	phoneAddr, gwAddr := out.Local, out.Peer
+	// Addresses and ports from the phone's side. The phone's own outer
+	// address is not used: behind a NAPT it is not what the gateway
+	// sees, so the socket binds the wildcard unless -local says otherwise.
+	gwAddr := out.Peer
 	phonePort, gwPort := out.Encap.LocalPort, out.Encap.PeerPort
 	phoneSel, gwSel := out.InnerLocal, out.InnerPeer
 	if o.view == "gateway" {
-		phoneAddr, gwAddr = out.Peer, out.Local
+		gwAddr = out.Local
 		phonePort, gwPort = out.Encap.PeerPort, out.Encap.LocalPort
 		phoneSel, gwSel = out.InnerPeer, out.InnerLocal
 	}
-	_ = phoneAddr // the NAPT rewrites it; the phone binds the wildcard by default
 	cfg.Local = netip.AddrPortFrom(netip.IPv4Unspecified(), phonePort)
 	if gwAddr.Is6() {
 		cfg.Local = netip.AddrPortFrom(netip.IPv6Unspecified(), phonePort)

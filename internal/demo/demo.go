@@ -40,6 +40,9 @@ type Options struct {
 	Version string
 	Out     io.Writer
 	Log     *slog.Logger
+	// Prefix names the namespaces; "" means Prefix. Tests use a unique
+	// one so they never meet a demo someone else runs on the machine.
+	Prefix string
 }
 
 // Prefix names the demo's namespaces.
@@ -68,9 +71,12 @@ func Run(ctx context.Context, o Options) (err error) {
 	if err := lab.CheckTools(); err != nil {
 		return fmt.Errorf("demo: %w", err)
 	}
-	cleanupStale(o.Phones)
+	if o.Prefix == "" {
+		o.Prefix = Prefix
+		cleanupStale(o.Phones)
+	}
 	fmt.Fprintf(w, "building the demo topology: %d phones ─ NAPT ─ xesp gateway ─ SIP core (kamailio)\n", o.Phones)
-	l, err := lab.Start(ctx, lab.Options{Prefix: Prefix, Phones: o.Phones, Log: o.Log})
+	l, err := lab.Start(ctx, lab.Options{Prefix: o.Prefix, Phones: o.Phones, Log: o.Log})
 	if err != nil {
 		return err
 	}
@@ -78,7 +84,7 @@ func Run(ctx context.Context, o Options) (err error) {
 		if cerr := l.Close(); cerr != nil && err == nil {
 			err = cerr
 		}
-		fmt.Fprintln(w, "\ntopology removed (namespaces xesp-*, kamailio stopped)")
+		fmt.Fprintf(w, "\ntopology removed (namespaces %s*, kamailio stopped)\n", o.Prefix)
 	}()
 	g := l.Gateway
 	fmt.Fprintf(w, "gateway up: XDP %s on pub and %s on priv, AF_XDP %s mode, %d workers, %d SAs\n",

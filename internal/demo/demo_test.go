@@ -21,7 +21,8 @@ import (
 func TestDemo(t *testing.T) {
 	netns.RequireRoot(t)
 	var out bytes.Buffer
-	if err := Run(context.Background(), Options{Phones: 4, Out: &out}); err != nil {
+	prefix := netns.UniqueName("demo") + "-"
+	if err := Run(context.Background(), Options{Phones: 4, Out: &out, Prefix: prefix}); err != nil {
 		t.Fatalf("demo: %v\n%s", err, out.String())
 	}
 	text := out.String()
@@ -52,12 +53,12 @@ func TestDemo(t *testing.T) {
 			t.Fatalf("missing %q:\n%s", want, text)
 		}
 	}
-	noneLeft(t)
+	noneLeft(t, prefix)
 }
 
-func noneLeft(t *testing.T) {
+func noneLeft(t *testing.T, prefix string) {
 	t.Helper()
-	if out, _ := exec.Command("ip", "netns", "list").Output(); bytes.Contains(out, []byte(Prefix)) {
+	if out, _ := exec.Command("ip", "netns", "list").Output(); bytes.Contains(out, []byte(prefix)) {
 		t.Fatalf("demo left namespaces behind:\n%s", out)
 	}
 }
@@ -101,7 +102,8 @@ func TestDemoInterrupted(t *testing.T) {
 		cancel()
 	}()
 	done := make(chan error, 1)
-	go func() { done <- Run(ctx, Options{Phones: 3, Hold: 10 * time.Minute, Out: w}) }()
+	prefix := netns.UniqueName("demo") + "-"
+	go func() { done <- Run(ctx, Options{Phones: 3, Hold: 10 * time.Minute, Out: w, Prefix: prefix}) }()
 	select {
 	case err := <-done:
 		text := w.String()
@@ -116,5 +118,5 @@ func TestDemoInterrupted(t *testing.T) {
 	case <-time.After(2 * time.Minute):
 		t.Fatalf("demo did not stop after the interrupt:\n%s", w.String())
 	}
-	noneLeft(t)
+	noneLeft(t, prefix)
 }
