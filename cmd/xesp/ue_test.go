@@ -2,17 +2,20 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/hex"
 	"fmt"
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/xesp/xesp/internal/lab"
 	"github.com/xesp/xesp/internal/netns"
 	"github.com/xesp/xesp/internal/pkt"
 	"github.com/xesp/xesp/userspace/esp"
@@ -253,4 +256,56 @@ func mustMode(t *testing.T, spi uint32, key string, window int, mode esp.Mode) *
 		t.Fatal(err)
 	}
 	return tr
+}
+
+// xesp ue as the phone in the real topology: the process reads the
+// gateway's SA file, makes the TUN, and sipsak in its namespace registers
+// with kamailio through the NAPT and the xesp gateway.
+func TestUECommandThroughGatewayToKamailio(t *testing.T) {
+	netns.RequireRoot(t)
+	l, err := lab.Start(context.Background(), lab.Options{Prefix: netns.UniqueName("uek") + "-", Phones: 2, NoTunnels: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	var procs []*exec.Cmd
+	var outs []*bytes.Buffer
+	for _, p := range l.Phones {
+		file := writeFile(t, fmt.Sprintf("ue%d.yaml", p.N), p.SAYAML())
+		cmd := xespCmd(p.NS, "ue", "-sa", file, "-view", "gateway", "-tun", "ims0")
+		out := &bytes.Buffer{}
+		cmd.Stdout, cmd.Stderr = out, out
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		defer cmd.Process.Kill()
+		procs, outs = append(procs, cmd), append(outs, out)
+		for end := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+			if r, err := p.NS.Run("ip", "route", "get", "10.0.0.1"); err == nil && strings.Contains(string(r), "dev ims0") {
+				break
+			}
+			if time.Now().After(end) {
+				t.Fatalf("xesp ue in %s did not come up:\n%s", p.NS.Name, out.String())
+			}
+		}
+	}
+	for _, p := range l.Phones {
+		for i, m := range []string{"REGISTER", "OPTIONS"} {
+			id := fmt.Sprintf("uecmd-ue%d-%d@xesp", p.N, i)
+			r, err := l.Sipsak(context.Background(), p, m, id, i+1)
+			if err != nil || !r.OK() || r.CallID != id {
+				t.Fatalf("ue%d %s: %v %q Call-ID %q\n%s", p.N, m, err, r.Status, r.CallID, r.Raw)
+			}
+		}
+	}
+	for i, cmd := range procs {
+		cmd.Process.Signal(syscall.SIGINT)
+		if err := cmd.Wait(); err != nil {
+			t.Fatalf("xesp ue: %v\n%s", err, outs[i].String())
+		}
+		// Two requests and two answers each, nothing dropped.
+		if text := outs[i].String(); !strings.Contains(text, "ESP sent 2, ESP received 2, to TUN 2") || strings.Contains(text, "dropped") {
+			t.Fatalf("ue%d counters:\n%s", i+1, text)
+		}
+	}
 }

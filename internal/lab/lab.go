@@ -64,6 +64,10 @@ type Options struct {
 	Phones, Bulk int
 	// Keepalive for the TUN phones (0: ue.DefaultKeepalive).
 	Keepalive time.Duration
+	// NoTunnels leaves the TUN phones' namespaces without a tunnel, for a
+	// phone run by other means (the xesp ue command): Phone.SAYAML gives
+	// it the SAs.
+	NoTunnels bool
 	// KamailioConfig is the core's config file (default:
 	// examples/kamailio/kamailio.cfg, built into the binary).
 	KamailioConfig string
@@ -80,8 +84,13 @@ type Phone struct {
 	SPIOut uint32     // the gateway's outbound SA: the phone opens with it
 	KeyIn  string     // hex key||salt of SPIIn
 	KeyOut string
-	Tunnel *ue.Tunnel
+	Tunnel *ue.Tunnel // nil with Options.NoTunnels
+	saYAML string
 }
+
+// SAYAML is the phone's SA pair as the gateway has it (an SA file, the
+// gateway's view: `xesp ue -view gateway` reads it).
+func (p *Phone) SAYAML() string { return p.saYAML }
 
 // BulkPhone is a Go-driven phone in the shared bulk namespace.
 type BulkPhone struct {
@@ -213,10 +222,15 @@ func Start(ctx context.Context, o Options) (l *Lab, err error) {
 			Inner: netip.AddrFrom4([4]byte{10, 99, 0, byte(n)}), SPIIn: 0x1000 + uint32(n), SPIOut: 0x2000 + uint32(n),
 			KeyIn: randHex(20), KeyOut: randHex(20)}
 		l.Phones = append(l.Phones, p)
+		sasBefore := sas.Len()
 		if err := l.plug(ns, fmt.Sprintf("ue%d", n), p.LAN); err != nil {
 			return l, err
 		}
 		addSAs(fmt.Sprintf("ue%d", n), p.Inner, p.SPIIn, p.SPIOut, p.KeyIn, p.KeyOut)
+		p.saYAML = "sas:" + sas.String()[sasBefore:] + "\n"
+		if o.NoTunnels {
+			continue
+		}
 		out, in, err := phoneSAs(p.SPIIn, p.KeyIn, p.SPIOut, p.KeyOut)
 		if err != nil {
 			return l, err
