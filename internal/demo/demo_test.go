@@ -3,6 +3,8 @@ package demo
 import (
 	"bytes"
 	"context"
+	"io"
+	"net/http"
 	"os/exec"
 	"regexp"
 	"strconv"
@@ -89,21 +91,34 @@ func (w *signalWriter) String() string {
 	return w.b.String()
 }
 
-// Ctrl-C while the phones keep sending: the demo stops, prints its table
-// and removes everything.
+// Ctrl-C while the phones keep sending: /metrics is up until then, the
+// demo stops, prints its table and removes everything.
 func TestDemoInterrupted(t *testing.T) {
 	netns.RequireRoot(t)
 	w := &signalWriter{s: "each phone runs sipsak", hit: make(chan struct{})}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
+	metricsText := make(chan string, 1)
 	go func() {
 		<-w.hit
 		time.Sleep(3 * time.Second)
+		// /metrics is served while the demo runs.
+		body := ""
+		if m := regexp.MustCompile(`metrics: (http://\S+/metrics)`).FindStringSubmatch(w.String()); m != nil {
+			if resp, err := http.Get(m[1]); err == nil {
+				b, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				body = string(b)
+			}
+		}
+		metricsText <- body
 		cancel()
 	}()
 	done := make(chan error, 1)
 	prefix := netns.UniqueName("demo") + "-"
-	go func() { done <- Run(ctx, Options{Phones: 3, Hold: 10 * time.Minute, Out: w, Prefix: prefix}) }()
+	go func() {
+		done <- Run(ctx, Options{Phones: 3, Hold: 10 * time.Minute, Out: w, Prefix: prefix, Metrics: "127.0.0.1:0"})
+	}()
 	select {
 	case err := <-done:
 		text := w.String()
@@ -117,6 +132,10 @@ func TestDemoInterrupted(t *testing.T) {
 		}
 	case <-time.After(2 * time.Minute):
 		t.Fatalf("demo did not stop after the interrupt:\n%s", w.String())
+	}
+	// /metrics answered with the gateway's counters while the demo ran.
+	if m := <-metricsText; !strings.Contains(m, "xesp_binding_changes_total") {
+		t.Fatalf("/metrics while the demo ran:\n%.2000s", m)
 	}
 	noneLeft(t, prefix)
 }
