@@ -49,7 +49,7 @@ const SIPPort = 5060
 
 // Tools are the programs the lab runs, with the Debian package of each.
 var Tools = [][2]string{
-	{"ip", "iproute2"}, {"nft", "nftables"}, {"ethtool", "ethtool"}, {"conntrack", "conntrack"},
+	{"ip", "iproute2"}, {"nft", "nftables"}, {"ethtool", "ethtool"}, {"sysctl", "procps"}, {"conntrack", "conntrack"},
 	{"kamailio", "kamailio"}, {"sipsak", "sipsak"},
 }
 
