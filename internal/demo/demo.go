@@ -64,8 +64,8 @@ func Run(ctx context.Context, o Options) (err error) {
 	if o.Phones <= 0 {
 		o.Phones = 3
 	}
-	if o.Phones > 250 {
-		return fmt.Errorf("demo: at most 250 phones")
+	if o.Phones > 200 {
+		return fmt.Errorf("demo: at most 200 phones")
 	}
 	w := o.Out
 	if err := lab.CheckTools(); err != nil {

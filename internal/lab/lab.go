@@ -139,8 +139,8 @@ func Start(ctx context.Context, o Options) (l *Lab, err error) {
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
-	if o.Phones > 250 || o.Bulk > 250*200 {
-		return nil, fmt.Errorf("lab: at most 250 TUN phones and 50000 bulk phones")
+	if o.Phones > 200 || o.Bulk > 250*200 {
+		return nil, fmt.Errorf("lab: at most 200 TUN phones and 50000 bulk phones")
 	}
 	if err := CheckTools(); err != nil {
 		return nil, fmt.Errorf("lab: %w", err)
