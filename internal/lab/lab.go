@@ -139,8 +139,8 @@ func Start(ctx context.Context, o Options) (l *Lab, err error) {
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
-	if o.Phones > 200 || o.Bulk > 250*200 {
-		return nil, fmt.Errorf("lab: at most 200 TUN phones and 50000 bulk phones")
+	if o.Phones > 200 || o.Bulk > 40000 {
+		return nil, fmt.Errorf("lab: at most 200 TUN phones and 40000 bulk phones (one UDP port each from 20000)")
 	}
 	if err := CheckTools(); err != nil {
 		return nil, fmt.Errorf("lab: %w", err)
