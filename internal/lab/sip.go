@@ -43,9 +43,11 @@ func Request(method string, user string, inner netip.Addr, callID string, cseq i
 }
 
 // Sipsak sends one request from phone p with sipsak, run in the phone's
-// namespace and bound to its inner address, so the request leaves through
-// the phone's TUN. sipsak retransmits on its own (RFC 3261 timer A) and
-// exits 0 only on a 200. The reply is parsed from sipsak's -vvv output.
+// namespace and bound to its inner address and port 5060 (-k, -l, -S: one
+// socket for sending and receiving, as a phone's SIP stack), so the
+// request leaves through the phone's TUN. sipsak adds its own Via with
+// rport, retransmits on its own (RFC 3261 timer A) and exits 0 only on a
+// 200. The reply is parsed from sipsak's -vvv output.
 func (l *Lab) Sipsak(ctx context.Context, p *Phone, method, callID string, cseq int) (Reply, error) {
 	user := fmt.Sprintf("ue%d", p.N)
 	file := filepath.Join(l.dir, fmt.Sprintf("%s-%s-%d.sip", user, method, cseq))
