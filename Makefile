@@ -3,7 +3,8 @@ GO        ?= go
 PKGS      ?= ./...
 # Debian packages the build, the tests and the demo use. `make deps` installs
 # whichever are missing, so a fresh Debian machine needs only Go and make.
-APT_PKGS  := clang llvm libbpf-dev linux-libc-dev bpftool iproute2 ethtool nftables tcpdump
+APT_PKGS  := clang llvm libbpf-dev linux-libc-dev bpftool iproute2 ethtool nftables tcpdump \
+             procps conntrack kamailio sipsak tshark
 # Fuzz targets run for this long each in `make fuzz` (CI keeps it short).
 FUZZTIME  ?= 20s
 
@@ -28,11 +29,15 @@ deps:
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+		case " $$missing " in *" kamailio "*) \
+			echo "disabling the kamailio system service the package enabled (the demo and tests run their own in a namespace)"; \
+			systemctl disable --now kamailio >/dev/null 2>&1 || true;; \
+		esac; \
 	fi
 
-# The main job on the built-in topology: 3 phones behind an nftables NAPT,
-# the gateway (XDP + AF_XDP) and a SIP responder, in namespaces it removes
-# on exit. Needs root.
+# The main job on the built-in topology: 3 phones (xesp's phone on a TUN,
+# sipsak as SIP client) behind an nftables NAPT, the gateway (XDP + AF_XDP)
+# and kamailio as SIP core, in namespaces it removes on exit. Needs root.
 demo: deps build
 	./bin/xesp demo $(DEMO_ARGS)
 

@@ -12,13 +12,13 @@ import (
 )
 
 func init() {
-	register(command{name: "demo", summary: "run the built-in demo: phones behind a NAPT through the gateway (root)", run: runDemo})
+	register(command{name: "demo", summary: "run the built-in demo: phones (sipsak on TUNs) behind a NAPT, through the gateway, to kamailio (root)", run: runDemo})
 }
 
 func runDemo(args []string) error {
 	fs := flag.NewFlagSet("demo", flag.ContinueOnError)
 	phones := fs.Int("phones", 3, "phones behind the NAPT")
-	hold := fs.Duration("hold", 0, "keep the topology up this long after the exchange (phones send OPTIONS every 2 s)")
+	hold := fs.Duration("hold", 0, "keep the topology up this long after the exchange (phones send OPTIONS with sipsak every 2 s; Ctrl-C stops)")
 	metricsAddr := fs.String("metrics", "127.0.0.1:9109", "serve /metrics here while the demo runs (\"\" for none)")
 	if err := fs.Parse(args); err != nil {
 		return errors.Join(errUsage, err)

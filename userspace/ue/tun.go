@@ -77,6 +77,10 @@ func (t *TUN) Configure(inner netip.Addr, mtu int, routes []netip.Prefix) error 
 		// Without nodad the address stays tentative for a while and
 		// binding to it fails.
 		steps[0] = append(steps[0], "nodad")
+	} else {
+		// No IPv6 link-local address: otherwise the kernel sends router
+		// solicitations and MLD reports into the tunnel on its own.
+		steps = append([][]string{{"link", "set", "dev", t.name, "addrgenmode", "none"}}, steps...)
 	}
 	for _, r := range routes {
 		if r.Addr().Is4() != inner.Is4() {
