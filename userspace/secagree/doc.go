@@ -16,18 +16,30 @@
 //     (160 bit); aes-cbc uses CK as is (AES-128); des-ede3-cbc uses
 //     CK1||CK2||CK1 where CK = CK1||CK2 (64 bit halves); null takes no key.
 //     ExpandKeys implements all of these; Derive refuses what the ESP engine
-//     cannot run (hmac-md5-96, des-ede3-cbc).
+//     cannot run (hmac-md5-96, des-ede3-cbc) with an error naming alg or
+//     ealg.
+//   - Choice (Choose): the P-CSCF's Policy lists rank first (mod, then
+//     ealg, then alg), the phone's q breaks ties (absent q ranks as 1, the
+//     SIP qvalue default), then the order of the offer.
 //   - aes-gcm is left out: how newer releases form the GCM key and salt
 //     from CK/IK could not be confirmed, and guessing a salt would produce
 //     SAs that silently fail to interoperate.
 //   - An absent ealg means null encryption, an absent mod means trans, an
 //     absent prot means esp (TS 33.203 defaults).
-//   - UDP-enc-tun: ESP is UDP-encapsulated (RFC 3948) between the P-CSCF's
-//     protected port of the SA pair (port-s for the pair with the UE's
-//     client port, port-c for the pair with the UE's server port) and the
-//     UE's observed (NAPT) port. The observed port is only the first
-//     binding: the SAD re-learns it from authenticated inbound packets, so
-//     both UE-side pairs start on the one port the caller observed.
+//   - UDP-enc-tun: ESP is UDP-encapsulated (RFC 3948) between the
+//     gateway's one NAT-T port (the data path terminates encapsulated ESP
+//     on that port only, natt_port in the config) and the UE's observed
+//     (NAPT) port; port-c/port-s are the inner, protected SIP ports. The
+//     observed port is only the first binding: the four SAs share one pair
+//     label, so the binding the SAD re-learns from the first authenticated
+//     inbound packet (the UE's ESP socket usually has another NAPT mapping
+//     than its unprotected SIP socket) carries all of them.
+//   - Steering: the data path picks an outbound SA by inner destination
+//     address only, so of the two outbound SAs to one phone the newest
+//     carries everything; Derive orders the SAs so that is the one to the
+//     UE's client port (responses to the phone's requests). Requests from
+//     the P-CSCF's client port to the UE's server port therefore leave on
+//     that SA too until the policy layer gains port selectors.
 //   - Parameter names and the mechanism name are case-insensitive (RFC
 //     3261 7.3.1); alg and ealg values are compared exactly as registered
 //     (unknown values are kept so an offer with a future algorithm still
