@@ -27,8 +27,9 @@ const secAgreeHelp = `usage:
                        [--ue-inner ADDR --pcscf ADDR] [--spi-c N --spi-s N] [--json]
       derive and install the four SAs of TS 33.203 from the phone's Security-Client
       and print the Security-Server value to send in the 401
-  xesp secagree delete NAME [--json]
-      remove every SA of the registration at once (after its last message was sent)
+  xesp secagree delete NAME [--grace DURATION] [--json]
+      remove every SA of the registration (after its last message was sent): inbound
+      at once, outbound after the grace (server default 200ms)
 
 --ck/--ik take the keys as hex on the command line (visible to other users
 in the process list: prefer --ck-file/--ik-file). API flags as for 'xesp sa'
@@ -52,6 +53,7 @@ func runSecAgree(args []string, stdout, stderr io.Writer) error {
 	var req api.SecAgreeRequest
 	var ckFile, ikFile string
 	var portC, portS, spiC, spiS uint
+	grace := fs.String("grace", "", "delete: keep the outbound SAs this long after the inbound ones (default: the server's, 200ms)")
 	if sub == "create" {
 		fs.StringVar(&req.Registration, "registration", "", "registration name (names the SAs NAME.in-s ...)")
 		fs.StringVar(&req.SecurityClient, "security-client", "", "the phone's Security-Client header value")
@@ -122,7 +124,13 @@ func runSecAgree(args []string, stdout, stderr io.Writer) error {
 			return err
 		}
 		defer c.Close()
-		resp, err := c.DeleteRegistration(ctx, pos[0])
+		g := time.Duration(-1)
+		if *grace != "" {
+			if g, err = time.ParseDuration(*grace); err != nil || g < 0 {
+				return fmt.Errorf("%w: --grace %q: want a duration such as 200ms", errUsage, *grace)
+			}
+		}
+		resp, err := c.DeleteRegistrationGrace(ctx, pos[0], g)
 		if err != nil {
 			return err
 		}

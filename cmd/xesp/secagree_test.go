@@ -51,7 +51,10 @@ func TestCLISecAgree(t *testing.T) {
 	if _, _, err := run("create", "--ck", "00", "--ck-file", ckFile); err == nil || !errors.Is(err, errUsage) {
 		t.Fatalf("--ck with --ck-file: %v", err)
 	}
-	out, _, err = run("delete", "bob", "--json")
+	if _, _, err := run("delete", "bob", "--grace", "soon"); !errors.Is(err, errUsage) {
+		t.Fatalf("bad --grace: %v", err)
+	}
+	out, _, err = run("delete", "bob", "--json", "--grace", "0s")
 	if err != nil {
 		t.Fatal(err)
 	}

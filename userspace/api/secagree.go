@@ -14,6 +14,7 @@ import (
 	"net/netip"
 	"net/url"
 	"strings"
+	"time"
 
 	"github.com/xesp/xesp/userspace/sa"
 	"github.com/xesp/xesp/userspace/sad"
@@ -291,39 +292,81 @@ func (s *Server) addAll(ds []secagree.DerivedSA) ([]sad.Entry, int, error) {
 	return added, 0, nil
 }
 
-// secAgreeDelete removes every SA of a registration at once. The P-CSCF
-// calls it once the last message that needs the SAs (the final response
-// of a de-registration) has left: the SAs are gone when this answers.
+// DefaultDeleteGrace is how long DELETE /v1/secagree/{registration} keeps
+// the outbound SAs after removing the inbound ones. A P-CSCF deletes right
+// after its sendto of the final response returned, but that response may
+// still sit in a worker's receive ring, steered to the outbound SA's slot:
+// removing the SA at once drops it (measured in the end-to-end test: the
+// de-registration's 200 was lost that way). The grace lets in-flight
+// frames be sealed; the inbound SAs go at once, so nothing more from the
+// phone is accepted meanwhile.
+const DefaultDeleteGrace = 200 * time.Millisecond
+
+// MaxDeleteGrace bounds ?grace=.
+const MaxDeleteGrace = 10 * time.Second
+
+// secAgreeDelete removes every SA of a registration: inbound at once,
+// outbound after the grace (?grace=DURATION, Go syntax, 0 allowed). The
+// P-CSCF calls it once the last message that needs the SAs (the final
+// response of a de-registration) has left: the SAs are all gone when
+// this answers.
 func (s *Server) secAgreeDelete(w http.ResponseWriter, r *http.Request) {
 	name := r.PathValue("registration")
 	if !validRegistration(name) || len(name) > secagree.MaxNameLen {
 		writeError(w, http.StatusBadRequest, fmt.Sprintf("registration: %q: use 1..%d of A-Z a-z 0-9 . _ - starting with a letter", clipStr(name), secagree.MaxNameLen))
 		return
 	}
-	out := RegistrationDeleted{Registration: name}
-	for _, role := range roles {
-		cur, ok := s.sad.GetName(name + "." + role)
-		if !ok {
-			continue
-		}
-		v := s.view(&cur)
-		if _, err := s.sad.Delete(cur.ID); err != nil {
-			if errors.Is(err, sad.ErrNotFound) {
-				continue // a concurrent delete got there first
-			}
-			writeError(w, sadStatus(err), err.Error())
+	grace := DefaultDeleteGrace
+	if v := r.URL.Query().Get("grace"); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil || d < 0 || d > MaxDeleteGrace {
+			writeError(w, http.StatusBadRequest, fmt.Sprintf("grace: %q: want a duration 0s..%s (e.g. 200ms)", clipStr(v), MaxDeleteGrace))
 			return
 		}
-		out.SAs = append(out.SAs, v)
+		grace = d
 	}
-	if len(out.SAs) == 0 {
+	out := RegistrationDeleted{Registration: name}
+	var present []sad.Entry
+	for _, role := range roles {
+		if cur, ok := s.sad.GetName(name + "." + role); ok {
+			present = append(present, cur)
+		}
+	}
+	if len(present) == 0 {
 		writeError(w, http.StatusNotFound, fmt.Sprintf("registration %q: no SAs", name))
 		return
+	}
+	for _, dir := range []sa.Direction{sa.In, sa.Out} {
+		if dir == sa.Out && grace > 0 {
+			t := time.NewTimer(grace)
+			select {
+			case <-t.C:
+			case <-r.Context().Done():
+				t.Stop()
+			}
+		}
+		for i := range present {
+			cur := &present[i]
+			if cur.ID.Dir != dir {
+				continue
+			}
+			// The view is taken just before the delete so its counters
+			// are the last the data path had.
+			v := s.view(cur)
+			if _, err := s.sad.Delete(cur.ID); err != nil {
+				if errors.Is(err, sad.ErrNotFound) {
+					continue // a concurrent delete got there first
+				}
+				writeError(w, sadStatus(err), err.Error())
+				return
+			}
+			out.SAs = append(out.SAs, v)
+		}
 	}
 	if !s.synced(w, r) {
 		return
 	}
-	s.log.Info("sec-agree registration deleted", "registration", name, "sas", len(out.SAs), "from", from(r))
+	s.log.Info("sec-agree registration deleted", "registration", name, "sas", len(out.SAs), "grace", grace, "from", from(r))
 	writeJSON(w, http.StatusOK, out)
 }
 
@@ -335,9 +378,20 @@ func (c *Client) SecAgree(ctx context.Context, req SecAgreeRequest) (SecAgreeRes
 	return r, err
 }
 
-// DeleteRegistration removes every SA of a registration at once.
+// DeleteRegistration removes every SA of a registration, the outbound
+// ones after the server's DefaultDeleteGrace.
 func (c *Client) DeleteRegistration(ctx context.Context, registration string) (RegistrationDeleted, error) {
+	return c.DeleteRegistrationGrace(ctx, registration, -1)
+}
+
+// DeleteRegistrationGrace is DeleteRegistration with the grace given;
+// negative means the server's default.
+func (c *Client) DeleteRegistrationGrace(ctx context.Context, registration string, grace time.Duration) (RegistrationDeleted, error) {
 	var r RegistrationDeleted
-	err := c.do(ctx, http.MethodDelete, "/v1/secagree/"+url.PathEscape(registration), nil, &r, http.StatusOK)
+	path := "/v1/secagree/" + url.PathEscape(registration)
+	if grace >= 0 {
+		path += "?grace=" + url.QueryEscape(grace.String())
+	}
+	err := c.do(ctx, http.MethodDelete, path, nil, &r, http.StatusOK)
 	return r, err
 }

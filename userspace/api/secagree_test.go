@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/xesp/xesp/userspace/sa"
 	"github.com/xesp/xesp/userspace/secagree"
@@ -257,5 +258,61 @@ func TestSecAgreeAllOrNothing(t *testing.T) {
 	}
 	if _, ok := e.sad.Get(sa.ID{Dir: sa.In, SPI: 7778}); !ok {
 		t.Fatal("in SA 7778 missing")
+	}
+}
+
+// Deleting a registration removes the inbound SAs at once and the
+// outbound ones only after the grace, so a final response already steered
+// to an outbound SA is still sealed.
+func TestSecAgreeDeleteGrace(t *testing.T) {
+	e := newEnv(t, false, 0)
+	ctx := context.Background()
+	if _, err := e.unix.SecAgree(ctx, e.secAgreeRequest("reg1")); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	var del RegistrationDeleted
+	go func() {
+		var err error
+		del, err = e.unix.DeleteRegistrationGrace(ctx, "reg1", 2*time.Second)
+		done <- err
+	}()
+	deadline := time.Now().Add(2 * time.Second)
+	for {
+		if in, _ := e.sad.Len(); in == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("inbound SAs not removed at once")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if _, out := e.sad.Len(); out != 2 {
+		t.Fatalf("%d outbound SAs during the grace, want 2", out)
+	}
+	select {
+	case err := <-done:
+		t.Fatalf("delete answered during the grace: %v", err)
+	default:
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if in, out := e.sad.Len(); in != 0 || out != 0 || len(del.SAs) != 4 || del.SAs[0].Direction != "in" || del.SAs[3].Direction != "out" {
+		t.Fatalf("after the delete: SAD %d/%d, answer %+v", in, out, del)
+	}
+	// grace=0 removes everything at once; bad graces are 400.
+	if _, err := e.unix.SecAgree(ctx, e.secAgreeRequest("reg2")); err != nil {
+		t.Fatal(err)
+	}
+	for _, g := range []string{"x", "-1s", "11s"} {
+		st, _, b := e.do("DELETE", "/v1/secagree/reg2?grace="+g, "", nil)
+		if st != 400 {
+			t.Fatalf("grace=%s: %d %s", g, st, b)
+		}
+		assertError(t, b, `grace: "`+g+`": want a duration 0s..10s (e.g. 200ms)`)
+	}
+	if del, err := e.unix.DeleteRegistrationGrace(ctx, "reg2", 0); err != nil || len(del.SAs) != 4 {
+		t.Fatalf("grace 0: %+v %v", del, err)
 	}
 }

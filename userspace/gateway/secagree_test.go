@@ -190,6 +190,7 @@ type pcscf struct {
 	verified  int                  // protected REGISTERs whose Security-Verify matched
 	answered  int                  // protected requests answered on port-s
 	fromUEs   chan []byte          // datagrams arriving on port-c
+	deleted   chan deletion        // the delete after a de-registration's 200
 	wg        sync.WaitGroup
 	challenge []byte
 }
@@ -307,7 +308,17 @@ func (p *pcscf) serveProtected() {
 		if _, err := p.portS.WriteToUDPAddrPort(sipResponse(req, "200 OK"), from); err != nil {
 			p.t.Errorf("P-CSCF: send 200: %v", err)
 		}
+		if strings.HasPrefix(req.start, "REGISTER ") && req.hdr["expires"] == "0" {
+			// The final response has left: now the SAs may go.
+			del, err := p.api.DeleteRegistration(context.Background(), "alice")
+			p.deleted <- deletion{del, err}
+		}
 	}
+}
+
+type deletion struct {
+	del api.RegistrationDeleted
+	err error
 }
 
 // phone is the test's UE: unprotected SIP on its LAN address, then
@@ -439,7 +450,7 @@ func TestSecAgreeRegistrationThroughNAPT(t *testing.T) {
 	tp := newSecAgreeTopo(t)
 	ck, ik := randBytes(t, 16), randBytes(t, 16)
 
-	pc := &pcscf{t: t, api: tp.api, ck: ck, ik: ik, fromUEs: make(chan []byte, 16),
+	pc := &pcscf{t: t, api: tp.api, ck: ck, ik: ik, fromUEs: make(chan []byte, 16), deleted: make(chan deletion, 4),
 		unprot: udpSock(t, tp.gw, saUnprot.String()),
 		portS:  udpSock(t, tp.core, netip.AddrPortFrom(saPCSCF, saPortS).String()),
 		portC:  udpSock(t, tp.core, netip.AddrPortFrom(saPCSCF, saPortC).String())}
@@ -569,15 +580,38 @@ func TestSecAgreeRegistrationThroughNAPT(t *testing.T) {
 		return err == nil && v.Counters != nil && v.Counters.Drops == before+1
 	})
 
-	// 5. De-registration done: delete by registration removes all four,
-	// and the next protected packet dies at XDP for want of an SA.
-	del, err := tp.api.DeleteRegistration(ctx, "alice")
-	if err != nil || len(del.SAs) != 4 {
-		t.Fatalf("delete: %+v %v", del, err)
+	// 5. De-registration: the phone sends REGISTER with Expires: 0; the
+	// P-CSCF sends the 200 through the SAs and deletes the registration
+	// right after its sendto returns, as a P-CSCF does. The 200 must
+	// still reach the phone (deleting must not overtake the final
+	// response), then all four SAs are gone and the next protected packet
+	// dies at XDP for want of an SA.
+	dereg := sipBytes("REGISTER sip:ims.example.net SIP/2.0", append([]string{
+		fmt.Sprintf("Via: SIP/2.0/UDP 192.168.1.11:%d;branch=z9hG4bKsa9;rport", saUEPortC), "CSeq: 9 REGISTER",
+		fmt.Sprintf("Contact: <sip:alice@192.168.1.11:%d>", saUEPortS), "Expires: 0",
+		"Security-Verify: " + r401.hdr["security-server"]}, common...)...)
+	if r := ph.request(t, ph.outToPS, dereg, "9 REGISTER"); !strings.HasPrefix(r.start, "SIP/2.0 200") {
+		t.Fatalf("de-registration answered %q", r.start)
+	}
+	var del api.RegistrationDeleted
+	select {
+	case d := <-pc.deleted:
+		if d.err != nil {
+			t.Fatalf("delete after the final response: %v", d.err)
+		}
+		del = d.del
+	case <-time.After(5 * time.Second):
+		t.Fatal("the P-CSCF never deleted the registration")
+	}
+	if len(del.SAs) != 4 {
+		t.Fatalf("delete removed %d SAs", len(del.SAs))
 	}
 	if in, out := tp.g.SAD.Len(); in != 0 || out != 0 {
 		t.Fatalf("SAD holds %d/%d after the delete", in, out)
 	}
+	pc.mu.Lock()
+	answered = uint64(pc.answered)
+	pc.mu.Unlock()
 	noSA := xdpCount(t, tp.g, bpf.DropNoSA)
 	ph.sealSend(t, ph.outToPS, saUEPortC, saPortS, sipBytes("OPTIONS sip:ims.example.net SIP/2.0", "CSeq: 99 OPTIONS"))
 	eventually(t, "drop_no_sa after the delete", func() bool { return xdpCount(t, tp.g, bpf.DropNoSA) == noSA+1 })
