@@ -61,7 +61,8 @@ func TestSecAgreeCreateAndDelete(t *testing.T) {
 		w, ok := want[v.Name]
 		if !ok || v.Direction != w.dir || mustSPI(t, v.SPI) != w.spi || v.Pair != "reg1" || v.Proposal != "aes128-sha1" ||
 			v.Mode != "tunnel" || v.Encap == nil || *v.Encap.LocalPort != 4500 || *v.Encap.PeerPort != 31000 ||
-			v.Binding != "198.51.100.7:31000" || v.Inner.Peer != "192.168.1.11/32" || v.Inner.Local != "10.0.0.1/32" {
+			v.Binding != "198.51.100.7:31000" || v.Inner.Peer != "192.168.1.11/32" || v.Inner.Local != "10.0.0.1/32" ||
+			v.Ports == nil || v.Ports.Local != map[string]uint16{"reg1.in-s": 5065, "reg1.in-c": 5063, "reg1.out-s": 5063, "reg1.out-c": 5065}[v.Name] {
 			b, _ := json.Marshal(v)
 			t.Errorf("SA %s", b)
 		}

@@ -542,8 +542,10 @@ func randBytes(t *testing.T, n int) []byte {
 // Security-Client, 401 with the Security-Server the API produced (and the
 // SAs it installed in the running data path), the protected REGISTER with
 // Security-Verify through the derived SAs, ESP through the NAPT, 200 OK
-// back through them; then traffic both ways, counted per SA, every phone
-// getting exactly its own answers; then each phone de-registers, the
+// back through them; then traffic both ways on both SA pairs (the
+// P-CSCF's own request to the phone's server port leaves on out-s, chosen
+// by port), counted per SA, every phone getting exactly its own answers,
+// cleartext on the wrong ports dropped; then each phone de-registers, the
 // P-CSCF deletes its registration right after sending the final 200, and
 // that 200 still arrives while the other phone keeps working.
 func TestSecAgreeRegistrationThroughNAPT(t *testing.T) {
@@ -600,6 +602,21 @@ func TestSecAgreeRegistrationThroughNAPT(t *testing.T) {
 			t.Fatalf("%s: nothing reached the P-CSCF's client port through in-c", ph.name)
 		}
 	}
+	// The P-CSCF's own request, from its client port to the phone's
+	// server port: XDP steers it by address to one of the phone's
+	// outbound SAs; the worker must seal it with out-s (the phone's spi-s),
+	// which recvESP checks by SPI and port selectors.
+	for _, ph := range phones {
+		notify := sipBytes(fmt.Sprintf("NOTIFY sip:%s@%s:%d SIP/2.0", ph.name, ph.lan, saUEPortS),
+			"Via: SIP/2.0/UDP 10.0.0.1:5063;branch=z9hG4bKn2", "CSeq: 2 NOTIFY", "Call-ID: notify-"+ph.name+"@10.0.0.1")
+		if _, err := pc.portC.WriteToUDPAddrPort(notify, netip.AddrPortFrom(ph.lan, saUEPortS)); err != nil {
+			t.Fatal(err)
+		}
+		got, err := ph.recvESP(time.Now().Add(3 * time.Second))
+		if err != nil || !bytes.Equal(got, notify) {
+			t.Fatalf("%s: the P-CSCF's request to port-s: %q %v (selector breaks %d)", ph.name, got, err, ph.selectors)
+		}
+	}
 	for _, ph := range phones {
 		if ph.selectors != 0 || ph.foreign != 0 {
 			t.Fatalf("%s: %d packets broke the selectors, %d were someone else's", ph.name, ph.selectors, ph.foreign)
@@ -624,7 +641,7 @@ func TestSecAgreeRegistrationThroughNAPT(t *testing.T) {
 		answered := uint64(r.answered)
 		pc.mu.Unlock()
 		inS, inC, outC, outS := view(ph.name+".in-s"), view(ph.name+".in-c"), view(ph.name+".out-c"), view(ph.name+".out-s")
-		if inS.Counters.Packets != answered || inS.Counters.Packets < n+1 || inC.Counters.Packets != 1 || outC.Counters.Packets != answered || outS.Counters.Packets != 0 {
+		if inS.Counters.Packets != answered || inS.Counters.Packets < n+1 || inC.Counters.Packets != 1 || outC.Counters.Packets != answered || outS.Counters.Packets != 1 {
 			t.Fatalf("%s: packets in-s %d in-c %d out-c %d out-s %d; the P-CSCF answered %d", ph.name, inS.Counters.Packets, inC.Counters.Packets, outC.Counters.Packets, outS.Counters.Packets, answered)
 		}
 		c, ok := tp.g.Manager.Counters(sa.ID{Dir: sa.Out, SPI: saUESPIC, Peer: r.observed})
@@ -654,6 +671,17 @@ func TestSecAgreeRegistrationThroughNAPT(t *testing.T) {
 	eventually(t, "the replay counted on in-c", func() bool {
 		v, err := tp.api.Get(ctx, ph0.name+".in-c")
 		return err == nil && v.Counters != nil && v.Counters.Drops == before+1
+	})
+
+	// Cleartext for the wrong port under an SA is dropped by its port
+	// selectors: the phone's client port to the P-CSCF's client port,
+	// sealed with in-s (which covers port-c -> port-s only). The P-CSCF's
+	// port-c reader fails the test should it arrive.
+	beforeS := view(ph0.name + ".in-s").Counters.Drops
+	ph0.sealSend(t, ph0.outToPS, saUEPortC, saPortC, sipBytes("MESSAGE sip:pcscf SIP/2.0", "CSeq: 7 MESSAGE"))
+	eventually(t, "the selector drop counted on in-s", func() bool {
+		v, err := tp.api.Get(ctx, ph0.name+".in-s")
+		return err == nil && v.Counters != nil && v.Counters.Drops == beforeS+1
 	})
 
 	// 4. De-registration, one phone after the other: REGISTER with

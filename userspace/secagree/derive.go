@@ -206,7 +206,7 @@ type Registration struct {
 }
 
 // DerivedSA is one SA of a registration with the protected ports it
-// covers (sa.Spec has no port selectors).
+// covers (also in the Spec's ports block, seen from the P-CSCF).
 type DerivedSA struct {
 	Spec sa.Spec
 	// Role names the SA by the SPI it uses: "in-s" (P-CSCF's spi-s,
@@ -222,10 +222,9 @@ type DerivedSA struct {
 const MaxNameLen = 58
 
 // Derive returns the four SAs of TS 33.203 7.1 as the P-CSCF side holds
-// them, in the order in-s, in-c, out-s, out-c. Installing them in this
-// order leaves out-c, which carries the responses to the phone's requests
-// (REGISTER's 200 among them), as the newest outbound SA of the phone:
-// the data path steers by inner destination only, so the newest wins.
+// them, in the order in-s, in-c, out-s, out-c, each with its port
+// selectors: XDP steers a phone's cleartext to one of its outbound SAs by
+// inner address, and the worker moves it to the SA whose ports match.
 // Every Spec is checked with sa.Spec.Parse before it is returned.
 func Derive(r Registration) ([]DerivedSA, error) {
 	c, s := &r.Client, &r.Server
@@ -262,16 +261,17 @@ func Derive(r Registration) ([]DerivedSA, error) {
 		encPort = sa.DefaultNATTPort
 	}
 	type def struct {
-		role     string
-		dir      string
-		spi      uint32
-		src, dst uint16
+		role        string
+		dir         string
+		spi         uint32
+		src, dst    uint16
+		local, peer uint16 // the P-CSCF's port, the UE's port
 	}
 	defs := []def{
-		{"in-s", "in", s.SPIS, c.PortC, s.PortS},
-		{"in-c", "in", s.SPIC, c.PortS, s.PortC},
-		{"out-s", "out", c.SPIS, s.PortC, c.PortS},
-		{"out-c", "out", c.SPIC, s.PortS, c.PortC},
+		{"in-s", "in", s.SPIS, c.PortC, s.PortS, s.PortS, c.PortC},
+		{"in-c", "in", s.SPIC, c.PortS, s.PortC, s.PortC, c.PortS},
+		{"out-s", "out", c.SPIS, s.PortC, c.PortS, s.PortC, c.PortS},
+		{"out-c", "out", c.SPIC, s.PortS, c.PortC, s.PortS, c.PortC},
 	}
 	out := make([]DerivedSA, 0, len(defs))
 	var errs []error
@@ -280,6 +280,7 @@ func Derive(r Registration) ([]DerivedSA, error) {
 			Name: r.Name + "." + d.role, Pair: r.Name, SPI: sa.SPIOf(d.spi), Direction: d.dir,
 			Mode: "transport", Proposal: prop, AuthKey: hex.EncodeToString(keys.Auth),
 			Local: r.Local.String(), Peer: r.UE.Addr().String(),
+			Ports: &sa.PortsSpec{Local: d.local, Peer: d.peer},
 		}
 		if keys.Enc != nil {
 			sp.EncKey = hex.EncodeToString(keys.Enc)

@@ -34,19 +34,15 @@
 //     label, so the binding the SAD re-learns from the first authenticated
 //     inbound packet (the UE's ESP socket usually has another NAPT mapping
 //     than its unprotected SIP socket) carries all of them.
-//   - Steering: the data path picks an outbound SA by inner destination
-//     address only, so of the two outbound SAs to one phone the newest
-//     carries everything; Derive orders the SAs so that is the one to the
-//     UE's client port (responses to the phone's requests). Requests from
-//     the P-CSCF's client port to the UE's server port therefore leave on
-//     that SA too until the policy layer gains port selectors.
+//   - Steering: each SA carries its port selectors (sa.Spec ports: the
+//     P-CSCF's protected port as local, the UE's as peer). XDP picks a
+//     phone's outbound SA by inner destination address; the worker then
+//     seals with the phone's outbound SA whose ports match the cleartext,
+//     and drops inbound cleartext whose ports do not match its SA.
 //   - Parameter names and the mechanism name are case-insensitive (RFC
 //     3261 7.3.1); alg and ealg values are compared exactly as registered
 //     (unknown values are kept so an offer with a future algorithm still
 //     parses); mod and prot values are matched case-insensitively and
 //     written in their registered spelling. SPIs in headers are decimal;
 //     leading zeros are accepted (TS 24.229 examples use them).
-//   - sa.Spec has no port selectors, so the protected ports each SA covers
-//     travel next to the Spec in DerivedSA; steering by port is the policy
-//     layer's job.
 package secagree

@@ -339,6 +339,10 @@ func TestDeriveFourSAs(t *testing.T) {
 			s.InnerLocal.String() != "10.0.0.1/32" || s.InnerPeer.String() != "192.168.1.11/32" {
 			t.Errorf("SA %d: %v encap %+v inner %s %s", i, s, s.Encap, s.InnerLocal, s.InnerPeer)
 		}
+		if want := (sa.Ports{Local: map[string]uint16{"in-s": 5065, "in-c": 5063, "out-s": 5063, "out-c": 5065}[w.role],
+			Peer: map[string]uint16{"in-s": 5062, "in-c": 5064, "out-s": 5064, "out-c": 5062}[w.role]}); s.Ports != want {
+			t.Errorf("SA %d: ports %+v, want %+v", i, s.Ports, want)
+		}
 		if hex.EncodeToString(s.EncKey) != "000102030405060708090a0b0c0d0e0f" || hex.EncodeToString(s.AuthKey) != "f0e1d2c3b4a5968778695a4b3c2d1e0f00000000" {
 			t.Errorf("SA %d: keys not the Annex I expansion", i)
 		}
