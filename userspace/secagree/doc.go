@@ -18,6 +18,10 @@
 //     ExpandKeys implements all of these; Derive refuses what the ESP engine
 //     cannot run (hmac-md5-96, des-ede3-cbc) with an error naming alg or
 //     ealg.
+//   - Security-Server carries exactly one mechanism: the one the SAs were
+//     created for (Server), since the SAs exist before the phone answers;
+//     the phone's choice among several would need SAs for every
+//     candidate. Deployed P-CSCFs answer the same way.
 //   - Choice (Choose): the P-CSCF's Policy lists rank first (mod, then
 //     ealg, then alg), the phone's q breaks ties (absent q ranks as 1, the
 //     SIP qvalue default), then the order of the offer.
