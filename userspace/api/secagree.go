@@ -1,6 +1,7 @@
 package api
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/binary"
@@ -24,10 +25,12 @@ import (
 // SecAgreeRequest is POST /v1/secagree: what a P-CSCF knows when the
 // phone's unprotected REGISTER has been challenged by the S-CSCF.
 type SecAgreeRequest struct {
-	// Registration names the registration: its SAs are named
+	// Registration names the SA set: its SAs are named
 	// <registration>.in-s, .in-c, .out-s, .out-c and share it as their
 	// pair label. A letter, then letters, digits, '.', '_', '-'; at most
-	// secagree.MaxNameLen.
+	// secagree.MaxNameLen. A re-authentication creates a new set under a
+	// new name (TS 33.203 keeps the old SAs until the new ones are in
+	// use); the name of a set that exists is refused with 409.
 	Registration string `json:"registration"`
 	// SecurityClient is the phone's Security-Client header value.
 	SecurityClient string `json:"security_client"`
@@ -100,16 +103,26 @@ func (s *Server) secAgreeCreate(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	var req SecAgreeRequest
-	dec := json.NewDecoder(strings.NewReader(string(body)))
+	dec := json.NewDecoder(bytes.NewReader(body))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&req); err != nil {
 		writeError(w, http.StatusBadRequest, "body: "+err.Error())
+		return
+	}
+	if dec.More() {
+		writeError(w, http.StatusBadRequest, "body: data after the JSON object")
 		return
 	}
 	reg, chosen, errs := s.secAgreeInput(&req)
 	if len(errs) > 0 {
 		writeErrors(w, http.StatusBadRequest, errs)
 		return
+	}
+	for _, role := range roles {
+		if _, ok := s.sad.GetName(req.Registration + "." + role); ok {
+			writeError(w, http.StatusConflict, fmt.Sprintf("registration %q: exists already: a new SA set (re-authentication) takes a new name; delete the old set once the new one is in use", req.Registration))
+			return
+		}
 	}
 	pickSPIs := req.SPIC == 0 && req.SPIS == 0
 	if !pickSPIs && (req.SPIC == 0 || req.SPIS == 0 || req.SPIC == req.SPIS) {

@@ -206,6 +206,7 @@ func TestSecAgreeBadRequests(t *testing.T) {
 	}{
 		{"unknown field", "POST", "/v1/secagree", "application/json", `{"registration":"r","sec_client":"x"}`, 400, `body: json: unknown field "sec_client"`},
 		{"not json", "POST", "/v1/secagree", "application/json", `{`, 400, "body: unexpected EOF"},
+		{"two objects", "POST", "/v1/secagree", "application/json", `{} {}`, 400, "body: data after the JSON object"},
 		{"content type", "POST", "/v1/secagree", "text/plain", `{}`, 415, `content type: "text/plain": send application/json`},
 		{"too big", "POST", "/v1/secagree", "application/json", `{"registration":"` + strings.Repeat("a", MaxBody) + `"}`, 413, "body: larger than 65536 bytes"},
 		{"method", "GET", "/v1/secagree", "", ``, 405, "method GET not allowed on /v1/secagree: use POST"},
@@ -232,6 +233,10 @@ func TestSecAgreeAllOrNothing(t *testing.T) {
 	ctx := context.Background()
 	if _, err := e.unix.SecAgree(ctx, e.secAgreeRequest("reg1")); err != nil {
 		t.Fatal(err)
+	}
+	// The same name again: 409 before anything is derived.
+	if _, err := e.unix.SecAgree(ctx, e.secAgreeRequest("reg1")); !IsStatus(err, http.StatusConflict) || !strings.Contains(err.Error(), `registration "reg1": exists already`) {
+		t.Fatalf("same name: %v", err)
 	}
 	// Same phone SPIs, same observed address and port: out-s collides.
 	_, err := e.unix.SecAgree(ctx, e.secAgreeRequest("reg2"))
