@@ -32,6 +32,7 @@ func (s *Server) routes() {
 	m.HandleFunc("/v1/stats", methods("GET"))
 	m.HandleFunc("/v1/sas", methods("GET, POST"))
 	m.HandleFunc("/v1/sas/{ref}", methods("GET, PUT, DELETE"))
+	s.secAgreeRoutes(m)
 	m.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, fmt.Sprintf("no endpoint %s (see /v1/health, /v1/stats, /v1/sas)", r.URL.Path))
 	})

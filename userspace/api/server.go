@@ -16,6 +16,7 @@ import (
 
 	"github.com/xesp/xesp/userspace/config"
 	"github.com/xesp/xesp/userspace/sad"
+	"github.com/xesp/xesp/userspace/secagree"
 )
 
 // Limits of the server.
@@ -40,6 +41,12 @@ type Options struct {
 	// Log receives one line per change and per failed listener; nil
 	// discards.
 	Log *slog.Logger
+	// SecAgree is the P-CSCF's sec-agree preference for POST
+	// /v1/secagree; nil means secagree.DefaultPolicy.
+	SecAgree *secagree.Policy
+	// NATTPort is the gateway's NAT-T port, the local end of UDP-enc-tun
+	// SAs; 0 means 4500.
+	NATTPort int
 }
 
 // Server is the control API. Create it with New, then Listen (optional:
@@ -54,6 +61,8 @@ type Server struct {
 	// tokenSum is the SHA-256 of the bearer token: comparing fixed-size
 	// digests in constant time hides the token's length as well.
 	tokenSum [sha256.Size]byte
+	policy   secagree.Policy
+	nattPort uint16
 
 	mu   sync.Mutex
 	unix *unixSocket
@@ -74,7 +83,14 @@ func New(o Options) (*Server, error) {
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
-	s := &Server{sad: o.SAD, dp: o.DataPath, api: o.API, log: o.Log, started: time.Now()}
+	s := &Server{sad: o.SAD, dp: o.DataPath, api: o.API, log: o.Log, started: time.Now(), policy: secagree.DefaultPolicy()}
+	if o.SecAgree != nil {
+		s.policy = *o.SecAgree
+	}
+	if o.NATTPort < 0 || o.NATTPort > 65535 {
+		return nil, fmt.Errorf("api: natt port %d: want 0..65535", o.NATTPort)
+	}
+	s.nattPort = uint16(o.NATTPort)
 	if len(o.API.BearerToken) > 0 {
 		s.tokenSum = sha256.Sum256(o.API.BearerToken)
 	}

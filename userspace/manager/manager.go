@@ -408,7 +408,7 @@ func (m *Manager) build(e sad.Entry) (*slot, error) {
 	}
 	sl := &slot{id: e.ID, spi: s.SPI, worker: e.Worker, index: e.Index, encap: s.Encap != nil,
 		group: groupRef{worker: e.Worker, key: sad.GroupOf(s)}}
-	ent := &worker.Entry{SA: cipher, Local: s.Local}
+	ent := &worker.Entry{SA: cipher, Local: s.Local, PortLocal: s.Ports.Local, PortPeer: s.Ports.Peer}
 	if s.Encap != nil {
 		ent.LocalPort = s.Encap.LocalPort
 	}

@@ -154,6 +154,9 @@ func (sp *Spec) Parse(opts Options) (SA, error) {
 	v.encap(sp, &s)
 	v.inner(sp, &s)
 	v.lifetime(sp, &s)
+	if sp.Ports != nil {
+		s.Ports = Ports{Local: sp.Ports.Local, Peer: sp.Ports.Peer}
+	}
 
 	if len(v.errs) > 0 {
 		return SA{}, errors.Join(v.errs...)

@@ -109,6 +109,17 @@ type SA struct {
 	// prefixes of one family); both invalid (zero) in transport mode.
 	InnerLocal, InnerPeer netip.Prefix
 	Lifetime              Lifetime
+	// Ports are the inner port selectors (RFC 4301 4.4.1.1); zero is any.
+	// Inbound, the cleartext must come from Peer to Local; outbound, a
+	// phone's cleartext is sealed with the outbound SA whose ports match
+	// (the worker chooses among the SAs to one inner address).
+	Ports Ports
+}
+
+// Ports are inner UDP/TCP port selectors: Local on this side (the SIP
+// core's), Peer on the phone's. Zero means any.
+type Ports struct {
+	Local, Peer uint16
 }
 
 // ID is an SA's identity in a SAD. An inbound SA is found by the XDP

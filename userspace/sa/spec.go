@@ -37,6 +37,17 @@ type Spec struct {
 	Encap        *EncapSpec    `yaml:"encap,omitempty" json:"encap,omitempty"`
 	Inner        *InnerSpec    `yaml:"inner,omitempty" json:"inner,omitempty"`
 	Lifetime     *LifetimeSpec `yaml:"lifetime,omitempty" json:"lifetime,omitempty"`
+	// Ports narrows the SA to inner UDP/TCP ports (IMS sec-agree pairs
+	// SAs by port); absent means any port.
+	Ports *PortsSpec `yaml:"ports,omitempty" json:"ports,omitempty"`
+}
+
+// PortsSpec is the ports block: the inner (cleartext) UDP/TCP port on
+// this side (local: the SIP core's, e.g. the P-CSCF's protected port) and
+// on the phone's side (peer). 0 or omitted means any.
+type PortsSpec struct {
+	Local uint16 `yaml:"local,omitempty" json:"local,omitempty"`
+	Peer  uint16 `yaml:"peer,omitempty" json:"peer,omitempty"`
 }
 
 // EncapSpec is the encap block. Present means UDP encapsulation; an
@@ -216,6 +227,9 @@ func (s *SA) Public() Spec {
 	}
 	if s.InnerLocal.IsValid() {
 		sp.Inner = &InnerSpec{Local: s.InnerLocal.String(), Peer: s.InnerPeer.String()}
+	}
+	if s.Ports != (Ports{}) {
+		sp.Ports = &PortsSpec{Local: s.Ports.Local, Peer: s.Ports.Peer}
 	}
 	if s.Lifetime != (Lifetime{}) {
 		l := s.Lifetime

@@ -16,25 +16,37 @@
 //     (160 bit); aes-cbc uses CK as is (AES-128); des-ede3-cbc uses
 //     CK1||CK2||CK1 where CK = CK1||CK2 (64 bit halves); null takes no key.
 //     ExpandKeys implements all of these; Derive refuses what the ESP engine
-//     cannot run (hmac-md5-96, des-ede3-cbc).
+//     cannot run (hmac-md5-96, des-ede3-cbc) with an error naming alg or
+//     ealg.
+//   - Security-Server carries exactly one mechanism: the one the SAs were
+//     created for (Server), since the SAs exist before the phone answers;
+//     the phone's choice among several would need SAs for every
+//     candidate. Deployed P-CSCFs answer the same way.
+//   - Choice (Choose): the P-CSCF's Policy lists rank first (mod, then
+//     ealg, then alg), the phone's q breaks ties (absent q ranks as 1, the
+//     SIP qvalue default), then the order of the offer.
 //   - aes-gcm is left out: how newer releases form the GCM key and salt
 //     from CK/IK could not be confirmed, and guessing a salt would produce
 //     SAs that silently fail to interoperate.
 //   - An absent ealg means null encryption, an absent mod means trans, an
 //     absent prot means esp (TS 33.203 defaults).
-//   - UDP-enc-tun: ESP is UDP-encapsulated (RFC 3948) between the P-CSCF's
-//     protected port of the SA pair (port-s for the pair with the UE's
-//     client port, port-c for the pair with the UE's server port) and the
-//     UE's observed (NAPT) port. The observed port is only the first
-//     binding: the SAD re-learns it from authenticated inbound packets, so
-//     both UE-side pairs start on the one port the caller observed.
+//   - UDP-enc-tun: ESP is UDP-encapsulated (RFC 3948) between the
+//     gateway's one NAT-T port (the data path terminates encapsulated ESP
+//     on that port only, natt_port in the config) and the UE's observed
+//     (NAPT) port; port-c/port-s are the inner, protected SIP ports. The
+//     observed port is only the first binding: the four SAs share one pair
+//     label, so the binding the SAD re-learns from the first authenticated
+//     inbound packet (the UE's ESP socket usually has another NAPT mapping
+//     than its unprotected SIP socket) carries all of them.
+//   - Steering: each SA carries its port selectors (sa.Spec ports: the
+//     P-CSCF's protected port as local, the UE's as peer). XDP picks a
+//     phone's outbound SA by inner destination address; the worker then
+//     seals with the phone's outbound SA whose ports match the cleartext,
+//     and drops inbound cleartext whose ports do not match its SA.
 //   - Parameter names and the mechanism name are case-insensitive (RFC
 //     3261 7.3.1); alg and ealg values are compared exactly as registered
 //     (unknown values are kept so an offer with a future algorithm still
 //     parses); mod and prot values are matched case-insensitively and
 //     written in their registered spelling. SPIs in headers are decimal;
 //     leading zeros are accepted (TS 24.229 examples use them).
-//   - sa.Spec has no port selectors, so the protected ports each SA covers
-//     travel next to the Spec in DerivedSA; steering by port is the policy
-//     layer's job.
 package secagree

@@ -32,6 +32,13 @@ type Entry struct {
 	// is dropped, never sealed for that phone. Invalid (zero) disables the
 	// check.
 	InnerPeer netip.Prefix
+	// PortLocal and PortPeer are the inner UDP/TCP port selectors (0:
+	// any): inbound, cleartext must go from PortPeer to PortLocal;
+	// outbound, an entry with PortLocal set serves only cleartext from
+	// that port, and the worker hands other ports to the outbound entry
+	// with the same InnerPeer whose ports match (IMS sec-agree gives a
+	// phone two outbound SAs, told apart by port).
+	PortLocal, PortPeer uint16
 	// Binding is shared by the SAs of one pair group on this worker: what
 	// the inbound SA learns, the outbound SA uses.
 	Binding  *Binding

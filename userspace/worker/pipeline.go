@@ -45,6 +45,59 @@ type pipeline struct {
 
 	frag       fragmenter // outer IPv4 fragmentation toward the public side
 	privateMTU int        // largest IP packet the private link takes; 0: unchecked
+
+	// byPorts finds the outbound entry with port selectors for a
+	// phone's inner prefix and the cleartext's ports (see Entry.PortLocal).
+	byPorts map[portKey]*Entry
+}
+
+type portKey struct {
+	peer        netip.Prefix
+	local, port uint16 // local port, peer port (0: any)
+}
+
+// track keeps byPorts in step with the table: old leaves, e arrives.
+func (p *pipeline) track(old, e *Entry) {
+	if old != nil && old.Dir == Outbound && old.PortLocal != 0 {
+		k := portKey{old.InnerPeer, old.PortLocal, old.PortPeer}
+		if p.byPorts[k] == old {
+			delete(p.byPorts, k)
+		}
+	}
+	if e != nil && e.Dir == Outbound && e.PortLocal != 0 {
+		if p.byPorts == nil {
+			p.byPorts = make(map[portKey]*Entry)
+		}
+		p.byPorts[portKey{e.InnerPeer, e.PortLocal, e.PortPeer}] = e
+	}
+}
+
+// l4Ports returns the UDP/TCP ports of an unfragmented (or first-fragment)
+// IPv4 packet, or of an IPv6 packet whose first next header is UDP/TCP.
+func l4Ports(ip []byte) (src, dst uint16, ok bool) {
+	var proto byte
+	var l4 int
+	switch {
+	case len(ip) >= 20 && ip[0]>>4 == 4:
+		if binary.BigEndian.Uint16(ip[6:])&0x1fff != 0 {
+			return 0, 0, false
+		}
+		proto, l4 = ip[9], int(ip[0]&0x0f)*4
+	case len(ip) >= 40 && ip[0]>>4 == 6:
+		proto, l4 = ip[6], 40
+	default:
+		return 0, 0, false
+	}
+	if proto != 17 && proto != 6 || l4 < 20 || len(ip) < l4+4 {
+		return 0, 0, false
+	}
+	return binary.BigEndian.Uint16(ip[l4:]), binary.BigEndian.Uint16(ip[l4+2:]), true
+}
+
+// portsMatch applies port selectors to a packet from src to dst port.
+func portsMatch(ip []byte, srcSel, dstSel uint16) bool {
+	sp, dp, ok := l4Ports(ip)
+	return ok && (srcSel == 0 || sp == srcSel) && (dstSel == 0 || dp == dstSel)
 }
 
 // emitPublic queues a sealed frame for the public TX ring, fragmenting
@@ -151,6 +204,10 @@ func (p *pipeline) decapOne(d xsk.Desc) (xsk.Desc, Drop) {
 		e.Counters.Drops.Add(1)
 		return d, DropPolicy
 	}
+	if (e.PortLocal != 0 || e.PortPeer != 0) && !portsMatch(ip, e.PortPeer, e.PortLocal) {
+		e.Counters.Drops.Add(1)
+		return d, DropPolicy
+	}
 	if p.privateMTU > 0 && len(ip) > p.privateMTU {
 		e.Counters.Drops.Add(1)
 		return d, DropOversized
@@ -234,6 +291,20 @@ func (p *pipeline) encapOne(d xsk.Desc) (xsk.Desc, Drop) {
 	if e.InnerPeer.IsValid() && !e.InnerPeer.Contains(dstAddr(frame[l3:l3+n])) {
 		e.Counters.Drops.Add(1)
 		return d, DropPolicy
+	}
+	if e.PortLocal != 0 && !portsMatch(frame[l3:l3+n], e.PortLocal, e.PortPeer) {
+		// XDP steers by inner address only: another outbound SA of the
+		// same phone may own these ports.
+		sp, dp, _ := l4Ports(frame[l3 : l3+n])
+		alt := p.byPorts[portKey{e.InnerPeer, sp, dp}]
+		if alt == nil {
+			alt = p.byPorts[portKey{e.InnerPeer, sp, 0}]
+		}
+		if alt == nil {
+			e.Counters.Drops.Add(1)
+			return d, DropPolicy
+		}
+		e = alt
 	}
 	nh := uint8(esp.NextHeaderIPv4)
 	if frame[l3]>>4 == 6 {

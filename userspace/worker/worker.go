@@ -155,6 +155,7 @@ func (w *Worker) apply(cmds []Command) {
 					Inherit(c.Entry, old)
 				}
 			}
+			w.pipe.track(w.pipe.table[c.Index], c.Entry)
 			w.pipe.table[c.Index] = c.Entry
 		}
 	done:
