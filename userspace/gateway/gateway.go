@@ -21,8 +21,10 @@ import (
 	"github.com/xesp/xesp/loader"
 	"github.com/xesp/xesp/maps"
 	"github.com/xesp/xesp/userspace/config"
+	"github.com/xesp/xesp/userspace/lifetime"
 	"github.com/xesp/xesp/userspace/manager"
 	"github.com/xesp/xesp/userspace/neigh"
+	"github.com/xesp/xesp/userspace/sa"
 	"github.com/xesp/xesp/userspace/sad"
 	"github.com/xesp/xesp/userspace/seqstore"
 	"github.com/xesp/xesp/userspace/slowpath"
@@ -52,6 +54,9 @@ type Gateway struct {
 	// SlowPath serves the NAT-T port for what XDP passes up: reassembled
 	// fragments and IKE.
 	SlowPath *slowpath.Server
+	// Lifetime enforces the SAs' soft and hard lifetimes and the
+	// sequence-number space.
+	Lifetime *lifetime.Enforcer
 	Started  time.Time
 
 	log     *slog.Logger
@@ -67,6 +72,8 @@ type Options struct {
 	Log *slog.Logger
 	// NoPin keeps nothing in bpffs (tests, dry runs).
 	NoPin bool
+	// LifetimeInterval is how often SA lifetimes are checked (1 s).
+	LifetimeInterval time.Duration
 }
 
 // Start brings the data path up. On error everything it built is torn
@@ -207,6 +214,15 @@ func Start(ctx context.Context, cfg *config.Config, o Options) (g *Gateway, err 
 		return nil, fmt.Errorf("install configured SAs: %w", err)
 	}
 	g.goRun("manager", func() error { return g.Manager.Run(runCtx) })
+	g.Lifetime, err = lifetime.New(lifetime.Options{SAD: g.SAD, Interval: o.LifetimeInterval, Log: o.Log,
+		Usage: func(id sa.ID) (lifetime.Usage, bool) {
+			c, ok := g.Manager.Counters(id)
+			return lifetime.Usage{Packets: c.Packets, Bytes: c.Bytes, Seq: c.Seq}, ok
+		}})
+	if err != nil {
+		return nil, err
+	}
+	g.goRun("lifetime", func() error { return g.Lifetime.Run(runCtx) })
 	// Before XDP attaches, so a fragment passed up never meets a closed
 	// port (the kernel would answer ICMP port unreachable).
 	injectors := make([]slowpath.Injector, len(g.Workers))
