@@ -24,6 +24,7 @@ import (
 	"github.com/xesp/xesp/userspace/lifetime"
 	"github.com/xesp/xesp/userspace/manager"
 	"github.com/xesp/xesp/userspace/neigh"
+	"github.com/xesp/xesp/userspace/rxstate"
 	"github.com/xesp/xesp/userspace/sa"
 	"github.com/xesp/xesp/userspace/sad"
 	"github.com/xesp/xesp/userspace/seqstore"
@@ -57,6 +58,9 @@ type Gateway struct {
 	// Lifetime enforces the SAs' soft and hard lifetimes and the
 	// sequence-number space.
 	Lifetime *lifetime.Enforcer
+	// Restored is what Start took over from the previous run's replay
+	// window and binding snapshot (state_dir/rx.state).
+	Restored Restored
 	Started  time.Time
 
 	log     *slog.Logger
@@ -74,6 +78,10 @@ type Options struct {
 	NoPin bool
 	// LifetimeInterval is how often SA lifetimes are checked (1 s).
 	LifetimeInterval time.Duration
+	// StateInterval is how often the replay windows and NAT bindings are
+	// snapshotted to state_dir (DefaultStateInterval); after a crash,
+	// what an SA accepted in the last interval can be replayed once.
+	StateInterval time.Duration
 }
 
 // Start brings the data path up. On error everything it built is torn
@@ -151,6 +159,12 @@ func Start(ctx context.Context, cfg *config.Config, o Options) (g *Gateway, err 
 	if err != nil {
 		return nil, fmt.Errorf("state_dir: %w", err)
 	}
+	snap, err := rxstate.Load(filepath.Join(cfg.StateDir, rxStateFile))
+	if err != nil {
+		return nil, fmt.Errorf("state_dir: %w (remove the file to start with fresh replay windows, which accepts replays of earlier traffic)", err)
+	}
+	rest := newRestorer(g.Seq, snap)
+	g.Restored.Clean = snap.Clean
 	events := make(chan worker.BindingChange, 4096)
 	seqReqs := make(chan worker.SeqRequest, 4096)
 	for w := 0; w < cfg.Workers; w++ {
@@ -181,7 +195,7 @@ func Start(ctx context.Context, cfg *config.Config, o Options) (g *Gateway, err 
 		return nil, err
 	}
 	g.Manager, err = manager.New(manager.Options{SAD: g.SAD, Maps: g.Maps, Workers: g.Workers, Events: events,
-		Seq: g.Seq, SeqRequests: seqReqs, Log: o.Log})
+		Seq: g.Seq, SeqRequests: seqReqs, RestoreInbound: rest.window, Log: o.Log})
 	if err != nil {
 		return nil, err
 	}
@@ -210,9 +224,13 @@ func Start(ctx context.Context, cfg *config.Config, o Options) (g *Gateway, err 
 	if err := g.SAD.AddAll(cfg.SAList); err != nil {
 		return nil, fmt.Errorf("load configured SAs: %w", err)
 	}
+	g.Restored.Bindings = rest.bindings(g.SAD)
 	if err := g.Manager.Sync(ctx); err != nil {
 		return nil, fmt.Errorf("install configured SAs: %w", err)
 	}
+	rest.mu.Lock()
+	g.Restored.Windows = rest.windows
+	rest.mu.Unlock()
 	g.goRun("manager", func() error { return g.Manager.Run(runCtx) })
 	g.Lifetime, err = lifetime.New(lifetime.Options{SAD: g.SAD, Interval: o.LifetimeInterval, Log: o.Log,
 		Usage: func(id sa.ID) (lifetime.Usage, bool) {
@@ -223,6 +241,11 @@ func Start(ctx context.Context, cfg *config.Config, o Options) (g *Gateway, err 
 		return nil, err
 	}
 	g.goRun("lifetime", func() error { return g.Lifetime.Run(runCtx) })
+	every := o.StateInterval
+	if every <= 0 {
+		every = DefaultStateInterval
+	}
+	g.goRun("state snapshot", func() error { return g.persistState(runCtx, every) })
 	// Before XDP attaches, so a fragment passed up never meets a closed
 	// port (the kernel would answer ICMP port unreachable).
 	injectors := make([]slowpath.Injector, len(g.Workers))
@@ -289,6 +312,13 @@ func (g *Gateway) teardown(keepPinned bool) error {
 		g.cancel()
 	}
 	g.wg.Wait()
+	// With the workers stopped the windows are exact: the next run
+	// continues them (a failed start leaves the last snapshot alone).
+	if !g.Started.IsZero() && g.Manager != nil && g.Seq != nil {
+		if err := g.saveState(context.Background(), true); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	// The slow path injects into workers: it stops before they close.
 	if g.SlowPath != nil {
 		g.SlowPath.Close()

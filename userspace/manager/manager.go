@@ -47,7 +47,10 @@ type Options struct {
 	// carries the workers' requests for more.
 	Seq         *seqstore.Store
 	SeqRequests <-chan worker.SeqRequest
-	Log         *slog.Logger
+	// RestoreInbound, when set, may load a persisted replay window into a
+	// new inbound SA's window before its first install (a restart).
+	RestoreInbound func(id sa.ID, s *sa.SA, w *esp.ReplayWindow)
+	Log            *slog.Logger
 }
 
 // slot is one SA installed in the data path.
@@ -415,6 +418,9 @@ func (m *Manager) build(e sad.Entry) (*slot, error) {
 	if s.Direction == sa.In {
 		ent.Dir = worker.Inbound
 		ent.InnerPeer = s.InnerPeer
+		if m.o.RestoreInbound != nil {
+			m.o.RestoreInbound(e.ID, s, cipher.Replay())
+		}
 	} else {
 		if m.o.Seq != nil {
 			// The configured peer, not the current binding: the binding

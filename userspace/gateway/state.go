@@ -1,0 +1,153 @@
+package gateway
+
+import (
+	"context"
+	"net/netip"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/xesp/xesp/userspace/esp"
+	"github.com/xesp/xesp/userspace/rxstate"
+	"github.com/xesp/xesp/userspace/sa"
+	"github.com/xesp/xesp/userspace/sad"
+	"github.com/xesp/xesp/userspace/seqstore"
+)
+
+// rxStateFile is the replay-window and binding snapshot in state_dir.
+const rxStateFile = "rx.state"
+
+// DefaultStateInterval is how often the replay windows and bindings are
+// snapshotted while running.
+const DefaultStateInterval = time.Second
+
+// Restored says what Start took over from the previous run's snapshot.
+type Restored struct {
+	Clean    bool // the snapshot was written at a clean shutdown
+	Windows  int  // inbound replay windows restored
+	Bindings int  // NAT bindings restored
+}
+
+// restorer hands the previous run's state to SAs as they are installed.
+type restorer struct {
+	seq     *seqstore.Store
+	clean   bool
+	mu      sync.Mutex
+	byKey   map[seqstore.Key]*rxstate.Record
+	windows int
+}
+
+func newRestorer(seq *seqstore.Store, s *rxstate.Snapshot) *restorer {
+	r := &restorer{seq: seq, clean: s.Clean, byKey: make(map[seqstore.Key]*rxstate.Record, len(s.Records))}
+	for i := range s.Records {
+		r.byKey[s.Records[i].Key] = &s.Records[i]
+	}
+	return r
+}
+
+func stateKey(seq *seqstore.Store, id sa.ID, s *sa.SA) seqstore.Key {
+	return seq.KeyFor("rx/"+id.Dir.String(), s.SPI, id.Peer, s.Proposal.String(), s.EncKey, s.AuthKey)
+}
+
+// window is the manager's RestoreInbound: the first install of an
+// inbound SA continues the window it had when the snapshot was taken.
+func (r *restorer) window(id sa.ID, s *sa.SA, w *esp.ReplayWindow) {
+	k := stateKey(r.seq, id, s)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	rec := r.byKey[k]
+	if rec == nil || rec.Replay == nil {
+		return
+	}
+	st := *rec.Replay
+	rec.Replay = nil // once: later installs of this SA inherit their own
+	if !r.clean {
+		rxstate.Distrust(&st)
+	}
+	if w.Import(st) == nil {
+		r.windows++
+	}
+}
+
+// bindings moves every SA in d whose snapshot has a binding to it.
+func (r *restorer) bindings(d *sad.SAD) int {
+	n := 0
+	var page []sad.Entry
+	var cur uint64
+	for {
+		page, cur = d.List(cur, 4096, page[:0])
+		for i := range page {
+			e := &page[i]
+			r.mu.Lock()
+			rec := r.byKey[stateKey(r.seq, e.ID, &e.SA)]
+			r.mu.Unlock()
+			if rec != nil && rec.Binding.IsValid() && rec.Binding != e.Binding {
+				if c, err := d.SetBinding(e.ID, rec.Binding); err == nil && c > 0 {
+					n++
+				}
+			}
+		}
+		if cur == 0 {
+			return n
+		}
+	}
+}
+
+// saveState snapshots every inbound SA's replay window and every SA's
+// binding. stopped says the workers are no longer running (shutdown):
+// the snapshot is then exact and marked clean.
+func (g *Gateway) saveState(ctx context.Context, stopped bool) error {
+	states, err := g.Manager.SnapshotInbound(ctx, stopped)
+	if err != nil {
+		return err
+	}
+	windows := make(map[sa.ID]*esp.ReplayState, len(states))
+	for i := range states {
+		windows[states[i].ID] = &states[i].Replay
+	}
+	snap := &rxstate.Snapshot{Clean: stopped}
+	var page []sad.Entry
+	var cur uint64
+	for {
+		page, cur = g.SAD.List(cur, 4096, page[:0])
+		for i := range page {
+			e := &page[i]
+			rec := rxstate.Record{Key: stateKey(g.Seq, e.ID, &e.SA), Replay: windows[e.ID]}
+			if e.Binding.IsValid() && e.Binding != configuredBinding(&e.SA) {
+				rec.Binding = e.Binding
+			}
+			if rec.Replay != nil || rec.Binding.IsValid() {
+				snap.Records = append(snap.Records, rec)
+			}
+		}
+		if cur == 0 {
+			break
+		}
+	}
+	return rxstate.Save(filepath.Join(g.Config.StateDir, rxStateFile), snap)
+}
+
+// configuredBinding is where an SA's packets go before any was learnt.
+func configuredBinding(s *sa.SA) netip.AddrPort {
+	var port uint16
+	if s.Encap != nil {
+		port = s.Encap.PeerPort
+	}
+	return netip.AddrPortFrom(s.Peer, port)
+}
+
+// persistState snapshots every interval until ctx ends.
+func (g *Gateway) persistState(ctx context.Context, every time.Duration) error {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+			if err := g.saveState(ctx, false); err != nil && ctx.Err() == nil {
+				g.log.Error("snapshot replay windows and bindings", "err", err)
+			}
+		}
+	}
+}
