@@ -231,6 +231,11 @@ func Start(ctx context.Context, cfg *config.Config, o Options) (g *Gateway, err 
 	rest.mu.Lock()
 	g.Restored.Windows = rest.windows
 	rest.mu.Unlock()
+	// Adopted maps may hold what the previous process published for SAs
+	// this one does not have.
+	if g.Restored.StaleSAs, g.Restored.StalePolicies, err = g.Manager.PruneStale(); err != nil {
+		return nil, fmt.Errorf("prune adopted maps: %w", err)
+	}
 	g.goRun("manager", func() error { return g.Manager.Run(runCtx) })
 	g.Lifetime, err = lifetime.New(lifetime.Options{SAD: g.SAD, Interval: o.LifetimeInterval, Log: o.Log,
 		Usage: func(id sa.ID) (lifetime.Usage, bool) {
@@ -267,7 +272,9 @@ func Start(ctx context.Context, cfg *config.Config, o Options) (g *Gateway, err 
 	o.Log.Info("xesp data path up",
 		"public", fmt.Sprintf("%s (xdp %s)", pubIf.Name, g.Loader.Public.Mode),
 		"private", fmt.Sprintf("%s (xdp %s)", privIf.Name, g.Loader.Private.Mode),
-		"af_xdp", g.Sockets[0][0].Mode().String(), "workers", cfg.Workers, "sas", len(cfg.SAList))
+		"af_xdp", g.Sockets[0][0].Mode().String(), "workers", cfg.Workers, "sas", len(cfg.SAList),
+		"restored_windows", g.Restored.Windows, "restored_bindings", g.Restored.Bindings, "clean_snapshot", g.Restored.Clean,
+		"pruned_sas", g.Restored.StaleSAs, "pruned_policies", g.Restored.StalePolicies)
 	return g, nil
 }
 

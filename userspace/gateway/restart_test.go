@@ -72,7 +72,8 @@ func (tp *topo) restartKeepPinned(t *testing.T, o Options) (stop, start time.Dur
 // it stops with --keep-pinned and a new gateway starts on the same pins
 // and state directory. The new one adopts the pinned links and maps (the
 // XDP counters continue), sends the core's reply to port 40000 before
-// the phone has sent it anything (binding restored), and drops every
+// the phone has sent it anything (binding restored), prunes what the
+// first run published for an SA it got through its API, and drops every
 // packet of the first run replayed at it (replay window restored), from
 // any address, without moving the binding.
 func TestGatewayRestartKeepsBindingAndReplayWindow(t *testing.T) {
@@ -106,6 +107,13 @@ func TestGatewayRestartKeepsBindingAndReplayWindow(t *testing.T) {
 	movedTo := netip.MustParseAddrPort("192.0.2.10:40000")
 	id := sa.ID{Dir: sa.In, SPI: spiIn}
 	eventually(t, "binding at port 40000", func() bool { e, _ := tp.g.SAD.Get(id); return e.Binding == movedTo })
+	// A second phone's pair arrives through the API (the SAD), not the
+	// config: the next process does not have it and must not leave it in
+	// the maps it adopts.
+	addSAs(t, tp.g, pairYAML(2, 0x1002, 0x2002, keyIn, keyOut, ""))
+	if _, err := tp.g.Maps.SAs.Lookup(0x1002); err != nil {
+		t.Fatal(err)
+	}
 	redirected := xdpCount(t, tp.g, bpf.RedirectESPUDP)
 
 	stop, start := tp.restartKeepPinned(t, Options{})
@@ -115,6 +123,18 @@ func TestGatewayRestartKeepsBindingAndReplayWindow(t *testing.T) {
 	}
 	if !tp.g.Loader.Public.Reused || !tp.g.Loader.Private.Reused {
 		t.Fatal("the new gateway attached new links instead of adopting the pinned ones")
+	}
+	if r := tp.g.Restored; r.StaleSAs != 1 || r.StalePolicies != 1 {
+		t.Fatalf("pruned %d SAs and %d policies of the first run, want the API-added pair's 1 and 1", r.StaleSAs, r.StalePolicies)
+	}
+	if _, err := tp.g.Maps.SAs.Lookup(0x1002); err == nil {
+		t.Fatal("the first run's API-added SA is still in the adopted SA map")
+	}
+	if _, err := tp.g.Maps.Policies.Lookup(netip.MustParseAddr("10.99.0.2")); err == nil {
+		t.Fatal("the first run's API-added policy is still in the adopted policy map")
+	}
+	if _, err := tp.g.Maps.Policies.Lookup(phoneInner.Addr()); err != nil {
+		t.Fatalf("the configured phone's policy: %v", err)
 	}
 	if got := xdpCount(t, tp.g, bpf.RedirectESPUDP); got != redirected {
 		t.Fatalf("pinned XDP counters: %d redirects after the restart, %d before", got, redirected)

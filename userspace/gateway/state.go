@@ -26,6 +26,9 @@ type Restored struct {
 	Clean    bool // the snapshot was written at a clean shutdown
 	Windows  int  // inbound replay windows restored
 	Bindings int  // NAT bindings restored
+	// StaleSAs and StalePolicies are the entries of adopted BPF maps
+	// that no SA of this run published (removed at start).
+	StaleSAs, StalePolicies int
 }
 
 // restorer hands the previous run's state to SAs as they are installed.
