@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
+	"runtime/pprof"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -186,6 +187,15 @@ func TestGatewaySoak(t *testing.T) {
 	total := int(sent.Load())
 	eventually(t, "every steady request answered", func() bool { return core.count() >= total && rx.count() == total })
 	last := sample(tp.g)
+	if path := os.Getenv("XESP_SOAK_HEAPPROFILE"); path != "" {
+		// What the running gateway holds, for chasing growth.
+		f, err := os.Create(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pprof.WriteHeapProfile(f)
+		f.Close()
+	}
 	eventually(t, "every frame back in the pools and fill rings", func() bool {
 		a := tp.g.UMEM.Accounting()
 		return a.Total() == frames && a.Free+a.Fill+a.KernelRX == frames

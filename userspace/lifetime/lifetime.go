@@ -143,7 +143,7 @@ func New(o Options) (*Enforcer, error) {
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
-	return &Enforcer{o: o, events: make([]Event, 0, o.Keep), wake: make(chan struct{})}, nil
+	return &Enforcer{o: o, wake: make(chan struct{})}, nil
 }
 
 // Run checks every Interval until ctx ends.
@@ -227,10 +227,10 @@ func (e *Enforcer) raise(ev Event) {
 	e.mu.Lock()
 	e.num++
 	ev.Num = e.num
-	if len(e.events) < cap(e.events) {
+	if len(e.events) < e.o.Keep {
 		e.events = append(e.events, ev)
 	} else {
-		e.events[(ev.Num-1)%uint64(cap(e.events))] = ev
+		e.events[(ev.Num-1)%uint64(e.o.Keep)] = ev
 	}
 	close(e.wake)
 	e.wake = make(chan struct{})
@@ -245,7 +245,7 @@ func (e *Enforcer) raise(ev Event) {
 func (e *Enforcer) Events(since uint64, max int) ([]Event, uint64) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	k := uint64(cap(e.events))
+	k := uint64(e.o.Keep)
 	first := since + 1
 	if e.num > k && first <= e.num-k {
 		first = e.num - k + 1
