@@ -69,6 +69,7 @@ type Gateway struct {
 	errs    chan error
 	failure atomic.Pointer[error] // the first component failure, for health
 	once    sync.Once
+	rest    *restorer // the previous run's state, handed out once per SA
 }
 
 // Options change how Start behaves beyond the configuration.
@@ -164,6 +165,7 @@ func Start(ctx context.Context, cfg *config.Config, o Options) (g *Gateway, err 
 		return nil, fmt.Errorf("state_dir: %w (remove the file to start with fresh replay windows, which accepts replays of earlier traffic)", err)
 	}
 	rest := newRestorer(g.Seq, snap)
+	g.rest = rest
 	g.Restored.Clean = snap.Clean
 	events := make(chan worker.BindingChange, 4096)
 	seqReqs := make(chan worker.SeqRequest, 4096)
@@ -195,7 +197,7 @@ func Start(ctx context.Context, cfg *config.Config, o Options) (g *Gateway, err 
 		return nil, err
 	}
 	g.Manager, err = manager.New(manager.Options{SAD: g.SAD, Maps: g.Maps, Workers: g.Workers, Events: events,
-		Seq: g.Seq, SeqRequests: seqReqs, RestoreInbound: rest.window, Log: o.Log})
+		Seq: g.Seq, SeqRequests: seqReqs, Restore: rest.entry, Log: o.Log})
 	if err != nil {
 		return nil, err
 	}
@@ -229,7 +231,7 @@ func Start(ctx context.Context, cfg *config.Config, o Options) (g *Gateway, err 
 		return nil, fmt.Errorf("install configured SAs: %w", err)
 	}
 	rest.mu.Lock()
-	g.Restored.Windows = rest.windows
+	g.Restored.Windows, g.Restored.Counters = rest.windows, rest.counted
 	rest.mu.Unlock()
 	// Adopted maps may hold what the previous process published for SAs
 	// this one does not have.
@@ -240,7 +242,7 @@ func Start(ctx context.Context, cfg *config.Config, o Options) (g *Gateway, err 
 	g.Lifetime, err = lifetime.New(lifetime.Options{SAD: g.SAD, Interval: o.LifetimeInterval, Log: o.Log,
 		Usage: func(id sa.ID) (lifetime.Usage, bool) {
 			c, ok := g.Manager.Counters(id)
-			return lifetime.Usage{Packets: c.Packets, Bytes: c.Bytes, Seq: c.Seq}, ok
+			return lifetime.Usage{Packets: c.Packets, Bytes: c.Bytes, Seq: c.Seq, Since: rest.since(id)}, ok
 		}})
 	if err != nil {
 		return nil, err
@@ -273,7 +275,7 @@ func Start(ctx context.Context, cfg *config.Config, o Options) (g *Gateway, err 
 		"public", fmt.Sprintf("%s (xdp %s)", pubIf.Name, g.Loader.Public.Mode),
 		"private", fmt.Sprintf("%s (xdp %s)", privIf.Name, g.Loader.Private.Mode),
 		"af_xdp", g.Sockets[0][0].Mode().String(), "workers", cfg.Workers, "sas", len(cfg.SAList),
-		"restored_windows", g.Restored.Windows, "restored_bindings", g.Restored.Bindings, "clean_snapshot", g.Restored.Clean,
+		"restored_windows", g.Restored.Windows, "restored_bindings", g.Restored.Bindings, "restored_counters", g.Restored.Counters, "clean_snapshot", g.Restored.Clean,
 		"pruned_sas", g.Restored.StaleSAs, "pruned_policies", g.Restored.StalePolicies)
 	return g, nil
 }

@@ -72,7 +72,8 @@ func (tp *topo) restartKeepPinned(t *testing.T, o Options) (stop, start time.Dur
 // it stops with --keep-pinned and a new gateway starts on the same pins
 // and state directory. The new one adopts the pinned links and maps (the
 // XDP counters continue), sends the core's reply to port 40000 before
-// the phone has sent it anything (binding restored), prunes what the
+// the phone has sent it anything (binding restored), continues each SA's
+// counters and lifetime start, prunes what the
 // first run published for an SA it got through its API, and drops every
 // packet of the first run replayed at it (replay window restored), from
 // any address, without moving the binding.
@@ -115,6 +116,11 @@ func TestGatewayRestartKeepsBindingAndReplayWindow(t *testing.T) {
 		t.Fatal(err)
 	}
 	redirected := xdpCount(t, tp.g, bpf.RedirectESPUDP)
+	firstRun, _ := tp.g.SAD.Get(id)
+	bornAt := firstRun.Created
+	if b := tp.g.rest.since(id); !b.IsZero() {
+		bornAt = b // newTopo's gateway ran first on the same state directory
+	}
 
 	stop, start := tp.restartKeepPinned(t, Options{})
 	t.Logf("stop (keep pinned) %v, start %v", stop, start)
@@ -123,6 +129,16 @@ func TestGatewayRestartKeepsBindingAndReplayWindow(t *testing.T) {
 	}
 	if !tp.g.Loader.Public.Reused || !tp.g.Loader.Private.Reused {
 		t.Fatal("the new gateway attached new links instead of adopting the pinned ones")
+	}
+	// Lifetimes go on: counters and the SA's age continue.
+	if c, _ := tp.g.Manager.Counters(id); c.Packets != 3 || c.Bytes == 0 {
+		t.Fatalf("inbound counters after the restart %+v, want the first run's 3 packets", c)
+	}
+	if r := tp.g.Restored; r.Counters != 2 {
+		t.Fatalf("restored the counters of %d SAs, want 2", r.Counters)
+	}
+	if born := tp.g.rest.since(id); !born.Equal(bornAt) {
+		t.Fatalf("lifetime counts from %v after the restart, the SA was created %v", born, bornAt)
 	}
 	if r := tp.g.Restored; r.StaleSAs != 1 || r.StalePolicies != 1 {
 		t.Fatalf("pruned %d SAs and %d policies of the first run, want the API-added pair's 1 and 1", r.StaleSAs, r.StalePolicies)

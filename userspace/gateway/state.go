@@ -12,6 +12,7 @@ import (
 	"github.com/xesp/xesp/userspace/sa"
 	"github.com/xesp/xesp/userspace/sad"
 	"github.com/xesp/xesp/userspace/seqstore"
+	"github.com/xesp/xesp/userspace/worker"
 )
 
 // rxStateFile is the replay-window and binding snapshot in state_dir.
@@ -26,6 +27,7 @@ type Restored struct {
 	Clean    bool // the snapshot was written at a clean shutdown
 	Windows  int  // inbound replay windows restored
 	Bindings int  // NAT bindings restored
+	Counters int  // SAs whose counters and lifetime start were restored
 	// StaleSAs and StalePolicies are the entries of adopted BPF maps
 	// that no SA of this run published (removed at start).
 	StaleSAs, StalePolicies int
@@ -38,10 +40,15 @@ type restorer struct {
 	mu      sync.Mutex
 	byKey   map[seqstore.Key]*rxstate.Record
 	windows int
+	counted int
+	// born is when each SA continued from the snapshot was first created:
+	// its lifetime counts from there, in this run and the next.
+	born map[sa.ID]time.Time
 }
 
 func newRestorer(seq *seqstore.Store, s *rxstate.Snapshot) *restorer {
-	r := &restorer{seq: seq, clean: s.Clean, byKey: make(map[seqstore.Key]*rxstate.Record, len(s.Records))}
+	r := &restorer{seq: seq, clean: s.Clean, byKey: make(map[seqstore.Key]*rxstate.Record, len(s.Records)),
+		born: make(map[sa.ID]time.Time)}
 	for i := range s.Records {
 		r.byKey[s.Records[i].Key] = &s.Records[i]
 	}
@@ -52,24 +59,42 @@ func stateKey(seq *seqstore.Store, id sa.ID, s *sa.SA) seqstore.Key {
 	return seq.KeyFor("rx/"+id.Dir.String(), s.SPI, id.Peer, s.Proposal.String(), s.EncKey, s.AuthKey)
 }
 
-// window is the manager's RestoreInbound: the first install of an
-// inbound SA continues the window it had when the snapshot was taken.
-func (r *restorer) window(id sa.ID, s *sa.SA, w *esp.ReplayWindow) {
+// entry is the manager's Restore: the first install of an SA continues
+// the counters (lifetime) and, inbound, the replay window it had when the
+// snapshot was taken.
+func (r *restorer) entry(id sa.ID, s *sa.SA, e *worker.Entry) {
 	k := stateKey(r.seq, id, s)
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	rec := r.byKey[k]
-	if rec == nil || rec.Replay == nil {
+	if rec == nil {
+		return
+	}
+	delete(r.byKey, k) // once: later installs of this SA inherit their own state
+	e.Counters.Packets.Store(rec.Packets)
+	e.Counters.Bytes.Store(rec.Bytes)
+	if rec.Created != 0 {
+		r.born[id] = time.Unix(0, rec.Created)
+	}
+	r.counted++
+	if rec.Replay == nil || e.Dir != worker.Inbound {
 		return
 	}
 	st := *rec.Replay
-	rec.Replay = nil // once: later installs of this SA inherit their own
 	if !r.clean {
 		rxstate.Distrust(&st)
 	}
-	if w.Import(st) == nil {
+	if e.SA.Replay().Import(st) == nil {
 		r.windows++
 	}
+}
+
+// since is when the SA id was first created, if it continues a previous
+// run's SA.
+func (r *restorer) since(id sa.ID) time.Time {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.born[id]
 }
 
 // bindings moves every SA in d whose snapshot has a binding to it.
@@ -115,13 +140,17 @@ func (g *Gateway) saveState(ctx context.Context, stopped bool) error {
 		page, cur = g.SAD.List(cur, 4096, page[:0])
 		for i := range page {
 			e := &page[i]
-			rec := rxstate.Record{Key: stateKey(g.Seq, e.ID, &e.SA), Replay: windows[e.ID]}
+			rec := rxstate.Record{Key: stateKey(g.Seq, e.ID, &e.SA), Replay: windows[e.ID], Created: e.Created.UnixNano()}
+			if b := g.rest.since(e.ID); !b.IsZero() && b.Before(e.Created) {
+				rec.Created = b.UnixNano()
+			}
 			if e.Binding.IsValid() && e.Binding != configuredBinding(&e.SA) {
 				rec.Binding = e.Binding
 			}
-			if rec.Replay != nil || rec.Binding.IsValid() {
-				snap.Records = append(snap.Records, rec)
+			if c, ok := g.Manager.Counters(e.ID); ok {
+				rec.Packets, rec.Bytes = c.Packets, c.Bytes
 			}
+			snap.Records = append(snap.Records, rec)
 		}
 		if cur == 0 {
 			break

@@ -92,10 +92,14 @@ type Event struct {
 // Usage is what the data path reports of one SA.
 type Usage struct {
 	Packets, Bytes, Seq uint64
+	// Since, when not zero, is when the SA's lifetime started if that was
+	// before the SAD's creation time (an SA continued across a restart).
+	Since time.Time
 }
 
 // UsageFunc returns an SA's usage; false when the data path does not
-// hold it (yet): its traffic limits are then not checked.
+// hold it (yet): its traffic limits are then not checked (Since still
+// counts).
 type UsageFunc func(sa.ID) (Usage, bool)
 
 // Options wire an Enforcer.
@@ -184,8 +188,12 @@ func (e *Enforcer) check(ent *sad.Entry, now time.Time) {
 	if ent.SA.ESN {
 		seqSoft, seqHard = SeqSoft64, SeqHard64
 	}
-	age := uint64(max(now.Sub(ent.Created), 0) / time.Second)
 	u, ok := e.o.Usage(ent.ID)
+	born := ent.Created
+	if !u.Since.IsZero() && u.Since.Before(born) {
+		born = u.Since
+	}
+	age := uint64(max(now.Sub(born), 0) / time.Second)
 	type test struct {
 		what              Limit
 		value, soft, hard uint64

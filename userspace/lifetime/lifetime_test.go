@@ -167,6 +167,20 @@ func TestUnreportedSA(t *testing.T) {
 	}
 }
 
+// An SA continued across a restart counts its time from when it was
+// first created (Usage.Since), not from the new SAD's creation time.
+func TestSinceCarriesAge(t *testing.T) {
+	d, _ := sad.New(sad.Options{Workers: 1})
+	s := phoneSA(1, sa.In, sa.Lifetime{HardSeconds: 60}, false)
+	d.Add(s)
+	born := time.Now().Add(-time.Minute)
+	e, _ := New(Options{SAD: d, Usage: func(sa.ID) (Usage, bool) { return Usage{Since: born}, false }})
+	e.Check()
+	if _, ok := d.Get(s.ID()); ok {
+		t.Fatal("an SA first created a minute ago survived its 60 s hard lifetime")
+	}
+}
+
 // Readers see events in order across the ring's wrap and can wait for the
 // next one.
 func TestEventRingAndWait(t *testing.T) {

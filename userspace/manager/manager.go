@@ -47,10 +47,11 @@ type Options struct {
 	// carries the workers' requests for more.
 	Seq         *seqstore.Store
 	SeqRequests <-chan worker.SeqRequest
-	// RestoreInbound, when set, may load a persisted replay window into a
-	// new inbound SA's window before its first install (a restart).
-	RestoreInbound func(id sa.ID, s *sa.SA, w *esp.ReplayWindow)
-	Log            *slog.Logger
+	// Restore, when set, may load persisted state (an inbound SA's replay
+	// window, its counters) into an entry before its first install, after
+	// a restart. Updates and moves then carry the entry's state over.
+	Restore func(id sa.ID, s *sa.SA, e *worker.Entry)
+	Log     *slog.Logger
 }
 
 // slot is one SA installed in the data path.
@@ -418,9 +419,6 @@ func (m *Manager) build(e sad.Entry) (*slot, error) {
 	if s.Direction == sa.In {
 		ent.Dir = worker.Inbound
 		ent.InnerPeer = s.InnerPeer
-		if m.o.RestoreInbound != nil {
-			m.o.RestoreInbound(e.ID, s, cipher.Replay())
-		}
 	} else {
 		if m.o.Seq != nil {
 			// The configured peer, not the current binding: the binding
@@ -435,6 +433,9 @@ func (m *Manager) build(e sad.Entry) (*slot, error) {
 			sl.policy = netip.PrefixFrom(s.Peer, s.Peer.BitLen())
 		}
 		ent.InnerPeer = sl.policy
+	}
+	if m.o.Restore != nil {
+		m.o.Restore(e.ID, s, ent)
 	}
 	m.mu.Lock()
 	sb := m.bindings[sl.group]

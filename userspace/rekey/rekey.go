@@ -8,8 +8,10 @@
 //     selector: the manager points the XDP policy entry at the newest
 //     outbound SA for a prefix, one map update, so the outbound direction
 //     switches atomically between two packets.
-//  2. The old outbound SAs are deleted at once: nothing is sealed under
-//     them any more.
+//  2. The old outbound SAs are deleted after OutboundDrain (or Grace if
+//     shorter): no new packet is steered to them, but frames XDP steered
+//     just before the switch may still wait in a worker's RX ring, and
+//     deleting the SA under them would drop them.
 //  3. The old inbound SAs stay for Grace, so packets the phone sent under
 //     them before it switched, still in flight or queued, are accepted;
 //     then they are deleted.
@@ -21,7 +23,6 @@ package rekey
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"time"
 
@@ -36,6 +37,10 @@ type Waiter func(ctx context.Context, version uint64) error
 // DefaultGrace is how long old inbound SAs outlive a rekey.
 const DefaultGrace = 5 * time.Second
 
+// OutboundDrain is how long old outbound SAs outlive a rekey: far more
+// than a worker needs to empty its rings.
+const OutboundDrain = 100 * time.Millisecond
+
 // Request is one rekey.
 type Request struct {
 	Old []sa.ID
@@ -48,14 +53,14 @@ type Request struct {
 // Result says what the rekey did.
 type Result struct {
 	Added []sad.Entry
-	// Retired are the old SAs deleted at once (outbound); Draining are the
-	// old inbound SAs deleted after the grace period.
+	// Retired are the old outbound SAs, deleted after OutboundDrain;
+	// Draining are the old inbound SAs, deleted after the grace period.
 	Retired, Draining []sa.ID
-	// Done closes once the draining SAs are deleted.
+	// Done closes once every old SA is deleted.
 	Done <-chan struct{}
 }
 
-// Do runs steps 1 and 2 and schedules step 3; ctx bounds the wait for
+// Do runs step 1 and schedules steps 2 and 3; ctx bounds the wait for
 // the data path only.
 func Do(ctx context.Context, d *sad.SAD, wait Waiter, r Request) (Result, error) {
 	if len(r.New) == 0 {
@@ -96,22 +101,20 @@ func Do(ctx context.Context, d *sad.SAD, wait Waiter, r Request) (Result, error)
 		// still work, rather than risk a gap.
 		return res, fmt.Errorf("rekey: new SAs not in force yet, old SAs kept: %w", err)
 	}
-	var errs []error
-	for _, id := range res.Retired {
-		if _, err := d.Delete(id); err != nil && !errors.Is(err, sad.ErrNotFound) {
-			errs = append(errs, fmt.Errorf("rekey: retire %s: %w", id, err))
-		}
-	}
 	done := make(chan struct{})
 	res.Done = done
 	go func() {
 		defer close(done)
-		if grace > 0 {
-			time.Sleep(grace)
+		drain := min(max(grace, 0), OutboundDrain)
+		time.Sleep(drain)
+		// Already gone (API, lifetime): nothing to do.
+		for _, id := range res.Retired {
+			d.Delete(id)
 		}
+		time.Sleep(max(grace, 0) - drain)
 		for _, id := range res.Draining {
-			d.Delete(id) // already gone (API, lifetime): nothing to do
+			d.Delete(id)
 		}
 	}()
-	return res, errors.Join(errs...)
+	return res, nil
 }

@@ -47,12 +47,20 @@ func TestOrder(t *testing.T) {
 		atWait = append(atWait, old[0].ID())
 		return nil
 	}
-	res, err := Do(context.Background(), d, wait, Request{Old: ids(old), New: pair(0x1011, 0x2011), Grace: 100 * time.Millisecond})
+	res, err := Do(context.Background(), d, wait, Request{Old: ids(old), New: pair(0x1011, 0x2011), Grace: 10 * OutboundDrain})
 	if err != nil || len(atWait) != 1 {
 		t.Fatal(err)
 	}
-	if _, ok := d.Get(old[1].ID()); ok {
-		t.Fatal("old outbound SA survived the rekey")
+	if _, ok := d.Get(old[1].ID()); !ok {
+		t.Fatal("old outbound SA removed before frames in flight could drain")
+	}
+	for deadline := time.Now().Add(8 * OutboundDrain); ; time.Sleep(5 * time.Millisecond) {
+		if _, ok := d.Get(old[1].ID()); !ok {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("old outbound SA survived its drain time")
+		}
 	}
 	if _, ok := d.Get(old[0].ID()); !ok {
 		t.Fatal("old inbound SA removed before its grace period")

@@ -16,18 +16,22 @@
 // the last interval before the crash stays replayable once. The interval
 // bounds that exposure.
 //
+// Each SA's packet and byte counters and its creation time are kept too,
+// so that lifetimes (RFC 4301 4.4.2.1) are not reset by a restart.
+//
 // Records are keyed by seqstore keys (an HMAC of the SA's identity and key
 // material under the state directory's secret), so a state never carries
 // over to an SA that reuses the SPI with other keys.
 //
 // # File (little-endian)
 //
-//	0  8  magic "XESPRX\x00\x01"
+//	0  8  magic "XESPRX\x00\x02"
 //	8  4  flags: bit 0 clean (written at shutdown, data path stopped)
 //	12 4  record count
 //	then per record:
 //	  16 key
 //	  1  address length (0: no binding, 4 or 16), the address, 2 port
+//	  8  packets, 8 bytes, 8 creation time (Unix ns, 0: unknown)
 //	  1  1 when a replay window follows: 8 top, 2 words n, n*8 bitmap
 //	last 4: CRC32C (Castagnoli) of everything before
 package rxstate
@@ -46,7 +50,7 @@ import (
 	"github.com/xesp/xesp/userspace/seqstore"
 )
 
-const magic = "XESPRX\x00\x01"
+const magic = "XESPRX\x00\x02"
 
 // MaxSize bounds a snapshot file read back (1M SAs with 4096-packet
 // windows fit).
@@ -59,6 +63,10 @@ type Record struct {
 	Key     seqstore.Key
 	Binding netip.AddrPort   // invalid: none recorded
 	Replay  *esp.ReplayState // nil: none (outbound SAs)
+	// Packets and Bytes are the SA's counters; Created is when it was
+	// first installed (Unix ns, 0 unknown): what its lifetime counts from.
+	Packets, Bytes uint64
+	Created        int64
 }
 
 // Snapshot is the whole file.
@@ -93,6 +101,9 @@ func Save(path string, s *Snapshot) error {
 		} else {
 			b = append(b, 0)
 		}
+		b = binary.LittleEndian.AppendUint64(b, r.Packets)
+		b = binary.LittleEndian.AppendUint64(b, r.Bytes)
+		b = binary.LittleEndian.AppendUint64(b, uint64(r.Created))
 		if r.Replay == nil {
 			b = append(b, 0)
 			continue
@@ -187,7 +198,7 @@ func Decode(b []byte) (*Snapshot, error) {
 	n := binary.LittleEndian.Uint32(body[12:])
 	p := body[16:]
 	short := fmt.Errorf("%w: truncated record", ErrCorrupt)
-	if uint64(n) > uint64(len(p))/18 {
+	if uint64(n) > uint64(len(p))/42 {
 		return nil, fmt.Errorf("%w: %d records cannot fit %d bytes", ErrCorrupt, n, len(p))
 	}
 	s.Records = make([]Record, n)
@@ -211,11 +222,14 @@ func Decode(b []byte) (*Snapshot, error) {
 		default:
 			return nil, fmt.Errorf("%w: address length %d", ErrCorrupt, al)
 		}
-		if len(p) < 1 {
+		if len(p) < 25 {
 			return nil, short
 		}
-		has := p[0]
-		p = p[1:]
+		r.Packets = binary.LittleEndian.Uint64(p)
+		r.Bytes = binary.LittleEndian.Uint64(p[8:])
+		r.Created = int64(binary.LittleEndian.Uint64(p[16:]))
+		has := p[24]
+		p = p[25:]
 		switch has {
 		case 0:
 			continue

@@ -23,8 +23,8 @@ func TestSaveLoadRoundTrip(t *testing.T) {
 	}
 	rs := w.Export()
 	want := &Snapshot{Clean: true, Records: []Record{
-		{Key: seqstore.Key{1}, Binding: netip.MustParseAddrPort("192.0.2.10:40000"), Replay: &rs},
-		{Key: seqstore.Key{2}, Binding: netip.MustParseAddrPort("[2001:db8::1]:4500")},
+		{Key: seqstore.Key{1}, Binding: netip.MustParseAddrPort("192.0.2.10:40000"), Replay: &rs, Packets: 5, Bytes: 500, Created: 1764700000123456789},
+		{Key: seqstore.Key{2}, Binding: netip.MustParseAddrPort("[2001:db8::1]:4500"), Packets: 1 << 40},
 		{Key: seqstore.Key{3}, Replay: &esp.ReplayState{Top: 0, Bitmap: []uint64{0}}},
 	}}
 	if err := Save(path, want); err != nil {
