@@ -26,6 +26,8 @@ func (s *Server) routes() {
 	m.HandleFunc("GET /v1/sas/{ref}", s.get)
 	m.HandleFunc("PUT /v1/sas/{ref}", s.update)
 	m.HandleFunc("DELETE /v1/sas/{ref}", s.del)
+	m.HandleFunc("GET /v1/events", s.events)
+	m.HandleFunc("POST /v1/rekey", s.rekey)
 	// Method-less patterns catch the other methods, so a 405 is JSON
 	// like every other error; the mux prefers the patterns above.
 	m.HandleFunc("/v1/health", methods("GET"))
@@ -33,6 +35,8 @@ func (s *Server) routes() {
 	m.HandleFunc("/v1/sas", methods("GET, POST"))
 	m.HandleFunc("/v1/sas/{ref}", methods("GET, PUT, DELETE"))
 	s.secAgreeRoutes(m)
+	m.HandleFunc("/v1/events", methods("GET"))
+	m.HandleFunc("/v1/rekey", methods("POST"))
 	m.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, fmt.Sprintf("no endpoint %s (see /v1/health, /v1/stats, /v1/sas)", r.URL.Path))
 	})

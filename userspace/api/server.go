@@ -38,6 +38,8 @@ type Options struct {
 	// API holds the listeners: Unix ("" disables it), TCP ("" disables
 	// it) and BearerToken, which TCP requires.
 	API config.API
+	// Events serves SA lifetime events on GET /v1/events; nil answers 503.
+	Events EventSource
 	// Log receives one line per change and per failed listener; nil
 	// discards.
 	Log *slog.Logger
@@ -54,6 +56,7 @@ type Options struct {
 type Server struct {
 	sad     *sad.SAD
 	dp      DataPath
+	ev      EventSource
 	api     config.API
 	log     *slog.Logger
 	started time.Time
@@ -83,7 +86,7 @@ func New(o Options) (*Server, error) {
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
-	s := &Server{sad: o.SAD, dp: o.DataPath, api: o.API, log: o.Log, started: time.Now(), policy: secagree.DefaultPolicy()}
+	s := &Server{sad: o.SAD, dp: o.DataPath, ev: o.Events, api: o.API, log: o.Log, started: time.Now(), policy: secagree.DefaultPolicy()}
 	if o.SecAgree != nil {
 		s.policy = *o.SecAgree
 	}

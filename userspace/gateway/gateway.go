@@ -21,8 +21,11 @@ import (
 	"github.com/xesp/xesp/loader"
 	"github.com/xesp/xesp/maps"
 	"github.com/xesp/xesp/userspace/config"
+	"github.com/xesp/xesp/userspace/lifetime"
 	"github.com/xesp/xesp/userspace/manager"
 	"github.com/xesp/xesp/userspace/neigh"
+	"github.com/xesp/xesp/userspace/rxstate"
+	"github.com/xesp/xesp/userspace/sa"
 	"github.com/xesp/xesp/userspace/sad"
 	"github.com/xesp/xesp/userspace/seqstore"
 	"github.com/xesp/xesp/userspace/slowpath"
@@ -52,6 +55,12 @@ type Gateway struct {
 	// SlowPath serves the NAT-T port for what XDP passes up: reassembled
 	// fragments and IKE.
 	SlowPath *slowpath.Server
+	// Lifetime enforces the SAs' soft and hard lifetimes and the
+	// sequence-number space.
+	Lifetime *lifetime.Enforcer
+	// Restored is what Start took over from the previous run's replay
+	// window and binding snapshot (state_dir/rx.state).
+	Restored Restored
 	Started  time.Time
 
 	log     *slog.Logger
@@ -60,6 +69,7 @@ type Gateway struct {
 	errs    chan error
 	failure atomic.Pointer[error] // the first component failure, for health
 	once    sync.Once
+	rest    *restorer // the previous run's state, handed out once per SA
 }
 
 // Options change how Start behaves beyond the configuration.
@@ -67,6 +77,12 @@ type Options struct {
 	Log *slog.Logger
 	// NoPin keeps nothing in bpffs (tests, dry runs).
 	NoPin bool
+	// LifetimeInterval is how often SA lifetimes are checked (1 s).
+	LifetimeInterval time.Duration
+	// StateInterval is how often the replay windows and NAT bindings are
+	// snapshotted to state_dir (DefaultStateInterval); after a crash,
+	// what an SA accepted in the last interval can be replayed once.
+	StateInterval time.Duration
 }
 
 // Start brings the data path up. On error everything it built is torn
@@ -144,6 +160,13 @@ func Start(ctx context.Context, cfg *config.Config, o Options) (g *Gateway, err 
 	if err != nil {
 		return nil, fmt.Errorf("state_dir: %w", err)
 	}
+	snap, err := rxstate.Load(filepath.Join(cfg.StateDir, rxStateFile))
+	if err != nil {
+		return nil, fmt.Errorf("state_dir: %w (remove the file to start with fresh replay windows, which accepts replays of earlier traffic)", err)
+	}
+	rest := newRestorer(g.Seq, snap)
+	g.rest = rest
+	g.Restored.Clean = snap.Clean
 	events := make(chan worker.BindingChange, 4096)
 	seqReqs := make(chan worker.SeqRequest, 4096)
 	for w := 0; w < cfg.Workers; w++ {
@@ -174,7 +197,7 @@ func Start(ctx context.Context, cfg *config.Config, o Options) (g *Gateway, err 
 		return nil, err
 	}
 	g.Manager, err = manager.New(manager.Options{SAD: g.SAD, Maps: g.Maps, Workers: g.Workers, Events: events,
-		Seq: g.Seq, SeqRequests: seqReqs, Log: o.Log})
+		Seq: g.Seq, SeqRequests: seqReqs, Restore: rest.entry, Log: o.Log})
 	if err != nil {
 		return nil, err
 	}
@@ -203,10 +226,33 @@ func Start(ctx context.Context, cfg *config.Config, o Options) (g *Gateway, err 
 	if err := g.SAD.AddAll(cfg.SAList); err != nil {
 		return nil, fmt.Errorf("load configured SAs: %w", err)
 	}
+	g.Restored.Bindings = rest.bindings(g.SAD)
 	if err := g.Manager.Sync(ctx); err != nil {
 		return nil, fmt.Errorf("install configured SAs: %w", err)
 	}
+	rest.mu.Lock()
+	g.Restored.Windows, g.Restored.Counters = rest.windows, rest.counted
+	rest.mu.Unlock()
+	// Adopted maps may hold what the previous process published for SAs
+	// this one does not have.
+	if g.Restored.StaleSAs, g.Restored.StalePolicies, err = g.Manager.PruneStale(); err != nil {
+		return nil, fmt.Errorf("prune adopted maps: %w", err)
+	}
 	g.goRun("manager", func() error { return g.Manager.Run(runCtx) })
+	g.Lifetime, err = lifetime.New(lifetime.Options{SAD: g.SAD, Interval: o.LifetimeInterval, Log: o.Log,
+		Usage: func(id sa.ID) (lifetime.Usage, bool) {
+			c, ok := g.Manager.Counters(id)
+			return lifetime.Usage{Packets: c.Packets, Bytes: c.Bytes, Seq: c.Seq, Since: rest.since(id)}, ok
+		}})
+	if err != nil {
+		return nil, err
+	}
+	g.goRun("lifetime", func() error { return g.Lifetime.Run(runCtx) })
+	every := o.StateInterval
+	if every <= 0 {
+		every = DefaultStateInterval
+	}
+	g.goRun("state snapshot", func() error { return g.persistState(runCtx, every) })
 	// Before XDP attaches, so a fragment passed up never meets a closed
 	// port (the kernel would answer ICMP port unreachable).
 	injectors := make([]slowpath.Injector, len(g.Workers))
@@ -228,7 +274,9 @@ func Start(ctx context.Context, cfg *config.Config, o Options) (g *Gateway, err 
 	o.Log.Info("xesp data path up",
 		"public", fmt.Sprintf("%s (xdp %s)", pubIf.Name, g.Loader.Public.Mode),
 		"private", fmt.Sprintf("%s (xdp %s)", privIf.Name, g.Loader.Private.Mode),
-		"af_xdp", g.Sockets[0][0].Mode().String(), "workers", cfg.Workers, "sas", len(cfg.SAList))
+		"af_xdp", g.Sockets[0][0].Mode().String(), "workers", cfg.Workers, "sas", len(cfg.SAList),
+		"restored_windows", g.Restored.Windows, "restored_bindings", g.Restored.Bindings, "restored_counters", g.Restored.Counters, "clean_snapshot", g.Restored.Clean,
+		"pruned_sas", g.Restored.StaleSAs, "pruned_policies", g.Restored.StalePolicies)
 	return g, nil
 }
 
@@ -273,6 +321,13 @@ func (g *Gateway) teardown(keepPinned bool) error {
 		g.cancel()
 	}
 	g.wg.Wait()
+	// With the workers stopped the windows are exact: the next run
+	// continues them (a failed start leaves the last snapshot alone).
+	if !g.Started.IsZero() && g.Manager != nil && g.Seq != nil {
+		if err := g.saveState(context.Background(), true); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	// The slow path injects into workers: it stops before they close.
 	if g.SlowPath != nil {
 		g.SlowPath.Close()

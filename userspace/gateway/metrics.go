@@ -26,6 +26,9 @@ func (g *Gateway) MetricsSources(version string) (metrics.Sources, error) {
 			return []metrics.SACount{{Direction: "in", State: "active", Count: in}, {Direction: "out", State: "active", Count: out}}
 		},
 	}
+	if g.Lifetime != nil {
+		src.Lifetime = g.Lifetime.Counts
+	}
 	if g.SlowPath != nil {
 		src.SlowPath = func() map[string]uint64 {
 			st := g.SlowPath.Stats()

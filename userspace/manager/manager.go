@@ -47,7 +47,11 @@ type Options struct {
 	// carries the workers' requests for more.
 	Seq         *seqstore.Store
 	SeqRequests <-chan worker.SeqRequest
-	Log         *slog.Logger
+	// Restore, when set, may load persisted state (an inbound SA's replay
+	// window, its counters) into an entry before its first install, after
+	// a restart. Updates and moves then carry the entry's state over.
+	Restore func(id sa.ID, s *sa.SA, e *worker.Entry)
+	Log     *slog.Logger
 }
 
 // slot is one SA installed in the data path.
@@ -429,6 +433,9 @@ func (m *Manager) build(e sad.Entry) (*slot, error) {
 			sl.policy = netip.PrefixFrom(s.Peer, s.Peer.BitLen())
 		}
 		ent.InnerPeer = sl.policy
+	}
+	if m.o.Restore != nil {
+		m.o.Restore(e.ID, s, ent)
 	}
 	m.mu.Lock()
 	sb := m.bindings[sl.group]

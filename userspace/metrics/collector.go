@@ -43,6 +43,9 @@ var (
 	descSlowPath = desc("xesp_slowpath_packets_total",
 		"Datagrams the NAT-T socket received from the kernel (what XDP passed up: reassembled fragments, IKE), by outcome.",
 		"result")
+	descLifetime = desc("xesp_sa_lifetime_expiries_total",
+		"SA lifetimes reached, by kind (soft: rekey due; hard: SA removed) and limit (time, bytes, packets, seq).",
+		"kind", "limit")
 	descXDPPackets = desc("xesp_xdp_packets_total",
 		"Packets the XDP programs gave a verdict, by program and reason.",
 		"program", "reason")
@@ -83,7 +86,7 @@ var (
 var allDescs = []*prometheus.Desc{
 	descPackets, descBytes, descDrops, descBatch, descBindingChanges, descBindingLost, descPolls,
 	descXDPPackets, descXDPBytes, descRing, descFill, descFillEmpty, descRxDropped, descRxFull,
-	descInvalid, descFrames, descSAs, descUptime, descBuild, descSlowPath,
+	descInvalid, descFrames, descSAs, descUptime, descBuild, descSlowPath, descLifetime,
 }
 
 // directions are the label values of worker.Stats' two DirStats, in the
@@ -189,6 +192,12 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	if c.src.SlowPath != nil {
 		for name, n := range c.src.SlowPath() {
 			ch <- prometheus.MustNewConstMetric(descSlowPath, prometheus.CounterValue, float64(n), name)
+		}
+	}
+	if c.src.Lifetime != nil {
+		for key, n := range c.src.Lifetime() {
+			kind, limit, _ := strings.Cut(key, "/")
+			ch <- prometheus.MustNewConstMetric(descLifetime, prometheus.CounterValue, float64(n), kind, limit)
 		}
 	}
 	if c.src.SAs != nil {

@@ -36,6 +36,9 @@ type Sources struct {
 	// SlowPath reports the NAT-T socket's outcomes by name (reassembled
 	// ESP handed to workers, IKE relayed or dropped, keepalives, ...).
 	SlowPath func() map[string]uint64
+	// Lifetime reports SA lifetime expiries keyed "kind/limit" ("soft/bytes",
+	// "hard/time", ...; lifetime.Enforcer.Counts).
+	Lifetime func() map[string]uint64
 }
 
 // CounterReader is what the collector needs of maps.Counters.

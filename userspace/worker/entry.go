@@ -106,7 +106,11 @@ type Command struct {
 	Index   uint32
 	Entry   *Entry
 	Inherit bool
-	Done    chan struct{}
+	// Visit, when set, is called on the worker's thread with its table
+	// after the command's install or removal: the one safe moment to read
+	// state only the worker writes (replay windows) without a race.
+	Visit func(table []*Entry)
+	Done  chan struct{}
 }
 
 // Inherit makes to, a rebuilt version of the SA from (e.g. new keys), go

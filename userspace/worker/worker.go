@@ -159,6 +159,9 @@ func (w *Worker) apply(cmds []Command) {
 			w.pipe.table[c.Index] = c.Entry
 		}
 	done:
+		if c.Visit != nil {
+			c.Visit(w.pipe.table)
+		}
 		if c.Done != nil {
 			close(c.Done)
 		}
