@@ -35,6 +35,7 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
+	"math"
 	"net/netip"
 	"strconv"
 	"sync"
@@ -45,8 +46,9 @@ import (
 	"github.com/xesp/xesp/userspace/seqstore"
 )
 
-// ErrConflict: another gateway moved the mark since this one read it.
-var ErrConflict = errors.New("sequence mark moved by another gateway")
+// ErrConflict: another gateway moved the mark since this one read or
+// wrote it (it is seqstore.ErrFenced, which the manager does not retry).
+var ErrConflict = seqstore.ErrFenced
 
 // Options tune a Store.
 type Options struct {
@@ -69,8 +71,14 @@ type Store struct {
 	keyer *seqstore.Keyer
 	dir   string // <prefix>/seq/k/
 
-	mu   sync.Mutex
-	seen map[seqstore.Key]mark // what this gateway last read or wrote
+	mu sync.Mutex
+	// granted is each key's mark as this gateway last wrote it: the end
+	// of the range it may send in. pending holds marks High read since
+	// the last Reserve; that Reserve may build on them (the manager has
+	// started those SAs above them), and consumes them all, so a read
+	// never becomes the base of a later extension.
+	granted map[seqstore.Key]mark
+	pending map[seqstore.Key]mark
 }
 
 // mark is a key's value and its etcd mod revision (0: absent).
@@ -113,7 +121,7 @@ func Open(ctx context.Context, cli *clientv3.Client, o Options) (*Store, error) 
 		secret = bytes.Clone(kvs[0].Value)
 	}
 	return &Store{cli: cli, opts: o, keyer: seqstore.NewKeyer(secret), dir: o.Prefix + "/seq/k/",
-		seen: make(map[seqstore.Key]mark)}, nil
+		granted: make(map[seqstore.Key]mark), pending: make(map[seqstore.Key]mark)}, nil
 }
 
 // Block is the reservation block size.
@@ -127,29 +135,31 @@ func (s *Store) KeyFor(dir string, spi uint32, peer netip.AddrPort, proposal str
 func (s *Store) etcdKey(k seqstore.Key) string { return s.dir + k.String() }
 
 // High reads k's mark from etcd (linearizably, so a takeover sees the
-// previous owner's last reservation). When etcd cannot be reached it
-// returns what this gateway saw last: a Reserve based on it can only
-// succeed if the mark has not moved since.
+// previous owner's last reservation); the next Reserve may build on it.
+// When etcd cannot be read it returns the mark this gateway last wrote
+// (0 and false if none), and the next Reserve can only succeed if the
+// mark is still that.
 func (s *Store) High(k seqstore.Key) (uint64, bool) {
 	ctx, cancel := context.WithTimeout(context.Background(), s.opts.Timeout)
 	defer cancel()
 	resp, err := s.cli.Get(ctx, s.etcdKey(k))
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if err == nil {
-		m := mark{}
-		if len(resp.Kvs) == 1 {
-			if m, err = parse(resp.Kvs[0].Value, resp.Kvs[0].ModRevision); err != nil {
-				// Unreadable: remember nothing, so Reserve compares
-				// against revision 0 and fails rather than guess.
-				delete(s.seen, k)
-				return 0, false
-			}
-		}
-		s.seen[k] = m
+	if err != nil {
+		m, ok := s.granted[k]
+		return m.high, ok
 	}
-	m, ok := s.seen[k]
-	return m.high, ok && m.rev != 0
+	m := mark{}
+	if len(resp.Kvs) == 1 {
+		if m, err = parse(resp.Kvs[0].Value, resp.Kvs[0].ModRevision); err != nil {
+			// Unreadable: build on nothing, so Reserve compares against
+			// an absent key and fails rather than guess.
+			delete(s.pending, k)
+			return math.MaxUint64, true
+		}
+	}
+	s.pending[k] = m
+	return m.high, m.rev != 0
 }
 
 func parse(v []byte, rev int64) (mark, error) {
@@ -186,7 +196,10 @@ func (s *Store) reserve(batch []seqstore.Reservation) []error {
 	var errs []error
 	s.mu.Lock()
 	for i, r := range batch {
-		m := s.seen[r.Key]
+		m, ok := s.pending[r.Key]
+		if !ok {
+			m = s.granted[r.Key]
+		}
 		expect[i] = m
 		if r.High <= m.high {
 			errs = append(errs, fmt.Errorf("etcdseq: reserve %s up to %d: mark is already %d: %w", r.Key, r.High, m.high, ErrConflict))
@@ -197,6 +210,7 @@ func (s *Store) reserve(batch []seqstore.Reservation) []error {
 		puts = append(puts, clientv3.OpPut(key, strconv.FormatUint(r.High, 10)))
 		gets = append(gets, clientv3.OpGet(key))
 	}
+	clear(s.pending)
 	s.mu.Unlock()
 	if len(errs) > 0 {
 		return errs
@@ -207,30 +221,26 @@ func (s *Store) reserve(batch []seqstore.Reservation) []error {
 	if err != nil {
 		return []error{fmt.Errorf("etcdseq: reserve %d keys: %w", len(batch), err)}
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
 	if resp.Succeeded {
+		s.mu.Lock()
 		for _, r := range batch {
-			s.seen[r.Key] = mark{high: r.High, rev: resp.Header.Revision}
+			s.granted[r.Key] = mark{high: r.High, rev: resp.Header.Revision}
 		}
+		s.mu.Unlock()
 		return nil
 	}
 	for i, r := range batch {
-		now := mark{}
+		now := "absent"
 		if kvs := resp.Responses[i].GetResponseRange().Kvs; len(kvs) == 1 {
-			m, err := parse(kvs[0].Value, kvs[0].ModRevision)
-			if err != nil {
-				errs = append(errs, fmt.Errorf("etcdseq: %s: %w", r.Key, err))
-				delete(s.seen, r.Key)
+			if kvs[0].ModRevision == expect[i].rev {
 				continue
 			}
-			now = m
+			now = string(kvs[0].Value)
+		} else if expect[i].rev == 0 {
+			continue
 		}
-		s.seen[r.Key] = now
-		if now.rev != expect[i].rev {
-			errs = append(errs, fmt.Errorf("etcdseq: reserve %s up to %d: expected mark %d, found %d: %w",
-				r.Key, r.High, expect[i].high, now.high, ErrConflict))
-		}
+		errs = append(errs, fmt.Errorf("etcdseq: reserve %s up to %d: built on mark %d, etcd has %s: %w",
+			r.Key, r.High, expect[i].high, now, ErrConflict))
 	}
 	if len(errs) == 0 { // cannot happen: the compares failed on some key
 		errs = append(errs, fmt.Errorf("etcdseq: reserve %d keys: %w", len(batch), ErrConflict))

@@ -82,8 +82,43 @@ func TestSecondReserverLoses(t *testing.T) {
 	if err := a.Reserve([]seqstore.Reservation{{Key: k, High: 201}}); !errors.Is(err, ErrConflict) {
 		t.Fatalf("stale owner's extension: %v, want ErrConflict", err)
 	}
+	// Retrying does not launder it: the refusal is not a new base.
+	if err := a.Reserve([]seqstore.Reservation{{Key: k, High: 251}}); !errors.Is(err, seqstore.ErrFenced) {
+		t.Fatalf("stale owner's second try: %v, want ErrFenced", err)
+	}
 	if h, _ := b.High(k); h != 201 {
-		t.Fatalf("mark %d after the fenced extension, want 201", h)
+		t.Fatalf("mark %d after the fenced extensions, want 201", h)
+	}
+}
+
+// A mark read for an install that then failed is not what a later
+// extension builds on: the extension of the SA still running on its old
+// grant must be refused once another gateway reserved past that grant.
+func TestReadIsNotAnExtensionBase(t *testing.T) {
+	srv := etcdtest.Start(t)
+	a, b := open(t, srv, 100), open(t, srv, 100)
+	k := a.KeyFor("out", 1, peer, "aes128gcm16", []byte("k"), nil)
+	other := a.KeyFor("out", 2, peer, "aes128gcm16", []byte("k"), nil)
+	a.High(k)
+	if err := a.Reserve([]seqstore.Reservation{{Key: k, High: 101}}); err != nil {
+		t.Fatal(err)
+	}
+	b.High(k)
+	if err := b.Reserve([]seqstore.Reservation{{Key: k, High: 201}}); err != nil {
+		t.Fatal(err)
+	}
+	// a reads the new mark for a re-install that does not happen (its
+	// batch reserves something else), then its old slot, still limited
+	// at 101, asks for the next block.
+	if h, _ := a.High(k); h != 201 {
+		t.Fatalf("High %d, want 201", h)
+	}
+	a.High(other)
+	if err := a.Reserve([]seqstore.Reservation{{Key: other, High: 101}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Reserve([]seqstore.Reservation{{Key: k, High: 251}}); !errors.Is(err, ErrConflict) {
+		t.Fatalf("extension on the old grant after another gateway's: %v, want ErrConflict", err)
 	}
 }
 

@@ -276,3 +276,10 @@ func (s *Source) Owned() int {
 	defer s.mu.Unlock()
 	return len(s.owned)
 }
+
+// lastParseError re-parses a value the way put does (for tests and
+// tools that want the reason a key was rejected).
+func (s *Source) lastParseError(key, value string) error {
+	_, err := s.parse(key, []byte(value))
+	return err
+}

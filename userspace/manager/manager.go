@@ -18,6 +18,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"sync"
+	"time"
 
 	"github.com/xesp/xesp/bpf"
 	"github.com/xesp/xesp/maps"
@@ -35,6 +36,15 @@ type Workers interface {
 	Len() int
 }
 
+// SeqStore keeps outbound sequence reservations: *seqstore.Store on one
+// machine, or a fleet-wide store (etcdseq) with the same contract.
+type SeqStore interface {
+	KeyFor(dir string, spi uint32, peer netip.AddrPort, proposal string, encKey, authKey []byte) seqstore.Key
+	Block() uint64
+	High(seqstore.Key) (uint64, bool)
+	Reserve([]seqstore.Reservation) error
+}
+
 // Options wires a Manager.
 type Options struct {
 	SAD     *sad.SAD
@@ -45,7 +55,7 @@ type Options struct {
 	// Seq, when set, keeps every outbound SA's sequence numbers durably
 	// reserved ahead of use (no IV reuse across restarts); SeqRequests
 	// carries the workers' requests for more.
-	Seq         *seqstore.Store
+	Seq         SeqStore
 	SeqRequests <-chan worker.SeqRequest
 	Log         *slog.Logger
 }
@@ -110,6 +120,9 @@ func New(o Options) (*Manager, error) {
 	if o.Log == nil {
 		o.Log = slog.Default()
 	}
+	if s, ok := o.Seq.(*seqstore.Store); ok && s == nil {
+		o.Seq = nil // a nil *Store means no store, as before SeqStore was an interface
+	}
 	return &Manager{
 		o: o, log: o.Log, syncedCh: make(chan struct{}),
 		live:     make(map[sa.ID]*slot),
@@ -124,10 +137,24 @@ func (m *Manager) Run(ctx context.Context) error {
 	if err := m.Sync(ctx); err != nil {
 		return err
 	}
+	// Extensions that failed for want of the store (a shared one out of
+	// reach) are retried: the worker asks once per block and would
+	// otherwise stall at its limit for good. Fenced ones are not.
+	retry := make(map[worker.SeqRequest]struct{})
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
+		case <-tick.C:
+			for req := range retry {
+				err := m.extend(req)
+				if err == nil || errors.Is(err, seqstore.ErrFenced) {
+					delete(retry, req)
+					m.log.Info("reserve sequence numbers: retried", "worker", req.Worker, "index", req.Index, "err", err)
+				}
+			}
 		case <-m.o.SAD.Notify():
 			if err := m.Sync(ctx); err != nil {
 				if ctx.Err() != nil {
@@ -140,6 +167,9 @@ func (m *Manager) Run(ctx context.Context) error {
 		case req := <-m.o.SeqRequests:
 			if err := m.extend(req); err != nil {
 				m.log.Error("reserve sequence numbers", "err", err)
+				if !errors.Is(err, seqstore.ErrFenced) {
+					retry[req] = struct{}{}
+				}
 			}
 		}
 	}

@@ -1,6 +1,9 @@
 package seqstore
 
-import "net/netip"
+import (
+	"errors"
+	"net/netip"
+)
 
 // Keyer derives record keys (KeyFor) under a secret kept elsewhere, for
 // stores other than the local log that must name SAs exactly as it does,
@@ -17,3 +20,9 @@ func NewKeyer(secret []byte) *Keyer {
 func (k *Keyer) KeyFor(dir string, spi uint32, peer netip.AddrPort, proposal string, encKey, authKey []byte) Key {
 	return k.s.KeyFor(dir, spi, peer, proposal, encKey, authKey)
 }
+
+// ErrFenced is what a shared store (one several gateways reserve in)
+// returns when the range asked for is no longer this gateway's to take:
+// another gateway reserved past the mark this one built on. Retrying the
+// same reservation cannot succeed; the SA must be installed afresh.
+var ErrFenced = errors.New("sequence mark moved by another gateway")
