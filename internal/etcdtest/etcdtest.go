@@ -20,14 +20,19 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
+	"google.golang.org/grpc"
+
+	"github.com/xesp/xesp/internal/netns"
 )
 
 // Server is one etcd process.
 type Server struct {
 	t          testing.TB
 	dir        string
-	clientURL  string
+	clientURL  string // the first of clientURLs
+	clientURLs []string
 	peerURL    string
+	ns         *netns.NS // nil: the host, on 127.0.0.1
 	mu         sync.Mutex
 	cmd        *exec.Cmd
 	done       chan struct{}
@@ -46,7 +51,34 @@ func Start(t testing.TB) *Server {
 	}
 	s := &Server{t: t, dir: t.TempDir()}
 	s.clientURL = "http://" + freePort(t)
+	s.clientURLs = []string{s.clientURL}
 	s.peerURL = "http://" + freePort(t)
+	s.init()
+	return s
+}
+
+// StartIn runs etcd inside ns (a namespace the test made), serving
+// clients on port 2379 of each of hosts (addresses ns holds) and its peer
+// port on the namespace's loopback.
+func StartIn(t testing.TB, ns *netns.NS, hosts ...string) *Server {
+	t.Helper()
+	if _, err := exec.LookPath(Binary); err != nil {
+		t.Skipf("etcd not installed (apt-get install etcd-server): %v", err)
+	}
+	s := &Server{t: t, dir: t.TempDir(), ns: ns, peerURL: "http://127.0.0.1:2380"}
+	for _, h := range hosts {
+		s.clientURLs = append(s.clientURLs, "http://"+net.JoinHostPort(h, "2379"))
+	}
+	s.clientURL = s.clientURLs[0]
+	s.init()
+	return s
+}
+
+// ClientURLs are the URLs clients may use.
+func (s *Server) ClientURLs() []string { return s.clientURLs }
+
+func (s *Server) init() {
+	t := s.t
 	s.logFile = filepath.Join(s.dir, "etcd.log")
 	t.Cleanup(func() {
 		s.Stop()
@@ -58,7 +90,20 @@ func Start(t testing.TB) *Server {
 		}
 	})
 	s.Start()
-	return s
+}
+
+// dial connects from the host, or from inside the server's namespace.
+func (s *Server) dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	var d net.Dialer
+	if s.ns == nil {
+		return d.DialContext(ctx, network, addr)
+	}
+	var c net.Conn
+	err := s.ns.Do(func() (err error) {
+		c, err = d.DialContext(ctx, network, addr)
+		return err
+	})
+	return c, err
 }
 
 // Endpoint is the client URL.
@@ -87,13 +132,19 @@ func (s *Server) Start() {
 		s.t.Fatal(err)
 	}
 	defer log.Close()
-	cmd := exec.Command(Binary,
+	args := []string{
 		"--name", "t", "--data-dir", filepath.Join(s.dir, "data"),
-		"--listen-client-urls", s.clientURL, "--advertise-client-urls", s.clientURL,
+		"--listen-client-urls", strings.Join(s.clientURLs, ","), "--advertise-client-urls", strings.Join(s.clientURLs, ","),
 		"--listen-peer-urls", s.peerURL, "--initial-advertise-peer-urls", s.peerURL,
-		"--initial-cluster", "t="+s.peerURL, "--initial-cluster-state", "new",
+		"--initial-cluster", "t=" + s.peerURL, "--initial-cluster-state", "new",
 		"--listen-metrics-urls", "", "--enable-pprof=false",
-	)
+	}
+	var cmd *exec.Cmd
+	if s.ns != nil {
+		cmd = s.ns.Command(Binary, args...)
+	} else {
+		cmd = exec.Command(Binary, args...)
+	}
 	cmd.Stdout, cmd.Stderr = log, log
 	if err := cmd.Start(); err != nil {
 		s.t.Fatalf("start etcd: %v", err)
@@ -104,9 +155,10 @@ func (s *Server) Start() {
 	s.startCount++
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
+	hc := &http.Client{Transport: &http.Transport{DialContext: s.dial}}
 	for {
 		req, _ := http.NewRequestWithContext(ctx, "GET", s.clientURL+"/health", nil)
-		resp, err := http.DefaultClient.Do(req)
+		resp, err := hc.Do(req)
 		if err == nil {
 			ok := resp.StatusCode == 200
 			resp.Body.Close()
@@ -144,6 +196,9 @@ func (s *Server) Client(t testing.TB) *clientv3.Client {
 	t.Helper()
 	cli, err := clientv3.New(clientv3.Config{
 		Endpoints: []string{s.clientURL}, DialTimeout: 2 * time.Second, Logger: zap.NewNop(),
+		DialOptions: []grpc.DialOption{grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) {
+			return s.dial(ctx, "tcp", addr)
+		})},
 	})
 	if err != nil {
 		t.Fatal(err)
