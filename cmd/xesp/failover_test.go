@@ -351,13 +351,14 @@ func TestFleetFailover(t *testing.T) {
 		t.Fatal(err)
 	}
 	tMoved := time.Since(t0)
+	const interval = 5 * time.Millisecond
 	var mu sync.Mutex
 	took := map[string]time.Duration{}
 	var wg sync.WaitGroup
 	for _, ph := range phones[:2] {
 		wg.Go(func() {
 			for i := 0; time.Since(t0) < 10*time.Second; i++ {
-				if ph.exchange(t, fmt.Sprintf("OPTIONS %s retry #%d", ph.name, i), 20*time.Millisecond) {
+				if ph.exchange(t, fmt.Sprintf("OPTIONS %s retry #%d", ph.name, i), interval) {
 					mu.Lock()
 					took[ph.name] = time.Since(t0)
 					mu.Unlock()
@@ -372,8 +373,9 @@ func TestFleetFailover(t *testing.T) {
 			t.Fatalf("%s: no reply within 10 s of the failover", ph.name)
 		}
 	}
-	t.Logf("failover: routes and etcd move done %v after the kill; first reply: ue1 %v, ue2 %v (requests every ~20 ms)",
-		tMoved.Round(time.Millisecond), took["ue1"].Round(time.Millisecond), took["ue2"].Round(time.Millisecond))
+	t.Logf("failover: routes and etcd move done %v after the kill; first reply %v (ue1), %v (ue2) after the kill, %v / %v after the etcd move (a request every %v)",
+		tMoved.Round(time.Millisecond), took["ue1"].Round(time.Millisecond), took["ue2"].Round(time.Millisecond),
+		(took["ue1"] - tMoved).Round(time.Millisecond), (took["ue2"] - tMoved).Round(time.Millisecond), interval)
 
 	for round := range 5 {
 		for _, ph := range phones {
@@ -441,4 +443,52 @@ func hasDup(s []uint64) bool {
 		}
 	}
 	return false
+}
+
+// With etcd gone a gateway keeps serving the SAs it has, and once etcd is
+// back it picks up what was assigned to it meanwhile or after.
+func TestFleetEtcdOutage(t *testing.T) {
+	f := newFleet(t)
+	ctx := context.Background()
+	cli := f.etcd.Client(t)
+	f.route("192.0.2.1", "gwb")
+	ue1, ue3 := f.newPhone(t, 1, "192.0.2.1"), f.newPhone(t, 3, "192.0.2.2")
+	for _, sp := range ue3.specs() {
+		if err := etcdsrc.Put(ctx, cli, fleetPrefix, "gwb", sp); err != nil {
+			t.Fatal(err)
+		}
+	}
+	gwb := f.startGW(t, "gwb")
+	if !ue3.exchange(t, "OPTIONS before", 3*time.Second) {
+		t.Fatal("no reply with etcd up")
+	}
+	f.etcd.Stop()
+	for i := range 10 {
+		if !ue3.exchange(t, fmt.Sprintf("OPTIONS etcd down #%d", i), 3*time.Second) {
+			t.Fatalf("no reply with etcd down (#%d)", i)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	select {
+	case <-gwb.exited:
+		t.Fatalf("gateway exited with etcd down: %v", gwb.err)
+	default:
+	}
+	f.etcd.Start()
+	back := time.Now()
+	for _, sp := range ue1.specs() {
+		if err := etcdsrc.Put(ctx, cli, fleetPrefix, "gwb", sp); err != nil {
+			t.Fatal(err)
+		}
+	}
+	deadline := time.Now().Add(15 * time.Second)
+	for i := 0; !ue1.exchange(t, fmt.Sprintf("OPTIONS ue1 #%d", i), 50*time.Millisecond); i++ {
+		if time.Now().After(deadline) {
+			t.Fatal("an SA assigned after etcd came back was not served")
+		}
+	}
+	t.Logf("SA assigned after etcd came back served %v after the restart", time.Since(back).Round(time.Millisecond))
+	if !ue3.exchange(t, "OPTIONS after", 3*time.Second) {
+		t.Fatal("no reply after etcd came back")
+	}
 }
