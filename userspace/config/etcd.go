@@ -1,6 +1,7 @@
 package config
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"net/url"
@@ -124,4 +125,12 @@ func (c *Config) CheckSA(s *sa.SA) error {
 			Reason: fmt.Sprintf("%d differs from natt_port %d: XDP only takes ESP-in-UDP on natt_port", s.Encap.LocalPort, c.NATTPort)}
 	}
 	return nil
+}
+
+// CheckEtcd validates just the etcd section (for tools that take the same
+// settings as flags).
+func (c *Config) CheckEtcd() error {
+	var errs errList
+	c.validateEtcd(&errs)
+	return errors.Join(errs...)
 }

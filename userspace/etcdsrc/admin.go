@@ -2,8 +2,10 @@ package etcdsrc
 
 import (
 	"context"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"strings"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
@@ -59,4 +61,34 @@ func Move(ctx context.Context, cli *clientv3.Client, prefix, from, to string, na
 		return fmt.Errorf("etcdsrc: move %d SAs %s → %s: changed meanwhile, try again", len(names), from, to)
 	}
 	return nil
+}
+
+// SpecOf is s as a Spec with its keys inline (hex), for writing to etcd:
+// key files are a config-file convenience the gateways cannot follow.
+func SpecOf(s *sa.SA) sa.Spec {
+	sp := s.Public()
+	if len(s.EncKey) > 0 {
+		sp.EncKey = hex.EncodeToString(s.EncKey)
+	}
+	if len(s.AuthKey) > 0 {
+		sp.AuthKey = hex.EncodeToString(s.AuthKey)
+	}
+	return sp
+}
+
+// List returns, per node, the names of the SAs assigned to it.
+func List(ctx context.Context, cli *clientv3.Client, prefix string) (map[string][]string, error) {
+	dir := prefix + "/nodes/"
+	resp, err := cli.Get(ctx, dir, clientv3.WithPrefix(), clientv3.WithKeysOnly())
+	if err != nil {
+		return nil, fmt.Errorf("etcdsrc: list %s: %w", dir, err)
+	}
+	out := map[string][]string{}
+	for _, kv := range resp.Kvs {
+		node, name, ok := strings.Cut(strings.TrimPrefix(string(kv.Key), dir), "/sas/")
+		if ok && node != "" && name != "" {
+			out[node] = append(out[node], name)
+		}
+	}
+	return out, nil
 }
