@@ -79,6 +79,8 @@ type Store struct {
 	// never becomes the base of a later extension.
 	granted map[seqstore.Key]mark
 	pending map[seqstore.Key]mark
+	// fetched holds marks Prefetch read for the High calls that follow.
+	fetched map[seqstore.Key]mark
 }
 
 // mark is a key's value and its etcd mod revision (0: absent).
@@ -121,7 +123,8 @@ func Open(ctx context.Context, cli *clientv3.Client, o Options) (*Store, error) 
 		secret = bytes.Clone(kvs[0].Value)
 	}
 	return &Store{cli: cli, opts: o, keyer: seqstore.NewKeyer(secret), dir: o.Prefix + "/seq/k/",
-		granted: make(map[seqstore.Key]mark), pending: make(map[seqstore.Key]mark)}, nil
+		granted: make(map[seqstore.Key]mark), pending: make(map[seqstore.Key]mark),
+		fetched: make(map[seqstore.Key]mark)}, nil
 }
 
 // Block is the reservation block size.
@@ -140,6 +143,14 @@ func (s *Store) etcdKey(k seqstore.Key) string { return s.dir + k.String() }
 // (0 and false if none), and the next Reserve can only succeed if the
 // mark is still that.
 func (s *Store) High(k seqstore.Key) (uint64, bool) {
+	s.mu.Lock()
+	if m, ok := s.fetched[k]; ok {
+		delete(s.fetched, k)
+		s.pending[k] = m
+		s.mu.Unlock()
+		return m.high, m.rev != 0
+	}
+	s.mu.Unlock()
 	ctx, cancel := context.WithTimeout(context.Background(), s.opts.Timeout)
 	defer cancel()
 	resp, err := s.cli.Get(ctx, s.etcdKey(k))
@@ -160,6 +171,40 @@ func (s *Store) High(k seqstore.Key) (uint64, bool) {
 	}
 	s.pending[k] = m
 	return m.high, m.rev != 0
+}
+
+// Prefetch reads the marks of keys in transactions of 64 reads, so the
+// High calls of an install batch that follow cost no round trip each (one
+// round trip per SA would make loading 100k SAs take most of a minute).
+// Keys it could not read are left to High.
+func (s *Store) Prefetch(keys []seqstore.Key) {
+	for len(keys) > 0 {
+		n := min(len(keys), maxOps)
+		chunk := keys[:n]
+		keys = keys[n:]
+		ops := make([]clientv3.Op, n)
+		for i, k := range chunk {
+			ops[i] = clientv3.OpGet(s.etcdKey(k))
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), s.opts.Timeout)
+		resp, err := s.cli.Txn(ctx).Then(ops...).Commit()
+		cancel()
+		if err != nil {
+			return
+		}
+		s.mu.Lock()
+		for i, k := range chunk {
+			m := mark{}
+			if kvs := resp.Responses[i].GetResponseRange().Kvs; len(kvs) == 1 {
+				var err error
+				if m, err = parse(kvs[0].Value, kvs[0].ModRevision); err != nil {
+					continue // High reads it again and refuses it
+				}
+			}
+			s.fetched[k] = m
+		}
+		s.mu.Unlock()
+	}
 }
 
 func parse(v []byte, rev int64) (mark, error) {
@@ -211,6 +256,7 @@ func (s *Store) reserve(batch []seqstore.Reservation) []error {
 		gets = append(gets, clientv3.OpGet(key))
 	}
 	clear(s.pending)
+	clear(s.fetched)
 	s.mu.Unlock()
 	if len(errs) > 0 {
 		return errs

@@ -45,6 +45,10 @@ type SeqStore interface {
 	Reserve([]seqstore.Reservation) error
 }
 
+// prefetcher is a SeqStore whose High costs a round trip (a shared store):
+// reserve lets it read a whole batch's marks at once first.
+type prefetcher interface{ Prefetch([]seqstore.Key) }
+
 // Options wires a Manager.
 type Options struct {
 	SAD     *sad.SAD
@@ -482,6 +486,15 @@ func (m *Manager) reserve(installs []*slot, errs *[]error) ([]*slot, error) {
 		return installs, nil
 	}
 	block := m.o.Seq.Block()
+	if p, ok := m.o.Seq.(prefetcher); ok {
+		var keys []seqstore.Key
+		for _, s := range installs {
+			if s.entry.Dir == worker.Outbound {
+				keys = append(keys, s.seqKey)
+			}
+		}
+		p.Prefetch(keys)
+	}
 	var batch []seqstore.Reservation
 	keep := installs[:0]
 	for _, s := range installs {
