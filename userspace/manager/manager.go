@@ -108,6 +108,9 @@ type Manager struct {
 
 	version uint64
 	changes []sad.Change
+	// retryInstall holds SAs whose sequence reservation failed; Run
+	// installs them again from the SAD every second (guarded by mu).
+	retryInstall map[sa.ID]struct{}
 
 	// synced is the SAD version the data path reflects; waiters watch
 	// syncedCh, which is closed and replaced at every advance.
@@ -133,13 +136,21 @@ func New(o Options) (*Manager, error) {
 		slots:    make([][]*slot, o.Workers.Len()),
 		bindings: make(map[groupRef]*sharedBinding),
 		policies: make(map[netip.Prefix][]*slot),
+
+		retryInstall: make(map[sa.ID]struct{}),
 	}, nil
 }
 
 // Run follows the SAD until ctx ends.
 func (m *Manager) Run(ctx context.Context) error {
+	// A failed SA is reported and the rest carry on, on the first round
+	// as on every later one: changes that arrived since the caller's own
+	// Sync (an etcd listing, an API call) must not stop the data path.
 	if err := m.Sync(ctx); err != nil {
-		return err
+		if ctx.Err() != nil {
+			return nil
+		}
+		m.log.Error("sync data path with SA database", "err", err)
 	}
 	// Extensions that failed for want of the store (a shared one out of
 	// reach) are retried: the worker asks once per block and would
@@ -152,6 +163,7 @@ func (m *Manager) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			return nil
 		case <-tick.C:
+			m.retryInstalls(ctx)
 			for req := range retry {
 				err := m.extend(req)
 				if err == nil || errors.Is(err, seqstore.ErrFenced) {
@@ -177,6 +189,33 @@ func (m *Manager) Run(ctx context.Context) error {
 			}
 		}
 	}
+}
+
+// retryInstalls installs again the SAs whose reservation failed, as the
+// SAD has them now (deleted ones are dropped).
+func (m *Manager) retryInstalls(ctx context.Context) {
+	m.mu.Lock()
+	if len(m.retryInstall) == 0 {
+		m.mu.Unlock()
+		return
+	}
+	ids := make([]sa.ID, 0, len(m.retryInstall))
+	for id := range m.retryInstall {
+		ids = append(ids, id)
+	}
+	clear(m.retryInstall)
+	m.mu.Unlock()
+	var b batch
+	for _, id := range ids {
+		if e, ok := m.o.SAD.Get(id); ok {
+			b.adds = append(b.adds, e)
+		}
+	}
+	if err := m.commit(ctx, &b); err != nil {
+		m.log.Error("install SAs again", "sas", len(b.adds), "err", err)
+		return
+	}
+	m.log.Info("installed SAs whose reservation had failed", "sas", len(b.adds))
 }
 
 // Sync applies every SAD change made so far and returns once the data
@@ -370,6 +409,15 @@ func (m *Manager) commit(ctx context.Context, b *batch) error {
 	}
 	installs, err := m.reserve(installs, &errs)
 	if err != nil {
+		// Nothing of this batch is installed. A shared store out of
+		// reach (or a takeover race) is passing, so Run tries these SAs
+		// again rather than leave them in the SAD but off the data path.
+		m.mu.Lock()
+		for _, s := range installs {
+			m.release(s)
+			m.retryInstall[s.id] = struct{}{}
+		}
+		m.mu.Unlock()
 		return errors.Join(append(errs, err)...)
 	}
 	// 4. Install.
@@ -520,7 +568,7 @@ func (m *Manager) reserve(installs []*slot, errs *[]error) ([]*slot, error) {
 		keep = append(keep, s)
 	}
 	if err := m.o.Seq.Reserve(batch); err != nil {
-		return nil, fmt.Errorf("reserve sequence numbers for %d outbound SAs: %w", len(batch), err)
+		return keep, fmt.Errorf("reserve sequence numbers for %d outbound SAs: %w", len(batch), err)
 	}
 	return keep, nil
 }

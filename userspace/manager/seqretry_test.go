@@ -3,6 +3,7 @@ package manager
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -89,3 +90,60 @@ func TestExtensionRetried(t *testing.T) {
 		t.Fatalf("fenced: %d calls, limit %d; want one call and no new limit", n, we.Limit.Load())
 	}
 }
+
+// An SA whose first reservation fails (the shared store out of reach) is
+// not left in the SAD but off the data path: it is installed once the
+// store takes reservations again.
+func TestInstallRetriedAfterReserveFailure(t *testing.T) {
+	f := newFixture(t, 1, "")
+	st, err := seqstore.Open(t.TempDir(), seqstore.Options{Block: 1000})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	fs := &flakyStore{Store: st}
+	fs.down.Store(true)
+	m, err := New(Options{SAD: f.d, Maps: f.maps, Workers: f.w, Events: make(chan worker.BindingChange), Seq: fs,
+		SeqRequests: make(chan worker.SeqRequest), Log: slog.New(slog.NewTextHandler(tlog{t}, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { m.Run(ctx); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+
+	in, out := mkSA("in", 0x1001, sa.In, "10.99.0.1/32", 1), mkSA("out", 0x2001, sa.Out, "10.99.0.1/32", 2)
+	f.d.Add(in)
+	f.d.Add(out)
+	if err := m.WaitVersion(ctx, f.d.Version()); err != nil {
+		t.Fatal(err)
+	}
+	e, _ := f.d.Get(out.ID())
+	if we := f.w.entry(0, e.Index); we != nil {
+		t.Fatal("outbound SA installed without a reservation")
+	}
+	time.Sleep(1200 * time.Millisecond) // a retry while still down
+	fs.down.Store(false)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		if we := f.w.entry(0, e.Index); we != nil && we.Limit.Load() == 1001 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("outbound SA not installed after the store came back")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	ie, _ := f.d.Get(in.ID())
+	if f.w.entry(0, ie.Index) == nil {
+		t.Fatal("inbound SA of the failed batch not installed")
+	}
+	if _, ok := m.Counters(out.ID()); !ok {
+		t.Fatal("manager does not report the SA as live")
+	}
+}
+
+type tlog struct{ t *testing.T }
+
+func (l tlog) Write(p []byte) (int, error) { l.t.Log(string(p)); return len(p), nil }
