@@ -104,7 +104,7 @@ func newFleet(t *testing.T) *fleet {
 		cfg := fmt.Sprintf("public: {interface: %s, addresses: [192.0.2.1, 192.0.2.2]}\nprivate: {interface: %s}\nworkers: 1\n"+
 			"umem: {frames: 4096, fill_ring: 1024, completion_ring: 1024, rx_ring: 1024, tx_ring: 1024}\n"+
 			"pin_dir: %s\nstate_dir: %s\napi: {unix: %s}\nmetrics: {listen: ''}\n"+
-			"etcd: {endpoints: [http://172.31.%d.1:2379], node: %s, prefix: %s, dial_timeout: 2s}\n",
+			"etcd: {endpoints: [http://172.31.%d.1:2379], node: %s, prefix: %s, dial_timeout: 2s, liveness_ttl: 1s}\n",
 			pubIf, privIf, pin, filepath.Join(dir, "state"), g.sock, n, name, fleetPrefix)
 		g.cfg = filepath.Join(dir, "xesp.yaml")
 		if err := os.WriteFile(g.cfg, []byte(cfg), 0o600); err != nil {
@@ -338,12 +338,33 @@ func TestFleetFailover(t *testing.T) {
 		}
 	}
 
-	// gwa dies; detection is not modelled: the routers and the
-	// controller act at once, so what is measured is the fleet's own
-	// takeover (route change, etcd move, gwb loading the SAs and
-	// reserving sequence numbers, the phone's next request).
+	// The test is the fleet controller: it watches the gateways'
+	// liveness keys, and when gwa's lease expires it moves the route
+	// (what an anycast withdrawal does) and gwa's SAs to gwb. Measured:
+	// detection (kill → key gone, about the lease TTL) and takeover (key
+	// gone → each phone's first reply).
+	alive, err := etcdsrc.Alive(ctx, cli, fleetPrefix)
+	if err != nil || alive["gwa"] == "" || alive["gwb"] == "" {
+		t.Fatalf("liveness keys: %v %v", alive, err)
+	}
+	wctx, wcancel := context.WithCancel(ctx)
+	defer wcancel()
+	gone := cli.Watch(wctx, etcdsrc.AliveKey(fleetPrefix, "gwa"))
 	gwa.cmd.Process.Kill()
 	<-gwa.exited
+	tKill := time.Now()
+	detected := false
+	for !detected {
+		select {
+		case resp := <-gone:
+			for _, ev := range resp.Events {
+				detected = detected || ev.Type == clientv3.EventTypeDelete
+			}
+		case <-time.After(20 * time.Second):
+			t.Fatal("gwa's liveness key outlived it by 20 s")
+		}
+	}
+	tDetect := time.Since(tKill)
 	t0 := time.Now()
 	f.route("192.0.2.1", "gwb")
 	moved := []string{"ue1-in", "ue1-out", "ue2-in", "ue2-out"}
@@ -373,9 +394,10 @@ func TestFleetFailover(t *testing.T) {
 			t.Fatalf("%s: no reply within 10 s of the failover", ph.name)
 		}
 	}
-	t.Logf("failover: routes and etcd move done %v after the kill; first reply %v (ue1), %v (ue2) after the kill, %v / %v after the etcd move (a request every %v)",
-		tMoved.Round(time.Millisecond), took["ue1"].Round(time.Millisecond), took["ue2"].Round(time.Millisecond),
-		(took["ue1"] - tMoved).Round(time.Millisecond), (took["ue2"] - tMoved).Round(time.Millisecond), interval)
+	t.Logf("failover: detection (kill → liveness key gone, TTL 1 s asked) %v; takeover: routes and etcd move done %v later, first reply %v (ue1), %v (ue2) after detection, %v / %v after the etcd move (a request every %v); total kill → reply %v",
+		tDetect.Round(time.Millisecond), tMoved.Round(time.Millisecond), took["ue1"].Round(time.Millisecond), took["ue2"].Round(time.Millisecond),
+		(took["ue1"] - tMoved).Round(time.Millisecond), (took["ue2"] - tMoved).Round(time.Millisecond), interval,
+		(tDetect + max(took["ue1"], took["ue2"])).Round(time.Millisecond))
 
 	for round := range 5 {
 		for _, ph := range phones {

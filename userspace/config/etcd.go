@@ -29,8 +29,14 @@ type Etcd struct {
 	// marks where every gateway sees them.
 	Sequence *bool `yaml:"sequence,omitempty"`
 
-	// Dial is DialTimeout parsed (default 5s).
+	// LivenessTTL is the lease of <prefix>/alive/<node>, the key a fleet
+	// controller watches: it vanishes this long after the gateway dies.
+	LivenessTTL string `yaml:"liveness_ttl,omitempty"`
+
+	// Dial is DialTimeout parsed (default 5s); TTL is LivenessTTL
+	// parsed (default 5s).
 	Dial time.Duration `yaml:"-"`
+	TTL  time.Duration `yaml:"-"`
 }
 
 // SequenceInEtcd reports whether the sequence marks live in etcd.
@@ -67,6 +73,19 @@ func (c *Config) validateEtcd(errs *errList) {
 		errs.add("etcd.prefix", "%q must not end with /", p)
 	case strings.Contains(p, "//") || strings.ContainsAny(p, " \t\n\r\x00"):
 		errs.add("etcd.prefix", "%q: empty path element or whitespace", p)
+	}
+	e.TTL = 5 * time.Second
+	if s := e.LivenessTTL; s != "" {
+		d, err := time.ParseDuration(s)
+		switch {
+		case err != nil:
+			errs.add("etcd.liveness_ttl", "%q: want a duration like 5s", s)
+		case d < time.Second || d > 10*time.Minute || d%time.Second != 0:
+			// etcd leases count whole seconds.
+			errs.add("etcd.liveness_ttl", "%s: must be whole seconds in 1s..10m", d)
+		default:
+			e.TTL = d
+		}
 	}
 	e.Dial = 5 * time.Second
 	if s := e.DialTimeout; s != "" {

@@ -14,14 +14,14 @@ func TestEtcdSection(t *testing.T) {
 		t.Fatal(err)
 	}
 	e := c.Etcd
-	if e.Prefix != DefaultEtcdPrefix || e.Dial != 5*time.Second || !e.SequenceInEtcd() || e.Node != "gw-a.1" {
+	if e.Prefix != DefaultEtcdPrefix || e.Dial != 5*time.Second || e.TTL != 5*time.Second || !e.SequenceInEtcd() || e.Node != "gw-a.1" {
 		t.Fatalf("defaults: %+v", e)
 	}
-	c, err = Parse([]byte(minimal+"etcd: {endpoints: [127.0.0.1:2379], node: n, prefix: /carrier/x, dial_timeout: 2s, sequence: false}\n"), "")
+	c, err = Parse([]byte(minimal+"etcd: {endpoints: [127.0.0.1:2379], node: n, prefix: /carrier/x, dial_timeout: 2s, sequence: false, liveness_ttl: 2s}\n"), "")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c.Etcd.Prefix != "/carrier/x" || c.Etcd.Dial != 2*time.Second || c.Etcd.SequenceInEtcd() {
+	if c.Etcd.Prefix != "/carrier/x" || c.Etcd.Dial != 2*time.Second || c.Etcd.TTL != 2*time.Second || c.Etcd.SequenceInEtcd() {
 		t.Fatalf("explicit: %+v", c.Etcd)
 	}
 	if c, _ := Parse([]byte(minimal), ""); c.Etcd.SequenceInEtcd() {
@@ -52,6 +52,8 @@ func TestEtcdRejections(t *testing.T) {
 		{"{endpoints: ['a:1'], node: n, dial_timeout: 5}", "etcd.dial_timeout: \"5\": want a duration"},
 		{"{endpoints: ['a:1'], node: n, dial_timeout: 1h}", "etcd.dial_timeout: 1h0m0s: must be"},
 		{"{endpoints: ['a:1'], node: n, tls: true}", "unknown field \"tls\""},
+		{"{endpoints: ['a:1'], node: n, liveness_ttl: 1500ms}", "etcd.liveness_ttl: 1.5s: must be whole seconds"},
+		{"{endpoints: ['a:1'], node: n, liveness_ttl: x}", "etcd.liveness_ttl: \"x\""},
 	} {
 		_, err := Parse([]byte(minimal+"etcd: "+tc.etcd+"\n"), "x.yaml")
 		if err == nil || !strings.Contains(err.Error(), tc.want) {

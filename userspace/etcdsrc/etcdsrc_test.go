@@ -273,3 +273,26 @@ func TestRelistReconciles(t *testing.T) {
 		t.Fatalf("owns %d, want 3", n)
 	}
 }
+
+// A running gateway's liveness key is present; a clean stop revokes it at
+// once (a killed gateway's expires with its lease: TestFleetFailover).
+func TestAnnounce(t *testing.T) {
+	srv := etcdtest.Start(t)
+	cli := srv.Client(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { Announce(ctx, cli, prefix, "gw1", "pid=1", 2*time.Second, slog.New(slog.DiscardHandler)); close(done) }()
+	eventually(t, "gw1 announced", func() bool {
+		a, err := Alive(context.Background(), cli, prefix)
+		return err == nil && a["gw1"] == "pid=1"
+	})
+	time.Sleep(3 * time.Second) // beyond the TTL: kept alive
+	if a, _ := Alive(context.Background(), cli, prefix); a["gw1"] != "pid=1" {
+		t.Fatalf("liveness key lapsed while its gateway runs: %v", a)
+	}
+	cancel()
+	<-done
+	if a, _ := Alive(context.Background(), cli, prefix); len(a) != 0 {
+		t.Fatalf("after a clean stop: %v", a)
+	}
+}

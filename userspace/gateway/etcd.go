@@ -3,6 +3,7 @@ package gateway
 import (
 	"context"
 	"fmt"
+	"os"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -65,6 +66,11 @@ func (g *Gateway) startEtcdSource(ctx context.Context, runCtx context.Context) e
 	}
 	g.EtcdSource = src
 	g.goRun("etcd SA source", func() error { return src.Run(runCtx) })
+	host, _ := os.Hostname()
+	alive := fmt.Sprintf("host=%s pid=%d started=%s", host, os.Getpid(), time.Now().UTC().Format(time.RFC3339))
+	g.goRun("etcd liveness", func() error {
+		return etcdsrc.Announce(runCtx, g.Etcd, e.Prefix, e.Node, alive, e.TTL, g.log)
+	})
 	t := time.NewTimer(e.Dial)
 	defer t.Stop()
 	select {
