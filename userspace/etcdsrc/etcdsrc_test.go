@@ -281,7 +281,10 @@ func TestAnnounce(t *testing.T) {
 	cli := srv.Client(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
-	go func() { Announce(ctx, cli, prefix, "gw1", "pid=1", 2*time.Second, slog.New(slog.DiscardHandler)); close(done) }()
+	go func() {
+		Announce(ctx, cli, prefix, "gw1", "pid=1", 2*time.Second, slog.New(slog.DiscardHandler))
+		close(done)
+	}()
 	eventually(t, "gw1 announced", func() bool {
 		a, err := Alive(context.Background(), cli, prefix)
 		return err == nil && a["gw1"] == "pid=1"
