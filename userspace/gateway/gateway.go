@@ -17,11 +17,11 @@ import (
 	"sync/atomic"
 	"time"
 
+	clientv3 "go.etcd.io/etcd/client/v3"
+
 	"github.com/xesp/xesp/bpf"
 	"github.com/xesp/xesp/loader"
 	"github.com/xesp/xesp/maps"
-	clientv3 "go.etcd.io/etcd/client/v3"
-
 	"github.com/xesp/xesp/userspace/config"
 	"github.com/xesp/xesp/userspace/etcdseq"
 	"github.com/xesp/xesp/userspace/etcdsrc"
