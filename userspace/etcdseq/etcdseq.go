@@ -105,8 +105,13 @@ func Open(ctx context.Context, cli *clientv3.Client, o Options) (*Store, error) 
 	}
 	ctx, cancel := context.WithTimeout(ctx, o.Timeout)
 	defer cancel()
+	dir := o.Prefix + "/seq/k/"
+	// A secret is made only for a fleet without marks: marks whose
+	// secret was deleted would otherwise be named anew, and every SA
+	// would start over at 1 on the next takeover.
 	resp, err := cli.Txn(ctx).
-		If(clientv3.Compare(clientv3.CreateRevision(secretKey), "=", 0)).
+		If(clientv3.Compare(clientv3.CreateRevision(secretKey), "=", 0),
+			clientv3.Compare(clientv3.CreateRevision(dir), "=", 0).WithPrefix()).
 		Then(clientv3.OpPut(secretKey, string(fresh))).
 		Else(clientv3.OpGet(secretKey)).
 		Commit()
@@ -118,11 +123,11 @@ func Open(ctx context.Context, cli *clientv3.Client, o Options) (*Store, error) 
 		kvs := resp.Responses[0].GetResponseRange().Kvs
 		if len(kvs) != 1 || len(kvs[0].Value) != 32 {
 			// Never replaced: a new secret would restart every SA at 1.
-			return nil, fmt.Errorf("etcdseq: %s holds no 32-byte secret: refusing to start over", secretKey)
+			return nil, fmt.Errorf("etcdseq: %s holds no 32-byte secret but marks exist under %s: refusing to start over", secretKey, dir)
 		}
 		secret = bytes.Clone(kvs[0].Value)
 	}
-	return &Store{cli: cli, opts: o, keyer: seqstore.NewKeyer(secret), dir: o.Prefix + "/seq/k/",
+	return &Store{cli: cli, opts: o, keyer: seqstore.NewKeyer(secret), dir: dir,
 		granted: make(map[seqstore.Key]mark), pending: make(map[seqstore.Key]mark),
 		fetched: make(map[seqstore.Key]mark)}, nil
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net/netip"
 	"sort"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -48,6 +49,19 @@ func TestSharedSecretSameKeys(t *testing.T) {
 	r, err := cli.Get(context.Background(), "/bad/seq/secret")
 	if err != nil || string(r.Kvs[0].Value) != "short" {
 		t.Fatalf("damaged secret was rewritten: %v %q", err, r.Kvs[0].Value)
+	}
+	// A deleted secret is not made anew while marks named by the old one
+	// exist.
+	k := a.KeyFor("out", 7, peer, "aes128gcm16", []byte("k"), nil)
+	a.High(k)
+	if err := a.Reserve([]seqstore.Reservation{{Key: k, High: 100}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cli.Delete(context.Background(), "/fleet/seq/secret"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Open(context.Background(), cli, Options{Prefix: "/fleet"}); err == nil || !strings.Contains(err.Error(), "marks exist") {
+		t.Fatalf("Open after the secret was deleted: %v", err)
 	}
 }
 
