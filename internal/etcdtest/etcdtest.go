@@ -43,12 +43,10 @@ type Server struct {
 // Binary is where the etcd binary is looked up.
 const Binary = "etcd"
 
-// Start runs etcd for t, or skips t when the binary is missing.
+// Start runs etcd for t (see requireBinary when the binary is missing).
 func Start(t testing.TB) *Server {
 	t.Helper()
-	if _, err := exec.LookPath(Binary); err != nil {
-		t.Skipf("etcd not installed (apt-get install etcd-server): %v", err)
-	}
+	requireBinary(t)
 	s := &Server{t: t, dir: t.TempDir()}
 	s.clientURL = "http://" + freePort(t)
 	s.clientURLs = []string{s.clientURL}
@@ -62,9 +60,7 @@ func Start(t testing.TB) *Server {
 // port on the namespace's loopback.
 func StartIn(t testing.TB, ns *netns.NS, hosts ...string) *Server {
 	t.Helper()
-	if _, err := exec.LookPath(Binary); err != nil {
-		t.Skipf("etcd not installed (apt-get install etcd-server): %v", err)
-	}
+	requireBinary(t)
 	s := &Server{t: t, dir: t.TempDir(), ns: ns, peerURL: "http://127.0.0.1:2380"}
 	for _, h := range hosts {
 		s.clientURLs = append(s.clientURLs, "http://"+net.JoinHostPort(h, "2379"))
@@ -104,6 +100,19 @@ func (s *Server) dial(ctx context.Context, network, addr string) (net.Conn, erro
 		return err
 	})
 	return c, err
+}
+
+// requireBinary stops a test when etcd is missing: under -short it
+// skips, otherwise it fails, so a run without etcd cannot pass by testing
+// nothing (as netns.RequireRoot does for root).
+func requireBinary(t testing.TB) {
+	t.Helper()
+	if _, err := exec.LookPath(Binary); err != nil {
+		if testing.Short() {
+			t.Skipf("etcd not installed (apt-get install etcd-server; make deps): %v", err)
+		}
+		t.Fatalf("etcd not installed (apt-get install etcd-server; make deps): %v", err)
+	}
 }
 
 // Endpoint is the client URL.
