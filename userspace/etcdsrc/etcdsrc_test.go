@@ -130,6 +130,17 @@ func TestFollowsNodeDirectory(t *testing.T) {
 		return ok && bytes.Equal(e.SA.EncKey, want)
 	})
 
+	// A new identity under the same key replaces the SA it gave.
+	old, _ := d.GetName("ue3-in")
+	put(t, cli, "gw1", spec("ue3-in", 0x1013, "in", k2, 3))
+	eventually(t, "ue3-in re-keyed to a new SPI", func() bool {
+		e, ok := d.GetName("ue3-in")
+		return ok && e.SA.SPI == 0x1013
+	})
+	if _, ok := d.Get(old.ID); ok {
+		t.Fatal("the replaced identity is still in the SAD")
+	}
+
 	// Bad values: rejected, counted, nothing else changes.
 	rejected := src.Stats.Rejected.Load()
 	bad := map[string]string{
