@@ -50,6 +50,8 @@ type Config struct {
 	SAs      []sa.Spec `yaml:"sas,omitempty"`
 	// SAFiles are SA files (sa.ParseFile shapes), relative to the config.
 	SAFiles []string `yaml:"sa_files,omitempty"`
+	// Etcd, when set, adds the SAs assigned to this node in etcd.
+	Etcd *Etcd `yaml:"etcd,omitempty"`
 
 	// Path is the file the config came from ("" when parsed from bytes
 	// without a name); relative references resolve against its directory.
@@ -269,6 +271,7 @@ func (c *Config) validate() []error {
 		}
 	}
 	c.validateSAs(&errs)
+	c.validateEtcd(&errs)
 	return errs
 }
 

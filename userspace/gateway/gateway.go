@@ -17,11 +17,15 @@ import (
 	"sync/atomic"
 	"time"
 
+	clientv3 "go.etcd.io/etcd/client/v3"
+
 	"github.com/xesp/xesp/bpf"
 	"github.com/xesp/xesp/loader"
 	"github.com/xesp/xesp/maps"
 	"github.com/xesp/xesp/userspace/config"
 	"github.com/xesp/xesp/userspace/lifetime"
+	"github.com/xesp/xesp/userspace/etcdseq"
+	"github.com/xesp/xesp/userspace/etcdsrc"
 	"github.com/xesp/xesp/userspace/manager"
 	"github.com/xesp/xesp/userspace/neigh"
 	"github.com/xesp/xesp/userspace/rxstate"
@@ -52,6 +56,12 @@ type Gateway struct {
 	Manager   *manager.Manager
 	// Seq holds the outbound sequence reservations in Config.StateDir.
 	Seq *seqstore.Store
+	// Etcd is the client of the config's etcd (nil without one); EtcdSeq
+	// keeps the sequence reservations there instead of in Seq when
+	// etcd.sequence is on, and EtcdSource feeds this node's SAs.
+	Etcd       *clientv3.Client
+	EtcdSeq    *etcdseq.Store
+	EtcdSource *etcdsrc.Source
 	// SlowPath serves the NAT-T port for what XDP passes up: reassembled
 	// fragments and IKE.
 	SlowPath *slowpath.Server
@@ -167,6 +177,9 @@ func Start(ctx context.Context, cfg *config.Config, o Options) (g *Gateway, err 
 	rest := newRestorer(g.Seq, snap)
 	g.rest = rest
 	g.Restored.Clean = snap.Clean
+	if err := g.openEtcd(ctx); err != nil {
+		return nil, err
+	}
 	events := make(chan worker.BindingChange, 4096)
 	seqReqs := make(chan worker.SeqRequest, 4096)
 	for w := 0; w < cfg.Workers; w++ {
@@ -197,7 +210,7 @@ func Start(ctx context.Context, cfg *config.Config, o Options) (g *Gateway, err 
 		return nil, err
 	}
 	g.Manager, err = manager.New(manager.Options{SAD: g.SAD, Maps: g.Maps, Workers: g.Workers, Events: events,
-		Seq: g.Seq, SeqRequests: seqReqs, Restore: rest.entry, Log: o.Log})
+		Seq: g.seqStore(), SeqRequests: seqReqs, Restore: rest.entry, Log: o.Log})
 	if err != nil {
 		return nil, err
 	}
@@ -253,6 +266,9 @@ func Start(ctx context.Context, cfg *config.Config, o Options) (g *Gateway, err 
 		every = DefaultStateInterval
 	}
 	g.goRun("state snapshot", func() error { return g.persistState(runCtx, every) })
+	if err := g.startEtcdSource(ctx, runCtx); err != nil {
+		return nil, err
+	}
 	// Before XDP attaches, so a fragment passed up never meets a closed
 	// port (the kernel would answer ICMP port unreachable).
 	injectors := make([]slowpath.Injector, len(g.Workers))
@@ -352,6 +368,9 @@ func (g *Gateway) teardown(keepPinned bool) error {
 	}
 	if g.Seq != nil {
 		errs = append(errs, g.Seq.Close())
+	}
+	if g.Etcd != nil {
+		g.Etcd.Close()
 	}
 	if g.Loader != nil {
 		if keepPinned {

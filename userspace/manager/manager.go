@@ -18,6 +18,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"sync"
+	"time"
 
 	"github.com/xesp/xesp/bpf"
 	"github.com/xesp/xesp/maps"
@@ -35,6 +36,19 @@ type Workers interface {
 	Len() int
 }
 
+// SeqStore keeps outbound sequence reservations: *seqstore.Store on one
+// machine, or a fleet-wide store (etcdseq) with the same contract.
+type SeqStore interface {
+	KeyFor(dir string, spi uint32, peer netip.AddrPort, proposal string, encKey, authKey []byte) seqstore.Key
+	Block() uint64
+	High(seqstore.Key) (uint64, bool)
+	Reserve([]seqstore.Reservation) error
+}
+
+// prefetcher is a SeqStore whose High costs a round trip (a shared store):
+// reserve lets it read a whole batch's marks at once first.
+type prefetcher interface{ Prefetch([]seqstore.Key) }
+
 // Options wires a Manager.
 type Options struct {
 	SAD     *sad.SAD
@@ -45,7 +59,7 @@ type Options struct {
 	// Seq, when set, keeps every outbound SA's sequence numbers durably
 	// reserved ahead of use (no IV reuse across restarts); SeqRequests
 	// carries the workers' requests for more.
-	Seq         *seqstore.Store
+	Seq         SeqStore
 	SeqRequests <-chan worker.SeqRequest
 	// Restore, when set, may load persisted state (an inbound SA's replay
 	// window, its counters) into an entry before its first install, after
@@ -98,6 +112,9 @@ type Manager struct {
 
 	version uint64
 	changes []sad.Change
+	// retryInstall holds SAs whose sequence reservation failed; Run
+	// installs them again from the SAD every second (guarded by mu).
+	retryInstall map[sa.ID]struct{}
 
 	// synced is the SAD version the data path reflects; waiters watch
 	// syncedCh, which is closed and replaced at every advance.
@@ -114,24 +131,50 @@ func New(o Options) (*Manager, error) {
 	if o.Log == nil {
 		o.Log = slog.Default()
 	}
+	if s, ok := o.Seq.(*seqstore.Store); ok && s == nil {
+		o.Seq = nil // a nil *Store means no store, as before SeqStore was an interface
+	}
 	return &Manager{
 		o: o, log: o.Log, syncedCh: make(chan struct{}),
 		live:     make(map[sa.ID]*slot),
 		slots:    make([][]*slot, o.Workers.Len()),
 		bindings: make(map[groupRef]*sharedBinding),
 		policies: make(map[netip.Prefix][]*slot),
+
+		retryInstall: make(map[sa.ID]struct{}),
 	}, nil
 }
 
 // Run follows the SAD until ctx ends.
 func (m *Manager) Run(ctx context.Context) error {
+	// A failed SA is reported and the rest carry on, on the first round
+	// as on every later one: changes that arrived since the caller's own
+	// Sync (an etcd listing, an API call) must not stop the data path.
 	if err := m.Sync(ctx); err != nil {
-		return err
+		if ctx.Err() != nil {
+			return nil
+		}
+		m.log.Error("sync data path with SA database", "err", err)
 	}
+	// Extensions that failed for want of the store (a shared one out of
+	// reach) are retried: the worker asks once per block and would
+	// otherwise stall at its limit for good. Fenced ones are not.
+	retry := make(map[worker.SeqRequest]struct{})
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
+		case <-tick.C:
+			m.retryInstalls(ctx)
+			for req := range retry {
+				err := m.extend(req)
+				if err == nil || errors.Is(err, seqstore.ErrFenced) {
+					delete(retry, req)
+					m.log.Info("reserve sequence numbers: retried", "worker", req.Worker, "index", req.Index, "err", err)
+				}
+			}
 		case <-m.o.SAD.Notify():
 			if err := m.Sync(ctx); err != nil {
 				if ctx.Err() != nil {
@@ -144,9 +187,39 @@ func (m *Manager) Run(ctx context.Context) error {
 		case req := <-m.o.SeqRequests:
 			if err := m.extend(req); err != nil {
 				m.log.Error("reserve sequence numbers", "err", err)
+				if !errors.Is(err, seqstore.ErrFenced) {
+					retry[req] = struct{}{}
+				}
 			}
 		}
 	}
+}
+
+// retryInstalls installs again the SAs whose reservation failed, as the
+// SAD has them now (deleted ones are dropped).
+func (m *Manager) retryInstalls(ctx context.Context) {
+	m.mu.Lock()
+	if len(m.retryInstall) == 0 {
+		m.mu.Unlock()
+		return
+	}
+	ids := make([]sa.ID, 0, len(m.retryInstall))
+	for id := range m.retryInstall {
+		ids = append(ids, id)
+	}
+	clear(m.retryInstall)
+	m.mu.Unlock()
+	var b batch
+	for _, id := range ids {
+		if e, ok := m.o.SAD.Get(id); ok {
+			b.adds = append(b.adds, e)
+		}
+	}
+	if err := m.commit(ctx, &b); err != nil {
+		m.log.Error("install SAs again", "sas", len(b.adds), "err", err)
+		return
+	}
+	m.log.Info("installed SAs whose reservation had failed", "sas", len(b.adds))
 }
 
 // Sync applies every SAD change made so far and returns once the data
@@ -340,6 +413,15 @@ func (m *Manager) commit(ctx context.Context, b *batch) error {
 	}
 	installs, err := m.reserve(installs, &errs)
 	if err != nil {
+		// Nothing of this batch is installed. A shared store out of
+		// reach (or a takeover race) is passing, so Run tries these SAs
+		// again rather than leave them in the SAD but off the data path.
+		m.mu.Lock()
+		for _, s := range installs {
+			m.release(s)
+			m.retryInstall[s.id] = struct{}{}
+		}
+		m.mu.Unlock()
 		return errors.Join(append(errs, err)...)
 	}
 	// 4. Install.
@@ -459,6 +541,15 @@ func (m *Manager) reserve(installs []*slot, errs *[]error) ([]*slot, error) {
 		return installs, nil
 	}
 	block := m.o.Seq.Block()
+	if p, ok := m.o.Seq.(prefetcher); ok {
+		var keys []seqstore.Key
+		for _, s := range installs {
+			if s.entry.Dir == worker.Outbound {
+				keys = append(keys, s.seqKey)
+			}
+		}
+		p.Prefetch(keys)
+	}
 	var batch []seqstore.Reservation
 	keep := installs[:0]
 	for _, s := range installs {
@@ -484,7 +575,7 @@ func (m *Manager) reserve(installs []*slot, errs *[]error) ([]*slot, error) {
 		keep = append(keep, s)
 	}
 	if err := m.o.Seq.Reserve(batch); err != nil {
-		return nil, fmt.Errorf("reserve sequence numbers for %d outbound SAs: %w", len(batch), err)
+		return keep, fmt.Errorf("reserve sequence numbers for %d outbound SAs: %w", len(batch), err)
 	}
 	return keep, nil
 }
