@@ -1,0 +1,562 @@
+// Package harness is xesp's benchmark: in one invocation it builds the
+// phone ─ gateway ─ core namespace topology, measures the ceilings of the
+// gateway's links and of the crypto (XDP_DROP, AF_XDP receive-only,
+// AF_XDP reflect, bare AES-GCM open/seal on one core), then xesp's decap,
+// encap and both at once over a matrix of packet sizes, SA counts and
+// worker counts, and the baseline a Go user would write without XDP: the
+// same ESP engine behind plain UDP sockets with recvmmsg/sendmmsg. Every
+// figure is reported as packets/s with its loss (sent vs arrived at the
+// far end, i.e. decrypted for decap) and as ratios to ceilings measured
+// in the same run: the machine is shared and noisy, ratios travel.
+//
+// CPU placement: the generator's thread runs on GenCPU, and with it, in
+// softirq, the receiving veth's XDP program and AF_XDP's copy into the
+// UMEM (veth delivers in the sender's context). Every other thread of the
+// process — workers, manager, Go runtime — is pinned to GwCPU. With two
+// CPUs, two workers share GwCPU: the 2-worker figures show the cost of
+// the split, not a second core's gain.
+//
+// Output: Report (JSON), Markdown (a table) and SVG (a log-scale bar
+// chart with the ceilings drawn in); check.go compares a run's ratios
+// with a committed baseline for CI.
+package harness
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"runtime"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/xesp/xesp/bench/gen"
+	"github.com/xesp/xesp/bench/pktgen"
+	"github.com/xesp/xesp/internal/netns"
+	"github.com/xesp/xesp/userspace/esp"
+	"github.com/xesp/xesp/userspace/gateway"
+)
+
+// CPU placement (see the package comment).
+const (
+	GenCPU = 0
+	GwCPU  = 1
+)
+
+// Options select the scenarios.
+type Options struct {
+	Sizes   []string // "200", "1400", "imix", "sip" (pktgen.ParseSizes)
+	SAs     []int    // SA pairs
+	Workers []int
+	Dirs    []string // "decap", "encap", "both"
+	// Ceilings and Baseline switch those scenario groups on.
+	Ceilings, Baseline bool
+	// Rounds is the number of rings sent per scenario (each Ring frames).
+	Rounds int
+	Ring   int
+	Log    io.Writer
+}
+
+// Full is the whole matrix of the issue.
+func Full() Options {
+	return Options{
+		Sizes: []string{"200", "1400", "imix"}, SAs: []int{1, 1000, 100_000, 1_000_000},
+		Workers: []int{1, 2}, Dirs: []string{"decap", "encap", "both"},
+		Ceilings: true, Baseline: true, Rounds: 4, Ring: 32768,
+	}
+}
+
+// Check is the CI subset (bench-check): 200-byte packets, 1 and 1000
+// SAs, one worker, decap and encap, the ceilings and the baseline. It
+// runs in well under a minute.
+func Check() Options {
+	return Options{
+		Sizes: []string{"200"}, SAs: []int{1, 1000}, Workers: []int{1}, Dirs: []string{"decap", "encap"},
+		Ceilings: true, Baseline: true, Rounds: 6, Ring: 32768,
+	}
+}
+
+// Result is one scenario's figures.
+type Result struct {
+	Name    string `json:"name"`
+	Group   string `json:"group"` // ceiling, xesp, baseline
+	Test    string `json:"test"`  // xdp_drop, afxdp_rx, afxdp_reflect, aead_open, aead_seal, decap, encap, both, udp_sockets
+	Link    string `json:"link,omitempty"`
+	Size    string `json:"size"`
+	SAs     int    `json:"sas,omitempty"`
+	Workers int    `json:"workers,omitempty"`
+	// Offered frames were sent by the generator at OfferedPPS (while
+	// sending); Delivered arrived at the far end (decrypted, for decap) at
+	// PPS, over the time from the first send to the last arrival.
+	Offered    uint64  `json:"offered"`
+	Delivered  uint64  `json:"delivered"`
+	OfferedPPS float64 `json:"offered_pps"`
+	PPS        float64 `json:"pps"`
+	LossPct    float64 `json:"loss_pct"`
+	// Ratios of PPS to the ceilings of the same size (and link).
+	Ratios map[string]float64 `json:"ratios,omitempty"`
+	Note   string             `json:"note,omitempty"`
+}
+
+// Target is one of the issue's goals, evaluated on this run.
+type Target struct {
+	Name  string  `json:"name"`
+	Ratio float64 `json:"ratio"`
+	Goal  float64 `json:"goal"`
+	Met   bool    `json:"met"`
+	How   string  `json:"how"`
+}
+
+// Report is a whole run.
+type Report struct {
+	Machine  Machine   `json:"machine"`
+	Started  time.Time `json:"started"`
+	Seconds  float64   `json:"seconds"`
+	GenCPU   int       `json:"gen_cpu"`
+	GwCPU    int       `json:"gw_cpu"`
+	Ring     int       `json:"ring"`
+	Rounds   int       `json:"rounds"`
+	Results  []Result  `json:"results"`
+	Targets  []Target  `json:"targets,omitempty"`
+	Warnings []string  `json:"warnings,omitempty"`
+}
+
+// Find returns the result named name.
+func (r *Report) Find(name string) (Result, bool) {
+	for _, x := range r.Results {
+		if x.Name == name {
+			return x, true
+		}
+	}
+	return Result{}, false
+}
+
+// Name builders, shared with check.go and the report.
+func ceilingName(test, link, size string) string {
+	if link == "" {
+		return fmt.Sprintf("ceiling/%s/%s", test, size)
+	}
+	return fmt.Sprintf("ceiling/%s/%s/%s", test, link, size)
+}
+func xespName(dir, size string, sas, workers int) string {
+	return fmt.Sprintf("xesp/%s/%s/%s/%dw", dir, size, saLabel(sas), workers)
+}
+func baselineName(size string, sas int) string {
+	return fmt.Sprintf("baseline/udp_sockets/decap/%s/%s", size, saLabel(sas))
+}
+
+func saLabel(n int) string {
+	switch {
+	case n >= 1_000_000 && n%1_000_000 == 0:
+		return fmt.Sprintf("%dMsa", n/1_000_000)
+	case n >= 1000 && n%1000 == 0:
+		return fmt.Sprintf("%dksa", n/1000)
+	}
+	return fmt.Sprintf("%dsa", n)
+}
+
+type runner struct {
+	o      Options
+	tp     *topo
+	nw     pktgen.Net
+	rep    *Report
+	flows  []gen.Flow // the phones' side, ESP
+	clear  []gen.Flow // the core's side, cleartext
+	phoneG *gen.Gen
+	coreG  *gen.Gen
+}
+
+func (r *runner) logf(format string, args ...any) {
+	if r.o.Log != nil {
+		fmt.Fprintf(r.o.Log, format+"\n", args...)
+	}
+}
+
+// Run runs the selected scenarios. Needs root and 2 CPUs.
+func Run(ctx context.Context, o Options) (*Report, error) {
+	if runtime.NumCPU() < 2 {
+		return nil, errors.New("bench: needs 2 CPUs to pin the generator and the gateway apart")
+	}
+	if os.Geteuid() != 0 {
+		return nil, errors.New("bench: needs root (BPF, network namespaces)")
+	}
+	if o.Rounds < 1 {
+		o.Rounds = 4
+	}
+	if o.Ring == 0 {
+		o.Ring = 32768
+	}
+	sizes := map[string]gen.Sizes{}
+	for _, s := range o.Sizes {
+		sz, err := pktgen.ParseSizes(s)
+		if err != nil {
+			return nil, err
+		}
+		sizes[s] = sz
+	}
+	for _, d := range o.Dirs {
+		if d != "decap" && d != "encap" && d != "both" {
+			return nil, fmt.Errorf("bench: direction %q (want decap, encap or both)", d)
+		}
+	}
+	for _, w := range o.Workers {
+		if w < 1 || w > 64 {
+			return nil, fmt.Errorf("bench: %d workers", w)
+		}
+	}
+	maxSAs := 1
+	o.SAs = slices.Sorted(slices.Values(o.SAs))
+	if len(o.SAs) > 0 {
+		maxSAs = o.SAs[len(o.SAs)-1]
+	}
+	rep := &Report{Machine: ReadMachine(), Started: time.Now().UTC(), GenCPU: GenCPU, GwCPU: GwCPU, Ring: o.Ring, Rounds: o.Rounds}
+	r := &runner{o: o, rep: rep, nw: pktgen.DefaultNet()}
+	t0 := time.Now()
+	var err error
+	r.logf("building %d generator SAs", maxSAs)
+	if r.flows, err = pktgen.Flows(maxSAs, r.nw); err != nil {
+		return nil, err
+	}
+	if r.clear, err = pktgen.ClearFlows(maxSAs, r.nw); err != nil {
+		return nil, err
+	}
+	if r.tp, err = newTopo(); err != nil {
+		return nil, err
+	}
+	defer r.tp.close()
+	unpin, err := pinProcess(GwCPU)
+	if err != nil {
+		return nil, err
+	}
+	defer unpin()
+	for _, g := range []struct {
+		dst **gen.Gen
+		e   end
+	}{{&r.phoneG, r.tp.ph}, {&r.coreG, r.tp.co}} {
+		if err := g.e.ns.Do(func() (err error) {
+			*g.dst, err = gen.New(gen.Options{Ifindex: g.e.index, Ring: o.Ring})
+			return err
+		}); err != nil {
+			return nil, err
+		}
+		defer (*g.dst).Close()
+	}
+
+	if o.Ceilings {
+		for _, s := range o.Sizes {
+			if err := ctx.Err(); err != nil {
+				return nil, err
+			}
+			if err := r.ceilings(s, sizes[s]); err != nil {
+				return nil, fmt.Errorf("ceilings at %s: %w", s, err)
+			}
+		}
+	}
+	if o.Baseline {
+		for _, s := range o.Sizes {
+			for _, n := range o.SAs {
+				if err := ctx.Err(); err != nil {
+					return nil, err
+				}
+				if err := r.baseline(s, sizes[s], n); err != nil {
+					return nil, fmt.Errorf("socket baseline at %s, %d SAs: %w", s, n, err)
+				}
+			}
+		}
+	}
+	if len(o.Dirs) > 0 {
+		for _, w := range o.Workers {
+			if err := r.xesp(ctx, w, sizes); err != nil {
+				return nil, fmt.Errorf("xesp with %d workers: %w", w, err)
+			}
+		}
+	}
+	rep.Seconds = time.Since(t0).Seconds()
+	rep.ratios()
+	rep.targets()
+	return rep, nil
+}
+
+// sender is one generator in a phase.
+type sender struct {
+	ns  *netns.NS
+	g   *gen.Gen
+	esp bool
+}
+
+// phase is what one measured scenario sent and what arrived at its far
+// end.
+type phase struct {
+	offered, delivered uint64
+	// send is the generators' time inside live-frames runs; busy runs
+	// from each round's start to the last frame counted at the far end.
+	send, busy time.Duration
+}
+
+func (p phase) result(r Result) Result {
+	r.Offered, r.Delivered = p.offered, p.delivered
+	if p.send > 0 {
+		r.OfferedPPS = float64(p.offered) / p.send.Seconds()
+	}
+	if p.busy > 0 {
+		r.PPS = float64(p.delivered) / p.busy.Seconds()
+	}
+	if p.offered > 0 {
+		r.LossPct = 100 * (1 - float64(p.delivered)/float64(p.offered))
+	}
+	return r
+}
+
+// measure sends rounds rings from every sender at once (each on its own
+// thread pinned to GenCPU, in its namespace) and after each round waits
+// until count, the far ends' cumulative counter, stops moving. ESP rings
+// are refilled before every round, outside the timing.
+func (r *runner) measure(senders []sender, count func() (uint64, error)) (phase, error) {
+	var p phase
+	for range r.o.Rounds {
+		for _, s := range senders {
+			if s.esp {
+				if err := s.g.Refill(); err != nil {
+					return p, err
+				}
+			}
+		}
+		before, err := count()
+		if err != nil {
+			return p, err
+		}
+		var (
+			wg      sync.WaitGroup
+			mu      sync.Mutex
+			sent    int
+			sendMax time.Duration
+			errs    []error
+		)
+		t0 := time.Now()
+		for _, s := range senders {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				err := s.ns.Do(func() error {
+					restore, err := gen.PinThread(GenCPU)
+					if err != nil {
+						return err
+					}
+					defer restore()
+					n, el, err := s.g.Send()
+					mu.Lock()
+					sent += n
+					sendMax = max(sendMax, el)
+					mu.Unlock()
+					return err
+				})
+				if err != nil {
+					mu.Lock()
+					errs = append(errs, err)
+					mu.Unlock()
+				}
+			}()
+		}
+		wg.Wait()
+		if err := errors.Join(errs...); err != nil {
+			return p, err
+		}
+		// Drain: the workers may still be working through their rings.
+		last, tLast := before, t0.Add(sendMax)
+		for {
+			c, err := count()
+			if err != nil {
+				return p, err
+			}
+			now := time.Now()
+			if c != last {
+				last, tLast = c, now
+			}
+			if c-before >= uint64(sent) || now.Sub(tLast) > 20*time.Millisecond {
+				break
+			}
+			time.Sleep(200 * time.Microsecond)
+		}
+		p.offered += uint64(sent)
+		p.delivered += last - before
+		p.send += sendMax
+		p.busy += max(tLast.Sub(t0), sendMax)
+	}
+	return p, nil
+}
+
+func counterOf(c *gen.Counter) func() (uint64, error) {
+	return func() (uint64, error) { n, _, err := c.Read(); return n, err }
+}
+
+func (r *runner) loadPhone(sz gen.Sizes, n int) error {
+	return r.phoneG.LoadESP(gen.L2{Src: r.tp.ph.mac, Dst: r.tp.pub.mac}, r.flows[:n], sz)
+}
+
+func (r *runner) loadCore(sz gen.Sizes, n int) error {
+	return r.coreG.LoadClear(gen.L2{Src: r.tp.co.mac, Dst: r.tp.priv.mac}, r.clear[:n], sz)
+}
+
+func (r *runner) add(res Result) {
+	r.rep.Results = append(r.rep.Results, res)
+	r.logf("%-44s %12.0f pps  offered %12.0f pps  loss %5.1f%%  %s", res.Name, res.PPS, res.OfferedPPS, res.LossPct, res.Note)
+}
+
+// xesp starts a gateway with workers workers and runs every direction,
+// size and SA count on it, loading SAs in ascending counts.
+func (r *runner) xesp(ctx context.Context, workers int, sizes map[string]gen.Sizes) error {
+	gw, err := r.startGateway(workers)
+	if err != nil {
+		return err
+	}
+	defer gw.stop()
+	loaded := 0
+	for _, n := range r.o.SAs {
+		if n > loaded {
+			t := time.Now()
+			if err := gw.load(loaded, n, r.nw); err != nil {
+				return err
+			}
+			r.logf("gateway (%d workers) holds %d SA pairs (loaded in %v)", workers, n, time.Since(t).Round(time.Millisecond))
+			loaded = n
+		}
+		for _, s := range r.o.Sizes {
+			if err := r.loadPhone(sizes[s], n); err != nil {
+				return err
+			}
+			if err := r.loadCore(sizes[s], n); err != nil {
+				return err
+			}
+			// Decap first: its authenticated packets confirm each SA's
+			// NAT binding before encap uses it.
+			for _, d := range r.o.Dirs {
+				if err := ctx.Err(); err != nil {
+					return err
+				}
+				var senders []sender
+				var count func() (uint64, error)
+				switch d {
+				case "decap":
+					senders, count = []sender{{r.tp.phone, r.phoneG, true}}, counterOf(gw.decapCount)
+				case "encap":
+					senders, count = []sender{{r.tp.core, r.coreG, false}}, counterOf(gw.encapCount)
+				case "both":
+					senders = []sender{{r.tp.phone, r.phoneG, true}, {r.tp.core, r.coreG, false}}
+					count = func() (uint64, error) {
+						a, err := counterOf(gw.decapCount)()
+						if err != nil {
+							return 0, err
+						}
+						b, err := counterOf(gw.encapCount)()
+						return a + b, err
+					}
+				}
+				before := gw.snapshot()
+				p, err := r.measure(senders, count)
+				if err != nil {
+					return err
+				}
+				res := p.result(Result{Name: xespName(d, s, n, workers), Group: "xesp", Test: d, Size: s, SAs: n, Workers: workers})
+				res.Note = gw.explain(before)
+				r.add(res)
+			}
+		}
+	}
+	return nil
+}
+
+// gatewayUnder is a gateway on the topology with far-end counters.
+type gatewayUnder struct {
+	g                      *gateway.Gateway
+	stateDir               string
+	decapCount, encapCount *gen.Counter
+	closers                []io.Closer
+}
+
+func (r *runner) startGateway(workers int) (_ *gatewayUnder, err error) {
+	gu := &gatewayUnder{}
+	defer func() {
+		if err != nil {
+			gu.stop()
+		}
+	}()
+	if gu.stateDir, err = os.MkdirTemp("", "xesp-bench-"); err != nil {
+		return nil, err
+	}
+	if gu.g, err = startGateway(r.tp, workers, gu.stateDir); err != nil {
+		return nil, err
+	}
+	if gu.decapCount, err = gen.NewCounter(r.nw.Core.Port()); err != nil {
+		return nil, err
+	}
+	gu.closers = append(gu.closers, gu.decapCount)
+	l, err := attach(r.tp.co, gu.decapCount.Prog)
+	if err != nil {
+		return nil, err
+	}
+	gu.closers = append(gu.closers, l)
+	if gu.encapCount, err = gen.NewCounter(esp.NATTPort); err != nil {
+		return nil, err
+	}
+	gu.closers = append(gu.closers, gu.encapCount)
+	if l, err = attach(r.tp.ph, gu.encapCount.Prog); err != nil {
+		return nil, err
+	}
+	gu.closers = append(gu.closers, l)
+	return gu, nil
+}
+
+func (gu *gatewayUnder) stop() {
+	for i := len(gu.closers) - 1; i >= 0; i-- {
+		gu.closers[i].Close()
+	}
+	if gu.g != nil {
+		gu.g.Stop(false)
+	}
+	if gu.stateDir != "" {
+		os.RemoveAll(gu.stateDir)
+	}
+}
+
+// Selected lists the scenario names o would run, for -list.
+func Selected(o Options) []string {
+	var out []string
+	if o.Ceilings {
+		for _, s := range o.Sizes {
+			for _, c := range ceilingTests {
+				out = append(out, ceilingName(c.test, c.link, s))
+			}
+		}
+	}
+	if o.Baseline {
+		for _, s := range o.Sizes {
+			for _, n := range o.SAs {
+				out = append(out, baselineName(s, n))
+			}
+		}
+	}
+	for _, w := range o.Workers {
+		for _, n := range slices.Sorted(slices.Values(o.SAs)) {
+			for _, s := range o.Sizes {
+				for _, d := range o.Dirs {
+					out = append(out, xespName(d, s, n, w))
+				}
+			}
+		}
+	}
+	return out
+}
+
+// ParseList splits a comma-separated flag value.
+func ParseList(s string) []string {
+	var out []string
+	for f := range strings.SplitSeq(s, ",") {
+		if f = strings.TrimSpace(f); f != "" {
+			out = append(out, f)
+		}
+	}
+	return out
+}
