@@ -214,4 +214,3 @@ func (b *socketGateway) close() socketStats {
 	}
 	return st
 }
-

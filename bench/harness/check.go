@@ -93,24 +93,31 @@ func Calibrate(ctx context.Context, o Options, n int) (*Baseline, error) {
 		if len(s) < n {
 			continue // a ratio missing from some runs cannot be gated
 		}
-		sorted := slices.Sorted(slices.Values(s))
-		med := median(sorted)
-		if med <= 0 {
+		m, ok := newMetric(s)
+		if !ok {
 			continue
 		}
-		rng := (sorted[len(sorted)-1] - sorted[0]) / med
-		tol := toleranceFactor * rng
-		m := Metric{Value: med, Range: rng, Samples: s}
-		switch {
-		case tol < MinTolerance:
-			tol = MinTolerance
-		case tol > MaxTolerance:
-			tol, m.Noisy = MaxTolerance, true
-		}
-		m.Tolerance = tol
 		b.Metrics[k] = m
 	}
 	return b, nil
+}
+
+// newMetric applies the tolerance rule to one ratio's samples.
+func newMetric(s []float64) (Metric, bool) {
+	sorted := slices.Sorted(slices.Values(s))
+	med := median(sorted)
+	if med <= 0 {
+		return Metric{}, false
+	}
+	rng := (sorted[len(sorted)-1] - sorted[0]) / med
+	m := Metric{Value: med, Range: rng, Samples: s, Tolerance: toleranceFactor * rng}
+	switch {
+	case m.Tolerance < MinTolerance:
+		m.Tolerance = MinTolerance
+	case m.Tolerance > MaxTolerance:
+		m.Tolerance, m.Noisy = MaxTolerance, true
+	}
+	return m, true
 }
 
 func median(sorted []float64) float64 {

@@ -423,12 +423,20 @@ func (r *runner) xesp(ctx context.Context, workers int, sizes map[string]gen.Siz
 			r.logf("gateway (%d workers) holds %d SA pairs (loaded in %v)", workers, n, time.Since(t).Round(time.Millisecond))
 			loaded = n
 		}
-		for _, s := range r.o.Sizes {
+		for si, s := range r.o.Sizes {
 			if err := r.loadPhone(sizes[s], n); err != nil {
 				return err
 			}
 			if err := r.loadCore(sizes[s], n); err != nil {
 				return err
+			}
+			if si == 0 {
+				// Warm-up, not measured: the first packets of new SAs
+				// wait for the neighbour resolver and fault in the
+				// workers' state.
+				if err := r.warm(gw); err != nil {
+					return err
+				}
 			}
 			// Decap first: its authenticated packets confirm each SA's
 			// NAT binding before encap uses it.
@@ -466,6 +474,18 @@ func (r *runner) xesp(ctx context.Context, workers int, sizes map[string]gen.Siz
 		}
 	}
 	return nil
+}
+
+// warm sends one unmeasured ring each way through the gateway.
+func (r *runner) warm(gw *gatewayUnder) error {
+	rounds := r.o.Rounds
+	r.o.Rounds = 1
+	defer func() { r.o.Rounds = rounds }()
+	if _, err := r.measure([]sender{{r.tp.phone, r.phoneG, true}}, counterOf(gw.decapCount)); err != nil {
+		return err
+	}
+	_, err := r.measure([]sender{{r.tp.core, r.coreG, false}}, counterOf(gw.encapCount))
+	return err
 }
 
 // gatewayUnder is a gateway on the topology with far-end counters.

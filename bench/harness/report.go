@@ -194,8 +194,8 @@ func (r *Report) Markdown(w io.Writer) {
 
 // SVG draws delivered packets/s per scenario as horizontal bars on a log
 // scale, one panel per packet size, with that size's ceilings drawn in as
-// vertical lines. Bars of runs that lost more than 1% are drawn pale and
-// labelled with the loss.
+// vertical lines. Each bar is labelled with its loss when it lost more
+// than 1%: a saturating run loses what the path cannot take.
 func (r *Report) SVG(w io.Writer) {
 	var sizes []string
 	for _, x := range r.Results {
@@ -209,13 +209,16 @@ func (r *Report) SVG(w io.Writer) {
 		rowH        = 16
 		top         = 60
 	)
-	lo, hi := 1e4, 1e4
+	lo, hi := math.Inf(1), 1e4
 	for _, x := range r.Results {
 		if x.PPS > 0 {
 			lo, hi = math.Min(lo, x.PPS), math.Max(hi, x.PPS)
 		}
 	}
-	lgLo, lgHi := math.Floor(math.Log10(lo)), math.Ceil(math.Log10(hi))
+	if math.IsInf(lo, 1) {
+		lo = 1e4
+	}
+	lgLo, lgHi := math.Floor(math.Log10(lo*0.6)), math.Ceil(math.Log10(hi))
 	if lgHi <= lgLo {
 		lgHi = lgLo + 1
 	}
@@ -247,12 +250,8 @@ func (r *Report) SVG(w io.Writer) {
 		y0 := y
 		for _, x := range rows {
 			c := barColors[x.Test]
-			op := "1"
-			if x.LossPct > 1 {
-				op = "0.45"
-			}
 			fmt.Fprintf(&body, `<text x="%d" y="%d" text-anchor="end" font-size="11">%s</text>`+"\n", left-6, y+11, html.EscapeString(strings.TrimPrefix(x.Name, "xesp/")))
-			fmt.Fprintf(&body, `<rect x="%d" y="%d" width="%.1f" height="%d" fill="%s" fill-opacity="%s"/>`+"\n", left, y+2, xOf(x.PPS)-left, rowH-4, c, op)
+			fmt.Fprintf(&body, `<rect x="%d" y="%d" width="%.1f" height="%d" fill="%s"/>`+"\n", left, y+2, xOf(x.PPS)-left, rowH-4, c)
 			label := fmt.Sprintf("%.2f Mpps", x.PPS/1e6)
 			if x.LossPct > 1 {
 				label += fmt.Sprintf(" (loss %.0f%%)", x.LossPct)
@@ -263,12 +262,17 @@ func (r *Report) SVG(w io.Writer) {
 		if len(rows) == 0 {
 			y += rowH
 		}
+		// Each ceiling's line runs through the panel into a label band
+		// below it, one label per row so close ceilings stay readable.
+		band := y
 		for i, c := range ceils {
 			xc := xOf(c.PPS)
-			fmt.Fprintf(&body, `<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="%s" stroke-width="1.5" stroke-dasharray="5,3"/>`+"\n", xc, y0-2, xc, y, ceilColors[c.Test])
-			fmt.Fprintf(&body, `<text x="%.1f" y="%d" font-size="9" fill="%s" transform="rotate(-90 %.1f %d)">%s %.2f</text>`+"\n",
-				xc-2, y-2-60*(i%2), ceilColors[c.Test], xc-2, y-2-60*(i%2), html.EscapeString(strings.TrimPrefix(strings.TrimSuffix(c.Name, "/"+s), "ceiling/")), c.PPS/1e6)
+			ly := band + 11*(i+1)
+			fmt.Fprintf(&body, `<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="%s" stroke-width="1.5" stroke-dasharray="5,3"/>`+"\n", xc, y0-2, xc, ly-3, ceilColors[c.Test])
+			fmt.Fprintf(&body, `<text x="%.1f" y="%d" font-size="9" fill="%s" text-anchor="end">%s %.2fM</text>`+"\n",
+				xc-3, ly, ceilColors[c.Test], html.EscapeString(strings.TrimPrefix(strings.TrimSuffix(c.Name, "/"+s), "ceiling/")), c.PPS/1e6)
 		}
+		y += 11 * len(ceils)
 		y += 14
 	}
 	// Axis.

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -48,8 +49,20 @@ subset N times and writes FILE from the spread it measured.`)
 	list := fs.Bool("list", false, "list the selected scenarios and exit")
 	check := fs.String("check", "", "compare the check subset's ratios with this baseline file")
 	calibrate := fs.Int("calibrate", 0, "run the check subset this many times and write -check's file from the spread")
+	render := fs.String("render", "", "redraw results.md and results.svg in -out from this results.json and exit")
 	if err := fs.Parse(args); err != nil {
 		return errors.Join(errUsage, err)
+	}
+	if *render != "" {
+		data, err := os.ReadFile(*render)
+		if err != nil {
+			return err
+		}
+		var rep harness.Report
+		if err := json.Unmarshal(data, &rep); err != nil {
+			return fmt.Errorf("%s: %w", *render, err)
+		}
+		return writeReport(&rep, *out)
 	}
 	var o harness.Options
 	switch *preset {
