@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
 
 	"github.com/xesp/xesp/bench/gen"
 	"github.com/xesp/xesp/userspace/config"
@@ -170,9 +171,22 @@ func startAFXDP(e end, port uint16, reflect bool) (_ *afxdp, err error) {
 			a.err = err
 			return
 		}
+		// The worker's loop shape (userspace/worker): batches of 64,
+		// and after 256 empty turns a poll(2) sleep, so under a loaded
+		// scheduler the ceiling competes for its CPU as a worker does.
 		batch := make([]xsk.Desc, 64)
+		fds := []unix.PollFd{{Fd: int32(a.s.FD()), Events: unix.POLLIN}}
+		idle := 0
 		for !a.stop.Load() {
 			n := a.s.Receive(batch)
+			if n == 0 && a.s.TxPending() == 0 {
+				if idle++; idle >= 256 {
+					idle = 0
+					unix.Poll(fds, 10)
+				}
+			} else {
+				idle = 0
+			}
 			if n > 0 {
 				a.received.Add(uint64(n))
 				if reflect {

@@ -56,6 +56,9 @@ type Options struct {
 	Ceilings, Baseline bool
 	// Rounds is the number of rings sent per scenario (each Ring frames).
 	Rounds int
+	// Repeat measures the whole selection this many times and reports
+	// medians (1 if unset).
+	Repeat int
 	Ring   int
 	Log    io.Writer
 }
@@ -70,12 +73,12 @@ func Full() Options {
 }
 
 // Check is the CI subset (bench-check): 200-byte packets, 1 and 1000
-// SAs, one worker, decap and encap, the ceilings and the baseline. It
-// runs in well under a minute.
+// SAs, one worker, decap and encap, the ceilings and the baseline, all
+// five times over for medians. It runs in about a minute.
 func Check() Options {
 	return Options{
 		Sizes: []string{"200"}, SAs: []int{1, 1000}, Workers: []int{1}, Dirs: []string{"decap", "encap"},
-		Ceilings: true, Baseline: true, Rounds: 6, Ring: 32768,
+		Ceilings: true, Baseline: true, Rounds: 4, Ring: 32768, Repeat: 5,
 	}
 }
 
@@ -98,7 +101,9 @@ type Result struct {
 	LossPct    float64 `json:"loss_pct"`
 	// Ratios of PPS to the ceilings of the same size (and link).
 	Ratios map[string]float64 `json:"ratios,omitempty"`
-	Note   string             `json:"note,omitempty"`
+	// Samples are the repetitions' packets/s when the run repeated.
+	Samples []float64 `json:"pps_samples,omitempty"`
+	Note    string    `json:"note,omitempty"`
 }
 
 // Target is one of the issue's goals, evaluated on this run.
@@ -119,6 +124,7 @@ type Report struct {
 	GwCPU    int       `json:"gw_cpu"`
 	Ring     int       `json:"ring"`
 	Rounds   int       `json:"rounds"`
+	Repeat   int       `json:"repeat,omitempty"`
 	Results  []Result  `json:"results"`
 	Targets  []Target  `json:"targets,omitempty"`
 	Warnings []string  `json:"warnings,omitempty"`
@@ -189,6 +195,9 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 	if o.Ring == 0 {
 		o.Ring = 32768
 	}
+	if o.Repeat < 1 {
+		o.Repeat = 1
+	}
 	sizes := map[string]gen.Sizes{}
 	for _, s := range o.Sizes {
 		sz, err := pktgen.ParseSizes(s)
@@ -245,13 +254,39 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 		defer (*g.dst).Close()
 	}
 
+	// Each repetition measures every scenario once, ceilings first; the
+	// ratios are taken within a repetition (ceiling and scenario seconds
+	// apart) and the report keeps their median, so a burst of load from
+	// elsewhere on the machine moves one sample, not the figure.
+	var reps [][]Result
+	for k := range o.Repeat {
+		if o.Repeat > 1 {
+			r.logf("repetition %d of %d", k+1, o.Repeat)
+		}
+		r.rep.Results = nil
+		if err := r.once(ctx, sizes); err != nil {
+			return nil, err
+		}
+		rep.ratios()
+		reps = append(reps, rep.Results)
+	}
+	rep.Results = merge(reps)
+	rep.Repeat = o.Repeat
+	rep.Seconds = time.Since(t0).Seconds()
+	rep.targets()
+	return rep, nil
+}
+
+// once measures every selected scenario once.
+func (r *runner) once(ctx context.Context, sizes map[string]gen.Sizes) error {
+	o := r.o
 	if o.Ceilings {
 		for _, s := range o.Sizes {
 			if err := ctx.Err(); err != nil {
-				return nil, err
+				return err
 			}
 			if err := r.ceilings(s, sizes[s]); err != nil {
-				return nil, fmt.Errorf("ceilings at %s: %w", s, err)
+				return fmt.Errorf("ceilings at %s: %w", s, err)
 			}
 		}
 	}
@@ -259,10 +294,10 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 		for _, s := range o.Sizes {
 			for _, n := range o.SAs {
 				if err := ctx.Err(); err != nil {
-					return nil, err
+					return err
 				}
 				if err := r.baseline(s, sizes[s], n); err != nil {
-					return nil, fmt.Errorf("socket baseline at %s, %d SAs: %w", s, n, err)
+					return fmt.Errorf("socket baseline at %s, %d SAs: %w", s, n, err)
 				}
 			}
 		}
@@ -270,14 +305,53 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 	if len(o.Dirs) > 0 {
 		for _, w := range o.Workers {
 			if err := r.xesp(ctx, w, sizes); err != nil {
-				return nil, fmt.Errorf("xesp with %d workers: %w", w, err)
+				return fmt.Errorf("xesp with %d workers: %w", w, err)
 			}
 		}
 	}
-	rep.Seconds = time.Since(t0).Seconds()
-	rep.ratios()
-	rep.targets()
-	return rep, nil
+	return nil
+}
+
+// merge folds repetitions into one result per scenario: frames summed
+// (so loss covers every repetition), packets/s and each ratio the median
+// of the repetitions' values, the samples kept.
+func merge(reps [][]Result) []Result {
+	if len(reps) == 1 {
+		return reps[0]
+	}
+	out := make([]Result, len(reps[0]))
+	for i := range out {
+		x := reps[0][i]
+		x.Offered, x.Delivered = 0, 0
+		var pps, offered []float64
+		ratios := map[string][]float64{}
+		for _, rr := range reps {
+			y := rr[i]
+			x.Offered += y.Offered
+			x.Delivered += y.Delivered
+			pps = append(pps, y.PPS)
+			offered = append(offered, y.OfferedPPS)
+			for k, v := range y.Ratios {
+				ratios[k] = append(ratios[k], v)
+			}
+		}
+		x.PPS, x.OfferedPPS, x.Samples = medianOf(pps), medianOf(offered), pps
+		if x.Offered > 0 {
+			x.LossPct = 100 * (1 - float64(x.Delivered)/float64(x.Offered))
+		}
+		if len(ratios) > 0 {
+			x.Ratios = map[string]float64{}
+			for k, v := range ratios {
+				x.Ratios[k] = medianOf(v)
+			}
+		}
+		out[i] = x
+	}
+	return out
+}
+
+func medianOf(v []float64) float64 {
+	return median(slices.Sorted(slices.Values(v)))
 }
 
 // sender is one generator in a phase.
@@ -420,7 +494,11 @@ func (r *runner) xesp(ctx context.Context, workers int, sizes map[string]gen.Siz
 			if err := gw.load(loaded, n, r.nw); err != nil {
 				return err
 			}
-			r.logf("gateway (%d workers) holds %d SA pairs (loaded in %v)", workers, n, time.Since(t).Round(time.Millisecond))
+			// Collect now what loading left behind: a collection of the
+			// multi-GB heap of a million SAs during a scenario would run
+			// on the workers' CPU and be measured as xesp's cost.
+			runtime.GC()
+			r.logf("gateway (%d workers) holds %d SA pairs (loaded and collected in %v)", workers, n, time.Since(t).Round(time.Millisecond))
 			loaded = n
 		}
 		for si, s := range r.o.Sizes {
@@ -463,12 +541,19 @@ func (r *runner) xesp(ctx context.Context, workers int, sizes map[string]gen.Siz
 					}
 				}
 				before := gw.snapshot()
+				var ms runtime.MemStats
+				runtime.ReadMemStats(&ms)
+				gcs := ms.NumGC
 				p, err := r.measure(senders, count)
 				if err != nil {
 					return err
 				}
+				runtime.ReadMemStats(&ms)
 				res := p.result(Result{Name: xespName(d, s, n, workers), Group: "xesp", Test: d, Size: s, SAs: n, Workers: workers})
 				res.Note = gw.explain(before)
+				if d := ms.NumGC - gcs; d > 0 {
+					res.Note += fmt.Sprintf("; %d GC cycle(s) during the run", d)
+				}
 				r.add(res)
 			}
 		}

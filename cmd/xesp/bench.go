@@ -45,6 +45,7 @@ subset N times and writes FILE from the spread it measured.`)
 	ceilings := fs.Bool("ceilings", true, "measure the ceilings")
 	baseline := fs.Bool("baseline", true, "measure the UDP-socket baseline")
 	rounds := fs.Int("rounds", 0, "rings sent per scenario (0: the preset's)")
+	repeat := fs.Int("repeat", 0, "measure everything this many times and report medians (0: the preset's)")
 	out := fs.String("out", "bench/results", "directory for results.{json,md,svg}")
 	list := fs.Bool("list", false, "list the selected scenarios and exit")
 	check := fs.String("check", "", "compare the check subset's ratios with this baseline file")
@@ -101,6 +102,9 @@ subset N times and writes FILE from the spread it measured.`)
 	o.Ceilings, o.Baseline = *ceilings, *baseline
 	if *rounds > 0 {
 		o.Rounds = *rounds
+	}
+	if *repeat > 0 {
+		o.Repeat = *repeat
 	}
 	if *list {
 		for _, n := range harness.Selected(o) {
