@@ -49,6 +49,12 @@ func Key(dir byte, i int) string {
 	return fmt.Sprintf("%02x%030x%08x", dir, i+1, 0x5a17_0000+i)
 }
 
+// KeyBytes is Key as bytes.
+func KeyBytes(dir byte, i int) ([]byte, error) {
+	k := make([]byte, 20)
+	return k, unhex(k, Key(dir, i))
+}
+
 // Inner is pair i's inner (phone) address: 100.64.0.0/10 + i.
 func Inner(i int) netip.Addr {
 	v := uint32(100)<<24 | uint32(64)<<16 + uint32(i)
