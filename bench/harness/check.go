@@ -1,6 +1,7 @@
 package harness
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -130,11 +131,14 @@ func median(sorted []float64) float64 {
 
 // Write writes the baseline as indented JSON.
 func (b *Baseline) Write(path string) error {
-	data, err := json.MarshalIndent(b, "", "  ")
-	if err != nil {
+	var buf bytes.Buffer
+	e := json.NewEncoder(&buf)
+	e.SetEscapeHTML(false)
+	e.SetIndent("", "  ")
+	if err := e.Encode(b); err != nil {
 		return err
 	}
-	return os.WriteFile(path, append(data, '\n'), 0o644)
+	return os.WriteFile(path, buf.Bytes(), 0o644)
 }
 
 // ReadBaseline reads a baseline file.

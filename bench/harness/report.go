@@ -141,6 +141,7 @@ func (r *Report) targets() {
 // WriteJSON writes the report.
 func (r *Report) WriteJSON(w io.Writer) error {
 	e := json.NewEncoder(w)
+	e.SetEscapeHTML(false)
 	e.SetIndent("", "  ")
 	return e.Encode(r)
 }
