@@ -459,6 +459,19 @@ func (g *Gen) build(i int) error {
 	return nil
 }
 
+// CopyFrame copies slot i into dst (at least MaxFrame bytes) and returns
+// its length: for senders other than Send (AF_XDP TX), without
+// allocating.
+func (g *Gen) CopyFrame(dst []byte, i int) int {
+	val := g.host[i*g.valSize : (i+1)*g.valSize]
+	n := binary.NativeEndian.Uint32(val)
+	return copy(dst, val[slotHeader:slotHeader+int(n)])
+}
+
+// MarkSent records that the ESP ring went out by another sender, so Send
+// refuses it until Refill, as after its own runs.
+func (g *Gen) MarkSent() { g.stale = true }
+
 // Frame returns a copy of slot i as the next Send transmits it.
 func (g *Gen) Frame(i int) []byte {
 	val := g.host[i*g.valSize : (i+1)*g.valSize]

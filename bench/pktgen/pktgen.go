@@ -250,12 +250,15 @@ type Options struct {
 	// Ring is the precomputed ring size (0: gen.DefaultRing, or 2 ms of
 	// traffic at Rate, at least 64).
 	Ring int
+	// Engine is EngineLive (default) or EngineAFXDP.
+	Engine string
 }
 
 // Sender is a loaded generator.
 type Sender struct {
-	o Options
-	g *gen.Gen
+	o  Options
+	g  *gen.Gen
+	tx *xskTX // EngineAFXDP
 }
 
 // New precomputes the first ring.
@@ -272,6 +275,12 @@ func New(o Options) (*Sender, error) {
 			o.Ring = int(min(max(o.Rate/500, 64), gen.DefaultRing))
 		}
 	}
+	if o.Engine == "" {
+		o.Engine = EngineLive
+	}
+	if o.Engine != EngineLive && o.Engine != EngineAFXDP {
+		return nil, fmt.Errorf("pktgen: engine %q (want %s or %s)", o.Engine, EngineLive, EngineAFXDP)
+	}
 	g, err := gen.New(gen.Options{Ifindex: o.Ifindex, Ring: o.Ring})
 	if err != nil {
 		return nil, err
@@ -286,7 +295,14 @@ func New(o Options) (*Sender, error) {
 		g.Close()
 		return nil, err
 	}
-	return &Sender{o: o, g: g}, nil
+	s := &Sender{o: o, g: g}
+	if o.Engine == EngineAFXDP {
+		if s.tx, err = newXSKTX(o.Ifindex); err != nil {
+			g.Close()
+			return nil, err
+		}
+	}
+	return s, nil
 }
 
 // Gen is the underlying generator (for Frame inspection).
@@ -340,7 +356,7 @@ func (s *Sender) Run(ctx context.Context, count uint64, duration time.Duration) 
 		if s.o.CPU >= 0 {
 			sent, el, err = s.sendPinned(n)
 		} else {
-			sent, el, err = s.g.SendN(n)
+			sent, el, err = s.sendN(n)
 		}
 		if err != nil {
 			return res, err
@@ -375,8 +391,21 @@ func (s *Sender) sendPinned(n int) (int, time.Duration, error) {
 		return 0, 0, err
 	}
 	defer restore()
-	return s.g.SendN(n)
+	return s.sendN(n)
+}
+
+func (s *Sender) sendN(n int) (int, time.Duration, error) {
+	if s.tx == nil {
+		return s.g.SendN(n)
+	}
+	s.g.MarkSent()
+	return s.tx.send(s, n)
 }
 
 // Close frees the generator.
-func (s *Sender) Close() error { return s.g.Close() }
+func (s *Sender) Close() error {
+	if s.tx != nil {
+		s.tx.close()
+	}
+	return s.g.Close()
+}

@@ -29,7 +29,7 @@ func runPktgen(args []string) error {
 
 Sends really encrypted ESP-in-UDP (RFC 3948) from -sas phones to the
 gateway, or with -clear the core's cleartext toward those phones (the encap
-direction), out of IF with BPF_PROG_RUN live frames. Pair i's keys are
+direction), out of IF with BPF_PROG_RUN live frames (or AF_XDP TX with -engine afxdp). Pair i's keys are
 derived from i (test keys only); -sa-file writes the gateway's side of the
 same pairs, so a gateway loaded with it decrypts what pktgen sends. The
 peer of IF must have an XDP program attached (veth drops XDP_TX frames
@@ -47,6 +47,7 @@ otherwise). Reports packets/s sent.`)
 	dur := fs.Duration("duration", 0, "send for this long")
 	count := fs.Uint64("count", 0, "send this many packets")
 	cpu := fs.Int("cpu", 0, "pin the sending thread to this CPU (-1: don't)")
+	engine := fs.String("engine", pktgen.EngineLive, `"live" (BPF_PROG_RUN XDP live frames) or "afxdp" (AF_XDP TX, copy mode on veth)`)
 	phone := fs.String("phone", "192.0.2.10", "phones' outer address (behind the NAPT)")
 	gw := fs.String("gateway", "192.0.2.1", "gateway's public address")
 	core := fs.String("core", "10.0.0.1:5060", "core address:port (inner destination, or cleartext source)")
@@ -86,6 +87,9 @@ otherwise). Reports packets/s sent.`)
 	if *dev == "" || *dstMAC == "" {
 		return fmt.Errorf("%w: -dev and -dst-mac are required", errUsage)
 	}
+	if *engine != pktgen.EngineLive && *engine != pktgen.EngineAFXDP {
+		return fmt.Errorf("%w: -engine %q (live or afxdp)", errUsage, *engine)
+	}
 	if *dur == 0 && *count == 0 {
 		return fmt.Errorf("%w: set -duration or -count", errUsage)
 	}
@@ -121,14 +125,14 @@ otherwise). Reports packets/s sent.`)
 				return fmt.Errorf("%w: -src-mac: %v", errUsage, err)
 			}
 		}
-		s, err := pktgen.New(pktgen.Options{Ifindex: ifc.Index, Src: src, Dst: dst, Clear: *clear, Flows: flows, Sizes: sz, Rate: *rateF, CPU: *cpu})
+		s, err := pktgen.New(pktgen.Options{Ifindex: ifc.Index, Src: src, Dst: dst, Clear: *clear, Flows: flows, Sizes: sz, Rate: *rateF, CPU: *cpu, Engine: *engine})
 		if err != nil {
 			return err
 		}
 		defer s.Close()
 		f := s.Gen().Frame(0)
-		fmt.Printf("pktgen: %s, %d SA pairs, sizes %v, first frame %d B, ring %d\n",
-			map[bool]string{false: "ESP-in-UDP", true: "cleartext"}[*clear], *nsas, sz.Pattern(), len(f), s.Gen().Ring())
+		fmt.Printf("pktgen: %s, %d SA pairs, sizes %v, first frame %d B, ring %d, engine %s\n",
+			map[bool]string{false: "ESP-in-UDP", true: "cleartext"}[*clear], *nsas, sz.Pattern(), len(f), s.Gen().Ring(), *engine)
 		res, err = s.Run(ctx, *count, *dur)
 		return err
 	}

@@ -42,6 +42,7 @@ func TestPktgenSAFileAndUsage(t *testing.T) {
 		{[]string{"-dev", "x", "-dst-mac", "nope", "-count", "1"}, "-dst-mac"},
 		{[]string{"-dev", "x", "-dst-mac", "02:00:00:00:00:01", "-count", "1", "-sizes", "9000"}, "-sizes"},
 		{[]string{"-phone", "300.1.1.1", "-sa-file", path}, "-phone"},
+		{[]string{"-dev", "x", "-dst-mac", "02:00:00:00:00:01", "-count", "1", "-engine", "dpdk"}, "-engine"},
 	} {
 		err := runPktgen(c.args)
 		if !errors.Is(err, errUsage) || !strings.Contains(err.Error(), c.want) {
@@ -51,8 +52,8 @@ func TestPktgenSAFileAndUsage(t *testing.T) {
 }
 
 // The command sends exactly -count ESP frames (and cleartext ones with
-// -clear) out of a veth in a namespace, counted by an XDP program on the
-// peer.
+// -clear) out of a veth in a namespace, with either engine, counted by an
+// XDP program on the peer.
 func TestPktgenSendsCount(t *testing.T) {
 	a, b := netns.ForTest(t, "pca"), netns.ForTest(t, "pcb")
 	aIf, bIf := netns.VethForTest(t, a, b)
@@ -74,7 +75,8 @@ func TestPktgenSendsCount(t *testing.T) {
 		count int
 	}{
 		{[]string{"-sas", "50", "-sizes", "imix"}, esp.NATTPort, 1500},
-		{[]string{"-sas", "7", "-clear", "-sizes", "sip", "-rate", "200000"}, 5060, 700},
+		{[]string{"-sas", "7", "-clear", "-sizes", "sip", "-rate", "200000"}, 5060, 100000},
+		{[]string{"-sas", "1000", "-engine", "afxdp", "-sizes", "1400"}, esp.NATTPort, 40000},
 	} {
 		cnt, err := gen.NewCounter(c.port)
 		if err != nil {
