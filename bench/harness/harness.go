@@ -465,7 +465,7 @@ func (r *runner) measure(senders []sender, count func() (uint64, error)) (phase,
 		p.offered += uint64(sent)
 		p.delivered += c - before
 		p.send += sendMax
-		if c-before > 1 {
+		if c > before {
 			p.busy += last.Sub(first)
 		}
 	}
@@ -474,7 +474,7 @@ func (r *runner) measure(senders []sender, count func() (uint64, error)) (phase,
 
 // observer polls a counter every 100 µs from GenCPU (where it takes a
 // few µs from the generator per wake rather than from the workers),
-// recording when it first and last saw it move.
+// recording when it last saw it still and when it last saw it move.
 type observer struct {
 	mu          sync.Mutex
 	c           uint64
@@ -494,6 +494,7 @@ func startObserver(count func() (uint64, error), before uint64) *observer {
 			o.err = err
 			return
 		}
+		prev := time.Now()
 		for !o.quit.Load() {
 			c, err := count()
 			now := time.Now()
@@ -504,12 +505,16 @@ func startObserver(count func() (uint64, error), before uint64) *observer {
 				return
 			}
 			if c != o.c {
+				// The first frame arrived after the previous poll:
+				// starting the window there errs by at most one poll
+				// toward a lower rate, never a zero-length window.
 				if o.first.IsZero() {
-					o.first = now
+					o.first = prev
 				}
 				o.c, o.last = c, now
 			}
 			o.mu.Unlock()
+			prev = now
 			time.Sleep(100 * time.Microsecond)
 		}
 	}()
