@@ -92,9 +92,11 @@ type Result struct {
 	Size    string `json:"size"`
 	SAs     int    `json:"sas,omitempty"`
 	Workers int    `json:"workers,omitempty"`
-	// Offered frames were sent by the generator at OfferedPPS (while
-	// sending); Delivered arrived at the far end (decrypted, for decap) at
-	// PPS, over the time from the first send to the last arrival.
+	// Offered frames were sent by the generator; OfferedPPS divides them
+	// by the live-frames runs' wall time, fixed per-run cost included
+	// (see measure), so it understates the burst rate. Delivered frames
+	// arrived at the far end (decrypted, for decap) at PPS, timed from
+	// the first to the last arrival the observer saw.
 	Offered    uint64  `json:"offered"`
 	Delivered  uint64  `json:"delivered"`
 	OfferedPPS float64 `json:"offered_pps"`
