@@ -5,9 +5,13 @@
 // `xesp pktgen` and the bench harness use it.
 //
 // Rate: a live-frames run cannot be paced inside the kernel, so a target
-// rate is met in chunks — a run of Chunk frames, then a sleep until the
-// chunk's share of the schedule has passed. Chunks are sized to ~2 ms of
-// traffic so the rate is smooth at the scale a receiver's rings see.
+// rate is met in chunks — a run of a ring's frames, then a sleep until
+// the chunk's share of the schedule has passed. A live-frames run costs a
+// fixed 20–40 ms on this kernel (6.18) however few frames it carries, so
+// live chunks hold 100 ms of traffic and leave as one burst; AF_XDP
+// chunks hold 2 ms, smooth at the scale a receiver's rings see. The
+// fixed cost also caps the live engine's rate at about a ring per run
+// (~1 Mpps with the default ring) in bursts of ~6 Mpps.
 //
 // ESP rings must be resealed (Refill) between runs because every frame
 // carries a fresh sequence number; Refill happens outside the timed sends
@@ -269,17 +273,24 @@ func New(o Options) (*Sender, error) {
 	if o.Rate < 0 {
 		return nil, fmt.Errorf("pktgen: rate %v < 0", o.Rate)
 	}
-	if o.Ring == 0 {
-		o.Ring = gen.DefaultRing
-		if o.Rate > 0 {
-			o.Ring = int(min(max(o.Rate/500, 64), gen.DefaultRing))
-		}
-	}
 	if o.Engine == "" {
 		o.Engine = EngineLive
 	}
 	if o.Engine != EngineLive && o.Engine != EngineAFXDP {
 		return nil, fmt.Errorf("pktgen: engine %q (want %s or %s)", o.Engine, EngineLive, EngineAFXDP)
+	}
+	if o.Ring == 0 {
+		o.Ring = gen.DefaultRing
+		if o.Rate > 0 {
+			// A live-frames run costs a fixed 20-40 ms on this kernel
+			// whatever its length, so its chunks carry 100 ms of
+			// traffic (sent as one burst); AF_XDP chunks carry 2 ms.
+			per := 0.1
+			if o.Engine == EngineAFXDP {
+				per = 0.002
+			}
+			o.Ring = int(min(max(o.Rate*per, 64), gen.DefaultRing))
+		}
 	}
 	g, err := gen.New(gen.Options{Ifindex: o.Ifindex, Ring: o.Ring})
 	if err != nil {

@@ -144,7 +144,14 @@ otherwise). Reports packets/s sent.`)
 	if err != nil {
 		return err
 	}
-	fmt.Printf("sent %d packets in %v: %.0f pps average, %.0f pps while sending (%.1f%% of the time; the rest resealing sequence numbers)\n",
-		res.Sent, res.Elapsed.Round(time.Millisecond), res.PPS(), res.WirePPS(), 100*res.Sending.Seconds()/max(res.Elapsed.Seconds(), 1e-9))
+	rest := "resealing ESP sequence numbers"
+	switch {
+	case *rateF > 0:
+		rest = "pacing to -rate"
+	case *clear:
+		rest = "between sends"
+	}
+	fmt.Printf("sent %d packets in %v: %.0f pps average, %.0f pps while sending (%.1f%% of the time; the rest %s)\n",
+		res.Sent, res.Elapsed.Round(time.Millisecond), res.PPS(), res.WirePPS(), 100*res.Sending.Seconds()/max(res.Elapsed.Seconds(), 1e-9), rest)
 	return nil
 }

@@ -75,7 +75,7 @@ func TestPktgenSendsCount(t *testing.T) {
 		count int
 	}{
 		{[]string{"-sas", "50", "-sizes", "imix"}, esp.NATTPort, 1500},
-		{[]string{"-sas", "7", "-clear", "-sizes", "sip", "-rate", "200000"}, 5060, 100000},
+		{[]string{"-sas", "7", "-clear", "-sizes", "sip", "-rate", "200000"}, 5060, 20000},
 		{[]string{"-sas", "1000", "-engine", "afxdp", "-sizes", "1400"}, esp.NATTPort, 40000},
 	} {
 		cnt, err := gen.NewCounter(c.port)
