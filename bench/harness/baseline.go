@@ -67,7 +67,7 @@ func (r *runner) baseline(size string, sz gen.Sizes, n int) error {
 	if err != nil {
 		return err
 	}
-	res := p.result(Result{Name: baselineName(size, n), Group: "baseline", Test: "udp_sockets", Size: size, SAs: n, Workers: 1})
+	res := p.result(Result{Name: baselineName("decap", size, n), Group: "baseline", Test: "udp_sockets", Dir: "decap", Size: size, SAs: n, Workers: 1})
 	res.Note = fmt.Sprintf("recvmmsg/sendmmsg ×%d, esp.SA.Open, one goroutine on CPU %d; opened %d, open errors %d, socket drops %d",
 		baselineBatch, GwCPU, st.opened, st.bad, st.sockDrops)
 	r.add(res)

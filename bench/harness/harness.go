@@ -88,6 +88,7 @@ type Result struct {
 	Name    string `json:"name"`
 	Group   string `json:"group"` // ceiling, xesp, baseline
 	Test    string `json:"test"`  // xdp_drop, afxdp_rx, afxdp_reflect, aead_open, aead_seal, decap, encap, both, udp_sockets
+	Dir     string `json:"dir,omitempty"` // decap, encap or both (xesp and the baseline)
 	Link    string `json:"link,omitempty"`
 	Size    string `json:"size"`
 	SAs     int    `json:"sas,omitempty"`
@@ -153,9 +154,12 @@ func ceilingName(test, link, size string) string {
 func xespName(dir, size string, sas, workers int) string {
 	return fmt.Sprintf("xesp/%s/%s/%s/%dw", dir, size, saLabel(sas), workers)
 }
-func baselineName(size string, sas int) string {
-	return fmt.Sprintf("baseline/udp_sockets/decap/%s/%s", size, saLabel(sas))
+func baselineName(dir, size string, sas int) string {
+	return fmt.Sprintf("baseline/udp_sockets/%s/%s/%s", dir, size, saLabel(sas))
 }
+
+// baselineDirs are the socket baseline's directions.
+var baselineDirs = []string{"decap", "encap"}
 
 func saLabel(n int) string {
 	switch {
@@ -301,6 +305,9 @@ func (r *runner) once(ctx context.Context, sizes map[string]gen.Sizes) error {
 				}
 				if err := r.baseline(s, sizes[s], n); err != nil {
 					return fmt.Errorf("socket baseline at %s, %d SAs: %w", s, n, err)
+				}
+				if err := r.baselineEncap(s, sizes[s], n); err != nil {
+					return fmt.Errorf("socket baseline (encap) at %s, %d SAs: %w", s, n, err)
 				}
 			}
 		}
@@ -622,7 +629,7 @@ func (r *runner) xesp(ctx context.Context, workers int, sizes map[string]gen.Siz
 					return err
 				}
 				runtime.ReadMemStats(&ms)
-				res := p.result(Result{Name: xespName(d, s, n, workers), Group: "xesp", Test: d, Size: s, SAs: n, Workers: workers})
+				res := p.result(Result{Name: xespName(d, s, n, workers), Group: "xesp", Test: d, Dir: d, Size: s, SAs: n, Workers: workers})
 				res.Note = gw.explain(before)
 				if d := ms.NumGC - gcs; d > 0 {
 					res.Note += fmt.Sprintf("; %d GC cycle(s) during the run", d)
@@ -712,7 +719,9 @@ func Selected(o Options) []string {
 	if o.Baseline {
 		for _, s := range o.Sizes {
 			for _, n := range o.SAs {
-				out = append(out, baselineName(s, n))
+				for _, d := range baselineDirs {
+					out = append(out, baselineName(d, s, n))
+				}
 			}
 		}
 	}

@@ -79,7 +79,7 @@ func (r *Report) ratios() {
 			return 0
 		}
 		link, aead := "public", "aead_open"
-		switch x.Test {
+		switch x.Dir {
 		case "encap":
 			link, aead = "private", "aead_seal"
 		case "both":
@@ -88,15 +88,15 @@ func (r *Report) ratios() {
 		rx := put("afxdp_rx", ceilingName("afxdp_rx", link, x.Size))
 		put("xdp_drop", ceilingName("xdp_drop", link, x.Size))
 		ae := put("aead", ceilingName(aead, "", x.Size))
-		if x.Test != "both" && rx > 0 && ae > 0 {
+		if x.Dir != "both" && rx > 0 && ae > 0 {
 			x.Ratios["min_ceiling"] = x.PPS / min(rx, ae)
 		}
 		if x.Group == "xesp" {
 			if one := r.pps(xespName(x.Test, x.Size, minSAs, x.Workers)); one > 0 && x.SAs != minSAs {
 				x.Ratios["vs_min_sas"] = x.PPS / one
 			}
-			if x.Test == "decap" {
-				if b := r.pps(baselineName(x.Size, x.SAs)); b > 0 {
+			if x.Dir != "both" {
+				if b := r.pps(baselineName(x.Dir, x.Size, x.SAs)); b > 0 {
 					x.Ratios["vs_sockets"] = x.PPS / b
 				}
 			}
@@ -127,7 +127,7 @@ func (r *Report) targets() {
 	}
 	if v, ok := base.Ratios["vs_sockets"]; ok {
 		r.Targets = append(r.Targets, Target{Name: "xesp decap vs the UDP-socket baseline", Ratio: v, Goal: 3, Met: v >= 3,
-			How: fmt.Sprintf("%s / %s", base.Name, baselineName("200", lo))})
+			How: fmt.Sprintf("%s / %s", base.Name, baselineName("decap", "200", lo))})
 	}
 	if hi != lo {
 		big, _ := r.Find(xespName("decap", "200", hi, 1))
