@@ -86,8 +86,8 @@ func Check() Options {
 // Result is one scenario's figures.
 type Result struct {
 	Name    string `json:"name"`
-	Group   string `json:"group"` // ceiling, xesp, baseline
-	Test    string `json:"test"`  // xdp_drop, afxdp_rx, afxdp_reflect, aead_open, aead_seal, decap, encap, both, udp_sockets
+	Group   string `json:"group"`         // ceiling, xesp, baseline
+	Test    string `json:"test"`          // xdp_drop, afxdp_rx, afxdp_reflect, aead_open, aead_seal, decap, encap, both, udp_sockets
 	Dir     string `json:"dir,omitempty"` // decap, encap or both (xesp and the baseline)
 	Link    string `json:"link,omitempty"`
 	Size    string `json:"size"`
