@@ -19,21 +19,25 @@ import (
 // slower or busier machine moves numerator and denominator together.
 //
 // How the tolerance is chosen: Calibrate runs the check subset N times
-// (N ≥ 3) back to back and, per ratio, takes the median as the baseline
-// value and the relative range r = (max − min) / median as the measured
-// run-to-run noise. The tolerance is 2r, clamped to [MinTolerance,
-// MaxTolerance]: a run fails when a ratio falls below median × (1 − tol).
-// Twice the whole observed range because a handful of samples
-// underestimates the spread of a shared 2-core machine (other jobs run
-// beside CI); the floor keeps a quiet calibration from making the gate
-// trip on the next noisy day; the cap keeps a ratio that is too noisy to
-// gate finely still able to catch a halving. Ratios whose tolerance hit
-// the cap are marked noisy in the file.
+// (N ≥ 3; `make bench-calibrate` uses 5, each run itself the median of 5
+// repetitions) back to back and, per ratio, takes the median as the
+// baseline value and the relative range r = (max − min) / median as the
+// measured run-to-run noise. The tolerance is 3r, clamped to
+// [MinTolerance, MaxTolerance]: a run fails when a ratio falls below
+// median × (1 − tol). Measured on the shared 2-vCPU development VM
+// (other jobs running beside): r spanned 5–54% over 38 ratios, median
+// 22%; a later check run fell 16% below the median of a ratio whose
+// calibration range was 9.5% — 1.7 ranges, three points short of a
+// factor-2 tolerance (19%) — so 3 is used. The 15% floor keeps a quiet calibration
+// from making the gate trip on the next noisy day; the cap keeps a ratio
+// too noisy to gate finely still able to catch a halving. Ratios whose
+// tolerance hit the cap are marked noisy in the file. Recalibrate on the
+// machine CI runs on (make bench-calibrate) for a tighter gate.
 const (
-	MinTolerance = 0.10
+	MinTolerance = 0.15
 	MaxTolerance = 0.50
 	// toleranceFactor multiplies the measured relative range.
-	toleranceFactor = 2.0
+	toleranceFactor = 3.0
 )
 
 // Metric is one gated ratio in a baseline file.
