@@ -8,7 +8,7 @@ APT_PKGS  := clang llvm libbpf-dev linux-libc-dev bpftool iproute2 ethtool nftab
 # Fuzz targets run for this long each in `make fuzz` (CI keeps it short).
 FUZZTIME  ?= 20s
 
-.PHONY: all build generate check-generate deps demo test test-short lint fuzz bench clean
+.PHONY: all build generate check-generate deps demo test test-short lint fuzz bench bench-go bench-check bench-micro bench-calibrate clean
 
 all: build
 
@@ -66,8 +66,41 @@ fuzz:
 		done; \
 	done
 
-bench:
+# The benchmark harness (root): ceilings, xesp decap/encap/both over sizes,
+# SA and worker counts, and the UDP-socket baseline, in one run; writes
+# bench/results/results.{json,md,svg}. BENCH_ARGS selects scenarios (see
+# `xesp bench -h`), e.g. BENCH_ARGS="-sizes 200 -sas 1,1000000".
+bench: build
+	./bin/xesp bench $(BENCH_ARGS)
+
+# Every go test benchmark in the tree.
+bench-go:
 	$(GO) test -run='^$$' -bench=. -benchmem $(PKGS)
+
+# CI's regression gate (root, < 3 min): the check subset's ratios against
+# bench/baseline.json (fails on a drop beyond the tolerance measured from
+# run-to-run noise), then the micro-benchmarks against
+# bench/micro-baseline.txt with benchstat (reported, not gated).
+BENCH_BASELINE ?= bench/baseline.json
+MICRO_ESP      := ^Benchmark(Bare)?(Open|Seal)$$/^aes128gcm16$$/^(200|1400)$$
+MICRO_BPF      := ^BenchmarkPublic$$/^(esp-udp-1sa|plain-esp-1sa|keepalive-drop)$$
+MICRO_FLAGS    := -run='^$$' -count=6 -benchtime=200ms
+bench-check: build
+	./bin/xesp bench -check $(BENCH_BASELINE) -out $${TMPDIR:-/tmp}/xesp-bench-check
+	$(MAKE) bench-micro
+
+bench-micro:
+	@out=$${TMPDIR:-/tmp}/xesp-micro.txt; \
+	$(GO) test $(MICRO_FLAGS) -bench='$(MICRO_ESP)' ./userspace/esp > $$out && \
+	$(GO) test $(MICRO_FLAGS) -bench='$(MICRO_BPF)' ./bpf >> $$out && \
+	$(GO) tool benchstat bench/micro-baseline.txt $$out
+
+# Re-measure bench/baseline.json (5 runs of the check subset) and
+# bench/micro-baseline.txt on a quiet machine, then commit them.
+bench-calibrate: build
+	./bin/xesp bench -calibrate 5 -check $(BENCH_BASELINE)
+	$(GO) test $(MICRO_FLAGS) -bench='$(MICRO_ESP)' ./userspace/esp > bench/micro-baseline.txt
+	$(GO) test $(MICRO_FLAGS) -bench='$(MICRO_BPF)' ./bpf >> bench/micro-baseline.txt
 
 clean:
 	rm -rf bin

@@ -87,7 +87,9 @@ type L2 struct {
 	Src, Dst net.HardwareAddr
 }
 
-// Flow is one stream in the ring. Slot i carries flow i % len(flows).
+// Flow is one stream in the ring. The n-th frame the generator builds
+// (counting across refills) carries flow n % len(flows), so with more
+// flows than Ring slots successive refills walk through all of them.
 type Flow struct {
 	// SA seals the flow's frames (LoadESP); it is the sender's side of the
 	// SA, and the generator advances its sequence counter. Not used by
@@ -104,8 +106,9 @@ type Flow struct {
 
 // Sizes says how long each slot's IP packet is: for LoadESP the inner
 // packet the receiver decrypts (the frame adds the ESP and outer
-// overhead), for LoadClear the IP packet itself. Slot i has size
-// pattern[(i / flows) % len(pattern)], so every flow sees the whole mix.
+// overhead), for LoadClear the IP packet itself. The n-th frame built has
+// size At(n, flows): every flow sees the whole mix over its successive
+// packets, and with many flows one ring already holds the mix.
 type Sizes struct {
 	pattern []int
 }
@@ -152,9 +155,13 @@ func IMIX() Sizes {
 	return s
 }
 
-// At is the size of slot i in a ring of flows flows.
-func (s Sizes) At(i, flows int) int {
-	return s.pattern[(i/max(flows, 1))%len(s.pattern)]
+// At is the size of the n-th frame built for flows flows: flow f's r-th
+// frame (n = r*flows + f) takes pattern[(r+f) % len(pattern)], so each
+// flow cycles through the pattern and, when flows outnumber a ring, the
+// flows of one round already spread over it.
+func (s Sizes) At(n, flows int) int {
+	flows = max(flows, 1)
+	return s.pattern[(n/flows+n%flows)%len(s.pattern)]
 }
 
 // Pattern returns the sizes in their order of use.
@@ -179,6 +186,7 @@ type Gen struct {
 	loaded bool
 	stale  bool // ESP ring sent since the last fill
 	serial uint64
+	built  uint64 // frames built since the last Load: slot i of this fill is frame built+i
 }
 
 // xdpMD is the kernel's struct xdp_md, the context of a test run; the
@@ -361,7 +369,7 @@ func (g *Gen) set(l2 L2, flows []Flow, sizes Sizes, isESP bool) error {
 		}
 	}
 	g.l2, g.flows, g.sizes, g.esp = l2, flows, sizes, isESP
-	g.loaded = false
+	g.loaded, g.built = false, 0
 	return nil
 }
 
@@ -383,6 +391,7 @@ func (g *Gen) fill() error {
 	if _, err := g.frames.BatchUpdate(g.keys, g.vals, nil); err != nil {
 		return fmt.Errorf("gen: write %d frames to the frame map: %w", g.o.Ring, err)
 	}
+	g.built += uint64(g.o.Ring)
 	g.loaded, g.stale = true, false
 	return nil
 }
@@ -405,9 +414,10 @@ func Marker(payload []byte) (flow uint32, serial uint64, ok bool) {
 }
 
 func (g *Gen) build(i int) error {
-	fi := i % len(g.flows)
+	n := g.built + uint64(i)
+	fi := int(n % uint64(len(g.flows)))
 	f := &g.flows[fi]
-	size := g.sizes.At(i, len(g.flows))
+	size := g.sizes.At(int(n%(1<<62)), len(g.flows))
 	val := g.host[i*g.valSize : (i+1)*g.valSize]
 	frame := val[slotHeader:]
 	ip := 14
@@ -449,6 +459,19 @@ func (g *Gen) build(i int) error {
 	return nil
 }
 
+// CopyFrame copies slot i into dst (at least MaxFrame bytes) and returns
+// its length: for senders other than Send (AF_XDP TX), without
+// allocating.
+func (g *Gen) CopyFrame(dst []byte, i int) int {
+	val := g.host[i*g.valSize : (i+1)*g.valSize]
+	n := binary.NativeEndian.Uint32(val)
+	return copy(dst, val[slotHeader:slotHeader+int(n)])
+}
+
+// MarkSent records that the ESP ring went out by another sender, so Send
+// refuses it until Refill, as after its own runs.
+func (g *Gen) MarkSent() { g.stale = true }
+
 // Frame returns a copy of slot i as the next Send transmits it.
 func (g *Gen) Frame(i int) []byte {
 	val := g.host[i*g.valSize : (i+1)*g.valSize]
@@ -462,6 +485,17 @@ func (g *Gen) Frame(i int) []byte {
 // the wall time the run took. Frames the receiver could not take are
 // dropped there and show in its counters, not here.
 func (g *Gen) Send() (sent int, elapsed time.Duration, err error) {
+	return g.SendN(g.o.Ring)
+}
+
+// SendN is Send for the ring's first n frames only (1 ≤ n ≤ Ring), for a
+// count or a rate that a whole ring would overshoot. The rest of an ESP
+// ring is not sent: Refill seals past it, leaving a gap in each SA's
+// sequence numbers, which a receiver's replay window accepts.
+func (g *Gen) SendN(n int) (sent int, elapsed time.Duration, err error) {
+	if n < 1 || n > g.o.Ring {
+		return 0, 0, fmt.Errorf("gen: send %d frames from a ring of %d", n, g.o.Ring)
+	}
 	if !g.loaded {
 		return 0, 0, errors.New("gen: nothing loaded")
 	}
@@ -476,19 +510,19 @@ func (g *Gen) Send() (sent int, elapsed time.Duration, err error) {
 	_, err = g.prog.Run(&ebpf.RunOptions{
 		Data:      g.template,
 		Context:   xdpMD{DataEnd: uint32(len(g.template)), IngressIfindex: uint32(g.o.Ifindex)},
-		Repeat:    uint32(g.o.Ring),
+		Repeat:    uint32(n),
 		BatchSize: uint32(g.o.Batch),
 		Flags:     unix.BPF_F_TEST_XDP_LIVE_FRAMES,
 	})
 	elapsed = time.Since(start)
 	if err != nil {
-		return 0, elapsed, fmt.Errorf("gen: live-frames run of %d frames on ifindex %d: %w", g.o.Ring, g.o.Ifindex, err)
+		return 0, elapsed, fmt.Errorf("gen: live-frames run of %d frames on ifindex %d: %w", n, g.o.Ifindex, err)
 	}
 	var next uint64
 	if err := g.counter.Lookup(uint32(0), &next); err != nil {
 		return 0, elapsed, fmt.Errorf("gen: read slot counter: %w", err)
 	}
-	return int(min(next, uint64(g.o.Ring))), elapsed, nil
+	return int(min(next, uint64(n))), elapsed, nil
 }
 
 // SendPinned is Send with the calling thread pinned to cpu for the run;

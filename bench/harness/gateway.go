@@ -1,0 +1,137 @@
+package harness
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/xesp/xesp/bench/pktgen"
+	"github.com/xesp/xesp/bpf"
+	"github.com/xesp/xesp/userspace/config"
+	"github.com/xesp/xesp/userspace/gateway"
+	"github.com/xesp/xesp/userspace/worker"
+)
+
+// startGateway runs the real daemon's data path (gateway.Start, as `xesp
+// run` does) on the topology's gateway namespace, with no SAs yet.
+func startGateway(tp *topo, workers int, stateDir string) (*gateway.Gateway, error) {
+	yaml := fmt.Sprintf(`
+public: {interface: %s, addresses: [192.0.2.1]}
+private: {interface: %s, next_hop_mac: "%s"}
+workers: %d
+max_sas: %d
+state_dir: %s
+`, tp.pub.name, tp.priv.name, tp.co.mac, workers, 1<<21, stateDir)
+	cfg, err := config.Parse([]byte(yaml), "")
+	if err != nil {
+		return nil, err
+	}
+	var g *gateway.Gateway
+	err = tp.gw.Do(func() (err error) {
+		g, err = gateway.Start(context.Background(), cfg, gateway.Options{NoPin: true})
+		return err
+	})
+	return g, err
+}
+
+// load adds pairs from..n-1 and waits until the workers and the XDP SA
+// map hold them all.
+func (gu *gatewayUnder) load(from, n int, nw pktgen.Net) error {
+	all, err := pktgen.SAs(n, nw)
+	if err != nil {
+		return err
+	}
+	if err := gu.g.SAD.AddAll(all[2*from:]); err != nil {
+		return fmt.Errorf("add SAs %d..%d: %w", from, n, err)
+	}
+	// The manager counts an SA installed once its worker holds it and
+	// publishes to the BPF maps after that, the inbound SA map last.
+	deadline := time.Now().Add(10 * time.Minute)
+	for gu.g.Manager.Installed() < 2*n {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("manager installed %d of %d SAs in 10 minutes", gu.g.Manager.Installed(), 2*n)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	keys, vals := make([]uint32, 1<<16), make([]bpf.SA, 1<<16)
+	for {
+		c, err := countMap(gu.g.Maps.SAs.Map(), keys, vals)
+		if err != nil {
+			return err
+		}
+		if c >= n {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("SA map holds %d of %d SAs after 10 minutes", c, n)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func countMap(m *ebpf.Map, keys []uint32, vals []bpf.SA) (int, error) {
+	var cur ebpf.MapBatchCursor
+	total := 0
+	for {
+		n, err := m.BatchLookup(&cur, keys, vals, nil)
+		total += n
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return total, nil
+		}
+		if err != nil {
+			return total, fmt.Errorf("count SA map: %w", err)
+		}
+	}
+}
+
+// figures are what the workers counted, to explain a scenario's loss.
+type figures struct {
+	decap, encap uint64
+	drops        map[string]uint64
+}
+
+func (gu *gatewayUnder) snapshot() figures {
+	f := figures{drops: map[string]uint64{}}
+	for _, w := range gu.g.Workers {
+		st := w.Stats()
+		f.decap += st.Decap.Packets.Load()
+		f.encap += st.Encap.Packets.Load()
+		for dir, d := range map[string]*worker.DirStats{"decap": &st.Decap, "encap": &st.Encap} {
+			for r := range d.Drops {
+				if n := d.Drops[r].Load(); n > 0 {
+					f.drops[dir+" "+worker.Drop(r).String()] += n
+				}
+			}
+		}
+	}
+	return f
+}
+
+// explain says what the workers forwarded and dropped since before, and
+// what the sockets' rings dropped, so a lossy figure comes with its cause.
+func (gu *gatewayUnder) explain(before figures) string {
+	now := gu.snapshot()
+	parts := []string{fmt.Sprintf("workers: decap %d encap %d", now.decap-before.decap, now.encap-before.encap)}
+	for k, v := range now.drops {
+		if d := v - before.drops[k]; d > 0 {
+			parts = append(parts, fmt.Sprintf("drop %s %d", k, d))
+		}
+	}
+	var rxDrop, fillEmpty uint64
+	for _, s := range gu.g.Sockets {
+		for _, sock := range s {
+			if st, err := sock.Stats(); err == nil {
+				rxDrop += st.RxDropped + st.RxRingFull
+				fillEmpty += st.RxFillRingEmptyDescs
+			}
+		}
+	}
+	if rxDrop+fillEmpty > 0 {
+		parts = append(parts, fmt.Sprintf("sockets (cumulative): rx dropped/ring full %d, fill empty %d", rxDrop, fillEmpty))
+	}
+	return strings.Join(parts, "; ")
+}

@@ -1,0 +1,749 @@
+// Package harness is xesp's benchmark: in one invocation it builds the
+// phone ─ gateway ─ core namespace topology, measures the ceilings of the
+// gateway's links and of the crypto (XDP_DROP, AF_XDP receive-only,
+// AF_XDP reflect, bare AES-GCM open/seal on one core), then xesp's decap,
+// encap and both at once over a matrix of packet sizes, SA counts and
+// worker counts, and the baseline a Go user would write without XDP: the
+// same ESP engine behind plain UDP sockets with recvmmsg/sendmmsg. Every
+// figure is reported as packets/s with its loss (sent vs arrived at the
+// far end, i.e. decrypted for decap) and as ratios to ceilings measured
+// in the same run: the machine is shared and noisy, ratios travel.
+//
+// CPU placement: the generator's thread runs on GenCPU, and with it, in
+// softirq, the receiving veth's XDP program and AF_XDP's copy into the
+// UMEM (veth delivers in the sender's context). Every other thread of the
+// process — workers, manager, Go runtime — is pinned to GwCPU. With two
+// CPUs, two workers share GwCPU: the 2-worker figures show the cost of
+// the split, not a second core's gain.
+//
+// Output: Report (JSON), Markdown (a table) and SVG (a log-scale bar
+// chart with the ceilings drawn in); check.go compares a run's ratios
+// with a committed baseline for CI.
+package harness
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"runtime"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/xesp/xesp/bench/gen"
+	"github.com/xesp/xesp/bench/pktgen"
+	"github.com/xesp/xesp/internal/netns"
+	"github.com/xesp/xesp/userspace/esp"
+	"github.com/xesp/xesp/userspace/gateway"
+)
+
+// CPU placement (see the package comment).
+const (
+	GenCPU = 0
+	GwCPU  = 1
+)
+
+// Options select the scenarios.
+type Options struct {
+	Sizes   []string // "200", "1400", "imix", "sip" (pktgen.ParseSizes)
+	SAs     []int    // SA pairs
+	Workers []int
+	Dirs    []string // "decap", "encap", "both"
+	// Ceilings and Baseline switch those scenario groups on.
+	Ceilings, Baseline bool
+	// Rounds is the number of rings sent per scenario (each Ring frames).
+	Rounds int
+	// Repeat measures the whole selection this many times and reports
+	// medians (1 if unset).
+	Repeat int
+	Ring   int
+	Log    io.Writer
+}
+
+// Full is the whole matrix of the issue.
+func Full() Options {
+	return Options{
+		Sizes: []string{"200", "1400", "imix"}, SAs: []int{1, 1000, 100_000, 1_000_000},
+		Workers: []int{1, 2}, Dirs: []string{"decap", "encap", "both"},
+		Ceilings: true, Baseline: true, Rounds: 4, Ring: 32768,
+	}
+}
+
+// Check is the CI subset (bench-check): 200-byte packets, 1 and 1000
+// SAs, one worker, decap and encap, the ceilings and the baseline, all
+// five times over for medians. It runs in about a minute.
+func Check() Options {
+	return Options{
+		Sizes: []string{"200"}, SAs: []int{1, 1000}, Workers: []int{1}, Dirs: []string{"decap", "encap"},
+		Ceilings: true, Baseline: true, Rounds: 4, Ring: 32768, Repeat: 5,
+	}
+}
+
+// Result is one scenario's figures.
+type Result struct {
+	Name    string `json:"name"`
+	Group   string `json:"group"`         // ceiling, xesp, baseline
+	Test    string `json:"test"`          // xdp_drop, afxdp_rx, afxdp_reflect, aead_open, aead_seal, decap, encap, both, udp_sockets
+	Dir     string `json:"dir,omitempty"` // decap, encap or both (xesp and the baseline)
+	Link    string `json:"link,omitempty"`
+	Size    string `json:"size"`
+	SAs     int    `json:"sas,omitempty"`
+	Workers int    `json:"workers,omitempty"`
+	// Offered frames were sent by the generator; OfferedPPS divides them
+	// by the live-frames runs' wall time, fixed per-run cost included
+	// (see measure), so it understates the burst rate. Delivered frames
+	// arrived at the far end (decrypted, for decap) at PPS, timed from
+	// the first to the last arrival the observer saw.
+	Offered    uint64  `json:"offered"`
+	Delivered  uint64  `json:"delivered"`
+	OfferedPPS float64 `json:"offered_pps"`
+	PPS        float64 `json:"pps"`
+	LossPct    float64 `json:"loss_pct"`
+	// Ratios of PPS to the ceilings of the same size (and link).
+	Ratios map[string]float64 `json:"ratios,omitempty"`
+	// Samples are the repetitions' packets/s when the run repeated.
+	Samples []float64 `json:"pps_samples,omitempty"`
+	Note    string    `json:"note,omitempty"`
+}
+
+// Target is one of the issue's goals, evaluated on this run.
+type Target struct {
+	Name  string  `json:"name"`
+	Ratio float64 `json:"ratio"`
+	Goal  float64 `json:"goal"`
+	Met   bool    `json:"met"`
+	How   string  `json:"how"`
+}
+
+// Report is a whole run.
+type Report struct {
+	Machine  Machine   `json:"machine"`
+	Started  time.Time `json:"started"`
+	Seconds  float64   `json:"seconds"`
+	GenCPU   int       `json:"gen_cpu"`
+	GwCPU    int       `json:"gw_cpu"`
+	Ring     int       `json:"ring"`
+	Rounds   int       `json:"rounds"`
+	Repeat   int       `json:"repeat,omitempty"`
+	Results  []Result  `json:"results"`
+	Targets  []Target  `json:"targets,omitempty"`
+	Warnings []string  `json:"warnings,omitempty"`
+}
+
+// Find returns the result named name.
+func (r *Report) Find(name string) (Result, bool) {
+	for _, x := range r.Results {
+		if x.Name == name {
+			return x, true
+		}
+	}
+	return Result{}, false
+}
+
+// Name builders, shared with check.go and the report.
+func ceilingName(test, link, size string) string {
+	if link == "" {
+		return fmt.Sprintf("ceiling/%s/%s", test, size)
+	}
+	return fmt.Sprintf("ceiling/%s/%s/%s", test, link, size)
+}
+func xespName(dir, size string, sas, workers int) string {
+	return fmt.Sprintf("xesp/%s/%s/%s/%dw", dir, size, saLabel(sas), workers)
+}
+func baselineName(dir, size string, sas int) string {
+	return fmt.Sprintf("baseline/udp_sockets/%s/%s/%s", dir, size, saLabel(sas))
+}
+
+// baselineDirs are the socket baseline's directions.
+var baselineDirs = []string{"decap", "encap"}
+
+func saLabel(n int) string {
+	switch {
+	case n >= 1_000_000 && n%1_000_000 == 0:
+		return fmt.Sprintf("%dMsa", n/1_000_000)
+	case n >= 1000 && n%1000 == 0:
+		return fmt.Sprintf("%dksa", n/1000)
+	}
+	return fmt.Sprintf("%dsa", n)
+}
+
+type runner struct {
+	o      Options
+	tp     *topo
+	nw     pktgen.Net
+	rep    *Report
+	flows  []gen.Flow // the phones' side, ESP
+	clear  []gen.Flow // the core's side, cleartext
+	phoneG *gen.Gen
+	coreG  *gen.Gen
+}
+
+func (r *runner) logf(format string, args ...any) {
+	if r.o.Log != nil {
+		fmt.Fprintf(r.o.Log, format+"\n", args...)
+	}
+}
+
+// Run runs the selected scenarios. Needs root and 2 CPUs.
+func Run(ctx context.Context, o Options) (*Report, error) {
+	if runtime.NumCPU() < 2 {
+		return nil, errors.New("bench: needs 2 CPUs to pin the generator and the gateway apart")
+	}
+	if os.Geteuid() != 0 {
+		return nil, errors.New("bench: needs root (BPF, network namespaces)")
+	}
+	if o.Rounds < 1 {
+		o.Rounds = 4
+	}
+	if o.Ring == 0 {
+		o.Ring = 32768
+	}
+	if o.Repeat < 1 {
+		o.Repeat = 1
+	}
+	sizes := map[string]gen.Sizes{}
+	for _, s := range o.Sizes {
+		sz, err := pktgen.ParseSizes(s)
+		if err != nil {
+			return nil, err
+		}
+		sizes[s] = sz
+	}
+	for _, d := range o.Dirs {
+		if d != "decap" && d != "encap" && d != "both" {
+			return nil, fmt.Errorf("bench: direction %q (want decap, encap or both)", d)
+		}
+	}
+	for _, w := range o.Workers {
+		if w < 1 || w > 64 {
+			return nil, fmt.Errorf("bench: %d workers", w)
+		}
+	}
+	maxSAs := 1
+	o.SAs = slices.Sorted(slices.Values(o.SAs))
+	if len(o.SAs) > 0 {
+		maxSAs = o.SAs[len(o.SAs)-1]
+	}
+	rep := &Report{Machine: ReadMachine(), Started: time.Now().UTC(), GenCPU: GenCPU, GwCPU: GwCPU, Ring: o.Ring, Rounds: o.Rounds}
+	r := &runner{o: o, rep: rep, nw: pktgen.DefaultNet()}
+	t0 := time.Now()
+	var err error
+	r.logf("building %d generator SAs", maxSAs)
+	if r.flows, err = pktgen.Flows(maxSAs, r.nw); err != nil {
+		return nil, err
+	}
+	if r.clear, err = pktgen.ClearFlows(maxSAs, r.nw); err != nil {
+		return nil, err
+	}
+	if r.tp, err = newTopo(); err != nil {
+		return nil, err
+	}
+	defer r.tp.close()
+	unpin, err := pinProcess(GwCPU)
+	if err != nil {
+		return nil, err
+	}
+	defer unpin()
+	for _, g := range []struct {
+		dst **gen.Gen
+		e   end
+	}{{&r.phoneG, r.tp.ph}, {&r.coreG, r.tp.co}} {
+		if err := g.e.ns.Do(func() (err error) {
+			*g.dst, err = gen.New(gen.Options{Ifindex: g.e.index, Ring: o.Ring})
+			return err
+		}); err != nil {
+			return nil, err
+		}
+		defer (*g.dst).Close()
+	}
+
+	// Each repetition measures every scenario once, ceilings first; the
+	// ratios are taken within a repetition (ceiling and scenario seconds
+	// apart) and the report keeps their median, so a burst of load from
+	// elsewhere on the machine moves one sample, not the figure.
+	var reps [][]Result
+	for k := range o.Repeat {
+		if o.Repeat > 1 {
+			r.logf("repetition %d of %d", k+1, o.Repeat)
+		}
+		r.rep.Results = nil
+		if err := r.once(ctx, sizes); err != nil {
+			return nil, err
+		}
+		rep.ratios()
+		reps = append(reps, rep.Results)
+	}
+	rep.Results = merge(reps)
+	rep.Repeat = o.Repeat
+	rep.Seconds = time.Since(t0).Seconds()
+	rep.targets()
+	return rep, nil
+}
+
+// once measures every selected scenario once.
+func (r *runner) once(ctx context.Context, sizes map[string]gen.Sizes) error {
+	o := r.o
+	if o.Ceilings {
+		for _, s := range o.Sizes {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			if err := r.ceilings(s, sizes[s]); err != nil {
+				return fmt.Errorf("ceilings at %s: %w", s, err)
+			}
+		}
+	}
+	if o.Baseline {
+		for _, s := range o.Sizes {
+			for _, n := range o.SAs {
+				if err := ctx.Err(); err != nil {
+					return err
+				}
+				if err := r.baseline(s, sizes[s], n); err != nil {
+					return fmt.Errorf("socket baseline at %s, %d SAs: %w", s, n, err)
+				}
+				if err := r.baselineEncap(s, sizes[s], n); err != nil {
+					return fmt.Errorf("socket baseline (encap) at %s, %d SAs: %w", s, n, err)
+				}
+			}
+		}
+	}
+	if len(o.Dirs) > 0 {
+		for _, w := range o.Workers {
+			if err := r.xesp(ctx, w, sizes); err != nil {
+				return fmt.Errorf("xesp with %d workers: %w", w, err)
+			}
+		}
+	}
+	return nil
+}
+
+// merge folds repetitions into one result per scenario: frames summed
+// (so loss covers every repetition), packets/s and each ratio the median
+// of the repetitions' values, the samples kept.
+func merge(reps [][]Result) []Result {
+	if len(reps) == 1 {
+		return reps[0]
+	}
+	out := make([]Result, len(reps[0]))
+	for i := range out {
+		x := reps[0][i]
+		x.Offered, x.Delivered = 0, 0
+		var pps, offered []float64
+		ratios := map[string][]float64{}
+		for _, rr := range reps {
+			y := rr[i]
+			x.Offered += y.Offered
+			x.Delivered += y.Delivered
+			pps = append(pps, y.PPS)
+			offered = append(offered, y.OfferedPPS)
+			for k, v := range y.Ratios {
+				ratios[k] = append(ratios[k], v)
+			}
+		}
+		x.PPS, x.OfferedPPS, x.Samples = medianOf(pps), medianOf(offered), pps
+		if x.Offered > 0 {
+			x.LossPct = 100 * (1 - float64(x.Delivered)/float64(x.Offered))
+		}
+		if len(ratios) > 0 {
+			x.Ratios = map[string]float64{}
+			for k, v := range ratios {
+				x.Ratios[k] = medianOf(v)
+			}
+		}
+		out[i] = x
+	}
+	return out
+}
+
+func medianOf(v []float64) float64 {
+	return median(slices.Sorted(slices.Values(v)))
+}
+
+// sender is one generator in a phase.
+type sender struct {
+	ns  *netns.NS
+	g   *gen.Gen
+	esp bool
+}
+
+// phase is what one measured scenario sent and what arrived at its far
+// end.
+type phase struct {
+	offered, delivered uint64
+	// send is the generators' time inside live-frames runs; busy runs
+	// from each round's start to the last frame counted at the far end.
+	send, busy time.Duration
+}
+
+func (p phase) result(r Result) Result {
+	r.Offered, r.Delivered = p.offered, p.delivered
+	if p.send > 0 {
+		r.OfferedPPS = float64(p.offered) / p.send.Seconds()
+	}
+	if p.busy > 0 {
+		r.PPS = float64(p.delivered) / p.busy.Seconds()
+	}
+	if p.offered > 0 {
+		r.LossPct = 100 * (1 - float64(p.delivered)/float64(p.offered))
+	}
+	return r
+}
+
+// measure sends rounds rings from every sender at once (each on its own
+// thread pinned to GenCPU, in its namespace) while an observer polls
+// count, the far ends' cumulative counter, and after each round waits
+// until the counter stops moving. ESP rings are refilled before every
+// round, outside the timing.
+//
+// Why an observer: a live-frames run costs a fixed 20–40 ms on top of
+// its frames (measured on this kernel, in 4 ms steps: a few scheduler
+// ticks), and the frames themselves leave in a burst of a few ms at
+// ~6 Mpps. Timing the arrivals by the sender's syscall would charge that
+// fixed cost, and its tick-sized jitter, to the receiver. So the
+// delivered rate is what arrived between the first and the last frame
+// the observer saw counted: the receiver's throughput while saturated.
+func (r *runner) measure(senders []sender, count func() (uint64, error)) (phase, error) {
+	var p phase
+	for range r.o.Rounds {
+		for _, s := range senders {
+			if s.esp {
+				if err := s.g.Refill(); err != nil {
+					return p, err
+				}
+			}
+		}
+		before, err := count()
+		if err != nil {
+			return p, err
+		}
+		obs := startObserver(count, before)
+		var (
+			wg      sync.WaitGroup
+			mu      sync.Mutex
+			sent    int
+			sendMax time.Duration
+			errs    []error
+		)
+		for _, s := range senders {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				err := s.ns.Do(func() error {
+					restore, err := gen.PinThread(GenCPU)
+					if err != nil {
+						return err
+					}
+					defer restore()
+					n, el, err := s.g.Send()
+					mu.Lock()
+					sent += n
+					sendMax = max(sendMax, el)
+					mu.Unlock()
+					return err
+				})
+				if err != nil {
+					mu.Lock()
+					errs = append(errs, err)
+					mu.Unlock()
+				}
+			}()
+		}
+		wg.Wait()
+		sendEnd := time.Now()
+		if err := errors.Join(errs...); err != nil {
+			obs.stop()
+			return p, err
+		}
+		// Drain: the workers may still be working through their rings.
+		for {
+			c, last, _ := obs.state()
+			if c-before >= uint64(sent) || time.Since(last) > 20*time.Millisecond && time.Since(sendEnd) > 20*time.Millisecond {
+				break
+			}
+			time.Sleep(time.Millisecond)
+		}
+		c, first, last, err := obs.stop()
+		if err != nil {
+			return p, err
+		}
+		p.offered += uint64(sent)
+		p.delivered += c - before
+		p.send += sendMax
+		if c > before {
+			p.busy += last.Sub(first)
+		}
+	}
+	return p, nil
+}
+
+// observer polls a counter every 100 µs from GenCPU (where it takes a
+// few µs from the generator per wake rather than from the workers),
+// recording when it last saw it still and when it last saw it move.
+type observer struct {
+	mu          sync.Mutex
+	c           uint64
+	first, last time.Time
+	err         error
+	done        chan struct{}
+	quit        atomic.Bool
+}
+
+func startObserver(count func() (uint64, error), before uint64) *observer {
+	o := &observer{c: before, last: time.Now(), done: make(chan struct{})}
+	go func() {
+		defer close(o.done)
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		if _, err := gen.PinThread(GenCPU); err != nil {
+			o.err = err
+			return
+		}
+		prev := time.Now()
+		for !o.quit.Load() {
+			c, err := count()
+			now := time.Now()
+			o.mu.Lock()
+			if err != nil {
+				o.err = err
+				o.mu.Unlock()
+				return
+			}
+			if c != o.c {
+				// The first frame arrived after the previous poll:
+				// starting the window there errs by at most one poll
+				// toward a lower rate, never a zero-length window.
+				if o.first.IsZero() {
+					o.first = prev
+				}
+				o.c, o.last = c, now
+			}
+			o.mu.Unlock()
+			prev = now
+			time.Sleep(100 * time.Microsecond)
+		}
+	}()
+	return o
+}
+
+func (o *observer) state() (uint64, time.Time, error) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.c, o.last, o.err
+}
+
+func (o *observer) stop() (c uint64, first, last time.Time, err error) {
+	o.quit.Store(true)
+	<-o.done
+	return o.c, o.first, o.last, o.err
+}
+
+func counterOf(c *gen.Counter) func() (uint64, error) {
+	return func() (uint64, error) { n, _, err := c.Read(); return n, err }
+}
+
+func (r *runner) loadPhone(sz gen.Sizes, n int) error {
+	return r.phoneG.LoadESP(gen.L2{Src: r.tp.ph.mac, Dst: r.tp.pub.mac}, r.flows[:n], sz)
+}
+
+func (r *runner) loadCore(sz gen.Sizes, n int) error {
+	return r.coreG.LoadClear(gen.L2{Src: r.tp.co.mac, Dst: r.tp.priv.mac}, r.clear[:n], sz)
+}
+
+func (r *runner) add(res Result) {
+	r.rep.Results = append(r.rep.Results, res)
+	r.logf("%-44s %12.0f pps  offered %12.0f pps  loss %5.1f%%  %s", res.Name, res.PPS, res.OfferedPPS, res.LossPct, res.Note)
+}
+
+// xesp starts a gateway with workers workers and runs every direction,
+// size and SA count on it, loading SAs in ascending counts.
+func (r *runner) xesp(ctx context.Context, workers int, sizes map[string]gen.Sizes) error {
+	gw, err := r.startGateway(workers)
+	if err != nil {
+		return err
+	}
+	defer gw.stop()
+	loaded := 0
+	for _, n := range r.o.SAs {
+		if n > loaded {
+			t := time.Now()
+			if err := gw.load(loaded, n, r.nw); err != nil {
+				return err
+			}
+			// Collect now what loading left behind: a collection of the
+			// multi-GB heap of a million SAs during a scenario would run
+			// on the workers' CPU and be measured as xesp's cost.
+			runtime.GC()
+			r.logf("gateway (%d workers) holds %d SA pairs (loaded and collected in %v)", workers, n, time.Since(t).Round(time.Millisecond))
+			loaded = n
+		}
+		for si, s := range r.o.Sizes {
+			if err := r.loadPhone(sizes[s], n); err != nil {
+				return err
+			}
+			if err := r.loadCore(sizes[s], n); err != nil {
+				return err
+			}
+			if si == 0 {
+				// Warm-up, not measured: the first packets of new SAs
+				// wait for the neighbour resolver and fault in the
+				// workers' state.
+				if err := r.warm(gw); err != nil {
+					return err
+				}
+			}
+			// Decap first: its authenticated packets confirm each SA's
+			// NAT binding before encap uses it.
+			for _, d := range r.o.Dirs {
+				if err := ctx.Err(); err != nil {
+					return err
+				}
+				var senders []sender
+				var count func() (uint64, error)
+				switch d {
+				case "decap":
+					senders, count = []sender{{r.tp.phone, r.phoneG, true}}, counterOf(gw.decapCount)
+				case "encap":
+					senders, count = []sender{{r.tp.core, r.coreG, false}}, counterOf(gw.encapCount)
+				case "both":
+					senders = []sender{{r.tp.phone, r.phoneG, true}, {r.tp.core, r.coreG, false}}
+					count = func() (uint64, error) {
+						a, err := counterOf(gw.decapCount)()
+						if err != nil {
+							return 0, err
+						}
+						b, err := counterOf(gw.encapCount)()
+						return a + b, err
+					}
+				}
+				before := gw.snapshot()
+				var ms runtime.MemStats
+				runtime.ReadMemStats(&ms)
+				gcs := ms.NumGC
+				p, err := r.measure(senders, count)
+				if err != nil {
+					return err
+				}
+				runtime.ReadMemStats(&ms)
+				res := p.result(Result{Name: xespName(d, s, n, workers), Group: "xesp", Test: d, Dir: d, Size: s, SAs: n, Workers: workers})
+				res.Note = gw.explain(before)
+				if d := ms.NumGC - gcs; d > 0 {
+					res.Note += fmt.Sprintf("; %d GC cycle(s) during the run", d)
+				}
+				r.add(res)
+			}
+		}
+	}
+	return nil
+}
+
+// warm sends one unmeasured ring each way through the gateway.
+func (r *runner) warm(gw *gatewayUnder) error {
+	rounds := r.o.Rounds
+	r.o.Rounds = 1
+	defer func() { r.o.Rounds = rounds }()
+	if _, err := r.measure([]sender{{r.tp.phone, r.phoneG, true}}, counterOf(gw.decapCount)); err != nil {
+		return err
+	}
+	_, err := r.measure([]sender{{r.tp.core, r.coreG, false}}, counterOf(gw.encapCount))
+	return err
+}
+
+// gatewayUnder is a gateway on the topology with far-end counters.
+type gatewayUnder struct {
+	g                      *gateway.Gateway
+	stateDir               string
+	decapCount, encapCount *gen.Counter
+	closers                []io.Closer
+}
+
+func (r *runner) startGateway(workers int) (_ *gatewayUnder, err error) {
+	gu := &gatewayUnder{}
+	defer func() {
+		if err != nil {
+			gu.stop()
+		}
+	}()
+	if gu.stateDir, err = os.MkdirTemp("", "xesp-bench-"); err != nil {
+		return nil, err
+	}
+	if gu.g, err = startGateway(r.tp, workers, gu.stateDir); err != nil {
+		return nil, err
+	}
+	if gu.decapCount, err = gen.NewCounter(r.nw.Core.Port()); err != nil {
+		return nil, err
+	}
+	gu.closers = append(gu.closers, gu.decapCount)
+	l, err := attach(r.tp.co, gu.decapCount.Prog)
+	if err != nil {
+		return nil, err
+	}
+	gu.closers = append(gu.closers, l)
+	if gu.encapCount, err = gen.NewCounter(esp.NATTPort); err != nil {
+		return nil, err
+	}
+	gu.closers = append(gu.closers, gu.encapCount)
+	if l, err = attach(r.tp.ph, gu.encapCount.Prog); err != nil {
+		return nil, err
+	}
+	gu.closers = append(gu.closers, l)
+	return gu, nil
+}
+
+func (gu *gatewayUnder) stop() {
+	for i := len(gu.closers) - 1; i >= 0; i-- {
+		gu.closers[i].Close()
+	}
+	if gu.g != nil {
+		gu.g.Stop(false)
+	}
+	if gu.stateDir != "" {
+		os.RemoveAll(gu.stateDir)
+	}
+}
+
+// Selected lists the scenario names o would run, for -list.
+func Selected(o Options) []string {
+	var out []string
+	if o.Ceilings {
+		for _, s := range o.Sizes {
+			for _, c := range ceilingTests {
+				out = append(out, ceilingName(c.test, c.link, s))
+			}
+		}
+	}
+	if o.Baseline {
+		for _, s := range o.Sizes {
+			for _, n := range o.SAs {
+				for _, d := range baselineDirs {
+					out = append(out, baselineName(d, s, n))
+				}
+			}
+		}
+	}
+	for _, w := range o.Workers {
+		for _, n := range slices.Sorted(slices.Values(o.SAs)) {
+			for _, s := range o.Sizes {
+				for _, d := range o.Dirs {
+					out = append(out, xespName(d, s, n, w))
+				}
+			}
+		}
+	}
+	return out
+}
+
+// ParseList splits a comma-separated flag value.
+func ParseList(s string) []string {
+	var out []string
+	for f := range strings.SplitSeq(s, ",") {
+		if f = strings.TrimSpace(f); f != "" {
+			out = append(out, f)
+		}
+	}
+	return out
+}

@@ -1,0 +1,186 @@
+package harness
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"encoding/xml"
+	"errors"
+	"io"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"testing"
+
+	"github.com/xesp/xesp/internal/netns"
+)
+
+// A small run of every scenario kind on the real topology: every selected
+// scenario is reported, frames were sent and arrived at each far end
+// (decap frames decrypted by the gateway and counted at the core), the
+// ratios and targets are computed from the same run, the outputs parse,
+// and the gate passes against the run's own ratios and fails on a drop.
+func TestRunSmallMatrix(t *testing.T) {
+	netns.RequireRoot(t)
+	if runtime.NumCPU() < 2 {
+		t.Skip("needs 2 CPUs")
+	}
+	o := Options{Sizes: []string{"200", "imix"}, SAs: []int{1, 3}, Workers: []int{1}, Dirs: []string{"decap", "encap", "both"},
+		Ceilings: true, Baseline: true, Rounds: 1, Ring: 2048, Log: testLog{t}}
+	rep, err := Run(context.Background(), o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Selected(o)
+	if len(rep.Results) != len(want) {
+		t.Fatalf("%d results, want %d", len(rep.Results), len(want))
+	}
+	for i, name := range want {
+		x := rep.Results[i]
+		if x.Name != name {
+			t.Fatalf("result %d is %s, want %s", i, x.Name, name)
+		}
+		if x.PPS <= 0 {
+			t.Errorf("%s: %v pps", x.Name, x.PPS)
+		}
+		if strings.HasPrefix(x.Test, "aead") {
+			continue
+		}
+		perRound := uint64(o.Ring)
+		if x.Test == "both" {
+			perRound *= 2
+		}
+		if x.Offered != perRound*uint64(o.Rounds) {
+			t.Errorf("%s: offered %d, want %d", x.Name, x.Offered, perRound*uint64(o.Rounds))
+		}
+		if x.Delivered == 0 || x.Delivered > x.Offered {
+			t.Errorf("%s: delivered %d of %d", x.Name, x.Delivered, x.Offered)
+		}
+		if x.Group != "ceiling" && x.Ratios["afxdp_rx"] <= 0 {
+			t.Errorf("%s: no ratio to the AF_XDP ceiling: %v", x.Name, x.Ratios)
+		}
+	}
+	if len(rep.Targets) != 3 {
+		t.Errorf("targets %+v, want 3", rep.Targets)
+	}
+	if rep.Machine.Cores != runtime.NumCPU() || rep.Machine.Kernel == "" {
+		t.Errorf("machine %+v", rep.Machine)
+	}
+
+	var js bytes.Buffer
+	if err := rep.WriteJSON(&js); err != nil {
+		t.Fatal(err)
+	}
+	var back Report
+	if err := json.Unmarshal(js.Bytes(), &back); err != nil || len(back.Results) != len(rep.Results) {
+		t.Fatalf("JSON round trip: %v, %d results", err, len(back.Results))
+	}
+	var md bytes.Buffer
+	rep.Markdown(&md)
+	for _, name := range want {
+		if !strings.Contains(md.String(), "| "+name+" |") {
+			t.Errorf("Markdown lacks a row for %s", name)
+		}
+	}
+	var svg bytes.Buffer
+	rep.SVG(&svg)
+	if err := wellFormed(svg.Bytes()); err != nil {
+		t.Fatalf("SVG: %v", err)
+	}
+	for _, s := range []string{"afxdp_rx/public", "aead_open", "decap/200/1sa/1w"} {
+		if !strings.Contains(svg.String(), s) {
+			t.Errorf("SVG lacks %q", s)
+		}
+	}
+
+	// The gate: the run's own ratios pass; a baseline 50% above fails
+	// with that metric named; a scenario missing from the run fails.
+	b := &Baseline{Runs: 1, Metrics: map[string]Metric{}}
+	for k, v := range GateRatios(rep) {
+		b.Metrics[k] = Metric{Value: v, Tolerance: 0.1}
+	}
+	if err := b.Compare(rep, io.Discard); err != nil {
+		t.Fatalf("gate fails on its own figures: %v", err)
+	}
+	key := "xesp/decap/200/1sa/1w ÷ afxdp_rx"
+	m := b.Metrics[key]
+	m.Value *= 1.5
+	b.Metrics[key] = m
+	if err := b.Compare(rep, io.Discard); err == nil || !strings.Contains(err.Error(), key) {
+		t.Fatalf("gate with a 50%% higher baseline: %v", err)
+	}
+	b.Metrics[key] = Metric{Value: m.Value / 1.5, Tolerance: 0.1}
+	b.Metrics["xesp/decap/9999/1sa/1w ÷ afxdp_rx"] = Metric{Value: 1, Tolerance: 0.1}
+	if err := b.Compare(rep, io.Discard); err == nil || !strings.Contains(err.Error(), "missing") {
+		t.Fatalf("gate with a missing scenario: %v", err)
+	}
+}
+
+type testLog struct{ t *testing.T }
+
+func (l testLog) Write(p []byte) (int, error) {
+	l.t.Log(strings.TrimRight(string(p), "\n"))
+	return len(p), nil
+}
+
+func wellFormed(b []byte) error {
+	d := xml.NewDecoder(bytes.NewReader(b))
+	for {
+		_, err := d.Token()
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+	}
+}
+
+// The tolerance rule: three times the measured relative range, clamped.
+func TestToleranceFromSpread(t *testing.T) {
+	for _, c := range []struct {
+		samples   []float64
+		value     float64
+		tolerance float64
+		noisy     bool
+	}{
+		{[]float64{1, 1, 1}, 1, MinTolerance, false},                      // no noise: the floor
+		{[]float64{0.95, 1.0, 1.05, 1.0, 1.0}, 1, 0.3, false},             // range 10% → 30%
+		{[]float64{0.5, 1.0, 1.5}, 1, MaxTolerance, true},                 // too noisy: capped
+		{[]float64{0.80, 0.82, 0.84, 0.86}, 0.83, 3 * 0.06 / 0.83, false}, // even count: mean of the middle two
+	} {
+		m, ok := newMetric(c.samples)
+		if !ok {
+			t.Fatalf("%v: no metric", c.samples)
+		}
+		if !near(m.Value, c.value) || !near(m.Tolerance, c.tolerance) || m.Noisy != c.noisy {
+			t.Errorf("%v: value %v tolerance %v noisy %v, want %v %v %v", c.samples, m.Value, m.Tolerance, m.Noisy, c.value, c.tolerance, c.noisy)
+		}
+	}
+}
+
+func near(a, b float64) bool { return a-b < 1e-9 && b-a < 1e-9 }
+
+// The committed baseline parses and gates the check subset: every
+// scenario it names is one the check preset runs.
+func TestCommittedBaselineMatchesCheckSubset(t *testing.T) {
+	path := filepath.Join("..", "baseline.json")
+	if _, err := os.Stat(path); err != nil {
+		t.Skip("no committed baseline yet")
+	}
+	b, err := ReadBaseline(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	names := map[string]bool{}
+	for _, n := range Selected(Check()) {
+		names[n] = true
+	}
+	for k := range b.Metrics {
+		scenario, _, _ := strings.Cut(k, " ÷ ")
+		if !names[scenario] {
+			t.Errorf("baseline metric %q names a scenario the check subset does not run", k)
+		}
+	}
+}

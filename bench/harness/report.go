@@ -1,0 +1,326 @@
+package harness
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"html"
+	"io"
+	"math"
+	"os"
+	"runtime"
+	"slices"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// Machine is where a report was measured.
+type Machine struct {
+	CPU    string `json:"cpu"`
+	Cores  int    `json:"cores"`
+	Kernel string `json:"kernel"`
+	Go     string `json:"go"`
+	MemGiB int    `json:"mem_gib"`
+}
+
+// ReadMachine reads /proc/cpuinfo, uname and sysinfo.
+func ReadMachine() Machine {
+	m := Machine{Cores: runtime.NumCPU(), Go: runtime.Version()}
+	if f, err := os.Open("/proc/cpuinfo"); err == nil {
+		sc := bufio.NewScanner(f)
+		for sc.Scan() {
+			if k, v, ok := strings.Cut(sc.Text(), ":"); ok && strings.TrimSpace(k) == "model name" {
+				m.CPU = strings.TrimSpace(v)
+				break
+			}
+		}
+		f.Close()
+	}
+	var u unix.Utsname
+	if unix.Uname(&u) == nil {
+		m.Kernel = unix.ByteSliceToString(u.Release[:])
+	}
+	var si unix.Sysinfo_t
+	if unix.Sysinfo(&si) == nil {
+		m.MemGiB = int(uint64(si.Totalram) * uint64(si.Unit) >> 30)
+	}
+	return m
+}
+
+func (r *Report) pps(name string) float64 {
+	if x, ok := r.Find(name); ok {
+		return x.PPS
+	}
+	return 0
+}
+
+// ratios fills each xesp and baseline result's ratios to the ceilings of
+// its size measured in this run, and xesp's to 1 SA and to the sockets.
+func (r *Report) ratios() {
+	minSAs := 0
+	for _, x := range r.Results {
+		if x.Group == "xesp" && (minSAs == 0 || x.SAs < minSAs) {
+			minSAs = x.SAs
+		}
+	}
+	for i := range r.Results {
+		x := &r.Results[i]
+		if x.Group == "ceiling" {
+			continue
+		}
+		x.Ratios = map[string]float64{}
+		put := func(key, ceiling string) float64 {
+			if c := r.pps(ceiling); c > 0 {
+				x.Ratios[key] = x.PPS / c
+				return c
+			}
+			return 0
+		}
+		link, aead := "public", "aead_open"
+		switch x.Dir {
+		case "encap":
+			link, aead = "private", "aead_seal"
+		case "both":
+			put("afxdp_reflect", ceilingName("afxdp_reflect", "public", x.Size))
+		}
+		rx := put("afxdp_rx", ceilingName("afxdp_rx", link, x.Size))
+		put("xdp_drop", ceilingName("xdp_drop", link, x.Size))
+		ae := put("aead", ceilingName(aead, "", x.Size))
+		if x.Dir != "both" && rx > 0 && ae > 0 {
+			x.Ratios["min_ceiling"] = x.PPS / min(rx, ae)
+		}
+		if x.Group == "xesp" {
+			if one := r.pps(xespName(x.Test, x.Size, minSAs, x.Workers)); one > 0 && x.SAs != minSAs {
+				x.Ratios["vs_min_sas"] = x.PPS / one
+			}
+			if x.Dir != "both" {
+				if b := r.pps(baselineName(x.Dir, x.Size, x.SAs)); b > 0 {
+					x.Ratios["vs_sockets"] = x.PPS / b
+				}
+			}
+		}
+		if len(x.Ratios) == 0 {
+			x.Ratios = nil
+		}
+	}
+}
+
+// targets evaluates the issue's goals on the 200-byte, one-worker decap
+// figures, with the smallest and largest SA counts the run has.
+func (r *Report) targets() {
+	var sas []int
+	for _, x := range r.Results {
+		if x.Group == "xesp" && x.Test == "decap" && x.Size == "200" && x.Workers == 1 {
+			sas = append(sas, x.SAs)
+		}
+	}
+	if len(sas) == 0 {
+		return
+	}
+	lo, hi := slices.Min(sas), slices.Max(sas)
+	base, _ := r.Find(xespName("decap", "200", lo, 1))
+	if v, ok := base.Ratios["min_ceiling"]; ok {
+		r.Targets = append(r.Targets, Target{Name: "decap 200 B vs min(AF_XDP rx-only, bare AEAD open)", Ratio: v, Goal: 0.70, Met: v >= 0.70,
+			How: fmt.Sprintf("%s / min(%s, %s)", base.Name, ceilingName("afxdp_rx", "public", "200"), ceilingName("aead_open", "", "200"))})
+	}
+	if v, ok := base.Ratios["vs_sockets"]; ok {
+		r.Targets = append(r.Targets, Target{Name: "xesp decap vs the UDP-socket baseline", Ratio: v, Goal: 3, Met: v >= 3,
+			How: fmt.Sprintf("%s / %s", base.Name, baselineName("decap", "200", lo))})
+	}
+	if hi != lo {
+		big, _ := r.Find(xespName("decap", "200", hi, 1))
+		if v, ok := big.Ratios["vs_min_sas"]; ok {
+			r.Targets = append(r.Targets, Target{Name: fmt.Sprintf("%s vs %s", saLabel(hi), saLabel(lo)), Ratio: v, Goal: 0.90, Met: v >= 0.90,
+				How: fmt.Sprintf("%s / %s", big.Name, base.Name)})
+		}
+	}
+}
+
+// WriteJSON writes the report.
+func (r *Report) WriteJSON(w io.Writer) error {
+	e := json.NewEncoder(w)
+	e.SetEscapeHTML(false)
+	e.SetIndent("", "  ")
+	return e.Encode(r)
+}
+
+func mpps(v float64) string {
+	if v == 0 {
+		return "–"
+	}
+	return fmt.Sprintf("%.3f", v/1e6)
+}
+
+func ratio(m map[string]float64, k string) string {
+	if v, ok := m[k]; ok {
+		return fmt.Sprintf("%.2f", v)
+	}
+	return ""
+}
+
+// Markdown writes the machine, the targets and one table row per result.
+func (r *Report) Markdown(w io.Writer) {
+	fmt.Fprintf(w, "Measured %s on %s, %d cores, kernel %s, %s; generator on CPU %d, gateway on CPU %d; %d rounds of %d frames per scenario",
+		r.Started.Format("2006-01-02 15:04 UTC"), r.Machine.CPU, r.Machine.Cores, r.Machine.Kernel, r.Machine.Go, r.GenCPU, r.GwCPU, r.Rounds, r.Ring)
+	if r.Repeat > 1 {
+		fmt.Fprintf(w, ", everything repeated %d times (medians; ratios taken within a repetition)", r.Repeat)
+	}
+	fmt.Fprintf(w, " (%.0f s in all). Mpps delivered counts what reached the far end (decap: decrypted and forwarded to the core); loss is 1 − delivered/offered over all rounds.\n\n", r.Seconds)
+	if len(r.Targets) > 0 {
+		fmt.Fprintln(w, "| Target | Ratio | Goal | Met | Computed as |\n|---|---:|---:|:-:|---|")
+		for _, t := range r.Targets {
+			met := "no"
+			if t.Met {
+				met = "yes"
+			}
+			fmt.Fprintf(w, "| %s | %.2f | %.2f | %s | `%s` |\n", t.Name, t.Ratio, t.Goal, met, t.How)
+		}
+		fmt.Fprintln(w)
+	}
+	fmt.Fprintln(w, "| Scenario | Mpps delivered | Mpps offered | Loss % | ÷ AF_XDP rx | ÷ AEAD | ÷ min ceiling | ÷ fewest SAs | ÷ sockets |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+	for _, x := range r.Results {
+		loss := fmt.Sprintf("%.1f", x.LossPct)
+		if x.Offered == 0 {
+			loss = ""
+		}
+		fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", x.Name, mpps(x.PPS), mpps(x.OfferedPPS), loss,
+			ratio(x.Ratios, "afxdp_rx"), ratio(x.Ratios, "aead"), ratio(x.Ratios, "min_ceiling"), ratio(x.Ratios, "vs_min_sas"), ratio(x.Ratios, "vs_sockets"))
+	}
+	if len(r.Warnings) > 0 {
+		fmt.Fprintln(w)
+		for _, s := range r.Warnings {
+			fmt.Fprintf(w, "- %s\n", s)
+		}
+	}
+}
+
+// SVG draws delivered packets/s per scenario as horizontal bars on a log
+// scale, one panel per packet size, with that size's ceilings drawn in as
+// vertical lines. Each bar is labelled with its loss when it lost more
+// than 1%: a saturating run loses what the path cannot take.
+func (r *Report) SVG(w io.Writer) {
+	var sizes []string
+	for _, x := range r.Results {
+		if !slices.Contains(sizes, x.Size) {
+			sizes = append(sizes, x.Size)
+		}
+	}
+	const (
+		left, right = 260, 40
+		plotW       = 700
+		rowH        = 16
+		top         = 60
+	)
+	lo, hi := math.Inf(1), 1e4
+	for _, x := range r.Results {
+		if x.PPS > 0 {
+			lo, hi = math.Min(lo, x.PPS), math.Max(hi, x.PPS)
+		}
+	}
+	if math.IsInf(lo, 1) {
+		lo = 1e4
+	}
+	lgLo, lgHi := math.Floor(math.Log10(lo*0.6)), math.Ceil(math.Log10(hi))
+	if lgHi <= lgLo {
+		lgHi = lgLo + 1
+	}
+	xOf := func(v float64) float64 {
+		if v <= 0 {
+			return left
+		}
+		return left + plotW*(math.Log10(v)-lgLo)/(lgHi-lgLo)
+	}
+	ceilColors := map[string]string{"xdp_drop": "#d62728", "afxdp_rx": "#ff7f0e", "afxdp_reflect": "#8c564b", "aead_open": "#2ca02c", "aead_seal": "#17becf"}
+	barColors := map[string]string{"decap": "#1f77b4", "encap": "#9467bd", "both": "#e377c2", "udp_sockets": "#7f7f7f"}
+	var body bytes.Buffer
+	y := top
+	for _, s := range sizes {
+		var rows []Result
+		var ceils []Result
+		for _, x := range r.Results {
+			if x.Size != s {
+				continue
+			}
+			if x.Group == "ceiling" {
+				ceils = append(ceils, x)
+			} else {
+				rows = append(rows, x)
+			}
+		}
+		fmt.Fprintf(&body, `<text x="10" y="%d" font-weight="bold">%s B (inner IP packet)</text>`+"\n", y+12, html.EscapeString(s))
+		y += 20
+		y0 := y
+		for _, x := range rows {
+			c := barColors[x.Test]
+			fmt.Fprintf(&body, `<text x="%d" y="%d" text-anchor="end" font-size="11">%s</text>`+"\n", left-6, y+11, html.EscapeString(strings.TrimPrefix(x.Name, "xesp/")))
+			fmt.Fprintf(&body, `<rect x="%d" y="%d" width="%.1f" height="%d" fill="%s"/>`+"\n", left, y+2, xOf(x.PPS)-left, rowH-4, c)
+			label := fmt.Sprintf("%.2f Mpps", x.PPS/1e6)
+			if x.LossPct > 1 {
+				label += fmt.Sprintf(" (loss %.0f%%)", x.LossPct)
+			}
+			fmt.Fprintf(&body, `<text x="%.1f" y="%d" font-size="10">%s</text>`+"\n", xOf(x.PPS)+4, y+11, label)
+			y += rowH
+		}
+		if len(rows) == 0 {
+			y += rowH
+		}
+		// Each ceiling's line runs through the panel into a label band
+		// below it, one label per row so close ceilings stay readable.
+		band := y
+		for i, c := range ceils {
+			xc := xOf(c.PPS)
+			ly := band + 11*(i+1)
+			fmt.Fprintf(&body, `<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="%s" stroke-width="1.5" stroke-dasharray="5,3"/>`+"\n", xc, y0-2, xc, ly-3, ceilColors[c.Test])
+			fmt.Fprintf(&body, `<text x="%.1f" y="%d" font-size="9" fill="%s" text-anchor="end">%s %.2fM</text>`+"\n",
+				xc-3, ly, ceilColors[c.Test], html.EscapeString(strings.TrimPrefix(strings.TrimSuffix(c.Name, "/"+s), "ceiling/")), c.PPS/1e6)
+		}
+		y += 11 * len(ceils)
+		y += 14
+	}
+	// Axis.
+	var axis bytes.Buffer
+	for e := lgLo; e <= lgHi; e++ {
+		for _, m := range []float64{1, 2, 5} {
+			v := m * math.Pow(10, e)
+			if math.Log10(v) > lgHi+1e-9 {
+				break
+			}
+			x := xOf(v)
+			fmt.Fprintf(&axis, `<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="#ddd"/>`+"\n", x, top, x, y)
+			fmt.Fprintf(&axis, `<text x="%.1f" y="%d" font-size="10" text-anchor="middle">%s</text>`+"\n", x, y+12, ppsLabel(v))
+		}
+	}
+	height := y + 70
+	width := left + plotW + right + 60
+	fmt.Fprintf(w, `<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" font-family="sans-serif" font-size="12">`+"\n", width, height)
+	fmt.Fprintf(w, `<rect width="100%%" height="100%%" fill="white"/>`+"\n")
+	fmt.Fprintf(w, `<text x="10" y="20" font-size="15" font-weight="bold">xesp: delivered packets/s by scenario (log scale), ceilings dashed</text>`+"\n")
+	fmt.Fprintf(w, `<text x="10" y="38" font-size="11">%s</text>`+"\n", html.EscapeString(fmt.Sprintf("%s, %d cores, kernel %s; generator CPU %d, gateway CPU %d; %s",
+		r.Machine.CPU, r.Machine.Cores, r.Machine.Kernel, r.GenCPU, r.GwCPU, r.Started.Format("2006-01-02 15:04 UTC"))))
+	w.Write(axis.Bytes())
+	w.Write(body.Bytes())
+	// Legend.
+	lx, ly := 10, y+30
+	for _, k := range []string{"decap", "encap", "both", "udp_sockets"} {
+		fmt.Fprintf(w, `<rect x="%d" y="%d" width="10" height="10" fill="%s"/><text x="%d" y="%d" font-size="11">%s</text>`+"\n", lx, ly, barColors[k], lx+14, ly+9, k)
+		lx += 100
+	}
+	lx, ly = 10, ly+18
+	for _, k := range []string{"xdp_drop", "afxdp_rx", "afxdp_reflect", "aead_open", "aead_seal"} {
+		fmt.Fprintf(w, `<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="%s" stroke-width="2" stroke-dasharray="5,3"/><text x="%d" y="%d" font-size="11">%s</text>`+"\n", lx, ly+5, lx+20, ly+5, ceilColors[k], lx+24, ly+9, k)
+		lx += 130
+	}
+	fmt.Fprintln(w, "</svg>")
+}
+
+func ppsLabel(v float64) string {
+	switch {
+	case v >= 1e6:
+		return fmt.Sprintf("%gM", v/1e6)
+	case v >= 1e3:
+		return fmt.Sprintf("%gk", v/1e3)
+	}
+	return fmt.Sprintf("%g", v)
+}

@@ -1,0 +1,212 @@
+package pktgen
+
+import (
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf/link"
+
+	"github.com/xesp/xesp/bench/gen"
+	"github.com/xesp/xesp/internal/netns"
+	"github.com/xesp/xesp/userspace/esp"
+	"github.com/xesp/xesp/userspace/sa"
+)
+
+// The gateway's side of the pairs (SASpecs, through the SA file format
+// `xesp pktgen -sa-file` writes) opens what Flows seals, and the SPIs,
+// inner addresses and sizes are the ones asked for.
+func TestGatewaySideOpensGeneratedESP(t *testing.T) {
+	nw := DefaultNet()
+	const n = 5
+	specs, err := SASpecs(n, nw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data, err := json.Marshal(specs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sas, err := sa.ParseBytes(data, sa.JSON, sa.Options{})
+	if err != nil {
+		t.Fatalf("gateway SA file does not parse: %v\n%s", err, data)
+	}
+	if len(sas) != 2*n {
+		t.Fatalf("%d SAs, want %d", len(sas), 2*n)
+	}
+	flows, err := Flows(n, nw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	key := make([]byte, 20)
+	for i, f := range flows {
+		if err := unhex(key, Key('i', i)); err != nil {
+			t.Fatal(err)
+		}
+		rx, err := esp.NewSA(esp.Config{SPI: InSPIBase + uint32(i), Proposal: esp.AES128GCM16, EncKey: key, Mode: esp.ModeTunnel, ReplayWindow: 64})
+		if err != nil {
+			t.Fatal(err)
+		}
+		buf := make([]byte, 2048)
+		p, err := f.SA.SealPacket(buf, udp4(t, f), esp.NextHeaderIPv4, &f.Outer)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := rx.OpenPacket(p)
+		if err != nil {
+			t.Fatalf("pair %d: gateway side cannot open: %v", i, err)
+		}
+		if src := got.IP[12:16]; [4]byte(src) != Inner(i).As4() {
+			t.Fatalf("pair %d: inner source %v, want %v", i, net.IP(src), Inner(i))
+		}
+	}
+	if Inner(70000).String() != "100.65.17.112" {
+		t.Fatalf("Inner(70000) = %v", Inner(70000))
+	}
+	if _, err := SASpecs(MaxSAs+1, nw); err == nil {
+		t.Fatal("SASpecs accepted more than MaxSAs")
+	}
+}
+
+func udp4(t *testing.T, f gen.Flow) []byte {
+	t.Helper()
+	p := make([]byte, 28+4)
+	p[0], p[8], p[9] = 0x45, 64, 17
+	binary.BigEndian.PutUint16(p[2:], uint16(len(p)))
+	s, d := f.Src.Addr().As4(), f.Dst.Addr().As4()
+	copy(p[12:], s[:])
+	copy(p[16:], d[:])
+	return p
+}
+
+func TestParseSizes(t *testing.T) {
+	for _, c := range []struct {
+		in   string
+		want []int
+	}{
+		{"200", []int{200}},
+		{"IMIX", gen.IMIX().Pattern()},
+		{"sip", SIP().Pattern()},
+		{"100,300", []int{100, 300}},
+		{"100,300:1,3", []int{300, 100, 300, 300}},
+	} {
+		s, err := ParseSizes(c.in)
+		if err != nil {
+			t.Fatalf("%q: %v", c.in, err)
+		}
+		got := s.Pattern()
+		if len(got) != len(c.want) {
+			t.Fatalf("%q: %v, want %v", c.in, got, c.want)
+		}
+		hist := map[int]int{}
+		for i := range got {
+			hist[got[i]]++
+			hist[c.want[i]]--
+		}
+		for k, v := range hist {
+			if v != 0 {
+				t.Fatalf("%q: %v, want the sizes of %v (size %d off by %d)", c.in, got, c.want, k, v)
+			}
+		}
+	}
+	for _, bad := range []string{"", "abc", "20", "1500", "100,200:1", "100:0"} {
+		if _, err := ParseSizes(bad); err == nil {
+			t.Fatalf("%q accepted", bad)
+		}
+	}
+}
+
+// A count is met exactly, also when it is not a multiple of the ring and
+// spans refills, and a far-end XDP counter sees every frame; with more
+// flows than ring slots the refills move on to the next flows. Both
+// engines: live frames and AF_XDP TX.
+func TestSenderSendsCountAcrossFlows(t *testing.T) {
+	a, b := netns.ForTest(t, "pga"), netns.ForTest(t, "pgb")
+	aIf, bIf := netns.VethForTest(t, a, b)
+	var aIdx, bIdx int
+	var aMAC, bMAC net.HardwareAddr
+	for _, e := range []struct {
+		ns  *netns.NS
+		dev string
+		idx *int
+		mac *net.HardwareAddr
+	}{{a, aIf, &aIdx, &aMAC}, {b, bIf, &bIdx, &bMAC}} {
+		if err := e.ns.Do(func() error {
+			i, err := net.InterfaceByName(e.dev)
+			if err != nil {
+				return err
+			}
+			*e.idx, *e.mac = i.Index, i.HardwareAddr
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c, err := gen.NewCounter(esp.NATTPort)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := b.Do(func() error {
+		l, err := link.AttachXDP(link.XDPOptions{Program: c.Prog, Interface: bIdx, Flags: link.XDPDriverMode})
+		if err != nil {
+			return err
+		}
+		t.Cleanup(func() { l.Close() })
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	const nflows, ring, count = 300, 128, 1000
+	flows, err := Flows(nflows, DefaultNet())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var before uint64
+	for _, engine := range []string{EngineLive, EngineAFXDP} {
+		var res Result
+		var s *Sender
+		if err := a.Do(func() (err error) {
+			s, err = New(Options{Ifindex: aIdx, Src: aMAC, Dst: bMAC, Flows: flows, Sizes: gen.IMIX(), CPU: -1, Ring: ring, Engine: engine})
+			if err != nil {
+				return err
+			}
+			res, err = s.Run(context.Background(), count, 0)
+			return err
+		}); err != nil {
+			t.Fatalf("%s: %v", engine, err)
+		}
+		defer s.Close()
+		if res.Sent != count {
+			t.Fatalf("%s: sent %d, want %d", engine, res.Sent, count)
+		}
+		deadline := time.Now().Add(2 * time.Second)
+		var got uint64
+		for time.Now().Before(deadline) {
+			if got, _, err = c.Read(); err != nil {
+				t.Fatal(err)
+			}
+			if got-before >= count {
+				break
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		if got-before != count {
+			t.Fatalf("%s: far end counted %d, want %d", engine, got-before, count)
+		}
+		before = got
+		// 1000 frames = 7 full rings + 104, and 8 fills happened (the
+		// last after the partial send): the ring now holds frames
+		// 1024..1151, so slot 0 is flow 1024 % 300 = 124.
+		f := s.Gen().Frame(0)
+		if spi := binary.BigEndian.Uint32(f[42:]); spi != InSPIBase+124 {
+			t.Fatalf("%s: after 8 fills slot 0 has SPI 0x%x, want 0x%x", engine, spi, InSPIBase+124)
+		}
+	}
+	if _, err := (&Sender{}).Run(context.Background(), 0, 0); err == nil {
+		t.Fatal("Run without a limit accepted")
+	}
+}
