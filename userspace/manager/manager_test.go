@@ -53,6 +53,9 @@ func (r *recWorkers) Send(_ context.Context, w int, cmds []worker.Command) error
 			worker.Inherit(c.Entry, old) // what the real worker does on its thread
 		}
 		r.tables[w][c.Index] = c.Entry
+		if c.Done != nil {
+			close(c.Done) // no frames in flight here: a drain completes at once
+		}
 	}
 	return nil
 }
