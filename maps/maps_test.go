@@ -246,3 +246,18 @@ func TestOpenPinned(t *testing.T) {
 	}
 	var _ *ebpf.Map = set.SAs.Map()
 }
+
+// A Barrier can be made and waited on repeatedly (each Wait is an RCU
+// grace period in the kernel).
+func TestBarrier(t *testing.T) {
+	b, err := maps.NewBarrier()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	for range 3 {
+		if err := b.Wait(); err != nil {
+			t.Fatal(err)
+		}
+	}
+}

@@ -29,7 +29,8 @@ const secAgreeHelp = `usage:
       and print the Security-Server value to send in the 401
   xesp secagree delete NAME [--grace DURATION] [--json]
       remove every SA of the registration (after its last message was sent): inbound
-      at once, outbound after the grace (server default 200ms)
+      first, outbound after the grace (server default 0: the data path still seals what
+      was already steered to them)
 
 --ck/--ik take the keys as hex on the command line (visible to other users
 in the process list: prefer --ck-file/--ik-file). API flags as for 'xesp sa'
@@ -53,7 +54,7 @@ func runSecAgree(args []string, stdout, stderr io.Writer) error {
 	var req api.SecAgreeRequest
 	var ckFile, ikFile string
 	var portC, portS, spiC, spiS uint
-	grace := fs.String("grace", "", "delete: keep the outbound SAs this long after the inbound ones (default: the server's, 200ms)")
+	grace := fs.String("grace", "", "delete: keep the outbound SAs this long after the inbound ones (default: the server's, 0)")
 	if sub == "create" {
 		fs.StringVar(&req.Registration, "registration", "", "registration name (names the SAs NAME.in-s ...)")
 		fs.StringVar(&req.SecurityClient, "security-client", "", "the phone's Security-Client header value")

@@ -27,10 +27,10 @@
 //	POST   /v1/secagree        IMS sec-agree for a P-CSCF (SecAgreeRequest: the phone's
 //	                           Security-Client, CK/IK, its observed address:port) → 201,
 //	                           SecAgreeResponse: the Security-Server value and the four SAs
-//	DELETE /v1/secagree/{registration}  → 200, every SA of the registration removed: inbound at
-//	                           once, outbound after ?grace= (default 200ms) so a final response
-//	                           already on its way is still sealed; call it after the last
-//	                           message needing them has been sent
+//	DELETE /v1/secagree/{registration}  → 200, every SA of the registration removed: inbound
+//	                           first, outbound after ?grace= (default 0: frames already
+//	                           steered to an SA are processed before it goes); call it
+//	                           after the last message needing them has been sent
 //
 // Request bodies must be `application/json` and at most 64 KiB. Errors are
 // `{"error": "..."}` (plus "errors": [...] when there are several), with

@@ -31,7 +31,7 @@ const MaxGrace = 10 * time.Minute
 // RekeyResult is the answer to POST /v1/rekey.
 type RekeyResult struct {
 	New      []SAView `json:"new"`
-	Retired  []string `json:"retired"`  // old outbound SAs, deleted once frames in flight drained (100 ms)
+	Retired  []string `json:"retired"`  // old outbound SAs, deleted at once (frames already steered to them are still sealed)
 	Draining []string `json:"draining"` // old inbound SAs, deleted after the grace period
 	Grace    string   `json:"grace"`
 }

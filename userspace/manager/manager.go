@@ -2,9 +2,11 @@
 // the only writer of the BPF SA map and policy trie and the only sender of
 // worker commands: it follows the SAD's change feed, builds each SA's
 // cipher state once (esp.NewSA), installs it in its worker's table, then
-// publishes it to XDP; on delete it unpublishes first, then uninstalls.
-// That order means XDP never steers a packet to a slot its worker has not
-// filled yet. It also carries NAT bindings the workers learn back into the
+// publishes it to XDP; on delete it unpublishes first, waits for the XDP
+// runs in flight to end, then has the worker uninstall it once it has
+// processed the frames already steered to it. That order means XDP never
+// steers a packet to a slot its worker has not filled yet, and no packet
+// steered before a delete is dropped for want of its SA. It also carries NAT bindings the workers learn back into the
 // SAD, and answers the API's per-SA questions.
 //
 // It must not touch packets or sockets, and it never blocks a worker: all
@@ -398,9 +400,16 @@ func (m *Manager) commit(ctx context.Context, b *batch) error {
 			errs = append(errs, err)
 		}
 	}
-	// 2. Uninstall them, and wait until no worker touches those entries.
+	// 2. Let the XDP runs in flight end: after that, every frame steered
+	// to those slots is in an RX ring. Then uninstall them once their
+	// workers have processed those frames (make before break), and wait
+	// until no worker touches those entries. Their indices are free for
+	// installs only after that, so no drained frame meets another SA.
 	var out []*slot
 	out = append(append(out, b.removes...), olds...)
+	if len(out) > 0 {
+		m.settle()
+	}
 	if err := m.send(ctx, out, false); err != nil {
 		return err
 	}
@@ -457,10 +466,15 @@ func (m *Manager) send(ctx context.Context, slots []*slot, install bool) error {
 		return nil
 	}
 	cmds := make(map[uint16][]worker.Command)
+	var drained []chan struct{}
 	for _, s := range slots {
 		c := worker.Command{Index: s.index}
 		if install {
 			c.Entry, c.Inherit = s.entry, s.inherit
+		} else {
+			// Removals wait for the frames already steered to the slot.
+			c.Drain, c.Done = true, make(chan struct{})
+			drained = append(drained, c.Done)
 		}
 		cmds[s.worker] = append(cmds[s.worker], c)
 	}
@@ -469,12 +483,54 @@ func (m *Manager) send(ctx context.Context, slots []*slot, install bool) error {
 			return fmt.Errorf("send to worker %d: %w", w, err)
 		}
 	}
+	if !install {
+		for _, done := range drained {
+			select {
+			case <-done:
+			case <-ctx.Done():
+				return fmt.Errorf("wait for workers to drain %d removed SAs: %w", len(slots), ctx.Err())
+			}
+		}
+		return nil
+	}
 	for w := range cmds {
 		if err := m.o.Workers.Sync(ctx, int(w)); err != nil {
 			return fmt.Errorf("sync worker %d: %w", w, err)
 		}
 	}
 	return nil
+}
+
+// settleFallback is how long settle waits when the kernel refuses the
+// RCU barrier maps: NAPI polls last microseconds, so this bounds the XDP
+// runs in flight by a wide margin.
+const settleFallback = 20 * time.Millisecond
+
+var rcuBarrier struct {
+	once sync.Once
+	b    *maps.Barrier
+}
+
+// settle returns once no XDP run that may have read the maps before the
+// caller's unpublish is still going, and so every frame it redirected is
+// in an AF_XDP RX ring (see maps.Barrier). One barrier serves the process.
+func (m *Manager) settle() {
+	rcuBarrier.once.Do(func() {
+		b, err := maps.NewBarrier()
+		if err != nil {
+			m.log.Warn("no RCU barrier for SA removal, waiting a fixed time instead", "wait", settleFallback, "err", err)
+			return
+		}
+		rcuBarrier.b = b
+	})
+	if b := rcuBarrier.b; b != nil {
+		err := b.Wait()
+		if err == nil {
+			return
+		}
+		m.log.Warn("RCU barrier for SA removal", "err", err)
+	}
+	time.Sleep(settleFallback)
 }
 
 // build makes the worker entry for an SAD entry.

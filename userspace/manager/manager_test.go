@@ -43,6 +43,15 @@ func (r *recWorkers) Send(_ context.Context, w int, cmds []worker.Command) error
 				r.t.Errorf("worker %d slot %d uninstalled while XDP still steers SPI 0x%x to it", w, c.Index, old.SA.SPI())
 			}
 		}
+		if c.Entry == nil && old != nil && old.Dir == worker.Outbound {
+			if p, err := r.maps.Policies.Lookup(old.InnerPeer.Addr()); err == nil && int(p.Worker) == w && p.SaIndex == c.Index {
+				r.t.Errorf("worker %d slot %d uninstalled while XDP still steers %s to it", w, c.Index, old.InnerPeer)
+			}
+		}
+		if c.Entry == nil && old != nil && (!c.Drain || c.Done == nil) {
+			// Frames already steered to the slot must be processed first.
+			r.t.Errorf("worker %d slot %d removed without draining", w, c.Index)
+		}
 		if c.Entry != nil && c.Entry.Dir == worker.Inbound {
 			// Installing: XDP must not steer to the slot yet.
 			if _, err := r.maps.SAs.Lookup(c.Entry.SA.SPI()); err == nil && old == nil {
@@ -53,6 +62,9 @@ func (r *recWorkers) Send(_ context.Context, w int, cmds []worker.Command) error
 			worker.Inherit(c.Entry, old) // what the real worker does on its thread
 		}
 		r.tables[w][c.Index] = c.Entry
+		if c.Done != nil {
+			close(c.Done) // no frames in flight here: a drain completes at once
+		}
 	}
 	return nil
 }

@@ -40,6 +40,8 @@ var (
 	descPolls = desc("xesp_worker_idle_polls_total",
 		"Times a worker found nothing to do and slept in poll(2).",
 		"worker")
+	descDrained = desc("xesp_sa_removals_drained_total",
+		"SA removals the workers completed after processing the frames XDP had already steered to the SA.")
 	descSlowPath = desc("xesp_slowpath_packets_total",
 		"Datagrams the NAT-T socket received from the kernel (what XDP passed up: reassembled fragments, IKE), by outcome.",
 		"result")
@@ -86,7 +88,7 @@ var (
 var allDescs = []*prometheus.Desc{
 	descPackets, descBytes, descDrops, descBatch, descBindingChanges, descBindingLost, descPolls,
 	descXDPPackets, descXDPBytes, descRing, descFill, descFillEmpty, descRxDropped, descRxFull,
-	descInvalid, descFrames, descSAs, descUptime, descBuild, descSlowPath, descLifetime,
+	descInvalid, descFrames, descSAs, descUptime, descBuild, descSlowPath, descLifetime, descDrained,
 }
 
 // directions are the label values of worker.Stats' two DirStats, in the
@@ -218,7 +220,7 @@ type dirTotals struct {
 
 func (c *collector) collectWorkers(ch chan<- prometheus.Metric) {
 	var tot [2]dirTotals
-	var changes, lost uint64
+	var changes, lost, drained uint64
 	for i, w := range c.src.Workers {
 		for d, ds := range dirStats(w) {
 			t := &tot[d]
@@ -233,6 +235,7 @@ func (c *collector) collectWorkers(ch chan<- prometheus.Metric) {
 		}
 		changes += w.BindingChanges.Load()
 		lost += w.BindingEventsLost.Load()
+		drained += w.Drained.Load()
 		ch <- prometheus.MustNewConstMetric(descPolls, prometheus.CounterValue, float64(w.Polls.Load()), c.workers[i])
 	}
 	for d, t := range tot {
@@ -260,6 +263,7 @@ func (c *collector) collectWorkers(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstHistogram(descBatch, count, sum, buckets, dir)
 	}
 	ch <- prometheus.MustNewConstMetric(descBindingChanges, prometheus.CounterValue, float64(changes))
+	ch <- prometheus.MustNewConstMetric(descDrained, prometheus.CounterValue, float64(drained))
 	ch <- prometheus.MustNewConstMetric(descBindingLost, prometheus.CounterValue, float64(lost))
 }
 

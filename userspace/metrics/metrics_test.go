@@ -48,6 +48,8 @@ func bumpWorkers() []*worker.Stats {
 	w2.BindingEventsLost.Add(1)
 	w0.Polls.Add(11)
 	w2.Polls.Add(5)
+	w1.Drained.Add(3)
+	w2.Drained.Add(1)
 	return ws
 }
 
@@ -70,6 +72,7 @@ var workerExpect = []expect{
 	{"xesp_worker_idle_polls_total", "worker=0", 11},
 	{"xesp_worker_idle_polls_total", "worker=1", 0},
 	{"xesp_worker_idle_polls_total", "worker=2", 5},
+	{"xesp_sa_removals_drained_total", "", 4},
 }
 
 // The worker figures alone (no root needed): exact values, every drop
@@ -364,7 +367,7 @@ func TestScrapeRealSources(t *testing.T) {
 
 	// The series count is a function of workers and sockets only.
 	const workers, sockets, fillQueues, places, saRows = 3, 3, 2, 9, 3
-	wantSeries := 4 + 2 + 2*(int(worker.NumDrops)-1) + 2 + 2 + workers +
+	wantSeries := 4 + 2 + 2*(int(worker.NumDrops)-1) + 2 + 2 + 1 + workers +
 		2*bpf.NumReasons + 2*sockets + fillQueues + fillQueues + 2*sockets + 2*sockets +
 		places + saRows + 2
 	if n := xespSeries(mfs); n != wantSeries {

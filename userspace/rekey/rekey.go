@@ -8,10 +8,10 @@
 //     selector: the manager points the XDP policy entry at the newest
 //     outbound SA for a prefix, one map update, so the outbound direction
 //     switches atomically between two packets.
-//  2. The old outbound SAs are deleted after OutboundDrain (or Grace if
-//     shorter): no new packet is steered to them, but frames XDP steered
-//     just before the switch may still wait in a worker's RX ring, and
-//     deleting the SA under them would drop them.
+//  2. The old outbound SAs are deleted at once: no new packet is steered
+//     to them, and the frames XDP steered to them just before the switch,
+//     still in a worker's RX ring, are sealed by them before the data path
+//     lets them go (the manager's removals drain: see package manager).
 //  3. The old inbound SAs stay for Grace, so packets the phone sent under
 //     them before it switched, still in flight or queued, are accepted;
 //     then they are deleted.
@@ -37,10 +37,6 @@ type Waiter func(ctx context.Context, version uint64) error
 // DefaultGrace is how long old inbound SAs outlive a rekey.
 const DefaultGrace = 5 * time.Second
 
-// OutboundDrain is how long old outbound SAs outlive a rekey: far more
-// than a worker needs to empty its rings.
-const OutboundDrain = 100 * time.Millisecond
-
 // Request is one rekey.
 type Request struct {
 	Old []sa.ID
@@ -53,7 +49,7 @@ type Request struct {
 // Result says what the rekey did.
 type Result struct {
 	Added []sad.Entry
-	// Retired are the old outbound SAs, deleted after OutboundDrain;
+	// Retired are the old outbound SAs, deleted before Do returns;
 	// Draining are the old inbound SAs, deleted after the grace period.
 	Retired, Draining []sa.ID
 	// Done closes once every old SA is deleted.
@@ -101,17 +97,16 @@ func Do(ctx context.Context, d *sad.SAD, wait Waiter, r Request) (Result, error)
 		// still work, rather than risk a gap.
 		return res, fmt.Errorf("rekey: new SAs not in force yet, old SAs kept: %w", err)
 	}
+	// The new outbound SAs serve the selectors now; one already gone
+	// (API, lifetime) is nothing to do.
+	for _, id := range res.Retired {
+		d.Delete(id)
+	}
 	done := make(chan struct{})
 	res.Done = done
 	go func() {
 		defer close(done)
-		drain := min(max(grace, 0), OutboundDrain)
-		time.Sleep(drain)
-		// Already gone (API, lifetime): nothing to do.
-		for _, id := range res.Retired {
-			d.Delete(id)
-		}
-		time.Sleep(max(grace, 0) - drain)
+		time.Sleep(max(grace, 0))
 		for _, id := range res.Draining {
 			d.Delete(id)
 		}

@@ -101,11 +101,20 @@ func (b *Binding) Set(p Peer) { b.v.Store(&p) }
 // the same SPI and direction continue its state (Inherit), applied on the
 // worker's own thread so no packet is lost or raced. Done, when not nil,
 // is closed once the worker has applied every command up to and including
-// this one.
+// this one (for a Drain removal: once that removal is done).
 type Command struct {
 	Index   uint32
 	Entry   *Entry
 	Inherit bool
+	// Drain makes a removal wait until the worker has taken every frame
+	// that was already in its RX rings (and slow-path queue) when it
+	// applied the command, so frames XDP steered to the slot before it
+	// was unpublished are still processed by the SA, not dropped as
+	// no_sa. The worker goes on with later commands and packets
+	// meanwhile; Done (and Visit) come when the entry is gone. The sender
+	// must unpublish the slot, let XDP runs in flight end, and not
+	// reuse Index before Done.
+	Drain bool
 	// Visit, when set, is called on the worker's thread with its table
 	// after the command's install or removal: the one safe moment to read
 	// state only the worker writes (replay windows) without a race.

@@ -49,6 +49,7 @@ func (w *Worker) injected(pool *xsk.Pool, rx []xsk.Desc, addrs []uint64) int {
 		var p SlowPacket
 		select {
 		case p = <-w.inject:
+			w.injTaken++
 		default:
 			return n
 		}

@@ -68,6 +68,9 @@ type Stats struct {
 	// room for; the manager's periodic scan still finds them.
 	BindingEventsLost atomic.Uint64
 	Polls             atomic.Uint64 // times the worker slept in poll(2)
+	// Drained counts SA removals that waited for the frames already
+	// steered to their slot (Command.Drain).
+	Drained atomic.Uint64
 }
 
 func batchBucket(n int) int {

@@ -52,6 +52,11 @@ type Worker struct {
 	cmds   chan []Command
 	inject chan SlowPacket
 	wake   int // eventfd: commands queued, packets injected, or shutdown requested
+
+	// drains are removals waiting for frames already steered to their
+	// slots; injTaken counts slow-path packets taken off inject.
+	drains   []pendingDrain
+	injTaken uint64
 }
 
 // New checks cfg and prepares the worker; Run starts it.
@@ -116,6 +121,10 @@ func (w *Worker) Send(ctx context.Context, cmds []Command) error {
 	return nil
 }
 
+// Pending is how many batches of commands are queued and not yet taken
+// by the worker loop.
+func (w *Worker) Pending() int { return len(w.cmds) }
+
 // Sync returns once the worker has applied every command sent before it.
 func (w *Worker) Sync(ctx context.Context) error {
 	done := make(chan struct{})
@@ -141,6 +150,13 @@ func (w *Worker) Close() error { return unix.Close(w.wake) }
 func (w *Worker) apply(cmds []Command) {
 	for _, c := range cmds {
 		if c.Index != ^uint32(0) {
+			if len(w.drains) > 0 {
+				w.finishDrain(c.Index)
+			}
+			if c.Drain && c.Entry == nil && int(c.Index) < len(w.pipe.table) && w.pipe.table[c.Index] != nil {
+				w.startDrain(c)
+				continue
+			}
 			if int(c.Index) >= len(w.pipe.table) {
 				if c.Entry == nil {
 					goto done
@@ -168,12 +184,17 @@ func (w *Worker) apply(cmds []Command) {
 	}
 }
 
+// drainCommands applies queued commands and completes the pending
+// removals whose frames the previous batches took.
 func (w *Worker) drainCommands() {
 	for {
 		select {
 		case cmds := <-w.cmds:
 			w.apply(cmds)
 		default:
+			if len(w.drains) > 0 {
+				w.settle()
+			}
 			return
 		}
 	}
@@ -200,6 +221,7 @@ func (w *Worker) Run(ctx context.Context) error {
 	var nextRetry int64
 	var slowAddrs [1]uint64
 	defer func() {
+		w.finishAll()
 		for _, f := range w.pipe.parked {
 			pool.Put([]uint64{f.d.Addr})
 		}

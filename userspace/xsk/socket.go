@@ -381,6 +381,15 @@ func (s *Socket) Stats() (Stats, error) {
 	}, nil
 }
 
+// RxPositions returns the RX ring's producer index as the kernel last
+// published it and this socket's own consumer index (frames Receive has
+// handed out). Every frame the kernel had queued when prod was read has
+// been received once cons has reached prod (indices wrap: compare with
+// int32(cons-prod) >= 0).
+func (s *Socket) RxPositions() (prod, cons uint32) {
+	return atomic.LoadUint32(s.rx.producer), s.rx.cachedCons
+}
+
 // RxOccupancy and FillOccupancy are ring levels for metrics.
 func (s *Socket) RxOccupancy() int   { return int(s.rx.occupancy()) }
 func (s *Socket) FillOccupancy() int { return int(s.q.fill.occupancy()) }
