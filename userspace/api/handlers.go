@@ -1,6 +1,7 @@
 package api
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -256,21 +257,53 @@ func (s *Server) view(e *sad.Entry) SAView {
 	return v
 }
 
-// decodeSA reads one SA in the SA format from a JSON body. Key files are
-// refused (zero Options): a request must not make the daemon read files.
-func decodeSA(w http.ResponseWriter, r *http.Request) (sa.SA, int, []error) {
+// readJSON reads a request's JSON body, bounded by MaxBody. On failure it
+// returns the status to answer with and a message naming what was wrong.
+func readJSON(w http.ResponseWriter, r *http.Request) ([]byte, int, error) {
 	ct := r.Header.Get("Content-Type")
 	if mt, _, err := mime.ParseMediaType(ct); err != nil || mt != "application/json" {
 		drain(r.Body)
-		return sa.SA{}, http.StatusUnsupportedMediaType, []error{fmt.Errorf("content type: %q: send application/json", ct)}
+		return nil, http.StatusUnsupportedMediaType, fmt.Errorf("content type: %q: send application/json", ct)
 	}
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, MaxBody))
 	if err != nil {
 		var tooBig *http.MaxBytesError
 		if errors.As(err, &tooBig) {
-			return sa.SA{}, http.StatusRequestEntityTooLarge, []error{fmt.Errorf("body: larger than %d bytes", MaxBody)}
+			return nil, http.StatusRequestEntityTooLarge, fmt.Errorf("body: larger than %d bytes", MaxBody)
 		}
-		return sa.SA{}, http.StatusBadRequest, []error{fmt.Errorf("body: %w", err)}
+		return nil, http.StatusBadRequest, fmt.Errorf("body: %w", err)
+	}
+	return body, 0, nil
+}
+
+// decodeRequest reads a JSON body into v, refusing unknown fields and
+// anything after the object; usage says what a valid body looks like.
+// It answers the request itself and returns false on any failure.
+func decodeRequest(w http.ResponseWriter, r *http.Request, v any, usage string) bool {
+	body, status, err := readJSON(w, r)
+	if err != nil {
+		writeError(w, status, err.Error())
+		return false
+	}
+	dec := json.NewDecoder(bytes.NewReader(body))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		writeError(w, http.StatusBadRequest, "body: "+err.Error()+usage)
+		return false
+	}
+	if dec.More() {
+		writeError(w, http.StatusBadRequest, "body: data after the JSON object")
+		return false
+	}
+	return true
+}
+
+// decodeSA reads one SA in the SA format from a JSON body. Key files are
+// refused (zero Options): a request must not make the daemon read files.
+func decodeSA(w http.ResponseWriter, r *http.Request) (sa.SA, int, []error) {
+	body, status, err := readJSON(w, r)
+	if err != nil {
+		return sa.SA{}, status, []error{err}
 	}
 	sas, err := sa.ParseBytes(body, sa.JSON, sa.Options{})
 	if err != nil {

@@ -1,13 +1,9 @@
 package api
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
-	"io"
-	"mime"
 	"net/http"
 	"time"
 
@@ -37,27 +33,8 @@ type RekeyResult struct {
 }
 
 func (s *Server) rekey(w http.ResponseWriter, r *http.Request) {
-	ct := r.Header.Get("Content-Type")
-	if mt, _, err := mime.ParseMediaType(ct); err != nil || mt != "application/json" {
-		drain(r.Body)
-		writeError(w, http.StatusUnsupportedMediaType, fmt.Sprintf("content type: %q: send application/json", ct))
-		return
-	}
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, MaxBody))
-	if err != nil {
-		var tooBig *http.MaxBytesError
-		if errors.As(err, &tooBig) {
-			writeError(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("body: larger than %d bytes", MaxBody))
-			return
-		}
-		writeError(w, http.StatusBadRequest, "body: "+err.Error())
-		return
-	}
 	var req RekeyRequest
-	dec := json.NewDecoder(bytes.NewReader(body))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&req); err != nil {
-		writeError(w, http.StatusBadRequest, "body: "+err.Error()+` (want {"old": [refs], "new": [SAs], "grace": "5s"})`)
+	if !decodeRequest(w, r, &req, ` (want {"old": [refs], "new": [SAs], "grace": "5s"})`) {
 		return
 	}
 	if len(req.Old) == 0 || len(req.New) == 0 {
@@ -66,6 +43,7 @@ func (s *Server) rekey(w http.ResponseWriter, r *http.Request) {
 	}
 	grace := rekey.DefaultGrace
 	if req.Grace != "" {
+		var err error
 		if grace, err = time.ParseDuration(req.Grace); err != nil || grace < 0 || grace > MaxGrace {
 			writeError(w, http.StatusBadRequest, fmt.Sprintf("grace: %q: want a duration from 0s to %s", req.Grace, MaxGrace))
 			return

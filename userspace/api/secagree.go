@@ -1,16 +1,12 @@
 package api
 
 import (
-	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/binary"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
-	"mime"
 	"net/http"
 	"net/netip"
 	"net/url"
@@ -86,31 +82,8 @@ func (s *Server) secAgreeRoutes(m *http.ServeMux) {
 // none, waits until the data path holds them and answers with the
 // Security-Server value.
 func (s *Server) secAgreeCreate(w http.ResponseWriter, r *http.Request) {
-	ct := r.Header.Get("Content-Type")
-	if mt, _, err := mime.ParseMediaType(ct); err != nil || mt != "application/json" {
-		drain(r.Body)
-		writeError(w, http.StatusUnsupportedMediaType, fmt.Sprintf("content type: %q: send application/json", ct))
-		return
-	}
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, MaxBody))
-	if err != nil {
-		var tooBig *http.MaxBytesError
-		if errors.As(err, &tooBig) {
-			writeError(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("body: larger than %d bytes", MaxBody))
-			return
-		}
-		writeError(w, http.StatusBadRequest, "body: "+err.Error())
-		return
-	}
 	var req SecAgreeRequest
-	dec := json.NewDecoder(bytes.NewReader(body))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&req); err != nil {
-		writeError(w, http.StatusBadRequest, "body: "+err.Error())
-		return
-	}
-	if dec.More() {
-		writeError(w, http.StatusBadRequest, "body: data after the JSON object")
+	if !decodeRequest(w, r, &req, "") {
 		return
 	}
 	reg, chosen, errs := s.secAgreeInput(&req)
