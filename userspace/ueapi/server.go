@@ -7,7 +7,8 @@
 //	                      gateway). A second outbound SA replaces the
 //	                      first at once (rekey); inbound SAs accumulate,
 //	                      so the old one keeps opening until deleted.
-//	DELETE /v1/sas/{ref}  remove one (ref: name, in:SPI or out:SPI)
+//	GET    /v1/sas/{ref}  show one (ref: name, in:SPI or out:SPI[@peer])
+//	DELETE /v1/sas/{ref}  remove one
 //	GET    /v1/sas        list them, never with keys
 //	GET    /v1/stats      the tunnel's counters
 //
@@ -71,10 +72,11 @@ func New(t *ue.Tunnel, gateway string, initial ...sa.SA) (*Server, error) {
 	m := http.NewServeMux()
 	m.HandleFunc("GET /v1/sas", s.list)
 	m.HandleFunc("POST /v1/sas", s.add)
+	m.HandleFunc("GET /v1/sas/{ref}", s.get)
 	m.HandleFunc("DELETE /v1/sas/{ref}", s.del)
 	m.HandleFunc("GET /v1/stats", s.stats)
 	m.HandleFunc("/v1/sas", api.MethodNotAllowed("GET, POST"))
-	m.HandleFunc("/v1/sas/{ref}", api.MethodNotAllowed("DELETE"))
+	m.HandleFunc("/v1/sas/{ref}", api.MethodNotAllowed("GET, DELETE"))
 	m.HandleFunc("/v1/stats", api.MethodNotAllowed("GET"))
 	m.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		api.WriteError(w, http.StatusNotFound, fmt.Sprintf("no endpoint %s on the phone (see /v1/sas, /v1/stats)", r.URL.Path))
@@ -169,27 +171,40 @@ func (s *Server) add(w http.ResponseWriter, r *http.Request) {
 	api.WriteJSON(w, http.StatusCreated, s.view(&x))
 }
 
-func (s *Server) del(w http.ResponseWriter, r *http.Request) {
+// find resolves a reference among the phone's SAs; s.mu must be held.
+// It answers the request itself when it fails.
+func (s *Server) find(w http.ResponseWriter, r *http.Request) (entry, sa.ID, bool) {
 	ref, err := api.ParseRef(r.PathValue("ref"))
 	if err != nil {
 		api.WriteError(w, http.StatusBadRequest, err.Error())
-		return
+		return entry{}, sa.ID{}, false
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	var found *entry
-	var id sa.ID
 	for k, x := range s.sas {
 		if (ref.Name != "" && x.spec.Name == ref.Name) ||
 			(ref.Name == "" && k.Dir == ref.ID.Dir && k.SPI == ref.ID.SPI && (!ref.ID.Peer.IsValid() || k.Peer == ref.ID.Peer)) {
-			found, id = &x, k
-			break
+			return x, k, true
 		}
 	}
-	if found == nil {
-		api.WriteError(w, http.StatusNotFound, fmt.Sprintf("ref %s: %v", r.PathValue("ref"), ue.ErrSANotFound))
+	api.WriteError(w, http.StatusNotFound, fmt.Sprintf("ref %s: %v", r.PathValue("ref"), ue.ErrSANotFound))
+	return entry{}, sa.ID{}, false
+}
+
+func (s *Server) get(w http.ResponseWriter, r *http.Request) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if x, _, ok := s.find(w, r); ok {
+		api.WriteJSON(w, http.StatusOK, s.view(&x))
+	}
+}
+
+func (s *Server) del(w http.ResponseWriter, r *http.Request) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	found, id, ok := s.find(w, r)
+	if !ok {
 		return
 	}
+	var err error
 	if id.Dir == sa.Out {
 		_, err = s.t.DeleteOut(id.SPI)
 	} else {
@@ -200,7 +215,7 @@ func (s *Server) del(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	delete(s.sas, id)
-	api.WriteJSON(w, http.StatusOK, s.view(found))
+	api.WriteJSON(w, http.StatusOK, s.view(&found))
 }
 
 func (s *Server) list(w http.ResponseWriter, _ *http.Request) {

@@ -352,7 +352,10 @@ func TestPhoneAPI(t *testing.T) {
 	waitFor(t, "unknown_spi after the delete", func() bool { return tun.Counters().Drops[ue.DropUnknownSPI] == 2 })
 
 	// GET never returns keys.
-	for _, path := range []string{"/v1/sas", "/v1/stats"} {
+	if v, err := cl.Get(context.Background(), "in:0x2002"); err != nil || v.SPI.String() != "0x00002002" || v.EncKey != "" {
+		t.Fatalf("get in:0x2002: %+v %v", v, err)
+	}
+	for _, path := range []string{"/v1/sas", "/v1/stats", "/v1/sas/out:0x1002", "/v1/sas/ph-in-2002"} {
 		code, body := rawDo(t, sock, "GET", path, "", "")
 		if code != 200 {
 			t.Fatalf("GET %s: %d %s", path, code, body)
@@ -383,7 +386,8 @@ func TestPhoneAPI(t *testing.T) {
 		{"POST", "/v1/sas", "application/json", out2.json, 409, "0x00001002"},
 		{"DELETE", "/v1/sas/in:0x9999", "", "", 404, "in:0x9999"},
 		{"DELETE", "/v1/sas/sideways:1", "", "", 400, "sideways"},
-		{"PUT", "/v1/sas/in:0x2002", "application/json", good, 405, "DELETE"},
+		{"PUT", "/v1/sas/in:0x2002", "application/json", good, 405, "GET, DELETE"},
+		{"GET", "/v1/sas/in:0x2001", "", "", 404, "in:0x2001"},
 	} {
 		code, body := rawDo(t, sock, c.method, c.path, c.ctype, c.body)
 		if code != c.code || !strings.Contains(body, c.says) {
