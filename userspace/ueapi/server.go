@@ -142,8 +142,10 @@ func (s *Server) add(w http.ResponseWriter, r *http.Request) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if in.Name != "" {
+		cur, _ := s.t.SAs()
 		for _, x := range s.sas {
-			if x.spec.Name == in.Name {
+			// A rekey may keep the name of the outbound SA it replaces.
+			if x.spec.Name == in.Name && !(in.Direction == sa.Out && x.esp == cur) {
 				api.WriteError(w, http.StatusConflict, fmt.Sprintf("sa %q: name: already used by %s", in.Name, api.RefOf(x.spec.ID())))
 				return
 			}

@@ -402,6 +402,16 @@ func TestPhoneAPI(t *testing.T) {
 	if g := peer.recv(t); g.spi != 0x1002 || !bytes.HasSuffix(g.inner, []byte("after")) {
 		t.Fatalf("after the bad requests the gateway got SPI 0x%x %q", g.spi, g.inner)
 	}
+	// A rekey may keep the replaced outbound SA's name; an inbound SA
+	// may not take a name in use.
+	out3 := newKeyed(t, "out", 0x1003)
+	out3.json = strings.Replace(out3.json, `"ph-out-1003"`, `"ph-out-1002"`, 1)
+	if v := addSA(t, cl, out3); v.Ref != "out:0x00001003@192.0.2.2:4500" || v.Name != "ph-out-1002" {
+		t.Fatalf("rekey under the same name: %+v", v)
+	}
+	if code, body := rawDo(t, sock, "POST", "/v1/sas", "application/json", strings.Replace(good, `"ph-in-2003"`, `"ph-out-1002"`, 1)); code != 409 || !strings.Contains(body, "name") {
+		t.Fatalf("inbound SA under an outbound's name: %d %s", code, body)
+	}
 	// Deleting the outbound SA stops sealing again.
 	if _, err := cl.Delete(context.Background(), "ph-out-1002"); err != nil {
 		t.Fatal(err)
