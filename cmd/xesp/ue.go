@@ -18,6 +18,7 @@ import (
 	"github.com/xesp/xesp/userspace/esp"
 	"github.com/xesp/xesp/userspace/sa"
 	"github.com/xesp/xesp/userspace/ue"
+	"github.com/xesp/xesp/userspace/ueapi"
 )
 
 func init() {
@@ -38,6 +39,8 @@ type ueOptions struct {
 	mtu       int
 	keepalive time.Duration
 	stats     time.Duration
+	api       string // the phone's control API socket; empty: none
+	mode      string // tunnel or transport, when no SA file gives it
 }
 
 func runUE(args []string) error {
@@ -55,6 +58,8 @@ func runUE(args []string) error {
 	fs.IntVar(&o.mtu, "mtu", ue.DefaultMTU, "TUN MTU")
 	fs.DurationVar(&o.keepalive, "keepalive", ue.DefaultKeepalive, "NAT keepalive interval (RFC 3948); 0 disables")
 	fs.DurationVar(&o.stats, "stats", 0, "print counters this often (0: only on exit)")
+	fs.StringVar(&o.api, "api", "", "serve the phone's control API on this Unix socket (0600): add, replace (rekey) and delete its SAs at run time (POST/GET /v1/sas, DELETE /v1/sas/REF, GET /v1/stats; `xesp sa --api unix:PATH` talks to it); with -api, -sa is optional")
+	fs.StringVar(&o.mode, "mode", "", "ESP mode without -sa: tunnel (default) or transport")
 	if err := fs.Parse(args); err != nil {
 		return errors.Join(errUsage, err)
 	}
@@ -75,31 +80,47 @@ func runUE(args []string) error {
 		}
 		*f.dst = uint32(v)
 	}
-	cfg, err := ueConfig(o)
+	cfg, initial, err := ueSetup(o)
 	if err != nil {
 		return err
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	return serveUE(ctx, cfg, o.stats, os.Stdout)
+	return serveUE(ctx, cfg, ueServe{every: o.stats, api: o.api, initial: initial}, os.Stdout)
 }
 
-// ueConfig reads the SA file and turns the selected pair into a tunnel
-// configuration. Everything the flags leave open comes from the SAs.
+// ueConfig is ueSetup without the SAs' specs.
 func ueConfig(o ueOptions) (ue.TunnelConfig, error) {
+	cfg, _, err := ueSetup(o)
+	return cfg, err
+}
+
+// ueSetup reads the SA file and turns the selected pair into a tunnel
+// configuration; everything the flags leave open comes from the SAs. It
+// also returns the pair in the phone's view, for the phone's API to list.
+// With -api and no -sa the phone starts without SAs and the flags say
+// everything.
+func ueSetup(o ueOptions) (ue.TunnelConfig, []sa.SA, error) {
 	var cfg ue.TunnelConfig
+	if o.saFile == "" && o.api == "" {
+		return cfg, nil, fmt.Errorf("%w: -sa is required unless -api is given", errUsage)
+	}
 	if o.saFile == "" {
-		return cfg, fmt.Errorf("%w: -sa is required", errUsage)
+		cfg, err := ueBare(o)
+		return cfg, nil, err
+	}
+	if o.mode != "" {
+		return cfg, nil, fmt.Errorf("%w: -mode is for a phone without -sa: the SAs give the mode", errUsage)
 	}
 	if o.view != "phone" && o.view != "gateway" {
-		return cfg, fmt.Errorf("%w: -view %q: want phone or gateway", errUsage, o.view)
+		return cfg, nil, fmt.Errorf("%w: -view %q: want phone or gateway", errUsage, o.view)
 	}
 	list, err := sa.ParseFile(o.saFile, sa.Options{})
 	if err != nil {
 		// A gateway's whole config file carries its SAs too.
 		c, cerr := config.Load(o.saFile)
 		if cerr != nil {
-			return cfg, err
+			return cfg, nil, err
 		}
 		list = c.SAList
 	}
@@ -133,17 +154,17 @@ func ueConfig(o ueOptions) (ue.TunnelConfig, error) {
 	}
 	out, err := pick(sa.Out, o.spiOut, "-spi-out")
 	if err != nil {
-		return cfg, err
+		return cfg, nil, err
 	}
 	in, err := pick(sa.In, o.spiIn, "-spi-in")
 	if err != nil {
-		return cfg, err
+		return cfg, nil, err
 	}
 	if out.Mode != in.Mode {
-		return cfg, fmt.Errorf("%s: %s is %s mode but %s is %s mode", o.saFile, out.Label(), out.Mode, in.Label(), in.Mode)
+		return cfg, nil, fmt.Errorf("%s: %s is %s mode but %s is %s mode", o.saFile, out.Label(), out.Mode, in.Label(), in.Mode)
 	}
 	if out.Encap == nil {
-		return cfg, fmt.Errorf("%s: %s has no encap: the emulated phone speaks UDP-encapsulated ESP only", o.saFile, out.Label())
+		return cfg, nil, fmt.Errorf("%s: %s has no encap: the emulated phone speaks UDP-encapsulated ESP only", o.saFile, out.Label())
 	}
 	// Addresses and ports from the phone's side. The phone's own outer
 	// address is not used: behind a NAPT it is not what the gateway
@@ -156,36 +177,89 @@ func ueConfig(o ueOptions) (ue.TunnelConfig, error) {
 		phonePort, gwPort = out.Encap.PeerPort, out.Encap.LocalPort
 		phoneSel, gwSel = out.InnerPeer, out.InnerLocal
 	}
+	if err := ueFlags(o, &cfg, netip.AddrPortFrom(gwAddr, gwPort), phonePort, phoneSel, gwSel); err != nil {
+		return cfg, nil, err
+	}
+	if cfg.Out, err = engineSA(out, 0); err != nil {
+		return cfg, nil, fmt.Errorf("%s: %w", o.saFile, err)
+	}
+	window := int(in.ReplayWindow)
+	if o.view == "gateway" {
+		// The gateway's outbound SA has no window; the phone opening it
+		// wants the format's default.
+		window = esp.DefaultReplayWindow
+	}
+	if cfg.In, err = engineSA(in, window); err != nil {
+		return cfg, nil, fmt.Errorf("%s: %w", o.saFile, err)
+	}
+	if o.view == "gateway" {
+		out, in = mirrorSA(out), mirrorSA(in)
+		in.ReplayWindow = uint32(window)
+	}
+	return cfg, []sa.SA{out, in}, nil
+}
+
+// ueBare is the configuration of a phone started without SAs: they come
+// later through its API, so the flags must say what the SAs would have.
+func ueBare(o ueOptions) (ue.TunnelConfig, error) {
+	var cfg ue.TunnelConfig
+	switch o.mode {
+	case "", "tunnel":
+		cfg.Mode = esp.ModeTunnel
+	case "transport":
+		cfg.Mode = esp.ModeTransport
+	default:
+		return cfg, fmt.Errorf("%w: -mode %q: want tunnel or transport", errUsage, o.mode)
+	}
+	if o.gateway == "" {
+		return cfg, fmt.Errorf("%w: -gateway is required without -sa", errUsage)
+	}
+	if o.inner == "" {
+		return cfg, fmt.Errorf("%w: -inner is required without -sa", errUsage)
+	}
+	if o.routes == "" {
+		return cfg, fmt.Errorf("%w: -route is required without -sa: nothing would enter the TUN", errUsage)
+	}
+	return cfg, ueFlags(o, &cfg, netip.AddrPort{}, 4500, netip.Prefix{}, netip.Prefix{})
+}
+
+// ueFlags fills cfg's addresses, routes and timers from the flags, with
+// defaults from the SAs (zero values when there are none). The phone's
+// own outer address is not used: behind a NAPT it is not what the
+// gateway sees, so the socket binds the wildcard unless -local says
+// otherwise.
+func ueFlags(o ueOptions, cfg *ue.TunnelConfig, gw netip.AddrPort, phonePort uint16, phoneSel, gwSel netip.Prefix) error {
+	var err error
+	cfg.Gateway = gw
+	if o.gateway != "" {
+		if cfg.Gateway, err = netip.ParseAddrPort(o.gateway); err != nil {
+			return fmt.Errorf("%w: -gateway: %v", errUsage, err)
+		}
+	}
 	cfg.Local = netip.AddrPortFrom(netip.IPv4Unspecified(), phonePort)
-	if gwAddr.Is6() {
+	if cfg.Gateway.Addr().Is6() {
 		cfg.Local = netip.AddrPortFrom(netip.IPv6Unspecified(), phonePort)
 	}
 	if o.local != "" {
 		if cfg.Local, err = netip.ParseAddrPort(o.local); err != nil {
-			return cfg, fmt.Errorf("%w: -local: %v", errUsage, err)
-		}
-	}
-	cfg.Gateway = netip.AddrPortFrom(gwAddr, gwPort)
-	if o.gateway != "" {
-		if cfg.Gateway, err = netip.ParseAddrPort(o.gateway); err != nil {
-			return cfg, fmt.Errorf("%w: -gateway: %v", errUsage, err)
+			return fmt.Errorf("%w: -local: %v", errUsage, err)
 		}
 	}
 	switch {
 	case o.inner != "":
 		if cfg.Inner, err = netip.ParseAddr(o.inner); err != nil {
-			return cfg, fmt.Errorf("%w: -inner: %v", errUsage, err)
+			return fmt.Errorf("%w: -inner: %v", errUsage, err)
 		}
 	case phoneSel.IsValid() && phoneSel.IsSingleIP():
 		cfg.Inner = phoneSel.Addr()
 	default:
-		return cfg, fmt.Errorf("%w: -inner is required: the phone's selector (%v) is not a single address", errUsage, phoneSel)
+		return fmt.Errorf("%w: -inner is required: the phone's selector (%v) is not a single address", errUsage, phoneSel)
 	}
 	if o.routes != "" {
 		for _, r := range strings.Split(o.routes, ",") {
 			p, err := netip.ParsePrefix(strings.TrimSpace(r))
 			if err != nil {
-				return cfg, fmt.Errorf("%w: -route: %v", errUsage, err)
+				return fmt.Errorf("%w: -route: %v", errUsage, err)
 			}
 			cfg.Routes = append(cfg.Routes, p)
 		}
@@ -197,21 +271,29 @@ func ueConfig(o ueOptions) (ue.TunnelConfig, error) {
 	if o.keepalive == 0 {
 		cfg.Keepalive = -1
 	} else if o.keepalive < 0 {
-		return cfg, fmt.Errorf("%w: -keepalive %v: negative", errUsage, o.keepalive)
+		return fmt.Errorf("%w: -keepalive %v: negative", errUsage, o.keepalive)
 	}
-	if cfg.Out, err = engineSA(out, 0); err != nil {
-		return cfg, fmt.Errorf("%s: %w", o.saFile, err)
+	return nil
+}
+
+// mirrorSA turns a gateway's SA into the phone's view of it: the other
+// direction, the two sides' addresses, ports and selectors swapped.
+func mirrorSA(s sa.SA) sa.SA {
+	if s.Direction == sa.In {
+		s.Direction = sa.Out
+	} else {
+		s.Direction = sa.In
 	}
-	window := int(in.ReplayWindow)
-	if o.view == "gateway" {
-		// The gateway's outbound SA has no window; the phone opening it
-		// wants the format's default.
-		window = esp.DefaultReplayWindow
+	s.Local, s.Peer = s.Peer, s.Local
+	if s.Encap != nil {
+		e := *s.Encap
+		e.LocalPort, e.PeerPort = e.PeerPort, e.LocalPort
+		s.Encap = &e
 	}
-	if cfg.In, err = engineSA(in, window); err != nil {
-		return cfg, fmt.Errorf("%s: %w", o.saFile, err)
-	}
-	return cfg, nil
+	s.InnerLocal, s.InnerPeer = s.InnerPeer, s.InnerLocal
+	s.Ports.Local, s.Ports.Peer = s.Ports.Peer, s.Ports.Local
+	s.ReplayWindow = 0
+	return s
 }
 
 func engineSA(s sa.SA, window int) (*esp.SA, error) {
@@ -223,17 +305,49 @@ func engineSA(s sa.SA, window int) (*esp.SA, error) {
 		AuthKey: s.AuthKey, ESN: s.ESN, ReplayWindow: window, Mode: mode})
 }
 
-// serveUE runs the tunnel until ctx ends and prints its counters.
-func serveUE(ctx context.Context, cfg ue.TunnelConfig, every time.Duration, w io.Writer) error {
+// ueServe says how serveUE runs besides the tunnel.
+type ueServe struct {
+	every   time.Duration // print counters this often (0: only on exit)
+	api     string        // the phone's API socket; empty: none
+	initial []sa.SA       // the SAs the tunnel starts with, phone's view
+}
+
+// serveUE runs the tunnel (and its API) until ctx ends and prints its
+// counters.
+func serveUE(ctx context.Context, cfg ue.TunnelConfig, o ueServe, w io.Writer) error {
 	t, err := ue.StartTunnel(cfg)
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(w, "phone up: %s inner %s, ESP %s mode from %s to %s (SPI out 0x%08x, in 0x%08x), keepalive %v\n",
-		t.TUNName(), cfg.Inner, cfg.Out.Mode(), t.LocalAddr(), cfg.Gateway, cfg.Out.SPI(), cfg.In.SPI(), keepaliveText(cfg.Keepalive))
+	sas := "no SAs yet"
+	if cfg.Out != nil && cfg.In != nil {
+		sas = fmt.Sprintf("SPI out 0x%08x, in 0x%08x", cfg.Out.SPI(), cfg.In.SPI())
+	}
+	apiDone := make(chan error, 1)
+	apiCtx, stopAPI := context.WithCancel(ctx)
+	defer stopAPI()
+	apiText := ""
+	if o.api != "" {
+		srv, err := ueapi.New(t, cfg.Gateway.String(), o.initial...)
+		if err != nil {
+			t.Close()
+			return err
+		}
+		ready := make(chan struct{})
+		go func() { apiDone <- srv.Serve(apiCtx, o.api, func() { close(ready) }) }()
+		select {
+		case <-ready:
+		case err := <-apiDone:
+			t.Close()
+			return err
+		}
+		apiText = ", API on " + o.api
+	}
+	fmt.Fprintf(w, "phone up: %s inner %s, ESP %s mode from %s to %s (%s), keepalive %v%s\n",
+		t.TUNName(), cfg.Inner, t.Mode(), t.LocalAddr(), cfg.Gateway, sas, keepaliveText(cfg.Keepalive), apiText)
 	var tick <-chan time.Time
-	if every > 0 {
-		tk := time.NewTicker(every)
+	if o.every > 0 {
+		tk := time.NewTicker(o.every)
 		defer tk.Stop()
 		tick = tk.C
 	}
@@ -241,8 +355,17 @@ func serveUE(ctx context.Context, cfg ue.TunnelConfig, every time.Duration, w io
 		select {
 		case <-tick:
 			printUECounters(w, t.Counters())
+		case err := <-apiDone:
+			t.Close()
+			printUECounters(w, t.Counters())
+			return fmt.Errorf("phone api stopped: %w", err)
 		case <-ctx.Done():
-			err := t.Close()
+			stopAPI()
+			var aerr error
+			if o.api != "" {
+				aerr = <-apiDone
+			}
+			err := errors.Join(aerr, t.Close())
 			printUECounters(w, t.Counters())
 			return err
 		}

@@ -19,6 +19,7 @@ import (
 	"github.com/xesp/xesp/internal/netns"
 	"github.com/xesp/xesp/internal/pkt"
 	"github.com/xesp/xesp/userspace/esp"
+	"github.com/xesp/xesp/userspace/sa"
 )
 
 // gatewayViewSAs is a gateway's SA pair for one phone, as in its config.
@@ -91,11 +92,28 @@ func TestUEConfig(t *testing.T) {
 		{ueOptions{saFile: gw, view: "gateway", gateway: "192.0.2.2"}, "-gateway"},
 		{ueOptions{saFile: gw, view: "gateway", routes: "10.0.0.0"}, "-route"},
 		{ueOptions{saFile: gw, view: "gateway", keepalive: -time.Second}, "-keepalive"},
+		{ueOptions{saFile: gw, view: "gateway", api: "/x.sock", mode: "tunnel"}, "-mode is for a phone without -sa"},
+		{ueOptions{api: "/x.sock", inner: "10.99.0.1", routes: "10.0.0.0/24"}, "-gateway is required without -sa"},
+		{ueOptions{api: "/x.sock", gateway: "192.0.2.2:4500", routes: "10.0.0.0/24"}, "-inner is required without -sa"},
+		{ueOptions{api: "/x.sock", gateway: "192.0.2.2:4500", inner: "10.99.0.1"}, "-route is required without -sa"},
+		{ueOptions{api: "/x.sock", gateway: "192.0.2.2:4500", inner: "10.99.0.1", routes: "10.0.0.0/24", mode: "tun"}, `-mode "tun"`},
 	} {
 		_, err := ueConfig(c.o)
 		if err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("%+v: error %v, want it to mention %q", c.o, err, c.want)
 		}
+	}
+	// With -api and no -sa the flags say everything; no SAs yet.
+	cfg, err = ueConfig(ueOptions{api: "/x.sock", gateway: "[2001:db8::1]:4500", inner: "10.99.0.1", routes: "10.0.0.0/24", mode: "transport", keepalive: time.Second})
+	if err != nil || cfg.Out != nil || cfg.In != nil || cfg.Mode != esp.ModeTransport || cfg.Local != netip.MustParseAddrPort("[::]:4500") ||
+		cfg.Gateway != netip.MustParseAddrPort("[2001:db8::1]:4500") || len(cfg.Routes) != 1 {
+		t.Fatalf("bare phone: %+v %v", cfg, err)
+	}
+	// The SAs of a gateway-view file are listed in the phone's view.
+	_, initial, err := ueSetup(ueOptions{saFile: gw, view: "gateway", api: "/x.sock", keepalive: time.Second})
+	if err != nil || len(initial) != 2 || initial[0].Direction != sa.Out || initial[0].SPI != 0x1001 || initial[0].Peer != netip.MustParseAddr("192.0.2.2") ||
+		initial[1].Direction != sa.In || initial[1].SPI != 0x2001 || initial[1].ReplayWindow == 0 || initial[1].InnerLocal != netip.MustParsePrefix("10.99.0.1/32") {
+		t.Fatalf("phone-view SAs: %+v %v", initial, err)
 	}
 	// The two-SA file works once the pair is chosen.
 	if cfg, err := ueConfig(ueOptions{saFile: two, view: "gateway", spiOut: 0x1002, spiIn: 0x2002, keepalive: time.Second}); err != nil || cfg.Out.SPI() != 0x1002 {

@@ -26,8 +26,14 @@ type TunnelConfig struct {
 	// where ESP goes.
 	Local, Gateway netip.AddrPort
 	// Out seals what the phone sends, In opens what the gateway sends back.
-	// Their mode decides how the TUN's packets are carried; both must agree.
+	// Either may be nil: the tunnel then starts without it and SAs come
+	// later through AddSA (e.g. from the phone's control API). Their mode
+	// decides how the TUN's packets are carried; both must agree, and
+	// agree with Mode when it is set.
 	Out, In *esp.SA
+	// Mode is the ESP mode of every SA the tunnel will ever hold; zero
+	// means the mode of Out or In, or tunnel mode when there are none.
+	Mode esp.Mode
 	// TUN is the device name; empty lets the kernel choose.
 	TUN string
 	// Inner is the phone's inner address, given to the TUN as a host
@@ -52,10 +58,12 @@ const (
 	DropTooBig                     // TUN packet too large for the send buffer
 	DropSendFailed                 // sendto(2) to the gateway failed
 	DropTUNWriteFailed             // write to the TUN failed
+	DropNoSA                       // TUN packet while the tunnel has no outbound SA
+	DropUnknownSPI                 // ESP from the gateway whose SPI is no inbound SA of the tunnel
 	NumDrops
 )
 
-var dropNames = [NumDrops]string{"not_gateway", "non_esp", "selector", "bad_inner", "too_big", "send_failed", "tun_write_failed"}
+var dropNames = [NumDrops]string{"not_gateway", "non_esp", "selector", "bad_inner", "too_big", "send_failed", "tun_write_failed", "no_sa", "unknown_spi"}
 
 func (d Drop) String() string {
 	if d < NumDrops {
@@ -108,6 +116,7 @@ func (c *Counters) DropList() []DropCount {
 // The phone side needs no batching: a handset's traffic is a few calls.
 type Tunnel struct {
 	cfg   TunnelConfig
+	mode  esp.Mode
 	tun   *TUN
 	conn  *net.UDPConn
 	gw    netip.AddrPort
@@ -117,6 +126,11 @@ type Tunnel struct {
 	// transport mode: replies are given it as their source (see
 	// sendTransport).
 	transportPeer atomic.Uint32
+
+	// sas is the SA set the loops use, replaced whole by the writers
+	// (under sasMu) and read with one atomic load per packet.
+	sas   atomic.Pointer[saSet]
+	sasMu sync.Mutex
 
 	fromTUN, sent, received, toTUN atomic.Uint64
 	kaSent, kaReceived             atomic.Uint64
@@ -132,16 +146,26 @@ type Tunnel struct {
 // network namespace (call it under netns.Do to place the phone), routes
 // cfg.Routes through the TUN and starts moving packets.
 func StartTunnel(cfg TunnelConfig) (*Tunnel, error) {
-	if cfg.Out == nil || cfg.In == nil {
-		return nil, errors.New("tunnel: need both an outbound and an inbound SA")
+	mode := cfg.Mode
+	for _, s := range []*esp.SA{cfg.Out, cfg.In} {
+		switch {
+		case s == nil:
+		case mode == esp.ModeInvalid:
+			mode = s.Mode()
+		case s.Mode() != mode:
+			return nil, fmt.Errorf("tunnel: SA 0x%08x is %s mode, the tunnel %s mode", s.SPI(), s.Mode(), mode)
+		}
 	}
-	if cfg.Out.Mode() != cfg.In.Mode() {
-		return nil, fmt.Errorf("tunnel: outbound SA is %s mode, inbound SA %s mode", cfg.Out.Mode(), cfg.In.Mode())
+	if mode == esp.ModeInvalid {
+		mode = esp.ModeTunnel
+	}
+	if mode != esp.ModeTunnel && mode != esp.ModeTransport {
+		return nil, fmt.Errorf("tunnel: mode %v: want tunnel or transport", mode)
 	}
 	if !cfg.Inner.IsValid() {
 		return nil, errors.New("tunnel: no inner address")
 	}
-	if cfg.Out.Mode() == esp.ModeTransport && !cfg.Inner.Is4() {
+	if mode == esp.ModeTransport && !cfg.Inner.Is4() {
 		return nil, fmt.Errorf("tunnel: transport mode supports IPv4 inner addresses only, got %s", cfg.Inner)
 	}
 	if !cfg.Gateway.IsValid() {
@@ -167,7 +191,12 @@ func StartTunnel(cfg TunnelConfig) (*Tunnel, error) {
 		conn.Close()
 		return nil, fmt.Errorf("tunnel: %w", err)
 	}
-	t := &Tunnel{cfg: cfg, tun: tun, conn: conn, gw: cfg.Gateway, inner: cfg.Inner.Unmap(), stop: make(chan struct{})}
+	t := &Tunnel{cfg: cfg, mode: mode, tun: tun, conn: conn, gw: cfg.Gateway, inner: cfg.Inner.Unmap(), stop: make(chan struct{})}
+	set := &saSet{out: cfg.Out}
+	if cfg.In != nil {
+		set.in = []*esp.SA{cfg.In}
+	}
+	t.sas.Store(set)
 	t.wg.Add(2)
 	go t.txLoop()
 	go t.rxLoop()
@@ -244,8 +273,8 @@ func (t *Tunnel) keepaliveLoop() {
 func (t *Tunnel) txLoop() {
 	defer t.wg.Done()
 	buf := make([]byte, 65536)
-	transport := t.cfg.Out.Mode() == esp.ModeTransport
-	room := len(buf) - headroom - t.cfg.Out.MaxTailroom()
+	transport := t.mode == esp.ModeTransport
+	room := len(buf) - headroom - maxTailroom
 	for {
 		n, err := t.tun.Read(buf[headroom : headroom+room])
 		if err != nil {
@@ -266,7 +295,15 @@ func (t *Tunnel) txLoop() {
 			t.drops[DropBadInner].Add(1)
 			continue
 		}
-		start, end, err := t.cfg.Out.Seal(buf, off, n, nh, 0)
+		// One load per packet: a rekey's new outbound SA takes over
+		// between two packets, and only this goroutine ever seals, so
+		// each SA's sequence counter keeps its single writer.
+		out := t.sas.Load().out
+		if out == nil {
+			t.drops[DropNoSA].Add(1)
+			continue
+		}
+		start, end, err := out.Seal(buf, off, n, nh, 0)
 		if err != nil {
 			t.seal[esp.ReasonOf(err)].Add(1)
 			continue
@@ -306,7 +343,7 @@ func (t *Tunnel) rxLoop() {
 	defer t.wg.Done()
 	buf := make([]byte, 65536)
 	var wbuf []byte
-	transport := t.cfg.In.Mode() == esp.ModeTransport
+	transport := t.mode == esp.ModeTransport
 	if transport {
 		wbuf = make([]byte, 65536)
 	}
@@ -331,7 +368,14 @@ func (t *Tunnel) rxLoop() {
 			t.drops[DropNonESP].Add(1)
 			continue
 		}
-		res, err := t.cfg.In.Open(buf[:n])
+		// Only this goroutine opens, so each inbound SA's replay
+		// window has one writer.
+		in := t.sas.Load().lookupIn(binary.BigEndian.Uint32(buf[:4]))
+		if in == nil {
+			t.drops[DropUnknownSPI].Add(1)
+			continue
+		}
+		res, err := in.Open(buf[:n])
 		if err != nil {
 			t.open[esp.ReasonOf(err)].Add(1)
 			continue
