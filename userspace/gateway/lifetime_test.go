@@ -11,8 +11,8 @@ import (
 	"github.com/xesp/xesp/bpf"
 	"github.com/xesp/xesp/internal/pkt"
 	"github.com/xesp/xesp/maps"
-	"github.com/xesp/xesp/userspace/lifetime"
 	"github.com/xesp/xesp/userspace/esp"
+	"github.com/xesp/xesp/userspace/lifetime"
 	"github.com/xesp/xesp/userspace/sa"
 	"github.com/xesp/xesp/userspace/worker"
 )
