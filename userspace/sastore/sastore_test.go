@@ -185,3 +185,24 @@ func FuzzDecode(f *testing.F) {
 		}
 	})
 }
+
+// BenchmarkSave100k is the cost of one write of 100k API SAs (a P-CSCF
+// with 25k phones' sec-agree quads): the file is rewritten whole.
+func BenchmarkSave100k(b *testing.B) {
+	base := sampleSAs(b)
+	sas := make([]sa.SA, 100000)
+	for i := range sas {
+		sas[i] = base[i%2]
+		sas[i].Name = fmt.Sprintf("sa%d", i)
+		sas[i].SPI = uint32(0x10000 + i)
+	}
+	path := filepath.Join(b.TempDir(), "api-sas")
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		if err := Save(path, sas); err != nil {
+			b.Fatal(err)
+		}
+	}
+	st, _ := os.Stat(path)
+	b.ReportMetric(float64(st.Size()), "file-bytes")
+}
