@@ -32,7 +32,13 @@ type apiSAs struct {
 	saved uint64 // the SAD version the file reflects
 	last  []byte // the file's bytes, to skip rewriting an unchanged set
 	buf   []sad.Entry
-	etcd  *etcdsrc.Source // its SAs live in etcd, not here
+	enc   map[sa.ID]encoded // each kept SA's file entry, by the SAD version it encodes
+	etcd  *etcdsrc.Source   // its SAs live in etcd, not here
+}
+
+type encoded struct {
+	version uint64
+	b       []byte
 }
 
 // setEtcd names the source whose SAs are not the API's.
@@ -95,7 +101,8 @@ func (p *apiSAs) flush(version uint64) error {
 	if p.etcd != nil {
 		etcd = p.etcd.OwnedIDs()
 	}
-	var keep []sa.SA
+	var items [][]byte
+	next := make(map[sa.ID]encoded, len(p.enc))
 	var cur uint64
 	for {
 		p.buf, cur = p.g.SAD.List(cur, 4096, p.buf[:0])
@@ -107,17 +114,24 @@ func (p *apiSAs) flush(version uint64) error {
 			if c := p.config[e.ID]; c != nil && reflect.DeepEqual(*c, e.SA) {
 				continue
 			}
-			keep = append(keep, e.SA)
+			c, ok := p.enc[e.ID]
+			if !ok || c.version != e.Version {
+				b, err := sastore.EncodeSA(&e.SA)
+				if err != nil {
+					return err
+				}
+				c = encoded{version: e.Version, b: b}
+			}
+			next[e.ID] = c
+			items = append(items, c.b)
 		}
 		if cur == 0 {
 			break
 		}
 	}
 	clear(p.buf) // do not keep key slices of deleted SAs alive
-	b, err := sastore.Encode(keep)
-	if err != nil {
-		return err
-	}
+	p.enc = next // entries of SAs gone from the set are dropped
+	b := sastore.Assemble(items)
 	if !bytes.Equal(b, p.last) {
 		if err := sastore.WriteFile(p.path, b); err != nil {
 			return err

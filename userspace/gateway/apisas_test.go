@@ -114,3 +114,40 @@ func labels(sas []sa.SA) []string {
 	}
 	return out
 }
+
+// BenchmarkAPISAsFlush100k is what an API call waits for on top of the
+// data path sync with 100k API SAs in the SAD: one SA added, the file
+// rewritten (only the new SA encoded; the rest reused). Compare with
+// sastore's BenchmarkSave100k, which encodes all of them.
+func BenchmarkAPISAsFlush100k(b *testing.B) {
+	base, err := sa.ParseBytes([]byte(pairYAML(1, 0x1001, 0x2001, keyIn, keyOut, "")), sa.YAML, sa.Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	d, err := sad.New(sad.Options{Workers: 2})
+	if err != nil {
+		b.Fatal(err)
+	}
+	add := func(i int) {
+		s := base[0]
+		s.Name = ""
+		s.SPI = uint32(0x100000 + i)
+		if _, err := d.Add(s); err != nil {
+			b.Fatal(err)
+		}
+	}
+	for i := 0; i < 100000; i++ {
+		add(i)
+	}
+	p := newAPISAs(&Gateway{Config: &config.Config{StateDir: b.TempDir()}, SAD: d})
+	if err := p.flush(d.Version()); err != nil {
+		b.Fatal(err)
+	}
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		add(100000 + i)
+		if err := p.flush(d.Version()); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

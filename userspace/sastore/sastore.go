@@ -44,24 +44,54 @@ var ErrCorrupt = errors.New("not a valid API SA file")
 
 // Encode returns the file's bytes for sas.
 func Encode(sas []sa.SA) ([]byte, error) {
-	specs := make([]sa.Spec, len(sas))
+	items := make([][]byte, len(sas))
 	for i := range sas {
-		specs[i] = sas[i].Public()
-		if len(sas[i].EncKey) > 0 {
-			specs[i].EncKey = hex.EncodeToString(sas[i].EncKey)
+		b, err := EncodeSA(&sas[i])
+		if err != nil {
+			return nil, err
 		}
-		if len(sas[i].AuthKey) > 0 {
-			specs[i].AuthKey = hex.EncodeToString(sas[i].AuthKey)
-		}
+		items[i] = b
 	}
-	body, err := json.Marshal(specs)
+	return Assemble(items), nil
+}
+
+// EncodeSA is one SA's entry of the file. A writer that keeps these per
+// SA re-encodes only what changed (Assemble builds the file from them):
+// encoding is most of a large file's cost.
+func EncodeSA(s *sa.SA) ([]byte, error) {
+	sp := s.Public()
+	if len(s.EncKey) > 0 {
+		sp.EncKey = hex.EncodeToString(s.EncKey)
+	}
+	if len(s.AuthKey) > 0 {
+		sp.AuthKey = hex.EncodeToString(s.AuthKey)
+	}
+	b, err := json.Marshal(sp)
 	if err != nil {
-		return nil, fmt.Errorf("encode API SAs: %w", err)
+		return nil, fmt.Errorf("encode API SA %s: %w", s.Label(), err)
 	}
+	return b, nil
+}
+
+// Assemble returns the file's bytes for entries made by EncodeSA.
+func Assemble(items [][]byte) []byte {
+	n := 2
+	for _, it := range items {
+		n += len(it) + 1
+	}
+	body := make([]byte, 0, n)
+	body = append(body, '[')
+	for i, it := range items {
+		if i > 0 {
+			body = append(body, ',')
+		}
+		body = append(body, it...)
+	}
+	body = append(body, ']')
 	sum := sha256.Sum256(body)
 	out := make([]byte, 0, len(body)+100)
-	out = fmt.Appendf(out, "%s %d %d %s\n", magic, version, len(sas), hex.EncodeToString(sum[:]))
-	return append(out, body...), nil
+	out = fmt.Appendf(out, "%s %d %d %s\n", magic, version, len(items), hex.EncodeToString(sum[:]))
+	return append(out, body...)
 }
 
 // Decode parses a file's bytes. Every SA is validated as the API
