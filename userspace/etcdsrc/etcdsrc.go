@@ -209,26 +209,37 @@ func (s *Source) put(kv *mvccpb.KeyValue) {
 		return
 	}
 	id := v.ID()
-	switch {
-	case had && prev.id == id:
+	if had && prev.id != id {
+		s.remove(key)
+	}
+	// Owned before it is in the SAD, so OwnedIDs never misses an SA of
+	// etcd's (the gateway must not persist those as its own).
+	s.mu.Lock()
+	s.owned[key] = owned{id: id, rev: 0}
+	s.mu.Unlock()
+	if had && prev.id == id {
 		_, err = s.o.SAD.Update(v)
 		if errors.Is(err, sad.ErrNotFound) { // deleted through the API meanwhile
 			_, err = s.o.SAD.Add(v)
 		}
-	default:
-		if had {
-			s.remove(key)
-		}
+	} else {
 		_, err = s.o.SAD.Add(v)
 	}
+	s.mu.Lock()
+	switch {
+	case err != nil && had && prev.id == id:
+		s.owned[key] = prev // the SA it gave before is still in the SAD
+	case err != nil:
+		delete(s.owned, key)
+	default:
+		s.owned[key] = owned{id: id, rev: kv.ModRevision}
+	}
+	s.mu.Unlock()
 	if err != nil {
 		s.Stats.Rejected.Add(1)
 		s.log.Error("etcd: SA not loaded", "key", key, "err", err)
 		return
 	}
-	s.mu.Lock()
-	s.owned[key] = owned{id: id, rev: kv.ModRevision}
-	s.mu.Unlock()
 	s.Stats.Applied.Add(1)
 }
 
@@ -275,6 +286,18 @@ func (s *Source) Owned() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return len(s.owned)
+}
+
+// OwnedIDs returns the identities of the SAs the source gave the SAD
+// (including one it is adding right now).
+func (s *Source) OwnedIDs() map[sa.ID]bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make(map[sa.ID]bool, len(s.owned))
+	for _, o := range s.owned {
+		out[o.id] = true
+	}
+	return out
 }
 
 // lastParseError re-parses a value the way put does (for tests and

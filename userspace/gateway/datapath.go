@@ -84,8 +84,13 @@ func (d *dataPath) Stats() api.Stats {
 	return st
 }
 
+// Synced also makes the change durable: an SA the API acknowledged is in
+// state_dir before the client hears back, so it survives kill -9.
 func (d *dataPath) Synced(ctx context.Context, version uint64) error {
-	return d.g.Manager.WaitVersion(ctx, version)
+	if err := d.g.Manager.WaitVersion(ctx, version); err != nil {
+		return err
+	}
+	return d.g.apiSAs.flush(version)
 }
 
 func (d *dataPath) Health() api.Health {

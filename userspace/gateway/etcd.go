@@ -65,6 +65,7 @@ func (g *Gateway) startEtcdSource(ctx context.Context, runCtx context.Context) e
 		return err
 	}
 	g.EtcdSource = src
+	g.apiSAs.setEtcd(src)
 	g.goRun("etcd SA source", func() error { return src.Run(runCtx) })
 	host, _ := os.Hostname()
 	alive := fmt.Sprintf("host=%s pid=%d started=%s", host, os.Getpid(), time.Now().UTC().Format(time.RFC3339))

@@ -80,6 +80,7 @@ type Gateway struct {
 	failure atomic.Pointer[error] // the first component failure, for health
 	once    sync.Once
 	rest    *restorer // the previous run's state, handed out once per SA
+	apiSAs  *apiSAs   // state_dir's copy of the SAs added through the API
 }
 
 // Options change how Start behaves beyond the configuration.
@@ -239,6 +240,12 @@ func Start(ctx context.Context, cfg *config.Config, o Options) (g *Gateway, err 
 	if err := g.SAD.AddAll(cfg.SAList); err != nil {
 		return nil, fmt.Errorf("load configured SAs: %w", err)
 	}
+	// Before the bindings and the first sync, so the SAs added through the
+	// API in an earlier run continue their state as the config's do.
+	g.apiSAs = newAPISAs(g)
+	if g.Restored.APISAs, err = g.apiSAs.restore(); err != nil {
+		return nil, err
+	}
 	g.Restored.Bindings = rest.bindings(g.SAD)
 	if err := g.Manager.Sync(ctx); err != nil {
 		return nil, fmt.Errorf("install configured SAs: %w", err)
@@ -290,7 +297,7 @@ func Start(ctx context.Context, cfg *config.Config, o Options) (g *Gateway, err 
 	o.Log.Info("xesp data path up",
 		"public", fmt.Sprintf("%s (xdp %s)", pubIf.Name, g.Loader.Public.Mode),
 		"private", fmt.Sprintf("%s (xdp %s)", privIf.Name, g.Loader.Private.Mode),
-		"af_xdp", g.Sockets[0][0].Mode().String(), "workers", cfg.Workers, "sas", len(cfg.SAList),
+		"af_xdp", g.Sockets[0][0].Mode().String(), "workers", cfg.Workers, "sas", len(cfg.SAList), "api_sas", g.Restored.APISAs,
 		"restored_windows", g.Restored.Windows, "restored_bindings", g.Restored.Bindings, "restored_counters", g.Restored.Counters, "clean_snapshot", g.Restored.Clean,
 		"pruned_sas", g.Restored.StaleSAs, "pruned_policies", g.Restored.StalePolicies)
 	return g, nil
@@ -341,6 +348,9 @@ func (g *Gateway) teardown(keepPinned bool) error {
 	// continues them (a failed start leaves the last snapshot alone).
 	if !g.Started.IsZero() && g.Manager != nil && g.Seq != nil {
 		if err := g.saveState(context.Background(), true); err != nil {
+			errs = append(errs, err)
+		}
+		if err := g.apiSAs.flush(g.SAD.Version()); err != nil {
 			errs = append(errs, err)
 		}
 	}

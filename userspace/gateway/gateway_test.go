@@ -40,6 +40,12 @@ type topo struct {
 
 func newTopo(t *testing.T, workers int) *topo {
 	t.Helper()
+	return newTopoWith(t, workers, Options{})
+}
+
+// newTopoWith is newTopo with gateway options (NoPin is always set).
+func newTopoWith(t *testing.T, workers int, o Options) *topo {
+	t.Helper()
 	tp := &topo{phone: netns.ForTest(t, "ph"), gw: netns.ForTest(t, "gw"), core: netns.ForTest(t, "co")}
 	tp.phIf, tp.pubIf = netns.VethForTest(t, tp.phone, tp.gw)
 	tp.privIf, tp.coreIf = netns.VethForTest(t, tp.gw, tp.core)
@@ -68,7 +74,8 @@ sas:
 		t.Fatal(err)
 	}
 	if err := tp.gw.Do(func() (err error) {
-		tp.g, err = Start(context.Background(), cfg, Options{NoPin: true})
+		o.NoPin = true
+		tp.g, err = Start(context.Background(), cfg, o)
 		return err
 	}); err != nil {
 		t.Fatal(err)

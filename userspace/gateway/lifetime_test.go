@@ -11,8 +11,10 @@ import (
 	"github.com/xesp/xesp/bpf"
 	"github.com/xesp/xesp/internal/pkt"
 	"github.com/xesp/xesp/maps"
+	"github.com/xesp/xesp/userspace/esp"
 	"github.com/xesp/xesp/userspace/lifetime"
 	"github.com/xesp/xesp/userspace/sa"
+	"github.com/xesp/xesp/userspace/worker"
 )
 
 // pairYAML is phone n's SA pair in the SA format: inbound spiIn, outbound
@@ -143,5 +145,86 @@ func TestGatewayLifetimeEnforced(t *testing.T) {
 	coreUDP.SetReadDeadline(time.Now().Add(3 * time.Second))
 	if _, err := coreUDP.Read(buf); err != nil {
 		t.Fatalf("the other phone's SA stopped working: %v", err)
+	}
+}
+
+// Hard packet lifetimes hold per packet, not per lifetime sweep (RFC 4301
+// 4.4.2.1: an SA past its hard lifetime must not be used). With the sweep
+// effectively off, an inbound SA with hard_packets 3 carries exactly 3
+// packets to the core and the worker drops the 4th as lifetime_expired;
+// its outbound partner with hard_packets 2 seals exactly 2 replies and
+// drops the 3rd the same way. Both SAs are still in the SAD (the sweep
+// removes them), yet no packet passes.
+func TestGatewayHardLifetimePerPacket(t *testing.T) {
+	tp := newTopoWith(t, 1, Options{LifetimeInterval: time.Hour})
+	const in2, out2 = 0x1002, 0x2002
+	sas, err := sa.ParseBytes([]byte(pairYAML(2, in2, out2, keyIn, keyOut, "")), sa.YAML, sa.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sas[0].Lifetime.HardPackets = 3
+	sas[1].Lifetime.HardPackets = 2
+	if err := tp.g.SAD.AddAll(sas); err != nil {
+		t.Fatal(err)
+	}
+	syncDataPath(t, tp.g)
+	phone := udpSock(t, tp.phone, "192.0.2.10:4501")
+	coreUDP := udpSock(t, tp.core, coreAddr.String())
+	phoneOut := mustSA(t, in2, keyIn, 0)
+	inner2 := netip.MustParseAddrPort("10.99.0.2:5060")
+	buf := make([]byte, 2048)
+	lifetimeDrops := func(enc bool) uint64 {
+		st := tp.g.Workers[0].Stats()
+		if enc {
+			return st.Encap.Drops[worker.DropLifetime].Load()
+		}
+		return st.Decap.Drops[worker.DropLifetime].Load()
+	}
+	for i := 1; i <= 4; i++ {
+		msg := fmt.Sprintf("REGISTER %d", i)
+		if _, err := phone.WriteToUDP(seal(t, phoneOut, pkt.UDP4(inner2, coreAddr, []byte(msg))), gwPublic); err != nil {
+			t.Fatal(err)
+		}
+		coreUDP.SetReadDeadline(time.Now().Add(time.Second))
+		n, err := coreUDP.Read(buf)
+		switch {
+		case i <= 3 && err != nil:
+			t.Fatalf("packet %d under the hard limit 3 did not reach the core: %v", i, err)
+		case i <= 3 && string(buf[:n]) != msg:
+			t.Fatalf("core got %q, want %q", buf[:n], msg)
+		case i == 4 && err == nil:
+			t.Fatalf("packet 4 passed an SA with hard_packets 3: core got %q", buf[:n])
+		}
+	}
+	eventually(t, "decap lifetime_expired drop", func() bool { return lifetimeDrops(false) == 1 })
+	if c, _ := tp.g.Manager.Counters(sa.ID{Dir: sa.In, SPI: in2}); c.Packets != 3 {
+		t.Fatalf("inbound SA carried %d packets, want 3", c.Packets)
+	}
+
+	for i := 1; i <= 3; i++ {
+		msg := fmt.Sprintf("200 OK %d", i)
+		if _, err := coreUDP.WriteToUDPAddrPort([]byte(msg), inner2); err != nil {
+			t.Fatal(err)
+		}
+		phone.SetReadDeadline(time.Now().Add(time.Second))
+		_, err := phone.Read(buf)
+		switch {
+		case i <= 2 && err != nil:
+			t.Fatalf("reply %d under the hard limit 2 did not reach the phone: %v", i, err)
+		case i == 3 && err == nil:
+			t.Fatal("reply 3 passed an SA with hard_packets 2")
+		}
+	}
+	eventually(t, "encap lifetime_expired drop", func() bool { return lifetimeDrops(true) == 1 })
+	if worker.DropLifetime.String() != "lifetime_expired" {
+		t.Fatalf("drop reason label %q", worker.DropLifetime)
+	}
+	for _, id := range []sa.ID{{Dir: sa.In, SPI: in2}, {Dir: sa.Out, SPI: out2, Peer: netip.MustParseAddrPort("192.0.2.10:4501")}} {
+		if _, ok := tp.g.SAD.Get(id); !ok {
+			t.Fatalf("%s left the SAD before any sweep: the drop must come from the worker", id)
+		}
+	}
+	if st := tp.g.Workers[0].Stats(); st.Decap.Drops[esp.ReasonNoSA].Load() != 0 {
+		t.Fatal("a packet was dropped as no_sa: the SA was removed, not enforced per packet")
 	}
 }

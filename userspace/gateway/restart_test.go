@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
@@ -73,10 +74,11 @@ func (tp *topo) restartKeepPinned(t *testing.T, o Options) (stop, start time.Dur
 // and state directory. The new one adopts the pinned links and maps (the
 // XDP counters continue), sends the core's reply to port 40000 before
 // the phone has sent it anything (binding restored), continues each SA's
-// counters and lifetime start, prunes what the
-// first run published for an SA it got through its API, and drops every
+// counters and lifetime start, keeps the SA pair the first run got at
+// runtime (state_dir/api-sas) in the adopted maps, and drops every
 // packet of the first run replayed at it (replay window restored), from
-// any address, without moving the binding.
+// any address, without moving the binding. A third run without the
+// api-sas file prunes that pair from the maps it adopts.
 func TestGatewayRestartKeepsBindingAndReplayWindow(t *testing.T) {
 	tp := newTopo(t, 1)
 	tp.pinned(t, Options{})
@@ -109,8 +111,7 @@ func TestGatewayRestartKeepsBindingAndReplayWindow(t *testing.T) {
 	id := sa.ID{Dir: sa.In, SPI: spiIn}
 	eventually(t, "binding at port 40000", func() bool { e, _ := tp.g.SAD.Get(id); return e.Binding == movedTo })
 	// A second phone's pair arrives through the API (the SAD), not the
-	// config: the next process does not have it and must not leave it in
-	// the maps it adopts.
+	// config: the next process has it from state_dir.
 	addSAs(t, tp.g, pairYAML(2, 0x1002, 0x2002, keyIn, keyOut, ""))
 	if _, err := tp.g.Maps.SAs.Lookup(0x1002); err != nil {
 		t.Fatal(err)
@@ -124,8 +125,8 @@ func TestGatewayRestartKeepsBindingAndReplayWindow(t *testing.T) {
 
 	stop, start := tp.restartKeepPinned(t, Options{})
 	t.Logf("stop (keep pinned) %v, start %v", stop, start)
-	if r := tp.g.Restored; !r.Clean || r.Windows != 1 || r.Bindings < 1 {
-		t.Fatalf("restored %+v, want a clean snapshot with 1 window and the binding", r)
+	if r := tp.g.Restored; !r.Clean || r.Windows != 2 || r.Bindings < 1 || r.APISAs != 2 {
+		t.Fatalf("restored %+v, want a clean snapshot with 2 windows, the binding and the 2 API SAs", r)
 	}
 	if !tp.g.Loader.Public.Reused || !tp.g.Loader.Private.Reused {
 		t.Fatal("the new gateway attached new links instead of adopting the pinned ones")
@@ -134,20 +135,20 @@ func TestGatewayRestartKeepsBindingAndReplayWindow(t *testing.T) {
 	if c, _ := tp.g.Manager.Counters(id); c.Packets != 3 || c.Bytes == 0 {
 		t.Fatalf("inbound counters after the restart %+v, want the first run's 3 packets", c)
 	}
-	if r := tp.g.Restored; r.Counters != 2 {
-		t.Fatalf("restored the counters of %d SAs, want 2", r.Counters)
+	if r := tp.g.Restored; r.Counters != 4 {
+		t.Fatalf("restored the counters of %d SAs, want 4", r.Counters)
 	}
 	if born := tp.g.rest.since(id); !born.Equal(bornAt) {
 		t.Fatalf("lifetime counts from %v after the restart, the SA was created %v", born, bornAt)
 	}
-	if r := tp.g.Restored; r.StaleSAs != 1 || r.StalePolicies != 1 {
-		t.Fatalf("pruned %d SAs and %d policies of the first run, want the API-added pair's 1 and 1", r.StaleSAs, r.StalePolicies)
+	if r := tp.g.Restored; r.StaleSAs != 0 || r.StalePolicies != 0 {
+		t.Fatalf("pruned %d SAs and %d policies of the first run, want none", r.StaleSAs, r.StalePolicies)
 	}
-	if _, err := tp.g.Maps.SAs.Lookup(0x1002); err == nil {
-		t.Fatal("the first run's API-added SA is still in the adopted SA map")
+	if _, err := tp.g.Maps.SAs.Lookup(0x1002); err != nil {
+		t.Fatalf("the first run's API-added SA is not in the adopted SA map: %v", err)
 	}
-	if _, err := tp.g.Maps.Policies.Lookup(netip.MustParseAddr("10.99.0.2")); err == nil {
-		t.Fatal("the first run's API-added policy is still in the adopted policy map")
+	if _, err := tp.g.Maps.Policies.Lookup(netip.MustParseAddr("10.99.0.2")); err != nil {
+		t.Fatalf("the first run's API-added policy is not in the adopted policy map: %v", err)
 	}
 	if _, err := tp.g.Maps.Policies.Lookup(phoneInner.Addr()); err != nil {
 		t.Fatalf("the configured phone's policy: %v", err)
@@ -192,6 +193,26 @@ func TestGatewayRestartKeepsBindingAndReplayWindow(t *testing.T) {
 	}
 	if err := coreGot(); err != nil {
 		t.Fatalf("the phone's next packet after the restart: %v", err)
+	}
+
+	// Without the api-sas file the next run does not have the pair and
+	// must not leave it in the maps it adopts.
+	cfg := tp.g.Config
+	if err := tp.g.Stop(true); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(filepath.Join(cfg.StateDir, apiSAsFile)); err != nil {
+		t.Fatal(err)
+	}
+	tp.startWith(t, cfg, Options{})
+	if r := tp.g.Restored; r.APISAs != 0 || r.StaleSAs != 1 || r.StalePolicies != 1 {
+		t.Fatalf("restored %+v, want no API SAs and the pair's 1 SA and 1 policy pruned", r)
+	}
+	if _, err := tp.g.Maps.SAs.Lookup(0x1002); err == nil {
+		t.Fatal("the API-added SA is still in the adopted SA map")
+	}
+	if _, err := tp.g.Maps.Policies.Lookup(netip.MustParseAddr("10.99.0.2")); err == nil {
+		t.Fatal("the API-added policy is still in the adopted policy map")
 	}
 }
 

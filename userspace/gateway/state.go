@@ -28,6 +28,7 @@ type Restored struct {
 	Windows  int  // inbound replay windows restored
 	Bindings int  // NAT bindings restored
 	Counters int  // SAs whose counters and lifetime start were restored
+	APISAs   int  // SAs added through the API in earlier runs (state_dir/api-sas)
 	// StaleSAs and StalePolicies are the entries of adopted BPF maps
 	// that no SA of this run published (removed at start).
 	StaleSAs, StalePolicies int
@@ -179,6 +180,11 @@ func (g *Gateway) persistState(ctx context.Context, every time.Duration) error {
 		case <-t.C:
 			if err := g.saveState(ctx, false); err != nil && ctx.Err() == nil {
 				g.log.Error("snapshot replay windows and bindings", "err", err)
+			}
+			// What the API waits for is written before it answers; this
+			// catches the rest (lifetime expiries, etcd deletions).
+			if err := g.apiSAs.flush(g.SAD.Version()); err != nil && ctx.Err() == nil {
+				g.log.Error("save the SAs added through the API", "err", err)
 			}
 		}
 	}

@@ -550,7 +550,8 @@ func (m *Manager) build(e sad.Entry) (*slot, error) {
 	}
 	sl := &slot{id: e.ID, spi: s.SPI, worker: e.Worker, index: e.Index, encap: s.Encap != nil,
 		group: groupRef{worker: e.Worker, key: sad.GroupOf(s)}}
-	ent := &worker.Entry{SA: cipher, Local: s.Local, PortLocal: s.Ports.Local, PortPeer: s.Ports.Peer}
+	ent := &worker.Entry{SA: cipher, Local: s.Local, PortLocal: s.Ports.Local, PortPeer: s.Ports.Peer,
+		HardPackets: s.Lifetime.HardPackets, HardBytes: s.Lifetime.HardBytes}
 	if s.Encap != nil {
 		ent.LocalPort = s.Encap.LocalPort
 	}

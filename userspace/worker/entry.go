@@ -51,8 +51,24 @@ type Entry struct {
 	// worker asks the manager for the next block, well before Limit.
 	Limit, ExtendAt atomic.Uint64
 
+	// HardPackets and HardBytes are the SA's hard lifetime (0: none). The
+	// worker checks them per packet, so the SA never carries a packet
+	// past its hard packet limit, nor starts one once its byte count
+	// reached the hard byte limit (the packet that crosses it passes:
+	// its size is known only after it was processed); the lifetime
+	// package removes the SA and raises the event within its interval.
+	HardPackets, HardBytes uint64
+
 	index uint32 // slot in the worker's table, set by Install
 	asked uint64 // the Limit an extension was last requested for
+}
+
+// expired says the SA reached a hard packet or byte lifetime and must not
+// carry another packet (RFC 4301 4.4.2.1). Only the worker writes the
+// counters, so its own loads are exact.
+func (e *Entry) expired() bool {
+	return (e.HardPackets != 0 && e.Counters.Packets.Load() >= e.HardPackets) ||
+		(e.HardBytes != 0 && e.Counters.Bytes.Load() >= e.HardBytes)
 }
 
 // Counters are one SA's figures, written by its worker, read by the API.

@@ -182,6 +182,10 @@ func (p *pipeline) decapOne(d xsk.Desc) (xsk.Desc, Drop) {
 	if e == nil {
 		return d, why
 	}
+	if e.expired() {
+		e.Counters.Drops.Add(1)
+		return d, DropLifetime
+	}
 	frame := p.mem.Frame(d.Addr)
 	off := int(d.Addr - p.mem.FrameBase(d.Addr))
 	l3 := off + int(m.L3Off)
@@ -276,6 +280,10 @@ func (p *pipeline) encapOne(d xsk.Desc) (xsk.Desc, Drop) {
 	e, why := p.entry(m.SaIndex, Outbound)
 	if e == nil {
 		return d, why
+	}
+	if e.expired() {
+		e.Counters.Drops.Add(1)
+		return d, DropLifetime
 	}
 	frame := p.mem.Frame(d.Addr)
 	off := int(d.Addr - p.mem.FrameBase(d.Addr))

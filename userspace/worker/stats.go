@@ -21,6 +21,7 @@ const (
 	DropNoFrame                                     // no free UMEM frame for a slow-path packet or a fragment
 	DropOversized                                   // larger than the outgoing link's MTU and not fragmentable
 	DropSeqUnreserved                               // next sequence number not durably reserved yet
+	DropLifetime                                    // the SA reached its hard packet or byte lifetime (RFC 4301 4.4.2.1)
 	NumDrops
 )
 
@@ -33,6 +34,7 @@ var dropNames = [NumDrops - Drop(esp.NumReasons)]string{
 	DropNoFrame - Drop(esp.NumReasons):       "no_frame",
 	DropOversized - Drop(esp.NumReasons):     "oversized",
 	DropSeqUnreserved - Drop(esp.NumReasons): "seq_unreserved",
+	DropLifetime - Drop(esp.NumReasons):      "lifetime_expired",
 }
 
 // String is the stable metric label of the reason.

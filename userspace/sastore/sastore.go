@@ -1,0 +1,228 @@
+// Package sastore keeps the SAs a gateway was given through its control
+// API in a file of its state directory, so a restart (or a crash) does
+// not lose them: the config file and etcd are the stores of their own
+// SAs, the API has none but this one.
+//
+// The file holds keys, so it is created 0600 and replaced atomically
+// (temporary file, fsync, rename, fsync of the directory): a reader sees
+// the old or the new set, never a mixture. Its first line is a header,
+//
+//	xesp-api-sas 1 <count> <sha256 of the rest, hex>
+//
+// and the rest is a JSON array of SAs in the SA format (SA-FORMAT.md)
+// with their keys inline. The checksum makes a torn or edited file an
+// error at start instead of a silently shorter SAD.
+package sastore
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"github.com/xesp/xesp/userspace/sa"
+)
+
+const magic = "xesp-api-sas"
+
+// version is the file format's version; Decode refuses others.
+const version = 1
+
+// maxFile bounds what Load reads: ~1 KiB per SA leaves room for millions.
+const maxFile = 1 << 31
+
+// ErrCorrupt: the bytes are not a whole API SA file.
+var ErrCorrupt = errors.New("not a valid API SA file")
+
+// Encode returns the file's bytes for sas.
+func Encode(sas []sa.SA) ([]byte, error) {
+	items := make([][]byte, len(sas))
+	for i := range sas {
+		b, err := EncodeSA(&sas[i])
+		if err != nil {
+			return nil, err
+		}
+		items[i] = b
+	}
+	return Assemble(items), nil
+}
+
+// EncodeSA is one SA's entry of the file. A writer that keeps these per
+// SA re-encodes only what changed (Assemble builds the file from them):
+// encoding is most of a large file's cost.
+func EncodeSA(s *sa.SA) ([]byte, error) {
+	sp := s.Public()
+	if len(s.EncKey) > 0 {
+		sp.EncKey = hex.EncodeToString(s.EncKey)
+	}
+	if len(s.AuthKey) > 0 {
+		sp.AuthKey = hex.EncodeToString(s.AuthKey)
+	}
+	b, err := json.Marshal(sp)
+	if err != nil {
+		return nil, fmt.Errorf("encode API SA %s: %w", s.Label(), err)
+	}
+	return b, nil
+}
+
+// Assemble returns the file's bytes for entries made by EncodeSA.
+func Assemble(items [][]byte) []byte {
+	n := 2
+	for _, it := range items {
+		n += len(it) + 1
+	}
+	body := make([]byte, 0, n)
+	body = append(body, '[')
+	for i, it := range items {
+		if i > 0 {
+			body = append(body, ',')
+		}
+		body = append(body, it...)
+	}
+	body = append(body, ']')
+	sum := sha256.Sum256(body)
+	out := make([]byte, 0, len(body)+100)
+	out = fmt.Appendf(out, "%s %d %d %s\n", magic, version, len(items), hex.EncodeToString(sum[:]))
+	return append(out, body...)
+}
+
+// Decode parses a file's bytes. Every SA is validated as the API
+// validates a request (no key files, integrity required); an error says
+// which entry is wrong and why, and wraps ErrCorrupt.
+func Decode(b []byte) ([]sa.SA, error) {
+	nl := bytes.IndexByte(b, '\n')
+	if nl < 0 {
+		return nil, fmt.Errorf("%w: no header line", ErrCorrupt)
+	}
+	f := strings.Fields(string(b[:nl]))
+	if len(f) != 4 || f[0] != magic {
+		return nil, fmt.Errorf("%w: header %q is not \"%s <version> <count> <sha256>\"", ErrCorrupt, clip(b[:nl]), magic)
+	}
+	if f[1] != strconv.Itoa(version) {
+		return nil, fmt.Errorf("%w: format version %q, this xesp reads %d", ErrCorrupt, clip([]byte(f[1])), version)
+	}
+	count, err := strconv.ParseUint(f[2], 10, 32)
+	if err != nil {
+		return nil, fmt.Errorf("%w: count %q", ErrCorrupt, clip([]byte(f[2])))
+	}
+	body := b[nl+1:]
+	sum := sha256.Sum256(body)
+	if want, err := hex.DecodeString(f[3]); err != nil || !bytes.Equal(want, sum[:]) {
+		return nil, fmt.Errorf("%w: checksum mismatch (%d bytes after the header; truncated or modified)", ErrCorrupt, len(body))
+	}
+	var specs []sa.Spec
+	dec := json.NewDecoder(bytes.NewReader(body))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&specs); err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrCorrupt, err)
+	}
+	if dec.More() {
+		return nil, fmt.Errorf("%w: data after the SA list", ErrCorrupt)
+	}
+	if uint64(len(specs)) != count {
+		return nil, fmt.Errorf("%w: header says %d SAs, the list holds %d", ErrCorrupt, count, len(specs))
+	}
+	out := make([]sa.SA, 0, len(specs))
+	for i := range specs {
+		s, err := specs[i].Parse(sa.Options{Label: fmt.Sprintf("sas[%d]", i)})
+		if err != nil {
+			return nil, fmt.Errorf("%w: %v", ErrCorrupt, err)
+		}
+		out = append(out, s)
+	}
+	return out, nil
+}
+
+func clip(b []byte) string {
+	if len(b) > 64 {
+		return string(b[:64]) + "..."
+	}
+	return string(b)
+}
+
+// Save replaces the file at path with sas, durably.
+func Save(path string, sas []sa.SA) error {
+	b, err := Encode(sas)
+	if err != nil {
+		return err
+	}
+	return WriteFile(path, b)
+}
+
+// WriteFile replaces path with b atomically and durably, mode 0600.
+func WriteFile(path string, b []byte) error {
+	tmp := path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return fmt.Errorf("save %s: %w", path, err)
+	}
+	// A temporary file left by an older umask or by hand keeps its mode
+	// through O_TRUNC: make sure the keys are not readable by others.
+	if err := f.Chmod(0o600); err != nil {
+		f.Close()
+		return fmt.Errorf("save %s: %w", path, err)
+	}
+	if _, err := f.Write(b); err != nil {
+		f.Close()
+		return fmt.Errorf("save %s: %w", path, err)
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return fmt.Errorf("save %s: fsync: %w", path, err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("save %s: %w", path, err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return fmt.Errorf("save %s: %w", path, err)
+	}
+	d, err := os.Open(filepath.Dir(path))
+	if err != nil {
+		return fmt.Errorf("save %s: %w", path, err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("save %s: fsync directory: %w", path, err)
+	}
+	return nil
+}
+
+// Load reads the file at path; a missing file is no SAs. Errors name the
+// file.
+func Load(path string) ([]sa.SA, error) {
+	f, err := os.Open(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("API SA file %s: %w", path, err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("API SA file %s: %w", path, err)
+	}
+	if st.Size() > maxFile {
+		return nil, fmt.Errorf("API SA file %s: %w: %d bytes", path, ErrCorrupt, st.Size())
+	}
+	if st.Mode().Perm()&0o077 != 0 {
+		return nil, fmt.Errorf("API SA file %s: mode %v lets others read its keys; chmod 600 it", path, st.Mode().Perm())
+	}
+	b := make([]byte, st.Size())
+	if _, err := io.ReadFull(f, b); err != nil {
+		return nil, fmt.Errorf("API SA file %s: %w", path, err)
+	}
+	sas, err := Decode(b)
+	if err != nil {
+		return nil, fmt.Errorf("API SA file %s: %w", path, err)
+	}
+	return sas, nil
+}
