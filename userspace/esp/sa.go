@@ -190,9 +190,13 @@ func newSA(c Config) (*SA, error) {
 		if err != nil {
 			return nil, fmt.Errorf("enc_key: %w", err)
 		}
-		sa.block = b
 		tag := info.icvLen
 		if tag == 8 {
+			// Only the 8-byte-ICV path runs AES itself (CTR, gcm8.go).
+			// The GCM instance holds its own copy of the key schedule,
+			// so keeping b for 16-byte tags would cost every SA a
+			// second one (~500 B) it never uses.
+			sa.block = b
 			sa.gcm8 = true
 			tag = 16
 			var h [16]byte
