@@ -51,6 +51,8 @@ type pipeline struct {
 	nbDst netip.Addr
 	nbMAC [6]byte
 
+	pk esp.Packet // decapOne's opened packet, filled in place (no 200-byte copies)
+
 	frag       fragmenter // outer IPv4 fragmentation toward the public side
 	privateMTU int        // largest IP packet the private link takes; 0: unchecked
 
@@ -198,8 +200,8 @@ func (p *pipeline) decapOne(d xsk.Desc) (xsk.Desc, Drop) {
 	if int(m.L3Off) >= int(d.Len) || end > len(frame) {
 		return d, DropBadMeta
 	}
-	pk, err := e.SA.OpenPacket(frame[l3:end])
-	if err != nil {
+	pk := &p.pk
+	if err := e.SA.OpenPacketTo(frame[l3:end], pk); err != nil {
 		e.Counters.Drops.Add(1)
 		return d, Drop(esp.ReasonOf(err))
 	}
