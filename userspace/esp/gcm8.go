@@ -32,15 +32,15 @@ func (sa *SA) openGCM8(pkt []byte, ctEnd int, seq uint64) bool {
 	aadLen := len(aad)
 	copy(pkt[:hdr], aad)
 	clear(pkt[aadLen:hdr])
-	tagX := sa.aead.Seal(sa.tag[:0], sa.nonce[:], nil, pkt[:ctEnd])
+	tagX := sa.aead.Seal(sa.ext.tag[:0], sa.nonce[:], nil, pkt[:ctEnd])
 	copy(pkt[:hdr], saved[:])
 
 	cLen := uint64(ctEnd - hdr)
 	// Length blocks: real (8*len(AAD), 8*len(C)), X's (8*len(X), 0).
 	d := [2]uint64{uint64(aadLen)*8 ^ (hdr+cLen)*8, cLen * 8}
-	m := gfMul(d, sa.hkey)
-	binary.BigEndian.PutUint64(sa.ks[:8], binary.BigEndian.Uint64(tagX[:8])^m[0])
-	if subtle.ConstantTimeCompare(sa.ks[:8], pkt[ctEnd:ctEnd+8]) != 1 {
+	m := gfMul(d, sa.ext.hkey)
+	binary.BigEndian.PutUint64(sa.ext.ks[:8], binary.BigEndian.Uint64(tagX[:8])^m[0])
+	if subtle.ConstantTimeCompare(sa.ext.ks[:8], pkt[ctEnd:ctEnd+8]) != 1 {
 		return false
 	}
 	sa.ctrXOR(pkt[hdr:ctEnd])
@@ -51,12 +51,12 @@ func (sa *SA) openGCM8(pkt []byte, ctEnd int, seq uint64) bool {
 // 2) to b in place. cipher.NewCTR would allocate per packet; this runs the
 // SA's AES block directly.
 func (sa *SA) ctrXOR(b []byte) {
-	copy(sa.ctr[:12], sa.nonce[:])
+	copy(sa.ext.ctr[:12], sa.nonce[:])
 	ctr := uint32(2)
 	for len(b) > 0 {
-		binary.BigEndian.PutUint32(sa.ctr[12:], ctr)
-		sa.block.Encrypt(sa.ks[:], sa.ctr[:])
-		n := subtle.XORBytes(b, b, sa.ks[:])
+		binary.BigEndian.PutUint32(sa.ext.ctr[12:], ctr)
+		sa.ext.block.Encrypt(sa.ext.ks[:], sa.ext.ctr[:])
+		n := subtle.XORBytes(b, b, sa.ext.ks[:])
 		b = b[n:]
 		ctr++
 	}

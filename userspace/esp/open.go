@@ -64,16 +64,16 @@ func (sa *SA) Open(pkt []byte) (Result, error) {
 			return res, ReasonIntegrity
 		}
 	default:
-		if sa.mac != nil {
+		if sa.ext != nil && sa.ext.mac != nil {
 			want := sa.hmacSum(pkt[:ctEnd], seq)
 			if subtle.ConstantTimeCompare(want, pkt[ctEnd:]) != 1 {
 				return res, ReasonIntegrity
 			}
 		}
-		if sa.cbcDec != nil {
-			sa.cbcDec.SetIV(pkt[8:hdr])
+		if sa.ext != nil && sa.ext.cbcDec != nil {
+			sa.ext.cbcDec.SetIV(pkt[8:hdr])
 			ct := pkt[hdr:ctEnd]
-			sa.cbcDec.CryptBlocks(ct, ct)
+			sa.ext.cbcDec.CryptBlocks(ct, ct)
 		}
 	}
 	sa.replay.Update(seq)

@@ -152,13 +152,30 @@ type ReplayState struct {
 // Export returns the state for persisting; it allocates (control plane).
 func (w *ReplayWindow) Export() ReplayState {
 	st := ReplayState{Top: w.top, Bitmap: make([]uint64, (w.size+63)/64)}
-	for i := uint64(0); i < w.size && i < w.top; i++ {
-		s := w.top - i
-		if w.ring[(s>>6)&w.wmask]&(1<<(s&63)) != 0 {
-			st.Bitmap[i/64] |= 1 << (i % 64)
-		}
+	// A word at a time, not a bit: the manager exports every inbound
+	// window on the worker's own thread each snapshot interval, so with a
+	// million SAs a 1024-iteration loop per SA stalled the data path for
+	// seconds.
+	lim := min(w.size, w.top) // bits i < lim may be set (Top-i >= 1, in the window)
+	for j := uint64(0); 64*j < lim; j++ {
+		st.Bitmap[j] = w.word(w.top-64*j, lim-64*j)
 	}
 	return st
+}
+
+// word returns bit k = "t-k was received" for k < min(n, 64): the 64 ring
+// bits ending at sequence number t, reversed.
+func (w *ReplayWindow) word(t, n uint64) uint64 {
+	sh := t & 63
+	x := w.ring[(t>>6)&w.wmask] << (63 - sh)
+	if sh < 63 {
+		x |= w.ring[((t>>6)-1)&w.wmask] >> (sh + 1)
+	}
+	v := bits.Reverse64(x)
+	if n < 64 {
+		v &= 1<<n - 1
+	}
+	return v
 }
 
 // Import restores a state written by Export for a window of the same size.
@@ -171,10 +188,19 @@ func (w *ReplayWindow) Import(st ReplayState) error {
 	}
 	clear(w.ring)
 	w.top = st.Top
-	for i := uint64(0); i < w.size && i < w.top; i++ {
-		if st.Bitmap[i/64]&(1<<(i%64)) != 0 {
-			s := w.top - i
-			w.ring[(s>>6)&w.wmask] |= 1 << (s & 63)
+	lim := min(w.size, w.top)
+	for j := uint64(0); 64*j < lim; j++ {
+		v := st.Bitmap[j]
+		if n := lim - 64*j; n < 64 {
+			v &= 1<<n - 1
+		}
+		// Word's inverse: bit k of v is t-k.
+		t := w.top - 64*j
+		sh := t & 63
+		x := bits.Reverse64(v)
+		w.ring[(t>>6)&w.wmask] |= x >> (63 - sh)
+		if sh < 63 {
+			w.ring[((t>>6)-1)&w.wmask] |= x << (sh + 1)
 		}
 	}
 	return nil

@@ -3,6 +3,7 @@ package esp
 import (
 	"bytes"
 	"math/rand/v2"
+	"slices"
 	"testing"
 )
 
@@ -299,5 +300,76 @@ func TestSeqExhaustion(t *testing.T) {
 	}
 	if err := out.SetNextSeq(0); err == nil {
 		t.Fatal("SetNextSeq(0) accepted")
+	}
+}
+
+// Export and Import work a word at a time; they must agree bit for bit
+// with the definition (bit i of Bitmap: Top-i received, inside the window)
+// for any window size, fill and position of Top, including Tops below the
+// window size and ESN numbers past 2^32.
+func TestReplayExportImportWordwise(t *testing.T) {
+	rng := rand.New(rand.NewPCG(7, 11))
+	for _, size := range []int{32, 64, 65, 100, 127, 128, 1000, 1024, 4096} {
+		for trial := 0; trial < 60; trial++ {
+			esn := trial%3 == 0
+			w, err := NewReplayWindow(size, esn)
+			if err != nil {
+				t.Fatal(err)
+			}
+			base := uint64(1)
+			if esn {
+				base = 1<<32 - uint64(rng.IntN(3*size))
+			}
+			top := base + uint64(rng.IntN(4*size))
+			for range rng.IntN(3 * size) {
+				if s := top - uint64(rng.IntN(2*size)); s >= 1 && s <= top {
+					w.Update(s)
+				}
+			}
+			if trial%2 == 0 {
+				w.Update(top)
+			}
+			// The definition, bit by bit.
+			want := ReplayState{Top: w.top, Bitmap: make([]uint64, (size+63)/64)}
+			for i := uint64(0); i < w.size && i < w.top; i++ {
+				s := w.top - i
+				if w.ring[(s>>6)&w.wmask]&(1<<(s&63)) != 0 {
+					want.Bitmap[i/64] |= 1 << (i % 64)
+				}
+			}
+			got := w.Export()
+			if got.Top != want.Top || !slices.Equal(got.Bitmap, want.Bitmap) {
+				t.Fatalf("W=%d top %d: Export %x, want %x", size, w.top, got.Bitmap, want.Bitmap)
+			}
+			w2, _ := NewReplayWindow(size, esn)
+			if err := w2.Import(got); err != nil {
+				t.Fatal(err)
+			}
+			lo := uint64(1)
+			if w.top > uint64(size)+64 {
+				lo = w.top - uint64(size) - 64
+			}
+			for s := lo; s <= w.top+2; s++ {
+				in1 := s <= w.top && w.top-s < w.size && w.ring[(s>>6)&w.wmask]&(1<<(s&63)) != 0
+				in2 := s <= w2.top && w2.top-s < w2.size && w2.ring[(s>>6)&w2.wmask]&(1<<(s&63)) != 0
+				if in1 != in2 {
+					t.Fatalf("W=%d top %d: after Import seq %d received %v, want %v", size, w.top, s, in2, in1)
+				}
+			}
+			if w2.Export().Top != got.Top || !slices.Equal(w2.Export().Bitmap, got.Bitmap) {
+				t.Fatalf("W=%d: Export after Import differs", size)
+			}
+		}
+	}
+}
+
+func BenchmarkReplayExport(b *testing.B) {
+	w, _ := NewReplayWindow(DefaultReplayWindow, false)
+	for s := uint64(1); s < 5000; s += 2 {
+		w.Update(s)
+	}
+	b.ReportAllocs()
+	for range b.N {
+		_ = w.Export()
 	}
 }

@@ -576,7 +576,7 @@ func TestIVDiscipline(t *testing.T) {
 			binary.BigEndian.PutUint64(want[:], seq)
 			binary.BigEndian.PutUint32(want[8:], out.SPI())
 			copy(want[12:], "xIV\x00")
-			out.block.Encrypt(want[:], want[:])
+			out.ext.block.Encrypt(want[:], want[:])
 			if !bytes.Equal(iv, want[:]) || seen[string(iv)] {
 				t.Fatalf("%v: IV %x for seq %#x (repeat: %v)", p, iv, seq, seen[string(iv)])
 			}

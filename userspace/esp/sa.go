@@ -84,19 +84,18 @@ type SA struct {
 	name  string
 	spi   uint32
 	prop  Proposal
-	info  proposalInfo
+	info  *proposalInfo
 	mode  Mode
 	esn   bool
 	ivLen int
 	icv   int
 
-	aead   cipher.AEAD // GCM (tag 16 or 12; tag 16 for gcm8), ChaCha20-Poly1305
-	gcm8   bool        // 8-byte ICV: Go's GCM has no 8-byte tags; see gcm8.go
-	block  cipher.Block
-	cbcEnc ivBlockMode
-	cbcDec ivBlockMode
-	mac    hash.Hash
-	hkey   [2]uint64 // GHASH subkey, gcm8 only
+	aead cipher.AEAD // GCM (tag 16 or 12; tag 16 for gcm8), ChaCha20-Poly1305
+	gcm8 bool        // 8-byte ICV: Go's GCM has no 8-byte tags; see gcm8.go
+	// ext holds the state only 8-byte-ICV GCM, CBC and HMAC proposals
+	// use; nil for the other AEADs, which a million-SA gateway holds, so
+	// each of those SAs is ~200 B smaller.
+	ext *saExt
 
 	seq    uint64 // last sequence number sent; 0 before the first
 	maxSeq uint64
@@ -105,9 +104,21 @@ type SA struct {
 	// Per-packet scratch. Living in the heap-allocated SA keeps slices of
 	// them from forcing an allocation per call through the cipher
 	// interfaces.
-	nonce  [12]byte // salt || IV
-	aad    [12]byte
-	seqHi  [4]byte
+	nonce [12]byte // salt || IV
+	aad   [12]byte
+	seqHi [4]byte
+}
+
+// saExt is the SA state of the proposals that run a cipher or MAC
+// themselves rather than through one AEAD instance.
+type saExt struct {
+	block  cipher.Block
+	cbcEnc ivBlockMode
+	cbcDec ivBlockMode
+	mac    hash.Hash
+	hkey   [2]uint64 // GHASH subkey, gcm8 only
+
+	// Per-packet scratch (see SA).
 	sum    [32]byte
 	tag    [16]byte
 	ivSeed [16]byte
@@ -162,11 +173,14 @@ func newSA(c Config) (*SA, error) {
 		return nil, fmt.Errorf("auth_key: %s needs %d bytes, got %d", c.Proposal, info.authKeyLen, len(c.AuthKey))
 	}
 	sa := &SA{
-		name: c.Name, spi: c.SPI, prop: c.Proposal, info: info, mode: c.Mode, esn: c.ESN,
+		name: c.Name, spi: c.SPI, prop: c.Proposal, info: &proposals[c.Proposal], mode: c.Mode, esn: c.ESN,
 		ivLen: info.ivLen, icv: info.icvLen, maxSeq: 0xffffffff,
 	}
 	if c.ESN {
 		sa.maxSeq = ^uint64(0)
+	}
+	if !info.aead || info.icvLen == 8 {
+		sa.ext = &saExt{}
 	}
 	window := c.ReplayWindow
 	if !info.icvPresent() {
@@ -190,14 +204,18 @@ func newSA(c Config) (*SA, error) {
 		if err != nil {
 			return nil, fmt.Errorf("enc_key: %w", err)
 		}
-		sa.block = b
 		tag := info.icvLen
 		if tag == 8 {
+			// Only the 8-byte-ICV path runs AES itself (CTR, gcm8.go).
+			// The GCM instance holds its own copy of the key schedule,
+			// so keeping b for 16-byte tags would cost every SA a
+			// second one (~500 B) it never uses.
+			sa.ext.block = b
 			sa.gcm8 = true
 			tag = 16
 			var h [16]byte
 			b.Encrypt(h[:], h[:])
-			sa.hkey = [2]uint64{binary.BigEndian.Uint64(h[:8]), binary.BigEndian.Uint64(h[8:])}
+			sa.ext.hkey = [2]uint64{binary.BigEndian.Uint64(h[:8]), binary.BigEndian.Uint64(h[8:])}
 		}
 		a, err := cipher.NewGCMWithTagSize(b, tag)
 		if err != nil {
@@ -210,31 +228,31 @@ func newSA(c Config) (*SA, error) {
 		if err != nil {
 			return nil, fmt.Errorf("enc_key: %w", err)
 		}
-		sa.block = b
+		sa.ext.block = b
 		var zero [16]byte
 		enc, ok1 := cipher.NewCBCEncrypter(b, zero[:]).(ivBlockMode)
 		dec, ok2 := cipher.NewCBCDecrypter(b, zero[:]).(ivBlockMode)
 		if !ok1 || !ok2 {
 			return nil, fmt.Errorf("enc_key: this Go's CBC mode cannot reset its IV")
 		}
-		sa.cbcEnc, sa.cbcDec = enc, dec
+		sa.ext.cbcEnc, sa.ext.cbcDec = enc, dec
 		// The CBC IV is E_K(seq || SPI || "xIV\x00"): SP 800-38A appendix C
 		// makes the encryption of a nonce under the data key an
 		// unpredictable IV, and the sequence number is a nonce that never
 		// repeats under one SA, so no crypto/rand call per packet.
-		binary.BigEndian.PutUint32(sa.ivSeed[8:], c.SPI)
-		copy(sa.ivSeed[12:], "xIV\x00")
+		binary.BigEndian.PutUint32(sa.ext.ivSeed[8:], c.SPI)
+		copy(sa.ext.ivSeed[12:], "xIV\x00")
 	}
 	switch info.authKeyLen {
 	case 20:
-		sa.mac = hmac.New(sha1.New, c.AuthKey)
+		sa.ext.mac = hmac.New(sha1.New, c.AuthKey)
 	case 32:
-		sa.mac = hmac.New(sha256.New, c.AuthKey)
+		sa.ext.mac = hmac.New(sha256.New, c.AuthKey)
 	}
-	if sa.mac != nil {
+	if sa.ext != nil && sa.ext.mac != nil {
 		// The first Reset snapshots the keyed inner/outer states; later
 		// Resets restore them without rehashing the padded key.
-		sa.mac.Reset()
+		sa.ext.mac.Reset()
 	}
 	return sa, nil
 }

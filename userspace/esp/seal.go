@@ -92,18 +92,18 @@ func (sa *SA) protect(buf []byte, start, off, ptEnd int, seq uint64, iv []byte) 
 		// gcm8: Go wrote a 16-byte tag; its first 8 bytes are the
 		// truncated GCM tag (SP 800-38D 5.2.1.2), the rest falls in the
 		// scratch past end.
-	case sa.block != nil: // AES-CBC
+	case sa.ext != nil && sa.ext.block != nil: // AES-CBC
 		if iv != nil {
 			copy(ivb, iv)
 		} else {
-			binary.BigEndian.PutUint64(sa.ivSeed[:8], seq)
-			sa.block.Encrypt(ivb, sa.ivSeed[:])
+			binary.BigEndian.PutUint64(sa.ext.ivSeed[:8], seq)
+			sa.ext.block.Encrypt(ivb, sa.ext.ivSeed[:])
 		}
-		sa.cbcEnc.SetIV(ivb)
+		sa.ext.cbcEnc.SetIV(ivb)
 		pt := buf[off:ptEnd]
-		sa.cbcEnc.CryptBlocks(pt, pt)
+		sa.ext.cbcEnc.CryptBlocks(pt, pt)
 	}
-	if sa.mac != nil {
+	if sa.ext != nil && sa.ext.mac != nil {
 		icv := sa.hmacSum(buf[start:ptEnd], seq)
 		copy(buf[ptEnd:], icv)
 	}
@@ -124,11 +124,11 @@ func (sa *SA) aadFor(hdr []byte, seq uint64) []byte {
 // the high 32 bits of the sequence number are appended implicitly (RFC 4303
 // 2.2.1). The result aliases SA scratch and is truncated to the ICV length.
 func (sa *SA) hmacSum(b []byte, seq uint64) []byte {
-	sa.mac.Reset()
-	sa.mac.Write(b)
+	sa.ext.mac.Reset()
+	sa.ext.mac.Write(b)
 	if sa.esn {
 		binary.BigEndian.PutUint32(sa.seqHi[:], uint32(seq>>32))
-		sa.mac.Write(sa.seqHi[:])
+		sa.ext.mac.Write(sa.seqHi[:])
 	}
-	return sa.mac.Sum(sa.sum[:0])[:sa.icv]
+	return sa.ext.mac.Sum(sa.ext.sum[:0])[:sa.icv]
 }

@@ -12,6 +12,7 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"sync"
@@ -657,6 +658,18 @@ func BenchmarkLoadSAs(b *testing.B) {
 	runtime.GC()
 	var m1 runtime.MemStats
 	runtime.ReadMemStats(&m1)
+	// XESP_HEAPPROFILE=file writes the heap profile at this point, with
+	// every SA loaded: -memprofile is taken after the gateway stopped.
+	if path := os.Getenv("XESP_HEAPPROFILE"); path != "" {
+		f, err := os.Create(path)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := pprof.Lookup("heap").WriteTo(f, 0); err != nil {
+			b.Fatal(err)
+		}
+		f.Close()
+	}
 
 	b.ReportMetric(float64(total)/tSAD.Seconds(), "sad_add_SAs/s")
 	b.ReportMetric(float64(total)/tSync.Seconds(), "manager_sync_SAs/s")

@@ -134,7 +134,10 @@ func (g *Gateway) saveState(ctx context.Context, stopped bool) error {
 	for i := range states {
 		windows[states[i].ID] = &states[i].Replay
 	}
-	snap := &rxstate.Snapshot{Clean: stopped}
+	in, out := g.SAD.Len()
+	// Sized up front: append's doubling left up to half of a
+	// million-SA slice as garbage every snapshot interval.
+	snap := &rxstate.Snapshot{Clean: stopped, Records: make([]rxstate.Record, 0, in+out)}
 	var page []sad.Entry
 	var cur uint64
 	for {

@@ -78,7 +78,20 @@ type Snapshot struct {
 
 // Save replaces the snapshot at path atomically and durably.
 func Save(path string, s *Snapshot) error {
-	b := make([]byte, 0, 16+len(s.Records)*64)
+	// Size the buffer exactly: with a million SAs a guess grown by
+	// append reached twice the file's size, every snapshot interval.
+	size := 16 + 4
+	for i := range s.Records {
+		r := &s.Records[i]
+		size += 16 + 1 + 24 + 1
+		if r.Binding.IsValid() {
+			size += r.Binding.Addr().BitLen()/8 + 2
+		}
+		if r.Replay != nil {
+			size += 8 + 2 + 8*len(r.Replay.Bitmap)
+		}
+	}
+	b := make([]byte, 0, size)
 	b = append(b, magic...)
 	var flags uint32
 	if s.Clean {
