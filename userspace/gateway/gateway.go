@@ -354,6 +354,9 @@ func (g *Gateway) teardown(keepPinned bool) error {
 			errs = append(errs, err)
 		}
 	}
+	if g.apiSAs != nil {
+		g.apiSAs.close()
+	}
 	// The slow path injects into workers: it stops before they close.
 	if g.SlowPath != nil {
 		g.SlowPath.Close()

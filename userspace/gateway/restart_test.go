@@ -3,6 +3,7 @@ package gateway
 import (
 	"context"
 	"fmt"
+	"github.com/xesp/xesp/userspace/sastore"
 	"net"
 	"net/netip"
 	"os"
@@ -202,6 +203,9 @@ func TestGatewayRestartKeepsBindingAndReplayWindow(t *testing.T) {
 		t.Fatal(err)
 	}
 	if err := os.Remove(filepath.Join(cfg.StateDir, apiSAsFile)); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(filepath.Join(cfg.StateDir, apiSAsFile+sastore.JournalSuffix)); err != nil {
 		t.Fatal(err)
 	}
 	tp.startWith(t, cfg, Options{})

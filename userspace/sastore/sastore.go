@@ -21,7 +21,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -130,6 +129,10 @@ func Decode(b []byte) ([]sa.SA, error) {
 	if uint64(len(specs)) != count {
 		return nil, fmt.Errorf("%w: header says %d SAs, the list holds %d", ErrCorrupt, count, len(specs))
 	}
+	return parseSpecs(specs)
+}
+
+func parseSpecs(specs []sa.Spec) ([]sa.SA, error) {
 	out := make([]sa.SA, 0, len(specs))
 	for i := range specs {
 		s, err := specs[i].Parse(sa.Options{Label: fmt.Sprintf("sas[%d]", i)})
@@ -139,6 +142,20 @@ func Decode(b []byte) ([]sa.SA, error) {
 		out = append(out, s)
 	}
 	return out, nil
+}
+
+// decodeEntry parses one SA entry (EncodeSA) as Decode parses the list's.
+func decodeEntry(b []byte, label string) (sa.SA, error) {
+	var spec sa.Spec
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&spec); err != nil {
+		return sa.SA{}, err
+	}
+	if dec.More() {
+		return sa.SA{}, errors.New("data after the SA")
+	}
+	return spec.Parse(sa.Options{Label: label})
 }
 
 func clip(b []byte) string {
@@ -195,34 +212,25 @@ func WriteFile(path string, b []byte) error {
 	return nil
 }
 
-// Load reads the file at path; a missing file is no SAs. Errors name the
-// file.
+// Load reads the store at path (the snapshot, path+JournalSuffix replayed
+// over it) without changing it: a torn journal tail is left out, as Open
+// would cut it. Missing files are no SAs. Errors name the file.
 func Load(path string) ([]sa.SA, error) {
-	f, err := os.Open(path)
+	sas, _, err := loadSnapshot(path)
+	if err != nil {
+		return nil, err
+	}
+	jpath := path + JournalSuffix
+	b, err := readPrivate(jpath)
 	if errors.Is(err, fs.ErrNotExist) {
-		return nil, nil
+		return sas, nil
 	}
 	if err != nil {
-		return nil, fmt.Errorf("API SA file %s: %w", path, err)
+		return nil, err
 	}
-	defer f.Close()
-	st, err := f.Stat()
+	recs, _, err := DecodeJournal(b)
 	if err != nil {
-		return nil, fmt.Errorf("API SA file %s: %w", path, err)
+		return nil, fmt.Errorf("API SA journal %s: %w", jpath, err)
 	}
-	if st.Size() > maxFile {
-		return nil, fmt.Errorf("API SA file %s: %w: %d bytes", path, ErrCorrupt, st.Size())
-	}
-	if st.Mode().Perm()&0o077 != 0 {
-		return nil, fmt.Errorf("API SA file %s: mode %v lets others read its keys; chmod 600 it", path, st.Mode().Perm())
-	}
-	b := make([]byte, st.Size())
-	if _, err := io.ReadFull(f, b); err != nil {
-		return nil, fmt.Errorf("API SA file %s: %w", path, err)
-	}
-	sas, err := Decode(b)
-	if err != nil {
-		return nil, fmt.Errorf("API SA file %s: %w", path, err)
-	}
-	return sas, nil
+	return replay(sas, recs), nil
 }
