@@ -57,12 +57,28 @@ lint:
 
 # Each fuzz target for FUZZTIME. Listed by scanning for Fuzz functions so a
 # new target is picked up without editing this file.
+#
+# Go 1.26's fuzz coordinator can end a clean run with a bare "context
+# deadline exceeded" at the -fuzztime boundary (golang/go#75804, fixed in
+# Go 1.27): a shutdown race, no input found. A run counts as failed when it
+# wrote a failing input or printed anything else before FAIL; the bare
+# deadline race is reported and the next target runs.
 fuzz:
 	@set -e; for f in $$(grep -rl --include='*_test.go' '^func Fuzz' .); do \
 		dir=$$(dirname $$f); \
 		for t in $$(grep -o '^func Fuzz[A-Za-z0-9_]*' $$f | cut -d' ' -f2); do \
 			echo "fuzz $$dir $$t ($(FUZZTIME))"; \
-			$(GO) test -run='^$$' -fuzz="^$$t$$" -fuzztime=$(FUZZTIME) $$dir; \
+			log=$$(mktemp); \
+			if $(GO) test -run='^$$' -fuzz="^$$t$$" -fuzztime=$(FUZZTIME) $$dir >$$log 2>&1; then \
+				tail -n 3 $$log; rm -f $$log; continue; \
+			fi; \
+			cat $$log; \
+			if grep -q '^    context deadline exceeded$$' $$log && \
+			   ! grep -qE 'Failing input written|panic:|^    [a-z_]+\.go:[0-9]+:' $$log; then \
+				echo "fuzz $$dir $$t: Go fuzz coordinator deadline race (golang/go#75804), no failing input: not a finding"; \
+				rm -f $$log; continue; \
+			fi; \
+			rm -f $$log; exit 1; \
 		done; \
 	done
 
