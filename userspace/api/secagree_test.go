@@ -159,8 +159,8 @@ func TestSecAgreeBadRequests(t *testing.T) {
 		}),
 			[]string{`security_client: mechanism 1 (ipsec-3gpp): spi-c: "x" is not a decimal number`}},
 		{"nothing acceptable", mut(func(r *SecAgreeRequest) {
-			r.SecurityClient = "ipsec-3gpp;alg=hmac-md5-96;spi-c=1000;spi-s=1001;port-c=1;port-s=2"
-		}), []string{"security-client: no acceptable ipsec-3gpp mechanism: mechanism 1: alg=hmac-md5-96 is not accepted"}},
+			r.SecurityClient = "ipsec-3gpp;alg=hmac-md5-96;ealg=des-ede3-cbc;spi-c=1000;spi-s=1001;port-c=1;port-s=2"
+		}), []string{"security-client: no acceptable ipsec-3gpp mechanism: mechanism 1: ealg=des-ede3-cbc is not accepted"}},
 		{"ck hex", mut(func(r *SecAgreeRequest) { r.CK = "zz" }), []string{"ck: not hex"}},
 		{"ik length", mut(func(r *SecAgreeRequest) { r.IK = "0011" }), []string{"ik: need 16 bytes (IMS AKA), got 2"}},
 		{"ue", mut(func(r *SecAgreeRequest) { r.UE = "198.51.100.7" }), []string{`ue: "198.51.100.7": want address:port`}},
@@ -196,6 +196,16 @@ func TestSecAgreeBadRequests(t *testing.T) {
 		t.Fatalf("transport: %+v %v", resp, err)
 	}
 	if _, err := e.unix.DeleteRegistration(ctx, "reg-trans"); err != nil {
+		t.Fatal(err)
+	}
+	// A phone that offers only hmac-md5-96 is served (RFC 2403 SAs).
+	r = e.secAgreeRequest("reg-md5")
+	r.SecurityClient = "ipsec-3gpp;alg=hmac-md5-96;ealg=aes-cbc;spi-c=1111;spi-s=2222;port-c=5062;port-s=5064"
+	r.UEInner, r.PCSCF = "", ""
+	if resp, err := e.unix.SecAgree(ctx, r); err != nil || !strings.Contains(resp.SecurityServer, "ealg=aes-cbc;alg=hmac-md5-96") || len(resp.SAs) != 4 || resp.SAs[0].Proposal != "aes128-md5" {
+		t.Fatalf("md5: %+v %v", resp, err)
+	}
+	if _, err := e.unix.DeleteRegistration(ctx, "reg-md5"); err != nil {
 		t.Fatal(err)
 	}
 

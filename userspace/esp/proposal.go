@@ -38,6 +38,12 @@ const (
 	AES128CBC
 	AES192CBC
 	AES256CBC
+	// HMAC-MD5-96 (RFC 2403) is here for IMS phones whose sec-agree offers
+	// only alg=hmac-md5-96 (TS 33.203); appended so existing values keep
+	// their numbers.
+	AES128MD5
+	AES256MD5
+	NullMD5
 	proposalCount
 )
 
@@ -74,6 +80,9 @@ var proposals = [proposalCount]proposalInfo{
 	AES128CBC:        {keyword: "aes128", encKeyLen: 16, ivLen: 16, blockSize: 16, cbc: true},
 	AES192CBC:        {keyword: "aes192", encKeyLen: 24, ivLen: 16, blockSize: 16, cbc: true},
 	AES256CBC:        {keyword: "aes256", encKeyLen: 32, ivLen: 16, blockSize: 16, cbc: true},
+	AES128MD5:        {keyword: "aes128-md5", encKeyLen: 16, authKeyLen: 16, ivLen: 16, icvLen: 12, blockSize: 16, cbc: true},
+	AES256MD5:        {keyword: "aes256-md5", encKeyLen: 32, authKeyLen: 16, ivLen: 16, icvLen: 12, blockSize: 16, cbc: true},
+	NullMD5:          {keyword: "null-md5", authKeyLen: 16, icvLen: 12, blockSize: 4},
 }
 
 // ParseProposal maps a strongSwan ESP keyword to a Proposal. Matching is

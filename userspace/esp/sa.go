@@ -4,6 +4,7 @@ import (
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/hmac"
+	"crypto/md5"
 	"crypto/sha1"
 	"crypto/sha256"
 	"encoding/binary"
@@ -244,6 +245,8 @@ func newSA(c Config) (*SA, error) {
 		copy(sa.ext.ivSeed[12:], "xIV\x00")
 	}
 	switch info.authKeyLen {
+	case 16:
+		sa.ext.mac = hmac.New(md5.New, c.AuthKey)
 	case 20:
 		sa.ext.mac = hmac.New(sha1.New, c.AuthKey)
 	case 32:

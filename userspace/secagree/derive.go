@@ -33,10 +33,11 @@ type Policy struct {
 }
 
 // DefaultPolicy prefers encryption and UDP encapsulation, and accepts only
-// what the ESP engine runs.
+// what the ESP engine runs. HMAC-SHA-1-96 ranks above HMAC-MD5-96; MD5 is
+// accepted so phones that offer nothing else can register.
 func DefaultPolicy() Policy {
 	return Policy{
-		Algs:  []string{AlgHMACSHA196},
+		Algs:  []string{AlgHMACSHA196, AlgHMACMD596},
 		Ealgs: []string{EalgAESCBC, EalgNull},
 		Mods:  []Mode{ModeUDPEncTun, ModeTun, ModeTrans},
 	}
@@ -168,17 +169,20 @@ func ExpandKeys(alg, ealg string, ck, ik []byte) (Keys, error) {
 // proposalFor maps a TS 33.203 algorithm pair to the ESP engine's
 // proposal keyword, or says why the engine cannot run it.
 func proposalFor(alg, ealg string) (string, error) {
-	if alg != AlgHMACSHA196 {
-		if alg == AlgHMACMD596 {
-			return "", fmt.Errorf("alg: %s: the ESP engine has no HMAC-MD5", alg)
-		}
+	var aes, null string
+	switch alg {
+	case AlgHMACSHA196:
+		aes, null = "aes128-sha1", "null-sha1"
+	case AlgHMACMD596:
+		aes, null = "aes128-md5", "null-md5"
+	default:
 		return "", fmt.Errorf("alg: %q is not supported", clip(alg))
 	}
 	switch ealg {
 	case EalgAESCBC:
-		return "aes128-sha1", nil
+		return aes, nil
 	case EalgNull, "":
-		return "null-sha1", nil
+		return null, nil
 	case EalgDESEDE3:
 		return "", fmt.Errorf("ealg: %s: the ESP engine has no 3DES", ealg)
 	}

@@ -15,9 +15,11 @@
 //     as is (128 bit); hmac-sha-1-96 uses IK followed by 32 zero bits
 //     (160 bit); aes-cbc uses CK as is (AES-128); des-ede3-cbc uses
 //     CK1||CK2||CK1 where CK = CK1||CK2 (64 bit halves); null takes no key.
-//     ExpandKeys implements all of these; Derive refuses what the ESP engine
-//     cannot run (hmac-md5-96, des-ede3-cbc) with an error naming alg or
-//     ealg.
+//     ExpandKeys implements all of these; Derive maps hmac-sha-1-96 to the
+//     ESP proposals aes128-sha1 / null-sha1 and hmac-md5-96 (RFC 2403) to
+//     aes128-md5 / null-md5, and refuses what the ESP engine cannot run
+//     (des-ede3-cbc) with an error naming alg or ealg. DefaultPolicy
+//     prefers hmac-sha-1-96 but accepts hmac-md5-96.
 //   - Security-Server carries exactly one mechanism: the one the SAs were
 //     created for (Server), since the SAs exist before the phone answers;
 //     the phone's choice among several would need SAs for every

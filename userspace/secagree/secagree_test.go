@@ -5,6 +5,7 @@ import (
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/hmac"
+	"crypto/md5"
 	"crypto/sha1"
 	"encoding/binary"
 	"encoding/hex"
@@ -209,8 +210,10 @@ func TestChoose(t *testing.T) {
 		{"policy may prefer md5 when it lists it", "ipsec-3gpp;alg=hmac-sha-1-96" + ids + ", ipsec-3gpp;alg=hmac-md5-96" + ids,
 			Policy{Algs: []string{AlgHMACMD596, AlgHMACSHA196}, Ealgs: []string{EalgNull}, Mods: []Mode{ModeTrans}}, 1, ""},
 		{"other mechanisms ignored", "digest;d-alg=md5, tls, ipsec-3gpp;alg=hmac-sha-1-96" + ids, pol, 2, ""},
+		{"md5-only offer accepted by default", "ipsec-3gpp;alg=hmac-md5-96;ealg=aes-cbc" + ids, pol, 0, ""},
+		{"sha-1 beats md5 by default", "ipsec-3gpp;alg=hmac-md5-96;ealg=aes-cbc" + ids + ", ipsec-3gpp;alg=hmac-sha-1-96;ealg=aes-cbc" + ids, pol, 1, ""},
 		{"nothing acceptable, every reason", "ipsec-3gpp;alg=hmac-md5-96" + ids + ", ipsec-3gpp;alg=hmac-sha-1-96;ealg=des-ede3-cbc" + ids + ", ipsec-3gpp;prot=ah;alg=hmac-sha-1-96" + ids,
-			pol, -1, "mechanism 1: alg=hmac-md5-96 is not accepted; mechanism 2: ealg=des-ede3-cbc is not accepted; mechanism 3: prot=ah is not supported"},
+			Policy{Algs: []string{AlgHMACSHA196}, Ealgs: pol.Ealgs, Mods: pol.Mods}, -1, "mechanism 1: alg=hmac-md5-96 is not accepted; mechanism 2: ealg=des-ede3-cbc is not accepted; mechanism 3: prot=ah is not supported"},
 		{"mod refused", "ipsec-3gpp;mod=tun;alg=hmac-sha-1-96" + ids, Policy{Algs: []string{AlgHMACSHA196}, Ealgs: []string{EalgNull}, Mods: []Mode{ModeUDPEncTun}}, -1, "mod=tun is not accepted"},
 		{"no ipsec-3gpp", "tls;q=0.1, digest", pol, -1, "no ipsec-3gpp mechanism offered"},
 	}
@@ -292,7 +295,12 @@ func mustHex(t *testing.T, s string) []byte {
 
 func testRegistration(t *testing.T, mod, ealg string) Registration {
 	t.Helper()
-	client, err := Parse("ipsec-3gpp;alg=hmac-sha-1-96;ealg=" + ealg + ";mod=" + mod + ";spi-c=1111;spi-s=2222;port-c=5062;port-s=5064")
+	return testRegistrationAlg(t, AlgHMACSHA196, mod, ealg)
+}
+
+func testRegistrationAlg(t *testing.T, alg, mod, ealg string) Registration {
+	t.Helper()
+	client, err := Parse("ipsec-3gpp;alg=" + alg + ";ealg=" + ealg + ";mod=" + mod + ";spi-c=1111;spi-s=2222;port-c=5062;port-s=5064")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -349,19 +357,35 @@ func TestDeriveFourSAs(t *testing.T) {
 	}
 
 	// trans: transport mode, plain ESP, no selectors; tun: tunnel, plain ESP.
+	// hmac-md5-96 (RFC 2403) takes IK as is, no zero padding.
 	for _, c := range []struct {
-		mod, ealg string
-		mode      sa.Mode
-		prop      esp.Proposal
-	}{{"trans", "null", sa.Transport, esp.NullSHA1}, {"tun", "aes-cbc", sa.Tunnel, esp.AES128SHA1}} {
-		ds, err := Derive(testRegistration(t, c.mod, c.ealg))
+		alg, mod, ealg string
+		mode           sa.Mode
+		prop           esp.Proposal
+		auth           string
+	}{
+		{AlgHMACSHA196, "trans", "null", sa.Transport, esp.NullSHA1, "f0e1d2c3b4a5968778695a4b3c2d1e0f00000000"},
+		{AlgHMACSHA196, "tun", "aes-cbc", sa.Tunnel, esp.AES128SHA1, "f0e1d2c3b4a5968778695a4b3c2d1e0f00000000"},
+		{AlgHMACMD596, "trans", "null", sa.Transport, esp.NullMD5, "f0e1d2c3b4a5968778695a4b3c2d1e0f"},
+		{AlgHMACMD596, "tun", "aes-cbc", sa.Tunnel, esp.AES128MD5, "f0e1d2c3b4a5968778695a4b3c2d1e0f"},
+	} {
+		ds, err := Derive(testRegistrationAlg(t, c.alg, c.mod, c.ealg))
 		if err != nil {
 			t.Fatal(err)
 		}
+		if len(ds) != 4 {
+			t.Fatalf("%s mod=%s: %d SAs", c.alg, c.mod, len(ds))
+		}
 		for _, d := range ds {
-			s, _ := d.Spec.Parse(sa.Options{})
+			s, err := d.Spec.Parse(sa.Options{})
+			if err != nil {
+				t.Fatal(err)
+			}
 			if s.Mode != c.mode || s.Encap != nil || s.Proposal != c.prop || (c.mode == sa.Transport) == s.InnerPeer.IsValid() {
-				t.Errorf("mod=%s: %v encap %v", c.mod, s, s.Encap)
+				t.Errorf("%s mod=%s: %v encap %v", c.alg, c.mod, s, s.Encap)
+			}
+			if hex.EncodeToString(s.AuthKey) != c.auth {
+				t.Errorf("%s mod=%s: auth key %x, want %s", c.alg, c.mod, s.AuthKey, c.auth)
 			}
 		}
 	}
@@ -378,7 +402,11 @@ func TestDeriveRefuses(t *testing.T) {
 		r    Registration
 		want string
 	}{
-		{"md5", mut(func(r *Registration) { r.Client.Alg, r.Server.Alg = AlgHMACMD596, AlgHMACMD596 }), "alg: hmac-md5-96: the ESP engine has no HMAC-MD5"},
+		{"unknown alg", mut(func(r *Registration) { r.Client.Alg, r.Server.Alg = "hmac-sha-256-128", "hmac-sha-256-128" }), `alg: "hmac-sha-256-128"`},
+		{"md5 with 3des", mut(func(r *Registration) {
+			r.Client.Alg, r.Server.Alg = AlgHMACMD596, AlgHMACMD596
+			r.Client.Ealg, r.Server.Ealg = EalgDESEDE3, EalgDESEDE3
+		}), "ealg: des-ede3-cbc: the ESP engine has no 3DES"},
 		{"3des", mut(func(r *Registration) { r.Client.Ealg, r.Server.Ealg = EalgDESEDE3, EalgDESEDE3 }), "ealg: des-ede3-cbc: the ESP engine has no 3DES"},
 		{"disagree", mut(func(r *Registration) { r.Server.Ealg = EalgNull }), "client and server mechanisms disagree"},
 		{"ah", mut(func(r *Registration) { r.Client.Prot, r.Server.Prot = "ah", "ah" }), "prot: only esp"},
@@ -437,6 +465,55 @@ func TestDerivedKeysDriveTheEngine(t *testing.T) {
 	cipher.NewCBCDecrypter(blk, p[8:24]).CryptBlocks(pt, ct)
 	if !bytes.Equal(pt[:len(inner)], inner) {
 		t.Fatal("payload does not decrypt under AES-128-CBC with CK")
+	}
+}
+
+// The same for hmac-md5-96: the ICV is HMAC-MD5-96 (RFC 2403) keyed with
+// IK itself, for both aes-cbc (payload decrypts under CK) and null.
+func TestDerivedMD5KeysDriveTheEngine(t *testing.T) {
+	for _, ealg := range []string{EalgAESCBC, EalgNull} {
+		r := testRegistrationAlg(t, AlgHMACMD596, "UDP-enc-tun", ealg)
+		ds, err := Derive(r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, err := ds[3].Spec.Parse(sa.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		e, err := esp.NewSA(esp.Config{SPI: s.SPI, Proposal: s.Proposal, EncKey: s.EncKey, AuthKey: s.AuthKey, Mode: esp.ModeTunnel})
+		if err != nil {
+			t.Fatal(err)
+		}
+		inner := pkt.UDP4(netip.MustParseAddrPort("10.0.0.1:5065"), netip.MustParseAddrPort("192.168.1.11:5062"), []byte("SIP/2.0 200 OK\r\n\r\n"))
+		buf := make([]byte, 64+len(inner)+64)
+		copy(buf[64:], inner)
+		start, end, err := e.Seal(buf, 64, len(inner), esp.NextHeaderFor(inner), 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := buf[start:end]
+		if binary.BigEndian.Uint32(p) != 1111 || binary.BigEndian.Uint32(p[4:]) != 1 {
+			t.Fatalf("%s: ESP header %x", ealg, p[:8])
+		}
+		mac := hmac.New(md5.New, r.IK)
+		mac.Write(p[:len(p)-12])
+		if !bytes.Equal(mac.Sum(nil)[:12], p[len(p)-12:]) {
+			t.Fatalf("%s: ICV is not HMAC-MD5-96 under IK", ealg)
+		}
+		if ealg == EalgNull {
+			if !bytes.Equal(p[8:8+len(inner)], inner) {
+				t.Fatal("null: payload is not the inner packet in clear")
+			}
+			continue
+		}
+		blk, _ := aes.NewCipher(r.CK)
+		ct := p[8+16 : len(p)-12]
+		pt := make([]byte, len(ct))
+		cipher.NewCBCDecrypter(blk, p[8:24]).CryptBlocks(pt, ct)
+		if !bytes.Equal(pt[:len(inner)], inner) {
+			t.Fatal("payload does not decrypt under AES-128-CBC with CK")
+		}
 	}
 }
 
