@@ -2,13 +2,15 @@
 // SA files, key files, token files) without letting a bad path hang or
 // exhaust the daemon: only regular files, opened non-blocking so a FIFO
 // cannot stall open(2), and never more than a stated size (a /proc file
-// can claim terabytes).
+// can claim terabytes). It also replaces the daemon's own state files
+// (Replace) so that a crash leaves either the old or the new file whole.
 package safefile
 
 import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"syscall"
 )
 
@@ -38,4 +40,47 @@ func Read(path string, limit int64) ([]byte, error) {
 		return nil, fmt.Errorf("%s is larger than %d bytes", path, limit)
 	}
 	return b, nil
+}
+
+// Replace replaces the file at path with b, mode 0600, atomically and
+// durably: written to path+".tmp", fsync'd, renamed over path, and the
+// directory fsync'd, so after a crash path holds the old or the new
+// contents, never a mix, and a returned nil means the new contents
+// survive a power cut.
+func Replace(path string, b []byte) error {
+	tmp := path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return fmt.Errorf("save %s: %w", path, err)
+	}
+	// A temporary file left by an older umask or by hand keeps its mode
+	// through O_TRUNC: state files may hold keys, so make sure they are
+	// not readable by others.
+	if err := f.Chmod(0o600); err != nil {
+		f.Close()
+		return fmt.Errorf("save %s: %w", path, err)
+	}
+	if _, err := f.Write(b); err != nil {
+		f.Close()
+		return fmt.Errorf("save %s: %w", path, err)
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return fmt.Errorf("save %s: fsync: %w", path, err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("save %s: %w", path, err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return fmt.Errorf("save %s: %w", path, err)
+	}
+	d, err := os.Open(filepath.Dir(path))
+	if err != nil {
+		return fmt.Errorf("save %s: %w", path, err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("save %s: fsync directory: %w", path, err)
+	}
+	return nil
 }

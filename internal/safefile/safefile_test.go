@@ -44,3 +44,39 @@ func TestRead(t *testing.T) {
 		}
 	}
 }
+
+func TestReplace(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "state")
+	if err := os.WriteFile(path, []byte("old"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// A stale temporary file with a looser mode must not leak its mode
+	// into the state file (it may hold keys).
+	if err := os.WriteFile(path+".tmp", []byte("stale and longer"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := Replace(path, []byte("new")); err != nil {
+		t.Fatal(err)
+	}
+	got, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(got) != "new" {
+		t.Errorf("contents %q, want %q", got, "new")
+	}
+	st, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m := st.Mode().Perm(); m != 0o600 {
+		t.Errorf("mode %o, want 600", m)
+	}
+	if _, err := os.Stat(path + ".tmp"); !os.IsNotExist(err) {
+		t.Errorf("temporary file left behind: %v", err)
+	}
+	if err := Replace(filepath.Join(dir, "missing", "state"), nil); err == nil {
+		t.Error("Replace into a missing directory succeeded")
+	}
+}

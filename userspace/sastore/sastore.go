@@ -22,10 +22,10 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
+
+	"github.com/xesp/xesp/internal/safefile"
 
 	"github.com/xesp/xesp/userspace/sa"
 )
@@ -175,42 +175,7 @@ func Save(path string, sas []sa.SA) error {
 }
 
 // WriteFile replaces path with b atomically and durably, mode 0600.
-func WriteFile(path string, b []byte) error {
-	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return fmt.Errorf("save %s: %w", path, err)
-	}
-	// A temporary file left by an older umask or by hand keeps its mode
-	// through O_TRUNC: make sure the keys are not readable by others.
-	if err := f.Chmod(0o600); err != nil {
-		f.Close()
-		return fmt.Errorf("save %s: %w", path, err)
-	}
-	if _, err := f.Write(b); err != nil {
-		f.Close()
-		return fmt.Errorf("save %s: %w", path, err)
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return fmt.Errorf("save %s: fsync: %w", path, err)
-	}
-	if err := f.Close(); err != nil {
-		return fmt.Errorf("save %s: %w", path, err)
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return fmt.Errorf("save %s: %w", path, err)
-	}
-	d, err := os.Open(filepath.Dir(path))
-	if err != nil {
-		return fmt.Errorf("save %s: %w", path, err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("save %s: fsync directory: %w", path, err)
-	}
-	return nil
-}
+func WriteFile(path string, b []byte) error { return safefile.Replace(path, b) }
 
 // Load reads the store at path (the snapshot, path+JournalSuffix replayed
 // over it) without changing it: a torn journal tail is left out, as Open
