@@ -115,24 +115,7 @@ func newFleet(t *testing.T) *fleet {
 	f.route("192.0.2.2", "gwb")
 	f.etcd = etcdtest.StartIn(t, f.ctl, "172.31.1.1", "172.31.2.1")
 
-	var coreConn *net.UDPConn
-	if err := f.core.Do(func() (err error) {
-		coreConn, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(10, 0, 0, 1), Port: 5060})
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { coreConn.Close() })
-	go func() {
-		buf := make([]byte, 2048)
-		for {
-			n, from, err := coreConn.ReadFromUDPAddrPort(buf)
-			if err != nil {
-				return
-			}
-			coreConn.WriteToUDPAddrPort(append([]byte("200 OK for "), buf[:n]...), from)
-		}
-	}()
+	startCoreResponder(t, f.core)
 	return f
 }
 

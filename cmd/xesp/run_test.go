@@ -99,26 +99,33 @@ func newDaemonTopo(t *testing.T) *daemonTopo {
 		t.Fatal(err)
 	}
 
-	// A SIP responder in the core answers each request to its sender.
-	var coreConn *net.UDPConn
-	if err := d.core.Do(func() (err error) {
-		coreConn, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(10, 0, 0, 1), Port: 5060})
+	startCoreResponder(t, d.core)
+	return d
+}
+
+// startCoreResponder runs a SIP stand-in on 10.0.0.1:5060 in core that
+// answers each datagram to its sender with "200 OK for " and the request,
+// so a test can tell every reply's request apart; closed at cleanup.
+func startCoreResponder(t *testing.T, core *netns.NS) {
+	t.Helper()
+	var conn *net.UDPConn
+	if err := core.Do(func() (err error) {
+		conn, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(10, 0, 0, 1), Port: 5060})
 		return err
 	}); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { coreConn.Close() })
+	t.Cleanup(func() { conn.Close() })
 	go func() {
 		buf := make([]byte, 2048)
 		for {
-			n, from, err := coreConn.ReadFromUDPAddrPort(buf)
+			n, from, err := conn.ReadFromUDPAddrPort(buf)
 			if err != nil {
 				return
 			}
-			coreConn.WriteToUDPAddrPort(append([]byte("200 OK for "), buf[:n]...), from)
+			conn.WriteToUDPAddrPort(append([]byte("200 OK for "), buf[:n]...), from)
 		}
 	}()
-	return d
 }
 
 // daemon is one running `xesp run` process; exited closes when it ends,
