@@ -12,8 +12,11 @@ FUZZTIME  ?= 20s
 
 all: build
 
+# bin/xesp is the daemon and the operator's CLI; bin/xesp-lab the demo,
+# emulated phone, pktgen and benchmark harness, which the daemon never links.
 build:
 	$(GO) build -o bin/xesp ./cmd/xesp
+	$(GO) build -o bin/xesp-lab ./cmd/xesp-lab
 
 # bpf2go: C programs in bpf/ -> bpf/*_bpfel.{go,o}. The output is committed
 # so `go build` works without clang.
@@ -39,7 +42,7 @@ deps:
 # sipsak as SIP client) behind an nftables NAPT, the gateway (XDP + AF_XDP)
 # and kamailio as SIP core, in namespaces it removes on exit. Needs root.
 demo: deps build
-	./bin/xesp demo $(DEMO_ARGS)
+	./bin/xesp-lab demo $(DEMO_ARGS)
 
 # The test command (README, CI): unit tests, BPF_PROG_TEST_RUN fixtures,
 # namespace end-to-end tests and short fuzzing. Needs root.
@@ -85,9 +88,9 @@ fuzz:
 # The benchmark harness (root): ceilings, xesp decap/encap/both over sizes,
 # SA and worker counts, and the UDP-socket baseline, in one run; writes
 # bench/results/results.{json,md,svg}. BENCH_ARGS selects scenarios (see
-# `xesp bench -h`), e.g. BENCH_ARGS="-sizes 200 -sas 1,1000000".
+# `xesp-lab bench -h`), e.g. BENCH_ARGS="-sizes 200 -sas 1,1000000".
 bench: build
-	./bin/xesp bench $(BENCH_ARGS)
+	./bin/xesp-lab bench $(BENCH_ARGS)
 
 # Every go test benchmark in the tree.
 bench-go:
@@ -102,20 +105,20 @@ MICRO_ESP      := ^Benchmark(Bare)?(Open|Seal)$$/^aes128gcm16$$/^(200|1400)$$
 MICRO_BPF      := ^BenchmarkPublic$$/^(esp-udp-1sa|plain-esp-1sa|keepalive-drop)$$
 MICRO_FLAGS    := -run='^$$' -count=6 -benchtime=200ms
 bench-check: build
-	./bin/xesp bench -check $(BENCH_BASELINE) -out $${TMPDIR:-/tmp}/xesp-bench-check
+	./bin/xesp-lab bench -check $(BENCH_BASELINE) -out $${TMPDIR:-/tmp}/xesp-bench-check
 	$(MAKE) bench-micro
 
 bench-micro:
 	@out=$${TMPDIR:-/tmp}/xesp-micro.txt; \
-	$(GO) test $(MICRO_FLAGS) -bench='$(MICRO_ESP)' ./userspace/esp > $$out && \
+	$(GO) test $(MICRO_FLAGS) -bench='$(MICRO_ESP)' ./dataplane/esp > $$out && \
 	$(GO) test $(MICRO_FLAGS) -bench='$(MICRO_BPF)' ./bpf >> $$out && \
 	$(GO) tool benchstat bench/micro-baseline.txt $$out
 
 # Re-measure bench/baseline.json (5 runs of the check subset) and
 # bench/micro-baseline.txt on a quiet machine, then commit them.
 bench-calibrate: build
-	./bin/xesp bench -calibrate 5 -check $(BENCH_BASELINE)
-	$(GO) test $(MICRO_FLAGS) -bench='$(MICRO_ESP)' ./userspace/esp > bench/micro-baseline.txt
+	./bin/xesp-lab bench -calibrate 5 -check $(BENCH_BASELINE)
+	$(GO) test $(MICRO_FLAGS) -bench='$(MICRO_ESP)' ./dataplane/esp > bench/micro-baseline.txt
 	$(GO) test $(MICRO_FLAGS) -bench='$(MICRO_BPF)' ./bpf >> bench/micro-baseline.txt
 
 clean:

@@ -14,7 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/xesp/xesp/bpf"
-	"github.com/xesp/xesp/internal/netns"
+	"github.com/xesp/xesp/lab/netns"
 	"github.com/xesp/xesp/maps"
 )
 

@@ -9,7 +9,7 @@ import (
 	"github.com/gopacket/gopacket/layers"
 
 	"github.com/xesp/xesp/bpf"
-	"github.com/xesp/xesp/internal/netns"
+	"github.com/xesp/xesp/lab/netns"
 	"github.com/xesp/xesp/maps"
 )
 

@@ -4,7 +4,7 @@ import (
 	"testing"
 
 	"github.com/xesp/xesp/bpf"
-	"github.com/xesp/xesp/internal/netns"
+	"github.com/xesp/xesp/lab/netns"
 	"github.com/xesp/xesp/loader"
 	"github.com/xesp/xesp/maps"
 )

@@ -3,7 +3,7 @@
 // cleartext IPv4/UDP for the encap direction — stores them in a BPF array
 // map, and sends them out of a device at line rate with BPF_PROG_RUN in
 // XDP live-frames mode (BPF_F_TEST_XDP_LIVE_FRAMES). No kernel pktgen is
-// needed (PLATFORM.md). The benchmarks use it, and `xesp pktgen` is meant
+// needed (PLATFORM.md). The benchmarks use it, and `xesp-lab pktgen` is meant
 // to wrap it.
 //
 // Why a ring of precomputed frames: every ESP packet must carry a fresh
@@ -30,7 +30,7 @@
 // from the workers. The device's peer must have an XDP program attached,
 // or XDP_TX frames vanish.
 //
-// The package does crypto through userspace/esp and nothing else: it does
+// The package does crypto through dataplane/esp and nothing else: it does
 // not decide what a receiver does, it holds no SA database, and it never
 // attaches a program to a link (NewCounter's caller attaches it).
 package gen
@@ -51,7 +51,7 @@ import (
 	"github.com/cilium/ebpf/asm"
 	"golang.org/x/sys/unix"
 
-	"github.com/xesp/xesp/userspace/esp"
+	"github.com/xesp/xesp/dataplane/esp"
 )
 
 // Defaults for Options.

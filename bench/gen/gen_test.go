@@ -14,8 +14,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/xesp/xesp/bench/gen"
-	"github.com/xesp/xesp/internal/netns"
-	"github.com/xesp/xesp/userspace/esp"
+	"github.com/xesp/xesp/dataplane/esp"
+	"github.com/xesp/xesp/lab/netns"
 )
 
 // pair is gen end a ─ receiving end b, in two namespaces.

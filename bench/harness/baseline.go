@@ -17,8 +17,8 @@ import (
 
 	"github.com/xesp/xesp/bench/gen"
 	"github.com/xesp/xesp/bench/pktgen"
-	"github.com/xesp/xesp/userspace/esp"
-	"github.com/xesp/xesp/userspace/xsk/xsktest"
+	"github.com/xesp/xesp/dataplane/esp"
+	"github.com/xesp/xesp/lab/xsktest"
 )
 
 // baselineBatch is the recvmmsg/sendmmsg batch, the worker's batch size.

@@ -16,9 +16,9 @@ import (
 
 	"github.com/xesp/xesp/bench/gen"
 	"github.com/xesp/xesp/bench/pktgen"
+	"github.com/xesp/xesp/dataplane/esp"
 	"github.com/xesp/xesp/internal/pkt"
-	"github.com/xesp/xesp/userspace/esp"
-	"github.com/xesp/xesp/userspace/xsk/xsktest"
+	"github.com/xesp/xesp/lab/xsktest"
 )
 
 // baselineEncap is the encap direction of the socket baseline: the

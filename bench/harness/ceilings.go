@@ -13,10 +13,10 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/xesp/xesp/bench/gen"
-	"github.com/xesp/xesp/userspace/config"
-	"github.com/xesp/xesp/userspace/esp"
-	"github.com/xesp/xesp/userspace/xsk"
-	"github.com/xesp/xesp/userspace/xsk/xsktest"
+	"github.com/xesp/xesp/control/config"
+	"github.com/xesp/xesp/dataplane/esp"
+	"github.com/xesp/xesp/dataplane/xsk"
+	"github.com/xesp/xesp/lab/xsktest"
 )
 
 // ceilingTests are the ceilings, per size: the gateway's public link
@@ -171,7 +171,7 @@ func startAFXDP(e end, port uint16, reflect bool) (_ *afxdp, err error) {
 			a.err = err
 			return
 		}
-		// The worker's loop shape (userspace/worker): batches of 64,
+		// The worker's loop shape (dataplane/worker): batches of 64,
 		// and after 256 empty turns a poll(2) sleep, so under a loaded
 		// scheduler the ceiling competes for its CPU as a worker does.
 		batch := make([]xsk.Desc, 64)

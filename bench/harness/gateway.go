@@ -11,9 +11,9 @@ import (
 
 	"github.com/xesp/xesp/bench/pktgen"
 	"github.com/xesp/xesp/bpf"
-	"github.com/xesp/xesp/userspace/config"
-	"github.com/xesp/xesp/userspace/gateway"
-	"github.com/xesp/xesp/userspace/worker"
+	"github.com/xesp/xesp/control/config"
+	"github.com/xesp/xesp/dataplane/worker"
+	"github.com/xesp/xesp/gateway"
 )
 
 // startGateway runs the real daemon's data path (gateway.Start, as `xesp

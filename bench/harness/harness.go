@@ -36,9 +36,9 @@ import (
 
 	"github.com/xesp/xesp/bench/gen"
 	"github.com/xesp/xesp/bench/pktgen"
-	"github.com/xesp/xesp/internal/netns"
-	"github.com/xesp/xesp/userspace/esp"
-	"github.com/xesp/xesp/userspace/gateway"
+	"github.com/xesp/xesp/dataplane/esp"
+	"github.com/xesp/xesp/gateway"
+	"github.com/xesp/xesp/lab/netns"
 )
 
 // CPU placement (see the package comment).

@@ -13,7 +13,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/xesp/xesp/internal/netns"
+	"github.com/xesp/xesp/lab/netns"
 )
 
 // A small run of every scenario kind on the real topology: every selected

@@ -11,7 +11,7 @@ import (
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 
-	"github.com/xesp/xesp/internal/netns"
+	"github.com/xesp/xesp/lab/netns"
 )
 
 // topo is phone ─ gw ─ core in three namespaces it creates, with static

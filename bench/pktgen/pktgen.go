@@ -2,7 +2,7 @@
 // to 1,000,000 pairs whose keys both the generator and the gateway under
 // test derive (SASpecs gives the gateway's side), a size mix by name, and
 // a send loop for a count or a duration at full speed or a target rate.
-// `xesp pktgen` and the bench harness use it.
+// `xesp-lab pktgen` and the bench harness use it.
 //
 // Rate: a live-frames run cannot be paced inside the kernel, so a target
 // rate is met in chunks — a run of a ring's frames, then a sleep until
@@ -31,8 +31,8 @@ import (
 	"time"
 
 	"github.com/xesp/xesp/bench/gen"
-	"github.com/xesp/xesp/userspace/esp"
-	"github.com/xesp/xesp/userspace/sa"
+	"github.com/xesp/xesp/control/sa"
+	"github.com/xesp/xesp/dataplane/esp"
 )
 
 // MaxSAs is the largest SA set: inner addresses come from 100.64.0.0/10.

@@ -11,13 +11,13 @@ import (
 	"github.com/cilium/ebpf/link"
 
 	"github.com/xesp/xesp/bench/gen"
-	"github.com/xesp/xesp/internal/netns"
-	"github.com/xesp/xesp/userspace/esp"
-	"github.com/xesp/xesp/userspace/sa"
+	"github.com/xesp/xesp/control/sa"
+	"github.com/xesp/xesp/dataplane/esp"
+	"github.com/xesp/xesp/lab/netns"
 )
 
 // The gateway's side of the pairs (SASpecs, through the SA file format
-// `xesp pktgen -sa-file` writes) opens what Flows seals, and the SPIs,
+// `xesp-lab pktgen -sa-file` writes) opens what Flows seals, and the SPIs,
 // inner addresses and sizes are the ones asked for.
 func TestGatewaySideOpensGeneratedESP(t *testing.T) {
 	nw := DefaultNet()

@@ -4,7 +4,7 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/xesp/xesp/userspace/xsk"
+	"github.com/xesp/xesp/dataplane/xsk"
 )
 
 // Engines that put the frames on the wire.

@@ -10,8 +10,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/xesp/xesp/userspace/api"
-	"github.com/xesp/xesp/userspace/sa"
+	"github.com/xesp/xesp/control/api"
+	"github.com/xesp/xesp/control/sa"
 )
 
 // apiSpec is an SA pair member as an API client sends it: configured peer

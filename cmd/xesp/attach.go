@@ -9,14 +9,15 @@ import (
 	"text/tabwriter"
 
 	"github.com/xesp/xesp/bpf"
+	"github.com/xesp/xesp/internal/cli"
 	"github.com/xesp/xesp/loader"
 	"github.com/xesp/xesp/maps"
 )
 
 func init() {
-	register(command{name: "attach", summary: "load the XDP programs and attach them (pinned)", run: runAttach})
-	register(command{name: "detach", summary: "detach the XDP programs and remove their pins", run: runDetach})
-	register(command{name: "counters", summary: "print the XDP verdict counters of a pinned instance", run: runCounters})
+	register(cli.Command{Name: "attach", Summary: "load the XDP programs and attach them (pinned)", Run: runAttach})
+	register(cli.Command{Name: "detach", Summary: "detach the XDP programs and remove their pins", Run: runDetach})
+	register(cli.Command{Name: "counters", Summary: "print the XDP verdict counters of a pinned instance", Run: runCounters})
 }
 
 // ifaceFlags are the flags every BPF command shares.

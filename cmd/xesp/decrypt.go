@@ -2,7 +2,7 @@ package main
 
 // xesp decrypt: the inbound ESP path on a capture file, for operators
 // debugging a phone's traffic offline. It owns reading the SA file and the
-// capture, judging each packet with the engine (userspace/esp) exactly as a
+// capture, judging each packet with the engine (dataplane/esp) exactly as a
 // gateway worker would, and printing the outcome. It must not decide
 // verdicts itself: every accept and drop reason comes from esp.OpenPacket.
 
@@ -21,13 +21,14 @@ import (
 	"strings"
 	"time"
 
+	"github.com/xesp/xesp/control/sa"
+	"github.com/xesp/xesp/dataplane/esp"
 	"github.com/xesp/xesp/internal/capture"
-	"github.com/xesp/xesp/userspace/esp"
-	"github.com/xesp/xesp/userspace/sa"
+	"github.com/xesp/xesp/internal/cli"
 )
 
 func init() {
-	register(command{name: "decrypt", summary: "decrypt the ESP packets of a capture file with given SAs", run: func(args []string) error {
+	register(cli.Command{Name: "decrypt", Summary: "decrypt the ESP packets of a capture file with given SAs", Run: func(args []string) error {
 		return runDecrypt(args, os.Stdout, os.Stderr)
 	}})
 }

@@ -24,9 +24,9 @@ import (
 	"github.com/gopacket/gopacket/layers"
 	"github.com/gopacket/gopacket/pcapgo"
 
+	"github.com/xesp/xesp/dataplane/esp"
 	"github.com/xesp/xesp/internal/capture"
-	"github.com/xesp/xesp/internal/netns"
-	"github.com/xesp/xesp/userspace/esp"
+	"github.com/xesp/xesp/lab/netns"
 )
 
 // -update-decrypt makes TestDecryptRealCapture store its tcpdump captures in
@@ -348,7 +348,7 @@ type pubVector struct {
 
 func loadPubVectors(t *testing.T) []pubVector {
 	t.Helper()
-	raw, err := os.ReadFile("../../userspace/esp/testdata/published_vectors.json")
+	raw, err := os.ReadFile("../../dataplane/esp/testdata/published_vectors.json")
 	if err != nil {
 		t.Fatal(err)
 	}

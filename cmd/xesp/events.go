@@ -10,15 +10,16 @@ import (
 	"strings"
 	"time"
 
-	"github.com/xesp/xesp/userspace/api"
-	"github.com/xesp/xesp/userspace/sa"
+	"github.com/xesp/xesp/control/api"
+	"github.com/xesp/xesp/control/sa"
+	"github.com/xesp/xesp/internal/cli"
 )
 
 func init() {
-	register(command{name: "events", summary: "print SA lifetime events (soft: rekey due; hard: SA removed) from the control API", run: func(args []string) error {
+	register(cli.Command{Name: "events", Summary: "print SA lifetime events (soft: rekey due; hard: SA removed) from the control API", Run: func(args []string) error {
 		return runEvents(args, os.Stdout, os.Stderr)
 	}})
-	register(command{name: "rekey", summary: "replace SAs make-before-break: xesp rekey --old REF,REF [--grace 5s] FILE", run: func(args []string) error {
+	register(cli.Command{Name: "rekey", Summary: "replace SAs make-before-break: xesp rekey --old REF,REF [--grace 5s] FILE", Run: func(args []string) error {
 		return runRekey(args, os.Stdout, os.Stderr)
 	}})
 }

@@ -17,12 +17,12 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"golang.org/x/sys/unix"
 
-	"github.com/xesp/xesp/internal/etcdtest"
-	"github.com/xesp/xesp/internal/netns"
+	"github.com/xesp/xesp/control/etcdsrc"
+	"github.com/xesp/xesp/control/sa"
 	"github.com/xesp/xesp/internal/pkt"
-	"github.com/xesp/xesp/userspace/etcdsrc"
-	"github.com/xesp/xesp/userspace/sa"
-	"github.com/xesp/xesp/userspace/ue"
+	"github.com/xesp/xesp/lab/etcdtest"
+	"github.com/xesp/xesp/lab/netns"
+	"github.com/xesp/xesp/lab/ue"
 )
 
 // fleet is a two-gateway deployment in namespaces:

@@ -14,13 +14,14 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 
-	"github.com/xesp/xesp/userspace/config"
-	"github.com/xesp/xesp/userspace/etcdsrc"
-	"github.com/xesp/xesp/userspace/sa"
+	"github.com/xesp/xesp/control/config"
+	"github.com/xesp/xesp/control/etcdsrc"
+	"github.com/xesp/xesp/control/sa"
+	"github.com/xesp/xesp/internal/cli"
 )
 
 func init() {
-	register(command{name: "fleet", summary: "assign SAs to gateways in etcd, move them, list them", run: func(args []string) error {
+	register(cli.Command{Name: "fleet", Summary: "assign SAs to gateways in etcd, move them, list them", Run: func(args []string) error {
 		return runFleet(args, os.Stdout)
 	}})
 }

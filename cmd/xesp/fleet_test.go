@@ -7,9 +7,9 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/xesp/xesp/internal/etcdtest"
-	"github.com/xesp/xesp/userspace/etcdsrc"
-	"github.com/xesp/xesp/userspace/sa"
+	"github.com/xesp/xesp/control/etcdsrc"
+	"github.com/xesp/xesp/control/sa"
+	"github.com/xesp/xesp/lab/etcdtest"
 )
 
 // `xesp fleet` assigns SAs from SA files (key files read and written

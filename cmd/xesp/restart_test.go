@@ -11,8 +11,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/xesp/xesp/internal/netns"
-	"github.com/xesp/xesp/userspace/api"
+	"github.com/xesp/xesp/control/api"
+	"github.com/xesp/xesp/lab/netns"
 )
 
 // espOnWire is one ESP-in-UDP packet seen on the phone's link.

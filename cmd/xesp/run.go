@@ -10,14 +10,15 @@ import (
 	"os/signal"
 	"syscall"
 
-	"github.com/xesp/xesp/userspace/api"
-	"github.com/xesp/xesp/userspace/config"
-	"github.com/xesp/xesp/userspace/gateway"
-	"github.com/xesp/xesp/userspace/metrics"
+	"github.com/xesp/xesp/control/api"
+	"github.com/xesp/xesp/control/config"
+	"github.com/xesp/xesp/control/metrics"
+	"github.com/xesp/xesp/gateway"
+	"github.com/xesp/xesp/internal/cli"
 )
 
 func init() {
-	register(command{name: "run", summary: "run the gateway (XDP + AF_XDP data path, API, metrics)", run: runDaemon})
+	register(cli.Command{Name: "run", Summary: "run the gateway (XDP + AF_XDP data path, API, metrics)", Run: runDaemon})
 }
 
 func runDaemon(args []string) error {

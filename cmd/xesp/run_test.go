@@ -15,10 +15,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/xesp/xesp/internal/netns"
+	"github.com/xesp/xesp/dataplane/esp"
 	"github.com/xesp/xesp/internal/pkt"
-	"github.com/xesp/xesp/userspace/esp"
-	"github.com/xesp/xesp/userspace/ue"
+	"github.com/xesp/xesp/lab/netns"
+	"github.com/xesp/xesp/lab/ue"
 )
 
 // TestMain lets the test binary stand in for the xesp binary: the daemon

@@ -13,13 +13,14 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/xesp/xesp/userspace/api"
-	"github.com/xesp/xesp/userspace/config"
-	"github.com/xesp/xesp/userspace/sa"
+	"github.com/xesp/xesp/control/api"
+	"github.com/xesp/xesp/control/config"
+	"github.com/xesp/xesp/control/sa"
+	"github.com/xesp/xesp/internal/cli"
 )
 
 func init() {
-	register(command{name: "sa", summary: "add, delete, list and show SAs through the control API", run: func(args []string) error {
+	register(cli.Command{Name: "sa", Summary: "add, delete, list and show SAs through the control API", Run: func(args []string) error {
 		return runSA(args, os.Stdout, os.Stderr)
 	}})
 }

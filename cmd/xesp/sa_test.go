@@ -10,10 +10,10 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/xesp/xesp/userspace/api"
-	"github.com/xesp/xesp/userspace/config"
-	"github.com/xesp/xesp/userspace/sa"
-	"github.com/xesp/xesp/userspace/sad"
+	"github.com/xesp/xesp/control/api"
+	"github.com/xesp/xesp/control/config"
+	"github.com/xesp/xesp/control/sa"
+	"github.com/xesp/xesp/control/sad"
 )
 
 const cliToken = "cli-token-0123456789abcdef"

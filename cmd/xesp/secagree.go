@@ -10,13 +10,14 @@ import (
 	"strings"
 	"time"
 
+	"github.com/xesp/xesp/control/api"
+	"github.com/xesp/xesp/control/config"
+	"github.com/xesp/xesp/internal/cli"
 	"github.com/xesp/xesp/internal/safefile"
-	"github.com/xesp/xesp/userspace/api"
-	"github.com/xesp/xesp/userspace/config"
 )
 
 func init() {
-	register(command{name: "secagree", summary: "create or delete a registration's IMS sec-agree SAs (P-CSCF side)", run: func(args []string) error {
+	register(cli.Command{Name: "secagree", Summary: "create or delete a registration's IMS sec-agree SAs (P-CSCF side)", Run: func(args []string) error {
 		return runSecAgree(args, os.Stdout, os.Stderr)
 	}})
 }

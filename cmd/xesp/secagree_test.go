@@ -9,8 +9,8 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/xesp/xesp/userspace/api"
-	"github.com/xesp/xesp/userspace/secagree"
+	"github.com/xesp/xesp/control/api"
+	"github.com/xesp/xesp/control/secagree"
 )
 
 func TestCLISecAgree(t *testing.T) {

@@ -9,11 +9,12 @@ import (
 	"sort"
 	"text/tabwriter"
 
-	"github.com/xesp/xesp/userspace/api"
+	"github.com/xesp/xesp/control/api"
+	"github.com/xesp/xesp/internal/cli"
 )
 
 func init() {
-	register(command{name: "stats", summary: "print the gateway's traffic, drop and XDP figures from the control API", run: func(args []string) error {
+	register(cli.Command{Name: "stats", Summary: "print the gateway's traffic, drop and XDP figures from the control API", Run: func(args []string) error {
 		return runStats(args, os.Stdout, os.Stderr)
 	}})
 }

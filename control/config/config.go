@@ -1,0 +1,523 @@
+// Package config owns the daemon's configuration file (`xesp run --config
+// xesp.yaml`): its schema, its defaults (in Defaults, and nowhere else),
+// its validation, and the redacted effective view an operator can print.
+//
+// It reads the files the config names (SA files, key files, the API token
+// file) so that a bad reference is reported with the rest, but it opens no
+// sockets, touches no interface and loads nothing into the kernel: the
+// daemon acts on a Config, this package only vouches for it.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"github.com/xesp/xesp/internal/safefile"
+	"io"
+	"net"
+	"net/netip"
+	"path/filepath"
+	"regexp"
+	"runtime"
+	"strconv"
+	"strings"
+
+	"gopkg.in/yaml.v3"
+
+	"github.com/xesp/xesp/control/sa"
+)
+
+// Config is the daemon configuration. The yaml-tagged fields are the file
+// as written (after defaults); the `yaml:"-"` fields are what validation
+// derived from them, ready for the daemon to use.
+type Config struct {
+	Public  Public  `yaml:"public"`
+	Private Private `yaml:"private"`
+	// Workers is the number of ESP workers (goroutines locked to threads,
+	// one AF_XDP socket each per queue).
+	Workers  int    `yaml:"workers"`
+	NATTPort int    `yaml:"natt_port"`
+	XDPMode  string `yaml:"xdp_mode"` // native | generic
+	PinDir   string `yaml:"pin_dir"`  // bpffs directory for pinned maps and links
+	// MaxSAs is the capacity of the inbound SA map and of the outbound
+	// policy map, each.
+	MaxSAs   int       `yaml:"max_sas"`
+	UMEM     UMEM      `yaml:"umem"`
+	StateDir string    `yaml:"state_dir"` // sequence-number high-water marks
+	API      API       `yaml:"api"`
+	Metrics  Metrics   `yaml:"metrics"`
+	SlowPath SlowPath  `yaml:"slow_path"`
+	SAs      []sa.Spec `yaml:"sas,omitempty"`
+	// SAFiles are SA files (sa.ParseFile shapes), relative to the config.
+	SAFiles []string `yaml:"sa_files,omitempty"`
+	// Etcd, when set, adds the SAs assigned to this node in etcd.
+	Etcd *Etcd `yaml:"etcd,omitempty"`
+
+	// Path is the file the config came from ("" when parsed from bytes
+	// without a name); relative references resolve against its directory.
+	Path string `yaml:"-"`
+	// SAList holds every SA, validated: the inline ones in order, then
+	// each SA file's in order.
+	SAList []sa.SA `yaml:"-"`
+}
+
+// Public is the untrusted side facing the phones.
+type Public struct {
+	Interface string       `yaml:"interface"`
+	Addresses []string     `yaml:"addresses"` // outer addresses of this gateway; every SA's local is one
+	Addrs     []netip.Addr `yaml:"-"`
+}
+
+// Private is the side facing the SIP core. It may name the same interface
+// as Public (one-arm mode).
+type Private struct {
+	Interface string `yaml:"interface"`
+	// NextHopMAC overrides the neighbour-table lookup for frames sent on
+	// the private side.
+	NextHopMAC string           `yaml:"next_hop_mac,omitempty"`
+	NextHop    net.HardwareAddr `yaml:"-"`
+}
+
+// UMEM sizes the shared AF_XDP packet buffer and the socket rings.
+type UMEM struct {
+	Frames         int `yaml:"frames"`
+	FrameSize      int `yaml:"frame_size"`
+	FillRing       int `yaml:"fill_ring"`
+	CompletionRing int `yaml:"completion_ring"`
+	RXRing         int `yaml:"rx_ring"`
+	TXRing         int `yaml:"tx_ring"`
+}
+
+// API is the control API's listeners. An empty Unix disables the socket;
+// TCP is off unless set, and then needs a bearer token.
+type API struct {
+	Unix      string `yaml:"unix"`
+	TCP       string `yaml:"tcp,omitempty"`
+	Token     string `yaml:"token,omitempty"`
+	TokenFile string `yaml:"token_file,omitempty"` // relative to the config
+	// BearerToken is the token from Token or TokenFile.
+	BearerToken sa.Secret `yaml:"-"`
+}
+
+// Metrics is the Prometheus listener; an empty Listen disables it.
+type Metrics struct {
+	Listen string `yaml:"listen"`
+}
+
+// SlowPath configures what XDP passes up on the NAT-T port.
+type SlowPath struct {
+	// IKEForward is where IKE packets (non-ESP marker) are relayed, e.g.
+	// a local charon on 127.0.0.1:4501. Empty: counted and dropped.
+	IKEForward     string         `yaml:"ike_forward,omitempty"`
+	IKEForwardAddr netip.AddrPort `yaml:"-"`
+}
+
+// Limits checked by validation.
+const (
+	// MaxConfigSize bounds the config file itself; large SA sets belong in
+	// sa_files.
+	MaxConfigSize = 64 << 20
+	MaxWorkers    = 64
+	// MaxMaxSAs bounds max_sas: beyond it the BPF maps alone need
+	// gigabytes, which is more likely a typo than a plan.
+	MaxMaxSAs    = 1 << 24
+	maxUMEMBytes = 1 << 30
+	minTokenLen  = 16
+	maxTokenFile = 4096
+)
+
+// Defaults returns the configuration an empty file gives. The UMEM and
+// ring sizes hold over 10 ms of traffic: the Go loop on small VMs stalls
+// for 3-8 ms now and then and a smaller fill ring then drops packets.
+func Defaults() Config {
+	return Config{
+		Workers:  min(runtime.NumCPU(), MaxWorkers),
+		NATTPort: sa.DefaultNATTPort,
+		XDPMode:  "native",
+		PinDir:   "/sys/fs/bpf/xesp",
+		MaxSAs:   1 << 20,
+		UMEM: UMEM{
+			Frames: 16384, FrameSize: 4096,
+			FillRing: 8192, CompletionRing: 8192, RXRing: 8192, TXRing: 8192,
+		},
+		StateDir: "/var/lib/xesp",
+		API:      API{Unix: "/run/xesp/api.sock"},
+		Metrics:  Metrics{Listen: "127.0.0.1:9109"},
+	}
+}
+
+// Load reads and validates the config file at path. Every problem found
+// is returned at once, each as `config <path>: <field path>: <reason>`.
+func Load(path string) (*Config, error) {
+	data, err := safefile.Read(path, MaxConfigSize)
+	if err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	return Parse(data, path)
+}
+
+// Parse validates config text; path names it in errors and anchors
+// relative references (SA files, key files, token file).
+func Parse(data []byte, path string) (*Config, error) {
+	c := Defaults()
+	c.Path = path
+	prefix := "config"
+	if path != "" {
+		prefix = "config " + path
+	}
+	errs, fatal := decode(data, &c)
+	if fatal != nil {
+		return nil, fmt.Errorf("%s: %w", prefix, fatal)
+	}
+	errs = append(errs, c.validate()...)
+	if len(errs) > 0 {
+		out := make([]error, len(errs))
+		for i, e := range errs {
+			out[i] = fmt.Errorf("%s: %w", prefix, e)
+		}
+		return nil, errors.Join(out...)
+	}
+	return &c, nil
+}
+
+var yamlUnknownField = regexp.MustCompile(`field (\S+) not found in type \S+`)
+
+// decode fills c over its defaults: what the file omits keeps its default,
+// what it sets explicitly (even to zero) is validated as written.
+func decode(data []byte, c *Config) (errs []error, fatal error) {
+	defer func() {
+		if r := recover(); r != nil {
+			errs, fatal = nil, fmt.Errorf("yaml decoder failed on this input: %v", r)
+		}
+	}()
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	err := dec.Decode(c)
+	var te *yaml.TypeError
+	switch {
+	case errors.Is(err, io.EOF):
+		// An empty file is all defaults; validation says what is missing.
+	case errors.As(err, &te):
+		for _, m := range te.Errors {
+			errs = append(errs, errors.New(yamlUnknownField.ReplaceAllString(m, `unknown field "$1"`)))
+		}
+	case err != nil:
+		return nil, err
+	}
+	if err == nil {
+		var extra yaml.Node
+		if err := dec.Decode(&extra); !errors.Is(err, io.EOF) {
+			return nil, errors.New("more than one YAML document")
+		}
+	}
+	return errs, nil
+}
+
+func (c *Config) dir() string {
+	if c.Path == "" {
+		return "."
+	}
+	return filepath.Dir(c.Path)
+}
+
+func (c *Config) resolve(p string) string {
+	if filepath.IsAbs(p) {
+		return p
+	}
+	return filepath.Join(c.dir(), p)
+}
+
+type errList []error
+
+func (l *errList) add(field, format string, args ...any) {
+	*l = append(*l, fmt.Errorf("%s: %s", field, fmt.Sprintf(format, args...)))
+}
+
+func (c *Config) validate() []error {
+	var errs errList
+	c.validateSides(&errs)
+	if c.Workers < 1 || c.Workers > MaxWorkers {
+		errs.add("workers", "must be 1..%d, got %d", MaxWorkers, c.Workers)
+	}
+	if c.NATTPort < 1 || c.NATTPort > 65535 {
+		errs.add("natt_port", "must be 1..65535, got %d", c.NATTPort)
+	}
+	switch c.XDPMode {
+	case "native", "generic":
+	default:
+		errs.add("xdp_mode", "%q: must be native or generic", c.XDPMode)
+	}
+	absPath(&errs, "pin_dir", c.PinDir, false)
+	absPath(&errs, "state_dir", c.StateDir, false)
+	if c.MaxSAs < 1 || c.MaxSAs > MaxMaxSAs {
+		errs.add("max_sas", "must be 1..%d, got %d", MaxMaxSAs, c.MaxSAs)
+	}
+	c.validateUMEM(&errs)
+	c.validateAPI(&errs)
+	if c.Metrics.Listen != "" {
+		if err := checkListen(c.Metrics.Listen); err != nil {
+			errs.add("metrics.listen", "%v", err)
+		}
+	}
+	if s := c.SlowPath.IKEForward; s != "" {
+		ap, err := netip.ParseAddrPort(s)
+		switch {
+		case err != nil:
+			errs.add("slow_path.ike_forward", "%q: want ip:port (e.g. 127.0.0.1:4501 or [::1]:4501)", s)
+		case ap.Port() == 0:
+			errs.add("slow_path.ike_forward", "%s: port 0", s)
+		default:
+			c.SlowPath.IKEForwardAddr = ap
+		}
+	}
+	c.validateSAs(&errs)
+	c.validateEtcd(&errs)
+	return errs
+}
+
+// ifname mirrors the kernel's dev_valid_name: at most 15 bytes, no '/',
+// ':' or whitespace, not "." or "..".
+func ifname(errs *errList, field, name string) {
+	switch {
+	case name == "":
+		errs.add(field, "required")
+	case len(name) > 15:
+		errs.add(field, "%q is longer than 15 bytes", name)
+	case name == "." || name == ".." || strings.ContainsAny(name, "/: \t\n\r\x00"):
+		errs.add(field, "%q is not a valid interface name", name)
+	}
+}
+
+func (c *Config) validateSides(errs *errList) {
+	ifname(errs, "public.interface", c.Public.Interface)
+	ifname(errs, "private.interface", c.Private.Interface)
+	if len(c.Public.Addresses) == 0 {
+		errs.add("public.addresses", "at least one address is required (the outer addresses SAs use as local)")
+	}
+	c.Public.Addrs = nil
+	seen := map[netip.Addr]bool{}
+	for i, s := range c.Public.Addresses {
+		field := fmt.Sprintf("public.addresses[%d]", i)
+		a, err := netip.ParseAddr(s)
+		switch {
+		case err != nil:
+			errs.add(field, "%q is not an IP address", s)
+		case a.Zone() != "" || a.Is4In6() || a.IsUnspecified() || a.IsMulticast():
+			errs.add(field, "%s: want a unicast address without zone", s)
+		case seen[a]:
+			errs.add(field, "%s is listed twice", a)
+		default:
+			seen[a] = true
+			c.Public.Addrs = append(c.Public.Addrs, a)
+		}
+	}
+	if s := c.Private.NextHopMAC; s != "" {
+		mac, err := net.ParseMAC(s)
+		switch {
+		case err != nil || len(mac) != 6:
+			errs.add("private.next_hop_mac", "%q: want an Ethernet address like 02:00:5e:10:00:01", s)
+		case mac[0]&1 != 0:
+			errs.add("private.next_hop_mac", "%s is a multicast or broadcast address", mac)
+		case bytes.Equal(mac, make([]byte, 6)):
+			errs.add("private.next_hop_mac", "%s is the zero address", mac)
+		default:
+			c.Private.NextHop = mac
+		}
+	}
+}
+
+func absPath(errs *errList, field, p string, emptyOK bool) {
+	switch {
+	case p == "" && emptyOK:
+	case p == "":
+		errs.add(field, "required")
+	case !filepath.IsAbs(p):
+		errs.add(field, "%q must be an absolute path", p)
+	}
+}
+
+func pow2(n int) bool { return n > 0 && n&(n-1) == 0 }
+
+func (c *Config) validateUMEM(errs *errList) {
+	u := c.UMEM
+	if u.Frames < 64 || u.Frames > 1<<22 {
+		errs.add("umem.frames", "must be 64..%d, got %d", 1<<22, u.Frames)
+	}
+	if u.FrameSize != 2048 && u.FrameSize != 4096 {
+		errs.add("umem.frame_size", "must be 2048 or 4096, got %d", u.FrameSize)
+	} else if u.Frames*u.FrameSize > maxUMEMBytes {
+		errs.add("umem.frames", "%d frames of %d bytes exceed %d MiB", u.Frames, u.FrameSize, maxUMEMBytes>>20)
+	}
+	for _, r := range []struct {
+		field string
+		n     int
+	}{{"umem.fill_ring", u.FillRing}, {"umem.completion_ring", u.CompletionRing}, {"umem.rx_ring", u.RXRing}, {"umem.tx_ring", u.TXRing}} {
+		switch {
+		case !pow2(r.n) || r.n < 64 || r.n > 1<<18:
+			// The kernel refuses ring sizes that are not powers of two.
+			errs.add(r.field, "must be a power of two in 64..%d, got %d", 1<<18, r.n)
+		case r.n > u.Frames && u.Frames >= 64:
+			errs.add(r.field, "%d entries exceed umem.frames %d", r.n, u.Frames)
+		}
+	}
+}
+
+// checkListen accepts host:port with a numeric port; the host may be a
+// name ("localhost") or empty (all addresses).
+func checkListen(s string) error {
+	host, port, err := net.SplitHostPort(s)
+	if err != nil {
+		return fmt.Errorf("%q: want host:port", s)
+	}
+	if n, err := strconv.Atoi(port); err != nil || n < 0 || n > 65535 {
+		return fmt.Errorf("%q: port must be a number 0..65535", s)
+	}
+	if strings.ContainsAny(host, " /\t\n") {
+		return fmt.Errorf("%q: invalid host", s)
+	}
+	return nil
+}
+
+func (c *Config) validateAPI(errs *errList) {
+	a := &c.API
+	absPath(errs, "api.unix", a.Unix, true)
+	if a.TCP == "" {
+		if a.Token != "" || a.TokenFile != "" {
+			errs.add("api.token", "set but api.tcp is not: the unix socket is guarded by its file mode, not a token")
+		}
+		return
+	}
+	if err := checkListen(a.TCP); err != nil {
+		errs.add("api.tcp", "%v", err)
+	}
+	switch {
+	case a.Token != "" && a.TokenFile != "":
+		errs.add("api.token", "give token or token_file, not both")
+	case a.Token == "" && a.TokenFile == "":
+		errs.add("api.tcp", "needs api.token or api.token_file: the TCP listener only serves bearer-token requests")
+	case a.Token != "":
+		if len(a.Token) < minTokenLen {
+			errs.add("api.token", "too short: at least %d characters", minTokenLen)
+			return
+		}
+		a.BearerToken = sa.Secret(a.Token)
+	default:
+		tok, err := readSmallFile(c.resolve(a.TokenFile), maxTokenFile)
+		if err != nil {
+			errs.add("api.token_file", "%v", err)
+			return
+		}
+		tok = bytes.TrimSpace(tok)
+		if len(tok) < minTokenLen {
+			errs.add("api.token_file", "%s: token too short: at least %d characters", c.resolve(a.TokenFile), minTokenLen)
+			return
+		}
+		a.BearerToken = sa.Secret(tok)
+	}
+}
+
+func readSmallFile(path string, limit int64) ([]byte, error) {
+	return safefile.Read(path, limit)
+}
+
+// validateSAs parses inline SAs and SA files, then checks them together:
+// names and identities unique across all sources, locals among the public
+// addresses, encapsulated SAs on the NAT-T port, counts within max_sas.
+func (c *Config) validateSAs(errs *errList) {
+	c.SAList = nil
+	var labels []string
+	for i := range c.SAs {
+		sp := &c.SAs[i]
+		pos := fmt.Sprintf("sas[%d]", i)
+		s, err := sp.Parse(sa.Options{KeyFileDir: c.dir(), Label: pos})
+		if err != nil {
+			*errs = append(*errs, sa.Flatten(err)...)
+			continue
+		}
+		label := pos
+		if s.Name != "" {
+			label = fmt.Sprintf("%s %q", pos, s.Name)
+		}
+		c.SAList = append(c.SAList, s)
+		labels = append(labels, label)
+	}
+	for i, p := range c.SAFiles {
+		field := fmt.Sprintf("sa_files[%d]", i)
+		if p == "" {
+			errs.add(field, "empty path")
+			continue
+		}
+		list, err := sa.ParseFile(c.resolve(p), sa.Options{})
+		for _, e := range sa.Flatten(err) {
+			*errs = append(*errs, fmt.Errorf("%s: %w", field, e))
+		}
+		for j := range list {
+			labels = append(labels, fmt.Sprintf("%s: %s: %s", field, c.resolve(p), list[j].Label()))
+		}
+		c.SAList = append(c.SAList, list...)
+	}
+
+	local := make(map[netip.Addr]bool, len(c.Public.Addrs))
+	for _, a := range c.Public.Addrs {
+		local[a] = true
+	}
+	var d sa.Dedup
+	var in, out int
+	for i := range c.SAList {
+		s := &c.SAList[i]
+		if err := d.Add(s, labels[i]); err != nil {
+			*errs = append(*errs, sa.Flatten(err)...)
+		}
+		if len(local) > 0 && !local[s.Local] {
+			*errs = append(*errs, &sa.FieldError{SA: labels[i], Field: "local",
+				Reason: fmt.Sprintf("%s is not one of public.addresses", s.Local)})
+		}
+		if s.Encap != nil && int(s.Encap.LocalPort) != c.NATTPort {
+			*errs = append(*errs, &sa.FieldError{SA: labels[i], Field: "encap.local_port",
+				Reason: fmt.Sprintf("%d differs from natt_port %d: XDP only takes ESP-in-UDP on natt_port", s.Encap.LocalPort, c.NATTPort)})
+		}
+		if s.Direction == sa.In {
+			in++
+		} else {
+			out++
+		}
+	}
+	if in > c.MaxSAs || out > c.MaxSAs {
+		errs.add("max_sas", "%d inbound and %d outbound SAs do not fit in %d map entries each", in, out, c.MaxSAs)
+	}
+}
+
+// Effective renders the configuration in force, defaults included, as
+// YAML, with key material and the API token replaced by "[redacted]".
+// SAs from sa_files are counted, not listed.
+func (c *Config) Effective() ([]byte, error) {
+	r := *c
+	r.SAs = make([]sa.Spec, len(c.SAs))
+	for i, sp := range c.SAs {
+		if sp.EncKey != "" {
+			sp.EncKey = "[redacted]"
+		}
+		if sp.AuthKey != "" {
+			sp.AuthKey = "[redacted]"
+		}
+		r.SAs[i] = sp
+	}
+	if r.API.Token != "" {
+		r.API.Token = "[redacted]"
+	}
+	var buf bytes.Buffer
+	fmt.Fprintf(&buf, "# effective configuration")
+	if c.Path != "" {
+		fmt.Fprintf(&buf, " from %s", c.Path)
+	}
+	fmt.Fprintf(&buf, "; %d SAs (%d inline, %d from sa_files)\n", len(c.SAList), len(c.SAs), len(c.SAList)-len(c.SAs))
+	enc := yaml.NewEncoder(&buf)
+	enc.SetIndent(2)
+	if err := enc.Encode(&r); err != nil {
+		return nil, fmt.Errorf("render effective config: %w", err)
+	}
+	if err := enc.Close(); err != nil {
+		return nil, fmt.Errorf("render effective config: %w", err)
+	}
+	return buf.Bytes(), nil
+}

@@ -1,0 +1,155 @@
+package config
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/xesp/xesp/control/sa"
+)
+
+// Etcd makes an etcd cluster one more SA source (`etcd:` in the file;
+// absent means none). Each gateway loads the SAs under
+// <prefix>/nodes/<node>/sas/ and keeps following them; with Sequence set
+// (the default) the outbound sequence high-water marks live in etcd too,
+// under <prefix>/seq/, so another gateway can take an SA over without
+// reusing a sequence number.
+type Etcd struct {
+	Endpoints   []string `yaml:"endpoints"`
+	Node        string   `yaml:"node"`
+	Prefix      string   `yaml:"prefix,omitempty"`
+	DialTimeout string   `yaml:"dial_timeout,omitempty"`
+	// Sequence keeps the reservations in etcd instead of state_dir. It
+	// defaults to true: SAs that can move between gateways need their
+	// marks where every gateway sees them.
+	Sequence *bool `yaml:"sequence,omitempty"`
+
+	// LivenessTTL is the lease of <prefix>/alive/<node>, the key a fleet
+	// controller watches: it vanishes this long after the gateway dies.
+	LivenessTTL string `yaml:"liveness_ttl,omitempty"`
+
+	// Dial is DialTimeout parsed (default 5s); TTL is LivenessTTL
+	// parsed (default 5s).
+	Dial time.Duration `yaml:"-"`
+	TTL  time.Duration `yaml:"-"`
+}
+
+// SequenceInEtcd reports whether the sequence marks live in etcd.
+func (e *Etcd) SequenceInEtcd() bool { return e != nil && (e.Sequence == nil || *e.Sequence) }
+
+// DefaultEtcdPrefix is the key prefix when etcd.prefix is omitted.
+const DefaultEtcdPrefix = "/xesp"
+
+var etcdNode = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
+
+func (c *Config) validateEtcd(errs *errList) {
+	e := c.Etcd
+	if e == nil {
+		return
+	}
+	if len(e.Endpoints) == 0 {
+		errs.add("etcd.endpoints", "at least one endpoint is required (e.g. http://127.0.0.1:2379)")
+	}
+	for i, ep := range e.Endpoints {
+		if err := checkEndpoint(ep); err != nil {
+			errs.add(fmt.Sprintf("etcd.endpoints[%d]", i), "%v", err)
+		}
+	}
+	if !etcdNode.MatchString(e.Node) {
+		errs.add("etcd.node", "%q: want 1..63 letters, digits, '.', '_' or '-', starting with a letter or digit", e.Node)
+	}
+	if e.Prefix == "" {
+		e.Prefix = DefaultEtcdPrefix
+	}
+	switch p := e.Prefix; {
+	case !strings.HasPrefix(p, "/"):
+		errs.add("etcd.prefix", "%q must start with /", p)
+	case len(p) > 1 && strings.HasSuffix(p, "/"):
+		errs.add("etcd.prefix", "%q must not end with /", p)
+	case strings.Contains(p, "//") || strings.ContainsAny(p, " \t\n\r\x00"):
+		errs.add("etcd.prefix", "%q: empty path element or whitespace", p)
+	}
+	e.TTL = 5 * time.Second
+	if s := e.LivenessTTL; s != "" {
+		d, err := time.ParseDuration(s)
+		switch {
+		case err != nil:
+			errs.add("etcd.liveness_ttl", "%q: want a duration like 5s", s)
+		case d < time.Second || d > 10*time.Minute || d%time.Second != 0:
+			// etcd leases count whole seconds.
+			errs.add("etcd.liveness_ttl", "%s: must be whole seconds in 1s..10m", d)
+		default:
+			e.TTL = d
+		}
+	}
+	e.Dial = 5 * time.Second
+	if s := e.DialTimeout; s != "" {
+		d, err := time.ParseDuration(s)
+		switch {
+		case err != nil:
+			errs.add("etcd.dial_timeout", "%q: want a duration like 5s", s)
+		case d < 100*time.Millisecond || d > time.Minute:
+			errs.add("etcd.dial_timeout", "%s: must be 100ms..1m", d)
+		default:
+			e.Dial = d
+		}
+	}
+}
+
+// checkEndpoint accepts http://host:port or bare host:port. TLS endpoints
+// are refused until the config can name certificates.
+func checkEndpoint(ep string) error {
+	hostport := ep
+	if strings.Contains(ep, "://") {
+		u, err := url.Parse(ep)
+		if err != nil {
+			return fmt.Errorf("%q: %v", ep, err)
+		}
+		if u.Scheme != "http" {
+			return fmt.Errorf("%q: scheme %q: only http is supported (no TLS settings yet)", ep, u.Scheme)
+		}
+		if (u.Path != "" && u.Path != "/") || u.RawQuery != "" || u.User != nil {
+			return fmt.Errorf("%q: want scheme://host:port and nothing else", ep)
+		}
+		hostport = u.Host
+	}
+	host, port, err := net.SplitHostPort(hostport)
+	if err != nil || host == "" {
+		return fmt.Errorf("%q: want host:port", ep)
+	}
+	if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
+		return fmt.Errorf("%q: port must be a number 1..65535", ep)
+	}
+	return nil
+}
+
+// CheckSA applies to an SA from another source (etcd) the checks the file's
+// own SAs get: its local address is one of public.addresses and an
+// encapsulated SA uses natt_port.
+func (c *Config) CheckSA(s *sa.SA) error {
+	found := false
+	for _, a := range c.Public.Addrs {
+		found = found || a == s.Local
+	}
+	if !found {
+		return &sa.FieldError{SA: s.Label(), Field: "local", Reason: fmt.Sprintf("%s is not one of public.addresses", s.Local)}
+	}
+	if s.Encap != nil && int(s.Encap.LocalPort) != c.NATTPort {
+		return &sa.FieldError{SA: s.Label(), Field: "encap.local_port",
+			Reason: fmt.Sprintf("%d differs from natt_port %d: XDP only takes ESP-in-UDP on natt_port", s.Encap.LocalPort, c.NATTPort)}
+	}
+	return nil
+}
+
+// CheckEtcd validates just the etcd section (for tools that take the same
+// settings as flags).
+func (c *Config) CheckEtcd() error {
+	var errs errList
+	c.validateEtcd(&errs)
+	return errors.Join(errs...)
+}

@@ -1,0 +1,301 @@
+// Package lifetime enforces RFC 4301 SA lifetimes (section 4.4.2.1): soft
+// and hard limits by time, bytes and packets, plus the sequence-number
+// space (2^32 without ESN, 2^64 with), which RFC 4303 says must never
+// cycle. A soft limit marks the SA soft-expired in the SAD and raises an
+// event (the API serves them, the metrics count them) so the key
+// management can rekey in time; a hard limit deletes the SA from the SAD,
+// and with it, through the manager, from the worker tables and the BPF
+// maps.
+//
+// It reads the SAD and the data path's per-SA counters periodically and
+// writes only through the SAD, so the manager stays the one writer of the
+// data path. Limits are checked once per Interval: a hard bytes or
+// packets limit can be overrun by what the SA carries in one interval.
+// The sequence space itself is never overrun: the ESP engine refuses to
+// seal past it (esp.ReasonSeqCycled) whatever this package does.
+package lifetime
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/xesp/xesp/control/sa"
+	"github.com/xesp/xesp/control/sad"
+)
+
+// Kind says whether a soft or a hard limit was reached.
+type Kind uint8
+
+// Kinds.
+const (
+	Soft Kind = iota
+	Hard
+	numKinds
+)
+
+func (k Kind) String() string {
+	if k == Hard {
+		return "hard"
+	}
+	return "soft"
+}
+
+// Limit is what ran out.
+type Limit uint8
+
+// Limits.
+const (
+	Time Limit = iota
+	Bytes
+	Packets
+	Seq // sequence-number space
+	numLimits
+)
+
+var limitNames = [numLimits]string{"time", "bytes", "packets", "seq"}
+
+func (l Limit) String() string {
+	if l < numLimits {
+		return limitNames[l]
+	}
+	return fmt.Sprintf("limit(%d)", uint8(l))
+}
+
+// Seq thresholds: soft at three quarters of the space, so a rekey has a
+// quarter of it to complete; hard when the last number is used.
+const (
+	SeqSoft32 = 3 << 30
+	SeqHard32 = 1<<32 - 1
+	SeqSoft64 = 3 << 62
+	SeqHard64 = 1<<64 - 1
+)
+
+// Event is one soft or hard expiry.
+type Event struct {
+	// Num numbers events from 1 in the order they happened.
+	Num  uint64
+	Time time.Time
+	ID   sa.ID
+	Name string
+	Kind Kind
+	What Limit
+	// Value is the SA's figure when it was checked; Threshold the limit
+	// it reached (seconds, bytes, packets or sequence number).
+	Value, Threshold uint64
+}
+
+// Usage is what the data path reports of one SA.
+type Usage struct {
+	Packets, Bytes, Seq uint64
+	// Since, when not zero, is when the SA's lifetime started if that was
+	// before the SAD's creation time (an SA continued across a restart).
+	Since time.Time
+}
+
+// UsageFunc returns an SA's usage; false when the data path does not
+// hold it (yet): its traffic limits are then not checked (Since still
+// counts).
+type UsageFunc func(sa.ID) (Usage, bool)
+
+// Options wire an Enforcer.
+type Options struct {
+	SAD   *sad.SAD
+	Usage UsageFunc
+	// Interval between checks (1 s).
+	Interval time.Duration
+	// Now is the clock (time.Now); tests move it.
+	Now func() time.Time
+	// Keep is how many events are kept for readers (4096).
+	Keep int
+	Log  *slog.Logger
+}
+
+// Enforcer checks every SA's lifetime each Interval.
+type Enforcer struct {
+	o      Options
+	counts [numKinds][numLimits]atomic.Uint64
+	checks atomic.Uint64
+
+	mu     sync.Mutex
+	events []Event // ring of the last Keep events
+	num    uint64  // events so far
+	wake   chan struct{}
+
+	checkMu sync.Mutex // one pass at a time (Run and callers of Check)
+	page    []sad.Entry
+}
+
+// New checks o and returns an Enforcer; Run starts it.
+func New(o Options) (*Enforcer, error) {
+	if o.SAD == nil || o.Usage == nil {
+		return nil, errors.New("lifetime: SAD and usage source are required")
+	}
+	if o.Interval <= 0 {
+		o.Interval = time.Second
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	if o.Keep <= 0 {
+		o.Keep = 4096
+	}
+	if o.Log == nil {
+		o.Log = slog.New(slog.DiscardHandler)
+	}
+	return &Enforcer{o: o, wake: make(chan struct{})}, nil
+}
+
+// Run checks every Interval until ctx ends.
+func (e *Enforcer) Run(ctx context.Context) error {
+	t := time.NewTicker(e.o.Interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+			e.Check()
+		}
+	}
+}
+
+// Check runs one pass over the SAD now.
+func (e *Enforcer) Check() {
+	e.checkMu.Lock()
+	defer e.checkMu.Unlock()
+	e.checks.Add(1)
+	now := e.o.Now()
+	var cur uint64
+	for {
+		e.page, cur = e.o.SAD.List(cur, 4096, e.page[:0])
+		for i := range e.page {
+			e.check(&e.page[i], now)
+		}
+		if cur == 0 {
+			return
+		}
+	}
+}
+
+func (e *Enforcer) check(ent *sad.Entry, now time.Time) {
+	l := ent.SA.Lifetime
+	seqSoft, seqHard := uint64(SeqSoft32), uint64(SeqHard32)
+	if ent.SA.ESN {
+		seqSoft, seqHard = SeqSoft64, SeqHard64
+	}
+	u, ok := e.o.Usage(ent.ID)
+	born := ent.Created
+	if !u.Since.IsZero() && u.Since.Before(born) {
+		born = u.Since
+	}
+	age := uint64(max(now.Sub(born), 0) / time.Second)
+	type test struct {
+		what              Limit
+		value, soft, hard uint64
+	}
+	tests := [4]test{{Time, age, l.SoftSeconds, l.HardSeconds}}
+	n := 1
+	if ok {
+		tests[1] = test{Bytes, u.Bytes, l.SoftBytes, l.HardBytes}
+		tests[2] = test{Packets, u.Packets, l.SoftPackets, l.HardPackets}
+		tests[3] = test{Seq, u.Seq, seqSoft, seqHard}
+		n = 4
+	}
+	for _, t := range tests[:n] {
+		if t.hard != 0 && t.value >= t.hard {
+			if _, err := e.o.SAD.Delete(ent.ID); err != nil {
+				// Deleted meanwhile (API, rekey): nothing to enforce.
+				return
+			}
+			e.raise(Event{Time: now, ID: ent.ID, Name: ent.SA.Name, Kind: Hard, What: t.what, Value: t.value, Threshold: t.hard})
+			return
+		}
+	}
+	if ent.State != sad.Active {
+		return
+	}
+	for _, t := range tests[:n] {
+		if t.soft != 0 && t.value >= t.soft {
+			if err := e.o.SAD.SetState(ent.ID, sad.SoftExpired); err != nil {
+				return
+			}
+			e.raise(Event{Time: now, ID: ent.ID, Name: ent.SA.Name, Kind: Soft, What: t.what, Value: t.value, Threshold: t.soft})
+			return
+		}
+	}
+}
+
+func (e *Enforcer) raise(ev Event) {
+	e.counts[ev.Kind][ev.What].Add(1)
+	e.mu.Lock()
+	e.num++
+	ev.Num = e.num
+	if len(e.events) < e.o.Keep {
+		e.events = append(e.events, ev)
+	} else {
+		e.events[(ev.Num-1)%uint64(e.o.Keep)] = ev
+	}
+	close(e.wake)
+	e.wake = make(chan struct{})
+	e.mu.Unlock()
+	e.o.Log.Warn("SA lifetime reached", "sa", ev.ID, "name", ev.Name, "kind", ev.Kind.String(),
+		"limit", ev.What.String(), "value", ev.Value, "threshold", ev.Threshold)
+}
+
+// Events returns up to max events numbered above since, oldest first, and
+// the number to ask from next time. Events older than the last Keep are
+// gone; the first one returned then has a Num above since+1.
+func (e *Enforcer) Events(since uint64, max int) ([]Event, uint64) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	k := uint64(e.o.Keep)
+	first := since + 1
+	if e.num > k && first <= e.num-k {
+		first = e.num - k + 1
+	}
+	var out []Event
+	for n := first; n <= e.num && len(out) < max; n++ {
+		out = append(out, e.events[(n-1)%k])
+	}
+	if len(out) == 0 {
+		return nil, since
+	}
+	return out, out[len(out)-1].Num
+}
+
+// Wait returns once an event numbered above since exists, or ctx ends.
+func (e *Enforcer) Wait(ctx context.Context, since uint64) error {
+	for {
+		e.mu.Lock()
+		n, ch := e.num, e.wake
+		e.mu.Unlock()
+		if n > since {
+			return nil
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// Counts returns how many soft and hard expiries happened per limit,
+// keyed "soft/bytes", "hard/time", ... (every key present).
+func (e *Enforcer) Counts() map[string]uint64 {
+	out := make(map[string]uint64, int(numKinds)*int(numLimits))
+	for k := Kind(0); k < numKinds; k++ {
+		for l := Limit(0); l < numLimits; l++ {
+			out[k.String()+"/"+l.String()] = e.counts[k][l].Load()
+		}
+	}
+	return out
+}
+
+// Checks is how many passes have run.
+func (e *Enforcer) Checks() uint64 { return e.checks.Load() }

@@ -1,0 +1,836 @@
+// Package manager keeps the data path in step with the SA database. It is
+// the only writer of the BPF SA map and policy trie and the only sender of
+// worker commands: it follows the SAD's change feed, builds each SA's
+// cipher state once (esp.NewSA), installs it in its worker's table, then
+// publishes it to XDP; on delete it unpublishes first, waits for the XDP
+// runs in flight to end, then has the worker uninstall it once it has
+// processed the frames already steered to it. That order means XDP never
+// steers a packet to a slot its worker has not filled yet, and no packet
+// steered before a delete is dropped for want of its SA. It also carries NAT bindings the workers learn back into the
+// SAD, and answers the API's per-SA questions.
+//
+// It must not touch packets or sockets, and it never blocks a worker: all
+// hand-over is by Commands applied between batches and by atomics.
+package manager
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"sync"
+	"time"
+
+	"github.com/xesp/xesp/bpf"
+	"github.com/xesp/xesp/control/sa"
+	"github.com/xesp/xesp/control/sad"
+	"github.com/xesp/xesp/control/seqstore"
+	"github.com/xesp/xesp/dataplane/esp"
+	"github.com/xesp/xesp/dataplane/worker"
+	"github.com/xesp/xesp/maps"
+)
+
+// Workers is what the manager needs of the data-path workers.
+type Workers interface {
+	Send(ctx context.Context, w int, cmds []worker.Command) error
+	Sync(ctx context.Context, w int) error
+	Len() int
+}
+
+// SeqStore keeps outbound sequence reservations: *seqstore.Store on one
+// machine, or a fleet-wide store (etcdseq) with the same contract.
+type SeqStore interface {
+	KeyFor(dir string, spi uint32, peer netip.AddrPort, proposal string, encKey, authKey []byte) seqstore.Key
+	Block() uint64
+	High(seqstore.Key) (uint64, bool)
+	Reserve([]seqstore.Reservation) error
+}
+
+// prefetcher is a SeqStore whose High costs a round trip (a shared store):
+// reserve lets it read a whole batch's marks at once first.
+type prefetcher interface{ Prefetch([]seqstore.Key) }
+
+// Options wires a Manager.
+type Options struct {
+	SAD     *sad.SAD
+	Maps    *maps.Set
+	Workers Workers
+	// Events carries binding changes from the workers.
+	Events <-chan worker.BindingChange
+	// Seq, when set, keeps every outbound SA's sequence numbers durably
+	// reserved ahead of use (no IV reuse across restarts); SeqRequests
+	// carries the workers' requests for more.
+	Seq         SeqStore
+	SeqRequests <-chan worker.SeqRequest
+	// Restore, when set, may load persisted state (an inbound SA's replay
+	// window, its counters) into an entry before its first install, after
+	// a restart. Updates and moves then carry the entry's state over.
+	Restore func(id sa.ID, s *sa.SA, e *worker.Entry)
+	Log     *slog.Logger
+}
+
+// slot is one SA installed in the data path.
+type slot struct {
+	id     sa.ID
+	spi    uint32
+	worker uint16
+	index  uint32
+	entry  *worker.Entry
+	group  groupRef
+	policy netip.Prefix // outbound: the policy trie key this SA serves
+	encap  bool
+	seqKey seqstore.Key // outbound: its reservation record
+
+	// While a commit builds an update: the slot it replaces, and whether
+	// the worker inherits its state in place (same worker and index).
+	replaces *slot
+	inherit  bool
+}
+
+type groupRef struct {
+	worker uint16
+	key    sad.GroupKey
+}
+
+type sharedBinding struct {
+	b    *worker.Binding
+	refs int
+}
+
+// Manager mirrors a SAD into the data path.
+type Manager struct {
+	o   Options
+	log *slog.Logger
+
+	mu       sync.RWMutex // guards live (read by the API)
+	live     map[sa.ID]*slot
+	slots    [][]*slot // [worker][index], for binding events
+	bindings map[groupRef]*sharedBinding
+	// policies lists, per inner prefix, the outbound SAs that serve it, in
+	// install order; the trie points at the newest, so a rekeyed SA takes
+	// over and the older one takes back over if the newer goes first.
+	policies map[netip.Prefix][]*slot
+
+	version uint64
+	changes []sad.Change
+	// retryInstall holds SAs whose sequence reservation failed; Run
+	// installs them again from the SAD every second (guarded by mu).
+	retryInstall map[sa.ID]struct{}
+
+	// synced is the SAD version the data path reflects; waiters watch
+	// syncedCh, which is closed and replaced at every advance.
+	syncMu   sync.Mutex
+	synced   uint64
+	syncedCh chan struct{}
+}
+
+// New returns a Manager; Sync or Run start mirroring.
+func New(o Options) (*Manager, error) {
+	if o.SAD == nil || o.Maps == nil || o.Workers == nil {
+		return nil, errors.New("manager: SAD, maps and workers are required")
+	}
+	if o.Log == nil {
+		o.Log = slog.Default()
+	}
+	if s, ok := o.Seq.(*seqstore.Store); ok && s == nil {
+		o.Seq = nil // a nil *Store means no store, as before SeqStore was an interface
+	}
+	return &Manager{
+		o: o, log: o.Log, syncedCh: make(chan struct{}),
+		live:     make(map[sa.ID]*slot),
+		slots:    make([][]*slot, o.Workers.Len()),
+		bindings: make(map[groupRef]*sharedBinding),
+		policies: make(map[netip.Prefix][]*slot),
+
+		retryInstall: make(map[sa.ID]struct{}),
+	}, nil
+}
+
+// Run follows the SAD until ctx ends.
+func (m *Manager) Run(ctx context.Context) error {
+	// A failed SA is reported and the rest carry on, on the first round
+	// as on every later one: changes that arrived since the caller's own
+	// Sync (an etcd listing, an API call) must not stop the data path.
+	if err := m.Sync(ctx); err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
+		m.log.Error("sync data path with SA database", "err", err)
+	}
+	// Extensions that failed for want of the store (a shared one out of
+	// reach) are retried: the worker asks once per block and would
+	// otherwise stall at its limit for good. Fenced ones are not.
+	retry := make(map[worker.SeqRequest]struct{})
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-tick.C:
+			m.retryInstalls(ctx)
+			for req := range retry {
+				err := m.extend(req)
+				if err == nil || errors.Is(err, seqstore.ErrFenced) {
+					delete(retry, req)
+					m.log.Info("reserve sequence numbers: retried", "worker", req.Worker, "index", req.Index, "err", err)
+				}
+			}
+		case <-m.o.SAD.Notify():
+			if err := m.Sync(ctx); err != nil {
+				if ctx.Err() != nil {
+					return nil
+				}
+				m.log.Error("sync data path with SA database", "err", err)
+			}
+		case ev := <-m.o.Events:
+			m.bindingChanged(ev)
+		case req := <-m.o.SeqRequests:
+			if err := m.extend(req); err != nil {
+				m.log.Error("reserve sequence numbers", "err", err)
+				if !errors.Is(err, seqstore.ErrFenced) {
+					retry[req] = struct{}{}
+				}
+			}
+		}
+	}
+}
+
+// retryInstalls installs again the SAs whose reservation failed, as the
+// SAD has them now (deleted ones are dropped).
+func (m *Manager) retryInstalls(ctx context.Context) {
+	m.mu.Lock()
+	if len(m.retryInstall) == 0 {
+		m.mu.Unlock()
+		return
+	}
+	ids := make([]sa.ID, 0, len(m.retryInstall))
+	for id := range m.retryInstall {
+		ids = append(ids, id)
+	}
+	clear(m.retryInstall)
+	m.mu.Unlock()
+	var b batch
+	for _, id := range ids {
+		if e, ok := m.o.SAD.Get(id); ok {
+			b.adds = append(b.adds, e)
+		}
+	}
+	if err := m.commit(ctx, &b); err != nil {
+		m.log.Error("install SAs again", "sas", len(b.adds), "err", err)
+		return
+	}
+	m.log.Info("installed SAs whose reservation had failed", "sas", len(b.adds))
+}
+
+// Sync applies every SAD change made so far and returns once the data
+// path reflects them.
+func (m *Manager) Sync(ctx context.Context) error {
+	var err error
+	var next uint64
+	m.changes, next, err = m.o.SAD.Changes(m.version, m.changes)
+	if errors.Is(err, sad.ErrResync) {
+		return m.resync(ctx)
+	}
+	if err != nil {
+		return fmt.Errorf("read SA changes: %w", err)
+	}
+	if len(m.changes) == 0 {
+		return nil
+	}
+	var b batch
+	for _, c := range m.changes {
+		m.plan(&b, c)
+	}
+	err = m.commit(ctx, &b)
+	if ctx.Err() != nil {
+		return err
+	}
+	// SAs that failed to build or publish are reported, not retried:
+	// waiting on them would stall every later change.
+	m.advance(next)
+	return err
+}
+
+// advance records that the data path reflects SAD version v.
+func (m *Manager) advance(v uint64) {
+	m.version = v
+	m.syncMu.Lock()
+	if v > m.synced {
+		m.synced = v
+		close(m.syncedCh)
+		m.syncedCh = make(chan struct{})
+	}
+	m.syncMu.Unlock()
+}
+
+// WaitVersion returns once the data path reflects SAD version v, i.e.
+// every change up to it is installed and published (or failed and was
+// logged). The API uses it so that an SA it added carries traffic by the
+// time the caller hears back.
+func (m *Manager) WaitVersion(ctx context.Context, v uint64) error {
+	for {
+		m.syncMu.Lock()
+		done, ch := m.synced >= v, m.syncedCh
+		m.syncMu.Unlock()
+		if done {
+			return nil
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return fmt.Errorf("waiting for the data path to apply SA database version %d: %w", v, ctx.Err())
+		}
+	}
+}
+
+// resync rebuilds the data path from a full listing: what the SAD holds is
+// installed page by page (an SA already live is updated in place), then
+// what it no longer holds is removed. Committing per page bounds memory
+// and lets the data path fill up progressively on a large initial load.
+func (m *Manager) resync(ctx context.Context) error {
+	version := m.o.SAD.Version()
+	in, out := m.o.SAD.Len()
+	seen := make(map[sa.ID]struct{}, in+out)
+	m.mu.Lock()
+	if len(m.live) == 0 {
+		m.live = make(map[sa.ID]*slot, in+out)
+		m.policies = make(map[netip.Prefix][]*slot, out)
+	}
+	m.mu.Unlock()
+	var errs []error
+	var page []sad.Entry
+	var cur uint64
+	for {
+		page, cur = m.o.SAD.List(cur, resyncPage, page[:0])
+		for _, e := range page {
+			seen[e.ID] = struct{}{}
+		}
+		if err := m.commit(ctx, &batch{adds: page}); err != nil {
+			if ctx.Err() != nil {
+				return err
+			}
+			errs = append(errs, err)
+		}
+		if cur == 0 {
+			break
+		}
+	}
+	var b batch
+	m.mu.RLock()
+	for id, s := range m.live {
+		if _, ok := seen[id]; !ok {
+			b.removes = append(b.removes, s)
+		}
+	}
+	m.mu.RUnlock()
+	if err := m.commit(ctx, &b); err != nil {
+		errs = append(errs, err)
+	}
+	m.advance(version)
+	return errors.Join(errs...)
+}
+
+// resyncPage is how many SAs one resync commit handles.
+const resyncPage = 16384
+
+// batch is one round of changes, applied in the safe order by commit.
+type batch struct {
+	removes  []*slot     // unpublish, then uninstall
+	adds     []sad.Entry // install, then publish (also updates)
+	bindings []sa.ID
+}
+
+func (m *Manager) plan(b *batch, c sad.Change) {
+	switch c.Op {
+	case sad.OpAdd, sad.OpUpdate:
+		if e, ok := m.o.SAD.Get(c.ID); ok {
+			b.adds = append(b.adds, e)
+		}
+	case sad.OpDelete:
+		m.mu.RLock()
+		s := m.live[c.ID]
+		m.mu.RUnlock()
+		if s != nil {
+			b.removes = append(b.removes, s)
+		}
+	case sad.OpBinding:
+		b.bindings = append(b.bindings, c.ID)
+	case sad.OpState:
+		// Lifetime enforcement acts through Delete; nothing to mirror.
+	}
+}
+
+// commit applies a batch in the order that keeps XDP and the workers
+// consistent: unpublish what goes away, uninstall it, install, publish.
+// An updated SA that keeps its slot is replaced by one command that makes
+// its worker carry the sequence counter and replay window over, so it
+// loses no packet. One that moves (another worker or index) is
+// unpublished and uninstalled first, and its state, quiescent by then,
+// carried over by the manager.
+func (m *Manager) commit(ctx context.Context, b *batch) error {
+	var errs []error
+
+	var installs, olds []*slot
+	for _, e := range b.adds {
+		s, err := m.build(e)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		m.mu.RLock()
+		old := m.live[e.ID]
+		m.mu.RUnlock()
+		if old != nil {
+			if old.worker == s.worker && old.index == s.index {
+				s.inherit = true
+				m.dropPolicy(old)
+			} else {
+				olds = append(olds, old)
+			}
+			s.replaces = old
+		}
+		installs = append(installs, s)
+	}
+	// 1. Unpublish deleted SAs and updated SAs that move, so XDP stops
+	// steering to their slots.
+	for _, s := range append(b.removes[:len(b.removes):len(b.removes)], olds...) {
+		if err := m.unpublish(s); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	// 2. Let the XDP runs in flight end: after that, every frame steered
+	// to those slots is in an RX ring. Then uninstall them once their
+	// workers have processed those frames (make before break), and wait
+	// until no worker touches those entries. Their indices are free for
+	// installs only after that, so no drained frame meets another SA.
+	var out []*slot
+	out = append(append(out, b.removes...), olds...)
+	if len(out) > 0 {
+		m.settle()
+	}
+	if err := m.send(ctx, out, false); err != nil {
+		return err
+	}
+	// 3. Moved SAs continue where the old version stopped; every outbound
+	// SA gets durably reserved sequence numbers before its first packet.
+	for _, s := range installs {
+		if s.replaces != nil && !s.inherit {
+			worker.Inherit(s.entry, s.replaces.entry)
+		}
+	}
+	installs, err := m.reserve(installs, &errs)
+	if err != nil {
+		// Nothing of this batch is installed. A shared store out of
+		// reach (or a takeover race) is passing, so Run tries these SAs
+		// again rather than leave them in the SAD but off the data path.
+		m.mu.Lock()
+		for _, s := range installs {
+			m.release(s)
+			m.retryInstall[s.id] = struct{}{}
+		}
+		m.mu.Unlock()
+		return errors.Join(append(errs, err)...)
+	}
+	// 4. Install.
+	if err := m.send(ctx, installs, true); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	for _, s := range out {
+		m.forget(s)
+	}
+	for _, s := range installs {
+		if s.replaces != nil && s.inherit {
+			m.forget(s.replaces)
+		}
+		s.replaces = nil
+		m.remember(s)
+	}
+	m.mu.Unlock()
+	// 5. Publish: from now on XDP steers to the filled slots.
+	if err := m.publish(installs); err != nil {
+		errs = append(errs, err)
+	}
+	for _, id := range b.bindings {
+		m.applyBinding(id)
+	}
+	return errors.Join(errs...)
+}
+
+// send installs (or removes) slots in their workers' tables and returns
+// once every worker concerned has applied the commands.
+func (m *Manager) send(ctx context.Context, slots []*slot, install bool) error {
+	if len(slots) == 0 {
+		return nil
+	}
+	cmds := make(map[uint16][]worker.Command)
+	var drained []chan struct{}
+	for _, s := range slots {
+		c := worker.Command{Index: s.index}
+		if install {
+			c.Entry, c.Inherit = s.entry, s.inherit
+		} else {
+			// Removals wait for the frames already steered to the slot.
+			c.Drain, c.Done = true, make(chan struct{})
+			drained = append(drained, c.Done)
+		}
+		cmds[s.worker] = append(cmds[s.worker], c)
+	}
+	for w, c := range cmds {
+		if err := m.o.Workers.Send(ctx, int(w), c); err != nil {
+			return fmt.Errorf("send to worker %d: %w", w, err)
+		}
+	}
+	if !install {
+		for _, done := range drained {
+			select {
+			case <-done:
+			case <-ctx.Done():
+				return fmt.Errorf("wait for workers to drain %d removed SAs: %w", len(slots), ctx.Err())
+			}
+		}
+		return nil
+	}
+	for w := range cmds {
+		if err := m.o.Workers.Sync(ctx, int(w)); err != nil {
+			return fmt.Errorf("sync worker %d: %w", w, err)
+		}
+	}
+	return nil
+}
+
+// settleFallback is how long settle waits when the kernel refuses the
+// RCU barrier maps: NAPI polls last microseconds, so this bounds the XDP
+// runs in flight by a wide margin.
+const settleFallback = 20 * time.Millisecond
+
+var rcuBarrier struct {
+	once sync.Once
+	b    *maps.Barrier
+}
+
+// settle returns once no XDP run that may have read the maps before the
+// caller's unpublish is still going, and so every frame it redirected is
+// in an AF_XDP RX ring (see maps.Barrier). One barrier serves the process.
+func (m *Manager) settle() {
+	rcuBarrier.once.Do(func() {
+		b, err := maps.NewBarrier()
+		if err != nil {
+			m.log.Warn("no RCU barrier for SA removal, waiting a fixed time instead", "wait", settleFallback, "err", err)
+			return
+		}
+		rcuBarrier.b = b
+	})
+	if b := rcuBarrier.b; b != nil {
+		err := b.Wait()
+		if err == nil {
+			return
+		}
+		m.log.Warn("RCU barrier for SA removal", "err", err)
+	}
+	time.Sleep(settleFallback)
+}
+
+// build makes the worker entry for an SAD entry.
+func (m *Manager) build(e sad.Entry) (*slot, error) {
+	s := &e.SA
+	mode := esp.ModeTunnel
+	if s.Mode == sa.Transport {
+		mode = esp.ModeTransport
+	}
+	cipher, err := esp.NewSA(esp.Config{
+		Name: s.Name, SPI: s.SPI, Proposal: s.Proposal,
+		EncKey: s.EncKey, AuthKey: s.AuthKey, ESN: s.ESN,
+		ReplayWindow: int(s.ReplayWindow), Mode: mode,
+	})
+	if err != nil {
+		return nil, err
+	}
+	sl := &slot{id: e.ID, spi: s.SPI, worker: e.Worker, index: e.Index, encap: s.Encap != nil,
+		group: groupRef{worker: e.Worker, key: sad.GroupOf(s)}}
+	ent := &worker.Entry{SA: cipher, Local: s.Local, PortLocal: s.Ports.Local, PortPeer: s.Ports.Peer,
+		HardPackets: s.Lifetime.HardPackets, HardBytes: s.Lifetime.HardBytes}
+	if s.Encap != nil {
+		ent.LocalPort = s.Encap.LocalPort
+	}
+	if s.Direction == sa.In {
+		ent.Dir = worker.Inbound
+		ent.InnerPeer = s.InnerPeer
+	} else {
+		if m.o.Seq != nil {
+			// The configured peer, not the current binding: the binding
+			// moves, the SA (and its key) stay the same.
+			sl.seqKey = m.o.Seq.KeyFor("out", s.SPI, e.ID.Peer, s.Proposal.String(), s.EncKey, s.AuthKey)
+		}
+		ent.Dir = worker.Outbound
+		sl.policy = s.InnerPeer
+		if !sl.policy.IsValid() {
+			// Transport mode: cleartext for the phone is addressed to the
+			// phone itself.
+			sl.policy = netip.PrefixFrom(s.Peer, s.Peer.BitLen())
+		}
+		ent.InnerPeer = sl.policy
+	}
+	if m.o.Restore != nil {
+		m.o.Restore(e.ID, s, ent)
+	}
+	m.mu.Lock()
+	sb := m.bindings[sl.group]
+	if sb == nil {
+		sb = &sharedBinding{b: worker.NewBinding(worker.Peer{Addr: e.Binding})}
+		m.bindings[sl.group] = sb
+	}
+	sb.refs++
+	m.mu.Unlock()
+	ent.Binding = sb.b
+	sl.entry = ent
+	return sl, nil
+}
+
+// reserve starts each outbound SA above every sequence number it may
+// ever have sent under its key and durably reserves a block ahead (one
+// fsync for the batch). SAs whose space is exhausted are left out with an
+// error; nothing is installed when the reservation cannot be written.
+func (m *Manager) reserve(installs []*slot, errs *[]error) ([]*slot, error) {
+	if m.o.Seq == nil {
+		return installs, nil
+	}
+	block := m.o.Seq.Block()
+	if p, ok := m.o.Seq.(prefetcher); ok {
+		var keys []seqstore.Key
+		for _, s := range installs {
+			if s.entry.Dir == worker.Outbound {
+				keys = append(keys, s.seqKey)
+			}
+		}
+		p.Prefetch(keys)
+	}
+	var batch []seqstore.Reservation
+	keep := installs[:0]
+	for _, s := range installs {
+		if s.entry.Dir != worker.Outbound {
+			keep = append(keep, s)
+			continue
+		}
+		persisted, _ := m.o.Seq.High(s.seqKey)
+		next := max(s.entry.SA.NextSeq(), seqstore.StartSeq(persisted))
+		if next != s.entry.SA.NextSeq() {
+			if err := s.entry.SA.SetNextSeq(next); err != nil {
+				*errs = append(*errs, fmt.Errorf("%s: sequence space used up by earlier runs, rekey: %w", s.id, err))
+				m.mu.Lock()
+				m.release(s)
+				m.mu.Unlock()
+				continue
+			}
+		}
+		high, _ := seqstore.NextBlock(next, next, block)
+		batch = append(batch, seqstore.Reservation{Key: s.seqKey, High: high})
+		s.entry.Limit.Store(high)
+		s.entry.ExtendAt.Store(high - block/2)
+		keep = append(keep, s)
+	}
+	if err := m.o.Seq.Reserve(batch); err != nil {
+		return keep, fmt.Errorf("reserve sequence numbers for %d outbound SAs: %w", len(batch), err)
+	}
+	return keep, nil
+}
+
+// extend reserves the next block for an outbound SA whose worker passed
+// the midpoint of its current one.
+func (m *Manager) extend(req worker.SeqRequest) error {
+	if m.o.Seq == nil {
+		return nil
+	}
+	m.mu.RLock()
+	var s *slot
+	if req.Worker < len(m.slots) && int(req.Index) < len(m.slots[req.Worker]) {
+		s = m.slots[req.Worker][req.Index]
+	}
+	m.mu.RUnlock()
+	if s == nil || s.entry.Dir != worker.Outbound {
+		return nil
+	}
+	block := m.o.Seq.Block()
+	limit := s.entry.Limit.Load()
+	high, more := seqstore.NextBlock(s.entry.Counters.Seq.Load()+1, limit, block)
+	if !more {
+		return nil
+	}
+	if err := m.o.Seq.Reserve([]seqstore.Reservation{{Key: s.seqKey, High: high}}); err != nil {
+		return fmt.Errorf("%s: %w", s.id, err)
+	}
+	s.entry.Limit.Store(high)
+	s.entry.ExtendAt.Store(high - block/2)
+	return nil
+}
+
+func (m *Manager) remember(s *slot) {
+	m.live[s.id] = s
+	ws := m.slots[s.worker]
+	if int(s.index) >= len(ws) {
+		ws = append(ws, make([]*slot, int(s.index)+1-len(ws))...)
+		m.slots[s.worker] = ws
+	}
+	ws[s.index] = s
+	if s.entry.Dir == worker.Outbound {
+		m.policies[s.policy] = append(m.policies[s.policy], s)
+	}
+}
+
+// release drops a built slot that will not be installed.
+func (m *Manager) release(s *slot) {
+	if sb := m.bindings[s.group]; sb != nil && sb.b == s.entry.Binding {
+		if sb.refs--; sb.refs == 0 {
+			delete(m.bindings, s.group)
+		}
+	}
+}
+
+func (m *Manager) forget(s *slot) {
+	if m.live[s.id] == s {
+		delete(m.live, s.id)
+	}
+	if ws := m.slots[s.worker]; int(s.index) < len(ws) && ws[s.index] == s {
+		ws[s.index] = nil
+	}
+	if sb := m.bindings[s.group]; sb != nil && sb.b == s.entry.Binding {
+		if sb.refs--; sb.refs == 0 {
+			delete(m.bindings, s.group)
+		}
+	}
+}
+
+// publish writes installed slots to the BPF maps.
+func (m *Manager) publish(installs []*slot) error {
+	var spis []uint32
+	var vals []bpf.SA
+	var errs []error
+	for _, s := range installs {
+		if s.entry.Dir == worker.Inbound {
+			var flags uint16
+			if s.encap {
+				flags = bpf.SAFlagEncap
+			}
+			spis = append(spis, s.spi)
+			vals = append(vals, bpf.SA{SaIndex: s.index, Worker: s.worker, Flags: flags})
+			continue
+		}
+		m.mu.RLock()
+		newest := m.policies[s.policy]
+		m.mu.RUnlock()
+		if len(newest) > 0 && newest[len(newest)-1] == s {
+			if err := m.o.Maps.Policies.Put(s.policy, bpf.Policy{SaIndex: s.index, Worker: s.worker}); err != nil {
+				errs = append(errs, fmt.Errorf("publish policy %s for %s: %w", s.policy, s.id, err))
+			}
+		}
+	}
+	if len(spis) > 0 {
+		if err := m.o.Maps.SAs.PutBatch(spis, vals); err != nil {
+			errs = append(errs, fmt.Errorf("publish %d inbound SAs: %w", len(spis), err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// unpublish stops XDP steering to s. For a policy served by several SAs
+// it hands the prefix back to the newest remaining one.
+func (m *Manager) unpublish(s *slot) error {
+	if s.entry.Dir == worker.Inbound {
+		if err := m.o.Maps.SAs.Delete(s.spi); err != nil && !errors.Is(err, maps.ErrNotFound) {
+			return fmt.Errorf("unpublish %s: %w", s.id, err)
+		}
+		return nil
+	}
+	list := m.dropPolicy(s)
+	if len(list) > 0 {
+		n := list[len(list)-1]
+		return m.o.Maps.Policies.Put(s.policy, bpf.Policy{SaIndex: n.index, Worker: n.worker})
+	}
+	if err := m.o.Maps.Policies.Delete(s.policy); err != nil && !errors.Is(err, maps.ErrNotFound) {
+		return fmt.Errorf("unpublish policy %s of %s: %w", s.policy, s.id, err)
+	}
+	return nil
+}
+
+// dropPolicy takes s off the list of SAs serving its policy prefix and
+// returns the SAs left.
+func (m *Manager) dropPolicy(s *slot) []*slot {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	list := m.policies[s.policy]
+	for i, x := range list {
+		if x == s {
+			list = append(list[:i:i], list[i+1:]...)
+			break
+		}
+	}
+	if len(list) == 0 {
+		delete(m.policies, s.policy)
+	} else {
+		m.policies[s.policy] = list
+	}
+	return list
+}
+
+// bindingChanged records a binding a worker learnt in the SAD, where the
+// API shows it and the SA's later entries start from it.
+func (m *Manager) bindingChanged(ev worker.BindingChange) {
+	m.mu.RLock()
+	var s *slot
+	if ev.Worker < len(m.slots) && int(ev.Index) < len(m.slots[ev.Worker]) {
+		s = m.slots[ev.Worker][ev.Index]
+	}
+	m.mu.RUnlock()
+	if s == nil {
+		return
+	}
+	if _, err := m.o.SAD.SetBinding(s.id, ev.Peer.Addr); err != nil && !errors.Is(err, sad.ErrNotFound) {
+		m.log.Warn("record NAT binding", "sa", s.id, "err", err)
+	}
+}
+
+// applyBinding pushes a binding set in the SAD (by the API, or echoed from
+// a worker) to the data path if it differs.
+func (m *Manager) applyBinding(id sa.ID) {
+	e, ok := m.o.SAD.Get(id)
+	if !ok {
+		return
+	}
+	m.mu.RLock()
+	s := m.live[id]
+	m.mu.RUnlock()
+	if s == nil {
+		return
+	}
+	if cur := s.entry.Binding.Load(); cur.Addr != e.Binding {
+		s.entry.Binding.Set(worker.Peer{Addr: e.Binding})
+	}
+}
+
+// SACounters are one SA's live figures.
+type SACounters struct {
+	Packets, Bytes, Drops, Seq uint64
+	Binding                    worker.Peer
+}
+
+// Counters returns the live figures of an installed SA.
+func (m *Manager) Counters(id sa.ID) (SACounters, bool) {
+	m.mu.RLock()
+	s := m.live[id]
+	m.mu.RUnlock()
+	if s == nil {
+		return SACounters{}, false
+	}
+	c := &s.entry.Counters
+	return SACounters{Packets: c.Packets.Load(), Bytes: c.Bytes.Load(), Drops: c.Drops.Load(),
+		Seq: c.Seq.Load(), Binding: *s.entry.Binding.Load()}, true
+}
+
+// Installed is the number of SAs in the data path.
+func (m *Manager) Installed() int {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return len(m.live)
+}

@@ -1,0 +1,366 @@
+package manager
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"sync"
+	"testing"
+
+	"github.com/xesp/xesp/control/sa"
+	"github.com/xesp/xesp/control/sad"
+	"github.com/xesp/xesp/control/seqstore"
+	"github.com/xesp/xesp/dataplane/esp"
+	"github.com/xesp/xesp/dataplane/worker"
+	"github.com/xesp/xesp/lab/netns"
+	"github.com/xesp/xesp/loader"
+	"github.com/xesp/xesp/maps"
+)
+
+// recWorkers stands in for the workers: it applies commands to plain
+// tables and records, for every command, whether XDP could steer to the
+// slot at that moment, which is what the manager's ordering protects.
+type recWorkers struct {
+	t      *testing.T
+	maps   *maps.Set
+	mu     sync.Mutex
+	tables [][]*worker.Entry
+}
+
+func (r *recWorkers) Len() int { return len(r.tables) }
+
+func (r *recWorkers) Send(_ context.Context, w int, cmds []worker.Command) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, c := range cmds {
+		for int(c.Index) >= len(r.tables[w]) {
+			r.tables[w] = append(r.tables[w], nil)
+		}
+		old := r.tables[w][c.Index]
+		if c.Entry == nil && old != nil && old.Dir == worker.Inbound {
+			// Uninstalling an inbound SA: XDP must not steer to it any more.
+			if _, err := r.maps.SAs.Lookup(old.SA.SPI()); !errors.Is(err, maps.ErrNotFound) {
+				r.t.Errorf("worker %d slot %d uninstalled while XDP still steers SPI 0x%x to it", w, c.Index, old.SA.SPI())
+			}
+		}
+		if c.Entry == nil && old != nil && old.Dir == worker.Outbound {
+			if p, err := r.maps.Policies.Lookup(old.InnerPeer.Addr()); err == nil && int(p.Worker) == w && p.SaIndex == c.Index {
+				r.t.Errorf("worker %d slot %d uninstalled while XDP still steers %s to it", w, c.Index, old.InnerPeer)
+			}
+		}
+		if c.Entry == nil && old != nil && (!c.Drain || c.Done == nil) {
+			// Frames already steered to the slot must be processed first.
+			r.t.Errorf("worker %d slot %d removed without draining", w, c.Index)
+		}
+		if c.Entry != nil && c.Entry.Dir == worker.Inbound {
+			// Installing: XDP must not steer to the slot yet.
+			if _, err := r.maps.SAs.Lookup(c.Entry.SA.SPI()); err == nil && old == nil {
+				r.t.Errorf("SPI 0x%x published before its worker held it", c.Entry.SA.SPI())
+			}
+		}
+		if c.Entry != nil && c.Inherit && old != nil && old.Dir == c.Entry.Dir && old.SA.SPI() == c.Entry.SA.SPI() {
+			worker.Inherit(c.Entry, old) // what the real worker does on its thread
+		}
+		r.tables[w][c.Index] = c.Entry
+		if c.Done != nil {
+			close(c.Done) // no frames in flight here: a drain completes at once
+		}
+	}
+	return nil
+}
+
+func (r *recWorkers) Sync(context.Context, int) error { return nil }
+
+func (r *recWorkers) entry(w int, i uint32) *worker.Entry {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if int(i) >= len(r.tables[w]) {
+		return nil
+	}
+	return r.tables[w][i]
+}
+
+type fixture struct {
+	d    *sad.SAD
+	m    *Manager
+	w    *recWorkers
+	maps *maps.Set
+	seq  *seqstore.Store
+}
+
+func newFixture(t *testing.T, workers int, seqDir string) *fixture {
+	t.Helper()
+	netns.RequireRoot(t)
+	inst, err := loader.Load(loader.Options{Public: "lo", NoPin: true, SACapacity: 1024, PolicyCapacity: 1024})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { inst.Close() })
+	d, err := sad.New(sad.Options{Workers: workers, MaxSAs: 1000})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := &fixture{d: d, maps: inst.Maps, w: &recWorkers{t: t, maps: inst.Maps, tables: make([][]*worker.Entry, workers)}}
+	if seqDir != "" {
+		if f.seq, err = seqstore.Open(seqDir, seqstore.Options{Block: 1000}); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { f.seq.Close() })
+	}
+	f.m, err = New(Options{SAD: d, Maps: inst.Maps, Workers: f.w, Events: make(chan worker.BindingChange), Seq: f.seq})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
+func (f *fixture) sync(t *testing.T) {
+	t.Helper()
+	if err := f.m.Sync(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+}
+
+var (
+	gwAddr   = netip.MustParseAddr("198.51.100.1")
+	phoneOut = netip.MustParseAddr("192.0.2.10")
+)
+
+func mkSA(name string, spi uint32, dir sa.Direction, inner string, key byte) sa.SA {
+	k := make([]byte, 20)
+	for i := range k {
+		k[i] = key
+	}
+	return sa.SA{Name: name, SPI: spi, Direction: dir, Mode: sa.Tunnel, Proposal: esp.AES128GCM16, EncKey: k,
+		ReplayWindow: map[bool]uint32{true: 1024}[dir == sa.In], Local: gwAddr, Peer: phoneOut,
+		Encap: &sa.Encap{LocalPort: 4500, PeerPort: 4500}, InnerLocal: netip.MustParsePrefix("10.0.0.0/24"),
+		InnerPeer: netip.MustParsePrefix(inner)}
+}
+
+// Adding a pair installs both in one worker's table, then publishes the
+// inbound SPI and the outbound policy pointing at those slots; both share
+// one NAT binding.
+func TestAddPublishesAfterInstall(t *testing.T) {
+	f := newFixture(t, 2, "")
+	in, out := mkSA("in", 0x1001, sa.In, "10.99.0.1/32", 1), mkSA("out", 0x2001, sa.Out, "10.99.0.1/32", 2)
+	if _, err := f.d.Add(in); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.d.Add(out); err != nil {
+		t.Fatal(err)
+	}
+	f.sync(t)
+	ei, _ := f.d.Get(in.ID())
+	eo, _ := f.d.Get(out.ID())
+	if ei.Worker != eo.Worker {
+		t.Fatalf("pair split over workers %d and %d", ei.Worker, eo.Worker)
+	}
+	v, err := f.maps.SAs.Lookup(0x1001)
+	if err != nil || v.SaIndex != ei.Index || v.Worker != ei.Worker {
+		t.Fatalf("SA map: %+v, %v; want index %d worker %d", v, err, ei.Index, ei.Worker)
+	}
+	p, err := f.maps.Policies.Lookup(netip.MustParseAddr("10.99.0.1"))
+	if err != nil || p.SaIndex != eo.Index || p.Worker != eo.Worker {
+		t.Fatalf("policy: %+v, %v; want index %d", p, err, eo.Index)
+	}
+	wi, wo := f.w.entry(int(ei.Worker), ei.Index), f.w.entry(int(eo.Worker), eo.Index)
+	if wi == nil || wo == nil || wi.Dir != worker.Inbound || wo.Dir != worker.Outbound || wi.Binding != wo.Binding {
+		t.Fatalf("worker entries %+v %+v: want in/out sharing one binding", wi, wo)
+	}
+	if wi.InnerPeer != in.InnerPeer || wo.Local != gwAddr || wo.LocalPort != 4500 {
+		t.Fatalf("entry fields: inner %v local %v:%d", wi.InnerPeer, wo.Local, wo.LocalPort)
+	}
+	if f.m.Installed() != 2 {
+		t.Fatalf("installed %d", f.m.Installed())
+	}
+}
+
+// Deleting unpublishes before uninstalling (recWorkers asserts it) and
+// clears both maps.
+func TestDeleteUnpublishesFirst(t *testing.T) {
+	f := newFixture(t, 1, "")
+	in, out := mkSA("in", 0x1001, sa.In, "10.99.0.1/32", 1), mkSA("out", 0x2001, sa.Out, "10.99.0.1/32", 2)
+	f.d.Add(in)
+	f.d.Add(out)
+	f.sync(t)
+	if _, err := f.d.Delete(in.ID()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.d.Delete(out.ID()); err != nil {
+		t.Fatal(err)
+	}
+	f.sync(t)
+	if _, err := f.maps.SAs.Lookup(0x1001); !errors.Is(err, maps.ErrNotFound) {
+		t.Fatalf("SA map still has the SPI: %v", err)
+	}
+	if _, err := f.maps.Policies.Lookup(netip.MustParseAddr("10.99.0.1")); !errors.Is(err, maps.ErrNotFound) {
+		t.Fatalf("policy still present: %v", err)
+	}
+	if f.w.entry(0, 0) != nil || f.w.entry(0, 1) != nil || f.m.Installed() != 0 {
+		t.Fatal("worker table still holds the SAs")
+	}
+}
+
+// Updating an SA (new keys) rebuilds its cipher state but continues its
+// sequence counter and replay window: rewinding either would reuse IVs or
+// accept replays.
+func TestUpdateCarriesSequenceAndWindow(t *testing.T) {
+	f := newFixture(t, 1, "")
+	in, out := mkSA("in", 0x1001, sa.In, "10.99.0.1/32", 1), mkSA("out", 0x2001, sa.Out, "10.99.0.1/32", 2)
+	f.d.Add(in)
+	f.d.Add(out)
+	f.sync(t)
+	eo, _ := f.d.Get(out.ID())
+	ei, _ := f.d.Get(in.ID())
+	oldOut, oldIn := f.w.entry(0, eo.Index), f.w.entry(0, ei.Index)
+	if err := oldOut.SA.SetNextSeq(5000); err != nil {
+		t.Fatal(err)
+	}
+	oldIn.SA.Replay().Update(777)
+	oldOut.Counters.Packets.Store(4999)
+
+	out.EncKey = make([]byte, 20) // rekeyed in place
+	in.EncKey = make([]byte, 20)
+	if _, err := f.d.Update(out); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.d.Update(in); err != nil {
+		t.Fatal(err)
+	}
+	f.sync(t)
+	newOut, newIn := f.w.entry(0, eo.Index), f.w.entry(0, ei.Index)
+	if newOut == oldOut || newIn == oldIn {
+		t.Fatal("update did not rebuild the entries")
+	}
+	if got := newOut.SA.NextSeq(); got != 5000 {
+		t.Fatalf("outbound next sequence %d after update, want 5000", got)
+	}
+	if got := newIn.SA.Replay().Top(); got != 777 {
+		t.Fatalf("inbound window top %d after update, want 777", got)
+	}
+	if newOut.Counters.Packets.Load() != 4999 {
+		t.Fatal("counters lost in the update")
+	}
+	if v, err := f.maps.SAs.Lookup(0x1001); err != nil || v.SaIndex != ei.Index {
+		t.Fatalf("SA map after update: %+v %v", v, err)
+	}
+}
+
+// Rekey make-before-break: two outbound SAs serve one inner prefix; the
+// policy points at the newer, falls back to the older when the newer
+// goes, and disappears with the last.
+func TestPolicyFollowsNewestOutbound(t *testing.T) {
+	f := newFixture(t, 1, "")
+	old, nw := mkSA("old", 0x2001, sa.Out, "10.99.0.1/32", 1), mkSA("new", 0x2002, sa.Out, "10.99.0.1/32", 2)
+	f.d.Add(old)
+	f.sync(t)
+	f.d.Add(nw)
+	f.sync(t)
+	eo, _ := f.d.Get(old.ID())
+	en, _ := f.d.Get(nw.ID())
+	dst := netip.MustParseAddr("10.99.0.1")
+	if p, _ := f.maps.Policies.Lookup(dst); p.SaIndex != en.Index {
+		t.Fatalf("policy at %d, want the newer SA's %d", p.SaIndex, en.Index)
+	}
+	f.d.Delete(nw.ID())
+	f.sync(t)
+	if p, err := f.maps.Policies.Lookup(dst); err != nil || p.SaIndex != eo.Index {
+		t.Fatalf("policy %+v %v, want back at the older SA's %d", p, err, eo.Index)
+	}
+	f.d.Delete(old.ID())
+	f.sync(t)
+	if _, err := f.maps.Policies.Lookup(dst); !errors.Is(err, maps.ErrNotFound) {
+		t.Fatalf("policy left after both SAs went: %v", err)
+	}
+}
+
+// A binding a worker learns reaches the SAD (the API shows it there).
+func TestBindingEventReachesSAD(t *testing.T) {
+	f := newFixture(t, 1, "")
+	in := mkSA("in", 0x1001, sa.In, "10.99.0.1/32", 1)
+	f.d.Add(in)
+	f.sync(t)
+	e, _ := f.d.Get(in.ID())
+	moved := netip.MustParseAddrPort("203.0.113.7:61000")
+	f.m.bindingChanged(worker.BindingChange{Worker: int(e.Worker), Index: e.Index, Peer: worker.Peer{Addr: moved}})
+	if got, _ := f.d.Get(in.ID()); got.Binding != moved {
+		t.Fatalf("SAD binding %v, want %v", got.Binding, moved)
+	}
+}
+
+// With a sequence store, an outbound SA may send only below a durable
+// reservation; a manager restarted on the same store starts the SA above
+// everything the previous one reserved, and extension moves the limit.
+func TestSequenceReservation(t *testing.T) {
+	dir := t.TempDir()
+	out := mkSA("out", 0x2001, sa.Out, "10.99.0.1/32", 2)
+	f := newFixture(t, 1, dir)
+	f.d.Add(out)
+	f.sync(t)
+	e, _ := f.d.Get(out.ID())
+	we := f.w.entry(0, e.Index)
+	if we.SA.NextSeq() != 1 || we.Limit.Load() != 1001 || we.ExtendAt.Load() != 501 {
+		t.Fatalf("first run: next %d limit %d extend at %d; want 1, 1001, 501", we.SA.NextSeq(), we.Limit.Load(), we.ExtendAt.Load())
+	}
+	we.Counters.Seq.Store(600) // the worker sent up to 600 and asked for more
+	if err := f.m.extend(worker.SeqRequest{Worker: 0, Index: e.Index}); err != nil {
+		t.Fatal(err)
+	}
+	if we.Limit.Load() != 2001 {
+		t.Fatalf("limit after extension %d, want 2001", we.Limit.Load())
+	}
+	f.seq.Close()
+
+	g := newFixture(t, 1, dir) // a restart: same state, fresh everything else
+	g.d.Add(out)
+	g.sync(t)
+	e, _ = g.d.Get(out.ID())
+	if got := g.w.entry(0, e.Index).SA.NextSeq(); got != 2001 {
+		t.Fatalf("after restart the SA starts at %d, want 2001 (above every reservation)", got)
+	}
+}
+
+// When the SAD's change log overran, Sync rebuilds from a full listing:
+// everything the SAD holds ends up installed and published, and what it
+// dropped meanwhile is unpublished and uninstalled.
+func TestResyncAfterLogOverrun(t *testing.T) {
+	f := newFixture(t, 2, "")
+	d, err := sad.New(sad.Options{Workers: 2, MaxSAs: 1000, LogSize: 4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.d = d
+	f.m, _ = New(Options{SAD: d, Maps: f.maps, Workers: f.w, Events: make(chan worker.BindingChange)})
+	var ids []sa.ID
+	for i := 0; i < 40; i++ { // 40 changes > the log's 4: a resync
+		s := mkSA("", 0x3000+uint32(i), sa.In, "10.99.1.0/24", byte(i))
+		s.InnerPeer = netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 99, 1, byte(i)}), 32)
+		if _, err := d.Add(s); err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, s.ID())
+	}
+	f.sync(t)
+	if f.m.Installed() != 40 {
+		t.Fatalf("installed %d after resync, want 40", f.m.Installed())
+	}
+	for i := 0; i < 30; i++ { // 30 deletes: another overrun
+		if _, err := d.Delete(ids[i]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f.sync(t)
+	if f.m.Installed() != 10 {
+		t.Fatalf("installed %d after the second resync, want 10", f.m.Installed())
+	}
+	for i, id := range ids {
+		_, err := f.maps.SAs.Lookup(id.SPI)
+		if gone := errors.Is(err, maps.ErrNotFound); gone != (i < 30) {
+			t.Fatalf("SPI 0x%x published=%v, want %v", id.SPI, !gone, i >= 30)
+		}
+		e, ok := d.Get(id)
+		if ok && f.w.entry(int(e.Worker), e.Index) == nil {
+			t.Fatalf("SPI 0x%x not in its worker's table", id.SPI)
+		}
+	}
+}

@@ -1,0 +1,65 @@
+package manager
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+
+	"github.com/xesp/xesp/bpf"
+	"github.com/xesp/xesp/control/sa"
+)
+
+// PruneStale removes from the BPF maps every inbound SA and outbound
+// policy this manager has not published: what a previous process left in
+// adopted (pinned) maps for SAs the new SA database does not hold, e.g.
+// SAs that process got through its API. Left there, XDP would keep
+// steering their packets to worker slots that are empty or hold another
+// SA. Call it after the first Sync, before Run.
+func (m *Manager) PruneStale() (sas, policies int, err error) {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	var stale []uint32
+	werr := m.o.Maps.SAs.Walk(func(spi uint32, _ bpf.SA) bool {
+		if m.live[sa.ID{Dir: sa.In, SPI: spi}] == nil {
+			stale = append(stale, spi)
+		}
+		return true
+	})
+	var errs []error
+	if werr != nil {
+		errs = append(errs, werr)
+	}
+	for _, spi := range stale {
+		if err := m.o.Maps.SAs.Delete(spi); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		sas++
+	}
+
+	var staleKeys []bpf.PolicyKey
+	var k bpf.PolicyKey
+	var v bpf.Policy
+	it := m.o.Maps.Policies.Map().Iterate()
+	for it.Next(&k, &v) {
+		a := netip.AddrFrom16(k.Addr)
+		bits := int(k.Prefixlen)
+		if a.Is4In6() && bits >= 96 {
+			a, bits = a.Unmap(), bits-96
+		}
+		if p := netip.PrefixFrom(a, bits); !p.IsValid() || len(m.policies[p.Masked()]) == 0 {
+			staleKeys = append(staleKeys, k)
+		}
+	}
+	if err := it.Err(); err != nil {
+		errs = append(errs, fmt.Errorf("policy map: walk: %w", err))
+	}
+	for i := range staleKeys {
+		if err := m.o.Maps.Policies.Map().Delete(&staleKeys[i]); err != nil {
+			errs = append(errs, fmt.Errorf("policy map: delete stale entry: %w", err))
+			continue
+		}
+		policies++
+	}
+	return sas, policies, errors.Join(errs...)
+}

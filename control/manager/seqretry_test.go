@@ -1,0 +1,149 @@
+package manager
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/xesp/xesp/control/sa"
+	"github.com/xesp/xesp/control/seqstore"
+	"github.com/xesp/xesp/dataplane/worker"
+)
+
+// flakyStore is a real seqstore whose Reserve can be made to fail as a
+// shared store out of reach does, or as a fenced one does.
+type flakyStore struct {
+	*seqstore.Store
+	down, fenced atomic.Bool
+	calls        atomic.Int32
+}
+
+func (s *flakyStore) Reserve(b []seqstore.Reservation) error {
+	s.calls.Add(1)
+	switch {
+	case s.fenced.Load():
+		return seqstore.ErrFenced
+	case s.down.Load():
+		return errors.New("etcd unreachable")
+	}
+	return s.Store.Reserve(b)
+}
+
+// A failed extension is retried until the store takes it (a worker asks
+// only once per block); a fenced one is not retried.
+func TestExtensionRetried(t *testing.T) {
+	f := newFixture(t, 1, "")
+	st, err := seqstore.Open(t.TempDir(), seqstore.Options{Block: 1000})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	fs := &flakyStore{Store: st}
+	reqs := make(chan worker.SeqRequest, 1)
+	m, err := New(Options{SAD: f.d, Maps: f.maps, Workers: f.w, Events: make(chan worker.BindingChange), Seq: fs, SeqRequests: reqs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { m.Run(ctx); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+
+	out := mkSA("out", 0x2001, sa.Out, "10.99.0.1/32", 2)
+	if _, err := f.d.Add(out); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.WaitVersion(ctx, f.d.Version()); err != nil {
+		t.Fatal(err)
+	}
+	e, _ := f.d.Get(out.ID())
+	we := f.w.entry(0, e.Index)
+	if we.Limit.Load() != 1001 {
+		t.Fatalf("limit %d after install, want 1001", we.Limit.Load())
+	}
+
+	fs.down.Store(true)
+	we.Counters.Seq.Store(600)
+	reqs <- worker.SeqRequest{Worker: 0, Index: e.Index}
+	time.Sleep(1500 * time.Millisecond) // the request and at least one retry fail
+	if we.Limit.Load() != 1001 || fs.calls.Load() < 3 {
+		t.Fatalf("store down: limit %d after %d calls, want 1001 after the first try and a retry", we.Limit.Load(), fs.calls.Load())
+	}
+	fs.down.Store(false)
+	deadline := time.Now().Add(5 * time.Second)
+	for we.Limit.Load() != 2001 {
+		if time.Now().After(deadline) {
+			t.Fatalf("limit %d: the extension was not retried once the store was back", we.Limit.Load())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+
+	fs.fenced.Store(true)
+	we.Counters.Seq.Store(1600)
+	before := fs.calls.Load()
+	reqs <- worker.SeqRequest{Worker: 0, Index: e.Index}
+	time.Sleep(2500 * time.Millisecond)
+	if n := fs.calls.Load() - before; n != 1 || we.Limit.Load() != 2001 {
+		t.Fatalf("fenced: %d calls, limit %d; want one call and no new limit", n, we.Limit.Load())
+	}
+}
+
+// An SA whose first reservation fails (the shared store out of reach) is
+// not left in the SAD but off the data path: it is installed once the
+// store takes reservations again.
+func TestInstallRetriedAfterReserveFailure(t *testing.T) {
+	f := newFixture(t, 1, "")
+	st, err := seqstore.Open(t.TempDir(), seqstore.Options{Block: 1000})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	fs := &flakyStore{Store: st}
+	fs.down.Store(true)
+	m, err := New(Options{SAD: f.d, Maps: f.maps, Workers: f.w, Events: make(chan worker.BindingChange), Seq: fs,
+		SeqRequests: make(chan worker.SeqRequest), Log: slog.New(slog.NewTextHandler(tlog{t}, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { m.Run(ctx); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+
+	in, out := mkSA("in", 0x1001, sa.In, "10.99.0.1/32", 1), mkSA("out", 0x2001, sa.Out, "10.99.0.1/32", 2)
+	f.d.Add(in)
+	f.d.Add(out)
+	if err := m.WaitVersion(ctx, f.d.Version()); err != nil {
+		t.Fatal(err)
+	}
+	e, _ := f.d.Get(out.ID())
+	if we := f.w.entry(0, e.Index); we != nil {
+		t.Fatal("outbound SA installed without a reservation")
+	}
+	time.Sleep(1200 * time.Millisecond) // a retry while still down
+	fs.down.Store(false)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		if we := f.w.entry(0, e.Index); we != nil && we.Limit.Load() == 1001 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("outbound SA not installed after the store came back")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	ie, _ := f.d.Get(in.ID())
+	if f.w.entry(0, ie.Index) == nil {
+		t.Fatal("inbound SA of the failed batch not installed")
+	}
+	if _, ok := m.Counters(out.ID()); !ok {
+		t.Fatal("manager does not report the SA as live")
+	}
+}
+
+type tlog struct{ t *testing.T }
+
+func (l tlog) Write(p []byte) (int, error) { l.t.Log(string(p)); return len(p), nil }

@@ -1,0 +1,581 @@
+// Package sad is the SA database: the control plane's source of truth for
+// which SAs exist, which worker owns each, the dense per-worker index the
+// XDP maps hand to that worker, each SA's NAT binding and state.
+//
+// It is pure bookkeeping: it never touches BPF maps, sockets or packets
+// (the manager mirrors it into the kernel by reading the change feed) and
+// the data path never reads it. All methods are safe for concurrent use.
+//
+// The rules it enforces:
+//
+//   - Identity (sa.ID): an inbound SA is (in, SPI), because the XDP program
+//     looks inbound SAs up by SPI alone; an outbound SA is (out, SPI, peer
+//     address, encap peer port), because peers choose outbound SPIs and two
+//     phones behind one NAPT may choose the same one. Names, when given,
+//     are unique across both directions.
+//   - Pairing: SAs that share one NAT mapping form a group and live on one
+//     worker, so the binding an inbound SA learns is used by its outbound
+//     partner without crossing workers. The group is the SA's explicit
+//     `pair` label when set; otherwise (configured peer address, encap
+//     peer port, inner peer prefix) — the phone's outer NAT mapping and its
+//     inner address, which an in/out pair of one phone always share.
+//   - Placement: a new group goes to the least-loaded worker (by SA count,
+//     lowest number on ties); a group's later SAs follow it. Placement is
+//     sticky: moving an SA would lose its replay window and sequence state.
+//   - Indexes: dense per worker, shared by both directions (one table per
+//     worker). Freed indexes are reused oldest-first, which keeps the table
+//     dense yet leaves a just-freed slot unused for as long as possible, so
+//     a frame still in flight for a deleted SA is unlikely to meet its
+//     successor.
+package sad
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/xesp/xesp/control/sa"
+)
+
+// Errors returned (wrapped, with detail) by the SAD.
+var (
+	ErrExists    = errors.New("already exists")
+	ErrNotFound  = errors.New("no such SA")
+	ErrAmbiguous = errors.New("several outbound SAs have this SPI; name the peer")
+	ErrFull      = errors.New("SA table full")
+	ErrInvalid   = errors.New("invalid SA")
+	// ErrResync means the change log no longer holds the version asked
+	// for: the consumer must re-read everything (List) and continue from
+	// the version it read before listing.
+	ErrResync = errors.New("change log overrun: resync with List")
+)
+
+// State is an SA's lifecycle state.
+type State uint8
+
+// SA states. Lifetime enforcement sets the expired states; the SAD only
+// records them.
+const (
+	Active State = iota
+	SoftExpired
+	HardExpired
+)
+
+func (s State) String() string {
+	switch s {
+	case Active:
+		return "active"
+	case SoftExpired:
+		return "soft-expired"
+	case HardExpired:
+		return "hard-expired"
+	}
+	return fmt.Sprintf("state(%d)", uint8(s))
+}
+
+// Entry is a copy of one SA with its runtime fields. The key slices in SA
+// are shared with the SAD and must not be modified.
+type Entry struct {
+	SA     sa.SA
+	ID     sa.ID
+	Worker uint16
+	Index  uint32
+	// Binding is where outbound packets go and inbound packets come
+	// from: the configured peer and encap port at first, then what the
+	// workers learn from authenticated packets.
+	Binding netip.AddrPort
+	State   State
+	Created time.Time
+	Version uint64 // SAD version of the SA's last change
+}
+
+// Options configures a SAD.
+type Options struct {
+	Workers int // 1..65535
+	// MaxSAs caps inbound and outbound SAs separately, matching the
+	// capacity of the SA map and the policy map; 0 means no cap.
+	MaxSAs int
+	// LogSize is how many changes the feed retains (default 65536).
+	LogSize int
+}
+
+// entry is the stored form. The SA is replaced wholesale on update, never
+// modified in place, so copies handed out stay consistent.
+type entry struct {
+	sa       sa.SA
+	seq      uint64 // creation order: List's stable order and cursor
+	version  uint64
+	created  int64
+	binding  netip.AddrPort
+	index    uint32
+	worker   uint16
+	state    State
+	deleted  bool
+	nextOut  *entry // outbound SAs sharing this SPI
+	nextPeer *entry // members of the same group
+}
+
+func (e *entry) id() sa.ID { return e.sa.ID() }
+
+func (e *entry) export() Entry {
+	return Entry{
+		SA: e.sa, ID: e.sa.ID(), Worker: e.worker, Index: e.index, Binding: e.binding,
+		State: e.state, Created: time.Unix(0, e.created), Version: e.version,
+	}
+}
+
+// GroupKey identifies the SAs sharing one worker and one NAT mapping. It
+// is comparable: the manager keys the binding a group's SAs share by it.
+type GroupKey struct {
+	label string
+	peer  netip.Addr
+	port  uint16
+	inner netip.Prefix
+}
+
+// GroupOf is the pair group an SA belongs to (see the package doc).
+func GroupOf(s *sa.SA) GroupKey {
+	if s.Pair != "" {
+		return GroupKey{label: s.Pair}
+	}
+	k := GroupKey{peer: s.Peer, inner: s.InnerPeer}
+	if s.Encap != nil {
+		k.port = s.Encap.PeerPort
+	}
+	return k
+}
+
+type group struct {
+	head   *entry
+	n      uint32
+	worker uint16
+}
+
+type worker struct {
+	sas  int
+	next uint32   // indexes below next have been handed out at least once
+	free []uint32 // FIFO of freed indexes; free[head:] are live
+	head int
+}
+
+func (w *worker) alloc() uint32 {
+	if w.head < len(w.free) {
+		i := w.free[w.head]
+		w.head++
+		if w.head == len(w.free) {
+			w.free, w.head = w.free[:0], 0
+		} else if w.head > 1024 && w.head*2 > len(w.free) {
+			n := copy(w.free, w.free[w.head:])
+			w.free, w.head = w.free[:n], 0
+		}
+		return i
+	}
+	i := w.next
+	w.next++
+	return i
+}
+
+func (w *worker) release(i uint32) { w.free = append(w.free, i) }
+
+// SAD is the SA database.
+type SAD struct {
+	mu      sync.RWMutex
+	byID    map[sa.ID]*entry
+	byName  map[string]*entry
+	outSPI  map[uint32]*entry // head of the chain of outbound SAs with this SPI
+	groups  map[GroupKey]group
+	order   []*entry // by seq; deleted entries linger until compaction
+	dead    int      // deleted entries in order
+	seq     uint64
+	workers []worker
+	in, out int
+	max     int
+
+	version uint64
+	log     []Change // ring: version v lives at log[v%len(log)]
+	notify  chan struct{}
+}
+
+// New returns an empty SAD.
+func New(o Options) (*SAD, error) {
+	if o.Workers < 1 || o.Workers > 65535 {
+		return nil, fmt.Errorf("sad: workers must be 1..65535, got %d", o.Workers)
+	}
+	if o.MaxSAs < 0 {
+		return nil, fmt.Errorf("sad: max SAs must not be negative, got %d", o.MaxSAs)
+	}
+	if o.LogSize <= 0 {
+		o.LogSize = 65536
+	}
+	return &SAD{
+		byID:    make(map[sa.ID]*entry),
+		byName:  make(map[string]*entry),
+		outSPI:  make(map[uint32]*entry),
+		groups:  make(map[GroupKey]group),
+		workers: make([]worker, o.Workers),
+		max:     o.MaxSAs,
+		log:     make([]Change, o.LogSize),
+		notify:  make(chan struct{}, 1),
+	}, nil
+}
+
+// Add inserts a validated SA and returns its entry.
+func (d *SAD) Add(s sa.SA) (Entry, error) {
+	d.mu.Lock()
+	e, err := d.add(&s, time.Now().UnixNano())
+	var out Entry
+	if err == nil {
+		out = e.export()
+	}
+	d.mu.Unlock()
+	if err == nil {
+		d.wake()
+	}
+	return out, err
+}
+
+// AddAll inserts many SAs under one lock (config load). It adds every SA
+// it can and returns one error per SA it could not.
+func (d *SAD) AddAll(sas []sa.SA) error {
+	var errs []error
+	now := time.Now().UnixNano()
+	d.mu.Lock()
+	for i := range sas {
+		if _, err := d.add(&sas[i], now); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	d.mu.Unlock()
+	d.wake()
+	return errors.Join(errs...)
+}
+
+func (d *SAD) add(s *sa.SA, now int64) (*entry, error) {
+	if err := d.check(s, nil); err != nil {
+		return nil, err
+	}
+	id := s.ID()
+	gk := GroupOf(s)
+	g, ok := d.groups[gk]
+	if !ok {
+		g.worker = d.leastLoaded()
+	}
+	w := &d.workers[g.worker]
+	d.seq++
+	e := &entry{
+		sa: *s, seq: d.seq, created: now, binding: initialBinding(s),
+		worker: g.worker, index: w.alloc(),
+	}
+	if ok && g.head != nil {
+		// A group shares one NAT mapping: a late partner starts from
+		// what its group has learnt, not from the configured peer.
+		e.binding = g.head.binding
+	}
+	w.sas++
+	e.nextPeer = g.head
+	g.head = e
+	g.n++
+	d.groups[gk] = g
+	d.byID[id] = e
+	if s.Name != "" {
+		d.byName[s.Name] = e
+	}
+	if s.Direction == sa.Out {
+		e.nextOut = d.outSPI[s.SPI]
+		d.outSPI[s.SPI] = e
+		d.out++
+	} else {
+		d.in++
+	}
+	d.order = append(d.order, e)
+	d.record(e, OpAdd, e.worker, e.index)
+	return e, nil
+}
+
+func initialBinding(s *sa.SA) netip.AddrPort {
+	var port uint16
+	if s.Encap != nil {
+		port = s.Encap.PeerPort
+	}
+	return netip.AddrPortFrom(s.Peer, port)
+}
+
+// check applies the uniqueness and capacity rules to s; self is the entry
+// s replaces on update (nil on add).
+func (d *SAD) check(s *sa.SA, self *entry) error {
+	if s.Direction != sa.In && s.Direction != sa.Out || s.SPI < 256 || !s.Peer.IsValid() {
+		return fmt.Errorf("%s: %w: not from sa.Parse (direction, SPI or peer unset)", s.Label(), ErrInvalid)
+	}
+	id := s.ID()
+	if other, dup := d.byID[id]; dup && other != self {
+		if s.Direction == sa.In {
+			return fmt.Errorf("%s: %w: inbound SPI 0x%08x is used by %s (the XDP SA map is keyed by SPI alone)", s.Label(), ErrExists, s.SPI, other.sa.Label())
+		}
+		return fmt.Errorf("%s: %w: outbound SPI 0x%08x to %s is used by %s", s.Label(), ErrExists, s.SPI, id.Peer, other.sa.Label())
+	}
+	if s.Name != "" {
+		if other, dup := d.byName[s.Name]; dup && other != self {
+			return fmt.Errorf("%s: %w: name is used by the %s SA 0x%08x", s.Label(), ErrExists, other.sa.Direction, other.sa.SPI)
+		}
+	}
+	if self == nil && d.max > 0 {
+		if s.Direction == sa.Out && d.out >= d.max || s.Direction == sa.In && d.in >= d.max {
+			return fmt.Errorf("%s: %w: %d %s SAs", s.Label(), ErrFull, d.max, s.Direction)
+		}
+	}
+	return nil
+}
+
+func (d *SAD) leastLoaded() uint16 {
+	best := 0
+	for i := 1; i < len(d.workers); i++ {
+		if d.workers[i].sas < d.workers[best].sas {
+			best = i
+		}
+	}
+	return uint16(best)
+}
+
+// leave takes e out of its group, dropping the group when it empties.
+func (d *SAD) leave(e *entry) {
+	gk := GroupOf(&e.sa)
+	g := d.groups[gk]
+	for p := &g.head; *p != nil; p = &(*p).nextPeer {
+		if *p == e {
+			*p = e.nextPeer
+			break
+		}
+	}
+	e.nextPeer = nil
+	g.n--
+	if g.n == 0 {
+		delete(d.groups, gk)
+	} else {
+		d.groups[gk] = g
+	}
+}
+
+func (d *SAD) unlinkOut(e *entry) {
+	head := d.outSPI[e.sa.SPI]
+	if head == e {
+		if e.nextOut == nil {
+			delete(d.outSPI, e.sa.SPI)
+		} else {
+			d.outSPI[e.sa.SPI] = e.nextOut
+		}
+	} else {
+		for p := head; p != nil; p = p.nextOut {
+			if p.nextOut == e {
+				p.nextOut = e.nextOut
+				break
+			}
+		}
+	}
+	e.nextOut = nil
+}
+
+// Update replaces the SA with s's identity by s. Runtime fields stay: the
+// worker, the index, the binding and the creation time — unless the
+// update moves the SA into another pairing group that lives on another
+// worker, in which case it follows its group (new worker, new index, the
+// group's binding). SPI and direction are the identity and cannot change
+// (delete and add: a new SPI is a new SA with fresh replay state).
+func (d *SAD) Update(s sa.SA) (Entry, error) {
+	d.mu.Lock()
+	e, err := d.update(&s)
+	var out Entry
+	if err == nil {
+		out = e.export()
+	}
+	d.mu.Unlock()
+	if err == nil {
+		d.wake()
+	}
+	return out, err
+}
+
+func (d *SAD) update(s *sa.SA) (*entry, error) {
+	e, ok := d.byID[s.ID()]
+	if !ok {
+		return nil, fmt.Errorf("%s: %w: %s", s.Label(), ErrNotFound, s.ID())
+	}
+	if err := d.check(s, e); err != nil {
+		return nil, err
+	}
+	prevWorker, prevIndex := e.worker, e.index
+	oldKey, newKey := GroupOf(&e.sa), GroupOf(s)
+	if oldKey != newKey {
+		d.leave(e)
+		g, joined := d.groups[newKey]
+		if joined && g.worker != e.worker {
+			d.workers[e.worker].sas--
+			d.workers[e.worker].release(e.index)
+			e.worker = g.worker
+			e.index = d.workers[g.worker].alloc()
+			d.workers[g.worker].sas++
+		}
+		if !joined {
+			g.worker = e.worker
+		}
+		if g.head != nil {
+			e.binding = g.head.binding
+		} else {
+			e.binding = initialBinding(s)
+		}
+		e.nextPeer = g.head
+		g.head = e
+		g.n++
+		d.groups[newKey] = g
+	}
+	if e.sa.Name != s.Name {
+		if e.sa.Name != "" {
+			delete(d.byName, e.sa.Name)
+		}
+		if s.Name != "" {
+			d.byName[s.Name] = e
+		}
+	}
+	e.sa = *s
+	d.record(e, OpUpdate, prevWorker, prevIndex)
+	return e, nil
+}
+
+// Delete removes the SA with this identity and frees its index.
+func (d *SAD) Delete(id sa.ID) (Entry, error) {
+	d.mu.Lock()
+	e, ok := d.byID[id]
+	var out Entry
+	if ok {
+		d.delete(e)
+		out = e.export()
+	}
+	d.mu.Unlock()
+	if !ok {
+		return Entry{}, fmt.Errorf("delete %s: %w", id, ErrNotFound)
+	}
+	d.wake()
+	return out, nil
+}
+
+// DeleteName removes the SA with this name.
+func (d *SAD) DeleteName(name string) (Entry, error) {
+	d.mu.Lock()
+	e, ok := d.byName[name]
+	var out Entry
+	if ok {
+		d.delete(e)
+		out = e.export()
+	}
+	d.mu.Unlock()
+	if !ok {
+		return Entry{}, fmt.Errorf("delete sa %q: %w", name, ErrNotFound)
+	}
+	d.wake()
+	return out, nil
+}
+
+func (d *SAD) delete(e *entry) {
+	delete(d.byID, e.id())
+	if e.sa.Name != "" {
+		delete(d.byName, e.sa.Name)
+	}
+	if e.sa.Direction == sa.Out {
+		d.unlinkOut(e)
+		d.out--
+	} else {
+		d.in--
+	}
+	d.leave(e)
+	w := &d.workers[e.worker]
+	w.sas--
+	w.release(e.index)
+	e.deleted = true
+	d.dead++
+	d.record(e, OpDelete, e.worker, e.index)
+	if d.dead > 1024 && d.dead*2 > len(d.order) {
+		d.compact()
+	}
+}
+
+func (d *SAD) compact() {
+	live := d.order[:0]
+	for _, e := range d.order {
+		if !e.deleted {
+			live = append(live, e)
+		}
+	}
+	clear(d.order[len(live):])
+	d.order, d.dead = live, 0
+}
+
+// Get returns the SA with this identity.
+func (d *SAD) Get(id sa.ID) (Entry, bool) {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	if e, ok := d.byID[id]; ok {
+		return e.export(), true
+	}
+	return Entry{}, false
+}
+
+// GetName returns the SA with this name.
+func (d *SAD) GetName(name string) (Entry, bool) {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	if e, ok := d.byName[name]; ok {
+		return e.export(), true
+	}
+	return Entry{}, false
+}
+
+// Lookup finds an SA by direction and SPI alone, as an operator types it.
+// Inbound SPIs are unique; an outbound SPI shared by several peers gives
+// ErrAmbiguous (use Get with the full ID, or the name).
+func (d *SAD) Lookup(dir sa.Direction, spi uint32) (Entry, error) {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	var e *entry
+	if dir == sa.Out {
+		e = d.outSPI[spi]
+		if e != nil && e.nextOut != nil {
+			return Entry{}, fmt.Errorf("out 0x%08x: %w", spi, ErrAmbiguous)
+		}
+	} else {
+		e = d.byID[sa.ID{Dir: dir, SPI: spi}]
+	}
+	if e == nil {
+		return Entry{}, fmt.Errorf("%s 0x%08x: %w", dir, spi, ErrNotFound)
+	}
+	return e.export(), nil
+}
+
+// List returns up to limit SAs in creation order, starting after cursor
+// (0 for the first page), appended to dst[:0]. next is the cursor for the
+// following page, 0 once the end is reached. An SA keeps its place across
+// updates, so paging while others write neither repeats nor skips an SA
+// that exists throughout.
+func (d *SAD) List(cursor uint64, limit int, dst []Entry) (page []Entry, next uint64) {
+	page = dst[:0]
+	if limit <= 0 {
+		return page, cursor
+	}
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	i := sort.Search(len(d.order), func(i int) bool { return d.order[i].seq > cursor })
+	var last uint64
+	for ; i < len(d.order) && len(page) < limit; i++ {
+		if e := d.order[i]; !e.deleted {
+			page = append(page, e.export())
+			last = e.seq
+		}
+	}
+	for ; i < len(d.order); i++ {
+		if !d.order[i].deleted {
+			return page, last
+		}
+	}
+	return page, 0
+}

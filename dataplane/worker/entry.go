@@ -1,0 +1,170 @@
+package worker
+
+import (
+	"net/netip"
+	"sync/atomic"
+
+	"github.com/xesp/xesp/dataplane/esp"
+)
+
+// Direction of an SA, seen from the gateway.
+type Direction uint8
+
+const (
+	Inbound  Direction = iota // public → private: open
+	Outbound                  // private → public: seal
+)
+
+// Entry is one SA as its worker holds it. After Install the worker owns
+// SA; the manager only reads Counters and Binding.
+type Entry struct {
+	SA  *esp.SA
+	Dir Direction
+	// Local is the outer source address of outbound packets and LocalPort
+	// the UDP source port (RFC 3948); LocalPort 0 means plain ESP.
+	Local     netip.Addr
+	LocalPort uint16
+	// InnerPeer is the phone's side of the SA's selectors (RFC 4301 5.2):
+	// inbound, the prefix inner source addresses must fall in, so one
+	// phone cannot inject packets that claim another's address; outbound,
+	// the prefix the cleartext destination must fall in, so a frame XDP
+	// steered to a slot just before it was reused for another phone's SA
+	// is dropped, never sealed for that phone. Invalid (zero) disables the
+	// check.
+	InnerPeer netip.Prefix
+	// PortLocal and PortPeer are the inner UDP/TCP port selectors (0:
+	// any): inbound, cleartext must go from PortPeer to PortLocal;
+	// outbound, an entry with PortLocal set serves only cleartext from
+	// that port, and the worker hands other ports to the outbound entry
+	// with the same InnerPeer whose ports match (IMS sec-agree gives a
+	// phone two outbound SAs, told apart by port).
+	PortLocal, PortPeer uint16
+	// Binding is shared by the SAs of one pair group on this worker: what
+	// the inbound SA learns, the outbound SA uses.
+	Binding  *Binding
+	Counters Counters
+
+	// Limit is, for outbound SAs, the first sequence number the worker
+	// may not send: everything below it is durably reserved (seqstore),
+	// so a restart can never reuse a GCM/ChaCha IV. Zero means no
+	// reservation is kept (no state directory). ExtendAt is where the
+	// worker asks the manager for the next block, well before Limit.
+	Limit, ExtendAt atomic.Uint64
+
+	// HardPackets and HardBytes are the SA's hard lifetime (0: none). The
+	// worker checks them per packet, so the SA never carries a packet
+	// past its hard packet limit, nor starts one once its byte count
+	// reached the hard byte limit (the packet that crosses it passes:
+	// its size is known only after it was processed); the lifetime
+	// package removes the SA and raises the event within its interval.
+	HardPackets, HardBytes uint64
+
+	index uint32 // slot in the worker's table, set by Install
+	asked uint64 // the Limit an extension was last requested for
+}
+
+// expired says the SA reached a hard packet or byte lifetime and must not
+// carry another packet (RFC 4301 4.4.2.1). Only the worker writes the
+// counters, so its own loads are exact.
+func (e *Entry) expired() bool {
+	return (e.HardPackets != 0 && e.Counters.Packets.Load() >= e.HardPackets) ||
+		(e.HardBytes != 0 && e.Counters.Bytes.Load() >= e.HardBytes)
+}
+
+// Counters are one SA's figures, written by its worker, read by the API.
+type Counters struct {
+	Packets atomic.Uint64 // accepted (opened or sealed)
+	Bytes   atomic.Uint64 // payload bytes of accepted packets
+	Drops   atomic.Uint64 // packets for this SA that were dropped
+	// Seq is the highest sequence number accepted (inbound) or the last
+	// one sent (outbound): what the manager persists as a high-water mark.
+	Seq atomic.Uint64
+}
+
+// Peer is an SA pair's NAT binding: where the phone's packets come from,
+// which is where replies must go.
+type Peer struct {
+	Addr netip.AddrPort // outer address and UDP port; port 0 for plain ESP
+	// MAC is the Ethernet source of the last authenticated packet: the next
+	// hop toward the peer (its NAPT or router). Zero until one arrived.
+	MAC    [6]byte
+	HasMAC bool
+}
+
+// Binding holds a Peer that its worker replaces (never mutates) on change,
+// so readers on other goroutines always see a consistent value.
+type Binding struct {
+	v atomic.Pointer[Peer]
+}
+
+// NewBinding starts a binding at the configured peer.
+func NewBinding(p Peer) *Binding {
+	b := &Binding{}
+	b.v.Store(&p)
+	return b
+}
+
+// Load returns the current peer.
+func (b *Binding) Load() *Peer { return b.v.Load() }
+
+// Set replaces the peer, e.g. when an operator moves a binding through the
+// API. The worker's own learning may replace it again after the next
+// authenticated packet from elsewhere.
+func (b *Binding) Set(p Peer) { b.v.Store(&p) }
+
+// Command installs (Entry != nil) or removes (Entry == nil) the SA at Index
+// of a worker's table. Inherit makes an install that replaces an entry of
+// the same SPI and direction continue its state (Inherit), applied on the
+// worker's own thread so no packet is lost or raced. Done, when not nil,
+// is closed once the worker has applied every command up to and including
+// this one (for a Drain removal: once that removal is done).
+type Command struct {
+	Index   uint32
+	Entry   *Entry
+	Inherit bool
+	// Drain makes a removal wait until the worker has taken every frame
+	// that was already in its RX rings (and slow-path queue) when it
+	// applied the command, so frames XDP steered to the slot before it
+	// was unpublished are still processed by the SA, not dropped as
+	// no_sa. The worker goes on with later commands and packets
+	// meanwhile; Done (and Visit) come when the entry is gone. The sender
+	// must unpublish the slot, let XDP runs in flight end, and not
+	// reuse Index before Done.
+	Drain bool
+	// Visit, when set, is called on the worker's thread with its table
+	// after the command's install or removal: the one safe moment to read
+	// state only the worker writes (replay windows) without a race.
+	Visit func(table []*Entry)
+	Done  chan struct{}
+}
+
+// Inherit makes to, a rebuilt version of the SA from (e.g. new keys), go
+// on where from stopped: its sequence counter (never rewound: that would
+// reuse IVs), replay window and counters. from must not be in use by a
+// worker while this runs.
+func Inherit(to, from *Entry) {
+	if next := from.SA.NextSeq(); next > to.SA.NextSeq() {
+		to.SA.SetNextSeq(next)
+	}
+	if from.SA.Replay().Size() == to.SA.Replay().Size() {
+		to.SA.Replay().Import(from.SA.Replay().Export())
+	}
+	to.Counters.Packets.Store(from.Counters.Packets.Load())
+	to.Counters.Bytes.Store(from.Counters.Bytes.Load())
+	to.Counters.Drops.Store(from.Counters.Drops.Load())
+	to.Counters.Seq.Store(from.Counters.Seq.Load())
+}
+
+// SeqRequest asks the manager to reserve more sequence numbers for the
+// outbound SA at Index.
+type SeqRequest struct {
+	Worker int
+	Index  uint32
+}
+
+// BindingChange tells the manager that the SA at Index moved its binding.
+type BindingChange struct {
+	Worker int
+	Index  uint32
+	Peer   Peer
+}

@@ -1,0 +1,448 @@
+package worker
+
+import (
+	"encoding/binary"
+	"net/netip"
+	"unsafe"
+
+	"github.com/xesp/xesp/bpf"
+	"github.com/xesp/xesp/dataplane/esp"
+	"github.com/xesp/xesp/dataplane/xsk"
+)
+
+// Memory is the frame store the pipeline works in: an xsk.UMEM in the
+// gateway, a plain slice in unit tests.
+type Memory interface {
+	Frame(addr uint64) []byte
+	FrameBase(addr uint64) uint64
+	Meta(addr uint64, n int) []byte
+}
+
+// Neighbors resolves next-hop MACs without blocking (neigh.Resolver).
+type Neighbors interface {
+	Lookup(dst netip.Addr) ([6]byte, bool)
+	Request(dst netip.Addr)
+}
+
+const ethLen = 14
+
+// pipeline is the per-batch packet work of a worker, separate from the
+// socket loop so it can be tested on frames built in memory.
+type pipeline struct {
+	mem        Memory
+	table      []*Entry
+	nb         Neighbors
+	pubMAC     [6]byte // source MAC of frames sent on the public side
+	privMAC    [6]byte
+	stats      *Stats
+	id         int
+	bindEvents chan<- BindingChange
+	// seqRequests asks the manager for more reserved sequence numbers.
+	seqRequests chan<- SeqRequest
+
+	parked []parkedFrame
+	now    int64 // unix ns of the current batch, set when first needed
+
+	// nbDst and nbMAC remember the last resolved next hop within one
+	// batch: a batch mostly goes to a handful of hosts (the SIP core), and
+	// the resolver's hashed lookup was a visible share of the per-packet
+	// cost. Cleared at every batch so a changed neighbour is seen within
+	// one batch, as before.
+	nbDst netip.Addr
+	nbMAC [6]byte
+
+	pk esp.Packet // decapOne's opened packet, filled in place (no 200-byte copies)
+
+	frag       fragmenter // outer IPv4 fragmentation toward the public side
+	privateMTU int        // largest IP packet the private link takes; 0: unchecked
+
+	// byPorts finds the outbound entry with port selectors for a
+	// phone's inner prefix and the cleartext's ports (see Entry.PortLocal).
+	byPorts map[portKey]*Entry
+}
+
+type portKey struct {
+	peer        netip.Prefix
+	local, port uint16 // local port, peer port (0: any)
+}
+
+// track keeps byPorts in step with the table: old leaves, e arrives.
+func (p *pipeline) track(old, e *Entry) {
+	if old != nil && old.Dir == Outbound && old.PortLocal != 0 {
+		k := portKey{old.InnerPeer, old.PortLocal, old.PortPeer}
+		if p.byPorts[k] == old {
+			delete(p.byPorts, k)
+		}
+	}
+	if e != nil && e.Dir == Outbound && e.PortLocal != 0 {
+		if p.byPorts == nil {
+			p.byPorts = make(map[portKey]*Entry)
+		}
+		p.byPorts[portKey{e.InnerPeer, e.PortLocal, e.PortPeer}] = e
+	}
+}
+
+// l4Ports returns the UDP/TCP ports of an unfragmented (or first-fragment)
+// IPv4 packet, or of an IPv6 packet whose first next header is UDP/TCP.
+func l4Ports(ip []byte) (src, dst uint16, ok bool) {
+	var proto byte
+	var l4 int
+	switch {
+	case len(ip) >= 20 && ip[0]>>4 == 4:
+		if binary.BigEndian.Uint16(ip[6:])&0x1fff != 0 {
+			return 0, 0, false
+		}
+		proto, l4 = ip[9], int(ip[0]&0x0f)*4
+	case len(ip) >= 40 && ip[0]>>4 == 6:
+		proto, l4 = ip[6], 40
+	default:
+		return 0, 0, false
+	}
+	if proto != 17 && proto != 6 || l4 < 20 || len(ip) < l4+4 {
+		return 0, 0, false
+	}
+	return binary.BigEndian.Uint16(ip[l4:]), binary.BigEndian.Uint16(ip[l4+2:]), true
+}
+
+// portsMatch applies port selectors to a packet from src to dst port.
+func portsMatch(ip []byte, srcSel, dstSel uint16) bool {
+	sp, dp, ok := l4Ports(ip)
+	return ok && (srcSel == 0 || sp == srcSel) && (dstSel == 0 || dp == dstSel)
+}
+
+// emitPublic queues a sealed frame for the public TX ring, fragmenting
+// the outer IPv4 packet when it exceeds the public MTU.
+func (p *pipeline) emitPublic(d xsk.Desc, tx []xsk.Desc, drop []uint64) ([]xsk.Desc, []uint64) {
+	if p.frag.mtu == 0 || int(d.Len) <= p.frag.mtu+ethLen {
+		return append(tx, d), drop
+	}
+	if out, ok := p.frag.fragment4(d, tx); ok {
+		return out, drop
+	}
+	p.stats.Encap.Drops[DropOversized].Add(1)
+	return tx, append(drop, d.Addr)
+}
+
+// meta returns the xesp metadata in front of a received frame, or nil.
+// The layout is bpf2go's type for struct xesp_meta; the kernel writes it 4-byte
+// aligned right before the packet.
+func (p *pipeline) meta(addr uint64) *bpf.Meta {
+	b := p.mem.Meta(addr, bpf.MetaSize)
+	if b == nil {
+		return nil
+	}
+	m := (*bpf.Meta)(unsafe.Pointer(&b[0]))
+	if m.Magic != bpf.MetaMagic {
+		return nil
+	}
+	return m
+}
+
+func (p *pipeline) entry(idx uint32, dir Direction) (*Entry, Drop) {
+	if int(idx) >= len(p.table) || p.table[idx] == nil {
+		return nil, Drop(esp.ReasonNoSA)
+	}
+	e := p.table[idx]
+	if e.Dir != dir {
+		return nil, DropWrongDir
+	}
+	return e, 0
+}
+
+// decap opens each received public-side frame. Frames to forward are
+// appended to tx (for the private TX ring), the others to drop.
+func (p *pipeline) decap(rx []xsk.Desc, tx []xsk.Desc, drop []uint64) ([]xsk.Desc, []uint64) {
+	return p.batch(rx, tx, drop, &p.stats.Decap, Inbound)
+}
+
+// batch runs one direction's per-packet work over a batch: forwarded
+// frames go to tx, dropped ones to drop, parked ones stay with the
+// pipeline until their next hop resolves.
+func (p *pipeline) batch(rx []xsk.Desc, tx []xsk.Desc, drop []uint64, st *DirStats, dir Direction) ([]xsk.Desc, []uint64) {
+	p.now = 0
+	p.nbDst = netip.Addr{}
+	for _, d := range rx {
+		var out xsk.Desc
+		var why Drop
+		if dir == Inbound {
+			out, why = p.decapOne(d)
+		} else {
+			out, why = p.encapOne(d)
+		}
+		switch {
+		case why == held:
+		case why != 0:
+			st.Drops[why].Add(1)
+			drop = append(drop, d.Addr)
+		case dir == Inbound:
+			tx = append(tx, out)
+		default:
+			tx, drop = p.emitPublic(out, tx, drop)
+		}
+	}
+	st.Batches[batchBucket(len(rx))].Add(1)
+	return tx, drop
+}
+
+func (p *pipeline) decapOne(d xsk.Desc) (xsk.Desc, Drop) {
+	m := p.meta(d.Addr)
+	if m == nil || (m.Kind != uint8(bpf.MetaESPUDP) && m.Kind != uint8(bpf.MetaESP)) {
+		return d, DropBadMeta
+	}
+	e, why := p.entry(m.SaIndex, Inbound)
+	if e == nil {
+		return d, why
+	}
+	if e.expired() {
+		e.Counters.Drops.Add(1)
+		return d, DropLifetime
+	}
+	frame := p.mem.Frame(d.Addr)
+	off := int(d.Addr - p.mem.FrameBase(d.Addr))
+	l3 := off + int(m.L3Off)
+	end := off + int(d.Len)
+	if int(m.L3Off) >= int(d.Len) || end > len(frame) {
+		return d, DropBadMeta
+	}
+	pk := &p.pk
+	if err := e.SA.OpenPacketTo(frame[l3:end], pk); err != nil {
+		e.Counters.Drops.Add(1)
+		return d, Drop(esp.ReasonOf(err))
+	}
+	if pk.Class != esp.ClassESP {
+		// XDP stripped the UDP header, so anything else is a metadata lie.
+		e.Counters.Drops.Add(1)
+		return d, DropBadMeta
+	}
+	ip := pk.IP
+	if e.InnerPeer.IsValid() && !e.InnerPeer.Contains(srcAddr(ip)) {
+		e.Counters.Drops.Add(1)
+		return d, DropPolicy
+	}
+	if (e.PortLocal != 0 || e.PortPeer != 0) && !portsMatch(ip, e.PortPeer, e.PortLocal) {
+		e.Counters.Drops.Add(1)
+		return d, DropPolicy
+	}
+	if p.privateMTU > 0 && len(ip) > p.privateMTU {
+		e.Counters.Drops.Add(1)
+		return d, DropOversized
+	}
+	// Authenticated and inside the replay window: only now may the
+	// binding follow the packet (RFC 3948 NAT re-mapping).
+	p.learn(e, m, pk.Outer.Src, frame[off+6:off+12])
+	e.Counters.Packets.Add(1)
+	e.Counters.Bytes.Add(uint64(len(pk.Payload)))
+	e.Counters.Seq.Store(pk.Seq)
+
+	start := len(frame) - cap(ip) // ip aliases frame
+	h := frame[start-ethLen : start]
+	copy(h[6:12], p.privMAC[:])
+	binary.BigEndian.PutUint16(h[12:], etherType(ip))
+	base := p.mem.FrameBase(d.Addr)
+	out := xsk.Desc{Addr: base + uint64(start-ethLen), Len: uint32(ethLen + len(ip))}
+	dst := dstAddr(ip)
+	mac, ok := p.lookup(dst)
+	if !ok {
+		return p.park(out, dst, toPrivate)
+	}
+	copy(h[0:6], mac[:])
+	return out, 0
+}
+
+// lookup is Neighbors.Lookup through the batch's one-entry memo. Only
+// hits are remembered: a miss parks the frame and requests resolution.
+func (p *pipeline) lookup(dst netip.Addr) ([6]byte, bool) {
+	if dst == p.nbDst && dst.IsValid() {
+		return p.nbMAC, true
+	}
+	mac, ok := p.nb.Lookup(dst)
+	if ok {
+		p.nbDst, p.nbMAC = dst, mac
+	}
+	return mac, ok
+}
+
+// learn moves the SA's binding to the packet's outer source if it
+// differs. Called only for authenticated, in-window packets.
+func (p *pipeline) learn(e *Entry, m *bpf.Meta, src netip.Addr, srcMAC []byte) {
+	var port uint16
+	if m.Kind == uint8(bpf.MetaESPUDP) {
+		port = binary.BigEndian.Uint16((*[2]byte)(unsafe.Pointer(&m.Sport))[:])
+	}
+	cur := e.Binding.Load()
+	ap := netip.AddrPortFrom(src, port)
+	// A zero source MAC marks a slow-path packet: keep the MAC we have.
+	known := string(srcMAC) != "\x00\x00\x00\x00\x00\x00"
+	if cur.Addr == ap && (!known || cur.HasMAC && string(cur.MAC[:]) == string(srcMAC)) {
+		return
+	}
+	np := &Peer{Addr: ap, HasMAC: known}
+	if known {
+		copy(np.MAC[:], srcMAC)
+	}
+	e.Binding.v.Store(np)
+	if cur.Addr != ap {
+		p.stats.BindingChanges.Add(1)
+		select {
+		case p.bindEvents <- BindingChange{Worker: p.id, Index: e.index, Peer: *np}:
+		default:
+			p.stats.BindingEventsLost.Add(1)
+		}
+	}
+}
+
+// encap seals each received private-side frame toward its SA's binding.
+func (p *pipeline) encap(rx []xsk.Desc, tx []xsk.Desc, drop []uint64) ([]xsk.Desc, []uint64) {
+	return p.batch(rx, tx, drop, &p.stats.Encap, Outbound)
+}
+
+func (p *pipeline) encapOne(d xsk.Desc) (xsk.Desc, Drop) {
+	m := p.meta(d.Addr)
+	if m == nil || m.Kind != uint8(bpf.MetaClear) {
+		return d, DropBadMeta
+	}
+	e, why := p.entry(m.SaIndex, Outbound)
+	if e == nil {
+		return d, why
+	}
+	if e.expired() {
+		e.Counters.Drops.Add(1)
+		return d, DropLifetime
+	}
+	frame := p.mem.Frame(d.Addr)
+	off := int(d.Addr - p.mem.FrameBase(d.Addr))
+	l3 := off + int(m.L3Off)
+	if int(m.L3Off) >= int(d.Len) {
+		return d, DropBadMeta
+	}
+	n, ok := ipLen(frame[l3 : off+int(d.Len)])
+	if !ok {
+		e.Counters.Drops.Add(1)
+		return d, Drop(esp.ReasonBadHeader)
+	}
+	if e.InnerPeer.IsValid() && !e.InnerPeer.Contains(dstAddr(frame[l3:l3+n])) {
+		e.Counters.Drops.Add(1)
+		return d, DropPolicy
+	}
+	if e.PortLocal != 0 && !portsMatch(frame[l3:l3+n], e.PortLocal, e.PortPeer) {
+		// XDP steers by inner address only: another outbound SA of the
+		// same phone may own these ports.
+		sp, dp, _ := l4Ports(frame[l3 : l3+n])
+		alt := p.byPorts[portKey{e.InnerPeer, sp, dp}]
+		if alt == nil {
+			alt = p.byPorts[portKey{e.InnerPeer, sp, 0}]
+		}
+		if alt == nil {
+			e.Counters.Drops.Add(1)
+			return d, DropPolicy
+		}
+		e = alt
+	}
+	nh := uint8(esp.NextHeaderIPv4)
+	if frame[l3]>>4 == 6 {
+		nh = esp.NextHeaderIPv6
+	}
+	if limit := e.Limit.Load(); limit != 0 {
+		next := e.SA.NextSeq()
+		if next >= e.ExtendAt.Load() && e.asked != limit {
+			select {
+			case p.seqRequests <- SeqRequest{Worker: p.id, Index: e.index}:
+				e.asked = limit
+			default: // asked again on the next packet
+			}
+		}
+		if next >= limit {
+			e.Counters.Drops.Add(1)
+			return d, DropSeqUnreserved
+		}
+	}
+	start, end, err := e.SA.Seal(frame, l3, n, nh, 0)
+	if err != nil {
+		e.Counters.Drops.Add(1)
+		return d, Drop(esp.ReasonOf(err))
+	}
+	peer := e.Binding.Load()
+	o := esp.Outer{Src: e.Local, Dst: peer.Addr.Addr(), Encap: e.LocalPort != 0, SrcPort: e.LocalPort, DstPort: peer.Addr.Port()}
+	if o.Src.Is4() {
+		o.ID = p.frag.nextIPID()
+	}
+	s, err := esp.PutOuter(frame, start, end, &o)
+	if err != nil || s < ethLen {
+		e.Counters.Drops.Add(1)
+		return d, Drop(esp.ReasonNoRoom)
+	}
+	e.Counters.Packets.Add(1)
+	e.Counters.Bytes.Add(uint64(n))
+	e.Counters.Seq.Store(e.SA.NextSeq() - 1)
+	h := frame[s-ethLen : s]
+	copy(h[6:12], p.pubMAC[:])
+	binary.BigEndian.PutUint16(h[12:], etherType(frame[s:]))
+	base := p.mem.FrameBase(d.Addr)
+	out := xsk.Desc{Addr: base + uint64(s-ethLen), Len: uint32(end - s + ethLen)}
+	if !peer.HasMAC {
+		mac, ok := p.lookup(o.Dst)
+		if !ok {
+			return p.park(out, o.Dst, toPublic)
+		}
+		copy(h[0:6], mac[:])
+		return out, 0
+	}
+	copy(h[0:6], peer.MAC[:])
+	return out, 0
+}
+
+// ipLen is the length an IP packet's header claims, if the bytes hold it;
+// Ethernet padding past it is not part of the packet.
+func ipLen(b []byte) (int, bool) {
+	if len(b) < 1 {
+		return 0, false
+	}
+	switch b[0] >> 4 {
+	case 4:
+		if len(b) < 20 {
+			return 0, false
+		}
+		n := int(binary.BigEndian.Uint16(b[2:]))
+		if n < 20 || n > len(b) {
+			return 0, false
+		}
+		return n, true
+	case 6:
+		if len(b) < 40 {
+			return 0, false
+		}
+		n := 40 + int(binary.BigEndian.Uint16(b[4:]))
+		if n > len(b) {
+			return 0, false
+		}
+		return n, true
+	}
+	return 0, false
+}
+
+func srcAddr(ip []byte) netip.Addr {
+	if len(ip) >= 20 && ip[0]>>4 == 4 {
+		return netip.AddrFrom4([4]byte(ip[12:16]))
+	}
+	if len(ip) >= 40 && ip[0]>>4 == 6 {
+		return netip.AddrFrom16([16]byte(ip[8:24]))
+	}
+	return netip.Addr{}
+}
+
+func dstAddr(ip []byte) netip.Addr {
+	if len(ip) >= 20 && ip[0]>>4 == 4 {
+		return netip.AddrFrom4([4]byte(ip[16:20]))
+	}
+	if len(ip) >= 40 && ip[0]>>4 == 6 {
+		return netip.AddrFrom16([16]byte(ip[24:40]))
+	}
+	return netip.Addr{}
+}
+
+func etherType(ip []byte) uint16 {
+	if len(ip) > 0 && ip[0]>>4 == 6 {
+		return 0x86dd
+	}
+	return 0x0800
+}

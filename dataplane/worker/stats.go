@@ -1,0 +1,90 @@
+package worker
+
+import (
+	"math/bits"
+	"sync/atomic"
+
+	"github.com/xesp/xesp/dataplane/esp"
+)
+
+// Drop is why the worker dropped a frame. The first esp.NumReasons values
+// are the ESP engine's reasons, so an engine error is counted without
+// translation; the rest are the worker's own.
+type Drop uint8
+
+const (
+	DropBadMeta       = Drop(esp.NumReasons) + iota // frame without valid xesp metadata
+	DropWrongDir                                    // SA at the index is of the other direction
+	DropPolicy                                      // inner source (in) or destination (out) outside the SA's selector
+	DropNoNeighbor                                  // next-hop MAC not known yet (resolution requested)
+	DropTxFull                                      // the other side's TX ring was full
+	DropNoFrame                                     // no free UMEM frame for a slow-path packet or a fragment
+	DropOversized                                   // larger than the outgoing link's MTU and not fragmentable
+	DropSeqUnreserved                               // next sequence number not durably reserved yet
+	DropLifetime                                    // the SA reached its hard packet or byte lifetime (RFC 4301 4.4.2.1)
+	NumDrops
+)
+
+var dropNames = [NumDrops - Drop(esp.NumReasons)]string{
+	DropBadMeta - Drop(esp.NumReasons):       "bad_meta",
+	DropWrongDir - Drop(esp.NumReasons):      "wrong_direction",
+	DropPolicy - Drop(esp.NumReasons):        "policy",
+	DropNoNeighbor - Drop(esp.NumReasons):    "no_neighbor",
+	DropTxFull - Drop(esp.NumReasons):        "tx_full",
+	DropNoFrame - Drop(esp.NumReasons):       "no_frame",
+	DropOversized - Drop(esp.NumReasons):     "oversized",
+	DropSeqUnreserved - Drop(esp.NumReasons): "seq_unreserved",
+	DropLifetime - Drop(esp.NumReasons):      "lifetime_expired",
+}
+
+// String is the stable metric label of the reason.
+func (d Drop) String() string {
+	if d < Drop(esp.NumReasons) {
+		return esp.Reason(d).String()
+	}
+	if d < NumDrops {
+		return dropNames[d-Drop(esp.NumReasons)]
+	}
+	return "unknown"
+}
+
+// BatchBuckets is the number of batch-size histogram buckets: bucket i
+// counts batches of size in [2^(i-1)+1, 2^i] (bucket 0: size 1).
+const BatchBuckets = 10
+
+// DirStats are one direction's figures. Dummy packets (Next Header 59) are
+// drops with reason "dummy": RFC 4303 says discard them, and counting
+// them apart lets an operator see TFC traffic.
+type DirStats struct {
+	Packets atomic.Uint64 // forwarded
+	Bytes   atomic.Uint64 // bytes forwarded (frames as transmitted)
+	Drops   [NumDrops]atomic.Uint64
+	Batches [BatchBuckets]atomic.Uint64
+}
+
+// Stats are one worker's figures, written by the worker only.
+type Stats struct {
+	Decap, Encap   DirStats
+	BindingChanges atomic.Uint64
+	// BindingEventsLost counts binding changes the manager's queue had no
+	// room for; the manager's periodic scan still finds them.
+	BindingEventsLost atomic.Uint64
+	Polls             atomic.Uint64 // times the worker slept in poll(2)
+	// Drained counts SA removals that waited for the frames already
+	// steered to their slot (Command.Drain).
+	Drained atomic.Uint64
+}
+
+func batchBucket(n int) int {
+	if n <= 1 {
+		return 0
+	}
+	b := bits.Len(uint(n - 1))
+	if b >= BatchBuckets {
+		b = BatchBuckets - 1
+	}
+	return b
+}
+
+// BatchBucketUpper is the largest batch size bucket i counts.
+func BatchBucketUpper(i int) int { return 1 << i }

@@ -1,0 +1,396 @@
+// Package gateway assembles a running xesp data path from a validated
+// configuration: it loads and attaches the XDP programs, creates the
+// shared UMEM and every worker's AF_XDP sockets, starts the workers, the
+// neighbour resolver and the manager, loads the configured SAs, and tears
+// it all down again in the reverse order. `xesp run` and the end-to-end
+// tests use it; it holds no packet logic of its own.
+package gateway
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/xesp/xesp/bpf"
+	"github.com/xesp/xesp/control/config"
+	"github.com/xesp/xesp/control/etcdseq"
+	"github.com/xesp/xesp/control/etcdsrc"
+	"github.com/xesp/xesp/control/lifetime"
+	"github.com/xesp/xesp/control/manager"
+	"github.com/xesp/xesp/control/rxstate"
+	"github.com/xesp/xesp/control/sa"
+	"github.com/xesp/xesp/control/sad"
+	"github.com/xesp/xesp/control/seqstore"
+	"github.com/xesp/xesp/dataplane/neigh"
+	"github.com/xesp/xesp/dataplane/slowpath"
+	"github.com/xesp/xesp/dataplane/worker"
+	"github.com/xesp/xesp/dataplane/xsk"
+	"github.com/xesp/xesp/loader"
+	"github.com/xesp/xesp/maps"
+)
+
+// rxQueue is the one RX queue per interface the gateway serves. veth has
+// one active queue; on a multi-queue NIC, steer UDP 4500 and the private
+// side's traffic to queue 0 (ethtool -N/-X) until per-queue sockets land.
+const rxQueue = 0
+
+// Gateway is a running data path.
+type Gateway struct {
+	Config  *config.Config
+	Loader  *loader.Instance
+	Maps    *maps.Set
+	UMEM    *xsk.UMEM
+	Workers worker.Set
+	// Sockets[w] are worker w's public and private sockets.
+	Sockets   [][2]*xsk.Socket
+	Neighbors *neigh.Resolver
+	SAD       *sad.SAD
+	Manager   *manager.Manager
+	// Seq holds the outbound sequence reservations in Config.StateDir.
+	Seq *seqstore.Store
+	// Etcd is the client of the config's etcd (nil without one); EtcdSeq
+	// keeps the sequence reservations there instead of in Seq when
+	// etcd.sequence is on, and EtcdSource feeds this node's SAs.
+	Etcd       *clientv3.Client
+	EtcdSeq    *etcdseq.Store
+	EtcdSource *etcdsrc.Source
+	// SlowPath serves the NAT-T port for what XDP passes up: reassembled
+	// fragments and IKE.
+	SlowPath *slowpath.Server
+	// Lifetime enforces the SAs' soft and hard lifetimes and the
+	// sequence-number space.
+	Lifetime *lifetime.Enforcer
+	// Restored is what Start took over from the previous run's replay
+	// window and binding snapshot (state_dir/rx.state).
+	Restored Restored
+	Started  time.Time
+
+	log     *slog.Logger
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup
+	errs    chan error
+	failure atomic.Pointer[error] // the first component failure, for health
+	once    sync.Once
+	rest    *restorer // the previous run's state, handed out once per SA
+	apiSAs  *apiSAs   // state_dir's copy of the SAs added through the API
+}
+
+// Options change how Start behaves beyond the configuration.
+type Options struct {
+	Log *slog.Logger
+	// NoPin keeps nothing in bpffs (tests, dry runs).
+	NoPin bool
+	// LifetimeInterval is how often SA lifetimes are checked (1 s).
+	LifetimeInterval time.Duration
+	// StateInterval is how often the replay windows and NAT bindings are
+	// snapshotted to state_dir (DefaultStateInterval); after a crash,
+	// what an SA accepted in the last interval can be replayed once.
+	StateInterval time.Duration
+}
+
+// Start brings the data path up. On error everything it built is torn
+// down again.
+func Start(ctx context.Context, cfg *config.Config, o Options) (g *Gateway, err error) {
+	if o.Log == nil {
+		o.Log = slog.Default()
+	}
+	if cfg.Public.Interface == cfg.Private.Interface {
+		return nil, fmt.Errorf("config: private.interface: one-arm mode (%s on both sides) is not supported: the XDP programs need one interface each", cfg.Public.Interface)
+	}
+	g = &Gateway{Config: cfg, log: o.Log, errs: make(chan error, 16)}
+	defer func() {
+		if err != nil {
+			g.teardown(false)
+		}
+	}()
+	pubIf, err := net.InterfaceByName(cfg.Public.Interface)
+	if err != nil {
+		return nil, fmt.Errorf("public interface: %w", err)
+	}
+	privIf, err := net.InterfaceByName(cfg.Private.Interface)
+	if err != nil {
+		return nil, fmt.Errorf("private interface: %w", err)
+	}
+
+	g.Loader, err = loader.Load(loader.Options{
+		Public: cfg.Public.Interface, Private: cfg.Private.Interface,
+		Generic: cfg.XDPMode == "generic", PinRoot: cfg.PinDir, NoPin: o.NoPin,
+		SACapacity: uint32(cfg.MaxSAs), PolicyCapacity: uint32(cfg.MaxSAs),
+	})
+	if err != nil {
+		return nil, err
+	}
+	g.Maps = g.Loader.Maps
+	if err := g.Maps.Config.Set(bpf.Config{NattPort: uint16(cfg.NATTPort), Workers: uint16(cfg.Workers)}); err != nil {
+		return nil, fmt.Errorf("write XDP config: %w", err)
+	}
+	// Clear sockets a previous process left in pinned XSK maps: their fds
+	// are gone, and a stale slot would swallow packets.
+	for w := 0; w < cfg.Workers; w++ {
+		idx := maps.Index(rxQueue, uint16(cfg.Workers), uint16(w))
+		g.Maps.XSKPublic.Delete(idx)
+		g.Maps.XSKPrivate.Delete(idx)
+	}
+
+	g.UMEM, err = xsk.New(xsk.Config{
+		FrameSize: uint32(cfg.UMEM.FrameSize), FrameCount: uint32(cfg.UMEM.Frames),
+		FillSize: uint32(cfg.UMEM.FillRing), CompletionSize: uint32(cfg.UMEM.CompletionRing),
+		RxSize: uint32(cfg.UMEM.RXRing), TxSize: uint32(cfg.UMEM.TXRing),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("create UMEM: %w", err)
+	}
+
+	g.Neighbors, err = neigh.New(neigh.Config{Ifindexes: []int{pubIf.Index, privIf.Index}})
+	if err != nil {
+		return nil, fmt.Errorf("neighbour resolver: %w", err)
+	}
+	if len(cfg.Private.NextHop) == 6 {
+		if err := g.Neighbors.SetDefault(privIf.Index, [6]byte(cfg.Private.NextHop)); err != nil {
+			return nil, fmt.Errorf("private next hop: %w", err)
+		}
+	}
+	pubMAC, err := neigh.InterfaceMAC(pubIf.Index)
+	if err != nil {
+		return nil, fmt.Errorf("public interface MAC: %w", err)
+	}
+	privMAC, err := neigh.InterfaceMAC(privIf.Index)
+	if err != nil {
+		return nil, fmt.Errorf("private interface MAC: %w", err)
+	}
+
+	g.Seq, err = seqstore.Open(filepath.Join(cfg.StateDir, "seq"), seqstore.Options{})
+	if err != nil {
+		return nil, fmt.Errorf("state_dir: %w", err)
+	}
+	snap, err := rxstate.Load(filepath.Join(cfg.StateDir, rxStateFile))
+	if err != nil {
+		return nil, fmt.Errorf("state_dir: %w (remove the file to start with fresh replay windows, which accepts replays of earlier traffic)", err)
+	}
+	rest := newRestorer(g.Seq, snap)
+	g.rest = rest
+	g.Restored.Clean = snap.Clean
+	if err := g.openEtcd(ctx); err != nil {
+		return nil, err
+	}
+	events := make(chan worker.BindingChange, 4096)
+	seqReqs := make(chan worker.SeqRequest, 4096)
+	for w := 0; w < cfg.Workers; w++ {
+		pub, err := g.UMEM.Open(pubIf.Index, rxQueue)
+		if err != nil {
+			return nil, fmt.Errorf("worker %d: AF_XDP socket on %s: %w", w, pubIf.Name, err)
+		}
+		priv, err := g.UMEM.Open(privIf.Index, rxQueue)
+		if err != nil {
+			pub.Close()
+			return nil, fmt.Errorf("worker %d: AF_XDP socket on %s: %w", w, privIf.Name, err)
+		}
+		g.Sockets = append(g.Sockets, [2]*xsk.Socket{pub, priv})
+		wk, err := worker.New(worker.Config{
+			ID: w, UMEM: g.UMEM, Public: pub, Private: priv,
+			PublicMAC: pubMAC, PrivateMAC: privMAC,
+			PublicMTU: pubIf.MTU, PrivateMTU: privIf.MTU, Workers: cfg.Workers,
+			Neighbors: g.Neighbors, BindingEvents: events, SeqRequests: seqReqs,
+		})
+		if err != nil {
+			return nil, err
+		}
+		g.Workers = append(g.Workers, wk)
+	}
+
+	g.SAD, err = sad.New(sad.Options{Workers: cfg.Workers, MaxSAs: cfg.MaxSAs})
+	if err != nil {
+		return nil, err
+	}
+	g.Manager, err = manager.New(manager.Options{SAD: g.SAD, Maps: g.Maps, Workers: g.Workers, Events: events,
+		Seq: g.seqStore(), SeqRequests: seqReqs, Restore: rest.entry, Log: o.Log})
+	if err != nil {
+		return nil, err
+	}
+
+	runCtx, cancel := context.WithCancel(context.Background())
+	g.cancel = cancel
+	g.goRun("neighbour resolver", func() error { return g.Neighbors.Run(runCtx) })
+	for _, wk := range g.Workers {
+		g.goRun(fmt.Sprintf("worker %d", wk.ID()), func() error { return wk.Run(runCtx) })
+	}
+	// Sockets go into the XSK maps only once their worker runs and has
+	// filled the fill rings, so XDP never redirects into a socket nobody
+	// serves.
+	for w, s := range g.Sockets {
+		if err := g.Workers[w].Sync(ctx); err != nil {
+			return nil, err
+		}
+		idx := maps.Index(rxQueue, uint16(cfg.Workers), uint16(w))
+		if err := g.Maps.XSKPublic.Set(idx, s[0].FD()); err != nil {
+			return nil, fmt.Errorf("worker %d: publish public socket: %w", w, err)
+		}
+		if err := g.Maps.XSKPrivate.Set(idx, s[1].FD()); err != nil {
+			return nil, fmt.Errorf("worker %d: publish private socket: %w", w, err)
+		}
+	}
+	if err := g.SAD.AddAll(cfg.SAList); err != nil {
+		return nil, fmt.Errorf("load configured SAs: %w", err)
+	}
+	// Before the bindings and the first sync, so the SAs added through the
+	// API in an earlier run continue their state as the config's do.
+	g.apiSAs = newAPISAs(g)
+	if g.Restored.APISAs, err = g.apiSAs.restore(); err != nil {
+		return nil, err
+	}
+	g.Restored.Bindings = rest.bindings(g.SAD)
+	if err := g.Manager.Sync(ctx); err != nil {
+		return nil, fmt.Errorf("install configured SAs: %w", err)
+	}
+	rest.mu.Lock()
+	g.Restored.Windows, g.Restored.Counters = rest.windows, rest.counted
+	rest.mu.Unlock()
+	// Adopted maps may hold what the previous process published for SAs
+	// this one does not have.
+	if g.Restored.StaleSAs, g.Restored.StalePolicies, err = g.Manager.PruneStale(); err != nil {
+		return nil, fmt.Errorf("prune adopted maps: %w", err)
+	}
+	g.goRun("manager", func() error { return g.Manager.Run(runCtx) })
+	g.Lifetime, err = lifetime.New(lifetime.Options{SAD: g.SAD, Interval: o.LifetimeInterval, Log: o.Log,
+		Usage: func(id sa.ID) (lifetime.Usage, bool) {
+			c, ok := g.Manager.Counters(id)
+			return lifetime.Usage{Packets: c.Packets, Bytes: c.Bytes, Seq: c.Seq, Since: rest.since(id)}, ok
+		}})
+	if err != nil {
+		return nil, err
+	}
+	g.goRun("lifetime", func() error { return g.Lifetime.Run(runCtx) })
+	every := o.StateInterval
+	if every <= 0 {
+		every = DefaultStateInterval
+	}
+	g.goRun("state snapshot", func() error { return g.persistState(runCtx, every) })
+	if err := g.startEtcdSource(ctx, runCtx); err != nil {
+		return nil, err
+	}
+	// Before XDP attaches, so a fragment passed up never meets a closed
+	// port (the kernel would answer ICMP port unreachable).
+	injectors := make([]slowpath.Injector, len(g.Workers))
+	for i, wk := range g.Workers {
+		injectors[i] = wk
+	}
+	g.SlowPath, err = slowpath.New(slowpath.Options{
+		Addrs: cfg.Public.Addrs, Port: cfg.NATTPort, SAD: g.SAD, Workers: injectors,
+		IKEForward: cfg.SlowPath.IKEForwardAddr, Log: o.Log,
+	})
+	if err != nil {
+		return nil, err
+	}
+	g.goRun("slow path", func() error { return g.SlowPath.Run(runCtx) })
+	if err := g.Loader.Attach(); err != nil {
+		return nil, err
+	}
+	g.Started = time.Now()
+	o.Log.Info("xesp data path up",
+		"public", fmt.Sprintf("%s (xdp %s)", pubIf.Name, g.Loader.Public.Mode),
+		"private", fmt.Sprintf("%s (xdp %s)", privIf.Name, g.Loader.Private.Mode),
+		"af_xdp", g.Sockets[0][0].Mode().String(), "workers", cfg.Workers, "sas", len(cfg.SAList), "api_sas", g.Restored.APISAs,
+		"restored_windows", g.Restored.Windows, "restored_bindings", g.Restored.Bindings, "restored_counters", g.Restored.Counters, "clean_snapshot", g.Restored.Clean,
+		"pruned_sas", g.Restored.StaleSAs, "pruned_policies", g.Restored.StalePolicies)
+	return g, nil
+}
+
+func (g *Gateway) goRun(what string, f func() error) {
+	g.wg.Add(1)
+	go func() {
+		defer g.wg.Done()
+		if err := f(); err != nil {
+			err = fmt.Errorf("%s: %w", what, err)
+			g.failure.CompareAndSwap(nil, &err)
+			select {
+			case g.errs <- err:
+			default:
+			}
+		}
+	}()
+}
+
+// Errors reports a component that stopped with an error; the daemon
+// shuts down on the first one.
+func (g *Gateway) Errors() <-chan error { return g.errs }
+
+// Stop drains and tears the data path down. keepPinned leaves the XDP
+// programs attached and the maps pinned for a restarted daemon to adopt.
+func (g *Gateway) Stop(keepPinned bool) error {
+	var err error
+	g.once.Do(func() { err = g.teardown(keepPinned) })
+	return err
+}
+
+func (g *Gateway) teardown(keepPinned bool) error {
+	var errs []error
+	// Unsteer first so nothing is redirected to sockets about to close.
+	if g.Maps != nil {
+		for w := range g.Sockets {
+			idx := maps.Index(rxQueue, uint16(g.Config.Workers), uint16(w))
+			g.Maps.XSKPublic.Delete(idx)
+			g.Maps.XSKPrivate.Delete(idx)
+		}
+	}
+	if g.cancel != nil {
+		g.cancel()
+	}
+	g.wg.Wait()
+	// With the workers stopped the windows are exact: the next run
+	// continues them (a failed start leaves the last snapshot alone).
+	if !g.Started.IsZero() && g.Manager != nil && g.Seq != nil {
+		if err := g.saveState(context.Background(), true); err != nil {
+			errs = append(errs, err)
+		}
+		if err := g.apiSAs.flush(g.SAD.Version()); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if g.apiSAs != nil {
+		g.apiSAs.close()
+	}
+	// The slow path injects into workers: it stops before they close.
+	if g.SlowPath != nil {
+		g.SlowPath.Close()
+	}
+	for _, w := range g.Workers {
+		w.Close()
+	}
+	for _, s := range g.Sockets {
+		for _, sock := range s {
+			if err := sock.Close(); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	if g.UMEM != nil {
+		if err := g.UMEM.Close(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if g.Neighbors != nil {
+		g.Neighbors.Close()
+	}
+	if g.Seq != nil {
+		errs = append(errs, g.Seq.Close())
+	}
+	if g.Etcd != nil {
+		g.Etcd.Close()
+	}
+	if g.Loader != nil {
+		if keepPinned {
+			errs = append(errs, g.Loader.Close())
+		} else {
+			errs = append(errs, g.Loader.Detach())
+		}
+	}
+	return errors.Join(errs...)
+}

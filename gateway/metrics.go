@@ -1,0 +1,51 @@
+package gateway
+
+import (
+	"fmt"
+
+	"github.com/xesp/xesp/control/metrics"
+	"github.com/xesp/xesp/dataplane/slowpath"
+	"github.com/xesp/xesp/maps"
+)
+
+// MetricsSources is everything of this gateway that /metrics reports. The
+// XDP counters get a reader of their own (the collector serializes its
+// reads; the manager and CLI keep theirs).
+func (g *Gateway) MetricsSources(version string) (metrics.Sources, error) {
+	ctr, err := maps.NewCounters(g.Loader.Objects.Counters)
+	if err != nil {
+		return metrics.Sources{}, fmt.Errorf("metrics: %w", err)
+	}
+	src := metrics.Sources{
+		Version: version,
+		Start:   g.Started,
+		XDP:     ctr,
+		UMEM:    g.UMEM,
+		SAs: func() []metrics.SACount {
+			in, out := g.SAD.Len()
+			return []metrics.SACount{{Direction: "in", State: "active", Count: in}, {Direction: "out", State: "active", Count: out}}
+		},
+	}
+	if g.Lifetime != nil {
+		src.Lifetime = g.Lifetime.Counts
+	}
+	if g.SlowPath != nil {
+		src.SlowPath = func() map[string]uint64 {
+			st := g.SlowPath.Stats()
+			out := make(map[string]uint64, len(st))
+			for i, n := range st {
+				out[slowpath.Counter(i).String()] = n
+			}
+			return out
+		}
+	}
+	for _, w := range g.Workers {
+		src.Workers = append(src.Workers, w.Stats())
+	}
+	for w, s := range g.Sockets {
+		src.Sockets = append(src.Sockets,
+			metrics.Socket{Side: metrics.Public, Worker: w, XSK: s[0]},
+			metrics.Socket{Side: metrics.Private, Worker: w, XSK: s[1]})
+	}
+	return src, nil
+}

@@ -1,0 +1,73 @@
+package topo
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// Capture runs tcpdump on dev in the NAPT namespace (its public side:
+// "wan") writing ESP in UDP 4500 to file, and returns a function that
+// stops it and waits for the file to be complete. Immediate mode matters:
+// without it packets still in the capture ring's open block when tcpdump
+// is stopped are lost (it reported "received by filter", none captured).
+func (l *Lab) Capture(dev, file string) (stop func() error, err error) {
+	cmd := l.NAPT.Command("tcpdump", "-i", dev, "-U", "--immediate-mode", "-n", "-s", "0", "-w", file, "udp", "port", "4500")
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		return nil, err
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("tcpdump: %w", err)
+	}
+	// tcpdump says "listening on" once the capture is armed.
+	ready := make(chan error, 1)
+	var head strings.Builder
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		for sc.Scan() {
+			head.WriteString(sc.Text() + "\n")
+			if strings.Contains(sc.Text(), "listening on") {
+				ready <- nil
+				io.Copy(io.Discard, stderr)
+				return
+			}
+		}
+		ready <- fmt.Errorf("tcpdump exited: %s", head.String())
+	}()
+	select {
+	case err := <-ready:
+		if err != nil {
+			cmd.Wait()
+			return nil, err
+		}
+	case <-time.After(10 * time.Second):
+		cmd.Process.Kill()
+		cmd.Wait()
+		return nil, fmt.Errorf("tcpdump not listening after 10 s")
+	}
+	return func() error {
+		// The last packets may still be on their way through the ring.
+		time.Sleep(200 * time.Millisecond)
+		cmd.Process.Signal(syscall.SIGINT)
+		if err := cmd.Wait(); err != nil {
+			return fmt.Errorf("tcpdump: %w", err)
+		}
+		return nil
+	}, nil
+}
+
+// TsharkArgs are tshark's arguments to read file with every SA of the lab
+// in Wireshark's ESP SA table (keys as key||salt, AES-GCM-16), ESP
+// decryption on, and UDP 4500 decoded as RFC 3948 encapsulation (its
+// default port), followed by extra.
+func (l *Lab) TsharkArgs(file string, extra ...string) []string {
+	args := []string{"-r", file, "-n", "-o", "esp.enable_encryption_decode:TRUE"}
+	for _, s := range l.Config.SAList {
+		args = append(args, "-o", fmt.Sprintf(`uat:esp_sa:"IPv4","*","*","0x%08x","AES-GCM with 16 octet ICV [RFC4106]","0x%x","NULL",""`, s.SPI, []byte(s.EncKey)))
+	}
+	return append(args, extra...)
+}
