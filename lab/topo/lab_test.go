@@ -43,7 +43,7 @@ func startLab(t *testing.T, o Options) *Lab {
 func register(t *testing.T, l *Lab, p *Phone, tag string) {
 	t.Helper()
 	for i, method := range []string{"REGISTER", "OPTIONS"} {
-		callID := fmt.Sprintf("%s-ue%d-%s@xesp", tag, p.N, strings.ToLower(method))
+		callID := fmt.Sprintf("%s-%s-%s@xesp", tag, p.User, strings.ToLower(method))
 		r, err := l.Sipsak(context.Background(), p, method, callID, i+1)
 		if err != nil {
 			t.Fatalf("ue%d %s: %v", p.N, method, err)
@@ -89,7 +89,7 @@ func TestThreePhonesRegister(t *testing.T) {
 		}
 		log := l.KamailioLog()
 		for _, m := range []string{"REGISTER", "OPTIONS"} {
-			want := fmt.Sprintf("request %s from %s:%d call-id three-ue%d-%s@xesp", m, p.Inner, SIPPort, p.N, strings.ToLower(m))
+			want := fmt.Sprintf("request %s from %s:%d call-id three-ue%d-%s@xesp", m, p.SeenAt(), SIPPort, p.N, strings.ToLower(m))
 			if !strings.Contains(log, want) {
 				t.Fatalf("kamailio did not log %q:\n%s", want, log)
 			}
@@ -285,7 +285,7 @@ func TestCaptureDecryptsWithTshark(t *testing.T) {
 	}
 	l := startLab(t, Options{Phones: 2})
 	pcap := filepath.Join(t.TempDir(), "public.pcap")
-	stop, err := l.Capture("wan", pcap)
+	stop, err := l.Capture(pcap)
 	if err != nil {
 		t.Fatal(err)
 	}
