@@ -1,9 +1,6 @@
 package api
 
 import (
-	"net/netip"
-
-	"github.com/xesp/xesp/control/corepool"
 	"context"
 	"crypto/sha256"
 	"crypto/subtle"
@@ -13,11 +10,13 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/xesp/xesp/control/config"
+	"github.com/xesp/xesp/control/corepool"
 	"github.com/xesp/xesp/control/sad"
 	"github.com/xesp/xesp/control/secagree"
 )
