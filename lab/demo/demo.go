@@ -28,6 +28,7 @@ import (
 	"strings"
 	"sync"
 	"syscall"
+	"text/tabwriter"
 	"time"
 
 	"github.com/xesp/xesp/control/metrics"
@@ -190,8 +191,9 @@ func Run(ctx context.Context, o Options) (err error) {
 		fmt.Fprintln(w, "interrupted: tearing down")
 	}
 
-	fmt.Fprintf(w, "\n%-6s %-5s %-14s %-13s %-21s %-13s %-10s %-12s %-15s %s\n", "phone", "NAPT", "LAN = inner", "core address", "NAPT mapping (gw)", "SPI in/out",
-		"registered", "core OPTIONS", "ESP in/out (gw)", "misdelivered spi/dst/sip")
+	fmt.Fprintln(w)
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "phone\tNAPT\tLAN = inner\tcore address\tNAPT mapping (gw)\tSPI in/out\tregistered\tcore OPTIONS\tESP in/out (gw)\tmisdelivered spi/dst/sip")
 	var failed []string
 	var total ue.Misdelivered
 	others := 0
@@ -219,10 +221,11 @@ func Run(ctx context.Context, o Options) (err error) {
 		if p.Core.IsValid() {
 			core = p.Core.String()
 		}
-		fmt.Fprintf(w, "%-6s %-5d %-14s %-13s %-21s %-13s %-10s %-12s %-15s %s\n", p.User, p.NAPT, p.Inner, core, binding,
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.User, p.NAPT, p.Inner, core, binding,
 			fmt.Sprintf("0x%04x/0x%04x", p.SPIIn, p.SPIOut), reg, fmt.Sprintf("%d/%d", p.optionsOK, p.optionsSent),
 			fmt.Sprintf("%d/%d", in, out), fmt.Sprintf("%d/%d/%d", m.ForeignSPI, m.NotAddressed, m.OtherPhone))
 	}
+	tw.Flush()
 	dec, enc := uint64(0), uint64(0)
 	for _, wk := range g.Workers {
 		dec += wk.Stats().Decap.Packets.Load()

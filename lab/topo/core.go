@@ -7,6 +7,4 @@ import (
 )
 
 // coreOf is the core address the gateway gave an SA (CoreFromPool).
-func coreOf(s *sa.SA) netip.Addr {
-	return netip.Addr{} // until the gateway's sa.SA carries Core
-}
+func coreOf(s *sa.SA) netip.Addr { return s.Core }
