@@ -22,7 +22,7 @@ func runDemo(args []string) error {
 	fs := flag.NewFlagSet("demo", flag.ContinueOnError)
 	napts := fs.Int("napts", 3, "NAPTs, each numbering its LAN 192.168.1.0/24")
 	phones := fs.Int("phones", 3, "phones behind each NAPT (at most 200 in all)")
-	core := fs.String("core", "pool", "where each phone's core address comes from: pool (the gateway's core_pool), explicit (inner.core in the SAs), or none (private addresses reach the core: shows the misdelivery core addresses prevent)")
+	core := fs.String("core", "pool", "where each phone's core address comes from: pool (the gateway's core_pool), explicit (inner.core in the SAs), or none (private addresses reach the core: with more than one NAPT the gateway refuses the phones' SAs as ambiguous)")
 	hold := fs.Duration("hold", 0, "keep the topology up this long after the exchange (the core sends OPTIONS to every phone every 2 s; Ctrl-C stops)")
 	metricsAddr := fs.String("metrics", "127.0.0.1:9109", "serve /metrics here while the demo runs (\"\" for none)")
 	if err := fs.Parse(args); err != nil {

@@ -169,8 +169,11 @@ func Run(ctx context.Context, o Options) (err error) {
 	deadline := time.Now().Add(o.Hold)
 	for round := 1; ctx.Err() == nil; round++ {
 		each(func(p *phone) {
-			p.optionsSent++
 			r, err := l.CoreOptions(ctx, p.Phone, fmt.Sprintf("demo-core-%s-%d@core", p.User, round))
+			if err != nil && ctx.Err() != nil {
+				return // Ctrl-C stopped sipsak: not an attempt
+			}
+			p.optionsSent++
 			switch {
 			case err != nil:
 			case r.AnsweredBy(p.Phone):
