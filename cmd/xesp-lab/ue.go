@@ -294,6 +294,9 @@ func mirrorSA(s sa.SA) sa.SA {
 	s.InnerLocal, s.InnerPeer = s.InnerPeer, s.InnerLocal
 	s.Ports.Local, s.Ports.Peer = s.Ports.Peer, s.Ports.Local
 	s.ReplayWindow = 0
+	// The core address is how the gateway shows the phone to the SIP
+	// core; the phone itself only ever sees its own inner address.
+	s.Core = netip.Addr{}
 	return s
 }
 
