@@ -146,6 +146,9 @@ func TestManyPhonesRegister(t *testing.T) {
 		if binding.Addr() != NAPTWAN || in < 1 || in > uint64(1+retx[i]) {
 			t.Fatalf("bulk%d: binding %s, %d packets in with %d retransmissions", b.N, binding, in, retx[i])
 		}
+		if m := b.UE.Misdelivered(); m.Total() != 0 {
+			t.Fatalf("bulk%d measured misdelivery %+v", b.N, m)
+		}
 		ports[binding.Port()] = true
 		total += retx[i]
 	}

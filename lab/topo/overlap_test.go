@@ -118,8 +118,9 @@ func TestOverlappingPhonesBehindNAPTs(t *testing.T) {
 		}
 		// REGISTER's 200 and the core's OPTIONS: every packet the
 		// gateway sealed for the phone opened at the phone and
-		// reached its TUN; the phone's UAS answered one OPTIONS.
-		if out < 2 || c.Received != out || c.ToTUN != out || p.UAS.Answered() != 1 || p.UAS.Foreign() != 0 || len(c.DropList()) != 0 {
+		// reached its TUN; the phone's UAS answered the OPTIONS (more
+		// than once if kamailio retransmitted it).
+		if out < 2 || c.Received != out || c.ToTUN != out || p.UAS.Answered() < 1 || p.UAS.Foreign() != 0 || len(c.DropList()) != 0 {
 			t.Errorf("%s: gateway in %d out %d; phone %+v drops %v; answered %d", p.User, in, out, c, c.DropList(), p.UAS.Answered())
 		}
 		if binding.Addr() != p.NAPTWAN {
@@ -150,7 +151,7 @@ func TestOverlappingPhonesBehindNAPTs(t *testing.T) {
 	}
 	cmd := exec.Command("tshark", l.TsharkArgs(pcap, append(args, "-T", "fields", "-E", "separator=|", "-E", "occurrence=f",
 		"-e", "ip.src", "-e", "udp.srcport", "-e", "ip.dst", "-e", "udp.dstport", "-e", "esp.spi",
-		"-e", "sip.r-uri.user", "-e", "sip.to.user", "-e", "sip.Status-Line")...)...)
+		"-e", "sip.r-uri.user", "-e", "sip.to.user", "-e", "sip.Status-Line", "-e", "icmp.type")...)...)
 	var stderr strings.Builder
 	cmd.Stderr = &stderr
 	outb, err := cmd.Output()
@@ -161,7 +162,7 @@ func TestOverlappingPhonesBehindNAPTs(t *testing.T) {
 	per_ := map[*Phone]*seen{}
 	for _, line := range strings.Split(strings.TrimSpace(string(outb)), "\n") {
 		f := strings.Split(line, "|")
-		if len(f) != 8 || f[4] == "" {
+		if len(f) != 9 || f[4] == "" {
 			continue // NAT keepalives carry no SPI
 		}
 		src, err1 := netip.ParseAddrPort(f[0] + ":" + f[1])
@@ -196,6 +197,9 @@ func TestOverlappingPhonesBehindNAPTs(t *testing.T) {
 		// The decrypted SIP names this phone: its REGISTER (To: its
 		// AOR) and kamailio's 200; the core's OPTIONS (Request-URI:
 		// its contact) and its answer.
+		if f[8] != "" {
+			continue // an ICMP error (a late retransmission's answer after sipsak left): SPI checked, no SIP to name
+		}
 		if f[5] == "" && f[6] == "" {
 			t.Fatalf("%s: ESP that tshark did not decrypt to SIP: %s", p.User, line)
 		}
