@@ -3,6 +3,7 @@ package gateway
 import (
 	"context"
 	"encoding/binary"
+	"encoding/json"
 	"fmt"
 	"net"
 	"net/netip"
@@ -15,6 +16,7 @@ import (
 	"github.com/xesp/xesp/bpf"
 	"github.com/xesp/xesp/control/api"
 	"github.com/xesp/xesp/control/config"
+	"github.com/xesp/xesp/control/sa"
 	"github.com/xesp/xesp/dataplane/esp"
 	"github.com/xesp/xesp/internal/pkt"
 	"github.com/xesp/xesp/lab/netns"
@@ -375,4 +377,190 @@ func TestOverlappingPhonesEachGetTheirOwn(t *testing.T) {
 			t.Fatalf("%s: %d foreign, %d not mine after the shared-address packet", ph.name, f, nm)
 		}
 	}
+}
+
+// ovReg is one sec-agree registration as the emulated phone holds it.
+type ovReg struct {
+	name       string
+	uc, pc     uint16  // the phone's and the P-CSCF's client ports
+	spiC, spiS uint32  // the phone's SPIs (its inbound SAs)
+	toPS, toPC *esp.SA // phone -> P-CSCF server port (in-s), client port (in-c)
+	core       netip.Addr
+	pcSock     *net.UDPConn
+}
+
+const (
+	ovUS = 5064 // the phone's protected server port, kept across registrations
+	ovPS = 5065 // the P-CSCF's protected server port
+)
+
+// register runs POST /v1/secagree for registration k of phone i and
+// gives the phone its side of the four SAs.
+func (tp *ovTopo) register(t *testing.T, ph *emuPhone, i, k int) *ovReg {
+	t.Helper()
+	r := &ovReg{name: fmt.Sprintf("ph%d-reg%d", i, k), uc: uint16(5062 + 10*k), pc: uint16(5063 + 10*k + 1000*i),
+		spiC: uint32(0x3000 + 0x100*i + 2*k), spiS: uint32(0x3001 + 0x100*i + 2*k)}
+	offer := fmt.Sprintf("ipsec-3gpp;alg=hmac-sha-1-96;ealg=aes-cbc;mod=UDP-enc-tun;spi-c=%d;spi-s=%d;port-c=%d;port-s=%d", r.spiC, r.spiS, r.uc, ovUS)
+	resp, err := tp.api.SecAgree(context.Background(), api.SecAgreeRequest{
+		Registration: r.name, SecurityClient: offer, CK: ovKey(i, k)[:32], IK: ovKey(i, k+7)[:32],
+		UE: netip.AddrPortFrom(ovWAN(i), 4500).String(), UEInner: ovPhone.String(), PCSCF: ovCore.String(), Local: ovGW.String(),
+		PortC: r.pc, PortS: ovPS,
+	})
+	if err != nil {
+		t.Fatalf("%s: %v", r.name, err)
+	}
+	if r.core, err = netip.ParseAddr(resp.Core); err != nil {
+		t.Fatalf("%s: core %q", r.name, resp.Core)
+	}
+	mk := func(role string, window int) *esp.SA {
+		e, ok := tp.g.SAD.GetName(r.name + "." + role)
+		if !ok {
+			t.Fatalf("%s.%s not in the SAD", r.name, role)
+		}
+		s, err := esp.NewSA(esp.Config{SPI: e.SA.SPI, Proposal: e.SA.Proposal, EncKey: e.SA.EncKey, AuthKey: e.SA.AuthKey, ReplayWindow: window, Mode: esp.ModeTunnel})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	r.toPS, r.toPC = mk("in-s", 0), mk("in-c", 0)
+	ph.addIn(r.spiC, mk("out-c", 1024))
+	ph.addIn(r.spiS, mk("out-s", 1024))
+	r.pcSock = udpSock(t, tp.core, netip.AddrPortFrom(ovCore, r.pc).String())
+	return r
+}
+
+func (tp *ovTopo) worker(t *testing.T, name string) uint16 {
+	e, ok := tp.g.SAD.GetName(name)
+	if !ok {
+		t.Fatalf("%s not in the SAD", name)
+	}
+	return e.Worker
+}
+
+// Re-registration with 2 workers, repeated (issue 12): the phone's new
+// sec-agree set works beside its current set until the current one is
+// deleted. The 401 to a re-REGISTER sent on the old pair is delivered on
+// the old pair, the 200 on the new pair, and the P-CSCF's own requests
+// from its old and its new client port to the phone's server port (one
+// XDP key: core address and port-s) each leave on their own set's out-s.
+// Each round, the least-loaded worker is the other one (another phone
+// sharing 192.168.1.10, and a filler SA), so a set placed by load alone
+// would land apart from the current set. The phone keeps its core
+// address across registrations, the other phone has its own.
+func TestReRegistrationTwoWorkers(t *testing.T) {
+	tp := newOvTopo(t, 2, "")
+	ps := udpSock(t, tp.core, netip.AddrPortFrom(ovCore, ovPS).String())
+	ph := newEmuPhone(t, "ph0", tp.phones[0])
+	other := newEmuPhone(t, "ph1", tp.phones[1])
+	cur := tp.register(t, ph, 0, 0)
+	oreg := tp.register(t, other, 1, 0)
+	if oreg.core == cur.core {
+		t.Fatalf("two phones share core address %s", cur.core)
+	}
+	fspec := fmt.Sprintf(`{"name":"filler","spi":"0x7777","direction":"in","mode":"tunnel","proposal":"aes128gcm16","enc_key":"%s","local":"%s","peer":"198.51.100.99","encap":{},"inner":{"local":"10.0.0.0/24","peer":"10.99.9.0/24"}}`, ovKey(9, 9), ovGW)
+	if err := addRaw(tp, fspec); err != nil {
+		t.Fatal(err)
+	}
+	// A request from the phone on a set, answered by the P-CSCF's
+	// server port; it arrives from the phone's core address.
+	exchange := func(r *ovReg, what string) {
+		t.Helper()
+		req := what + " via " + r.name
+		var from netip.AddrPort
+		var got string
+		for try := 0; ; try++ {
+			ph.send(t, r.toPS, r.uc, ovPS, req)
+			ps.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+			buf := make([]byte, 2048)
+			n, f, err := ps.ReadFromUDPAddrPort(buf)
+			if err == nil {
+				from, got = f, string(buf[:n])
+				break
+			}
+			if try == 5 {
+				t.Fatalf("%s never reached the P-CSCF", req)
+			}
+		}
+		if got != req || from != netip.AddrPortFrom(r.core, r.uc) {
+			t.Fatalf("P-CSCF got %q from %s, want %q from %s:%d", got, from, req, r.core, r.uc)
+		}
+		answer := "SIP/2.0 " + what + " answer on " + r.name
+		if _, err := ps.WriteToUDPAddrPort([]byte(answer), from); err != nil {
+			t.Fatal(err)
+		}
+		if m := ph.expect(t, ovPS, r.uc, answer); m.spi != r.spiC {
+			t.Fatalf("%q sealed with SPI 0x%x, want the set's out-c 0x%x", answer, m.spi, r.spiC)
+		}
+	}
+	// The P-CSCF's own request from the set's client port to the phone's
+	// server port.
+	notify := func(r *ovReg) {
+		t.Helper()
+		msg := "NOTIFY on " + r.name
+		if _, err := r.pcSock.WriteToUDPAddrPort([]byte(msg), netip.AddrPortFrom(r.core, ovUS)); err != nil {
+			t.Fatal(err)
+		}
+		if m := ph.expect(t, r.pc, ovUS, msg); m.spi != r.spiS {
+			t.Fatalf("%q sealed with SPI 0x%x, want the set's out-s 0x%x", msg, m.spi, r.spiS)
+		}
+	}
+	exchange(cur, "REGISTER")
+	const rounds = 4
+	for k := 1; k <= rounds; k++ {
+		next := tp.register(t, ph, 0, k)
+		if next.core != cur.core {
+			t.Fatalf("round %d: re-registration moved the phone from core %s to %s", k, cur.core, next.core)
+		}
+		if w, wn := tp.worker(t, cur.name+".out-s"), tp.worker(t, next.name+".out-s"); w != wn {
+			t.Fatalf("round %d: the sets on workers %d and %d", k, w, wn)
+		}
+		exchange(cur, "re-REGISTER 401")
+		exchange(next, "REGISTER 200")
+		notify(cur)
+		notify(next)
+		exchange(cur, "late 200")
+		if _, err := tp.api.DeleteRegistration(context.Background(), cur.name); err != nil {
+			t.Fatal(err)
+		}
+		cur.pcSock.Close()
+		notify(next)
+		exchange(next, "after delete")
+		cur = next
+	}
+	// The other phone, same inner address and ports, was never disturbed.
+	for try := 0; ; try++ {
+		other.send(t, oreg.toPS, oreg.uc, ovPS, "other phone")
+		ps.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+		buf := make([]byte, 2048)
+		n, f, err := ps.ReadFromUDPAddrPort(buf)
+		if err == nil {
+			if string(buf[:n]) != "other phone" || f != netip.AddrPortFrom(oreg.core, oreg.uc) {
+				t.Fatalf("P-CSCF got %q from %s", buf[:n], f)
+			}
+			break
+		}
+		if try == 5 {
+			t.Fatal("the other phone's request never arrived")
+		}
+	}
+	if _, err := ps.WriteToUDPAddrPort([]byte("for the other phone"), netip.AddrPortFrom(oreg.core, oreg.uc)); err != nil {
+		t.Fatal(err)
+	}
+	other.expect(t, ovPS, oreg.uc, "for the other phone")
+	for _, p := range []*emuPhone{ph, other} {
+		if f, nm := p.counts(); f != 0 || nm != 0 {
+			t.Fatalf("%s: %d foreign packets, %d not addressed to it", p.name, f, nm)
+		}
+	}
+}
+
+// addRaw posts one SA (JSON) through the API.
+func addRaw(tp *ovTopo, spec string) error {
+	var s sa.Spec
+	if err := json.Unmarshal([]byte(spec), &s); err != nil {
+		return err
+	}
+	_, err := tp.api.Add(context.Background(), s)
+	return err
 }
