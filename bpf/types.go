@@ -23,6 +23,8 @@ const (
 	MetaESP     = XespXespMetaKindXESP_META_ESP
 	MetaClear   = XespXespMetaKindXESP_META_CLEAR
 	SAFlagEncap = uint16(XespXespSaFlagXESP_SA_F_ENCAP)
+	// ConfigFlagCores turns on xesp_private's exact-match step.
+	ConfigFlagCores = uint32(XespXespConfigFlagXESP_CFG_F_CORES)
 
 	// MetaSize is sizeof(struct xesp_meta): the bytes before a redirected
 	// frame's data that hold the metadata.

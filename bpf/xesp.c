@@ -37,6 +37,7 @@ enum xesp_reason xesp_reason_btf __attribute__((unused));
 enum xesp_meta_kind xesp_meta_kind_btf __attribute__((unused));
 enum xesp_meta_magic xesp_meta_magic_btf __attribute__((unused));
 enum xesp_sa_flag xesp_sa_flag_btf __attribute__((unused));
+enum xesp_config_flag xesp_config_flag_btf __attribute__((unused));
 
 /* Capacities are placeholders: the loader sets max_entries at load time. */
 struct {
@@ -542,12 +543,14 @@ int xesp_private(struct xdp_md *ctx)
 	}
 	/* Exact match first (per-phone core addresses), then the trie
 	 * (prefixes of SAs without a core address). */
-	pol = lookup_core(&key, dport, &reason);
+	cfg = load_config();
+	pol = NULL;
+	if (cfg.flags & XESP_CFG_F_CORES)
+		pol = lookup_core(&key, dport, &reason);
 	if (!pol)
 		pol = bpf_map_lookup_elem(&policies, &key);
 	if (!pol)
 		return verdict(pkt_len, XESP_PRIV_PASS_NO_POLICY, XDP_PASS);
-	cfg = load_config();
 	if (put_meta(ctx, pol->sa_index, 0, 0, l3_off, XESP_META_CLEAR))
 		return verdict(pkt_len, XESP_PRIV_ABORTED, XDP_ABORTED);
 	if (steer(ctx, &xsks_private, cfg.workers, pol->worker) != XDP_REDIRECT)

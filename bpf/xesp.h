@@ -70,7 +70,14 @@ struct xesp_counter {
 struct xesp_config {
 	__u16 natt_port;   /* host byte order; 0 means 4500 */
 	__u16 workers;     /* sockets per RX queue in the XSK maps; 0 means 1 */
-	__u32 flags;
+	__u32 flags;       /* XESP_CFG_F_* */
+};
+
+enum xesp_config_flag {
+	/* The cores map holds entries: xesp_private looks there before the
+	 * trie. Off, the private side costs what it did before core
+	 * addresses existed (set by the manager on its first core entry). */
+	XESP_CFG_F_CORES = 0x1,
 };
 
 /* Inbound SA map: key is the SPI in host byte order. */

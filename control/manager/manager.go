@@ -104,9 +104,22 @@ func (k policyKey) String() string {
 	return k.prefix.String()
 }
 
-// putPolicy points k's XDP entry at pol.
+// putPolicy points k's XDP entry at pol. The first core entry turns on
+// xesp_private's exact-match step (bpf.ConfigFlagCores); it stays on, so
+// a deployment without core addresses never pays for the lookups.
 func (m *Manager) putPolicy(k policyKey, pol bpf.Policy) error {
 	if k.core.IsValid() {
+		if !m.coresOn {
+			cfg, err := m.o.Maps.Config.Get()
+			if err == nil {
+				cfg.Flags |= bpf.ConfigFlagCores
+				err = m.o.Maps.Config.Set(cfg)
+			}
+			if err != nil {
+				return fmt.Errorf("turn on the exact-match step: %w", err)
+			}
+			m.coresOn = true
+		}
 		return m.o.Maps.Cores.Put(k.core, k.port, pol)
 	}
 	return m.o.Maps.Policies.Put(k.prefix, pol)
@@ -147,6 +160,9 @@ type Manager struct {
 	// new set beside the current one): they share a worker (the SAD
 	// groups a phone's SAs by core address), which picks by ports.
 	policies map[policyKey][]*slot
+
+	// coresOn: the config map's ConfigFlagCores is set (putPolicy).
+	coresOn bool
 
 	version uint64
 	changes []sad.Change
