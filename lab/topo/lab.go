@@ -76,6 +76,9 @@ const (
 	// CoreFromPool leaves it out and gives the gateway core_pool
 	// (CorePool), which allocates one per pair.
 	CoreFromPool
+	// CoreMixed names it for odd-numbered phones (as CoreExplicit) and
+	// lets core_pool allocate it for the others, around the named ones.
+	CoreMixed
 	// CoreNone gives the phones none: the SIP core sees the phones'
 	// private addresses, which phones behind different NAPTs share. This
 	// is the misdelivery the core address exists to prevent; the lab
@@ -89,6 +92,8 @@ func (m CoreMode) String() string {
 		return "explicit inner.core"
 	case CoreFromPool:
 		return "core_pool " + CorePool.String()
+	case CoreMixed:
+		return "inner.core for odd phones, core_pool " + CorePool.String() + " for the others"
 	case CoreNone:
 		return "none (private addresses reach the core)"
 	}
@@ -106,7 +111,8 @@ type Options struct {
 	// Phones is the number of TUN phones behind each NAPT, each in its own
 	// namespace and driven by sipsak. Bulk is the number of Go-driven
 	// phones sharing one namespace behind the first NAPT (unique inner
-	// addresses 10.99.x.y, no core address: the LPM path).
+	// addresses 10.99.x.y; a core address only when the gateway has a
+	// core_pool, else the LPM path).
 	Phones, Bulk int
 	// Core says where the phones' core addresses come from.
 	Core CoreMode
@@ -165,6 +171,7 @@ func (p *Phone) SAYAML() string { return p.saYAML }
 type BulkPhone struct {
 	N             int
 	Inner         netip.Addr
+	Core          netip.Addr // from core_pool when the gateway has one; else none (the gateway's LPM path)
 	SPIIn, SPIOut uint32
 	UE            *ue.Phone
 }
@@ -327,7 +334,7 @@ func Start(ctx context.Context, o Options) (l *Lab, err error) {
 		lan := netip.AddrFrom4([4]byte{192, 168, 1, byte(9 + j)})
 		p := &Phone{N: n, User: fmt.Sprintf("ue%d", n), NAPT: k, NAPTWAN: NAPTAddr(k), NS: ns, LAN: lan, Inner: lan,
 			SPIIn: 0x1000 + uint32(n), SPIOut: 0x2000 + uint32(n), KeyIn: randHex(20), KeyOut: randHex(20)}
-		if o.Core == CoreExplicit {
+		if o.Core == CoreExplicit || (o.Core == CoreMixed && n%2 == 1) {
 			p.Core = netip.AddrFrom4([4]byte{100, 64, byte(k), byte(9 + j)})
 		}
 		l.Phones = append(l.Phones, p)
@@ -379,7 +386,7 @@ func Start(ctx context.Context, o Options) (l *Lab, err error) {
 
 	state := filepath.Join(l.dir, "state")
 	pool := ""
-	if o.Core == CoreFromPool {
+	if o.Core == CoreFromPool || o.Core == CoreMixed {
 		pool = "core_pool: " + CorePool.String() + "\n"
 	}
 	cfgText := fmt.Sprintf("public: {interface: pub, addresses: [%s]}\nprivate: {interface: priv}\nworkers: %d\nstate_dir: %s\n%s"+
@@ -387,7 +394,7 @@ func Start(ctx context.Context, o Options) (l *Lab, err error) {
 	if l.Config, err = config.Parse([]byte(cfgText), "lab"); err != nil {
 		return l, fmt.Errorf("lab gateway config: %w", err)
 	}
-	if o.Core == CoreFromPool {
+	if o.Core == CoreFromPool || o.Core == CoreMixed {
 		// The gateway allocated them at config load; the phones' SA
 		// files show them too.
 		cores := map[uint32]netip.Addr{}
@@ -397,10 +404,19 @@ func Start(ctx context.Context, o Options) (l *Lab, err error) {
 			}
 		}
 		for _, p := range l.Phones {
+			if p.Core.IsValid() {
+				if cores[p.SPIIn] != p.Core {
+					return l, fmt.Errorf("lab: %s named core address %s, the gateway has %s", p.User, p.Core, cores[p.SPIIn])
+				}
+				continue
+			}
 			if p.Core = cores[p.SPIIn]; !p.Core.IsValid() {
 				return l, fmt.Errorf("lab: the gateway allocated no core address for %s", p.User)
 			}
 			p.saYAML = strings.ReplaceAll(p.saYAML, "peer: "+p.Inner.String()+"/32}", "peer: "+p.Inner.String()+"/32, core: "+p.Core.String()+"}")
+		}
+		for _, b := range l.Bulk {
+			b.Core = cores[b.SPIIn]
 		}
 	}
 	if err := l.GW.Do(func() (err error) {

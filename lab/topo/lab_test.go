@@ -103,13 +103,18 @@ func TestThreePhonesRegister(t *testing.T) {
 // Many phones behind the one NAPT (Go-driven, sharing a namespace, each
 // with its own socket and SA pair) register with kamailio at once; each
 // gets the 200 for its own Call-ID and the gateway holds one binding per
-// phone.
+// phone. Their SAs have no core address (the private side's LPM trie);
+// beside them two TUN phones behind two NAPTs share 192.168.1.10 and have
+// core addresses (the exact-match step first): both paths serve at once.
 func TestManyPhonesRegister(t *testing.T) {
 	n := 100
 	if testing.Short() {
 		n = 20
 	}
-	l := startLab(t, Options{Bulk: n})
+	l := startLab(t, Options{Bulk: n, NAPTs: 2, Phones: 1})
+	for _, p := range l.Phones {
+		register(t, l, p, "many")
+	}
 	var wg sync.WaitGroup
 	errs := make(chan error, n)
 	retx := make([]int, n)
@@ -154,6 +159,18 @@ func TestManyPhonesRegister(t *testing.T) {
 	}
 	if len(ports) != n {
 		t.Fatalf("%d phones, %d distinct NAPT ports", n, len(ports))
+	}
+	for _, p := range l.Phones {
+		if m := p.Tunnel.Counters().Misdelivered(); m.Total() != 0 {
+			t.Fatalf("%s measured misdelivery %+v", p.User, m)
+		}
+	}
+	dp, err := l.Gateway.DataPath()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if x := dp.Stats().XDP; x["priv_redirect_core"] < 4 || x["priv_redirect"] < uint64(n) {
+		t.Fatalf("XDP verdicts %v: want the TUN phones' 4 replies by core address and the %d bulk replies by the trie", x, n)
 	}
 	t.Logf("%d phones registered through one NAPT; %d retransmissions in all", n, total)
 }

@@ -32,8 +32,11 @@ func each(phones []*Phone, f func(p *Phone)) {
 }
 
 // The carrier case: 50 phones behind 5 NAPTs that all number their LAN
-// 192.168.1.0/24, so ten phones share each inner address and all share
-// SIP port 5060; 2 gateway workers; core addresses from core_pool. Every
+// 192.168.1.0/24, so five phones share each inner address and all share
+// SIP port 5060; 2 gateway workers; core addresses named in the SAs for
+// odd phones and allocated from core_pool for the others; beside them 20
+// Go-driven phones with unique inner addresses and no core address (the
+// gateway's LPM path without core_pool; core_pool gives them one too). Every
 // phone registers with kamailio using sipsak; kamailio's location table
 // holds each at its own core address; then the core sends OPTIONS to
 // every registered phone through the location table and each phone
@@ -47,7 +50,7 @@ func TestOverlappingPhonesBehindNAPTs(t *testing.T) {
 	}
 	const napts, per = 5, 10
 	start := time.Now()
-	l := startLab(t, Options{NAPTs: napts, Phones: per, Core: CoreFromPool, Workers: 2})
+	l := startLab(t, Options{NAPTs: napts, Phones: per, Core: CoreMixed, Workers: 2, Bulk: 20})
 	if len(l.Gateway.Workers) != 2 {
 		t.Fatalf("%d workers", len(l.Gateway.Workers))
 	}
@@ -77,6 +80,18 @@ func TestOverlappingPhonesBehindNAPTs(t *testing.T) {
 			t.Errorf("%s REGISTER: %v %q Call-ID %q", p.User, err, r.Status, r.CallID)
 		}
 	})
+	var wg sync.WaitGroup
+	for _, b := range l.Bulk {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			id := fmt.Sprintf("overlap-bulk%d@xesp", b.N)
+			if r, _, err := l.BulkExchange(b, "REGISTER", id, 1); err != nil || !r.OK() {
+				t.Errorf("bulk%d REGISTER: %v %q", b.N, err, r.Status)
+			}
+		}()
+	}
+	wg.Wait()
 	if t.Failed() {
 		stop()
 		return
@@ -130,6 +145,16 @@ func TestOverlappingPhonesBehindNAPTs(t *testing.T) {
 			t.Errorf("%s and %s share the NAPT mapping %s", p.User, q.User, binding)
 		}
 		mapping[binding] = p
+	}
+	for _, b := range l.Bulk {
+		_, binding := l.InCounters(b.SPIIn)
+		if m := b.UE.Misdelivered(); m.Total() != 0 || binding.Addr() != NAPTWAN || mapping[binding] != nil {
+			t.Errorf("bulk%d: misdelivered %+v, binding %s", b.N, m, binding)
+		}
+		if got, want := regs[fmt.Sprintf("bulk%d", b.N)], fmt.Sprintf("sip:%s:%d", b.Core, SIPPort); !CorePool.Contains(b.Core) || len(got) != 1 || got[0] != want {
+			t.Errorf("bulk%d in kamailio's location table: received %v, want [%s]", b.N, got, want)
+		}
+		mapping[binding] = &Phone{User: fmt.Sprintf("bulk%d", b.N), SPIIn: b.SPIIn, SPIOut: b.SPIOut}
 	}
 	// kamailio saw each REGISTER from the phone's core address.
 	klog := l.KamailioLog()
@@ -212,15 +237,19 @@ func TestOverlappingPhonesBehindNAPTs(t *testing.T) {
 			s.sipUp++
 		}
 	}
-	for _, p := range l.Phones {
+	for _, p := range mapping {
+		want := 2 // REGISTER and the core's OPTIONS, both ways
+		if p.NS == nil {
+			want = 1 // a bulk phone: REGISTER
+		}
 		s := per_[p]
-		if s == nil || s.up < 2 || s.down < 2 {
+		if s == nil || s.up < want || s.down < want {
 			_, b := l.InCounters(p.SPIIn)
-			t.Fatalf("%s (mapping %s): capture shows %+v ESP packets (want REGISTER and OPTIONS both ways)", p.User, b, s)
+			t.Fatalf("%s (mapping %s): capture shows %+v ESP packets, want %d each way", p.User, b, s, want)
 		}
 	}
-	t.Logf("%d phones behind %d NAPTs (%d share each inner address, all SIP port %d), 2 workers: all registered and answered the core's OPTIONS; misdelivered 0; topology built in %v, exchange and checks in %v",
-		len(l.Phones), napts, napts, SIPPort, built.Round(time.Millisecond), exchanged.Round(time.Millisecond))
+	t.Logf("%d phones behind %d NAPTs (%d share each inner address, all SIP port %d) and %d bulk phones, 2 workers: all registered, the TUN phones answered the core's OPTIONS; misdelivered 0; topology built in %v, exchange in %v, total %v",
+		len(l.Phones), napts, napts, SIPPort, len(l.Bulk), built.Round(time.Millisecond), exchanged.Round(time.Millisecond), time.Since(start).Round(time.Millisecond))
 }
 
 // The misdelivery counters count in the real topology: two phones behind
