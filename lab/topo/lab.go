@@ -13,7 +13,10 @@
 // shows the phone to the SIP core at it, unique per phone.
 //
 // Every namespace is created here with the caller's name prefix and deleted
-// by Close, also after a failed Start; no traffic leaves them.
+// by Close, also after a failed Start; no traffic leaves them. It must not
+// judge delivery from the gateway's side: whether a phone got its own
+// traffic is measured at the phones (ue.Misdelivered) and by the SIP
+// software at both ends.
 package topo
 
 import (
