@@ -403,7 +403,7 @@ func Start(ctx context.Context, o Options) (l *Lab, err error) {
 		cores := map[uint32]netip.Addr{}
 		for _, s := range l.Config.SAList {
 			if s.Direction == sa.In {
-				cores[s.SPI] = coreOf(&s)
+				cores[s.SPI] = s.Core
 			}
 		}
 		for _, p := range l.Phones {
