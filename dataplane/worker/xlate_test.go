@@ -70,7 +70,9 @@ func pkts(t testing.TB, src, dst string, payload []byte) map[string][]byte {
 // transport checksum, nothing else changed.
 func TestRewriteAddrChecksums(t *testing.T) {
 	r := rand.New(rand.NewPCG(1, 2))
-	rnd4 := func() string { return netip.AddrFrom4([4]byte{byte(r.Uint32()), byte(r.Uint32()), byte(r.Uint32()), byte(r.Uint32())}).String() }
+	rnd4 := func() string {
+		return netip.AddrFrom4([4]byte{byte(r.Uint32()), byte(r.Uint32()), byte(r.Uint32()), byte(r.Uint32())}).String()
+	}
 	rnd6 := func() string {
 		var b [16]byte
 		for i := range b {
