@@ -64,9 +64,10 @@ func fillMap[K any](b *testing.B, m *ebpf.Map, n int, key func(i int) K) {
 // BenchmarkPrivate measures xesp_private's lookup, steered to a socket
 // (metadata written, redirect verdict): the LPM trie alone, as before
 // core addresses (exact-match step off), and the exact match on core
-// address and port, at 1 and 1M entries; plus the trie path with the
-// exact-match step on and missing (what SAs without a core address pay
-// in a gateway that also has core addresses).
+// address and port, at 1 and 1M entries; plus the trie path behind
+// exact-match misses (what SAs without a core address pay in a gateway
+// that also has core addresses): one miss when only (address, port)
+// entries exist (sec-agree), two when any-port entries exist as well.
 func BenchmarkPrivate(b *testing.B) {
 	const million = 1_000_000
 	objs, set := loadPrivate(b, million+16)
@@ -79,11 +80,7 @@ func BenchmarkPrivate(b *testing.B) {
 		i.SrcIP, i.DstIP = net.ParseIP("10.0.0.5").To4(), dst.AsSlice()
 		return serialize(b, eth(layers.EthernetTypeIPv4), i, udp(i, 5065, 5064), gopacket.Payload(make([]byte, 200-14-20-8)))
 	}
-	cores := func(on bool) {
-		var f uint32
-		if on {
-			f = bpf.ConfigFlagCores
-		}
+	cores := func(f uint32) {
 		if err := set.Config.Set(bpf.Config{Flags: f}); err != nil {
 			b.Fatal(err)
 		}
@@ -97,21 +94,24 @@ func BenchmarkPrivate(b *testing.B) {
 		k, _ := maps.CoreKey(nthAddr(coreBase, i), 5064)
 		return k
 	}
-	run := func(name string, dst netip.Addr, want bpf.Reason, on bool) {
+	const off, both, port = 0, bpf.ConfigFlagCores, bpf.ConfigFlagCorePort
+	run := func(name string, dst netip.Addr, want bpf.Reason, flags uint32) {
 		b.Run(name, func(b *testing.B) {
-			cores(on)
+			cores(flags)
 			benchProgram(b, objs.XespPrivate, set, to(dst), want, xdpRedirect, singleRuns)
 		})
 	}
 	fillMap(b, set.Policies.Map(), 1, trieKey)
 	fillMap(b, set.Cores.Map(), 1, coreKey)
-	run("lpm-only-1sa", trieBase, bpf.PrivRedirect, false)
-	run("core-1sa", coreBase, bpf.PrivRedirectCorePort, true)
-	run("lpm-behind-core-miss-1sa", trieBase, bpf.PrivRedirect, true)
+	run("lpm-only-1sa", trieBase, bpf.PrivRedirect, off)
+	run("core-1sa", coreBase, bpf.PrivRedirectCorePort, port)
+	run("lpm-behind-core-port-miss-1sa", trieBase, bpf.PrivRedirect, port)
+	run("lpm-behind-both-core-misses-1sa", trieBase, bpf.PrivRedirect, both)
 	fillMap(b, set.Policies.Map(), million, trieKey)
 	fillMap(b, set.Cores.Map(), million, coreKey)
 	// Keys in the middle of the ranges: certainly among the million.
-	run("lpm-only-1M-sa", nthAddr(trieBase, 654321), bpf.PrivRedirect, false)
-	run("core-1M-sa", nthAddr(coreBase, 654321), bpf.PrivRedirectCorePort, true)
-	run("lpm-behind-core-miss-1M-sa", nthAddr(trieBase, 654321), bpf.PrivRedirect, true)
+	run("lpm-only-1M-sa", nthAddr(trieBase, 654321), bpf.PrivRedirect, off)
+	run("core-1M-sa", nthAddr(coreBase, 654321), bpf.PrivRedirectCorePort, port)
+	run("lpm-behind-core-port-miss-1M-sa", nthAddr(trieBase, 654321), bpf.PrivRedirect, port)
+	run("lpm-behind-both-core-misses-1M-sa", nthAddr(trieBase, 654321), bpf.PrivRedirect, both)
 }

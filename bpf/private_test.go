@@ -179,4 +179,19 @@ func TestPrivateCoreFixtures(t *testing.T) {
 		{name: "flag-off-core-ignored", in: udp4("100.64.0.1", 5060), verdict: xdpRedirect, meta: meta(bpf.MetaClear, 2, 0, 0, 14), reason: bpf.PrivRedirect},
 		{name: "flag-off-miss", in: udp4("100.128.0.1", 5060), verdict: xdpPass, reason: bpf.PrivPassNoPolicy},
 	})
+	// One kind on: only that lookup is made.
+	if err := set.Config.Set(bpf.Config{Workers: 2, Flags: bpf.ConfigFlagCorePort}); err != nil {
+		t.Fatal(err)
+	}
+	runTable(t, objs.XespPrivate, set, []fixture{
+		{name: "port-only-port-hit", in: udp4("100.64.0.3", 5060), verdict: xdpRedirect, meta: meta(bpf.MetaClear, 31, 0, 0, 14), reason: bpf.PrivRedirectCorePort},
+		{name: "port-only-any-entry-skipped", in: udp4("100.64.0.3", 7000), verdict: xdpRedirect, meta: meta(bpf.MetaClear, 2, 0, 0, 14), reason: bpf.PrivRedirect},
+	})
+	if err := set.Config.Set(bpf.Config{Workers: 2, Flags: bpf.ConfigFlagCoreAny}); err != nil {
+		t.Fatal(err)
+	}
+	runTable(t, objs.XespPrivate, set, []fixture{
+		{name: "any-only-port-entry-skipped", in: udp4("100.64.0.3", 5060), verdict: xdpRedirect, meta: meta(bpf.MetaClear, 30, 0, 0, 14), reason: bpf.PrivRedirectCore},
+		{name: "any-only-any-hit", in: icmp4("100.64.0.3"), verdict: xdpRedirect, meta: meta(bpf.MetaClear, 30, 0, 0, 14), reason: bpf.PrivRedirectCore},
+	})
 }

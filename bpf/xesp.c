@@ -476,22 +476,25 @@ static __always_inline __be16 l4_dport(struct hdr_cursor *nh, void *data_end, in
 }
 
 /* The exact-match step: (core address, port), then (core address, any
- * port). NULL when neither is there: the trie decides. */
-static __always_inline struct xesp_policy *lookup_core(struct xesp_policy_key *key, __be16 dport,
+ * port), each only when the config says such entries exist. NULL when
+ * neither is there: the trie decides. */
+static __always_inline struct xesp_policy *lookup_core(struct xesp_policy_key *key, __be16 dport, __u32 flags,
 							enum xesp_reason *reason)
 {
 	struct xesp_core_key ck = {.port = dport};
 	struct xesp_policy *pol;
 
 	__builtin_memcpy(ck.addr, key->addr, sizeof(ck.addr));
-	if (dport) {
+	if (dport && (flags & XESP_CFG_F_CORE_PORT)) {
 		pol = bpf_map_lookup_elem(&cores, &ck);
 		if (pol) {
 			*reason = XESP_PRIV_REDIRECT_CORE_PORT;
 			return pol;
 		}
-		ck.port = 0;
 	}
+	if (!(flags & XESP_CFG_F_CORE_ANY))
+		return NULL;
+	ck.port = 0;
 	pol = bpf_map_lookup_elem(&cores, &ck);
 	if (pol)
 		*reason = XESP_PRIV_REDIRECT_CORE;
@@ -545,8 +548,8 @@ int xesp_private(struct xdp_md *ctx)
 	 * (prefixes of SAs without a core address). */
 	cfg = load_config();
 	pol = NULL;
-	if (cfg.flags & XESP_CFG_F_CORES)
-		pol = lookup_core(&key, dport, &reason);
+	if (cfg.flags & (XESP_CFG_F_CORE_PORT | XESP_CFG_F_CORE_ANY))
+		pol = lookup_core(&key, dport, cfg.flags, &reason);
 	if (!pol)
 		pol = bpf_map_lookup_elem(&policies, &key);
 	if (!pol)

@@ -74,10 +74,13 @@ struct xesp_config {
 };
 
 enum xesp_config_flag {
-	/* The cores map holds entries: xesp_private looks there before the
-	 * trie. Off, the private side costs what it did before core
-	 * addresses existed (set by the manager on its first core entry). */
-	XESP_CFG_F_CORES = 0x1,
+	/* The cores map holds (address, port) entries, resp. any-port
+	 * entries: xesp_private does that exact-match lookup before the trie.
+	 * Both off, the private side costs what it did before core addresses
+	 * existed; one on, an SA without a core address pays one hash miss,
+	 * not two. The manager sets each with its first entry of the kind. */
+	XESP_CFG_F_CORE_PORT = 0x1,
+	XESP_CFG_F_CORE_ANY  = 0x2,
 };
 
 /* Inbound SA map: key is the SPI in host byte order. */

@@ -23,7 +23,8 @@ type XespXespConfig struct {
 type XespXespConfigFlag uint32
 
 const (
-	XespXespConfigFlagXESP_CFG_F_CORES XespXespConfigFlag = 1
+	XespXespConfigFlagXESP_CFG_F_CORE_PORT XespXespConfigFlag = 1
+	XespXespConfigFlagXESP_CFG_F_CORE_ANY  XespXespConfigFlag = 2
 )
 
 type XespXespCoreKey struct {

@@ -104,21 +104,27 @@ func (k policyKey) String() string {
 	return k.prefix.String()
 }
 
-// putPolicy points k's XDP entry at pol. The first core entry turns on
-// xesp_private's exact-match step (bpf.ConfigFlagCores); it stays on, so
-// a deployment without core addresses never pays for the lookups.
+// putPolicy points k's XDP entry at pol. The first core entry with a
+// port (without one) turns on xesp_private's (address, port) (address,
+// any port) lookup, bpf.ConfigFlagCorePort (ConfigFlagCoreAny); it stays
+// on, so a deployment without core addresses never pays for the lookups
+// and one with only one kind pays one miss in front of the trie.
 func (m *Manager) putPolicy(k policyKey, pol bpf.Policy) error {
 	if k.core.IsValid() {
-		if !m.coresOn {
+		flag := bpf.ConfigFlagCoreAny
+		if k.port != 0 {
+			flag = bpf.ConfigFlagCorePort
+		}
+		if m.coreFlags&flag == 0 {
 			cfg, err := m.o.Maps.Config.Get()
 			if err == nil {
-				cfg.Flags |= bpf.ConfigFlagCores
+				cfg.Flags |= flag
 				err = m.o.Maps.Config.Set(cfg)
 			}
 			if err != nil {
 				return fmt.Errorf("turn on the exact-match step: %w", err)
 			}
-			m.coresOn = true
+			m.coreFlags |= flag
 		}
 		return m.o.Maps.Cores.Put(k.core, k.port, pol)
 	}
@@ -161,8 +167,9 @@ type Manager struct {
 	// groups a phone's SAs by core address), which picks by ports.
 	policies map[policyKey][]*slot
 
-	// coresOn: the config map's ConfigFlagCores is set (putPolicy).
-	coresOn bool
+	// coreFlags are the bpf.ConfigFlagCore* bits set in the config map
+	// (putPolicy).
+	coreFlags uint32
 
 	version uint64
 	changes []sad.Change
