@@ -38,9 +38,12 @@ deps:
 		esac; \
 	fi
 
-# The main job on the built-in topology: 3 phones (xesp's phone on a TUN,
-# sipsak as SIP client) behind an nftables NAPT, the gateway (XDP + AF_XDP)
-# and kamailio as SIP core, in namespaces it removes on exit. Needs root.
+# The main job on the built-in topology: 3 nftables NAPTs × 3 phones, every
+# LAN 192.168.1.0/24 so phones share inner addresses and SIP port (xesp's
+# phone on a TUN, sipsak as SIP client), the gateway (XDP + AF_XDP) with a
+# core address per phone, and kamailio as edge registrar reaching every
+# phone, in namespaces it removes on exit (docs/lab.md). Needs root.
+# DEMO_ARGS: -napts N -phones N -core pool|explicit|none -hold D -metrics A.
 demo: deps build
 	./bin/xesp-lab demo $(DEMO_ARGS)
 

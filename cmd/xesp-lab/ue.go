@@ -42,6 +42,8 @@ type ueOptions struct {
 	stats     time.Duration
 	api       string // the phone's control API socket; empty: none
 	mode      string // tunnel or transport, when no SA file gives it
+	ports     string // the phone's inner ports, for the misdelivery counts
+	sipUser   string // the phone's SIP user, for the misdelivery counts
 }
 
 func runUE(args []string) error {
@@ -61,6 +63,8 @@ func runUE(args []string) error {
 	fs.DurationVar(&o.stats, "stats", 0, "print counters this often (0: only on exit)")
 	fs.StringVar(&o.api, "api", "", "serve the phone's control API on this Unix socket (0600): add, replace (rekey) and delete its SAs at run time (POST/GET /v1/sas, DELETE /v1/sas/REF, GET /v1/stats; `xesp sa --api unix:PATH` talks to it); with -api, -sa is optional")
 	fs.StringVar(&o.mode, "mode", "", "ESP mode without -sa: tunnel (default) or transport")
+	fs.StringVar(&o.ports, "ports", "", "comma-separated inner UDP/TCP ports the phone listens on: a decrypted packet to another port is counted and dropped as misdelivered (selector); default any")
+	fs.StringVar(&o.sipUser, "sip-user", "", "the phone's SIP user: a decrypted SIP message naming another user (Request-URI, or To of a response) is counted and dropped as misdelivered (other_phone); phones behind different NAPTs share inner address and port, so only this tells them apart")
 	if err := fs.Parse(args); err != nil {
 		return errors.Join(errUsage, err)
 	}
@@ -102,6 +106,27 @@ func ueConfig(o ueOptions) (ue.TunnelConfig, error) {
 // With -api and no -sa the phone starts without SAs and the flags say
 // everything.
 func ueSetup(o ueOptions) (ue.TunnelConfig, []sa.SA, error) {
+	cfg, initial, err := ueSetupSAs(o)
+	if err != nil {
+		return cfg, nil, err
+	}
+	// The phone's identity, for the misdelivery counts.
+	if o.ports != "" {
+		for _, f := range strings.Split(o.ports, ",") {
+			v, err := strconv.ParseUint(strings.TrimSpace(f), 10, 16)
+			if err != nil || v == 0 {
+				return cfg, nil, fmt.Errorf("%w: -ports %q: %q is not a port (1-65535)", errUsage, o.ports, f)
+			}
+			cfg.Ports = append(cfg.Ports, uint16(v))
+		}
+	}
+	if o.sipUser != "" {
+		cfg.Claim = ue.SIPClaim(o.sipUser)
+	}
+	return cfg, initial, nil
+}
+
+func ueSetupSAs(o ueOptions) (ue.TunnelConfig, []sa.SA, error) {
 	var cfg ue.TunnelConfig
 	if o.saFile == "" && o.api == "" {
 		return cfg, nil, fmt.Errorf("%w: -sa is required unless -api is given", errUsage)
@@ -294,6 +319,9 @@ func mirrorSA(s sa.SA) sa.SA {
 	s.InnerLocal, s.InnerPeer = s.InnerPeer, s.InnerLocal
 	s.Ports.Local, s.Ports.Peer = s.Ports.Peer, s.Ports.Local
 	s.ReplayWindow = 0
+	// The core address is how the gateway shows the phone to the SIP
+	// core; the phone itself only ever sees its own inner address.
+	s.Core = netip.Addr{}
 	return s
 }
 

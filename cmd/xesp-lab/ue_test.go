@@ -92,6 +92,7 @@ func TestUEConfig(t *testing.T) {
 		{ueOptions{saFile: gw, view: "gateway", gateway: "192.0.2.2"}, "-gateway"},
 		{ueOptions{saFile: gw, view: "gateway", routes: "10.0.0.0"}, "-route"},
 		{ueOptions{saFile: gw, view: "gateway", keepalive: -time.Second}, "-keepalive"},
+		{ueOptions{saFile: gw, view: "gateway", keepalive: time.Second, ports: "5060,sip"}, `-ports "5060,sip": "sip" is not a port`},
 		{ueOptions{saFile: gw, view: "gateway", api: "/x.sock", mode: "tunnel"}, "-mode is for a phone without -sa"},
 		{ueOptions{api: "/x.sock", inner: "10.99.0.1", routes: "10.0.0.0/24"}, "-gateway is required without -sa"},
 		{ueOptions{api: "/x.sock", gateway: "192.0.2.2:4500", routes: "10.0.0.0/24"}, "-inner is required without -sa"},
@@ -277,11 +278,12 @@ func mustMode(t *testing.T, spi uint32, key string, window int, mode esp.Mode) *
 }
 
 // xesp-lab ue as the phone in the real topology: the process reads the
-// gateway's SA file, makes the TUN, and sipsak in its namespace registers
-// with kamailio through the NAPT and the xesp gateway.
+// gateway's SA file (core address included: the phone ignores it), makes
+// the TUN, and sipsak in its namespace registers with kamailio through the
+// NAPT and the xesp gateway. Two NAPTs, one phone each, both 192.168.1.10.
 func TestUECommandThroughGatewayToKamailio(t *testing.T) {
 	netns.RequireRoot(t)
-	l, err := topo.Start(context.Background(), topo.Options{Prefix: netns.UniqueName("uek") + "-", Phones: 2, NoTunnels: true})
+	l, err := topo.Start(context.Background(), topo.Options{Prefix: netns.UniqueName("uek") + "-", NAPTs: 2, Phones: 1, NoTunnels: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -290,7 +292,7 @@ func TestUECommandThroughGatewayToKamailio(t *testing.T) {
 	var outs []*bytes.Buffer
 	for _, p := range l.Phones {
 		file := writeFile(t, fmt.Sprintf("ue%d.yaml", p.N), p.SAYAML())
-		cmd := labCmd(p.NS, "ue", "-sa", file, "-view", "gateway", "-tun", "ims0")
+		cmd := labCmd(p.NS, "ue", "-sa", file, "-view", "gateway", "-tun", "ims0", "-ports", "5060", "-sip-user", p.User)
 		out := &bytes.Buffer{}
 		cmd.Stdout, cmd.Stderr = out, out
 		if err := cmd.Start(); err != nil {
@@ -321,7 +323,10 @@ func TestUECommandThroughGatewayToKamailio(t *testing.T) {
 		if err := cmd.Wait(); err != nil {
 			t.Fatalf("xesp-lab ue: %v\n%s", err, outs[i].String())
 		}
-		// Two requests and two answers each, nothing dropped.
+		// Two requests and two answers each, nothing dropped: the two
+		// phones share 192.168.1.10:5060 behind two NAPTs, and neither
+		// counted a packet under another SPI, for another port or
+		// naming the other phone.
 		if text := outs[i].String(); !strings.Contains(text, "ESP sent 2, ESP received 2, to TUN 2") || strings.Contains(text, "dropped") {
 			t.Fatalf("ue%d counters:\n%s", i+1, text)
 		}

@@ -27,7 +27,8 @@ const secAgreeHelp = `usage:
                        --ue ADDR:PORT --local ADDR --port-c N --port-s N
                        [--ue-inner ADDR --pcscf ADDR] [--spi-c N --spi-s N] [--json]
       derive and install the four SAs of TS 33.203 from the phone's Security-Client
-      and print the Security-Server value to send in the 401
+      and print the Security-Server value to send in the 401 (with a core_pool the
+      phone's core address, docs/addressing.md, goes to stderr; --json has it as core)
   xesp secagree delete NAME [--grace DURATION] [--json]
       remove every SA of the registration (after its last message was sent): inbound
       first, outbound after the grace (server default 0: the data path still seals what
@@ -116,6 +117,10 @@ func runSecAgree(args []string, stdout, stderr io.Writer) error {
 			return json.NewEncoder(stdout).Encode(resp)
 		}
 		fmt.Fprintln(stdout, resp.SecurityServer)
+		if resp.Core != "" {
+			// stdout stays the header value alone, for scripts.
+			fmt.Fprintf(stderr, "core address: %s\n", resp.Core)
+		}
 		return nil
 	case "delete":
 		if len(pos) != 1 {

@@ -131,7 +131,7 @@ func (s *Server) add(w http.ResponseWriter, r *http.Request) {
 		writeErrors(w, status, errs)
 		return
 	}
-	e, err := s.sad.Add(in)
+	e, err := s.addWithCore(in)
 	if err != nil {
 		writeError(w, sadStatus(err), err.Error())
 		return
@@ -160,6 +160,11 @@ func (s *Server) update(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, fmt.Sprintf("%s: the body is %s but %s names %s: direction, spi and (outbound) peer and encap.peer_port are the identity and cannot change; delete and add instead",
 			in.Label(), id, r.PathValue("ref"), cur.ID))
 		return
+	}
+	if s.needsCore(&in) && cur.SA.Core.IsValid() && cur.SA.InnerPeer == in.InnerPeer {
+		// A body without inner.core (an SA file written before the
+		// allocation) keeps the phone's allocated address.
+		in.Core = cur.SA.Core
 	}
 	e, err := s.sad.Update(in)
 	if err != nil {
@@ -323,7 +328,7 @@ func sadStatus(err error) int {
 	switch {
 	case errors.Is(err, sad.ErrNotFound):
 		return http.StatusNotFound
-	case errors.Is(err, sad.ErrExists), errors.Is(err, sad.ErrAmbiguous):
+	case errors.Is(err, sad.ErrExists), errors.Is(err, sad.ErrAmbiguous), errors.Is(err, sad.ErrOverlap):
 		return http.StatusConflict
 	case errors.Is(err, sad.ErrFull):
 		return http.StatusInsufficientStorage

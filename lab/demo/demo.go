@@ -1,13 +1,16 @@
 // Package demo runs the built-in demo: the problem the product exists for,
-// solved, with software nobody on this team wrote at both ends. Several
-// phones sit behind one NAPT, each with its own UDP-encapsulated ESP SA
+// solved, with software nobody on this team wrote at both ends. Phones sit
+// behind several NAPTs whose LANs are numbered alike, so phones behind
+// different NAPTs share their private (inner) address and SIP port. Each
+// phone has its own UDP-encapsulated ESP SA pair carrying a core address,
 // and a TUN device; sipsak in each phone's namespace registers with
-// kamailio in the core through that TUN, and every phone gets exactly its
-// own replies.
+// kamailio through that TUN; then the core sends OPTIONS to every
+// registered phone (kamailio looks each up in its location table) and
+// each phone answers its own. Misdelivery is measured at the phones.
 //
-//	ue1 ─┐
-//	ue2 ─┼─ napt (nftables masquerade) ── gw (xesp, XDP on both veths) ── core (kamailio)
-//	ue3 ─┘
+//	napt1: ue1 192.168.1.10, ue2 192.168.1.11 ─┐
+//	napt2: ue3 192.168.1.10, ue4 192.168.1.11 ─┼─ xesp gateway (XDP on both veths) ── core (kamailio)
+//	napt3: ue5 192.168.1.10, ue6 192.168.1.11 ─┘
 //
 // Everything lives in network namespaces named xesp-*, created here (by
 // lab/topo) and deleted on exit or Ctrl-C; no traffic leaves them.
@@ -25,6 +28,7 @@ import (
 	"strings"
 	"sync"
 	"syscall"
+	"text/tabwriter"
 	"time"
 
 	"github.com/xesp/xesp/control/metrics"
@@ -34,9 +38,11 @@ import (
 
 // Options tune the demo.
 type Options struct {
-	Phones  int           // phones behind the NAPT (3)
+	NAPTs   int           // NAPTs, each numbering its LAN 192.168.1.0/24 (3)
+	Phones  int           // phones behind each NAPT (3)
+	Core    topo.CoreMode // where core addresses come from (default: the gateway's core_pool)
 	Metrics string        // /metrics listen address on the host; "" for none
-	Hold    time.Duration // keep running (phones sending OPTIONS every 2 s) this long after the exchange
+	Hold    time.Duration // keep running (the core sends OPTIONS to every phone every 2 s) this long after the exchange
 	Version string
 	Out     io.Writer
 	Log     *slog.Logger
@@ -52,20 +58,27 @@ type phone struct {
 	*topo.Phone
 	registered  bool
 	regStatus   string
-	optionsOK   int
+	inTable     bool // kamailio's location table has it, received at its core address
+	optionsOK   int  // core-initiated OPTIONS answered by this phone
 	optionsSent int
-	wrongReply  int
+	otherAnswer int // core-initiated OPTIONS for it answered by another phone
 }
+
+// parallel bounds concurrent sipsak runs: two CPUs, many phones.
+const parallel = 16
 
 // Run builds the topology, runs the exchange, prints the result and tears
 // everything down. It returns an error if any phone failed to register or
-// got a reply meant for another phone.
+// answer the core, or any phone measured a misdelivery.
 func Run(ctx context.Context, o Options) (err error) {
+	if o.NAPTs <= 0 {
+		o.NAPTs = 3
+	}
 	if o.Phones <= 0 {
 		o.Phones = 3
 	}
-	if o.Phones > 200 {
-		return fmt.Errorf("demo: at most 200 phones")
+	if o.NAPTs*o.Phones > 200 {
+		return fmt.Errorf("demo: at most 200 phones (NAPTs × phones)")
 	}
 	w := o.Out
 	if err := topo.CheckTools(); err != nil {
@@ -73,10 +86,12 @@ func Run(ctx context.Context, o Options) (err error) {
 	}
 	if o.Prefix == "" {
 		o.Prefix = Prefix
-		cleanupStale(o.Phones)
+		cleanupStale(o.NAPTs, o.NAPTs*o.Phones)
 	}
-	fmt.Fprintf(w, "building the demo topology: %d phones ─ NAPT ─ xesp gateway ─ SIP core (kamailio)\n", o.Phones)
-	l, err := topo.Start(ctx, topo.Options{Prefix: o.Prefix, Phones: o.Phones, Log: o.Log})
+	fmt.Fprintf(w, "building the demo topology: %d NAPTs × %d phones ─ xesp gateway ─ SIP core (kamailio)\n", o.NAPTs, o.Phones)
+	fmt.Fprintf(w, "every NAPT numbers its LAN %s (first phone %s); a phone's inner address is its LAN address; every phone's SIP port is %d\n",
+		topo.LAN, topo.FirstPhone, topo.SIPPort)
+	l, err := topo.Start(ctx, topo.Options{Prefix: o.Prefix, NAPTs: o.NAPTs, Phones: o.Phones, Core: o.Core, Log: o.Log})
 	if err != nil {
 		return err
 	}
@@ -87,10 +102,10 @@ func Run(ctx context.Context, o Options) (err error) {
 		fmt.Fprintf(w, "\ntopology removed (namespaces %s*, kamailio stopped)\n", o.Prefix)
 	}()
 	g := l.Gateway
-	fmt.Fprintf(w, "gateway up: XDP %s on pub and %s on priv, AF_XDP %s mode, %d workers, %d SAs\n",
-		g.Loader.Public.Mode, g.Loader.Private.Mode, g.Sockets[0][0].Mode(), l.Config.Workers, len(l.Config.SAList))
-	fmt.Fprintf(w, "SIP core: %s listening on %s:%d (registrar, config examples/kamailio/kamailio.cfg)\n", kamailioVersion(), topo.Core, topo.SIPPort)
-	fmt.Fprintf(w, "phones: xesp's phone on a TUN (ims0) in each namespace, sipsak as the SIP client, NAT keepalives every 20 s\n")
+	fmt.Fprintf(w, "gateway up: XDP %s on pub and %s on priv, AF_XDP %s mode, %d workers, %d SAs, core addresses: %s\n",
+		g.Loader.Public.Mode, g.Loader.Private.Mode, g.Sockets[0][0].Mode(), l.Config.Workers, len(l.Config.SAList), o.Core)
+	fmt.Fprintf(w, "SIP core: %s on %s:%d (edge registrar: force_rport, nathelper, usrloc; config examples/kamailio/kamailio.cfg)\n", kamailioVersion(), topo.Core, topo.SIPPort)
+	fmt.Fprintf(w, "phones: xesp's phone on a TUN (ims0) in each namespace, sipsak as the SIP client, a SIP listener on %d answering OPTIONS\n", topo.SIPPort)
 
 	svcCtx, stopSvc := context.WithCancel(ctx)
 	defer stopSvc()
@@ -111,46 +126,62 @@ func Run(ctx context.Context, o Options) (err error) {
 	for i, p := range l.Phones {
 		phones[i] = &phone{Phone: p}
 	}
-	fmt.Fprintln(w, "\neach phone runs sipsak: REGISTER, then OPTIONS, to kamailio through its TUN, the NAPT and the gateway ...")
-	cseq := 0
-	exchange := func(p *phone, method string, seq int) (topo.Reply, error) {
-		callID := fmt.Sprintf("demo-ue%d-%s-%d@xesp", p.N, strings.ToLower(method), seq)
-		r, err := l.Sipsak(ctx, p.Phone, method, callID, seq)
-		if err == nil && r.CallID != callID {
-			p.wrongReply++
-			err = fmt.Errorf("reply for Call-ID %q", r.CallID)
-		}
-		return r, err
-	}
-	var wg sync.WaitGroup
-	cseq++
-	for _, p := range phones {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			r, err := exchange(p, "REGISTER", cseq)
-			p.registered = err == nil && r.OK()
-			p.regStatus = r.Status
-			if err != nil {
-				p.regStatus = err.Error()
-			}
-		}()
-	}
-	wg.Wait()
-	deadline := time.Now().Add(o.Hold)
-	for ctx.Err() == nil {
-		cseq++
+	each := func(f func(p *phone)) {
+		var wg sync.WaitGroup
+		sem := make(chan struct{}, parallel)
 		for _, p := range phones {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				p.optionsSent++
-				if r, err := exchange(p, "OPTIONS", cseq); err == nil && r.OK() {
-					p.optionsOK++
-				}
+				sem <- struct{}{}
+				defer func() { <-sem }()
+				f(p)
 			}()
 		}
 		wg.Wait()
+	}
+	fmt.Fprintln(w, "\neach phone runs sipsak: REGISTER to kamailio through its TUN, its NAPT and the gateway ...")
+	each(func(p *phone) {
+		callID := fmt.Sprintf("demo-%s-register@xesp", p.User)
+		r, err := l.Sipsak(ctx, p.Phone, "REGISTER", callID, 1)
+		p.registered = err == nil && r.OK() && r.CallID == callID
+		p.regStatus = r.Status
+		if err != nil {
+			p.regStatus, _, _ = strings.Cut(err.Error(), "\n")
+		}
+	})
+	regs, err := l.Registrations()
+	if err != nil {
+		return err
+	}
+	for _, p := range phones {
+		want := fmt.Sprintf("sip:%s:%d", p.SeenAt(), topo.SIPPort)
+		for _, got := range regs[p.User] {
+			p.inTable = p.inTable || got == want
+		}
+	}
+	for _, p := range phones {
+		if err := l.Listen(p.Phone); err != nil {
+			return err
+		}
+	}
+	fmt.Fprintln(w, "the core sends OPTIONS to every registered phone (kamailio looks each up in its location table) ...")
+	deadline := time.Now().Add(o.Hold)
+	for round := 1; ctx.Err() == nil; round++ {
+		each(func(p *phone) {
+			r, err := l.CoreOptions(ctx, p.Phone, fmt.Sprintf("demo-core-%s-%d@core", p.User, round))
+			if err != nil && ctx.Err() != nil {
+				return // Ctrl-C stopped sipsak: not an attempt
+			}
+			p.optionsSent++
+			switch {
+			case err != nil:
+			case r.AnsweredBy(p.Phone):
+				p.optionsOK++
+			case r.OK():
+				p.otherAnswer++
+			}
+		})
 		if time.Now().After(deadline) {
 			break
 		}
@@ -163,43 +194,73 @@ func Run(ctx context.Context, o Options) (err error) {
 		fmt.Fprintln(w, "interrupted: tearing down")
 	}
 
-	fmt.Fprintf(w, "\n%-6s %-13s %-11s %-22s %-15s %-11s %-8s %-17s %s\n", "phone", "lan address", "inner", "NAPT mapping (gw)", "SPI in/out", "registered", "OPTIONS", "ESP in/out (gw)", "phone: sent/opened/keepalives")
+	fmt.Fprintln(w)
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "phone\tNAPT\tLAN = inner\tcore address\tNAPT mapping (gw)\tSPI in/out\tregistered\tcore OPTIONS\tESP in/out (gw)\tmisdelivered spi/dst/sip")
 	var failed []string
-	wrong := 0
+	var total ue.Misdelivered
+	others := 0
 	for _, p := range phones {
 		in, binding := l.InCounters(p.SPIIn)
 		out := l.OutPackets(p.SPIOut)
-		c := p.Tunnel.Counters()
+		m := p.Tunnel.Counters().Misdelivered()
+		total.ForeignSPI += m.ForeignSPI
+		total.NotAddressed += m.NotAddressed
+		total.OtherPhone += m.OtherPhone
+		others += p.otherAnswer
 		reg := "yes"
-		if !p.registered {
+		switch {
+		case !p.registered:
 			reg = "NO"
-			failed = append(failed, fmt.Sprintf("ue%d: %s", p.N, p.regStatus))
+			failed = append(failed, fmt.Sprintf("%s: REGISTER: %s", p.User, p.regStatus))
+		case !p.inTable:
+			reg = "not found"
+			failed = append(failed, fmt.Sprintf("%s: not in kamailio's location table at %s (%v)", p.User, p.SeenAt(), regs[p.User]))
 		}
-		// A reply sealed for another phone fails to open under this
-		// phone's SA, or opens to an inner packet not addressed to it.
-		wrong += p.wrongReply + int(c.Drops[ue.DropNotGateway]+c.Drops[ue.DropSelector])
-		for _, d := range c.DropList() {
-			if strings.HasPrefix(d.Reason, "open:") {
-				wrong += int(d.N)
-			}
+		if p.optionsOK != p.optionsSent {
+			failed = append(failed, fmt.Sprintf("%s: answered %d of %d core OPTIONS", p.User, p.optionsOK, p.optionsSent))
 		}
-		fmt.Fprintf(w, "ue%-4d %-13s %-11s %-22s 0x%04x/0x%04x   %-11s %-8s %-17s %d/%d/%d\n", p.N, p.LAN, p.Inner, binding,
-			p.SPIIn, p.SPIOut, reg, fmt.Sprintf("%d/%d", p.optionsOK, p.optionsSent), fmt.Sprintf("%d/%d", in, out), c.Sent, c.Received, c.KeepalivesSent)
+		core := "-"
+		if p.Core.IsValid() {
+			core = p.Core.String()
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.User, p.NAPT, p.Inner, core, binding,
+			fmt.Sprintf("0x%04x/0x%04x", p.SPIIn, p.SPIOut), reg, fmt.Sprintf("%d/%d", p.optionsOK, p.optionsSent),
+			fmt.Sprintf("%d/%d", in, out), fmt.Sprintf("%d/%d/%d", m.ForeignSPI, m.NotAddressed, m.OtherPhone))
 	}
+	tw.Flush()
 	dec, enc := uint64(0), uint64(0)
 	for _, wk := range g.Workers {
 		dec += wk.Stats().Decap.Packets.Load()
 		enc += wk.Stats().Encap.Packets.Load()
 	}
-	fmt.Fprintf(w, "\ngateway forwarded %d packets phone→core (decrypted) and %d core→phone (encrypted); ", dec, enc)
-	fmt.Fprintf(w, "replies delivered to the wrong phone: %d\n", wrong)
+	shared := map[string]int{}
+	for _, p := range phones {
+		shared[p.Inner.String()]++
+	}
+	var dup []string
+	for a, n := range shared {
+		if n > 1 {
+			dup = append(dup, fmt.Sprintf("%s ×%d", a, n))
+		}
+	}
+	sort.Strings(dup)
+	fmt.Fprintf(w, "\nphones sharing an inner address and SIP port %d: %s\n", topo.SIPPort, strings.Join(dup, ", "))
+	fmt.Fprintf(w, "gateway forwarded %d packets phone→core (decrypted) and %d core→phone (encrypted)\n", dec, enc)
+	fmt.Fprintf(w, "delivered to the wrong phone, measured at the phones: %d (%d ESP under another phone's SPI, %d for another inner address/port, %d SIP messages for another phone)\n",
+		total.Total(), total.ForeignSPI, total.NotAddressed, total.OtherPhone)
+	fmt.Fprintf(w, "core OPTIONS answered by another phone than the one addressed: %d\n", others)
 	seen, klog := 0, l.KamailioLog()
 	for _, p := range phones {
-		if strings.Contains(klog, fmt.Sprintf("request REGISTER from %s:%d call-id demo-ue%d-register-", p.Inner, topo.SIPPort, p.N)) {
+		if strings.Contains(klog, fmt.Sprintf("request REGISTER from %s:%d call-id demo-%s-register@xesp", p.SeenAt(), topo.SIPPort, p.User)) {
 			seen++
 		}
 	}
-	fmt.Fprintf(w, "kamailio logged a REGISTER from the inner address of %d of %d phones\n", seen, len(phones))
+	from := "its own core address"
+	if o.Core == topo.CoreNone {
+		from = "its inner address"
+	}
+	fmt.Fprintf(w, "kamailio saw the REGISTER of %d of %d phones from %s\n", seen, len(phones), from)
 	if dp, err := g.DataPath(); err == nil {
 		st := dp.Stats()
 		fmt.Fprintf(w, "XDP verdicts: %s\n", kv(st.XDP))
@@ -207,9 +268,8 @@ func Run(ctx context.Context, o Options) (err error) {
 			fmt.Fprintf(w, "worker drops: decap %s; encap %s\n", kv(st.In.Drops), kv(st.Out.Drops))
 		}
 	}
-	fmt.Fprintln(w, "every phone sits behind the same NAPT address", topo.NAPTWAN, "with its own UDP port: the gateway keeps one binding per SA.")
-	if len(failed) > 0 || wrong > 0 {
-		return fmt.Errorf("demo failed: %s (wrong replies %d)", strings.Join(failed, "; "), wrong)
+	if len(failed) > 0 || total.Total() > 0 || others > 0 {
+		return fmt.Errorf("demo failed: %s (misdelivered %d, answered by another phone %d)", strings.Join(failed, "; "), total.Total(), others)
 	}
 	return nil
 }
@@ -247,9 +307,12 @@ func kv(m map[string]uint64) string {
 
 // cleanupStale removes what an earlier demo killed with SIGKILL left: its
 // namespaces and the processes (kamailio, sipsak) still running in them.
-func cleanupStale(phones int) {
-	names := []string{"napt", "gw", "core", "bulk"}
-	for i := 1; i <= max(phones, 3); i++ {
+func cleanupStale(napts, phones int) {
+	names := []string{"inet", "gw", "core", "bulk"}
+	for i := 1; i <= max(napts, 3); i++ {
+		names = append(names, fmt.Sprintf("napt%d", i))
+	}
+	for i := 1; i <= max(phones, 9); i++ {
 		names = append(names, fmt.Sprintf("ue%d", i))
 	}
 	for _, n := range names {

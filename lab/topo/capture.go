@@ -9,13 +9,14 @@ import (
 	"time"
 )
 
-// Capture runs tcpdump on dev in the NAPT namespace (its public side:
-// "wan") writing ESP in UDP 4500 to file, and returns a function that
+// Capture runs tcpdump on the public segment at the gateway's port (the
+// inet namespace's "gw", which carries every NAPT's traffic with the
+// gateway) writing ESP in UDP 4500 to file, and returns a function that
 // stops it and waits for the file to be complete. Immediate mode matters:
 // without it packets still in the capture ring's open block when tcpdump
 // is stopped are lost (it reported "received by filter", none captured).
-func (l *Lab) Capture(dev, file string) (stop func() error, err error) {
-	cmd := l.NAPT.Command("tcpdump", "-i", dev, "-U", "--immediate-mode", "-n", "-s", "0", "-w", file, "udp", "port", "4500")
+func (l *Lab) Capture(file string) (stop func() error, err error) {
+	cmd := l.Inet.Command("tcpdump", "-i", "gw", "-U", "--immediate-mode", "-n", "-s", "0", "-w", file, "udp", "port", "4500")
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		return nil, err

@@ -1,12 +1,22 @@
-// Package lab builds the topology the product exists for, with real SIP
+// Package topo builds the topology the product exists for, with real SIP
 // software at both ends, for the end-to-end tests and the demo:
 //
-//	ue1..ueN ─┐  (each: xesp's phone on a TUN, sipsak as the SIP client)
-//	bulk     ─┼─ napt (nftables masquerade) ── gw (xesp gateway, XDP on both veths) ── core (kamailio)
-//	           ┘  (bulk: many Go-driven phones sharing one namespace)
+//	napt1 LAN 192.168.1.0/24: ue1 192.168.1.10, ue2 .11 ...─ napt1 (nftables masquerade, 198.51.100.2) ─┐
+//	napt2 LAN 192.168.1.0/24: ueP+1 192.168.1.10, ...      ─ napt2 (198.51.100.3)                    ─┼─ inet (bridge) ── gw (xesp, XDP) ── core (kamailio)
+//	...                                                                                                ─┘
+//	bulk (optional, behind napt1): many Go-driven phones sharing one namespace
+//
+// Every NAPT numbers its LAN alike and every phone speaks SIP from port
+// 5060, so phones behind different NAPTs share their private address AND
+// port. In UDP-enc-tun style a phone's inner address is its LAN address.
+// Each phone's SA pair carries a core address (docs/lab.md): the gateway
+// shows the phone to the SIP core at it, unique per phone.
 //
 // Every namespace is created here with the caller's name prefix and deleted
-// by Close, also after a failed Start; no traffic leaves them.
+// by Close, also after a failed Start; no traffic leaves them. It must not
+// judge delivery from the gateway's side: whether a phone got its own
+// traffic is measured at the phones (ue.Misdelivered) and by the SIP
+// software at both ends.
 package topo
 
 import (
@@ -39,18 +49,58 @@ import (
 // Addresses of the topology (documentation and private prefixes).
 var (
 	GatewayPublic = netip.MustParseAddr("198.51.100.1")
-	NAPTWAN       = netip.MustParseAddr("198.51.100.2")
+	NAPTWAN       = netip.MustParseAddr("198.51.100.2") // the first NAPT's public address; NAPT k has 198.51.100.(1+k)
 	GatewayCore   = netip.MustParseAddr("10.0.0.254")
 	Core          = netip.MustParseAddr("10.0.0.1")
+	// LAN is every NAPT's LAN; its first phone has FirstPhone.
+	LAN        = netip.MustParsePrefix("192.168.1.0/24")
+	FirstPhone = netip.MustParseAddr("192.168.1.10")
+	// CorePool is the gateway's core_pool in CorePool mode; explicit
+	// core addresses (CoreExplicit) are 100.64.k.(9+j) for phone j of
+	// NAPT k, inside it.
+	CorePool = netip.MustParsePrefix("100.64.0.0/16")
 )
 
-// SIPPort is where kamailio listens in the core.
+// SIPPort is where kamailio listens in the core, and every phone's SIP port.
 const SIPPort = 5060
 
 // Tools are the programs the lab runs, with the Debian package of each.
 var Tools = [][2]string{
 	{"ip", "iproute2"}, {"nft", "nftables"}, {"ethtool", "ethtool"}, {"sysctl", "procps"}, {"conntrack", "conntrack"},
-	{"kamailio", "kamailio"}, {"sipsak", "sipsak"},
+	{"kamailio", "kamailio"}, {"kamcmd", "kamailio"}, {"sipsak", "sipsak"},
+}
+
+// CoreMode says how each phone's SA pair gets its core address.
+type CoreMode int
+
+const (
+	// CoreExplicit names it in the SAs (inner.core: 100.64.k.(9+j)).
+	CoreExplicit CoreMode = iota
+	// CoreFromPool leaves it out and gives the gateway core_pool
+	// (CorePool), which allocates one per pair.
+	CoreFromPool
+	// CoreMixed names it for odd-numbered phones (as CoreExplicit) and
+	// lets core_pool allocate it for the others, around the named ones.
+	CoreMixed
+	// CoreNone gives the phones none: the SIP core sees the phones'
+	// private addresses, which phones behind different NAPTs share. This
+	// is the misdelivery the core address exists to prevent; the lab
+	// offers it to show the phones' counters see it.
+	CoreNone
+)
+
+func (m CoreMode) String() string {
+	switch m {
+	case CoreExplicit:
+		return "explicit inner.core"
+	case CoreFromPool:
+		return "core_pool " + CorePool.String()
+	case CoreMixed:
+		return "inner.core for odd phones, core_pool " + CorePool.String() + " for the others"
+	case CoreNone:
+		return "none (private addresses reach the core)"
+	}
+	return fmt.Sprintf("CoreMode(%d)", int(m))
 }
 
 // Options shape the lab.
@@ -58,16 +108,30 @@ type Options struct {
 	// Prefix starts every namespace name (e.g. "xesp-"); tests use a
 	// unique one so parallel runs do not collide.
 	Prefix string
-	// Phones is the number of TUN phones, each in its own namespace and
-	// driven by sipsak. Bulk is the number of Go-driven phones sharing one
-	// namespace behind the same NAPT.
+	// NAPTs is the number of NAPTs (0: 1), each with its own public
+	// address and the same LAN numbering.
+	NAPTs int
+	// Phones is the number of TUN phones behind each NAPT, each in its own
+	// namespace and driven by sipsak. Bulk is the number of Go-driven
+	// phones sharing one namespace behind the first NAPT (unique inner
+	// addresses 10.99.x.y; a core address only when the gateway has a
+	// core_pool, else the LPM path).
 	Phones, Bulk int
+	// Core says where the phones' core addresses come from.
+	Core CoreMode
+	// Workers is the gateway's worker count (0: 2).
+	Workers int
 	// Keepalive for the TUN phones (0: ue.DefaultKeepalive).
 	Keepalive time.Duration
 	// NoTunnels leaves the TUN phones' namespaces without a tunnel, for a
 	// phone run by other means (the xesp-lab ue command): Phone.SAYAML gives
 	// it the SAs.
 	NoTunnels bool
+	// CrossSAs, when set to two phone numbers, deliberately gives each of
+	// the two phones' tunnels the other's inbound SA: every ESP packet the
+	// gateway sends them arrives under an SPI that is not their own. It
+	// exists to prove the misdelivery counters count.
+	CrossSAs [2]int
 	// KamailioConfig is the core's config file (default:
 	// examples/kamailio/kamailio.cfg, built into the binary).
 	KamailioConfig string
@@ -76,16 +140,30 @@ type Options struct {
 
 // Phone is one TUN phone.
 type Phone struct {
-	N      int
-	NS     *netns.NS
-	LAN    netip.Addr // behind the NAPT
-	Inner  netip.Addr // the TUN's address, the SIP client's source
-	SPIIn  uint32     // the gateway's inbound SA: the phone seals with it
-	SPIOut uint32     // the gateway's outbound SA: the phone opens with it
-	KeyIn  string     // hex key||salt of SPIIn
-	KeyOut string
-	Tunnel *ue.Tunnel // nil with Options.NoTunnels
-	saYAML string
+	N       int    // 1..NAPTs*Phones, unique in the lab
+	User    string // its SIP user, "ue<N>"
+	NAPT    int    // 1..NAPTs
+	NAPTWAN netip.Addr
+	NS      *netns.NS
+	LAN     netip.Addr // behind the NAPT
+	Inner   netip.Addr // the TUN's address, the SIP client's source: the LAN address (UDP-enc-tun)
+	Core    netip.Addr // the address the SIP core sees the phone at; invalid with CoreNone
+	SPIIn   uint32     // the gateway's inbound SA: the phone seals with it
+	SPIOut  uint32     // the gateway's outbound SA: the phone opens with it
+	KeyIn   string     // hex key||salt of SPIIn
+	KeyOut  string
+	Tunnel  *ue.Tunnel // nil with Options.NoTunnels
+	UAS     *UAS       // the phone's SIP listener while Listen runs
+	saYAML  string
+}
+
+// SeenAt is the address the SIP core sees the phone at: its core address,
+// or its inner address when it has none.
+func (p *Phone) SeenAt() netip.Addr {
+	if p.Core.IsValid() {
+		return p.Core
+	}
+	return p.Inner
 }
 
 // SAYAML is the phone's SA pair as the gateway has it (an SA file, the
@@ -96,6 +174,7 @@ func (p *Phone) SAYAML() string { return p.saYAML }
 type BulkPhone struct {
 	N             int
 	Inner         netip.Addr
+	Core          netip.Addr // from core_pool when the gateway has one; else none (the gateway's LPM path)
 	SPIIn, SPIOut uint32
 	UE            *ue.Phone
 }
@@ -103,13 +182,17 @@ type BulkPhone struct {
 // Lab is a running topology.
 type Lab struct {
 	opts            Options
-	NAPT, GW, Core  *netns.NS
+	NAPT            *netns.NS   // the first NAPT
+	NAPTs           []*netns.NS // all of them, NAPTs[k-1] is NAPT k
+	Inet            *netns.NS   // the public segment: a bridge joining the NAPTs and the gateway
+	GW, Core        *netns.NS
 	BulkNS          *netns.NS
 	Phones          []*Phone
 	Bulk            []*BulkPhone
 	Gateway         *gateway.Gateway
 	Config          *config.Config
-	dir             string // kamailio runtime, state, SIP files
+	outPeer         map[uint32]netip.Addr // outbound SPI -> its NAPT's public address
+	dir             string                // kamailio runtime, state, SIP files
 	kamailio        *exec.Cmd
 	kamailioLog     *syncBuffer
 	kamailioStopped chan struct{}
@@ -133,19 +216,28 @@ func CheckTools() error {
 	return nil
 }
 
+// NAPTAddr is NAPT k's public address.
+func NAPTAddr(k int) netip.Addr { return netip.AddrFrom4([4]byte{198, 51, 100, byte(1 + k)}) }
+
 // Start builds the topology, starts kamailio, the gateway and the phones.
 // On error everything made so far is removed.
 func Start(ctx context.Context, o Options) (l *Lab, err error) {
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
-	if o.Phones > 200 || o.Bulk > 40000 {
-		return nil, fmt.Errorf("lab: at most 200 TUN phones and 40000 bulk phones (one UDP port each from 20000)")
+	if o.NAPTs <= 0 {
+		o.NAPTs = 1
+	}
+	if o.Workers <= 0 {
+		o.Workers = 2
+	}
+	if o.NAPTs > 50 || o.NAPTs*o.Phones > 200 || o.Phones > 200 || o.Bulk > 40000 {
+		return nil, fmt.Errorf("lab: at most 50 NAPTs, 200 TUN phones in all and 40000 bulk phones (one UDP port each from 20000)")
 	}
 	if err := CheckTools(); err != nil {
 		return nil, fmt.Errorf("lab: %w", err)
 	}
-	l = &Lab{opts: o}
+	l = &Lab{opts: o, outPeer: map[uint32]netip.Addr{}}
 	defer func() {
 		if err != nil {
 			l.Close()
@@ -162,7 +254,7 @@ func Start(ctx context.Context, o Options) (l *Lab, err error) {
 		}
 		return ns, err
 	}
-	if l.NAPT, err = mk("napt"); err != nil {
+	if l.Inet, err = mk("inet"); err != nil {
 		return l, err
 	}
 	if l.GW, err = mk("gw"); err != nil {
@@ -171,26 +263,47 @@ func Start(ctx context.Context, o Options) (l *Lab, err error) {
 	if l.Core, err = mk("core"); err != nil {
 		return l, err
 	}
-	if err := netns.Veth(l.NAPT, "wan", l.GW, "pub"); err != nil {
+	if err := netns.Veth(l.GW, "pub", l.Inet, "gw"); err != nil {
 		return l, err
 	}
 	if err := netns.Veth(l.GW, "priv", l.Core, "eth0"); err != nil {
 		return l, err
 	}
-	steps := []struct {
+	type step struct {
 		ns   *netns.NS
 		args string
-	}{
-		{l.NAPT, "ip link add lan type bridge"},
-		{l.NAPT, "ip link set lan up"},
-		{l.NAPT, "ip addr add 192.168.1.1/24 dev lan"},
-		{l.NAPT, "ip addr add " + NAPTWAN.String() + "/24 dev wan"},
-		{l.NAPT, "sysctl -qw net.ipv4.ip_forward=1"},
+	}
+	steps := []step{
+		{l.Inet, "ip link add sw type bridge"},
+		{l.Inet, "ip link set sw up"},
+		{l.Inet, "ip link set gw master sw"},
 		{l.GW, "ip addr add " + GatewayPublic.String() + "/24 dev pub"},
 		{l.GW, "ip addr add " + GatewayCore.String() + "/24 dev priv"},
 		{l.Core, "ip addr add " + Core.String() + "/24 dev eth0"},
+		// Core addresses, and the phones' own addresses where they
+		// reach the core untranslated (CoreNone, the bulk phones).
+		{l.Core, "ip route add 100.64.0.0/10 via " + GatewayCore.String()},
+		{l.Core, "ip route add " + LAN.String() + " via " + GatewayCore.String()},
 		{l.Core, "ip route add 10.99.0.0/16 via " + GatewayCore.String()},
 	}
+	for k := 1; k <= o.NAPTs; k++ {
+		ns, err := mk(fmt.Sprintf("napt%d", k))
+		if err != nil {
+			return l, err
+		}
+		l.NAPTs = append(l.NAPTs, ns)
+		if err := netns.Veth(ns, "wan", l.Inet, fmt.Sprintf("napt%d", k)); err != nil {
+			return l, err
+		}
+		steps = append(steps,
+			step{l.Inet, fmt.Sprintf("ip link set napt%d master sw", k)},
+			step{ns, "ip link add lan type bridge"},
+			step{ns, "ip link set lan up"},
+			step{ns, "ip addr add 192.168.1.1/24 dev lan"},
+			step{ns, "ip addr add " + NAPTAddr(k).String() + "/24 dev wan"},
+			step{ns, "sysctl -qw net.ipv4.ip_forward=1"})
+	}
+	l.NAPT = l.NAPTs[0]
 	for _, s := range steps {
 		f := strings.Fields(s.args)
 		if _, err := s.ns.Run(f[0], f[1:]...); err != nil {
@@ -202,53 +315,51 @@ func Start(ctx context.Context, o Options) (l *Lab, err error) {
 	}
 
 	var sas strings.Builder
-	addSAs := func(name string, inner netip.Addr, spiIn, spiOut uint32, kin, kout string) {
+	addSAs := func(name string, wan, inner, core netip.Addr, spiIn, spiOut uint32, kin, kout string) {
+		in := "{local: 10.0.0.0/24, peer: " + inner.String() + "/32}"
+		if core.IsValid() {
+			in = "{local: 10.0.0.0/24, peer: " + inner.String() + "/32, core: " + core.String() + "}"
+		}
 		fmt.Fprintf(&sas, `
-  - {name: %[1]s-in,  spi: %[2]d, direction: in,  mode: tunnel, proposal: aes128gcm16, enc_key: %[4]s,
-     local: %[6]s, peer: %[7]s, encap: {local_port: 4500, peer_port: 4500},
-     inner: {local: 10.0.0.0/24, peer: %[8]s/32}}
-  - {name: %[1]s-out, spi: %[3]d, direction: out, mode: tunnel, proposal: aes128gcm16, enc_key: %[5]s,
-     local: %[6]s, peer: %[7]s, encap: {local_port: 4500, peer_port: 4500},
-     inner: {local: 10.0.0.0/24, peer: %[8]s/32}}`, name, spiIn, spiOut, kin, kout, GatewayPublic, NAPTWAN, inner)
+  - {name: %[1]s-in,  pair: %[1]s, spi: %[2]d, direction: in,  mode: tunnel, proposal: aes128gcm16, enc_key: %[4]s,
+     local: %[6]s, peer: %[7]s, encap: {local_port: 4500, peer_port: 4500}, inner: %[8]s}
+  - {name: %[1]s-out, pair: %[1]s, spi: %[3]d, direction: out, mode: tunnel, proposal: aes128gcm16, enc_key: %[5]s,
+     local: %[6]s, peer: %[7]s, encap: {local_port: 4500, peer_port: 4500}, inner: %[8]s}`, name, spiIn, spiOut, kin, kout, GatewayPublic, wan, in)
+		l.outPeer[spiOut] = wan
 	}
 	gwESP := netip.AddrPortFrom(GatewayPublic, 4500)
-	for i := range o.Phones {
-		n := i + 1
+	for i := range o.NAPTs * o.Phones {
+		n, k, j := i+1, i/o.Phones+1, i%o.Phones+1
 		ns, err := mk(fmt.Sprintf("ue%d", n))
 		if err != nil {
 			return l, err
 		}
-		p := &Phone{N: n, NS: ns, LAN: netip.AddrFrom4([4]byte{192, 168, 1, byte(10 + n)}),
-			Inner: netip.AddrFrom4([4]byte{10, 99, 0, byte(n)}), SPIIn: 0x1000 + uint32(n), SPIOut: 0x2000 + uint32(n),
-			KeyIn: randHex(20), KeyOut: randHex(20)}
+		lan := netip.AddrFrom4([4]byte{192, 168, 1, byte(9 + j)})
+		p := &Phone{N: n, User: fmt.Sprintf("ue%d", n), NAPT: k, NAPTWAN: NAPTAddr(k), NS: ns, LAN: lan, Inner: lan,
+			SPIIn: 0x1000 + uint32(n), SPIOut: 0x2000 + uint32(n), KeyIn: randHex(20), KeyOut: randHex(20)}
+		if o.Core == CoreExplicit || (o.Core == CoreMixed && n%2 == 1) {
+			p.Core = netip.AddrFrom4([4]byte{100, 64, byte(k), byte(9 + j)})
+		}
 		l.Phones = append(l.Phones, p)
+		if err := l.plug(l.NAPTs[k-1], ns, fmt.Sprintf("ue%d", j), p.LAN); err != nil {
+			return l, err
+		}
 		sasBefore := sas.Len()
-		if err := l.plug(ns, fmt.Sprintf("ue%d", n), p.LAN); err != nil {
-			return l, err
-		}
-		addSAs(fmt.Sprintf("ue%d", n), p.Inner, p.SPIIn, p.SPIOut, p.KeyIn, p.KeyOut)
+		addSAs(p.User, p.NAPTWAN, p.Inner, p.Core, p.SPIIn, p.SPIOut, p.KeyIn, p.KeyOut)
 		p.saYAML = "sas:" + sas.String()[sasBefore:] + "\n"
-		if o.NoTunnels {
-			continue
-		}
-		out, in, err := phoneSAs(p.SPIIn, p.KeyIn, p.SPIOut, p.KeyOut)
-		if err != nil {
-			return l, err
-		}
-		if err := ns.Do(func() (err error) {
-			p.Tunnel, err = ue.StartTunnel(ue.TunnelConfig{Local: netip.MustParseAddrPort("0.0.0.0:4500"), Gateway: gwESP,
-				Out: out, In: in, TUN: "ims0", Inner: p.Inner, Routes: []netip.Prefix{netip.MustParsePrefix("10.0.0.0/24")},
-				Keepalive: o.Keepalive})
-			return err
-		}); err != nil {
-			return l, err
+	}
+	if !o.NoTunnels {
+		for _, p := range l.Phones {
+			if err := l.startTunnel(p, gwESP); err != nil {
+				return l, err
+			}
 		}
 	}
 	if o.Bulk > 0 {
 		if l.BulkNS, err = mk("bulk"); err != nil {
 			return l, err
 		}
-		if err := l.plug(l.BulkNS, "bulk", netip.MustParseAddr("192.168.1.250")); err != nil {
+		if err := l.plug(l.NAPT, l.BulkNS, "bulk", netip.MustParseAddr("192.168.1.250")); err != nil {
 			return l, err
 		}
 		for i := range o.Bulk {
@@ -256,7 +367,7 @@ func Start(ctx context.Context, o Options) (l *Lab, err error) {
 			b := &BulkPhone{N: n, Inner: netip.AddrFrom4([4]byte{10, 99, byte(1 + i/250), byte(1 + i%250)}),
 				SPIIn: 0x100000 + uint32(n), SPIOut: 0x200000 + uint32(n)}
 			kin, kout := randHex(20), randHex(20)
-			addSAs(fmt.Sprintf("bulk%d", n), b.Inner, b.SPIIn, b.SPIOut, kin, kout)
+			addSAs(fmt.Sprintf("bulk%d", n), NAPTWAN, b.Inner, netip.Addr{}, b.SPIIn, b.SPIOut, kin, kout)
 			out, in, err := phoneSAs(b.SPIIn, kin, b.SPIOut, kout)
 			if err != nil {
 				return l, err
@@ -267,6 +378,7 @@ func Start(ctx context.Context, o Options) (l *Lab, err error) {
 			}); err != nil {
 				return l, err
 			}
+			b.UE.Expect(b.Inner, []uint16{SIPPort}, ue.SIPClaim(fmt.Sprintf("bulk%d", n)))
 			l.Bulk = append(l.Bulk, b)
 		}
 	}
@@ -276,10 +388,39 @@ func Start(ctx context.Context, o Options) (l *Lab, err error) {
 	}
 
 	state := filepath.Join(l.dir, "state")
-	cfgText := fmt.Sprintf("public: {interface: pub, addresses: [%s]}\nprivate: {interface: priv}\nworkers: 2\nstate_dir: %s\n"+
-		"umem: {frames: 4096, fill_ring: 1024, completion_ring: 1024, rx_ring: 1024, tx_ring: 1024}\nsas:%s\n", GatewayPublic, state, sas.String())
+	pool := ""
+	if o.Core == CoreFromPool || o.Core == CoreMixed {
+		pool = "core_pool: " + CorePool.String() + "\n"
+	}
+	cfgText := fmt.Sprintf("public: {interface: pub, addresses: [%s]}\nprivate: {interface: priv}\nworkers: %d\nstate_dir: %s\n%s"+
+		"umem: {frames: 4096, fill_ring: 1024, completion_ring: 1024, rx_ring: 1024, tx_ring: 1024}\nsas:%s\n", GatewayPublic, o.Workers, state, pool, sas.String())
 	if l.Config, err = config.Parse([]byte(cfgText), "lab"); err != nil {
 		return l, fmt.Errorf("lab gateway config: %w", err)
+	}
+	if o.Core == CoreFromPool || o.Core == CoreMixed {
+		// The gateway allocated them at config load; the phones' SA
+		// files show them too.
+		cores := map[uint32]netip.Addr{}
+		for _, s := range l.Config.SAList {
+			if s.Direction == sa.In {
+				cores[s.SPI] = s.Core
+			}
+		}
+		for _, p := range l.Phones {
+			if p.Core.IsValid() {
+				if cores[p.SPIIn] != p.Core {
+					return l, fmt.Errorf("lab: %s named core address %s, the gateway has %s", p.User, p.Core, cores[p.SPIIn])
+				}
+				continue
+			}
+			if p.Core = cores[p.SPIIn]; !p.Core.IsValid() {
+				return l, fmt.Errorf("lab: the gateway allocated no core address for %s", p.User)
+			}
+			p.saYAML = strings.ReplaceAll(p.saYAML, "peer: "+p.Inner.String()+"/32}", "peer: "+p.Inner.String()+"/32, core: "+p.Core.String()+"}")
+		}
+		for _, b := range l.Bulk {
+			b.Core = cores[b.SPIIn]
+		}
 	}
 	if err := l.GW.Do(func() (err error) {
 		l.Gateway, err = gateway.Start(ctx, l.Config, gateway.Options{Log: o.Log, NoPin: true})
@@ -290,16 +431,45 @@ func Start(ctx context.Context, o Options) (l *Lab, err error) {
 	return l, nil
 }
 
-// plug links a phone namespace to the NAPT's LAN bridge.
-func (l *Lab) plug(ns *netns.NS, port string, lan netip.Addr) error {
-	if err := netns.Veth(ns, "eth0", l.NAPT, port); err != nil {
+// startTunnel starts phone p's TUN tunnel in its namespace: inner address
+// its LAN address, SIP port 5060, misdelivery counted by SPI, inner
+// destination and SIP user.
+func (l *Lab) startTunnel(p *Phone, gw netip.AddrPort) error {
+	out, in, err := phoneSAs(p.SPIIn, p.KeyIn, p.SPIOut, p.KeyOut)
+	if err != nil {
+		return err
+	}
+	for i, n := range l.opts.CrossSAs {
+		if n == p.N && l.opts.CrossSAs[1-i] != 0 {
+			// The other phone's inbound SA in place of this one's.
+			o := l.opts.CrossSAs[1-i]
+			if o < 1 || o > len(l.Phones) {
+				return fmt.Errorf("lab: CrossSAs names phone %d of %d", o, len(l.Phones))
+			}
+			q := l.Phones[o-1]
+			if _, in, err = phoneSAs(q.SPIIn, q.KeyIn, q.SPIOut, q.KeyOut); err != nil {
+				return err
+			}
+		}
+	}
+	return p.NS.Do(func() (err error) {
+		p.Tunnel, err = ue.StartTunnel(ue.TunnelConfig{Local: netip.MustParseAddrPort("0.0.0.0:4500"), Gateway: gw,
+			Out: out, In: in, TUN: "ims0", Inner: p.Inner, Routes: []netip.Prefix{netip.MustParsePrefix("10.0.0.0/24")},
+			Keepalive: l.opts.Keepalive, Ports: []uint16{SIPPort}, Claim: ue.SIPClaim(p.User)})
+		return err
+	})
+}
+
+// plug links a phone namespace to a NAPT's LAN bridge.
+func (l *Lab) plug(napt, ns *netns.NS, port string, lan netip.Addr) error {
+	if err := netns.Veth(ns, "eth0", napt, port); err != nil {
 		return err
 	}
 	for _, s := range []struct {
 		ns   *netns.NS
 		args []string
 	}{
-		{l.NAPT, []string{"ip", "link", "set", port, "master", "lan"}},
+		{napt, []string{"ip", "link", "set", port, "master", "lan"}},
 		{ns, []string{"ip", "addr", "add", lan.String() + "/24", "dev", "eth0"}},
 		{ns, []string{"ip", "route", "add", "default", "via", "192.168.1.1"}},
 	} {
@@ -310,18 +480,27 @@ func (l *Lab) plug(ns *netns.NS, port string, lan netip.Addr) error {
 	return nil
 }
 
-// SetMasquerade (re)writes the NAPT's one rule: masquerade everything
+// SetMasquerade (re)writes every NAPT's one rule: masquerade everything
 // leaving on wan, with ports from portRange ("40000-40999") when given.
 func (l *Lab) SetMasquerade(portRange string) error {
+	for _, ns := range l.NAPTs {
+		if err := setMasquerade(ns, portRange); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func setMasquerade(napt *netns.NS, portRange string) error {
 	rule := "masquerade"
 	if portRange != "" {
 		rule = "meta l4proto { tcp, udp } masquerade to :" + portRange
 	}
 	text := fmt.Sprintf("table ip napt\ndelete table ip napt\ntable ip napt {\n  chain post { type nat hook postrouting priority srcnat; oifname \"wan\" %s; }\n}\n", rule)
-	cmd := l.NAPT.Command("nft", "-f", "-")
+	cmd := napt.Command("nft", "-f", "-")
 	cmd.Stdin = strings.NewReader(text)
 	if out, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("nft in %s: %w: %s", l.NAPT.Name, err, bytes.TrimSpace(out))
+		return fmt.Errorf("nft in %s: %w: %s", napt.Name, err, bytes.TrimSpace(out))
 	}
 	return nil
 }
@@ -329,8 +508,12 @@ func (l *Lab) SetMasquerade(portRange string) error {
 // FlushConntrack forgets every NAPT mapping: the next packet of each flow
 // gets a new one (a NAT re-mapping, as after a NAT box reboot or timeout).
 func (l *Lab) FlushConntrack() error {
-	_, err := l.NAPT.Run("conntrack", "-F")
-	return err
+	for _, ns := range l.NAPTs {
+		if _, err := ns.Run("conntrack", "-F"); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 func (l *Lab) startKamailio() error {
@@ -380,6 +563,9 @@ func (l *Lab) Close() error {
 	var errs []error
 	l.closeOnce.Do(func() {
 		for _, p := range l.Phones {
+			if p.UAS != nil {
+				p.UAS.Close()
+			}
 			if p.Tunnel != nil {
 				p.Tunnel.Close()
 			}
@@ -431,7 +617,7 @@ func (l *Lab) InCounters(spiIn uint32) (packets uint64, binding netip.AddrPort) 
 
 // OutPackets is the number of packets the gateway sealed for a phone.
 func (l *Lab) OutPackets(spiOut uint32) uint64 {
-	c, _ := l.Gateway.Manager.Counters(sa.ID{Dir: sa.Out, SPI: spiOut, Peer: netip.AddrPortFrom(NAPTWAN, 4500)})
+	c, _ := l.Gateway.Manager.Counters(sa.ID{Dir: sa.Out, SPI: spiOut, Peer: netip.AddrPortFrom(l.outPeer[spiOut], 4500)})
 	return c.Packets
 }
 

@@ -43,7 +43,7 @@ func startLab(t *testing.T, o Options) *Lab {
 func register(t *testing.T, l *Lab, p *Phone, tag string) {
 	t.Helper()
 	for i, method := range []string{"REGISTER", "OPTIONS"} {
-		callID := fmt.Sprintf("%s-ue%d-%s@xesp", tag, p.N, strings.ToLower(method))
+		callID := fmt.Sprintf("%s-%s-%s@xesp", tag, p.User, strings.ToLower(method))
 		r, err := l.Sipsak(context.Background(), p, method, callID, i+1)
 		if err != nil {
 			t.Fatalf("ue%d %s: %v", p.N, method, err)
@@ -89,7 +89,7 @@ func TestThreePhonesRegister(t *testing.T) {
 		}
 		log := l.KamailioLog()
 		for _, m := range []string{"REGISTER", "OPTIONS"} {
-			want := fmt.Sprintf("request %s from %s:%d call-id three-ue%d-%s@xesp", m, p.Inner, SIPPort, p.N, strings.ToLower(m))
+			want := fmt.Sprintf("request %s from %s:%d call-id three-ue%d-%s@xesp", m, p.SeenAt(), SIPPort, p.N, strings.ToLower(m))
 			if !strings.Contains(log, want) {
 				t.Fatalf("kamailio did not log %q:\n%s", want, log)
 			}
@@ -103,13 +103,18 @@ func TestThreePhonesRegister(t *testing.T) {
 // Many phones behind the one NAPT (Go-driven, sharing a namespace, each
 // with its own socket and SA pair) register with kamailio at once; each
 // gets the 200 for its own Call-ID and the gateway holds one binding per
-// phone.
+// phone. Their SAs have no core address (the private side's LPM trie);
+// beside them two TUN phones behind two NAPTs share 192.168.1.10 and have
+// core addresses (the exact-match step first): both paths serve at once.
 func TestManyPhonesRegister(t *testing.T) {
 	n := 100
 	if testing.Short() {
 		n = 20
 	}
-	l := startLab(t, Options{Bulk: n})
+	l := startLab(t, Options{Bulk: n, NAPTs: 2, Phones: 1})
+	for _, p := range l.Phones {
+		register(t, l, p, "many")
+	}
 	var wg sync.WaitGroup
 	errs := make(chan error, n)
 	retx := make([]int, n)
@@ -146,11 +151,26 @@ func TestManyPhonesRegister(t *testing.T) {
 		if binding.Addr() != NAPTWAN || in < 1 || in > uint64(1+retx[i]) {
 			t.Fatalf("bulk%d: binding %s, %d packets in with %d retransmissions", b.N, binding, in, retx[i])
 		}
+		if m := b.UE.Misdelivered(); m.Total() != 0 {
+			t.Fatalf("bulk%d measured misdelivery %+v", b.N, m)
+		}
 		ports[binding.Port()] = true
 		total += retx[i]
 	}
 	if len(ports) != n {
 		t.Fatalf("%d phones, %d distinct NAPT ports", n, len(ports))
+	}
+	for _, p := range l.Phones {
+		if m := p.Tunnel.Counters().Misdelivered(); m.Total() != 0 {
+			t.Fatalf("%s measured misdelivery %+v", p.User, m)
+		}
+	}
+	dp, err := l.Gateway.DataPath()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if x := dp.Stats().XDP; x["priv_redirect_core"] < 4 || x["priv_redirect"] < uint64(n) {
+		t.Fatalf("XDP verdicts %v: want the TUN phones' 4 replies by core address and the %d bulk replies by the trie", x, n)
 	}
 	t.Logf("%d phones registered through one NAPT; %d retransmissions in all", n, total)
 }
@@ -285,7 +305,7 @@ func TestCaptureDecryptsWithTshark(t *testing.T) {
 	}
 	l := startLab(t, Options{Phones: 2})
 	pcap := filepath.Join(t.TempDir(), "public.pcap")
-	stop, err := l.Capture("wan", pcap)
+	stop, err := l.Capture(pcap)
 	if err != nil {
 		t.Fatal(err)
 	}

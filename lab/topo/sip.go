@@ -21,6 +21,7 @@ type Reply struct {
 	Status string // status line, e.g. "SIP/2.0 200 OK"
 	CallID string
 	CSeq   string
+	Server string // who answered: kamailio, or a phone's UAS ("xesp-lab phone ue3")
 	Raw    string // what the client printed (sipsak) or received (bulk)
 }
 
@@ -49,7 +50,7 @@ func Request(method string, user string, inner netip.Addr, callID string, cseq i
 // rport, retransmits on its own (RFC 3261 timer A) and exits 0 only on a
 // 200. The reply is parsed from sipsak's -vvv output.
 func (l *Lab) Sipsak(ctx context.Context, p *Phone, method, callID string, cseq int) (Reply, error) {
-	user := fmt.Sprintf("ue%d", p.N)
+	user := p.User
 	file := filepath.Join(l.dir, fmt.Sprintf("%s-%s-%d.sip", user, method, cseq))
 	if err := os.WriteFile(file, []byte(Request(method, user, p.Inner, callID, cseq)), 0o600); err != nil {
 		return Reply{}, err
@@ -69,6 +70,69 @@ func (l *Lab) Sipsak(ctx context.Context, p *Phone, method, callID string, cseq 
 		return r, fmt.Errorf("sipsak in %s: no reply (exit %v):\n%s", p.NS.Name, err, out)
 	}
 	return r, nil
+}
+
+// CoreOptions is the SIP core reaching a registered phone: sipsak in the
+// core namespace sends OPTIONS for the phone's user (sip:ueN@ims.example)
+// to kamailio, which looks the user up in its location table and relays
+// the request to the contact's received address (the phone's core
+// address, RFC 3581 / nathelper). The reply is the phone's 200 relayed
+// back, or kamailio's 404 (not registered) or 408 (no answer).
+func (l *Lab) CoreOptions(ctx context.Context, p *Phone, callID string) (Reply, error) {
+	var b strings.Builder
+	fmt.Fprintf(&b, "OPTIONS sip:%s@ims.example SIP/2.0\r\n", p.User)
+	fmt.Fprintf(&b, "From: <sip:core@ims.example>;tag=%s\r\n", callID[:min(8, len(callID))])
+	fmt.Fprintf(&b, "To: <sip:%s@ims.example>\r\n", p.User)
+	fmt.Fprintf(&b, "Call-ID: %s\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n", callID)
+	file := filepath.Join(l.dir, fmt.Sprintf("core-%s-%s.sip", p.User, strings.NewReplacer("@", "_", "/", "_").Replace(callID)))
+	if err := os.WriteFile(file, []byte(b.String()), 0o600); err != nil {
+		return Reply{}, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, 40*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "ip", "netns", "exec", l.Core.Name, "sipsak", "-vvv", "-f", file,
+		"-s", fmt.Sprintf("sip:%s@%s:%d", p.User, Core, SIPPort), "-H", Core.String())
+	out, err := cmd.CombinedOutput()
+	r := parseSipsak(string(out))
+	var ee *exec.ExitError
+	if err != nil && !errors.As(err, &ee) {
+		return r, fmt.Errorf("sipsak in %s: %w", l.Core.Name, err)
+	}
+	if r.Status == "" {
+		return r, fmt.Errorf("sipsak in %s to %s: no reply (exit %v):\n%s", l.Core.Name, p.User, err, out)
+	}
+	return r, nil
+}
+
+// AnsweredBy reports whether r is phone p's own 200 (its UAS names itself
+// in the Server header).
+func (r Reply) AnsweredBy(p *Phone) bool {
+	return r.OK() && r.Server == "xesp-lab phone "+p.User
+}
+
+// Registrations is kamailio's location table (kamcmd ul.dump): each
+// registered user's received addresses (where the core reaches it).
+func (l *Lab) Registrations() (map[string][]string, error) {
+	out, err := l.Core.Run("kamcmd", "-s", "unix:"+filepath.Join(l.dir, "kamailio", "kamailio_ctl"), "ul.dump")
+	if err != nil {
+		return nil, fmt.Errorf("kamcmd ul.dump: %w", err)
+	}
+	regs := map[string][]string{}
+	aor := ""
+	for _, line := range strings.Split(string(out), "\n") {
+		k, v, ok := strings.Cut(strings.TrimSpace(line), ":")
+		if !ok {
+			continue
+		}
+		switch k {
+		case "AoR":
+			aor = strings.TrimSpace(v)
+			regs[aor] = regs[aor][:0:0]
+		case "Received":
+			regs[aor] = append(regs[aor], strings.TrimSpace(v))
+		}
+	}
+	return regs, nil
 }
 
 // parseSipsak takes the last response sipsak printed.
@@ -96,6 +160,8 @@ func parseSipsak(out string) Reply {
 			r.CallID = strings.TrimSpace(v)
 		case "cseq":
 			r.CSeq = strings.TrimSpace(v)
+		case "server":
+			r.Server = strings.TrimSpace(v)
 		}
 	}
 	return r

@@ -45,6 +45,16 @@ type TunnelConfig struct {
 	// Keepalive is the NAT keepalive interval; 0 means DefaultKeepalive,
 	// negative disables keepalives.
 	Keepalive time.Duration
+	// Ports are the inner UDP/TCP ports the phone listens on (e.g. its
+	// SIP port). Tunnel mode: a decrypted packet to another port is not
+	// addressed to the phone and is counted as misdelivered. Empty: any.
+	Ports []uint16
+	// Claim, when set, is asked about every decrypted tunnel-mode packet
+	// that is addressed to the phone; false means it carries another
+	// phone's traffic (phones behind different NAPTs share inner
+	// addresses and ports, so only the content tells them apart: the lab
+	// checks the SIP user). It is counted as misdelivered and dropped.
+	Claim func(inner []byte) bool
 }
 
 // Drop is why the tunnel discarded a packet outside the ESP engine.
@@ -60,10 +70,11 @@ const (
 	DropTUNWriteFailed             // write to the TUN failed
 	DropNoSA                       // TUN packet while the tunnel has no outbound SA
 	DropUnknownSPI                 // ESP from the gateway whose SPI is no inbound SA of the tunnel
+	DropOtherPhone                 // tunnel mode: addressed to the phone but TunnelConfig.Claim says it is another phone's
 	NumDrops
 )
 
-var dropNames = [NumDrops]string{"not_gateway", "non_esp", "selector", "bad_inner", "too_big", "send_failed", "tun_write_failed", "no_sa", "unknown_spi"}
+var dropNames = [NumDrops]string{"not_gateway", "non_esp", "selector", "bad_inner", "too_big", "send_failed", "tun_write_failed", "no_sa", "unknown_spi", "other_phone"}
 
 func (d Drop) String() string {
 	if d < NumDrops {
@@ -83,6 +94,32 @@ type Counters struct {
 	// Seal and Open count ESP engine failures by reason (ReasonNone unused).
 	Seal, Open esp.Counters
 	Drops      [NumDrops]uint64
+}
+
+// Misdelivered is what a phone received that was meant for another phone,
+// measured at the phone: the evidence that a gateway sealed one phone's
+// traffic for another.
+type Misdelivered struct {
+	// ForeignSPI counts ESP packets under an SPI that is none of the
+	// phone's inbound SAs (another phone's SA, sent to this binding).
+	ForeignSPI uint64
+	// NotAddressed counts packets that opened under the phone's SA but
+	// whose inner destination is not the phone's inner address and ports.
+	NotAddressed uint64
+	// OtherPhone counts packets that opened and were addressed to the
+	// phone's inner address and ports, but whose content names another
+	// phone (TunnelConfig.Claim / Phone.Expect): behind different NAPTs
+	// phones share inner addresses and ports, so a packet sealed with
+	// phone B's SA for phone A's cleartext looks addressed to B.
+	OtherPhone uint64
+}
+
+// Total is the sum of the three counts.
+func (m Misdelivered) Total() uint64 { return m.ForeignSPI + m.NotAddressed + m.OtherPhone }
+
+// Misdelivered are the misdelivery counts among the drops.
+func (c Counters) Misdelivered() Misdelivered {
+	return Misdelivered{ForeignSPI: c.Drops[DropUnknownSPI], NotAddressed: c.Drops[DropSelector], OtherPhone: c.Drops[DropOtherPhone]}
 }
 
 // DropCount is one non-zero drop counter with its name.
@@ -384,8 +421,11 @@ func (t *Tunnel) rxLoop() {
 		pkt := buf[res.Start:res.End]
 		if transport {
 			pkt = t.transportPacket(wbuf, pkt, res.NextHeader)
-		} else if !t.forUs(pkt) {
+		} else if !addressedTo(pkt, t.inner, t.cfg.Ports) {
 			t.drops[DropSelector].Add(1)
+			continue
+		} else if t.cfg.Claim != nil && !t.cfg.Claim(pkt) {
+			t.drops[DropOtherPhone].Add(1)
 			continue
 		}
 		if _, err := t.tun.Write(pkt); err != nil {
@@ -399,19 +439,44 @@ func (t *Tunnel) rxLoop() {
 	}
 }
 
-// forUs is the inbound selector check (RFC 4301 5.2): a tunnel-mode inner
-// packet must be addressed to the phone.
-func (t *Tunnel) forUs(p []byte) bool {
+// addressedTo is the inbound selector check (RFC 4301 5.2): a tunnel-mode
+// inner packet must be addressed to the phone's inner address and, when
+// ports are given, to one of them (UDP and TCP; other protocols pass on
+// the address alone).
+func addressedTo(p []byte, inner netip.Addr, ports []uint16) bool {
 	var dst netip.Addr
+	var proto byte
+	var l4 []byte
 	switch {
 	case len(p) >= 20 && p[0]>>4 == 4:
 		dst = netip.AddrFrom4([4]byte(p[16:20]))
+		ihl := int(p[0]&0x0f) * 4
+		proto = p[9]
+		if ihl >= 20 && len(p) >= ihl && binary.BigEndian.Uint16(p[6:8])&0x1fff == 0 {
+			l4 = p[ihl:]
+		}
 	case len(p) >= 40 && p[0]>>4 == 6:
 		dst = netip.AddrFrom16([16]byte(p[24:40]))
+		proto, l4 = p[6], p[40:]
 	default:
 		return false
 	}
-	return dst == t.inner
+	if dst != inner {
+		return false
+	}
+	if len(ports) == 0 || (proto != 6 && proto != 17) {
+		return true
+	}
+	if len(l4) < 4 {
+		return false
+	}
+	port := binary.BigEndian.Uint16(l4[2:4])
+	for _, q := range ports {
+		if q == port {
+			return true
+		}
+	}
+	return false
 }
 
 // transportPacket gives an upper-layer segment an IPv4 header from the

@@ -11,11 +11,13 @@
 package ue
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/xesp/xesp/dataplane/esp"
@@ -31,6 +33,12 @@ type Phone struct {
 	sbuf   []byte
 
 	in *esp.SA // used by the Recv caller only
+
+	// The phone's identity for the misdelivery counts (Expect).
+	inner    netip.Addr
+	ports    []uint16
+	claim    func([]byte) bool
+	misdeliv [3]atomic.Uint64 // foreign SPI, not addressed, other phone
 }
 
 // headroom leaves space for the ESP header and IV in front of a payload.
@@ -44,6 +52,20 @@ func New(local, gw netip.AddrPort, out, in *esp.SA) (*Phone, error) {
 		return nil, fmt.Errorf("phone: bind %s: %w", local, err)
 	}
 	return &Phone{conn: c, gw: gw, out: out, in: in, sbuf: make([]byte, 65536)}, nil
+}
+
+// Expect gives the phone its identity, before the first Recv: its inner
+// address, the inner ports it listens on (none: any) and optionally a
+// claim on the content (as TunnelConfig.Claim). Recv then skips and counts
+// packets meant for another phone (Misdelivered); without Expect only
+// foreign SPIs are counted.
+func (p *Phone) Expect(inner netip.Addr, ports []uint16, claim func([]byte) bool) {
+	p.inner, p.ports, p.claim = inner.Unmap(), ports, claim
+}
+
+// Misdelivered counts what the phone received that was another phone's.
+func (p *Phone) Misdelivered() Misdelivered {
+	return Misdelivered{ForeignSPI: p.misdeliv[0].Load(), NotAddressed: p.misdeliv[1].Load(), OtherPhone: p.misdeliv[2].Load()}
 }
 
 // LocalAddr is the socket's address (before any NAT).
@@ -105,12 +127,28 @@ func (p *Phone) recv(buf []byte, deadline time.Time) (inner []byte, seq uint64, 
 			drops++
 			continue
 		}
+		if binary.BigEndian.Uint32(buf[:4]) != p.in.SPI() {
+			p.misdeliv[0].Add(1)
+			drops++
+			continue
+		}
 		res, err := p.in.Open(buf[:n])
 		if err != nil {
 			drops++
 			continue
 		}
-		return buf[res.Start:res.End], res.Seq, drops, nil
+		got := buf[res.Start:res.End]
+		if p.inner.IsValid() && !addressedTo(got, p.inner, p.ports) {
+			p.misdeliv[1].Add(1)
+			drops++
+			continue
+		}
+		if p.claim != nil && !p.claim(got) {
+			p.misdeliv[2].Add(1)
+			drops++
+			continue
+		}
+		return got, res.Seq, drops, nil
 	}
 }
 
