@@ -495,3 +495,28 @@ int xesp_private(struct xdp_md *ctx)
 		return verdict(pkt_len, XESP_PRIV_DROP_NO_XSK, XDP_DROP);
 	return verdict(pkt_len, XESP_PRIV_REDIRECT, XDP_REDIRECT);
 }
+
+/*
+ * xesp_xsk_probe is never attached: the daemon's health check runs it
+ * through BPF_PROG_TEST_RUN to ask whether its AF_XDP sockets are still
+ * in the XSK maps, because the map syscall cannot read an XSKMAP slot
+ * (lookup from user space is EOPNOTSUPP) while a program can. Input at
+ * the frame start: __u32 slot index, __u32 side (0 public, 1 private),
+ * host order. XDP_PASS: a socket is there; XDP_DROP: the slot is empty;
+ * XDP_ABORTED: the input is short.
+ */
+SEC("xdp")
+int xesp_xsk_probe(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u32 *in = data;
+	__u32 idx;
+
+	if ((void *)(in + 2) > data_end)
+		return XDP_ABORTED;
+	idx = in[0];
+	if (in[1] == 0)
+		return bpf_map_lookup_elem(&xsks_public, &idx) ? XDP_PASS : XDP_DROP;
+	return bpf_map_lookup_elem(&xsks_private, &idx) ? XDP_PASS : XDP_DROP;
+}

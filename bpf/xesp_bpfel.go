@@ -113,6 +113,7 @@ const (
 	XespMapXsksPublic       = "xsks_public"
 	XespProgXespPrivate     = "xesp_private"
 	XespProgXespPublic      = "xesp_public"
+	XespProgXespXskProbe    = "xesp_xsk_probe"
 	XespVarXespMetaBtf      = "xesp_meta_btf"
 	XespVarXespMetaKindBtf  = "xesp_meta_kind_btf"
 	XespVarXespMetaMagicBtf = "xesp_meta_magic_btf"
@@ -162,8 +163,9 @@ type XespSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type XespProgramSpecs struct {
-	XespPrivate *ebpf.ProgramSpec `ebpf:"xesp_private"`
-	XespPublic  *ebpf.ProgramSpec `ebpf:"xesp_public"`
+	XespPrivate  *ebpf.ProgramSpec `ebpf:"xesp_private"`
+	XespPublic   *ebpf.ProgramSpec `ebpf:"xesp_public"`
+	XespXskProbe *ebpf.ProgramSpec `ebpf:"xesp_xsk_probe"`
 }
 
 // XespMapSpecs contains maps before they are loaded into the kernel.
@@ -243,14 +245,16 @@ type XespVariables struct {
 //
 // It can be passed to LoadXespObjects or ebpf.CollectionSpec.LoadAndAssign.
 type XespPrograms struct {
-	XespPrivate *ebpf.Program `ebpf:"xesp_private"`
-	XespPublic  *ebpf.Program `ebpf:"xesp_public"`
+	XespPrivate  *ebpf.Program `ebpf:"xesp_private"`
+	XespPublic   *ebpf.Program `ebpf:"xesp_public"`
+	XespXskProbe *ebpf.Program `ebpf:"xesp_xsk_probe"`
 }
 
 func (p *XespPrograms) Close() error {
 	return _XespClose(
 		p.XespPrivate,
 		p.XespPublic,
+		p.XespXskProbe,
 	)
 }
 

@@ -33,6 +33,7 @@ import (
 	"github.com/xesp/xesp/dataplane/slowpath"
 	"github.com/xesp/xesp/dataplane/worker"
 	"github.com/xesp/xesp/dataplane/xsk"
+	"github.com/xesp/xesp/internal/instlock"
 	"github.com/xesp/xesp/loader"
 	"github.com/xesp/xesp/maps"
 )
@@ -81,6 +82,9 @@ type Gateway struct {
 	once    sync.Once
 	rest    *restorer // the previous run's state, handed out once per SA
 	apiSAs  *apiSAs   // state_dir's copy of the SAs added through the API
+	// stateLock is state_dir's instance lock, held from before anything
+	// shared is touched until the very end of teardown.
+	stateLock *instlock.Lock
 }
 
 // Options change how Start behaves beyond the configuration.
@@ -94,18 +98,29 @@ type Options struct {
 	// snapshotted to state_dir (DefaultStateInterval); after a crash,
 	// what an SA accepted in the last interval can be replayed once.
 	StateInterval time.Duration
+
+	pinLock *instlock.Lock // handed over by a previous process
 }
 
 // Start brings the data path up. On error everything it built is torn
 // down again.
-func Start(ctx context.Context, cfg *config.Config, o Options) (g *Gateway, err error) {
+func Start(ctx context.Context, cfg *config.Config, o Options) (_ *Gateway, err error) {
 	if o.Log == nil {
 		o.Log = slog.Default()
 	}
 	if cfg.Public.Interface == cfg.Private.Interface {
 		return nil, fmt.Errorf("config: private.interface: one-arm mode (%s on both sides) is not supported: the XDP programs need one interface each", cfg.Public.Interface)
 	}
-	g = &Gateway{Config: cfg, log: o.Log, errs: make(chan error, 16)}
+	// g, not the named result: every error return sets that to nil, and
+	// the cleanup below must still reach what was built.
+	g := &Gateway{Config: cfg, log: o.Log, errs: make(chan error, 16)}
+	// The instance lock comes before anything shared is touched (pinned
+	// maps, links, XSK slots, sockets): a second daemon on the same
+	// state_dir or pin directory stops here and leaves the running one
+	// alone. The loader takes the pin directory's lock.
+	if g.stateLock, err = instlock.StateDir(cfg.StateDir); err != nil {
+		return nil, err
+	}
 	defer func() {
 		if err != nil {
 			g.teardown(false)
@@ -122,7 +137,7 @@ func Start(ctx context.Context, cfg *config.Config, o Options) (g *Gateway, err 
 
 	g.Loader, err = loader.Load(loader.Options{
 		Public: cfg.Public.Interface, Private: cfg.Private.Interface,
-		Generic: cfg.XDPMode == "generic", PinRoot: cfg.PinDir, NoPin: o.NoPin,
+		Generic: cfg.XDPMode == "generic", PinRoot: cfg.PinDir, NoPin: o.NoPin, Lock: o.pinLock,
 		SACapacity: uint32(cfg.MaxSAs), PolicyCapacity: uint32(cfg.MaxSAs),
 	})
 	if err != nil {
@@ -392,5 +407,6 @@ func (g *Gateway) teardown(keepPinned bool) error {
 			errs = append(errs, g.Loader.Detach())
 		}
 	}
+	g.stateLock.Release()
 	return errors.Join(errs...)
 }
