@@ -323,7 +323,7 @@ func sadStatus(err error) int {
 	switch {
 	case errors.Is(err, sad.ErrNotFound):
 		return http.StatusNotFound
-	case errors.Is(err, sad.ErrExists), errors.Is(err, sad.ErrAmbiguous):
+	case errors.Is(err, sad.ErrExists), errors.Is(err, sad.ErrAmbiguous), errors.Is(err, sad.ErrConflict):
 		return http.StatusConflict
 	case errors.Is(err, sad.ErrFull):
 		return http.StatusInsufficientStorage

@@ -47,6 +47,9 @@ var (
 	ErrAmbiguous = errors.New("several outbound SAs have this SPI; name the peer")
 	ErrFull      = errors.New("SA table full")
 	ErrInvalid   = errors.New("invalid SA")
+	// ErrConflict: another change already claimed the SA (a concurrent
+	// rekey is replacing it); the caller lost the race.
+	ErrConflict = errors.New("already being replaced by another change")
 	// ErrResync means the change log no longer holds the version asked
 	// for: the consumer must re-read everything (List) and continue from
 	// the version it read before listing.
@@ -90,6 +93,9 @@ type Entry struct {
 	State   State
 	Created time.Time
 	Version uint64 // SAD version of the SA's last change
+	// Replaced says a rekey has replaced the SA: it lives on only until
+	// its grace period ends, and no second rekey may replace it.
+	Replaced bool
 }
 
 // Options configures a SAD.
@@ -114,6 +120,7 @@ type entry struct {
 	worker   uint16
 	state    State
 	deleted  bool
+	replaced bool // claimed by a rekey (Replace)
 	nextOut  *entry // outbound SAs sharing this SPI
 	nextPeer *entry // members of the same group
 }
@@ -123,7 +130,7 @@ func (e *entry) id() sa.ID { return e.sa.ID() }
 func (e *entry) export() Entry {
 	return Entry{
 		SA: e.sa, ID: e.sa.ID(), Worker: e.worker, Index: e.index, Binding: e.binding,
-		State: e.state, Created: time.Unix(0, e.created), Version: e.version,
+		State: e.state, Created: time.Unix(0, e.created), Version: e.version, Replaced: e.replaced,
 	}
 }
 
@@ -441,6 +448,65 @@ func (d *SAD) update(s *sa.SA) (*entry, error) {
 	e.sa = *s
 	d.record(e, OpUpdate, prevWorker, prevIndex)
 	return e, nil
+}
+
+// Replace is a rekey's one atomic step: under one lock it checks that
+// every old SA exists and that no other change has replaced it, adds all
+// the new SAs (all or none) and marks the old ones replaced. Of several
+// concurrent Replace calls naming one old SA exactly one succeeds; the
+// others get ErrConflict and change nothing. The old SAs stay (marked)
+// until the caller deletes them.
+func (d *SAD) Replace(old []sa.ID, news []sa.SA) ([]Entry, error) {
+	d.mu.Lock()
+	for _, id := range old {
+		e, ok := d.byID[id]
+		if !ok {
+			d.mu.Unlock()
+			return nil, fmt.Errorf("old SA %s: %w", id, ErrNotFound)
+		}
+		if e.replaced {
+			d.mu.Unlock()
+			return nil, fmt.Errorf("old SA %s (%s): %w", id, e.sa.Label(), ErrConflict)
+		}
+	}
+	now := time.Now().UnixNano()
+	added := make([]*entry, 0, len(news))
+	for i := range news {
+		e, err := d.add(&news[i], now)
+		if err != nil {
+			for _, a := range added {
+				d.delete(a)
+			}
+			d.mu.Unlock()
+			if len(added) > 0 {
+				d.wake()
+			}
+			return nil, err
+		}
+		added = append(added, e)
+	}
+	for _, id := range old {
+		d.byID[id].replaced = true
+	}
+	out := make([]Entry, len(added))
+	for i, e := range added {
+		out[i] = e.export()
+	}
+	d.mu.Unlock()
+	d.wake()
+	return out, nil
+}
+
+// Unreplace clears Replace's mark on the old SAs that still exist (a
+// rekey that gave up and removed its new SAs).
+func (d *SAD) Unreplace(old []sa.ID) {
+	d.mu.Lock()
+	for _, id := range old {
+		if e, ok := d.byID[id]; ok {
+			e.replaced = false
+		}
+	}
+	d.mu.Unlock()
 }
 
 // Delete removes the SA with this identity and frees its index.
