@@ -126,7 +126,7 @@ func (s *Server) get(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) add(w http.ResponseWriter, r *http.Request) {
-	in, status, errs := decodeSA(w, r)
+	in, status, errs := s.decodeSA(w, r)
 	if errs != nil {
 		writeErrors(w, status, errs)
 		return
@@ -151,7 +151,7 @@ func (s *Server) update(w http.ResponseWriter, r *http.Request) {
 		writeError(w, status, err.Error())
 		return
 	}
-	in, status, errs := decodeSA(w, r)
+	in, status, errs := s.decodeSA(w, r)
 	if errs != nil {
 		writeErrors(w, status, errs)
 		return
@@ -300,7 +300,15 @@ func decodeRequest(w http.ResponseWriter, r *http.Request, v any, usage string) 
 
 // decodeSA reads one SA in the SA format from a JSON body. Key files are
 // refused (zero Options): a request must not make the daemon read files.
-func decodeSA(w http.ResponseWriter, r *http.Request) (sa.SA, int, []error) {
+// checkSA runs the gateway's checks (Options.Check) on one SA.
+func (s *Server) checkSA(x *sa.SA) []error {
+	if s.check == nil {
+		return nil
+	}
+	return sa.Flatten(s.check(x))
+}
+
+func (s *Server) decodeSA(w http.ResponseWriter, r *http.Request) (sa.SA, int, []error) {
 	body, status, err := readJSON(w, r)
 	if err != nil {
 		return sa.SA{}, status, []error{err}
@@ -311,6 +319,9 @@ func decodeSA(w http.ResponseWriter, r *http.Request) (sa.SA, int, []error) {
 	}
 	if len(sas) != 1 {
 		return sa.SA{}, http.StatusBadRequest, []error{fmt.Errorf("body: holds %d SAs: send exactly one per request", len(sas))}
+	}
+	if errs := s.checkSA(&sas[0]); len(errs) > 0 {
+		return sa.SA{}, http.StatusBadRequest, errs
 	}
 	return sas[0], 0, nil
 }

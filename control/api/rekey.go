@@ -93,6 +93,13 @@ func (s *Server) rekey(w http.ResponseWriter, r *http.Request) {
 			errs = append(errs, fmt.Errorf("new[%d]: holds %d SAs, want one", i, len(sas)))
 			continue
 		}
+		if cerrs := s.checkSA(&sas[0]); len(cerrs) > 0 {
+			status = http.StatusBadRequest
+			for _, e := range cerrs {
+				errs = append(errs, fmt.Errorf("new[%d]: %w", i, e))
+			}
+			continue
+		}
 		rq.New = append(rq.New, sas[0])
 	}
 	if len(errs) > 0 {

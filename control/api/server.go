@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/xesp/xesp/control/config"
+	"github.com/xesp/xesp/control/sa"
 	"github.com/xesp/xesp/control/sad"
 	"github.com/xesp/xesp/control/secagree"
 )
@@ -49,6 +50,11 @@ type Options struct {
 	// NATTPort is the gateway's NAT-T port, the local end of UDP-enc-tun
 	// SAs; 0 means 4500.
 	NATTPort int
+	// Check is the gateway's validation every source of SAs gets
+	// (config.Config.CheckSA: local address, NAT-T port, ...). Every SA
+	// the API adds, updates, rekeys in or derives for sec-agree passes
+	// it first; nil accepts whatever sa.Parse accepts.
+	Check func(*sa.SA) error
 }
 
 // Server is the control API. Create it with New, then Listen (optional:
@@ -66,6 +72,7 @@ type Server struct {
 	tokenSum [sha256.Size]byte
 	policy   secagree.Policy
 	nattPort uint16
+	check    func(*sa.SA) error
 
 	mu   sync.Mutex
 	unix *unixSocket
@@ -86,7 +93,7 @@ func New(o Options) (*Server, error) {
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
-	s := &Server{sad: o.SAD, dp: o.DataPath, ev: o.Events, api: o.API, log: o.Log, started: time.Now(), policy: secagree.DefaultPolicy()}
+	s := &Server{sad: o.SAD, dp: o.DataPath, ev: o.Events, api: o.API, log: o.Log, started: time.Now(), policy: secagree.DefaultPolicy(), check: o.Check}
 	if o.SecAgree != nil {
 		s.policy = *o.SecAgree
 	}

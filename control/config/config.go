@@ -457,10 +457,6 @@ func (c *Config) validateSAs(errs *errList) {
 		c.SAList = append(c.SAList, list...)
 	}
 
-	local := make(map[netip.Addr]bool, len(c.Public.Addrs))
-	for _, a := range c.Public.Addrs {
-		local[a] = true
-	}
 	var d sa.Dedup
 	var in, out int
 	for i := range c.SAList {
@@ -468,13 +464,14 @@ func (c *Config) validateSAs(errs *errList) {
 		if err := d.Add(s, labels[i]); err != nil {
 			*errs = append(*errs, sa.Flatten(err)...)
 		}
-		if len(local) > 0 && !local[s.Local] {
-			*errs = append(*errs, &sa.FieldError{SA: labels[i], Field: "local",
-				Reason: fmt.Sprintf("%s is not one of public.addresses", s.Local)})
+		// With no public address that is its own error already.
+		if len(c.Public.Addrs) > 0 {
+			if fe := c.checkLocal(labels[i], s); fe != nil {
+				*errs = append(*errs, fe)
+			}
 		}
-		if s.Encap != nil && int(s.Encap.LocalPort) != c.NATTPort {
-			*errs = append(*errs, &sa.FieldError{SA: labels[i], Field: "encap.local_port",
-				Reason: fmt.Sprintf("%d differs from natt_port %d: XDP only takes ESP-in-UDP on natt_port", s.Encap.LocalPort, c.NATTPort)})
+		if fe := c.checkNATTPort(labels[i], s); fe != nil {
+			*errs = append(*errs, fe)
 		}
 		if s.Direction == sa.In {
 			in++
