@@ -26,6 +26,29 @@ type XespXespCounter struct {
 	Bytes   uint64
 }
 
+type XespXespFloodSa struct {
+	_         structs.HostLayout
+	Tat       uint64
+	Tolerance uint64
+	BindAddr  [16]uint8
+	BindPort  uint16
+	Pad       uint16
+	Pad2      uint32
+}
+
+type XespXespFloodSrc struct {
+	_         structs.HostLayout
+	Tat       uint64
+	Tolerance uint64
+}
+
+type XespXespFloodSrcKey struct {
+	_    structs.HostLayout
+	Addr [16]uint8
+	Port uint16
+	Pad  uint16
+}
+
 type XespXespMeta struct {
 	_       structs.HostLayout
 	SaIndex uint32
@@ -79,13 +102,15 @@ const (
 	XespXespReasonXESP_REDIRECT_ESP_UDP    XespXespReason = 10
 	XespXespReasonXESP_REDIRECT_ESP        XespXespReason = 11
 	XespXespReasonXESP_ABORTED             XespXespReason = 12
-	XespXespReasonXESP_PRIV_PASS_NOT_IP    XespXespReason = 13
-	XespXespReasonXESP_PRIV_PASS_MALFORMED XespXespReason = 14
-	XespXespReasonXESP_PRIV_PASS_NO_POLICY XespXespReason = 15
-	XespXespReasonXESP_PRIV_DROP_NO_XSK    XespXespReason = 16
-	XespXespReasonXESP_PRIV_REDIRECT       XespXespReason = 17
-	XespXespReasonXESP_PRIV_ABORTED        XespXespReason = 18
-	XespXespReasonXESP_REASON_MAX          XespXespReason = 19
+	XespXespReasonXESP_DROP_FLOOD_SA       XespXespReason = 13
+	XespXespReasonXESP_DROP_FLOOD_SRC      XespXespReason = 14
+	XespXespReasonXESP_PRIV_PASS_NOT_IP    XespXespReason = 15
+	XespXespReasonXESP_PRIV_PASS_MALFORMED XespXespReason = 16
+	XespXespReasonXESP_PRIV_PASS_NO_POLICY XespXespReason = 17
+	XespXespReasonXESP_PRIV_DROP_NO_XSK    XespXespReason = 18
+	XespXespReasonXESP_PRIV_REDIRECT       XespXespReason = 19
+	XespXespReasonXESP_PRIV_ABORTED        XespXespReason = 20
+	XespXespReasonXESP_REASON_MAX          XespXespReason = 21
 )
 
 type XespXespSa struct {
@@ -107,6 +132,9 @@ const (
 const (
 	XespMapConfig           = "config"
 	XespMapCounters         = "counters"
+	XespMapFloodDrops       = "flood_drops"
+	XespMapFloodSas         = "flood_sas"
+	XespMapFloodSrcs        = "flood_srcs"
 	XespMapPolicies         = "policies"
 	XespMapSas              = "sas"
 	XespMapXsksPrivate      = "xsks_private"
@@ -174,6 +202,9 @@ type XespProgramSpecs struct {
 type XespMapSpecs struct {
 	Config      *ebpf.MapSpec `ebpf:"config"`
 	Counters    *ebpf.MapSpec `ebpf:"counters"`
+	FloodDrops  *ebpf.MapSpec `ebpf:"flood_drops"`
+	FloodSas    *ebpf.MapSpec `ebpf:"flood_sas"`
+	FloodSrcs   *ebpf.MapSpec `ebpf:"flood_srcs"`
 	Policies    *ebpf.MapSpec `ebpf:"policies"`
 	Sas         *ebpf.MapSpec `ebpf:"sas"`
 	XsksPrivate *ebpf.MapSpec `ebpf:"xsks_private"`
@@ -213,6 +244,9 @@ func (o *XespObjects) Close() error {
 type XespMaps struct {
 	Config      *ebpf.Map `ebpf:"config"`
 	Counters    *ebpf.Map `ebpf:"counters"`
+	FloodDrops  *ebpf.Map `ebpf:"flood_drops"`
+	FloodSas    *ebpf.Map `ebpf:"flood_sas"`
+	FloodSrcs   *ebpf.Map `ebpf:"flood_srcs"`
 	Policies    *ebpf.Map `ebpf:"policies"`
 	Sas         *ebpf.Map `ebpf:"sas"`
 	XsksPrivate *ebpf.Map `ebpf:"xsks_private"`
@@ -223,6 +257,9 @@ func (m *XespMaps) Close() error {
 	return _XespClose(
 		m.Config,
 		m.Counters,
+		m.FloodDrops,
+		m.FloodSas,
+		m.FloodSrcs,
 		m.Policies,
 		m.Sas,
 		m.XsksPrivate,

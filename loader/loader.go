@@ -173,7 +173,8 @@ func Load(opts Options) (*Instance, error) {
 
 // pinnedMaps are the maps that carry state across restarts: all of them.
 var pinnedMaps = []string{bpf.XespMapSas, bpf.XespMapPolicies, bpf.XespMapConfig,
-	bpf.XespMapCounters, bpf.XespMapXsksPublic, bpf.XespMapXsksPrivate}
+	bpf.XespMapCounters, bpf.XespMapXsksPublic, bpf.XespMapXsksPrivate,
+	bpf.XespMapFloodSas, bpf.XespMapFloodSrcs, bpf.XespMapFloodDrops}
 
 // Dir is the instance's pin directory ("" when not pinning).
 func (in *Instance) Dir() string { return in.dir }
