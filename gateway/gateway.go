@@ -29,6 +29,7 @@ import (
 	"github.com/xesp/xesp/control/sa"
 	"github.com/xesp/xesp/control/sad"
 	"github.com/xesp/xesp/control/seqstore"
+	"github.com/xesp/xesp/dataplane/flood"
 	"github.com/xesp/xesp/dataplane/neigh"
 	"github.com/xesp/xesp/dataplane/slowpath"
 	"github.com/xesp/xesp/dataplane/worker"
@@ -42,6 +43,9 @@ import (
 // one active queue; on a multi-queue NIC, steer UDP 4500 and the private
 // side's traffic to queue 0 (ethtool -N/-X) until per-queue sockets land.
 const rxQueue = 0
+
+// floodInterval is how often flood_drops is read for events.
+const floodInterval = time.Second
 
 // Gateway is a running data path.
 type Gateway struct {
@@ -69,6 +73,9 @@ type Gateway struct {
 	// Lifetime enforces the SAs' soft and hard lifetimes and the
 	// sequence-number space.
 	Lifetime *lifetime.Enforcer
+	// Flood are the workers' flood-budget guards (none when
+	// public.flood.disabled), for their figures.
+	Flood []*flood.Guard
 	// Restored is what Start took over from the previous run's replay
 	// window and binding snapshot (state_dir/rx.state).
 	Restored Restored
@@ -82,6 +89,7 @@ type Gateway struct {
 	once    sync.Once
 	rest    *restorer // the previous run's state, handed out once per SA
 	apiSAs  *apiSAs   // state_dir's copy of the SAs added through the API
+	floods floodWatch // SAs under flood, from flood_drops
 	// stateLock is state_dir's instance lock, held from before anything
 	// shared is touched until the very end of teardown.
 	stateLock *instlock.Lock
@@ -209,7 +217,19 @@ func Start(ctx context.Context, cfg *config.Config, o Options) (_ *Gateway, err 
 			return nil, fmt.Errorf("worker %d: AF_XDP socket on %s: %w", w, privIf.Name, err)
 		}
 		g.Sockets = append(g.Sockets, [2]*xsk.Socket{pub, priv})
+		var guard *flood.Guard
+		if fc := cfg.Public.Flood; !fc.Disabled {
+			guard, err = flood.New(flood.Config{
+				SA:     flood.Budget{Rate: fc.SA.Rate, Burst: fc.SA.Burst},
+				Source: flood.Budget{Rate: fc.Source.Rate, Burst: fc.Source.Burst},
+			}, g.Maps.Flood, nil)
+			if err != nil {
+				return nil, fmt.Errorf("config: public.%w", err)
+			}
+			g.Flood = append(g.Flood, guard)
+		}
 		wk, err := worker.New(worker.Config{
+			Flood: guard,
 			ID: w, UMEM: g.UMEM, Public: pub, Private: priv,
 			PublicMAC: pubMAC, PrivateMAC: privMAC,
 			PublicMTU: pubIf.MTU, PrivateMTU: privIf.MTU, Workers: cfg.Workers,
@@ -288,6 +308,9 @@ func Start(ctx context.Context, cfg *config.Config, o Options) (_ *Gateway, err 
 		every = DefaultStateInterval
 	}
 	g.goRun("state snapshot", func() error { return g.persistState(runCtx, every) })
+	if len(g.Flood) > 0 {
+		g.goRun("flood watch", func() error { return g.watchFloods(runCtx, floodInterval) })
+	}
 	if err := g.startEtcdSource(ctx, runCtx); err != nil {
 		return nil, err
 	}

@@ -29,6 +29,7 @@ func (s *Server) routes() {
 	m.HandleFunc("DELETE /v1/sas/{ref}", s.del)
 	m.HandleFunc("GET /v1/events", s.events)
 	m.HandleFunc("POST /v1/rekey", s.rekey)
+	m.HandleFunc("GET /v1/floods", s.floods)
 	// Method-less patterns catch the other methods, so a 405 is JSON
 	// like every other error; the mux prefers the patterns above.
 	m.HandleFunc("/v1/health", methods("GET"))
@@ -38,6 +39,7 @@ func (s *Server) routes() {
 	s.secAgreeRoutes(m)
 	m.HandleFunc("/v1/events", methods("GET"))
 	m.HandleFunc("/v1/rekey", methods("POST"))
+	m.HandleFunc("/v1/floods", methods("GET"))
 	m.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, fmt.Sprintf("no endpoint %s (see /v1/health, /v1/stats, /v1/sas)", r.URL.Path))
 	})
@@ -65,6 +67,21 @@ func (s *Server) health(w http.ResponseWriter, _ *http.Request) {
 		status = http.StatusServiceUnavailable
 	}
 	writeJSON(w, status, h)
+}
+
+// floods serves GET /v1/floods: the SAs under attack by name, which the
+// metrics only count (an SA is not a Prometheus label).
+func (s *Server) floods(w http.ResponseWriter, _ *http.Request) {
+	fr, ok := s.dp.(FloodReporter)
+	if !ok {
+		writeError(w, http.StatusServiceUnavailable, "no flood budgets: no data path is running")
+		return
+	}
+	out := Floods{Items: fr.Floods()}
+	if out.Items == nil {
+		out.Items = []Flood{}
+	}
+	writeJSON(w, http.StatusOK, out)
 }
 
 func (s *Server) stats(w http.ResponseWriter, _ *http.Request) {
