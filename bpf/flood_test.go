@@ -118,4 +118,3 @@ func TestFloodBudgetFixtures(t *testing.T) {
 	}
 	check("refilled: spoofer steered again", pkt(spi, spoof, false), xdpRedirect, bpf.RedirectESPUDP)
 }
-

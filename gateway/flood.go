@@ -113,4 +113,3 @@ func (g *Gateway) FloodFailures() uint64 {
 	}
 	return n
 }
-

@@ -87,9 +87,9 @@ type Gateway struct {
 	errs    chan error
 	failure atomic.Pointer[error] // the first component failure, for health
 	once    sync.Once
-	rest    *restorer // the previous run's state, handed out once per SA
-	apiSAs  *apiSAs   // state_dir's copy of the SAs added through the API
-	floods floodWatch // SAs under flood, from flood_drops
+	rest    *restorer  // the previous run's state, handed out once per SA
+	apiSAs  *apiSAs    // state_dir's copy of the SAs added through the API
+	floods  floodWatch // SAs under flood, from flood_drops
 	// stateLock is state_dir's instance lock, held from before anything
 	// shared is touched until the very end of teardown.
 	stateLock *instlock.Lock
@@ -230,7 +230,7 @@ func Start(ctx context.Context, cfg *config.Config, o Options) (_ *Gateway, err 
 		}
 		wk, err := worker.New(worker.Config{
 			Flood: guard,
-			ID: w, UMEM: g.UMEM, Public: pub, Private: priv,
+			ID:    w, UMEM: g.UMEM, Public: pub, Private: priv,
 			PublicMAC: pubMAC, PrivateMAC: privMAC,
 			PublicMTU: pubIf.MTU, PrivateMTU: privIf.MTU, Workers: cfg.Workers,
 			Neighbors: g.Neighbors, BindingEvents: events, SeqRequests: seqReqs,

@@ -4,9 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"sync"
 	"net/http"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 

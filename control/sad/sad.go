@@ -120,7 +120,7 @@ type entry struct {
 	worker   uint16
 	state    State
 	deleted  bool
-	replaced bool // claimed by a rekey (Replace)
+	replaced bool   // claimed by a rekey (Replace)
 	nextOut  *entry // outbound SAs sharing this SPI
 	nextPeer *entry // members of the same group
 }
