@@ -129,6 +129,12 @@ func (r *Report) targets() {
 		r.Targets = append(r.Targets, Target{Name: "xesp decap vs the UDP-socket baseline", Ratio: v, Goal: 3, Met: v >= 3,
 			How: fmt.Sprintf("%s / %s", base.Name, baselineName("decap", "200", lo))})
 	}
+	if f, ok := r.Find(floodName("200", lo, 1)); ok {
+		if v, ok := f.Ratios["vs_no_flood"]; ok {
+			r.Targets = append(r.Targets, Target{Name: "decap under a forged flood of one SA vs without", Ratio: v, Goal: 0.90, Met: v >= 0.90,
+				How: fmt.Sprintf("%s / %s", f.Name, base.Name)})
+		}
+	}
 	if hi != lo {
 		big, _ := r.Find(xespName("decap", "200", hi, 1))
 		if v, ok := big.Ratios["vs_min_sas"]; ok {
