@@ -661,10 +661,7 @@ func (r *runner) xesp(ctx context.Context, workers int, sizes map[string]gen.Siz
 						return err
 					}
 					fr := p.result(Result{Name: floodName(s, n, workers), Group: "flood", Test: "decap_under_flood", Dir: d, Size: s, SAs: n, Workers: workers})
-					fr.Note = gw.explain(before)
-					if res.PPS > 0 {
-						fr.Ratios = map[string]float64{"vs_no_flood": fr.PPS / res.PPS}
-					}
+					fr.Note = gw.explain(before) // ratios(): vs_no_flood
 					r.add(fr)
 				}
 			}
