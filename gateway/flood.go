@@ -105,6 +105,19 @@ func (d *dataPath) Floods() []api.Flood {
 	return out
 }
 
+// floodsActive counts the SAs under a flood at the last check.
+func (g *Gateway) floodsActive() int {
+	g.floods.mu.Lock()
+	defer g.floods.mu.Unlock()
+	n := 0
+	for _, st := range g.floods.seen {
+		if st.active {
+			n++
+		}
+	}
+	return n
+}
+
 // FloodFailures is the failed authentications the workers charged.
 func (g *Gateway) FloodFailures() uint64 {
 	var n uint64

@@ -268,6 +268,13 @@ func TestGatewayFloodBudget(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	src, err := tp.g.MetricsSources("test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if active, failures := src.Flood(); active != 1 || failures != tp.g.Workers[0].Stats().Decap.Drops[esp.ReasonIntegrity].Load() {
+		t.Errorf("metrics: %d SAs under flood, %d failures charged; want 1 and the worker's integ_error count", active, failures)
+	}
 	fl := dp.(api.FloodReporter).Floods()
 	if len(fl) != 1 || fl[0].Name != "ue1-in" || fl[0].XDPDrops != r.xdpDropped || fl[0].Binding != home.String() || fl[0].SA != "in:0x00001001" {
 		t.Fatalf("floods %+v, want ue1-in with %d XDP drops and binding %v", fl, r.xdpDropped, home)
