@@ -497,18 +497,6 @@ func (d *SAD) Replace(old []sa.ID, news []sa.SA) ([]Entry, error) {
 	return out, nil
 }
 
-// Unreplace clears Replace's mark on the old SAs that still exist (a
-// rekey that gave up and removed its new SAs).
-func (d *SAD) Unreplace(old []sa.ID) {
-	d.mu.Lock()
-	for _, id := range old {
-		if e, ok := d.byID[id]; ok {
-			e.replaced = false
-		}
-	}
-	d.mu.Unlock()
-}
-
 // Delete removes the SA with this identity and frees its index.
 func (d *SAD) Delete(id sa.ID) (Entry, error) {
 	d.mu.Lock()
