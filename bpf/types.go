@@ -14,6 +14,10 @@ type (
 	Meta      = XespXespMeta
 	Reason    = XespXespReason
 	MetaKind  = XespXespMetaKind
+	// FloodSA, FloodSrcKey and FloodSrc are the flood-budget maps' types.
+	FloodSA     = XespXespFloodSa
+	FloodSrcKey = XespXespFloodSrcKey
+	FloodSrc    = XespXespFloodSrc
 )
 
 // Constants from xesp.h's enums under Go names.
@@ -53,6 +57,8 @@ const (
 	RedirectESPUDP    = XespXespReasonXESP_REDIRECT_ESP_UDP
 	RedirectESP       = XespXespReasonXESP_REDIRECT_ESP
 	Aborted           = XespXespReasonXESP_ABORTED
+	DropFloodSA       = XespXespReasonXESP_DROP_FLOOD_SA
+	DropFloodSrc      = XespXespReasonXESP_DROP_FLOOD_SRC
 	PrivPassNotIP     = XespXespReasonXESP_PRIV_PASS_NOT_IP
 	PrivPassMalformed = XespXespReasonXESP_PRIV_PASS_MALFORMED
 	PrivPassNoPolicy  = XespXespReasonXESP_PRIV_PASS_NO_POLICY
@@ -83,6 +89,8 @@ var reasonNames = [...]string{
 	RedirectESPUDP:       "redirect_esp_udp",
 	RedirectESP:          "redirect_esp",
 	Aborted:              "aborted",
+	DropFloodSA:          "drop_flood_sa",
+	DropFloodSrc:         "drop_flood_src",
 	PrivPassNotIP:        "priv_pass_not_ip",
 	PrivPassMalformed:    "priv_pass_malformed",
 	PrivPassNoPolicy:     "priv_pass_no_policy",

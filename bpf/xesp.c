@@ -93,6 +93,31 @@ struct {
 	__type(value, __u32);
 } xsks_private SEC(".maps");
 
+/* Flood budgets: see xesp.h. Separate maps from the SA map so the SA
+ * map's layout and its writers (the manager) stay as they are. */
+/* LRU: a full map evicts an idle SA's entry rather than refusing the
+ * entry of an SA under attack now. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 1 << 16);
+	__type(key, __u32); /* SPI, host byte order */
+	__type(value, struct xesp_flood_sa);
+} flood_sas SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 1 << 16);
+	__type(key, struct xesp_flood_src_key);
+	__type(value, struct xesp_flood_src);
+} flood_srcs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1 << 16);
+	__type(key, __u32); /* SPI, host byte order */
+	__type(value, __u64);
+} flood_drops SEC(".maps");
+
 #define ETH_P_8021Q_ 0x8100
 #define ETH_P_8021AD_ 0x88A8
 #define IPPROTO_ESP_ 50
@@ -331,6 +356,63 @@ static __always_inline int steer(struct xdp_md *ctx, void *xsks, __u16 workers, 
 	return bpf_redirect_map(xsks, idx, 0);
 }
 
+/*
+ * flood_check is the flood-budget verdict for a packet of SA spi from
+ * src (16 bytes, IPv4-mapped) and UDP source port sport (network order;
+ * 0 for plain ESP): 0 to go on, else the drop reason. Without an entry in
+ * flood_sas (no failed authentication yet) it costs one hash lookup.
+ */
+static __always_inline int flood_check(__u32 spi, const __u64 *src, __u16 sport)
+{
+	struct xesp_flood_sa *f = bpf_map_lookup_elem(&flood_sas, &spi);
+	struct xesp_flood_src_key k = {};
+	struct xesp_flood_src *s;
+	int reason = 0;
+	__u64 now, *n;
+
+	if (!f)
+		return 0;
+	/* bind_addr sits 8-byte aligned in the value (offset 16) */
+	if (f->bind_port == sport && ((__u64 *)f->bind_addr)[0] == src[0] && ((__u64 *)f->bind_addr)[1] == src[1])
+		return 0; /* the current binding is never starved */
+	now = bpf_ktime_get_ns();
+	if (f->tat > now + f->tolerance) {
+		reason = XESP_DROP_FLOOD_SA;
+	} else {
+		__builtin_memcpy(k.addr, src, 16);
+		k.port = sport;
+		s = bpf_map_lookup_elem(&flood_srcs, &k);
+		if (s && s->tat > now + s->tolerance)
+			reason = XESP_DROP_FLOOD_SRC;
+	}
+	if (!reason)
+		return 0;
+	n = bpf_map_lookup_elem(&flood_drops, &spi);
+	if (n) {
+		__sync_fetch_and_add(n, 1);
+	} else {
+		__u64 one = 1;
+
+		bpf_map_update_elem(&flood_drops, &spi, &one, BPF_NOEXIST);
+	}
+	return reason;
+}
+
+/* src16 writes the packet's outer source address IPv4-mapped. */
+static __always_inline void src16(__u64 *out64, struct iphdr *iph, struct ipv6hdr *ip6h)
+{
+	__u8 *out = (__u8 *)out64;
+
+	if (iph) {
+		__builtin_memset(out, 0, 10);
+		out[10] = 0xff;
+		out[11] = 0xff;
+		__builtin_memcpy(out + 12, &iph->saddr, 4);
+	} else if (ip6h) {
+		__builtin_memcpy(out, &ip6h->saddr, 16);
+	}
+}
+
 SEC("xdp.frags")
 int xesp_public(struct xdp_md *ctx)
 {
@@ -347,7 +429,8 @@ int xesp_public(struct xdp_md *ctx)
 	struct xesp_sa *sa;
 	__u32 l3_off, l4_off, ip_payload, spi;
 	__u8 *payload;
-	int proto, udp_len;
+	__u64 src[2] = {};
+	int proto, udp_len, flood;
 	__be16 sport, dport;
 
 	proto = parse_ethhdr(&nh, data_end);
@@ -388,6 +471,10 @@ int xesp_public(struct xdp_md *ctx)
 		sa = bpf_map_lookup_elem(&sas, &spi);
 		if (!sa)
 			return verdict(pkt_len, XESP_DROP_NO_SA, XDP_DROP);
+		src16(src, iph, ip6h);
+		flood = flood_check(spi, src, 0);
+		if (flood)
+			return verdict(pkt_len, flood, XDP_DROP);
 		if (put_meta(ctx, sa->sa_index, 0, 0, l3_off, XESP_META_ESP))
 			return verdict(pkt_len, XESP_ABORTED, XDP_ABORTED);
 		if (steer(ctx, &xsks_public, cfg.workers, sa->worker) != XDP_REDIRECT)
@@ -434,6 +521,10 @@ int xesp_public(struct xdp_md *ctx)
 		return verdict(pkt_len, XESP_DROP_NO_SA, XDP_DROP);
 	sport = udph->source;
 	dport = udph->dest;
+	src16(src, iph, ip6h);
+	flood = flood_check(spi, src, sport);
+	if (flood)
+		return verdict(pkt_len, flood, XDP_DROP);
 
 	/* Fix L3 in place first: the stripped copy carries the new fields. */
 	if (iph) {
@@ -559,4 +650,29 @@ int xesp_private(struct xdp_md *ctx)
 	if (steer(ctx, &xsks_private, cfg.workers, pol->worker) != XDP_REDIRECT)
 		return verdict(pkt_len, XESP_PRIV_DROP_NO_XSK, XDP_DROP);
 	return verdict(pkt_len, reason, XDP_REDIRECT);
+}
+
+/*
+ * xesp_xsk_probe is never attached: the daemon's health check runs it
+ * through BPF_PROG_TEST_RUN to ask whether its AF_XDP sockets are still
+ * in the XSK maps, because the map syscall cannot read an XSKMAP slot
+ * (lookup from user space is EOPNOTSUPP) while a program can. Input at
+ * the frame start: __u32 slot index, __u32 side (0 public, 1 private),
+ * host order. XDP_PASS: a socket is there; XDP_DROP: the slot is empty;
+ * XDP_ABORTED: the input is short.
+ */
+SEC("xdp")
+int xesp_xsk_probe(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u32 *in = data;
+	__u32 idx;
+
+	if ((void *)(in + 2) > data_end)
+		return XDP_ABORTED;
+	idx = in[0];
+	if (in[1] == 0)
+		return bpf_map_lookup_elem(&xsks_public, &idx) ? XDP_PASS : XDP_DROP;
+	return bpf_map_lookup_elem(&xsks_private, &idx) ? XDP_PASS : XDP_DROP;
 }

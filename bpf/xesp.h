@@ -18,6 +18,12 @@
  *                  indexed by enum xesp_reason
  *   xsks_public    XSKMAP read by xesp_public
  *   xsks_private   XSKMAP read by xesp_private
+ *   flood_sas      LRU_HASH, SPI (host order) -> struct xesp_flood_sa, written
+ *                  by the SA's worker on failed authentications
+ *   flood_srcs     LRU_HASH, struct xesp_flood_src_key -> struct
+ *                  xesp_flood_src, written by workers likewise
+ *   flood_drops    HASH, SPI -> __u64: packets xesp_public dropped for
+ *                  the SA's flood budgets (written by XDP only)
  *
  * AF_XDP socket maps: one XSKMAP per side, both indexed
  * rx_queue_index * workers + worker. A socket is bound to one (device,
@@ -49,6 +55,10 @@ enum xesp_reason {
 	XESP_REDIRECT_ESP_UDP,    /* UDP-encapsulated ESP, stripped and steered */
 	XESP_REDIRECT_ESP,        /* plain ESP (IP protocol 50), steered */
 	XESP_ABORTED,             /* a helper failed (adjust_head/meta): bug or kernel limit */
+	XESP_DROP_FLOOD_SA,       /* from a source other than the SA's binding while the SA's
+	                           * budget of failed authentications is spent (flood_sas) */
+	XESP_DROP_FLOOD_SRC,      /* from a source whose budget of failed authentications is
+	                           * spent (flood_srcs), and not the SA's binding */
 	/* xesp_private */
 	XESP_PRIV_PASS_NOT_IP,
 	XESP_PRIV_PASS_MALFORMED,
@@ -144,6 +154,41 @@ enum xesp_meta_kind {
 	XESP_META_ESP_UDP = 1, /* inbound, UDP header stripped */
 	XESP_META_ESP     = 2, /* inbound, plain ESP */
 	XESP_META_CLEAR   = 3, /* outbound cleartext from the private side */
+};
+
+/*
+ * Flood budgets (see "Flood budgets" in docs/operations.md). A packet that
+ * fails authentication costs a full AEAD/HMAC verification on the SA's
+ * worker; forged ESP for a known SPI passes every check XDP can make.
+ * The worker charges each failure to two GCRA buckets (one timestamp each,
+ * no read-modify-write in XDP): the SA's and the foreign source's. Each
+ * failure moves the bucket's theoretical arrival time (tat) one interval
+ * (1 s / rate) ahead, from now at the latest; once tat runs more than
+ * tolerance (burst intervals) ahead of now, the budget is spent and XDP
+ * drops packets for the SA from any source other than its current
+ * binding. The binding is never dropped here, so the phone keeps talking
+ * through a flood, and once the flood stops the budget refills and a NAT
+ * re-mapping (a new source) authenticates again.
+ * Times are CLOCK_MONOTONIC ns (bpf_ktime_get_ns).
+ */
+struct xesp_flood_sa {
+	__u64 tat;          /* theoretical arrival time of the next failure */
+	__u64 tolerance;    /* burst * interval */
+	__u8  bind_addr[16];/* current binding, IPv4 as ::ffff:a.b.c.d */
+	__u16 bind_port;    /* network byte order; 0 for plain ESP */
+	__u16 pad;
+	__u32 pad2;
+};
+
+struct xesp_flood_src_key {
+	__u8  addr[16];     /* IPv4 as ::ffff:a.b.c.d */
+	__u16 port;         /* network byte order; 0 for plain ESP */
+	__u16 pad;
+};
+
+struct xesp_flood_src {
+	__u64 tat;
+	__u64 tolerance;
 };
 
 #endif /* XESP_H */

@@ -40,6 +40,29 @@ type XespXespCounter struct {
 	Bytes   uint64
 }
 
+type XespXespFloodSa struct {
+	_         structs.HostLayout
+	Tat       uint64
+	Tolerance uint64
+	BindAddr  [16]uint8
+	BindPort  uint16
+	Pad       uint16
+	Pad2      uint32
+}
+
+type XespXespFloodSrc struct {
+	_         structs.HostLayout
+	Tat       uint64
+	Tolerance uint64
+}
+
+type XespXespFloodSrcKey struct {
+	_    structs.HostLayout
+	Addr [16]uint8
+	Port uint16
+	Pad  uint16
+}
+
 type XespXespMeta struct {
 	_       structs.HostLayout
 	SaIndex uint32
@@ -93,15 +116,17 @@ const (
 	XespXespReasonXESP_REDIRECT_ESP_UDP        XespXespReason = 10
 	XespXespReasonXESP_REDIRECT_ESP            XespXespReason = 11
 	XespXespReasonXESP_ABORTED                 XespXespReason = 12
-	XespXespReasonXESP_PRIV_PASS_NOT_IP        XespXespReason = 13
-	XespXespReasonXESP_PRIV_PASS_MALFORMED     XespXespReason = 14
-	XespXespReasonXESP_PRIV_PASS_NO_POLICY     XespXespReason = 15
-	XespXespReasonXESP_PRIV_DROP_NO_XSK        XespXespReason = 16
-	XespXespReasonXESP_PRIV_REDIRECT           XespXespReason = 17
-	XespXespReasonXESP_PRIV_ABORTED            XespXespReason = 18
-	XespXespReasonXESP_PRIV_REDIRECT_CORE_PORT XespXespReason = 19
-	XespXespReasonXESP_PRIV_REDIRECT_CORE      XespXespReason = 20
-	XespXespReasonXESP_REASON_MAX              XespXespReason = 21
+	XespXespReasonXESP_DROP_FLOOD_SA           XespXespReason = 13
+	XespXespReasonXESP_DROP_FLOOD_SRC          XespXespReason = 14
+	XespXespReasonXESP_PRIV_PASS_NOT_IP        XespXespReason = 15
+	XespXespReasonXESP_PRIV_PASS_MALFORMED     XespXespReason = 16
+	XespXespReasonXESP_PRIV_PASS_NO_POLICY     XespXespReason = 17
+	XespXespReasonXESP_PRIV_DROP_NO_XSK        XespXespReason = 18
+	XespXespReasonXESP_PRIV_REDIRECT           XespXespReason = 19
+	XespXespReasonXESP_PRIV_ABORTED            XespXespReason = 20
+	XespXespReasonXESP_PRIV_REDIRECT_CORE_PORT XespXespReason = 21
+	XespXespReasonXESP_PRIV_REDIRECT_CORE      XespXespReason = 22
+	XespXespReasonXESP_REASON_MAX              XespXespReason = 23
 )
 
 type XespXespSa struct {
@@ -124,12 +149,16 @@ const (
 	XespMapConfig            = "config"
 	XespMapCores             = "cores"
 	XespMapCounters          = "counters"
+	XespMapFloodDrops        = "flood_drops"
+	XespMapFloodSas          = "flood_sas"
+	XespMapFloodSrcs         = "flood_srcs"
 	XespMapPolicies          = "policies"
 	XespMapSas               = "sas"
 	XespMapXsksPrivate       = "xsks_private"
 	XespMapXsksPublic        = "xsks_public"
 	XespProgXespPrivate      = "xesp_private"
 	XespProgXespPublic       = "xesp_public"
+	XespProgXespXskProbe     = "xesp_xsk_probe"
 	XespVarXespConfigFlagBtf = "xesp_config_flag_btf"
 	XespVarXespMetaBtf       = "xesp_meta_btf"
 	XespVarXespMetaKindBtf   = "xesp_meta_kind_btf"
@@ -180,8 +209,9 @@ type XespSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type XespProgramSpecs struct {
-	XespPrivate *ebpf.ProgramSpec `ebpf:"xesp_private"`
-	XespPublic  *ebpf.ProgramSpec `ebpf:"xesp_public"`
+	XespPrivate  *ebpf.ProgramSpec `ebpf:"xesp_private"`
+	XespPublic   *ebpf.ProgramSpec `ebpf:"xesp_public"`
+	XespXskProbe *ebpf.ProgramSpec `ebpf:"xesp_xsk_probe"`
 }
 
 // XespMapSpecs contains maps before they are loaded into the kernel.
@@ -191,6 +221,9 @@ type XespMapSpecs struct {
 	Config      *ebpf.MapSpec `ebpf:"config"`
 	Cores       *ebpf.MapSpec `ebpf:"cores"`
 	Counters    *ebpf.MapSpec `ebpf:"counters"`
+	FloodDrops  *ebpf.MapSpec `ebpf:"flood_drops"`
+	FloodSas    *ebpf.MapSpec `ebpf:"flood_sas"`
+	FloodSrcs   *ebpf.MapSpec `ebpf:"flood_srcs"`
 	Policies    *ebpf.MapSpec `ebpf:"policies"`
 	Sas         *ebpf.MapSpec `ebpf:"sas"`
 	XsksPrivate *ebpf.MapSpec `ebpf:"xsks_private"`
@@ -232,6 +265,9 @@ type XespMaps struct {
 	Config      *ebpf.Map `ebpf:"config"`
 	Cores       *ebpf.Map `ebpf:"cores"`
 	Counters    *ebpf.Map `ebpf:"counters"`
+	FloodDrops  *ebpf.Map `ebpf:"flood_drops"`
+	FloodSas    *ebpf.Map `ebpf:"flood_sas"`
+	FloodSrcs   *ebpf.Map `ebpf:"flood_srcs"`
 	Policies    *ebpf.Map `ebpf:"policies"`
 	Sas         *ebpf.Map `ebpf:"sas"`
 	XsksPrivate *ebpf.Map `ebpf:"xsks_private"`
@@ -243,6 +279,9 @@ func (m *XespMaps) Close() error {
 		m.Config,
 		m.Cores,
 		m.Counters,
+		m.FloodDrops,
+		m.FloodSas,
+		m.FloodSrcs,
 		m.Policies,
 		m.Sas,
 		m.XsksPrivate,
@@ -266,14 +305,16 @@ type XespVariables struct {
 //
 // It can be passed to LoadXespObjects or ebpf.CollectionSpec.LoadAndAssign.
 type XespPrograms struct {
-	XespPrivate *ebpf.Program `ebpf:"xesp_private"`
-	XespPublic  *ebpf.Program `ebpf:"xesp_public"`
+	XespPrivate  *ebpf.Program `ebpf:"xesp_private"`
+	XespPublic   *ebpf.Program `ebpf:"xesp_public"`
+	XespXskProbe *ebpf.Program `ebpf:"xesp_xsk_probe"`
 }
 
 func (p *XespPrograms) Close() error {
 	return _XespClose(
 		p.XespPrivate,
 		p.XespPublic,
+		p.XespXskProbe,
 	)
 }
 

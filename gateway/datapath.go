@@ -10,6 +10,7 @@ import (
 	"github.com/xesp/xesp/control/sa"
 	"github.com/xesp/xesp/dataplane/esp"
 	"github.com/xesp/xesp/dataplane/worker"
+	"github.com/xesp/xesp/loader"
 	"github.com/xesp/xesp/maps"
 )
 
@@ -109,5 +110,44 @@ func (d *dataPath) Health() api.Health {
 		h.OK = false
 		h.Problems = append(h.Problems, (*err).Error())
 	}
+	for _, p := range g.dataPathProblems() {
+		h.OK = false
+		h.Problems = append(h.Problems, p)
+	}
 	return h
+}
+
+// dataPathProblems checks what another process (or an operator's
+// bpftool) can take away under a running daemon: the XDP programs on
+// the interfaces and this daemon's sockets in the XSK maps. Without them
+// nothing is forwarded however healthy the workers are.
+func (g *Gateway) dataPathProblems() []string {
+	var out []string
+	for _, a := range []*loader.Attachment{g.Loader.Public, g.Loader.Private} {
+		if a == nil {
+			continue
+		}
+		if ok, err := a.Attached(); err != nil {
+			out = append(out, fmt.Sprintf("xdp on %s: %v", a.Ifname, err))
+		} else if !ok {
+			out = append(out, fmt.Sprintf("xdp on %s (%s): detached", a.Ifname, a.Side))
+		}
+	}
+	for w := range g.Sockets {
+		idx := maps.Index(rxQueue, uint16(g.Config.Workers), uint16(w))
+		for _, private := range []bool{false, true} {
+			side := "public"
+			if private {
+				side = "private"
+			}
+			ok, err := g.Loader.XSKPresent(private, idx)
+			switch {
+			case err != nil:
+				out = append(out, fmt.Sprintf("worker %d: %s socket: %v", w, side, err))
+			case !ok:
+				out = append(out, fmt.Sprintf("worker %d: %s AF_XDP socket missing from xsks_%s slot %d: XDP drops its packets (no_xsk)", w, side, side, idx))
+			}
+		}
+	}
+	return out
 }

@@ -29,10 +29,12 @@ import (
 	"github.com/xesp/xesp/control/sa"
 	"github.com/xesp/xesp/control/sad"
 	"github.com/xesp/xesp/control/seqstore"
+	"github.com/xesp/xesp/dataplane/flood"
 	"github.com/xesp/xesp/dataplane/neigh"
 	"github.com/xesp/xesp/dataplane/slowpath"
 	"github.com/xesp/xesp/dataplane/worker"
 	"github.com/xesp/xesp/dataplane/xsk"
+	"github.com/xesp/xesp/internal/instlock"
 	"github.com/xesp/xesp/loader"
 	"github.com/xesp/xesp/maps"
 )
@@ -41,6 +43,9 @@ import (
 // one active queue; on a multi-queue NIC, steer UDP 4500 and the private
 // side's traffic to queue 0 (ethtool -N/-X) until per-queue sockets land.
 const rxQueue = 0
+
+// floodInterval is how often flood_drops is read for events.
+const floodInterval = time.Second
 
 // Gateway is a running data path.
 type Gateway struct {
@@ -68,6 +73,9 @@ type Gateway struct {
 	// Lifetime enforces the SAs' soft and hard lifetimes and the
 	// sequence-number space.
 	Lifetime *lifetime.Enforcer
+	// Flood are the workers' flood-budget guards (none when
+	// public.flood.disabled), for their figures.
+	Flood []*flood.Guard
 	// Restored is what Start took over from the previous run's replay
 	// window and binding snapshot (state_dir/rx.state).
 	Restored Restored
@@ -79,8 +87,12 @@ type Gateway struct {
 	errs    chan error
 	failure atomic.Pointer[error] // the first component failure, for health
 	once    sync.Once
-	rest    *restorer // the previous run's state, handed out once per SA
-	apiSAs  *apiSAs   // state_dir's copy of the SAs added through the API
+	rest    *restorer  // the previous run's state, handed out once per SA
+	apiSAs  *apiSAs    // state_dir's copy of the SAs added through the API
+	floods  floodWatch // SAs under flood, from flood_drops
+	// stateLock is state_dir's instance lock, held from before anything
+	// shared is touched until the very end of teardown.
+	stateLock *instlock.Lock
 }
 
 // Options change how Start behaves beyond the configuration.
@@ -94,18 +106,29 @@ type Options struct {
 	// snapshotted to state_dir (DefaultStateInterval); after a crash,
 	// what an SA accepted in the last interval can be replayed once.
 	StateInterval time.Duration
+
+	pinLock *instlock.Lock // handed over by a previous process
 }
 
 // Start brings the data path up. On error everything it built is torn
 // down again.
-func Start(ctx context.Context, cfg *config.Config, o Options) (g *Gateway, err error) {
+func Start(ctx context.Context, cfg *config.Config, o Options) (_ *Gateway, err error) {
 	if o.Log == nil {
 		o.Log = slog.Default()
 	}
 	if cfg.Public.Interface == cfg.Private.Interface {
 		return nil, fmt.Errorf("config: private.interface: one-arm mode (%s on both sides) is not supported: the XDP programs need one interface each", cfg.Public.Interface)
 	}
-	g = &Gateway{Config: cfg, log: o.Log, errs: make(chan error, 16)}
+	// g, not the named result: every error return sets that to nil, and
+	// the cleanup below must still reach what was built.
+	g := &Gateway{Config: cfg, log: o.Log, errs: make(chan error, 16)}
+	// The instance lock comes before anything shared is touched (pinned
+	// maps, links, XSK slots, sockets): a second daemon on the same
+	// state_dir or pin directory stops here and leaves the running one
+	// alone. The loader takes the pin directory's lock.
+	if g.stateLock, err = instlock.StateDir(cfg.StateDir); err != nil {
+		return nil, err
+	}
 	defer func() {
 		if err != nil {
 			g.teardown(false)
@@ -122,7 +145,7 @@ func Start(ctx context.Context, cfg *config.Config, o Options) (g *Gateway, err 
 
 	g.Loader, err = loader.Load(loader.Options{
 		Public: cfg.Public.Interface, Private: cfg.Private.Interface,
-		Generic: cfg.XDPMode == "generic", PinRoot: cfg.PinDir, NoPin: o.NoPin,
+		Generic: cfg.XDPMode == "generic", PinRoot: cfg.PinDir, NoPin: o.NoPin, Lock: o.pinLock,
 		SACapacity: uint32(cfg.MaxSAs), PolicyCapacity: uint32(cfg.MaxSAs),
 	})
 	if err != nil {
@@ -194,8 +217,20 @@ func Start(ctx context.Context, cfg *config.Config, o Options) (g *Gateway, err 
 			return nil, fmt.Errorf("worker %d: AF_XDP socket on %s: %w", w, privIf.Name, err)
 		}
 		g.Sockets = append(g.Sockets, [2]*xsk.Socket{pub, priv})
+		var guard *flood.Guard
+		if fc := cfg.Public.Flood; !fc.Disabled {
+			guard, err = flood.New(flood.Config{
+				SA:     flood.Budget{Rate: fc.SA.Rate, Burst: fc.SA.Burst},
+				Source: flood.Budget{Rate: fc.Source.Rate, Burst: fc.Source.Burst},
+			}, g.Maps.Flood, nil)
+			if err != nil {
+				return nil, fmt.Errorf("config: public.%w", err)
+			}
+			g.Flood = append(g.Flood, guard)
+		}
 		wk, err := worker.New(worker.Config{
-			ID: w, UMEM: g.UMEM, Public: pub, Private: priv,
+			Flood: guard,
+			ID:    w, UMEM: g.UMEM, Public: pub, Private: priv,
 			PublicMAC: pubMAC, PrivateMAC: privMAC,
 			PublicMTU: pubIf.MTU, PrivateMTU: privIf.MTU, Workers: cfg.Workers,
 			Neighbors: g.Neighbors, BindingEvents: events, SeqRequests: seqReqs,
@@ -273,6 +308,9 @@ func Start(ctx context.Context, cfg *config.Config, o Options) (g *Gateway, err 
 		every = DefaultStateInterval
 	}
 	g.goRun("state snapshot", func() error { return g.persistState(runCtx, every) })
+	if len(g.Flood) > 0 {
+		g.goRun("flood watch", func() error { return g.watchFloods(runCtx, floodInterval) })
+	}
 	if err := g.startEtcdSource(ctx, runCtx); err != nil {
 		return nil, err
 	}
@@ -392,5 +430,6 @@ func (g *Gateway) teardown(keepPinned bool) error {
 			errs = append(errs, g.Loader.Detach())
 		}
 	}
+	g.stateLock.Release()
 	return errors.Join(errs...)
 }

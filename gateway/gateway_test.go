@@ -46,6 +46,13 @@ func newTopo(t *testing.T, workers int) *topo {
 // newTopoWith is newTopo with gateway options (NoPin is always set).
 func newTopoWith(t *testing.T, workers int, o Options) *topo {
 	t.Helper()
+	return newTopoConfig(t, workers, o, "", nil)
+}
+
+// newTopoConfig is newTopoWith with more SAs appended under sas: and a
+// change to the parsed configuration (nil: none).
+func newTopoConfig(t *testing.T, workers int, o Options, extra string, mod func(*config.Config)) *topo {
+	t.Helper()
 	tp := &topo{phone: netns.ForTest(t, "ph"), gw: netns.ForTest(t, "gw"), core: netns.ForTest(t, "co")}
 	tp.phIf, tp.pubIf = netns.VethForTest(t, tp.phone, tp.gw)
 	tp.privIf, tp.coreIf = netns.VethForTest(t, tp.gw, tp.core)
@@ -68,10 +75,13 @@ sas:
   - {name: ue1-out, spi: %d, direction: out, mode: tunnel, proposal: aes128gcm16, enc_key: %s,
      local: 192.0.2.1, peer: 192.0.2.10, encap: {local_port: 4500, peer_port: 4500},
      inner: {local: 10.0.0.0/24, peer: 10.99.0.1/32}}
-`, tp.pubIf, tp.privIf, workers, t.TempDir(), spiIn, keyIn, spiOut, keyOut)
+`, tp.pubIf, tp.privIf, workers, t.TempDir(), spiIn, keyIn, spiOut, keyOut) + extra
 	cfg, err := config.Parse([]byte(yaml), "")
 	if err != nil {
 		t.Fatal(err)
+	}
+	if mod != nil {
+		mod(cfg)
 	}
 	if err := tp.gw.Do(func() (err error) {
 		o.NoPin = true

@@ -39,6 +39,9 @@ func (g *Gateway) MetricsSources(version string) (metrics.Sources, error) {
 			return out
 		}
 	}
+	if len(g.Flood) > 0 {
+		src.Flood = func() (int, uint64) { return g.floodsActive(), g.FloodFailures() }
+	}
 	for _, w := range g.Workers {
 		src.Workers = append(src.Workers, w.Stats())
 	}

@@ -1,9 +1,11 @@
 package loader
 
 import (
+	"encoding/binary"
 	"fmt"
 	"syscall"
 
+	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 )
@@ -114,4 +116,38 @@ func xdpMode(ifindex int) (Mode, error) {
 		return ModeNone, nil
 	}
 	return ModeNone, fmt.Errorf("query xdp mode: no interface with index %d", ifindex)
+}
+
+// XSKPresent reports whether slot idx of the public (private false) or
+// private XSK map holds a socket. User space cannot read an XSKMAP, so it
+// asks xesp_xsk_probe through BPF_PROG_TEST_RUN.
+func (in *Instance) XSKPresent(private bool, idx uint32) (bool, error) {
+	var buf [64]byte // XDP test runs want at least an Ethernet header
+	binary.NativeEndian.PutUint32(buf[0:], idx)
+	if private {
+		binary.NativeEndian.PutUint32(buf[4:], 1)
+	}
+	ret, err := in.Objects.XespXskProbe.Run(&ebpf.RunOptions{Data: buf[:]})
+	if err != nil {
+		return false, fmt.Errorf("probe XSK slot %d: %w", idx, err)
+	}
+	switch ret {
+	case xdpPass:
+		return true, nil
+	case xdpDrop:
+		return false, nil
+	}
+	return false, fmt.Errorf("probe XSK slot %d: verdict %d", idx, ret)
+}
+
+// XDP action values (uapi bpf.h).
+const (
+	xdpDrop = 1
+	xdpPass = 2
+)
+
+// Attached reports whether XDP is still attached to a's interface.
+func (a *Attachment) Attached() (bool, error) {
+	m, err := xdpMode(a.Ifindex)
+	return m != ModeNone, err
 }

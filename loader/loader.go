@@ -21,6 +21,7 @@ import (
 	"github.com/cilium/ebpf/link"
 
 	"github.com/xesp/xesp/bpf"
+	"github.com/xesp/xesp/internal/instlock"
 	"github.com/xesp/xesp/maps"
 )
 
@@ -64,6 +65,11 @@ type Options struct {
 	// Replace swaps the programs in links found pinned for the ones just
 	// loaded (an upgrade); without it a pinned link keeps its program.
 	Replace bool
+
+	// Lock is the pin directory's lock when the caller already holds it
+	// (handed over by a previous process); nil: Load takes it, and fails
+	// with an instlock.HeldError while another process holds it.
+	Lock *instlock.Lock
 }
 
 func (o *Options) defaults() {
@@ -101,6 +107,9 @@ type Instance struct {
 
 	opts Options
 	dir  string // "" when not pinning
+	// lock is held on the pin directory from before any pinned map is
+	// opened until Close: one process at a time owns the instance.
+	lock *instlock.Lock
 }
 
 // Load loads the programs and maps. With pinning, maps already pinned in
@@ -134,12 +143,18 @@ func Load(opts Options) (*Instance, error) {
 		if err := os.MkdirAll(in.dir, 0o700); err != nil {
 			return nil, fmt.Errorf("load %s: create pin directory: %w", opts.Public, err)
 		}
+		if opts.Lock != nil {
+			in.lock = opts.Lock
+		} else if in.lock, err = instlock.Dir("pin_dir", in.dir); err != nil {
+			return nil, fmt.Errorf("load %s: %w", opts.Public, err)
+		}
 		for _, name := range pinnedMaps {
 			spec.Maps[name].Pinning = ebpf.PinByName
 		}
 		collOpts.Maps.PinPath = in.dir
 	}
 	if err := spec.LoadAndAssign(&in.Objects, &collOpts); err != nil {
+		in.lock.Release()
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) {
 			return nil, fmt.Errorf("load %s: verifier: %+v", opts.Public, ve)
@@ -152,6 +167,7 @@ func Load(opts Options) (*Instance, error) {
 	in.Maps, err = maps.New(&in.Objects.XespMaps)
 	if err != nil {
 		in.Objects.Close()
+		in.lock.Release()
 		return nil, fmt.Errorf("load %s: %w", opts.Public, err)
 	}
 	return in, nil
@@ -159,7 +175,8 @@ func Load(opts Options) (*Instance, error) {
 
 // pinnedMaps are the maps that carry state across restarts: all of them.
 var pinnedMaps = []string{bpf.XespMapSas, bpf.XespMapPolicies, bpf.XespMapCores, bpf.XespMapConfig,
-	bpf.XespMapCounters, bpf.XespMapXsksPublic, bpf.XespMapXsksPrivate}
+	bpf.XespMapCounters, bpf.XespMapXsksPublic, bpf.XespMapXsksPrivate,
+	bpf.XespMapFloodSas, bpf.XespMapFloodSrcs, bpf.XespMapFloodDrops}
 
 // Dir is the instance's pin directory ("" when not pinning).
 func (in *Instance) Dir() string { return in.dir }
@@ -275,6 +292,12 @@ func pinProgram(prog *ebpf.Program, path string) error {
 // pinned maps keep their contents for the next Load; without pinning,
 // Close detaches everything.
 func (in *Instance) Close() error {
+	err := in.closeHandles()
+	in.lock.Release()
+	return err
+}
+
+func (in *Instance) closeHandles() error {
 	var errs []error
 	for _, a := range []*Attachment{in.Public, in.Private} {
 		if a != nil && a.link != nil {
@@ -285,6 +308,10 @@ func (in *Instance) Close() error {
 	errs = append(errs, in.Objects.Close())
 	return errors.Join(errs...)
 }
+
+// PinLock is the held pin-directory lock (nil without pinning), for
+// handing over to a successor process.
+func (in *Instance) PinLock() *instlock.Lock { return in.lock }
 
 // Detach detaches both programs, removes every pin of the instance and
 // closes it.
@@ -298,10 +325,13 @@ func (in *Instance) Detach() error {
 			errs = append(errs, fmt.Errorf("detach %s (%s): unpin link: %w", a.Ifname, a.Side, err))
 		}
 	}
-	errs = append(errs, in.Close())
+	errs = append(errs, in.closeHandles())
 	if in.dir != "" {
 		errs = append(errs, unpinDir(in.dir))
 	}
+	// Only now: a successor waiting for the lock must not open pins
+	// this process is removing.
+	in.lock.Release()
 	return errors.Join(errs...)
 }
 
@@ -314,6 +344,11 @@ func DetachPinned(opts Options) error {
 	if _, err := os.Stat(dir); err != nil {
 		return fmt.Errorf("detach %s: %w", opts.Public, err)
 	}
+	lock, err := instlock.Dir("pin_dir", dir)
+	if err != nil {
+		return fmt.Errorf("detach %s: %w", opts.Public, err)
+	}
+	defer lock.Release()
 	var errs []error
 	for _, side := range []string{"public", "private"} {
 		p := filepath.Join(dir, "link_"+side)

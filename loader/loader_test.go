@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/xesp/xesp/bpf"
+	"github.com/xesp/xesp/internal/instlock"
 	"github.com/xesp/xesp/lab/netns"
 	"github.com/xesp/xesp/loader"
 	"github.com/xesp/xesp/maps"
@@ -351,5 +352,44 @@ func TestAttachJumboMTU(t *testing.T) {
 	got := waitCounters(t, in.Maps, map[bpf.Reason]uint64{bpf.DropNoSA: 1})
 	if got[bpf.DropNoSA].Packets != 1 {
 		t.Errorf("8 kB ESP frame: no_sa = %d, want 1 (counters %+v)", got[bpf.DropNoSA].Packets, got)
+	}
+}
+
+// One process at a time per pin directory (issue 18): a second Load of
+// the same instance fails with an instlock.HeldError naming this process
+// and touches nothing; after Close it loads.
+func TestLoadTakesPinDirLock(t *testing.T) {
+	netns.RequireRoot(t)
+	opts := loader.Options{Public: netns.UniqueName("xlk"), BPFFS: bpffsForTest(t), SACapacity: 16}
+	first, err := loader.Load(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := first.Maps.SAs.Put(knownSPI, bpf.SA{SaIndex: 9}); err != nil {
+		t.Fatal(err)
+	}
+	_, err = loader.Load(opts)
+	var he *instlock.HeldError
+	if !errors.As(err, &he) || he.What != "pin_dir" || he.PID != os.Getpid() {
+		t.Fatalf("second Load: %v, want a HeldError naming pid %d", err, os.Getpid())
+	}
+	if err := loader.DetachPinned(opts); !errors.As(err, &he) {
+		t.Fatalf("DetachPinned while held: %v, want a HeldError", err)
+	}
+	if sa, err := first.Maps.SAs.Lookup(knownSPI); err != nil || sa.SaIndex != 9 {
+		t.Fatalf("the refused Load changed the maps: %+v, %v", sa, err)
+	}
+	if err := first.Close(); err != nil {
+		t.Fatal(err)
+	}
+	second, err := loader.Load(opts)
+	if err != nil {
+		t.Fatalf("Load after Close: %v", err)
+	}
+	if err := second.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := loader.DetachPinned(opts); err != nil {
+		t.Fatal(err)
 	}
 }

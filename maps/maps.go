@@ -30,20 +30,29 @@ type Set struct {
 	XSKPrivate *XSKs // read by xesp_private
 	Config     *Config
 	Counters   *Counters
+	Flood      *Flood // flood budgets (issue 18)
 
 	owned []*ebpf.Map // closed by Close when the Set opened them
 }
 
 // New wraps maps loaded by the loader. The Set does not own them.
 func New(m *bpf.XespMaps) (*Set, error) {
-	return newSet(m.Sas, m.Policies, m.XsksPublic, m.XsksPrivate, m.Config, m.Counters, m.Cores)
+	s, err := newSet(m.Sas, m.Policies, m.XsksPublic, m.XsksPrivate, m.Config, m.Counters, m.Cores)
+	if err != nil {
+		return nil, err
+	}
+	if s.Flood, err = NewFlood(m.FloodSas, m.FloodSrcs, m.FloodDrops); err != nil {
+		return nil, err
+	}
+	return s, nil
 }
 
 // Open opens the maps pinned in dir (the loader's per-instance directory)
 // by their names in xesp.h. Close releases them; the pins stay.
 func Open(dir string) (*Set, error) {
 	names := []string{bpf.XespMapSas, bpf.XespMapPolicies, bpf.XespMapXsksPublic,
-		bpf.XespMapXsksPrivate, bpf.XespMapConfig, bpf.XespMapCounters, bpf.XespMapCores}
+		bpf.XespMapXsksPrivate, bpf.XespMapConfig, bpf.XespMapCounters, bpf.XespMapCores,
+		bpf.XespMapFloodSas, bpf.XespMapFloodSrcs, bpf.XespMapFloodDrops}
 	ms := make([]*ebpf.Map, 0, len(names))
 	for _, n := range names {
 		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, n), nil)
@@ -56,6 +65,9 @@ func Open(dir string) (*Set, error) {
 		ms = append(ms, m)
 	}
 	s, err := newSet(ms[0], ms[1], ms[2], ms[3], ms[4], ms[5], ms[6])
+	if err == nil {
+		s.Flood, err = NewFlood(ms[7], ms[8], ms[9])
+	}
 	if err != nil {
 		for _, o := range ms {
 			o.Close()

@@ -80,6 +80,11 @@ type Options struct {
 	Ring int
 	// Batch is the kernel's live-frames batch size (0: its default, 64).
 	Batch int
+	// Forged marks an ESP ring that is never meant to authenticate (a
+	// flood sealed under a wrong key): Send may transmit it again
+	// unchanged, as an attacker would, without Refill. Never set it for
+	// traffic a receiver must accept: repeats reuse sequence numbers.
+	Forged bool
 }
 
 // L2 is the Ethernet header of every frame.
@@ -499,7 +504,7 @@ func (g *Gen) SendN(n int) (sent int, elapsed time.Duration, err error) {
 	if !g.loaded {
 		return 0, 0, errors.New("gen: nothing loaded")
 	}
-	if g.esp && g.stale {
+	if g.esp && g.stale && !g.o.Forged {
 		return 0, 0, ErrStale
 	}
 	if err := g.counter.Put(uint32(0), uint64(0)); err != nil {

@@ -62,7 +62,7 @@ func (r *runner) baseline(size string, sz gen.Sizes, n int) error {
 	if err != nil {
 		return err
 	}
-	p, err := r.measure([]sender{{r.tp.phone, r.phoneG, true}}, counterOf(c))
+	p, err := r.measure([]sender{{r.tp.phone, r.phoneG, true, false}}, counterOf(c))
 	st := b.close()
 	if err != nil {
 		return err

@@ -62,7 +62,7 @@ func (r *runner) baselineEncap(size string, sz gen.Sizes, n int) error {
 	if err != nil {
 		return err
 	}
-	p, err := r.measure([]sender{{r.tp.core, r.coreG, false}}, counterOf(c))
+	p, err := r.measure([]sender{{r.tp.core, r.coreG, false, false}}, counterOf(c))
 	sealed, bad := b.close()
 	if err != nil {
 		return err

@@ -58,9 +58,9 @@ func (r *runner) ceilings(size string, sz gen.Sizes) error {
 }
 
 func (r *runner) linkCeiling(res Result) (Result, error) {
-	e, s, port := r.tp.pub, sender{r.tp.phone, r.phoneG, true}, uint16(esp.NATTPort)
+	e, s, port := r.tp.pub, sender{r.tp.phone, r.phoneG, true, false}, uint16(esp.NATTPort)
 	if res.Link == "private" {
-		e, s, port = r.tp.priv, sender{r.tp.core, r.coreG, false}, r.nw.Core.Port()
+		e, s, port = r.tp.priv, sender{r.tp.core, r.coreG, false, false}, r.nw.Core.Port()
 	}
 	switch res.Test {
 	case "xdp_drop":

@@ -26,6 +26,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/netip"
 	"os"
 	"runtime"
 	"slices"
@@ -55,6 +56,12 @@ type Options struct {
 	Dirs    []string // "decap", "encap", "both"
 	// Ceilings and Baseline switch those scenario groups on.
 	Ceilings, Baseline bool
+	// Flood adds, after each decap scenario, the same decap while a
+	// second generator floods SA 0's SPI with forged ESP (wrong key) from
+	// a spoofed source at full speed: flood/decap/... next to
+	// xesp/decap/..., and the target that the first stays within 0.9x of
+	// the second (issue 18, flood budgets).
+	Flood bool
 	// Rounds is the number of rings sent per scenario (each Ring frames).
 	Rounds int
 	// Repeat measures the whole selection this many times and reports
@@ -180,6 +187,7 @@ type runner struct {
 	clear  []gen.Flow // the core's side, cleartext
 	phoneG *gen.Gen
 	coreG  *gen.Gen
+	floodG *gen.Gen // Options.Flood: the forged flood, loaded once
 }
 
 func (r *runner) logf(format string, args ...any) {
@@ -259,6 +267,12 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 			return nil, err
 		}
 		defer (*g.dst).Close()
+	}
+	if o.Flood && len(o.Dirs) > 0 {
+		if err := r.loadFlood(); err != nil {
+			return nil, err
+		}
+		defer r.floodG.Close()
 	}
 
 	// Each repetition measures every scenario once, ceilings first; the
@@ -369,6 +383,9 @@ type sender struct {
 	ns  *netns.NS
 	g   *gen.Gen
 	esp bool
+	// noise is traffic nobody should deliver (the forged flood): not
+	// offered, not refilled.
+	noise bool
 }
 
 // phase is what one measured scenario sent and what arrived at its far
@@ -411,7 +428,7 @@ func (r *runner) measure(senders []sender, count func() (uint64, error)) (phase,
 	var p phase
 	for range r.o.Rounds {
 		for _, s := range senders {
-			if s.esp {
+			if s.esp && !s.noise {
 				if err := s.g.Refill(); err != nil {
 					return p, err
 				}
@@ -441,8 +458,10 @@ func (r *runner) measure(senders []sender, count func() (uint64, error)) (phase,
 					defer restore()
 					n, el, err := s.g.Send()
 					mu.Lock()
-					sent += n
-					sendMax = max(sendMax, el)
+					if !s.noise {
+						sent += n
+						sendMax = max(sendMax, el)
+					}
 					mu.Unlock()
 					return err
 				})
@@ -606,11 +625,11 @@ func (r *runner) xesp(ctx context.Context, workers int, sizes map[string]gen.Siz
 				var count func() (uint64, error)
 				switch d {
 				case "decap":
-					senders, count = []sender{{r.tp.phone, r.phoneG, true}}, counterOf(gw.decapCount)
+					senders, count = []sender{{r.tp.phone, r.phoneG, true, false}}, counterOf(gw.decapCount)
 				case "encap":
-					senders, count = []sender{{r.tp.core, r.coreG, false}}, counterOf(gw.encapCount)
+					senders, count = []sender{{r.tp.core, r.coreG, false, false}}, counterOf(gw.encapCount)
 				case "both":
-					senders = []sender{{r.tp.phone, r.phoneG, true}, {r.tp.core, r.coreG, false}}
+					senders = []sender{{r.tp.phone, r.phoneG, true, false}, {r.tp.core, r.coreG, false, false}}
 					count = func() (uint64, error) {
 						a, err := counterOf(gw.decapCount)()
 						if err != nil {
@@ -635,10 +654,51 @@ func (r *runner) xesp(ctx context.Context, workers int, sizes map[string]gen.Siz
 					res.Note += fmt.Sprintf("; %d GC cycle(s) during the run", d)
 				}
 				r.add(res)
+				if d == "decap" && r.floodG != nil {
+					// The same again under the flood.
+					p, err := r.measure(append(senders, sender{ns: r.tp.phone, g: r.floodG, esp: true, noise: true}), count)
+					if err != nil {
+						return err
+					}
+					fr := p.result(Result{Name: floodName(s, n, workers), Group: "flood", Test: "decap_under_flood", Dir: d, Size: s, SAs: n, Workers: workers})
+					fr.Note = gw.explain(before) // ratios(): vs_no_flood
+					r.add(fr)
+				}
 			}
 		}
 	}
 	return nil
+}
+
+// floodName names the decap scenario under a forged flood.
+func floodName(size string, sas, workers int) string {
+	return fmt.Sprintf("flood/decap/%s/%s/%dw", size, saLabel(sas), workers)
+}
+
+// loadFlood builds the forged flood: SA 0's SPI sealed under a wrong key
+// with sequence numbers far ahead of the window (so the replay
+// pre-check passes them and each would cost a verification), from a
+// spoofed source, re-sent unchanged (gen.Options.Forged).
+func (r *runner) loadFlood() error {
+	victim := r.flows[0]
+	key := make([]byte, 20) // pktgen's SAs are aes128gcm16: key and salt
+	for i := range key {
+		key[i] = byte(0xf0 ^ i)
+	}
+	forger, err := esp.NewSA(esp.Config{SPI: victim.SA.SPI(), Proposal: esp.AES128GCM16, EncKey: key, Mode: esp.ModeTunnel})
+	if err != nil {
+		return fmt.Errorf("bench: flood SA: %w", err)
+	}
+	forger.SetNextSeq(1 << 30)
+	out := victim.Outer
+	out.Src = netip.MustParseAddr("203.0.113.66")
+	flows := []gen.Flow{{SA: forger, Outer: out, Src: victim.Src, Dst: victim.Dst}}
+	return r.tp.ph.ns.Do(func() (err error) {
+		if r.floodG, err = gen.New(gen.Options{Ifindex: r.tp.ph.index, Ring: r.o.Ring, Forged: true}); err != nil {
+			return err
+		}
+		return r.floodG.LoadESP(gen.L2{Src: r.tp.ph.mac, Dst: r.tp.pub.mac}, flows, gen.Fixed(200))
+	})
 }
 
 // warm sends one unmeasured ring each way through the gateway.
@@ -646,10 +706,10 @@ func (r *runner) warm(gw *gatewayUnder) error {
 	rounds := r.o.Rounds
 	r.o.Rounds = 1
 	defer func() { r.o.Rounds = rounds }()
-	if _, err := r.measure([]sender{{r.tp.phone, r.phoneG, true}}, counterOf(gw.decapCount)); err != nil {
+	if _, err := r.measure([]sender{{r.tp.phone, r.phoneG, true, false}}, counterOf(gw.decapCount)); err != nil {
 		return err
 	}
-	_, err := r.measure([]sender{{r.tp.core, r.coreG, false}}, counterOf(gw.encapCount))
+	_, err := r.measure([]sender{{r.tp.core, r.coreG, false, false}}, counterOf(gw.encapCount))
 	return err
 }
 
@@ -730,6 +790,9 @@ func Selected(o Options) []string {
 			for _, s := range o.Sizes {
 				for _, d := range o.Dirs {
 					out = append(out, xespName(d, s, n, w))
+					if d == "decap" && o.Flood {
+						out = append(out, floodName(s, n, w))
+					}
 				}
 			}
 		}

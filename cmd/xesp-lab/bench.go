@@ -45,6 +45,7 @@ subset N times and writes FILE from the spread it measured.`)
 	dirs := fs.String("dirs", "", `directions, comma-separated (decap,encap,both; "none" for none)`)
 	ceilings := fs.Bool("ceilings", true, "measure the ceilings")
 	baseline := fs.Bool("baseline", true, "measure the UDP-socket baseline")
+	flood := fs.Bool("flood", true, "after each decap scenario, measure it again under a forged flood of one SA (not with -check/-calibrate)")
 	rounds := fs.Int("rounds", 0, "rings sent per scenario (0: the preset's)")
 	repeat := fs.Int("repeat", 0, "measure everything this many times and report medians (0: the preset's)")
 	out := fs.String("out", "bench/results", "directory for results.{json,md,svg}")
@@ -101,6 +102,7 @@ subset N times and writes FILE from the spread it measured.`)
 		o.Dirs = harness.ParseList(*dirs)
 	}
 	o.Ceilings, o.Baseline = *ceilings, *baseline
+	o.Flood = *flood && *check == "" && *calibrate == 0
 	if *rounds > 0 {
 		o.Rounds = *rounds
 	}

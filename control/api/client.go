@@ -76,6 +76,13 @@ func NewClient(addr, token string) (*Client, error) {
 // Close releases idle connections.
 func (c *Client) Close() { c.hc.CloseIdleConnections() }
 
+// Floods lists the SAs whose flood budgets XDP enforced.
+func (c *Client) Floods(ctx context.Context) (Floods, error) {
+	var f Floods
+	err := c.do(ctx, http.MethodGet, "/v1/floods", nil, &f, http.StatusOK)
+	return f, err
+}
+
 // Health returns the health report; a not-ok report is not an error.
 func (c *Client) Health(ctx context.Context) (Health, error) {
 	var h Health

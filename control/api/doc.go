@@ -31,13 +31,21 @@
 //	                           first, outbound after ?grace= (default 0: frames already
 //	                           steered to an SA are processed before it goes); call it
 //	                           after the last message needing them has been sent
+//	GET    /v1/floods          Floods: the SAs whose flood budgets XDP enforced (503
+//	                           without a data path); POST /v1/rekey is in rekey.go
+//
+// Every SA the API adds, updates, rekeys in or derives for sec-agree
+// passes the gateway's checks (Options.Check, config.CheckSA: local one of
+// public.addresses, encap.local_port the NAT-T port), as config and etcd
+// SAs do. Of concurrent rekeys of one SA exactly one succeeds; the others
+// get 409.
 //
 // Request bodies must be `application/json` and at most 64 KiB. Errors are
 // `{"error": "..."}` (plus "errors": [...] when there are several), with
 // the SA format's messages (`sa "ue1-in": enc_key: ...`). Status codes:
 // 400 malformed or invalid input, 401 missing or wrong token (TCP), 404 no
-// such SA, 405 wrong method, 409 the SA exists already or an outbound SPI
-// names several SAs, 413 body too large, 415 not JSON, 507 SA table full.
+// such SA, 405 wrong method, 409 the SA exists already, an outbound SPI
+// names several SAs or another rekey already replaced it, 413 body too large, 415 not JSON, 507 SA table full.
 //
 // # SA references
 //

@@ -99,6 +99,12 @@ func shortDir(t *testing.T) string {
 
 func newEnv(t *testing.T, withTCP bool, maxSAs int) *env {
 	t.Helper()
+	return newEnvChecked(t, withTCP, maxSAs, nil)
+}
+
+// newEnvChecked is newEnv with the gateway's SA checks (Options.Check).
+func newEnvChecked(t *testing.T, withTCP bool, maxSAs int, check func(*sa.SA) error) *env {
+	t.Helper()
 	d, err := sad.New(sad.Options{Workers: 2, MaxSAs: maxSAs, LogSize: 1024})
 	if err != nil {
 		t.Fatal(err)
@@ -110,7 +116,7 @@ func newEnv(t *testing.T, withTCP bool, maxSAs int) *env {
 		cfg.TCP = "127.0.0.1:0"
 		cfg.BearerToken = sa.Secret(testToken)
 	}
-	e.srv, err = New(Options{SAD: d, DataPath: e.dp, API: cfg, CorePool: netip.MustParsePrefix("100.64.0.0/10")})
+	e.srv, err = New(Options{SAD: d, DataPath: e.dp, API: cfg, CorePool: netip.MustParsePrefix("100.64.0.0/10"), Check: check})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -29,6 +29,7 @@ func (s *Server) routes() {
 	m.HandleFunc("DELETE /v1/sas/{ref}", s.del)
 	m.HandleFunc("GET /v1/events", s.events)
 	m.HandleFunc("POST /v1/rekey", s.rekey)
+	m.HandleFunc("GET /v1/floods", s.floods)
 	// Method-less patterns catch the other methods, so a 405 is JSON
 	// like every other error; the mux prefers the patterns above.
 	m.HandleFunc("/v1/health", methods("GET"))
@@ -38,6 +39,7 @@ func (s *Server) routes() {
 	s.secAgreeRoutes(m)
 	m.HandleFunc("/v1/events", methods("GET"))
 	m.HandleFunc("/v1/rekey", methods("POST"))
+	m.HandleFunc("/v1/floods", methods("GET"))
 	m.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, fmt.Sprintf("no endpoint %s (see /v1/health, /v1/stats, /v1/sas)", r.URL.Path))
 	})
@@ -65,6 +67,21 @@ func (s *Server) health(w http.ResponseWriter, _ *http.Request) {
 		status = http.StatusServiceUnavailable
 	}
 	writeJSON(w, status, h)
+}
+
+// floods serves GET /v1/floods: the SAs under attack by name, which the
+// metrics only count (an SA is not a Prometheus label).
+func (s *Server) floods(w http.ResponseWriter, _ *http.Request) {
+	fr, ok := s.dp.(FloodReporter)
+	if !ok {
+		writeError(w, http.StatusServiceUnavailable, "no flood budgets: no data path is running")
+		return
+	}
+	out := Floods{Items: fr.Floods()}
+	if out.Items == nil {
+		out.Items = []Flood{}
+	}
+	writeJSON(w, http.StatusOK, out)
 }
 
 func (s *Server) stats(w http.ResponseWriter, _ *http.Request) {
@@ -126,7 +143,7 @@ func (s *Server) get(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) add(w http.ResponseWriter, r *http.Request) {
-	in, status, errs := decodeSA(w, r)
+	in, status, errs := s.decodeSA(w, r)
 	if errs != nil {
 		writeErrors(w, status, errs)
 		return
@@ -151,7 +168,7 @@ func (s *Server) update(w http.ResponseWriter, r *http.Request) {
 		writeError(w, status, err.Error())
 		return
 	}
-	in, status, errs := decodeSA(w, r)
+	in, status, errs := s.decodeSA(w, r)
 	if errs != nil {
 		writeErrors(w, status, errs)
 		return
@@ -305,7 +322,15 @@ func decodeRequest(w http.ResponseWriter, r *http.Request, v any, usage string) 
 
 // decodeSA reads one SA in the SA format from a JSON body. Key files are
 // refused (zero Options): a request must not make the daemon read files.
-func decodeSA(w http.ResponseWriter, r *http.Request) (sa.SA, int, []error) {
+// checkSA runs the gateway's checks (Options.Check) on one SA.
+func (s *Server) checkSA(x *sa.SA) []error {
+	if s.check == nil {
+		return nil
+	}
+	return sa.Flatten(s.check(x))
+}
+
+func (s *Server) decodeSA(w http.ResponseWriter, r *http.Request) (sa.SA, int, []error) {
 	body, status, err := readJSON(w, r)
 	if err != nil {
 		return sa.SA{}, status, []error{err}
@@ -316,6 +341,9 @@ func decodeSA(w http.ResponseWriter, r *http.Request) (sa.SA, int, []error) {
 	}
 	if len(sas) != 1 {
 		return sa.SA{}, http.StatusBadRequest, []error{fmt.Errorf("body: holds %d SAs: send exactly one per request", len(sas))}
+	}
+	if errs := s.checkSA(&sas[0]); len(errs) > 0 {
+		return sa.SA{}, http.StatusBadRequest, errs
 	}
 	return sas[0], 0, nil
 }
@@ -328,7 +356,7 @@ func sadStatus(err error) int {
 	switch {
 	case errors.Is(err, sad.ErrNotFound):
 		return http.StatusNotFound
-	case errors.Is(err, sad.ErrExists), errors.Is(err, sad.ErrAmbiguous), errors.Is(err, sad.ErrOverlap):
+	case errors.Is(err, sad.ErrExists), errors.Is(err, sad.ErrAmbiguous), errors.Is(err, sad.ErrOverlap), errors.Is(err, sad.ErrConflict):
 		return http.StatusConflict
 	case errors.Is(err, sad.ErrFull):
 		return http.StatusInsufficientStorage

@@ -9,6 +9,7 @@ import (
 
 	"github.com/xesp/xesp/control/rekey"
 	"github.com/xesp/xesp/control/sa"
+	"github.com/xesp/xesp/control/sad"
 )
 
 // RekeyRequest is the body of POST /v1/rekey: replace the Old SAs
@@ -56,6 +57,7 @@ func (s *Server) rekey(w http.ResponseWriter, r *http.Request) {
 	var rq rekey.Request
 	rq.Grace = grace
 	status := http.StatusNotFound // while every problem is an unknown old SA
+	replaced := -1                // an old SA another rekey already replaced
 	for i, ref := range req.Old {
 		e, st, err := s.resolve(ref)
 		if err != nil {
@@ -65,7 +67,16 @@ func (s *Server) rekey(w http.ResponseWriter, r *http.Request) {
 			}
 			continue
 		}
+		if e.Replaced && replaced < 0 {
+			replaced = i
+		}
 		rq.Old = append(rq.Old, e.ID)
+	}
+	// A request that lost the race to another rekey of the same SAs is a
+	// conflict, even when the winner has already deleted some of them.
+	if replaced >= 0 && status == http.StatusNotFound {
+		writeError(w, http.StatusConflict, fmt.Sprintf("old[%d]: %s: %v", replaced, req.Old[replaced], sad.ErrConflict))
+		return
 	}
 	for i, raw := range req.New {
 		sas, err := sa.ParseBytes(raw, sa.JSON, sa.Options{})
@@ -80,6 +91,13 @@ func (s *Server) rekey(w http.ResponseWriter, r *http.Request) {
 		}
 		if len(sas) != 1 {
 			errs = append(errs, fmt.Errorf("new[%d]: holds %d SAs, want one", i, len(sas)))
+			continue
+		}
+		if cerrs := s.checkSA(&sas[0]); len(cerrs) > 0 {
+			status = http.StatusBadRequest
+			for _, e := range cerrs {
+				errs = append(errs, fmt.Errorf("new[%d]: %w", i, e))
+			}
 			continue
 		}
 		rq.New = append(rq.New, sas[0])

@@ -2,8 +2,11 @@ package api
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"net/http"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -78,6 +81,74 @@ func TestRekey(t *testing.T) {
 	for _, name := range []string{"ue1-in-2", "ue1-out-2"} {
 		if _, err := e.unix.Get(ctx, name); err != nil {
 			t.Fatalf("new SA %s: %v", name, err)
+		}
+	}
+}
+
+// Issue 18: concurrent POST /v1/rekey calls for the same old SAs, each
+// with its own new SAs (as a hostile or confused client sends them). In
+// every trial exactly one gets 200, the others 409, and the SAD ends with
+// exactly one replacement pair.
+func TestConcurrentRekeyOneWinner(t *testing.T) {
+	e := newEnv(t, false, 0)
+	ctx := context.Background()
+	const trials, racers = 30, 5
+	for trial := 0; trial < trials; trial++ {
+		// Fresh old SAs each trial, named per trial.
+		oldIn, oldOut := e.spec(1, "in"), e.spec(1, "out")
+		oldIn.Name, oldIn.SPI = fmt.Sprintf("t%d-in", trial), sa.SPIOf(uint32(0x10000+trial))
+		oldOut.Name, oldOut.SPI = fmt.Sprintf("t%d-out", trial), sa.SPIOf(uint32(0x20000+trial))
+		for _, s := range []sa.Spec{oldIn, oldOut} {
+			if _, err := e.unix.Add(ctx, s); err != nil {
+				t.Fatal(err)
+			}
+		}
+		inBefore, outBefore := e.sad.Len()
+		codes := make([]int, racers)
+		var wg sync.WaitGroup
+		start := make(chan struct{})
+		for r := 0; r < racers; r++ {
+			newIn, newOut := e.spec(1, "in"), e.spec(1, "out")
+			newIn.Name, newIn.SPI = fmt.Sprintf("t%d-in-r%d", trial, r), sa.SPIOf(uint32(0x300000+trial*racers+r))
+			newOut.Name, newOut.SPI = fmt.Sprintf("t%d-out-r%d", trial, r), sa.SPIOf(uint32(0x400000+trial*racers+r))
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				<-start
+				_, err := e.unix.Rekey(ctx, []string{oldIn.Name, oldOut.Name}, []sa.Spec{newIn, newOut}, 10*time.Minute)
+				var ae *Error
+				switch {
+				case err == nil:
+					codes[r] = 200
+				case errors.As(err, &ae):
+					codes[r] = ae.Status
+					if ae.Status != http.StatusConflict {
+						t.Logf("trial %d racer %d: %v", trial, r, err)
+					}
+				default:
+					t.Errorf("trial %d racer %d: %v", trial, r, err)
+				}
+			}()
+		}
+		close(start)
+		wg.Wait()
+		won, lost := 0, 0
+		for _, c := range codes {
+			switch c {
+			case 200:
+				won++
+			case http.StatusConflict:
+				lost++
+			}
+		}
+		if won != 1 || lost != racers-1 {
+			t.Fatalf("trial %d: statuses %v, want one 200 and %d 409", trial, codes, racers-1)
+		}
+		// One new pair added; the old outbound SA retired at once, the old
+		// inbound one draining (grace 10 min).
+		in, out := e.sad.Len()
+		if in != inBefore+1 || out != outBefore {
+			t.Fatalf("trial %d: SAD has %d in, %d out; want %d, %d (exactly one replacement)", trial, in, out, inBefore+1, outBefore)
 		}
 	}
 }

@@ -135,6 +135,10 @@ func (s *Server) secAgreeCreate(w http.ResponseWriter, r *http.Request) {
 			writeErrors(w, http.StatusBadRequest, sa.Flatten(err))
 			return
 		}
+		if errs := s.checkDerived(ds); len(errs) > 0 {
+			writeErrors(w, http.StatusBadRequest, errs)
+			return
+		}
 		if withCore {
 			if reg.Core, err = s.coreForDerived(reg, ds); err != nil {
 				writeError(w, sadStatus(err), err.Error())
@@ -300,6 +304,32 @@ func (s *Server) freeSPI(not uint32) uint32 {
 			return spi
 		}
 	}
+}
+
+// checkDerived runs the gateway's checks on the derived SAs. They share
+// the request's local address, so a wrong one is reported once, against
+// the request's field.
+func (s *Server) checkDerived(ds []secagree.DerivedSA) []error {
+	var out []error
+	seen := map[string]bool{}
+	for _, d := range ds {
+		x, err := d.Spec.Parse(sa.Options{})
+		if err != nil {
+			continue // addAll reports it
+		}
+		for _, e := range s.checkSA(&x) {
+			msg := e.Error()
+			var fe *sa.FieldError
+			if errors.As(e, &fe) && fe.Field == "local" {
+				msg = "local: " + fe.Reason
+			}
+			if !seen[msg] {
+				seen[msg] = true
+				out = append(out, errors.New(msg))
+			}
+		}
+	}
+	return out
 }
 
 // addAll installs every derived SA or, on the first failure, removes the

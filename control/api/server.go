@@ -17,6 +17,7 @@ import (
 
 	"github.com/xesp/xesp/control/config"
 	"github.com/xesp/xesp/control/corepool"
+	"github.com/xesp/xesp/control/sa"
 	"github.com/xesp/xesp/control/sad"
 	"github.com/xesp/xesp/control/secagree"
 )
@@ -55,6 +56,11 @@ type Options struct {
 	// registrations and for tunnel SAs added without inner.core
 	// (docs/addressing.md). Invalid: none are allocated.
 	CorePool netip.Prefix
+	// Check is the gateway's validation every source of SAs gets
+	// (config.Config.CheckSA: local address, NAT-T port, ...). Every SA
+	// the API adds, updates, rekeys in or derives for sec-agree passes
+	// it first; nil accepts whatever sa.Parse accepts.
+	Check func(*sa.SA) error
 }
 
 // Server is the control API. Create it with New, then Listen (optional:
@@ -77,6 +83,7 @@ type Server struct {
 	// same one.
 	pool   *corepool.Pool
 	coreMu sync.Mutex
+	check    func(*sa.SA) error
 
 	mu   sync.Mutex
 	unix *unixSocket
@@ -97,7 +104,7 @@ func New(o Options) (*Server, error) {
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
-	s := &Server{sad: o.SAD, dp: o.DataPath, ev: o.Events, api: o.API, log: o.Log, started: time.Now(), policy: secagree.DefaultPolicy()}
+	s := &Server{sad: o.SAD, dp: o.DataPath, ev: o.Events, api: o.API, log: o.Log, started: time.Now(), policy: secagree.DefaultPolicy(), check: o.Check}
 	if o.SecAgree != nil {
 		s.policy = *o.SecAgree
 	}

@@ -114,3 +114,33 @@ type errorBody struct {
 	// Errors lists the individual problems when there are several.
 	Errors []string `json:"errors,omitempty"`
 }
+
+// Flood is one SA whose flood budget XDP has enforced (GET /v1/floods):
+// its packets from sources other than its binding were dropped in XDP
+// because failed authentications spent the SA's or the source's budget.
+type Flood struct {
+	SA      string `json:"sa"` // reference of the SA, as in SAView.Ref
+	Name    string `json:"name,omitempty"`
+	SPI     string `json:"spi"`
+	Binding string `json:"binding"` // the SA's current NAT binding, never dropped
+	// XDPDrops counts the packets dropped in XDP for the budgets (all
+	// time); SADrops the packets the SA's worker dropped after looking
+	// the SA up, failed authentications among them.
+	XDPDrops uint64 `json:"xdp_drops"`
+	SADrops  uint64 `json:"sa_drops"`
+	// Active says XDP dropped packets for the SA within the last check
+	// (about a second): the flood is going on.
+	Active bool      `json:"active"`
+	Since  time.Time `json:"since,omitzero"` // when the current flood was first seen
+}
+
+// Floods is the body of GET /v1/floods.
+type Floods struct {
+	Items []Flood `json:"items"`
+}
+
+// FloodReporter is the optional part of a DataPath that knows the flood
+// budgets (the gateway's); without it GET /v1/floods answers 503.
+type FloodReporter interface {
+	Floods() []Flood
+}

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"net/url"
 	"regexp"
 	"strconv"
@@ -128,19 +129,62 @@ func checkEndpoint(ep string) error {
 	return nil
 }
 
-// CheckSA applies to an SA from another source (etcd) the checks the file's
-// own SAs get: its local address is one of public.addresses and an
-// encapsulated SA uses natt_port.
+// CheckSA is the one set of gateway checks every source of SAs gets: the
+// configuration file's own SAs, etcd and the control API. Each rule is
+// its own function below, so further rules (selector overlap) join here
+// without touching these.
 func (c *Config) CheckSA(s *sa.SA) error {
-	found := false
+	return c.checkSA(s.Label(), s)
+}
+
+func (c *Config) checkSA(label string, s *sa.SA) error {
+	var errs []error
+	for _, check := range []func(string, *sa.SA) *sa.FieldError{c.checkLocal, c.checkNATTPort} {
+		if fe := check(label, s); fe != nil {
+			errs = append(errs, fe)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// checkLocal: the SA's local address is one of public.addresses. XDP
+// would take the traffic of another address all the same, and the
+// outbound packets would leave with a source the gateway does not own
+// (or, for another family, one it has no address of at all).
+func (c *Config) checkLocal(label string, s *sa.SA) *sa.FieldError {
 	for _, a := range c.Public.Addrs {
-		found = found || a == s.Local
+		if a == s.Local {
+			return nil
+		}
 	}
-	if !found {
-		return &sa.FieldError{SA: s.Label(), Field: "local", Reason: fmt.Sprintf("%s is not one of public.addresses", s.Local)}
+	reason := fmt.Sprintf("%s is not one of public.addresses", s.Local)
+	if !c.hasFamily(s.Local) {
+		reason = fmt.Sprintf("%s: the gateway has no %s public address (public.addresses %v)", s.Local, family(s.Local), c.Public.Addrs)
 	}
+	return &sa.FieldError{SA: label, Field: "local", Reason: reason}
+}
+
+func (c *Config) hasFamily(a netip.Addr) bool {
+	for _, p := range c.Public.Addrs {
+		if p.Is4() == a.Is4() {
+			return true
+		}
+	}
+	return false
+}
+
+func family(a netip.Addr) string {
+	if a.Is4() {
+		return "IPv4"
+	}
+	return "IPv6"
+}
+
+// checkNATTPort: an encapsulated SA's local port is natt_port, the only
+// port XDP takes ESP-in-UDP on.
+func (c *Config) checkNATTPort(label string, s *sa.SA) *sa.FieldError {
 	if s.Encap != nil && int(s.Encap.LocalPort) != c.NATTPort {
-		return &sa.FieldError{SA: s.Label(), Field: "encap.local_port",
+		return &sa.FieldError{SA: label, Field: "encap.local_port",
 			Reason: fmt.Sprintf("%d differs from natt_port %d: XDP only takes ESP-in-UDP on natt_port", s.Encap.LocalPort, c.NATTPort)}
 	}
 	return nil

@@ -48,6 +48,10 @@ var (
 	descLifetime = desc("xesp_sa_lifetime_expiries_total",
 		"SA lifetimes reached, by kind (soft: rekey due; hard: SA removed) and limit (time, bytes, packets, seq).",
 		"kind", "limit")
+	descFloodActive = desc("xesp_flood_sas",
+		"SAs whose flood budget XDP enforced within the last second (GET /v1/floods names them; an SA is not a label).")
+	descFloodFailures = desc("xesp_flood_auth_failures_total",
+		"Failed authentications the workers charged to the flood budgets.")
 	descXDPPackets = desc("xesp_xdp_packets_total",
 		"Packets the XDP programs gave a verdict, by program and reason.",
 		"program", "reason")
@@ -89,6 +93,7 @@ var allDescs = []*prometheus.Desc{
 	descPackets, descBytes, descDrops, descBatch, descBindingChanges, descBindingLost, descPolls,
 	descXDPPackets, descXDPBytes, descRing, descFill, descFillEmpty, descRxDropped, descRxFull,
 	descInvalid, descFrames, descSAs, descUptime, descBuild, descSlowPath, descLifetime, descDrained,
+	descFloodActive, descFloodFailures,
 }
 
 // directions are the label values of worker.Stats' two DirStats, in the
@@ -195,6 +200,11 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		for name, n := range c.src.SlowPath() {
 			ch <- prometheus.MustNewConstMetric(descSlowPath, prometheus.CounterValue, float64(n), name)
 		}
+	}
+	if c.src.Flood != nil {
+		active, failures := c.src.Flood()
+		ch <- prometheus.MustNewConstMetric(descFloodActive, prometheus.GaugeValue, float64(active))
+		ch <- prometheus.MustNewConstMetric(descFloodFailures, prometheus.CounterValue, float64(failures))
 	}
 	if c.src.Lifetime != nil {
 		for key, n := range c.src.Lifetime() {

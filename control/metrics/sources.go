@@ -39,6 +39,10 @@ type Sources struct {
 	// Lifetime reports SA lifetime expiries keyed "kind/limit" ("soft/bytes",
 	// "hard/time", ...; lifetime.Enforcer.Counts).
 	Lifetime func() map[string]uint64
+	// Flood reports how many SAs are under a flood now (their budget
+	// enforced in XDP within the last check) and the failed
+	// authentications charged so far; nil without flood budgets.
+	Flood func() (active int, failures uint64)
 }
 
 // CounterReader is what the collector needs of maps.Counters.

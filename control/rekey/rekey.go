@@ -68,9 +68,6 @@ func Do(ctx context.Context, d *sad.SAD, wait Waiter, r Request) (Result, error)
 	}
 	var res Result
 	for _, id := range r.Old {
-		if _, ok := d.Get(id); !ok {
-			return Result{}, fmt.Errorf("rekey: old SA %s: %w", id, sad.ErrNotFound)
-		}
 		for i := range r.New {
 			if r.New[i].ID() == id {
 				return Result{}, fmt.Errorf("rekey: new SA %s has the identity of an old one (a rekey needs a new SPI): %w", r.New[i].Label(), sad.ErrInvalid)
@@ -82,16 +79,14 @@ func Do(ctx context.Context, d *sad.SAD, wait Waiter, r Request) (Result, error)
 			res.Draining = append(res.Draining, id)
 		}
 	}
-	for i := range r.New {
-		e, err := d.AddRekey(r.New[i], r.Old)
-		if err != nil {
-			for _, a := range res.Added {
-				d.Delete(a.ID)
-			}
-			return Result{}, fmt.Errorf("rekey: add %s: %w", r.New[i].Label(), err)
-		}
-		res.Added = append(res.Added, e)
+	// One atomic claim-and-add: of concurrent rekeys of one old SA exactly
+	// one gets here; the others fail with sad.ErrConflict having changed
+	// nothing.
+	added, err := d.Replace(r.Old, r.New)
+	if err != nil {
+		return Result{}, fmt.Errorf("rekey: %w", err)
 	}
+	res.Added = added
 	if err := wait(ctx, d.Version()); err != nil {
 		// The new SAs are stored and will apply; keep the old ones, which
 		// still work, rather than risk a gap.

@@ -62,6 +62,9 @@ var (
 	// SA's (sa.OverlapError says which and where); only a rekey's
 	// make-before-break may overlap, and only the SAs it replaces.
 	ErrOverlap = errors.New("outbound selectors overlap")
+	// ErrConflict: another change already claimed the SA (a concurrent
+	// rekey is replacing it); the caller lost the race.
+	ErrConflict = errors.New("already being replaced by another change")
 	// ErrResync means the change log no longer holds the version asked
 	// for: the consumer must re-read everything (List) and continue from
 	// the version it read before listing.
@@ -105,6 +108,9 @@ type Entry struct {
 	State   State
 	Created time.Time
 	Version uint64 // SAD version of the SA's last change
+	// Replaced says a rekey has replaced the SA: it lives on only until
+	// its grace period ends, and no second rekey may replace it.
+	Replaced bool
 }
 
 // Options configures a SAD.
@@ -129,6 +135,7 @@ type entry struct {
 	worker   uint16
 	state    State
 	deleted  bool
+	replaced bool   // claimed by a rekey (Replace)
 	nextOut  *entry // outbound SAs sharing this SPI
 	nextPeer *entry // members of the same group
 }
@@ -138,7 +145,7 @@ func (e *entry) id() sa.ID { return e.sa.ID() }
 func (e *entry) export() Entry {
 	return Entry{
 		SA: e.sa, ID: e.sa.ID(), Worker: e.worker, Index: e.index, Binding: e.binding,
-		State: e.state, Created: time.Unix(0, e.created), Version: e.version,
+		State: e.state, Created: time.Unix(0, e.created), Version: e.version, Replaced: e.replaced,
 	}
 }
 
@@ -588,6 +595,53 @@ func (d *SAD) update(s *sa.SA) (*entry, error) {
 	e.sa = *s
 	d.record(e, OpUpdate, prevWorker, prevIndex)
 	return e, nil
+}
+
+// Replace is a rekey's one atomic step: under one lock it checks that
+// every old SA exists and that no other change has replaced it, adds all
+// the new SAs (all or none) and marks the old ones replaced. Of several
+// concurrent Replace calls naming one old SA exactly one succeeds; the
+// others get ErrConflict and change nothing. The old SAs stay (marked)
+// until the caller deletes them.
+func (d *SAD) Replace(old []sa.ID, news []sa.SA) ([]Entry, error) {
+	d.mu.Lock()
+	for _, id := range old {
+		e, ok := d.byID[id]
+		if !ok {
+			d.mu.Unlock()
+			return nil, fmt.Errorf("old SA %s: %w", id, ErrNotFound)
+		}
+		if e.replaced {
+			d.mu.Unlock()
+			return nil, fmt.Errorf("old SA %s (%s): %w", id, e.sa.Label(), ErrConflict)
+		}
+	}
+	now := time.Now().UnixNano()
+	added := make([]*entry, 0, len(news))
+	for i := range news {
+		e, err := d.addChecked(&news[i], now, old)
+		if err != nil {
+			for _, a := range added {
+				d.delete(a)
+			}
+			d.mu.Unlock()
+			if len(added) > 0 {
+				d.wake()
+			}
+			return nil, err
+		}
+		added = append(added, e)
+	}
+	for _, id := range old {
+		d.byID[id].replaced = true
+	}
+	out := make([]Entry, len(added))
+	for i, e := range added {
+		out[i] = e.export()
+	}
+	d.mu.Unlock()
+	d.wake()
+	return out, nil
 }
 
 // Delete removes the SA with this identity and frees its index.

@@ -626,3 +626,61 @@ func BenchmarkLoad1M(b *testing.B) {
 		runtime.KeepAlive(d)
 	}
 }
+
+// Replace is one atomic claim: of many concurrent replacements of the
+// same old SA exactly one wins, the others get ErrConflict and add
+// nothing; a failed add rolls back and leaves the old SA claimable; an
+// unknown old SA is ErrNotFound.
+func TestReplaceOneWinner(t *testing.T) {
+	d := newSAD(t, Options{Workers: 2})
+	old := mustAdd(t, d, phone(1, sa.In))
+	const racers = 16
+	var wins, conflicts int
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	for r := 0; r < racers; r++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			n := phone(100+r, sa.In)
+			_, err := d.Replace([]sa.ID{old.ID}, []sa.SA{n})
+			mu.Lock()
+			defer mu.Unlock()
+			switch {
+			case err == nil:
+				wins++
+			case errors.Is(err, ErrConflict):
+				conflicts++
+			default:
+				t.Errorf("racer %d: %v", r, err)
+			}
+		}()
+	}
+	wg.Wait()
+	if wins != 1 || conflicts != racers-1 {
+		t.Fatalf("%d wins, %d conflicts; want 1 and %d", wins, conflicts, racers-1)
+	}
+	if in, _ := d.Len(); in != 2 {
+		t.Fatalf("%d inbound SAs, want the old one and one replacement", in)
+	}
+	if e, _ := d.Get(old.ID); !e.Replaced {
+		t.Fatal("the old SA is not marked replaced")
+	}
+
+	// A replacement whose add fails changes nothing.
+	other := mustAdd(t, d, phone(2, sa.In))
+	dup := phone(3, sa.In)
+	dup.SPI = other.SA.SPI // the second new SA collides
+	if _, err := d.Replace([]sa.ID{other.ID}, []sa.SA{phone(4, sa.In), dup}); !errors.Is(err, ErrExists) {
+		t.Fatalf("colliding replacement: %v, want ErrExists", err)
+	}
+	if e, _ := d.Get(other.ID); e.Replaced {
+		t.Fatal("a failed replacement left its old SA claimed")
+	}
+	if _, ok := d.Get(phone(4, sa.In).ID()); ok {
+		t.Fatal("a failed replacement left its first new SA behind")
+	}
+	if _, err := d.Replace([]sa.ID{{Dir: sa.In, SPI: 0xdead}}, []sa.SA{phone(5, sa.In)}); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("unknown old SA: %v", err)
+	}
+}

@@ -7,6 +7,7 @@ import (
 
 	"github.com/xesp/xesp/bpf"
 	"github.com/xesp/xesp/dataplane/esp"
+	"github.com/xesp/xesp/dataplane/flood"
 	"github.com/xesp/xesp/dataplane/xsk"
 )
 
@@ -59,6 +60,10 @@ type pipeline struct {
 	// byPorts finds the outbound entry with port selectors for a
 	// phone's inner prefix and the cleartext's ports (see Entry.PortLocal).
 	byPorts map[portKey]*Entry
+
+	// flood charges failed authentications to the flood budgets XDP
+	// enforces (nil: none).
+	flood *flood.Guard
 }
 
 type portKey struct {
@@ -207,7 +212,11 @@ func (p *pipeline) decapOne(d xsk.Desc) (xsk.Desc, Drop) {
 	pk := &p.pk
 	if err := e.SA.OpenPacketTo(frame[l3:end], pk); err != nil {
 		e.Counters.Drops.Add(1)
-		return d, Drop(esp.ReasonOf(err))
+		r := esp.ReasonOf(err)
+		if r == esp.ReasonIntegrity && p.flood != nil {
+			p.authFailed(e, m)
+		}
+		return d, Drop(r)
 	}
 	if pk.Class != esp.ClassESP {
 		// XDP stripped the UDP header, so anything else is a metadata lie.
@@ -286,6 +295,10 @@ func (p *pipeline) learn(e *Entry, m *bpf.Meta, src netip.Addr, srcMAC []byte) {
 	}
 	e.Binding.v.Store(np)
 	if cur.Addr != ap {
+		if p.flood != nil {
+			// XDP must exempt the new binding from a spent budget.
+			p.flood.Rebound(p.pk.SPI, ap)
+		}
 		p.stats.BindingChanges.Add(1)
 		select {
 		case p.bindEvents <- BindingChange{Worker: p.id, Index: e.index, Peer: *np}:
@@ -293,6 +306,17 @@ func (p *pipeline) learn(e *Entry, m *bpf.Meta, src netip.Addr, srcMAC []byte) {
 			p.stats.BindingEventsLost.Add(1)
 		}
 	}
+}
+
+// authFailed charges a packet that failed authentication to the flood
+// budgets. The open parsed the outer header and SPI before the tag
+// check failed; the UDP source port travels in the metadata.
+func (p *pipeline) authFailed(e *Entry, m *bpf.Meta) {
+	var port uint16
+	if m.Kind == uint8(bpf.MetaESPUDP) {
+		port = binary.BigEndian.Uint16((*[2]byte)(unsafe.Pointer(&m.Sport))[:])
+	}
+	p.flood.Failed(p.pk.SPI, e.Binding.Load().Addr, netip.AddrPortFrom(p.pk.Outer.Src, port))
 }
 
 // encap seals each received private-side frame toward its SA's binding.

@@ -10,6 +10,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/xesp/xesp/dataplane/esp"
+	"github.com/xesp/xesp/dataplane/flood"
 	"github.com/xesp/xesp/dataplane/xsk"
 )
 
@@ -42,6 +43,10 @@ type Config struct {
 	Spin int
 	// IdleWait bounds one poll(2) sleep (100 ms).
 	IdleWait time.Duration
+	// Flood receives this worker's failed authentications and publishes
+	// spent budgets to XDP (package flood); nil: no budgets. One per
+	// worker: a Guard is not shared.
+	Flood *flood.Guard
 }
 
 // Worker runs one data-path loop.
@@ -96,6 +101,7 @@ func New(cfg Config) (*Worker, error) {
 		id:          cfg.ID,
 		bindEvents:  events,
 		privateMTU:  cfg.PrivateMTU,
+		flood:       cfg.Flood,
 	}
 	stride := max(cfg.Workers, 1)
 	w.pipe.frag = fragmenter{mtu: cfg.PublicMTU, mem: cfg.UMEM, rxOff: uint64(cfg.UMEM.RxOffset()),
