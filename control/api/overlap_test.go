@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/xesp/xesp/control/sa"
 )
@@ -87,6 +88,36 @@ func TestAddAllocatesCore(t *testing.T) {
 	v, err := e.unix.Update(ctx, s.Name, s)
 	if err != nil || v.Inner == nil || v.Inner.Core != core["ue10-out"] {
 		t.Fatalf("update: %+v %v", v.Inner, err)
+	}
+}
+
+// A rekey's new SAs without inner.core keep the core address of the SAs
+// they replace: the SIP core knows the phone by it.
+func TestRekeyKeepsCore(t *testing.T) {
+	e := newEnv(t, false, 0)
+	ctx := context.Background()
+	var core string
+	for _, dir := range []string{"in", "out"} {
+		s := e.spec(20, dir)
+		s.Peer, s.Inner.Peer = "203.0.113.7", "192.168.1.10"
+		v, err := e.unix.Add(ctx, s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		core = v.Inner.Core
+	}
+	newIn, newOut := e.spec(21, "in"), e.spec(21, "out")
+	for _, s := range []*sa.Spec{&newIn, &newOut} {
+		s.Peer, s.Inner.Peer = "203.0.113.7", "192.168.1.10"
+	}
+	res, err := e.unix.Rekey(ctx, []string{"ue20-in", "ue20-out"}, []sa.Spec{newIn, newOut}, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range res.New {
+		if v.Inner == nil || v.Inner.Core != core {
+			t.Fatalf("%s after rekey: core %+v, want %s", v.Name, v.Inner, core)
+		}
 	}
 }
 

@@ -55,6 +55,7 @@ func (s *Server) rekey(w http.ResponseWriter, r *http.Request) {
 	}
 	var errs []error
 	var rq rekey.Request
+	var oldCores []sa.SA // the replaced SAs that carry a core address
 	rq.Grace = grace
 	status := http.StatusNotFound // while every problem is an unknown old SA
 	replaced := -1                // an old SA another rekey already replaced
@@ -71,6 +72,9 @@ func (s *Server) rekey(w http.ResponseWriter, r *http.Request) {
 			replaced = i
 		}
 		rq.Old = append(rq.Old, e.ID)
+		if e.SA.Core.IsValid() {
+			oldCores = append(oldCores, e.SA)
+		}
 	}
 	// A request that lost the race to another rekey of the same SAs is a
 	// conflict, even when the winner has already deleted some of them.
@@ -100,6 +104,7 @@ func (s *Server) rekey(w http.ResponseWriter, r *http.Request) {
 			}
 			continue
 		}
+		inheritCore(s, &sas[0], oldCores)
 		rq.New = append(rq.New, sas[0])
 	}
 	if len(errs) > 0 {
@@ -149,4 +154,20 @@ func (c *Client) Rekey(ctx context.Context, old []string, specs []sa.Spec, grace
 	var out RekeyResult
 	err := c.do(ctx, http.MethodPost, "/v1/rekey", req, &out, http.StatusOK)
 	return out, err
+}
+
+// inheritCore gives a rekey's new SA that names no inner.core the core
+// address of the SA it replaces for the same phone (same inner peer): the
+// SIP core knows the phone by that address, and a rekey must not move it.
+// The replaced SAs are exempt from the overlap rule, so the address fits.
+func inheritCore(s *Server, x *sa.SA, old []sa.SA) {
+	if !s.needsCore(x) {
+		return
+	}
+	for i := range old {
+		if old[i].InnerPeer == x.InnerPeer {
+			x.Core = old[i].Core
+			return
+		}
+	}
 }

@@ -95,7 +95,7 @@ func TestConcurrentRekeyOneWinner(t *testing.T) {
 	const trials, racers = 30, 5
 	for trial := 0; trial < trials; trial++ {
 		// Fresh old SAs each trial, named per trial.
-		oldIn, oldOut := e.spec(1, "in"), e.spec(1, "out")
+		oldIn, oldOut := e.spec(trial+1, "in"), e.spec(trial+1, "out") // one phone per trial: trials must not overlap each other
 		oldIn.Name, oldIn.SPI = fmt.Sprintf("t%d-in", trial), sa.SPIOf(uint32(0x10000+trial))
 		oldOut.Name, oldOut.SPI = fmt.Sprintf("t%d-out", trial), sa.SPIOf(uint32(0x20000+trial))
 		for _, s := range []sa.Spec{oldIn, oldOut} {
@@ -108,7 +108,7 @@ func TestConcurrentRekeyOneWinner(t *testing.T) {
 		var wg sync.WaitGroup
 		start := make(chan struct{})
 		for r := 0; r < racers; r++ {
-			newIn, newOut := e.spec(1, "in"), e.spec(1, "out")
+			newIn, newOut := e.spec(trial+1, "in"), e.spec(trial+1, "out")
 			newIn.Name, newIn.SPI = fmt.Sprintf("t%d-in-r%d", trial, r), sa.SPIOf(uint32(0x300000+trial*racers+r))
 			newOut.Name, newOut.SPI = fmt.Sprintf("t%d-out-r%d", trial, r), sa.SPIOf(uint32(0x400000+trial*racers+r))
 			wg.Add(1)
