@@ -6,8 +6,6 @@ import (
 	"os"
 	"time"
 
-	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.uber.org/zap"
 
 	"github.com/xesp/xesp/control/etcdseq"
 	"github.com/xesp/xesp/control/etcdsrc"
@@ -24,13 +22,11 @@ func (g *Gateway) openEtcd(ctx context.Context) error {
 	if e == nil {
 		return nil
 	}
-	cli, err := clientv3.New(clientv3.Config{
-		Endpoints: e.Endpoints, DialTimeout: e.Dial, Logger: zap.NewNop(),
-		// Notice a dead member within seconds and move to another one.
-		DialKeepAliveTime: 2 * time.Second, DialKeepAliveTimeout: 2 * time.Second,
-	})
+	// TLS and credentials from the config; notice a dead member within
+	// seconds and move to another one.
+	cli, err := etcdsrc.Dial(e, etcdsrc.DialOptions{KeepAlive: 2 * time.Second})
 	if err != nil {
-		return fmt.Errorf("etcd: %w", err)
+		return err
 	}
 	g.Etcd = cli
 	if e.SequenceInEtcd() {
@@ -60,7 +56,7 @@ func (g *Gateway) startEtcdSource(ctx context.Context, runCtx context.Context) e
 		return nil
 	}
 	src, err := etcdsrc.New(etcdsrc.Options{Client: g.Etcd, Prefix: e.Prefix, Node: e.Node, SAD: g.SAD,
-		Check: g.Config.CheckSA, Log: g.log, Timeout: e.Dial})
+		Check: g.Config.CheckSA, Log: g.log, Timeout: e.Dial, KEK: e.KEK})
 	if err != nil {
 		return err
 	}

@@ -52,6 +52,10 @@ func runDaemon(args []string) error {
 		return nil
 	}
 
+	for _, w := range cfg.Warnings {
+		log.Warn("config: " + w)
+	}
+
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	g, err := gateway.Start(ctx, cfg, gateway.Options{Log: log})
@@ -87,7 +91,25 @@ func runDaemon(args []string) error {
 		}
 		services++
 		go func() { svcDone <- srv.Serve(svcCtx) }()
-		log.Info("control API", "unix", cfg.API.Unix, "tcp", cfg.API.TCP)
+		log.Info("control API", "unix", cfg.API.Unix, "tcp", cfg.API.TCP, "tls", cfg.API.TLS != nil,
+			"mtls", cfg.API.TLS != nil && cfg.API.TLS.ClientCA != "", "read_token", len(cfg.API.ReadBearerToken) > 0)
+		if cfg.API.TLS != nil {
+			// SIGHUP re-reads the API's certificate, key and client CA
+			// (they are also picked up when the files change).
+			hup := make(chan os.Signal, 1)
+			signal.Notify(hup, syscall.SIGHUP)
+			defer signal.Stop(hup)
+			go func() {
+				for {
+					select {
+					case <-svcCtx.Done():
+						return
+					case <-hup:
+						srv.ReloadTLS() // logs its outcome
+					}
+				}
+			}()
+		}
 	}
 
 	var runErr error

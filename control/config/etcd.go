@@ -50,6 +50,9 @@ type Etcd struct {
 	Password sa.Secret `yaml:"-"`
 	KEKPath  string    `yaml:"-"`
 	KEK      *kek.Ring `yaml:"-"`
+	// NoKEKNeeded lets a tool that never reads or writes SA values
+	// (fleet list, move) go without kek_file.
+	NoKEKNeeded bool `yaml:"-"`
 
 	// Dial is DialTimeout parsed (default 5s); TTL is LivenessTTL
 	// parsed (default 5s).
@@ -199,7 +202,7 @@ func (c *Config) validateEtcdSecurity(errs *errList) {
 			errs.add("etcd.kek_file", "%v", err)
 		}
 		e.KEK = r
-	case !e.Insecure:
+	case !e.Insecure && !e.NoKEKNeeded:
 		errs.add("etcd.kek_file", "required: SA keys are stored in etcd sealed under this key-encryption key (only etcd.insecure, for a lab, stores them in clear)")
 	}
 }
