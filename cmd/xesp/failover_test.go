@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/binary"
+	"encoding/hex"
 	"fmt"
 	"net"
 	"net/netip"
@@ -18,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/xesp/xesp/control/etcdsrc"
+	"github.com/xesp/xesp/control/kek"
 	"github.com/xesp/xesp/control/sa"
 	"github.com/xesp/xesp/internal/pkt"
 	"github.com/xesp/xesp/lab/etcdtest"
@@ -40,6 +42,9 @@ type fleet struct {
 	gw                          map[string]*fleetGW
 	etcd                        *etcdtest.Server
 	dir                         string
+	// kek seals the SA records the test (the fleet controller) writes;
+	// the gateways read the same file.
+	kek *kek.Ring
 }
 
 type fleetGW struct {
@@ -49,6 +54,7 @@ type fleetGW struct {
 	pubAddr  string // this gateway's end of that link
 	privAddr string // its address on the link to core
 	cfg      string
+	cfgText  string // cfg's text, with a %s for etcd.tls
 	sock     string
 }
 
@@ -101,19 +107,31 @@ func newFleet(t *testing.T) *fleet {
 		g.sock = filepath.Join(dir, "api.sock")
 		pin := fmt.Sprintf("/sys/fs/bpf/xesp-fo-%d-%s", os.Getpid(), name)
 		t.Cleanup(func() { os.RemoveAll(pin) })
-		cfg := fmt.Sprintf("public: {interface: %s, addresses: [192.0.2.1, 192.0.2.2]}\nprivate: {interface: %s}\nworkers: 1\n"+
+		// etcd over TLS with this gateway's client certificate, SA
+		// records sealed under the fleet's KEK: the secure setup.
+		g.cfg = filepath.Join(dir, "xesp.yaml")
+		g.cfgText = fmt.Sprintf("public: {interface: %s, addresses: [192.0.2.1, 192.0.2.2]}\nprivate: {interface: %s}\nworkers: 1\n"+
 			"umem: {frames: 4096, fill_ring: 1024, completion_ring: 1024, rx_ring: 1024, tx_ring: 1024}\n"+
 			"pin_dir: %s\nstate_dir: %s\napi: {unix: %s}\nmetrics: {listen: ''}\n"+
-			"etcd: {endpoints: [http://172.31.%d.1:2379], node: %s, prefix: %s, dial_timeout: 2s, liveness_ttl: 1s}\n",
-			pubIf, privIf, pin, filepath.Join(dir, "state"), g.sock, n, name, fleetPrefix)
-		g.cfg = filepath.Join(dir, "xesp.yaml")
-		if err := os.WriteFile(g.cfg, []byte(cfg), 0o600); err != nil {
-			t.Fatal(err)
-		}
+			"etcd: {endpoints: [https://172.31.%d.1:2379], node: %s, prefix: %s, dial_timeout: 2s, liveness_ttl: 1s, tls: %%s, kek_file: %s}\n",
+			pubIf, privIf, pin, filepath.Join(dir, "state"), g.sock, n, name, fleetPrefix, filepath.Join(f.dir, "kek"))
 	}
 	f.route("192.0.2.1", "gwa")
 	f.route("192.0.2.2", "gwb")
-	f.etcd = etcdtest.StartIn(t, f.ctl, "172.31.1.1", "172.31.2.1")
+	kekFile := filepath.Join(f.dir, "kek")
+	if err := os.WriteFile(kekFile, []byte("fleet-1 "+strings.Repeat("5a", 32)+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var err error
+	if f.kek, err = kek.Load(kekFile); err != nil {
+		t.Fatal(err)
+	}
+	f.etcd = etcdtest.StartInTLS(t, f.ctl, "172.31.1.1", "172.31.2.1")
+	for _, g := range f.gw {
+		if err := os.WriteFile(g.cfg, fmt.Appendf(nil, g.cfgText, f.etcd.ConfigTLS()), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
 
 	startCoreResponder(t, f.core)
 	return f
@@ -304,8 +322,21 @@ func TestFleetFailover(t *testing.T) {
 	owner := map[int]string{1: "gwa", 2: "gwa", 3: "gwb"}
 	for _, ph := range phones {
 		for _, sp := range ph.specs() {
-			if err := etcdsrc.Put(ctx, cli, fleetPrefix, owner[ph.n], sp); err != nil {
+			if err := etcdsrc.PutSealed(ctx, cli, f.kek, fleetPrefix, owner[ph.n], sp); err != nil {
 				t.Fatal(err)
+			}
+		}
+	}
+	// What etcd holds (and its backups would): no key, in hex or raw.
+	all, err := cli.Get(ctx, fleetPrefix, clientv3.WithPrefix())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, kv := range all.Kvs {
+		for _, k := range []string{runKeyIn, runKeyOut} {
+			raw, _ := hex.DecodeString(k)
+			if strings.Contains(strings.ToLower(string(kv.Value)), k[:16]) || strings.Contains(string(kv.Value), string(raw[:8])) {
+				t.Fatalf("etcd key %s holds SA key material: %s", kv.Key, kv.Value)
 			}
 		}
 	}
@@ -459,7 +490,7 @@ func TestFleetEtcdOutage(t *testing.T) {
 	f.route("192.0.2.1", "gwb")
 	ue1, ue3 := f.newPhone(t, 1, "192.0.2.1"), f.newPhone(t, 3, "192.0.2.2")
 	for _, sp := range ue3.specs() {
-		if err := etcdsrc.Put(ctx, cli, fleetPrefix, "gwb", sp); err != nil {
+		if err := etcdsrc.PutSealed(ctx, cli, f.kek, fleetPrefix, "gwb", sp); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -482,7 +513,7 @@ func TestFleetEtcdOutage(t *testing.T) {
 	f.etcd.Start()
 	back := time.Now()
 	for _, sp := range ue1.specs() {
-		if err := etcdsrc.Put(ctx, cli, fleetPrefix, "gwb", sp); err != nil {
+		if err := etcdsrc.PutSealed(ctx, cli, f.kek, fleetPrefix, "gwb", sp); err != nil {
 			t.Fatal(err)
 		}
 	}
