@@ -6,7 +6,6 @@ import (
 	"os"
 	"time"
 
-
 	"github.com/xesp/xesp/control/etcdseq"
 	"github.com/xesp/xesp/control/etcdsrc"
 	"github.com/xesp/xesp/control/manager"

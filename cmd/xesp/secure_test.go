@@ -274,4 +274,3 @@ func TestDaemonKeysNeverLeak(t *testing.T) {
 		t.Fatal("the log holds a private key")
 	}
 }
-

@@ -203,4 +203,3 @@ func TestRekeyStore(t *testing.T) {
 		t.Fatalf("rekey with an old ring: %+v %v", res, err)
 	}
 }
-
