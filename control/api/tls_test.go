@@ -24,7 +24,7 @@ import (
 
 // serveTest runs a server with o (SAD and a Unix socket filled in) until
 // the test ends.
-func serveTest(t *testing.T, o Options) *Server {
+func serveTest(t testing.TB, o Options) *Server {
 	t.Helper()
 	if o.SAD == nil {
 		d, err := sad.New(sad.Options{Workers: 1, LogSize: 64})
@@ -34,7 +34,12 @@ func serveTest(t *testing.T, o Options) *Server {
 		o.SAD = d
 	}
 	if o.API.Unix == "" {
-		o.API.Unix = filepath.Join(shortDir(t), "api.sock")
+		dir, err := os.MkdirTemp("", "xapi")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { os.RemoveAll(dir) })
+		o.API.Unix = filepath.Join(dir, "api.sock")
 	}
 	s, err := New(o)
 	if err != nil {
