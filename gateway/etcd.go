@@ -28,6 +28,9 @@ func (g *Gateway) openEtcd(ctx context.Context) error {
 		return err
 	}
 	g.Etcd = cli
+	if e.KEK == nil && g.log != nil {
+		g.log.Warn("etcd: no kek_file (etcd.insecure): SA records are read and expected in clear")
+	}
 	if e.SequenceInEtcd() {
 		g.EtcdSeq, err = etcdseq.Open(ctx, cli, etcdseq.Options{Prefix: e.Prefix, Timeout: e.Dial})
 		if err != nil {
