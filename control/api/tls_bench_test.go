@@ -81,4 +81,3 @@ func BenchmarkGetSATLS(b *testing.B) {
 	b.ReportMetric(float64(pt)/float64(pp), "tls/plain")
 	b.ReportMetric(float64(mh)/float64(pp), "tls-new-conn/plain")
 }
-

@@ -86,7 +86,7 @@ func BenchmarkSync100k(b *testing.B) {
 	}
 	b.StopTimer()
 	rounds := time.Duration(max(b.N, 2))
-	b.ReportMetric((clear / rounds).Seconds()*1000, "ms-clear")
-	b.ReportMetric((sealed / rounds).Seconds()*1000, "ms-sealed")
+	b.ReportMetric((clear/rounds).Seconds()*1000, "ms-clear")
+	b.ReportMetric((sealed/rounds).Seconds()*1000, "ms-sealed")
 	b.ReportMetric(float64(sealed)/float64(clear), "sealed/clear")
 }
