@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"sync/atomic"
 	"syscall"
 
 	"github.com/xesp/xesp/control/api"
@@ -66,6 +67,7 @@ func runDaemon(args []string) error {
 	// or map being closed.
 	svcCtx, stopSvc := context.WithCancel(context.Background())
 	svcDone := make(chan error, 2)
+	var apiSrv atomic.Pointer[api.Server]
 	services := 0
 	if addr := cfg.Metrics.Listen; addr != "" {
 		src, err := g.MetricsSources(version)
@@ -73,6 +75,15 @@ func runDaemon(args []string) error {
 			g.Stop(*keep)
 			stopSvc()
 			return err
+		}
+		// The API starts after the metrics; its connection figures are
+		// read through apiSrv once it exists.
+		src.APIConns = func() (int64, uint64) {
+			if srv := apiSrv.Load(); srv != nil {
+				st := srv.ConnStats()
+				return st.Open, st.Refused
+			}
+			return 0, 0
 		}
 		services++
 		go func() { svcDone <- metrics.Serve(svcCtx, addr, metrics.Handler(metrics.New(src))) }()
@@ -89,6 +100,7 @@ func runDaemon(args []string) error {
 			g.Stop(*keep)
 			return err
 		}
+		apiSrv.Store(srv)
 		services++
 		go func() { svcDone <- srv.Serve(svcCtx) }()
 		log.Info("control API", "unix", cfg.API.Unix, "tcp", cfg.API.TCP, "tls", cfg.API.TLS != nil,

@@ -184,6 +184,12 @@ func TestDaemonConnectionFlood(t *testing.T) {
 	if n-base > maxConns+16 {
 		t.Fatalf("daemon descriptors grew from %d to %d with max_conns %d", base, n, maxConns)
 	}
+	scrape := scrapeIn(t, d)
+	// The listener is at its cap (the flood's sources reach it before
+	// any exceeds its share, so refusals depend on accept order).
+	if !strings.Contains(scrape, fmt.Sprintf("xesp_api_tcp_connections %d\n", maxConns)) || !strings.Contains(scrape, "xesp_api_tcp_refused_total") {
+		t.Fatalf("/metrics does not show the capped listener:\n%s", grepLines(scrape, "xesp_api_tcp"))
+	}
 	logs := dm.logs.String()
 	for _, bad := range []string{"too many open files", "snapshot replay windows and bindings", "level=ERROR"} {
 		if strings.Contains(logs, bad) {
@@ -228,18 +234,7 @@ func TestDaemonKeysNeverLeak(t *testing.T) {
 	os.WriteFile(bad, []byte("sas:\n"+saYAML("ue3-in", 0x1003, "in", newKey+"ff", 3)), 0o600)
 	run(false, "sa", "add", bad, "--api", tcp, "--token", cliToken)
 
-	var scrape string
-	d.gw.Do(func() error {
-		c, err := net.Dial("tcp", "127.0.0.1:19109")
-		if err != nil {
-			return err
-		}
-		defer c.Close()
-		fmt.Fprint(c, "GET /metrics HTTP/1.0\r\n\r\n")
-		b, _ := io.ReadAll(c)
-		scrape = string(b)
-		return nil
-	})
+	scrape := scrapeIn(t, d)
 	if !strings.Contains(scrape, "xesp_") {
 		t.Fatalf("no metrics scraped: %q", scrape)
 	}
@@ -273,4 +268,34 @@ func TestDaemonKeysNeverLeak(t *testing.T) {
 	if strings.Contains(logs, "PRIVATE KEY") {
 		t.Fatal("the log holds a private key")
 	}
+}
+
+// scrapeIn reads the daemon's /metrics from inside its namespace.
+func scrapeIn(t *testing.T, d *daemonTopo) string {
+	t.Helper()
+	var scrape string
+	if err := d.gw.Do(func() error {
+		c, err := net.Dial("tcp", "127.0.0.1:19109")
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		fmt.Fprint(c, "GET /metrics HTTP/1.0\r\n\r\n")
+		b, err := io.ReadAll(c)
+		scrape = string(b)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return scrape
+}
+
+func grepLines(s, sub string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, sub) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
 }
