@@ -12,6 +12,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -526,5 +527,49 @@ func TestFleetEtcdOutage(t *testing.T) {
 	t.Logf("SA assigned after etcd came back served %v after the restart", time.Since(back).Round(time.Millisecond))
 	if !ue3.exchange(t, "OPTIONS after", 3*time.Second) {
 		t.Fatal("no reply after etcd came back")
+	}
+}
+
+// A gateway whose KEK file lacks the key id the fleet's records are
+// sealed under serves none of them and says why (log and metric); given
+// the right file it serves them.
+func TestFleetGatewayWithoutTheKEK(t *testing.T) {
+	f := newFleet(t)
+	ctx := context.Background()
+	cli := f.etcd.Client(t)
+	ue3 := f.newPhone(t, 3, "192.0.2.2")
+	for _, sp := range ue3.specs() {
+		if err := etcdsrc.PutSealed(ctx, cli, f.kek, fleetPrefix, "gwb", sp); err != nil {
+			t.Fatal(err)
+		}
+	}
+	g := f.gw["gwb"]
+	good, err := os.ReadFile(g.cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	other := filepath.Join(f.dir, "other.kek")
+	os.WriteFile(other, []byte("fleet-2 "+strings.Repeat("6b", 32)+"\n"), 0o600)
+	os.WriteFile(g.cfg, []byte(strings.Replace(string(good), filepath.Join(f.dir, "kek"), other, 1)), 0o600)
+	gwb := f.startGW(t, "gwb")
+	if ue3.exchange(t, "OPTIONS without the KEK", time.Second) {
+		t.Fatal("a gateway without the fleet's KEK served its SAs")
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for !strings.Contains(gwb.logs.String(), `sealed under an unknown key id \"fleet-1\"`) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no refusal logged:\n%s", gwb.logs.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	gwb.cmd.Process.Signal(syscall.SIGTERM)
+	<-gwb.exited
+	os.WriteFile(g.cfg, good, 0o600)
+	f.startGW(t, "gwb")
+	deadline = time.Now().Add(10 * time.Second)
+	for i := 0; !ue3.exchange(t, fmt.Sprintf("OPTIONS with the KEK #%d", i), 100*time.Millisecond); i++ {
+		if time.Now().After(deadline) {
+			t.Fatal("no reply with the right KEK")
+		}
 	}
 }
