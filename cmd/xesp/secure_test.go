@@ -265,6 +265,9 @@ func TestDaemonKeysNeverLeak(t *testing.T) {
 			}
 		}
 	}
+	if !strings.Contains(logs, "cn=operator") {
+		t.Fatalf("the change log does not name the client certificate:\n%s", logs)
+	}
 	if strings.Contains(logs, "PRIVATE KEY") {
 		t.Fatal("the log holds a private key")
 	}
