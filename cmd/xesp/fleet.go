@@ -33,7 +33,7 @@ const fleetHelp = `usage:
 etcd flags (every subcommand):
   --etcd URLS          comma-separated endpoints (default $XESP_ETCD, else https://127.0.0.1:2379)
   --prefix P           key prefix (default /xesp)
-  --cacert FILE        CA verifying etcd's certificate (default $XESP_ETCD_CA)
+  --cacert FILE        CA verifying etcd's certificate (--ca too; default $XESP_ETCD_CA)
   --cert, --key FILE   client certificate and key (default $XESP_ETCD_CERT, $XESP_ETCD_KEY)
   --user NAME          etcd user (default $XESP_ETCD_USER), with
   --password-file F    the file holding its password (default $XESP_ETCD_PASSWORD_FILE)
@@ -54,7 +54,8 @@ func runFleet(args []string, stdout io.Writer) error {
 	node := fs.String("node", "", "gateway (put, list)")
 	from := fs.String("from", "", "gateway giving the SAs up (move)")
 	to := fs.String("to", "", "gateway taking them over (move)")
-	cacert := fs.String("cacert", "", "CA file verifying etcd")
+	cacert := fs.String("cacert", "", "CA file verifying etcd (also --ca)")
+	fs.StringVar(cacert, "ca", "", "same as --cacert")
 	cert := fs.String("cert", "", "client certificate file")
 	key := fs.String("key", "", "client certificate's key file")
 	user := fs.String("user", "", "etcd user")

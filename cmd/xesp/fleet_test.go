@@ -29,7 +29,7 @@ func TestFleetCLI(t *testing.T) {
 	os.WriteFile(kek1, []byte("k1 "+strings.Repeat("ab", 32)+"\n"), 0o600)
 	kek2 := filepath.Join(dir, "kek2")
 	os.WriteFile(kek2, []byte("k1 "+strings.Repeat("ab", 32)+"\nk2 "+strings.Repeat("cd", 32)+"\n"), 0o600)
-	tlsFlags := []string{"--cacert", srv.CA.Path, "--cert", srv.ClientCert.CertPath, "--key", srv.ClientCert.KeyPath}
+	tlsFlags := []string{"--ca", srv.CA.Path, "--cert", srv.ClientCert.CertPath, "--key", srv.ClientCert.KeyPath}
 	fleet := func(args ...string) string {
 		t.Helper()
 		full := append(append([]string{"fleet", args[0], "--etcd", srv.Endpoint(), "--prefix", "/f"}, tlsFlags...), args[1:]...)
