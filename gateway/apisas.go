@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"sync"
+	"time"
 
 	"github.com/xesp/xesp/control/etcdsrc"
 	"github.com/xesp/xesp/control/sa"
@@ -42,6 +43,30 @@ type apiSAs struct {
 	buf   []sad.Entry
 	recs  []byte
 	etcd  *etcdsrc.Source // its SAs live in etcd, not here
+	// stale: a delete or a replacement left an SA's old keys in the
+	// snapshot or the journal; the next compaction removes them (see
+	// scrub). lastCompact is when the last one ran.
+	stale       bool
+	lastCompact time.Time
+}
+
+// Deleted keys leave the disk: an SA deleted or replaced (a rekey, an
+// API PUT, a sec-agree delete) still has its old keys in the snapshot
+// or the journal, so the flush that records the change also compacts
+// the store, which rewrites both files without them (the old files are
+// unlinked by the renames). With a large store compactions are spaced
+// at least scrubEvery apart: changes in between share one, made by the
+// next flush after the pause (the state snapshot ticker flushes every
+// few seconds), so a deleted SA's keys stay on disk for seconds at most
+// and a burst of deletes costs one rewrite, not one each.
+const (
+	scrubEvery     = time.Second
+	scrubSmallSize = 4 << 20 // below this a compaction costs a few ms: never wait
+)
+
+// scrubDue says whether a compaction for stale entries may run now.
+func (p *apiSAs) scrubDue() bool {
+	return p.stale && (p.store.SnapshotSize() < scrubSmallSize || time.Since(p.lastCompact) >= scrubEvery)
 }
 
 // setEtcd names the source whose SAs are not the API's.
@@ -126,7 +151,7 @@ func (p *apiSAs) keep(e *sad.Entry, etcd map[sa.ID]bool) bool {
 func (p *apiSAs) flush(version uint64) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.saved >= version {
+	if p.saved >= version && (p.store == nil || !p.scrubDue()) {
 		return nil
 	}
 	if p.store == nil {
@@ -199,22 +224,30 @@ func (p *apiSAs) flush(version uint64) error {
 		return err
 	}
 	for id, b := range next {
+		if _, had := p.enc[id]; had {
+			p.stale = true // the old entry's keys are still on disk
+		}
 		if b == nil {
 			delete(p.enc, id)
 		} else {
 			p.enc[id] = b
 		}
 	}
-	p.saved = v
-	if p.store.NeedCompact() {
+	p.saved = max(p.saved, v)
+	if p.store.NeedCompact() || p.scrubDue() {
 		// The changes are durable already; a failed compaction leaves
 		// the journal to grow and is tried again at the next flush.
 		entries := make([][]byte, 0, len(p.enc))
 		for _, b := range p.enc {
 			entries = append(entries, b)
 		}
-		if err := p.store.Compact(entries); err != nil && p.g.log != nil {
-			p.g.log.Warn("API SA store: compaction failed; the journal keeps the SAs", "err", err)
+		p.lastCompact = time.Now()
+		if err := p.store.Compact(entries); err != nil {
+			if p.g.log != nil {
+				p.g.log.Warn("API SA store: compaction failed; the journal keeps the SAs (and deleted SAs' keys)", "err", err)
+			}
+		} else {
+			p.stale = false
 		}
 	}
 	return nil

@@ -6,9 +6,6 @@ import (
 	"os"
 	"time"
 
-	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.uber.org/zap"
-
 	"github.com/xesp/xesp/control/etcdseq"
 	"github.com/xesp/xesp/control/etcdsrc"
 	"github.com/xesp/xesp/control/manager"
@@ -24,15 +21,16 @@ func (g *Gateway) openEtcd(ctx context.Context) error {
 	if e == nil {
 		return nil
 	}
-	cli, err := clientv3.New(clientv3.Config{
-		Endpoints: e.Endpoints, DialTimeout: e.Dial, Logger: zap.NewNop(),
-		// Notice a dead member within seconds and move to another one.
-		DialKeepAliveTime: 2 * time.Second, DialKeepAliveTimeout: 2 * time.Second,
-	})
+	// TLS and credentials from the config; notice a dead member within
+	// seconds and move to another one.
+	cli, err := etcdsrc.Dial(e, etcdsrc.DialOptions{KeepAlive: 2 * time.Second})
 	if err != nil {
-		return fmt.Errorf("etcd: %w", err)
+		return err
 	}
 	g.Etcd = cli
+	if e.KEK == nil && g.log != nil {
+		g.log.Warn("etcd: no kek_file (etcd.insecure): SA records are read and expected in clear")
+	}
 	if e.SequenceInEtcd() {
 		g.EtcdSeq, err = etcdseq.Open(ctx, cli, etcdseq.Options{Prefix: e.Prefix, Timeout: e.Dial})
 		if err != nil {
@@ -60,7 +58,7 @@ func (g *Gateway) startEtcdSource(ctx context.Context, runCtx context.Context) e
 		return nil
 	}
 	src, err := etcdsrc.New(etcdsrc.Options{Client: g.Etcd, Prefix: e.Prefix, Node: e.Node, SAD: g.SAD,
-		Check: g.Config.CheckSA, Log: g.log, Timeout: e.Dial})
+		Check: g.Config.CheckSA, Log: g.log, Timeout: e.Dial, KEK: e.KEK})
 	if err != nil {
 		return err
 	}

@@ -42,6 +42,13 @@ func (g *Gateway) MetricsSources(version string) (metrics.Sources, error) {
 	if len(g.Flood) > 0 {
 		src.Flood = func() (int, uint64) { return g.floodsActive(), g.FloodFailures() }
 	}
+	if e := g.EtcdSource; e != nil {
+		src.EtcdRejected = func() map[string]uint64 {
+			unknown, unsealable := e.Stats.UnknownKey.Load(), e.Stats.Unsealable.Load()
+			return map[string]uint64{"unknown_key": unknown, "unsealable": unsealable,
+				"invalid": e.Stats.Rejected.Load() - unknown - unsealable}
+		}
+	}
 	for _, w := range g.Workers {
 		src.Workers = append(src.Workers, w.Stats())
 	}

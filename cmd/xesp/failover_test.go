@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/binary"
+	"encoding/hex"
 	"fmt"
 	"net"
 	"net/netip"
@@ -11,6 +12,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -18,6 +20,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/xesp/xesp/control/etcdsrc"
+	"github.com/xesp/xesp/control/kek"
 	"github.com/xesp/xesp/control/sa"
 	"github.com/xesp/xesp/internal/pkt"
 	"github.com/xesp/xesp/lab/etcdtest"
@@ -40,6 +43,9 @@ type fleet struct {
 	gw                          map[string]*fleetGW
 	etcd                        *etcdtest.Server
 	dir                         string
+	// kek seals the SA records the test (the fleet controller) writes;
+	// the gateways read the same file.
+	kek *kek.Ring
 }
 
 type fleetGW struct {
@@ -49,6 +55,7 @@ type fleetGW struct {
 	pubAddr  string // this gateway's end of that link
 	privAddr string // its address on the link to core
 	cfg      string
+	cfgText  string // cfg's text, with a %s for etcd.tls
 	sock     string
 }
 
@@ -101,19 +108,31 @@ func newFleet(t *testing.T) *fleet {
 		g.sock = filepath.Join(dir, "api.sock")
 		pin := fmt.Sprintf("/sys/fs/bpf/xesp-fo-%d-%s", os.Getpid(), name)
 		t.Cleanup(func() { os.RemoveAll(pin) })
-		cfg := fmt.Sprintf("public: {interface: %s, addresses: [192.0.2.1, 192.0.2.2]}\nprivate: {interface: %s}\nworkers: 1\n"+
+		// etcd over TLS with this gateway's client certificate, SA
+		// records sealed under the fleet's KEK: the secure setup.
+		g.cfg = filepath.Join(dir, "xesp.yaml")
+		g.cfgText = fmt.Sprintf("public: {interface: %s, addresses: [192.0.2.1, 192.0.2.2]}\nprivate: {interface: %s}\nworkers: 1\n"+
 			"umem: {frames: 4096, fill_ring: 1024, completion_ring: 1024, rx_ring: 1024, tx_ring: 1024}\n"+
 			"pin_dir: %s\nstate_dir: %s\napi: {unix: %s}\nmetrics: {listen: ''}\n"+
-			"etcd: {endpoints: [http://172.31.%d.1:2379], node: %s, prefix: %s, dial_timeout: 2s, liveness_ttl: 1s}\n",
-			pubIf, privIf, pin, filepath.Join(dir, "state"), g.sock, n, name, fleetPrefix)
-		g.cfg = filepath.Join(dir, "xesp.yaml")
-		if err := os.WriteFile(g.cfg, []byte(cfg), 0o600); err != nil {
-			t.Fatal(err)
-		}
+			"etcd: {endpoints: [https://172.31.%d.1:2379], node: %s, prefix: %s, dial_timeout: 2s, liveness_ttl: 1s, tls: %%s, kek_file: %s}\n",
+			pubIf, privIf, pin, filepath.Join(dir, "state"), g.sock, n, name, fleetPrefix, filepath.Join(f.dir, "kek"))
 	}
 	f.route("192.0.2.1", "gwa")
 	f.route("192.0.2.2", "gwb")
-	f.etcd = etcdtest.StartIn(t, f.ctl, "172.31.1.1", "172.31.2.1")
+	kekFile := filepath.Join(f.dir, "kek")
+	if err := os.WriteFile(kekFile, []byte("fleet-1 "+strings.Repeat("5a", 32)+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var err error
+	if f.kek, err = kek.Load(kekFile); err != nil {
+		t.Fatal(err)
+	}
+	f.etcd = etcdtest.StartInTLS(t, f.ctl, "172.31.1.1", "172.31.2.1")
+	for _, g := range f.gw {
+		if err := os.WriteFile(g.cfg, fmt.Appendf(nil, g.cfgText, f.etcd.ConfigTLS()), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
 
 	startCoreResponder(t, f.core)
 	return f
@@ -304,8 +323,21 @@ func TestFleetFailover(t *testing.T) {
 	owner := map[int]string{1: "gwa", 2: "gwa", 3: "gwb"}
 	for _, ph := range phones {
 		for _, sp := range ph.specs() {
-			if err := etcdsrc.Put(ctx, cli, fleetPrefix, owner[ph.n], sp); err != nil {
+			if err := etcdsrc.PutSealed(ctx, cli, f.kek, fleetPrefix, owner[ph.n], sp); err != nil {
 				t.Fatal(err)
+			}
+		}
+	}
+	// What etcd holds (and its backups would): no key, in hex or raw.
+	all, err := cli.Get(ctx, fleetPrefix, clientv3.WithPrefix())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, kv := range all.Kvs {
+		for _, k := range []string{runKeyIn, runKeyOut} {
+			raw, _ := hex.DecodeString(k)
+			if strings.Contains(strings.ToLower(string(kv.Value)), k[:16]) || strings.Contains(string(kv.Value), string(raw[:8])) {
+				t.Fatalf("etcd key %s holds SA key material: %s", kv.Key, kv.Value)
 			}
 		}
 	}
@@ -459,7 +491,7 @@ func TestFleetEtcdOutage(t *testing.T) {
 	f.route("192.0.2.1", "gwb")
 	ue1, ue3 := f.newPhone(t, 1, "192.0.2.1"), f.newPhone(t, 3, "192.0.2.2")
 	for _, sp := range ue3.specs() {
-		if err := etcdsrc.Put(ctx, cli, fleetPrefix, "gwb", sp); err != nil {
+		if err := etcdsrc.PutSealed(ctx, cli, f.kek, fleetPrefix, "gwb", sp); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -482,7 +514,7 @@ func TestFleetEtcdOutage(t *testing.T) {
 	f.etcd.Start()
 	back := time.Now()
 	for _, sp := range ue1.specs() {
-		if err := etcdsrc.Put(ctx, cli, fleetPrefix, "gwb", sp); err != nil {
+		if err := etcdsrc.PutSealed(ctx, cli, f.kek, fleetPrefix, "gwb", sp); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -495,5 +527,49 @@ func TestFleetEtcdOutage(t *testing.T) {
 	t.Logf("SA assigned after etcd came back served %v after the restart", time.Since(back).Round(time.Millisecond))
 	if !ue3.exchange(t, "OPTIONS after", 3*time.Second) {
 		t.Fatal("no reply after etcd came back")
+	}
+}
+
+// A gateway whose KEK file lacks the key id the fleet's records are
+// sealed under serves none of them and says why (log and metric); given
+// the right file it serves them.
+func TestFleetGatewayWithoutTheKEK(t *testing.T) {
+	f := newFleet(t)
+	ctx := context.Background()
+	cli := f.etcd.Client(t)
+	ue3 := f.newPhone(t, 3, "192.0.2.2")
+	for _, sp := range ue3.specs() {
+		if err := etcdsrc.PutSealed(ctx, cli, f.kek, fleetPrefix, "gwb", sp); err != nil {
+			t.Fatal(err)
+		}
+	}
+	g := f.gw["gwb"]
+	good, err := os.ReadFile(g.cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	other := filepath.Join(f.dir, "other.kek")
+	os.WriteFile(other, []byte("fleet-2 "+strings.Repeat("6b", 32)+"\n"), 0o600)
+	os.WriteFile(g.cfg, []byte(strings.Replace(string(good), filepath.Join(f.dir, "kek"), other, 1)), 0o600)
+	gwb := f.startGW(t, "gwb")
+	if ue3.exchange(t, "OPTIONS without the KEK", time.Second) {
+		t.Fatal("a gateway without the fleet's KEK served its SAs")
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for !strings.Contains(gwb.logs.String(), `sealed under an unknown key id \"fleet-1\"`) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no refusal logged:\n%s", gwb.logs.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	gwb.cmd.Process.Signal(syscall.SIGTERM)
+	<-gwb.exited
+	os.WriteFile(g.cfg, good, 0o600)
+	f.startGW(t, "gwb")
+	deadline = time.Now().Add(10 * time.Second)
+	for i := 0; !ue3.exchange(t, fmt.Sprintf("OPTIONS with the KEK #%d", i), 100*time.Millisecond); i++ {
+		if time.Now().After(deadline) {
+			t.Fatal("no reply with the right KEK")
+		}
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"sync/atomic"
 	"syscall"
 
 	"github.com/xesp/xesp/control/api"
@@ -52,6 +53,10 @@ func runDaemon(args []string) error {
 		return nil
 	}
 
+	for _, w := range cfg.Warnings {
+		log.Warn("config: " + w)
+	}
+
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	g, err := gateway.Start(ctx, cfg, gateway.Options{Log: log})
@@ -62,6 +67,7 @@ func runDaemon(args []string) error {
 	// or map being closed.
 	svcCtx, stopSvc := context.WithCancel(context.Background())
 	svcDone := make(chan error, 2)
+	var apiSrv atomic.Pointer[api.Server]
 	services := 0
 	if addr := cfg.Metrics.Listen; addr != "" {
 		src, err := g.MetricsSources(version)
@@ -69,6 +75,15 @@ func runDaemon(args []string) error {
 			g.Stop(*keep)
 			stopSvc()
 			return err
+		}
+		// The API starts after the metrics; its connection figures are
+		// read through apiSrv once it exists.
+		src.APIConns = func() (int64, uint64) {
+			if srv := apiSrv.Load(); srv != nil {
+				st := srv.ConnStats()
+				return st.Open, st.Refused
+			}
+			return 0, 0
 		}
 		services++
 		go func() { svcDone <- metrics.Serve(svcCtx, addr, metrics.Handler(metrics.New(src))) }()
@@ -85,9 +100,28 @@ func runDaemon(args []string) error {
 			g.Stop(*keep)
 			return err
 		}
+		apiSrv.Store(srv)
 		services++
 		go func() { svcDone <- srv.Serve(svcCtx) }()
-		log.Info("control API", "unix", cfg.API.Unix, "tcp", cfg.API.TCP)
+		log.Info("control API", "unix", cfg.API.Unix, "tcp", cfg.API.TCP, "tls", cfg.API.TLS != nil,
+			"mtls", cfg.API.TLS != nil && cfg.API.TLS.ClientCA != "", "read_token", len(cfg.API.ReadBearerToken) > 0)
+		if cfg.API.TLS != nil {
+			// SIGHUP re-reads the API's certificate, key and client CA
+			// (they are also picked up when the files change).
+			hup := make(chan os.Signal, 1)
+			signal.Notify(hup, syscall.SIGHUP)
+			defer signal.Stop(hup)
+			go func() {
+				for {
+					select {
+					case <-svcCtx.Done():
+						return
+					case <-hup:
+						srv.ReloadTLS() // logs its outcome
+					}
+				}
+			}()
+		}
 	}
 
 	var runErr error

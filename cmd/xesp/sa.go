@@ -35,21 +35,36 @@ REF is an SA name, in:SPI, out:SPI or out:SPI@peer[:port]
 (e.g. ue1-in, in:0x00001001, out:0xc0000001@192.0.2.10:4500, out:0x1@[2001:db8::1]:4500).
 
 API flags (every subcommand):
-  --api ADDR         unix:/path or http://host:port (default $XESP_API, else unix:%s)
-  --token TOKEN      bearer token for http:// (default $XESP_TOKEN)
-  --token-file FILE  file holding the bearer token
+  --api ADDR         unix:/path or https://host:port (default $XESP_API, else unix:%s)
+  --token TOKEN      bearer token for TCP (default $XESP_TOKEN)
+  --token-file FILE  file holding the bearer token (default $XESP_TOKEN_FILE)
+  --ca FILE          CA certificate(s) verifying the API's server certificate (default $XESP_CA)
+  --cert FILE        client certificate for an mTLS API (default $XESP_CERT)
+  --key FILE         its key, mode 0600 (default $XESP_KEY)
 `
 
 // apiFlags choose the API endpoint; every command that talks to the
 // daemon shares them.
 type apiFlags struct {
 	addr, token, tokenFile string
+	ca, cert, key          string
 }
 
 func (f *apiFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.addr, "api", "", "control API address: unix:/path or http://host:port (default $XESP_API, else unix:"+config.Defaults().API.Unix+")")
 	fs.StringVar(&f.token, "token", "", "bearer token for an http:// API (default $XESP_TOKEN)")
-	fs.StringVar(&f.tokenFile, "token-file", "", "file holding the bearer token")
+	fs.StringVar(&f.tokenFile, "token-file", "", "file holding the bearer token (default $XESP_TOKEN_FILE)")
+	fs.StringVar(&f.ca, "ca", "", "CA certificate file verifying an https API (default $XESP_CA, else the system roots)")
+	fs.StringVar(&f.cert, "cert", "", "client certificate for an mTLS API (default $XESP_CERT)")
+	fs.StringVar(&f.key, "key", "", "client certificate's key (default $XESP_KEY)")
+}
+
+// orEnv is v, or the environment variable when v is empty.
+func orEnv(v, env string) string {
+	if v == "" {
+		return os.Getenv(env)
+	}
+	return v
 }
 
 // client resolves flags, then environment, then the default socket.
@@ -62,11 +77,14 @@ func (f *apiFlags) client() (*api.Client, error) {
 		addr = "unix:" + config.Defaults().API.Unix
 	}
 	token := f.token
-	if f.tokenFile != "" {
-		if token != "" {
-			return nil, fmt.Errorf("%w: give --token or --token-file, not both", errUsage)
+	if f.tokenFile != "" && token != "" {
+		return nil, fmt.Errorf("%w: give --token or --token-file, not both", errUsage)
+	}
+	if tf := orEnv(f.tokenFile, "XESP_TOKEN_FILE"); tf != "" && token == "" {
+		if err := config.PrivateFile(tf); err != nil {
+			return nil, fmt.Errorf("token file: %w", err)
 		}
-		b, err := os.ReadFile(f.tokenFile)
+		b, err := os.ReadFile(tf)
 		if err != nil {
 			return nil, fmt.Errorf("token file: %w", err)
 		}
@@ -75,7 +93,19 @@ func (f *apiFlags) client() (*api.Client, error) {
 	if token == "" {
 		token = os.Getenv("XESP_TOKEN")
 	}
-	c, err := api.NewClient(addr, token)
+	var o api.ClientOptions
+	o.Token = token
+	ca, cert, key := orEnv(f.ca, "XESP_CA"), orEnv(f.cert, "XESP_CERT"), orEnv(f.key, "XESP_KEY")
+	if strings.HasPrefix(addr, "https://") {
+		cfg, err := api.ClientTLS(ca, cert, key)
+		if err != nil {
+			return nil, fmt.Errorf("%w: tls: %v", errUsage, err)
+		}
+		o.TLS = cfg
+	} else if f.ca != "" || f.cert != "" || f.key != "" {
+		return nil, fmt.Errorf("%w: --ca, --cert and --key need an https:// --api", errUsage)
+	}
+	c, err := api.NewClientWith(addr, o)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", errUsage, err)
 	}

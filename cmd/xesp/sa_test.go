@@ -14,9 +14,13 @@ import (
 	"github.com/xesp/xesp/control/config"
 	"github.com/xesp/xesp/control/sa"
 	"github.com/xesp/xesp/control/sad"
+	"github.com/xesp/xesp/lab/testpki"
 )
 
-const cliToken = "cli-token-0123456789abcdef"
+const (
+	cliToken     = "cli-token-0123456789abcdef"
+	cliReadToken = "cli-read-token-0123456789"
+)
 
 // cliDP is a data path with fixed figures; counters derive from the SPI.
 type cliDP struct{}
@@ -46,6 +50,8 @@ type cliEnv struct {
 	sad       *sad.SAD
 	unix, tcp string
 	dir       string
+	ca        *testpki.CA
+	client    testpki.Pair
 }
 
 func newCLIEnv(t *testing.T) *cliEnv {
@@ -59,7 +65,17 @@ func newCLIEnv(t *testing.T) *cliEnv {
 		t.Fatal(err)
 	}
 	sock := filepath.Join(dir, "api.sock")
-	srv, err := api.New(api.Options{SAD: d, DataPath: cliDP{}, API: config.API{Unix: sock, TCP: "127.0.0.1:0", BearerToken: sa.Secret(cliToken)}})
+	// TCP is served as a deployment serves it: TLS with client
+	// certificates (mTLS) and an admin and a read-only token. The CLI
+	// finds the CA and its certificate in the environment.
+	ca := testpki.New(t, dir, "api")
+	srvPair, cliPair := ca.Server(t, "server", "127.0.0.1"), ca.Client(t, "operator")
+	t.Setenv("XESP_CA", ca.Path)
+	t.Setenv("XESP_CERT", cliPair.CertPath)
+	t.Setenv("XESP_KEY", cliPair.KeyPath)
+	srv, err := api.New(api.Options{SAD: d, DataPath: cliDP{}, API: config.API{Unix: sock, TCP: "127.0.0.1:0",
+		BearerToken: sa.Secret(cliToken), ReadBearerToken: sa.Secret(cliReadToken),
+		TLS: &config.APITLS{CertPath: srvPair.CertPath, KeyPath: srvPair.KeyPath, ClientCAPath: ca.Path}}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -75,7 +91,7 @@ func newCLIEnv(t *testing.T) *cliEnv {
 			t.Error(err)
 		}
 	})
-	return &cliEnv{sad: d, unix: "unix:" + sock, tcp: "http://" + srv.TCPAddr().String(), dir: dir}
+	return &cliEnv{sad: d, unix: "unix:" + sock, tcp: "https://" + srv.TCPAddr().String(), dir: dir, ca: ca, client: cliPair}
 }
 
 // run runs a CLI command in-process, as main would dispatch it.
@@ -320,7 +336,7 @@ func TestCLIUsage(t *testing.T) {
 		{"sa", []string{"add"}, true, "usage: wrong arguments for sa add (run xesp sa -h)"},
 		{"sa", []string{"show", "a", "b"}, true, "usage: wrong arguments for sa show (run xesp sa -h)"},
 		{"sa", []string{"list", "--bogus"}, true, "usage: flag provided but not defined: -bogus"},
-		{"sa", []string{"list", "--api", "ftp://x"}, true, `usage: api address "ftp://x": want unix:/path or http://host:port`},
+		{"sa", []string{"list", "--api", "ftp://x"}, true, `usage: api address "ftp://x": want unix:/path or https://host:port`},
 		{"sa", []string{"list", "--api", e.tcp}, true, "usage: api address " + e.tcp + ": TCP needs a bearer token (--token, --token-file or XESP_TOKEN)"},
 		{"sa", []string{"list", "--api", e.tcp, "--token", "x", "--token-file", "y"}, true, "usage: give --token or --token-file, not both"},
 		{"stats", []string{"extra"}, true, `usage: unexpected arguments ["extra"]`},

@@ -36,7 +36,7 @@ const secAgreeHelp = `usage:
 
 --ck/--ik take the keys as hex on the command line (visible to other users
 in the process list: prefer --ck-file/--ik-file). API flags as for 'xesp sa'
-(--api, --token, --token-file; default unix:%s).
+(--api, --token, --token-file, --ca, --cert, --key; default unix:%s).
 `
 
 func runSecAgree(args []string, stdout, stderr io.Writer) error {

@@ -3,6 +3,7 @@ package api
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -36,10 +37,26 @@ type Error struct {
 func (e *Error) Error() string { return e.Message }
 
 // NewClient returns a client for addr: "unix:/path" or a bare absolute
-// path for the Unix socket, or "http://host:port" for TCP, where token is
-// sent as a bearer token. A token is never sent on a Unix socket: it
-// would add nothing there and could leak through a misplaced socket.
+// path for the Unix socket, "https://host:port" for TCP over TLS
+// (verified against the system's roots), or "http://host:port" for a
+// plain loopback listener; on TCP token is sent as a bearer token. A
+// token is never sent on a Unix socket: it would add nothing there and
+// could leak through a misplaced socket.
 func NewClient(addr, token string) (*Client, error) {
+	return NewClientWith(addr, ClientOptions{Token: token})
+}
+
+// ClientOptions are a client's credentials and TLS settings.
+type ClientOptions struct {
+	Token string
+	// TLS verifies an https server (and presents a client certificate
+	// for mTLS); nil uses the system roots and no client certificate.
+	// See ClientTLS.
+	TLS *tls.Config
+}
+
+// NewClientWith is NewClient with TLS settings.
+func NewClientWith(addr string, o ClientOptions) (*Client, error) {
 	c := &Client{addr: addr}
 	switch {
 	case strings.HasPrefix(addr, "unix:") || strings.HasPrefix(addr, "/"):
@@ -55,19 +72,29 @@ func NewClient(addr, token string) (*Client, error) {
 			},
 			MaxIdleConns: 4,
 		}}
-	case strings.HasPrefix(addr, "http://"):
+	case strings.HasPrefix(addr, "http://"), strings.HasPrefix(addr, "https://"):
 		u, err := url.Parse(addr)
 		if err != nil || u.Host == "" || (u.Path != "" && u.Path != "/") || u.RawQuery != "" {
-			return nil, fmt.Errorf("api address %q: want http://host:port", addr)
+			return nil, fmt.Errorf("api address %q: want https://host:port", addr)
 		}
-		if token == "" {
+		if o.Token == "" {
 			return nil, fmt.Errorf("api address %s: TCP needs a bearer token (--token, --token-file or XESP_TOKEN)", addr)
 		}
-		c.base = "http://" + u.Host
-		c.hc = &http.Client{Transport: &http.Transport{MaxIdleConns: 4}}
-		c.token = token
+		tr := &http.Transport{MaxIdleConns: 4, MaxIdleConnsPerHost: 4, TLSHandshakeTimeout: 10 * time.Second}
+		if u.Scheme == "https" {
+			cfg := o.TLS
+			if cfg == nil {
+				cfg = &tls.Config{MinVersion: tls.VersionTLS12}
+			}
+			tr.TLSClientConfig = cfg.Clone()
+		} else if o.TLS != nil {
+			return nil, fmt.Errorf("api address %s: TLS settings given for plain http: use https://", addr)
+		}
+		c.base = u.Scheme + "://" + u.Host
+		c.hc = &http.Client{Transport: tr}
+		c.token = o.Token
 	default:
-		return nil, fmt.Errorf("api address %q: want unix:/path or http://host:port", addr)
+		return nil, fmt.Errorf("api address %q: want unix:/path or https://host:port", addr)
 	}
 	c.hc.Timeout = time.Minute
 	return c, nil

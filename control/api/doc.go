@@ -12,8 +12,11 @@
 //
 // A Unix socket (mode 0600; the file's permissions are the
 // authentication, so requests there carry no token) and, optionally, a
-// TCP listener that is served only when a bearer token is configured;
-// every TCP request must carry `Authorization: Bearer <token>`.
+// TCP listener: TLS 1.2+ (tls.go; plain HTTP only when insecure and on
+// loopback), optionally mTLS, capped in connections overall and per
+// source before any handshake (limits.go), and every request must carry
+// `Authorization: Bearer <token>`: the admin token, or the read-only one
+// for GET and HEAD (auth.go). docs/api.md, "Authentication and TLS".
 //
 // # Endpoints
 //
@@ -43,9 +46,11 @@
 // Request bodies must be `application/json` and at most 64 KiB. Errors are
 // `{"error": "..."}` (plus "errors": [...] when there are several), with
 // the SA format's messages (`sa "ue1-in": enc_key: ...`). Status codes:
-// 400 malformed or invalid input, 401 missing or wrong token (TCP), 404 no
+// 400 malformed or invalid input, 401 missing or wrong token (TCP), 403
+// the read-only token on a method that changes something, 404 no
 // such SA, 405 wrong method, 409 the SA exists already, an outbound SPI
-// names several SAs or another rekey already replaced it, 413 body too large, 415 not JSON, 507 SA table full.
+// names several SAs, selectors overlap another SA's, or another rekey
+// already replaced it, 413 body too large, 415 not JSON, 507 SA table full.
 //
 // # SA references
 //

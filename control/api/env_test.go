@@ -113,7 +113,9 @@ func newEnvChecked(t *testing.T, withTCP bool, maxSAs int, check func(*sa.SA) er
 	e.dp.ok.Store(true)
 	cfg := config.API{Unix: e.sock}
 	if withTCP {
+		// Plain HTTP on loopback (api.insecure); tls_test.go covers TLS.
 		cfg.TCP = "127.0.0.1:0"
+		cfg.Insecure = true
 		cfg.BearerToken = sa.Secret(testToken)
 	}
 	e.srv, err = New(Options{SAD: d, DataPath: e.dp, API: cfg, CorePool: netip.MustParsePrefix("100.64.0.0/10"), Check: check})

@@ -371,6 +371,10 @@ func from(r *http.Request) string {
 	if strings.HasPrefix(r.RemoteAddr, "@") || r.RemoteAddr == "" {
 		return "unix"
 	}
+	if r.TLS != nil && len(r.TLS.PeerCertificates) > 0 {
+		// mTLS: the client certificate says who, the address where.
+		return r.RemoteAddr + " cn=" + r.TLS.PeerCertificates[0].Subject.CommonName
+	}
 	return r.RemoteAddr
 }
 

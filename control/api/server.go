@@ -3,7 +3,6 @@ package api
 import (
 	"context"
 	"crypto/sha256"
-	"crypto/subtle"
 	"errors"
 	"fmt"
 	"io"
@@ -11,7 +10,6 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
-	"strings"
 	"sync"
 	"time"
 
@@ -61,6 +59,27 @@ type Options struct {
 	// the API adds, updates, rekeys in or derives for sec-agree passes
 	// it first; nil accepts whatever sa.Parse accepts.
 	Check func(*sa.SA) error
+	// TLSPoll is how often the TLS files are checked for a change (0:
+	// DefaultTLSPoll).
+	TLSPoll time.Duration
+	// Timeouts guard against slow clients; zero fields take
+	// DefaultTimeouts' values.
+	Timeouts Timeouts
+}
+
+// Timeouts of every connection (both listeners): reading a request's
+// header (and, on TLS, the handshake), reading the whole request,
+// writing the response, and an idle keep-alive connection.
+type Timeouts struct {
+	ReadHeader, Read, Write, Idle time.Duration
+}
+
+// DefaultTimeouts are the server's timeouts when Options leaves them 0.
+var DefaultTimeouts = Timeouts{
+	ReadHeader: 10 * time.Second,
+	Read:       30 * time.Second,
+	Write:      2 * time.Minute, // a 10000-SA page to a slow reader
+	Idle:       2 * time.Minute,
 }
 
 // Server is the control API. Create it with New, then Listen (optional:
@@ -76,18 +95,26 @@ type Server struct {
 	// tokenSum is the SHA-256 of the bearer token: comparing fixed-size
 	// digests in constant time hides the token's length as well.
 	tokenSum [sha256.Size]byte
+	// readSum is the read-only token's digest; hasRead is 1 when there
+	// is one (so an all-zero digest never matches an empty slot).
+	readSum  [sha256.Size]byte
+	hasRead  int
 	policy   secagree.Policy
 	nattPort uint16
 	// pool allocates core addresses; coreMu serialises an allocation
 	// with the add that takes the address, so two requests never get the
 	// same one.
-	pool   *corepool.Pool
-	coreMu sync.Mutex
+	pool     *corepool.Pool
+	coreMu   sync.Mutex
 	check    func(*sa.SA) error
+	tls      *tlsState // nil: plain TCP (loopback, insecure) or no TCP
+	tlsPoll  time.Duration
+	timeouts Timeouts
 
-	mu   sync.Mutex
-	unix *unixSocket
-	tcp  net.Listener
+	mu    sync.Mutex
+	unix  *unixSocket
+	tcp   net.Listener
+	limit *limitListener
 }
 
 // New checks the options and builds the server; it opens nothing.
@@ -104,7 +131,18 @@ func New(o Options) (*Server, error) {
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
-	s := &Server{sad: o.SAD, dp: o.DataPath, ev: o.Events, api: o.API, log: o.Log, started: time.Now(), policy: secagree.DefaultPolicy(), check: o.Check}
+	s := &Server{sad: o.SAD, dp: o.DataPath, ev: o.Events, api: o.API, log: o.Log, started: time.Now(), policy: secagree.DefaultPolicy(), tlsPoll: o.TLSPoll, timeouts: o.Timeouts, check: o.Check}
+	for _, p := range []struct{ v, def *time.Duration }{{&s.timeouts.ReadHeader, &DefaultTimeouts.ReadHeader},
+		{&s.timeouts.Read, &DefaultTimeouts.Read}, {&s.timeouts.Write, &DefaultTimeouts.Write}, {&s.timeouts.Idle, &DefaultTimeouts.Idle}} {
+		if *p.v <= 0 {
+			*p.v = *p.def
+		}
+	}
+	if o.API.TCP != "" {
+		if err := s.checkTransport(); err != nil {
+			return nil, err
+		}
+	}
 	if o.SecAgree != nil {
 		s.policy = *o.SecAgree
 	}
@@ -121,6 +159,9 @@ func New(o Options) (*Server, error) {
 	}
 	if len(o.API.BearerToken) > 0 {
 		s.tokenSum = sha256.Sum256(o.API.BearerToken)
+	}
+	if len(o.API.ReadBearerToken) > 0 {
+		s.readSum, s.hasRead = sha256.Sum256(o.API.ReadBearerToken), 1
 	}
 	s.routes()
 	return s, nil
@@ -154,6 +195,7 @@ func (s *Server) Listen() (err error) {
 			}
 			return fmt.Errorf("api: listen tcp %s: %w", s.api.TCP, err)
 		}
+		s.tcp = s.wrapTCP(s.tcp)
 	}
 	return nil
 }
@@ -194,10 +236,10 @@ func (s *Server) Serve(ctx context.Context) error {
 	mk := func(h http.Handler) *http.Server {
 		return &http.Server{
 			Handler:           h,
-			ReadHeaderTimeout: 10 * time.Second,
-			ReadTimeout:       30 * time.Second,
-			WriteTimeout:      2 * time.Minute, // a 10000-SA page to a slow reader
-			IdleTimeout:       2 * time.Minute,
+			ReadHeaderTimeout: s.timeouts.ReadHeader,
+			ReadTimeout:       s.timeouts.Read,
+			WriteTimeout:      s.timeouts.Write,
+			IdleTimeout:       s.timeouts.Idle,
 			MaxHeaderBytes:    16 << 10,
 			ErrorLog:          errLog,
 		}
@@ -207,6 +249,11 @@ func (s *Server) Serve(ctx context.Context) error {
 	}
 	if tcp != nil {
 		all = append(all, served{mk(s.AuthHandler()), tcp})
+		if s.tls != nil {
+			wctx, cancel := context.WithCancel(ctx)
+			defer cancel()
+			go s.tls.watch(wctx, s.tlsPoll)
+		}
 	}
 
 	errc := make(chan error, len(all))
@@ -257,24 +304,6 @@ func (s *Server) Serve(ctx context.Context) error {
 	}
 	s.mu.Unlock()
 	return first
-}
-
-// authenticated requires the bearer token, then serves the API.
-func (s *Server) authenticated(w http.ResponseWriter, r *http.Request) {
-	h := r.Header.Get("Authorization")
-	scheme, tok, ok := strings.Cut(h, " ")
-	if h == "" {
-		w.Header().Set("WWW-Authenticate", `Bearer realm="xesp"`)
-		writeError(w, http.StatusUnauthorized, "authorization: a bearer token is required on TCP")
-		return
-	}
-	sum := sha256.Sum256([]byte(strings.TrimSpace(tok)))
-	if !ok || !strings.EqualFold(scheme, "Bearer") || subtle.ConstantTimeCompare(sum[:], s.tokenSum[:]) != 1 {
-		w.Header().Set("WWW-Authenticate", `Bearer realm="xesp", error="invalid_token"`)
-		writeError(w, http.StatusUnauthorized, "authorization: invalid bearer token")
-		return
-	}
-	s.mux.ServeHTTP(w, r)
 }
 
 // drain reads what is left of a body so the connection can be reused.

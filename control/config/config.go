@@ -67,6 +67,9 @@ type Config struct {
 	// SAList holds every SA, validated: the inline ones in order, then
 	// each SA file's in order.
 	SAList []sa.SA `yaml:"-"`
+	// Warnings are problems that do not stop the daemon (key files
+	// others can read); it logs each at start.
+	Warnings []string `yaml:"-"`
 }
 
 // Public is the untrusted side facing the phones.
@@ -120,14 +123,32 @@ type UMEM struct {
 }
 
 // API is the control API's listeners. An empty Unix disables the socket;
-// TCP is off unless set, and then needs a bearer token.
+// TCP is off unless set, and then needs TLS (or, on a loopback address
+// only, Insecure) and a bearer token (see security.go).
 type API struct {
 	Unix      string `yaml:"unix"`
 	TCP       string `yaml:"tcp,omitempty"`
 	Token     string `yaml:"token,omitempty"`
 	TokenFile string `yaml:"token_file,omitempty"` // relative to the config
-	// BearerToken is the token from Token or TokenFile.
-	BearerToken sa.Secret `yaml:"-"`
+	// ReadToken / ReadTokenFile give a read-only credential: health,
+	// stats, SA listings (never keys) and events, no changes.
+	ReadToken     string `yaml:"read_token,omitempty"`
+	ReadTokenFile string `yaml:"read_token_file,omitempty"`
+	// TLS serves TCP over TLS 1.2+; required unless Insecure.
+	TLS *APITLS `yaml:"tls,omitempty"`
+	// Insecure serves plain HTTP on TCP; accepted only for a loopback
+	// address (tests, a local sidecar).
+	Insecure bool `yaml:"insecure,omitempty"`
+	// MaxConns and MaxConnsPerSource cap the TCP listener's concurrent
+	// connections (before any authentication), so a flood cannot take
+	// the file descriptors the data path, the Unix socket and the state
+	// snapshots need.
+	MaxConns          int `yaml:"max_conns,omitempty"`
+	MaxConnsPerSource int `yaml:"max_conns_per_source,omitempty"`
+	// BearerToken is the admin token from Token or TokenFile;
+	// ReadBearerToken the read-only one.
+	BearerToken     sa.Secret `yaml:"-"`
+	ReadBearerToken sa.Secret `yaml:"-"`
 }
 
 // Metrics is the Prometheus listener; an empty Listen disables it.
@@ -176,7 +197,7 @@ func Defaults() Config {
 		// rate is an attack or a broken peer. 1000 failures a second cost a
 		// worker about 0.3 ms of verification a second.
 		Public:  Public{Flood: Flood{SA: Budget{Rate: 1000, Burst: 1000}, Source: Budget{Rate: 1000, Burst: 1000}}},
-		API:     API{Unix: "/run/xesp/api.sock"},
+		API:     API{Unix: "/run/xesp/api.sock", MaxConns: DefaultMaxConns, MaxConnsPerSource: DefaultMaxConnsPerSource},
 		Metrics: Metrics{Listen: "127.0.0.1:9109"},
 	}
 }
@@ -321,6 +342,7 @@ func (c *Config) validate() []error {
 	c.validateSAs(&errs)
 	c.validateEtcd(&errs)
 	c.validateFlood(&errs)
+	c.warnPermissions()
 	return errs
 }
 
@@ -445,38 +467,62 @@ func (c *Config) validateAPI(errs *errList) {
 	a := &c.API
 	absPath(errs, "api.unix", a.Unix, true)
 	if a.TCP == "" {
-		if a.Token != "" || a.TokenFile != "" {
+		if a.Token != "" || a.TokenFile != "" || a.ReadToken != "" || a.ReadTokenFile != "" {
 			errs.add("api.token", "set but api.tcp is not: the unix socket is guarded by its file mode, not a token")
+		}
+		if a.TLS != nil {
+			errs.add("api.tls", "set but api.tcp is not: the unix socket needs no TLS")
 		}
 		return
 	}
 	if err := checkListen(a.TCP); err != nil {
 		errs.add("api.tcp", "%v", err)
 	}
-	switch {
-	case a.Token != "" && a.TokenFile != "":
-		errs.add("api.token", "give token or token_file, not both")
-	case a.Token == "" && a.TokenFile == "":
+	c.validateAPITransport(errs)
+	if a.Token == "" && a.TokenFile == "" {
 		errs.add("api.tcp", "needs api.token or api.token_file: the TCP listener only serves bearer-token requests")
-	case a.Token != "":
-		if len(a.Token) < minTokenLen {
-			errs.add("api.token", "too short: at least %d characters", minTokenLen)
-			return
+	} else {
+		a.BearerToken = c.token(errs, "api.token", a.Token, "api.token_file", a.TokenFile)
+	}
+	if a.ReadToken != "" || a.ReadTokenFile != "" {
+		a.ReadBearerToken = c.token(errs, "api.read_token", a.ReadToken, "api.read_token_file", a.ReadTokenFile)
+		if len(a.ReadBearerToken) > 0 && bytes.Equal(a.ReadBearerToken, a.BearerToken) {
+			errs.add("api.read_token", "equals the admin token: give the read-only credential its own value")
 		}
-		a.BearerToken = sa.Secret(a.Token)
+	}
+}
+
+// token reads one bearer token, inline or from a file (which must not be
+// readable by group or others).
+func (c *Config) token(errs *errList, field, inline, fileField, file string) sa.Secret {
+	switch {
+	case inline != "" && file != "":
+		errs.add(field, "give %s or %s, not both", field, fileField)
+	case inline != "":
+		if len(inline) < minTokenLen {
+			errs.add(field, "too short: at least %d characters", minTokenLen)
+			return nil
+		}
+		return sa.Secret(inline)
 	default:
-		tok, err := readSmallFile(c.resolve(a.TokenFile), maxTokenFile)
+		path := c.resolve(file)
+		if err := privateFile(path); err != nil {
+			errs.add(fileField, "%v", err)
+			return nil
+		}
+		tok, err := readSmallFile(path, maxTokenFile)
 		if err != nil {
-			errs.add("api.token_file", "%v", err)
-			return
+			errs.add(fileField, "%v", err)
+			return nil
 		}
 		tok = bytes.TrimSpace(tok)
 		if len(tok) < minTokenLen {
-			errs.add("api.token_file", "%s: token too short: at least %d characters", c.resolve(a.TokenFile), minTokenLen)
-			return
+			errs.add(fileField, "%s: token too short: at least %d characters", path, minTokenLen)
+			return nil
 		}
-		a.BearerToken = sa.Secret(tok)
+		return sa.Secret(tok)
 	}
+	return nil
 }
 
 func readSmallFile(path string, limit int64) ([]byte, error) {
@@ -630,6 +676,9 @@ func (c *Config) Effective() ([]byte, error) {
 	}
 	if r.API.Token != "" {
 		r.API.Token = "[redacted]"
+	}
+	if r.API.ReadToken != "" {
+		r.API.ReadToken = "[redacted]"
 	}
 	var buf bytes.Buffer
 	fmt.Fprintf(&buf, "# effective configuration")

@@ -51,7 +51,7 @@ func TestMinimalGetsDefaults(t *testing.T) {
 	d := Defaults()
 	if c.Workers != min(runtime.NumCPU(), 64) || c.Workers != d.Workers || c.NATTPort != 4500 || c.XDPMode != "native" ||
 		c.PinDir != "/sys/fs/bpf/xesp" || c.MaxSAs != 1048576 || c.StateDir != "/var/lib/xesp" ||
-		!reflect.DeepEqual(c.API, API{Unix: "/run/xesp/api.sock"}) || c.Metrics.Listen != "127.0.0.1:9109" ||
+		!reflect.DeepEqual(c.API, API{Unix: "/run/xesp/api.sock", MaxConns: DefaultMaxConns, MaxConnsPerSource: DefaultMaxConnsPerSource}) || c.Metrics.Listen != "127.0.0.1:9109" ||
 		c.UMEM != (UMEM{Frames: 16384, FrameSize: 4096, FillRing: 8192, CompletionRing: 8192, RXRing: 8192, TXRing: 8192}) ||
 		c.SlowPath != (SlowPath{}) || len(c.SAList) != 0 {
 		t.Errorf("defaults not applied: %+v", c)
@@ -93,6 +93,7 @@ state_dir: /tmp/xesp-state
 api:
   unix: /tmp/xesp.sock
   tcp: 127.0.0.1:8443
+  insecure: true
   token_file: api.token
 metrics:
   listen: ""
@@ -225,11 +226,15 @@ func TestRejections(t *testing.T) {
 			`config xesp.yaml: public.addresses[3]: "x" is not an IP address`,
 			"config xesp.yaml: private.next_hop_mac: ff:ff:ff:ff:ff:ff is a multicast or broadcast address",
 		}},
-		{"tcp without token", minimal + "api: {tcp: 127.0.0.1:8443}\n", []string{
+		{"tcp without token", minimal + "api: {tcp: 127.0.0.1:8443, insecure: true}\n", []string{
 			"config xesp.yaml: api.tcp: needs api.token or api.token_file: the TCP listener only serves bearer-token requests"}},
-		{"short token", minimal + "api: {tcp: \"[::1]:8443\", token: abc}\n", []string{"config xesp.yaml: api.token: too short: at least 16 characters"}},
-		{"short token file", minimal + "api: {tcp: \":8443\", token_file: short.token}\n", []string{
+		{"short token", minimal + "api: {tcp: \"[::1]:8443\", insecure: true, token: abc}\n", []string{"config xesp.yaml: api.token: too short: at least 16 characters"}},
+		{"short token file", minimal + "api: {tcp: \"localhost:8443\", insecure: true, token_file: short.token}\n", []string{
 			"config xesp.yaml: api.token_file: short.token: token too short: at least 16 characters"}},
+		{"plain tcp", minimal + "api: {tcp: \":8443\", token: 0123456789abcdef0}\n", []string{
+			"config xesp.yaml: api.tcp: needs api.tls (cert and key): the API carries SA keys; plain HTTP is accepted only with api.insecure: true on a loopback address"}},
+		{"insecure off loopback", minimal + "api: {tcp: \"0.0.0.0:8443\", insecure: true, token: 0123456789abcdef0}\n", []string{
+			"config xesp.yaml: api.insecure: 0.0.0.0:8443 is not a loopback address: plain HTTP is refused off the host (use api.tls)"}},
 		{"token without tcp", minimal + "api: {token: 0123456789abcdef0}\n", []string{
 			"config xesp.yaml: api.token: set but api.tcp is not: the unix socket is guarded by its file mode, not a token"}},
 		{"relative unix", minimal + "api: {unix: api.sock}\nmetrics: {listen: 9109}\n", []string{

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/xesp/xesp/control/kek"
 	"github.com/xesp/xesp/control/sa"
 )
 
@@ -34,6 +35,26 @@ type Etcd struct {
 	// controller watches: it vanishes this long after the gateway dies.
 	LivenessTTL string `yaml:"liveness_ttl,omitempty"`
 
+	// TLS is required for https endpoints' client certificate and CA;
+	// Username with PasswordFile logs in with etcd's own auth.
+	TLS          *EtcdTLS `yaml:"tls,omitempty"`
+	Username     string   `yaml:"username,omitempty"`
+	PasswordFile string   `yaml:"password_file,omitempty"`
+	// Insecure allows http:// endpoints (a lab): SA keys and the etcd
+	// password would cross the network in clear.
+	Insecure bool `yaml:"insecure,omitempty"`
+	// KEKFile is the key-encryption key file SA records in etcd are
+	// sealed under (control/kek). Required unless Insecure.
+	KEKFile string `yaml:"kek_file,omitempty"`
+
+	// Password is read from PasswordFile; KEKPath is KEKFile resolved.
+	Password sa.Secret `yaml:"-"`
+	KEKPath  string    `yaml:"-"`
+	KEK      *kek.Ring `yaml:"-"`
+	// NoKEKNeeded lets a tool that never reads or writes SA values
+	// (fleet list, move) go without kek_file.
+	NoKEKNeeded bool `yaml:"-"`
+
 	// Dial is DialTimeout parsed (default 5s); TTL is LivenessTTL
 	// parsed (default 5s).
 	Dial time.Duration `yaml:"-"`
@@ -54,13 +75,14 @@ func (c *Config) validateEtcd(errs *errList) {
 		return
 	}
 	if len(e.Endpoints) == 0 {
-		errs.add("etcd.endpoints", "at least one endpoint is required (e.g. http://127.0.0.1:2379)")
+		errs.add("etcd.endpoints", "at least one endpoint is required (e.g. https://127.0.0.1:2379)")
 	}
 	for i, ep := range e.Endpoints {
-		if err := checkEndpoint(ep); err != nil {
+		if err := checkEndpoint(ep, e.Insecure); err != nil {
 			errs.add(fmt.Sprintf("etcd.endpoints[%d]", i), "%v", err)
 		}
 	}
+	c.validateEtcdSecurity(errs)
 	if !etcdNode.MatchString(e.Node) {
 		errs.add("etcd.node", "%q: want 1..63 letters, digits, '.', '_' or '-', starting with a letter or digit", e.Node)
 	}
@@ -102,17 +124,19 @@ func (c *Config) validateEtcd(errs *errList) {
 	}
 }
 
-// checkEndpoint accepts http://host:port or bare host:port. TLS endpoints
-// are refused until the config can name certificates.
-func checkEndpoint(ep string) error {
+// checkEndpoint accepts https://host:port, and http://host:port or bare
+// host:port only when insecure (a lab).
+func checkEndpoint(ep string, insecure bool) error {
 	hostport := ep
+	scheme := "http"
 	if strings.Contains(ep, "://") {
 		u, err := url.Parse(ep)
 		if err != nil {
 			return fmt.Errorf("%q: %v", ep, err)
 		}
-		if u.Scheme != "http" {
-			return fmt.Errorf("%q: scheme %q: only http is supported (no TLS settings yet)", ep, u.Scheme)
+		scheme = u.Scheme
+		if scheme != "http" && scheme != "https" {
+			return fmt.Errorf("%q: scheme %q: want https (or http with etcd.insecure)", ep, u.Scheme)
 		}
 		if (u.Path != "" && u.Path != "/") || u.RawQuery != "" || u.User != nil {
 			return fmt.Errorf("%q: want scheme://host:port and nothing else", ep)
@@ -126,7 +150,62 @@ func checkEndpoint(ep string) error {
 	if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
 		return fmt.Errorf("%q: port must be a number 1..65535", ep)
 	}
+	if scheme == "http" && !insecure {
+		return fmt.Errorf("%q: plain http carries SA keys and credentials in clear: use https://, or set etcd.insecure: true for a lab", ep)
+	}
 	return nil
+}
+
+// validateEtcdSecurity checks etcd.tls, the credentials and the KEK.
+func (c *Config) validateEtcdSecurity(errs *errList) {
+	e := c.Etcd
+	if t := e.TLS; t != nil {
+		if t.CA != "" {
+			t.CAPath = c.resolve(t.CA)
+			if _, err := LoadCertPool(t.CAPath); err != nil {
+				errs.add("etcd.tls.ca", "%v", err)
+			}
+		}
+		switch {
+		case (t.Cert == "") != (t.Key == ""):
+			errs.add("etcd.tls", "cert and key go together")
+		case t.Cert != "":
+			t.CertPath, t.KeyPath = c.resolve(t.Cert), c.resolve(t.Key)
+			if err := CheckKeyPair(t.CertPath, t.KeyPath); err != nil {
+				errs.add("etcd.tls", "%v", err)
+			}
+		}
+	}
+	switch {
+	case (e.Username == "") != (e.PasswordFile == ""):
+		errs.add("etcd.username", "username and password_file go together")
+	case e.PasswordFile != "":
+		p := c.resolve(e.PasswordFile)
+		if err := privateFile(p); err != nil {
+			errs.add("etcd.password_file", "%v", err)
+			break
+		}
+		b, err := readSmallFile(p, maxTokenFile)
+		if err != nil {
+			errs.add("etcd.password_file", "%v", err)
+			break
+		}
+		e.Password = sa.Secret(strings.TrimSpace(string(b)))
+		if len(e.Password) == 0 {
+			errs.add("etcd.password_file", "%s is empty", p)
+		}
+	}
+	switch {
+	case e.KEKFile != "":
+		e.KEKPath = c.resolve(e.KEKFile)
+		r, err := kek.Load(e.KEKPath)
+		if err != nil {
+			errs.add("etcd.kek_file", "%v", err)
+		}
+		e.KEK = r
+	case !e.Insecure && !e.NoKEKNeeded:
+		errs.add("etcd.kek_file", "required: SA keys are stored in etcd sealed under this key-encryption key (only etcd.insecure, for a lab, stores them in clear)")
+	}
 }
 
 // CheckSA is the one set of gateway checks every source of SAs gets: the

@@ -9,7 +9,7 @@ import (
 )
 
 func TestEtcdSection(t *testing.T) {
-	c, err := Parse([]byte(minimal+"etcd: {endpoints: [http://10.1.1.1:2379, 'etcd2:2379'], node: gw-a.1}\n"), "x.yaml")
+	c, err := Parse([]byte(minimal+"etcd: {endpoints: [http://10.1.1.1:2379, 'etcd2:2379'], node: gw-a.1, insecure: true}\n"), "x.yaml")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -17,7 +17,7 @@ func TestEtcdSection(t *testing.T) {
 	if e.Prefix != DefaultEtcdPrefix || e.Dial != 5*time.Second || e.TTL != 5*time.Second || !e.SequenceInEtcd() || e.Node != "gw-a.1" {
 		t.Fatalf("defaults: %+v", e)
 	}
-	c, err = Parse([]byte(minimal+"etcd: {endpoints: [127.0.0.1:2379], node: n, prefix: /carrier/x, dial_timeout: 2s, sequence: false, liveness_ttl: 2s}\n"), "")
+	c, err = Parse([]byte(minimal+"etcd: {endpoints: [127.0.0.1:2379], node: n, insecure: true, prefix: /carrier/x, dial_timeout: 2s, sequence: false, liveness_ttl: 2s}\n"), "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -28,7 +28,7 @@ func TestEtcdSection(t *testing.T) {
 		t.Fatal("no etcd section, yet sequence in etcd")
 	}
 	// The effective view round-trips.
-	c, _ = Parse([]byte(minimal+"etcd: {endpoints: [127.0.0.1:2379], node: n}\n"), "")
+	c, _ = Parse([]byte(minimal+"etcd: {endpoints: [127.0.0.1:2379], node: n, insecure: true}\n"), "")
 	out, err := c.Effective()
 	if err != nil || !strings.Contains(string(out), "prefix: /xesp") {
 		t.Fatalf("effective: %v\n%s", err, out)
@@ -40,7 +40,12 @@ func TestEtcdRejections(t *testing.T) {
 		{"{node: n}", "etcd.endpoints: at least one endpoint"},
 		{"{endpoints: [], node: n}", "etcd.endpoints: at least one endpoint"},
 		{"{endpoints: ['127.0.0.1'], node: n}", "etcd.endpoints[0]: \"127.0.0.1\": want host:port"},
-		{"{endpoints: ['https://a:2379'], node: n}", "etcd.endpoints[0]: \"https://a:2379\": scheme \"https\""},
+		{"{endpoints: ['ftp://a:2379'], node: n}", "etcd.endpoints[0]: \"ftp://a:2379\": scheme \"ftp\""},
+		{"{endpoints: ['http://a:2379'], node: n, kek_file: /nonexistent}", "etcd.endpoints[0]: \"http://a:2379\": plain http carries SA keys"},
+		{"{endpoints: ['https://a:2379'], node: n}", "etcd.kek_file: required"},
+		{"{endpoints: ['https://a:2379'], node: n, kek_file: /nonexistent}", "etcd.kek_file: kek: open /nonexistent"},
+		{"{endpoints: ['https://a:2379'], node: n, username: u}", "etcd.username: username and password_file go together"},
+		{"{endpoints: ['https://a:2379'], node: n, tls: {cert: c}}", "etcd.tls: cert and key go together"},
 		{"{endpoints: ['http://a:2379/v3'], node: n}", "etcd.endpoints[0]"},
 		{"{endpoints: ['a:0'], node: n}", "etcd.endpoints[0]: \"a:0\": port must be"},
 		{"{endpoints: ['a:1', 'b'], node: n}", "etcd.endpoints[1]"},
@@ -51,7 +56,7 @@ func TestEtcdRejections(t *testing.T) {
 		{"{endpoints: ['a:1'], node: n, prefix: /a//b}", "etcd.prefix"},
 		{"{endpoints: ['a:1'], node: n, dial_timeout: 5}", "etcd.dial_timeout: \"5\": want a duration"},
 		{"{endpoints: ['a:1'], node: n, dial_timeout: 1h}", "etcd.dial_timeout: 1h0m0s: must be"},
-		{"{endpoints: ['a:1'], node: n, tls: true}", "unknown field \"tls\""},
+		{"{endpoints: ['a:1'], node: n, tls: true}", "cannot unmarshal !!bool `true` into config.EtcdTLS"},
 		{"{endpoints: ['a:1'], node: n, liveness_ttl: 1500ms}", "etcd.liveness_ttl: 1.5s: must be whole seconds"},
 		{"{endpoints: ['a:1'], node: n, liveness_ttl: x}", "etcd.liveness_ttl: \"x\""},
 	} {

@@ -36,6 +36,7 @@ import (
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/xesp/xesp/control/kek"
 	"github.com/xesp/xesp/control/sa"
 	"github.com/xesp/xesp/control/sad"
 )
@@ -51,6 +52,9 @@ type Options struct {
 	Log   *slog.Logger
 	// Timeout bounds a listing; Retry is the pause after a failed one.
 	Timeout, Retry time.Duration
+	// KEK opens sealed records (seal.go); with it, records in clear are
+	// refused. nil: records must be in clear (a lab's etcd.insecure).
+	KEK *kek.Ring
 }
 
 // Stats count what the source did.
@@ -60,6 +64,12 @@ type Stats struct {
 	Rejected atomic.Uint64 // values that did not parse or did not fit
 	Listings atomic.Uint64 // full listings: 1 at start, +1 per reconnect
 	Revision atomic.Int64  // the etcd revision the SAD reflects
+	// UnknownKey counts records sealed under a key id this gateway's
+	// KEK file lacks; Unsealable those that are in clear where a KEK is
+	// required, sealed where none is configured, or do not authenticate.
+	// Both are also in Rejected.
+	UnknownKey atomic.Uint64
+	Unsealable atomic.Uint64
 }
 
 // Source follows one node's SA directory into a SAD.
@@ -244,6 +254,20 @@ func (s *Source) put(kv *mvccpb.KeyValue) {
 }
 
 func (s *Source) parse(key string, value []byte) (sa.SA, error) {
+	name := strings.TrimPrefix(key, s.dir)
+	value, kid, err := Unseal(s.o.KEK, name, value)
+	if err != nil {
+		if errors.Is(err, kek.ErrUnknownKey) {
+			s.Stats.UnknownKey.Add(1)
+		} else {
+			s.Stats.Unsealable.Add(1)
+		}
+		return sa.SA{}, err
+	}
+	if kid != "" {
+		// The plaintext holds keys: do not keep it past parsing.
+		defer clear(value)
+	}
 	f := sa.YAML
 	if b := bytes.TrimSpace(value); len(b) > 0 && b[0] == '{' {
 		f = sa.JSON

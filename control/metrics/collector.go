@@ -52,6 +52,13 @@ var (
 		"SAs whose flood budget XDP enforced within the last second (GET /v1/floods names them; an SA is not a label).")
 	descFloodFailures = desc("xesp_flood_auth_failures_total",
 		"Failed authentications the workers charged to the flood budgets.")
+	descEtcdRejected = desc("xesp_etcd_sa_records_rejected_total",
+		"SA records from etcd this gateway refused, by reason (unknown_key, unsealable, invalid).",
+		"reason")
+	descAPIConns = desc("xesp_api_tcp_connections",
+		"Connections the API's TCP listener holds now (capped by api.max_conns).")
+	descAPIRefused = desc("xesp_api_tcp_refused_total",
+		"Connections the API's TCP listener closed at accept: their source was at api.max_conns_per_source.")
 	descXDPPackets = desc("xesp_xdp_packets_total",
 		"Packets the XDP programs gave a verdict, by program and reason.",
 		"program", "reason")
@@ -94,6 +101,7 @@ var allDescs = []*prometheus.Desc{
 	descXDPPackets, descXDPBytes, descRing, descFill, descFillEmpty, descRxDropped, descRxFull,
 	descInvalid, descFrames, descSAs, descUptime, descBuild, descSlowPath, descLifetime, descDrained,
 	descFloodActive, descFloodFailures,
+	descEtcdRejected, descAPIConns, descAPIRefused,
 }
 
 // directions are the label values of worker.Stats' two DirStats, in the
@@ -211,6 +219,16 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 			kind, limit, _ := strings.Cut(key, "/")
 			ch <- prometheus.MustNewConstMetric(descLifetime, prometheus.CounterValue, float64(n), kind, limit)
 		}
+	}
+	if c.src.EtcdRejected != nil {
+		for reason, n := range c.src.EtcdRejected() {
+			ch <- prometheus.MustNewConstMetric(descEtcdRejected, prometheus.CounterValue, float64(n), reason)
+		}
+	}
+	if c.src.APIConns != nil {
+		open, refused := c.src.APIConns()
+		ch <- prometheus.MustNewConstMetric(descAPIConns, prometheus.GaugeValue, float64(open))
+		ch <- prometheus.MustNewConstMetric(descAPIRefused, prometheus.CounterValue, float64(refused))
 	}
 	if c.src.SAs != nil {
 		for _, n := range c.src.SAs() {

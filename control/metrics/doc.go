@@ -32,6 +32,9 @@
 //	xesp_xsk_invalid_descs_total      counter    side, queue, worker, ring    XDP_STATISTICS rx/tx_invalid_descs
 //	xesp_umem_frames                  gauge      place                        UMEM.Accounting
 //	xesp_sas                          gauge      direction, state             Sources.SAs
+//	xesp_etcd_sa_records_rejected_total counter  reason                       Sources.EtcdRejected (unknown_key, unsealable, invalid)
+//	xesp_api_tcp_connections          gauge      -                            Sources.APIConns (held now)
+//	xesp_api_tcp_refused_total        counter    -                            Sources.APIConns (closed at accept, source over its share)
 //	xesp_uptime_seconds               gauge      -                            since Sources.Start
 //	xesp_build_info                   gauge      version                      always 1
 //

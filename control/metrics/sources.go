@@ -43,6 +43,14 @@ type Sources struct {
 	// enforced in XDP within the last check) and the failed
 	// authentications charged so far; nil without flood budgets.
 	Flood func() (active int, failures uint64)
+	// EtcdRejected reports the etcd SA records refused, by reason
+	// (unknown_key: sealed under a key id the KEK file lacks; unsealable:
+	// in clear where sealing is required, or not authenticating;
+	// invalid: the rest).
+	EtcdRejected func() map[string]uint64
+	// APIConns reports the API's TCP listener: connections held now and
+	// connections closed at accept for their source's share.
+	APIConns func() (open int64, refused uint64)
 }
 
 // CounterReader is what the collector needs of maps.Counters.

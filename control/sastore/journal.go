@@ -351,6 +351,9 @@ func (s *Store) Append(recs []byte) error {
 	return nil
 }
 
+// SnapshotSize is the snapshot's length in bytes.
+func (s *Store) SnapshotSize() int64 { return s.snapSize }
+
 // JournalSize is the journal's length in bytes.
 func (s *Store) JournalSize() int64 { return s.size }
 

@@ -3,10 +3,16 @@
 // in a test temp directory, killed when the test ends. Stop and Start
 // keep the data directory and ports, so a test can take etcd away and
 // bring it back as an outage would.
+//
+// StartTLS and StartInTLS serve clients over TLS and require a client
+// certificate (--client-cert-auth), with a CA and certificates the test
+// generates (lab/testpki): the way a deployment runs it.
 package etcdtest
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"fmt"
 	"net"
 	"net/http"
@@ -23,6 +29,7 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/xesp/xesp/lab/netns"
+	"github.com/xesp/xesp/lab/testpki"
 )
 
 // Server is one etcd process.
@@ -38,6 +45,13 @@ type Server struct {
 	done       chan struct{}
 	logFile    string
 	startCount int
+
+	// With TLS: the CA that signed the server's and the client's
+	// certificates, and those certificates.
+	CA         *testpki.CA
+	ServerCert testpki.Pair
+	ClientCert testpki.Pair
+	clientTLS  *tls.Config
 }
 
 // Binary is where the etcd binary is looked up.
@@ -53,6 +67,72 @@ func Start(t testing.TB) *Server {
 	s.peerURL = "http://" + freePort(t)
 	s.init()
 	return s
+}
+
+// StartTLS runs etcd for t serving https on 127.0.0.1 and requiring a
+// client certificate signed by s.CA.
+func StartTLS(t testing.TB) *Server {
+	t.Helper()
+	requireBinary(t)
+	s := &Server{t: t, dir: t.TempDir()}
+	s.clientURL = "https://" + freePort(t)
+	s.clientURLs = []string{s.clientURL}
+	s.peerURL = "http://" + freePort(t)
+	s.makeCerts("127.0.0.1")
+	s.init()
+	return s
+}
+
+// StartInTLS is StartIn with StartTLS's https and client certificates.
+func StartInTLS(t testing.TB, ns *netns.NS, hosts ...string) *Server {
+	t.Helper()
+	requireBinary(t)
+	s := &Server{t: t, dir: t.TempDir(), ns: ns, peerURL: "http://127.0.0.1:2380"}
+	for _, h := range hosts {
+		s.clientURLs = append(s.clientURLs, "https://"+net.JoinHostPort(h, "2379"))
+	}
+	s.clientURL = s.clientURLs[0]
+	s.makeCerts(hosts...)
+	s.init()
+	return s
+}
+
+func (s *Server) makeCerts(hosts ...string) {
+	pki := filepath.Join(s.dir, "pki")
+	if err := os.MkdirAll(pki, 0o700); err != nil {
+		s.t.Fatal(err)
+	}
+	s.CA = testpki.New(s.t, pki, "etcd")
+	s.ServerCert = s.CA.Both(s.t, "etcd-server", hosts...)
+	s.ClientCert = s.CA.Client(s.t, "xesp-gateway")
+	cert, err := tls.X509KeyPair(s.ClientCert.CertPEM, s.ClientCert.KeyPEM)
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(s.CA.Cert)
+	s.clientTLS = &tls.Config{RootCAs: pool, Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+}
+
+// TLS reports whether s serves https with client certificates.
+func (s *Server) TLS() bool { return s.CA != nil }
+
+// ConfigTLS is the etcd.tls section of a gateway config for s
+// ("" without TLS).
+func (s *Server) ConfigTLS() string {
+	if !s.TLS() {
+		return ""
+	}
+	return fmt.Sprintf("{ca: %s, cert: %s, key: %s}", s.CA.Path, s.ClientCert.CertPath, s.ClientCert.KeyPath)
+}
+
+// ClientTLS is a client TLS config with the client certificate (nil
+// without TLS).
+func (s *Server) ClientTLS() *tls.Config {
+	if s.clientTLS == nil {
+		return nil
+	}
+	return s.clientTLS.Clone()
 }
 
 // StartIn runs etcd inside ns (a namespace the test made), serving
@@ -148,6 +228,10 @@ func (s *Server) Start() {
 		"--initial-cluster", "t=" + s.peerURL, "--initial-cluster-state", "new",
 		"--listen-metrics-urls", "", "--enable-pprof=false",
 	}
+	if s.TLS() {
+		args = append(args, "--cert-file", s.ServerCert.CertPath, "--key-file", s.ServerCert.KeyPath,
+			"--trusted-ca-file", s.CA.Path, "--client-cert-auth")
+	}
 	var cmd *exec.Cmd
 	if s.ns != nil {
 		cmd = s.ns.Command(Binary, args...)
@@ -164,7 +248,7 @@ func (s *Server) Start() {
 	s.startCount++
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	hc := &http.Client{Transport: &http.Transport{DialContext: s.dial}}
+	hc := &http.Client{Transport: &http.Transport{DialContext: s.dial, TLSClientConfig: s.ClientTLS()}}
 	for {
 		req, _ := http.NewRequestWithContext(ctx, "GET", s.clientURL+"/health", nil)
 		resp, err := hc.Do(req)
@@ -204,7 +288,7 @@ func (s *Server) String() string { return fmt.Sprintf("etcd %s (data %s)", s.cli
 func (s *Server) Client(t testing.TB) *clientv3.Client {
 	t.Helper()
 	cli, err := clientv3.New(clientv3.Config{
-		Endpoints: []string{s.clientURL}, DialTimeout: 2 * time.Second, Logger: zap.NewNop(),
+		Endpoints: []string{s.clientURL}, DialTimeout: 2 * time.Second, Logger: zap.NewNop(), TLS: s.ClientTLS(),
 		DialOptions: []grpc.DialOption{grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) {
 			return s.dial(ctx, "tcp", addr)
 		})},
