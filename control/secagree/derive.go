@@ -195,7 +195,13 @@ func proposalFor(alg, ealg string) (string, error) {
 type Registration struct {
 	// Name labels the SAs (Name + ".in-s" etc.) and is their pair label,
 	// so all four share one worker and one NAT binding.
-	Name           string
+	Name string
+	// Pair, when set, is the pair label instead of Name: a
+	// re-authentication's new set joins the old set's group, so both
+	// live on one worker and share the phone's one NAT binding while
+	// they overlap (the worker finds a phone's outbound SA by ports
+	// among the SAs of its own table).
+	Pair           string
 	Client, Server Mechanism
 	CK, IK         []byte
 	// Local is the gateway's public address, UE the phone's address and
@@ -277,11 +283,15 @@ func Derive(r Registration) ([]DerivedSA, error) {
 		{"out-s", "out", c.SPIS, s.PortC, c.PortS, s.PortC, c.PortS},
 		{"out-c", "out", c.SPIC, s.PortS, c.PortC, s.PortS, c.PortC},
 	}
+	pair := r.Pair
+	if pair == "" {
+		pair = r.Name
+	}
 	out := make([]DerivedSA, 0, len(defs))
 	var errs []error
 	for _, d := range defs {
 		sp := sa.Spec{
-			Name: r.Name + "." + d.role, Pair: r.Name, SPI: sa.SPIOf(d.spi), Direction: d.dir,
+			Name: r.Name + "." + d.role, Pair: pair, SPI: sa.SPIOf(d.spi), Direction: d.dir,
 			Mode: "transport", Proposal: prop, AuthKey: hex.EncodeToString(keys.Auth),
 			Local: r.Local.String(), Peer: r.UE.Addr().String(),
 			Ports: &sa.PortsSpec{Local: d.local, Peer: d.peer},
