@@ -75,6 +75,20 @@ var fuzzPolicies = map[string]bpf.Policy{
 	"2000::/3":         {SaIndex: 16, Worker: 0}, // an eighth of random IPv6 space
 }
 
+// fuzzCores are the private side's exact-match entries (core address,
+// destination port; 0 any port). 2001:db8:99::5 is also inside a trie
+// prefix: the exact entry must win.
+var fuzzCores = []struct {
+	addr string
+	port uint16
+	pol  bpf.Policy
+}{
+	{"100.64.0.1", 5060, bpf.Policy{SaIndex: 20, Worker: 0}},
+	{"100.64.0.1", 0, bpf.Policy{SaIndex: 21, Worker: 0}},
+	{"100.64.0.2", 0, bpf.Policy{SaIndex: 22, Worker: 1}},
+	{"2001:db8:99::5", 5060, bpf.Policy{SaIndex: 23, Worker: 0}},
+}
+
 // fuzzSAs are the public side's SAs: workers 0 (socket), 1 (empty slot) and
 // 5 (beyond the two configured workers).
 var fuzzSAs = map[uint32]bpf.SA{
@@ -109,6 +123,11 @@ func newFuzzHarness(tb testing.TB, private bool) *fuzzHarness {
 	}
 	for p, pol := range fuzzPolicies {
 		if err := set.Policies.Put(netip.MustParsePrefix(p), pol); err != nil {
+			tb.Fatal(err)
+		}
+	}
+	for _, c := range fuzzCores {
+		if err := set.Cores.Put(netip.MustParseAddr(c.addr), c.port, c.pol); err != nil {
 			tb.Fatal(err)
 		}
 	}
@@ -183,7 +202,7 @@ func (h *fuzzHarness) check(tb testing.TB, in []byte) error {
 	}
 
 	switch reason {
-	case bpf.RedirectESPUDP, bpf.RedirectESP, bpf.DropNoXSK, bpf.PrivRedirect, bpf.PrivDropNoXSK:
+	case bpf.RedirectESPUDP, bpf.RedirectESP, bpf.DropNoXSK, bpf.PrivRedirect, bpf.PrivRedirectCorePort, bpf.PrivRedirectCore, bpf.PrivDropNoXSK:
 		h.checkSteered(in, out, metaB, exp, fail)
 	default:
 		if len(metaB) != 0 {
@@ -254,7 +273,7 @@ func reasonVerdict(r bpf.Reason) uint32 {
 		return xdpPass
 	case bpf.DropKeepalive, bpf.DropRunt, bpf.DropBadUDPLen, bpf.DropNoSA, bpf.DropNoXSK, bpf.PrivDropNoXSK:
 		return xdpDrop
-	case bpf.RedirectESPUDP, bpf.RedirectESP, bpf.PrivRedirect:
+	case bpf.RedirectESPUDP, bpf.RedirectESP, bpf.PrivRedirect, bpf.PrivRedirectCorePort, bpf.PrivRedirectCore:
 		return xdpRedirect
 	}
 	return xdpAborted
@@ -368,10 +387,11 @@ func modelPublic(in []byte) (bpf.Reason, expect) {
 	return steer(be.Uint32(in[p:])), exp
 }
 
-// modelPrivate is xesp_private's decision list in Go, with a linear
-// longest-prefix match over fuzzPolicies.
+// modelPrivate is xesp_private's decision list in Go: exact match over
+// fuzzCores (address and destination port, then address and port 0),
+// then a linear longest-prefix match over fuzzPolicies.
 func modelPrivate(in []byte) (bpf.Reason, expect) {
-	l3, _, v4, _, _, nonIP, malformed := modelL3(in)
+	l3, l4, v4, proto, _, nonIP, malformed := modelL3(in)
 	switch {
 	case malformed:
 		return bpf.PrivPassMalformed, expect{}
@@ -379,10 +399,39 @@ func modelPrivate(in []byte) (bpf.Reason, expect) {
 		return bpf.PrivPassNotIP, expect{}
 	}
 	var dst netip.Addr
+	var dport uint16
+	firstFrag := true
 	if v4 {
 		dst = netip.AddrFrom16(netip.AddrFrom4([4]byte(in[l3+16 : l3+20])).As16())
+		firstFrag = binary.BigEndian.Uint16(in[l3+6:])&0x1fff == 0
 	} else {
 		dst = netip.AddrFrom16([16]byte(in[l3+24 : l3+40]))
+	}
+	if firstFrag && (proto == 17 || proto == 6) && l4+8 <= len(in) {
+		dport = binary.BigEndian.Uint16(in[l4+2:])
+	}
+	steered := func(pol bpf.Policy, r bpf.Reason) (bpf.Reason, expect) {
+		exp := expect{l3: l3, kind: bpf.MetaClear, saIndex: pol.SaIndex}
+		if pol.Worker == 0 {
+			return r, exp
+		}
+		return bpf.PrivDropNoXSK, exp
+	}
+	core := func(port uint16) (bpf.Policy, bool) {
+		for _, c := range fuzzCores {
+			if netip.AddrFrom16(netip.MustParseAddr(c.addr).As16()) == dst && c.port == port {
+				return c.pol, true
+			}
+		}
+		return bpf.Policy{}, false
+	}
+	if dport != 0 {
+		if pol, ok := core(dport); ok {
+			return steered(pol, bpf.PrivRedirectCorePort)
+		}
+	}
+	if pol, ok := core(0); ok {
+		return steered(pol, bpf.PrivRedirectCore)
 	}
 	best, found := -1, bpf.Policy{}
 	for s, pol := range fuzzPolicies {
@@ -427,6 +476,7 @@ func fuzzSeeds(tb testing.TB, private bool) [][]byte {
 		return [][]byte{
 			to4("10.99.0.1", false), to4("10.99.0.7", false), to4("10.99.0.200", true), to4("10.98.3.4", false),
 			to4("192.168.1.1", false), to6("2001:db8:99::1"), to6("fe80::1"), to6("::ffff:10.99.0.1"), fuzzARP(tb),
+			to4("100.64.0.1", false), to4("100.64.0.2", true), to6("2001:db8:99::5"),
 		}
 	}
 	esp := func(spi uint32) gopacket.Payload { return espBody(spi, 1, 48) }

@@ -8,6 +8,7 @@ type (
 	SA        = XespXespSa
 	Policy    = XespXespPolicy
 	PolicyKey = XespXespPolicyKey
+	CoreKey   = XespXespCoreKey
 	Config    = XespXespConfig
 	Counter   = XespXespCounter
 	Meta      = XespXespMeta
@@ -52,31 +53,38 @@ const (
 	PrivDropNoXSK     = XespXespReasonXESP_PRIV_DROP_NO_XSK
 	PrivRedirect      = XespXespReasonXESP_PRIV_REDIRECT
 	PrivAborted       = XespXespReasonXESP_PRIV_ABORTED
+	// PrivRedirectCorePort and PrivRedirectCore are exact-match hits in
+	// the cores map, with the destination port and with the any-port
+	// entry; PrivRedirect is a trie hit.
+	PrivRedirectCorePort = XespXespReasonXESP_PRIV_REDIRECT_CORE_PORT
+	PrivRedirectCore     = XespXespReasonXESP_PRIV_REDIRECT_CORE
 )
 
 // reasonNames are the enum names without the XESP_ prefix, lower case: the
 // label values of the verdict metrics. TestReasonNamesMatchBTF keeps them
 // in step with xesp.h.
 var reasonNames = [...]string{
-	PassNotIP:         "pass_not_ip",
-	PassOther:         "pass_other",
-	PassMalformed:     "pass_malformed",
-	PassIKE:           "pass_ike",
-	PassFragment:      "pass_fragment",
-	DropKeepalive:     "drop_keepalive",
-	DropRunt:          "drop_runt",
-	DropBadUDPLen:     "drop_bad_udp_len",
-	DropNoSA:          "drop_no_sa",
-	DropNoXSK:         "drop_no_xsk",
-	RedirectESPUDP:    "redirect_esp_udp",
-	RedirectESP:       "redirect_esp",
-	Aborted:           "aborted",
-	PrivPassNotIP:     "priv_pass_not_ip",
-	PrivPassMalformed: "priv_pass_malformed",
-	PrivPassNoPolicy:  "priv_pass_no_policy",
-	PrivDropNoXSK:     "priv_drop_no_xsk",
-	PrivRedirect:      "priv_redirect",
-	PrivAborted:       "priv_aborted",
+	PassNotIP:            "pass_not_ip",
+	PassOther:            "pass_other",
+	PassMalformed:        "pass_malformed",
+	PassIKE:              "pass_ike",
+	PassFragment:         "pass_fragment",
+	DropKeepalive:        "drop_keepalive",
+	DropRunt:             "drop_runt",
+	DropBadUDPLen:        "drop_bad_udp_len",
+	DropNoSA:             "drop_no_sa",
+	DropNoXSK:            "drop_no_xsk",
+	RedirectESPUDP:       "redirect_esp_udp",
+	RedirectESP:          "redirect_esp",
+	Aborted:              "aborted",
+	PrivPassNotIP:        "priv_pass_not_ip",
+	PrivPassMalformed:    "priv_pass_malformed",
+	PrivPassNoPolicy:     "priv_pass_no_policy",
+	PrivDropNoXSK:        "priv_drop_no_xsk",
+	PrivRedirect:         "priv_redirect",
+	PrivAborted:          "priv_aborted",
+	PrivRedirectCorePort: "priv_redirect_core_port",
+	PrivRedirectCore:     "priv_redirect_core",
 }
 
 // String returns the metric label of the reason, e.g. "drop_no_sa".

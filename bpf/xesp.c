@@ -56,6 +56,14 @@ struct {
 } policies SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 1 << 20);
+	__type(key, struct xesp_core_key);
+	__type(value, struct xesp_policy);
+} cores SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
@@ -88,6 +96,7 @@ struct {
 #define ETH_P_8021AD_ 0x88A8
 #define IPPROTO_ESP_ 50
 #define IPV6_FRAGMENT_ 44
+#define IPPROTO_TCP_ 6
 #define IP_MF_ 0x2000
 #define IP_OFFMASK_ 0x1fff
 #define UDP_HLEN 8
@@ -450,6 +459,44 @@ int xesp_public(struct xdp_md *ctx)
 	return verdict(pkt_len, XESP_REDIRECT_ESP_UDP, XDP_REDIRECT);
 }
 
+/* Destination port of a UDP or TCP packet whose L4 header follows at the
+ * cursor, network byte order; 0 when there is none to read (other
+ * protocols, non-first fragments, truncated). Ports never decide alone:
+ * the worker checks the SA's selectors again. */
+static __always_inline __be16 l4_dport(struct hdr_cursor *nh, void *data_end, int proto)
+{
+	struct udphdr *h = nh->pos; /* the ports sit at the same offsets in TCP */
+
+	if (proto != IPPROTO_UDP && proto != IPPROTO_TCP_)
+		return 0;
+	if ((void *)(h + 1) > data_end)
+		return 0;
+	return h->dest;
+}
+
+/* The exact-match step: (core address, port), then (core address, any
+ * port). NULL when neither is there: the trie decides. */
+static __always_inline struct xesp_policy *lookup_core(struct xesp_policy_key *key, __be16 dport,
+							enum xesp_reason *reason)
+{
+	struct xesp_core_key ck = {.port = dport};
+	struct xesp_policy *pol;
+
+	__builtin_memcpy(ck.addr, key->addr, sizeof(ck.addr));
+	if (dport) {
+		pol = bpf_map_lookup_elem(&cores, &ck);
+		if (pol) {
+			*reason = XESP_PRIV_REDIRECT_CORE_PORT;
+			return pol;
+		}
+		ck.port = 0;
+	}
+	pol = bpf_map_lookup_elem(&cores, &ck);
+	if (pol)
+		*reason = XESP_PRIV_REDIRECT_CORE;
+	return pol;
+}
+
 SEC("xdp.frags")
 int xesp_private(struct xdp_md *ctx)
 {
@@ -460,10 +507,12 @@ int xesp_private(struct xdp_md *ctx)
 	 * included: IP lengths are checked against it, counters count it. */
 	__u32 pkt_len = bpf_xdp_get_buff_len(ctx);
 	struct xesp_policy_key key = {.prefixlen = 128};
+	enum xesp_reason reason = XESP_PRIV_REDIRECT;
 	struct iphdr *iph;
 	struct ipv6hdr *ip6h;
 	struct xesp_policy *pol;
 	struct xesp_config cfg;
+	__be16 dport = 0;
 	__u32 l3_off;
 	int proto;
 
@@ -473,19 +522,29 @@ int xesp_private(struct xdp_md *ctx)
 	l3_off = nh.pos - data;
 
 	if (proto == bpf_htons(ETH_P_IP)) {
-		if (parse_iphdr(&nh, data_end, pkt_len - l3_off, &iph) < 0)
+		proto = parse_iphdr(&nh, data_end, pkt_len - l3_off, &iph);
+		if (proto < 0)
 			return verdict(pkt_len, XESP_PRIV_PASS_MALFORMED, XDP_PASS);
 		key.addr[10] = 0xff;
 		key.addr[11] = 0xff;
 		__builtin_memcpy(&key.addr[12], &iph->daddr, 4);
+		/* Only a first fragment (or a whole packet) has ports. */
+		if (!(iph->frag_off & bpf_htons(IP_OFFMASK_)))
+			dport = l4_dport(&nh, data_end, proto);
 	} else if (proto == bpf_htons(ETH_P_IPV6)) {
-		if (parse_ip6hdr(&nh, data_end, pkt_len - l3_off, &ip6h) < 0)
+		proto = parse_ip6hdr(&nh, data_end, pkt_len - l3_off, &ip6h);
+		if (proto < 0)
 			return verdict(pkt_len, XESP_PRIV_PASS_MALFORMED, XDP_PASS);
 		__builtin_memcpy(key.addr, &ip6h->daddr, 16);
+		dport = l4_dport(&nh, data_end, proto);
 	} else {
 		return verdict(pkt_len, XESP_PRIV_PASS_NOT_IP, XDP_PASS);
 	}
-	pol = bpf_map_lookup_elem(&policies, &key);
+	/* Exact match first (per-phone core addresses), then the trie
+	 * (prefixes of SAs without a core address). */
+	pol = lookup_core(&key, dport, &reason);
+	if (!pol)
+		pol = bpf_map_lookup_elem(&policies, &key);
 	if (!pol)
 		return verdict(pkt_len, XESP_PRIV_PASS_NO_POLICY, XDP_PASS);
 	cfg = load_config();
@@ -493,5 +552,5 @@ int xesp_private(struct xdp_md *ctx)
 		return verdict(pkt_len, XESP_PRIV_ABORTED, XDP_ABORTED);
 	if (steer(ctx, &xsks_private, cfg.workers, pol->worker) != XDP_REDIRECT)
 		return verdict(pkt_len, XESP_PRIV_DROP_NO_XSK, XDP_DROP);
-	return verdict(pkt_len, XESP_PRIV_REDIRECT, XDP_REDIRECT);
+	return verdict(pkt_len, reason, XDP_REDIRECT);
 }

@@ -10,6 +10,9 @@
  *   sas            HASH, SPI (host order) -> struct xesp_sa; max_entries set
  *                  by the loader (default 1<<20), BPF_F_NO_PREALLOC
  *   policies       LPM_TRIE, struct xesp_policy_key -> struct xesp_policy
+ *   cores          HASH, struct xesp_core_key -> struct xesp_policy: the
+ *                  exact-match outbound map (core addresses), read before
+ *                  the trie; max_entries set by the loader, BPF_F_NO_PREALLOC
  *   config         ARRAY[1] of struct xesp_config
  *   counters       PERCPU_ARRAY[XESP_REASON_MAX] of struct xesp_counter,
  *                  indexed by enum xesp_reason
@@ -53,6 +56,8 @@ enum xesp_reason {
 	XESP_PRIV_DROP_NO_XSK,
 	XESP_PRIV_REDIRECT,
 	XESP_PRIV_ABORTED,        /* adjust_meta failed on the private side */
+	XESP_PRIV_REDIRECT_CORE_PORT, /* exact match: core address and destination port */
+	XESP_PRIV_REDIRECT_CORE,  /* exact match: core address, any-port entry */
 	XESP_REASON_MAX,
 };
 
@@ -86,6 +91,18 @@ enum xesp_sa_flag {
 struct xesp_policy_key {
 	__u32 prefixlen;
 	__u8 addr[16];
+};
+
+/* Exact-match outbound map (docs/addressing.md): a phone's core address,
+ * stored like the trie's (IPv4-mapped for IPv4), and the cleartext's
+ * destination port (the SA's peer port selector, network byte order), or
+ * 0 for an SA without one. xesp_private looks up (address, port), then
+ * (address, 0), then the trie: a phone's SAs differ by port (sec-agree's
+ * client and server SAs), phones differ by core address. */
+struct xesp_core_key {
+	__u8 addr[16];
+	__be16 port;
+	__u16 pad;         /* zero */
 };
 
 struct xesp_policy {

@@ -20,6 +20,13 @@ type XespXespConfig struct {
 	Flags    uint32
 }
 
+type XespXespCoreKey struct {
+	_    structs.HostLayout
+	Addr [16]uint8
+	Port uint16
+	Pad  uint16
+}
+
 type XespXespCounter struct {
 	_       structs.HostLayout
 	Packets uint64
@@ -66,26 +73,28 @@ type XespXespPolicyKey struct {
 type XespXespReason uint32
 
 const (
-	XespXespReasonXESP_PASS_NOT_IP         XespXespReason = 0
-	XespXespReasonXESP_PASS_OTHER          XespXespReason = 1
-	XespXespReasonXESP_PASS_MALFORMED      XespXespReason = 2
-	XespXespReasonXESP_PASS_IKE            XespXespReason = 3
-	XespXespReasonXESP_PASS_FRAGMENT       XespXespReason = 4
-	XespXespReasonXESP_DROP_KEEPALIVE      XespXespReason = 5
-	XespXespReasonXESP_DROP_RUNT           XespXespReason = 6
-	XespXespReasonXESP_DROP_BAD_UDP_LEN    XespXespReason = 7
-	XespXespReasonXESP_DROP_NO_SA          XespXespReason = 8
-	XespXespReasonXESP_DROP_NO_XSK         XespXespReason = 9
-	XespXespReasonXESP_REDIRECT_ESP_UDP    XespXespReason = 10
-	XespXespReasonXESP_REDIRECT_ESP        XespXespReason = 11
-	XespXespReasonXESP_ABORTED             XespXespReason = 12
-	XespXespReasonXESP_PRIV_PASS_NOT_IP    XespXespReason = 13
-	XespXespReasonXESP_PRIV_PASS_MALFORMED XespXespReason = 14
-	XespXespReasonXESP_PRIV_PASS_NO_POLICY XespXespReason = 15
-	XespXespReasonXESP_PRIV_DROP_NO_XSK    XespXespReason = 16
-	XespXespReasonXESP_PRIV_REDIRECT       XespXespReason = 17
-	XespXespReasonXESP_PRIV_ABORTED        XespXespReason = 18
-	XespXespReasonXESP_REASON_MAX          XespXespReason = 19
+	XespXespReasonXESP_PASS_NOT_IP             XespXespReason = 0
+	XespXespReasonXESP_PASS_OTHER              XespXespReason = 1
+	XespXespReasonXESP_PASS_MALFORMED          XespXespReason = 2
+	XespXespReasonXESP_PASS_IKE                XespXespReason = 3
+	XespXespReasonXESP_PASS_FRAGMENT           XespXespReason = 4
+	XespXespReasonXESP_DROP_KEEPALIVE          XespXespReason = 5
+	XespXespReasonXESP_DROP_RUNT               XespXespReason = 6
+	XespXespReasonXESP_DROP_BAD_UDP_LEN        XespXespReason = 7
+	XespXespReasonXESP_DROP_NO_SA              XespXespReason = 8
+	XespXespReasonXESP_DROP_NO_XSK             XespXespReason = 9
+	XespXespReasonXESP_REDIRECT_ESP_UDP        XespXespReason = 10
+	XespXespReasonXESP_REDIRECT_ESP            XespXespReason = 11
+	XespXespReasonXESP_ABORTED                 XespXespReason = 12
+	XespXespReasonXESP_PRIV_PASS_NOT_IP        XespXespReason = 13
+	XespXespReasonXESP_PRIV_PASS_MALFORMED     XespXespReason = 14
+	XespXespReasonXESP_PRIV_PASS_NO_POLICY     XespXespReason = 15
+	XespXespReasonXESP_PRIV_DROP_NO_XSK        XespXespReason = 16
+	XespXespReasonXESP_PRIV_REDIRECT           XespXespReason = 17
+	XespXespReasonXESP_PRIV_ABORTED            XespXespReason = 18
+	XespXespReasonXESP_PRIV_REDIRECT_CORE_PORT XespXespReason = 19
+	XespXespReasonXESP_PRIV_REDIRECT_CORE      XespXespReason = 20
+	XespXespReasonXESP_REASON_MAX              XespXespReason = 21
 )
 
 type XespXespSa struct {
@@ -106,6 +115,7 @@ const (
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	XespMapConfig           = "config"
+	XespMapCores            = "cores"
 	XespMapCounters         = "counters"
 	XespMapPolicies         = "policies"
 	XespMapSas              = "sas"
@@ -171,6 +181,7 @@ type XespProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type XespMapSpecs struct {
 	Config      *ebpf.MapSpec `ebpf:"config"`
+	Cores       *ebpf.MapSpec `ebpf:"cores"`
 	Counters    *ebpf.MapSpec `ebpf:"counters"`
 	Policies    *ebpf.MapSpec `ebpf:"policies"`
 	Sas         *ebpf.MapSpec `ebpf:"sas"`
@@ -210,6 +221,7 @@ func (o *XespObjects) Close() error {
 // It can be passed to LoadXespObjects or ebpf.CollectionSpec.LoadAndAssign.
 type XespMaps struct {
 	Config      *ebpf.Map `ebpf:"config"`
+	Cores       *ebpf.Map `ebpf:"cores"`
 	Counters    *ebpf.Map `ebpf:"counters"`
 	Policies    *ebpf.Map `ebpf:"policies"`
 	Sas         *ebpf.Map `ebpf:"sas"`
@@ -220,6 +232,7 @@ type XespMaps struct {
 func (m *XespMaps) Close() error {
 	return _XespClose(
 		m.Config,
+		m.Cores,
 		m.Counters,
 		m.Policies,
 		m.Sas,

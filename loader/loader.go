@@ -117,6 +117,8 @@ func Load(opts Options) (*Instance, error) {
 	}
 	spec.Maps[bpf.XespMapSas].MaxEntries = opts.SACapacity
 	spec.Maps[bpf.XespMapPolicies].MaxEntries = opts.PolicyCapacity
+	// One exact-match entry per outbound SA at most: the policy capacity.
+	spec.Maps[bpf.XespMapCores].MaxEntries = opts.PolicyCapacity
 	spec.Maps[bpf.XespMapXsksPublic].MaxEntries = opts.XSKSlots
 	spec.Maps[bpf.XespMapXsksPrivate].MaxEntries = opts.XSKSlots
 
@@ -156,7 +158,7 @@ func Load(opts Options) (*Instance, error) {
 }
 
 // pinnedMaps are the maps that carry state across restarts: all of them.
-var pinnedMaps = []string{bpf.XespMapSas, bpf.XespMapPolicies, bpf.XespMapConfig,
+var pinnedMaps = []string{bpf.XespMapSas, bpf.XespMapPolicies, bpf.XespMapCores, bpf.XespMapConfig,
 	bpf.XespMapCounters, bpf.XespMapXsksPublic, bpf.XespMapXsksPrivate}
 
 // Dir is the instance's pin directory ("" when not pinning).

@@ -110,7 +110,7 @@ func newEnv(t *testing.T, withTCP bool, maxSAs int) *env {
 		cfg.TCP = "127.0.0.1:0"
 		cfg.BearerToken = sa.Secret(testToken)
 	}
-	e.srv, err = New(Options{SAD: d, DataPath: e.dp, API: cfg})
+	e.srv, err = New(Options{SAD: d, DataPath: e.dp, API: cfg, CorePool: netip.MustParsePrefix("100.64.0.0/10")})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -131,7 +131,7 @@ func (s *Server) add(w http.ResponseWriter, r *http.Request) {
 		writeErrors(w, status, errs)
 		return
 	}
-	e, err := s.sad.Add(in)
+	e, err := s.addWithCore(in)
 	if err != nil {
 		writeError(w, sadStatus(err), err.Error())
 		return
@@ -323,7 +323,7 @@ func sadStatus(err error) int {
 	switch {
 	case errors.Is(err, sad.ErrNotFound):
 		return http.StatusNotFound
-	case errors.Is(err, sad.ErrExists), errors.Is(err, sad.ErrAmbiguous):
+	case errors.Is(err, sad.ErrExists), errors.Is(err, sad.ErrAmbiguous), errors.Is(err, sad.ErrOverlap):
 		return http.StatusConflict
 	case errors.Is(err, sad.ErrFull):
 		return http.StatusInsufficientStorage

@@ -71,6 +71,12 @@ type SecAgreeResponse struct {
 	Chosen string `json:"chosen"`
 	// SAs are the four SAs, in-s, in-c, out-s, out-c (no keys).
 	SAs []SAView `json:"sas"`
+	// Core is the phone's core address (docs/addressing.md) when the
+	// gateway has a core_pool: the address the SIP core sees the phone
+	// at. A re-registration of the same phone (same observed address and
+	// port, same inner address) keeps it unless the new set's ports
+	// would overlap the current set's.
+	Core string `json:"core,omitempty"`
 }
 
 // RegistrationView is the answer to GET /v1/secagree/{registration}:
@@ -150,6 +156,17 @@ func (s *Server) secAgreeCreate(w http.ResponseWriter, r *http.Request) {
 	}
 	var added []sad.Entry
 	var server secagree.Mechanism
+	tunnel := reg.UEInner.IsValid()
+	withCore := s.pool != nil && tunnel && reg.UEInner.Is4() == s.pool.Prefix().Addr().Is4()
+	if withCore {
+		// Allocation and add under one lock: no two registrations get
+		// one address, and the check that the new set does not overlap
+		// the phone's current set still holds when it is added.
+		s.coreMu.Lock()
+		defer s.coreMu.Unlock()
+	} else {
+		reg.Pair = secagree.PhoneLabel(reg.UE, reg.UEInner)
+	}
 	for attempt := 0; ; attempt++ {
 		spiC, spiS := req.SPIC, req.SPIS
 		if pickSPIs {
@@ -158,10 +175,21 @@ func (s *Server) secAgreeCreate(w http.ResponseWriter, r *http.Request) {
 		}
 		server = secagree.Server(chosen, s.policy, spiC, spiS, req.PortC, req.PortS)
 		reg.Server = server
+		reg.Core = netip.Addr{}
 		ds, err := secagree.Derive(reg)
 		if err != nil {
 			writeErrors(w, http.StatusBadRequest, sa.Flatten(err))
 			return
+		}
+		if withCore {
+			if reg.Core, err = s.coreForDerived(reg, ds); err != nil {
+				writeError(w, sadStatus(err), err.Error())
+				return
+			}
+			if ds, err = secagree.Derive(reg); err != nil {
+				writeErrors(w, http.StatusBadRequest, sa.Flatten(err))
+				return
+			}
 		}
 		var addErr error
 		var failed int
@@ -181,11 +209,28 @@ func (s *Server) secAgreeCreate(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	resp := SecAgreeResponse{Registration: req.Registration, SecurityServer: server.String(), Chosen: chosen.String()}
+	if reg.Core.IsValid() {
+		resp.Core = reg.Core.String()
+	}
 	for i := range added {
 		resp.SAs = append(resp.SAs, s.view(&added[i]))
 	}
 	s.log.Info("sec-agree registration created", "registration", req.Registration, "ue", req.UE, "mechanism", resp.SecurityServer, "from", from(r))
 	writeJSON(w, http.StatusCreated, resp)
+}
+
+// coreForDerived picks the registration's core address (coreFor) for its
+// derived SAs.
+func (s *Server) coreForDerived(reg secagree.Registration, ds []secagree.DerivedSA) (netip.Addr, error) {
+	sas := make([]sa.SA, 0, len(ds))
+	for _, d := range ds {
+		x, err := d.Spec.Parse(sa.Options{})
+		if err != nil {
+			return netip.Addr{}, fmt.Errorf("%w: %w", sad.ErrInvalid, err)
+		}
+		sas = append(sas, x)
+	}
+	return s.coreFor(netip.AddrPortFrom(sas[0].Peer, encapPort(&sas[0])), sas[0].InnerPeer, sas)
 }
 
 // secAgreeInput checks every field and collects every problem, each

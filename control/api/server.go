@@ -10,11 +10,13 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/xesp/xesp/control/config"
+	"github.com/xesp/xesp/control/corepool"
 	"github.com/xesp/xesp/control/sad"
 	"github.com/xesp/xesp/control/secagree"
 )
@@ -49,6 +51,10 @@ type Options struct {
 	// NATTPort is the gateway's NAT-T port, the local end of UDP-enc-tun
 	// SAs; 0 means 4500.
 	NATTPort int
+	// CorePool is config core_pool: core addresses for sec-agree
+	// registrations and for tunnel SAs added without inner.core
+	// (docs/addressing.md). Invalid: none are allocated.
+	CorePool netip.Prefix
 }
 
 // Server is the control API. Create it with New, then Listen (optional:
@@ -66,6 +72,11 @@ type Server struct {
 	tokenSum [sha256.Size]byte
 	policy   secagree.Policy
 	nattPort uint16
+	// pool allocates core addresses; coreMu serialises an allocation
+	// with the add that takes the address, so two requests never get the
+	// same one.
+	pool   *corepool.Pool
+	coreMu sync.Mutex
 
 	mu   sync.Mutex
 	unix *unixSocket
@@ -94,6 +105,13 @@ func New(o Options) (*Server, error) {
 		return nil, fmt.Errorf("api: natt port %d: want 0..65535", o.NATTPort)
 	}
 	s.nattPort = uint16(o.NATTPort)
+	if o.CorePool.IsValid() {
+		p, err := corepool.New(o.CorePool)
+		if err != nil {
+			return nil, fmt.Errorf("api: %w", err)
+		}
+		s.pool = p.FromMiddle()
+	}
 	if len(o.API.BearerToken) > 0 {
 		s.tokenSum = sha256.Sum256(o.API.BearerToken)
 	}

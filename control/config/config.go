@@ -24,6 +24,7 @@ import (
 
 	"gopkg.in/yaml.v3"
 
+	"github.com/xesp/xesp/control/corepool"
 	"github.com/xesp/xesp/control/sa"
 )
 
@@ -52,6 +53,13 @@ type Config struct {
 	SAFiles []string `yaml:"sa_files,omitempty"`
 	// Etcd, when set, adds the SAs assigned to this node in etcd.
 	Etcd *Etcd `yaml:"etcd,omitempty"`
+	// CorePool is the prefix core addresses are allocated from
+	// (docs/addressing.md) for tunnel-mode SAs whose inner.peer is one
+	// address and that name no inner.core, and for sec-agree
+	// registrations. Empty: no allocation (SAs without a core address
+	// are steered by inner prefix, as before).
+	CorePool   string       `yaml:"core_pool,omitempty"`
+	CorePrefix netip.Prefix `yaml:"-"`
 
 	// Path is the file the config came from ("" when parsed from bytes
 	// without a name); relative references resolve against its directory.
@@ -270,6 +278,19 @@ func (c *Config) validate() []error {
 			c.SlowPath.IKEForwardAddr = ap
 		}
 	}
+	if c.CorePool != "" {
+		p, err := netip.ParsePrefix(c.CorePool)
+		switch {
+		case err != nil:
+			errs.add("core_pool", "%q is not a prefix (e.g. 100.64.0.0/10)", c.CorePool)
+		case p.Masked() != p:
+			errs.add("core_pool", "%s has host bits set; did you mean %s?", p, p.Masked())
+		case p.Addr().Is4In6():
+			errs.add("core_pool", "%s: write IPv4 prefixes as a.b.c.d/n", p)
+		default:
+			c.CorePrefix = p
+		}
+	}
 	c.validateSAs(&errs)
 	c.validateEtcd(&errs)
 	return errs
@@ -426,6 +447,7 @@ func readSmallFile(path string, limit int64) ([]byte, error) {
 func (c *Config) validateSAs(errs *errList) {
 	c.SAList = nil
 	var labels []string
+	var inline []int // c.SAs index of each inline SA in SAList
 	for i := range c.SAs {
 		sp := &c.SAs[i]
 		pos := fmt.Sprintf("sas[%d]", i)
@@ -440,6 +462,7 @@ func (c *Config) validateSAs(errs *errList) {
 		}
 		c.SAList = append(c.SAList, s)
 		labels = append(labels, label)
+		inline = append(inline, i)
 	}
 	for i, p := range c.SAFiles {
 		field := fmt.Sprintf("sa_files[%d]", i)
@@ -485,6 +508,70 @@ func (c *Config) validateSAs(errs *errList) {
 	if in > c.MaxSAs || out > c.MaxSAs {
 		errs.add("max_sas", "%d inbound and %d outbound SAs do not fit in %d map entries each", in, out, c.MaxSAs)
 	}
+	if c.CorePrefix.IsValid() {
+		if err := c.allocateCores(inline); err != nil {
+			errs.add("core_pool", "%v", err)
+		}
+	}
+	*errs = append(*errs, sa.CheckOverlaps(c.SAList, labels)...)
+}
+
+// allocateCores gives every tunnel-mode SA with a one-address inner.peer
+// and no inner.core a core address from core_pool, one per pair group
+// (pair label, else peer, encap port and inner peer: the SAD's pairing
+// rule), in file order from the bottom of the pool. The inline SAs'
+// specs get it too, so --print-config shows it; name it in the file to
+// keep it fixed when SAs are added before it.
+func (c *Config) allocateCores(inline []int) error {
+	pool, err := corepool.New(c.CorePrefix)
+	if err != nil {
+		return err
+	}
+	taken := make(map[netip.Addr]bool)
+	for i := range c.SAList {
+		if a := c.SAList[i].Core; a.IsValid() {
+			taken[a] = true
+		}
+	}
+	type groupKey struct {
+		label string
+		peer  netip.AddrPort
+		inner netip.Prefix
+	}
+	groups := make(map[groupKey]netip.Addr)
+	for i := range c.SAList {
+		s := &c.SAList[i]
+		if s.Mode != sa.Tunnel || s.Core.IsValid() || !s.InnerPeer.IsSingleIP() {
+			continue
+		}
+		k := groupKey{label: s.Pair}
+		if s.Pair == "" {
+			var port uint16
+			if s.Encap != nil {
+				port = s.Encap.PeerPort
+			}
+			k = groupKey{peer: netip.AddrPortFrom(s.Peer, port), inner: s.InnerPeer}
+		}
+		a, ok := groups[k]
+		if !ok {
+			if a, err = pool.Next(func(a netip.Addr) bool { return taken[a] }); err != nil {
+				return err
+			}
+			if a.Is4() != s.InnerPeer.Addr().Is4() {
+				return fmt.Errorf("%s: %s: inner.peer %s is not of the pool's address family", c.CorePool, s.Label(), s.InnerPeer)
+			}
+			taken[a] = true
+			groups[k] = a
+		}
+		s.Core = a
+		if i < len(inline) {
+			sp := &c.SAs[inline[i]]
+			in := *sp.Inner
+			in.Core = a.String()
+			sp.Inner = &in
+		}
+	}
+	return nil
 }
 
 // Effective renders the configuration in force, defaults included, as

@@ -1,5 +1,5 @@
 // Package manager keeps the data path in step with the SA database. It is
-// the only writer of the BPF SA map and policy trie and the only sender of
+// the only writer of the BPF SA map, the policy trie and the cores map and the only sender of
 // worker commands: it follows the SAD's change feed, builds each SA's
 // cipher state once (esp.NewSA), installs it in its worker's table, then
 // publishes it to XDP; on delete it unpublishes first, waits for the XDP
@@ -78,7 +78,7 @@ type slot struct {
 	index  uint32
 	entry  *worker.Entry
 	group  groupRef
-	policy netip.Prefix // outbound: the policy trie key this SA serves
+	policy policyKey // outbound: the XDP entry (trie prefix or core key) this SA serves
 	encap  bool
 	seqKey seqstore.Key // outbound: its reservation record
 
@@ -86,6 +86,38 @@ type slot struct {
 	// the worker inherits its state in place (same worker and index).
 	replaces *slot
 	inherit  bool
+}
+
+// policyKey is where XDP finds an outbound SA: the cores map's exact
+// (core address, destination port) key when the SA has a core address,
+// else the trie's inner prefix.
+type policyKey struct {
+	prefix netip.Prefix // trie key; invalid for a core key
+	core   netip.Addr
+	port   uint16
+}
+
+func (k policyKey) String() string {
+	if k.core.IsValid() {
+		return fmt.Sprintf("core %s port %d", k.core, k.port)
+	}
+	return k.prefix.String()
+}
+
+// putPolicy points k's XDP entry at pol.
+func (m *Manager) putPolicy(k policyKey, pol bpf.Policy) error {
+	if k.core.IsValid() {
+		return m.o.Maps.Cores.Put(k.core, k.port, pol)
+	}
+	return m.o.Maps.Policies.Put(k.prefix, pol)
+}
+
+// deletePolicy removes k's XDP entry.
+func (m *Manager) deletePolicy(k policyKey) error {
+	if k.core.IsValid() {
+		return m.o.Maps.Cores.Delete(k.core, k.port)
+	}
+	return m.o.Maps.Policies.Delete(k.prefix)
 }
 
 type groupRef struct {
@@ -107,10 +139,14 @@ type Manager struct {
 	live     map[sa.ID]*slot
 	slots    [][]*slot // [worker][index], for binding events
 	bindings map[groupRef]*sharedBinding
-	// policies lists, per inner prefix, the outbound SAs that serve it, in
-	// install order; the trie points at the newest, so a rekeyed SA takes
-	// over and the older one takes back over if the newer goes first.
-	policies map[netip.Prefix][]*slot
+	// policies lists, per XDP key (inner prefix or core key), the
+	// outbound SAs that serve it, in install order; the map entry points
+	// at the newest, so a rekeyed SA takes over and the older one takes
+	// back over if the newer goes first. Several SAs on one key are also
+	// a phone's SAs that differ by local port only (a re-registration's
+	// new set beside the current one): they share a worker (the SAD
+	// groups a phone's SAs by core address), which picks by ports.
+	policies map[policyKey][]*slot
 
 	version uint64
 	changes []sad.Change
@@ -141,7 +177,7 @@ func New(o Options) (*Manager, error) {
 		live:     make(map[sa.ID]*slot),
 		slots:    make([][]*slot, o.Workers.Len()),
 		bindings: make(map[groupRef]*sharedBinding),
-		policies: make(map[netip.Prefix][]*slot),
+		policies: make(map[policyKey][]*slot),
 
 		retryInstall: make(map[sa.ID]struct{}),
 	}, nil
@@ -296,7 +332,7 @@ func (m *Manager) resync(ctx context.Context) error {
 	m.mu.Lock()
 	if len(m.live) == 0 {
 		m.live = make(map[sa.ID]*slot, in+out)
-		m.policies = make(map[netip.Prefix][]*slot, out)
+		m.policies = make(map[policyKey][]*slot, out)
 	}
 	m.mu.Unlock()
 	var errs []error
@@ -565,13 +601,21 @@ func (m *Manager) build(e sad.Entry) (*slot, error) {
 			sl.seqKey = m.o.Seq.KeyFor("out", s.SPI, e.ID.Peer, s.Proposal.String(), s.EncKey, s.AuthKey)
 		}
 		ent.Dir = worker.Outbound
-		sl.policy = s.InnerPeer
-		if !sl.policy.IsValid() {
+		sl.policy.prefix = s.InnerPeer
+		if !sl.policy.prefix.IsValid() {
 			// Transport mode: cleartext for the phone is addressed to the
 			// phone itself.
-			sl.policy = netip.PrefixFrom(s.Peer, s.Peer.BitLen())
+			sl.policy.prefix = netip.PrefixFrom(s.Peer, s.Peer.BitLen())
 		}
-		ent.InnerPeer = sl.policy
+		ent.InnerPeer = sl.policy.prefix
+		if s.Core.IsValid() {
+			sl.policy = policyKey{core: s.Core, port: s.Ports.Peer}
+		}
+	}
+	// The worker translates between the phone's inner address and its
+	// core address (both directions).
+	if s.Core.IsValid() {
+		ent.Core, ent.Inner = s.Core, s.InnerPeer.Addr()
 	}
 	if m.o.Restore != nil {
 		m.o.Restore(e.ID, s, ent)
@@ -721,7 +765,7 @@ func (m *Manager) publish(installs []*slot) error {
 		newest := m.policies[s.policy]
 		m.mu.RUnlock()
 		if len(newest) > 0 && newest[len(newest)-1] == s {
-			if err := m.o.Maps.Policies.Put(s.policy, bpf.Policy{SaIndex: s.index, Worker: s.worker}); err != nil {
+			if err := m.putPolicy(s.policy, bpf.Policy{SaIndex: s.index, Worker: s.worker}); err != nil {
 				errs = append(errs, fmt.Errorf("publish policy %s for %s: %w", s.policy, s.id, err))
 			}
 		}
@@ -746,9 +790,9 @@ func (m *Manager) unpublish(s *slot) error {
 	list := m.dropPolicy(s)
 	if len(list) > 0 {
 		n := list[len(list)-1]
-		return m.o.Maps.Policies.Put(s.policy, bpf.Policy{SaIndex: n.index, Worker: n.worker})
+		return m.putPolicy(s.policy, bpf.Policy{SaIndex: n.index, Worker: n.worker})
 	}
-	if err := m.o.Maps.Policies.Delete(s.policy); err != nil && !errors.Is(err, maps.ErrNotFound) {
+	if err := m.deletePolicy(s.policy); err != nil && !errors.Is(err, maps.ErrNotFound) {
 		return fmt.Errorf("unpublish policy %s of %s: %w", s.policy, s.id, err)
 	}
 	return nil

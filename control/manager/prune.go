@@ -4,13 +4,14 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"unsafe"
 
 	"github.com/xesp/xesp/bpf"
 	"github.com/xesp/xesp/control/sa"
 )
 
 // PruneStale removes from the BPF maps every inbound SA and outbound
-// policy this manager has not published: what a previous process left in
+// policy (trie or cores map entry) this manager has not published: what a previous process left in
 // adopted (pinned) maps for SAs the new SA database does not hold, e.g.
 // SAs that process got through its API. Left there, XDP would keep
 // steering their packets to worker slots that are empty or hold another
@@ -47,7 +48,7 @@ func (m *Manager) PruneStale() (sas, policies int, err error) {
 		if a.Is4In6() && bits >= 96 {
 			a, bits = a.Unmap(), bits-96
 		}
-		if p := netip.PrefixFrom(a, bits); !p.IsValid() || len(m.policies[p.Masked()]) == 0 {
+		if p := netip.PrefixFrom(a, bits); !p.IsValid() || len(m.policies[policyKey{prefix: p.Masked()}]) == 0 {
 			staleKeys = append(staleKeys, k)
 		}
 	}
@@ -57,6 +58,27 @@ func (m *Manager) PruneStale() (sas, policies int, err error) {
 	for i := range staleKeys {
 		if err := m.o.Maps.Policies.Map().Delete(&staleKeys[i]); err != nil {
 			errs = append(errs, fmt.Errorf("policy map: delete stale entry: %w", err))
+			continue
+		}
+		policies++
+	}
+	// The cores map likewise: exact-match entries of core addresses.
+	var staleCores []bpf.CoreKey
+	var ck bpf.CoreKey
+	cit := m.o.Maps.Cores.Map().Iterate()
+	for cit.Next(&ck, &v) {
+		a := netip.AddrFrom16(ck.Addr).Unmap()
+		port := uint16((*[2]byte)(unsafe.Pointer(&ck.Port))[0])<<8 | uint16((*[2]byte)(unsafe.Pointer(&ck.Port))[1])
+		if len(m.policies[policyKey{core: a, port: port}]) == 0 {
+			staleCores = append(staleCores, ck)
+		}
+	}
+	if err := cit.Err(); err != nil {
+		errs = append(errs, fmt.Errorf("cores map: walk: %w", err))
+	}
+	for i := range staleCores {
+		if err := m.o.Maps.Cores.Map().Delete(&staleCores[i]); err != nil {
+			errs = append(errs, fmt.Errorf("cores map: delete stale entry: %w", err))
 			continue
 		}
 		policies++

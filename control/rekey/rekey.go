@@ -83,7 +83,7 @@ func Do(ctx context.Context, d *sad.SAD, wait Waiter, r Request) (Result, error)
 		}
 	}
 	for i := range r.New {
-		e, err := d.Add(r.New[i])
+		e, err := d.AddRekey(r.New[i], r.Old)
 		if err != nil {
 			for _, a := range res.Added {
 				d.Delete(a.ID)

@@ -76,7 +76,9 @@ func TestAllOrNothing(t *testing.T) {
 	d, _ := sad.New(sad.Options{Workers: 1, MaxSAs: 2})
 	old := pair(0x1001, 0x2001)
 	d.AddAll(old)
-	d.Add(pair(0x1002, 0x2002)[1]) // outbound full; the new inbound SA fits and must be rolled back
+	other := pair(0x1002, 0x2002)[1]
+	other.InnerPeer = netip.MustParsePrefix("10.99.0.2/32")
+	d.Add(other) // outbound full; the new inbound SA fits and must be rolled back
 	if _, err := Do(context.Background(), d, noWait, Request{Old: ids(old), New: pair(0x1011, 0x2011)}); !errors.Is(err, sad.ErrFull) {
 		t.Fatalf("rekey into a full table: %v", err)
 	}

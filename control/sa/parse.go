@@ -399,7 +399,43 @@ func (v *validator) inner(sp *Spec, s *SA) {
 		if s.InnerLocal.IsValid() && s.InnerPeer.IsValid() && s.InnerLocal.Addr().Is4() != s.InnerPeer.Addr().Is4() {
 			v.add("inner.peer", "%s and inner.local %s are of different address families", s.InnerPeer, s.InnerLocal)
 		}
+		if sp.Inner.Core != "" {
+			v.core(sp.Inner.Core, s)
+		}
 	}
+}
+
+// core validates inner.core: one unicast address of inner.peer's family,
+// and inner.peer a single address, since the core address stands for
+// exactly one phone address (the worker rewrites one to the other).
+func (v *validator) core(text string, s *SA) {
+	a, err := netip.ParseAddr(text)
+	switch {
+	case err != nil:
+		v.add("inner.core", "%q is not an IP address (write one address, no prefix length)", clip(text))
+		return
+	case a.Zone() != "":
+		v.add("inner.core", "%s: zones are not supported", a)
+		return
+	case a.Is4In6():
+		v.add("inner.core", "%s: write IPv4 addresses as a.b.c.d", a)
+		return
+	case a.IsUnspecified() || a.IsMulticast() || a.IsLoopback() || a.Is4() && a.As4() == [4]byte{255, 255, 255, 255}:
+		v.add("inner.core", "%s is not a unicast address", a)
+		return
+	}
+	if !s.InnerPeer.IsValid() {
+		return // inner.peer's own error says why
+	}
+	if a.Is4() != s.InnerPeer.Addr().Is4() {
+		v.add("inner.core", "%s and inner.peer %s are of different address families", a, s.InnerPeer)
+		return
+	}
+	if !s.InnerPeer.IsSingleIP() {
+		v.add("inner.peer", "%s: with inner.core, inner.peer must be the phone's one address (/%d)", s.InnerPeer, s.InnerPeer.Addr().BitLen())
+		return
+	}
+	s.Core = a
 }
 
 func (v *validator) lifetime(sp *Spec, s *SA) {

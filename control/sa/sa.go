@@ -108,7 +108,15 @@ type SA struct {
 	// InnerLocal and InnerPeer are the tunnel-mode selectors (canonical
 	// prefixes of one family); both invalid (zero) in transport mode.
 	InnerLocal, InnerPeer netip.Prefix
-	Lifetime              Lifetime
+	// Core is the phone's core address (docs/addressing.md): an address
+	// on the private side, unique per phone, that stands for the phone
+	// toward the SIP core. Decap rewrites the inner source InnerPeer's
+	// address to it, encap finds the SA by it (exact match) and rewrites
+	// it back. Invalid (zero) when the SA has none; when set, InnerPeer
+	// is a single address of the same family. Both SAs of a pair (all
+	// four of a sec-agree registration) name the same one.
+	Core     netip.Addr
+	Lifetime Lifetime
 	// Ports are the inner port selectors (RFC 4301 4.4.1.1); zero is any.
 	// Inbound, the cleartext must come from Peer to Local; outbound, a
 	// phone's cleartext is sealed with the outbound SA whose ports match

@@ -58,10 +58,12 @@ type EncapSpec struct {
 }
 
 // InnerSpec holds the tunnel-mode selectors as prefixes; a bare address
-// means a host prefix (/32 or /128).
+// means a host prefix (/32 or /128). Core, when set, is the phone's core
+// address (docs/addressing.md): peer must then be a single address.
 type InnerSpec struct {
 	Local string `yaml:"local" json:"local"`
 	Peer  string `yaml:"peer" json:"peer"`
+	Core  string `yaml:"core,omitempty" json:"core,omitempty"`
 }
 
 // LifetimeSpec is the lifetime block; omitted or 0 means no limit.
@@ -227,6 +229,9 @@ func (s *SA) Public() Spec {
 	}
 	if s.InnerLocal.IsValid() {
 		sp.Inner = &InnerSpec{Local: s.InnerLocal.String(), Peer: s.InnerPeer.String()}
+		if s.Core.IsValid() {
+			sp.Inner.Core = s.Core.String()
+		}
 	}
 	if s.Ports != (Ports{}) {
 		sp.Ports = &PortsSpec{Local: s.Ports.Local, Peer: s.Ports.Peer}

@@ -22,6 +22,15 @@
 //   - Placement: a new group goes to the least-loaded worker (by SA count,
 //     lowest number on ties); a group's later SAs follow it. Placement is
 //     sticky: moving an SA would lose its replay window and sequence state.
+//   - Selectors: no two outbound SAs may claim one cleartext packet
+//     (sa.Selector: core address or inner peer prefix, inner local
+//     prefix, ports), or which phone gets it would depend on install
+//     order. The one exception is AddRekey: a rekey's new SAs may overlap
+//     the SAs they replace until those are deleted.
+//   - Core addresses: an SA with inner.core groups by it (not by pair
+//     label or peer), so every SA set of one phone — a re-registration's
+//     new sec-agree set and the current one — lives on one worker, where
+//     the worker finds among them the SA whose ports match.
 //   - Indexes: dense per worker, shared by both directions (one table per
 //     worker). Freed indexes are reused oldest-first, which keeps the table
 //     dense yet leaves a just-freed slot unused for as long as possible, so
@@ -47,6 +56,10 @@ var (
 	ErrAmbiguous = errors.New("several outbound SAs have this SPI; name the peer")
 	ErrFull      = errors.New("SA table full")
 	ErrInvalid   = errors.New("invalid SA")
+	// ErrOverlap: the outbound SA's selectors overlap another outbound
+	// SA's (sa.OverlapError says which and where); only a rekey's
+	// make-before-break may overlap, and only the SAs it replaces.
+	ErrOverlap = errors.New("outbound selectors overlap")
 	// ErrResync means the change log no longer holds the version asked
 	// for: the consumer must re-read everything (List) and continue from
 	// the version it read before listing.
@@ -138,6 +151,11 @@ type GroupKey struct {
 
 // GroupOf is the pair group an SA belongs to (see the package doc).
 func GroupOf(s *sa.SA) GroupKey {
+	if s.Core.IsValid() {
+		// One phone, one core address: all its SA sets share a worker
+		// and the NAT binding (see the package doc).
+		return GroupKey{inner: netip.PrefixFrom(s.Core, s.Core.BitLen()), label: "core"}
+	}
 	if s.Pair != "" {
 		return GroupKey{label: s.Pair}
 	}
@@ -193,6 +211,13 @@ type SAD struct {
 	workers []worker
 	in, out int
 	max     int
+	// outSel finds outbound SAs whose selectors overlap; cores counts
+	// the SAs naming each core address, phones maps a phone (peer, encap
+	// port, inner peer) to the core address its SAs use, so a
+	// re-registration keeps it (CoreOf, CoreInUse).
+	outSel sa.OutIndex[*entry]
+	cores  map[netip.Addr]int
+	phones map[phoneKey]netip.Addr
 
 	version uint64
 	log     []Change // ring: version v lives at log[v%len(log)]
@@ -215,6 +240,8 @@ func New(o Options) (*SAD, error) {
 		byName:  make(map[string]*entry),
 		outSPI:  make(map[uint32]*entry),
 		groups:  make(map[GroupKey]group),
+		cores:   make(map[netip.Addr]int),
+		phones:  make(map[phoneKey]netip.Addr),
 		workers: make([]worker, o.Workers),
 		max:     o.MaxSAs,
 		log:     make([]Change, o.LogSize),
@@ -253,8 +280,28 @@ func (d *SAD) AddAll(sas []sa.SA) error {
 	return errors.Join(errs...)
 }
 
+// AddRekey is Add for a rekey's new SA: its selectors may overlap those
+// of the SAs in replaces (make-before-break), never any other's.
+func (d *SAD) AddRekey(s sa.SA, replaces []sa.ID) (Entry, error) {
+	d.mu.Lock()
+	e, err := d.addChecked(&s, time.Now().UnixNano(), replaces)
+	var out Entry
+	if err == nil {
+		out = e.export()
+	}
+	d.mu.Unlock()
+	if err == nil {
+		d.wake()
+	}
+	return out, err
+}
+
 func (d *SAD) add(s *sa.SA, now int64) (*entry, error) {
-	if err := d.check(s, nil); err != nil {
+	return d.addChecked(s, now, nil)
+}
+
+func (d *SAD) addChecked(s *sa.SA, now int64, replaces []sa.ID) (*entry, error) {
+	if err := d.check(s, nil, replaces); err != nil {
 		return nil, err
 	}
 	id := s.ID()
@@ -291,8 +338,89 @@ func (d *SAD) add(s *sa.SA, now int64) (*entry, error) {
 		d.in++
 	}
 	d.order = append(d.order, e)
+	d.index(e)
 	d.record(e, OpAdd, e.worker, e.index)
 	return e, nil
+}
+
+type phoneKey struct {
+	peer  netip.AddrPort
+	inner netip.Prefix
+}
+
+func phoneOf(s *sa.SA) phoneKey { return phoneKey{initialBinding(s), s.InnerPeer} }
+
+// index records e in the selector and core-address indexes.
+func (d *SAD) index(e *entry) {
+	if e.sa.Direction == sa.Out {
+		d.outSel.Add(sa.OutSelector(&e.sa), e)
+	}
+	if c := e.sa.Core; c.IsValid() {
+		d.cores[c]++
+		d.phones[phoneOf(&e.sa)] = c
+	}
+}
+
+// unindex undoes index.
+func (d *SAD) unindex(e *entry) {
+	if e.sa.Direction == sa.Out {
+		d.outSel.Remove(sa.OutSelector(&e.sa), e)
+	}
+	if c := e.sa.Core; c.IsValid() {
+		if d.cores[c]--; d.cores[c] <= 0 {
+			delete(d.cores, c)
+			if k := phoneOf(&e.sa); d.phones[k] == c {
+				delete(d.phones, k)
+			}
+		}
+	}
+}
+
+// CoreInUse says whether any SA names core address a.
+func (d *SAD) CoreInUse(a netip.Addr) bool {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	return d.cores[a] > 0
+}
+
+// CoreOf returns the core address the SAs of the phone at peer (its
+// first NAT binding: address and encap port, 0 for plain ESP) with inner
+// address inner use, if any: a re-registration keeps it.
+func (d *SAD) CoreOf(peer netip.AddrPort, inner netip.Prefix) (netip.Addr, bool) {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	a, ok := d.phones[phoneKey{peer, inner}]
+	return a, ok
+}
+
+// Overlap returns the error adding s would meet for its selectors, if
+// any (sec-agree checks a core address before using it).
+func (d *SAD) Overlap(s *sa.SA) error {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	return d.overlap(s, nil, nil)
+}
+
+func (d *SAD) overlap(s *sa.SA, self *entry, replaces []sa.ID) error {
+	if s.Direction != sa.Out {
+		return nil
+	}
+	sel := sa.OutSelector(s)
+	other, osel, ok := d.outSel.Conflict(sel, func(o *entry) bool {
+		if o == self {
+			return true
+		}
+		for _, id := range replaces {
+			if o.id() == id {
+				return true
+			}
+		}
+		return false
+	})
+	if !ok {
+		return nil
+	}
+	return fmt.Errorf("%w: %w", ErrOverlap, &sa.OverlapError{SA: s.Label(), Other: other.sa.Label(), Common: sel.Common(osel)})
 }
 
 func initialBinding(s *sa.SA) netip.AddrPort {
@@ -305,7 +433,7 @@ func initialBinding(s *sa.SA) netip.AddrPort {
 
 // check applies the uniqueness and capacity rules to s; self is the entry
 // s replaces on update (nil on add).
-func (d *SAD) check(s *sa.SA, self *entry) error {
+func (d *SAD) check(s *sa.SA, self *entry, replaces []sa.ID) error {
 	if s.Direction != sa.In && s.Direction != sa.Out || s.SPI < 256 || !s.Peer.IsValid() {
 		return fmt.Errorf("%s: %w: not from sa.Parse (direction, SPI or peer unset)", s.Label(), ErrInvalid)
 	}
@@ -326,7 +454,7 @@ func (d *SAD) check(s *sa.SA, self *entry) error {
 			return fmt.Errorf("%s: %w: %d %s SAs", s.Label(), ErrFull, d.max, s.Direction)
 		}
 	}
-	return nil
+	return d.overlap(s, self, replaces)
 }
 
 func (d *SAD) leastLoaded() uint16 {
@@ -402,9 +530,11 @@ func (d *SAD) update(s *sa.SA) (*entry, error) {
 	if !ok {
 		return nil, fmt.Errorf("%s: %w: %s", s.Label(), ErrNotFound, s.ID())
 	}
-	if err := d.check(s, e); err != nil {
+	if err := d.check(s, e, nil); err != nil {
 		return nil, err
 	}
+	d.unindex(e)
+	defer d.index(e)
 	prevWorker, prevIndex := e.worker, e.index
 	oldKey, newKey := GroupOf(&e.sa), GroupOf(s)
 	if oldKey != newKey {
@@ -478,6 +608,7 @@ func (d *SAD) DeleteName(name string) (Entry, error) {
 }
 
 func (d *SAD) delete(e *entry) {
+	d.unindex(e)
 	delete(d.byID, e.id())
 	if e.sa.Name != "" {
 		delete(d.byName, e.sa.Name)

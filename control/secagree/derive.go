@@ -1,6 +1,7 @@
 package secagree
 
 import (
+	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -213,6 +214,23 @@ type Registration struct {
 	// UEInner and PCSCF are the tunnel-mode inner addresses: the phone's
 	// own address and the P-CSCF's. Unused in transport mode.
 	UEInner, PCSCF netip.Addr
+	// Core, when valid, is the phone's core address (docs/addressing.md):
+	// all four SAs carry it as inner.core (tunnel modes only).
+	Core netip.Addr
+	// Pair, when set, is the pair label instead of Name: the gateway
+	// passes a label derived from the phone (PhoneLabel) so that a
+	// re-registration's new set shares the current set's worker.
+	Pair string
+}
+
+// PhoneLabel is a pair label that is the same for every registration of
+// one phone: derived from its observed address and port (its NAT
+// mapping) and its inner address. SA sets with one label share a worker
+// and the NAT binding, so a re-registration's new set and the current
+// one are on one worker, which picks between them by ports.
+func PhoneLabel(ue netip.AddrPort, inner netip.Addr) string {
+	h := sha256.Sum256([]byte(ue.String() + "|" + inner.String()))
+	return "ue-" + hex.EncodeToString(h[:8])
 }
 
 // DerivedSA is one SA of a registration with the protected ports it
@@ -290,6 +308,10 @@ func Derive(r Registration) ([]DerivedSA, error) {
 	out := make([]DerivedSA, 0, len(defs))
 	var errs []error
 	for _, d := range defs {
+		pair := r.Name
+		if r.Pair != "" {
+			pair = r.Pair
+		}
 		sp := sa.Spec{
 			Name: r.Name + "." + d.role, Pair: pair, SPI: sa.SPIOf(d.spi), Direction: d.dir,
 			Mode: "transport", Proposal: prop, AuthKey: hex.EncodeToString(keys.Auth),
@@ -304,6 +326,9 @@ func Derive(r Registration) ([]DerivedSA, error) {
 			sp.Inner = &sa.InnerSpec{
 				Local: netip.PrefixFrom(r.PCSCF, r.PCSCF.BitLen()).String(),
 				Peer:  netip.PrefixFrom(r.UEInner, r.UEInner.BitLen()).String(),
+			}
+			if r.Core.IsValid() {
+				sp.Inner.Core = r.Core.String()
 			}
 		}
 		if mod == ModeUDPEncTun {

@@ -39,6 +39,12 @@ type Entry struct {
 	// with the same InnerPeer whose ports match (IMS sec-agree gives a
 	// phone two outbound SAs, told apart by port).
 	PortLocal, PortPeer uint16
+	// Core and Inner are the phone's core address and its own inner
+	// address (docs/addressing.md), both set or both invalid. Inbound,
+	// after every check, the inner source Inner becomes Core; outbound,
+	// the cleartext must be addressed to Core (not InnerPeer), and Core
+	// becomes Inner before sealing. See xlate.go.
+	Core, Inner netip.Addr
 	// Binding is shared by the SAs of one pair group on this worker: what
 	// the inbound SA learns, the outbound SA uses.
 	Binding  *Binding

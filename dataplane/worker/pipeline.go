@@ -68,17 +68,17 @@ type portKey struct {
 
 // track keeps byPorts in step with the table: old leaves, e arrives.
 func (p *pipeline) track(old, e *Entry) {
-	if old != nil && old.Dir == Outbound && old.PortLocal != 0 {
-		k := portKey{old.InnerPeer, old.PortLocal, old.PortPeer}
+	if old != nil && old.Dir == Outbound && (old.PortLocal != 0 || old.PortPeer != 0) {
+		k := portKey{old.selKey(), old.PortLocal, old.PortPeer}
 		if p.byPorts[k] == old {
 			delete(p.byPorts, k)
 		}
 	}
-	if e != nil && e.Dir == Outbound && e.PortLocal != 0 {
+	if e != nil && e.Dir == Outbound && (e.PortLocal != 0 || e.PortPeer != 0) {
 		if p.byPorts == nil {
 			p.byPorts = make(map[portKey]*Entry)
 		}
-		p.byPorts[portKey{e.InnerPeer, e.PortLocal, e.PortPeer}] = e
+		p.byPorts[portKey{e.selKey(), e.PortLocal, e.PortPeer}] = e
 	}
 }
 
@@ -227,6 +227,10 @@ func (p *pipeline) decapOne(d xsk.Desc) (xsk.Desc, Drop) {
 		e.Counters.Drops.Add(1)
 		return d, DropOversized
 	}
+	if why := xlateIn(e, ip); why != 0 {
+		e.Counters.Drops.Add(1)
+		return d, why
+	}
 	// Authenticated and inside the replay window: only now may the
 	// binding follow the packet (RFC 3948 NAT re-mapping).
 	p.learn(e, m, pk.Outer.Src, frame[off+6:off+12])
@@ -320,23 +324,15 @@ func (p *pipeline) encapOne(d xsk.Desc) (xsk.Desc, Drop) {
 		e.Counters.Drops.Add(1)
 		return d, Drop(esp.ReasonBadHeader)
 	}
-	if e.InnerPeer.IsValid() && !e.InnerPeer.Contains(dstAddr(frame[l3:l3+n])) {
+	sel, why := p.outSelect(e, frame[l3:l3+n])
+	if sel == nil {
 		e.Counters.Drops.Add(1)
-		return d, DropPolicy
+		return d, why
 	}
-	if e.PortLocal != 0 && !portsMatch(frame[l3:l3+n], e.PortLocal, e.PortPeer) {
-		// XDP steers by inner address only: another outbound SA of the
-		// same phone may own these ports.
-		sp, dp, _ := l4Ports(frame[l3 : l3+n])
-		alt := p.byPorts[portKey{e.InnerPeer, sp, dp}]
-		if alt == nil {
-			alt = p.byPorts[portKey{e.InnerPeer, sp, 0}]
-		}
-		if alt == nil {
-			e.Counters.Drops.Add(1)
-			return d, DropPolicy
-		}
-		e = alt
+	e = sel
+	if why := xlateOut(e, frame[l3:l3+n]); why != 0 {
+		e.Counters.Drops.Add(1)
+		return d, why
 	}
 	nh := uint8(esp.NextHeaderIPv4)
 	if frame[l3]>>4 == 6 {

@@ -22,6 +22,7 @@ const (
 	DropOversized                                   // larger than the outgoing link's MTU and not fragmentable
 	DropSeqUnreserved                               // next sequence number not durably reserved yet
 	DropLifetime                                    // the SA reached its hard packet or byte lifetime (RFC 4301 4.4.2.1)
+	DropXlate                                       // core-address translation impossible: IPv6 extension headers hide the UDP/TCP checksum
 	NumDrops
 )
 
@@ -35,6 +36,7 @@ var dropNames = [NumDrops - Drop(esp.NumReasons)]string{
 	DropOversized - Drop(esp.NumReasons):     "oversized",
 	DropSeqUnreserved - Drop(esp.NumReasons): "seq_unreserved",
 	DropLifetime - Drop(esp.NumReasons):      "lifetime_expired",
+	DropXlate - Drop(esp.NumReasons):         "xlate",
 }
 
 // String is the stable metric label of the reason.

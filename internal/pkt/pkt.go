@@ -1,5 +1,8 @@
-// Package pkt builds small IP packets with correct checksums for the
-// demo, the tools and tests. It is not on any data path.
+// Package pkt holds the one Internet checksum implementation (RFC 1071
+// sums, RFC 1624 incremental updates) and builds small IP packets with
+// correct checksums for the demo, the tools and tests. Update is on the
+// worker's data path (core-address translation): it must stay
+// allocation-free; the builders are not on any data path.
 package pkt
 
 import (
@@ -64,4 +67,18 @@ func Fold(s uint32) uint16 {
 		s = s&0xffff + s>>16
 	}
 	return uint16(s)
+}
+
+// Update returns the checksum field value check (as stored in a header)
+// after the bytes old were replaced by new, by RFC 1624 eqn. 3:
+// HC' = ~(~HC + ~m + m'). old and new have the same even length and sit
+// at an even offset of the checksummed data (addresses do). It allocates
+// nothing: the worker calls it per packet.
+func Update(check uint16, old, new []byte) uint16 {
+	s := uint32(^check)
+	for i := 0; i+1 < len(old) && i+1 < len(new); i += 2 {
+		s += uint32(^(uint16(old[i])<<8 | uint16(old[i+1])))
+		s += uint32(uint16(new[i])<<8 | uint16(new[i+1]))
+	}
+	return ^Fold(s)
 }

@@ -1,0 +1,80 @@
+package maps
+
+import (
+	"fmt"
+	"net/netip"
+	"unsafe"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/xesp/xesp/bpf"
+)
+
+// Cores is the exact-match outbound map xesp_private reads before the
+// policy trie: (core address, destination port) -> bpf.Policy, port 0
+// for an SA without a peer port selector (xesp.h, docs/addressing.md).
+type Cores struct {
+	m *ebpf.Map
+}
+
+// NewCores wraps the cores map.
+func NewCores(m *ebpf.Map) (*Cores, error) {
+	if err := check(m, "cores", ebpf.Hash, uint32(unsafe.Sizeof(bpf.CoreKey{})), uint32(unsafe.Sizeof(bpf.Policy{}))); err != nil {
+		return nil, err
+	}
+	return &Cores{m: m}, nil
+}
+
+// Map returns the underlying map.
+func (c *Cores) Map() *ebpf.Map { return c.m }
+
+// CoreKey is the key of core address a and destination port (host
+// order; 0: any port). IPv4 addresses are stored IPv4-mapped, as in the
+// trie.
+func CoreKey(a netip.Addr, port uint16) (bpf.CoreKey, error) {
+	if !a.IsValid() {
+		return bpf.CoreKey{}, fmt.Errorf("invalid core address %v", a)
+	}
+	k := bpf.CoreKey{Addr: a.As16()}
+	// The C side compares the port as the packet carries it (network
+	// order) through a __be16 that bpf2go types as a native uint16.
+	*(*[2]byte)(unsafe.Pointer(&k.Port)) = [2]byte{byte(port >> 8), byte(port)}
+	return k, nil
+}
+
+// Put inserts or replaces the entry for (a, port).
+func (c *Cores) Put(a netip.Addr, port uint16, pol bpf.Policy) error {
+	k, err := CoreKey(a, port)
+	if err != nil {
+		return fmt.Errorf("cores map: put: %w", err)
+	}
+	if err := c.m.Put(&k, &pol); err != nil {
+		return fmt.Errorf("cores map: put %v port %d: %w", a, port, err)
+	}
+	return nil
+}
+
+// Delete removes the entry for (a, port).
+func (c *Cores) Delete(a netip.Addr, port uint16) error {
+	k, err := CoreKey(a, port)
+	if err != nil {
+		return fmt.Errorf("cores map: delete: %w", err)
+	}
+	if err := c.m.Delete(&k); err != nil {
+		return fmt.Errorf("cores map: delete %v port %d: %w", a, port, err)
+	}
+	return nil
+}
+
+// Lookup returns the entry for exactly (a, port).
+func (c *Cores) Lookup(a netip.Addr, port uint16) (bpf.Policy, error) {
+	var pol bpf.Policy
+	k, err := CoreKey(a, port)
+	if err != nil {
+		return pol, fmt.Errorf("cores map: lookup: %w", err)
+	}
+	if err := c.m.Lookup(&k, &pol); err != nil {
+		return pol, fmt.Errorf("cores map: lookup %v port %d: %w", a, port, err)
+	}
+	return pol, nil
+}
