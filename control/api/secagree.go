@@ -120,12 +120,16 @@ func (s *Server) secAgreeCreate(w http.ResponseWriter, r *http.Request) {
 		writeErrors(w, http.StatusBadRequest, errs)
 		return
 	}
+	var keepCore netip.Addr
 	if req.Replaces != "" {
 		old, ok := s.sad.GetName(req.Replaces + ".in-s")
 		if !ok {
 			writeError(w, http.StatusNotFound, fmt.Sprintf("replaces: registration %q has no SAs (was it deleted or did it expire?)", clipStr(req.Replaces)))
 			return
 		}
+		// The new set is the same phone's: its group (worker, NAT
+		// binding), inner addresses and core address are the old set's
+		// unless the request names them.
 		reg.Pair = old.SA.Pair
 		if reg.Pair == "" {
 			reg.Pair = req.Replaces
@@ -138,8 +142,19 @@ func (s *Server) secAgreeCreate(w http.ResponseWriter, r *http.Request) {
 			}
 			reg.UE = b
 		}
+		if !reg.UEInner.IsValid() && old.SA.InnerPeer.IsValid() {
+			reg.UEInner = old.SA.InnerPeer.Addr()
+		}
+		if !reg.PCSCF.IsValid() && old.SA.InnerLocal.IsValid() {
+			reg.PCSCF = old.SA.InnerLocal.Addr()
+		}
+		keepCore = old.SA.Core
 		if oc, ok := s.sad.GetName(req.Replaces + ".in-c"); ok && oc.SA.Ports.Local == req.PortC {
 			writeError(w, http.StatusBadRequest, fmt.Sprintf("port_c: %d is the client port of %q: a re-authentication takes a new one (TS 33.203 7.4), or the sets' outbound selectors overlap", req.PortC, clipStr(req.Replaces)))
+			return
+		}
+		if chosen.Mod.Effective() != secagree.ModeTrans && (!reg.UEInner.IsValid() || !reg.PCSCF.IsValid()) {
+			writeError(w, http.StatusBadRequest, fmt.Sprintf("ue_inner, pcscf: mod=%s needs both; %q (transport mode) has none to inherit", chosen.Mod.Effective(), clipStr(req.Replaces)))
 			return
 		}
 	}
@@ -164,7 +179,7 @@ func (s *Server) secAgreeCreate(w http.ResponseWriter, r *http.Request) {
 		// the phone's current set still holds when it is added.
 		s.coreMu.Lock()
 		defer s.coreMu.Unlock()
-	} else {
+	} else if reg.Pair == "" {
 		reg.Pair = secagree.PhoneLabel(reg.UE, reg.UEInner)
 	}
 	for attempt := 0; ; attempt++ {
@@ -181,7 +196,16 @@ func (s *Server) secAgreeCreate(w http.ResponseWriter, r *http.Request) {
 			writeErrors(w, http.StatusBadRequest, sa.Flatten(err))
 			return
 		}
-		if withCore {
+		if withCore && keepCore.IsValid() {
+			// A re-authentication keeps the phone's core address: the
+			// SIP core knows the phone there. Its new port_c keeps the
+			// two sets' selectors apart (checked again by the SAD).
+			reg.Core = keepCore
+			if ds, err = secagree.Derive(reg); err != nil {
+				writeErrors(w, http.StatusBadRequest, sa.Flatten(err))
+				return
+			}
+		} else if withCore {
 			if reg.Core, err = s.coreForDerived(reg, ds); err != nil {
 				writeError(w, sadStatus(err), err.Error())
 				return
@@ -302,8 +326,9 @@ func (s *Server) secAgreeInput(req *SecAgreeRequest) (secagree.Registration, sec
 	}
 	reg.Local = addr("local", req.Local, true)
 	tunnel := chosen.Mod.Effective() != secagree.ModeTrans
-	reg.UEInner = addr("ue_inner", req.UEInner, tunnel && chosen.IsIPsec3GPP())
-	reg.PCSCF = addr("pcscf", req.PCSCF, tunnel && chosen.IsIPsec3GPP())
+	// A re-authentication (replaces) inherits them from the replaced set.
+	reg.UEInner = addr("ue_inner", req.UEInner, tunnel && chosen.IsIPsec3GPP() && req.Replaces == "")
+	reg.PCSCF = addr("pcscf", req.PCSCF, tunnel && chosen.IsIPsec3GPP() && req.Replaces == "")
 	if req.PortC == 0 {
 		bad("port_c", "required (the P-CSCF's protected client port)")
 	}

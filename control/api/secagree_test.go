@@ -385,11 +385,17 @@ func FuzzSecAgreeRequest(f *testing.F) {
 func TestSecAgreeReplacesGetAndPostDelete(t *testing.T) {
 	e := newEnv(t, true, 0)
 	ctx := context.Background()
-	if _, err := e.unix.SecAgree(ctx, e.secAgreeRequest("old")); err != nil {
+	oldResp, err := e.unix.SecAgree(ctx, e.secAgreeRequest("old"))
+	if err != nil {
 		t.Fatal(err)
 	}
+	if oldResp.Core == "" {
+		t.Fatal("no core address from the pool")
+	}
+	// A P-CSCF sees a protected re-REGISTER from the core address: the
+	// new set inherits the NAT binding, inner addresses and core.
 	req := e.secAgreeRequest("new")
-	req.Replaces, req.UE = "old", ""
+	req.Replaces, req.UE, req.UEInner, req.PCSCF = "old", "", "", ""
 	req.SecurityClient = strings.ReplaceAll(testOffer, "spi-c=1111;spi-s=2222;port-c=5062", "spi-c=3333;spi-s=4444;port-c=5066")
 	if _, err := e.unix.SecAgree(ctx, req); err == nil || !strings.Contains(err.Error(), "port_c: 5063") {
 		t.Fatalf("same port_c as the replaced set: %v", err)
@@ -399,14 +405,17 @@ func TestSecAgreeReplacesGetAndPostDelete(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if resp.Core != oldResp.Core {
+		t.Fatalf("re-authentication moved the phone's core address %s to %s", oldResp.Core, resp.Core)
+	}
 	old, _ := e.sad.GetName("old.out-c")
 	for _, v := range resp.SAs {
 		ent, _ := e.sad.GetName(v.Name)
-		if v.Pair != "old" || ent.Worker != old.Worker || v.Binding != "198.51.100.7:31000" {
+		if v.Pair != old.SA.Pair || v.Inner == nil || v.Inner.Peer != "192.168.1.11/32" || v.Inner.Local != "10.0.0.1/32" || ent.Worker != old.Worker || v.Binding != "198.51.100.7:31000" {
 			t.Errorf("%s: pair %q worker %d binding %s; want the old set's group (worker %d) and binding", v.Name, v.Pair, ent.Worker, v.Binding, old.Worker)
 		}
 	}
-	req.Registration, req.Replaces = "other", "gone"
+	req.Registration, req.Replaces, req.PortC = "other", "gone", 5063
 	if _, err := e.unix.SecAgree(ctx, req); err == nil || !strings.Contains(err.Error(), `replaces: registration "gone"`) {
 		t.Fatalf("replacing a registration without SAs: %v", err)
 	}

@@ -196,13 +196,7 @@ func proposalFor(alg, ealg string) (string, error) {
 type Registration struct {
 	// Name labels the SAs (Name + ".in-s" etc.) and is their pair label,
 	// so all four share one worker and one NAT binding.
-	Name string
-	// Pair, when set, is the pair label instead of Name: a
-	// re-authentication's new set joins the old set's group, so both
-	// live on one worker and share the phone's one NAT binding while
-	// they overlap (the worker finds a phone's outbound SA by ports
-	// among the SAs of its own table).
-	Pair           string
+	Name           string
 	Client, Server Mechanism
 	CK, IK         []byte
 	// Local is the gateway's public address, UE the phone's address and
@@ -218,8 +212,10 @@ type Registration struct {
 	// all four SAs carry it as inner.core (tunnel modes only).
 	Core netip.Addr
 	// Pair, when set, is the pair label instead of Name: the gateway
-	// passes a label derived from the phone (PhoneLabel) so that a
-	// re-registration's new set shares the current set's worker.
+	// passes a label derived from the phone (PhoneLabel), or a
+	// re-authentication's replaced set's label, so that the new set
+	// shares the current set's worker and NAT binding (the worker picks
+	// a phone's outbound SA by ports among the SAs of its own table).
 	Pair string
 }
 
@@ -300,10 +296,6 @@ func Derive(r Registration) ([]DerivedSA, error) {
 		{"in-c", "in", s.SPIC, c.PortS, s.PortC, s.PortC, c.PortS},
 		{"out-s", "out", c.SPIS, s.PortC, c.PortS, s.PortC, c.PortS},
 		{"out-c", "out", c.SPIC, s.PortS, c.PortC, s.PortS, c.PortC},
-	}
-	pair := r.Pair
-	if pair == "" {
-		pair = r.Name
 	}
 	out := make([]DerivedSA, 0, len(defs))
 	var errs []error

@@ -1,6 +1,7 @@
 package ims
 
 import (
+	"bufio"
 	"context"
 	"fmt"
 	"io"
@@ -12,6 +13,7 @@ import (
 	"strings"
 	"sync"
 	"syscall"
+	"text/tabwriter"
 	"time"
 
 	"github.com/xesp/xesp/control/api"
@@ -150,8 +152,9 @@ func Demo(ctx context.Context, o DemoOptions) error {
 			args = append(args, "-o", "uat:esp_sa:"+keys[n])
 		}
 		u := l.UEs[0]
-		args = append(args, "-Y", fmt.Sprintf("ip.addr == %s || sip.Call-ID contains \"%s-\"", u.LAN, u.Name))
-		fmt.Fprintf(out, "\n== %s's flow on the public side, decrypted with its SA keys (tshark %s)\n", u.Name, strings.Join(args[:4], " "))
+		args = append(args, "-T", "fields", "-E", "separator=/t", "-e", "frame.number", "-e", "ip.src", "-e", "ip.dst", "-e", "esp.spi", "-e", "_ws.col.Info", "-Y", fmt.Sprintf("sip.Call-ID contains \"%s-\" || sip.To contains \"sip:%s@\"", u.Name, u.Name))
+		fmt.Fprintf(out, "\n== %s's flow on the public side, decrypted with its SA keys (tshark %s -o uat:esp_sa:...)\n", u.Name, strings.Join(args[:5], " "))
+		fmt.Fprintln(out, "frame\touter[,inner] src\touter[,inner] dst\tESP SPI\tSIP")
 		cmd := exec.Command("tshark", args...)
 		b, err := cmd.CombinedOutput()
 		if err != nil {
@@ -168,21 +171,31 @@ func Demo(ctx context.Context, o DemoOptions) error {
 
 // table prints one line per phone from xesp's SA list.
 func (l *Lab) table(ctx context.Context, out io.Writer, state string) error {
-	byPeer := map[string][]api.SAView{}
+	// Phones share private addresses: a phone's SAs are found by pair
+	// group (one per phone, kept across re-authentication), the group by
+	// the in-s SPI the phone negotiated.
+	byPair := map[string][]api.SAView{}
+	pairOf := map[uint64]string{}
 	if err := l.API.Each(ctx, func(v *api.SAView) error {
-		if v.Inner != nil {
-			byPeer[v.Inner.Peer] = append(byPeer[v.Inner.Peer], *v)
+		byPair[v.Pair] = append(byPair[v.Pair], *v)
+		if strings.HasSuffix(v.Name, ".in-s") {
+			spi, _ := v.SPI.Value()
+			pairOf[spi] = v.Pair
 		}
 		return nil
 	}); err != nil {
 		return err
 	}
-	fmt.Fprintf(out, "%-5s %-13s %-19s %-19s %-13s %-7s %-11s %-23s %-23s %s\n", "phone", "lan", "nat binding", "registration", "alg", "ealg", "mode", "P-CSCF spi-c/spi-s", "UE spi-c/spi-s", "state")
+	tw := tabwriter.NewWriter(out, 0, 0, 1, ' ', 0)
+	fmt.Fprintln(tw, "phone\tlan\tcore\tnat binding\tregistration\talg\tealg\tmode\tP-CSCF spi-c/spi-s\tUE spi-c/spi-s\tstate\txesp SAs")
 	for _, u := range l.UEs {
-		vs := byPeer[u.LAN.String()+"/32"]
 		cur, ok := u.Current()
+		var vs []api.SAView
+		if ok {
+			vs = byPair[pairOf[uint64(cur.Mechanism.SPIS)]]
+		}
 		if len(vs) == 0 || !ok {
-			fmt.Fprintf(out, "%-5s %-13s %-19s %-19s %-13s %-7s %-11s %-23s %-23s %s (xesp: %d SAs)\n", u.Name, u.LAN, "-", "-", "-", "-", "-", "-", "-", state, len(vs))
+			fmt.Fprintf(tw, "%s\t%s\t-\t-\t-\t-\t-\t-\t-\t-\t%s\t%d\n", u.Name, u.LAN, state, len(vs))
 			continue
 		}
 		regs := map[string]bool{}
@@ -196,9 +209,14 @@ func (l *Lab) table(ctx context.Context, out io.Writer, state string) error {
 		}
 		sort.Strings(names)
 		m := cur.Mechanism
-		fmt.Fprintf(out, "%-5s %-13s %-19s %-19s %-13s %-7s %-11s %-23s %-23s %s (xesp: %d SAs)\n", u.Name, u.LAN, vs[0].Binding, strings.Join(names, "+"),
-			m.Alg, m.EffectiveEalg(), m.Mod.Effective(), fmt.Sprintf("%#x/%#x", m.SPIC, m.SPIS), fmt.Sprintf("%#x/%#x", cur.UESPIC, cur.UESPIS), state, len(vs))
+		core := "-"
+		if vs[0].Inner != nil && vs[0].Inner.Core != "" {
+			core = vs[0].Inner.Core
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%#x/%#x\t%#x/%#x\t%s\t%d\n", u.Name, u.LAN, core, vs[0].Binding, strings.Join(names, "+"),
+			m.Alg, m.EffectiveEalg(), m.Mod.Effective(), m.SPIC, m.SPIS, cur.UESPIC, cur.UESPIS, state, len(vs))
 	}
+	tw.Flush()
 	fmt.Fprintln(out)
 	return nil
 }
@@ -210,19 +228,37 @@ func (l *Lab) capture(file string) (func() error, error) {
 		return nil, err
 	}
 	cmd := l.Inet.Command("tcpdump", "-i", "g0", "-U", "--immediate-mode", "-n", "-s", "0", "-w", file, "udp", "and", "(port", "4500", "or", "port", "5060)")
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		return nil, err
+	}
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("tcpdump: %w", err)
 	}
-	// tcpdump is armed once its file exists with a pcap header.
-	for end := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
-		if st, err := os.Stat(file); err == nil && st.Size() >= 24 {
-			break
+	// tcpdump says "listening on" once the capture is armed (the file
+	// exists earlier).
+	ready := make(chan bool, 1)
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		for sc.Scan() {
+			if strings.Contains(sc.Text(), "listening on") {
+				ready <- true
+				io.Copy(io.Discard, stderr)
+				return
+			}
 		}
-		if time.Now().After(end) {
-			cmd.Process.Kill()
+		ready <- false
+	}()
+	select {
+	case ok := <-ready:
+		if !ok {
 			cmd.Wait()
-			return nil, fmt.Errorf("tcpdump not writing %s after 10 s", file)
+			return nil, fmt.Errorf("tcpdump exited before capturing")
 		}
+	case <-time.After(10 * time.Second):
+		cmd.Process.Kill()
+		cmd.Wait()
+		return nil, fmt.Errorf("tcpdump not listening after 10 s")
 	}
 	return func() error {
 		time.Sleep(200 * time.Millisecond) // the last packets may still be in the ring

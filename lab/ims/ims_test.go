@@ -84,13 +84,20 @@ func eventually(t *testing.T, what string, cond func() error) {
 
 // match checks that xesp holds exactly one SA set per registered phone
 // (the phones in want), each the four SAs of the set the phone is using:
-// SPIs, algorithm, UDP-enc-tun to the phone's NAPT, its inner address and
-// ports. It returns the registration name per phone.
+// SPIs, algorithm, UDP-enc-tun to the phone's NAPT, its inner address,
+// and a core address of its own from the pool. Phones share private
+// addresses, so a set is found by the SPIs the phone negotiated. It
+// returns the registration name per phone.
 func match(l *Lab, want []*UE) (map[*UE]string, error) {
 	got := map[string][]api.SAView{}
+	bySPI := map[uint64]string{} // in-s SPI -> registration
 	err := l.API.Each(context.Background(), func(v *api.SAView) error {
-		reg, _, _ := strings.Cut(v.Name, ".")
+		reg, role, _ := strings.Cut(v.Name, ".")
 		got[reg] = append(got[reg], *v)
+		if role == "in-s" {
+			spi, _ := v.SPI.Value()
+			bySPI[spi] = reg
+		}
 		return nil
 	})
 	if err != nil {
@@ -100,32 +107,38 @@ func match(l *Lab, want []*UE) (map[*UE]string, error) {
 		return nil, fmt.Errorf("xesp holds %d registrations, want %d", len(got), len(want))
 	}
 	names := map[*UE]string{}
-	byInner := map[string]string{}
-	for reg, vs := range got {
-		if len(vs) != 4 {
-			return nil, fmt.Errorf("registration %s: %d SAs", reg, len(vs))
-		}
-		byInner[vs[0].Inner.Peer] = reg
-	}
+	cores := map[string]*UE{}
 	for _, u := range want {
 		cur, ok := u.Current()
 		if !ok {
 			return nil, fmt.Errorf("%s: not registered", u.Name)
 		}
-		reg, ok := byInner[u.LAN.String()+"/32"]
+		m := cur.Mechanism
+		reg, ok := bySPI[uint64(m.SPIS)]
 		if !ok {
-			return nil, fmt.Errorf("%s: no SA set for %s", u.Name, u.LAN)
+			return nil, fmt.Errorf("%s: no SA set with in-s SPI %#x", u.Name, m.SPIS)
 		}
 		names[u] = reg
-		m := cur.Mechanism
+		if len(got[reg]) != 4 {
+			return nil, fmt.Errorf("%s: registration %s has %d SAs", u.Name, reg, len(got[reg]))
+		}
 		spis := map[string]uint32{"in-s": m.SPIS, "in-c": m.SPIC, "out-s": cur.UESPIS, "out-c": cur.UESPIC}
 		for _, v := range got[reg] {
 			role := strings.TrimPrefix(v.Name, reg+".")
 			spi, _ := v.SPI.Value()
 			if spi != uint64(spis[role]) || v.Proposal != "aes128-sha1" || v.Mode != "tunnel" || v.Encap == nil || *v.Encap.LocalPort != 4500 ||
-				v.Inner.Local != PCSCF.String()+"/32" || !strings.HasPrefix(v.Binding, "198.51.100.") || v.State != "active" {
+				v.Inner == nil || v.Inner.Local != PCSCF.String()+"/32" || v.Inner.Peer != u.LAN.String()+"/32" ||
+				!strings.HasPrefix(v.Binding, "198.51.100.") || v.State != "active" {
 				return nil, fmt.Errorf("%s: SA %s: spi %#x (want %#x) proposal %s mode %s inner %+v binding %s state %s", u.Name, v.Name, spi, spis[role], v.Proposal, v.Mode, v.Inner, v.Binding, v.State)
 			}
+			core, err := netip.ParseAddr(v.Inner.Core)
+			if err != nil || !CorePool.Contains(core) {
+				return nil, fmt.Errorf("%s: SA %s: core address %q not from %s", u.Name, v.Name, v.Inner.Core, CorePool)
+			}
+			if other, dup := cores[v.Inner.Core]; dup && other != u {
+				return nil, fmt.Errorf("%s and %s share core address %s", u.Name, other.Name, v.Inner.Core)
+			}
+			cores[v.Inner.Core] = u
 		}
 	}
 	return names, nil
@@ -133,7 +146,8 @@ func match(l *Lab, want []*UE) (map[*UE]string, error) {
 
 // The IMS registration path with a real P-CSCF: Kamailio running
 // examples/kamailio/pcscf.cfg creates and deletes every SA through xesp's
-// API; 20 phones behind 4 NAPTs register over sec-agree (REGISTER with
+// API; 20 phones behind 4 NAPTs, every NAPT's LAN numbered alike (the
+// phones share private addresses and ports), register over sec-agree (REGISTER with
 // Security-Client, 401 with Security-Server and no CK/IK, protected
 // REGISTER with Security-Verify, 200), send OPTIONS to the P-CSCF and
 // answer the S-CSCF's OPTIONS through the P-CSCF (both SA pairs used),
@@ -151,12 +165,14 @@ func TestKamailioPCSCFSecAgree(t *testing.T) {
 	eventually(t, "SAs match the registrations", func() (err error) { first, err = match(l, ues); return err })
 	bindings := map[string]bool{}
 	for _, u := range ues {
-		if _, ok := l.SCSCF.Registered(u.IMPU); !ok {
-			t.Fatalf("%s: not registered at the S-CSCF", u.Name)
-		}
+		b, ok := l.SCSCF.Registered(u.IMPU)
 		v, err := l.API.Get(ctx, first[u]+".in-s")
 		if err != nil {
 			t.Fatal(err)
+		}
+		// The P-CSCF registered the phone at its core address.
+		if want := fmt.Sprintf("sip:%s@%s:%d", u.Name, v.Inner.Core, UEPortS); !ok || b.Contact != want {
+			t.Fatalf("%s: S-CSCF contact %q (registered %v), want %q", u.Name, b.Contact, ok, want)
 		}
 		bindings[v.Binding] = true
 	}

@@ -14,10 +14,10 @@
 // S-CSCF/HSS (SCSCF: Go, non-Milenage AKA vectors) and the phones' IMS
 // stacks (UE: Go). No Go code plays the P-CSCF.
 //
-// Each NAPT numbers its own LAN (192.168.<k>.0/24): under the present SA
-// model a tunnel-mode SA's inner selector is the phone's own address, so
-// phones with the same private address behind different NAPTs wait for
-// the per-phone core address (docs/pcscf.md). Everything is created here
+// Every NAPT numbers its LAN alike (192.168.1.0/24, first phone .10, SIP
+// on 5060): phones share private addresses and ports. xesp gives each
+// registration a core address from core_pool (CorePool); the P-CSCF sees
+// and reaches each phone at its core address. Everything is created here
 // under the caller's prefix and removed by Close, also after a failed
 // Start; no traffic leaves the namespaces.
 //
@@ -57,6 +57,8 @@ var (
 	PCSCF     = netip.MustParseAddr("10.0.0.1")     // Kamailio, behind xesp
 	SCSCFAddr = netip.MustParseAddr("10.0.0.2")     // the stand-in registrar
 	GWCore    = netip.MustParseAddr("10.0.0.254")
+	// CorePool is xesp's core_pool: one core address per phone.
+	CorePool = netip.MustParsePrefix("100.64.0.0/16")
 )
 
 // P-CSCF protected ports (pcscf.cfg PORT_S, PORT_C1, PORT_C2).
@@ -190,6 +192,7 @@ func Start(ctx context.Context, o Options) (l *Lab, err error) {
 		{l.Core, "ip addr add " + PCSCF.String() + "/24 dev eth0"},
 		{l.Core, "ip addr add " + SCSCFAddr.String() + "/24 dev eth0"},
 		{l.Core, "ip route add default via " + GWCore.String()},
+		{l.Core, "ip route add " + CorePool.String() + " via " + GWCore.String()},
 	} {
 		if err := run(c.ns, c.cmd); err != nil {
 			return l, err
@@ -230,7 +233,7 @@ func Start(ctx context.Context, o Options) (l *Lab, err error) {
 		if err := netns.Veth(home, "eth0", napt, "lan"); err != nil {
 			return l, err
 		}
-		router := fmt.Sprintf("192.168.%d.1", k)
+		router := "192.168.1.1"
 		cmds := []struct {
 			ns  *netns.NS
 			cmd string
@@ -244,7 +247,7 @@ func Start(ctx context.Context, o Options) (l *Lab, err error) {
 			cmds = append(cmds, struct {
 				ns  *netns.NS
 				cmd string
-			}{home, fmt.Sprintf("ip addr add 192.168.%d.%d/24 dev eth0", k, 10+j)})
+			}{home, fmt.Sprintf("ip addr add 192.168.1.%d/24 dev eth0", 10+j)})
 		}
 		cmds = append(cmds, struct {
 			ns  *netns.NS
@@ -264,8 +267,8 @@ func Start(ctx context.Context, o Options) (l *Lab, err error) {
 	}
 
 	// xesp: the data path with no SAs; the P-CSCF creates them.
-	cfgText := fmt.Sprintf("public: {interface: pub, addresses: [%s]}\nprivate: {interface: priv}\nworkers: 2\nstate_dir: %s\n"+
-		"umem: {frames: 4096, fill_ring: 1024, completion_ring: 1024, rx_ring: 1024, tx_ring: 1024}\n", Public, filepath.Join(l.dir, "state"))
+	cfgText := fmt.Sprintf("public: {interface: pub, addresses: [%s]}\nprivate: {interface: priv}\nworkers: 2\nstate_dir: %s\ncore_pool: %s\n"+
+		"umem: {frames: 4096, fill_ring: 1024, completion_ring: 1024, rx_ring: 1024, tx_ring: 1024}\n", Public, filepath.Join(l.dir, "state"), CorePool)
 	cfg, err := config.Parse([]byte(cfgText), "ims-lab")
 	if err != nil {
 		return l, fmt.Errorf("ims lab gateway config: %w", err)
@@ -296,7 +299,7 @@ func Start(ctx context.Context, o Options) (l *Lab, err error) {
 	for k := 1; k <= o.NAPTs; k++ {
 		for j := 0; j < o.PhonesPerNAPT; j++ {
 			n++
-			lan := netip.AddrFrom4([4]byte{192, 168, byte(k), byte(10 + j)})
+			lan := netip.AddrFrom4([4]byte{192, 168, 1, byte(10 + j)})
 			var u *UE
 			if err := l.Homes[k-1].Do(func() (err error) {
 				u, err = NewUE(fmt.Sprintf("ue%d", n), lan, PCSCF, Public)
@@ -316,7 +319,7 @@ func (l *Lab) startAPI(cfg *config.Config, token string) error {
 		return err
 	}
 	l.APISocket = filepath.Join(l.dir, "api.sock")
-	srv, err := api.New(api.Options{SAD: l.Gateway.SAD, DataPath: dp, NATTPort: cfg.NATTPort, Log: l.opts.Log,
+	srv, err := api.New(api.Options{SAD: l.Gateway.SAD, DataPath: dp, NATTPort: cfg.NATTPort, Log: l.opts.Log, CorePool: cfg.CorePrefix,
 		API: config.API{Unix: l.APISocket, TCP: "127.0.0.1:0", BearerToken: sa.Secret(token)}})
 	if err != nil {
 		return err
