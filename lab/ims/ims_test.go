@@ -262,6 +262,13 @@ func TestKamailioPCSCFSecAgree(t *testing.T) {
 			t.Fatalf("%s: %d ESP packets rejected, keys leaked: %v", u.Name, u.Rejected, u.Leaked)
 		}
 	}
+	// The P-CSCF logs a delete after xesp answered it.
+	eventually(t, "the P-CSCF logged every delete", func() error {
+		if n := strings.Count(l.KamailioLog(), "/delete 200 in"); n != 41 {
+			return fmt.Errorf("%d deletes logged", n)
+		}
+		return nil
+	})
 	ch, reg, dereg := l.SCSCF.Counts()
 	log := l.KamailioLog()
 	posts, dels := strings.Count(log, "xesp-api POST /v1/secagree r"), strings.Count(log, "/delete 200 in")
@@ -272,6 +279,9 @@ func TestKamailioPCSCFSecAgree(t *testing.T) {
 	}
 	if strings.Contains(log, "clear@x") {
 		t.Fatal("cleartext to a protected port reached the P-CSCF")
+	}
+	if strings.Contains(log, "ERROR") {
+		t.Fatalf("the P-CSCF logged errors:\n%s", tail(log, 40))
 	}
 	lat := latencies(log)
 	t.Logf("API latency seen by Kamailio (us): create %v, delete (incl. 100 ms grace) %v", summary(lat["create"]), summary(lat["delete"]))
