@@ -52,7 +52,7 @@ func TestCLISecAgree(t *testing.T) {
 		t.Fatalf("--ck with --ck-file: %v", err)
 	}
 	out, _, err = run("show", "bob")
-	if err != nil || strings.Count(out, "\n") != 4 || !strings.Contains(out, "bob.in-s\tin\t0x00000d05\tactive\tbinding 198.51.100.7:31000") {
+	if err != nil || strings.Count(out, "\n") != 4 || !strings.Contains(out, "bob.in-s\tin\t0x0000115c\tactive\tbinding 198.51.100.7:31000") {
 		t.Fatalf("show printed %q: %v", out, err)
 	}
 	// A re-authentication over the CLI: binding and addresses taken over.
