@@ -104,6 +104,21 @@ func Demo(ctx context.Context, o DemoOptions) error {
 	}, "registered", 4*len(l.UEs)); err != nil {
 		return err
 	}
+	// What an operator sees: the daemon's CLI next to this binary, if
+	// built (make demo-ims builds both), on the lab's API socket.
+	if xesp, err := os.Executable(); err == nil {
+		xesp = filepath.Join(filepath.Dir(xesp), "xesp")
+		if _, err := os.Stat(xesp); err == nil {
+			b, err := exec.Command(xesp, "sa", "list", "--api", "unix:"+l.APISocket).CombinedOutput()
+			fmt.Fprintf(out, "== xesp sa list --api unix:%s (first 9 lines)\n", l.APISocket)
+			lines := strings.SplitN(string(b), "\n", 10)
+			fmt.Fprintln(out, strings.Join(lines[:min(9, len(lines))], "\n"))
+			if err != nil {
+				return fmt.Errorf("xesp sa list: %w", err)
+			}
+			fmt.Fprintln(out)
+		}
+	}
 	if err := step("OPTIONS phone -> P-CSCF and S-CSCF -> P-CSCF -> phone, through the SAs", func(u *UE) error {
 		if st, err := u.Options(); err != nil || !strings.HasPrefix(st, "SIP/2.0 200") {
 			return fmt.Errorf("%s: OPTIONS: %q %v", u.Name, st, err)

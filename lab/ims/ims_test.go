@@ -2,8 +2,11 @@ package ims
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net/netip"
+	"os/exec"
+	"path/filepath"
 	"sort"
 	"strings"
 	"sync"
@@ -14,12 +17,22 @@ import (
 	"github.com/xesp/xesp/lab/netns"
 )
 
+// xespBin is the daemon's CLI, built by startLab (from the build
+// cache after the first time): the test reads the SAs with `xesp sa list`,
+// as an operator does.
+var xespBin string
+
 func startLab(t *testing.T, napts, per int) *Lab {
 	t.Helper()
 	netns.RequireRoot(t)
 	if err := CheckTools(); err != nil {
 		t.Fatal(err)
 	}
+	bin := filepath.Join(t.TempDir(), "xesp")
+	if out, err := exec.Command("go", "build", "-o", bin, "../../cmd/xesp").CombinedOutput(); err != nil {
+		t.Fatalf("go build cmd/xesp: %v\n%s", err, out)
+	}
+	xespBin = bin
 	l, err := Start(context.Background(), Options{Prefix: netns.UniqueName("im") + "-", NAPTs: napts, PhonesPerNAPT: per})
 	if err != nil {
 		t.Fatal(err)
@@ -82,7 +95,20 @@ func eventually(t *testing.T, what string, cond func() error) {
 	t.Fatalf("%s: %v", what, err)
 }
 
-// match checks that xesp holds exactly one SA set per registered phone
+// saList is `xesp sa list --json` on the lab's API socket.
+func saList(l *Lab) ([]api.SAView, error) {
+	out, err := exec.Command(xespBin, "sa", "list", "--json", "--api", "unix:"+l.APISocket).Output()
+	if err != nil {
+		return nil, fmt.Errorf("xesp sa list: %w", err)
+	}
+	var vs []api.SAView
+	if err := json.Unmarshal(out, &vs); err != nil {
+		return nil, fmt.Errorf("xesp sa list: %w: %s", err, out)
+	}
+	return vs, nil
+}
+
+// match checks that `xesp sa list` shows exactly one SA set per registered phone
 // (the phones in want), each the four SAs of the set the phone is using:
 // SPIs, algorithm, UDP-enc-tun to the phone's NAPT, its inner address,
 // and a core address of its own from the pool. Phones share private
@@ -91,17 +117,17 @@ func eventually(t *testing.T, what string, cond func() error) {
 func match(l *Lab, want []*UE) (map[*UE]string, error) {
 	got := map[string][]api.SAView{}
 	bySPI := map[uint64]string{} // in-s SPI -> registration
-	err := l.API.Each(context.Background(), func(v *api.SAView) error {
+	list, err := saList(l)
+	if err != nil {
+		return nil, err
+	}
+	for _, v := range list {
 		reg, role, _ := strings.Cut(v.Name, ".")
-		got[reg] = append(got[reg], *v)
+		got[reg] = append(got[reg], v)
 		if role == "in-s" {
 			spi, _ := v.SPI.Value()
 			bySPI[spi] = reg
 		}
-		return nil
-	})
-	if err != nil {
-		return nil, err
 	}
 	if len(got) != len(want) {
 		return nil, fmt.Errorf("xesp holds %d registrations, want %d", len(got), len(want))
