@@ -117,7 +117,7 @@ func startAPI(g *gateway.Gateway, cfg *config.Config, log *slog.Logger) (*api.Se
 	if err != nil {
 		return nil, err
 	}
-	srv, err := api.New(api.Options{SAD: g.SAD, DataPath: dp, Events: g.Lifetime, API: cfg.API, Log: log, NATTPort: cfg.NATTPort})
+	srv, err := api.New(api.Options{SAD: g.SAD, DataPath: dp, Events: g.Lifetime, API: cfg.API, Log: log, NATTPort: cfg.NATTPort, CorePool: cfg.CorePrefix})
 	if err != nil {
 		return nil, err
 	}
