@@ -85,7 +85,7 @@ func TestPrivateFixtures(t *testing.T) {
 func TestPrivateCoreFixtures(t *testing.T) {
 	objs, set := loadObjects(t, 16)
 	ns := netns.ForTest(t, "xbpc")
-	if err := set.Config.Set(bpf.Config{Workers: 2}); err != nil {
+	if err := set.Config.Set(bpf.Config{Workers: 2, Flags: bpf.ConfigFlagCores}); err != nil {
 		t.Fatal(err)
 	}
 	for p, pol := range map[string]bpf.Policy{
@@ -169,5 +169,29 @@ func TestPrivateCoreFixtures(t *testing.T) {
 		{name: "v6-exact-beats-prefix", in: udp6("2001:db8:99::5", 5060), verdict: xdpRedirect, meta: meta(bpf.MetaClear, 50, 0, 0, 14), reason: bpf.PrivRedirectCorePort},
 		{name: "v6-other-port-prefix", in: udp6("2001:db8:99::5", 5061), verdict: xdpRedirect, meta: meta(bpf.MetaClear, 3, 0, 0, 14), reason: bpf.PrivRedirect},
 		{name: "miss", in: udp4("100.128.0.1", 5060), verdict: xdpPass, reason: bpf.PrivPassNoPolicy},
+	})
+	// Without the config flag the exact-match step is skipped: the trie
+	// alone decides, at the trie-only cost.
+	if err := set.Config.Set(bpf.Config{Workers: 2}); err != nil {
+		t.Fatal(err)
+	}
+	runTable(t, objs.XespPrivate, set, []fixture{
+		{name: "flag-off-core-ignored", in: udp4("100.64.0.1", 5060), verdict: xdpRedirect, meta: meta(bpf.MetaClear, 2, 0, 0, 14), reason: bpf.PrivRedirect},
+		{name: "flag-off-miss", in: udp4("100.128.0.1", 5060), verdict: xdpPass, reason: bpf.PrivPassNoPolicy},
+	})
+	// One kind on: only that lookup is made.
+	if err := set.Config.Set(bpf.Config{Workers: 2, Flags: bpf.ConfigFlagCorePort}); err != nil {
+		t.Fatal(err)
+	}
+	runTable(t, objs.XespPrivate, set, []fixture{
+		{name: "port-only-port-hit", in: udp4("100.64.0.3", 5060), verdict: xdpRedirect, meta: meta(bpf.MetaClear, 31, 0, 0, 14), reason: bpf.PrivRedirectCorePort},
+		{name: "port-only-any-entry-skipped", in: udp4("100.64.0.3", 7000), verdict: xdpRedirect, meta: meta(bpf.MetaClear, 2, 0, 0, 14), reason: bpf.PrivRedirect},
+	})
+	if err := set.Config.Set(bpf.Config{Workers: 2, Flags: bpf.ConfigFlagCoreAny}); err != nil {
+		t.Fatal(err)
+	}
+	runTable(t, objs.XespPrivate, set, []fixture{
+		{name: "any-only-port-entry-skipped", in: udp4("100.64.0.3", 5060), verdict: xdpRedirect, meta: meta(bpf.MetaClear, 30, 0, 0, 14), reason: bpf.PrivRedirectCore},
+		{name: "any-only-any-hit", in: icmp4("100.64.0.3"), verdict: xdpRedirect, meta: meta(bpf.MetaClear, 30, 0, 0, 14), reason: bpf.PrivRedirectCore},
 	})
 }

@@ -23,6 +23,12 @@ const (
 	MetaESP     = XespXespMetaKindXESP_META_ESP
 	MetaClear   = XespXespMetaKindXESP_META_CLEAR
 	SAFlagEncap = uint16(XespXespSaFlagXESP_SA_F_ENCAP)
+	// ConfigFlagCorePort and ConfigFlagCoreAny turn on xesp_private's
+	// exact-match lookups of (address, port) and (address, any port)
+	// entries; ConfigFlagCores is both.
+	ConfigFlagCorePort = uint32(XespXespConfigFlagXESP_CFG_F_CORE_PORT)
+	ConfigFlagCoreAny  = uint32(XespXespConfigFlagXESP_CFG_F_CORE_ANY)
+	ConfigFlagCores    = ConfigFlagCorePort | ConfigFlagCoreAny
 
 	// MetaSize is sizeof(struct xesp_meta): the bytes before a redirected
 	// frame's data that hold the metadata.

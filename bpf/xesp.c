@@ -37,6 +37,7 @@ enum xesp_reason xesp_reason_btf __attribute__((unused));
 enum xesp_meta_kind xesp_meta_kind_btf __attribute__((unused));
 enum xesp_meta_magic xesp_meta_magic_btf __attribute__((unused));
 enum xesp_sa_flag xesp_sa_flag_btf __attribute__((unused));
+enum xesp_config_flag xesp_config_flag_btf __attribute__((unused));
 
 /* Capacities are placeholders: the loader sets max_entries at load time. */
 struct {
@@ -475,22 +476,25 @@ static __always_inline __be16 l4_dport(struct hdr_cursor *nh, void *data_end, in
 }
 
 /* The exact-match step: (core address, port), then (core address, any
- * port). NULL when neither is there: the trie decides. */
-static __always_inline struct xesp_policy *lookup_core(struct xesp_policy_key *key, __be16 dport,
+ * port), each only when the config says such entries exist. NULL when
+ * neither is there: the trie decides. */
+static __always_inline struct xesp_policy *lookup_core(struct xesp_policy_key *key, __be16 dport, __u32 flags,
 							enum xesp_reason *reason)
 {
 	struct xesp_core_key ck = {.port = dport};
 	struct xesp_policy *pol;
 
 	__builtin_memcpy(ck.addr, key->addr, sizeof(ck.addr));
-	if (dport) {
+	if (dport && (flags & XESP_CFG_F_CORE_PORT)) {
 		pol = bpf_map_lookup_elem(&cores, &ck);
 		if (pol) {
 			*reason = XESP_PRIV_REDIRECT_CORE_PORT;
 			return pol;
 		}
-		ck.port = 0;
 	}
+	if (!(flags & XESP_CFG_F_CORE_ANY))
+		return NULL;
+	ck.port = 0;
 	pol = bpf_map_lookup_elem(&cores, &ck);
 	if (pol)
 		*reason = XESP_PRIV_REDIRECT_CORE;
@@ -542,12 +546,14 @@ int xesp_private(struct xdp_md *ctx)
 	}
 	/* Exact match first (per-phone core addresses), then the trie
 	 * (prefixes of SAs without a core address). */
-	pol = lookup_core(&key, dport, &reason);
+	cfg = load_config();
+	pol = NULL;
+	if (cfg.flags & (XESP_CFG_F_CORE_PORT | XESP_CFG_F_CORE_ANY))
+		pol = lookup_core(&key, dport, cfg.flags, &reason);
 	if (!pol)
 		pol = bpf_map_lookup_elem(&policies, &key);
 	if (!pol)
 		return verdict(pkt_len, XESP_PRIV_PASS_NO_POLICY, XDP_PASS);
-	cfg = load_config();
 	if (put_meta(ctx, pol->sa_index, 0, 0, l3_off, XESP_META_CLEAR))
 		return verdict(pkt_len, XESP_PRIV_ABORTED, XDP_ABORTED);
 	if (steer(ctx, &xsks_private, cfg.workers, pol->worker) != XDP_REDIRECT)

@@ -70,7 +70,17 @@ struct xesp_counter {
 struct xesp_config {
 	__u16 natt_port;   /* host byte order; 0 means 4500 */
 	__u16 workers;     /* sockets per RX queue in the XSK maps; 0 means 1 */
-	__u32 flags;
+	__u32 flags;       /* XESP_CFG_F_* */
+};
+
+enum xesp_config_flag {
+	/* The cores map holds (address, port) entries, resp. any-port
+	 * entries: xesp_private does that exact-match lookup before the trie.
+	 * Both off, the private side costs what it did before core addresses
+	 * existed; one on, an SA without a core address pays one hash miss,
+	 * not two. The manager sets each with its first entry of the kind. */
+	XESP_CFG_F_CORE_PORT = 0x1,
+	XESP_CFG_F_CORE_ANY  = 0x2,
 };
 
 /* Inbound SA map: key is the SPI in host byte order. */

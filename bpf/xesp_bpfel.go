@@ -20,6 +20,13 @@ type XespXespConfig struct {
 	Flags    uint32
 }
 
+type XespXespConfigFlag uint32
+
+const (
+	XespXespConfigFlagXESP_CFG_F_CORE_PORT XespXespConfigFlag = 1
+	XespXespConfigFlagXESP_CFG_F_CORE_ANY  XespXespConfigFlag = 2
+)
+
 type XespXespCoreKey struct {
 	_    structs.HostLayout
 	Addr [16]uint8
@@ -114,20 +121,21 @@ const (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	XespMapConfig           = "config"
-	XespMapCores            = "cores"
-	XespMapCounters         = "counters"
-	XespMapPolicies         = "policies"
-	XespMapSas              = "sas"
-	XespMapXsksPrivate      = "xsks_private"
-	XespMapXsksPublic       = "xsks_public"
-	XespProgXespPrivate     = "xesp_private"
-	XespProgXespPublic      = "xesp_public"
-	XespVarXespMetaBtf      = "xesp_meta_btf"
-	XespVarXespMetaKindBtf  = "xesp_meta_kind_btf"
-	XespVarXespMetaMagicBtf = "xesp_meta_magic_btf"
-	XespVarXespReasonBtf    = "xesp_reason_btf"
-	XespVarXespSaFlagBtf    = "xesp_sa_flag_btf"
+	XespMapConfig            = "config"
+	XespMapCores             = "cores"
+	XespMapCounters          = "counters"
+	XespMapPolicies          = "policies"
+	XespMapSas               = "sas"
+	XespMapXsksPrivate       = "xsks_private"
+	XespMapXsksPublic        = "xsks_public"
+	XespProgXespPrivate      = "xesp_private"
+	XespProgXespPublic       = "xesp_public"
+	XespVarXespConfigFlagBtf = "xesp_config_flag_btf"
+	XespVarXespMetaBtf       = "xesp_meta_btf"
+	XespVarXespMetaKindBtf   = "xesp_meta_kind_btf"
+	XespVarXespMetaMagicBtf  = "xesp_meta_magic_btf"
+	XespVarXespReasonBtf     = "xesp_reason_btf"
+	XespVarXespSaFlagBtf     = "xesp_sa_flag_btf"
 )
 
 // LoadXesp returns the embedded CollectionSpec for Xesp.
@@ -193,11 +201,12 @@ type XespMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type XespVariableSpecs struct {
-	XespMetaBtf      *ebpf.VariableSpec `ebpf:"xesp_meta_btf"`
-	XespMetaKindBtf  *ebpf.VariableSpec `ebpf:"xesp_meta_kind_btf"`
-	XespMetaMagicBtf *ebpf.VariableSpec `ebpf:"xesp_meta_magic_btf"`
-	XespReasonBtf    *ebpf.VariableSpec `ebpf:"xesp_reason_btf"`
-	XespSaFlagBtf    *ebpf.VariableSpec `ebpf:"xesp_sa_flag_btf"`
+	XespConfigFlagBtf *ebpf.VariableSpec `ebpf:"xesp_config_flag_btf"`
+	XespMetaBtf       *ebpf.VariableSpec `ebpf:"xesp_meta_btf"`
+	XespMetaKindBtf   *ebpf.VariableSpec `ebpf:"xesp_meta_kind_btf"`
+	XespMetaMagicBtf  *ebpf.VariableSpec `ebpf:"xesp_meta_magic_btf"`
+	XespReasonBtf     *ebpf.VariableSpec `ebpf:"xesp_reason_btf"`
+	XespSaFlagBtf     *ebpf.VariableSpec `ebpf:"xesp_sa_flag_btf"`
 }
 
 // XespObjects contains all objects after they have been loaded into the kernel.
@@ -245,11 +254,12 @@ func (m *XespMaps) Close() error {
 //
 // It can be passed to LoadXespObjects or ebpf.CollectionSpec.LoadAndAssign.
 type XespVariables struct {
-	XespMetaBtf      *ebpf.Variable `ebpf:"xesp_meta_btf"`
-	XespMetaKindBtf  *ebpf.Variable `ebpf:"xesp_meta_kind_btf"`
-	XespMetaMagicBtf *ebpf.Variable `ebpf:"xesp_meta_magic_btf"`
-	XespReasonBtf    *ebpf.Variable `ebpf:"xesp_reason_btf"`
-	XespSaFlagBtf    *ebpf.Variable `ebpf:"xesp_sa_flag_btf"`
+	XespConfigFlagBtf *ebpf.Variable `ebpf:"xesp_config_flag_btf"`
+	XespMetaBtf       *ebpf.Variable `ebpf:"xesp_meta_btf"`
+	XespMetaKindBtf   *ebpf.Variable `ebpf:"xesp_meta_kind_btf"`
+	XespMetaMagicBtf  *ebpf.Variable `ebpf:"xesp_meta_magic_btf"`
+	XespReasonBtf     *ebpf.Variable `ebpf:"xesp_reason_btf"`
+	XespSaFlagBtf     *ebpf.Variable `ebpf:"xesp_sa_flag_btf"`
 }
 
 // XespPrograms contains all programs after they have been loaded into the kernel.

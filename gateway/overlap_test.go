@@ -51,8 +51,9 @@ type ovTopo struct {
 }
 
 // newOvTopo builds the namespaces and starts the gateway with workers
-// workers, core_pool and the given SA YAML list, plus the control API.
-func newOvTopo(t *testing.T, workers int, sas string) *ovTopo {
+// workers, core_pool ovPool (none when noPool) and the given SA YAML
+// list, plus the control API.
+func newOvTopo(t *testing.T, workers int, sas string, noPool ...bool) *ovTopo {
 	t.Helper()
 	tp := &ovTopo{gw: netns.ForTest(t, "ogw"), core: netns.ForTest(t, "oco")}
 	// The NAPTs' WAN links and the gateway's public link meet on a bridge
@@ -85,7 +86,14 @@ func newOvTopo(t *testing.T, workers int, sas string) *ovTopo {
 	tp.privIf, coreIf = netns.VethForTest(t, tp.gw, tp.core)
 	tp.gw.MustRun("ip", "addr", "add", "10.0.0.254/24", "dev", tp.privIf)
 	tp.core.MustRun("ip", "addr", "add", ovCore.String()+"/24", "dev", coreIf)
-	tp.core.MustRun("ip", "route", "add", ovPool, "via", "10.0.0.254")
+	pool := "core_pool: " + ovPool
+	if len(noPool) > 0 && noPool[0] {
+		// Without core addresses the core sees the phones' own addresses.
+		pool = ""
+		tp.core.MustRun("ip", "route", "add", "192.168.1.0/24", "via", "10.0.0.254")
+	} else {
+		tp.core.MustRun("ip", "route", "add", ovPool, "via", "10.0.0.254")
+	}
 
 	dir := shortTemp(t)
 	yaml := fmt.Sprintf(`
@@ -93,9 +101,9 @@ public: {interface: %s, addresses: [%s]}
 private: {interface: %s}
 workers: %d
 state_dir: %s
-core_pool: %s
+%s
 umem: {frames: 4096, fill_ring: 1024, completion_ring: 1024, rx_ring: 1024, tx_ring: 1024}
-%s`, tp.pubIf, ovGW, tp.privIf, workers, filepath.Join(dir, "state"), ovPool, sas)
+%s`, tp.pubIf, ovGW, tp.privIf, workers, filepath.Join(dir, "state"), pool, sas)
 	cfg, err := config.Parse([]byte(yaml), "")
 	if err != nil {
 		t.Fatal(err)
@@ -254,18 +262,6 @@ func (ph *emuPhone) expect(t *testing.T, src, dst uint16, payload string) ovMsg 
 	return ovMsg{}
 }
 
-// readFrom reads the next datagram on c and returns its source.
-func readFrom(t *testing.T, c *net.UDPConn) (netip.AddrPort, string) {
-	t.Helper()
-	buf := make([]byte, 65536)
-	c.SetReadDeadline(time.Now().Add(3 * time.Second))
-	n, from, err := c.ReadFromUDPAddrPort(buf)
-	if err != nil {
-		t.Fatalf("core: %v", err)
-	}
-	return from, string(buf[:n])
-}
-
 func ovKey(i, dir int) string { return fmt.Sprintf("%02x%02x%036x", i, dir, 0x5a5a) }
 
 // Two phones behind different NAPTs, both 192.168.1.10 and both on SIP
@@ -409,8 +405,11 @@ func (tp *ovTopo) register(t *testing.T, ph *emuPhone, i, k int) *ovReg {
 	if err != nil {
 		t.Fatalf("%s: %v", r.name, err)
 	}
-	if r.core, err = netip.ParseAddr(resp.Core); err != nil {
-		t.Fatalf("%s: core %q", r.name, resp.Core)
+	r.core = ovPhone // without a core_pool the core sees the phone's own address
+	if resp.Core != "" {
+		if r.core, err = netip.ParseAddr(resp.Core); err != nil {
+			t.Fatalf("%s: core %q", r.name, resp.Core)
+		}
 	}
 	mk := func(role string, window int) *esp.SA {
 		e, ok := tp.g.SAD.GetName(r.name + "." + role)
@@ -448,15 +447,26 @@ func (tp *ovTopo) worker(t *testing.T, name string) uint16 {
 // sharing 192.168.1.10, and a filler SA), so a set placed by load alone
 // would land apart from the current set. The phone keeps its core
 // address across registrations, the other phone has its own.
+//
+// Without a core_pool (one phone; the core sees 192.168.1.10) the same
+// holds: the phone's sets share a pair label derived from the phone.
 func TestReRegistrationTwoWorkers(t *testing.T) {
-	tp := newOvTopo(t, 2, "")
+	t.Run("core_pool", func(t *testing.T) { testReRegistration(t, true) })
+	t.Run("no_pool", func(t *testing.T) { testReRegistration(t, false) })
+}
+
+func testReRegistration(t *testing.T, withPool bool) {
+	tp := newOvTopo(t, 2, "", !withPool)
 	ps := udpSock(t, tp.core, netip.AddrPortFrom(ovCore, ovPS).String())
 	ph := newEmuPhone(t, "ph0", tp.phones[0])
 	other := newEmuPhone(t, "ph1", tp.phones[1])
 	cur := tp.register(t, ph, 0, 0)
-	oreg := tp.register(t, other, 1, 0)
-	if oreg.core == cur.core {
-		t.Fatalf("two phones share core address %s", cur.core)
+	var oreg *ovReg
+	if withPool {
+		oreg = tp.register(t, other, 1, 0)
+		if oreg.core == cur.core {
+			t.Fatalf("two phones share core address %s", cur.core)
+		}
 	}
 	fspec := fmt.Sprintf(`{"name":"filler","spi":"0x7777","direction":"in","mode":"tunnel","proposal":"aes128gcm16","enc_key":"%s","local":"%s","peer":"198.51.100.99","encap":{},"inner":{"local":"10.0.0.0/24","peer":"10.99.9.0/24"}}`, ovKey(9, 9), ovGW)
 	if err := addRaw(tp, fspec); err != nil {
@@ -527,6 +537,12 @@ func TestReRegistrationTwoWorkers(t *testing.T) {
 		notify(next)
 		exchange(next, "after delete")
 		cur = next
+	}
+	if !withPool {
+		if f, nm := ph.counts(); f != 0 || nm != 0 {
+			t.Fatalf("%s: %d foreign packets, %d not addressed to it", ph.name, f, nm)
+		}
+		return
 	}
 	// The other phone, same inner address and ports, was never disturbed.
 	for try := 0; ; try++ {

@@ -268,7 +268,7 @@ func saList(c *api.Client, asJSON bool, stdout io.Writer) error {
 		return err
 	}
 	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAME\tSPI\tDIR\tPROPOSAL\tMODE\tBINDING\tWORKER\tPACKETS\tBYTES\tDROPS")
+	fmt.Fprintln(tw, "NAME\tSPI\tDIR\tPROPOSAL\tMODE\tBINDING\tCORE\tWORKER\tPACKETS\tBYTES\tDROPS")
 	err := c.Each(ctx, func(v *api.SAView) error {
 		name := v.Name
 		if name == "" {
@@ -278,8 +278,12 @@ func saList(c *api.Client, asJSON bool, stdout io.Writer) error {
 		if k := v.Counters; k != nil {
 			pk, by, dr = strconv.FormatUint(k.Packets, 10), strconv.FormatUint(k.Bytes, 10), strconv.FormatUint(k.Drops, 10)
 		}
-		_, err := fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\n",
-			name, v.SPI, v.Direction, v.Proposal, v.Mode, v.Binding, v.Worker, pk, by, dr)
+		core := "-"
+		if v.Inner != nil && v.Inner.Core != "" {
+			core = v.Inner.Core
+		}
+		_, err := fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\n",
+			name, v.SPI, v.Direction, v.Proposal, v.Mode, v.Binding, core, v.Worker, pk, by, dr)
 		return err
 	})
 	if err != nil {
@@ -330,6 +334,9 @@ func saShow(c *api.Client, ref string, asJSON bool, stdout io.Writer) error {
 	line("binding", "%s", v.Binding)
 	if v.Inner != nil {
 		line("inner", "%s <-> %s", v.Inner.Local, v.Inner.Peer)
+		if v.Inner.Core != "" {
+			line("core address", "%s", v.Inner.Core)
+		}
 	}
 	if l := v.Lifetime; l != nil {
 		line("lifetime", "soft %d B / %d pkts / %d s, hard %d B / %d pkts / %d s",

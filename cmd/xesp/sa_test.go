@@ -165,10 +165,10 @@ added sa 0x00002002 in:0x00002002 (worker 1, index 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	want = `NAME     SPI         DIR  PROPOSAL     MODE       BINDING           WORKER  PACKETS  BYTES  DROPS
-ue1-in   0x00002001  in   aes128gcm16  tunnel     192.0.2.10:31000  0       8193     81930  1
-ue1-out  0xc0002001  out  aes128gcm16  tunnel     192.0.2.10:31000  0       8193     81930  1
--        0x00002002  in   null-sha1    transport  192.0.2.11:0      1       -        -      -
+	want = `NAME     SPI         DIR  PROPOSAL     MODE       BINDING           CORE  WORKER  PACKETS  BYTES  DROPS
+ue1-in   0x00002001  in   aes128gcm16  tunnel     192.0.2.10:31000  -     0       8193     81930  1
+ue1-out  0xc0002001  out  aes128gcm16  tunnel     192.0.2.10:31000  -     0       8193     81930  1
+-        0x00002002  in   null-sha1    transport  192.0.2.11:0      -     1       -        -      -
 `
 	if out != want {
 		t.Fatalf("sa list:\n%s\nwant\n%s", out, want)

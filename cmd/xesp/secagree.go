@@ -27,9 +27,10 @@ const secAgreeHelp = `usage:
                        --ue ADDR:PORT --local ADDR --port-c N --port-s N
                        [--ue-inner ADDR --pcscf ADDR] [--spi-c N --spi-s N] [--replaces NAME] [--json]
       derive and install the four SAs of TS 33.203 from the phone's Security-Client
-      and print the Security-Server value to send in the 401; --replaces names the
-      registration a re-authentication replaces (its binding, inner and core
-      addresses are taken over when --ue, --ue-inner, --pcscf are omitted)
+      and print the Security-Server value to send in the 401 (with a core_pool the
+      phone's core address, docs/addressing.md, goes to stderr; --json has it as core);
+      --replaces names the registration a re-authentication replaces (its binding,
+      inner and core addresses are taken over when --ue, --ue-inner, --pcscf are omitted)
   xesp secagree show NAME [--json]
       the registration's SAs now (one line each: name, SPI, state, binding, core)
   xesp secagree delete NAME [--grace DURATION] [--json]
@@ -121,6 +122,10 @@ func runSecAgree(args []string, stdout, stderr io.Writer) error {
 			return json.NewEncoder(stdout).Encode(resp)
 		}
 		fmt.Fprintln(stdout, resp.SecurityServer)
+		if resp.Core != "" {
+			// stdout stays the header value alone, for scripts.
+			fmt.Fprintf(stderr, "core address: %s\n", resp.Core)
+		}
 		return nil
 	case "delete":
 		if len(pos) != 1 {

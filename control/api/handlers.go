@@ -161,6 +161,11 @@ func (s *Server) update(w http.ResponseWriter, r *http.Request) {
 			in.Label(), id, r.PathValue("ref"), cur.ID))
 		return
 	}
+	if s.needsCore(&in) && cur.SA.Core.IsValid() && cur.SA.InnerPeer == in.InnerPeer {
+		// A body without inner.core (an SA file written before the
+		// allocation) keeps the phone's allocated address.
+		in.Core = cur.SA.Core
+	}
 	e, err := s.sad.Update(in)
 	if err != nil {
 		writeError(w, sadStatus(err), err.Error())

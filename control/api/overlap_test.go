@@ -80,6 +80,14 @@ func TestAddAllocatesCore(t *testing.T) {
 	if !strings.HasPrefix(core["ue10-in"], "100.") {
 		t.Fatalf("core %s not from the pool", core["ue10-in"])
 	}
+	// A PUT of the original spec (no inner.core) keeps the address.
+	s := e.spec(10, "out")
+	s.Peer, s.Inner.Peer = "203.0.113.7", "192.168.1.10"
+	s.Lifetime = &sa.LifetimeSpec{HardPackets: 1000}
+	v, err := e.unix.Update(ctx, s.Name, s)
+	if err != nil || v.Inner == nil || v.Inner.Core != core["ue10-out"] {
+		t.Fatalf("update: %+v %v", v.Inner, err)
+	}
 }
 
 // Sec-agree: one core address per registration (all four SAs), returned

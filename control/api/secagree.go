@@ -171,7 +171,7 @@ func (s *Server) secAgreeCreate(w http.ResponseWriter, r *http.Request) {
 	}
 	var added []sad.Entry
 	var server secagree.Mechanism
-	tunnel := reg.UEInner.IsValid()
+	tunnel := chosen.Mod.Effective() != secagree.ModeTrans && reg.UEInner.IsValid()
 	withCore := s.pool != nil && tunnel && reg.UEInner.Is4() == s.pool.Prefix().Addr().Is4()
 	if withCore {
 		// Allocation and add under one lock: no two registrations get

@@ -104,9 +104,28 @@ func (k policyKey) String() string {
 	return k.prefix.String()
 }
 
-// putPolicy points k's XDP entry at pol.
+// putPolicy points k's XDP entry at pol. The first core entry with a
+// port (without one) turns on xesp_private's (address, port) (address,
+// any port) lookup, bpf.ConfigFlagCorePort (ConfigFlagCoreAny); it stays
+// on, so a deployment without core addresses never pays for the lookups
+// and one with only one kind pays one miss in front of the trie.
 func (m *Manager) putPolicy(k policyKey, pol bpf.Policy) error {
 	if k.core.IsValid() {
+		flag := bpf.ConfigFlagCoreAny
+		if k.port != 0 {
+			flag = bpf.ConfigFlagCorePort
+		}
+		if m.coreFlags&flag == 0 {
+			cfg, err := m.o.Maps.Config.Get()
+			if err == nil {
+				cfg.Flags |= flag
+				err = m.o.Maps.Config.Set(cfg)
+			}
+			if err != nil {
+				return fmt.Errorf("turn on the exact-match step: %w", err)
+			}
+			m.coreFlags |= flag
+		}
 		return m.o.Maps.Cores.Put(k.core, k.port, pol)
 	}
 	return m.o.Maps.Policies.Put(k.prefix, pol)
@@ -147,6 +166,10 @@ type Manager struct {
 	// new set beside the current one): they share a worker (the SAD
 	// groups a phone's SAs by core address), which picks by ports.
 	policies map[policyKey][]*slot
+
+	// coreFlags are the bpf.ConfigFlagCore* bits set in the config map
+	// (putPolicy).
+	coreFlags uint32
 
 	version uint64
 	changes []sad.Change
@@ -421,7 +444,16 @@ func (m *Manager) commit(ctx context.Context, b *batch) error {
 		if old != nil {
 			if old.worker == s.worker && old.index == s.index {
 				s.inherit = true
-				m.dropPolicy(old)
+				if old.entry.Dir == worker.Outbound && old.policy != s.policy {
+					// The update moved the SA to another XDP key (a core
+					// address given or changed, another inner prefix):
+					// the old key goes to the SA left on it, or away.
+					if err := m.unpublish(old); err != nil {
+						errs = append(errs, err)
+					}
+				} else {
+					m.dropPolicy(old)
+				}
 			} else {
 				olds = append(olds, old)
 			}

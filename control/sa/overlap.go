@@ -134,6 +134,18 @@ func (x *OutIndex[V]) Remove(sel Selector, v V) {
 	}
 }
 
+// Any returns one SA recorded with exactly destination dst, if any.
+func (x *OutIndex[V]) Any(dst netip.Prefix) (V, bool) {
+	var zero V
+	if !dst.IsValid() {
+		return zero, false
+	}
+	if list := x.byLen[fam(dst)][dst.Bits()][dst]; len(list) > 0 {
+		return list[0].v, true
+	}
+	return zero, false
+}
+
 // Conflict returns a recorded SA whose selector overlaps sel, other than
 // those skip accepts (the SA itself on update, the SAs a rekey replaces).
 func (x *OutIndex[V]) Conflict(sel Selector, skip func(V) bool) (V, Selector, bool) {

@@ -119,3 +119,26 @@ func TestCoreGrouping(t *testing.T) {
 		t.Fatal("CoreOf after delete")
 	}
 }
+
+// Without core addresses, SAs whose inner peer prefix already has an
+// outbound SA join that SA's worker (XDP's trie steers one prefix to one
+// worker): two phones on 192.168.1.10 told apart by ports, even when the
+// least-loaded worker is another.
+func TestPlacementByPrefix(t *testing.T) {
+	d := newSAD(t, Options{Workers: 2})
+	inner := netip.MustParsePrefix("192.168.1.10/32")
+	a := phone(1, sa.Out)
+	a.InnerPeer, a.Ports = inner, sa.Ports{Local: 5063, Peer: 5064}
+	wa := mustAdd(t, d, a).Worker
+	mustAdd(t, d, phone(50, sa.In)) // the other worker
+	mustAdd(t, d, phone(51, sa.In)) // a's worker is now the more loaded
+	b := phone(2, sa.In)            // another phone, its inbound SA first
+	b.InnerPeer, b.Ports = inner, sa.Ports{Local: 6063, Peer: 5062}
+	if w := mustAdd(t, d, b).Worker; w != wa {
+		t.Fatalf("phone 2 on worker %d, phone 1's outbound SA on %d", w, wa)
+	}
+	// An unrelated phone still goes by load.
+	if w := mustAdd(t, d, phone(3, sa.In)).Worker; w == wa {
+		t.Fatalf("unrelated SA joined worker %d instead of the least-loaded", w)
+	}
+}

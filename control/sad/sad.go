@@ -20,7 +20,9 @@
 //     peer port, inner peer prefix) — the phone's outer NAT mapping and its
 //     inner address, which an in/out pair of one phone always share.
 //   - Placement: a new group goes to the least-loaded worker (by SA count,
-//     lowest number on ties); a group's later SAs follow it. Placement is
+//     lowest number on ties) — except that a group without a core address
+//     whose inner peer prefix already has outbound SAs joins their worker
+//     (one trie entry, one worker); a group's later SAs follow it. Placement is
 //     sticky: moving an SA would lose its replay window and sequence state.
 //   - Selectors: no two outbound SAs may claim one cleartext packet
 //     (sa.Selector: core address or inner peer prefix, inner local
@@ -308,7 +310,7 @@ func (d *SAD) addChecked(s *sa.SA, now int64, replaces []sa.ID) (*entry, error) 
 	gk := GroupOf(s)
 	g, ok := d.groups[gk]
 	if !ok {
-		g.worker = d.leastLoaded()
+		g.worker = d.place(s)
 	}
 	w := &d.workers[g.worker]
 	d.seq++
@@ -455,6 +457,21 @@ func (d *SAD) check(s *sa.SA, self *entry, replaces []sa.ID) error {
 		}
 	}
 	return d.overlap(s, self, replaces)
+}
+
+// place chooses a new group's worker. An SA without a core address whose
+// destination selector (inner peer prefix, transport peer) is already an
+// outbound SA's goes to that SA's worker: XDP's trie steers the prefix to
+// one worker, which picks among the SAs there by ports (two phones on one
+// inner address told apart by the P-CSCF's protected ports, or one
+// phone's re-registration). Otherwise the least-loaded worker.
+func (d *SAD) place(s *sa.SA) uint16 {
+	if !s.Core.IsValid() {
+		if e, ok := d.outSel.Any(sa.OutSelector(s).Dst); ok {
+			return e.worker
+		}
+	}
+	return d.leastLoaded()
 }
 
 func (d *SAD) leastLoaded() uint16 {

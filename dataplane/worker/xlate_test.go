@@ -34,7 +34,7 @@ func v6(src, dst string, nh layers.IPProtocol) *layers.IPv6 {
 // translation must handle, built with correct checksums.
 func pkts(t testing.TB, src, dst string, payload []byte) map[string][]byte {
 	out := map[string][]byte{}
-	sa, da := netip.MustParseAddr(src), netip.MustParseAddr(dst)
+	sa := netip.MustParseAddr(src)
 	pl := gopacket.Payload(payload)
 	if sa.Is4() {
 		i := v4(src, dst, layers.IPProtocolUDP)
@@ -49,7 +49,6 @@ func pkts(t testing.TB, src, dst string, payload []byte) map[string][]byte {
 		out["icmp4"] = build(t, i, &layers.ICMPv4{TypeCode: layers.CreateICMPv4TypeCode(8, 0), Id: 1, Seq: 2}, pl)
 		return out
 	}
-	_ = da
 	i := v6(src, dst, layers.IPProtocolUDP)
 	u := &layers.UDP{SrcPort: 5060, DstPort: 5062}
 	u.SetNetworkLayerForChecksum(i)
@@ -70,7 +69,9 @@ func pkts(t testing.TB, src, dst string, payload []byte) map[string][]byte {
 // transport checksum, nothing else changed.
 func TestRewriteAddrChecksums(t *testing.T) {
 	r := rand.New(rand.NewPCG(1, 2))
-	rnd4 := func() string { return netip.AddrFrom4([4]byte{byte(r.Uint32()), byte(r.Uint32()), byte(r.Uint32()), byte(r.Uint32())}).String() }
+	rnd4 := func() string {
+		return netip.AddrFrom4([4]byte{byte(r.Uint32()), byte(r.Uint32()), byte(r.Uint32()), byte(r.Uint32())}).String()
+	}
 	rnd6 := func() string {
 		var b [16]byte
 		for i := range b {
