@@ -120,10 +120,11 @@ func CheckTools() error {
 		}
 	}
 	for _, m := range KamailioModules {
-		if _, err := os.Stat("/usr/lib/x86_64-linux-gnu/kamailio/modules/" + m[0]); err != nil {
-			if _, err2 := os.Stat("/usr/lib/kamailio/modules/" + m[0]); err2 != nil {
-				missing, pkgs = append(missing, "kamailio module "+m[0]), append(pkgs, m[1])
-			}
+		// Debian's multiarch directory, or a plain one.
+		a, _ := filepath.Glob("/usr/lib/*/kamailio/modules/" + m[0])
+		b, _ := filepath.Glob("/usr/lib/kamailio/modules/" + m[0])
+		if len(a)+len(b) == 0 {
+			missing, pkgs = append(missing, "kamailio module "+m[0]), append(pkgs, m[1])
 		}
 	}
 	if len(missing) > 0 {
