@@ -4,11 +4,11 @@ PKGS      ?= ./...
 # Debian packages the build, the tests and the demo use. `make deps` installs
 # whichever are missing, so a fresh Debian machine needs only Go and make.
 APT_PKGS  := clang llvm libbpf-dev linux-libc-dev bpftool iproute2 ethtool nftables tcpdump \
-             procps conntrack kamailio sipsak tshark etcd-server etcd-client
+             procps conntrack kamailio kamailio-utils-modules kamailio-json-modules sipsak tshark etcd-server etcd-client
 # Fuzz targets run for this long each in `make fuzz` (CI keeps it short).
 FUZZTIME  ?= 20s
 
-.PHONY: all build generate check-generate deps demo test test-short lint fuzz bench bench-go bench-check bench-micro bench-calibrate clean
+.PHONY: all build generate check-generate deps demo demo-ims test test-short lint fuzz bench bench-go bench-check bench-micro bench-calibrate clean
 
 all: build
 
@@ -46,6 +46,13 @@ deps:
 # DEMO_ARGS: -napts N -phones N -core pool|explicit|none -hold D -metrics A.
 demo: deps build
 	./bin/xesp-lab demo $(DEMO_ARGS)
+
+# The IMS path: Kamailio as the P-CSCF (examples/kamailio/pcscf.cfg) drives
+# xesp's sec-agree API for phones behind NAPTs; prints per phone the
+# negotiated algorithms, mode, SPIs and registration state, and tshark's
+# decryption of one phone's flow. DEMO_ARGS e.g. "-napts 4 -phones 5".
+demo-ims: deps build
+	./bin/xesp-lab demo -ims -capture $${TMPDIR:-/tmp}/xesp-ims-demo.pcap $(DEMO_ARGS)
 
 # The test command (README, CI): unit tests, BPF_PROG_TEST_RUN fixtures,
 # namespace end-to-end tests and short fuzzing. Needs root.

@@ -12,6 +12,7 @@ import (
 	"github.com/xesp/xesp/internal/cli"
 	"github.com/xesp/xesp/lab/demo"
 	"github.com/xesp/xesp/lab/topo"
+	"github.com/xesp/xesp/lab/ims"
 )
 
 func init() {
@@ -24,6 +25,8 @@ func runDemo(args []string) error {
 	phones := fs.Int("phones", 3, "phones behind each NAPT (at most 200 in all)")
 	core := fs.String("core", "pool", "where each phone's core address comes from: pool (the gateway's core_pool), explicit (inner.core in the SAs), or none (private addresses reach the core: with more than one NAPT the gateway refuses the phones' SAs as ambiguous)")
 	hold := fs.Duration("hold", 0, "keep the topology up this long after the exchange (the core sends OPTIONS to every phone every 2 s; Ctrl-C stops)")
+	imsMode := fs.Bool("ims", false, "the IMS path instead: a real Kamailio P-CSCF (examples/kamailio/pcscf.cfg) drives xesp's sec-agree API for phones behind -napts NAPTs (-phones each)")
+	capture := fs.String("capture", "", "with -ims: write the gateway's public side to this pcap and print tshark's decryption of the first phone's flow")
 	metricsAddr := fs.String("metrics", "127.0.0.1:9109", "serve /metrics here while the demo runs (\"\" for none)")
 	if err := fs.Parse(args); err != nil {
 		return errors.Join(errUsage, err)
@@ -35,5 +38,8 @@ func runDemo(args []string) error {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	if *imsMode {
+		return ims.Demo(ctx, ims.DemoOptions{NAPTs: *napts, PhonesPerNAPT: *phones, Capture: *capture, Out: os.Stdout})
+	}
 	return demo.Run(ctx, demo.Options{NAPTs: *napts, Phones: *phones, Core: mode, Hold: *hold, Metrics: *metricsAddr, Version: version, Out: os.Stdout})
 }

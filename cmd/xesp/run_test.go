@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"encoding/hex"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -320,5 +321,34 @@ func TestRunDaemonKill9NeverReusesSequence(t *testing.T) {
 	}
 	if last < 2<<20 {
 		t.Fatalf("after two restarts the gateway sent %d; each restart must start above the previous run's reservation", last)
+	}
+}
+
+// The daemon hands its core_pool to the API: a sec-agree registration
+// gets a core address (the P-CSCF then sees the phone there, docs/pcscf.md).
+func TestRunDaemonSecAgreeCorePool(t *testing.T) {
+	d := newDaemonTopo(t)
+	f, err := os.OpenFile(d.cfg, os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprintln(f, "core_pool: 100.64.0.0/16")
+	f.Close()
+	d.start(t)
+	out, err := xespCmd(nil, "secagree", "create", "--api", "unix:"+d.sock, "--registration", "alice", "--json",
+		"--ck", "000102030405060708090a0b0c0d0e0f", "--ik", "f0e1d2c3b4a5968778695a4b3c2d1e0f",
+		"--security-client", "ipsec-3gpp;alg=hmac-sha-1-96;ealg=aes-cbc;mod=UDP-enc-tun;spi-c=1111;spi-s=2222;port-c=5062;port-s=5064",
+		"--ue", "192.0.2.10:4500", "--ue-inner", "192.168.1.10", "--pcscf", "10.0.0.1", "--local", "192.0.2.1",
+		"--port-c", "5063", "--port-s", "5065").CombinedOutput()
+	if err != nil {
+		t.Fatalf("xesp secagree create: %v\n%s", err, out)
+	}
+	var resp struct {
+		Core string `json:"core"`
+	}
+	err = json.Unmarshal(out, &resp)
+	core, perr := netip.ParseAddr(resp.Core)
+	if err != nil || perr != nil || !netip.MustParsePrefix("100.64.0.0/16").Contains(core) {
+		t.Fatalf("no core address from core_pool: %v\n%s", err, out)
 	}
 }

@@ -25,10 +25,14 @@ func init() {
 const secAgreeHelp = `usage:
   xesp secagree create --registration NAME --security-client VALUE --ck-file F --ik-file F
                        --ue ADDR:PORT --local ADDR --port-c N --port-s N
-                       [--ue-inner ADDR --pcscf ADDR] [--spi-c N --spi-s N] [--json]
+                       [--ue-inner ADDR --pcscf ADDR] [--spi-c N --spi-s N] [--replaces NAME] [--json]
       derive and install the four SAs of TS 33.203 from the phone's Security-Client
       and print the Security-Server value to send in the 401 (with a core_pool the
-      phone's core address, docs/addressing.md, goes to stderr; --json has it as core)
+      phone's core address, docs/addressing.md, goes to stderr; --json has it as core);
+      --replaces names the registration a re-authentication replaces (its binding,
+      inner and core addresses are taken over when --ue, --ue-inner, --pcscf are omitted)
+  xesp secagree show NAME [--json]
+      the registration's SAs now (one line each: name, SPI, state, binding, core)
   xesp secagree delete NAME [--grace DURATION] [--json]
       remove every SA of the registration (after its last message was sent): inbound
       first, outbound after the grace (server default 0: the data path still seals what
@@ -72,6 +76,7 @@ func runSecAgree(args []string, stdout, stderr io.Writer) error {
 		fs.UintVar(&portS, "port-s", 0, "the P-CSCF's protected server port")
 		fs.UintVar(&spiC, "spi-c", 0, "the P-CSCF's inbound spi-c (0: the daemon picks)")
 		fs.UintVar(&spiS, "spi-s", 0, "the P-CSCF's inbound spi-s (0: the daemon picks)")
+		fs.StringVar(&req.Replaces, "replaces", "", "the registration this re-authentication replaces")
 	}
 	pos, err := parseInterleaved(fs, args)
 	if err != nil {
@@ -148,6 +153,30 @@ func runSecAgree(args []string, stdout, stderr io.Writer) error {
 			fmt.Fprintf(stdout, "deleted %s (%s)\n", v.Name, v.Ref)
 		}
 		return nil
+	case "show":
+		if len(pos) != 1 {
+			return fmt.Errorf("%w: show takes one registration name", errUsage)
+		}
+		c, err := af.client()
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		resp, err := c.Registration(ctx, pos[0])
+		if err != nil {
+			return err
+		}
+		if *asJSON {
+			return json.NewEncoder(stdout).Encode(resp)
+		}
+		for _, v := range resp.SAs {
+			core := "-"
+			if v.Inner != nil && v.Inner.Core != "" {
+				core = v.Inner.Core
+			}
+			fmt.Fprintf(stdout, "%s\t%s\t%s\t%s\tbinding %s\tcore %s\n", v.Name, v.Direction, v.SPI, v.State, v.Binding, core)
+		}
+		return nil
 	}
-	return fmt.Errorf("%w: unknown subcommand %q (create, delete)", errUsage, sub)
+	return fmt.Errorf("%w: unknown subcommand %q (create, delete, show)", errUsage, sub)
 }

@@ -51,6 +51,24 @@ func TestCLISecAgree(t *testing.T) {
 	if _, _, err := run("create", "--ck", "00", "--ck-file", ckFile); err == nil || !errors.Is(err, errUsage) {
 		t.Fatalf("--ck with --ck-file: %v", err)
 	}
+	out, _, err = run("show", "bob")
+	if err != nil || strings.Count(out, "\n") != 4 || !strings.Contains(out, "bob.in-s\tin\t0x0000115c\tactive\tbinding 198.51.100.7:31000") {
+		t.Fatalf("show printed %q: %v", out, err)
+	}
+	// A re-authentication over the CLI: binding and addresses taken over.
+	out, _, err = run("create", "--registration", "bob-2", "--replaces", "bob", "--ck-file", ckFile, "--ik", "f0e1d2c3b4a5968778695a4b3c2d1e0f",
+		"--security-client", "ipsec-3gpp;alg=hmac-sha-1-96;ealg=aes-cbc;mod=UDP-enc-tun;spi-c=5555;spi-s=6666;port-c=5066;port-s=5064",
+		"--local", "192.0.2.1", "--port-c", "5067", "--port-s", "5065", "--json")
+	var re api.SecAgreeResponse
+	if err != nil || json.Unmarshal([]byte(out), &re) != nil || len(re.SAs) != 4 || re.SAs[0].Binding != "198.51.100.7:31000" || re.SAs[0].Inner.Peer != "192.168.1.11/32" {
+		t.Fatalf("create --replaces printed %q: %v", out, err)
+	}
+	if _, _, err := run("delete", "bob-2"); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := run("show", "bob-2"); !api.IsStatus(err, 404) {
+		t.Fatalf("show after delete: %v", err)
+	}
 	if _, _, err := run("delete", "bob", "--grace", "soon"); !errors.Is(err, errUsage) {
 		t.Fatalf("bad --grace: %v", err)
 	}

@@ -29,11 +29,15 @@
 //	DELETE /v1/sas/{ref}       → 200, the SAView of what was deleted
 //	POST   /v1/secagree        IMS sec-agree for a P-CSCF (SecAgreeRequest: the phone's
 //	                           Security-Client, CK/IK, its observed address:port) → 201,
-//	                           SecAgreeResponse: the Security-Server value and the four SAs
+//	                           SecAgreeResponse: the Security-Server value and the four SAs;
+//	                           "replaces" re-authenticates a registration (new set in its group)
+//	GET    /v1/secagree/{registration}  → 200, RegistrationView: its SAs now; 404 when none
 //	DELETE /v1/secagree/{registration}  → 200, every SA of the registration removed: inbound
 //	                           first, outbound after ?grace= (default 0: frames already
 //	                           steered to an SA are processed before it goes); call it
 //	                           after the last message needing them has been sent
+//	POST   /v1/secagree/{registration}/delete  the same delete, for clients that send
+//	                           only GET and POST (Kamailio 5.6's http_client)
 //	GET    /v1/floods          Floods: the SAs whose flood budgets XDP enforced (503
 //	                           without a data path); POST /v1/rekey is in rekey.go
 //

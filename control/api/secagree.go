@@ -49,6 +49,17 @@ type SecAgreeRequest struct {
 	// choose free ones at random.
 	SPIC uint32 `json:"spi_c,omitempty"`
 	SPIS uint32 `json:"spi_s,omitempty"`
+	// Replaces names the registration this one re-authenticates (TS
+	// 33.203 7.4: the new set is negotiated over the old one and the old
+	// one is deleted once the new one is in use). The new SAs join the
+	// old set's pair group, so both sets live on one worker and share
+	// the phone's NAT binding; UE may then be omitted, the old set's
+	// current binding is used (a P-CSCF sees a protected re-REGISTER
+	// from the phone's inner address, not from its NAPT mapping). The
+	// new set's port_c must differ from the old one's (TS 33.203 7.4:
+	// a new protected client port) or the two sets' outbound selectors
+	// would overlap.
+	Replaces string `json:"replaces,omitempty"`
 }
 
 // SecAgreeResponse is the answer to POST /v1/secagree.
@@ -68,6 +79,13 @@ type SecAgreeResponse struct {
 	Core string `json:"core,omitempty"`
 }
 
+// RegistrationView is the answer to GET /v1/secagree/{registration}:
+// the SAs of the registration present now, in-s, in-c, out-s, out-c order.
+type RegistrationView struct {
+	Registration string   `json:"registration"`
+	SAs          []SAView `json:"sas"`
+}
+
 // RegistrationDeleted is the answer to DELETE /v1/secagree/{registration}:
 // the last views of the SAs removed.
 type RegistrationDeleted struct {
@@ -79,9 +97,14 @@ var roles = [...]string{"in-s", "in-c", "out-s", "out-c"}
 
 func (s *Server) secAgreeRoutes(m *http.ServeMux) {
 	m.HandleFunc("POST /v1/secagree", s.secAgreeCreate)
+	m.HandleFunc("GET /v1/secagree/{registration}", s.secAgreeGet)
 	m.HandleFunc("DELETE /v1/secagree/{registration}", s.secAgreeDelete)
+	// The same delete as a POST: Kamailio's http_client (5.6, Debian 12)
+	// sends only GET and POST from a script.
+	m.HandleFunc("POST /v1/secagree/{registration}/delete", s.secAgreeDelete)
 	m.HandleFunc("/v1/secagree", methods("POST"))
-	m.HandleFunc("/v1/secagree/{registration}", methods("DELETE"))
+	m.HandleFunc("/v1/secagree/{registration}", methods("GET, DELETE"))
+	m.HandleFunc("/v1/secagree/{registration}/delete", methods("POST"))
 }
 
 // secAgreeCreate derives the registration's SAs, installs all four or
@@ -96,6 +119,44 @@ func (s *Server) secAgreeCreate(w http.ResponseWriter, r *http.Request) {
 	if len(errs) > 0 {
 		writeErrors(w, http.StatusBadRequest, errs)
 		return
+	}
+	var keepCore netip.Addr
+	if req.Replaces != "" {
+		old, ok := s.sad.GetName(req.Replaces + ".in-s")
+		if !ok {
+			writeError(w, http.StatusNotFound, fmt.Sprintf("replaces: registration %q has no SAs (was it deleted or did it expire?)", clipStr(req.Replaces)))
+			return
+		}
+		// The new set is the same phone's: its group (worker, NAT
+		// binding), inner addresses and core address are the old set's
+		// unless the request names them.
+		reg.Pair = old.SA.Pair
+		if reg.Pair == "" {
+			reg.Pair = req.Replaces
+		}
+		if !reg.UE.IsValid() {
+			b, err := netip.ParseAddrPort(s.view(&old).Binding)
+			if err != nil || b.Port() == 0 {
+				writeError(w, http.StatusConflict, fmt.Sprintf("replaces: registration %q has no NAT binding to inherit; give ue", clipStr(req.Replaces)))
+				return
+			}
+			reg.UE = b
+		}
+		if !reg.UEInner.IsValid() && old.SA.InnerPeer.IsValid() {
+			reg.UEInner = old.SA.InnerPeer.Addr()
+		}
+		if !reg.PCSCF.IsValid() && old.SA.InnerLocal.IsValid() {
+			reg.PCSCF = old.SA.InnerLocal.Addr()
+		}
+		keepCore = old.SA.Core
+		if oc, ok := s.sad.GetName(req.Replaces + ".in-c"); ok && oc.SA.Ports.Local == req.PortC {
+			writeError(w, http.StatusBadRequest, fmt.Sprintf("port_c: %d is the client port of %q: a re-authentication takes a new one (TS 33.203 7.4), or the sets' outbound selectors overlap", req.PortC, clipStr(req.Replaces)))
+			return
+		}
+		if chosen.Mod.Effective() != secagree.ModeTrans && (!reg.UEInner.IsValid() || !reg.PCSCF.IsValid()) {
+			writeError(w, http.StatusBadRequest, fmt.Sprintf("ue_inner, pcscf: mod=%s needs both; %q (transport mode) has none to inherit", chosen.Mod.Effective(), clipStr(req.Replaces)))
+			return
+		}
 	}
 	for _, role := range roles {
 		if _, ok := s.sad.GetName(req.Registration + "." + role); ok {
@@ -118,7 +179,7 @@ func (s *Server) secAgreeCreate(w http.ResponseWriter, r *http.Request) {
 		// the phone's current set still holds when it is added.
 		s.coreMu.Lock()
 		defer s.coreMu.Unlock()
-	} else {
+	} else if reg.Pair == "" {
 		reg.Pair = secagree.PhoneLabel(reg.UE, reg.UEInner)
 	}
 	for attempt := 0; ; attempt++ {
@@ -139,7 +200,16 @@ func (s *Server) secAgreeCreate(w http.ResponseWriter, r *http.Request) {
 			writeErrors(w, http.StatusBadRequest, errs)
 			return
 		}
-		if withCore {
+		if withCore && keepCore.IsValid() {
+			// A re-authentication keeps the phone's core address: the
+			// SIP core knows the phone there. Its new port_c keeps the
+			// two sets' selectors apart (checked again by the SAD).
+			reg.Core = keepCore
+			if ds, err = secagree.Derive(reg); err != nil {
+				writeErrors(w, http.StatusBadRequest, sa.Flatten(err))
+				return
+			}
+		} else if withCore {
 			if reg.Core, err = s.coreForDerived(reg, ds); err != nil {
 				writeError(w, sadStatus(err), err.Error())
 				return
@@ -230,8 +300,15 @@ func (s *Server) secAgreeInput(req *SecAgreeRequest) (secagree.Registration, sec
 		return b
 	}
 	reg.CK, reg.IK = key("ck", req.CK), key("ik", req.IK)
+	if req.Replaces != "" && (len(req.Replaces) > secagree.MaxNameLen || !validRegistration(req.Replaces)) {
+		bad("replaces", "%q: not a registration name", clipStr(req.Replaces))
+	} else if req.Replaces == req.Registration && req.Replaces != "" {
+		bad("replaces", "names the registration itself")
+	}
 	if req.UE == "" {
-		bad("ue", "required (the phone's observed address:port)")
+		if req.Replaces == "" {
+			bad("ue", "required (the phone's observed address:port)")
+		}
 	} else if ap, err := netip.ParseAddrPort(req.UE); err != nil || ap.Port() == 0 {
 		bad("ue", "%q: want address:port as observed, e.g. 198.51.100.7:31000", clipStr(req.UE))
 	} else {
@@ -253,8 +330,9 @@ func (s *Server) secAgreeInput(req *SecAgreeRequest) (secagree.Registration, sec
 	}
 	reg.Local = addr("local", req.Local, true)
 	tunnel := chosen.Mod.Effective() != secagree.ModeTrans
-	reg.UEInner = addr("ue_inner", req.UEInner, tunnel && chosen.IsIPsec3GPP())
-	reg.PCSCF = addr("pcscf", req.PCSCF, tunnel && chosen.IsIPsec3GPP())
+	// A re-authentication (replaces) inherits them from the replaced set.
+	reg.UEInner = addr("ue_inner", req.UEInner, tunnel && chosen.IsIPsec3GPP() && req.Replaces == "")
+	reg.PCSCF = addr("pcscf", req.PCSCF, tunnel && chosen.IsIPsec3GPP() && req.Replaces == "")
 	if req.PortC == 0 {
 		bad("port_c", "required (the P-CSCF's protected client port)")
 	}
@@ -367,6 +445,28 @@ const DefaultDeleteGrace time.Duration = 0
 // MaxDeleteGrace bounds ?grace=.
 const MaxDeleteGrace = 10 * time.Second
 
+// secAgreeGet shows a registration's SAs: what a P-CSCF (or an
+// operator) checks to see whether a registration's protection still
+// exists, e.g. after an expiry.
+func (s *Server) secAgreeGet(w http.ResponseWriter, r *http.Request) {
+	name := r.PathValue("registration")
+	if !validRegistration(name) || len(name) > secagree.MaxNameLen {
+		writeError(w, http.StatusBadRequest, fmt.Sprintf("registration: %q: use 1..%d of A-Z a-z 0-9 . _ - starting with a letter", clipStr(name), secagree.MaxNameLen))
+		return
+	}
+	out := RegistrationView{Registration: name}
+	for _, role := range roles {
+		if cur, ok := s.sad.GetName(name + "." + role); ok {
+			out.SAs = append(out.SAs, s.view(&cur))
+		}
+	}
+	if len(out.SAs) == 0 {
+		writeError(w, http.StatusNotFound, fmt.Sprintf("registration %q: no SAs", name))
+		return
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
 // secAgreeDelete removes every SA of a registration: inbound at once,
 // outbound after the grace (?grace=DURATION, Go syntax, default 0). The
 // P-CSCF calls it once the last message that needs the SAs (the final
@@ -437,6 +537,13 @@ func (s *Server) secAgreeDelete(w http.ResponseWriter, r *http.Request) {
 func (c *Client) SecAgree(ctx context.Context, req SecAgreeRequest) (SecAgreeResponse, error) {
 	var r SecAgreeResponse
 	err := c.do(ctx, http.MethodPost, "/v1/secagree", req, &r, http.StatusCreated)
+	return r, err
+}
+
+// Registration returns the SAs a registration holds now.
+func (c *Client) Registration(ctx context.Context, registration string) (RegistrationView, error) {
+	var r RegistrationView
+	err := c.do(ctx, http.MethodGet, "/v1/secagree/"+url.PathEscape(registration), nil, &r, http.StatusOK)
 	return r, err
 }
 

@@ -376,3 +376,70 @@ func FuzzSecAgreeRequest(f *testing.F) {
 		}
 	})
 }
+
+// A re-authentication (TS 33.203 7.4) through "replaces": the new set
+// joins the old set's pair group (one worker, one NAT binding), inherits
+// its binding when ue is omitted, must take a new port_c; GET shows a
+// registration's SAs; the POST form of the delete (Kamailio 5.6 sends only
+// GET and POST) removes a set, and the other stays.
+func TestSecAgreeReplacesGetAndPostDelete(t *testing.T) {
+	e := newEnv(t, true, 0)
+	ctx := context.Background()
+	oldResp, err := e.unix.SecAgree(ctx, e.secAgreeRequest("old"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if oldResp.Core == "" {
+		t.Fatal("no core address from the pool")
+	}
+	// A P-CSCF sees a protected re-REGISTER from the core address: the
+	// new set inherits the NAT binding, inner addresses and core.
+	req := e.secAgreeRequest("new")
+	req.Replaces, req.UE, req.UEInner, req.PCSCF = "old", "", "", ""
+	req.SecurityClient = strings.ReplaceAll(testOffer, "spi-c=1111;spi-s=2222;port-c=5062", "spi-c=3333;spi-s=4444;port-c=5066")
+	if _, err := e.unix.SecAgree(ctx, req); err == nil || !strings.Contains(err.Error(), "port_c: 5063") {
+		t.Fatalf("same port_c as the replaced set: %v", err)
+	}
+	req.PortC = 5067
+	resp, err := e.unix.SecAgree(ctx, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.Core != oldResp.Core {
+		t.Fatalf("re-authentication moved the phone's core address %s to %s", oldResp.Core, resp.Core)
+	}
+	old, _ := e.sad.GetName("old.out-c")
+	for _, v := range resp.SAs {
+		ent, _ := e.sad.GetName(v.Name)
+		if v.Pair != old.SA.Pair || v.Inner == nil || v.Inner.Peer != "192.168.1.11/32" || v.Inner.Local != "10.0.0.1/32" || ent.Worker != old.Worker || v.Binding != "198.51.100.7:31000" {
+			t.Errorf("%s: pair %q worker %d binding %s; want the old set's group (worker %d) and binding", v.Name, v.Pair, ent.Worker, v.Binding, old.Worker)
+		}
+	}
+	req.Registration, req.Replaces, req.PortC = "other", "gone", 5063
+	if _, err := e.unix.SecAgree(ctx, req); err == nil || !strings.Contains(err.Error(), `replaces: registration "gone"`) {
+		t.Fatalf("replacing a registration without SAs: %v", err)
+	}
+
+	got, err := e.unix.Registration(ctx, "new")
+	if err != nil || len(got.SAs) != 4 || got.SAs[0].Name != "new.in-s" || got.SAs[3].Name != "new.out-c" {
+		t.Fatalf("GET new: %+v %v", got, err)
+	}
+	// Over TCP with the token, the way the Kamailio example calls it.
+	st, _, body := e.do("POST", "/v1/secagree/old/delete", "application/json", []byte("{}"), "tcp", "Authorization", "Bearer "+testToken)
+	var del RegistrationDeleted
+	if st != http.StatusOK || json.Unmarshal(body, &del) != nil || len(del.SAs) != 4 {
+		t.Fatalf("POST delete: %d %s", st, body)
+	}
+	if st, _, body := e.do("GET", "/v1/secagree/old", "", nil); st != http.StatusNotFound || !strings.Contains(string(body), `no SAs`) {
+		t.Fatalf("GET after delete: %d %s", st, body)
+	}
+	if st, _, _ := e.do("POST", "/v1/secagree/old/delete", "application/json", []byte("{}")); st != http.StatusNotFound {
+		t.Fatalf("second POST delete: %d", st)
+	}
+	if st, hdr, _ := e.do("PUT", "/v1/secagree/new", "application/json", []byte("{}")); st != http.StatusMethodNotAllowed || hdr.Get("Allow") != "GET, DELETE" {
+		t.Fatalf("PUT registration: %d %v", st, hdr)
+	}
+	if in, out := e.sad.Len(); in != 2 || out != 2 {
+		t.Fatalf("SAD holds %d/%d after deleting the old set, want the new set's 2/2", in, out)
+	}
+}

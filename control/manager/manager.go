@@ -444,7 +444,16 @@ func (m *Manager) commit(ctx context.Context, b *batch) error {
 		if old != nil {
 			if old.worker == s.worker && old.index == s.index {
 				s.inherit = true
-				m.dropPolicy(old)
+				if old.entry.Dir == worker.Outbound && old.policy != s.policy {
+					// The update moved the SA to another XDP key (a core
+					// address given or changed, another inner prefix):
+					// the old key goes to the SA left on it, or away.
+					if err := m.unpublish(old); err != nil {
+						errs = append(errs, err)
+					}
+				} else {
+					m.dropPolicy(old)
+				}
 			} else {
 				olds = append(olds, old)
 			}

@@ -212,8 +212,10 @@ type Registration struct {
 	// all four SAs carry it as inner.core (tunnel modes only).
 	Core netip.Addr
 	// Pair, when set, is the pair label instead of Name: the gateway
-	// passes a label derived from the phone (PhoneLabel) so that a
-	// re-registration's new set shares the current set's worker.
+	// passes a label derived from the phone (PhoneLabel), or a
+	// re-authentication's replaced set's label, so that the new set
+	// shares the current set's worker and NAT binding (the worker picks
+	// a phone's outbound SA by ports among the SAs of its own table).
 	Pair string
 }
 

@@ -9,3 +9,9 @@ import _ "embed"
 //
 //go:embed kamailio.cfg
 var Config string
+
+// PCSCF is pcscf.cfg: Kamailio as an IMS P-CSCF with xesp as its IPsec
+// data plane (docs/pcscf.md). It imports pcscf-local.cfg for site values.
+//
+//go:embed pcscf.cfg
+var PCSCF string
