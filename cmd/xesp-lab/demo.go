@@ -11,8 +11,8 @@ import (
 
 	"github.com/xesp/xesp/internal/cli"
 	"github.com/xesp/xesp/lab/demo"
-	"github.com/xesp/xesp/lab/topo"
 	"github.com/xesp/xesp/lab/ims"
+	"github.com/xesp/xesp/lab/topo"
 )
 
 func init() {
