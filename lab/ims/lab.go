@@ -321,7 +321,9 @@ func (l *Lab) startAPI(cfg *config.Config, token string) error {
 	}
 	l.APISocket = filepath.Join(l.dir, "api.sock")
 	srv, err := api.New(api.Options{SAD: l.Gateway.SAD, DataPath: dp, NATTPort: cfg.NATTPort, Log: l.opts.Log, CorePool: cfg.CorePrefix,
-		API: config.API{Unix: l.APISocket, TCP: "127.0.0.1:0", BearerToken: sa.Secret(token)}})
+		// Kamailio reaches the API over loopback TCP (its http_client has no
+		// Unix sockets); plain HTTP is allowed only there (docs/pcscf.md).
+		API: config.API{Unix: l.APISocket, TCP: "127.0.0.1:0", Insecure: true, BearerToken: sa.Secret(token)}})
 	if err != nil {
 		return err
 	}
