@@ -386,7 +386,12 @@ func TestFileShapesAndErrors(t *testing.T) {
 			`sa 0x00001001: peer: required`,
 		}},
 		{name: "json type", f: JSON, doc: "{\"sas\": [\n" + strings.Replace(one, `"spi"`, `"replay_window": "x", "spi"`, 1) + "]}", errs: []string{
-			`line 2: sas.replay_window: a JSON string cannot be uint32`,
+			`line 2: sas.replay_window: a JSON string where an integer from 0 to 4294967295 is wanted`,
+		}},
+		// One SA, not a list: Go's decoder names the embedded struct
+		// ("Spec.enc_key"); the message names the JSON field only.
+		{name: "json type one SA", f: JSON, doc: strings.Replace(one, `"spi"`, `"enc_key": 5, "spi"`, 1), errs: []string{
+			`line 1: enc_key: a JSON number where a string is wanted`,
 		}},
 		{name: "json syntax", f: JSON, doc: "[\n{\"spi\": }", errs: []string{`line 2: invalid character '}' looking for beginning of value`}},
 		{name: "duplicates", f: YAML, doc: "- " + one + "\n- " + strings.Replace(one, `"spi"`, `"name": "n1", "spi"`, 1) +
