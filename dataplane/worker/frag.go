@@ -31,7 +31,7 @@ type fragmenter struct {
 	worker  uint16 // this worker's residue class
 	stride  uint16 // number of workers
 	pool    *xsk.Pool
-	mem     Memory
+	mem     *xsk.UMEM
 	rxOff   uint64 // where a fresh frame's packet starts
 	scratch [1]uint64
 	extra   [maxFragments]uint64
