@@ -585,7 +585,7 @@ func putUDP(p []byte, src, dst netip.AddrPort, flow uint32, serial uint64) {
 	copy(u[8:], "xgen")
 	binary.BigEndian.PutUint32(u[12:], flow)
 	binary.BigEndian.PutUint64(u[16:], serial)
-	ck := ^pkt.Fold(pkt.Sum(u, pkt.Sum(p[12:20], 17+uint32(len(u)))))
+	ck := ^pkt.Fold(pkt.Sum(u, pkt.Sum(p[12:20], 17+uint64(len(u)))))
 	if ck == 0 {
 		ck = 0xffff
 	}
