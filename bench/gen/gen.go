@@ -3,7 +3,7 @@
 // cleartext IPv4/UDP for the encap direction — stores them in a BPF array
 // map, and sends them out of a device at line rate with BPF_PROG_RUN in
 // XDP live-frames mode (BPF_F_TEST_XDP_LIVE_FRAMES). No kernel pktgen is
-// needed (PLATFORM.md). The benchmarks use it, and `xesp-lab pktgen` is meant
+// needed (docs/platform.md). The benchmarks use it, and `xesp-lab pktgen` is meant
 // to wrap it.
 //
 // Why a ring of precomputed frames: every ESP packet must carry a fresh

@@ -36,7 +36,7 @@ func (r *runner) baseline(size string, sz gen.Sizes, n int) error {
 		return err
 	}
 	// The stack needs an XDP program on the gateway's end for the
-	// generator's XDP_TX to arrive at all (PLATFORM.md): XDP_PASS.
+	// generator's XDP_TX to arrive at all (docs/platform.md): XDP_PASS.
 	pass, err := xsktest.NewVerdict(2)
 	if err != nil {
 		return err

@@ -10,7 +10,7 @@ import (
 	"gopkg.in/yaml.v3"
 )
 
-// Spec is an SA as a person or a program writes it (SA-FORMAT.md). Field
+// Spec is an SA as a person or a program writes it (docs/sa-format.md). Field
 // names and their YAML/JSON tags are the format; Parse turns a Spec into an
 // SA. Absent and zero differ where the format says so (replay_window,
 // encap ports), hence the pointers.

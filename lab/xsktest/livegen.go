@@ -18,7 +18,7 @@ import (
 // generator to a CPU the receiver's worker does not use.
 //
 // The device's peer must have an XDP program attached, or XDP_TX frames
-// vanish (PLATFORM.md).
+// vanish (docs/platform.md).
 type Generator struct {
 	prog    *ebpf.Program
 	ifindex uint32

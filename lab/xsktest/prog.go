@@ -143,7 +143,7 @@ func (s *Steer) Close() error {
 
 // NewVerdict loads a program that returns verdict for every packet:
 // XDP_DROP for the drop ceiling, XDP_PASS to give a veth peer the XDP
-// program it needs to accept redirected or XDP_TX frames (PLATFORM.md).
+// program it needs to accept redirected or XDP_TX frames (docs/platform.md).
 func NewVerdict(verdict int32) (*ebpf.Program, error) {
 	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
 		Name: "xsktest_verdict", Type: ebpf.XDP, License: "GPL",
