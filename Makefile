@@ -26,11 +26,11 @@ build:
 # bpf2go: C programs in bpf/ -> bpf/*_bpfel.{go,o}. The output is committed
 # so `go build` works without clang.
 generate:
-	$(GO) generate ./bpf/...
+	$(GO) generate ./bpf/... ./lab/xdptest/...
 
 # Fails when the committed bpf2go output differs from what the sources give.
 check-generate: generate
-	@git diff --exit-code --stat -- bpf/ || { echo "bpf2go output is stale: run 'make generate' and commit it"; exit 1; }
+	@git diff --exit-code --stat -- bpf/ lab/xdptest/ || { echo "bpf2go output is stale: run 'make generate' and commit it"; exit 1; }
 
 deps:
 	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
