@@ -10,6 +10,12 @@
  *   xsktest_steer  IPv4/UDP (IHL 5) to `port`: an 8-byte metadata blob, then
  *                  a redirect to xsks[rx_queue * workers + payload[0] % workers]
  *   xgen_count     IPv4/UDP (IHL 5) to `port`: counted and dropped
+ *   xsktest_gen    the xsk tests' live-frames sender: XDP_TX, after
+ *                  writing a random value below `spread` at `spread_offset`
+ *                  when spread > 1
+ *   xgen_send      the live-frames sender of bench/gen: each run takes the
+ *                  next slot of xgen_frames, gives the frame that slot's
+ *                  length and bytes, XDP_TX
  *
  * Everything else passes to the stack (ARP, neighbour discovery).
  */
@@ -26,6 +32,10 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 /* Set by the loader. */
 volatile const __u16 port = 0;    /* UDP destination port, host order */
 volatile const __u32 workers = 1; /* sockets per queue (steer) */
+volatile const __u32 spread = 0;        /* xsktest_gen */
+volatile const __u32 spread_offset = 0; /* xsktest_gen */
+volatile const __u32 ring = 1;      /* slots in xgen_frames (send) */
+volatile const __u32 max_frame = 64; /* largest frame of a slot (send) */
 
 /* The steering metadata (see lab/xsktest MetaLen): [0:2] UDP source port
  * as on the wire, [2] rx queue, [3] first payload byte, [4:8] magic. */
@@ -107,4 +117,68 @@ int xgen_count(struct xdp_md *ctx)
 		c->bytes += end - data;
 	}
 	return XDP_DROP;
+}
+
+/* bench/gen's ring: slot -> {len u32, pad u32, frame[max_frame]}. No BTF
+ * value type: the loader sets value_size to 8 + max_frame and max_entries
+ * to ring. */
+#define SLOT_HEADER 8
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, SLOT_HEADER + 64);
+	__uint(max_entries, 1);
+} xgen_frames SEC(".maps");
+
+/* The next slot. A plain (not per-CPU) array: a run is sequential even if
+ * the thread migrates, so the slot sequence stays 0, 1, 2, ... whatever
+ * CPU runs the next batch. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} xgen_next SEC(".maps");
+
+SEC("xdp")
+int xgen_send(struct xdp_md *ctx)
+{
+	__u32 zero = 0;
+	__u64 *next = bpf_map_lookup_elem(&xgen_next, &zero);
+	if (!next)
+		return XDP_DROP;
+	__u64 n = *next;
+	*next = n + 1;
+	/* Past the last slot it drops instead of wrapping, so a run the
+	 * syscall layer restarts (EINTR: the same Repeat again) never sends a
+	 * sequence number twice. */
+	if (n >= ring)
+		return XDP_DROP;
+	__u32 key = n;
+	__u8 *slot = bpf_map_lookup_elem(&xgen_frames, &key);
+	if (!slot)
+		return XDP_DROP;
+	__u32 len = *(__u32 *)slot;
+	if (len < ETH_HLEN || len > max_frame)
+		return XDP_DROP;
+	/* Shrink the template frame to the slot's length (adjust_tail grows
+	 * only into tailroom, so the template is max_frame long). */
+	int delta = (int)len - (int)bpf_xdp_get_buff_len(ctx);
+	if (bpf_xdp_adjust_tail(ctx, delta))
+		return XDP_DROP;
+	if (bpf_xdp_store_bytes(ctx, 0, slot + SLOT_HEADER, len))
+		return XDP_DROP;
+	return XDP_TX;
+}
+
+SEC("xdp")
+int xsktest_gen(struct xdp_md *ctx)
+{
+	if (spread > 1) {
+		__u8 *b = (void *)(long)ctx->data + spread_offset;
+		if ((void *)(b + 1) <= (void *)(long)ctx->data_end)
+			*b = bpf_get_prandom_u32() % spread;
+	}
+	return XDP_TX;
 }

@@ -24,10 +24,18 @@ type progsCount struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	progsMapCounts        = "counts"
+	progsMapXgenFrames    = "xgen_frames"
+	progsMapXgenNext      = "xgen_next"
 	progsMapXsks          = "xsks"
 	progsProgXgenCount    = "xgen_count"
+	progsProgXgenSend     = "xgen_send"
+	progsProgXsktestGen   = "xsktest_gen"
 	progsProgXsktestSteer = "xsktest_steer"
+	progsVarMaxFrame      = "max_frame"
 	progsVarPort          = "port"
+	progsVarRing          = "ring"
+	progsVarSpread        = "spread"
+	progsVarSpreadOffset  = "spread_offset"
 	progsVarWorkers       = "workers"
 )
 
@@ -74,6 +82,8 @@ type progsSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type progsProgramSpecs struct {
 	XgenCount    *ebpf.ProgramSpec `ebpf:"xgen_count"`
+	XgenSend     *ebpf.ProgramSpec `ebpf:"xgen_send"`
+	XsktestGen   *ebpf.ProgramSpec `ebpf:"xsktest_gen"`
 	XsktestSteer *ebpf.ProgramSpec `ebpf:"xsktest_steer"`
 }
 
@@ -81,16 +91,22 @@ type progsProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type progsMapSpecs struct {
-	Counts *ebpf.MapSpec `ebpf:"counts"`
-	Xsks   *ebpf.MapSpec `ebpf:"xsks"`
+	Counts     *ebpf.MapSpec `ebpf:"counts"`
+	XgenFrames *ebpf.MapSpec `ebpf:"xgen_frames"`
+	XgenNext   *ebpf.MapSpec `ebpf:"xgen_next"`
+	Xsks       *ebpf.MapSpec `ebpf:"xsks"`
 }
 
 // progsVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type progsVariableSpecs struct {
-	Port    *ebpf.VariableSpec `ebpf:"port"`
-	Workers *ebpf.VariableSpec `ebpf:"workers"`
+	MaxFrame     *ebpf.VariableSpec `ebpf:"max_frame"`
+	Port         *ebpf.VariableSpec `ebpf:"port"`
+	Ring         *ebpf.VariableSpec `ebpf:"ring"`
+	Spread       *ebpf.VariableSpec `ebpf:"spread"`
+	SpreadOffset *ebpf.VariableSpec `ebpf:"spread_offset"`
+	Workers      *ebpf.VariableSpec `ebpf:"workers"`
 }
 
 // progsObjects contains all objects after they have been loaded into the kernel.
@@ -113,13 +129,17 @@ func (o *progsObjects) Close() error {
 //
 // It can be passed to loadProgsObjects or ebpf.CollectionSpec.LoadAndAssign.
 type progsMaps struct {
-	Counts *ebpf.Map `ebpf:"counts"`
-	Xsks   *ebpf.Map `ebpf:"xsks"`
+	Counts     *ebpf.Map `ebpf:"counts"`
+	XgenFrames *ebpf.Map `ebpf:"xgen_frames"`
+	XgenNext   *ebpf.Map `ebpf:"xgen_next"`
+	Xsks       *ebpf.Map `ebpf:"xsks"`
 }
 
 func (m *progsMaps) Close() error {
 	return _ProgsClose(
 		m.Counts,
+		m.XgenFrames,
+		m.XgenNext,
 		m.Xsks,
 	)
 }
@@ -128,8 +148,12 @@ func (m *progsMaps) Close() error {
 //
 // It can be passed to loadProgsObjects or ebpf.CollectionSpec.LoadAndAssign.
 type progsVariables struct {
-	Port    *ebpf.Variable `ebpf:"port"`
-	Workers *ebpf.Variable `ebpf:"workers"`
+	MaxFrame     *ebpf.Variable `ebpf:"max_frame"`
+	Port         *ebpf.Variable `ebpf:"port"`
+	Ring         *ebpf.Variable `ebpf:"ring"`
+	Spread       *ebpf.Variable `ebpf:"spread"`
+	SpreadOffset *ebpf.Variable `ebpf:"spread_offset"`
+	Workers      *ebpf.Variable `ebpf:"workers"`
 }
 
 // progsPrograms contains all programs after they have been loaded into the kernel.
@@ -137,12 +161,16 @@ type progsVariables struct {
 // It can be passed to loadProgsObjects or ebpf.CollectionSpec.LoadAndAssign.
 type progsPrograms struct {
 	XgenCount    *ebpf.Program `ebpf:"xgen_count"`
+	XgenSend     *ebpf.Program `ebpf:"xgen_send"`
+	XsktestGen   *ebpf.Program `ebpf:"xsktest_gen"`
 	XsktestSteer *ebpf.Program `ebpf:"xsktest_steer"`
 }
 
 func (p *progsPrograms) Close() error {
 	return _ProgsClose(
 		p.XgenCount,
+		p.XgenSend,
+		p.XsktestGen,
 		p.XsktestSteer,
 	)
 }

@@ -1,7 +1,9 @@
 // Package xdptest holds the XDP programs of the tests and benchmarks, in C
 // (progs.c) built by bpf2go like the product's (bpf/): the AF_XDP steering
-// program the xsk tests use (lab/xsktest.NewSteer) and the far-end counter
-// of the benchmarks (bench/gen.NewCounter). Programs that are deliberately
+// program the xsk tests use (lab/xsktest.NewSteer), the far-end counter of
+// the benchmarks (bench/gen.NewCounter) and the live-frames senders of the
+// traffic generator (bench/gen.New) and of the xsk tests
+// (lab/xsktest.NewGenerator). Programs that are deliberately
 // minimal (a bare XDP_PASS or XDP_DROP) stay as two instructions of Go asm
 // where they are used.
 //
@@ -18,12 +20,12 @@ import (
 )
 
 // spec returns the programs' collection with the configuration set.
-func spec(port uint16, workers uint32) (*ebpf.CollectionSpec, error) {
+func spec(vars map[string]any) (*ebpf.CollectionSpec, error) {
 	s, err := loadProgs()
 	if err != nil {
 		return nil, fmt.Errorf("xdptest: %w", err)
 	}
-	for name, v := range map[string]any{"port": port, "workers": workers} {
+	for name, v := range vars {
 		if err := s.Variables[name].Set(v); err != nil {
 			return nil, fmt.Errorf("xdptest: set %s: %w", name, err)
 		}
@@ -34,7 +36,7 @@ func spec(port uint16, workers uint32) (*ebpf.CollectionSpec, error) {
 // Steer loads xsktest_steer for UDP destination port with workers sockets
 // per queue and an XSK map of workers*queues entries.
 func Steer(port uint16, workers, queues int) (prog *ebpf.Program, xsks *ebpf.Map, err error) {
-	s, err := spec(port, uint32(workers))
+	s, err := spec(map[string]any{"port": port, "workers": uint32(workers)})
 	if err != nil {
 		return nil, nil, err
 	}
@@ -52,7 +54,7 @@ func Steer(port uint16, workers, queues int) (prog *ebpf.Program, xsks *ebpf.Map
 // Count loads xgen_count for UDP destination port and its per-CPU map of
 // one {packets, bytes uint64} value.
 func Count(port uint16) (prog *ebpf.Program, counts *ebpf.Map, err error) {
-	s, err := spec(port, 1)
+	s, err := spec(map[string]any{"port": port})
 	if err != nil {
 		return nil, nil, err
 	}
@@ -64,4 +66,45 @@ func Count(port uint16) (prog *ebpf.Program, counts *ebpf.Map, err error) {
 		return nil, nil, fmt.Errorf("xdptest: load counter program: %w", err)
 	}
 	return o.Prog, o.Counts, nil
+}
+
+// SlotHeader precedes each frame in a Send slot: the frame length (u32,
+// native order) and 4 bytes of padding.
+const SlotHeader = 8
+
+// Send loads xgen_send for a ring of ring slots of frames up to maxFrame
+// bytes: frames is ARRAY slot → [SlotHeader + maxFrame]byte, next the
+// ARRAY[1] u64 of the next slot to send.
+func Send(ring, maxFrame int) (prog *ebpf.Program, frames, next *ebpf.Map, err error) {
+	s, err := spec(map[string]any{"ring": uint32(ring), "max_frame": uint32(maxFrame)})
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	s.Maps["xgen_frames"].ValueSize = uint32(SlotHeader + maxFrame)
+	s.Maps["xgen_frames"].MaxEntries = uint32(ring)
+	var o struct {
+		Prog   *ebpf.Program `ebpf:"xgen_send"`
+		Frames *ebpf.Map     `ebpf:"xgen_frames"`
+		Next   *ebpf.Map     `ebpf:"xgen_next"`
+	}
+	if err := s.LoadAndAssign(&o, nil); err != nil {
+		return nil, nil, nil, fmt.Errorf("xdptest: load send program (%d slots of %d bytes): %w", ring, SlotHeader+maxFrame, err)
+	}
+	return o.Prog, o.Frames, o.Next, nil
+}
+
+// Gen loads xsktest_gen: XDP_TX for every frame, after writing a random
+// value below spread at byte spreadOffset when spread > 1.
+func Gen(spread, spreadOffset int) (*ebpf.Program, error) {
+	s, err := spec(map[string]any{"spread": uint32(max(spread, 0)), "spread_offset": uint32(max(spreadOffset, 0))})
+	if err != nil {
+		return nil, err
+	}
+	var o struct {
+		Prog *ebpf.Program `ebpf:"xsktest_gen"`
+	}
+	if err := s.LoadAndAssign(&o, nil); err != nil {
+		return nil, fmt.Errorf("xdptest: load generator program: %w", err)
+	}
+	return o.Prog, nil
 }

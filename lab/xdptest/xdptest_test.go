@@ -79,3 +79,24 @@ func TestSteer(t *testing.T) {
 		t.Fatalf("frame to the port with no socket: verdict %d, want XDP_ABORTED", r)
 	}
 }
+
+// The xsk tests' sender transmits every frame, writing a value below
+// spread at its offset when asked to.
+func TestGen(t *testing.T) {
+	p, err := Gen(4, 20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	in := frame(4500)
+	in[20] = 0xff
+	out := make([]byte, len(in))
+	ret, err := p.Run(&ebpf.RunOptions{Data: in, DataOut: out})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const xdpTX = 3
+	if ret != xdpTX || out[20] >= 4 {
+		t.Fatalf("verdict %d, byte %d; want XDP_TX and a value below 4", ret, out[20])
+	}
+}
