@@ -10,6 +10,8 @@
  *   xsktest_steer  IPv4/UDP (IHL 5) to `port`: an 8-byte metadata blob, then
  *                  a redirect to xsks[rx_queue * workers + payload[0] % workers]
  *   xgen_count     IPv4/UDP (IHL 5) to `port`: counted and dropped
+ *   xsktest_count  every frame counted, then `verdict` (the XDP_DROP ceiling
+ *                  counted where the packets end)
  *   xsktest_gen    the xsk tests' live-frames sender: XDP_TX, after
  *                  writing a random value below `spread` at `spread_offset`
  *                  when spread > 1
@@ -32,6 +34,7 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 /* Set by the loader. */
 volatile const __u16 port = 0;    /* UDP destination port, host order */
 volatile const __u32 workers = 1; /* sockets per queue (steer) */
+volatile const __u32 verdict = XDP_DROP; /* xsktest_count */
 volatile const __u32 spread = 0;        /* xsktest_gen */
 volatile const __u32 spread_offset = 0; /* xsktest_gen */
 volatile const __u32 ring = 1;      /* slots in xgen_frames (send) */
@@ -181,4 +184,21 @@ int xsktest_gen(struct xdp_md *ctx)
 			*b = bpf_get_prandom_u32() % spread;
 	}
 	return XDP_TX;
+}
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} xsktest_counts SEC(".maps");
+
+SEC("xdp")
+int xsktest_count(struct xdp_md *ctx)
+{
+	__u32 zero = 0;
+	__u64 *n = bpf_map_lookup_elem(&xsktest_counts, &zero);
+	if (n)
+		(*n)++;
+	return verdict;
 }

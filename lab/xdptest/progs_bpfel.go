@@ -27,8 +27,10 @@ const (
 	progsMapXgenFrames    = "xgen_frames"
 	progsMapXgenNext      = "xgen_next"
 	progsMapXsks          = "xsks"
+	progsMapXsktestCounts = "xsktest_counts"
 	progsProgXgenCount    = "xgen_count"
 	progsProgXgenSend     = "xgen_send"
+	progsProgXsktestCount = "xsktest_count"
 	progsProgXsktestGen   = "xsktest_gen"
 	progsProgXsktestSteer = "xsktest_steer"
 	progsVarMaxFrame      = "max_frame"
@@ -36,6 +38,7 @@ const (
 	progsVarRing          = "ring"
 	progsVarSpread        = "spread"
 	progsVarSpreadOffset  = "spread_offset"
+	progsVarVerdict       = "verdict"
 	progsVarWorkers       = "workers"
 )
 
@@ -83,6 +86,7 @@ type progsSpecs struct {
 type progsProgramSpecs struct {
 	XgenCount    *ebpf.ProgramSpec `ebpf:"xgen_count"`
 	XgenSend     *ebpf.ProgramSpec `ebpf:"xgen_send"`
+	XsktestCount *ebpf.ProgramSpec `ebpf:"xsktest_count"`
 	XsktestGen   *ebpf.ProgramSpec `ebpf:"xsktest_gen"`
 	XsktestSteer *ebpf.ProgramSpec `ebpf:"xsktest_steer"`
 }
@@ -91,10 +95,11 @@ type progsProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type progsMapSpecs struct {
-	Counts     *ebpf.MapSpec `ebpf:"counts"`
-	XgenFrames *ebpf.MapSpec `ebpf:"xgen_frames"`
-	XgenNext   *ebpf.MapSpec `ebpf:"xgen_next"`
-	Xsks       *ebpf.MapSpec `ebpf:"xsks"`
+	Counts        *ebpf.MapSpec `ebpf:"counts"`
+	XgenFrames    *ebpf.MapSpec `ebpf:"xgen_frames"`
+	XgenNext      *ebpf.MapSpec `ebpf:"xgen_next"`
+	Xsks          *ebpf.MapSpec `ebpf:"xsks"`
+	XsktestCounts *ebpf.MapSpec `ebpf:"xsktest_counts"`
 }
 
 // progsVariableSpecs contains global variables before they are loaded into the kernel.
@@ -106,6 +111,7 @@ type progsVariableSpecs struct {
 	Ring         *ebpf.VariableSpec `ebpf:"ring"`
 	Spread       *ebpf.VariableSpec `ebpf:"spread"`
 	SpreadOffset *ebpf.VariableSpec `ebpf:"spread_offset"`
+	Verdict      *ebpf.VariableSpec `ebpf:"verdict"`
 	Workers      *ebpf.VariableSpec `ebpf:"workers"`
 }
 
@@ -129,10 +135,11 @@ func (o *progsObjects) Close() error {
 //
 // It can be passed to loadProgsObjects or ebpf.CollectionSpec.LoadAndAssign.
 type progsMaps struct {
-	Counts     *ebpf.Map `ebpf:"counts"`
-	XgenFrames *ebpf.Map `ebpf:"xgen_frames"`
-	XgenNext   *ebpf.Map `ebpf:"xgen_next"`
-	Xsks       *ebpf.Map `ebpf:"xsks"`
+	Counts        *ebpf.Map `ebpf:"counts"`
+	XgenFrames    *ebpf.Map `ebpf:"xgen_frames"`
+	XgenNext      *ebpf.Map `ebpf:"xgen_next"`
+	Xsks          *ebpf.Map `ebpf:"xsks"`
+	XsktestCounts *ebpf.Map `ebpf:"xsktest_counts"`
 }
 
 func (m *progsMaps) Close() error {
@@ -141,6 +148,7 @@ func (m *progsMaps) Close() error {
 		m.XgenFrames,
 		m.XgenNext,
 		m.Xsks,
+		m.XsktestCounts,
 	)
 }
 
@@ -153,6 +161,7 @@ type progsVariables struct {
 	Ring         *ebpf.Variable `ebpf:"ring"`
 	Spread       *ebpf.Variable `ebpf:"spread"`
 	SpreadOffset *ebpf.Variable `ebpf:"spread_offset"`
+	Verdict      *ebpf.Variable `ebpf:"verdict"`
 	Workers      *ebpf.Variable `ebpf:"workers"`
 }
 
@@ -162,6 +171,7 @@ type progsVariables struct {
 type progsPrograms struct {
 	XgenCount    *ebpf.Program `ebpf:"xgen_count"`
 	XgenSend     *ebpf.Program `ebpf:"xgen_send"`
+	XsktestCount *ebpf.Program `ebpf:"xsktest_count"`
 	XsktestGen   *ebpf.Program `ebpf:"xsktest_gen"`
 	XsktestSteer *ebpf.Program `ebpf:"xsktest_steer"`
 }
@@ -170,6 +180,7 @@ func (p *progsPrograms) Close() error {
 	return _ProgsClose(
 		p.XgenCount,
 		p.XgenSend,
+		p.XsktestCount,
 		p.XsktestGen,
 		p.XsktestSteer,
 	)

@@ -108,3 +108,20 @@ func Gen(spread, spreadOffset int) (*ebpf.Program, error) {
 	}
 	return o.Prog, nil
 }
+
+// CountAll loads xsktest_count: every frame counted in a one-entry per-CPU
+// u64 array, then verdict.
+func CountAll(verdict uint32) (*ebpf.Program, *ebpf.Map, error) {
+	s, err := spec(map[string]any{"verdict": verdict})
+	if err != nil {
+		return nil, nil, err
+	}
+	var o struct {
+		Prog   *ebpf.Program `ebpf:"xsktest_count"`
+		Counts *ebpf.Map     `ebpf:"xsktest_counts"`
+	}
+	if err := s.LoadAndAssign(&o, nil); err != nil {
+		return nil, nil, fmt.Errorf("xdptest: load counting verdict %d program: %w", verdict, err)
+	}
+	return o.Prog, o.Counts, nil
+}

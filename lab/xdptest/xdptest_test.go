@@ -100,3 +100,29 @@ func TestGen(t *testing.T) {
 		t.Fatalf("verdict %d, byte %d; want XDP_TX and a value below 4", ret, out[20])
 	}
 }
+
+// The counting verdict counts every frame and returns its verdict.
+func TestCountAll(t *testing.T) {
+	p, m, err := CountAll(1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	defer m.Close()
+	for range 3 {
+		if r := run(t, p, frame(1)); r != 1 {
+			t.Fatalf("verdict %d, want XDP_DROP", r)
+		}
+	}
+	var per []uint64
+	if err := m.Lookup(uint32(0), &per); err != nil {
+		t.Fatal(err)
+	}
+	var n uint64
+	for _, v := range per {
+		n += v
+	}
+	if n != 3 {
+		t.Fatalf("counted %d, want 3", n)
+	}
+}

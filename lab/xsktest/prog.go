@@ -95,31 +95,9 @@ func NewVerdict(verdict int32) (*ebpf.Program, error) {
 // one-entry per-CPU array and returns verdict: the XDP_DROP ceiling
 // counted where the packets end, not where they were offered.
 func NewCountingVerdict(verdict int32) (*ebpf.Program, *ebpf.Map, error) {
-	m, err := ebpf.NewMap(&ebpf.MapSpec{
-		Name: "xsktest_count", Type: ebpf.PerCPUArray, KeySize: 4, ValueSize: 8, MaxEntries: 1,
-	})
+	prog, m, err := xdptest.CountAll(uint32(verdict))
 	if err != nil {
-		return nil, nil, fmt.Errorf("create counter map: %w", err)
-	}
-	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
-		Name: "xsktest_count", Type: ebpf.XDP, License: "GPL",
-		Instructions: asm.Instructions{
-			asm.StoreImm(asm.R10, -4, 0, asm.Word),
-			asm.Mov.Reg(asm.R2, asm.R10),
-			asm.Add.Imm(asm.R2, -4),
-			asm.LoadMapPtr(asm.R1, m.FD()),
-			asm.FnMapLookupElem.Call(),
-			asm.JEq.Imm(asm.R0, 0, "out"),
-			asm.LoadMem(asm.R1, asm.R0, 0, asm.DWord),
-			asm.Add.Imm(asm.R1, 1),
-			asm.StoreMem(asm.R0, 0, asm.R1, asm.DWord),
-			asm.Mov.Imm(asm.R0, verdict).WithSymbol("out"),
-			asm.Return(),
-		},
-	})
-	if err != nil {
-		m.Close()
-		return nil, nil, fmt.Errorf("load counting verdict %d program: %w", verdict, err)
+		return nil, nil, err
 	}
 	return prog, m, nil
 }
