@@ -113,7 +113,7 @@ func runRekey(args []string, stdout, stderr io.Writer) error {
 	}
 	specs := make([]sa.Spec, len(sas))
 	for i := range sas {
-		specs[i] = api.SpecOf(&sas[i])
+		specs[i] = sas[i].WithKeys()
 	}
 	c, err := af.client()
 	if err != nil {

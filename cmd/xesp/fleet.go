@@ -96,7 +96,7 @@ func runFleet(args []string, stdout io.Writer) error {
 			all = append(all, list...)
 		}
 		for i := range all {
-			if err := etcdsrc.Put(ctx, cli, *prefix, *node, etcdsrc.SpecOf(&all[i])); err != nil {
+			if err := etcdsrc.Put(ctx, cli, *prefix, *node, all[i].WithKeys()); err != nil {
 				return err
 			}
 		}

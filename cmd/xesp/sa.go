@@ -212,7 +212,7 @@ func saAdd(c *api.Client, sas []sa.SA, stdout, stderr io.Writer) error {
 	ctx, cancel := apiContext()
 	defer cancel()
 	return each(sas, "added", stderr, func(s sa.SA) error {
-		v, err := c.Add(ctx, api.SpecOf(&s))
+		v, err := c.Add(ctx, s.WithKeys())
 		if err != nil {
 			return err
 		}

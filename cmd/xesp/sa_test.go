@@ -166,7 +166,7 @@ added sa 0x00002002 in:0x00002002 (worker 1, index 0)
 	}
 	// The key file was read by the CLI and its key reached the SAD.
 	ent, ok := e.sad.GetName("ue1-out")
-	if !ok || api.SpecOf(&ent.SA).EncKey != cliEncKey2 {
+	if !ok || ent.SA.WithKeys().EncKey != cliEncKey2 {
 		t.Fatal("ue1-out not in the SAD with the key file's key")
 	}
 
