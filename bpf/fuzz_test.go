@@ -18,6 +18,7 @@ import (
 	"github.com/gopacket/gopacket/layers"
 
 	"github.com/xesp/xesp/bpf"
+	"github.com/xesp/xesp/internal/pkt"
 	"github.com/xesp/xesp/lab/netns"
 	"github.com/xesp/xesp/maps"
 )
@@ -254,7 +255,7 @@ func (h *fuzzHarness) checkSteered(in, out, metaB []byte, exp expect, fail func(
 		// validates it: a right one must stay right, a wrong one is the
 		// kernel's business later. Compare the rest byte for byte.
 		copy(wantOut[l3+10:l3+12], out[l3+10:l3+12])
-		if ipv4Checksum(in[l3:exp.l4]) == 0 && ipv4Checksum(out[l3:exp.l4]) != 0 {
+		if pkt.Checksum(in[l3:exp.l4]) == 0 && pkt.Checksum(out[l3:exp.l4]) != 0 {
 			fail("stripped IPv4 header %x has a bad checksum (input's was good)", out[l3:exp.l4])
 		}
 	} else {
@@ -565,7 +566,7 @@ func fuzzMutate(r *rand.Rand, seed []byte) []byte {
 	fixChecksum := func() {
 		if version() == 4 && l3+ihl <= len(b) && ihl >= 20 {
 			u16(l3+10, 0)
-			u16(l3+10, ipv4Checksum(b[l3:l3+ihl]))
+			u16(l3+10, pkt.Checksum(b[l3:l3+ihl]))
 		}
 	}
 	for range 1 + r.IntN(3) {

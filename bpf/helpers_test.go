@@ -216,16 +216,3 @@ func espBody(spi, seq uint32, n int) gopacket.Payload {
 	}
 	return b
 }
-
-// ipv4Checksum returns the one's complement sum over an IPv4 header: zero
-// when the header's checksum is right.
-func ipv4Checksum(h []byte) uint16 {
-	var sum uint32
-	for i := 0; i+1 < len(h); i += 2 {
-		sum += uint32(binary.BigEndian.Uint16(h[i:]))
-	}
-	for sum > 0xffff {
-		sum = (sum & 0xffff) + (sum >> 16)
-	}
-	return ^uint16(sum)
-}

@@ -11,6 +11,7 @@ import (
 	"github.com/gopacket/gopacket/layers"
 
 	"github.com/xesp/xesp/bpf"
+	"github.com/xesp/xesp/internal/pkt"
 	"github.com/xesp/xesp/lab/netns"
 	"github.com/xesp/xesp/maps"
 )
@@ -304,7 +305,7 @@ func TestPublicFixtures(t *testing.T) {
 		}
 		l3 := int(f.meta.L3Off)
 		h := f.out[l3 : l3+int(f.out[l3]&0x0f)*4]
-		if ipv4Checksum(h) != 0 || h[9] != 50 {
+		if pkt.Checksum(h) != 0 || h[9] != 50 {
 			t.Errorf("%s: stripped IPv4 header %x: checksum or protocol wrong", f.name, h)
 		}
 	}

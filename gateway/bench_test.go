@@ -6,9 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"github.com/xesp/xesp/internal/pkt"
 	"math/rand/v2"
-	"net"
 	"net/netip"
 	"os"
 	"runtime"
@@ -20,10 +18,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/link"
-	"golang.org/x/sys/unix"
+	"github.com/xesp/xesp/internal/pkt"
 
+	"github.com/cilium/ebpf"
+
+	"github.com/xesp/xesp/bench/benchnet"
 	"github.com/xesp/xesp/bench/gen"
 	"github.com/xesp/xesp/bpf"
 	"github.com/xesp/xesp/control/config"
@@ -52,55 +51,20 @@ const (
 	decapPort   = 5060  // inner UDP destination (the core's SIP port)
 )
 
-// benchTopo is phone ─ gw ─ core, like topo, for benchmarks (testing.TB)
-// and with static neighbours everywhere: the far ends carry XDP counters
-// that drop what they count, and nobody should wait on ARP.
-type benchTopo struct {
-	phone, gw, core *netns.NS
-	ph, pub         benchEnd
-	priv, co        benchEnd
-}
+// benchTopo is bench/benchnet's phone ─ gw ─ core topology (the one the
+// benchmark harness uses), removed when the benchmark ends.
+type benchTopo struct{ *benchnet.Topo }
 
-type benchEnd struct {
-	ns    *netns.NS
-	name  string
-	index int
-	mac   net.HardwareAddr
-}
+type benchEnd = benchnet.End
 
 func newBenchTopo(tb testing.TB) *benchTopo {
 	tb.Helper()
-	tp := &benchTopo{phone: netns.ForTest(tb, "gbp"), gw: netns.ForTest(tb, "gbg"), core: netns.ForTest(tb, "gbc")}
-	phIf, pubIf := netns.VethForTest(tb, tp.phone, tp.gw)
-	privIf, coIf := netns.VethForTest(tb, tp.gw, tp.core)
-	tp.ph = benchEndOf(tb, tp.phone, phIf, "192.0.2.10/24")
-	tp.pub = benchEndOf(tb, tp.gw, pubIf, "192.0.2.1/24")
-	tp.priv = benchEndOf(tb, tp.gw, privIf, "10.0.0.254/24")
-	tp.co = benchEndOf(tb, tp.core, coIf, "10.0.0.1/24")
-	tp.core.MustRun("ip", "route", "add", "10.99.0.0/16", "via", "10.0.0.254")
-	tp.core.MustRun("ip", "route", "add", "100.64.0.0/10", "via", "10.0.0.254")
-	tp.core.MustRun("ip", "neigh", "replace", "10.0.0.254", "lladdr", tp.priv.mac.String(), "dev", tp.co.name)
-	tp.phone.MustRun("ip", "neigh", "replace", "192.0.2.1", "lladdr", tp.pub.mac.String(), "dev", tp.ph.name)
-	tp.gw.MustRun("ip", "neigh", "replace", "192.0.2.10", "lladdr", tp.ph.mac.String(), "dev", tp.pub.name)
-	tp.gw.MustRun("ip", "neigh", "replace", "10.0.0.1", "lladdr", tp.co.mac.String(), "dev", tp.priv.name)
-	return tp
-}
-
-func benchEndOf(tb testing.TB, ns *netns.NS, name, cidr string) benchEnd {
-	tb.Helper()
-	ns.MustRun("ip", "addr", "add", cidr, "dev", name)
-	e := benchEnd{ns: ns, name: name}
-	if err := ns.Do(func() error {
-		i, err := net.InterfaceByName(name)
-		if err != nil {
-			return err
-		}
-		e.index, e.mac = i.Index, i.HardwareAddr
-		return nil
-	}); err != nil {
+	n, err := benchnet.New("gb")
+	if err != nil {
 		tb.Fatal(err)
 	}
-	return e
+	tb.Cleanup(func() { n.Close() })
+	return &benchTopo{n}
 }
 
 // start runs a gateway on the topology with the given extra config (an
@@ -112,13 +76,13 @@ public: {interface: %s, addresses: [192.0.2.1]}
 private: {interface: %s, next_hop_mac: "%s"}
 workers: %d
 state_dir: %s
-%s`, tp.pub.name, tp.priv.name, tp.co.mac, workers, tb.TempDir(), extra)
+%s`, tp.Pub.Name, tp.Priv.Name, tp.Co.MAC, workers, tb.TempDir(), extra)
 	cfg, err := config.Parse([]byte(yaml), "")
 	if err != nil {
 		tb.Fatal(err)
 	}
 	var g *Gateway
-	if err := tp.gw.Do(func() (err error) {
+	if err := tp.GW.Do(func() (err error) {
 		g, err = Start(context.Background(), cfg, Options{NoPin: true})
 		return err
 	}); err != nil {
@@ -135,52 +99,14 @@ state_dir: %s
 // attachXDP attaches prog to e in driver mode; the returned func detaches.
 func attachXDP(tb testing.TB, e benchEnd, prog *ebpf.Program) func() {
 	tb.Helper()
-	var l link.Link
-	if err := e.ns.Do(func() (err error) {
-		l, err = link.AttachXDP(link.XDPOptions{Program: prog, Interface: e.index, Flags: link.XDPDriverMode})
-		if err != nil {
-			return fmt.Errorf("attach xdp to %s: %w", e.name, err)
-		}
-		return nil
-	}); err != nil {
+	l, err := benchnet.Attach(e, prog)
+	if err != nil {
 		tb.Fatal(err)
 	}
 	var once sync.Once
 	detach := func() { once.Do(func() { l.Close() }) }
 	tb.Cleanup(detach)
 	return detach
-}
-
-// pinProcess pins every thread of the process to cpu (threads created
-// later inherit it from their creator) and returns the undo.
-func pinProcess(cpu int) (func(), error) {
-	var orig, set unix.CPUSet
-	if err := unix.SchedGetaffinity(0, &orig); err != nil {
-		return nil, fmt.Errorf("sched_getaffinity: %w", err)
-	}
-	set.Set(cpu)
-	apply := func(s *unix.CPUSet) error {
-		tasks, err := os.ReadDir("/proc/self/task")
-		if err != nil {
-			return fmt.Errorf("list threads: %w", err)
-		}
-		for _, t := range tasks {
-			tid, err := strconv.Atoi(t.Name())
-			if err != nil {
-				continue
-			}
-			// A thread may exit between listing and pinning.
-			if err := unix.SchedSetaffinity(tid, s); err != nil && err != unix.ESRCH {
-				return fmt.Errorf("pin thread %d: %w", tid, err)
-			}
-		}
-		return nil
-	}
-	if err := apply(&set); err != nil {
-		apply(&orig)
-		return nil, err
-	}
-	return func() { apply(&orig) }, nil
 }
 
 // phase is what one measured phase sent and what arrived at its far end.
@@ -291,7 +217,7 @@ func startReader(b *testing.B, e benchEnd, port uint16) *afxdpReader {
 		u.Close()
 		b.Fatal(err)
 	}
-	if err := e.ns.Do(func() (err error) { r.s, err = u.Open(e.index, 0); return err }); err != nil {
+	if err := e.NS.Do(func() (err error) { r.s, err = u.Open(e.Index, 0); return err }); err != nil {
 		r.close()
 		b.Fatal(err)
 	}
@@ -393,7 +319,7 @@ func BenchmarkGatewayPath(b *testing.B) {
 		b.Skip("needs 2 CPUs to pin generator and gateway apart")
 	}
 	tp := newBenchTopo(b)
-	unpin, err := pinProcess(gwCPU)
+	unpin, err := benchnet.PinProcess(gwCPU)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -415,8 +341,8 @@ func BenchmarkGatewayPath(b *testing.B) {
 	}
 	newGen := func(e benchEnd) *gen.Gen {
 		var g *gen.Gen
-		if err := e.ns.Do(func() (err error) {
-			g, err = gen.New(gen.Options{Ifindex: e.index, Ring: benchRing})
+		if err := e.NS.Do(func() (err error) {
+			g, err = gen.New(gen.Options{Ifindex: e.Index, Ring: benchRing})
 			return err
 		}); err != nil {
 			b.Fatal(err)
@@ -424,13 +350,13 @@ func BenchmarkGatewayPath(b *testing.B) {
 		b.Cleanup(func() { g.Close() })
 		return g
 	}
-	phoneGen, coreGen := newGen(tp.ph), newGen(tp.co)
+	phoneGen, coreGen := newGen(tp.Ph), newGen(tp.Co)
 	sizes := []int{200, 1400}
 	load := func(size int) {
-		if err := phoneGen.LoadESP(gen.L2{Src: tp.ph.mac, Dst: tp.pub.mac}, espFlows, gen.Fixed(size)); err != nil {
+		if err := phoneGen.LoadESP(gen.L2{Src: tp.Ph.MAC, Dst: tp.Pub.MAC}, espFlows, gen.Fixed(size)); err != nil {
 			b.Fatal(err)
 		}
-		if err := coreGen.LoadClear(gen.L2{Src: tp.co.mac, Dst: tp.priv.mac}, clearFlows, gen.Fixed(size)); err != nil {
+		if err := coreGen.LoadClear(gen.L2{Src: tp.Co.MAC, Dst: tp.Priv.MAC}, clearFlows, gen.Fixed(size)); err != nil {
 			b.Fatal(err)
 		}
 		b.Logf("%d B inner: decap frame %d B, encap frame %d B", size, len(phoneGen.Frame(0)), len(coreGen.Frame(0)))
@@ -450,7 +376,7 @@ func BenchmarkGatewayPath(b *testing.B) {
 			g     *gen.Gen
 			port  uint16
 			isESP bool
-		}{{"public", tp.pub, tp.phone, phoneGen, esp.NATTPort, true}, {"private", tp.priv, tp.core, coreGen, decapPort, false}} {
+		}{{"public", tp.Pub, tp.Phone, phoneGen, esp.NATTPort, true}, {"private", tp.Priv, tp.Core, coreGen, decapPort, false}} {
 			b.Run(fmt.Sprintf("ceiling/xdp_drop/%s/%d", l.name, size), func(b *testing.B) {
 				c, err := gen.NewCounter(l.port)
 				if err != nil {
@@ -481,13 +407,13 @@ func BenchmarkGatewayPath(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer decapCount.Close()
-	attachXDP(b, tp.co, decapCount.Prog)
+	attachXDP(b, tp.Co, decapCount.Prog)
 	encapCount, err := gen.NewCounter(esp.NATTPort)
 	if err != nil {
 		b.Fatal(err)
 	}
 	defer encapCount.Close()
-	attachXDP(b, tp.ph, encapCount.Prog)
+	attachXDP(b, tp.Ph, encapCount.Prog)
 	read := func(c *gen.Counter) func() (uint64, error) {
 		return func() (uint64, error) { n, _, err := c.Read(); return n, err }
 	}
@@ -504,14 +430,14 @@ func BenchmarkGatewayPath(b *testing.B) {
 		// bindings the phone's MAC, which encap then uses.
 		b.Run(fmt.Sprintf("xesp/decap/%d", size), func(b *testing.B) {
 			before := snapshotWorkers(g)
-			p := run(b, tp.phone, phoneGen, true, roundsPerOp*b.N, read(decapCount))
+			p := run(b, tp.Phone, phoneGen, true, roundsPerOp*b.N, read(decapCount))
 			logWorkers(b, g, before)
 			p.report(b)
 			ratios(b, p, "public", size)
 		})
 		b.Run(fmt.Sprintf("xesp/encap/%d", size), func(b *testing.B) {
 			before := snapshotWorkers(g)
-			p := run(b, tp.core, coreGen, false, roundsPerOp*b.N, read(encapCount))
+			p := run(b, tp.Core, coreGen, false, roundsPerOp*b.N, read(encapCount))
 			logWorkers(b, g, before)
 			p.report(b)
 			ratios(b, p, "private", size)
@@ -701,8 +627,8 @@ func BenchmarkLoadSAs(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	phone := udpSock(b, tp.phone, "192.0.2.10:4500")
-	core := udpSock(b, tp.core, "10.0.0.1:5060")
+	phone := udpSock(b, tp.Phone, "192.0.2.10:4500")
+	core := udpSock(b, tp.Core, "10.0.0.1:5060")
 	src := netip.AddrPortFrom(innerAddr, 5060)
 	msg := []byte(fmt.Sprintf("REGISTER pair %d", r))
 	buf := make([]byte, 2048)

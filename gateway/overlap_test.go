@@ -233,7 +233,7 @@ func udpChecksumOK(ip []byte) bool {
 	if binary.BigEndian.Uint16(u[6:]) == 0 {
 		return true
 	}
-	return pkt.Fold(pkt.Sum(u, pkt.Sum(ip[12:20], 17+uint32(len(u))))) == 0xffff
+	return pkt.Fold(pkt.Sum(u, pkt.Sum(ip[12:20], 17+uint64(len(u))))) == 0xffff
 }
 
 // send seals a UDP datagram from the phone's sport to the core's dport

@@ -227,6 +227,19 @@ type arrivals struct {
 	dups int
 }
 
+// count is how many requests numbered from on have arrived.
+func (a *arrivals) count(from int) int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	n := 0
+	for i := range a.at {
+		if i >= from {
+			n++
+		}
+	}
+	return n
+}
+
 func startCounter(t *testing.T, tp *topo) *arrivals {
 	c := udpSock(t, tp.core, coreAddr.String())
 	a := &arrivals{at: map[int]time.Time{}}
@@ -286,17 +299,19 @@ func TestGatewayRestartInterruption(t *testing.T) {
 			}
 		}
 	}()
-	time.Sleep(time.Second)
+	// Traffic flows through the first gateway, then through the second:
+	// waits on what reached the core, not on the clock.
+	eventually(t, "200 requests at the core before the restart", func() bool { return core.count(0) >= 200 })
 	before := sent.Load()
 	stop, start := tp.restartKeepPinned(t, Options{StateInterval: 100 * time.Millisecond})
 	after := sent.Load()
-	time.Sleep(time.Second)
+	eventually(t, "200 requests sent after the restart at the core", func() bool { return core.count(int(after)) >= 200 })
 	close(stopSend)
 	if err := <-sendDone; err != nil {
 		t.Fatal(err)
 	}
 	total := int(sent.Load())
-	time.Sleep(300 * time.Millisecond)
+	eventually(t, "the last request at the core", func() bool { return core.count(total-1) == 1 })
 
 	core.mu.Lock()
 	defer core.mu.Unlock()

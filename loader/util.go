@@ -14,7 +14,7 @@ func unsafePointer(b []byte) unsafe.Pointer { return unsafe.Pointer(&b[0]) }
 func nativeUint16(b []byte) uint16 { return binary.NativeEndian.Uint16(b) }
 
 // EnsureBPFFS mounts bpffs on dir unless one is there. `ip netns exec`
-// remounts /sys, which hides /sys/fs/bpf inside namespaces (PLATFORM.md).
+// remounts /sys, which hides /sys/fs/bpf inside namespaces (docs/platform.md).
 func EnsureBPFFS(dir string) error {
 	_, err := ensureBPFFS(dir)
 	return err

@@ -3,7 +3,7 @@
 // cleartext IPv4/UDP for the encap direction — stores them in a BPF array
 // map, and sends them out of a device at line rate with BPF_PROG_RUN in
 // XDP live-frames mode (BPF_F_TEST_XDP_LIVE_FRAMES). No kernel pktgen is
-// needed (PLATFORM.md). The benchmarks use it, and `xesp-lab pktgen` is meant
+// needed (docs/platform.md). The benchmarks use it, and `xesp-lab pktgen` is meant
 // to wrap it.
 //
 // Why a ring of precomputed frames: every ESP packet must carry a fresh
@@ -39,7 +39,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"github.com/xesp/xesp/internal/pkt"
 	"net"
 	"net/netip"
 	"reflect"
@@ -47,8 +46,10 @@ import (
 	"time"
 	"unsafe"
 
+	"github.com/xesp/xesp/internal/pkt"
+	"github.com/xesp/xesp/lab/xdptest"
+
 	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/asm"
 	"golang.org/x/sys/unix"
 
 	"github.com/xesp/xesp/dataplane/esp"
@@ -59,8 +60,9 @@ const (
 	DefaultRing     = 32768
 	DefaultMaxFrame = 1536 // a 1500-byte MTU frame (1514) fits
 	// slotHeader precedes each frame in its map value: the frame length
-	// (u32, host order) and 4 bytes of padding.
-	slotHeader = 8
+	// (u32, host order) and 4 bytes of padding (the layout of xgen_send
+	// in lab/xdptest/progs.c).
+	slotHeader = xdptest.SlotHeader
 )
 
 // ErrStale is returned by Send when the ESP ring was already sent and not
@@ -220,27 +222,8 @@ func New(o Options) (*Gen, error) {
 	o.MaxFrame = (o.MaxFrame + 7) &^ 7
 	g := &Gen{o: o, valSize: slotHeader + o.MaxFrame}
 	var err error
-	g.frames, err = ebpf.NewMap(&ebpf.MapSpec{
-		Name: "xgen_frames", Type: ebpf.Array, KeySize: 4, ValueSize: uint32(g.valSize),
-		MaxEntries: uint32(o.Ring),
-	})
-	if err != nil {
-		return nil, fmt.Errorf("gen: create frame map (%d × %d bytes): %w", o.Ring, g.valSize, err)
-	}
-	g.counter, err = ebpf.NewMap(&ebpf.MapSpec{
-		Name: "xgen_next", Type: ebpf.Array, KeySize: 4, ValueSize: 8, MaxEntries: 1,
-	})
-	if err != nil {
-		g.frames.Close()
-		return nil, fmt.Errorf("gen: create counter map: %w", err)
-	}
-	g.prog, err = ebpf.NewProgram(&ebpf.ProgramSpec{
-		Name: "xgen_send", Type: ebpf.XDP, License: "GPL",
-		Instructions: sendProgram(g.frames.FD(), g.counter.FD(), o.Ring, o.MaxFrame),
-	})
-	if err != nil {
-		g.Close()
-		return nil, fmt.Errorf("gen: load send program: %w", err)
+	if g.prog, g.frames, g.counter, err = xdptest.Send(o.Ring, o.MaxFrame); err != nil {
+		return nil, fmt.Errorf("gen: %w", err)
 	}
 	// One slice element per map value, so BatchUpdate writes the whole
 	// ring in one syscall; host aliases it byte by byte.
@@ -256,68 +239,6 @@ func New(o Options) (*Gen, error) {
 	// grows only into tailroom.
 	g.template = make([]byte, o.MaxFrame)
 	return g, nil
-}
-
-// sendProgram is the XDP program each live frame runs: take the next slot
-// from the counter, give the frame that slot's length, copy the slot in,
-// XDP_TX. The counter is a plain (not per-CPU) array: a run is sequential
-// even if the thread migrates, so the slot sequence stays 0, 1, 2, ...
-// whatever CPU runs the next batch. Past the last slot it drops instead
-// of wrapping, so a run the syscall layer restarts (EINTR: cilium/ebpf
-// retries with the same Repeat) never sends a sequence number twice.
-func sendProgram(framesFD, counterFD, ring, maxFrame int) asm.Instructions {
-	const (
-		ctxData    = 0
-		ctxDataEnd = 4
-		xdpDrop    = 1
-		xdpTX      = 3
-	)
-	return asm.Instructions{
-		asm.Mov.Reg(asm.R6, asm.R1),
-		asm.StoreImm(asm.R10, -4, 0, asm.Word),
-		asm.LoadMapPtr(asm.R1, counterFD),
-		asm.Mov.Reg(asm.R2, asm.R10),
-		asm.Add.Imm(asm.R2, -4),
-		asm.FnMapLookupElem.Call(),
-		asm.JEq.Imm(asm.R0, 0, "drop"),
-		asm.LoadMem(asm.R7, asm.R0, 0, asm.DWord),
-		asm.Mov.Reg(asm.R1, asm.R7),
-		asm.Add.Imm(asm.R1, 1),
-		asm.StoreMem(asm.R0, 0, asm.R1, asm.DWord),
-		asm.JGE.Imm(asm.R7, int32(ring), "drop"),
-		// Slot lookup.
-		asm.StoreMem(asm.R10, -8, asm.R7, asm.Word),
-		asm.LoadMapPtr(asm.R1, framesFD),
-		asm.Mov.Reg(asm.R2, asm.R10),
-		asm.Add.Imm(asm.R2, -8),
-		asm.FnMapLookupElem.Call(),
-		asm.JEq.Imm(asm.R0, 0, "drop"),
-		asm.Mov.Reg(asm.R9, asm.R0),
-		asm.LoadMem(asm.R8, asm.R9, 0, asm.Word),
-		asm.JLT.Imm(asm.R8, 14, "drop"),
-		asm.JGT.Imm(asm.R8, int32(maxFrame), "drop"),
-		// Resize: delta = len - (data_end - data).
-		asm.LoadMem(asm.R2, asm.R6, ctxData, asm.Word),
-		asm.LoadMem(asm.R3, asm.R6, ctxDataEnd, asm.Word),
-		asm.Sub.Reg(asm.R3, asm.R2),
-		asm.Mov.Reg(asm.R2, asm.R8),
-		asm.Sub.Reg(asm.R2, asm.R3),
-		asm.Mov.Reg(asm.R1, asm.R6),
-		asm.FnXdpAdjustTail.Call(),
-		asm.JNE.Imm(asm.R0, 0, "drop"),
-		// bpf_xdp_store_bytes(ctx, 0, slot frame, len).
-		asm.Mov.Reg(asm.R1, asm.R6),
-		asm.Mov.Imm(asm.R2, 0),
-		asm.Mov.Reg(asm.R3, asm.R9),
-		asm.Add.Imm(asm.R3, slotHeader),
-		asm.Mov.Reg(asm.R4, asm.R8),
-		asm.FnXdpStoreBytes.Call(),
-		asm.JNE.Imm(asm.R0, 0, "drop"),
-		asm.Mov.Imm(asm.R0, xdpTX),
-		asm.Return(),
-		asm.Mov.Imm(asm.R0, xdpDrop).WithSymbol("drop"),
-		asm.Return(),
-	}
 }
 
 // Ring is the number of frames one Send transmits.
@@ -590,7 +511,7 @@ func putUDP(p []byte, src, dst netip.AddrPort, flow uint32, serial uint64) {
 	copy(u[8:], "xgen")
 	binary.BigEndian.PutUint32(u[12:], flow)
 	binary.BigEndian.PutUint64(u[16:], serial)
-	ck := ^pkt.Fold(pkt.Sum(u, pkt.Sum(p[12:20], 17+uint32(len(u)))))
+	ck := ^pkt.Fold(pkt.Sum(u, pkt.Sum(p[12:20], 17+uint64(len(u)))))
 	if ck == 0 {
 		ck = 0xffff
 	}

@@ -18,107 +18,261 @@ import (
 	"github.com/xesp/xesp/bench/gen"
 	"github.com/xesp/xesp/bench/pktgen"
 	"github.com/xesp/xesp/dataplane/esp"
+	"github.com/xesp/xesp/internal/pkt"
+	"github.com/xesp/xesp/lab/netns"
 	"github.com/xesp/xesp/lab/xsktest"
 )
 
 // baselineBatch is the recvmmsg/sendmmsg batch, the worker's batch size.
 const baselineBatch = 64
 
-// baseline measures the decap path a Go user would write without XDP:
-// a UDP socket on the gateway's 4500 read with recvmmsg, each datagram
-// opened by the same ESP engine (esp.SA.Open: replay check, AES-GCM,
-// padding) under the SA its SPI names, and the inner UDP payload sent on
-// to its inner destination with sendmmsg; counted at the core like
-// xesp's decap. The loop runs on GwCPU; the kernel's receive path runs in
-// the generator's softirq on GenCPU, as XDP does for xesp.
+// The socket baselines measure what a Go user would write without XDP: the
+// same ESP engine behind plain UDP sockets, one goroutine on GwCPU reading
+// with recvmmsg and writing with sendmmsg (socketLoop), counted at the far
+// end like xesp. The kernel's receive path runs in the generator's softirq
+// on GenCPU, as XDP does for xesp.
+
+// baseline is the decap direction: a UDP socket on the gateway's 4500,
+// each datagram opened (esp.SA.Open: replay check, AES-GCM, padding) under
+// the SA its SPI names, the inner UDP payload sent on to its inner
+// destination.
 func (r *runner) baseline(size string, sz gen.Sizes, n int) error {
 	if err := r.loadPhone(sz, n); err != nil {
 		return err
 	}
-	// The stack needs an XDP program on the gateway's end for the
-	// generator's XDP_TX to arrive at all (PLATFORM.md): XDP_PASS.
-	pass, err := xsktest.NewVerdict(2)
-	if err != nil {
-		return err
+	sas := make(map[uint32]*esp.SA, n)
+	for i := range n {
+		key, err := pktgen.KeyBytes('i', i)
+		if err != nil {
+			return err
+		}
+		s, err := esp.NewSA(esp.Config{SPI: pktgen.InSPIBase + uint32(i), Proposal: esp.AES128GCM16, EncKey: key,
+			Mode: esp.ModeTunnel, ReplayWindow: esp.DefaultReplayWindow})
+		if err != nil {
+			return err
+		}
+		sas[s.SPI()] = s
 	}
-	defer pass.Close()
-	l, err := attach(r.tp.pub, pass)
-	if err != nil {
-		return err
+	addrs := make([]net.UDPAddr, baselineBatch)
+	loop := &socketLoop{
+		in:  &net.UDPAddr{IP: net.IP(r.nw.Gateway.AsSlice()), Port: esp.NATTPort},
+		out: &net.UDPAddr{IP: net.IPv4(10, 0, 0, 254)},
+		setup: func(i int, rx, tx *ipv4.Message) {
+			addrs[i].IP = make(net.IP, 4)
+			tx.Addr = &addrs[i]
+		},
+		each: func(_ int, rx, tx *ipv4.Message) bool {
+			p := rx.Buffers[0][:rx.N]
+			if len(p) < 8 {
+				return false
+			}
+			s := sas[binary.BigEndian.Uint32(p)]
+			if s == nil {
+				return false
+			}
+			res, err := s.Open(p)
+			if err != nil {
+				return false
+			}
+			inner := p[res.Start:res.End]
+			if len(inner) < 28 || inner[0] != 0x45 || inner[9] != 17 {
+				return false
+			}
+			a := tx.Addr.(*net.UDPAddr)
+			copy(a.IP, inner[16:20])
+			a.Port = int(binary.BigEndian.Uint16(inner[22:]))
+			tx.Buffers[0] = inner[28:]
+			return true
+		},
 	}
-	defer l.Close()
-	c, err := gen.NewCounter(r.nw.Core.Port())
-	if err != nil {
-		return err
-	}
-	defer c.Close()
-	lc, err := attach(r.tp.co, c.Prog)
-	if err != nil {
-		return err
-	}
-	defer lc.Close()
-
-	b, err := startSocketGateway(r, n)
-	if err != nil {
-		return err
-	}
-	p, err := r.measure([]sender{{r.tp.phone, r.phoneG, true, false}}, counterOf(c))
-	st := b.close()
+	st, p, err := r.socketRun(loop, r.tp.pub, r.tp.co, r.nw.Core.Port(), sender{r.tp.phone, r.phoneG, true, false})
 	if err != nil {
 		return err
 	}
 	res := p.result(Result{Name: baselineName("decap", size, n), Group: "baseline", Test: "udp_sockets", Dir: "decap", Size: size, SAs: n, Workers: 1})
 	res.Note = fmt.Sprintf("recvmmsg/sendmmsg ×%d, esp.SA.Open, one goroutine on CPU %d; opened %d, open errors %d, socket drops %d",
-		baselineBatch, GwCPU, st.opened, st.bad, st.sockDrops)
+		baselineBatch, GwCPU, st.done, st.bad, st.sockDrops)
 	r.add(res)
 	return nil
 }
 
-type socketGateway struct {
-	in, out *net.UDPConn
-	stop    atomic.Bool
-	wg      sync.WaitGroup
-	opened  atomic.Uint64
-	bad     atomic.Uint64
-	err     error
+// baselineEncap is the encap direction: the phones' inner addresses
+// (100.64.0.0/10) are made local to the gateway namespace (`ip route add
+// local`), so one UDP socket on port 5060 receives the core's cleartext
+// for all of them, learning each datagram's destination from IP_PKTINFO;
+// the datagram is rebuilt as an inner IPv4/UDP packet, sealed
+// (esp.SA.Seal) under the outbound SA of its destination and sent to the
+// phone's 4500.
+func (r *runner) baselineEncap(size string, sz gen.Sizes, n int) error {
+	if err := r.loadCore(sz, n); err != nil {
+		return err
+	}
+	sas := make(map[[4]byte]*esp.SA, n)
+	for i := range n {
+		key, err := pktgen.KeyBytes('o', i)
+		if err != nil {
+			return err
+		}
+		s, err := esp.NewSA(esp.Config{SPI: pktgen.OutSPIBase + uint32(i), Proposal: esp.AES128GCM16, EncKey: key, Mode: esp.ModeTunnel})
+		if err != nil {
+			return err
+		}
+		sas[pktgen.Inner(i).As4()] = s
+	}
+	if _, err := r.tp.gw.Run("ip", "route", "add", "local", "100.64.0.0/10", "dev", "lo"); err != nil {
+		return err
+	}
+	defer r.tp.gw.Run("ip", "route", "del", "local", "100.64.0.0/10", "dev", "lo")
+
+	phone := &net.UDPAddr{IP: net.IP(r.nw.Phone.AsSlice()), Port: int(r.nw.PhonePort)}
+	bufs := make([][]byte, baselineBatch)
+	var cm ipv4.ControlMessage
+	loop := &socketLoop{
+		in:      &net.UDPAddr{Port: int(r.nw.Core.Port())},
+		out:     &net.UDPAddr{IP: net.IP(r.nw.Gateway.AsSlice()), Port: esp.NATTPort},
+		pktinfo: true,
+		setup: func(i int, rx, tx *ipv4.Message) {
+			bufs[i] = make([]byte, 2048)
+			tx.Addr = phone
+		},
+		each: func(k int, rx, tx *ipv4.Message) bool {
+			if err := cm.Parse(rx.OOB[:rx.NN]); err != nil || cm.Dst == nil {
+				return false
+			}
+			dst := [4]byte(cm.Dst.To4())
+			s := sas[dst]
+			from, ok := rx.Addr.(*net.UDPAddr)
+			if s == nil || !ok {
+				return false
+			}
+			// The inner packet as the core sent it: IPv4/UDP from the
+			// core to the phone's inner address.
+			const hr = 64
+			payload := rx.Buffers[0][:rx.N]
+			buf := bufs[k]
+			ip := buf[hr : hr+28+len(payload)]
+			clear(ip[:28])
+			ip[0], ip[8], ip[9] = 0x45, 64, 17
+			binary.BigEndian.PutUint16(ip[2:], uint16(len(ip)))
+			copy(ip[12:16], from.IP.To4())
+			copy(ip[16:20], dst[:])
+			binary.BigEndian.PutUint16(ip[10:], pkt.Checksum(ip[:20]))
+			binary.BigEndian.PutUint16(ip[20:], uint16(from.Port))
+			binary.BigEndian.PutUint16(ip[22:], r.nw.Core.Port())
+			binary.BigEndian.PutUint16(ip[24:], uint16(8+len(payload)))
+			copy(ip[28:], payload)
+			start, end, err := s.Seal(buf, hr, len(ip), esp.NextHeaderIPv4, 0)
+			if err != nil {
+				return false
+			}
+			tx.Buffers[0] = buf[start:end]
+			return true
+		},
+	}
+	st, p, err := r.socketRun(loop, r.tp.priv, r.tp.ph, esp.NATTPort, sender{r.tp.core, r.coreG, false, false})
+	if err != nil {
+		return err
+	}
+	res := p.result(Result{Name: baselineName("encap", size, n), Group: "baseline", Test: "udp_sockets", Dir: "encap", Size: size, SAs: n, Workers: 1})
+	res.Note = fmt.Sprintf("recvmmsg (IP_PKTINFO)/sendmmsg ×%d, esp.SA.Seal, one goroutine on CPU %d; sealed %d, unroutable %d, socket drops %d",
+		baselineBatch, GwCPU, st.done, st.bad, st.sockDrops)
+	r.add(res)
+	return nil
 }
 
-type socketStats struct{ opened, bad, sockDrops uint64 }
-
-func startSocketGateway(r *runner, n int) (_ *socketGateway, err error) {
-	sas := make(map[uint32]*esp.SA, n)
-	for i := range n {
-		key, err := pktgen.KeyBytes('i', i)
-		if err != nil {
-			return nil, err
-		}
-		s, err := esp.NewSA(esp.Config{SPI: pktgen.InSPIBase + uint32(i), Proposal: esp.AES128GCM16, EncKey: key,
-			Mode: esp.ModeTunnel, ReplayWindow: esp.DefaultReplayWindow})
-		if err != nil {
-			return nil, err
-		}
-		sas[s.SPI()] = s
+// socketRun measures one socket baseline: an XDP_PASS program on the
+// gateway's receiving end (the generator's XDP_TX arrives only at an end
+// with an XDP program, docs/platform.md), a counter for countPort on the
+// far end, the loop running in the gateway namespace while s sends.
+func (r *runner) socketRun(loop *socketLoop, rxEnd, farEnd end, countPort uint16, s sender) (socketStats, phase, error) {
+	pass, err := xsktest.NewVerdict(2)
+	if err != nil {
+		return socketStats{}, phase{}, err
 	}
-	b := &socketGateway{}
+	defer pass.Close()
+	l, err := attach(rxEnd, pass)
+	if err != nil {
+		return socketStats{}, phase{}, err
+	}
+	defer l.Close()
+	c, err := gen.NewCounter(countPort)
+	if err != nil {
+		return socketStats{}, phase{}, err
+	}
+	defer c.Close()
+	lc, err := attach(farEnd, c.Prog)
+	if err != nil {
+		return socketStats{}, phase{}, err
+	}
+	defer lc.Close()
+	if err := loop.start(r.tp.gw); err != nil {
+		return socketStats{}, phase{}, err
+	}
+	p, err := r.measure([]sender{s}, counterOf(c))
+	st := loop.close()
+	if err == nil {
+		err = loop.err
+	}
+	return st, p, err
+}
+
+// socketLoop is a socket baseline's gateway: one goroutine, locked to a
+// thread pinned to GwCPU, reads batches from a UDP socket on in with
+// recvmmsg, turns each datagram into at most one outgoing datagram with
+// each, and writes them from a socket on out with sendmmsg.
+type socketLoop struct {
+	in, out *net.UDPAddr
+	pktinfo bool // ask for each datagram's destination (IP_PKTINFO)
+	// setup prepares message i of the batch once; each fills tx, the
+	// batch's k-th outgoing message, from rx and reports whether there is
+	// something to send (else rx is counted bad).
+	setup func(i int, rx, tx *ipv4.Message)
+	each  func(k int, rx, tx *ipv4.Message) bool
+
+	inC, outC *net.UDPConn
+	stop      atomic.Bool
+	wg        sync.WaitGroup
+	done, bad atomic.Uint64
+	err       error
+}
+
+type socketStats struct{ done, bad, sockDrops uint64 }
+
+func (b *socketLoop) start(ns *netns.NS) (err error) {
 	defer func() {
 		if err != nil {
 			b.close()
 		}
 	}()
-	if err := r.tp.gw.Do(func() (err error) {
-		if b.in, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IP(r.nw.Gateway.AsSlice()), Port: esp.NATTPort}); err != nil {
+	if err := ns.Do(func() (err error) {
+		if b.inC, err = net.ListenUDP("udp4", b.in); err != nil {
 			return err
 		}
-		b.out, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(10, 0, 0, 254)})
+		b.outC, err = net.ListenUDP("udp4", b.out)
 		return err
 	}); err != nil {
-		return nil, err
+		return err
 	}
 	// A large receive buffer, as anyone tuning this path would set.
-	if rc, err := b.in.SyscallConn(); err == nil {
+	if rc, err := b.inC.SyscallConn(); err == nil {
 		rc.Control(func(fd uintptr) { unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, 32<<20) })
 	}
-	in, out := ipv4.NewPacketConn(b.in), ipv4.NewPacketConn(b.out)
+	in, out := ipv4.NewPacketConn(b.inC), ipv4.NewPacketConn(b.outC)
+	if b.pktinfo {
+		if err := in.SetControlMessage(ipv4.FlagDst, true); err != nil {
+			return err
+		}
+	}
+	rx := make([]ipv4.Message, baselineBatch)
+	tx := make([]ipv4.Message, baselineBatch)
+	for i := range rx {
+		rx[i].Buffers = [][]byte{make([]byte, 2048)}
+		if b.pktinfo {
+			rx[i].OOB = ipv4.NewControlMessage(ipv4.FlagDst)
+		}
+		tx[i].Buffers = [][]byte{nil}
+		b.setup(i, &rx[i], &tx[i])
+	}
 	b.wg.Add(1)
 	go func() {
 		defer b.wg.Done()
@@ -128,17 +282,8 @@ func startSocketGateway(r *runner, n int) (_ *socketGateway, err error) {
 			b.err = err
 			return
 		}
-		rx := make([]ipv4.Message, baselineBatch)
-		tx := make([]ipv4.Message, baselineBatch)
-		addrs := make([]net.UDPAddr, baselineBatch)
-		for i := range rx {
-			rx[i].Buffers = [][]byte{make([]byte, 2048)}
-			tx[i].Buffers = [][]byte{nil}
-			addrs[i].IP = make(net.IP, 4)
-			tx[i].Addr = &addrs[i]
-		}
 		for !b.stop.Load() {
-			b.in.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+			b.inC.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
 			got, err := in.ReadBatch(rx, 0)
 			if err != nil {
 				if errors.Is(err, os.ErrDeadlineExceeded) {
@@ -151,32 +296,13 @@ func startSocketGateway(r *runner, n int) (_ *socketGateway, err error) {
 			}
 			k := 0
 			for i := range got {
-				pkt := rx[i].Buffers[0][:rx[i].N]
-				if len(pkt) < 8 {
+				if b.each(k, &rx[i], &tx[k]) {
+					k++
+				} else {
 					b.bad.Add(1)
-					continue
 				}
-				s := sas[binary.BigEndian.Uint32(pkt)]
-				if s == nil {
-					b.bad.Add(1)
-					continue
-				}
-				res, err := s.Open(pkt)
-				if err != nil {
-					b.bad.Add(1)
-					continue
-				}
-				inner := pkt[res.Start:res.End]
-				if len(inner) < 28 || inner[0] != 0x45 || inner[9] != 17 {
-					b.bad.Add(1)
-					continue
-				}
-				copy(addrs[k].IP, inner[16:20])
-				addrs[k].Port = int(binary.BigEndian.Uint16(inner[22:]))
-				tx[k].Buffers[0] = inner[28:]
-				k++
 			}
-			b.opened.Add(uint64(k))
+			b.done.Add(uint64(k))
 			for sent := 0; sent < k; {
 				w, err := out.WriteBatch(tx[sent:k], 0)
 				if err != nil {
@@ -187,15 +313,15 @@ func startSocketGateway(r *runner, n int) (_ *socketGateway, err error) {
 			}
 		}
 	}()
-	return b, nil
+	return nil
 }
 
-func (b *socketGateway) close() socketStats {
+func (b *socketLoop) close() socketStats {
 	b.stop.Store(true)
 	b.wg.Wait()
-	st := socketStats{opened: b.opened.Load(), bad: b.bad.Load()}
-	if b.in != nil {
-		if rc, err := b.in.SyscallConn(); err == nil {
+	st := socketStats{done: b.done.Load(), bad: b.bad.Load()}
+	if b.inC != nil {
+		if rc, err := b.inC.SyscallConn(); err == nil {
 			rc.Control(func(fd uintptr) {
 				// SO_MEMINFO's SK_MEMINFO_DROPS: datagrams the full
 				// receive buffer turned away.
@@ -207,10 +333,10 @@ func (b *socketGateway) close() socketStats {
 				}
 			})
 		}
-		b.in.Close()
+		b.inC.Close()
 	}
-	if b.out != nil {
-		b.out.Close()
+	if b.outC != nil {
+		b.outC.Close()
 	}
 	return st
 }

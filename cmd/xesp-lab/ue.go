@@ -49,7 +49,7 @@ type ueOptions struct {
 func runUE(args []string) error {
 	var o ueOptions
 	fs := flag.NewFlagSet("ue", flag.ContinueOnError)
-	fs.StringVar(&o.saFile, "sa", "", "SA file or xesp config (SA-FORMAT.md) holding the phone's SA pair (required)")
+	fs.StringVar(&o.saFile, "sa", "", "SA file or xesp config (docs/sa-format.md) holding the phone's SA pair (required)")
 	fs.StringVar(&o.view, "view", "phone", "the SA file's point of view: phone (out = phone to gateway) or gateway (the gateway's own SAs, mirrored)")
 	spiIn := fs.String("spi-in", "", "SPI of the SA the phone opens replies with, when the file has several")
 	spiOut := fs.String("spi-out", "", "SPI of the SA the phone seals with, when the file has several")

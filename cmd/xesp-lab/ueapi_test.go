@@ -18,7 +18,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/xesp/xesp/control/api"
 	"github.com/xesp/xesp/control/sa"
 	"github.com/xesp/xesp/lab/netns"
 	"github.com/xesp/xesp/lab/topo"
@@ -49,7 +48,7 @@ func phoneStats(t *testing.T, sock string) ueapi.Stats {
 // specFile writes one SA (keys included) as an SA file in JSON.
 func specFile(t *testing.T, name string, s sa.SA) string {
 	t.Helper()
-	b, err := json.Marshal(api.SpecOf(&s))
+	b, err := json.Marshal(s.WithKeys())
 	if err != nil {
 		t.Fatal(err)
 	}

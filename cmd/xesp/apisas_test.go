@@ -8,9 +8,9 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/xesp/xesp/control/api"
+	"github.com/xesp/xesp/control/rxstate"
 	"github.com/xesp/xesp/control/sa"
 )
 
@@ -58,7 +58,7 @@ func TestRunDaemonKill9KeepsAPISAs(t *testing.T) {
 	for i := 0; i < 3; i++ {
 		talk(t, ue2, inner2, fmt.Sprintf("REGISTER before #%d", i))
 	}
-	time.Sleep(1500 * time.Millisecond) // past the 1 s binding snapshot interval
+	d.waitSnapshot(t, "phone 2's binding", func(r rxstate.Record) bool { return r.Binding.Port() == 4777 })
 	// Acknowledged API changes right before the crash.
 	if _, err := c.Add(ctx, apiSpec(t, "ue4-in", 0x1004, "in", runKeyIn, 4)); err != nil {
 		t.Fatal(err)

@@ -26,6 +26,7 @@ import (
 
 	"github.com/xesp/xesp/dataplane/esp"
 	"github.com/xesp/xesp/internal/capture"
+	"github.com/xesp/xesp/internal/pkt"
 	"github.com/xesp/xesp/lab/netns"
 )
 
@@ -115,20 +116,6 @@ func writeCapture(t *testing.T, path string, lc linkCase, frames []testFrame) {
 	}
 }
 
-func csum(b []byte) uint16 {
-	var s uint32
-	for i := 0; i+1 < len(b); i += 2 {
-		s += uint32(binary.BigEndian.Uint16(b[i:]))
-	}
-	if len(b)%2 == 1 {
-		s += uint32(b[len(b)-1]) << 8
-	}
-	for s > 0xffff {
-		s = s>>16 + s&0xffff
-	}
-	return ^uint16(s)
-}
-
 // ip4 builds an IPv4 packet (no options, valid header checksum).
 func ip4(proto byte, src, dst [4]byte, payload []byte) []byte {
 	p := make([]byte, 20, 20+len(payload))
@@ -138,7 +125,7 @@ func ip4(proto byte, src, dst [4]byte, payload []byte) []byte {
 	p[8], p[9] = 64, proto
 	copy(p[12:], src[:])
 	copy(p[16:], dst[:])
-	binary.BigEndian.PutUint16(p[10:], csum(p))
+	binary.BigEndian.PutUint16(p[10:], pkt.Checksum(p))
 	return append(p, payload...)
 }
 
@@ -490,7 +477,7 @@ func buildVectorScenario(t *testing.T, i int, v pubVector, lc linkCase) vectorSc
 		h := bytes.Clone(outerHdr[:20])
 		binary.BigEndian.PutUint16(h[2:], uint16(20+len(p)))
 		h[9], h[10], h[11] = v.NextHeader, 0, 0
-		binary.BigEndian.PutUint16(h[10:], csum(h))
+		binary.BigEndian.PutUint16(h[10:], pkt.Checksum(h))
 		return append(h, p...)
 	}
 	accepted := func(p []byte) *expect {
@@ -681,7 +668,7 @@ func tcpSeg(sport, dport uint16, flags byte, data []byte) []byte {
 // under an IPv4 pseudo header; a correct segment sums to 0.
 func l4sum(src, dst [4]byte, proto byte, seg []byte) uint16 {
 	ph := append(append(append([]byte{}, src[:]...), dst[:]...), 0, proto, byte(len(seg)>>8), byte(len(seg)))
-	return csum(append(ph, seg...))
+	return pkt.Checksum(append(ph, seg...))
 }
 
 func TestDecryptSealedTraffic(t *testing.T) {
@@ -787,7 +774,7 @@ func TestDecryptSealedTraffic(t *testing.T) {
 	// segment, whose checksum is now right for the addresses seen.
 	tp := pkts[1]
 	gotSeg := tp[20:]
-	if tp[9] != 6 || int(binary.BigEndian.Uint16(tp[2:])) != len(tp) || csum(tp[:20]) != 0 ||
+	if tp[9] != 6 || int(binary.BigEndian.Uint16(tp[2:])) != len(tp) || pkt.Checksum(tp[:20]) != 0 ||
 		!bytes.Equal(gotSeg[:16], seg[:16]) || !bytes.Equal(gotSeg[18:], seg[18:]) {
 		t.Fatalf("transport packet %x", tp)
 	}

@@ -51,14 +51,25 @@ func runEvents(args []string, stdout, stderr io.Writer) error {
 	ctx, cancel := apiContext()
 	defer cancel()
 	next := *since
-	for {
+	for first := true; ; first = false {
 		w := *wait
-		if *follow {
+		if *follow && !first {
 			w = api.MaxEventWait
 		}
 		evs, err := c.Events(ctx, next, w)
 		if err != nil {
 			return err
+		}
+		// An empty answer says so (on stderr: stdout stays one line per
+		// event for scripts), or the operator cannot tell "no events"
+		// from a command that hangs or failed silently.
+		if first && len(evs.Items) == 0 {
+			switch {
+			case *follow:
+				fmt.Fprintf(stderr, "no lifetime events yet (after %d); waiting for more (Ctrl-C to stop)\n", next)
+			default:
+				fmt.Fprintf(stderr, "no lifetime events (after %d)\n", next)
+			}
 		}
 		for _, e := range evs.Items {
 			if *asJSON {
@@ -102,7 +113,7 @@ func runRekey(args []string, stdout, stderr io.Writer) error {
 	}
 	specs := make([]sa.Spec, len(sas))
 	for i := range sas {
-		specs[i] = api.SpecOf(&sas[i])
+		specs[i] = sas[i].WithKeys()
 	}
 	c, err := af.client()
 	if err != nil {

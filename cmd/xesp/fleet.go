@@ -114,7 +114,7 @@ func runFleet(args []string, stdout io.Writer) error {
 			all = append(all, list...)
 		}
 		for i := range all {
-			if err := etcdsrc.PutSealed(ctx, cli, probe.KEK, *prefix, *node, etcdsrc.SpecOf(&all[i])); err != nil {
+			if err := etcdsrc.PutSealed(ctx, cli, probe.KEK, *prefix, *node, all[i].WithKeys()); err != nil {
 				return err
 			}
 		}

@@ -12,6 +12,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/xesp/xesp/control/api"
+	"github.com/xesp/xesp/control/rxstate"
 	"github.com/xesp/xesp/lab/netns"
 )
 
@@ -121,7 +122,7 @@ func TestRunDaemonKill9KeepsReplayWindow(t *testing.T) {
 	for i := 0; i < 5; i++ {
 		talk(t, ph, inner, fmt.Sprintf("OPTIONS before #%d", i))
 	}
-	time.Sleep(1500 * time.Millisecond) // past the 1 s snapshot interval
+	d.waitSnapshot(t, "the phone's five packets in a replay window", func(r rxstate.Record) bool { return r.Replay != nil && r.Replay.Top >= 5 })
 	dm.cmd.Process.Kill()
 	<-dm.exited
 	before := stopCapture()

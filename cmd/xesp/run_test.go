@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/xesp/xesp/control/rxstate"
 	"github.com/xesp/xesp/dataplane/esp"
 	"github.com/xesp/xesp/internal/pkt"
 	"github.com/xesp/xesp/lab/netns"
@@ -186,6 +187,27 @@ func (d *daemonTopo) newPhone(t *testing.T, port int, out, in *esp.SA) *ue.Phone
 
 // talk sends msg from the phone's inner address to the core and checks the
 // reply; it returns the reply's ESP sequence number.
+// waitSnapshot waits until the daemon's periodic rx-state snapshot
+// (state_dir/rx.state) holds a record that satisfies cond: the state a
+// test means to survive a kill -9 is on disk, without sleeping past the
+// snapshot interval.
+func (d *daemonTopo) waitSnapshot(t *testing.T, what string, cond func(rxstate.Record) bool) {
+	t.Helper()
+	path := filepath.Join(d.dir, "state", "rx.state")
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if s, err := rxstate.Load(path); err == nil {
+			for _, r := range s.Records {
+				if cond(r) {
+					return
+				}
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no snapshot in %s with %s", path, what)
+		}
+	}
+}
+
 func talk(t *testing.T, p *ue.Phone, inner netip.AddrPort, msg string) uint64 {
 	t.Helper()
 	if err := p.Send(pkt.UDP4(inner, netip.MustParseAddrPort("10.0.0.1:5060"), []byte(msg))); err != nil {

@@ -27,7 +27,7 @@ func init() {
 
 const saHelp = `usage:
   xesp sa add FILE...           add the SAs of SA files (YAML or JSON by extension)
-  xesp sa del REF...            delete SAs
+  xesp sa del REF...            delete SAs (also: xesp sa delete)
   xesp sa list [--json]         list every SA with its binding and counters
   xesp sa show REF [--json]     show one SA
 
@@ -145,6 +145,9 @@ func runSA(args []string, stdout, stderr io.Writer) error {
 		return flag.ErrHelp
 	}
 	sub, args := args[0], args[1:]
+	if sub == "delete" {
+		sub = "del" // as secagree delete: both spellings work
+	}
 	fs := flag.NewFlagSet("sa "+sub, flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	var af apiFlags
@@ -239,7 +242,7 @@ func saAdd(c *api.Client, sas []sa.SA, stdout, stderr io.Writer) error {
 	ctx, cancel := apiContext()
 	defer cancel()
 	return each(sas, "added", stderr, func(s sa.SA) error {
-		v, err := c.Add(ctx, api.SpecOf(&s))
+		v, err := c.Add(ctx, s.WithKeys())
 		if err != nil {
 			return err
 		}

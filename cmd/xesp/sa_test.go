@@ -1,10 +1,12 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -12,6 +14,7 @@ import (
 
 	"github.com/xesp/xesp/control/api"
 	"github.com/xesp/xesp/control/config"
+	"github.com/xesp/xesp/control/lifetime"
 	"github.com/xesp/xesp/control/sa"
 	"github.com/xesp/xesp/control/sad"
 	"github.com/xesp/xesp/lab/testpki"
@@ -65,6 +68,10 @@ func newCLIEnv(t *testing.T) *cliEnv {
 		t.Fatal(err)
 	}
 	sock := filepath.Join(dir, "api.sock")
+	lt, err := lifetime.New(lifetime.Options{SAD: d, Usage: func(sa.ID) (lifetime.Usage, bool) { return lifetime.Usage{}, false }})
+	if err != nil {
+		t.Fatal(err)
+	}
 	// TCP is served as a deployment serves it: TLS with client
 	// certificates (mTLS) and an admin and a read-only token. The CLI
 	// finds the CA and its certificate in the environment.
@@ -73,7 +80,7 @@ func newCLIEnv(t *testing.T) *cliEnv {
 	t.Setenv("XESP_CA", ca.Path)
 	t.Setenv("XESP_CERT", cliPair.CertPath)
 	t.Setenv("XESP_KEY", cliPair.KeyPath)
-	srv, err := api.New(api.Options{SAD: d, DataPath: cliDP{}, API: config.API{Unix: sock, TCP: "127.0.0.1:0",
+	srv, err := api.New(api.Options{SAD: d, DataPath: cliDP{}, Events: lt, API: config.API{Unix: sock, TCP: "127.0.0.1:0",
 		BearerToken: sa.Secret(cliToken), ReadBearerToken: sa.Secret(cliReadToken),
 		TLS: &config.APITLS{CertPath: srvPair.CertPath, KeyPath: srvPair.KeyPath, ClientCAPath: ca.Path}}})
 	if err != nil {
@@ -103,6 +110,8 @@ func cliRun(t *testing.T, cmd string, args ...string) (stdout, stderr string, er
 		err = runSA(args, &o, &e)
 	case "stats":
 		err = runStats(args, &o, &e)
+	case "events":
+		err = runEvents(args, &o, &e)
 	default:
 		t.Fatalf("unknown command %s", cmd)
 	}
@@ -173,7 +182,7 @@ added sa 0x00002002 in:0x00002002 (worker 1, index 0)
 	}
 	// The key file was read by the CLI and its key reached the SAD.
 	ent, ok := e.sad.GetName("ue1-out")
-	if !ok || api.SpecOf(&ent.SA).EncKey != cliEncKey2 {
+	if !ok || ent.SA.WithKeys().EncKey != cliEncKey2 {
 		t.Fatal("ue1-out not in the SAD with the key file's key")
 	}
 
@@ -256,9 +265,14 @@ counters:      8193 packets, 81930 bytes, 1 drops, seq 42
 
 	// Delete: flags may follow the references; one failure is the
 	// server's message itself.
-	out, _, err = cliRun(t, "sa", "del", "ue1-in", "out:0xc0002001@192.0.2.10:31000", "--api", e.unix)
-	if err != nil || out != "deleted \"ue1-in\" in:0x00002001\ndeleted \"ue1-out\" out:0xc0002001@192.0.2.10:31000\n" {
+	// "delete" is the same command as "del" (as for secagree).
+	out, _, err = cliRun(t, "sa", "del", "ue1-in", "--api", e.unix)
+	if err != nil || out != "deleted \"ue1-in\" in:0x00002001\n" {
 		t.Fatalf("sa del: %v\n%s", err, out)
+	}
+	out, _, err = cliRun(t, "sa", "delete", "out:0xc0002001@192.0.2.10:31000", "--api", e.unix)
+	if err != nil || out != "deleted \"ue1-out\" out:0xc0002001@192.0.2.10:31000\n" {
+		t.Fatalf("sa delete: %v\n%s", err, out)
 	}
 	_, _, err = cliRun(t, "sa", "del", "ue1-in")
 	if err == nil || err.Error() != `sa "ue1-in": no such SA` || errors.Is(err, errUsage) {
@@ -267,6 +281,26 @@ counters:      8193 packets, 81930 bytes, 1 drops, seq 42
 	if in, outN := e.sad.Len(); in != 1 || outN != 0 {
 		t.Fatalf("SAD holds %d/%d", in, outN)
 	}
+}
+
+// With no lifetime events, events and events --follow say so (on stderr,
+// so stdout stays one line per event) instead of printing nothing.
+func TestCLIEventsNone(t *testing.T) {
+	e := newCLIEnv(t)
+	out, stderr, err := cliRun(t, "events", "--api", e.unix)
+	if err != nil || out != "" || stderr != "no lifetime events (after 0)\n" {
+		t.Fatalf("events: %v, stdout %q, stderr %q", err, out, stderr)
+	}
+	// --follow runs until stopped: run it as main would, with its
+	// streams, and stop it once it has said there is nothing yet.
+	r, w := io.Pipe()
+	done := make(chan error, 1)
+	go func() { done <- runEvents([]string{"--follow", "--api", e.unix}, io.Discard, w); w.Close() }()
+	line, err := bufio.NewReader(r).ReadString('\n')
+	if err != nil || line != "no lifetime events yet (after 0); waiting for more (Ctrl-C to stop)\n" {
+		t.Fatalf("events --follow: %q, %v", line, err)
+	}
+	go io.Copy(io.Discard, r)
 }
 
 func TestCLIStats(t *testing.T) {

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -189,19 +188,6 @@ func (c *Client) Delete(ctx context.Context, ref string) (SAView, error) {
 	var v SAView
 	err := c.do(ctx, http.MethodDelete, refPath(ref), nil, &v, http.StatusOK)
 	return v, err
-}
-
-// SpecOf is the Spec that carries s to the API: its public view plus the
-// keys as hex, since the API reads no key files.
-func SpecOf(s *sa.SA) sa.Spec {
-	sp := s.Public()
-	if len(s.EncKey) > 0 {
-		sp.EncKey = hex.EncodeToString(s.EncKey)
-	}
-	if len(s.AuthKey) > 0 {
-		sp.AuthKey = hex.EncodeToString(s.AuthKey)
-	}
-	return sp
 }
 
 func refPath(ref string) string { return "/v1/sas/" + url.PathEscape(ref) }

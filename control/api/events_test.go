@@ -15,6 +15,21 @@ import (
 	"github.com/xesp/xesp/control/sad"
 )
 
+// waitSignal tells when the server starts waiting for an event, so the
+// test raises the event only then (no sleep guessing when that is).
+type waitSignal struct {
+	EventSource
+	entered chan struct{}
+}
+
+func (w waitSignal) Wait(ctx context.Context, since uint64) error {
+	select {
+	case w.entered <- struct{}{}:
+	default:
+	}
+	return w.EventSource.Wait(ctx, since)
+}
+
 // GET /v1/events serves the lifetime enforcer's events in order, waits
 // for the next one when asked, and rejects bad parameters with a 400 that
 // names them.
@@ -39,7 +54,8 @@ func TestLifetimeEvents(t *testing.T) {
 		t.Fatal(err)
 	}
 	sock := filepath.Join(shortDir(t), "api.sock")
-	s, err := New(Options{SAD: d, DataPath: &fakeDP{}, Events: lt, API: config.API{Unix: sock}})
+	src := waitSignal{EventSource: lt, entered: make(chan struct{}, 1)}
+	s, err := New(Options{SAD: d, DataPath: &fakeDP{}, Events: src, API: config.API{Unix: sock}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -60,16 +76,20 @@ func TestLifetimeEvents(t *testing.T) {
 	}
 	defer c.Close()
 
-	// A waiting reader is woken by the event.
+	// A waiting reader is woken by the event: it asks to wait the
+	// longest allowed but gives up well before, so a reader that is only
+	// answered when its wait runs out fails the test.
 	got := make(chan Events, 1)
 	go func() {
-		evs, err := c.Events(ctx, 0, 10*time.Second)
+		rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		evs, err := c.Events(rctx, 0, MaxEventWait)
 		if err != nil {
-			t.Error(err)
+			t.Errorf("the waiting reader was not woken by the event: %v", err)
 		}
 		got <- evs
 	}()
-	time.Sleep(50 * time.Millisecond)
+	<-src.entered // the server is in Wait
 	lt.Check()
 	evs := <-got
 	if len(evs.Items) != 1 || evs.Next != 1 {

@@ -310,7 +310,14 @@ func decodeRequest(w http.ResponseWriter, r *http.Request, v any, usage string) 
 	dec := json.NewDecoder(bytes.NewReader(body))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
-		writeError(w, http.StatusBadRequest, "body: "+err.Error()+usage)
+		msg := err.Error()
+		var ue *json.UnmarshalTypeError
+		if errors.As(err, &ue) {
+			msg = sa.DescribeJSONTypeError(ue) // JSON field names, not Go's
+		} else {
+			msg = strings.TrimPrefix(msg, "json: ")
+		}
+		writeError(w, http.StatusBadRequest, "body: "+msg+usage)
 		return false
 	}
 	if dec.More() {

@@ -27,7 +27,7 @@ func ParseRef(s string) (Ref, error) {
 	}
 	dir, rest, ok := strings.Cut(s, ":")
 	if !ok {
-		if !validName(s) {
+		if !sa.ValidName(s) {
 			return Ref{}, fmt.Errorf("ref %q: not an SA name (1..64 of A-Z a-z 0-9 . _ - starting with a letter), in:SPI or out:SPI[@peer[:port]]", s)
 		}
 		return Ref{Name: s}, nil
@@ -114,22 +114,4 @@ func RefOf(id sa.ID) string {
 		return fmt.Sprintf("out:0x%08x@%s", id.SPI, id.Peer.Addr())
 	}
 	return fmt.Sprintf("out:0x%08x@%s", id.SPI, id.Peer)
-}
-
-// validName mirrors the SA format's rule for names, so a name reference
-// that can never match is refused as malformed rather than not found.
-func validName(s string) bool {
-	if len(s) == 0 || len(s) > 64 {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		switch {
-		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z':
-		case i > 0 && (c >= '0' && c <= '9' || c == '.' || c == '_' || c == '-'):
-		default:
-			return false
-		}
-	}
-	return true
 }

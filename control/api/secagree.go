@@ -272,7 +272,7 @@ func (s *Server) secAgreeInput(req *SecAgreeRequest) (secagree.Registration, sec
 	switch {
 	case req.Registration == "":
 		bad("registration", "required")
-	case len(req.Registration) > secagree.MaxNameLen || !validRegistration(req.Registration):
+	case len(req.Registration) > secagree.MaxNameLen || !sa.ValidName(req.Registration):
 		bad("registration", "%q: use 1..%d of A-Z a-z 0-9 . _ - starting with a letter", clipStr(req.Registration), secagree.MaxNameLen)
 	}
 	var chosen secagree.Mechanism
@@ -300,7 +300,7 @@ func (s *Server) secAgreeInput(req *SecAgreeRequest) (secagree.Registration, sec
 		return b
 	}
 	reg.CK, reg.IK = key("ck", req.CK), key("ik", req.IK)
-	if req.Replaces != "" && (len(req.Replaces) > secagree.MaxNameLen || !validRegistration(req.Replaces)) {
+	if req.Replaces != "" && (len(req.Replaces) > secagree.MaxNameLen || !sa.ValidName(req.Replaces)) {
 		bad("replaces", "%q: not a registration name", clipStr(req.Replaces))
 	} else if req.Replaces == req.Registration && req.Replaces != "" {
 		bad("replaces", "names the registration itself")
@@ -344,19 +344,6 @@ func (s *Server) secAgreeInput(req *SecAgreeRequest) (secagree.Registration, sec
 	}
 	reg.Client = chosen
 	return reg, chosen, errs
-}
-
-func validRegistration(s string) bool {
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		switch {
-		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z':
-		case i > 0 && (c >= '0' && c <= '9' || c == '.' || c == '_' || c == '-'):
-		default:
-			return false
-		}
-	}
-	return s != ""
 }
 
 func clipStr(s string) string {
@@ -450,7 +437,7 @@ const MaxDeleteGrace = 10 * time.Second
 // exists, e.g. after an expiry.
 func (s *Server) secAgreeGet(w http.ResponseWriter, r *http.Request) {
 	name := r.PathValue("registration")
-	if !validRegistration(name) || len(name) > secagree.MaxNameLen {
+	if !sa.ValidName(name) || len(name) > secagree.MaxNameLen {
 		writeError(w, http.StatusBadRequest, fmt.Sprintf("registration: %q: use 1..%d of A-Z a-z 0-9 . _ - starting with a letter", clipStr(name), secagree.MaxNameLen))
 		return
 	}
@@ -474,7 +461,7 @@ func (s *Server) secAgreeGet(w http.ResponseWriter, r *http.Request) {
 // this answers.
 func (s *Server) secAgreeDelete(w http.ResponseWriter, r *http.Request) {
 	name := r.PathValue("registration")
-	if !validRegistration(name) || len(name) > secagree.MaxNameLen {
+	if !sa.ValidName(name) || len(name) > secagree.MaxNameLen {
 		writeError(w, http.StatusBadRequest, fmt.Sprintf("registration: %q: use 1..%d of A-Z a-z 0-9 . _ - starting with a letter", clipStr(name), secagree.MaxNameLen))
 		return
 	}

@@ -214,7 +214,8 @@ func TestSecAgreeBadRequests(t *testing.T) {
 		status                          int
 		msg                             string
 	}{
-		{"unknown field", "POST", "/v1/secagree", "application/json", `{"registration":"r","sec_client":"x"}`, 400, `body: json: unknown field "sec_client"`},
+		{"unknown field", "POST", "/v1/secagree", "application/json", `{"registration":"r","sec_client":"x"}`, 400, `body: unknown field "sec_client"`},
+		{"type names the JSON field", "POST", "/v1/secagree", "application/json", `{"registration":"r","spi_c":"x"}`, 400, `body: spi_c: a JSON string where an integer from 0 to 4294967295 is wanted`},
 		{"not json", "POST", "/v1/secagree", "application/json", `{`, 400, "body: unexpected EOF"},
 		{"two objects", "POST", "/v1/secagree", "application/json", `{} {}`, 400, "body: data after the JSON object"},
 		{"content type", "POST", "/v1/secagree", "text/plain", `{}`, 415, `content type: "text/plain": send application/json`},

@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"strings"
 	"sync"
 	"time"
 
@@ -168,7 +169,27 @@ func New(o Options) (*Server, error) {
 }
 
 // Handler serves the API without authentication, as on the Unix socket.
-func (s *Server) Handler() http.Handler { return s.mux }
+func (s *Server) Handler() http.Handler { return http.HandlerFunc(s.serveClean) }
+
+// serveClean refuses a path with a ".", ".." or empty segment before the
+// mux sees it: the mux would answer with a redirect to the cleaned path
+// (HTML, and method-preserving, so DELETE /v1/secagree/../sas/X would
+// delete /v1/sas/X once followed). A request names its resource exactly.
+func (s *Server) serveClean(w http.ResponseWriter, r *http.Request) {
+	p := r.URL.Path
+	if !strings.HasPrefix(p, "/") {
+		writeError(w, http.StatusBadRequest, fmt.Sprintf("path %q: must start with /", p))
+		return
+	}
+	segs := strings.Split(p[1:], "/")
+	for i, seg := range segs {
+		if seg == "." || seg == ".." || (seg == "" && i < len(segs)-1) {
+			writeError(w, http.StatusBadRequest, fmt.Sprintf("path %q: no \".\", \"..\" or empty segments: name the resource directly", p))
+			return
+		}
+	}
+	s.mux.ServeHTTP(w, r)
+}
 
 // AuthHandler serves the API to bearer-token holders only, as on TCP.
 func (s *Server) AuthHandler() http.Handler { return http.HandlerFunc(s.authenticated) }
@@ -245,9 +266,16 @@ func (s *Server) Serve(ctx context.Context) error {
 		}
 	}
 	if ux != nil {
-		all = append(all, served{mk(s.Handler()), ux.ln})
+		all = append(all, served{mk(s.Handler()), jsonErrors{ux.ln}})
 	}
 	if tcp != nil {
+		// net/http's own protocol errors are rewritten to JSON on the
+		// connection; on TLS that would hide the *tls.Conn net/http needs
+		// (handshake state, client certificates), so there they stay
+		// net/http's plain text.
+		if s.tls == nil {
+			tcp = jsonErrors{tcp}
+		}
 		all = append(all, served{mk(s.AuthHandler()), tcp})
 		if s.tls != nil {
 			wctx, cancel := context.WithCancel(ctx)

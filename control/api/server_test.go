@@ -237,7 +237,7 @@ func TestSALifecycle(t *testing.T) {
 		t.Fatalf("updated %+v, was %+v", u, v)
 	}
 	ent, _ := e.sad.GetName("ue1-in-v2")
-	if got := SpecOf(&ent.SA).EncKey; got != upd.EncKey {
+	if got := ent.SA.WithKeys().EncKey; got != upd.EncKey {
 		t.Fatalf("SAD holds enc key %s..., want the PUT's", got[:6])
 	}
 	if _, err := c.Get(ctx, "ue1-in"); !IsStatus(err, 404) || err.Error() != `sa "ue1-in": no such SA` {

@@ -10,6 +10,10 @@ import (
 	"time"
 )
 
+// maxSocketPath is the longest Unix socket path Linux takes (sun_path
+// holds 108 bytes with the terminating NUL).
+const maxSocketPath = 107
+
 // unixSocket is the API's socket file and its listener.
 type unixSocket struct {
 	ln   *net.UnixListener
@@ -31,6 +35,14 @@ func listenUnix(path string) (*unixSocket, error) {
 	if err := clearStale(path); err != nil {
 		return nil, err
 	}
+	// The temporary name is longer than path: say so in terms of path,
+	// which is what the operator configured (api.unix).
+	if max := maxSocketPath - len(".xesp-api-0123456789/s"); len(path)-len(filepath.Base(path)) > max {
+		return nil, fmt.Errorf("api: listen unix %s: the directory's path is too long for a Unix socket: keep it under %d bytes", path, max)
+	}
+	if len(path) > maxSocketPath {
+		return nil, fmt.Errorf("api: listen unix %s: too long for a Unix socket: keep it under %d bytes", path, maxSocketPath)
+	}
 	tmp, err := os.MkdirTemp(dir, ".xesp-api-")
 	if err != nil {
 		return nil, fmt.Errorf("api: socket directory: %w", err)
@@ -39,6 +51,12 @@ func listenUnix(path string) (*unixSocket, error) {
 	tmpPath := filepath.Join(tmp, "s")
 	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: tmpPath, Net: "unix"})
 	if err != nil {
+		// The error names the temporary path, which means nothing to
+		// the operator: keep only the cause.
+		var oe *net.OpError
+		if errors.As(err, &oe) {
+			err = oe.Err
+		}
 		return nil, fmt.Errorf("api: listen unix %s: %w", path, err)
 	}
 	// The file is renamed away from the name the listener knows; we

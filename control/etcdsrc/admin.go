@@ -2,7 +2,6 @@ package etcdsrc
 
 import (
 	"context"
-	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"strings"
@@ -61,19 +60,6 @@ func Move(ctx context.Context, cli *clientv3.Client, prefix, from, to string, na
 		return fmt.Errorf("etcdsrc: move %d SAs %s → %s: changed meanwhile, try again", len(names), from, to)
 	}
 	return nil
-}
-
-// SpecOf is s as a Spec with its keys inline (hex), for writing to etcd:
-// key files are a config-file convenience the gateways cannot follow.
-func SpecOf(s *sa.SA) sa.Spec {
-	sp := s.Public()
-	if len(s.EncKey) > 0 {
-		sp.EncKey = hex.EncodeToString(s.EncKey)
-	}
-	if len(s.AuthKey) > 0 {
-		sp.AuthKey = hex.EncodeToString(s.AuthKey)
-	}
-	return sp
 }
 
 // List returns, per node, the names of the SAs assigned to it.

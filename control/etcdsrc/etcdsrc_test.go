@@ -12,6 +12,7 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc/connectivity"
 
 	"github.com/xesp/xesp/control/sa"
 	"github.com/xesp/xesp/control/sad"
@@ -190,7 +191,11 @@ func TestEtcdOutageKeepsSAs(t *testing.T) {
 	src, d := start(t, cli, "gw1")
 
 	srv.Stop()
-	time.Sleep(1500 * time.Millisecond) // several retry periods with etcd gone
+	// The source's client has seen etcd go (its watch waits for the
+	// reconnect rather than failing, so there is no retry to count).
+	eventually(t, "the client to lose etcd", func() bool {
+		return cli.ActiveConnection().GetState() != connectivity.Ready
+	})
 	if got := names(d); fmt.Sprint(got) != "[ue1-in ue1-out]" {
 		t.Fatalf("with etcd down the SAD holds %v", got)
 	}
@@ -288,22 +293,46 @@ func TestRelistReconciles(t *testing.T) {
 // A running gateway's liveness key is present; a clean stop revokes it at
 // once (a killed gateway's expires with its lease: TestFleetFailover).
 func TestAnnounce(t *testing.T) {
+	const ttl = 4 * time.Second
 	srv := etcdtest.Start(t)
 	cli := srv.Client(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
-		Announce(ctx, cli, prefix, "gw1", "pid=1", 2*time.Second, slog.New(slog.DiscardHandler))
+		Announce(ctx, cli, prefix, "gw1", "pid=1", ttl, slog.New(slog.DiscardHandler))
 		close(done)
 	}()
 	eventually(t, "gw1 announced", func() bool {
 		a, err := Alive(context.Background(), cli, prefix)
 		return err == nil && a["gw1"] == "pid=1"
 	})
-	time.Sleep(3 * time.Second) // beyond the TTL: kept alive
-	if a, _ := Alive(context.Background(), cli, prefix); a["gw1"] != "pid=1" {
-		t.Fatalf("liveness key lapsed while its gateway runs: %v", a)
+	// Kept alive: the key's lease is renewed (its remaining TTL goes
+	// back up) before it lapses, rather than waiting out the TTL. etcd
+	// reports whole seconds and the client renews at a third of the TTL:
+	// with 4 s the remaining time crosses a second boundary every cycle.
+	r, err := cli.Get(context.Background(), prefix, clientv3.WithPrefix())
+	if err != nil {
+		t.Fatal(err)
 	}
+	var lease clientv3.LeaseID
+	for _, kv := range r.Kvs {
+		if kv.Lease != 0 {
+			lease = clientv3.LeaseID(kv.Lease)
+		}
+	}
+	if lease == 0 {
+		t.Fatal("the liveness key has no lease")
+	}
+	low := int64(1 << 62)
+	eventually(t, "the lease renewed", func() bool {
+		ttl, err := cli.TimeToLive(context.Background(), lease)
+		if err != nil || ttl.TTL < 0 {
+			t.Fatalf("liveness lease lapsed while its gateway runs: %v, ttl %v", err, ttl)
+		}
+		renewed := ttl.TTL > low
+		low = min(low, ttl.TTL)
+		return renewed
+	})
 	cancel()
 	<-done
 	if a, _ := Alive(context.Background(), cli, prefix); len(a) != 0 {

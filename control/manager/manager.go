@@ -67,7 +67,10 @@ type Options struct {
 	// window, its counters) into an entry before its first install, after
 	// a restart. Updates and moves then carry the entry's state over.
 	Restore func(id sa.ID, s *sa.SA, e *worker.Entry)
-	Log     *slog.Logger
+	// Retry, when set, paces the retries of failed reservations and
+	// installs instead of a one-second ticker (tests step it).
+	Retry <-chan time.Time
+	Log   *slog.Logger
 }
 
 // slot is one SA installed in the data path.
@@ -221,13 +224,17 @@ func (m *Manager) Run(ctx context.Context) error {
 	// reach) are retried: the worker asks once per block and would
 	// otherwise stall at its limit for good. Fenced ones are not.
 	retry := make(map[worker.SeqRequest]struct{})
-	tick := time.NewTicker(time.Second)
-	defer tick.Stop()
+	ticks := m.o.Retry
+	if ticks == nil {
+		tick := time.NewTicker(time.Second)
+		defer tick.Stop()
+		ticks = tick.C
+	}
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-tick.C:
+		case <-ticks:
 			m.retryInstalls(ctx)
 			for req := range retry {
 				err := m.extend(req)

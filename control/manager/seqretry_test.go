@@ -42,8 +42,9 @@ func TestExtensionRetried(t *testing.T) {
 	}
 	t.Cleanup(func() { st.Close() })
 	fs := &flakyStore{Store: st}
-	reqs := make(chan worker.SeqRequest, 1)
-	m, err := New(Options{SAD: f.d, Maps: f.maps, Workers: f.w, Events: make(chan worker.BindingChange), Seq: fs, SeqRequests: reqs})
+	reqs := make(chan worker.SeqRequest)
+	retry := make(chan time.Time)
+	m, err := New(Options{SAD: f.d, Maps: f.maps, Workers: f.w, Events: make(chan worker.BindingChange), Seq: fs, SeqRequests: reqs, Retry: retry})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -67,25 +68,30 @@ func TestExtensionRetried(t *testing.T) {
 
 	fs.down.Store(true)
 	we.Counters.Seq.Store(600)
+	// Run is one loop: once it has taken a send, whatever it took before
+	// has been handled.
+	before := fs.calls.Load()
 	reqs <- worker.SeqRequest{Worker: 0, Index: e.Index}
-	time.Sleep(1500 * time.Millisecond) // the request and at least one retry fail
-	if we.Limit.Load() != 1001 || fs.calls.Load() < 3 {
-		t.Fatalf("store down: limit %d after %d calls, want 1001 after the first try and a retry", we.Limit.Load(), fs.calls.Load())
+	retry <- time.Time{}
+	retry <- time.Time{}
+	retry <- time.Time{} // the request and (at least) two retries done
+	if n := fs.calls.Load() - before; we.Limit.Load() != 1001 || n < 3 {
+		t.Fatalf("store down: limit %d after %d calls, want 1001 after the first try and two retries", we.Limit.Load(), n)
 	}
 	fs.down.Store(false)
-	deadline := time.Now().Add(5 * time.Second)
-	for we.Limit.Load() != 2001 {
-		if time.Now().After(deadline) {
-			t.Fatalf("limit %d: the extension was not retried once the store was back", we.Limit.Load())
-		}
-		time.Sleep(10 * time.Millisecond)
+	retry <- time.Time{}
+	retry <- time.Time{} // the first retry with the store back done
+	if we.Limit.Load() != 2001 {
+		t.Fatalf("limit %d: the extension was not retried once the store was back", we.Limit.Load())
 	}
 
 	fs.fenced.Store(true)
 	we.Counters.Seq.Store(1600)
-	before := fs.calls.Load()
+	before = fs.calls.Load()
 	reqs <- worker.SeqRequest{Worker: 0, Index: e.Index}
-	time.Sleep(2500 * time.Millisecond)
+	for range 3 {
+		retry <- time.Time{}
+	}
 	if n := fs.calls.Load() - before; n != 1 || we.Limit.Load() != 2001 {
 		t.Fatalf("fenced: %d calls, limit %d; want one call and no new limit", n, we.Limit.Load())
 	}
@@ -103,8 +109,9 @@ func TestInstallRetriedAfterReserveFailure(t *testing.T) {
 	t.Cleanup(func() { st.Close() })
 	fs := &flakyStore{Store: st}
 	fs.down.Store(true)
+	retry := make(chan time.Time)
 	m, err := New(Options{SAD: f.d, Maps: f.maps, Workers: f.w, Events: make(chan worker.BindingChange), Seq: fs,
-		SeqRequests: make(chan worker.SeqRequest), Log: slog.New(slog.NewTextHandler(tlog{t}, nil))})
+		SeqRequests: make(chan worker.SeqRequest), Retry: retry, Log: slog.New(slog.NewTextHandler(tlog{t}, nil))})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -123,17 +130,20 @@ func TestInstallRetriedAfterReserveFailure(t *testing.T) {
 	if we := f.w.entry(0, e.Index); we != nil {
 		t.Fatal("outbound SA installed without a reservation")
 	}
-	time.Sleep(1200 * time.Millisecond) // a retry while still down
+	before := fs.calls.Load()
+	retry <- time.Time{}
+	retry <- time.Time{} // a retry while still down done
+	if fs.calls.Load() == before {
+		t.Fatal("no reservation retried while the store was down")
+	}
+	if we := f.w.entry(0, e.Index); we != nil {
+		t.Fatal("outbound SA installed while the store was still down")
+	}
 	fs.down.Store(false)
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		if we := f.w.entry(0, e.Index); we != nil && we.Limit.Load() == 1001 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("outbound SA not installed after the store came back")
-		}
-		time.Sleep(10 * time.Millisecond)
+	retry <- time.Time{}
+	retry <- time.Time{} // the first retry with the store back done
+	if we := f.w.entry(0, e.Index); we == nil || we.Limit.Load() != 1001 {
+		t.Fatal("outbound SA not installed after the store came back")
 	}
 	ie, _ := f.d.Get(in.ID())
 	if f.w.entry(0, ie.Index) == nil {

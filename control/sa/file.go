@@ -8,8 +8,10 @@ import (
 	"github.com/xesp/xesp/internal/safefile"
 	"io"
 	"path/filepath"
+	"reflect"
 	"regexp"
 	"strings"
+	"unicode"
 
 	"gopkg.in/yaml.v3"
 )
@@ -189,7 +191,7 @@ func decodeSpecs(data []byte, f Format) (specs []Spec, errs []error, fatal error
 		case errors.As(err, &se):
 			return nil, nil, fmt.Errorf("line %d: %v", lineOf(data, se.Offset), se)
 		case errors.As(err, &ue):
-			errs = append(errs, fmt.Errorf("line %d: %s: a JSON %s cannot be %s", lineOf(data, ue.Offset), ue.Field, ue.Value, ue.Type))
+			errs = append(errs, fmt.Errorf("line %d: %s", lineOf(data, ue.Offset), DescribeJSONTypeError(ue)))
 		case err != nil && strings.HasPrefix(err.Error(), "json: unknown field"):
 			errs = append(errs, fmt.Errorf("%s", strings.TrimPrefix(err.Error(), "json: ")))
 		case err != nil:
@@ -299,4 +301,43 @@ func (d *Dedup) Add(s *SA, where string) error {
 		d.ids[id] = where
 	}
 	return errors.Join(errs...)
+}
+
+// DescribeJSONTypeError says which JSON field had a value of the wrong
+// type and what it takes, in the names a request or file uses: never Go's
+// struct or type names ("Spec.enc_key", "uint32"), which mean nothing to
+// whoever wrote the JSON.
+func DescribeJSONTypeError(ue *json.UnmarshalTypeError) string {
+	var path []string
+	for _, p := range strings.Split(ue.Field, ".") {
+		// Go puts the names of embedded structs in the path; JSON names
+		// here are lower-case.
+		if p != "" && !unicode.IsUpper(rune(p[0])) {
+			path = append(path, p)
+		}
+	}
+	field := strings.Join(path, ".")
+	if field == "" {
+		field = "body"
+	}
+	want := "another type"
+	if ue.Type != nil {
+		switch ue.Type.Kind() {
+		case reflect.String:
+			want = "a string"
+		case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64:
+			want = "an integer"
+		case reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+			want = fmt.Sprintf("an integer from 0 to %d", uint64(1)<<(ue.Type.Bits())-1)
+		case reflect.Float32, reflect.Float64:
+			want = "a number"
+		case reflect.Bool:
+			want = "true or false"
+		case reflect.Slice, reflect.Array:
+			want = "a list"
+		case reflect.Struct, reflect.Map:
+			want = "an object"
+		}
+	}
+	return fmt.Sprintf("%s: a JSON %s where %s is wanted", field, ue.Value, want)
 }

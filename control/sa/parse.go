@@ -94,10 +94,10 @@ func (sp *Spec) Parse(opts Options) (SA, error) {
 	v := validator{label: labelFor(sp, opts.Label)}
 	s := SA{Name: sp.Name, Pair: sp.Pair, ESN: sp.ESN}
 
-	if sp.Name != "" && !validLabel(sp.Name) {
+	if sp.Name != "" && !ValidName(sp.Name) {
 		v.add("name", "%q: use 1..64 of A-Z a-z 0-9 . _ - starting with a letter", clip(sp.Name))
 	}
-	if sp.Pair != "" && !validLabel(sp.Pair) {
+	if sp.Pair != "" && !ValidName(sp.Pair) {
 		v.add("pair", "%q: use 1..64 of A-Z a-z 0-9 . _ - starting with a letter", clip(sp.Pair))
 	}
 
@@ -164,8 +164,15 @@ func (sp *Spec) Parse(opts Options) (SA, error) {
 	return s, nil
 }
 
-func validLabel(s string) bool {
-	if len(s) == 0 || len(s) > 64 {
+// MaxNameLen bounds an SA's name and pair label.
+const MaxNameLen = 64
+
+// ValidName is the SA format's rule for names and pair labels, the one
+// place it is written: 1..MaxNameLen of A-Z a-z 0-9 . _ -, starting with a
+// letter, so a name never looks like an in:/out: reference. The API checks
+// references and sec-agree registration names with it too.
+func ValidName(s string) bool {
+	if len(s) == 0 || len(s) > MaxNameLen {
 		return false
 	}
 	for i := 0; i < len(s); i++ {

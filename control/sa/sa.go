@@ -1,5 +1,5 @@
 // Package sa owns the one representation of an ESP security association
-// that people and programs hand to xesp (SA-FORMAT.md): the Spec as written
+// that people and programs hand to xesp (docs/sa-format.md): the Spec as written
 // in YAML or JSON, its validation into a typed SA, and the SA file reader.
 //
 // It decides what a valid SA is and says precisely why one is not; it holds

@@ -2,6 +2,7 @@ package sa
 
 import (
 	"bytes"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"strconv"
@@ -10,7 +11,7 @@ import (
 	"gopkg.in/yaml.v3"
 )
 
-// Spec is an SA as a person or a program writes it (SA-FORMAT.md). Field
+// Spec is an SA as a person or a program writes it (docs/sa-format.md). Field
 // names and their YAML/JSON tags are the format; Parse turns a Spec into an
 // SA. Absent and zero differ where the format says so (replay_window,
 // encap ports), hence the pointers.
@@ -203,6 +204,20 @@ func (v SPIValue) MarshalYAML() (any, error) {
 		return nil, fmt.Errorf("spi: %s", v.raw)
 	}
 	return v.String(), nil
+}
+
+// WithKeys returns the SA as a Spec with its keys inline, in hex: how an
+// SA travels to the control API or to etcd, which read no key files. It is
+// the one place keys are turned back into text; never log its result.
+func (s *SA) WithKeys() Spec {
+	sp := s.Public()
+	if len(s.EncKey) > 0 {
+		sp.EncKey = hex.EncodeToString(s.EncKey)
+	}
+	if len(s.AuthKey) > 0 {
+		sp.AuthKey = hex.EncodeToString(s.AuthKey)
+	}
+	return sp
 }
 
 // Public returns the SA as a Spec without key material: the view the API

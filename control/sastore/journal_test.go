@@ -319,6 +319,11 @@ func TestNeedCompact(t *testing.T) {
 	}
 }
 
+// FuzzDecodeJournal runs tens of thousands of inputs a second, but its
+// inputs grow from a 1 KB journal and Go minimizes each new interesting
+// input for up to 60 s by default, quadratically in its length: run it
+// with -fuzzminimizetime=500x (make fuzz does), or it spends the whole
+// -fuzztime minimizing the first finding.
 func FuzzDecodeJournal(f *testing.F) {
 	sas := sampleSAs(f)
 	b := []byte(journalHeader)

@@ -9,7 +9,7 @@
 //
 //	xesp-api-sas 1 <count> <sha256 of the rest, hex>
 //
-// and the rest is a JSON array of SAs in the SA format (SA-FORMAT.md)
+// and the rest is a JSON array of SAs in the SA format (docs/sa-format.md)
 // with their keys inline. The checksum makes a torn or edited file an
 // error at start instead of a silently shorter SAD.
 package sastore

@@ -3,7 +3,7 @@
 // Security-Client, Security-Server and Security-Verify header values,
 // choosing the ipsec-3gpp mechanism from the phone's offer by the
 // P-CSCF's preference, and deriving the four SAs of one registration as
-// sa.Spec values (SA-FORMAT.md), keys expanded from the IMS AKA IK and CK.
+// sa.Spec values (docs/sa-format.md), keys expanded from the IMS AKA IK and CK.
 //
 // It must not do I/O, hold state between calls, install SAs or speak SIP
 // transactions: the caller (API, P-CSCF glue) decides when SAs are created

@@ -3,6 +3,8 @@ package esp
 import (
 	"encoding/binary"
 	"net/netip"
+
+	cksum "github.com/xesp/xesp/internal/pkt"
 )
 
 // Protocol numbers and ports of RFC 3948.
@@ -96,7 +98,7 @@ func PutOuter(buf []byte, start, end int, o *Outer) (int, error) {
 		a, b := o.Src.As4(), o.Dst.As4()
 		copy(h[12:16], a[:])
 		copy(h[16:20], b[:])
-		binary.BigEndian.PutUint16(h[10:], ^fold(sum(h, 0)))
+		binary.BigEndian.PutUint16(h[10:], cksum.Checksum(h))
 		return s, nil
 	}
 	h[0], h[1], h[2], h[3] = 0x60, 0, 0, 0
@@ -178,7 +180,7 @@ func ParseOuterPort(pkt []byte, port uint16) (Parsed, error) {
 		if ihl < 20 || total < ihl || total > len(pkt) {
 			return p, ReasonBadHeader
 		}
-		if fold(sum(pkt[:ihl], 0)) != 0xffff {
+		if cksum.Checksum(pkt[:ihl]) != 0 {
 			return p, ReasonBadHeader
 		}
 		p.Outer.Src = netip.AddrFrom4([4]byte(pkt[12:16]))
@@ -260,38 +262,11 @@ func ParseOuterPort(pkt []byte, port uint16) (Parsed, error) {
 	return p, nil
 }
 
-// sum adds b as big-endian 16-bit words to acc (RFC 1071), eight bytes at a
-// time.
-func sum(b []byte, acc uint64) uint64 {
-	for len(b) >= 8 {
-		v := binary.BigEndian.Uint64(b)
-		acc += v >> 32
-		acc += v & 0xffffffff
-		b = b[8:]
-	}
-	for len(b) >= 2 {
-		acc += uint64(binary.BigEndian.Uint16(b))
-		b = b[2:]
-	}
-	if len(b) == 1 {
-		acc += uint64(b[0]) << 8
-	}
-	return acc
-}
-
-// fold reduces a sum to 16 bits with end-around carry.
-func fold(acc uint64) uint16 {
-	for acc > 0xffff {
-		acc = acc>>16 + acc&0xffff
-	}
-	return uint16(acc)
-}
-
 // transportChecksum is the TCP/UDP/ICMPv6 checksum of seg with the
 // pseudo-header of addrs (src||dst, 8 or 32 bytes), with seg's own checksum
 // field taken as whatever it holds (callers zero it first).
 func transportChecksum(addrs []byte, proto byte, seg []byte) uint16 {
-	acc := sum(addrs, 0)
+	acc := cksum.Sum(addrs, 0)
 	acc += uint64(proto) + uint64(len(seg))
-	return ^fold(sum(seg, acc))
+	return ^cksum.Fold(cksum.Sum(seg, acc))
 }

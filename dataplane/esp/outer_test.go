@@ -6,6 +6,8 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"testing"
+
+	cksum "github.com/xesp/xesp/internal/pkt"
 )
 
 // ipv4 builds an IPv4 packet with the given options and payload.
@@ -19,7 +21,7 @@ func ipv4(proto byte, opts, payload []byte, src, dst netip.Addr) []byte {
 	copy(b[12:], s[:])
 	copy(b[16:], d[:])
 	copy(b[20:], opts)
-	binary.BigEndian.PutUint16(b[10:], ^fold(sum(b[:hl], 0)))
+	binary.BigEndian.PutUint16(b[10:], cksum.Checksum(b[:hl]))
 	copy(b[hl:], payload)
 	return b
 }
@@ -60,7 +62,7 @@ func TestParseOuter(t *testing.T) {
 	frag := ipv4(ProtoUDP, nil, udp(4500, 4500, esp), ue4, gw4)
 	binary.BigEndian.PutUint16(frag[6:], 0x2000) // MF
 	binary.BigEndian.PutUint16(frag[10:], 0)
-	binary.BigEndian.PutUint16(frag[10:], ^fold(sum(frag[:20], 0)))
+	binary.BigEndian.PutUint16(frag[10:], cksum.Checksum(frag[:20]))
 	badSum := ipv4(ProtoUDP, nil, udp(4500, 4500, esp), ue4, gw4)
 	badSum[10] ^= 1
 	padded := append(ipv4(ProtoESP, nil, esp, ue4, gw4), 0, 0, 0, 0, 0, 0) // Ethernet padding
@@ -144,7 +146,7 @@ func TestPutOuter(t *testing.T) {
 			want = ipv4(proto, nil, l4, o.Src, o.Dst)
 			want[6] = 0x40 // DF
 			want[10], want[11] = 0, 0
-			binary.BigEndian.PutUint16(want[10:], ^fold(sum(want[:20], 0)))
+			binary.BigEndian.PutUint16(want[10:], cksum.Checksum(want[:20]))
 		} else {
 			want = ipv6(proto, nil, l4, o.Src, o.Dst)
 			want[7] = outerTTL
@@ -224,7 +226,7 @@ func TestPutOuterFragmentableID(t *testing.T) {
 	if h[4] != 0xbe || h[5] != 0xef || h[6] != 0 || h[7] != 0 {
 		t.Fatalf("id/flags %x", h[4:8])
 	}
-	if fold(sum(h, 0)) != 0xffff {
+	if cksum.Checksum(h) != 0 {
 		t.Fatalf("header checksum invalid: %x", h)
 	}
 }

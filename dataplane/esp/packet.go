@@ -1,6 +1,10 @@
 package esp
 
-import "encoding/binary"
+import (
+	"encoding/binary"
+
+	cksum "github.com/xesp/xesp/internal/pkt"
+)
 
 // Packet is the outcome of OpenPacket. Slices alias the packet given.
 type Packet struct {
@@ -109,7 +113,7 @@ func rebuildTransport(pkt []byte, p *Packet) []byte {
 		binary.BigEndian.PutUint16(ip[2:], uint16(len(ip)))
 		ip[9] = p.NextHeader
 		ip[10], ip[11] = 0, 0
-		binary.BigEndian.PutUint16(ip[10:], ^fold(sum(ip[:hl], 0)))
+		binary.BigEndian.PutUint16(ip[10:], cksum.Checksum(ip[:hl]))
 		addrs = ip[12:20]
 	} else {
 		binary.BigEndian.PutUint16(ip[4:], uint16(len(ip)-40))

@@ -10,6 +10,8 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
+
+	cksum "github.com/xesp/xesp/internal/pkt"
 )
 
 // pair returns an outbound and an inbound SA with the same keys.
@@ -62,7 +64,7 @@ func innerIP(rng *rand.Rand, v6 bool, n int) []byte {
 		binary.BigEndian.PutUint16(b[2:], uint16(n))
 		b[6], b[7], b[9] = 0, 0, ProtoUDP
 		b[10], b[11] = 0, 0
-		binary.BigEndian.PutUint16(b[10:], ^fold(sum(b[:20], 0)))
+		binary.BigEndian.PutUint16(b[10:], cksum.Checksum(b[:20]))
 		return b
 	}
 	b[0] = 0x60
@@ -202,7 +204,7 @@ func TestTransportNAT(t *testing.T) {
 			a := natted.As4()
 			copy(wire[12:16], a[:])
 			wire[10], wire[11] = 0, 0
-			binary.BigEndian.PutUint16(wire[10:], ^fold(sum(wire[:20], 0)))
+			binary.BigEndian.PutUint16(wire[10:], cksum.Checksum(wire[:20]))
 		}
 		binary.BigEndian.PutUint16(wire[OuterLen(&o)-8:], 31000)
 		p, err := in.OpenPacket(wire)

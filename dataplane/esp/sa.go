@@ -50,7 +50,7 @@ func ParseMode(s string) (Mode, error) {
 	return ModeInvalid, fmt.Errorf("unknown mode %q (accepted: tunnel, transport)", s)
 }
 
-// Config describes one SA as the SA format (SA-FORMAT.md) does, minus the
+// Config describes one SA as the SA format (docs/sa-format.md) does, minus the
 // addressing, which belongs to the SAD and to Outer.
 type Config struct {
 	// Name labels errors; optional.

@@ -16,7 +16,7 @@
 // is rare and attacker-paced only after authentication, allocates one
 // small value).
 //
-// Security rule (RFC 3948 section 3.5, ARCHITECTURE.md): a binding moves
+// Security rule (RFC 3948 section 3.5, docs/architecture.md): a binding moves
 // only after the packet authenticated and passed the replay check, i.e.
 // after esp.SA.OpenPacket returned success.
 package worker

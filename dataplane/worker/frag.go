@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 
 	"github.com/xesp/xesp/dataplane/xsk"
+	cksum "github.com/xesp/xesp/internal/pkt"
 )
 
 // Outer IPv4 fragmentation for sealed packets larger than the public MTU.
@@ -31,7 +32,7 @@ type fragmenter struct {
 	worker  uint16 // this worker's residue class
 	stride  uint16 // number of workers
 	pool    *xsk.Pool
-	mem     Memory
+	mem     *xsk.UMEM
 	rxOff   uint64 // where a fresh frame's packet starts
 	scratch [1]uint64
 	extra   [maxFragments]uint64
@@ -96,7 +97,7 @@ func (f *fragmenter) fragment4(d xsk.Desc, tx []xsk.Desc) ([]xsk.Desc, bool) {
 		}
 		binary.BigEndian.PutUint16(h[6:], fo)
 		h[10], h[11] = 0, 0
-		binary.BigEndian.PutUint16(h[10:], ipChecksum(h))
+		binary.BigEndian.PutUint16(h[10:], cksum.Checksum(h))
 		tx = append(tx, xsk.Desc{Addr: addr, Len: uint32(len(fr))})
 	}
 	// Fragments were appended last-first; the wire order does not matter
@@ -123,15 +124,4 @@ func (f *fragmenter) nextIPID() uint16 {
 			return id
 		}
 	}
-}
-
-func ipChecksum(h []byte) uint16 {
-	var s uint32
-	for i := 0; i+1 < len(h); i += 2 {
-		s += uint32(h[i])<<8 | uint32(h[i+1])
-	}
-	for s > 0xffff {
-		s = s&0xffff + s>>16
-	}
-	return ^uint16(s)
 }

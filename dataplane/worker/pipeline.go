@@ -11,14 +11,6 @@ import (
 	"github.com/xesp/xesp/dataplane/xsk"
 )
 
-// Memory is the frame store the pipeline works in: an xsk.UMEM in the
-// gateway, a plain slice in unit tests.
-type Memory interface {
-	Frame(addr uint64) []byte
-	FrameBase(addr uint64) uint64
-	Meta(addr uint64, n int) []byte
-}
-
 // Neighbors resolves next-hop MACs without blocking (neigh.Resolver).
 type Neighbors interface {
 	Lookup(dst netip.Addr) ([6]byte, bool)
@@ -30,7 +22,10 @@ const ethLen = 14
 // pipeline is the per-batch packet work of a worker, separate from the
 // socket loop so it can be tested on frames built in memory.
 type pipeline struct {
-	mem        Memory
+	// mem is the UMEM the frames live in. A UMEM is plain anonymous
+	// memory until a socket registers it, so unit tests build frames in
+	// one without root; a concrete type keeps Frame and Meta inlinable.
+	mem        *xsk.UMEM
 	table      []*Entry
 	nb         Neighbors
 	pubMAC     [6]byte // source MAC of frames sent on the public side

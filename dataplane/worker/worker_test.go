@@ -8,6 +8,7 @@ import (
 
 	"github.com/xesp/xesp/dataplane/esp"
 	"github.com/xesp/xesp/dataplane/xsk"
+	"github.com/xesp/xesp/internal/pkt"
 )
 
 func newEntry(t *testing.T, spi uint32, dir Direction) *Entry {
@@ -115,7 +116,7 @@ func TestFragment4(t *testing.T) {
 			t.Fatalf("fragment %d Ethernet %x", i, fr[:14])
 		}
 		h := fr[14:34]
-		if ipChecksum(h) != 0 {
+		if pkt.Checksum(h) != 0 {
 			t.Fatalf("fragment %d header checksum bad", i)
 		}
 		if binary.BigEndian.Uint16(h[4:]) != o.ID || o.ID == 0 {

@@ -11,7 +11,7 @@ import (
 
 // BindMode chooses how sockets bind. Auto asks the kernel for zero-copy
 // and lets it fall back to copy mode when the driver cannot (veth always
-// falls back, PLATFORM.md); Socket.Mode reports what was granted.
+// falls back, docs/platform.md); Socket.Mode reports what was granted.
 type BindMode int
 
 const (
@@ -40,7 +40,7 @@ func (m Mode) String() string {
 
 // DefaultTxBudget is XDP_MAX_TX_SKB_BUDGET for every socket: how many
 // frames one copy-mode kick turns into skbs. The kernel default is 32;
-// 1024 gave about 60% more TX rate on these machines (PLATFORM.md).
+// 1024 gave about 60% more TX rate on these machines (docs/platform.md).
 const DefaultTxBudget = 1024
 
 // Config sizes a UMEM and the rings of the sockets opened on it. Zero

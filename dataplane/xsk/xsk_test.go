@@ -58,7 +58,7 @@ func TestSteerSharedQueueAndMetadata(t *testing.T) {
 			t.Fatal(err)
 		}
 		if m := socks[w].Mode(); m != xsk.ModeCopy {
-			t.Errorf("socket %d mode %v: veth offers only copy mode (PLATFORM.md)", w, m)
+			t.Errorf("socket %d mode %v: veth offers only copy mode (docs/platform.md)", w, m)
 		}
 		if !socks[w].TxBudgetSet() {
 			t.Logf("socket %d: XDP_MAX_TX_SKB_BUDGET not supported by this kernel", w)

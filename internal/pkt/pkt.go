@@ -1,8 +1,9 @@
-// Package pkt holds the one Internet checksum implementation (RFC 1071
-// sums, RFC 1624 incremental updates) and builds small IP packets with
-// correct checksums for the demo, the tools and tests. Update is on the
-// worker's data path (core-address translation): it must stay
-// allocation-free; the builders are not on any data path.
+// Package pkt owns the Internet checksum for the whole tree (RFC 1071
+// sums, RFC 1624 incremental updates), the data path's included
+// (dataplane/esp, dataplane/worker), and builds small IP packets with
+// correct checksums for the demo, the tools and tests. Sum, Fold and
+// Update are on the worker's data path: they must stay allocation-free.
+// It must not grow anything else the data path would link.
 package pkt
 
 import (
@@ -25,7 +26,7 @@ func UDP4(src, dst netip.AddrPort, payload []byte) []byte {
 	binary.BigEndian.PutUint16(u[2:], dst.Port())
 	binary.BigEndian.PutUint16(u[4:], uint16(8+len(payload)))
 	copy(u[8:], payload)
-	ck := ^Fold(Sum(u, Sum(p[12:20], 17+uint32(len(u)))))
+	ck := ^Fold(Sum(u, Sum(p[12:20], 17+uint64(len(u)))))
 	if ck == 0 {
 		ck = 0xffff
 	}
@@ -51,22 +52,33 @@ func UDP4Parse(p []byte) (src, dst netip.AddrPort, payload []byte, ok bool) {
 
 // Sum adds b to a ones'-complement accumulator as big-endian 16-bit words
 // (an odd last byte padded with zero), for Internet checksums (RFC 1071).
-func Sum(b []byte, s uint32) uint32 {
-	for i := 0; i+1 < len(b); i += 2 {
-		s += uint32(b[i])<<8 | uint32(b[i+1])
+// It adds eight bytes at a time: a 64-bit accumulator takes the two 32-bit
+// halves without overflow for any packet size, and Fold reduces it (the
+// sum of 32-bit words is congruent to that of 16-bit ones mod 0xffff).
+func Sum(b []byte, acc uint64) uint64 {
+	for len(b) >= 8 {
+		v := binary.BigEndian.Uint64(b)
+		acc += v >> 32
+		acc += v & 0xffffffff
+		b = b[8:]
 	}
-	if len(b)%2 == 1 {
-		s += uint32(b[len(b)-1]) << 8
+	for len(b) >= 2 {
+		acc += uint64(binary.BigEndian.Uint16(b))
+		b = b[2:]
 	}
-	return s
+	if len(b) == 1 {
+		acc += uint64(b[0]) << 8
+	}
+	return acc
 }
 
-// Fold folds an accumulator to 16 bits; the checksum is ^Fold(...).
-func Fold(s uint32) uint16 {
-	for s > 0xffff {
-		s = s&0xffff + s>>16
+// Fold reduces an accumulator to 16 bits with end-around carry; the
+// checksum is ^Fold(...).
+func Fold(acc uint64) uint16 {
+	for acc > 0xffff {
+		acc = acc>>16 + acc&0xffff
 	}
-	return uint16(s)
+	return uint16(acc)
 }
 
 // Update returns the checksum field value check (as stored in a header)
@@ -75,10 +87,14 @@ func Fold(s uint32) uint16 {
 // at an even offset of the checksummed data (addresses do). It allocates
 // nothing: the worker calls it per packet.
 func Update(check uint16, old, new []byte) uint16 {
-	s := uint32(^check)
+	s := uint64(^check)
 	for i := 0; i+1 < len(old) && i+1 < len(new); i += 2 {
-		s += uint32(^(uint16(old[i])<<8 | uint16(old[i+1])))
-		s += uint32(uint16(new[i])<<8 | uint16(new[i+1]))
+		s += uint64(^(uint16(old[i])<<8 | uint16(old[i+1])))
+		s += uint64(uint16(new[i])<<8 | uint16(new[i+1]))
 	}
 	return ^Fold(s)
 }
+
+// Checksum is the Internet checksum of b: what goes in a header's
+// checksum field (zeroed first), and 0 over a header whose field is right.
+func Checksum(b []byte) uint16 { return ^Fold(Sum(b, 0)) }

@@ -111,7 +111,7 @@ func doIn(target int, name string, f func() error) error {
 
 // Veth creates a veth pair with end aName in a and end bName in b, both up.
 // Checksum offload is turned off on both ends: veth otherwise hands locally
-// sent UDP to XDP with a partial checksum (PLATFORM.md), which tests that
+// sent UDP to XDP with a partial checksum (docs/platform.md), which tests that
 // check checksums would misread.
 func Veth(a *NS, aName string, b *NS, bName string) error {
 	if _, err := a.Run("ip", "link", "add", aName, "type", "veth", "peer", "name", bName, "netns", b.Name); err != nil {

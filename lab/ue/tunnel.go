@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/xesp/xesp/dataplane/esp"
+	"github.com/xesp/xesp/internal/pkt"
 )
 
 // DefaultKeepalive is the NAT keepalive interval (RFC 3948 4 suggests 20 s).
@@ -493,7 +494,7 @@ func (t *Tunnel) transportPacket(w, seg []byte, proto uint8) []byte {
 	binary.BigEndian.PutUint16(h[10:12], 0)
 	binary.BigEndian.PutUint32(h[12:16], t.transportPeer.Load())
 	copy(h[16:20], t.inner.AsSlice())
-	binary.BigEndian.PutUint16(h[10:12], ^fold(sum(h, 0)))
+	binary.BigEndian.PutUint16(h[10:12], pkt.Checksum(h))
 	copy(w[20:], seg)
 	l4 := w[20:n]
 	var ck int
@@ -506,30 +507,11 @@ func (t *Tunnel) transportPacket(w, seg []byte, proto uint8) []byte {
 		return w[:n]
 	}
 	binary.BigEndian.PutUint16(l4[ck:], 0)
-	pseudo := sum(h[12:20], uint32(proto)+uint32(len(l4)))
-	c := ^fold(sum(l4, pseudo))
+	pseudo := pkt.Sum(h[12:20], uint64(proto)+uint64(len(l4)))
+	c := ^pkt.Fold(pkt.Sum(l4, pseudo))
 	if c == 0 && proto == 17 {
 		c = 0xffff // RFC 768: a computed zero is sent as all ones
 	}
 	binary.BigEndian.PutUint16(l4[ck:], c)
 	return w[:n]
-}
-
-// sum adds b as big-endian 16-bit words to acc (RFC 1071).
-func sum(b []byte, acc uint32) uint32 {
-	for len(b) >= 2 {
-		acc += uint32(b[0])<<8 | uint32(b[1])
-		b = b[2:]
-	}
-	if len(b) == 1 {
-		acc += uint32(b[0]) << 8
-	}
-	return acc
-}
-
-func fold(acc uint32) uint16 {
-	for acc > 0xffff {
-		acc = acc>>16 + acc&0xffff
-	}
-	return uint16(acc)
 }

@@ -1,6 +1,6 @@
 // Package ueapi is the emulated phone's control API: a test harness or a
 // phone-side sec-agree client installs, replaces and removes the phone's
-// SAs while its tunnel runs, in the one SA format (SA-FORMAT.md) and with
+// SAs while its tunnel runs, in the one SA format (docs/sa-format.md) and with
 // the gateway API's request rules, errors and client (control/api).
 //
 //	POST   /v1/sas        add one SA (phone's view: out seals toward the

@@ -109,7 +109,7 @@ func addSA(t *testing.T, c *api.Client, k keyed) api.SAView {
 	if err != nil {
 		t.Fatal(err)
 	}
-	v, err := c.Add(context.Background(), api.SpecOf(&list[0]))
+	v, err := c.Add(context.Background(), list[0].WithKeys())
 	if err != nil {
 		t.Fatalf("add %s: %v", list[0].Label(), err)
 	}

@@ -32,7 +32,7 @@ func IPv4UDP(srcIP, dstIP net.IP, sport, dport uint16, payload []byte) []byte {
 	binary.BigEndian.PutUint16(udp[2:], dport)
 	binary.BigEndian.PutUint16(udp[4:], uint16(len(udp)))
 	copy(udp[8:], payload)
-	pseudo := pkt.Sum(ip[12:20], 0) + 17 + uint32(len(udp))
+	pseudo := pkt.Sum(ip[12:20], 0) + 17 + uint64(len(udp))
 	c := ^pkt.Fold(pkt.Sum(udp, pseudo))
 	if c == 0 {
 		c = 0xffff

@@ -5,7 +5,7 @@ import (
 	"runtime"
 
 	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/asm"
+	"github.com/xesp/xesp/lab/xdptest"
 	"golang.org/x/sys/unix"
 )
 
@@ -18,7 +18,7 @@ import (
 // generator to a CPU the receiver's worker does not use.
 //
 // The device's peer must have an XDP program attached, or XDP_TX frames
-// vanish (PLATFORM.md).
+// vanish (docs/platform.md).
 type Generator struct {
 	prog    *ebpf.Program
 	ifindex uint32
@@ -42,29 +42,9 @@ type xdpMD struct {
 // NewGenerator loads the generator for the device ifindex, which must be
 // resolvable in the namespace Send will run in.
 func NewGenerator(ifindex int, o GenOptions) (*Generator, error) {
-	var insns asm.Instructions
-	if o.Spread > 1 {
-		insns = append(insns,
-			asm.Mov.Reg(asm.R6, asm.R1),
-			asm.FnGetPrandomU32.Call(),
-			asm.Mod.Imm(asm.R0, int32(o.Spread)),
-			asm.LoadMem(asm.R2, asm.R6, 0, asm.Word),
-			asm.LoadMem(asm.R3, asm.R6, 4, asm.Word),
-			asm.Mov.Reg(asm.R4, asm.R2),
-			asm.Add.Imm(asm.R4, int32(o.SpreadOffset+1)),
-			asm.JGT.Reg(asm.R4, asm.R3, "tx"),
-			asm.StoreMem(asm.R2, int16(o.SpreadOffset), asm.R0, asm.Byte),
-		)
-	}
-	insns = append(insns,
-		asm.Mov.Imm(asm.R0, 3).WithSymbol("tx"), // XDP_TX
-		asm.Return(),
-	)
-	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
-		Name: "xsktest_gen", Type: ebpf.XDP, License: "GPL", Instructions: insns,
-	})
+	prog, err := xdptest.Gen(o.Spread, o.SpreadOffset)
 	if err != nil {
-		return nil, fmt.Errorf("load generator program: %w", err)
+		return nil, err
 	}
 	return &Generator{prog: prog, ifindex: uint32(ifindex)}, nil
 }

@@ -1,0 +1,127 @@
+// Package xdptest holds the XDP programs of the tests and benchmarks, in C
+// (progs.c) built by bpf2go like the product's (bpf/): the AF_XDP steering
+// program the xsk tests use (lab/xsktest.NewSteer), the far-end counter of
+// the benchmarks (bench/gen.NewCounter) and the live-frames senders of the
+// traffic generator (bench/gen.New) and of the xsk tests
+// (lab/xsktest.NewGenerator). Programs that are deliberately
+// minimal (a bare XDP_PASS or XDP_DROP) stay as two instructions of Go asm
+// where they are used.
+//
+// It loads programs; it must not attach them or create namespaces: its
+// callers do, inside namespaces they own.
+package xdptest
+
+//go:generate go tool bpf2go -cc clang -cflags "-O2 -g -Wall -Werror -I/usr/include/x86_64-linux-gnu" -target bpfel -go-package xdptest progs progs.c
+
+import (
+	"fmt"
+
+	"github.com/cilium/ebpf"
+)
+
+// spec returns the programs' collection with the configuration set.
+func spec(vars map[string]any) (*ebpf.CollectionSpec, error) {
+	s, err := loadProgs()
+	if err != nil {
+		return nil, fmt.Errorf("xdptest: %w", err)
+	}
+	for name, v := range vars {
+		if err := s.Variables[name].Set(v); err != nil {
+			return nil, fmt.Errorf("xdptest: set %s: %w", name, err)
+		}
+	}
+	return s, nil
+}
+
+// Steer loads xsktest_steer for UDP destination port with workers sockets
+// per queue and an XSK map of workers*queues entries.
+func Steer(port uint16, workers, queues int) (prog *ebpf.Program, xsks *ebpf.Map, err error) {
+	s, err := spec(map[string]any{"port": port, "workers": uint32(workers)})
+	if err != nil {
+		return nil, nil, err
+	}
+	s.Maps["xsks"].MaxEntries = uint32(workers * queues)
+	var o struct {
+		Prog *ebpf.Program `ebpf:"xsktest_steer"`
+		XSKs *ebpf.Map     `ebpf:"xsks"`
+	}
+	if err := s.LoadAndAssign(&o, nil); err != nil {
+		return nil, nil, fmt.Errorf("xdptest: load steering program: %w", err)
+	}
+	return o.Prog, o.XSKs, nil
+}
+
+// Count loads xgen_count for UDP destination port and its per-CPU map of
+// one {packets, bytes uint64} value.
+func Count(port uint16) (prog *ebpf.Program, counts *ebpf.Map, err error) {
+	s, err := spec(map[string]any{"port": port})
+	if err != nil {
+		return nil, nil, err
+	}
+	var o struct {
+		Prog   *ebpf.Program `ebpf:"xgen_count"`
+		Counts *ebpf.Map     `ebpf:"counts"`
+	}
+	if err := s.LoadAndAssign(&o, nil); err != nil {
+		return nil, nil, fmt.Errorf("xdptest: load counter program: %w", err)
+	}
+	return o.Prog, o.Counts, nil
+}
+
+// SlotHeader precedes each frame in a Send slot: the frame length (u32,
+// native order) and 4 bytes of padding.
+const SlotHeader = 8
+
+// Send loads xgen_send for a ring of ring slots of frames up to maxFrame
+// bytes: frames is ARRAY slot → [SlotHeader + maxFrame]byte, next the
+// ARRAY[1] u64 of the next slot to send.
+func Send(ring, maxFrame int) (prog *ebpf.Program, frames, next *ebpf.Map, err error) {
+	s, err := spec(map[string]any{"ring": uint32(ring), "max_frame": uint32(maxFrame)})
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	s.Maps["xgen_frames"].ValueSize = uint32(SlotHeader + maxFrame)
+	s.Maps["xgen_frames"].MaxEntries = uint32(ring)
+	var o struct {
+		Prog   *ebpf.Program `ebpf:"xgen_send"`
+		Frames *ebpf.Map     `ebpf:"xgen_frames"`
+		Next   *ebpf.Map     `ebpf:"xgen_next"`
+	}
+	if err := s.LoadAndAssign(&o, nil); err != nil {
+		return nil, nil, nil, fmt.Errorf("xdptest: load send program (%d slots of %d bytes): %w", ring, SlotHeader+maxFrame, err)
+	}
+	return o.Prog, o.Frames, o.Next, nil
+}
+
+// Gen loads xsktest_gen: XDP_TX for every frame, after writing a random
+// value below spread at byte spreadOffset when spread > 1.
+func Gen(spread, spreadOffset int) (*ebpf.Program, error) {
+	s, err := spec(map[string]any{"spread": uint32(max(spread, 0)), "spread_offset": uint32(max(spreadOffset, 0))})
+	if err != nil {
+		return nil, err
+	}
+	var o struct {
+		Prog *ebpf.Program `ebpf:"xsktest_gen"`
+	}
+	if err := s.LoadAndAssign(&o, nil); err != nil {
+		return nil, fmt.Errorf("xdptest: load generator program: %w", err)
+	}
+	return o.Prog, nil
+}
+
+// CountAll loads xsktest_count: every frame counted in a one-entry per-CPU
+// u64 array, then verdict.
+func CountAll(verdict uint32) (*ebpf.Program, *ebpf.Map, error) {
+	s, err := spec(map[string]any{"verdict": verdict})
+	if err != nil {
+		return nil, nil, err
+	}
+	var o struct {
+		Prog   *ebpf.Program `ebpf:"xsktest_count"`
+		Counts *ebpf.Map     `ebpf:"xsktest_counts"`
+	}
+	if err := s.LoadAndAssign(&o, nil); err != nil {
+		return nil, nil, fmt.Errorf("xdptest: load counting verdict %d program: %w", verdict, err)
+	}
+	return o.Prog, o.Counts, nil
+}
