@@ -99,3 +99,36 @@ func TestCoreValidation(t *testing.T) {
 		t.Fatalf("public view %+v", pub.Inner)
 	}
 }
+
+// The cost of an add (Conflict, then Add) with n SAs indexed: per-phone
+// core addresses (one key each), and 100k phones on one inner address
+// told apart by the P-CSCF's ports (one key, ports differ). Both must stay
+// flat as n grows.
+func BenchmarkOutIndex(b *testing.B) {
+	for _, c := range []struct {
+		name string
+		sel  func(i int) Selector
+	}{
+		{"core-addresses", func(i int) Selector {
+			return Selector{Dst: netip.PrefixFrom(netip.AddrFrom4([4]byte{100, byte(64 + i>>16), byte(i >> 8), byte(i)}), 32), Ports: Ports{Local: 5065, Peer: 5062}}
+		}},
+		{"shared-inner-address", func(i int) Selector {
+			return Selector{Dst: netip.MustParsePrefix("192.168.1.10/32"), Ports: Ports{Local: uint16(1024 + i%60000), Peer: uint16(5062 + i/60000)}}
+		}},
+	} {
+		b.Run(c.name, func(b *testing.B) {
+			var x OutIndex[int]
+			const n = 100_000
+			for i := range n {
+				x.Add(c.sel(i), i)
+			}
+			b.ResetTimer()
+			for i := range b.N {
+				s := c.sel(n + i%1000)
+				if _, _, ok := x.Conflict(s, nil); ok {
+					b.Fatalf("unexpected conflict for %+v", s)
+				}
+			}
+		})
+	}
+}
