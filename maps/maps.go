@@ -36,14 +36,14 @@ type Set struct {
 
 // New wraps maps loaded by the loader. The Set does not own them.
 func New(m *bpf.XespMaps) (*Set, error) {
-	return newSet(m.Sas, m.Policies, m.XsksPublic, m.XsksPrivate, m.Config, m.Counters, m.Cores)
+	return newSet(m.Sas, m.Policies, m.XsksPublic, m.XsksPrivate, m.Config, m.Counters, m.Cores, m.CoreCfg)
 }
 
 // Open opens the maps pinned in dir (the loader's per-instance directory)
 // by their names in xesp.h. Close releases them; the pins stay.
 func Open(dir string) (*Set, error) {
 	names := []string{bpf.XespMapSas, bpf.XespMapPolicies, bpf.XespMapXsksPublic,
-		bpf.XespMapXsksPrivate, bpf.XespMapConfig, bpf.XespMapCounters, bpf.XespMapCores}
+		bpf.XespMapXsksPrivate, bpf.XespMapConfig, bpf.XespMapCounters, bpf.XespMapCores, bpf.XespMapCoreCfg}
 	ms := make([]*ebpf.Map, 0, len(names))
 	for _, n := range names {
 		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, n), nil)
@@ -55,7 +55,7 @@ func Open(dir string) (*Set, error) {
 		}
 		ms = append(ms, m)
 	}
-	s, err := newSet(ms[0], ms[1], ms[2], ms[3], ms[4], ms[5], ms[6])
+	s, err := newSet(ms[0], ms[1], ms[2], ms[3], ms[4], ms[5], ms[6], ms[7])
 	if err != nil {
 		for _, o := range ms {
 			o.Close()
@@ -77,7 +77,7 @@ func (s *Set) Close() error {
 	return errors.Join(errs...)
 }
 
-func newSet(sas, pol, xpub, xpriv, cfg, ctr, cores *ebpf.Map) (*Set, error) {
+func newSet(sas, pol, xpub, xpriv, cfg, ctr, cores, coreCfg *ebpf.Map) (*Set, error) {
 	s := &Set{}
 	var err error
 	if s.SAs, err = NewSAs(sas); err != nil {
@@ -86,7 +86,7 @@ func newSet(sas, pol, xpub, xpriv, cfg, ctr, cores *ebpf.Map) (*Set, error) {
 	if s.Policies, err = NewPolicies(pol); err != nil {
 		return nil, err
 	}
-	if s.Cores, err = NewCores(cores); err != nil {
+	if s.Cores, err = NewCores(cores, coreCfg); err != nil {
 		return nil, err
 	}
 	if s.XSKPublic, err = NewXSKs(xpub); err != nil {
