@@ -81,7 +81,7 @@ func BenchmarkPrivate(b *testing.B) {
 		return serialize(b, eth(layers.EthernetTypeIPv4), i, udp(i, 5065, 5064), gopacket.Payload(make([]byte, 200-14-20-8)))
 	}
 	cores := func(f uint32) {
-		if err := set.Config.Set(bpf.Config{Flags: f}); err != nil {
+		if err := set.Cores.SetKinds(f); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -94,7 +94,7 @@ func BenchmarkPrivate(b *testing.B) {
 		k, _ := maps.CoreKey(nthAddr(coreBase, i), 5064)
 		return k
 	}
-	const off, both, port = 0, bpf.ConfigFlagCores, bpf.ConfigFlagCorePort
+	const off, both, port = 0, bpf.CoreFlags, bpf.CoreFlagPort
 	run := func(name string, dst netip.Addr, want bpf.Reason, flags uint32) {
 		b.Run(name, func(b *testing.B) {
 			cores(flags)

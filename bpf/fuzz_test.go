@@ -114,7 +114,10 @@ type fuzzHarness struct {
 func newFuzzHarness(tb testing.TB, private bool) *fuzzHarness {
 	objs, set := loadObjects(tb, 1024)
 	ns := netns.ForTest(tb, "xbfz")
-	if err := set.Config.Set(bpf.Config{Workers: 2, Flags: bpf.ConfigFlagCores}); err != nil {
+	if err := set.Config.Set(bpf.Config{Workers: 2}); err != nil {
+		tb.Fatal(err)
+	}
+	if err := set.Cores.SetKinds(bpf.CoreFlags); err != nil {
 		tb.Fatal(err)
 	}
 	for spi, sa := range fuzzSAs {

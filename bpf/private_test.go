@@ -85,7 +85,10 @@ func TestPrivateFixtures(t *testing.T) {
 func TestPrivateCoreFixtures(t *testing.T) {
 	objs, set := loadObjects(t, 16)
 	ns := netns.ForTest(t, "xbpc")
-	if err := set.Config.Set(bpf.Config{Workers: 2, Flags: bpf.ConfigFlagCores}); err != nil {
+	if err := set.Config.Set(bpf.Config{Workers: 2}); err != nil {
+		t.Fatal(err)
+	}
+	if err := set.Cores.SetKinds(bpf.CoreFlags); err != nil {
 		t.Fatal(err)
 	}
 	for p, pol := range map[string]bpf.Policy{
@@ -170,9 +173,9 @@ func TestPrivateCoreFixtures(t *testing.T) {
 		{name: "v6-other-port-prefix", in: udp6("2001:db8:99::5", 5061), verdict: xdpRedirect, meta: meta(bpf.MetaClear, 3, 0, 0, 14), reason: bpf.PrivRedirect},
 		{name: "miss", in: udp4("100.128.0.1", 5060), verdict: xdpPass, reason: bpf.PrivPassNoPolicy},
 	})
-	// Without the config flag the exact-match step is skipped: the trie
+	// Without core_cfg flags the exact-match step is skipped: the trie
 	// alone decides, at the trie-only cost.
-	if err := set.Config.Set(bpf.Config{Workers: 2}); err != nil {
+	if err := set.Cores.SetKinds(0); err != nil {
 		t.Fatal(err)
 	}
 	runTable(t, objs.XespPrivate, set, []fixture{
@@ -180,14 +183,14 @@ func TestPrivateCoreFixtures(t *testing.T) {
 		{name: "flag-off-miss", in: udp4("100.128.0.1", 5060), verdict: xdpPass, reason: bpf.PrivPassNoPolicy},
 	})
 	// One kind on: only that lookup is made.
-	if err := set.Config.Set(bpf.Config{Workers: 2, Flags: bpf.ConfigFlagCorePort}); err != nil {
+	if err := set.Cores.SetKinds(bpf.CoreFlagPort); err != nil {
 		t.Fatal(err)
 	}
 	runTable(t, objs.XespPrivate, set, []fixture{
 		{name: "port-only-port-hit", in: udp4("100.64.0.3", 5060), verdict: xdpRedirect, meta: meta(bpf.MetaClear, 31, 0, 0, 14), reason: bpf.PrivRedirectCorePort},
 		{name: "port-only-any-entry-skipped", in: udp4("100.64.0.3", 7000), verdict: xdpRedirect, meta: meta(bpf.MetaClear, 2, 0, 0, 14), reason: bpf.PrivRedirect},
 	})
-	if err := set.Config.Set(bpf.Config{Workers: 2, Flags: bpf.ConfigFlagCoreAny}); err != nil {
+	if err := set.Cores.SetKinds(bpf.CoreFlagAny); err != nil {
 		t.Fatal(err)
 	}
 	runTable(t, objs.XespPrivate, set, []fixture{

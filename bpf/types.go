@@ -9,6 +9,7 @@ type (
 	Policy    = XespXespPolicy
 	PolicyKey = XespXespPolicyKey
 	CoreKey   = XespXespCoreKey
+	CoreCfg   = XespXespCoreCfg
 	Config    = XespXespConfig
 	Counter   = XespXespCounter
 	Meta      = XespXespMeta
@@ -27,12 +28,12 @@ const (
 	MetaESP     = XespXespMetaKindXESP_META_ESP
 	MetaClear   = XespXespMetaKindXESP_META_CLEAR
 	SAFlagEncap = uint16(XespXespSaFlagXESP_SA_F_ENCAP)
-	// ConfigFlagCorePort and ConfigFlagCoreAny turn on xesp_private's
+	// CoreFlagPort and CoreFlagAny (core_cfg) turn on xesp_private's
 	// exact-match lookups of (address, port) and (address, any port)
-	// entries; ConfigFlagCores is both.
-	ConfigFlagCorePort = uint32(XespXespConfigFlagXESP_CFG_F_CORE_PORT)
-	ConfigFlagCoreAny  = uint32(XespXespConfigFlagXESP_CFG_F_CORE_ANY)
-	ConfigFlagCores    = ConfigFlagCorePort | ConfigFlagCoreAny
+	// entries; CoreFlags is both.
+	CoreFlagPort = uint32(XespXespCoreFlagXESP_CORE_F_PORT)
+	CoreFlagAny  = uint32(XespXespCoreFlagXESP_CORE_F_ANY)
+	CoreFlags    = CoreFlagPort | CoreFlagAny
 
 	// MetaSize is sizeof(struct xesp_meta): the bytes before a redirected
 	// frame's data that hold the metadata.

@@ -37,7 +37,7 @@ enum xesp_reason xesp_reason_btf __attribute__((unused));
 enum xesp_meta_kind xesp_meta_kind_btf __attribute__((unused));
 enum xesp_meta_magic xesp_meta_magic_btf __attribute__((unused));
 enum xesp_sa_flag xesp_sa_flag_btf __attribute__((unused));
-enum xesp_config_flag xesp_config_flag_btf __attribute__((unused));
+enum xesp_core_flag xesp_core_flag_btf __attribute__((unused));
 
 /* Capacities are placeholders: the loader sets max_entries at load time. */
 struct {
@@ -63,6 +63,13 @@ struct {
 	__type(key, struct xesp_core_key);
 	__type(value, struct xesp_policy);
 } cores SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct xesp_core_cfg);
+} core_cfg SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -576,14 +583,14 @@ static __always_inline struct xesp_policy *lookup_core(struct xesp_policy_key *k
 	struct xesp_policy *pol;
 
 	__builtin_memcpy(ck.addr, key->addr, sizeof(ck.addr));
-	if (dport && (flags & XESP_CFG_F_CORE_PORT)) {
+	if (dport && (flags & XESP_CORE_F_PORT)) {
 		pol = bpf_map_lookup_elem(&cores, &ck);
 		if (pol) {
 			*reason = XESP_PRIV_REDIRECT_CORE_PORT;
 			return pol;
 		}
 	}
-	if (!(flags & XESP_CFG_F_CORE_ANY))
+	if (!(flags & XESP_CORE_F_ANY))
 		return NULL;
 	ck.port = 0;
 	pol = bpf_map_lookup_elem(&cores, &ck);
@@ -606,9 +613,10 @@ int xesp_private(struct xdp_md *ctx)
 	struct iphdr *iph;
 	struct ipv6hdr *ip6h;
 	struct xesp_policy *pol;
+	struct xesp_core_cfg *cc;
 	struct xesp_config cfg;
 	__be16 dport = 0;
-	__u32 l3_off;
+	__u32 l3_off, zero = 0;
 	int proto;
 
 	proto = parse_ethhdr(&nh, data_end);
@@ -637,14 +645,15 @@ int xesp_private(struct xdp_md *ctx)
 	}
 	/* Exact match first (per-phone core addresses), then the trie
 	 * (prefixes of SAs without a core address). */
-	cfg = load_config();
 	pol = NULL;
-	if (cfg.flags & (XESP_CFG_F_CORE_PORT | XESP_CFG_F_CORE_ANY))
-		pol = lookup_core(&key, dport, cfg.flags, &reason);
+	cc = bpf_map_lookup_elem(&core_cfg, &zero);
+	if (cc && cc->flags)
+		pol = lookup_core(&key, dport, cc->flags, &reason);
 	if (!pol)
 		pol = bpf_map_lookup_elem(&policies, &key);
 	if (!pol)
 		return verdict(pkt_len, XESP_PRIV_PASS_NO_POLICY, XDP_PASS);
+	cfg = load_config();
 	if (put_meta(ctx, pol->sa_index, 0, 0, l3_off, XESP_META_CLEAR))
 		return verdict(pkt_len, XESP_PRIV_ABORTED, XDP_ABORTED);
 	if (steer(ctx, &xsks_private, cfg.workers, pol->worker) != XDP_REDIRECT)

@@ -13,6 +13,8 @@
  *   cores          HASH, struct xesp_core_key -> struct xesp_policy: the
  *                  exact-match outbound map (core addresses), read before
  *                  the trie; max_entries set by the loader, BPF_F_NO_PREALLOC
+ *   core_cfg       ARRAY[1] of struct xesp_core_cfg: which kinds of cores
+ *                  entries exist (written by the manager with the cores map)
  *   config         ARRAY[1] of struct xesp_config
  *   counters       PERCPU_ARRAY[XESP_REASON_MAX] of struct xesp_counter,
  *                  indexed by enum xesp_reason
@@ -80,17 +82,7 @@ struct xesp_counter {
 struct xesp_config {
 	__u16 natt_port;   /* host byte order; 0 means 4500 */
 	__u16 workers;     /* sockets per RX queue in the XSK maps; 0 means 1 */
-	__u32 flags;       /* XESP_CFG_F_* */
-};
-
-enum xesp_config_flag {
-	/* The cores map holds (address, port) entries, resp. any-port
-	 * entries: xesp_private does that exact-match lookup before the trie.
-	 * Both off, the private side costs what it did before core addresses
-	 * existed; one on, an SA without a core address pays one hash miss,
-	 * not two. The manager sets each with its first entry of the kind. */
-	XESP_CFG_F_CORE_PORT = 0x1,
-	XESP_CFG_F_CORE_ANY  = 0x2,
+	__u32 flags;
 };
 
 /* Inbound SA map: key is the SPI in host byte order. */
@@ -123,6 +115,20 @@ struct xesp_core_key {
 	__u8 addr[16];
 	__be16 port;
 	__u16 pad;         /* zero */
+};
+
+/* Which kinds of entries the cores map holds: xesp_private makes only
+ * those exact-match lookups. None, the private side costs what it did
+ * before core addresses existed; one kind, an SA without a core address
+ * pays one hash miss in front of the trie, not two. The manager sets each
+ * with its first entry of the kind. */
+struct xesp_core_cfg {
+	__u32 flags;       /* XESP_CORE_F_* */
+};
+
+enum xesp_core_flag {
+	XESP_CORE_F_PORT = 0x1, /* (address, port) entries exist */
+	XESP_CORE_F_ANY  = 0x2, /* (address, any port) entries exist */
 };
 
 struct xesp_policy {

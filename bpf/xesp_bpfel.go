@@ -20,11 +20,16 @@ type XespXespConfig struct {
 	Flags    uint32
 }
 
-type XespXespConfigFlag uint32
+type XespXespCoreCfg struct {
+	_     structs.HostLayout
+	Flags uint32
+}
+
+type XespXespCoreFlag uint32
 
 const (
-	XespXespConfigFlagXESP_CFG_F_CORE_PORT XespXespConfigFlag = 1
-	XespXespConfigFlagXESP_CFG_F_CORE_ANY  XespXespConfigFlag = 2
+	XespXespCoreFlagXESP_CORE_F_PORT XespXespCoreFlag = 1
+	XespXespCoreFlagXESP_CORE_F_ANY  XespXespCoreFlag = 2
 )
 
 type XespXespCoreKey struct {
@@ -146,25 +151,26 @@ const (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	XespMapConfig            = "config"
-	XespMapCores             = "cores"
-	XespMapCounters          = "counters"
-	XespMapFloodDrops        = "flood_drops"
-	XespMapFloodSas          = "flood_sas"
-	XespMapFloodSrcs         = "flood_srcs"
-	XespMapPolicies          = "policies"
-	XespMapSas               = "sas"
-	XespMapXsksPrivate       = "xsks_private"
-	XespMapXsksPublic        = "xsks_public"
-	XespProgXespPrivate      = "xesp_private"
-	XespProgXespPublic       = "xesp_public"
-	XespProgXespXskProbe     = "xesp_xsk_probe"
-	XespVarXespConfigFlagBtf = "xesp_config_flag_btf"
-	XespVarXespMetaBtf       = "xesp_meta_btf"
-	XespVarXespMetaKindBtf   = "xesp_meta_kind_btf"
-	XespVarXespMetaMagicBtf  = "xesp_meta_magic_btf"
-	XespVarXespReasonBtf     = "xesp_reason_btf"
-	XespVarXespSaFlagBtf     = "xesp_sa_flag_btf"
+	XespMapConfig           = "config"
+	XespMapCoreCfg          = "core_cfg"
+	XespMapCores            = "cores"
+	XespMapCounters         = "counters"
+	XespMapFloodDrops       = "flood_drops"
+	XespMapFloodSas         = "flood_sas"
+	XespMapFloodSrcs        = "flood_srcs"
+	XespMapPolicies         = "policies"
+	XespMapSas              = "sas"
+	XespMapXsksPrivate      = "xsks_private"
+	XespMapXsksPublic       = "xsks_public"
+	XespProgXespPrivate     = "xesp_private"
+	XespProgXespPublic      = "xesp_public"
+	XespProgXespXskProbe    = "xesp_xsk_probe"
+	XespVarXespCoreFlagBtf  = "xesp_core_flag_btf"
+	XespVarXespMetaBtf      = "xesp_meta_btf"
+	XespVarXespMetaKindBtf  = "xesp_meta_kind_btf"
+	XespVarXespMetaMagicBtf = "xesp_meta_magic_btf"
+	XespVarXespReasonBtf    = "xesp_reason_btf"
+	XespVarXespSaFlagBtf    = "xesp_sa_flag_btf"
 )
 
 // LoadXesp returns the embedded CollectionSpec for Xesp.
@@ -219,6 +225,7 @@ type XespProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type XespMapSpecs struct {
 	Config      *ebpf.MapSpec `ebpf:"config"`
+	CoreCfg     *ebpf.MapSpec `ebpf:"core_cfg"`
 	Cores       *ebpf.MapSpec `ebpf:"cores"`
 	Counters    *ebpf.MapSpec `ebpf:"counters"`
 	FloodDrops  *ebpf.MapSpec `ebpf:"flood_drops"`
@@ -234,12 +241,12 @@ type XespMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type XespVariableSpecs struct {
-	XespConfigFlagBtf *ebpf.VariableSpec `ebpf:"xesp_config_flag_btf"`
-	XespMetaBtf       *ebpf.VariableSpec `ebpf:"xesp_meta_btf"`
-	XespMetaKindBtf   *ebpf.VariableSpec `ebpf:"xesp_meta_kind_btf"`
-	XespMetaMagicBtf  *ebpf.VariableSpec `ebpf:"xesp_meta_magic_btf"`
-	XespReasonBtf     *ebpf.VariableSpec `ebpf:"xesp_reason_btf"`
-	XespSaFlagBtf     *ebpf.VariableSpec `ebpf:"xesp_sa_flag_btf"`
+	XespCoreFlagBtf  *ebpf.VariableSpec `ebpf:"xesp_core_flag_btf"`
+	XespMetaBtf      *ebpf.VariableSpec `ebpf:"xesp_meta_btf"`
+	XespMetaKindBtf  *ebpf.VariableSpec `ebpf:"xesp_meta_kind_btf"`
+	XespMetaMagicBtf *ebpf.VariableSpec `ebpf:"xesp_meta_magic_btf"`
+	XespReasonBtf    *ebpf.VariableSpec `ebpf:"xesp_reason_btf"`
+	XespSaFlagBtf    *ebpf.VariableSpec `ebpf:"xesp_sa_flag_btf"`
 }
 
 // XespObjects contains all objects after they have been loaded into the kernel.
@@ -263,6 +270,7 @@ func (o *XespObjects) Close() error {
 // It can be passed to LoadXespObjects or ebpf.CollectionSpec.LoadAndAssign.
 type XespMaps struct {
 	Config      *ebpf.Map `ebpf:"config"`
+	CoreCfg     *ebpf.Map `ebpf:"core_cfg"`
 	Cores       *ebpf.Map `ebpf:"cores"`
 	Counters    *ebpf.Map `ebpf:"counters"`
 	FloodDrops  *ebpf.Map `ebpf:"flood_drops"`
@@ -277,6 +285,7 @@ type XespMaps struct {
 func (m *XespMaps) Close() error {
 	return _XespClose(
 		m.Config,
+		m.CoreCfg,
 		m.Cores,
 		m.Counters,
 		m.FloodDrops,
@@ -293,12 +302,12 @@ func (m *XespMaps) Close() error {
 //
 // It can be passed to LoadXespObjects or ebpf.CollectionSpec.LoadAndAssign.
 type XespVariables struct {
-	XespConfigFlagBtf *ebpf.Variable `ebpf:"xesp_config_flag_btf"`
-	XespMetaBtf       *ebpf.Variable `ebpf:"xesp_meta_btf"`
-	XespMetaKindBtf   *ebpf.Variable `ebpf:"xesp_meta_kind_btf"`
-	XespMetaMagicBtf  *ebpf.Variable `ebpf:"xesp_meta_magic_btf"`
-	XespReasonBtf     *ebpf.Variable `ebpf:"xesp_reason_btf"`
-	XespSaFlagBtf     *ebpf.Variable `ebpf:"xesp_sa_flag_btf"`
+	XespCoreFlagBtf  *ebpf.Variable `ebpf:"xesp_core_flag_btf"`
+	XespMetaBtf      *ebpf.Variable `ebpf:"xesp_meta_btf"`
+	XespMetaKindBtf  *ebpf.Variable `ebpf:"xesp_meta_kind_btf"`
+	XespMetaMagicBtf *ebpf.Variable `ebpf:"xesp_meta_magic_btf"`
+	XespReasonBtf    *ebpf.Variable `ebpf:"xesp_reason_btf"`
+	XespSaFlagBtf    *ebpf.Variable `ebpf:"xesp_sa_flag_btf"`
 }
 
 // XespPrograms contains all programs after they have been loaded into the kernel.

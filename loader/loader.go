@@ -174,7 +174,7 @@ func Load(opts Options) (*Instance, error) {
 }
 
 // pinnedMaps are the maps that carry state across restarts: all of them.
-var pinnedMaps = []string{bpf.XespMapSas, bpf.XespMapPolicies, bpf.XespMapCores, bpf.XespMapConfig,
+var pinnedMaps = []string{bpf.XespMapSas, bpf.XespMapPolicies, bpf.XespMapCores, bpf.XespMapCoreCfg, bpf.XespMapConfig,
 	bpf.XespMapCounters, bpf.XespMapXsksPublic, bpf.XespMapXsksPrivate,
 	bpf.XespMapFloodSas, bpf.XespMapFloodSrcs, bpf.XespMapFloodDrops}
 

@@ -12,17 +12,38 @@ import (
 
 // Cores is the exact-match outbound map xesp_private reads before the
 // policy trie: (core address, destination port) -> bpf.Policy, port 0
-// for an SA without a peer port selector (xesp.h, docs/addressing.md).
+// for an SA without a peer port selector (xesp.h, docs/addressing.md);
+// with core_cfg, the kinds of entries it holds.
 type Cores struct {
-	m *ebpf.Map
+	m, cfg *ebpf.Map
 }
 
-// NewCores wraps the cores map.
-func NewCores(m *ebpf.Map) (*Cores, error) {
+// NewCores wraps the cores and core_cfg maps.
+func NewCores(m, cfg *ebpf.Map) (*Cores, error) {
 	if err := check(m, "cores", ebpf.Hash, uint32(unsafe.Sizeof(bpf.CoreKey{})), uint32(unsafe.Sizeof(bpf.Policy{}))); err != nil {
 		return nil, err
 	}
-	return &Cores{m: m}, nil
+	if err := check(cfg, "core_cfg", ebpf.Array, 4, uint32(unsafe.Sizeof(bpf.CoreCfg{}))); err != nil {
+		return nil, err
+	}
+	return &Cores{m: m, cfg: cfg}, nil
+}
+
+// Kinds returns the bpf.CoreFlag* bits set: the lookups xesp_private makes.
+func (c *Cores) Kinds() (uint32, error) {
+	var v bpf.CoreCfg
+	if err := c.cfg.Lookup(uint32(0), &v); err != nil {
+		return 0, fmt.Errorf("core_cfg map: get: %w", err)
+	}
+	return v.Flags, nil
+}
+
+// SetKinds replaces the bpf.CoreFlag* bits.
+func (c *Cores) SetKinds(flags uint32) error {
+	if err := c.cfg.Put(uint32(0), bpf.CoreCfg{Flags: flags}); err != nil {
+		return fmt.Errorf("core_cfg map: set: %w", err)
+	}
+	return nil
 }
 
 // Map returns the underlying map.

@@ -37,7 +37,7 @@ type Set struct {
 
 // New wraps maps loaded by the loader. The Set does not own them.
 func New(m *bpf.XespMaps) (*Set, error) {
-	s, err := newSet(m.Sas, m.Policies, m.XsksPublic, m.XsksPrivate, m.Config, m.Counters, m.Cores)
+	s, err := newSet(m.Sas, m.Policies, m.XsksPublic, m.XsksPrivate, m.Config, m.Counters, m.Cores, m.CoreCfg)
 	if err != nil {
 		return nil, err
 	}
@@ -51,7 +51,7 @@ func New(m *bpf.XespMaps) (*Set, error) {
 // by their names in xesp.h. Close releases them; the pins stay.
 func Open(dir string) (*Set, error) {
 	names := []string{bpf.XespMapSas, bpf.XespMapPolicies, bpf.XespMapXsksPublic,
-		bpf.XespMapXsksPrivate, bpf.XespMapConfig, bpf.XespMapCounters, bpf.XespMapCores,
+		bpf.XespMapXsksPrivate, bpf.XespMapConfig, bpf.XespMapCounters, bpf.XespMapCores, bpf.XespMapCoreCfg,
 		bpf.XespMapFloodSas, bpf.XespMapFloodSrcs, bpf.XespMapFloodDrops}
 	ms := make([]*ebpf.Map, 0, len(names))
 	for _, n := range names {
@@ -64,9 +64,9 @@ func Open(dir string) (*Set, error) {
 		}
 		ms = append(ms, m)
 	}
-	s, err := newSet(ms[0], ms[1], ms[2], ms[3], ms[4], ms[5], ms[6])
+	s, err := newSet(ms[0], ms[1], ms[2], ms[3], ms[4], ms[5], ms[6], ms[7])
 	if err == nil {
-		s.Flood, err = NewFlood(ms[7], ms[8], ms[9])
+		s.Flood, err = NewFlood(ms[8], ms[9], ms[10])
 	}
 	if err != nil {
 		for _, o := range ms {
@@ -89,7 +89,7 @@ func (s *Set) Close() error {
 	return errors.Join(errs...)
 }
 
-func newSet(sas, pol, xpub, xpriv, cfg, ctr, cores *ebpf.Map) (*Set, error) {
+func newSet(sas, pol, xpub, xpriv, cfg, ctr, cores, coreCfg *ebpf.Map) (*Set, error) {
 	s := &Set{}
 	var err error
 	if s.SAs, err = NewSAs(sas); err != nil {
@@ -98,7 +98,7 @@ func newSet(sas, pol, xpub, xpriv, cfg, ctr, cores *ebpf.Map) (*Set, error) {
 	if s.Policies, err = NewPolicies(pol); err != nil {
 		return nil, err
 	}
-	if s.Cores, err = NewCores(cores); err != nil {
+	if s.Cores, err = NewCores(cores, coreCfg); err != nil {
 		return nil, err
 	}
 	if s.XSKPublic, err = NewXSKs(xpub); err != nil {

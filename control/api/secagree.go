@@ -173,12 +173,19 @@ func (s *Server) secAgreeCreate(w http.ResponseWriter, r *http.Request) {
 	var server secagree.Mechanism
 	tunnel := chosen.Mod.Effective() != secagree.ModeTrans && reg.UEInner.IsValid()
 	withCore := s.pool != nil && tunnel && reg.UEInner.Is4() == s.pool.Prefix().Addr().Is4()
+	locked := false
 	if withCore {
 		// Allocation and add under one lock: no two registrations get
 		// one address, and the check that the new set does not overlap
-		// the phone's current set still holds when it is added.
+		// the phone's current set still holds when it is added. Released
+		// before the wait for the data path.
 		s.coreMu.Lock()
-		defer s.coreMu.Unlock()
+		locked = true
+		defer func() {
+			if locked {
+				s.coreMu.Unlock()
+			}
+		}()
 	} else if reg.Pair == "" {
 		reg.Pair = secagree.PhoneLabel(reg.UE, reg.UEInner)
 	}
@@ -232,6 +239,10 @@ func (s *Server) secAgreeCreate(w http.ResponseWriter, r *http.Request) {
 			writeError(w, sadStatus(addErr), addErr.Error())
 			return
 		}
+	}
+	if locked {
+		s.coreMu.Unlock()
+		locked = false
 	}
 	if !s.synced(w, r) {
 		return

@@ -12,7 +12,7 @@ import (
 
 // SAs with a core address are published in the cores map under (core
 // address, peer port), never in the trie; several on one key (a phone's
-// re-registration) hand it to the newest and back; the config flag for
+// re-registration) hand it to the newest and back; the core_cfg flag for
 // the kind is set; an update that gives an SA a core address moves it
 // from the trie to the cores map; PruneStale removes core entries nobody
 // published.
@@ -44,9 +44,8 @@ func TestCoreEntries(t *testing.T) {
 	if _, err := f.maps.Policies.Lookup(netip.MustParseAddr("192.168.1.10")); !errors.Is(err, maps.ErrNotFound) {
 		t.Fatalf("the shared inner address is in the trie: %v", err)
 	}
-	cfg, _ := f.maps.Config.Get()
-	if cfg.Flags&bpf.ConfigFlagCorePort == 0 || cfg.Flags&bpf.ConfigFlagCoreAny != 0 {
-		t.Fatalf("config flags %#x, want only the port kind", cfg.Flags)
+	if k, err := f.maps.Cores.Kinds(); err != nil || k != bpf.CoreFlagPort {
+		t.Fatalf("core_cfg flags %#x (%v), want only the port kind", k, err)
 	}
 	if w := f.w.entry(int(e1.Worker), e1.Index); w == nil || w.Core != core || w.Inner != netip.MustParseAddr("192.168.1.10") {
 		t.Fatalf("worker entry %+v", w)
@@ -87,8 +86,8 @@ func TestCoreEntries(t *testing.T) {
 	if pol, err := f.maps.Cores.Lookup(plain.Core, 0); err != nil || pol.SaIndex != ep.Index {
 		t.Fatalf("any-port core entry: %+v %v", pol, err)
 	}
-	if cfg, _ := f.maps.Config.Get(); cfg.Flags&bpf.ConfigFlagCoreAny == 0 {
-		t.Fatalf("config flags %#x: any-port kind not on", cfg.Flags)
+	if k, _ := f.maps.Cores.Kinds(); k != bpf.CoreFlags {
+		t.Fatalf("core_cfg flags %#x: want both kinds", k)
 	}
 
 	// A stale core entry (left by a previous process) is pruned.

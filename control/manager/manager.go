@@ -109,20 +109,19 @@ func (k policyKey) String() string {
 
 // putPolicy points k's XDP entry at pol. The first core entry with a
 // port (without one) turns on xesp_private's (address, port) (address,
-// any port) lookup, bpf.ConfigFlagCorePort (ConfigFlagCoreAny); it stays
+// any port) lookup, bpf.CoreFlagPort (CoreFlagAny) in core_cfg; it stays
 // on, so a deployment without core addresses never pays for the lookups
 // and one with only one kind pays one miss in front of the trie.
 func (m *Manager) putPolicy(k policyKey, pol bpf.Policy) error {
 	if k.core.IsValid() {
-		flag := bpf.ConfigFlagCoreAny
+		flag := bpf.CoreFlagAny
 		if k.port != 0 {
-			flag = bpf.ConfigFlagCorePort
+			flag = bpf.CoreFlagPort
 		}
 		if m.coreFlags&flag == 0 {
-			cfg, err := m.o.Maps.Config.Get()
+			cur, err := m.o.Maps.Cores.Kinds()
 			if err == nil {
-				cfg.Flags |= flag
-				err = m.o.Maps.Config.Set(cfg)
+				err = m.o.Maps.Cores.SetKinds(cur | flag)
 			}
 			if err != nil {
 				return fmt.Errorf("turn on the exact-match step: %w", err)
@@ -170,8 +169,7 @@ type Manager struct {
 	// groups a phone's SAs by core address), which picks by ports.
 	policies map[policyKey][]*slot
 
-	// coreFlags are the bpf.ConfigFlagCore* bits set in the config map
-	// (putPolicy).
+	// coreFlags are the bpf.CoreFlag* bits set in core_cfg (putPolicy).
 	coreFlags uint32
 
 	version uint64

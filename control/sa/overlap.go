@@ -81,17 +81,30 @@ func (e *OverlapError) Error() string {
 }
 
 // OutIndex finds the outbound SAs whose selectors overlap a given one. V
-// is the caller's handle for an SA (a label, a SAD entry). Lookups cost a
-// map probe per distinct destination prefix length shorter than or equal
-// to the one asked, plus, only when longer prefixes are stored, a scan of
-// those: with per-phone core addresses every key is a host prefix, so an
-// add is a handful of probes whatever the SA count. The zero value is
-// ready to use; it is not safe for concurrent use.
+// is the caller's handle for an SA (a label, a SAD entry). A lookup costs
+// a map probe per distinct destination prefix length shorter than or
+// equal to the one asked and, only when longer prefixes are stored, a
+// scan of those; within one destination, a selector with both ports set
+// probes four port keys. With per-phone core addresses every key is a host
+// prefix, and without them many phones on one inner address are told
+// apart by ports: either way an add costs a handful of probes whatever
+// the SA count (BenchmarkOutIndex). The zero value is ready to use; it is
+// not safe for concurrent use.
 type OutIndex[V comparable] struct {
 	// byLen[fam][bits] holds the SAs whose destination prefix has that
 	// length; fam is 0 for IPv4, 1 for IPv6.
-	byLen [2][129]map[netip.Prefix][]outItem[V]
+	byLen [2][129]map[netip.Prefix]*outBucket[V]
 	lens  [2][129]int // entries per length, to skip empty ones
+}
+
+// outBucket holds the SAs of one destination prefix by their exact port
+// selectors. Many phones may share one destination without core
+// addresses (all on 192.168.1.10, told apart by the P-CSCF's ports): a
+// query with both ports set probes the four keys that can overlap it
+// instead of scanning them all.
+type outBucket[V comparable] struct {
+	byPorts map[Ports][]outItem[V]
+	n       int
 }
 
 func fam(p netip.Prefix) int {
@@ -110,27 +123,41 @@ type outItem[V comparable] struct {
 func (x *OutIndex[V]) Add(sel Selector, v V) {
 	f, b := fam(sel.Dst), sel.Dst.Bits()
 	if x.byLen[f][b] == nil {
-		x.byLen[f][b] = make(map[netip.Prefix][]outItem[V])
+		x.byLen[f][b] = make(map[netip.Prefix]*outBucket[V])
 	}
-	x.byLen[f][b][sel.Dst] = append(x.byLen[f][b][sel.Dst], outItem[V]{sel, v})
+	bk := x.byLen[f][b][sel.Dst]
+	if bk == nil {
+		bk = &outBucket[V]{byPorts: make(map[Ports][]outItem[V], 1)}
+		x.byLen[f][b][sel.Dst] = bk
+	}
+	bk.byPorts[sel.Ports] = append(bk.byPorts[sel.Ports], outItem[V]{sel, v})
+	bk.n++
 	x.lens[f][b]++
 }
 
 // Remove forgets v recorded with sel.
 func (x *OutIndex[V]) Remove(sel Selector, v V) {
 	f, b := fam(sel.Dst), sel.Dst.Bits()
-	list := x.byLen[f][b][sel.Dst]
+	bk := x.byLen[f][b][sel.Dst]
+	if bk == nil {
+		return
+	}
+	list := bk.byPorts[sel.Ports]
 	for i, it := range list {
 		if it.v == v {
 			list = append(list[:i:i], list[i+1:]...)
+			bk.n--
 			x.lens[f][b]--
 			break
 		}
 	}
 	if len(list) == 0 {
-		delete(x.byLen[f][b], sel.Dst)
+		delete(bk.byPorts, sel.Ports)
 	} else {
-		x.byLen[f][b][sel.Dst] = list
+		bk.byPorts[sel.Ports] = list
+	}
+	if bk.n == 0 {
+		delete(x.byLen[f][b], sel.Dst)
 	}
 }
 
@@ -140,10 +167,42 @@ func (x *OutIndex[V]) Any(dst netip.Prefix) (V, bool) {
 	if !dst.IsValid() {
 		return zero, false
 	}
-	if list := x.byLen[fam(dst)][dst.Bits()][dst]; len(list) > 0 {
-		return list[0].v, true
+	if bk := x.byLen[fam(dst)][dst.Bits()][dst]; bk != nil {
+		for _, list := range bk.byPorts {
+			if len(list) > 0 {
+				return list[0].v, true
+			}
+		}
 	}
 	return zero, false
+}
+
+// conflict returns an item of bk whose selector overlaps sel and that
+// skip does not accept.
+func (bk *outBucket[V]) conflict(sel Selector, skip func(V) bool) (outItem[V], bool) {
+	check := func(list []outItem[V]) (outItem[V], bool) {
+		for _, it := range list {
+			if it.sel.Overlaps(sel) && (skip == nil || !skip(it.v)) {
+				return it, true
+			}
+		}
+		return outItem[V]{}, false
+	}
+	if l, p := sel.Ports.Local, sel.Ports.Peer; l != 0 && p != 0 {
+		// Only these four port keys can overlap (l, p).
+		for _, k := range [4]Ports{{l, p}, {0, p}, {l, 0}, {0, 0}} {
+			if it, ok := check(bk.byPorts[k]); ok {
+				return it, true
+			}
+		}
+		return outItem[V]{}, false
+	}
+	for _, list := range bk.byPorts {
+		if it, ok := check(list); ok {
+			return it, true
+		}
+	}
+	return outItem[V]{}, false
 }
 
 // Conflict returns a recorded SA whose selector overlaps sel, other than
@@ -152,14 +211,6 @@ func (x *OutIndex[V]) Conflict(sel Selector, skip func(V) bool) (V, Selector, bo
 	var zero V
 	if !sel.Dst.IsValid() {
 		return zero, Selector{}, false
-	}
-	check := func(list []outItem[V]) (outItem[V], bool) {
-		for _, it := range list {
-			if it.sel.Overlaps(sel) && (skip == nil || !skip(it.v)) {
-				return it, true
-			}
-		}
-		return outItem[V]{}, false
 	}
 	a, f := sel.Dst.Addr(), fam(sel.Dst)
 	for b := 0; b <= sel.Dst.Bits(); b++ {
@@ -170,17 +221,19 @@ func (x *OutIndex[V]) Conflict(sel Selector, skip func(V) bool) (V, Selector, bo
 		if err != nil {
 			continue
 		}
-		if it, ok := check(x.byLen[f][b][p]); ok {
-			return it.v, it.sel, true
+		if bk := x.byLen[f][b][p]; bk != nil {
+			if it, ok := bk.conflict(sel, skip); ok {
+				return it.v, it.sel, true
+			}
 		}
 	}
 	for b := sel.Dst.Bits() + 1; b <= a.BitLen(); b++ {
 		if x.lens[f][b] == 0 {
 			continue
 		}
-		for p, list := range x.byLen[f][b] {
+		for p, bk := range x.byLen[f][b] {
 			if sel.Dst.Contains(p.Addr()) {
-				if it, ok := check(list); ok {
+				if it, ok := bk.conflict(sel, skip); ok {
 					return it.v, it.sel, true
 				}
 			}

@@ -60,6 +60,11 @@ func (p *pipeline) outSelect(e *Entry, ip []byte) (*Entry, Drop) {
 	if alt == nil {
 		return nil, DropPolicy
 	}
+	if alt.expired() {
+		// The steered entry's lifetime was checked; the one that
+		// seals must be within its own.
+		return nil, DropLifetime
+	}
 	return alt, 0
 }
 
