@@ -127,11 +127,12 @@ func cliWriteSAFile(t *testing.T, dir string) string {
     inner: {local: 10.0.0.0/24, peer: 100.64.0.1}
   - spi: 0x2002
     direction: in
-    mode: transport
+    mode: tunnel
     proposal: null-sha1
     auth_key: ` + strings.Repeat("5a", 20) + `
     local: 198.51.100.20
     peer: 192.0.2.11
+    inner: {local: 10.0.0.0/24, peer: 100.64.0.2}
 `
 	path := filepath.Join(dir, "phones.yaml")
 	if err := os.WriteFile(path, []byte(doc), 0o600); err != nil {
@@ -165,10 +166,10 @@ added sa 0x00002002 in:0x00002002 (worker 1, index 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	want = `NAME     SPI         DIR  PROPOSAL     MODE       BINDING           WORKER  PACKETS  BYTES  DROPS
-ue1-in   0x00002001  in   aes128gcm16  tunnel     192.0.2.10:31000  0       8193     81930  1
-ue1-out  0xc0002001  out  aes128gcm16  tunnel     192.0.2.10:31000  0       8193     81930  1
--        0x00002002  in   null-sha1    transport  192.0.2.11:0      1       -        -      -
+	want = `NAME     SPI         DIR  PROPOSAL     MODE    BINDING           WORKER  PACKETS  BYTES  DROPS
+ue1-in   0x00002001  in   aes128gcm16  tunnel  192.0.2.10:31000  0       8193     81930  1
+ue1-out  0xc0002001  out  aes128gcm16  tunnel  192.0.2.10:31000  0       8193     81930  1
+-        0x00002002  in   null-sha1    tunnel  192.0.2.11:0      1       -        -      -
 `
 	if out != want {
 		t.Fatalf("sa list:\n%s\nwant\n%s", out, want)

@@ -309,6 +309,13 @@ func (d *SAD) check(s *sa.SA, self *entry) error {
 	if s.Direction != sa.In && s.Direction != sa.Out || s.SPI < 256 || !s.Peer.IsValid() {
 		return fmt.Errorf("%s: %w: not from sa.Parse (direction, SPI or peer unset)", s.Label(), ErrInvalid)
 	}
+	if s.Mode == sa.Transport {
+		// Transport mode needs the core-address model (docs/operations.md
+		// "Drop reasons"): without it the data path would decrypt and then
+		// misroute, so such an SA is refused here, where every source
+		// (config, API, sec-agree, etcd) passes, rather than half-work.
+		return fmt.Errorf("%s: mode: %w: transport mode is not supported by the data path yet; use mode: tunnel", s.Label(), ErrInvalid)
+	}
 	id := s.ID()
 	if other, dup := d.byID[id]; dup && other != self {
 		if s.Direction == sa.In {
