@@ -19,6 +19,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
 
 	"github.com/xesp/xesp/bpf"
 	"github.com/xesp/xesp/maps"
@@ -40,6 +41,11 @@ const (
 // Load was asked for (capacity or layout).
 var ErrPinnedMismatch = errors.New("pinned maps do not match")
 
+// ErrBusy: another process holds the instance's pin directory
+// (Options.Lock), e.g. a second daemon started with the same pin_dir and
+// public interface.
+var ErrBusy = errors.New("pin directory in use by another process")
+
 // Options say what to load and where to attach it.
 type Options struct {
 	Public  string // public interface (xesp_public); names the instance
@@ -53,6 +59,11 @@ type Options struct {
 	// directory of all instances (default BPFFS/xesp).
 	BPFFS   string
 	PinRoot string
+	// Lock takes an exclusive lock on the instance's pin directory for
+	// the life of the Instance, so a second daemon on the same pins fails
+	// with ErrBusy instead of stealing the first one's XSK slots. A
+	// daemon sets it; tools that inspect a running instance do not.
+	Lock bool
 	// NoPin loads and attaches without pinning anything (dry runs,
 	// tests): nothing survives Close.
 	NoPin bool
@@ -100,7 +111,8 @@ type Instance struct {
 	MountedBPFFS bool
 
 	opts Options
-	dir  string // "" when not pinning
+	dir  string   // "" when not pinning
+	lock *os.File // the pin directory, flock'ed (Options.Lock)
 }
 
 // Load loads the programs and maps. With pinning, maps already pinned in
@@ -132,12 +144,18 @@ func Load(opts Options) (*Instance, error) {
 		if err := os.MkdirAll(in.dir, 0o700); err != nil {
 			return nil, fmt.Errorf("load %s: create pin directory: %w", opts.Public, err)
 		}
+		if opts.Lock {
+			if in.lock, err = lockDir(in.dir); err != nil {
+				return nil, fmt.Errorf("load %s: %w", opts.Public, err)
+			}
+		}
 		for _, name := range pinnedMaps {
 			spec.Maps[name].Pinning = ebpf.PinByName
 		}
 		collOpts.Maps.PinPath = in.dir
 	}
 	if err := spec.LoadAndAssign(&in.Objects, &collOpts); err != nil {
+		in.unlock()
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) {
 			return nil, fmt.Errorf("load %s: verifier: %+v", opts.Public, ve)
@@ -149,6 +167,7 @@ func Load(opts Options) (*Instance, error) {
 	}
 	in.Maps, err = maps.New(&in.Objects.XespMaps)
 	if err != nil {
+		in.unlock()
 		in.Objects.Close()
 		return nil, fmt.Errorf("load %s: %w", opts.Public, err)
 	}
@@ -281,7 +300,32 @@ func (in *Instance) Close() error {
 		}
 	}
 	errs = append(errs, in.Objects.Close())
+	in.unlock()
 	return errors.Join(errs...)
+}
+
+// lockDir flocks dir (bpffs supports flock on directories); the lock
+// dies with the process, so a crashed daemon never leaves it behind.
+func lockDir(dir string) (*os.File, error) {
+	f, err := os.Open(dir)
+	if err != nil {
+		return nil, fmt.Errorf("lock pin directory: %w", err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, fmt.Errorf("%s: %w", dir, ErrBusy)
+		}
+		return nil, fmt.Errorf("lock pin directory %s: %w", dir, err)
+	}
+	return f, nil
+}
+
+func (in *Instance) unlock() {
+	if in.lock != nil {
+		in.lock.Close()
+		in.lock = nil
+	}
 }
 
 // Detach detaches both programs, removes every pin of the instance and
