@@ -13,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 	"log/slog"
 	"net"
+	"net/netip"
 	"path/filepath"
 	"sync"
 	"sync/atomic"
@@ -207,6 +208,17 @@ func (g *Gateway) start(ctx context.Context, o Options) (err error) {
 	if err := g.openEtcd(ctx); err != nil {
 		return err
 	}
+	pubMTU, privMTU := pubIf.MTU, privIf.MTU
+	if cfg.Public.MTU != 0 {
+		pubMTU = cfg.Public.MTU
+	}
+	if cfg.Private.MTU != 0 {
+		privMTU = cfg.Private.MTU
+	}
+	privAddrs, err := interfaceAddrs(privIf)
+	if err != nil {
+		return fmt.Errorf("private.interface %s: addresses: %w", privIf.Name, err)
+	}
 	events := make(chan worker.BindingChange, 4096)
 	seqReqs := make(chan worker.SeqRequest, 4096)
 	for w := 0; w < cfg.Workers; w++ {
@@ -223,7 +235,9 @@ func (g *Gateway) start(ctx context.Context, o Options) (err error) {
 		wk, err := worker.New(worker.Config{
 			ID: w, UMEM: g.UMEM, Public: pub, Private: priv,
 			PublicMAC: pubMAC, PrivateMAC: privMAC,
-			PublicMTU: pubIf.MTU, PrivateMTU: privIf.MTU, Workers: cfg.Workers,
+			PublicMTU: pubMTU, PrivateMTU: privMTU, Workers: cfg.Workers,
+			PrivateAddrs: privAddrs, OuterTTL: uint8(cfg.Tunnel.OuterTTL),
+			DSCP: cfg.Tunnel.FixedDSCP, FixDSCP: cfg.Tunnel.HasDSCP, ICMPRate: cfg.Tunnel.ICMPRate,
 			Neighbors: g.Neighbors, BindingEvents: events, SeqRequests: seqReqs,
 		})
 		if err != nil {
@@ -330,6 +344,33 @@ func (g *Gateway) start(ctx context.Context, o Options) (err error) {
 		"restored_windows", g.Restored.Windows, "restored_bindings", g.Restored.Bindings, "restored_counters", g.Restored.Counters, "clean_snapshot", g.Restored.Clean,
 		"pruned_sas", g.Restored.StaleSAs, "pruned_policies", g.Restored.StalePolicies)
 	return nil
+}
+
+// interfaceAddrs are ifi's unicast addresses, global ones first: the
+// sources of the ICMP errors the workers send.
+func interfaceAddrs(ifi *net.Interface) ([]netip.Addr, error) {
+	as, err := ifi.Addrs()
+	if err != nil {
+		return nil, err
+	}
+	var global, local []netip.Addr
+	for _, a := range as {
+		n, ok := a.(*net.IPNet)
+		if !ok {
+			continue
+		}
+		ip, ok := netip.AddrFromSlice(n.IP)
+		if !ok {
+			continue
+		}
+		ip = ip.Unmap()
+		if ip.IsLinkLocalUnicast() {
+			local = append(local, ip)
+		} else {
+			global = append(global, ip)
+		}
+	}
+	return append(global, local...), nil
 }
 
 func (g *Gateway) goRun(what string, f func() error) {

@@ -21,6 +21,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"time"
 
 	"gopkg.in/yaml.v3"
 
@@ -52,6 +53,11 @@ type Config struct {
 	SAFiles []string `yaml:"sa_files,omitempty"`
 	// Etcd, when set, adds the SAs assigned to this node in etcd.
 	Etcd *Etcd `yaml:"etcd,omitempty"`
+	// Tunnel is how the gateway behaves as a router between the tunnels
+	// and the core: outer TTL, DSCP, ICMP errors.
+	Tunnel Tunnel `yaml:"tunnel"`
+	// Idle is dead-phone detection.
+	Idle Idle `yaml:"idle"`
 
 	// Path is the file the config came from ("" when parsed from bytes
 	// without a name); relative references resolve against its directory.
@@ -61,9 +67,41 @@ type Config struct {
 	SAList []sa.SA `yaml:"-"`
 }
 
+// Tunnel configures the router behaviour of the tunnels
+// (docs/operations.md "DSCP/ECN/TTL", "ICMP and MTU").
+type Tunnel struct {
+	// OuterTTL is the TTL/hop limit of outer headers (1..255).
+	OuterTTL int `yaml:"outer_ttl"`
+	// DSCP is "copy" (the inner DSCP goes to the outer header, RFC 4301
+	// 5.1.2.1) or a fixed DSCP 0..63 for SAs without their own dscp.
+	DSCP string `yaml:"dscp"`
+	// ICMPRate is the most ICMP errors (Time Exceeded, Fragmentation
+	// Needed / Packet Too Big) each worker sends per second; 0 sends none.
+	ICMPRate int `yaml:"icmp_rate"`
+	// FixedDSCP and HasDSCP are DSCP parsed.
+	FixedDSCP uint8 `yaml:"-"`
+	HasDSCP   bool  `yaml:"-"`
+}
+
+// Idle configures dead-phone detection (docs/operations.md "Idle phones").
+type Idle struct {
+	// Timeout is how long an inbound SA may go without an authenticated
+	// packet before an sa_idle event is raised ("0s": off); an SA's
+	// idle_timeout overrides it.
+	Timeout string `yaml:"timeout"`
+	// Remove deletes the idle SA and its partners (the SA pair or
+	// registration sharing its binding) when the event is raised.
+	Remove bool `yaml:"remove,omitempty"`
+	// Every is Timeout parsed.
+	Every time.Duration `yaml:"-"`
+}
+
 // Public is the untrusted side facing the phones.
 type Public struct {
-	Interface string       `yaml:"interface"`
+	Interface string `yaml:"interface"`
+	// MTU overrides the interface's MTU (0: the interface's): the
+	// size sealed packets must fit.
+	MTU       int          `yaml:"mtu,omitempty"`
 	Addresses []string     `yaml:"addresses"` // outer addresses of this gateway; every SA's local is one
 	Addrs     []netip.Addr `yaml:"-"`
 }
@@ -72,6 +110,9 @@ type Public struct {
 // as Public (one-arm mode).
 type Private struct {
 	Interface string `yaml:"interface"`
+	// MTU overrides the interface's MTU (0: the interface's): the
+	// largest decrypted packet forwarded to the core.
+	MTU int `yaml:"mtu,omitempty"`
 	// NextHopMAC overrides the neighbour-table lookup for frames sent on
 	// the private side.
 	NextHopMAC string           `yaml:"next_hop_mac,omitempty"`
@@ -143,6 +184,8 @@ func Defaults() Config {
 		StateDir: "/var/lib/xesp",
 		API:      API{Unix: "/run/xesp/api.sock"},
 		Metrics:  Metrics{Listen: "127.0.0.1:9109"},
+		Tunnel:   Tunnel{OuterTTL: 64, DSCP: "copy", ICMPRate: 100},
+		Idle:     Idle{Timeout: "0s"},
 	}
 }
 
@@ -272,7 +315,48 @@ func (c *Config) validate() []error {
 	}
 	c.validateSAs(&errs)
 	c.validateEtcd(&errs)
+	c.validateTunnel(&errs)
 	return errs
+}
+
+func (c *Config) validateTunnel(errs *errList) {
+	for _, m := range []struct {
+		field string
+		v     int
+	}{{"public.mtu", c.Public.MTU}, {"private.mtu", c.Private.MTU}} {
+		if m.v != 0 && (m.v < 576 || m.v > 65535) {
+			errs.add(m.field, "%d: want 576..65535, or 0 for the interface's MTU", m.v)
+		}
+	}
+	t := &c.Tunnel
+	if t.OuterTTL < 1 || t.OuterTTL > 255 {
+		errs.add("tunnel.outer_ttl", "%d: want 1..255", t.OuterTTL)
+	}
+	switch d := strings.ToLower(t.DSCP); d {
+	case "copy", "":
+		t.HasDSCP = false
+	default:
+		n, err := strconv.Atoi(d)
+		if err != nil || n < 0 || n > 63 {
+			errs.add("tunnel.dscp", "%q: want copy or a DSCP 0..63 (e.g. 26 for AF31, 46 for EF)", t.DSCP)
+		} else {
+			t.FixedDSCP, t.HasDSCP = uint8(n), true
+		}
+	}
+	if t.ICMPRate < 0 || t.ICMPRate > 1_000_000 {
+		errs.add("tunnel.icmp_rate", "%d: want 0..1000000 per second per worker", t.ICMPRate)
+	}
+	d, err := time.ParseDuration(c.Idle.Timeout)
+	switch {
+	case c.Idle.Timeout == "":
+		c.Idle.Every = 0
+	case err != nil || d < 0:
+		errs.add("idle.timeout", "%q: want a duration such as 90s or 5m (0s: off)", c.Idle.Timeout)
+	case d != 0 && d < time.Second:
+		errs.add("idle.timeout", "%s: below 1s, keepalives (20 s by RFC 3948) could never keep a phone alive", d)
+	default:
+		c.Idle.Every = d
+	}
 }
 
 // ifname mirrors the kernel's dev_valid_name: at most 15 bytes, no '/',

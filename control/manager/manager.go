@@ -551,6 +551,7 @@ func (m *Manager) build(e sad.Entry) (*slot, error) {
 	sl := &slot{id: e.ID, spi: s.SPI, worker: e.Worker, index: e.Index, encap: s.Encap != nil,
 		group: groupRef{worker: e.Worker, key: sad.GroupOf(s)}}
 	ent := &worker.Entry{SA: cipher, Local: s.Local, PortLocal: s.Ports.Local, PortPeer: s.Ports.Peer,
+		InnerLocal: s.InnerLocal, Proto: s.Ports.Proto, DSCP: s.DSCP, FixDSCP: s.HasDSCP,
 		HardPackets: s.Lifetime.HardPackets, HardBytes: s.Lifetime.HardBytes}
 	if s.Encap != nil {
 		ent.LocalPort = s.Encap.LocalPort

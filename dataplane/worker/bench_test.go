@@ -76,7 +76,7 @@ func BenchmarkDecapBatch(b *testing.B) {
 		l3 := ethLen
 		pay := l3 + 20 + phone.Headroom()
 		ip := frame[pay : pay+inner]
-		ip[0], ip[9] = 0x45, 17
+		ip[0], ip[8], ip[9] = 0x45, 64, 17 // TTL 64: a router forwards it
 		binary.BigEndian.PutUint16(ip[2:], inner)
 		copy(ip[12:16], []byte{100, 64, 0, 1})
 		copy(ip[16:20], []byte{10, 0, 0, 1})
@@ -144,7 +144,7 @@ func BenchmarkEncapBatch(b *testing.B) {
 		base := uint64(i) * 4096
 		frame := u.Frame(base + rxOff)[rxOff:]
 		ip := frame[ethLen : ethLen+inner]
-		ip[0], ip[9] = 0x45, 17
+		ip[0], ip[8], ip[9] = 0x45, 64, 17 // TTL 64: a router forwards it
 		binary.BigEndian.PutUint16(ip[2:], inner)
 		copy(ip[12:16], []byte{10, 0, 0, 1})
 		copy(ip[16:20], []byte{100, 64, 0, 1})

@@ -135,3 +135,78 @@ func ipChecksum(h []byte) uint16 {
 	}
 	return ^uint16(s)
 }
+
+// prefragment splits the cleartext IPv4 packet frame[l3:l3+n] (DF clear)
+// into fragments of at most fit bytes and seals each with e (RFC 4459 3.2
+// "pre-fragmentation"): every outer packet then fits the public MTU whole,
+// so no outer fragment has to cross the phone's NAPT (many drop or
+// mangle them) and the phone's IPsec never reassembles. The phone's IP
+// stack reassembles the inner fragments after decryption. The first
+// fragment stays in d's frame and is returned; the others take frames
+// from the pool (all or none) and go to p.toPub.
+func (p *pipeline) prefragment(e *Entry, d xsk.Desc, frame []byte, l3, n, fit int) (xsk.Desc, Drop) {
+	f := &p.frag
+	ip := frame[l3 : l3+n]
+	hl := int(ip[0]&0x0f) * 4
+	chunk := (fit - hl) &^ 7
+	if chunk < 8 {
+		e.Counters.Drops.Add(1)
+		return d, DropOversized
+	}
+	k := (n - hl + chunk - 1) / chunk
+	if k > maxFragments {
+		e.Counters.Drops.Add(1)
+		return d, DropOversized
+	}
+	extra := f.extra[:0]
+	for i := 1; i < k; i++ {
+		if f.pool == nil || f.pool.Get(f.scratch[:]) == 0 {
+			if f.pool != nil {
+				f.pool.Put(extra)
+			}
+			e.Counters.Drops.Add(1)
+			return d, DropNoFrame
+		}
+		extra = append(extra, f.scratch[0])
+	}
+	fo := binary.BigEndian.Uint16(ip[6:])
+	mf := fo & 0x2000 // the packet may itself be a fragment: keep its MF
+	fo &= 0x1fff
+	at := int(f.rxOff) + ethLen // where a fresh frame's IP packet goes
+	for i := 1; i < k; i++ {
+		start := hl + i*chunk
+		stop := min(start+chunk, n)
+		addr := extra[i-1]
+		fr := f.mem.Frame(addr)
+		// Options are copied into every fragment; RFC 791 wants only the
+		// "copied" ones there, but gateways see options in practice never.
+		copy(fr[at:], ip[:hl])
+		copy(fr[at+hl:], ip[start:stop])
+		h := fr[at : at+hl]
+		binary.BigEndian.PutUint16(h[2:], uint16(hl+stop-start))
+		flags := uint16(0)
+		if i < k-1 || mf != 0 {
+			flags = 0x2000
+		}
+		binary.BigEndian.PutUint16(h[6:], flags|(fo+uint16((start-hl)/8)))
+		h[10], h[11] = 0, 0
+		binary.BigEndian.PutUint16(h[10:], ipChecksum(h))
+		out, why := p.seal(e, xsk.Desc{Addr: addr + f.rxOff, Len: uint32(ethLen + hl + stop - start)}, fr, at, hl+stop-start)
+		switch why {
+		case 0:
+			p.toPub = append(p.toPub, out)
+		case held:
+		default:
+			p.stats.Encap.Drops[why].Add(1)
+			f.scratch[0] = addr
+			f.pool.Put(f.scratch[:])
+		}
+	}
+	binary.BigEndian.PutUint16(ip[2:], uint16(hl+chunk))
+	binary.BigEndian.PutUint16(ip[6:], 0x2000|fo)
+	ip[10], ip[11] = 0, 0
+	binary.BigEndian.PutUint16(ip[10:], ipChecksum(ip[:hl]))
+	p.stats.PreFragmented.Add(1)
+	p.stats.PreFragments.Add(uint64(k))
+	return p.seal(e, d, frame, l3, hl+chunk)
+}
