@@ -4,7 +4,7 @@ PKGS      ?= ./...
 # Debian packages the build, the tests and the demo use. `make deps` installs
 # whichever are missing, so a fresh Debian machine needs only Go and make.
 APT_PKGS  := clang llvm libbpf-dev linux-libc-dev bpftool iproute2 ethtool nftables tcpdump \
-             procps conntrack kamailio sipsak tshark etcd-server
+             procps iputils-ping conntrack kamailio sipsak tshark etcd-server
 # Fuzz targets run for this long each in `make fuzz` (CI keeps it short).
 FUZZTIME  ?= 20s
 
