@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
+	"net/netip"
 	"testing"
 
 	"github.com/cilium/ebpf"
@@ -380,4 +381,45 @@ func TestPublicSteering(t *testing.T) {
 		{name: "queue2-worker3-slot11-empty", in: pkt, ctx: xdpMD{IngressIfindex: ifindex, RxQueueIndex: 2}, verdict: xdpDrop,
 			out: stripped, meta: meta(bpf.MetaESPUDP, 77, phonePort, natt, 14), reason: bpf.DropNoXSK},
 	})
+}
+
+// A NAT-keepalive from a registered binding is counted and stamped in the
+// keepalives map (idle-phone detection); one from an unknown source or
+// port only hits the verdict counter and creates nothing. Both are
+// dropped: a keepalive never reaches the workers, so it never moves a
+// binding.
+func TestPublicKeepaliveStampsBinding(t *testing.T) {
+	objs, set, _ := publicSetup(t)
+	phone := netip.AddrPortFrom(netip.AddrFrom4([4]byte(ipA4)), phonePort)
+	phone6 := netip.AddrPortFrom(netip.AddrFrom16([16]byte(ipA6.To16())), phonePort)
+	for _, b := range []netip.AddrPort{phone, phone6} {
+		if err := set.Keepalives.Add(b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ka := func(ip gopacket.NetworkLayer, et layers.EthernetType, sport uint16) []byte {
+		return serialize(t, eth(et), ip.(gopacket.SerializableLayer), udp(ip, sport, natt), gopacket.Payload{0xff})
+	}
+	for i, c := range []struct {
+		pkt  []byte
+		want netip.AddrPort
+	}{
+		{ka(ip4(layers.IPProtocolUDP), layers.EthernetTypeIPv4, phonePort), phone},
+		{ka(ip4(layers.IPProtocolUDP), layers.EthernetTypeIPv4, phonePort), phone},
+		{ka(ip6(layers.IPProtocolUDP), layers.EthernetTypeIPv6, phonePort), phone6},
+		{ka(ip4(layers.IPProtocolUDP), layers.EthernetTypeIPv4, phonePort+1), netip.AddrPort{}},
+	} {
+		if v, _, _ := run(t, objs.XespPublic, c.pkt, xdpMD{}); v != xdpDrop {
+			t.Fatalf("keepalive %d: verdict %s", i, verdictName(v))
+		}
+	}
+	if v, ok := set.Keepalives.Lookup(phone); !ok || v.Packets != 2 || v.LastNs == 0 {
+		t.Fatalf("v4 binding: %+v %v, want 2 stamped keepalives", v, ok)
+	}
+	if v, ok := set.Keepalives.Lookup(phone6); !ok || v.Packets != 1 {
+		t.Fatalf("v6 binding: %+v %v", v, ok)
+	}
+	if n := set.Keepalives.Len(); n != 2 {
+		t.Fatalf("%d bindings in the map, want the 2 registered", n)
+	}
 }

@@ -13,6 +13,9 @@ type (
 	Meta      = XespXespMeta
 	Reason    = XespXespReason
 	MetaKind  = XespXespMetaKind
+	// BindingKey and Keepalive are the keepalives map's key and value.
+	BindingKey = XespXespBindingKey
+	Keepalive  = XespXespKeepalive
 )
 
 // Constants from xesp.h's enums under Go names.

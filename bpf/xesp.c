@@ -69,6 +69,14 @@ struct {
 	__type(value, struct xesp_counter);
 } counters SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 1 << 20);
+	__type(key, struct xesp_binding_key);
+	__type(value, struct xesp_keepalive);
+} keepalives SEC(".maps");
+
 /* One XSKMAP per side: see "AF_XDP socket maps" in xesp.h. */
 struct {
 	__uint(type, BPF_MAP_TYPE_XSKMAP);
@@ -195,6 +203,30 @@ static __always_inline int parse_udphdr(struct hdr_cursor *nh, void *data_end, s
 	nh->pos = h + 1;
 	*udphdr = h;
 	return bpf_ntohs(h->len);
+}
+
+/* A keepalive from a known binding stamps it: idle-phone detection reads
+ * the stamp; nothing else (a keepalive is not authenticated, so it never
+ * moves a binding). Unknown sources are only counted by the verdict. */
+static __always_inline void count_keepalive(struct iphdr *iph, struct ipv6hdr *ip6h, __be16 sport)
+{
+	struct xesp_binding_key key = {.port = sport};
+	struct xesp_keepalive *k;
+
+	if (iph) {
+		key.addr[10] = 0xff;
+		key.addr[11] = 0xff;
+		__builtin_memcpy(&key.addr[12], &iph->saddr, 4);
+	} else if (ip6h) {
+		__builtin_memcpy(key.addr, &ip6h->saddr, 16);
+	} else {
+		return;
+	}
+	k = bpf_map_lookup_elem(&keepalives, &key);
+	if (!k)
+		return;
+	__sync_fetch_and_add(&k->packets, 1);
+	k->last_ns = bpf_ktime_get_ns();
 }
 
 static __always_inline struct xesp_config load_config(void)
@@ -404,8 +436,10 @@ int xesp_public(struct xdp_md *ctx)
 	if (udp_len == 1) {
 		if ((void *)(payload + 1) > data_end)
 			return verdict(pkt_len, XESP_PASS_MALFORMED, XDP_PASS);
-		if (payload[0] == 0xff)
+		if (payload[0] == 0xff) {
+			count_keepalive(iph, ip6h, udph->source);
 			return verdict(pkt_len, XESP_DROP_KEEPALIVE, XDP_DROP);
+		}
 		return verdict(pkt_len, XESP_DROP_RUNT, XDP_DROP);
 	}
 	if (udp_len >= 4) {

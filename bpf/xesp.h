@@ -15,6 +15,11 @@
  *                  indexed by enum xesp_reason
  *   xsks_public    XSKMAP read by xesp_public
  *   xsks_private   XSKMAP read by xesp_private
+ *   keepalives     HASH, struct xesp_binding_key -> struct xesp_keepalive:
+ *                  the NAT bindings of the SAs (written by the manager),
+ *                  where xesp_public counts the NAT-keepalives each sends
+ *                  (RFC 3948 2.3) for idle-phone detection; a keepalive
+ *                  never moves a binding
  *
  * AF_XDP socket maps: one XSKMAP per side, both indexed
  * rx_queue_index * workers + worker. A socket is bound to one (device,
@@ -78,6 +83,20 @@ struct xesp_sa {
 /* Constants are enums, not #defines, so they reach Go through BTF. */
 enum xesp_sa_flag {
 	XESP_SA_F_ENCAP = 0x1, /* SA was negotiated with UDP encapsulation */
+};
+
+/* A NAT binding: the outer source address (IPv4 as ::ffff:a.b.c.d) and
+ * UDP source port (network order) of a phone's packets. */
+struct xesp_binding_key {
+	__u8 addr[16];
+	__be16 port;
+	__u16 pad;         /* zero */
+};
+
+/* NAT-keepalives seen from one binding. */
+struct xesp_keepalive {
+	__u64 packets;
+	__u64 last_ns;     /* bpf_ktime_get_ns (CLOCK_MONOTONIC) of the last one */
 };
 
 /* Outbound policy LPM trie: inner destination prefix -> outbound SA.

@@ -13,6 +13,13 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type XespXespBindingKey struct {
+	_    structs.HostLayout
+	Addr [16]uint8
+	Port uint16
+	Pad  uint16
+}
+
 type XespXespConfig struct {
 	_        structs.HostLayout
 	NattPort uint16
@@ -24,6 +31,12 @@ type XespXespCounter struct {
 	_       structs.HostLayout
 	Packets uint64
 	Bytes   uint64
+}
+
+type XespXespKeepalive struct {
+	_       structs.HostLayout
+	Packets uint64
+	LastNs  uint64
 }
 
 type XespXespMeta struct {
@@ -107,6 +120,7 @@ const (
 const (
 	XespMapConfig           = "config"
 	XespMapCounters         = "counters"
+	XespMapKeepalives       = "keepalives"
 	XespMapPolicies         = "policies"
 	XespMapSas              = "sas"
 	XespMapXsksPrivate      = "xsks_private"
@@ -172,6 +186,7 @@ type XespProgramSpecs struct {
 type XespMapSpecs struct {
 	Config      *ebpf.MapSpec `ebpf:"config"`
 	Counters    *ebpf.MapSpec `ebpf:"counters"`
+	Keepalives  *ebpf.MapSpec `ebpf:"keepalives"`
 	Policies    *ebpf.MapSpec `ebpf:"policies"`
 	Sas         *ebpf.MapSpec `ebpf:"sas"`
 	XsksPrivate *ebpf.MapSpec `ebpf:"xsks_private"`
@@ -211,6 +226,7 @@ func (o *XespObjects) Close() error {
 type XespMaps struct {
 	Config      *ebpf.Map `ebpf:"config"`
 	Counters    *ebpf.Map `ebpf:"counters"`
+	Keepalives  *ebpf.Map `ebpf:"keepalives"`
 	Policies    *ebpf.Map `ebpf:"policies"`
 	Sas         *ebpf.Map `ebpf:"sas"`
 	XsksPrivate *ebpf.Map `ebpf:"xsks_private"`
@@ -221,6 +237,7 @@ func (m *XespMaps) Close() error {
 	return _XespClose(
 		m.Config,
 		m.Counters,
+		m.Keepalives,
 		m.Policies,
 		m.Sas,
 		m.XsksPrivate,

@@ -129,6 +129,7 @@ func Load(opts Options) (*Instance, error) {
 	}
 	spec.Maps[bpf.XespMapSas].MaxEntries = opts.SACapacity
 	spec.Maps[bpf.XespMapPolicies].MaxEntries = opts.PolicyCapacity
+	spec.Maps[bpf.XespMapKeepalives].MaxEntries = opts.SACapacity // at most one binding per SA
 	spec.Maps[bpf.XespMapXsksPublic].MaxEntries = opts.XSKSlots
 	spec.Maps[bpf.XespMapXsksPrivate].MaxEntries = opts.XSKSlots
 
@@ -176,7 +177,7 @@ func Load(opts Options) (*Instance, error) {
 
 // pinnedMaps are the maps that carry state across restarts: all of them.
 var pinnedMaps = []string{bpf.XespMapSas, bpf.XespMapPolicies, bpf.XespMapConfig,
-	bpf.XespMapCounters, bpf.XespMapXsksPublic, bpf.XespMapXsksPrivate}
+	bpf.XespMapCounters, bpf.XespMapXsksPublic, bpf.XespMapXsksPrivate, bpf.XespMapKeepalives}
 
 // Dir is the instance's pin directory ("" when not pinning).
 func (in *Instance) Dir() string { return in.dir }

@@ -29,13 +29,22 @@ type Set struct {
 	XSKPrivate *XSKs // read by xesp_private
 	Config     *Config
 	Counters   *Counters
+	// Keepalives is nil for pins of a version without the map (Open).
+	Keepalives *Keepalives
 
 	owned []*ebpf.Map // closed by Close when the Set opened them
 }
 
 // New wraps maps loaded by the loader. The Set does not own them.
 func New(m *bpf.XespMaps) (*Set, error) {
-	return newSet(m.Sas, m.Policies, m.XsksPublic, m.XsksPrivate, m.Config, m.Counters)
+	s, err := newSet(m.Sas, m.Policies, m.XsksPublic, m.XsksPrivate, m.Config, m.Counters)
+	if err != nil {
+		return nil, err
+	}
+	if s.Keepalives, err = NewKeepalives(m.Keepalives); err != nil {
+		return nil, err
+	}
+	return s, nil
 }
 
 // Open opens the maps pinned in dir (the loader's per-instance directory)
