@@ -302,8 +302,9 @@ func (g *Gateway) start(ctx context.Context, o Options) (err error) {
 	g.Lifetime, err = lifetime.New(lifetime.Options{SAD: g.SAD, Interval: o.LifetimeInterval, Log: o.Log,
 		Usage: func(id sa.ID) (lifetime.Usage, bool) {
 			c, ok := g.Manager.Counters(id)
-			return lifetime.Usage{Packets: c.Packets, Bytes: c.Bytes, Seq: c.Seq, Since: rest.since(id)}, ok
-		}})
+			return lifetime.Usage{Packets: c.Packets, Bytes: c.Bytes, Seq: c.Seq, Since: rest.since(id), LastSeen: c.LastSeen}, ok
+		},
+		IdleTimeout: cfg.Idle.Every, IdleRemove: cfg.Idle.Remove, LastKeepalive: g.Manager.LastKeepalive})
 	if err != nil {
 		return err
 	}

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/xesp/xesp/control/api"
 	"github.com/xesp/xesp/control/config"
@@ -27,7 +28,13 @@ func (cliDP) SACounters(id sa.ID) (api.SACounters, bool) {
 	if id.SPI == 0x2002 {
 		return api.SACounters{}, false
 	}
-	return api.SACounters{Packets: uint64(id.SPI & 0xffff), Bytes: uint64(id.SPI&0xffff) * 10, Drops: 1, Seq: 42}, true
+	c := api.SACounters{Packets: uint64(id.SPI & 0xffff), Bytes: uint64(id.SPI&0xffff) * 10, Drops: 1, Seq: 42}
+	if id.Dir == sa.In {
+		// Seen an hour and a half ago, a keepalive 20 s ago: the later wins.
+		seen, ka := time.Now().Add(-90*time.Minute), time.Now().Add(-20*time.Second-300*time.Millisecond)
+		c.LastSeen, c.LastKeepalive = &seen, &ka
+	}
+	return c, true
 }
 
 func (cliDP) Stats() api.Stats {
@@ -166,10 +173,10 @@ added sa 0x00002002 in:0x00002002 (worker 1, index 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	want = `NAME     SPI         DIR  PROPOSAL     MODE    BINDING           WORKER  PACKETS  BYTES  DROPS
-ue1-in   0x00002001  in   aes128gcm16  tunnel  192.0.2.10:31000  0       8193     81930  1
-ue1-out  0xc0002001  out  aes128gcm16  tunnel  192.0.2.10:31000  0       8193     81930  1
--        0x00002002  in   null-sha1    tunnel  192.0.2.11:0      1       -        -      -
+	want = `NAME     SPI         DIR  PROPOSAL     MODE    BINDING           WORKER  PACKETS  BYTES  DROPS  LAST SEEN
+ue1-in   0x00002001  in   aes128gcm16  tunnel  192.0.2.10:31000  0       8193     81930  1      20s ago (keepalive)
+ue1-out  0xc0002001  out  aes128gcm16  tunnel  192.0.2.10:31000  0       8193     81930  1      -
+-        0x00002002  in   null-sha1    tunnel  192.0.2.11:0      1       -        -      -      -
 `
 	if out != want {
 		t.Fatalf("sa list:\n%s\nwant\n%s", out, want)
@@ -210,6 +217,7 @@ worker:        0 (index 0)
 state:         active
 created:       ` + created + `
 counters:      8193 packets, 81930 bytes, 1 drops, seq 42
+last seen:     20s ago (keepalive)
 `
 	if out != want {
 		t.Fatalf("sa show:\n%s\nwant\n%s", out, want)

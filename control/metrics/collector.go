@@ -46,7 +46,7 @@ var (
 		"Datagrams the NAT-T socket received from the kernel (what XDP passed up: reassembled fragments, IKE), by outcome.",
 		"result")
 	descLifetime = desc("xesp_sa_lifetime_expiries_total",
-		"SA lifetimes reached, by kind (soft: rekey due; hard: SA removed) and limit (time, bytes, packets, seq).",
+		"SA lifetimes reached, by kind (soft: rekey due; hard: SA removed) and limit (time, bytes, packets, seq); kind idle, limit idle: idle-phone events.",
 		"kind", "limit")
 	descXDPPackets = desc("xesp_xdp_packets_total",
 		"Packets the XDP programs gave a verdict, by program and reason.",
@@ -80,6 +80,15 @@ var (
 		"direction", "state")
 	descUptime = desc("xesp_uptime_seconds",
 		"Seconds since the daemon started.")
+	descICMP = desc("xesp_icmp_errors_total",
+		"ICMP errors the workers generated, by reason (time_exceeded, too_big) and result (sent; limited: the rate limit held it back; unsent: no source address or no outbound SA; both with reason \"any\").",
+		"reason", "result")
+	descPreFrag = desc("xesp_prefragmented_packets_total",
+		"IPv4 packets from the core (DF clear) split before sealing to fit the public MTU (RFC 4459 pre-fragmentation).")
+	descPreFrags = desc("xesp_prefragments_total",
+		"Inner fragments made by pre-fragmentation, each sealed into its own ESP packet.")
+	descIdle = desc("xesp_sa_idle",
+		"Inbound SAs whose phone is idle now: no authenticated packet and no NAT-keepalive for the idle timeout.")
 	descBuild = desc("xesp_build_info",
 		"Always 1; the version label says which build runs.",
 		"version")
@@ -89,6 +98,7 @@ var allDescs = []*prometheus.Desc{
 	descPackets, descBytes, descDrops, descBatch, descBindingChanges, descBindingLost, descPolls,
 	descXDPPackets, descXDPBytes, descRing, descFill, descFillEmpty, descRxDropped, descRxFull,
 	descInvalid, descFrames, descSAs, descUptime, descBuild, descSlowPath, descLifetime, descDrained,
+	descICMP, descPreFrag, descPreFrags, descIdle,
 }
 
 // directions are the label values of worker.Stats' two DirStats, in the
@@ -202,6 +212,9 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(descLifetime, prometheus.CounterValue, float64(n), kind, limit)
 		}
 	}
+	if c.src.Idle != nil {
+		ch <- prometheus.MustNewConstMetric(descIdle, prometheus.GaugeValue, float64(c.src.Idle()))
+	}
 	if c.src.SAs != nil {
 		for _, n := range c.src.SAs() {
 			ch <- prometheus.MustNewConstMetric(descSAs, prometheus.GaugeValue, float64(n.Count), n.Direction, n.State)
@@ -220,8 +233,16 @@ type dirTotals struct {
 
 func (c *collector) collectWorkers(ch chan<- prometheus.Metric) {
 	var tot [2]dirTotals
-	var changes, lost, drained uint64
+	var changes, lost, drained, limited, unsent, prefrag, frags uint64
+	var icmp [worker.NumICMPKinds]uint64
 	for i, w := range c.src.Workers {
+		for k := range icmp {
+			icmp[k] += w.ICMP[k].Load()
+		}
+		limited += w.ICMPLimited.Load()
+		unsent += w.ICMPUnsent.Load()
+		prefrag += w.PreFragmented.Load()
+		frags += w.PreFragments.Load()
 		for d, ds := range dirStats(w) {
 			t := &tot[d]
 			t.packets += ds.Packets.Load()
@@ -265,6 +286,13 @@ func (c *collector) collectWorkers(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descBindingChanges, prometheus.CounterValue, float64(changes))
 	ch <- prometheus.MustNewConstMetric(descDrained, prometheus.CounterValue, float64(drained))
 	ch <- prometheus.MustNewConstMetric(descBindingLost, prometheus.CounterValue, float64(lost))
+	for k := range icmp {
+		ch <- prometheus.MustNewConstMetric(descICMP, prometheus.CounterValue, float64(icmp[k]), worker.ICMPKindName(k), "sent")
+	}
+	ch <- prometheus.MustNewConstMetric(descICMP, prometheus.CounterValue, float64(limited), "any", "limited")
+	ch <- prometheus.MustNewConstMetric(descICMP, prometheus.CounterValue, float64(unsent), "any", "unsent")
+	ch <- prometheus.MustNewConstMetric(descPreFrag, prometheus.CounterValue, float64(prefrag))
+	ch <- prometheus.MustNewConstMetric(descPreFrags, prometheus.CounterValue, float64(frags))
 }
 
 func (c *collector) collectXDP(ch chan<- prometheus.Metric) {

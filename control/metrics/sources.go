@@ -39,6 +39,8 @@ type Sources struct {
 	// Lifetime reports SA lifetime expiries keyed "kind/limit" ("soft/bytes",
 	// "hard/time", ...; lifetime.Enforcer.Counts).
 	Lifetime func() map[string]uint64
+	// Idle is how many inbound SAs are idle now (lifetime.Enforcer.IdleNow).
+	Idle func() int64
 }
 
 // CounterReader is what the collector needs of maps.Counters.

@@ -528,6 +528,23 @@ func (d *SAD) Get(id sa.ID) (Entry, bool) {
 	return Entry{}, false
 }
 
+// Group returns the identities of the SAs sharing id's group (its SA
+// pair, or a registration's SAs): one NAT binding, one worker. id itself
+// is included; nil when id is unknown.
+func (d *SAD) Group(id sa.ID) []sa.ID {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	e, ok := d.byID[id]
+	if !ok {
+		return nil
+	}
+	var out []sa.ID
+	for p := d.groups[GroupOf(&e.sa)].head; p != nil; p = p.nextPeer {
+		out = append(out, p.id())
+	}
+	return out
+}
+
 // GetName returns the SA with this name.
 func (d *SAD) GetName(name string) (Entry, bool) {
 	d.mu.RLock()
