@@ -49,12 +49,14 @@ const (
 	RedirectESPUDP    = XespXespReasonXESP_REDIRECT_ESP_UDP
 	RedirectESP       = XespXespReasonXESP_REDIRECT_ESP
 	Aborted           = XespXespReasonXESP_ABORTED
+	PassOtherVLAN     = XespXespReasonXESP_PASS_OTHER_VLAN
 	PrivPassNotIP     = XespXespReasonXESP_PRIV_PASS_NOT_IP
 	PrivPassMalformed = XespXespReasonXESP_PRIV_PASS_MALFORMED
 	PrivPassNoPolicy  = XespXespReasonXESP_PRIV_PASS_NO_POLICY
 	PrivDropNoXSK     = XespXespReasonXESP_PRIV_DROP_NO_XSK
 	PrivRedirect      = XespXespReasonXESP_PRIV_REDIRECT
 	PrivAborted       = XespXespReasonXESP_PRIV_ABORTED
+	PrivPassOtherVLAN = XespXespReasonXESP_PRIV_PASS_OTHER_VLAN
 )
 
 // reasonNames are the enum names without the XESP_ prefix, lower case: the
@@ -74,12 +76,14 @@ var reasonNames = [...]string{
 	RedirectESPUDP:    "redirect_esp_udp",
 	RedirectESP:       "redirect_esp",
 	Aborted:           "aborted",
+	PassOtherVLAN:     "pass_other_vlan",
 	PrivPassNotIP:     "priv_pass_not_ip",
 	PrivPassMalformed: "priv_pass_malformed",
 	PrivPassNoPolicy:  "priv_pass_no_policy",
 	PrivDropNoXSK:     "priv_drop_no_xsk",
 	PrivRedirect:      "priv_redirect",
 	PrivAborted:       "priv_aborted",
+	PrivPassOtherVLAN: "priv_pass_other_vlan",
 }
 
 // String returns the metric label of the reason, e.g. "drop_no_sa".

@@ -127,12 +127,14 @@ static __always_inline int verdict(__u32 pkt_len, enum xesp_reason reason, int a
 }
 
 /* Ethernet plus at most one 802.1Q/802.1ad tag. Returns the EtherType in
- * network order, or -1 if truncated. */
-static __always_inline int parse_ethhdr(struct hdr_cursor *nh, void *data_end)
+ * network order, or -1 if truncated; *vid is the tag's VLAN ID, 0 when
+ * untagged. */
+static __always_inline int parse_ethhdr(struct hdr_cursor *nh, void *data_end, __u16 *vid)
 {
 	struct ethhdr *eth = nh->pos;
 	__be16 proto;
 
+	*vid = 0;
 	if ((void *)(eth + 1) > data_end)
 		return -1;
 	nh->pos = eth + 1;
@@ -144,8 +146,16 @@ static __always_inline int parse_ethhdr(struct hdr_cursor *nh, void *data_end)
 			return -1;
 		nh->pos = vh + 1;
 		proto = vh->proto;
+		*vid = bpf_ntohs(vh->tci) & 0x0fff;
 	}
 	return proto;
+}
+
+/* A side with a VLAN takes only frames tagged with it; the others (the
+ * host's own untagged traffic, other VLANs) belong to the kernel. */
+static __always_inline int other_vlan(__u16 want, __u16 vid)
+{
+	return want && vid != want;
 }
 
 /* IPv4 header with options. avail is what the frame holds from the IP
@@ -240,7 +250,8 @@ static __always_inline struct xesp_config load_config(void)
 			cfg.natt_port = c->natt_port;
 		if (c->workers)
 			cfg.workers = c->workers;
-		cfg.flags = c->flags;
+		cfg.public_vlan = c->public_vlan;
+		cfg.private_vlan = c->private_vlan;
 	}
 	return cfg;
 }
@@ -371,11 +382,15 @@ int xesp_public(struct xdp_md *ctx)
 	__u8 *payload;
 	int proto, udp_len;
 	__be16 sport, dport;
+	__u16 vid;
 
-	proto = parse_ethhdr(&nh, data_end);
+	proto = parse_ethhdr(&nh, data_end, &vid);
 	if (proto < 0)
 		return verdict(pkt_len, XESP_PASS_MALFORMED, XDP_PASS);
 	l3_off = nh.pos - data;
+	cfg = load_config();
+	if (other_vlan(cfg.public_vlan, vid))
+		return verdict(pkt_len, XESP_PASS_OTHER_VLAN, XDP_PASS);
 
 	if (proto == bpf_htons(ETH_P_IP)) {
 		proto = parse_iphdr(&nh, data_end, pkt_len - l3_off, &iph);
@@ -398,7 +413,6 @@ int xesp_public(struct xdp_md *ctx)
 		return verdict(pkt_len, XESP_PASS_NOT_IP, XDP_PASS);
 	}
 	l4_off = nh.pos - data;
-	cfg = load_config();
 
 	if (proto == IPPROTO_ESP_) {
 		if (ip_payload < sizeof(__u32) * 2 + 8)
@@ -500,11 +514,15 @@ int xesp_private(struct xdp_md *ctx)
 	struct xesp_config cfg;
 	__u32 l3_off;
 	int proto;
+	__u16 vid;
 
-	proto = parse_ethhdr(&nh, data_end);
+	proto = parse_ethhdr(&nh, data_end, &vid);
 	if (proto < 0)
 		return verdict(pkt_len, XESP_PRIV_PASS_MALFORMED, XDP_PASS);
 	l3_off = nh.pos - data;
+	cfg = load_config();
+	if (other_vlan(cfg.private_vlan, vid))
+		return verdict(pkt_len, XESP_PRIV_PASS_OTHER_VLAN, XDP_PASS);
 
 	if (proto == bpf_htons(ETH_P_IP)) {
 		if (parse_iphdr(&nh, data_end, pkt_len - l3_off, &iph) < 0)
@@ -522,7 +540,6 @@ int xesp_private(struct xdp_md *ctx)
 	pol = bpf_map_lookup_elem(&policies, &key);
 	if (!pol)
 		return verdict(pkt_len, XESP_PRIV_PASS_NO_POLICY, XDP_PASS);
-	cfg = load_config();
 	if (put_meta(ctx, pol->sa_index, 0, 0, l3_off, XESP_META_CLEAR))
 		return verdict(pkt_len, XESP_PRIV_ABORTED, XDP_ABORTED);
 	if (steer(ctx, &xsks_private, cfg.workers, pol->worker) != XDP_REDIRECT)

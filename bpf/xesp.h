@@ -51,6 +51,7 @@ enum xesp_reason {
 	XESP_REDIRECT_ESP_UDP,    /* UDP-encapsulated ESP, stripped and steered */
 	XESP_REDIRECT_ESP,        /* plain ESP (IP protocol 50), steered */
 	XESP_ABORTED,             /* a helper failed (adjust_head/meta): bug or kernel limit */
+	XESP_PASS_OTHER_VLAN,     /* untagged or another VLAN on a side configured with one */
 	/* xesp_private */
 	XESP_PRIV_PASS_NOT_IP,
 	XESP_PRIV_PASS_MALFORMED,
@@ -58,6 +59,7 @@ enum xesp_reason {
 	XESP_PRIV_DROP_NO_XSK,
 	XESP_PRIV_REDIRECT,
 	XESP_PRIV_ABORTED,        /* adjust_meta failed on the private side */
+	XESP_PRIV_PASS_OTHER_VLAN,
 	XESP_REASON_MAX,
 };
 
@@ -70,7 +72,11 @@ struct xesp_counter {
 struct xesp_config {
 	__u16 natt_port;   /* host byte order; 0 means 4500 */
 	__u16 workers;     /* sockets per RX queue in the XSK maps; 0 means 1 */
-	__u32 flags;
+	/* VLAN of each side (VID 1..4094): only frames carrying that tag
+	 * (802.1Q or 802.1ad) are the gateway's there, the rest pass to the
+	 * kernel. 0: untagged and any single tag, as before VLANs. */
+	__u16 public_vlan;
+	__u16 private_vlan;
 };
 
 /* Inbound SA map: key is the SPI in host byte order. */

@@ -21,10 +21,11 @@ type XespXespBindingKey struct {
 }
 
 type XespXespConfig struct {
-	_        structs.HostLayout
-	NattPort uint16
-	Workers  uint16
-	Flags    uint32
+	_           structs.HostLayout
+	NattPort    uint16
+	Workers     uint16
+	PublicVlan  uint16
+	PrivateVlan uint16
 }
 
 type XespXespCounter struct {
@@ -79,26 +80,28 @@ type XespXespPolicyKey struct {
 type XespXespReason uint32
 
 const (
-	XespXespReasonXESP_PASS_NOT_IP         XespXespReason = 0
-	XespXespReasonXESP_PASS_OTHER          XespXespReason = 1
-	XespXespReasonXESP_PASS_MALFORMED      XespXespReason = 2
-	XespXespReasonXESP_PASS_IKE            XespXespReason = 3
-	XespXespReasonXESP_PASS_FRAGMENT       XespXespReason = 4
-	XespXespReasonXESP_DROP_KEEPALIVE      XespXespReason = 5
-	XespXespReasonXESP_DROP_RUNT           XespXespReason = 6
-	XespXespReasonXESP_DROP_BAD_UDP_LEN    XespXespReason = 7
-	XespXespReasonXESP_DROP_NO_SA          XespXespReason = 8
-	XespXespReasonXESP_DROP_NO_XSK         XespXespReason = 9
-	XespXespReasonXESP_REDIRECT_ESP_UDP    XespXespReason = 10
-	XespXespReasonXESP_REDIRECT_ESP        XespXespReason = 11
-	XespXespReasonXESP_ABORTED             XespXespReason = 12
-	XespXespReasonXESP_PRIV_PASS_NOT_IP    XespXespReason = 13
-	XespXespReasonXESP_PRIV_PASS_MALFORMED XespXespReason = 14
-	XespXespReasonXESP_PRIV_PASS_NO_POLICY XespXespReason = 15
-	XespXespReasonXESP_PRIV_DROP_NO_XSK    XespXespReason = 16
-	XespXespReasonXESP_PRIV_REDIRECT       XespXespReason = 17
-	XespXespReasonXESP_PRIV_ABORTED        XespXespReason = 18
-	XespXespReasonXESP_REASON_MAX          XespXespReason = 19
+	XespXespReasonXESP_PASS_NOT_IP          XespXespReason = 0
+	XespXespReasonXESP_PASS_OTHER           XespXespReason = 1
+	XespXespReasonXESP_PASS_MALFORMED       XespXespReason = 2
+	XespXespReasonXESP_PASS_IKE             XespXespReason = 3
+	XespXespReasonXESP_PASS_FRAGMENT        XespXespReason = 4
+	XespXespReasonXESP_DROP_KEEPALIVE       XespXespReason = 5
+	XespXespReasonXESP_DROP_RUNT            XespXespReason = 6
+	XespXespReasonXESP_DROP_BAD_UDP_LEN     XespXespReason = 7
+	XespXespReasonXESP_DROP_NO_SA           XespXespReason = 8
+	XespXespReasonXESP_DROP_NO_XSK          XespXespReason = 9
+	XespXespReasonXESP_REDIRECT_ESP_UDP     XespXespReason = 10
+	XespXespReasonXESP_REDIRECT_ESP         XespXespReason = 11
+	XespXespReasonXESP_ABORTED              XespXespReason = 12
+	XespXespReasonXESP_PASS_OTHER_VLAN      XespXespReason = 13
+	XespXespReasonXESP_PRIV_PASS_NOT_IP     XespXespReason = 14
+	XespXespReasonXESP_PRIV_PASS_MALFORMED  XespXespReason = 15
+	XespXespReasonXESP_PRIV_PASS_NO_POLICY  XespXespReason = 16
+	XespXespReasonXESP_PRIV_DROP_NO_XSK     XespXespReason = 17
+	XespXespReasonXESP_PRIV_REDIRECT        XespXespReason = 18
+	XespXespReasonXESP_PRIV_ABORTED         XespXespReason = 19
+	XespXespReasonXESP_PRIV_PASS_OTHER_VLAN XespXespReason = 20
+	XespXespReasonXESP_REASON_MAX           XespXespReason = 21
 )
 
 type XespXespSa struct {

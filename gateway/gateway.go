@@ -153,7 +153,8 @@ func (g *Gateway) start(ctx context.Context, o Options) (err error) {
 		return fmt.Errorf("pin_dir %s: %w", cfg.PinDir, err)
 	}
 	g.Maps = g.Loader.Maps
-	if err := g.Maps.Config.Set(bpf.Config{NattPort: uint16(cfg.NATTPort), Workers: uint16(cfg.Workers)}); err != nil {
+	if err := g.Maps.Config.Set(bpf.Config{NattPort: uint16(cfg.NATTPort), Workers: uint16(cfg.Workers),
+		PublicVlan: uint16(cfg.Public.VLAN.ID), PrivateVlan: uint16(cfg.Private.VLAN.ID)}); err != nil {
 		return fmt.Errorf("write XDP config: %w", err)
 	}
 	// Clear sockets a previous process left in pinned XSK maps: their fds
@@ -173,7 +174,20 @@ func (g *Gateway) start(ctx context.Context, o Options) (err error) {
 		return fmt.Errorf("create UMEM: %w", err)
 	}
 
-	g.Neighbors, err = neigh.New(neigh.Config{Ifindexes: []int{pubIf.Index, privIf.Index}})
+	served := []int{pubIf.Index, privIf.Index}
+	for _, v := range []struct {
+		field string
+		vlan  config.VLAN
+	}{{"public.vlan_interface", cfg.Public.VLAN}, {"private.vlan_interface", cfg.Private.VLAN}} {
+		if v.vlan.Interface != "" {
+			ifi, err := interfaceByName(v.field, v.vlan.Interface)
+			if err != nil {
+				return err
+			}
+			served = append(served, ifi.Index) // its neighbours are the side's next hops
+		}
+	}
+	g.Neighbors, err = neigh.New(neigh.Config{Ifindexes: served})
 	if err != nil {
 		return fmt.Errorf("neighbour resolver: %w", err)
 	}
@@ -215,9 +229,15 @@ func (g *Gateway) start(ctx context.Context, o Options) (err error) {
 	if cfg.Private.MTU != 0 {
 		privMTU = cfg.Private.MTU
 	}
-	privAddrs, err := interfaceAddrs(privIf)
+	addrIf := privIf // where the private side's addresses live: the VLAN device if any
+	if v := cfg.Private.VLAN.Interface; v != "" {
+		if addrIf, err = interfaceByName("private.vlan_interface", v); err != nil {
+			return err
+		}
+	}
+	privAddrs, err := interfaceAddrs(addrIf)
 	if err != nil {
-		return fmt.Errorf("private.interface %s: addresses: %w", privIf.Name, err)
+		return fmt.Errorf("private side %s: addresses: %w", addrIf.Name, err)
 	}
 	events := make(chan worker.BindingChange, 4096)
 	seqReqs := make(chan worker.SeqRequest, 4096)
@@ -237,6 +257,8 @@ func (g *Gateway) start(ctx context.Context, o Options) (err error) {
 			PublicMAC: pubMAC, PrivateMAC: privMAC,
 			PublicMTU: pubMTU, PrivateMTU: privMTU, Workers: cfg.Workers,
 			PrivateAddrs: privAddrs, OuterTTL: uint8(cfg.Tunnel.OuterTTL),
+			PublicVLAN: uint16(cfg.Public.VLAN.ID), PublicTPID: cfg.Public.VLAN.TPID,
+			PrivateVLAN: uint16(cfg.Private.VLAN.ID), PrivateTPID: cfg.Private.VLAN.TPID,
 			DSCP: cfg.Tunnel.FixedDSCP, FixDSCP: cfg.Tunnel.HasDSCP, ICMPRate: cfg.Tunnel.ICMPRate,
 			Neighbors: g.Neighbors, BindingEvents: events, SeqRequests: seqReqs,
 		})

@@ -96,12 +96,28 @@ type Idle struct {
 	Every time.Duration `yaml:"-"`
 }
 
+// VLAN puts a side on one VLAN of its interface (docs/operations.md
+// "VLANs"): XDP takes only frames with that tag there and the workers
+// tag what they send, so both directions match.
+type VLAN struct {
+	// ID is the VLAN ID, 1..4094; 0: untagged.
+	ID int `yaml:"vlan,omitempty"`
+	// Proto is 802.1q (default) or 802.1ad.
+	Proto string `yaml:"vlan_proto,omitempty"`
+	// Interface is the kernel's VLAN device on it (e.g. eth0.100), which
+	// holds the side's addresses: neighbours are resolved there.
+	Interface string `yaml:"vlan_interface,omitempty"`
+	// TPID is Proto as the tag's EtherType.
+	TPID uint16 `yaml:"-"`
+}
+
 // Public is the untrusted side facing the phones.
 type Public struct {
 	Interface string `yaml:"interface"`
 	// MTU overrides the interface's MTU (0: the interface's): the
 	// size sealed packets must fit.
 	MTU       int          `yaml:"mtu,omitempty"`
+	VLAN      VLAN         `yaml:",inline"`
 	Addresses []string     `yaml:"addresses"` // outer addresses of this gateway; every SA's local is one
 	Addrs     []netip.Addr `yaml:"-"`
 }
@@ -112,7 +128,8 @@ type Private struct {
 	Interface string `yaml:"interface"`
 	// MTU overrides the interface's MTU (0: the interface's): the
 	// largest decrypted packet forwarded to the core.
-	MTU int `yaml:"mtu,omitempty"`
+	MTU  int  `yaml:"mtu,omitempty"`
+	VLAN VLAN `yaml:",inline"`
 	// NextHopMAC overrides the neighbour-table lookup for frames sent on
 	// the private side.
 	NextHopMAC string           `yaml:"next_hop_mac,omitempty"`
@@ -326,6 +343,28 @@ func (c *Config) validateTunnel(errs *errList) {
 	}{{"public.mtu", c.Public.MTU}, {"private.mtu", c.Private.MTU}} {
 		if m.v != 0 && (m.v < 576 || m.v > 65535) {
 			errs.add(m.field, "%d: want 576..65535, or 0 for the interface's MTU", m.v)
+		}
+	}
+	for _, v := range []struct {
+		side string
+		v    *VLAN
+	}{{"public", &c.Public.VLAN}, {"private", &c.Private.VLAN}} {
+		if v.v.ID < 0 || v.v.ID > 4094 {
+			errs.add(v.side+".vlan", "%d: want 1..4094, or 0 for untagged", v.v.ID)
+		}
+		switch strings.ToLower(v.v.Proto) {
+		case "", "802.1q":
+			v.v.TPID = 0x8100
+		case "802.1ad":
+			v.v.TPID = 0x88a8
+		default:
+			errs.add(v.side+".vlan_proto", "%q: want 802.1q or 802.1ad", v.v.Proto)
+		}
+		if v.v.ID == 0 && (v.v.Proto != "" || v.v.Interface != "") {
+			errs.add(v.side+".vlan", "required with vlan_proto or vlan_interface")
+		}
+		if v.v.Interface != "" {
+			ifname(errs, v.side+".vlan_interface", v.v.Interface)
 		}
 	}
 	t := &c.Tunnel

@@ -6,23 +6,25 @@ import (
 	"github.com/xesp/xesp/dataplane/xsk"
 )
 
-// Outer IPv4 fragmentation for sealed packets larger than the public MTU.
+// Fitting sealed packets into the public MTU.
 //
-// SIP over UDP fills the core's MTU, and ESP in UDP adds about 60 bytes, so
-// a large 200 OK would not fit the public link. Like Linux's xfrm, the
-// gateway then fragments the outer packet after encryption (RFC 4459 3.1
-// "post-fragmentation"): the phone's stack reassembles before its IPsec
-// sees the packet. Every outer IPv4 packet leaves with DF clear and a
-// non-zero IP ID, so a router on a smaller-MTU access link (PPPoE: 1492)
-// fragments instead of dropping: its "fragmentation needed" would reach
-// the kernel, never the AF_XDP path. IDs are partitioned by worker
-// (id ≡ worker mod workers) so two workers sending to phones behind the
-// same NAPT never share one, which would let the NAPT or phone splice
-// fragments of two packets.
+// The encap path checks, before sealing, whether the outer packet would
+// exceed the public MTU. A DF-set IPv4 or any IPv6 packet is refused with
+// ICMP Fragmentation Needed / Packet Too Big carrying the inner MTU that
+// fits (pipeline.icmpToCore); a DF-clear IPv4 packet is split into inner
+// fragments that are sealed one by one (prefragment, RFC 4459 3.2
+// "pre-fragmentation"), so every outer packet crosses the phone's NAPT
+// whole and the phone reassembles after decryption.
 //
-// IPv6 outer packets are not fragmented (that would take a Fragment
-// extension header and most NAPT paths drop IPv6 fragments): they are
-// dropped as oversized.
+// fragment4, outer post-fragmentation (RFC 4459 3.1), remains the
+// fallback for an outer IPv4 packet that still exceeds the MTU (an inner
+// header with options the size estimate did not foresee). Every outer
+// IPv4 packet leaves with DF clear and a non-zero IP ID, so a router on a
+// smaller-MTU access link (PPPoE: 1492) fragments instead of dropping:
+// its "fragmentation needed" would reach the kernel, never the AF_XDP
+// path. IDs are partitioned by worker (id ≡ worker mod workers) so two
+// workers sending to phones behind the same NAPT never share one, which
+// would let the NAPT or phone splice fragments of two packets.
 
 // fragmenter holds what outer fragmentation needs from the worker.
 type fragmenter struct {
@@ -33,6 +35,7 @@ type fragmenter struct {
 	pool    *xsk.Pool
 	mem     Memory
 	rxOff   uint64 // where a fresh frame's packet starts
+	tag     uint32 // the public side's VLAN tag (pipeline.pubTag): 4 more L2 bytes
 	scratch [1]uint64
 	extra   [maxFragments]uint64
 }
@@ -49,6 +52,7 @@ func (f *fragmenter) fragment4(d xsk.Desc, tx []xsk.Desc) ([]xsk.Desc, bool) {
 	frame := f.mem.Frame(d.Addr)
 	off := int(d.Addr - f.mem.FrameBase(d.Addr))
 	pkt := frame[off : off+int(d.Len)]
+	ethLen := f.l2() // the public side's L2 header, tag included
 	ip := pkt[ethLen:]
 	hl := int(ip[0]&0x0f) * 4
 	if ip[0]>>4 != 4 || hl < 20 || len(ip) <= f.mtu || f.mtu < hl+8 {
@@ -106,6 +110,14 @@ func (f *fragmenter) fragment4(d xsk.Desc, tx []xsk.Desc) ([]xsk.Desc, bool) {
 		tx[i], tx[j] = tx[j], tx[i]
 	}
 	return tx, true
+}
+
+// l2 is the length of the public side's L2 header.
+func (f *fragmenter) l2() int {
+	if f.tag != 0 {
+		return ethLen + 4
+	}
+	return ethLen
 }
 
 // nextIPID is the IP ID for the next outer IPv4 packet: never zero (zero

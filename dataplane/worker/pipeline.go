@@ -71,6 +71,10 @@ type pipeline struct {
 	icmp      limiter      // ICMP errors, all kinds, this worker
 	clock     func() int64 // unix ns (time.Now; tests set their own)
 
+	// pubTag and privTag are the 802.1Q/802.1ad tag (TPID<<16 | VID)
+	// frames leaving each side carry; 0: untagged.
+	pubTag, privTag uint32
+
 	// toPub are sealed frames a batch made besides its own output (ICMP
 	// errors to phones, inner fragments after the first); back are ICMP
 	// errors to the core, leaving by the private side. The worker
@@ -154,7 +158,7 @@ func portsMatch(ip []byte, srcSel, dstSel uint16) bool {
 // emitPublic queues a sealed frame for the public TX ring, fragmenting
 // the outer IPv4 packet when it exceeds the public MTU.
 func (p *pipeline) emitPublic(d xsk.Desc, tx []xsk.Desc, drop []uint64) ([]xsk.Desc, []uint64) {
-	if p.frag.mtu == 0 || int(d.Len) <= p.frag.mtu+ethLen {
+	if p.frag.mtu == 0 || int(d.Len) <= p.frag.mtu+p.frag.l2() {
 		return append(tx, d), drop
 	}
 	if out, ok := p.frag.fragment4(d, tx); ok {
@@ -297,11 +301,10 @@ func (p *pipeline) decapOne(d xsk.Desc) (xsk.Desc, Drop) {
 	e.Counters.Seq.Store(pk.Seq)
 
 	start := len(frame) - cap(ip) // ip aliases frame
-	h := frame[start-ethLen : start]
-	copy(h[6:12], p.privMAC[:])
-	binary.BigEndian.PutUint16(h[12:], etherType(ip))
+	l2 := putL2(frame, start, p.privMAC, p.privTag, etherType(ip))
+	h := frame[l2:start]
 	base := p.mem.FrameBase(d.Addr)
-	out := xsk.Desc{Addr: base + uint64(start-ethLen), Len: uint32(ethLen + len(ip))}
+	out := xsk.Desc{Addr: base + uint64(l2), Len: uint32(start - l2 + len(ip))}
 	dst := dstAddr(ip)
 	mac, ok := p.lookup(dst)
 	if !ok {
@@ -393,11 +396,9 @@ func (p *pipeline) icmpToCore(e *Entry, d xsk.Desc, frame []byte, off, l3 int, i
 	}
 	s := l3 - hl
 	n := putICMP(frame[s:], src, ip, kind, mtu)
-	h := frame[s-ethLen : s]
-	copy(h[0:6], mac[:])
-	copy(h[6:12], p.privMAC[:])
-	binary.BigEndian.PutUint16(h[12:], etherType(frame[s:]))
-	p.back = append(p.back, xsk.Desc{Addr: p.mem.FrameBase(d.Addr) + uint64(s-ethLen), Len: uint32(ethLen + n)})
+	l2 := putL2(frame, s, p.privMAC, p.privTag, etherType(frame[s:]))
+	copy(frame[l2:l2+6], mac[:])
+	p.back = append(p.back, xsk.Desc{Addr: p.mem.FrameBase(d.Addr) + uint64(l2), Len: uint32(s - l2 + n)})
 	p.stats.ICMP[kind].Add(1)
 	return true
 }
@@ -562,18 +563,17 @@ func (p *pipeline) seal(e *Entry, d xsk.Desc, frame []byte, l3, n int) (xsk.Desc
 		o.ID = p.frag.nextIPID()
 	}
 	s, err := esp.PutOuter(frame, start, end, &o)
-	if err != nil || s < ethLen {
+	if err != nil || s < ethLen+4 {
 		e.Counters.Drops.Add(1)
 		return d, Drop(esp.ReasonNoRoom)
 	}
 	e.Counters.Packets.Add(1)
 	e.Counters.Bytes.Add(uint64(n))
 	e.Counters.Seq.Store(e.SA.NextSeq() - 1)
-	h := frame[s-ethLen : s]
-	copy(h[6:12], p.pubMAC[:])
-	binary.BigEndian.PutUint16(h[12:], etherType(frame[s:]))
+	l2 := putL2(frame, s, p.pubMAC, p.pubTag, etherType(frame[s:]))
+	h := frame[l2:s]
 	base := p.mem.FrameBase(d.Addr)
-	out := xsk.Desc{Addr: base + uint64(s-ethLen), Len: uint32(end - s + ethLen)}
+	out := xsk.Desc{Addr: base + uint64(l2), Len: uint32(end - l2)}
 	if !peer.HasMAC {
 		mac, ok := p.lookup(o.Dst)
 		if !ok {
@@ -633,6 +633,23 @@ func dstAddr(ip []byte) netip.Addr {
 		return netip.AddrFrom16([16]byte(ip[24:40]))
 	}
 	return netip.Addr{}
+}
+
+// putL2 writes an Ethernet header from src, with the 802.1Q/802.1ad tag
+// when tag is set (TPID<<16 | TCI), ending at l3, and returns where it
+// starts; the caller writes the destination MAC there.
+func putL2(frame []byte, l3 int, src [6]byte, tag uint32, etype uint16) int {
+	n := ethLen
+	if tag != 0 {
+		n += 4
+	}
+	h := frame[l3-n : l3]
+	copy(h[6:12], src[:])
+	if tag != 0 {
+		binary.BigEndian.PutUint32(h[12:], tag)
+	}
+	binary.BigEndian.PutUint16(h[n-2:], etype)
+	return l3 - n
 }
 
 func etherType(ip []byte) uint16 {

@@ -437,3 +437,37 @@ func TestMTU(t *testing.T) {
 		t.Fatal("ICMPv6 checksum wrong")
 	}
 }
+
+// A side with a VLAN sends tagged frames: sealed ones on the public side,
+// decrypted ones and ICMP errors on the private side, 802.1Q or 802.1ad.
+func TestVLANTags(t *testing.T) {
+	r := newRig(t)
+	r.p.pubTag, r.p.privTag = vlanTag(0, 100), vlanTag(0x88a8, 200)
+	r.p.frag.tag = r.p.pubTag
+	tx, _ := r.encap(r.fromCore(udp4("10.0.0.1:5060", "100.64.0.1:5060", "tagged")))
+	f := r.bytes(tx[0])
+	if binary.BigEndian.Uint32(f[12:]) != 0x81000064 || binary.BigEndian.Uint16(f[16:]) != 0x0800 {
+		t.Fatalf("public frame header % x", f[:18])
+	}
+	var pk esp.Packet
+	if err := r.phIn.OpenPacketTo(append([]byte(nil), f[18:]...), &pk); err != nil {
+		t.Fatalf("sealed packet behind the tag: %v", err)
+	}
+	tx, _ = r.decap(r.fromPhone(udp4("100.64.0.1:5060", "10.0.0.1:5060", "tagged"), 0))
+	f = r.bytes(tx[0])
+	if binary.BigEndian.Uint32(f[12:]) != 0x88a800c8 || binary.BigEndian.Uint16(f[16:]) != 0x0800 || string(f[0:6]) != string(r.coreMAC[:]) {
+		t.Fatalf("private frame header % x", f[:18])
+	}
+	if _, _, payload, ok := pkt.UDP4Parse(f[18:]); !ok || string(payload) != "tagged" {
+		t.Fatal("decrypted packet not behind the tag")
+	}
+	exp := udp4("10.0.0.1:5060", "100.64.0.1:5060", "x")
+	exp[8] = 1
+	r.encap(r.fromCore(exp))
+	if f = r.bytes(r.p.back[0]); binary.BigEndian.Uint32(f[12:]) != 0x88a800c8 || f[18+9] != 1 {
+		t.Fatalf("ICMP frame header % x", f[:28])
+	}
+	if vlanTag(0, 0) != 0 {
+		t.Fatal("no VLAN must mean no tag")
+	}
+}

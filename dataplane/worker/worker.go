@@ -31,6 +31,12 @@ type Config struct {
 	// source of the ICMP errors it sends (to the core, and to phones
 	// inside their SAs). Without one of a family, no ICMP of that family.
 	PrivateAddrs []netip.Addr
+	// PublicVLAN and PrivateVLAN tag the frames each side sends (VLAN ID
+	// 1..4094; 0 untagged) with the TPID PublicTPID/PrivateTPID (0:
+	// 0x8100, 802.1Q; 0x88a8 is 802.1ad). XDP takes only frames with the
+	// same tag on that side, so both directions match.
+	PublicVLAN, PrivateVLAN uint16
+	PublicTPID, PrivateTPID uint16
 	// OuterTTL is the TTL/hop limit of outer headers (0: 64).
 	OuterTTL uint8
 	// DSCP, when FixDSCP, is the outer DSCP (0..63) for SAs without
@@ -125,8 +131,9 @@ func New(cfg Config) (*Worker, error) {
 		back:        make([]xsk.Desc, 0, cfg.Batch),
 	}
 	stride := max(cfg.Workers, 1)
+	w.pipe.pubTag, w.pipe.privTag = vlanTag(cfg.PublicTPID, cfg.PublicVLAN), vlanTag(cfg.PrivateTPID, cfg.PrivateVLAN)
 	w.pipe.frag = fragmenter{mtu: cfg.PublicMTU, mem: cfg.UMEM, rxOff: uint64(cfg.UMEM.RxOffset()),
-		stride: uint16(stride), worker: uint16(cfg.ID)}
+		stride: uint16(stride), worker: uint16(cfg.ID), tag: w.pipe.pubTag}
 	return w, nil
 }
 
@@ -336,6 +343,18 @@ func (w *Worker) Run(ctx context.Context) error {
 			unix.Read(w.wake, evbuf[:])
 		}
 	}
+}
+
+// vlanTag is the 4-byte tag for vid (0: none): TPID (0x8100 when 0) and
+// a TCI with priority 0.
+func vlanTag(tpid, vid uint16) uint32 {
+	if vid == 0 {
+		return 0
+	}
+	if tpid == 0 {
+		tpid = 0x8100
+	}
+	return uint32(tpid)<<16 | uint32(vid&0x0fff)
 }
 
 // flushExtra transmits what a batch made besides its own output: sealed
