@@ -69,8 +69,9 @@ type Entry struct {
 	// package removes the SA and raises the event within its interval.
 	HardPackets, HardBytes uint64
 
-	index uint32 // slot in the worker's table, set by Install
-	asked uint64 // the Limit an extension was last requested for
+	index       uint32 // slot in the worker's table, set by Install
+	maxOverhead int    // bound on what sealing adds (0: not computed yet): the MTU check's fast path
+	asked       uint64 // the Limit an extension was last requested for
 }
 
 // expired says the SA reached a hard packet or byte lifetime and must not
