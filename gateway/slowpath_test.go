@@ -153,8 +153,10 @@ func TestSlowPathIKERelay(t *testing.T) {
 	if err != nil || !bytes.Equal(buf[:n], initResp) || from != netip.AddrPortFrom(netip.MustParseAddr("192.0.2.1"), 4500) {
 		t.Fatalf("phone got %q from %v (%v), want the daemon's answer from 192.0.2.1:4500", buf[:n], from, err)
 	}
-	// The counter follows the send the phone may already have seen.
+	// The counters follow the sends the daemon and the phone may already
+	// have seen.
 	eventually(t, "ike_returned", func() bool { return slowStats(tp)[slowpath.IKEReturned] == 1 })
+	eventually(t, "ike_relayed", func() bool { return slowStats(tp)[slowpath.IKERelayed] == 1 })
 	if s := slowStats(tp); s[slowpath.IKERelayed] != 1 || s[slowpath.RelayErrors] != 0 {
 		t.Fatalf("slow path stats %v", s)
 	}
