@@ -16,7 +16,7 @@ import (
 // rig is a pipeline over a real UMEM with one phone's SA pair (tunnel,
 // ESP in UDP), and the phone's own SAs to build and read its packets.
 type rig struct {
-	t                 *testing.T
+	t                 testing.TB
 	u                 *xsk.UMEM
 	p                 *pipeline
 	st                Stats
@@ -33,7 +33,7 @@ var (
 	gwPriv     = netip.MustParseAddr("10.0.0.254")
 )
 
-func newRig(t *testing.T) *rig {
+func newRig(t testing.TB) *rig {
 	t.Helper()
 	u, err := xsk.New(xsk.Config{FrameCount: 128, FillSize: 64, CompletionSize: 64, RxSize: 64, TxSize: 64})
 	if err != nil {
