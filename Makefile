@@ -4,7 +4,7 @@ PKGS      ?= ./...
 # Debian packages the build, the tests and the demo use. `make deps` installs
 # whichever are missing, so a fresh Debian machine needs only Go and make.
 APT_PKGS  := clang llvm libbpf-dev linux-libc-dev bpftool iproute2 ethtool nftables tcpdump \
-             procps conntrack kamailio kamailio-utils-modules kamailio-json-modules sipsak tshark etcd-server etcd-client
+             procps iputils-ping conntrack kamailio kamailio-utils-modules kamailio-json-modules sipsak tshark etcd-server etcd-client
 # Fuzz targets run for this long each in `make fuzz` (CI keeps it short).
 FUZZTIME  ?= 20s
 # Each new interesting input is minimized for at most this many runs. Go's

@@ -7,4 +7,4 @@
 // pin or write maps: the loader and maps packages do that.
 package bpf
 
-//go:generate go tool bpf2go -cc clang -cflags "-O2 -g -Wall -Werror -I/usr/include/x86_64-linux-gnu" -target bpfel -go-package bpf -type xesp_counter -type xesp_config -type xesp_sa -type xesp_policy_key -type xesp_core_key -type xesp_core_cfg -type xesp_policy -type xesp_meta -type xesp_flood_sa -type xesp_flood_src_key -type xesp_flood_src Xesp xesp.c -- -I.
+//go:generate go tool bpf2go -cc clang -cflags "-O2 -g -Wall -Werror -I/usr/include/x86_64-linux-gnu" -target bpfel -go-package bpf -type xesp_counter -type xesp_config -type xesp_sa -type xesp_policy_key -type xesp_core_key -type xesp_core_cfg -type xesp_policy -type xesp_meta -type xesp_flood_sa -type xesp_flood_src_key -type xesp_flood_src -type xesp_binding_key -type xesp_keepalive Xesp xesp.c -- -I.

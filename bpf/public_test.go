@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
+	"net/netip"
 	"testing"
 
 	"github.com/cilium/ebpf"
@@ -381,4 +382,104 @@ func TestPublicSteering(t *testing.T) {
 		{name: "queue2-worker3-slot11-empty", in: pkt, ctx: xdpMD{IngressIfindex: ifindex, RxQueueIndex: 2}, verdict: xdpDrop,
 			out: stripped, meta: meta(bpf.MetaESPUDP, 77, phonePort, natt, 14), reason: bpf.DropNoXSK},
 	})
+}
+
+// A NAT-keepalive from a registered binding is counted and stamped in the
+// keepalives map (idle-phone detection); one from an unknown source or
+// port only hits the verdict counter and creates nothing. Both are
+// dropped: a keepalive never reaches the workers, so it never moves a
+// binding.
+func TestPublicKeepaliveStampsBinding(t *testing.T) {
+	objs, set, _ := publicSetup(t)
+	phone := netip.AddrPortFrom(netip.AddrFrom4([4]byte(ipA4)), phonePort)
+	phone6 := netip.AddrPortFrom(netip.AddrFrom16([16]byte(ipA6.To16())), phonePort)
+	for _, b := range []netip.AddrPort{phone, phone6} {
+		if err := set.Keepalives.Add(b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ka := func(ip gopacket.NetworkLayer, et layers.EthernetType, sport uint16) []byte {
+		return serialize(t, eth(et), ip.(gopacket.SerializableLayer), udp(ip, sport, natt), gopacket.Payload{0xff})
+	}
+	for i, c := range []struct {
+		pkt  []byte
+		want netip.AddrPort
+	}{
+		{ka(ip4(layers.IPProtocolUDP), layers.EthernetTypeIPv4, phonePort), phone},
+		{ka(ip4(layers.IPProtocolUDP), layers.EthernetTypeIPv4, phonePort), phone},
+		{ka(ip6(layers.IPProtocolUDP), layers.EthernetTypeIPv6, phonePort), phone6},
+		{ka(ip4(layers.IPProtocolUDP), layers.EthernetTypeIPv4, phonePort+1), netip.AddrPort{}},
+	} {
+		if v, _, _ := run(t, objs.XespPublic, c.pkt, xdpMD{}); v != xdpDrop {
+			t.Fatalf("keepalive %d: verdict %s", i, verdictName(v))
+		}
+	}
+	if v, ok := set.Keepalives.Lookup(phone); !ok || v.Packets != 2 || v.LastNs == 0 {
+		t.Fatalf("v4 binding: %+v %v, want 2 stamped keepalives", v, ok)
+	}
+	if v, ok := set.Keepalives.Lookup(phone6); !ok || v.Packets != 1 {
+		t.Fatalf("v6 binding: %+v %v", v, ok)
+	}
+	if n := set.Keepalives.Len(); n != 2 {
+		t.Fatalf("%d bindings in the map, want the 2 registered", n)
+	}
+}
+
+// A side configured with a VLAN takes only frames tagged with it (802.1Q
+// or 802.1ad); untagged frames and other VLANs go to the kernel, counted
+// as other_vlan. The private side alike.
+func TestVLANFilter(t *testing.T) {
+	objs, set, _ := publicSetup(t)
+	if err := set.Config.Set(bpf.Config{Workers: 2, PublicVlan: 100, PrivateVlan: 200}); err != nil {
+		t.Fatal(err)
+	}
+	esp := espBody(spiW0, 1, 48)
+	tagged := func(et layers.EthernetType, vid uint16, inner layers.EthernetType, ls ...gopacket.SerializableLayer) []byte {
+		if et == 0 {
+			return serialize(t, append([]gopacket.SerializableLayer{eth(inner)}, ls...)...)
+		}
+		return serialize(t, append([]gopacket.SerializableLayer{eth(et), &layers.Dot1Q{VLANIdentifier: vid, Type: inner}}, ls...)...)
+	}
+	frame := func(et layers.EthernetType, vid uint16) []byte {
+		i4 := ip4(layers.IPProtocolUDP)
+		return tagged(et, vid, layers.EthernetTypeIPv4, i4, udp(i4, phonePort, natt), esp)
+	}
+	for _, c := range []struct {
+		name   string
+		in     []byte
+		reason bpf.Reason
+	}{
+		{"802.1Q 100", frame(layers.EthernetTypeDot1Q, 100), bpf.RedirectESPUDP},
+		{"802.1ad 100", frame(layers.EthernetTypeQinQ, 100), bpf.RedirectESPUDP},
+		{"802.1Q 101", frame(layers.EthernetTypeDot1Q, 101), bpf.PassOtherVLAN},
+		{"untagged", frame(0, 0), bpf.PassOtherVLAN},
+	} {
+		before := xdpReason(t, set, c.reason)
+		run(t, objs.XespPublic, c.in, xdpMD{})
+		if xdpReason(t, set, c.reason) != before+1 {
+			t.Errorf("public %s: not counted as %s", c.name, c.reason)
+		}
+	}
+	i4 := ip4(layers.IPProtocolUDP)
+	for _, c := range []struct {
+		name string
+		in   []byte
+	}{
+		{"private untagged", tagged(0, 0, layers.EthernetTypeIPv4, i4, udp(i4, 5060, 5060), gopacket.Payload("sip"))},
+		{"private VLAN 100", tagged(layers.EthernetTypeDot1Q, 100, layers.EthernetTypeIPv4, i4, udp(i4, 5060, 5060), gopacket.Payload("sip"))},
+	} {
+		before := xdpReason(t, set, bpf.PrivPassOtherVLAN)
+		if v, _, _ := run(t, objs.XespPrivate, c.in, xdpMD{}); v != xdpPass || xdpReason(t, set, bpf.PrivPassOtherVLAN) != before+1 {
+			t.Errorf("%s: verdict %s, not counted as priv_pass_other_vlan", c.name, verdictName(v))
+		}
+	}
+}
+
+func xdpReason(t *testing.T, set *maps.Set, r bpf.Reason) uint64 {
+	t.Helper()
+	var s maps.Snapshot
+	if err := set.Counters.Read(&s); err != nil {
+		t.Fatal(err)
+	}
+	return s[r].Packets
 }

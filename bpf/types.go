@@ -19,6 +19,9 @@ type (
 	FloodSA     = XespXespFloodSa
 	FloodSrcKey = XespXespFloodSrcKey
 	FloodSrc    = XespXespFloodSrc
+	// BindingKey and Keepalive are the keepalives map's key and value.
+	BindingKey = XespXespBindingKey
+	Keepalive  = XespXespKeepalive
 )
 
 // Constants from xesp.h's enums under Go names.
@@ -60,6 +63,7 @@ const (
 	Aborted           = XespXespReasonXESP_ABORTED
 	DropFloodSA       = XespXespReasonXESP_DROP_FLOOD_SA
 	DropFloodSrc      = XespXespReasonXESP_DROP_FLOOD_SRC
+	PassOtherVLAN     = XespXespReasonXESP_PASS_OTHER_VLAN
 	PrivPassNotIP     = XespXespReasonXESP_PRIV_PASS_NOT_IP
 	PrivPassMalformed = XespXespReasonXESP_PRIV_PASS_MALFORMED
 	PrivPassNoPolicy  = XespXespReasonXESP_PRIV_PASS_NO_POLICY
@@ -71,6 +75,7 @@ const (
 	// entry; PrivRedirect is a trie hit.
 	PrivRedirectCorePort = XespXespReasonXESP_PRIV_REDIRECT_CORE_PORT
 	PrivRedirectCore     = XespXespReasonXESP_PRIV_REDIRECT_CORE
+	PrivPassOtherVLAN    = XespXespReasonXESP_PRIV_PASS_OTHER_VLAN
 )
 
 // reasonNames are the enum names without the XESP_ prefix, lower case: the
@@ -92,6 +97,7 @@ var reasonNames = [...]string{
 	Aborted:              "aborted",
 	DropFloodSA:          "drop_flood_sa",
 	DropFloodSrc:         "drop_flood_src",
+	PassOtherVLAN:        "pass_other_vlan",
 	PrivPassNotIP:        "priv_pass_not_ip",
 	PrivPassMalformed:    "priv_pass_malformed",
 	PrivPassNoPolicy:     "priv_pass_no_policy",
@@ -100,6 +106,7 @@ var reasonNames = [...]string{
 	PrivAborted:          "priv_aborted",
 	PrivRedirectCorePort: "priv_redirect_core_port",
 	PrivRedirectCore:     "priv_redirect_core",
+	PrivPassOtherVLAN:    "priv_pass_other_vlan",
 }
 
 // String returns the metric label of the reason, e.g. "drop_no_sa".

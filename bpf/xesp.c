@@ -85,6 +85,14 @@ struct {
 	__type(value, struct xesp_counter);
 } counters SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 1 << 20);
+	__type(key, struct xesp_binding_key);
+	__type(value, struct xesp_keepalive);
+} keepalives SEC(".maps");
+
 /* One XSKMAP per side: see "AF_XDP socket maps" in xesp.h. */
 struct {
 	__uint(type, BPF_MAP_TYPE_XSKMAP);
@@ -161,12 +169,14 @@ static __always_inline int verdict(__u32 pkt_len, enum xesp_reason reason, int a
 }
 
 /* Ethernet plus at most one 802.1Q/802.1ad tag. Returns the EtherType in
- * network order, or -1 if truncated. */
-static __always_inline int parse_ethhdr(struct hdr_cursor *nh, void *data_end)
+ * network order, or -1 if truncated; *vid is the tag's VLAN ID, 0 when
+ * untagged. */
+static __always_inline int parse_ethhdr(struct hdr_cursor *nh, void *data_end, __u16 *vid)
 {
 	struct ethhdr *eth = nh->pos;
 	__be16 proto;
 
+	*vid = 0;
 	if ((void *)(eth + 1) > data_end)
 		return -1;
 	nh->pos = eth + 1;
@@ -178,8 +188,16 @@ static __always_inline int parse_ethhdr(struct hdr_cursor *nh, void *data_end)
 			return -1;
 		nh->pos = vh + 1;
 		proto = vh->proto;
+		*vid = bpf_ntohs(vh->tci) & 0x0fff;
 	}
 	return proto;
+}
+
+/* A side with a VLAN takes only frames tagged with it; the others (the
+ * host's own untagged traffic, other VLANs) belong to the kernel. */
+static __always_inline int other_vlan(__u16 want, __u16 vid)
+{
+	return want && vid != want;
 }
 
 /* IPv4 header with options. avail is what the frame holds from the IP
@@ -239,6 +257,30 @@ static __always_inline int parse_udphdr(struct hdr_cursor *nh, void *data_end, s
 	return bpf_ntohs(h->len);
 }
 
+/* A keepalive from a known binding stamps it: idle-phone detection reads
+ * the stamp; nothing else (a keepalive is not authenticated, so it never
+ * moves a binding). Unknown sources are only counted by the verdict. */
+static __always_inline void count_keepalive(struct iphdr *iph, struct ipv6hdr *ip6h, __be16 sport)
+{
+	struct xesp_binding_key key = {.port = sport};
+	struct xesp_keepalive *k;
+
+	if (iph) {
+		key.addr[10] = 0xff;
+		key.addr[11] = 0xff;
+		__builtin_memcpy(&key.addr[12], &iph->saddr, 4);
+	} else if (ip6h) {
+		__builtin_memcpy(key.addr, &ip6h->saddr, 16);
+	} else {
+		return;
+	}
+	k = bpf_map_lookup_elem(&keepalives, &key);
+	if (!k)
+		return;
+	__sync_fetch_and_add(&k->packets, 1);
+	k->last_ns = bpf_ktime_get_ns();
+}
+
 static __always_inline struct xesp_config load_config(void)
 {
 	__u32 zero = 0;
@@ -250,7 +292,8 @@ static __always_inline struct xesp_config load_config(void)
 			cfg.natt_port = c->natt_port;
 		if (c->workers)
 			cfg.workers = c->workers;
-		cfg.flags = c->flags;
+		cfg.public_vlan = c->public_vlan;
+		cfg.private_vlan = c->private_vlan;
 	}
 	return cfg;
 }
@@ -439,11 +482,15 @@ int xesp_public(struct xdp_md *ctx)
 	__u64 src[2] = {};
 	int proto, udp_len, flood;
 	__be16 sport, dport;
+	__u16 vid;
 
-	proto = parse_ethhdr(&nh, data_end);
+	proto = parse_ethhdr(&nh, data_end, &vid);
 	if (proto < 0)
 		return verdict(pkt_len, XESP_PASS_MALFORMED, XDP_PASS);
 	l3_off = nh.pos - data;
+	cfg = load_config();
+	if (other_vlan(cfg.public_vlan, vid))
+		return verdict(pkt_len, XESP_PASS_OTHER_VLAN, XDP_PASS);
 
 	if (proto == bpf_htons(ETH_P_IP)) {
 		proto = parse_iphdr(&nh, data_end, pkt_len - l3_off, &iph);
@@ -466,7 +513,6 @@ int xesp_public(struct xdp_md *ctx)
 		return verdict(pkt_len, XESP_PASS_NOT_IP, XDP_PASS);
 	}
 	l4_off = nh.pos - data;
-	cfg = load_config();
 
 	if (proto == IPPROTO_ESP_) {
 		if (ip_payload < sizeof(__u32) * 2 + 8)
@@ -508,8 +554,10 @@ int xesp_public(struct xdp_md *ctx)
 	if (udp_len == 1) {
 		if ((void *)(payload + 1) > data_end)
 			return verdict(pkt_len, XESP_PASS_MALFORMED, XDP_PASS);
-		if (payload[0] == 0xff)
+		if (payload[0] == 0xff) {
+			count_keepalive(iph, ip6h, udph->source);
 			return verdict(pkt_len, XESP_DROP_KEEPALIVE, XDP_DROP);
+		}
 		return verdict(pkt_len, XESP_DROP_RUNT, XDP_DROP);
 	}
 	if (udp_len >= 4) {
@@ -618,11 +666,15 @@ int xesp_private(struct xdp_md *ctx)
 	__be16 dport = 0;
 	__u32 l3_off, zero = 0;
 	int proto;
+	__u16 vid;
 
-	proto = parse_ethhdr(&nh, data_end);
+	proto = parse_ethhdr(&nh, data_end, &vid);
 	if (proto < 0)
 		return verdict(pkt_len, XESP_PRIV_PASS_MALFORMED, XDP_PASS);
 	l3_off = nh.pos - data;
+	cfg = load_config();
+	if (other_vlan(cfg.private_vlan, vid))
+		return verdict(pkt_len, XESP_PRIV_PASS_OTHER_VLAN, XDP_PASS);
 
 	if (proto == bpf_htons(ETH_P_IP)) {
 		proto = parse_iphdr(&nh, data_end, pkt_len - l3_off, &iph);
@@ -653,7 +705,6 @@ int xesp_private(struct xdp_md *ctx)
 		pol = bpf_map_lookup_elem(&policies, &key);
 	if (!pol)
 		return verdict(pkt_len, XESP_PRIV_PASS_NO_POLICY, XDP_PASS);
-	cfg = load_config();
 	if (put_meta(ctx, pol->sa_index, 0, 0, l3_off, XESP_META_CLEAR))
 		return verdict(pkt_len, XESP_PRIV_ABORTED, XDP_ABORTED);
 	if (steer(ctx, &xsks_private, cfg.workers, pol->worker) != XDP_REDIRECT)

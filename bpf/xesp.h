@@ -26,6 +26,11 @@
  *                  xesp_flood_src, written by workers likewise
  *   flood_drops    HASH, SPI -> __u64: packets xesp_public dropped for
  *                  the SA's flood budgets (written by XDP only)
+ *   keepalives     HASH, struct xesp_binding_key -> struct xesp_keepalive:
+ *                  the NAT bindings of the SAs (written by the manager),
+ *                  where xesp_public counts the NAT-keepalives each sends
+ *                  (RFC 3948 2.3) for idle-phone detection; a keepalive
+ *                  never moves a binding
  *
  * AF_XDP socket maps: one XSKMAP per side, both indexed
  * rx_queue_index * workers + worker. A socket is bound to one (device,
@@ -61,6 +66,7 @@ enum xesp_reason {
 	                           * budget of failed authentications is spent (flood_sas) */
 	XESP_DROP_FLOOD_SRC,      /* from a source whose budget of failed authentications is
 	                           * spent (flood_srcs), and not the SA's binding */
+	XESP_PASS_OTHER_VLAN,     /* untagged or another VLAN on a side configured with one */
 	/* xesp_private */
 	XESP_PRIV_PASS_NOT_IP,
 	XESP_PRIV_PASS_MALFORMED,
@@ -70,6 +76,7 @@ enum xesp_reason {
 	XESP_PRIV_ABORTED,        /* adjust_meta failed on the private side */
 	XESP_PRIV_REDIRECT_CORE_PORT, /* exact match: core address and destination port */
 	XESP_PRIV_REDIRECT_CORE,  /* exact match: core address, any-port entry */
+	XESP_PRIV_PASS_OTHER_VLAN,
 	XESP_REASON_MAX,
 };
 
@@ -82,7 +89,11 @@ struct xesp_counter {
 struct xesp_config {
 	__u16 natt_port;   /* host byte order; 0 means 4500 */
 	__u16 workers;     /* sockets per RX queue in the XSK maps; 0 means 1 */
-	__u32 flags;
+	/* VLAN of each side (VID 1..4094): only frames carrying that tag
+	 * (802.1Q or 802.1ad) are the gateway's there, the rest pass to the
+	 * kernel. 0: untagged and any single tag, as before VLANs. */
+	__u16 public_vlan;
+	__u16 private_vlan;
 };
 
 /* Inbound SA map: key is the SPI in host byte order. */
@@ -95,6 +106,20 @@ struct xesp_sa {
 /* Constants are enums, not #defines, so they reach Go through BTF. */
 enum xesp_sa_flag {
 	XESP_SA_F_ENCAP = 0x1, /* SA was negotiated with UDP encapsulation */
+};
+
+/* A NAT binding: the outer source address (IPv4 as ::ffff:a.b.c.d) and
+ * UDP source port (network order) of a phone's packets. */
+struct xesp_binding_key {
+	__u8 addr[16];
+	__be16 port;
+	__u16 pad;         /* zero */
+};
+
+/* NAT-keepalives seen from one binding. */
+struct xesp_keepalive {
+	__u64 packets;
+	__u64 last_ns;     /* bpf_ktime_get_ns (CLOCK_MONOTONIC) of the last one */
 };
 
 /* Outbound policy LPM trie: inner destination prefix -> outbound SA.

@@ -13,11 +13,19 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type XespXespBindingKey struct {
+	_    structs.HostLayout
+	Addr [16]uint8
+	Port uint16
+	Pad  uint16
+}
+
 type XespXespConfig struct {
-	_        structs.HostLayout
-	NattPort uint16
-	Workers  uint16
-	Flags    uint32
+	_           structs.HostLayout
+	NattPort    uint16
+	Workers     uint16
+	PublicVlan  uint16
+	PrivateVlan uint16
 }
 
 type XespXespCoreCfg struct {
@@ -66,6 +74,12 @@ type XespXespFloodSrcKey struct {
 	Addr [16]uint8
 	Port uint16
 	Pad  uint16
+}
+
+type XespXespKeepalive struct {
+	_       structs.HostLayout
+	Packets uint64
+	LastNs  uint64
 }
 
 type XespXespMeta struct {
@@ -123,15 +137,17 @@ const (
 	XespXespReasonXESP_ABORTED                 XespXespReason = 12
 	XespXespReasonXESP_DROP_FLOOD_SA           XespXespReason = 13
 	XespXespReasonXESP_DROP_FLOOD_SRC          XespXespReason = 14
-	XespXespReasonXESP_PRIV_PASS_NOT_IP        XespXespReason = 15
-	XespXespReasonXESP_PRIV_PASS_MALFORMED     XespXespReason = 16
-	XespXespReasonXESP_PRIV_PASS_NO_POLICY     XespXespReason = 17
-	XespXespReasonXESP_PRIV_DROP_NO_XSK        XespXespReason = 18
-	XespXespReasonXESP_PRIV_REDIRECT           XespXespReason = 19
-	XespXespReasonXESP_PRIV_ABORTED            XespXespReason = 20
-	XespXespReasonXESP_PRIV_REDIRECT_CORE_PORT XespXespReason = 21
-	XespXespReasonXESP_PRIV_REDIRECT_CORE      XespXespReason = 22
-	XespXespReasonXESP_REASON_MAX              XespXespReason = 23
+	XespXespReasonXESP_PASS_OTHER_VLAN         XespXespReason = 15
+	XespXespReasonXESP_PRIV_PASS_NOT_IP        XespXespReason = 16
+	XespXespReasonXESP_PRIV_PASS_MALFORMED     XespXespReason = 17
+	XespXespReasonXESP_PRIV_PASS_NO_POLICY     XespXespReason = 18
+	XespXespReasonXESP_PRIV_DROP_NO_XSK        XespXespReason = 19
+	XespXespReasonXESP_PRIV_REDIRECT           XespXespReason = 20
+	XespXespReasonXESP_PRIV_ABORTED            XespXespReason = 21
+	XespXespReasonXESP_PRIV_REDIRECT_CORE_PORT XespXespReason = 22
+	XespXespReasonXESP_PRIV_REDIRECT_CORE      XespXespReason = 23
+	XespXespReasonXESP_PRIV_PASS_OTHER_VLAN    XespXespReason = 24
+	XespXespReasonXESP_REASON_MAX              XespXespReason = 25
 )
 
 type XespXespSa struct {
@@ -158,6 +174,7 @@ const (
 	XespMapFloodDrops       = "flood_drops"
 	XespMapFloodSas         = "flood_sas"
 	XespMapFloodSrcs        = "flood_srcs"
+	XespMapKeepalives       = "keepalives"
 	XespMapPolicies         = "policies"
 	XespMapSas              = "sas"
 	XespMapXsksPrivate      = "xsks_private"
@@ -231,6 +248,7 @@ type XespMapSpecs struct {
 	FloodDrops  *ebpf.MapSpec `ebpf:"flood_drops"`
 	FloodSas    *ebpf.MapSpec `ebpf:"flood_sas"`
 	FloodSrcs   *ebpf.MapSpec `ebpf:"flood_srcs"`
+	Keepalives  *ebpf.MapSpec `ebpf:"keepalives"`
 	Policies    *ebpf.MapSpec `ebpf:"policies"`
 	Sas         *ebpf.MapSpec `ebpf:"sas"`
 	XsksPrivate *ebpf.MapSpec `ebpf:"xsks_private"`
@@ -276,6 +294,7 @@ type XespMaps struct {
 	FloodDrops  *ebpf.Map `ebpf:"flood_drops"`
 	FloodSas    *ebpf.Map `ebpf:"flood_sas"`
 	FloodSrcs   *ebpf.Map `ebpf:"flood_srcs"`
+	Keepalives  *ebpf.Map `ebpf:"keepalives"`
 	Policies    *ebpf.Map `ebpf:"policies"`
 	Sas         *ebpf.Map `ebpf:"sas"`
 	XsksPrivate *ebpf.Map `ebpf:"xsks_private"`
@@ -291,6 +310,7 @@ func (m *XespMaps) Close() error {
 		m.FloodDrops,
 		m.FloodSas,
 		m.FloodSrcs,
+		m.Keepalives,
 		m.Policies,
 		m.Sas,
 		m.XsksPrivate,

@@ -35,7 +35,18 @@ func (d *dataPath) SACounters(id sa.ID) (api.SACounters, bool) {
 	if !ok {
 		return api.SACounters{}, false
 	}
-	return api.SACounters{Packets: c.Packets, Bytes: c.Bytes, Drops: c.Drops, Seq: c.Seq}, true
+	out := api.SACounters{Packets: c.Packets, Bytes: c.Bytes, Drops: c.Drops, Seq: c.Seq}
+	if !c.LastSeen.IsZero() {
+		t := c.LastSeen.UTC()
+		out.LastSeen = &t
+	}
+	if id.Dir == sa.In {
+		if ka := d.g.Manager.LastKeepalive(id); !ka.IsZero() {
+			ka = ka.UTC()
+			out.LastKeepalive = &ka
+		}
+	}
+	return out, true
 }
 
 func dirStats(get func(*worker.Stats) *worker.DirStats, ws worker.Set) api.DirStats {

@@ -10,8 +10,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"golang.org/x/sys/unix"
 	"log/slog"
 	"net"
+	"net/netip"
 	"path/filepath"
 	"sync"
 	"sync/atomic"
@@ -112,35 +114,56 @@ type Options struct {
 
 // Start brings the data path up. On error everything it built is torn
 // down again.
-func Start(ctx context.Context, cfg *config.Config, o Options) (_ *Gateway, err error) {
+//
+// Every error names what failed by its config path and how to fix it, in
+// one line: an operator's mistake at start is never a stack trace.
+func Start(ctx context.Context, cfg *config.Config, o Options) (*Gateway, error) {
 	if o.Log == nil {
 		o.Log = slog.Default()
 	}
 	if cfg.Public.Interface == cfg.Private.Interface {
 		return nil, fmt.Errorf("config: private.interface: one-arm mode (%s on both sides) is not supported: the XDP programs need one interface each", cfg.Public.Interface)
 	}
-	// g, not the named result: every error return sets that to nil, and
-	// the cleanup below must still reach what was built.
+	// g stays set when start returns an error (its named result would
+	// be nil), so the teardown of what was built always has a receiver.
 	g := &Gateway{Config: cfg, log: o.Log, errs: make(chan error, 16)}
 	// The instance lock comes before anything shared is touched (pinned
 	// maps, links, XSK slots, sockets): a second daemon on the same
 	// state_dir or pin directory stops here and leaves the running one
 	// alone. The loader takes the pin directory's lock.
+	var err error
 	if g.stateLock, err = instlock.StateDir(cfg.StateDir); err != nil {
+		if errors.Is(err, instlock.ErrHeld) {
+			return nil, err
+		}
+		return nil, fmt.Errorf("%w (state_dir must be a directory root can create and write, not open to others)", err)
+	}
+	if err := g.start(ctx, o); err != nil {
+		g.teardown(false)
 		return nil, err
 	}
-	defer func() {
-		if err != nil {
-			g.teardown(false)
-		}
-	}()
-	pubIf, err := net.InterfaceByName(cfg.Public.Interface)
+	return g, nil
+}
+
+// interfaceByName finds the interface a config field names, or says
+// which field to fix.
+func interfaceByName(field, name string) (*net.Interface, error) {
+	ifi, err := net.InterfaceByName(name)
 	if err != nil {
-		return nil, fmt.Errorf("public interface: %w", err)
+		return nil, fmt.Errorf("%s: %q: no such network interface (list them with `ip link`, fix %s in the config)", field, name, field)
 	}
-	privIf, err := net.InterfaceByName(cfg.Private.Interface)
+	return ifi, nil
+}
+
+func (g *Gateway) start(ctx context.Context, o Options) (err error) {
+	cfg := g.Config
+	pubIf, err := interfaceByName("public.interface", cfg.Public.Interface)
 	if err != nil {
-		return nil, fmt.Errorf("private interface: %w", err)
+		return err
+	}
+	privIf, err := interfaceByName("private.interface", cfg.Private.Interface)
+	if err != nil {
+		return err
 	}
 
 	g.Loader, err = loader.Load(loader.Options{
@@ -148,12 +171,18 @@ func Start(ctx context.Context, cfg *config.Config, o Options) (_ *Gateway, err 
 		Generic: cfg.XDPMode == "generic", PinRoot: cfg.PinDir, NoPin: o.NoPin, Lock: o.pinLock,
 		SACapacity: uint32(cfg.MaxSAs), PolicyCapacity: uint32(cfg.MaxSAs),
 	})
+	var held *instlock.HeldError
+	if errors.As(err, &held) {
+		// One line naming pin_dir, the holder's pid and both ways out.
+		return fmt.Errorf("%w, or give this one another pin_dir", held)
+	}
 	if err != nil {
-		return nil, err
+		return fmt.Errorf("pin_dir %s: %w", cfg.PinDir, err)
 	}
 	g.Maps = g.Loader.Maps
-	if err := g.Maps.Config.Set(bpf.Config{NattPort: uint16(cfg.NATTPort), Workers: uint16(cfg.Workers)}); err != nil {
-		return nil, fmt.Errorf("write XDP config: %w", err)
+	if err := g.Maps.Config.Set(bpf.Config{NattPort: uint16(cfg.NATTPort), Workers: uint16(cfg.Workers),
+		PublicVlan: uint16(cfg.Public.VLAN.ID), PrivateVlan: uint16(cfg.Private.VLAN.ID)}); err != nil {
+		return fmt.Errorf("write XDP config: %w", err)
 	}
 	// Clear sockets a previous process left in pinned XSK maps: their fds
 	// are gone, and a stale slot would swallow packets.
@@ -169,52 +198,85 @@ func Start(ctx context.Context, cfg *config.Config, o Options) (_ *Gateway, err 
 		RxSize: uint32(cfg.UMEM.RXRing), TxSize: uint32(cfg.UMEM.TXRing),
 	})
 	if err != nil {
-		return nil, fmt.Errorf("create UMEM: %w", err)
+		return fmt.Errorf("create UMEM: %w", err)
 	}
 
-	g.Neighbors, err = neigh.New(neigh.Config{Ifindexes: []int{pubIf.Index, privIf.Index}})
+	served := []int{pubIf.Index, privIf.Index}
+	for _, v := range []struct {
+		field string
+		vlan  config.VLAN
+	}{{"public.vlan_interface", cfg.Public.VLAN}, {"private.vlan_interface", cfg.Private.VLAN}} {
+		if v.vlan.Interface != "" {
+			ifi, err := interfaceByName(v.field, v.vlan.Interface)
+			if err != nil {
+				return err
+			}
+			served = append(served, ifi.Index) // its neighbours are the side's next hops
+		}
+	}
+	g.Neighbors, err = neigh.New(neigh.Config{Ifindexes: served})
 	if err != nil {
-		return nil, fmt.Errorf("neighbour resolver: %w", err)
+		return fmt.Errorf("neighbour resolver: %w", err)
 	}
 	if len(cfg.Private.NextHop) == 6 {
 		if err := g.Neighbors.SetDefault(privIf.Index, [6]byte(cfg.Private.NextHop)); err != nil {
-			return nil, fmt.Errorf("private next hop: %w", err)
+			return fmt.Errorf("private next hop: %w", err)
 		}
 	}
 	pubMAC, err := neigh.InterfaceMAC(pubIf.Index)
 	if err != nil {
-		return nil, fmt.Errorf("public interface MAC: %w", err)
+		return fmt.Errorf("public interface MAC: %w", err)
 	}
 	privMAC, err := neigh.InterfaceMAC(privIf.Index)
 	if err != nil {
-		return nil, fmt.Errorf("private interface MAC: %w", err)
+		return fmt.Errorf("private interface MAC: %w", err)
 	}
 
 	g.Seq, err = seqstore.Open(filepath.Join(cfg.StateDir, "seq"), seqstore.Options{})
+	if errors.Is(err, seqstore.ErrLocked) {
+		return fmt.Errorf("state_dir %s: %w: another xesp daemon uses it; stop it, or give this one another state_dir", cfg.StateDir, err)
+	}
 	if err != nil {
-		return nil, fmt.Errorf("state_dir: %w", err)
+		return fmt.Errorf("state_dir %s: %w (state_dir must be a directory root can create and write, not open to others)", cfg.StateDir, err)
 	}
 	snap, err := rxstate.Load(filepath.Join(cfg.StateDir, rxStateFile))
 	if err != nil {
-		return nil, fmt.Errorf("state_dir: %w (remove the file to start with fresh replay windows, which accepts replays of earlier traffic)", err)
+		return fmt.Errorf("state_dir: %w (remove the file to start with fresh replay windows, which accepts replays of earlier traffic)", err)
 	}
 	rest := newRestorer(g.Seq, snap)
 	g.rest = rest
 	g.Restored.Clean = snap.Clean
 	if err := g.openEtcd(ctx); err != nil {
-		return nil, err
+		return err
+	}
+	pubMTU, privMTU := pubIf.MTU, privIf.MTU
+	if cfg.Public.MTU != 0 {
+		pubMTU = cfg.Public.MTU
+	}
+	if cfg.Private.MTU != 0 {
+		privMTU = cfg.Private.MTU
+	}
+	addrIf := privIf // where the private side's addresses live: the VLAN device if any
+	if v := cfg.Private.VLAN.Interface; v != "" {
+		if addrIf, err = interfaceByName("private.vlan_interface", v); err != nil {
+			return err
+		}
+	}
+	privAddrs, err := interfaceAddrs(addrIf)
+	if err != nil {
+		return fmt.Errorf("private side %s: addresses: %w", addrIf.Name, err)
 	}
 	events := make(chan worker.BindingChange, 4096)
 	seqReqs := make(chan worker.SeqRequest, 4096)
 	for w := 0; w < cfg.Workers; w++ {
 		pub, err := g.UMEM.Open(pubIf.Index, rxQueue)
 		if err != nil {
-			return nil, fmt.Errorf("worker %d: AF_XDP socket on %s: %w", w, pubIf.Name, err)
+			return fmt.Errorf("worker %d: AF_XDP socket on %s: %w", w, pubIf.Name, err)
 		}
 		priv, err := g.UMEM.Open(privIf.Index, rxQueue)
 		if err != nil {
 			pub.Close()
-			return nil, fmt.Errorf("worker %d: AF_XDP socket on %s: %w", w, privIf.Name, err)
+			return fmt.Errorf("worker %d: AF_XDP socket on %s: %w", w, privIf.Name, err)
 		}
 		g.Sockets = append(g.Sockets, [2]*xsk.Socket{pub, priv})
 		var guard *flood.Guard
@@ -224,7 +286,7 @@ func Start(ctx context.Context, cfg *config.Config, o Options) (_ *Gateway, err 
 				Source: flood.Budget{Rate: fc.Source.Rate, Burst: fc.Source.Burst},
 			}, g.Maps.Flood, nil)
 			if err != nil {
-				return nil, fmt.Errorf("config: public.%w", err)
+				return fmt.Errorf("config: public.%w", err)
 			}
 			g.Flood = append(g.Flood, guard)
 		}
@@ -232,23 +294,27 @@ func Start(ctx context.Context, cfg *config.Config, o Options) (_ *Gateway, err 
 			Flood: guard,
 			ID:    w, UMEM: g.UMEM, Public: pub, Private: priv,
 			PublicMAC: pubMAC, PrivateMAC: privMAC,
-			PublicMTU: pubIf.MTU, PrivateMTU: privIf.MTU, Workers: cfg.Workers,
+			PublicMTU: pubMTU, PrivateMTU: privMTU, Workers: cfg.Workers,
+			PrivateAddrs: privAddrs, OuterTTL: uint8(cfg.Tunnel.OuterTTL),
+			PublicVLAN: uint16(cfg.Public.VLAN.ID), PublicTPID: cfg.Public.VLAN.TPID,
+			PrivateVLAN: uint16(cfg.Private.VLAN.ID), PrivateTPID: cfg.Private.VLAN.TPID,
+			DSCP: cfg.Tunnel.FixedDSCP, FixDSCP: cfg.Tunnel.HasDSCP, ICMPRate: cfg.Tunnel.ICMPRate,
 			Neighbors: g.Neighbors, BindingEvents: events, SeqRequests: seqReqs,
 		})
 		if err != nil {
-			return nil, err
+			return err
 		}
 		g.Workers = append(g.Workers, wk)
 	}
 
 	g.SAD, err = sad.New(sad.Options{Workers: cfg.Workers, MaxSAs: cfg.MaxSAs})
 	if err != nil {
-		return nil, err
+		return err
 	}
 	g.Manager, err = manager.New(manager.Options{SAD: g.SAD, Maps: g.Maps, Workers: g.Workers, Events: events,
 		Seq: g.seqStore(), SeqRequests: seqReqs, Restore: rest.entry, Log: o.Log})
 	if err != nil {
-		return nil, err
+		return err
 	}
 
 	runCtx, cancel := context.WithCancel(context.Background())
@@ -262,28 +328,28 @@ func Start(ctx context.Context, cfg *config.Config, o Options) (_ *Gateway, err 
 	// serves.
 	for w, s := range g.Sockets {
 		if err := g.Workers[w].Sync(ctx); err != nil {
-			return nil, err
+			return err
 		}
 		idx := maps.Index(rxQueue, uint16(cfg.Workers), uint16(w))
 		if err := g.Maps.XSKPublic.Set(idx, s[0].FD()); err != nil {
-			return nil, fmt.Errorf("worker %d: publish public socket: %w", w, err)
+			return fmt.Errorf("worker %d: publish public socket: %w", w, err)
 		}
 		if err := g.Maps.XSKPrivate.Set(idx, s[1].FD()); err != nil {
-			return nil, fmt.Errorf("worker %d: publish private socket: %w", w, err)
+			return fmt.Errorf("worker %d: publish private socket: %w", w, err)
 		}
 	}
 	if err := g.SAD.AddAll(cfg.SAList); err != nil {
-		return nil, fmt.Errorf("load configured SAs: %w", err)
+		return fmt.Errorf("load configured SAs: %w", err)
 	}
 	// Before the bindings and the first sync, so the SAs added through the
 	// API in an earlier run continue their state as the config's do.
 	g.apiSAs = newAPISAs(g)
 	if g.Restored.APISAs, err = g.apiSAs.restore(); err != nil {
-		return nil, err
+		return err
 	}
 	g.Restored.Bindings = rest.bindings(g.SAD)
 	if err := g.Manager.Sync(ctx); err != nil {
-		return nil, fmt.Errorf("install configured SAs: %w", err)
+		return fmt.Errorf("install configured SAs: %w", err)
 	}
 	rest.mu.Lock()
 	g.Restored.Windows, g.Restored.Counters = rest.windows, rest.counted
@@ -291,16 +357,17 @@ func Start(ctx context.Context, cfg *config.Config, o Options) (_ *Gateway, err 
 	// Adopted maps may hold what the previous process published for SAs
 	// this one does not have.
 	if g.Restored.StaleSAs, g.Restored.StalePolicies, err = g.Manager.PruneStale(); err != nil {
-		return nil, fmt.Errorf("prune adopted maps: %w", err)
+		return fmt.Errorf("prune adopted maps: %w", err)
 	}
 	g.goRun("manager", func() error { return g.Manager.Run(runCtx) })
 	g.Lifetime, err = lifetime.New(lifetime.Options{SAD: g.SAD, Interval: o.LifetimeInterval, Log: o.Log,
 		Usage: func(id sa.ID) (lifetime.Usage, bool) {
 			c, ok := g.Manager.Counters(id)
-			return lifetime.Usage{Packets: c.Packets, Bytes: c.Bytes, Seq: c.Seq, Since: rest.since(id)}, ok
-		}})
+			return lifetime.Usage{Packets: c.Packets, Bytes: c.Bytes, Seq: c.Seq, Since: rest.since(id), LastSeen: c.LastSeen}, ok
+		},
+		IdleTimeout: cfg.Idle.Every, IdleRemove: cfg.Idle.Remove, LastKeepalive: g.Manager.LastKeepalive})
 	if err != nil {
-		return nil, err
+		return err
 	}
 	g.goRun("lifetime", func() error { return g.Lifetime.Run(runCtx) })
 	every := o.StateInterval
@@ -312,7 +379,7 @@ func Start(ctx context.Context, cfg *config.Config, o Options) (_ *Gateway, err 
 		g.goRun("flood watch", func() error { return g.watchFloods(runCtx, floodInterval) })
 	}
 	if err := g.startEtcdSource(ctx, runCtx); err != nil {
-		return nil, err
+		return err
 	}
 	// Before XDP attaches, so a fragment passed up never meets a closed
 	// port (the kernel would answer ICMP port unreachable).
@@ -325,11 +392,14 @@ func Start(ctx context.Context, cfg *config.Config, o Options) (_ *Gateway, err 
 		IKEForward: cfg.SlowPath.IKEForwardAddr, Log: o.Log,
 	})
 	if err != nil {
-		return nil, err
+		return err
 	}
 	g.goRun("slow path", func() error { return g.SlowPath.Run(runCtx) })
 	if err := g.Loader.Attach(); err != nil {
-		return nil, err
+		if cfg.XDPMode != "generic" && errors.Is(err, unix.EOPNOTSUPP) {
+			return fmt.Errorf("xdp_mode: native: %w: the driver has no native XDP; set xdp_mode: generic", err)
+		}
+		return fmt.Errorf("xdp_mode: %s: %w", cfg.XDPMode, err)
 	}
 	g.Started = time.Now()
 	o.Log.Info("xesp data path up",
@@ -338,7 +408,34 @@ func Start(ctx context.Context, cfg *config.Config, o Options) (_ *Gateway, err 
 		"af_xdp", g.Sockets[0][0].Mode().String(), "workers", cfg.Workers, "sas", len(cfg.SAList), "api_sas", g.Restored.APISAs,
 		"restored_windows", g.Restored.Windows, "restored_bindings", g.Restored.Bindings, "restored_counters", g.Restored.Counters, "clean_snapshot", g.Restored.Clean,
 		"pruned_sas", g.Restored.StaleSAs, "pruned_policies", g.Restored.StalePolicies)
-	return g, nil
+	return nil
+}
+
+// interfaceAddrs are ifi's unicast addresses, global ones first: the
+// sources of the ICMP errors the workers send.
+func interfaceAddrs(ifi *net.Interface) ([]netip.Addr, error) {
+	as, err := ifi.Addrs()
+	if err != nil {
+		return nil, err
+	}
+	var global, local []netip.Addr
+	for _, a := range as {
+		n, ok := a.(*net.IPNet)
+		if !ok {
+			continue
+		}
+		ip, ok := netip.AddrFromSlice(n.IP)
+		if !ok {
+			continue
+		}
+		ip = ip.Unmap()
+		if ip.IsLinkLocalUnicast() {
+			local = append(local, ip)
+		} else {
+			global = append(global, ip)
+		}
+	}
+	return append(global, local...), nil
 }
 
 func (g *Gateway) goRun(what string, f func() error) {

@@ -9,6 +9,7 @@ import (
 	"github.com/xesp/xesp/internal/pkt"
 	"net"
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
 
@@ -174,6 +175,16 @@ func packetSock(t *testing.T, ns *netns.NS, ifname string) int {
 
 func htons(v uint16) uint16 { return v<<8 | v>>8 }
 
+// forwarded is an IPv4 packet as a router forwards it: TTL one less,
+// header checksum recomputed.
+func forwarded(ip []byte) []byte {
+	f := append([]byte(nil), ip...)
+	f[8]--
+	f[10], f[11] = 0, 0
+	binary.BigEndian.PutUint16(f[10:], ^pkt.Fold(pkt.Sum(f[:int(f[0]&0x0f)*4], 0)))
+	return f
+}
+
 // nextFrame returns the next incoming frame on fd for which match is true.
 func nextFrame(t *testing.T, fd int, match func([]byte) bool) []byte {
 	t.Helper()
@@ -272,7 +283,8 @@ func TestGatewayBothDirectionsByteExact(t *testing.T) {
 	if _, err := phone.WriteToUDP(seal(t, phoneOut, inner), gwPublic); err != nil {
 		t.Fatal(err)
 	}
-	frame := nextFrame(t, coreRaw, func(f []byte) bool { return len(f) > 14 && bytes.Equal(f[14:], inner) })
+	fwd := forwarded(inner) // the gateway is a router: TTL one less
+	frame := nextFrame(t, coreRaw, func(f []byte) bool { return len(f) > 14 && bytes.Equal(f[14:], fwd) })
 	if got, want := net.HardwareAddr(frame[0:6]), macOf(t, tp.core, tp.coreIf); got.String() != want.String() {
 		t.Fatalf("decap frame to %s, want the core's MAC %s", got, want)
 	}
@@ -429,13 +441,75 @@ func TestGatewayFollowsNATRemapping(t *testing.T) {
 	}
 }
 
-// A reply larger than the public MTU once sealed leaves as outer IPv4
-// fragments (DF clear, one ID, MF on all but the last); the phone's kernel
-// reassembles them and the phone opens the ESP packet.
-func TestGatewayFragmentsLargeReplies(t *testing.T) {
+// noDF makes c send with DF clear (IP_PMTUDISC_DONT), as a SIP stack
+// that leaves fragmentation to the network does.
+func noDF(t *testing.T, c *net.UDPConn) {
+	t.Helper()
+	rc, err := c.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_MTU_DISCOVER, unix.IP_PMTUDISC_DONT)
+	}); err != nil || serr != nil {
+		t.Fatal(err, serr)
+	}
+}
+
+// recvInner reads ESP datagrams on c, opens them with s and returns the
+// inner IPv4 packet, reassembling inner fragments (what the phone's IP
+// stack does after its IPsec), and how many ESP packets carried it.
+func recvInner(t *testing.T, c *net.UDPConn, s *esp.SA) ([]byte, int) {
+	t.Helper()
+	buf := make([]byte, 65536)
+	var whole []byte
+	got, packets := 0, 0
+	for {
+		c.SetReadDeadline(time.Now().Add(3 * time.Second))
+		n, err := c.Read(buf)
+		if err != nil {
+			t.Fatalf("after %d ESP packets: %v", packets, err)
+		}
+		packets++
+		res, err := s.Open(buf[:n])
+		if err != nil {
+			t.Fatalf("phone cannot open ESP packet %d: %v", packets, err)
+		}
+		ip := buf[res.Start:res.End]
+		fo := binary.BigEndian.Uint16(ip[6:])
+		if fo&0x3fff == 0 {
+			return append([]byte(nil), ip...), packets
+		}
+		hl := int(ip[0]&0x0f) * 4
+		off := int(fo&0x1fff) * 8
+		if whole == nil {
+			whole = make([]byte, 65536)
+		}
+		if off == 0 {
+			copy(whole, ip[:hl])
+		}
+		copy(whole[20+off:], ip[hl:])
+		got += len(ip) - hl
+		if fo&0x2000 == 0 && got == off+len(ip)-hl {
+			w := whole[:20+got]
+			binary.BigEndian.PutUint16(w[2:], uint16(len(w)))
+			w[6], w[7] = 0, 0
+			return w, packets
+		}
+	}
+}
+
+// A DF-clear reply larger than the public MTU once sealed is split into
+// inner fragments before sealing (RFC 4459 pre-fragmentation): every
+// outer packet fits the link whole (no outer fragment for a NAPT to
+// drop), each is one ESP packet, and the phone reassembles the inner
+// fragments after decryption.
+func TestGatewayPreFragmentsLargeReplies(t *testing.T) {
 	tp := newTopo(t, 1)
 	phone := udpSock(t, tp.phone, "192.0.2.10:4500")
 	coreUDP := udpSock(t, tp.core, coreAddr.String())
+	noDF(t, coreUDP)
 	phoneRaw := packetSock(t, tp.phone, tp.phIf)
 	phoneOut := mustSA(t, spiIn, keyIn, 0)
 	phoneIn := mustSA(t, spiOut, keyOut, 1024)
@@ -451,24 +525,58 @@ func TestGatewayFragmentsLargeReplies(t *testing.T) {
 	if _, err := coreUDP.WriteToUDPAddrPort(big, phoneInner); err != nil {
 		t.Fatal(err)
 	}
-	first := nextFrame(t, phoneRaw, func(f []byte) bool { return len(f) > 34 && f[23] == 17 && f[20]&0x20 != 0 })
-	if len(first) != 14+1500 || first[20]&0x40 != 0 || binary.BigEndian.Uint16(first[18:]) == 0 {
-		t.Fatalf("first fragment: %d bytes, flags %#x, id %#x", len(first), first[20], binary.BigEndian.Uint16(first[18:]))
+	for range 2 {
+		f := nextFrame(t, phoneRaw, func(f []byte) bool { return len(f) > 34 && f[23] == 17 && binary.BigEndian.Uint16(f[36:]) == 4500 })
+		if len(f) > 14+1500 || binary.BigEndian.Uint16(f[20:])&0x3fff != 0 {
+			t.Fatalf("outer packet: %d bytes, frag field %#x: want whole and within the MTU", len(f), binary.BigEndian.Uint16(f[20:]))
+		}
 	}
-	phone.SetReadDeadline(time.Now().Add(3 * time.Second))
-	n, err := phone.Read(buf)
-	if err != nil {
-		t.Fatalf("phone got no reassembled datagram: %v", err)
-	}
-	res, err := phoneIn.Open(buf[:n])
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got := buf[res.Start:res.End]; !bytes.Equal(got[28:], big) {
-		t.Fatalf("reassembled reply differs: %d bytes", len(got))
+	inner, packets := recvInner(t, phone, phoneIn)
+	if packets != 2 || !bytes.Equal(inner[28:], big) || inner[8] != 63 {
+		t.Fatalf("phone reassembled %d bytes (TTL %d) from %d ESP packets", len(inner), inner[8], packets)
 	}
 	st := tp.g.Workers[0].Stats()
-	if st.Encap.Packets.Load() != 2 || st.Encap.Drops[worker.DropOversized].Load() != 0 {
-		t.Fatalf("encap sent %d frames, oversized drops %d; want 2 fragments", st.Encap.Packets.Load(), st.Encap.Drops[worker.DropOversized].Load())
+	if st.Encap.Packets.Load() != 2 || st.PreFragmented.Load() != 1 || st.PreFragments.Load() != 2 {
+		t.Fatalf("encap sent %d, pre-fragmented %d into %d", st.Encap.Packets.Load(), st.PreFragmented.Load(), st.PreFragments.Load())
+	}
+}
+
+// Path MTU discovery through the gateway: `ping -M do -s N` from the core
+// namespace gets "Frag needed" from the gateway's private address
+// carrying the inner MTU that fits the public link once sealed; after it,
+// the core's kernel knows that MTU for the phone's address. A DF-clear
+// ping of the same size is pre-fragmented and reaches the phone's link.
+func TestGatewayPMTUProbe(t *testing.T) {
+	tp := newTopo(t, 1)
+	phone := udpSock(t, tp.phone, "192.0.2.10:4500")
+	udpSock(t, tp.core, coreAddr.String()) // takes the REGISTER: no port unreachable back
+	phoneOut := mustSA(t, spiIn, keyIn, 0)
+	phoneIn := mustSA(t, spiOut, keyOut, 1024)
+	if _, err := phone.WriteToUDP(seal(t, phoneOut, pkt.UDP4(phoneInner, coreAddr, []byte("REGISTER"))), gwPublic); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the phone's binding", func() bool { return tp.g.Workers[0].Stats().Decap.Packets.Load() == 1 })
+	fit := 1500 - 28 // the largest inner packet whose ESP-in-UDP/IPv4 fits 1500
+	for 28+fit+phoneIn.Overhead(fit, 0) > 1500 {
+		fit--
+	}
+	out, _ := tp.core.Run("ping", "-M", "do", "-s", fmt.Sprint(1460), "-c", "1", "-W", "2", phoneInner.Addr().String())
+	want := fmt.Sprintf("From 10.0.0.254 icmp_seq=1 Frag needed and DF set (mtu = %d)", fit)
+	if !strings.Contains(string(out), want) {
+		t.Fatalf("ping -M do: want %q in:\n%s", want, out)
+	}
+	if route, _ := tp.core.Run("ip", "route", "get", phoneInner.Addr().String()); !strings.Contains(string(route), fmt.Sprintf("mtu %d", fit)) {
+		t.Fatalf("the core did not learn the path MTU:\n%s", route)
+	}
+	st := tp.g.Workers[0].Stats()
+	if st.ICMP[1].Load() != 1 || st.Encap.Drops[worker.DropTooBig].Load() != 1 {
+		t.Fatalf("too_big ICMP %d, drops %d", st.ICMP[1].Load(), st.Encap.Drops[worker.DropTooBig].Load())
+	}
+
+	// DF clear: pre-fragmented, the echo request reaches the phone.
+	tp.core.Run("ping", "-M", "dont", "-s", "1460", "-c", "1", "-W", "1", phoneInner.Addr().String())
+	inner, packets := recvInner(t, phone, phoneIn)
+	if packets != 2 || len(inner) != 1488 || inner[9] != 1 || inner[20] != 8 {
+		t.Fatalf("phone got %d bytes (proto %d) in %d ESP packets: % x", len(inner), inner[9], packets, inner[:min(len(inner), 64)])
 	}
 }

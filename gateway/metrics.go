@@ -28,6 +28,7 @@ func (g *Gateway) MetricsSources(version string) (metrics.Sources, error) {
 	}
 	if g.Lifetime != nil {
 		src.Lifetime = g.Lifetime.Counts
+		src.Idle = g.Lifetime.IdleNow
 	}
 	if g.SlowPath != nil {
 		src.SlowPath = func() map[string]uint64 {

@@ -128,6 +128,7 @@ func Load(opts Options) (*Instance, error) {
 	spec.Maps[bpf.XespMapPolicies].MaxEntries = opts.PolicyCapacity
 	// One exact-match entry per outbound SA at most: the policy capacity.
 	spec.Maps[bpf.XespMapCores].MaxEntries = opts.PolicyCapacity
+	spec.Maps[bpf.XespMapKeepalives].MaxEntries = opts.SACapacity // at most one binding per SA
 	spec.Maps[bpf.XespMapXsksPublic].MaxEntries = opts.XSKSlots
 	spec.Maps[bpf.XespMapXsksPrivate].MaxEntries = opts.XSKSlots
 
@@ -176,7 +177,7 @@ func Load(opts Options) (*Instance, error) {
 // pinnedMaps are the maps that carry state across restarts: all of them.
 var pinnedMaps = []string{bpf.XespMapSas, bpf.XespMapPolicies, bpf.XespMapCores, bpf.XespMapCoreCfg, bpf.XespMapConfig,
 	bpf.XespMapCounters, bpf.XespMapXsksPublic, bpf.XespMapXsksPrivate,
-	bpf.XespMapFloodSas, bpf.XespMapFloodSrcs, bpf.XespMapFloodDrops}
+	bpf.XespMapFloodSas, bpf.XespMapFloodSrcs, bpf.XespMapFloodDrops, bpf.XespMapKeepalives}
 
 // Dir is the instance's pin directory ("" when not pinning).
 func (in *Instance) Dir() string { return in.dir }

@@ -31,6 +31,8 @@ type Set struct {
 	Config     *Config
 	Counters   *Counters
 	Flood      *Flood // flood budgets (issue 18)
+	// Keepalives is nil for pins of a version without the map (Open).
+	Keepalives *Keepalives
 
 	owned []*ebpf.Map // closed by Close when the Set opened them
 }
@@ -42,6 +44,9 @@ func New(m *bpf.XespMaps) (*Set, error) {
 		return nil, err
 	}
 	if s.Flood, err = NewFlood(m.FloodSas, m.FloodSrcs, m.FloodDrops); err != nil {
+		return nil, err
+	}
+	if s.Keepalives, err = NewKeepalives(m.Keepalives); err != nil {
 		return nil, err
 	}
 	return s, nil

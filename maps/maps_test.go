@@ -169,7 +169,7 @@ func TestConfig(t *testing.T) {
 	if got, err := c.Get(); err != nil || got != (bpf.Config{}) {
 		t.Errorf("fresh config %+v, %v; want zero (defaults)", got, err)
 	}
-	want := bpf.Config{NattPort: 4501, Workers: 8, Flags: 1}
+	want := bpf.Config{NattPort: 4501, Workers: 8, PublicVlan: 100, PrivateVlan: 200}
 	if err := c.Set(want); err != nil {
 		t.Fatal(err)
 	}

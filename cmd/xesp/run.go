@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"sync/atomic"
 	"syscall"
 
@@ -55,6 +56,13 @@ func runDaemon(args []string) error {
 
 	for _, w := range cfg.Warnings {
 		log.Warn("config: " + w)
+	}
+	// Checked before the data path comes up: a socket that cannot be
+	// created would otherwise be found only after XDP attached.
+	if cfg.API.Unix != "" {
+		if dir := filepath.Dir(cfg.API.Unix); !isDir(dir) {
+			return fmt.Errorf("api.unix: %s: directory %s does not exist; create it or change api.unix", cfg.API.Unix, dir)
+		}
 	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
@@ -159,4 +167,9 @@ func startAPI(g *gateway.Gateway, cfg *config.Config, log *slog.Logger) (*api.Se
 		return nil, err
 	}
 	return srv, nil
+}
+
+func isDir(p string) bool {
+	fi, err := os.Stat(p)
+	return err == nil && fi.IsDir()
 }

@@ -301,22 +301,24 @@ func saList(c *api.Client, asJSON bool, stdout io.Writer) error {
 		return err
 	}
 	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAME\tSPI\tDIR\tPROPOSAL\tMODE\tBINDING\tCORE\tWORKER\tPACKETS\tBYTES\tDROPS")
+	fmt.Fprintln(tw, "NAME\tSPI\tDIR\tPROPOSAL\tMODE\tBINDING\tCORE\tWORKER\tPACKETS\tBYTES\tDROPS\tLAST SEEN")
+	now := time.Now()
 	err := c.Each(ctx, func(v *api.SAView) error {
 		name := v.Name
 		if name == "" {
 			name = "-"
 		}
-		pk, by, dr := "-", "-", "-"
+		pk, by, dr, seen := "-", "-", "-", "-"
 		if k := v.Counters; k != nil {
 			pk, by, dr = strconv.FormatUint(k.Packets, 10), strconv.FormatUint(k.Bytes, 10), strconv.FormatUint(k.Drops, 10)
+			seen = lastSeen(k, now)
 		}
 		core := "-"
 		if v.Inner != nil && v.Inner.Core != "" {
 			core = v.Inner.Core
 		}
-		_, err := fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\n",
-			name, v.SPI, v.Direction, v.Proposal, v.Mode, v.Binding, core, v.Worker, pk, by, dr)
+		_, err := fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\n",
+			name, v.SPI, v.Direction, v.Proposal, v.Mode, v.Binding, core, v.Worker, pk, by, dr, seen)
 		return err
 	})
 	if err != nil {
@@ -380,8 +382,29 @@ func saShow(c *api.Client, ref string, asJSON bool, stdout io.Writer) error {
 	line("created", "%s", v.Created.Format(time.RFC3339))
 	if k := v.Counters; k != nil {
 		line("counters", "%d packets, %d bytes, %d drops, seq %d", k.Packets, k.Bytes, k.Drops, k.Seq)
+		if v.Direction == "in" {
+			line("last seen", "%s", lastSeen(k, time.Now()))
+		}
 	} else {
 		line("counters", "not in the data path yet")
 	}
 	return tw.Flush()
+}
+
+// lastSeen says when the phone behind an inbound SA was last seen: its
+// last authenticated packet and, if later, its last NAT-keepalive, as an
+// age ("12s ago (keepalive)"); "-" when neither came yet.
+func lastSeen(k *api.SACounters, now time.Time) string {
+	var at time.Time
+	how := ""
+	if k.LastSeen != nil {
+		at = *k.LastSeen
+	}
+	if k.LastKeepalive != nil && k.LastKeepalive.After(at) {
+		at, how = *k.LastKeepalive, " (keepalive)"
+	}
+	if at.IsZero() {
+		return "-"
+	}
+	return max(now.Sub(at), 0).Truncate(time.Second).String() + " ago" + how
 }

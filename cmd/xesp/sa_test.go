@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/xesp/xesp/control/api"
 	"github.com/xesp/xesp/control/config"
@@ -34,7 +35,13 @@ func (cliDP) SACounters(id sa.ID) (api.SACounters, bool) {
 	if id.SPI == 0x2002 {
 		return api.SACounters{}, false
 	}
-	return api.SACounters{Packets: uint64(id.SPI & 0xffff), Bytes: uint64(id.SPI&0xffff) * 10, Drops: 1, Seq: 42}, true
+	c := api.SACounters{Packets: uint64(id.SPI & 0xffff), Bytes: uint64(id.SPI&0xffff) * 10, Drops: 1, Seq: 42}
+	if id.Dir == sa.In {
+		// Seen an hour and a half ago, a keepalive 20 s ago: the later wins.
+		seen, ka := time.Now().Add(-90*time.Minute), time.Now().Add(-20*time.Second-300*time.Millisecond)
+		c.LastSeen, c.LastKeepalive = &seen, &ka
+	}
+	return c, true
 }
 
 func (cliDP) Stats() api.Stats {
@@ -152,11 +159,12 @@ func cliWriteSAFile(t *testing.T, dir string) string {
     inner: {local: 10.0.0.0/24, peer: 100.64.0.1}
   - spi: 0x2002
     direction: in
-    mode: transport
+    mode: tunnel
     proposal: null-sha1
     auth_key: ` + strings.Repeat("5a", 20) + `
     local: 198.51.100.20
     peer: 192.0.2.11
+    inner: {local: 10.0.0.0/24, peer: 100.64.0.2}
 `
 	path := filepath.Join(dir, "phones.yaml")
 	if err := os.WriteFile(path, []byte(doc), 0o600); err != nil {
@@ -190,10 +198,10 @@ added sa 0x00002002 in:0x00002002 (worker 1, index 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	want = `NAME     SPI         DIR  PROPOSAL     MODE       BINDING           CORE  WORKER  PACKETS  BYTES  DROPS
-ue1-in   0x00002001  in   aes128gcm16  tunnel     192.0.2.10:31000  -     0       8193     81930  1
-ue1-out  0xc0002001  out  aes128gcm16  tunnel     192.0.2.10:31000  -     0       8193     81930  1
--        0x00002002  in   null-sha1    transport  192.0.2.11:0      -     1       -        -      -
+	want = `NAME     SPI         DIR  PROPOSAL     MODE    BINDING           CORE  WORKER  PACKETS  BYTES  DROPS  LAST SEEN
+ue1-in   0x00002001  in   aes128gcm16  tunnel  192.0.2.10:31000  -     0       8193     81930  1      20s ago (keepalive)
+ue1-out  0xc0002001  out  aes128gcm16  tunnel  192.0.2.10:31000  -     0       8193     81930  1      -
+-        0x00002002  in   null-sha1    tunnel  192.0.2.11:0      -     1       -        -      -      -
 `
 	if out != want {
 		t.Fatalf("sa list:\n%s\nwant\n%s", out, want)
@@ -234,6 +242,7 @@ worker:        0 (index 0)
 state:         active
 created:       ` + created + `
 counters:      8193 packets, 81930 bytes, 1 drops, seq 42
+last seen:     20s ago (keepalive)
 `
 	if out != want {
 		t.Fatalf("sa show:\n%s\nwant\n%s", out, want)

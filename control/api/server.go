@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -147,6 +148,11 @@ func New(o Options) (*Server, error) {
 	if o.SecAgree != nil {
 		s.policy = *o.SecAgree
 	}
+	// The data path refuses transport-mode SAs (control/sad) until the
+	// core-address model carries them, so sec-agree never chooses
+	// mod=trans: a phone offering only it is refused with that reason
+	// instead of registering SAs that cannot be installed.
+	s.policy.Mods = slices.DeleteFunc(slices.Clone(s.policy.Mods), func(m secagree.Mode) bool { return m == secagree.ModeTrans })
 	if o.NATTPort < 0 || o.NATTPort > 65535 {
 		return nil, fmt.Errorf("api: natt port %d: want 0..65535", o.NATTPort)
 	}

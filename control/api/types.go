@@ -30,6 +30,11 @@ type SACounters struct {
 	// Seq is the last sequence number sent (outbound) or the highest
 	// received and authenticated (inbound).
 	Seq uint64 `json:"seq"`
+	// LastSeen is when the last authenticated packet arrived (inbound
+	// SAs); LastKeepalive when the current binding last sent a
+	// NAT-keepalive. Absent: none since the data path holds the SA.
+	LastSeen      *time.Time `json:"last_seen,omitempty"`
+	LastKeepalive *time.Time `json:"last_keepalive,omitempty"`
 }
 
 // DirStats are one direction's totals: inbound is decapsulation (public

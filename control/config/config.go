@@ -21,6 +21,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"time"
 
 	"gopkg.in/yaml.v3"
 
@@ -60,6 +61,11 @@ type Config struct {
 	// are steered by inner prefix, as before).
 	CorePool   string       `yaml:"core_pool,omitempty"`
 	CorePrefix netip.Prefix `yaml:"-"`
+	// Tunnel is how the gateway behaves as a router between the tunnels
+	// and the core: outer TTL, DSCP, ICMP errors.
+	Tunnel Tunnel `yaml:"tunnel"`
+	// Idle is dead-phone detection.
+	Idle Idle `yaml:"idle"`
 
 	// Path is the file the config came from ("" when parsed from bytes
 	// without a name); relative references resolve against its directory.
@@ -72,9 +78,57 @@ type Config struct {
 	Warnings []string `yaml:"-"`
 }
 
+// Tunnel configures the router behaviour of the tunnels
+// (docs/operations.md "DSCP/ECN/TTL", "ICMP and MTU").
+type Tunnel struct {
+	// OuterTTL is the TTL/hop limit of outer headers (1..255).
+	OuterTTL int `yaml:"outer_ttl"`
+	// DSCP is "copy" (the inner DSCP goes to the outer header, RFC 4301
+	// 5.1.2.1) or a fixed DSCP 0..63 for SAs without their own dscp.
+	DSCP string `yaml:"dscp"`
+	// ICMPRate is the most ICMP errors (Time Exceeded, Fragmentation
+	// Needed / Packet Too Big) each worker sends per second; 0 sends none.
+	ICMPRate int `yaml:"icmp_rate"`
+	// FixedDSCP and HasDSCP are DSCP parsed.
+	FixedDSCP uint8 `yaml:"-"`
+	HasDSCP   bool  `yaml:"-"`
+}
+
+// Idle configures dead-phone detection (docs/operations.md "Idle phones").
+type Idle struct {
+	// Timeout is how long an inbound SA may go without an authenticated
+	// packet before an sa_idle event is raised ("0s": off); an SA's
+	// idle_timeout overrides it.
+	Timeout string `yaml:"timeout"`
+	// Remove deletes the idle SA and its partners (the SA pair or
+	// registration sharing its binding) when the event is raised.
+	Remove bool `yaml:"remove,omitempty"`
+	// Every is Timeout parsed.
+	Every time.Duration `yaml:"-"`
+}
+
+// VLAN puts a side on one VLAN of its interface (docs/operations.md
+// "VLANs"): XDP takes only frames with that tag there and the workers
+// tag what they send, so both directions match.
+type VLAN struct {
+	// ID is the VLAN ID, 1..4094; 0: untagged.
+	ID int `yaml:"vlan,omitempty"`
+	// Proto is 802.1q (default) or 802.1ad.
+	Proto string `yaml:"vlan_proto,omitempty"`
+	// Interface is the kernel's VLAN device on it (e.g. eth0.100), which
+	// holds the side's addresses: neighbours are resolved there.
+	Interface string `yaml:"vlan_interface,omitempty"`
+	// TPID is Proto as the tag's EtherType.
+	TPID uint16 `yaml:"-"`
+}
+
 // Public is the untrusted side facing the phones.
 type Public struct {
-	Interface string       `yaml:"interface"`
+	Interface string `yaml:"interface"`
+	// MTU overrides the interface's MTU (0: the interface's): the
+	// size sealed packets must fit.
+	MTU       int          `yaml:"mtu,omitempty"`
+	VLAN      VLAN         `yaml:",inline"`
 	Addresses []string     `yaml:"addresses"` // outer addresses of this gateway; every SA's local is one
 	Addrs     []netip.Addr `yaml:"-"`
 	// Flood is the budget of packets that fail authentication (see
@@ -106,6 +160,10 @@ type Budget struct {
 // as Public (one-arm mode).
 type Private struct {
 	Interface string `yaml:"interface"`
+	// MTU overrides the interface's MTU (0: the interface's): the
+	// largest decrypted packet forwarded to the core.
+	MTU  int  `yaml:"mtu,omitempty"`
+	VLAN VLAN `yaml:",inline"`
 	// NextHopMAC overrides the neighbour-table lookup for frames sent on
 	// the private side.
 	NextHopMAC string           `yaml:"next_hop_mac,omitempty"`
@@ -199,6 +257,8 @@ func Defaults() Config {
 		Public:  Public{Flood: Flood{SA: Budget{Rate: 1000, Burst: 1000}, Source: Budget{Rate: 1000, Burst: 1000}}},
 		API:     API{Unix: "/run/xesp/api.sock", MaxConns: DefaultMaxConns, MaxConnsPerSource: DefaultMaxConnsPerSource},
 		Metrics: Metrics{Listen: "127.0.0.1:9109"},
+		Tunnel:  Tunnel{OuterTTL: 64, DSCP: "copy", ICMPRate: 100},
+		Idle:    Idle{Timeout: "0s"},
 	}
 }
 
@@ -342,6 +402,7 @@ func (c *Config) validate() []error {
 	c.validateSAs(&errs)
 	c.validateEtcd(&errs)
 	c.validateFlood(&errs)
+	c.validateTunnel(&errs)
 	c.warnPermissions()
 	return errs
 }
@@ -357,6 +418,67 @@ func (c *Config) validateFlood(errs *errList) {
 		if b.b.Burst < 1 || b.b.Burst > 1<<24 {
 			errs.add(b.field+".burst", "%d: want 1..%d", b.b.Burst, 1<<24)
 		}
+	}
+}
+func (c *Config) validateTunnel(errs *errList) {
+	for _, m := range []struct {
+		field string
+		v     int
+	}{{"public.mtu", c.Public.MTU}, {"private.mtu", c.Private.MTU}} {
+		if m.v != 0 && (m.v < 576 || m.v > 65535) {
+			errs.add(m.field, "%d: want 576..65535, or 0 for the interface's MTU", m.v)
+		}
+	}
+	for _, v := range []struct {
+		side string
+		v    *VLAN
+	}{{"public", &c.Public.VLAN}, {"private", &c.Private.VLAN}} {
+		if v.v.ID < 0 || v.v.ID > 4094 {
+			errs.add(v.side+".vlan", "%d: want 1..4094, or 0 for untagged", v.v.ID)
+		}
+		switch strings.ToLower(v.v.Proto) {
+		case "", "802.1q":
+			v.v.TPID = 0x8100
+		case "802.1ad":
+			v.v.TPID = 0x88a8
+		default:
+			errs.add(v.side+".vlan_proto", "%q: want 802.1q or 802.1ad", v.v.Proto)
+		}
+		if v.v.ID == 0 && (v.v.Proto != "" || v.v.Interface != "") {
+			errs.add(v.side+".vlan", "required with vlan_proto or vlan_interface")
+		}
+		if v.v.Interface != "" {
+			ifname(errs, v.side+".vlan_interface", v.v.Interface)
+		}
+	}
+	t := &c.Tunnel
+	if t.OuterTTL < 1 || t.OuterTTL > 255 {
+		errs.add("tunnel.outer_ttl", "%d: want 1..255", t.OuterTTL)
+	}
+	switch d := strings.ToLower(t.DSCP); d {
+	case "copy", "":
+		t.HasDSCP = false
+	default:
+		n, err := strconv.Atoi(d)
+		if err != nil || n < 0 || n > 63 {
+			errs.add("tunnel.dscp", "%q: want copy or a DSCP 0..63 (e.g. 26 for AF31, 46 for EF)", t.DSCP)
+		} else {
+			t.FixedDSCP, t.HasDSCP = uint8(n), true
+		}
+	}
+	if t.ICMPRate < 0 || t.ICMPRate > 1_000_000 {
+		errs.add("tunnel.icmp_rate", "%d: want 0..1000000 per second per worker", t.ICMPRate)
+	}
+	d, err := time.ParseDuration(c.Idle.Timeout)
+	switch {
+	case c.Idle.Timeout == "":
+		c.Idle.Every = 0
+	case err != nil || d < 0:
+		errs.add("idle.timeout", "%q: want a duration such as 90s or 5m (0s: off)", c.Idle.Timeout)
+	case d != 0 && d < time.Second:
+		errs.add("idle.timeout", "%s: below 1s, keepalives (20 s by RFC 3948) could never keep a phone alive", d)
+	default:
+		c.Idle.Every = d
 	}
 }
 

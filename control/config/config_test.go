@@ -9,6 +9,7 @@ import (
 	"runtime"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/xesp/xesp/control/sa"
 )
@@ -300,4 +301,54 @@ func FuzzParse(f *testing.F) {
 			t.Fatal(err)
 		}
 	})
+}
+
+// The router settings: defaults, what they parse to, and every bad value
+// named by its path.
+func TestTunnelIdleVLANSettings(t *testing.T) {
+	c, err := Parse([]byte(minimal), "xesp.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Tunnel.OuterTTL != 64 || c.Tunnel.HasDSCP || c.Tunnel.ICMPRate != 100 || c.Idle.Every != 0 || c.Public.VLAN.ID != 0 {
+		t.Fatalf("defaults: %+v %+v %+v", c.Tunnel, c.Idle, c.Public.VLAN)
+	}
+	c, err = Parse([]byte(`public: {interface: xpub0, addresses: [198.51.100.20], mtu: 1400, vlan: 100}
+private: {interface: xpriv0, vlan: 200, vlan_proto: 802.1ad, vlan_interface: xpriv0.200}
+tunnel: {outer_ttl: 32, dscp: "26", icmp_rate: 0}
+idle: {timeout: 90s, remove: true}
+`), "xesp.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Public.MTU != 1400 || c.Tunnel.OuterTTL != 32 || !c.Tunnel.HasDSCP || c.Tunnel.FixedDSCP != 26 || c.Tunnel.ICMPRate != 0 ||
+		c.Idle.Every != 90*time.Second || !c.Idle.Remove || c.Public.VLAN.TPID != 0x8100 || c.Private.VLAN.TPID != 0x88a8 || c.Private.VLAN.Interface != "xpriv0.200" {
+		t.Fatalf("parsed: %+v %+v %+v %+v", c.Tunnel, c.Idle, c.Public, c.Private)
+	}
+	_, err = Parse([]byte(minimal+`tunnel: {outer_ttl: 0, dscp: ef, icmp_rate: -1}
+idle: {timeout: 100ms}
+`), "xesp.yaml")
+	for _, want := range []string{
+		"config xesp.yaml: tunnel.outer_ttl: 0: want 1..255",
+		`config xesp.yaml: tunnel.dscp: "ef": want copy or a DSCP 0..63`,
+		"config xesp.yaml: tunnel.icmp_rate: -1",
+		"config xesp.yaml: idle.timeout: 100ms: below 1s",
+	} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("error %v\nlacks %q", err, want)
+		}
+	}
+	_, err = Parse([]byte(`public: {interface: xpub0, addresses: [198.51.100.20], vlan: 4095, mtu: 100}
+private: {interface: xpriv0, vlan_proto: qinq}
+`), "xesp.yaml")
+	for _, want := range []string{
+		"config xesp.yaml: public.vlan: 4095: want 1..4094",
+		"config xesp.yaml: public.mtu: 100: want 576..65535",
+		`config xesp.yaml: private.vlan_proto: "qinq": want 802.1q or 802.1ad`,
+		"config xesp.yaml: private.vlan: required with vlan_proto or vlan_interface",
+	} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("error %v\nlacks %q", err, want)
+		}
+	}
 }

@@ -35,12 +35,17 @@ type Kind uint8
 const (
 	Soft Kind = iota
 	Hard
+	// Idle: an inbound SA saw neither an authenticated packet nor a
+	// NAT-keepalive from its binding for its idle timeout (What is Idle).
+	Idle
 	numKinds
 )
 
+var kindNames = [numKinds]string{"soft", "hard", "idle"}
+
 func (k Kind) String() string {
-	if k == Hard {
-		return "hard"
+	if k < numKinds {
+		return kindNames[k]
 	}
 	return "soft"
 }
@@ -54,10 +59,12 @@ const (
 	Bytes
 	Packets
 	Seq // sequence-number space
+	// IdleTime is Idle's figure: seconds since the phone was last seen.
+	IdleTime
 	numLimits
 )
 
-var limitNames = [numLimits]string{"time", "bytes", "packets", "seq"}
+var limitNames = [numLimits]string{"time", "bytes", "packets", "seq", "idle"}
 
 func (l Limit) String() string {
 	if l < numLimits {
@@ -95,6 +102,9 @@ type Usage struct {
 	// Since, when not zero, is when the SA's lifetime started if that was
 	// before the SAD's creation time (an SA continued across a restart).
 	Since time.Time
+	// LastSeen is when the last authenticated packet arrived (inbound
+	// SAs; zero: none yet).
+	LastSeen time.Time
 }
 
 // UsageFunc returns an SA's usage; false when the data path does not
@@ -113,6 +123,16 @@ type Options struct {
 	// Keep is how many events are kept for readers (4096).
 	Keep int
 	Log  *slog.Logger
+	// IdleTimeout raises an Idle event for an inbound SA that saw no
+	// authenticated packet and no keepalive for this long (0: off); an
+	// SA's own idle_timeout overrides it. IdleRemove then deletes the SA
+	// and its group (the pair or registration sharing its binding).
+	IdleTimeout time.Duration
+	IdleRemove  bool
+	// LastKeepalive returns when the SA's current binding last sent a
+	// NAT-keepalive (zero: never, or unknown). Asked only for SAs that are
+	// otherwise idle, so its cost does not grow with busy phones.
+	LastKeepalive func(sa.ID) time.Time
 }
 
 // Enforcer checks every SA's lifetime each Interval.
@@ -128,6 +148,11 @@ type Enforcer struct {
 
 	checkMu sync.Mutex // one pass at a time (Run and callers of Check)
 	page    []sad.Entry
+	// idle holds, per SA an Idle event was raised for, the last-seen
+	// time it was raised at: one event per silence, not one per pass.
+	idle    map[sa.ID]time.Time
+	idleN   atomic.Int64 // SAs idle now (a gauge)
+	started time.Time    // last-seen stamps live in memory: none before this
 }
 
 // New checks o and returns an Enforcer; Run starts it.
@@ -147,7 +172,7 @@ func New(o Options) (*Enforcer, error) {
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
-	return &Enforcer{o: o, wake: make(chan struct{})}, nil
+	return &Enforcer{o: o, wake: make(chan struct{}), idle: make(map[sa.ID]time.Time), started: o.Now()}, nil
 }
 
 // Run checks every Interval until ctx ends.
@@ -206,6 +231,9 @@ func (e *Enforcer) check(ent *sad.Entry, now time.Time) {
 		tests[3] = test{Seq, u.Seq, seqSoft, seqHard}
 		n = 4
 	}
+	if ent.ID.Dir == sa.In && e.checkIdle(ent, u, born, now) {
+		return
+	}
 	for _, t := range tests[:n] {
 		if t.hard != 0 && t.value >= t.hard {
 			if _, err := e.o.SAD.Delete(ent.ID); err != nil {
@@ -230,6 +258,68 @@ func (e *Enforcer) check(ent *sad.Entry, now time.Time) {
 	}
 }
 
+// checkIdle raises an Idle event for an inbound SA whose phone was last
+// seen (authenticated packet, else keepalive, else the SA's birth) more
+// than its idle timeout ago, once per silence; with IdleRemove it deletes
+// the SA's group and reports true.
+func (e *Enforcer) checkIdle(ent *sad.Entry, u Usage, born, now time.Time) bool {
+	timeout := e.o.IdleTimeout
+	if s := ent.SA.IdleTimeout; s != 0 {
+		timeout = time.Duration(s) * time.Second
+	}
+	if timeout <= 0 {
+		return false
+	}
+	seen := born
+	if e.started.After(seen) {
+		seen = e.started // an SA continued across a restart: its phone gets a full timeout
+	}
+	if u.LastSeen.After(seen) {
+		seen = u.LastSeen
+	}
+	if now.Sub(seen) < timeout {
+		e.unidle(ent.ID)
+		return false
+	}
+	if e.o.LastKeepalive != nil {
+		if ka := e.o.LastKeepalive(ent.ID); ka.After(seen) {
+			seen = ka
+			if now.Sub(seen) < timeout {
+				e.unidle(ent.ID)
+				return false
+			}
+		}
+	}
+	if at, raised := e.idle[ent.ID]; raised && !seen.After(at) {
+		return false
+	}
+	if _, raised := e.idle[ent.ID]; !raised {
+		e.idleN.Add(1)
+	}
+	e.idle[ent.ID] = seen
+	e.raise(Event{Time: now, ID: ent.ID, Name: ent.SA.Name, Kind: Idle, What: IdleTime,
+		Value: uint64(now.Sub(seen) / time.Second), Threshold: uint64(timeout / time.Second)})
+	if !e.o.IdleRemove {
+		return false
+	}
+	for _, id := range e.o.SAD.Group(ent.ID) {
+		e.o.SAD.Delete(id)
+	}
+	e.unidle(ent.ID)
+	return true
+}
+
+func (e *Enforcer) unidle(id sa.ID) {
+	if _, ok := e.idle[id]; ok {
+		delete(e.idle, id)
+		e.idleN.Add(-1)
+	}
+}
+
+// IdleNow is how many inbound SAs are idle (an event was raised and no
+// packet or keepalive came since).
+func (e *Enforcer) IdleNow() int64 { return e.idleN.Load() }
+
 func (e *Enforcer) raise(ev Event) {
 	e.counts[ev.Kind][ev.What].Add(1)
 	e.mu.Lock()
@@ -243,6 +333,10 @@ func (e *Enforcer) raise(ev Event) {
 	close(e.wake)
 	e.wake = make(chan struct{})
 	e.mu.Unlock()
+	if ev.Kind == Idle {
+		e.o.Log.Warn("phone idle", "sa", ev.ID, "name", ev.Name, "idle_seconds", ev.Value, "timeout_seconds", ev.Threshold, "removed", e.o.IdleRemove)
+		return
+	}
 	e.o.Log.Warn("SA lifetime reached", "sa", ev.ID, "name", ev.Name, "kind", ev.Kind.String(),
 		"limit", ev.What.String(), "value", ev.Value, "threshold", ev.Threshold)
 }
@@ -291,6 +385,9 @@ func (e *Enforcer) Counts() map[string]uint64 {
 	out := make(map[string]uint64, int(numKinds)*int(numLimits))
 	for k := Kind(0); k < numKinds; k++ {
 		for l := Limit(0); l < numLimits; l++ {
+			if (k == Idle) != (l == IdleTime) {
+				continue // idle events have one limit, expiries the others
+			}
 			out[k.String()+"/"+l.String()] = e.counts[k][l].Load()
 		}
 	}

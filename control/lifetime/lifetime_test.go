@@ -212,3 +212,97 @@ func TestEventRingAndWait(t *testing.T) {
 		t.Fatal("Wait returned without a new event")
 	}
 }
+
+// Idle phones: an inbound SA with no authenticated packet and no
+// keepalive for its idle timeout raises one idle event (not one per
+// pass); a packet or a keepalive from the binding ends the silence; an
+// SA's idle_timeout overrides the global one; with IdleRemove the SA's
+// whole group (its pair) is deleted.
+func TestIdlePhones(t *testing.T) {
+	d, err := sad.New(sad.Options{Workers: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	clock := time.Now()
+	u := &usage{m: map[sa.ID]Usage{}}
+	var kaMu sync.Mutex
+	ka := map[sa.ID]time.Time{}
+	lastKA := func(id sa.ID) time.Time { kaMu.Lock(); defer kaMu.Unlock(); return ka[id] }
+	o := Options{SAD: d, Usage: u.get, Now: func() time.Time { return clock }, IdleTimeout: 60 * time.Second, LastKeepalive: lastKA}
+	e, err := New(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	add := func(s sa.SA) sa.ID {
+		if _, err := d.Add(s); err != nil {
+			t.Fatal(err)
+		}
+		u.set(s.ID(), Usage{})
+		return s.ID()
+	}
+	in1 := add(phoneSA(1, sa.In, sa.Lifetime{}, false))
+	add(phoneSA(1, sa.Out, sa.Lifetime{}, false)) // outbound SAs are never idle themselves
+	short := phoneSA(2, sa.In, sa.Lifetime{}, false)
+	short.IdleTimeout = 10
+	in2 := add(short)
+	idles := func() (names []string) {
+		evs, _ := e.Events(0, 100)
+		for _, ev := range evs {
+			if ev.Kind == Idle {
+				names = append(names, fmt.Sprintf("%s after %ds", ev.Name, ev.Threshold))
+			}
+		}
+		return names
+	}
+
+	clock = clock.Add(30 * time.Second)
+	u.set(in1, Usage{LastSeen: clock})
+	e.Check()
+	if got := idles(); len(got) != 1 || got[0] != "ue2-in after 10s" || e.IdleNow() != 1 {
+		t.Fatalf("at 30 s: %v (idle now %d)", got, e.IdleNow())
+	}
+	clock = clock.Add(50 * time.Second) // ue1 last seen 50 s ago: not yet
+	e.Check()
+	if got := idles(); len(got) != 1 {
+		t.Fatalf("at 80 s: %v", got)
+	}
+	clock = clock.Add(20 * time.Second)
+	kaMu.Lock()
+	ka[in1] = clock.Add(-5 * time.Second) // a keepalive keeps ue1 alive
+	kaMu.Unlock()
+	e.Check()
+	e.Check()
+	if got := idles(); len(got) != 1 {
+		t.Fatalf("keepalive did not count: %v", got)
+	}
+	clock = clock.Add(61 * time.Second)
+	e.Check()
+	if got := idles(); len(got) != 2 || got[1] != "ue1-in after 60s" || e.IdleNow() != 2 {
+		t.Fatalf("ue1 silent 66 s: %v", got)
+	}
+	u.set(in2, Usage{LastSeen: clock}) // ue2 is back
+	e.Check()
+	if e.IdleNow() != 1 {
+		t.Fatalf("idle now %d after ue2's packet, want 1", e.IdleNow())
+	}
+	if n := e.Counts()["idle/idle"]; n != 2 {
+		t.Fatalf("idle/idle count %d", n)
+	}
+
+	// IdleRemove: the silent phone's pair goes.
+	o.IdleRemove = true
+	e2, _ := New(o)
+	clock = clock.Add(61 * time.Second)
+	u.set(in2, Usage{LastSeen: clock})
+	e2.started = time.Time{}
+	e2.Check()
+	if _, ok := d.Get(in1); ok {
+		t.Fatal("idle SA not removed")
+	}
+	if _, ok := d.GetName("ue1-out"); ok {
+		t.Fatal("its outbound partner not removed")
+	}
+	if _, ok := d.Get(in2); !ok {
+		t.Fatal("the live phone's SA was removed")
+	}
+}

@@ -17,9 +17,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"golang.org/x/sys/unix"
 	"log/slog"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/xesp/xesp/bpf"
@@ -183,6 +185,12 @@ type Manager struct {
 	syncMu   sync.Mutex
 	synced   uint64
 	syncedCh chan struct{}
+
+	// kaReg is the set of bindings registered in the keepalives map (Run's
+	// goroutine only); kaDirty says installs, removals or binding moves
+	// happened since it was last brought in step.
+	kaReg   map[netip.AddrPort]struct{}
+	kaDirty atomic.Bool
 }
 
 // New returns a Manager; Sync or Run start mirroring.
@@ -228,11 +236,18 @@ func (m *Manager) Run(ctx context.Context) error {
 		defer tick.Stop()
 		ticks = tick.C
 	}
-	for {
+	m.syncKeepalives()
+	for n := 1; ; n++ {
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-ticks:
+			// Bindings in the keepalives map follow installs, removals and
+			// moves within a tick; a full pass every 30 ticks catches moves
+			// whose event the workers' queue dropped.
+			if m.kaDirty.Swap(false) || n%30 == 0 {
+				m.syncKeepalives()
+			}
 			m.retryInstalls(ctx)
 			for req := range retry {
 				err := m.extend(req)
@@ -291,6 +306,7 @@ func (m *Manager) retryInstalls(ctx context.Context) {
 // Sync applies every SAD change made so far and returns once the data
 // path reflects them.
 func (m *Manager) Sync(ctx context.Context) error {
+	m.kaDirty.Store(true)
 	var err error
 	var next uint64
 	m.changes, next, err = m.o.SAD.Changes(m.version, m.changes)
@@ -624,6 +640,7 @@ func (m *Manager) build(e sad.Entry) (*slot, error) {
 	sl := &slot{id: e.ID, spi: s.SPI, worker: e.Worker, index: e.Index, encap: s.Encap != nil,
 		group: groupRef{worker: e.Worker, key: sad.GroupOf(s)}}
 	ent := &worker.Entry{SA: cipher, Local: s.Local, PortLocal: s.Ports.Local, PortPeer: s.Ports.Peer,
+		InnerLocal: s.InnerLocal, Proto: s.Ports.Proto, DSCP: s.DSCP, FixDSCP: s.HasDSCP,
 		HardPackets: s.Lifetime.HardPackets, HardBytes: s.Lifetime.HardBytes}
 	if s.Encap != nil {
 		ent.LocalPort = s.Encap.LocalPort
@@ -858,6 +875,7 @@ func (m *Manager) dropPolicy(s *slot) []*slot {
 // bindingChanged records a binding a worker learnt in the SAD, where the
 // API shows it and the SA's later entries start from it.
 func (m *Manager) bindingChanged(ev worker.BindingChange) {
+	m.kaDirty.Store(true)
 	m.mu.RLock()
 	var s *slot
 	if ev.Worker < len(m.slots) && int(ev.Index) < len(m.slots[ev.Worker]) {
@@ -890,10 +908,73 @@ func (m *Manager) applyBinding(id sa.ID) {
 	}
 }
 
+// syncKeepalives brings the keepalives map in step with the bindings of
+// the installed inbound UDP-encapsulated SAs, so XDP stamps the
+// keepalives each phone sends (idle-phone detection). A failed write is
+// logged and retried on the next pass.
+func (m *Manager) syncKeepalives() {
+	ka := m.o.Maps.Keepalives
+	if ka == nil {
+		return
+	}
+	want := make(map[netip.AddrPort]struct{}, len(m.kaReg))
+	m.mu.RLock()
+	for _, s := range m.live {
+		if s.entry.Dir == worker.Inbound && s.encap {
+			if ap := s.entry.Binding.Load().Addr; ap.Port() != 0 {
+				want[ap] = struct{}{}
+			}
+		}
+	}
+	m.mu.RUnlock()
+	for ap := range want {
+		if _, ok := m.kaReg[ap]; !ok {
+			if err := ka.Add(ap); err != nil {
+				m.log.Warn("register binding for keepalives", "err", err)
+				delete(want, ap)
+				m.kaDirty.Store(true)
+			}
+		}
+	}
+	for ap := range m.kaReg {
+		if _, ok := want[ap]; !ok {
+			if err := ka.Delete(ap); err != nil {
+				m.log.Warn("unregister binding for keepalives", "err", err)
+				want[ap] = struct{}{}
+			}
+		}
+	}
+	m.kaReg = want
+}
+
+// LastKeepalive is when the binding of the inbound SA id last sent a
+// NAT-keepalive (zero: never seen, not installed, or plain ESP).
+func (m *Manager) LastKeepalive(id sa.ID) time.Time {
+	ka := m.o.Maps.Keepalives
+	m.mu.RLock()
+	s := m.live[id]
+	m.mu.RUnlock()
+	if ka == nil || s == nil || !s.encap || s.entry.Dir != worker.Inbound {
+		return time.Time{}
+	}
+	v, ok := ka.Lookup(s.entry.Binding.Load().Addr)
+	if !ok || v.LastNs == 0 {
+		return time.Time{}
+	}
+	var ts unix.Timespec
+	if unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts) != nil {
+		return time.Time{}
+	}
+	return time.Now().Add(-time.Duration(ts.Nano() - int64(v.LastNs)))
+}
+
 // SACounters are one SA's live figures.
 type SACounters struct {
 	Packets, Bytes, Drops, Seq uint64
 	Binding                    worker.Peer
+	// LastSeen is when the last authenticated packet arrived (inbound;
+	// zero: none since install).
+	LastSeen time.Time
 }
 
 // Counters returns the live figures of an installed SA.
@@ -905,8 +986,12 @@ func (m *Manager) Counters(id sa.ID) (SACounters, bool) {
 		return SACounters{}, false
 	}
 	c := &s.entry.Counters
-	return SACounters{Packets: c.Packets.Load(), Bytes: c.Bytes.Load(), Drops: c.Drops.Load(),
-		Seq: c.Seq.Load(), Binding: *s.entry.Binding.Load()}, true
+	out := SACounters{Packets: c.Packets.Load(), Bytes: c.Bytes.Load(), Drops: c.Drops.Load(),
+		Seq: c.Seq.Load(), Binding: *s.entry.Binding.Load()}
+	if ns := c.LastSeen.Load(); ns != 0 {
+		out.LastSeen = time.Unix(0, ns)
+	}
+	return out, true
 }
 
 // Installed is the number of SAs in the data path.

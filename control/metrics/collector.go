@@ -46,7 +46,7 @@ var (
 		"Datagrams the NAT-T socket received from the kernel (what XDP passed up: reassembled fragments, IKE), by outcome.",
 		"result")
 	descLifetime = desc("xesp_sa_lifetime_expiries_total",
-		"SA lifetimes reached, by kind (soft: rekey due; hard: SA removed) and limit (time, bytes, packets, seq).",
+		"SA lifetimes reached, by kind (soft: rekey due; hard: SA removed) and limit (time, bytes, packets, seq); kind idle, limit idle: idle-phone events.",
 		"kind", "limit")
 	descFloodActive = desc("xesp_flood_sas",
 		"SAs whose flood budget XDP enforced within the last second (GET /v1/floods names them; an SA is not a label).")
@@ -91,6 +91,15 @@ var (
 		"direction", "state")
 	descUptime = desc("xesp_uptime_seconds",
 		"Seconds since the daemon started.")
+	descICMP = desc("xesp_icmp_errors_total",
+		"ICMP errors the workers generated, by reason (time_exceeded, too_big) and result (sent; limited: the rate limit held it back; unsent: no source address or no outbound SA; both with reason \"any\").",
+		"reason", "result")
+	descPreFrag = desc("xesp_prefragmented_packets_total",
+		"IPv4 packets from the core (DF clear) split before sealing to fit the public MTU (RFC 4459 pre-fragmentation).")
+	descPreFrags = desc("xesp_prefragments_total",
+		"Inner fragments made by pre-fragmentation, each sealed into its own ESP packet.")
+	descIdle = desc("xesp_sa_idle",
+		"Inbound SAs whose phone is idle now: no authenticated packet and no NAT-keepalive for the idle timeout.")
 	descBuild = desc("xesp_build_info",
 		"Always 1; the version label says which build runs.",
 		"version")
@@ -102,6 +111,7 @@ var allDescs = []*prometheus.Desc{
 	descInvalid, descFrames, descSAs, descUptime, descBuild, descSlowPath, descLifetime, descDrained,
 	descFloodActive, descFloodFailures,
 	descEtcdRejected, descAPIConns, descAPIRefused,
+	descICMP, descPreFrag, descPreFrags, descIdle,
 }
 
 // directions are the label values of worker.Stats' two DirStats, in the
@@ -230,6 +240,9 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descAPIConns, prometheus.GaugeValue, float64(open))
 		ch <- prometheus.MustNewConstMetric(descAPIRefused, prometheus.CounterValue, float64(refused))
 	}
+	if c.src.Idle != nil {
+		ch <- prometheus.MustNewConstMetric(descIdle, prometheus.GaugeValue, float64(c.src.Idle()))
+	}
 	if c.src.SAs != nil {
 		for _, n := range c.src.SAs() {
 			ch <- prometheus.MustNewConstMetric(descSAs, prometheus.GaugeValue, float64(n.Count), n.Direction, n.State)
@@ -248,8 +261,16 @@ type dirTotals struct {
 
 func (c *collector) collectWorkers(ch chan<- prometheus.Metric) {
 	var tot [2]dirTotals
-	var changes, lost, drained uint64
+	var changes, lost, drained, limited, unsent, prefrag, frags uint64
+	var icmp [worker.NumICMPKinds]uint64
 	for i, w := range c.src.Workers {
+		for k := range icmp {
+			icmp[k] += w.ICMP[k].Load()
+		}
+		limited += w.ICMPLimited.Load()
+		unsent += w.ICMPUnsent.Load()
+		prefrag += w.PreFragmented.Load()
+		frags += w.PreFragments.Load()
 		for d, ds := range dirStats(w) {
 			t := &tot[d]
 			t.packets += ds.Packets.Load()
@@ -293,6 +314,13 @@ func (c *collector) collectWorkers(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descBindingChanges, prometheus.CounterValue, float64(changes))
 	ch <- prometheus.MustNewConstMetric(descDrained, prometheus.CounterValue, float64(drained))
 	ch <- prometheus.MustNewConstMetric(descBindingLost, prometheus.CounterValue, float64(lost))
+	for k := range icmp {
+		ch <- prometheus.MustNewConstMetric(descICMP, prometheus.CounterValue, float64(icmp[k]), worker.ICMPKindName(k), "sent")
+	}
+	ch <- prometheus.MustNewConstMetric(descICMP, prometheus.CounterValue, float64(limited), "any", "limited")
+	ch <- prometheus.MustNewConstMetric(descICMP, prometheus.CounterValue, float64(unsent), "any", "unsent")
+	ch <- prometheus.MustNewConstMetric(descPreFrag, prometheus.CounterValue, float64(prefrag))
+	ch <- prometheus.MustNewConstMetric(descPreFrags, prometheus.CounterValue, float64(frags))
 }
 
 func (c *collector) collectXDP(ch chan<- prometheus.Metric) {

@@ -41,7 +41,7 @@ func TestLifetimeFigures(t *testing.T) {
 			got[l["kind"]+"/"+l["limit"]] = m.GetCounter().GetValue()
 		}
 	}
-	if len(got) != 8 || got["soft/bytes"] != 1 || got["hard/packets"] != 1 || got["hard/time"] != 0 {
+	if len(got) != 9 || got["idle/idle"] != 0 || got["soft/bytes"] != 1 || got["hard/packets"] != 1 || got["hard/time"] != 0 {
 		t.Fatalf("lifetime series: %v", got)
 	}
 }

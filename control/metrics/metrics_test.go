@@ -369,7 +369,8 @@ func TestScrapeRealSources(t *testing.T) {
 	const workers, sockets, fillQueues, places, saRows = 3, 3, 2, 9, 3
 	wantSeries := 4 + 2 + 2*(int(worker.NumDrops)-1) + 2 + 2 + 1 + workers +
 		2*bpf.NumReasons + 2*sockets + fillQueues + fillQueues + 2*sockets + 2*sockets +
-		places + saRows + 2
+		places + saRows + 2 +
+		int(worker.NumICMPKinds) + 2 + 2 // ICMP sent by kind, limited, unsent; pre-fragmentation
 	if n := xespSeries(mfs); n != wantSeries {
 		t.Errorf("%d xesp_ series, want %d", n, wantSeries)
 	}

@@ -51,6 +51,8 @@ type Sources struct {
 	// APIConns reports the API's TCP listener: connections held now and
 	// connections closed at accept for their source's share.
 	APIConns func() (open int64, refused uint64)
+	// Idle is how many inbound SAs are idle now (lifetime.Enforcer.IdleNow).
+	Idle func() int64
 }
 
 // CounterReader is what the collector needs of maps.Counters.

@@ -43,7 +43,8 @@ func prefixOverlap(a, b netip.Prefix) bool {
 // Overlaps says whether one cleartext packet could match both selectors.
 func (a Selector) Overlaps(b Selector) bool {
 	return a.Dst.Overlaps(b.Dst) && prefixOverlap(a.Src, b.Src) &&
-		portOverlap(a.Ports.Local, b.Ports.Local) && portOverlap(a.Ports.Peer, b.Ports.Peer)
+		portOverlap(a.Ports.Local, b.Ports.Local) && portOverlap(a.Ports.Peer, b.Ports.Peer) &&
+		(a.Ports.Proto == 0 || b.Ports.Proto == 0 || a.Ports.Proto == b.Ports.Proto)
 }
 
 // Common describes the traffic both selectors match, for messages.
@@ -103,9 +104,16 @@ type OutIndex[V comparable] struct {
 // query with both ports set probes the four keys that can overlap it
 // instead of scanning them all.
 type outBucket[V comparable] struct {
-	byPorts map[Ports][]outItem[V]
+	byPorts map[portPair][]outItem[V]
 	n       int
 }
+
+// portPair is a bucket's key: the port selectors without the protocol,
+// so the four probes of conflict find SAs of any protocol selector
+// (Overlaps then compares protocols).
+type portPair struct{ local, peer uint16 }
+
+func pairOf(p Ports) portPair { return portPair{p.Local, p.Peer} }
 
 func fam(p netip.Prefix) int {
 	if p.Addr().Is4() {
@@ -127,10 +135,10 @@ func (x *OutIndex[V]) Add(sel Selector, v V) {
 	}
 	bk := x.byLen[f][b][sel.Dst]
 	if bk == nil {
-		bk = &outBucket[V]{byPorts: make(map[Ports][]outItem[V], 1)}
+		bk = &outBucket[V]{byPorts: make(map[portPair][]outItem[V], 1)}
 		x.byLen[f][b][sel.Dst] = bk
 	}
-	bk.byPorts[sel.Ports] = append(bk.byPorts[sel.Ports], outItem[V]{sel, v})
+	bk.byPorts[pairOf(sel.Ports)] = append(bk.byPorts[pairOf(sel.Ports)], outItem[V]{sel, v})
 	bk.n++
 	x.lens[f][b]++
 }
@@ -142,7 +150,7 @@ func (x *OutIndex[V]) Remove(sel Selector, v V) {
 	if bk == nil {
 		return
 	}
-	list := bk.byPorts[sel.Ports]
+	list := bk.byPorts[pairOf(sel.Ports)]
 	for i, it := range list {
 		if it.v == v {
 			list = append(list[:i:i], list[i+1:]...)
@@ -152,9 +160,9 @@ func (x *OutIndex[V]) Remove(sel Selector, v V) {
 		}
 	}
 	if len(list) == 0 {
-		delete(bk.byPorts, sel.Ports)
+		delete(bk.byPorts, pairOf(sel.Ports))
 	} else {
-		bk.byPorts[sel.Ports] = list
+		bk.byPorts[pairOf(sel.Ports)] = list
 	}
 	if bk.n == 0 {
 		delete(x.byLen[f][b], sel.Dst)
@@ -190,7 +198,7 @@ func (bk *outBucket[V]) conflict(sel Selector, skip func(V) bool) (outItem[V], b
 	}
 	if l, p := sel.Ports.Local, sel.Ports.Peer; l != 0 && p != 0 {
 		// Only these four port keys can overlap (l, p).
-		for _, k := range [4]Ports{{l, p}, {0, p}, {l, 0}, {0, 0}} {
+		for _, k := range [4]portPair{{l, p}, {0, p}, {l, 0}, {0, 0}} {
 			if it, ok := check(bk.byPorts[k]); ok {
 				return it, true
 			}

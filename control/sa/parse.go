@@ -7,6 +7,7 @@ import (
 	"github.com/xesp/xesp/internal/safefile"
 	"net/netip"
 	"path/filepath"
+	"strconv"
 	"strings"
 
 	"github.com/xesp/xesp/dataplane/esp"
@@ -156,7 +157,27 @@ func (sp *Spec) Parse(opts Options) (SA, error) {
 	v.lifetime(sp, &s)
 	if sp.Ports != nil {
 		s.Ports = Ports{Local: sp.Ports.Local, Peer: sp.Ports.Peer}
+		if p := strings.ToLower(sp.Ports.Protocol); p != "" {
+			if n, ok := protoNames[p]; ok {
+				s.Ports.Proto = n
+			} else if n, err := strconv.ParseUint(p, 10, 8); err == nil && n > 0 {
+				s.Ports.Proto = uint8(n)
+			} else {
+				v.add("ports.protocol", "%q: want udp, tcp, icmp, ipv6-icmp or a number 1..255", clip(sp.Ports.Protocol))
+			}
+		}
+		if (s.Ports.Local != 0 || s.Ports.Peer != 0) && s.Ports.Proto != 0 && s.Ports.Proto != 6 && s.Ports.Proto != 17 {
+			v.add("ports.protocol", "%s has no ports: ports.local and ports.peer need udp or tcp", ProtoName(s.Ports.Proto))
+		}
 	}
+	if sp.DSCP != nil {
+		if *sp.DSCP > 63 {
+			v.add("dscp", "%d: want 0..63", *sp.DSCP)
+		} else {
+			s.DSCP, s.HasDSCP = *sp.DSCP, true
+		}
+	}
+	s.IdleTimeout = sp.IdleTimeout
 
 	if len(v.errs) > 0 {
 		return SA{}, errors.Join(v.errs...)

@@ -11,6 +11,7 @@ package sa
 import (
 	"fmt"
 	"net/netip"
+	"strconv"
 
 	"github.com/xesp/xesp/dataplane/esp"
 )
@@ -122,12 +123,35 @@ type SA struct {
 	// phone's cleartext is sealed with the outbound SA whose ports match
 	// (the worker chooses among the SAs to one inner address).
 	Ports Ports
+	// DSCP is the fixed outer DSCP of an outbound SA when HasDSCP.
+	DSCP    uint8
+	HasDSCP bool
+	// IdleTimeout is the inbound SA's idle timeout in seconds (0: the
+	// gateway's idle.timeout).
+	IdleTimeout uint64
 }
 
 // Ports are inner UDP/TCP port selectors: Local on this side (the SIP
-// core's), Peer on the phone's. Zero means any.
+// core's), Peer on the phone's. Zero means any. Proto is the inner
+// protocol selector (0: any).
 type Ports struct {
 	Local, Peer uint16
+	Proto       uint8
+}
+
+var protoNames = map[string]uint8{"icmp": 1, "tcp": 6, "udp": 17, "ipv6-icmp": 58}
+
+// ProtoName is how the SA format writes protocol p ("" for 0: any).
+func ProtoName(p uint8) string {
+	for n, v := range protoNames {
+		if v == p {
+			return n
+		}
+	}
+	if p == 0 {
+		return ""
+	}
+	return strconv.Itoa(int(p))
 }
 
 // ID is an SA's identity in a SAD. An inbound SA is found by the XDP

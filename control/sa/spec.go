@@ -41,6 +41,14 @@ type Spec struct {
 	// Ports narrows the SA to inner UDP/TCP ports (IMS sec-agree pairs
 	// SAs by port); absent means any port.
 	Ports *PortsSpec `yaml:"ports,omitempty" json:"ports,omitempty"`
+	// DSCP, when set (0..63), is written into the outer header of the
+	// packets an outbound SA seals instead of the inner DSCP (the
+	// default copy of RFC 4301 5.1.2.1, or the config's tunnel.dscp).
+	DSCP *uint8 `yaml:"dscp,omitempty" json:"dscp,omitempty"`
+	// IdleTimeout (seconds) overrides the config's idle.timeout for an
+	// inbound SA: no authenticated packet for this long raises an
+	// sa_idle event. 0 or absent: the global setting.
+	IdleTimeout uint64 `yaml:"idle_timeout,omitempty" json:"idle_timeout,omitempty"`
 }
 
 // PortsSpec is the ports block: the inner (cleartext) UDP/TCP port on
@@ -49,6 +57,10 @@ type Spec struct {
 type PortsSpec struct {
 	Local uint16 `yaml:"local,omitempty" json:"local,omitempty"`
 	Peer  uint16 `yaml:"peer,omitempty" json:"peer,omitempty"`
+	// Protocol is the inner protocol selector (RFC 4301 4.4.1.1): udp,
+	// tcp, icmp, ipv6-icmp or a number 1..255; omitted means any (with
+	// ports: UDP or TCP).
+	Protocol string `yaml:"protocol,omitempty" json:"protocol,omitempty"`
 }
 
 // EncapSpec is the encap block. Present means UDP encapsulation; an
@@ -249,8 +261,13 @@ func (s *SA) Public() Spec {
 		}
 	}
 	if s.Ports != (Ports{}) {
-		sp.Ports = &PortsSpec{Local: s.Ports.Local, Peer: s.Ports.Peer}
+		sp.Ports = &PortsSpec{Local: s.Ports.Local, Peer: s.Ports.Peer, Protocol: ProtoName(s.Ports.Proto)}
 	}
+	if s.HasDSCP {
+		d := s.DSCP
+		sp.DSCP = &d
+	}
+	sp.IdleTimeout = s.IdleTimeout
 	if s.Lifetime != (Lifetime{}) {
 		l := s.Lifetime
 		sp.Lifetime = &LifetimeSpec{

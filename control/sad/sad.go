@@ -446,6 +446,13 @@ func (d *SAD) check(s *sa.SA, self *entry, replaces []sa.ID) error {
 	if s.Direction != sa.In && s.Direction != sa.Out || s.SPI < 256 || !s.Peer.IsValid() {
 		return fmt.Errorf("%s: %w: not from sa.Parse (direction, SPI or peer unset)", s.Label(), ErrInvalid)
 	}
+	if s.Mode == sa.Transport {
+		// Transport mode needs the core-address model (docs/operations.md
+		// "Drop reasons"): without it the data path would decrypt and then
+		// misroute, so such an SA is refused here, where every source
+		// (config, API, sec-agree, etcd) passes, rather than half-work.
+		return fmt.Errorf("%s: mode: %w: transport mode is not supported by the data path yet; use mode: tunnel", s.Label(), ErrInvalid)
+	}
 	id := s.ID()
 	if other, dup := d.byID[id]; dup && other != self {
 		if s.Direction == sa.In {
@@ -721,6 +728,23 @@ func (d *SAD) Get(id sa.ID) (Entry, bool) {
 		return e.export(), true
 	}
 	return Entry{}, false
+}
+
+// Group returns the identities of the SAs sharing id's group (its SA
+// pair, or a registration's SAs): one NAT binding, one worker. id itself
+// is included; nil when id is unknown.
+func (d *SAD) Group(id sa.ID) []sa.ID {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	e, ok := d.byID[id]
+	if !ok {
+		return nil
+	}
+	var out []sa.ID
+	for p := d.groups[GroupOf(&e.sa)].head; p != nil; p = p.nextPeer {
+		out = append(out, p.id())
+	}
+	return out
 }
 
 // GetName returns the SA with this name.

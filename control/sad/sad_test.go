@@ -684,3 +684,26 @@ func TestReplaceOneWinner(t *testing.T) {
 		t.Fatalf("unknown old SA: %v", err)
 	}
 }
+
+// Transport-mode SAs are refused at every entry (config load, API,
+// etcd go through Add, AddAll and Update) naming the SA and the field,
+// so none is installed to half-work.
+func TestTransportModeRefused(t *testing.T) {
+	d := newSAD(t, Options{Workers: 1})
+	tr := phone(1, sa.In)
+	tr.Mode, tr.InnerLocal, tr.InnerPeer = sa.Transport, netip.Prefix{}, netip.Prefix{}
+	want := `sa "ue1-in": mode: invalid SA: transport mode is not supported by the data path yet; use mode: tunnel`
+	if _, err := d.Add(tr); !errors.Is(err, ErrInvalid) || err.Error() != want {
+		t.Fatalf("Add: %v", err)
+	}
+	if err := d.AddAll([]sa.SA{tr}); err == nil || err.Error() != want {
+		t.Fatalf("AddAll: %v", err)
+	}
+	mustAdd(t, d, phone(1, sa.In))
+	if _, err := d.Update(tr); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("Update: %v", err)
+	}
+	if _, ok := d.GetName("ue1-in"); !ok {
+		t.Fatal("the tunnel SA is gone")
+	}
+}

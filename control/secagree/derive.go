@@ -69,6 +69,8 @@ func Choose(offer []Mechanism, p Policy) (Mechanism, error) {
 		switch {
 		case m.EffectiveProt() != "esp":
 			reason = "prot=" + m.Prot + " is not supported (ESP only)"
+		case mod < 0 && m.Mod.Effective() == ModeTrans:
+			reason = "mod=trans is not accepted: this gateway does not support transport-mode SAs yet (offer mod=UDP-enc-tun or mod=tun)"
 		case mod < 0:
 			reason = "mod=" + m.Mod.Effective().String() + " is not accepted"
 		case ealg < 0:

@@ -35,7 +35,16 @@ type Outer struct {
 	// destination, protocol) for the reassembly lifetime (RFC 6864). Zero
 	// sends an atomic datagram: DF set, ID 0. Not used for IPv6.
 	ID uint16
+	// TOS is the IPv4 TOS byte or IPv6 Traffic Class (DSCP and ECN) to
+	// write; the tunnel's DSCP/ECN policy chooses it (RFC 4301 5.1.2.1,
+	// RFC 6040).
+	TOS uint8
+	// TTL is the IPv4 TTL or IPv6 hop limit; 0 writes DefaultOuterTTL.
+	TTL uint8
 }
+
+// DefaultOuterTTL is the outer TTL/hop limit when Outer.TTL is 0.
+const DefaultOuterTTL = outerTTL
 
 // OuterLen is the header length PutOuter writes for o: 20 (IPv4) or 40
 // (IPv6), plus 8 with UDP encapsulation.
@@ -82,9 +91,13 @@ func PutOuter(buf []byte, start, end int, o *Outer) (int, error) {
 		binary.BigEndian.PutUint16(u[4:], uint16(end-start+8))
 		u[6], u[7] = 0, 0
 	}
+	ttl := o.TTL
+	if ttl == 0 {
+		ttl = outerTTL
+	}
 	h := buf[s : s+ipLen]
 	if v4 {
-		h[0], h[1] = 0x45, 0
+		h[0], h[1] = 0x45, o.TOS
 		binary.BigEndian.PutUint16(h[2:], uint16(total))
 		if o.ID != 0 {
 			binary.BigEndian.PutUint16(h[4:], o.ID)
@@ -93,7 +106,7 @@ func PutOuter(buf []byte, start, end int, o *Outer) (int, error) {
 			h[4], h[5] = 0, 0
 			h[6], h[7] = 0x40, 0 // DF
 		}
-		h[8], h[9] = outerTTL, proto
+		h[8], h[9] = ttl, proto
 		h[10], h[11] = 0, 0
 		a, b := o.Src.As4(), o.Dst.As4()
 		copy(h[12:16], a[:])
@@ -101,9 +114,9 @@ func PutOuter(buf []byte, start, end int, o *Outer) (int, error) {
 		binary.BigEndian.PutUint16(h[10:], cksum.Checksum(h))
 		return s, nil
 	}
-	h[0], h[1], h[2], h[3] = 0x60, 0, 0, 0
+	h[0], h[1], h[2], h[3] = 0x60|o.TOS>>4, o.TOS<<4, 0, 0
 	binary.BigEndian.PutUint16(h[4:], uint16(total-40))
-	h[6], h[7] = proto, outerTTL
+	h[6], h[7] = proto, ttl
 	a, b := o.Src.As16(), o.Dst.As16()
 	copy(h[8:24], a[:])
 	copy(h[24:40], b[:])

@@ -45,6 +45,16 @@ type Entry struct {
 	// the cleartext must be addressed to Core (not InnerPeer), and Core
 	// becomes Inner before sealing. See xlate.go.
 	Core, Inner netip.Addr
+	// InnerLocal is the core side of the selectors: inbound, the prefix
+	// inner destinations must fall in; outbound, the prefix cleartext
+	// sources must fall in. Invalid (zero) disables the check.
+	InnerLocal netip.Prefix
+	// Proto is the inner protocol selector (0: any).
+	Proto uint8
+	// DSCP, when FixDSCP is set, is written into the outer header of
+	// sealed packets instead of the inner packet's DSCP.
+	DSCP    uint8
+	FixDSCP bool
 	// Binding is shared by the SAs of one pair group on this worker: what
 	// the inbound SA learns, the outbound SA uses.
 	Binding  *Binding
@@ -65,8 +75,9 @@ type Entry struct {
 	// package removes the SA and raises the event within its interval.
 	HardPackets, HardBytes uint64
 
-	index uint32 // slot in the worker's table, set by Install
-	asked uint64 // the Limit an extension was last requested for
+	index       uint32 // slot in the worker's table, set by Install
+	maxOverhead int    // bound on what sealing adds (0: not computed yet): the MTU check's fast path
+	asked       uint64 // the Limit an extension was last requested for
 }
 
 // expired says the SA reached a hard packet or byte lifetime and must not
@@ -85,6 +96,9 @@ type Counters struct {
 	// Seq is the highest sequence number accepted (inbound) or the last
 	// one sent (outbound): what the manager persists as a high-water mark.
 	Seq atomic.Uint64
+	// LastSeen is when (unix ns, batch time) the last authenticated packet
+	// arrived on an inbound SA; 0 never. Idle-phone detection reads it.
+	LastSeen atomic.Int64
 }
 
 // Peer is an SA pair's NAT binding: where the phone's packets come from,
@@ -159,6 +173,7 @@ func Inherit(to, from *Entry) {
 	to.Counters.Bytes.Store(from.Counters.Bytes.Load())
 	to.Counters.Drops.Store(from.Counters.Drops.Load())
 	to.Counters.Seq.Store(from.Counters.Seq.Load())
+	to.Counters.LastSeen.Store(from.Counters.LastSeen.Load())
 }
 
 // SeqRequest asks the manager to reserve more sequence numbers for the

@@ -3,6 +3,7 @@ package worker
 import (
 	"encoding/binary"
 	"net/netip"
+	"time"
 	"unsafe"
 
 	"github.com/xesp/xesp/bpf"
@@ -59,6 +60,38 @@ type pipeline struct {
 	// flood charges failed authentications to the flood budgets XDP
 	// enforces (nil: none).
 	flood *flood.Guard
+	// outBy finds a phone's outbound entry from its inbound one (they
+	// share the Binding): where an ICMP error to the phone is sealed.
+	outBy map[*Binding]*Entry
+
+	privAddrs []netip.Addr // the private side's addresses: ICMP errors come from them
+	outerTTL  uint8        // outer TTL/hop limit (0: esp.DefaultOuterTTL)
+	dscp      uint8        // outer DSCP for SAs without their own, if fixDSCP
+	fixDSCP   bool
+	icmp      limiter      // ICMP errors, all kinds, this worker
+	clock     func() int64 // unix ns (time.Now; tests set their own)
+
+	// pubTag and privTag are the 802.1Q/802.1ad tag (TPID<<16 | VID)
+	// frames leaving each side carry; 0: untagged.
+	pubTag, privTag uint32
+
+	// toPub are sealed frames a batch made besides its own output (ICMP
+	// errors to phones, inner fragments after the first); back are ICMP
+	// errors to the core, leaving by the private side. The worker
+	// transmits both after each batch.
+	toPub, back []xsk.Desc
+}
+
+// nowNS is the batch's time, read once per batch when first needed.
+func (p *pipeline) nowNS() int64 {
+	if p.now == 0 {
+		if p.clock != nil {
+			p.now = p.clock()
+		} else {
+			p.now = time.Now().UnixNano()
+		}
+	}
+	return p.now
 }
 
 type portKey struct {
@@ -66,8 +99,20 @@ type portKey struct {
 	local, port uint16 // local port, peer port (0: any)
 }
 
-// track keeps byPorts in step with the table: old leaves, e arrives.
+// track keeps byPorts and outBy in step with the table: old leaves, e
+// arrives.
 func (p *pipeline) track(old, e *Entry) {
+	if old != nil && old.Dir == Outbound && p.outBy[old.Binding] == old {
+		delete(p.outBy, old.Binding)
+	}
+	if e != nil && e.Dir == Outbound && e.Binding != nil {
+		if p.outBy == nil {
+			p.outBy = make(map[*Binding]*Entry)
+		}
+		if p.outBy[e.Binding] == nil {
+			p.outBy[e.Binding] = e
+		}
+	}
 	if old != nil && old.Dir == Outbound && (old.PortLocal != 0 || old.PortPeer != 0) {
 		k := portKey{old.selKey(), old.PortLocal, old.PortPeer}
 		if p.byPorts[k] == old {
@@ -113,7 +158,7 @@ func portsMatch(ip []byte, srcSel, dstSel uint16) bool {
 // emitPublic queues a sealed frame for the public TX ring, fragmenting
 // the outer IPv4 packet when it exceeds the public MTU.
 func (p *pipeline) emitPublic(d xsk.Desc, tx []xsk.Desc, drop []uint64) ([]xsk.Desc, []uint64) {
-	if p.frag.mtu == 0 || int(d.Len) <= p.frag.mtu+ethLen {
+	if p.frag.mtu == 0 || int(d.Len) <= p.frag.mtu+p.frag.l2() {
 		return append(tx, d), drop
 	}
 	if out, ok := p.frag.fragment4(d, tx); ok {
@@ -204,6 +249,7 @@ func (p *pipeline) decapOne(d xsk.Desc) (xsk.Desc, Drop) {
 	if int(m.L3Off) >= int(d.Len) || end > len(frame) {
 		return d, DropBadMeta
 	}
+	outerTOS := tosOf(frame[l3:end]) // before Open: the outer header is intact
 	pk := &p.pk
 	if err := e.SA.OpenPacketTo(frame[l3:end], pk); err != nil {
 		e.Counters.Drops.Add(1)
@@ -219,35 +265,56 @@ func (p *pipeline) decapOne(d xsk.Desc) (xsk.Desc, Drop) {
 		return d, DropBadMeta
 	}
 	ip := pk.IP
-	if e.InnerPeer.IsValid() && !e.InnerPeer.Contains(srcAddr(ip)) {
+	if !innerOK(ip) {
+		e.Counters.Drops.Add(1)
+		return d, Drop(esp.ReasonBadHeader)
+	}
+	if !e.inSelectors(ip) {
 		e.Counters.Drops.Add(1)
 		return d, DropPolicy
 	}
-	if (e.PortLocal != 0 || e.PortPeer != 0) && !portsMatch(ip, e.PortPeer, e.PortLocal) {
-		e.Counters.Drops.Add(1)
-		return d, DropPolicy
-	}
+	// Authenticated, inside the replay window and within the SA's
+	// selectors: only now may the binding follow the packet (RFC 3948
+	// NAT re-mapping), and the phone counts as alive.
+	p.learn(e, m, pk.Outer.Src, frame[off+6:off+12])
+	e.Counters.LastSeen.Store(p.nowNS())
 	if p.privateMTU > 0 && len(ip) > p.privateMTU {
 		e.Counters.Drops.Add(1)
 		return d, DropOversized
 	}
+	if tos := tosOf(ip); outerTOS&3 != 0 {
+		nt, ok := decapECN(outerTOS, tos)
+		if !ok {
+			e.Counters.Drops.Add(1)
+			return d, DropECN
+		}
+		if nt != tos {
+			setTOS(ip, nt)
+		}
+	}
+	if !decTTL(ip) {
+		e.Counters.Drops.Add(1)
+		if p.icmpToPhone(e, d, frame, ip) {
+			p.stats.Decap.Drops[DropTTL].Add(1)
+			return d, held
+		}
+		return d, DropTTL
+	}
+	// Every check above saw the phone's real inner addresses; only now
+	// does its source become the core address (docs/addressing.md).
 	if why := xlateIn(e, ip); why != 0 {
 		e.Counters.Drops.Add(1)
 		return d, why
 	}
-	// Authenticated and inside the replay window: only now may the
-	// binding follow the packet (RFC 3948 NAT re-mapping).
-	p.learn(e, m, pk.Outer.Src, frame[off+6:off+12])
 	e.Counters.Packets.Add(1)
 	e.Counters.Bytes.Add(uint64(len(pk.Payload)))
 	e.Counters.Seq.Store(pk.Seq)
 
 	start := len(frame) - cap(ip) // ip aliases frame
-	h := frame[start-ethLen : start]
-	copy(h[6:12], p.privMAC[:])
-	binary.BigEndian.PutUint16(h[12:], etherType(ip))
+	l2 := putL2(frame, start, p.privMAC, p.privTag, etherType(ip))
+	h := frame[l2:start]
 	base := p.mem.FrameBase(d.Addr)
-	out := xsk.Desc{Addr: base + uint64(start-ethLen), Len: uint32(ethLen + len(ip))}
+	out := xsk.Desc{Addr: base + uint64(l2), Len: uint32(start - l2 + len(ip))}
 	dst := dstAddr(ip)
 	mac, ok := p.lookup(dst)
 	if !ok {
@@ -255,6 +322,95 @@ func (p *pipeline) decapOne(d xsk.Desc) (xsk.Desc, Drop) {
 	}
 	copy(h[0:6], mac[:])
 	return out, 0
+}
+
+// innerOK says ip is long enough for its IP header, so the router
+// functions may read it.
+func innerOK(ip []byte) bool {
+	if len(ip) == 0 {
+		return false
+	}
+	switch ip[0] >> 4 {
+	case 4:
+		return len(ip) >= 20 && int(ip[0]&0x0f)*4 >= 20 && int(ip[0]&0x0f)*4 <= len(ip)
+	case 6:
+		return len(ip) >= 40
+	}
+	return false
+}
+
+// icmpToPhone turns the frame holding the phone's inner packet ip into an
+// ICMP Time Exceeded to the phone, sealed with its outbound SA (so it
+// reaches the phone inside its tunnel) and queued for the public side.
+// False: nothing was sent (rate limit, no outbound SA or address); the
+// caller drops the frame.
+func (p *pipeline) icmpToPhone(in *Entry, d xsk.Desc, frame, ip []byte) bool {
+	if !icmpAbout(ip) {
+		return false
+	}
+	out := p.outBy[in.Binding]
+	if out == nil || out.expired() {
+		p.stats.ICMPUnsent.Add(1)
+		return false
+	}
+	src, ok := p.icmpSource(ip, out.InnerLocal)
+	if !ok {
+		p.stats.ICMPUnsent.Add(1)
+		return false
+	}
+	if !p.icmp.allow(p.nowNS()) {
+		p.stats.ICMPLimited.Add(1)
+		return false
+	}
+	hl := 48
+	if ip[0]>>4 == 4 {
+		hl = 28
+	}
+	s := len(frame) - cap(ip) - hl
+	n := putICMP(frame[s:], src, ip, icmpTimeExceeded, 0)
+	o, why := p.seal(out, d, frame, s, n)
+	switch why {
+	case 0:
+		p.toPub = append(p.toPub, o)
+	case held:
+	default:
+		p.stats.ICMPUnsent.Add(1)
+		return false
+	}
+	p.stats.ICMP[icmpTimeExceeded].Add(1)
+	return true
+}
+
+// icmpToCore turns the frame holding the core's packet ip (at l3, the
+// frame's Ethernet header at off) into an ICMP error of kind to its
+// sender, addressed back to the MAC it came from, queued for the private
+// side. False: nothing was sent; the caller drops the frame.
+func (p *pipeline) icmpToCore(e *Entry, d xsk.Desc, frame []byte, off, l3 int, ip []byte, kind icmpKind, mtu int) bool {
+	if !icmpAbout(ip) {
+		return false
+	}
+	src, ok := p.icmpSource(ip, e.InnerLocal)
+	if !ok {
+		p.stats.ICMPUnsent.Add(1)
+		return false
+	}
+	if !p.icmp.allow(p.nowNS()) {
+		p.stats.ICMPLimited.Add(1)
+		return false
+	}
+	var mac [6]byte
+	copy(mac[:], frame[off+6:off+12]) // before the ICMP header overwrites it
+	hl := 48
+	if ip[0]>>4 == 4 {
+		hl = 28
+	}
+	s := l3 - hl
+	n := putICMP(frame[s:], src, ip, kind, mtu)
+	l2 := putL2(frame, s, p.privMAC, p.privTag, etherType(frame[s:]))
+	copy(frame[l2:l2+6], mac[:])
+	p.back = append(p.back, xsk.Desc{Addr: p.mem.FrameBase(d.Addr) + uint64(l2), Len: uint32(s - l2 + n)})
+	p.stats.ICMP[kind].Add(1)
+	return true
 }
 
 // lookup is Neighbors.Lookup through the batch's one-entry memo. Only
@@ -339,20 +495,73 @@ func (p *pipeline) encapOne(d xsk.Desc) (xsk.Desc, Drop) {
 		return d, DropBadMeta
 	}
 	n, ok := ipLen(frame[l3 : off+int(d.Len)])
-	if !ok {
+	if !ok || !innerOK(frame[l3:l3+n]) {
 		e.Counters.Drops.Add(1)
 		return d, Drop(esp.ReasonBadHeader)
 	}
-	sel, why := p.outSelect(e, frame[l3:l3+n])
+	ip := frame[l3 : l3+n]
+	// Selectors on the destination as the core sent it: the phone's core
+	// address when its SA has one (xlateOut below puts the phone's own
+	// inner address in only just before sealing).
+	sel, why := p.outSelect(e, ip)
 	if sel == nil {
 		e.Counters.Drops.Add(1)
 		return d, why
 	}
 	e = sel
-	if why := xlateOut(e, frame[l3:l3+n]); why != 0 {
+	if !ttlLeft(ip) {
+		e.Counters.Drops.Add(1)
+		if p.icmpToCore(e, d, frame, off, l3, ip, icmpTimeExceeded, 0) {
+			p.stats.Encap.Drops[DropTTL].Add(1)
+			return d, held
+		}
+		return d, DropTTL
+	}
+	frag := 0 // > 0: pre-fragment to this inner size before sealing
+	if mtu := p.frag.mtu; mtu > 0 {
+		ol := 20
+		if !e.Local.Is4() {
+			ol = 40
+		}
+		if e.LocalPort != 0 {
+			ol += 8
+		}
+		if e.maxOverhead == 0 {
+			e.maxOverhead = e.SA.Headroom() + e.SA.MaxTailroom() // an upper bound, once per entry
+		}
+		if ol+n+e.maxOverhead > mtu && ol+n+e.SA.Overhead(n, 0) > mtu {
+			fit := maxInner(e.SA, ol, mtu)
+			if ip[0]>>4 == 6 || ip[6]&0x40 != 0 {
+				// DF or IPv6: the sender must make it smaller (RFC 1191,
+				// RFC 8201); tell it the inner MTU that fits.
+				e.Counters.Drops.Add(1)
+				if p.icmpToCore(e, d, frame, off, l3, ip, icmpTooBig, fit) {
+					p.stats.Encap.Drops[DropTooBig].Add(1)
+					return d, held
+				}
+				return d, DropTooBig
+			}
+			frag = fit
+		}
+	}
+	decTTL(ip)
+	// Last, after every check that quotes or answers the packet as the
+	// core sent it: the core address becomes the phone's inner address.
+	if why := xlateOut(e, ip); why != 0 {
 		e.Counters.Drops.Add(1)
 		return d, why
 	}
+	if frag > 0 {
+		return p.prefragment(e, d, frame, l3, n, frag)
+	}
+	return p.seal(e, d, frame, l3, n)
+}
+
+// seal seals the cleartext IP packet frame[l3:l3+n] of d's frame with the
+// outbound entry e and writes the outer and Ethernet headers: the frame
+// to transmit on the public side, or held (parked for the next hop's MAC)
+// or a drop.
+func (p *pipeline) seal(e *Entry, d xsk.Desc, frame []byte, l3, n int) (xsk.Desc, Drop) {
 	nh := uint8(esp.NextHeaderIPv4)
 	if frame[l3]>>4 == 6 {
 		nh = esp.NextHeaderIPv6
@@ -371,29 +580,30 @@ func (p *pipeline) encapOne(d xsk.Desc) (xsk.Desc, Drop) {
 			return d, DropSeqUnreserved
 		}
 	}
+	tos := p.outerTOS(e, tosOf(frame[l3:]))
 	start, end, err := e.SA.Seal(frame, l3, n, nh, 0)
 	if err != nil {
 		e.Counters.Drops.Add(1)
 		return d, Drop(esp.ReasonOf(err))
 	}
 	peer := e.Binding.Load()
-	o := esp.Outer{Src: e.Local, Dst: peer.Addr.Addr(), Encap: e.LocalPort != 0, SrcPort: e.LocalPort, DstPort: peer.Addr.Port()}
+	o := esp.Outer{Src: e.Local, Dst: peer.Addr.Addr(), Encap: e.LocalPort != 0, SrcPort: e.LocalPort, DstPort: peer.Addr.Port(),
+		TOS: tos, TTL: p.outerTTL}
 	if o.Src.Is4() {
 		o.ID = p.frag.nextIPID()
 	}
 	s, err := esp.PutOuter(frame, start, end, &o)
-	if err != nil || s < ethLen {
+	if err != nil || s < ethLen+4 {
 		e.Counters.Drops.Add(1)
 		return d, Drop(esp.ReasonNoRoom)
 	}
 	e.Counters.Packets.Add(1)
 	e.Counters.Bytes.Add(uint64(n))
 	e.Counters.Seq.Store(e.SA.NextSeq() - 1)
-	h := frame[s-ethLen : s]
-	copy(h[6:12], p.pubMAC[:])
-	binary.BigEndian.PutUint16(h[12:], etherType(frame[s:]))
+	l2 := putL2(frame, s, p.pubMAC, p.pubTag, etherType(frame[s:]))
+	h := frame[l2:s]
 	base := p.mem.FrameBase(d.Addr)
-	out := xsk.Desc{Addr: base + uint64(s-ethLen), Len: uint32(end - s + ethLen)}
+	out := xsk.Desc{Addr: base + uint64(l2), Len: uint32(end - l2)}
 	if !peer.HasMAC {
 		mac, ok := p.lookup(o.Dst)
 		if !ok {
@@ -453,6 +663,23 @@ func dstAddr(ip []byte) netip.Addr {
 		return netip.AddrFrom16([16]byte(ip[24:40]))
 	}
 	return netip.Addr{}
+}
+
+// putL2 writes an Ethernet header from src, with the 802.1Q/802.1ad tag
+// when tag is set (TPID<<16 | TCI), ending at l3, and returns where it
+// starts; the caller writes the destination MAC there.
+func putL2(frame []byte, l3 int, src [6]byte, tag uint32, etype uint16) int {
+	n := ethLen
+	if tag != 0 {
+		n += 4
+	}
+	h := frame[l3-n : l3]
+	copy(h[6:12], src[:])
+	if tag != 0 {
+		binary.BigEndian.PutUint32(h[12:], tag)
+	}
+	binary.BigEndian.PutUint16(h[n-2:], etype)
+	return l3 - n
 }
 
 func etherType(ip []byte) uint16 {

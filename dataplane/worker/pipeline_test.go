@@ -165,10 +165,10 @@ func TestDecapPipeline(t *testing.T) {
 			again := f.clone(d)
 			return []xsk.Desc{d, again}
 		}, 1, "replay", false},
-		{"policy: inner source of another phone", func(f *pipeFixture, ph *esp.SA) []xsk.Desc {
+		{"selector: inner source of another phone", func(f *pipeFixture, ph *esp.SA) []xsk.Desc {
 			spoof := pkt.UDP4(netip.MustParseAddrPort("100.64.0.9:5060"), pipeCore, []byte("REGISTER sip:ims"))
 			return []xsk.Desc{f.espFrame(ph, spoof, pipeNatHW, 4777)}
-		}, 0, "policy", false},
+		}, 0, "selector", false},
 		{"malformed: cut short", func(f *pipeFixture, ph *esp.SA) []xsk.Desc {
 			d := f.espFrame(ph, req, pipeNatHW, 4777)
 			d.Len = ethLen + 20 + 6 // outer IPv4 and part of the ESP header
@@ -208,7 +208,7 @@ func TestDecapPipeline(t *testing.T) {
 			if c.forwarded > 0 {
 				// The inner packet, as sent, behind Ethernet from the
 				// gateway's private MAC to the core's.
-				if got, w := f.u.Packet(tx[0]), append(eth(pipeCoreHW, pipePrvHW), req...); !bytes.Equal(got, w) {
+				if got, w := f.u.Packet(tx[0]), append(eth(pipeCoreHW, pipePrvHW), routed(req)...); !bytes.Equal(got, w) {
 					t.Fatalf("forwarded frame\n got %x\nwant %x", got, w)
 				}
 				if n, b, s := f.in.Counters.Packets.Load(), f.in.Counters.Bytes.Load(), f.in.Counters.Seq.Load(); n != 1 || b != uint64(len(req)) || s != 1 {
@@ -266,9 +266,9 @@ func TestEncapPipeline(t *testing.T) {
 		drop  string
 	}{
 		{"valid", func(f *pipeFixture) []xsk.Desc { return []xsk.Desc{f.clearFrame(1, resp)} }, ""},
-		{"policy: another phone's address", func(f *pipeFixture) []xsk.Desc {
+		{"selector: another phone's address", func(f *pipeFixture) []xsk.Desc {
 			return []xsk.Desc{f.clearFrame(1, pkt.UDP4(pipeCore, netip.MustParseAddrPort("100.64.0.9:5060"), []byte("x")))}
-		}, "policy"},
+		}, "selector"},
 		{"malformed: IP length past the frame", func(f *pipeFixture) []xsk.Desc {
 			ip := append([]byte(nil), resp...)
 			binary.BigEndian.PutUint16(ip[2:], uint16(len(ip)+40))
@@ -329,12 +329,24 @@ func TestEncapPipeline(t *testing.T) {
 			}
 			phone := mustESP(t, pipeSPIOut, 64)
 			opened, err := phone.OpenPacket(append([]byte(nil), ip...))
-			if err != nil || !bytes.Equal(opened.IP, resp) {
-				t.Fatalf("the phone opens %x, %v; want %x", opened.IP, err, resp)
+			if err != nil || !bytes.Equal(opened.IP, routed(resp)) {
+				t.Fatalf("the phone opens %x, %v; want %x", opened.IP, err, routed(resp))
 			}
 			if n, b, s := f.out.Counters.Packets.Load(), f.out.Counters.Bytes.Load(), f.out.Counters.Seq.Load(); n != 1 || b != uint64(len(resp)) || s != 1 {
 				t.Fatalf("SA counters: %d packets, %d bytes, seq %d; want 1, %d, 1", n, b, s, len(resp))
 			}
 		})
 	}
+}
+
+// routed is the IPv4 packet ip as a router forwards it: TTL one lower,
+// header checksum recomputed (the gateway decrements the inner TTL both
+// ways, router.go).
+func routed(ip []byte) []byte {
+	c := append([]byte(nil), ip...)
+	hl := int(c[0]&0x0f) * 4
+	c[8]--
+	c[10], c[11] = 0, 0
+	binary.BigEndian.PutUint16(c[10:], pkt.Checksum(c[:hl]))
+	return c
 }

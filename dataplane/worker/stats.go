@@ -15,7 +15,7 @@ type Drop uint8
 const (
 	DropBadMeta       = Drop(esp.NumReasons) + iota // frame without valid xesp metadata
 	DropWrongDir                                    // SA at the index is of the other direction
-	DropPolicy                                      // inner source (in) or destination (out) outside the SA's selector
+	DropPolicy                                      // inner packet outside the SA's selectors (RFC 4301 5.1/5.2): addresses, protocol, ports
 	DropNoNeighbor                                  // next-hop MAC not known yet (resolution requested)
 	DropTxFull                                      // the other side's TX ring was full
 	DropNoFrame                                     // no free UMEM frame for a slow-path packet or a fragment
@@ -23,13 +23,16 @@ const (
 	DropSeqUnreserved                               // next sequence number not durably reserved yet
 	DropLifetime                                    // the SA reached its hard packet or byte lifetime (RFC 4301 4.4.2.1)
 	DropXlate                                       // core-address translation impossible: IPv6 extension headers hide the UDP/TCP checksum
+	DropTTL                                         // inner TTL/hop limit would reach 0 here (ICMP Time Exceeded sent, rate permitting)
+	DropECN                                         // outer CE over an inner Not-ECT packet (RFC 6040 4.2)
+	DropTooBig                                      // DF-set IPv4 or IPv6 too big for the public MTU once sealed (ICMP sent, rate permitting)
 	NumDrops
 )
 
 var dropNames = [NumDrops - Drop(esp.NumReasons)]string{
 	DropBadMeta - Drop(esp.NumReasons):       "bad_meta",
 	DropWrongDir - Drop(esp.NumReasons):      "wrong_direction",
-	DropPolicy - Drop(esp.NumReasons):        "policy",
+	DropPolicy - Drop(esp.NumReasons):        "selector",
 	DropNoNeighbor - Drop(esp.NumReasons):    "no_neighbor",
 	DropTxFull - Drop(esp.NumReasons):        "tx_full",
 	DropNoFrame - Drop(esp.NumReasons):       "no_frame",
@@ -37,6 +40,9 @@ var dropNames = [NumDrops - Drop(esp.NumReasons)]string{
 	DropSeqUnreserved - Drop(esp.NumReasons): "seq_unreserved",
 	DropLifetime - Drop(esp.NumReasons):      "lifetime_expired",
 	DropXlate - Drop(esp.NumReasons):         "xlate",
+	DropTTL - Drop(esp.NumReasons):           "ttl_exceeded",
+	DropECN - Drop(esp.NumReasons):           "ecn_ce_not_ect",
+	DropTooBig - Drop(esp.NumReasons):        "too_big",
 }
 
 // String is the stable metric label of the reason.
@@ -75,7 +81,24 @@ type Stats struct {
 	// Drained counts SA removals that waited for the frames already
 	// steered to their slot (Command.Drain).
 	Drained atomic.Uint64
+	// ICMP counts the ICMP errors sent, by kind (ICMPKindName);
+	// ICMPLimited those the rate limit suppressed, ICMPUnsent those
+	// that could not be built (no private address of the family, no
+	// outbound SA toward the phone).
+	ICMP        [NumICMPKinds]atomic.Uint64
+	ICMPLimited atomic.Uint64
+	ICMPUnsent  atomic.Uint64
+	// PreFragmented counts IPv4 packets from the core, DF clear, split
+	// before sealing because sealed they would exceed the public MTU
+	// (RFC 4459 3.2); PreFragments the fragments made of them.
+	PreFragmented, PreFragments atomic.Uint64
 }
+
+// NumICMPKinds is the number of ICMP error kinds the worker counts.
+const NumICMPKinds = int(numICMPKinds)
+
+// ICMPKindName is the metric label of Stats.ICMP[i].
+func ICMPKindName(i int) string { return icmpKind(i).String() }
 
 func batchBucket(n int) int {
 	if n <= 1 {

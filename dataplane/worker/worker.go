@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 	"runtime"
 	"time"
 
@@ -21,10 +22,34 @@ type Config struct {
 	UMEM                  *xsk.UMEM
 	Public, Private       *xsk.Socket
 	PublicMAC, PrivateMAC [6]byte
-	// PublicMTU and PrivateMTU are the links' MTUs (IP bytes). Sealed
-	// IPv4 packets above PublicMTU are fragmented; decrypted packets above
-	// PrivateMTU are dropped as oversized. 0 disables the checks.
+	// PublicMTU and PrivateMTU are the links' MTUs (IP bytes). Cleartext
+	// that would exceed PublicMTU once sealed is fragmented before
+	// sealing (IPv4, DF clear) or answered with an ICMP Fragmentation
+	// Needed / Packet Too Big; decrypted packets above PrivateMTU are
+	// dropped as oversized. 0 disables the checks.
 	PublicMTU, PrivateMTU int
+	// PrivateAddrs are the gateway's addresses on the private side: the
+	// source of the ICMP errors it sends (to the core, and to phones
+	// inside their SAs). Without one of a family, no ICMP of that family.
+	PrivateAddrs []netip.Addr
+	// PublicVLAN and PrivateVLAN tag the frames each side sends (VLAN ID
+	// 1..4094; 0 untagged) with the TPID PublicTPID/PrivateTPID (0:
+	// 0x8100, 802.1Q; 0x88a8 is 802.1ad). XDP takes only frames with the
+	// same tag on that side, so both directions match.
+	PublicVLAN, PrivateVLAN uint16
+	PublicTPID, PrivateTPID uint16
+	// OuterTTL is the TTL/hop limit of outer headers (0: 64).
+	OuterTTL uint8
+	// DSCP, when FixDSCP, is the outer DSCP (0..63) for SAs without
+	// their own; otherwise the inner DSCP is copied (RFC 4301 5.1.2.1).
+	DSCP    uint8
+	FixDSCP bool
+	// ICMPRate bounds the ICMP errors this worker sends per second
+	// (burst a tenth of it); 0 sends none.
+	ICMPRate int
+	// Clock is the time source for last-seen stamps and the ICMP rate
+	// limit (unix ns); nil is time.Now.
+	Clock func() int64
 	// Workers is how many workers the gateway runs; it partitions the
 	// outer IPv4 ID space between them (1 when 0).
 	Workers   int
@@ -102,10 +127,19 @@ func New(cfg Config) (*Worker, error) {
 		bindEvents:  events,
 		privateMTU:  cfg.PrivateMTU,
 		flood:       cfg.Flood,
+		privAddrs:   cfg.PrivateAddrs,
+		outerTTL:    cfg.OuterTTL,
+		dscp:        cfg.DSCP,
+		fixDSCP:     cfg.FixDSCP,
+		icmp:        newLimiter(cfg.ICMPRate),
+		clock:       cfg.Clock,
+		toPub:       make([]xsk.Desc, 0, cfg.Batch*maxFragments),
+		back:        make([]xsk.Desc, 0, cfg.Batch),
 	}
 	stride := max(cfg.Workers, 1)
+	w.pipe.pubTag, w.pipe.privTag = vlanTag(cfg.PublicTPID, cfg.PublicVLAN), vlanTag(cfg.PrivateTPID, cfg.PrivateVLAN)
 	w.pipe.frag = fragmenter{mtu: cfg.PublicMTU, mem: cfg.UMEM, rxOff: uint64(cfg.UMEM.RxOffset()),
-		stride: uint16(stride), worker: uint16(cfg.ID)}
+		stride: uint16(stride), worker: uint16(cfg.ID), tag: w.pipe.pubTag}
 	return w, nil
 }
 
@@ -255,6 +289,7 @@ func (w *Worker) Run(ctx context.Context) error {
 			tx, drop = w.pipe.decap(rx[:n], tx[:0], drop[:0])
 			pool.Put(drop)
 			w.transmit(priv, tx, &w.stats.Decap, pool)
+			w.flushExtra(pub, priv, pool)
 		}
 		if len(w.inject) > 0 {
 			if n := w.injected(pool, rx, slowAddrs[:]); n > 0 {
@@ -262,6 +297,7 @@ func (w *Worker) Run(ctx context.Context) error {
 				tx, drop = w.pipe.decap(rx[:n], tx[:0], drop[:0])
 				pool.Put(drop)
 				w.transmit(priv, tx, &w.stats.Decap, pool)
+				w.flushExtra(pub, priv, pool)
 			}
 		}
 		if n := priv.Receive(rx); n > 0 {
@@ -269,6 +305,7 @@ func (w *Worker) Run(ctx context.Context) error {
 			tx, drop = w.pipe.encap(rx[:n], tx[:0], drop[:0])
 			pool.Put(drop)
 			w.transmit(pub, tx, &w.stats.Encap, pool)
+			w.flushExtra(pub, priv, pool)
 		}
 		if len(w.pipe.parked) > 0 {
 			if now := time.Now().UnixNano(); now >= nextRetry {
@@ -311,6 +348,32 @@ func (w *Worker) Run(ctx context.Context) error {
 		if fds[2].Revents&unix.POLLIN != 0 {
 			unix.Read(w.wake, evbuf[:])
 		}
+	}
+}
+
+// vlanTag is the 4-byte tag for vid (0: none): TPID (0x8100 when 0) and
+// a TCI with priority 0.
+func vlanTag(tpid, vid uint16) uint32 {
+	if vid == 0 {
+		return 0
+	}
+	if tpid == 0 {
+		tpid = 0x8100
+	}
+	return uint32(tpid)<<16 | uint32(vid&0x0fff)
+}
+
+// flushExtra transmits what a batch made besides its own output: sealed
+// frames for the public side (ICMP to phones, inner fragments) and ICMP
+// errors back to the core.
+func (w *Worker) flushExtra(pub, priv *xsk.Socket, pool *xsk.Pool) {
+	if len(w.pipe.toPub) > 0 {
+		w.transmit(pub, w.pipe.toPub, &w.stats.Encap, pool)
+		w.pipe.toPub = w.pipe.toPub[:0]
+	}
+	if len(w.pipe.back) > 0 {
+		w.transmit(priv, w.pipe.back, &w.stats.Decap, pool)
+		w.pipe.back = w.pipe.back[:0]
 	}
 }
 

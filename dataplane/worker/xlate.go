@@ -22,32 +22,26 @@ func (e *Entry) selKey() netip.Prefix {
 }
 
 // outSelect checks the cleartext ip against the selectors of e, the
-// outbound entry XDP steered it to, and returns the entry that seals it:
-// e itself, or another outbound entry of the same phone on this worker
-// whose ports match (XDP keys by destination port only; a phone's SA sets
-// may differ by local port, e.g. a re-registration's new set beside the
-// current one). Nothing is ever sealed with an SA whose selectors the
+// outbound entry XDP steered it to (outSelectors: destination is the core
+// address when e has one), and returns the entry that seals it: e
+// itself, or another outbound entry of the same phone on this worker
+// whose selectors match (XDP keys by destination port only; a phone's SA
+// sets may differ by local port, e.g. a re-registration's new set beside
+// the current one). Nothing is ever sealed with an SA whose selectors the
 // packet does not match: DropPolicy.
 func (p *pipeline) outSelect(e *Entry, ip []byte) (*Entry, Drop) {
-	dst := dstAddr(ip)
-	switch {
-	case e.Core.IsValid():
-		if dst != e.Core {
-			return nil, DropPolicy
-		}
-	case e.InnerPeer.IsValid():
-		if !e.InnerPeer.Contains(dst) {
-			return nil, DropPolicy
-		}
-	}
-	if e.PortLocal == 0 && e.PortPeer == 0 || portsMatch(ip, e.PortLocal, e.PortPeer) {
+	if e.outSelectors(ip) {
 		return e, 0
+	}
+	key := e.selKey()
+	if key.IsValid() && !key.Contains(dstAddr(ip)) {
+		return nil, DropPolicy // every alternate shares e's destination
 	}
 	sp, dp, ok := l4Ports(ip)
 	if !ok {
 		return nil, DropPolicy
 	}
-	k := portKey{e.selKey(), sp, dp}
+	k := portKey{key, sp, dp}
 	alt := p.byPorts[k]
 	if alt == nil {
 		k.port = 0
@@ -57,7 +51,7 @@ func (p *pipeline) outSelect(e *Entry, ip []byte) (*Entry, Drop) {
 		k.local, k.port = 0, dp
 		alt = p.byPorts[k]
 	}
-	if alt == nil {
+	if alt == nil || alt == e || !alt.outSelectors(ip) {
 		return nil, DropPolicy
 	}
 	if alt.expired() {

@@ -16,7 +16,7 @@ import (
 // 192.168.1.10) forwards it from its core address, checksums valid; encap
 // of the core's reply to the core address seals it with the inner
 // destination back at 192.168.1.10, checksums valid; a reply to another
-// phone's core address is dropped as policy, never sealed. No allocation
+// phone's core address is dropped by the selectors, never sealed. No allocation
 // per packet.
 func TestPipelineCoreTranslation(t *testing.T) {
 	u, err := xsk.New(xsk.Config{FrameCount: 8, FillSize: 8, CompletionSize: 8, RxSize: 8, TxSize: 8})
@@ -73,7 +73,7 @@ func TestPipelineCoreTranslation(t *testing.T) {
 		t.Fatalf("decap: %d forwarded, %d dropped", len(tx), len(drop))
 	}
 	got := u.Frame(tx[0].Addr)[tx[0].Addr-u.FrameBase(tx[0].Addr):][ethLen:tx[0].Len]
-	want := pkt.UDP4(netip.AddrPortFrom(core, 5060), netip.MustParseAddrPort("10.0.0.1:5060"), []byte("REGISTER sip:ims SIP/2.0\r\n\r\n"))
+	want := routed(pkt.UDP4(netip.AddrPortFrom(core, 5060), netip.MustParseAddrPort("10.0.0.1:5060"), []byte("REGISTER sip:ims SIP/2.0\r\n\r\n")))
 	if !bytes.Equal(got, want) {
 		t.Fatalf("decap forwarded\n got %x\nwant %x", got, want)
 	}
@@ -98,7 +98,7 @@ func TestPipelineCoreTranslation(t *testing.T) {
 	if err != nil {
 		t.Fatalf("open the sealed reply: %v", err)
 	}
-	want = pkt.UDP4(netip.MustParseAddrPort("10.0.0.1:5060"), netip.AddrPortFrom(phoneAddr, 5060), []byte("SIP/2.0 200 OK\r\n\r\n"))
+	want = routed(pkt.UDP4(netip.MustParseAddrPort("10.0.0.1:5060"), netip.AddrPortFrom(phoneAddr, 5060), []byte("SIP/2.0 200 OK\r\n\r\n")))
 	if opened := f[ethLen+28:][res.Start:res.End]; !bytes.Equal(opened, want) {
 		t.Fatalf("sealed inner\n got %x\nwant %x", opened, want)
 	}
