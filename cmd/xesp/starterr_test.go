@@ -82,7 +82,7 @@ func TestStartErrors(t *testing.T) {
 		if err := os.WriteFile(cfg, []byte(other), 0o600); err != nil {
 			t.Fatal(err)
 		}
-		checkStartError(t, d, cfg, []string{"pin_dir:", "in use by another process", "stop it, or give this one another pin_dir"})
+		checkStartError(t, d, cfg, []string{"pin_dir ", "is in use by xesp pid", "stop it first", "or give this one another pin_dir"})
 		select {
 		case <-first.exited:
 			t.Fatalf("the first daemon died: %v\n%s", first.err, first.logs)

@@ -356,8 +356,8 @@ func TestLogsHoldNoSecrets(t *testing.T) {
 	c, _ := NewClient("http://"+s.TCPAddr().String(), testToken)
 	defer c.Close()
 	key := "a1a2a3a4a5a6a7a8a9aaabacadaeafb0b1b2b3b4"
-	sp := sa.Spec{Name: "ue1-in", SPI: sa.SPIOf(0x1001), Direction: "in", Mode: "transport", Proposal: "aes128gcm16",
-		EncKey: key, Local: "198.51.100.20", Peer: "192.0.2.1"}
+	sp := sa.Spec{Name: "ue1-in", SPI: sa.SPIOf(0x1001), Direction: "in", Mode: "tunnel", Proposal: "aes128gcm16",
+		EncKey: key, Local: "198.51.100.20", Peer: "192.0.2.1", Inner: &sa.InnerSpec{Local: "10.0.0.0/24", Peer: "100.64.0.1"}}
 	if _, err := c.Add(context.Background(), sp); err != nil {
 		t.Fatal(err)
 	}
