@@ -35,43 +35,90 @@ func (r *runner) baseline(size string, sz gen.Sizes, n int) error {
 	if err := r.loadPhone(sz, n); err != nil {
 		return err
 	}
+	ss, err := r.startBaselineDecap(n)
+	if err != nil {
+		return err
+	}
+	p, err := r.measure(ss.senders, ss.count)
+	note, cerr := ss.close()
+	if err = errors.Join(err, cerr); err != nil {
+		return err
+	}
+	res := p.result(Result{Name: baselineName("decap", size, n), Group: "baseline", Test: "udp_sockets", Dir: "decap", Size: size, SAs: n, Workers: 1})
+	res.Note = note
+	r.add(res)
+	return nil
+}
+
+// session is a system under test kept running across measurements (the
+// gate interleaves trials of several): who sends to it, the far-end
+// counter of what it delivered, and its teardown, which returns a note
+// on what it counted.
+type session struct {
+	senders []sender
+	count   func() (uint64, error)
+	stop    func() (string, error)
+	once    sync.Once
+	note    string
+	err     error
+}
+
+// close tears the session down once and returns its note.
+func (s *session) close() (string, error) {
+	s.once.Do(func() { s.note, s.err = s.stop() })
+	return s.note, s.err
+}
+
+// closers collects teardown steps, run last first.
+type closers []func()
+
+func (c closers) run() {
+	for i := len(c) - 1; i >= 0; i-- {
+		c[i]()
+	}
+}
+
+// startBaselineDecap starts the decap socket baseline with n SAs on the
+// runner's topology; the phone's ring must hold ESP frames.
+func (r *runner) startBaselineDecap(n int) (_ *session, err error) {
+	var undo closers
+	defer func() {
+		if err != nil {
+			undo.run()
+		}
+	}()
 	// The stack needs an XDP program on the gateway's end for the
 	// generator's XDP_TX to arrive at all (PLATFORM.md): XDP_PASS.
 	pass, err := xsktest.NewVerdict(2)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	defer pass.Close()
+	undo = append(undo, func() { pass.Close() })
 	l, err := attach(r.tp.pub, pass)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	defer l.Close()
+	undo = append(undo, func() { l.Close() })
 	c, err := gen.NewCounter(r.nw.Core.Port())
 	if err != nil {
-		return err
+		return nil, err
 	}
-	defer c.Close()
+	undo = append(undo, func() { c.Close() })
 	lc, err := attach(r.tp.co, c.Prog)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	defer lc.Close()
-
+	undo = append(undo, func() { lc.Close() })
 	b, err := startSocketGateway(r, n)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	p, err := r.measure([]sender{{r.tp.phone, r.phoneG, true}}, counterOf(c))
-	st := b.close()
-	if err != nil {
-		return err
-	}
-	res := p.result(Result{Name: baselineName("decap", size, n), Group: "baseline", Test: "udp_sockets", Dir: "decap", Size: size, SAs: n, Workers: 1})
-	res.Note = fmt.Sprintf("recvmmsg/sendmmsg ×%d, esp.SA.Open, one goroutine on CPU %d; opened %d, open errors %d, socket drops %d",
-		baselineBatch, GwCPU, st.opened, st.bad, st.sockDrops)
-	r.add(res)
-	return nil
+	return &session{senders: []sender{{r.tp.phone, r.phoneG, true}}, count: counterOf(c), stop: func() (string, error) {
+		st := b.close()
+		undo.run()
+		return fmt.Sprintf("recvmmsg/sendmmsg ×%d, esp.SA.Open, one goroutine on CPU %d; opened %d, open errors %d, socket drops %d",
+			baselineBatch, GwCPU, st.opened, st.bad, st.sockDrops), b.err
+	}}, nil
 }
 
 type socketGateway struct {

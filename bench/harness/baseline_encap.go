@@ -33,48 +33,64 @@ func (r *runner) baselineEncap(size string, sz gen.Sizes, n int) error {
 	if err := r.loadCore(sz, n); err != nil {
 		return err
 	}
-	pass, err := xsktest.NewVerdict(2)
+	ss, err := r.startBaselineEncap(n)
 	if err != nil {
 		return err
 	}
-	defer pass.Close()
-	l, err := attach(r.tp.priv, pass)
-	if err != nil {
+	p, err := r.measure(ss.senders, ss.count)
+	note, cerr := ss.close()
+	if err = errors.Join(err, cerr); err != nil {
 		return err
-	}
-	defer l.Close()
-	c, err := gen.NewCounter(esp.NATTPort)
-	if err != nil {
-		return err
-	}
-	defer c.Close()
-	lc, err := attach(r.tp.ph, c.Prog)
-	if err != nil {
-		return err
-	}
-	defer lc.Close()
-	if _, err := r.tp.gw.Run("ip", "route", "add", "local", "100.64.0.0/10", "dev", "lo"); err != nil {
-		return err
-	}
-	defer r.tp.gw.Run("ip", "route", "del", "local", "100.64.0.0/10", "dev", "lo")
-
-	b, err := startSocketEncap(r, n)
-	if err != nil {
-		return err
-	}
-	p, err := r.measure([]sender{{r.tp.core, r.coreG, false}}, counterOf(c))
-	sealed, bad := b.close()
-	if err != nil {
-		return err
-	}
-	if b.err != nil {
-		return b.err
 	}
 	res := p.result(Result{Name: baselineName("encap", size, n), Group: "baseline", Test: "udp_sockets", Dir: "encap", Size: size, SAs: n, Workers: 1})
-	res.Note = fmt.Sprintf("recvmmsg (IP_PKTINFO)/sendmmsg ×%d, esp.SA.Seal, one goroutine on CPU %d; sealed %d, unroutable %d",
-		baselineBatch, GwCPU, sealed, bad)
+	res.Note = note
 	r.add(res)
 	return nil
+}
+
+// startBaselineEncap starts the encap socket baseline with n SAs on the
+// runner's topology; the core's ring must hold cleartext frames.
+func (r *runner) startBaselineEncap(n int) (_ *session, err error) {
+	var undo closers
+	defer func() {
+		if err != nil {
+			undo.run()
+		}
+	}()
+	pass, err := xsktest.NewVerdict(2)
+	if err != nil {
+		return nil, err
+	}
+	undo = append(undo, func() { pass.Close() })
+	l, err := attach(r.tp.priv, pass)
+	if err != nil {
+		return nil, err
+	}
+	undo = append(undo, func() { l.Close() })
+	c, err := gen.NewCounter(esp.NATTPort)
+	if err != nil {
+		return nil, err
+	}
+	undo = append(undo, func() { c.Close() })
+	lc, err := attach(r.tp.ph, c.Prog)
+	if err != nil {
+		return nil, err
+	}
+	undo = append(undo, func() { lc.Close() })
+	if _, err := r.tp.gw.Run("ip", "route", "add", "local", "100.64.0.0/10", "dev", "lo"); err != nil {
+		return nil, err
+	}
+	undo = append(undo, func() { r.tp.gw.Run("ip", "route", "del", "local", "100.64.0.0/10", "dev", "lo") })
+	b, err := startSocketEncap(r, n)
+	if err != nil {
+		return nil, err
+	}
+	return &session{senders: []sender{{r.tp.core, r.coreG, false}}, count: counterOf(c), stop: func() (string, error) {
+		sealed, bad := b.close()
+		undo.run()
+		return fmt.Sprintf("recvmmsg (IP_PKTINFO)/sendmmsg ×%d, esp.SA.Seal, one goroutine on CPU %d; sealed %d, unroutable %d",
+			baselineBatch, GwCPU, sealed, bad), b.err
+	}}, nil
 }
 
 type socketEncap struct {

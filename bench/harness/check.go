@@ -58,13 +58,18 @@ type Baseline struct {
 	Metrics  map[string]Metric `json:"metrics"`
 }
 
-// GateRatios are the ratios bench-check compares: every ratio of every
-// xesp and baseline result, keyed "scenario ÷ ratio".
+// GateRatios are the ratios bench-check compares: each xesp result's
+// same-bottleneck ratios (gate.go), keyed "scenario ÷ ratio".
 func GateRatios(r *Report) map[string]float64 {
 	out := map[string]float64{}
 	for _, x := range r.Results {
+		if x.Group != "xesp" {
+			continue
+		}
 		for k, v := range x.Ratios {
-			out[x.Name+" ÷ "+k] = v
+			if gatedRatios[k] {
+				out[x.Name+" ÷ "+k] = v
+			}
 		}
 	}
 	return out
@@ -79,9 +84,12 @@ func Calibrate(ctx context.Context, o Options, n int) (*Baseline, error) {
 	samples := map[string][]float64{}
 	var machine Machine
 	for i := range n {
-		rep, err := Run(ctx, o)
+		rep, err := Gate(ctx, o)
 		if err != nil {
 			return nil, fmt.Errorf("calibration run %d: %w", i+1, err)
+		}
+		if rep.SlowKnob > 0 {
+			return nil, fmt.Errorf("calibration run %d: the test-only slowdown knob is on (XESP_BENCH_SLOW); calibrate with a normal build", i+1)
 		}
 		machine = rep.Machine
 		for k, v := range GateRatios(rep) {

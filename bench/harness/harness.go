@@ -61,7 +61,13 @@ type Options struct {
 	// medians (1 if unset).
 	Repeat int
 	Ring   int
-	Log    io.Writer
+	// MaxFrame bounds the generator's frames (0: gen's default, a full
+	// MTU); the gate's 200-byte rings use less kernel memory with less.
+	MaxFrame int
+	// Pairs is how many interleaved trial pairs the gate takes per
+	// scenario (Gate; 0: DefaultPairs).
+	Pairs int
+	Log   io.Writer
 }
 
 // Full is the whole matrix of the issue.
@@ -103,11 +109,17 @@ type Result struct {
 	OfferedPPS float64 `json:"offered_pps"`
 	PPS        float64 `json:"pps"`
 	LossPct    float64 `json:"loss_pct"`
+	// CPUNs is the system under test's CPU time per delivered packet
+	// (cpu.go), in ns; CPUPPS = 1e9/CPUNs is the rate it would reach
+	// with a CPU to itself.
+	CPUNs float64 `json:"cpu_ns_per_pkt,omitempty"`
 	// Ratios of PPS to the ceilings of the same size (and link).
 	Ratios map[string]float64 `json:"ratios,omitempty"`
-	// Samples are the repetitions' packets/s when the run repeated.
+	// Samples are the repetitions' (or the gate's pairs') packets/s.
 	Samples []float64 `json:"pps_samples,omitempty"`
-	Note    string    `json:"note,omitempty"`
+	// RatioSamples are the gate's per-pair ratios behind Ratios' medians.
+	RatioSamples map[string][]float64 `json:"ratio_samples,omitempty"`
+	Note         string               `json:"note,omitempty"`
 }
 
 // Target is one of the issue's goals, evaluated on this run.
@@ -121,17 +133,22 @@ type Target struct {
 
 // Report is a whole run.
 type Report struct {
-	Machine  Machine   `json:"machine"`
-	Started  time.Time `json:"started"`
-	Seconds  float64   `json:"seconds"`
-	GenCPU   int       `json:"gen_cpu"`
-	GwCPU    int       `json:"gw_cpu"`
-	Ring     int       `json:"ring"`
-	Rounds   int       `json:"rounds"`
-	Repeat   int       `json:"repeat,omitempty"`
-	Results  []Result  `json:"results"`
-	Targets  []Target  `json:"targets,omitempty"`
-	Warnings []string  `json:"warnings,omitempty"`
+	Machine Machine   `json:"machine"`
+	Started time.Time `json:"started"`
+	Seconds float64   `json:"seconds"`
+	GenCPU  int       `json:"gen_cpu"`
+	GwCPU   int       `json:"gw_cpu"`
+	Ring    int       `json:"ring"`
+	Rounds  int       `json:"rounds"`
+	Repeat  int       `json:"repeat,omitempty"`
+	// Pairs is the gate's interleaved trial pairs per scenario.
+	Pairs int `json:"pairs,omitempty"`
+	// SlowKnob is the test-only worker slowdown in effect (0 in every
+	// normal build; see dataplane/worker/slow_on.go).
+	SlowKnob float64  `json:"slow_knob,omitempty"`
+	Results  []Result `json:"results"`
+	Targets  []Target `json:"targets,omitempty"`
+	Warnings []string `json:"warnings,omitempty"`
 }
 
 // Find returns the result named name.
@@ -172,6 +189,9 @@ func saLabel(n int) string {
 }
 
 type runner struct {
+	// ctx stops a measurement between rounds and a drain at once (a
+	// signal must end the bench within 2 s in any phase).
+	ctx    context.Context
 	o      Options
 	tp     *topo
 	nw     pktgen.Net
@@ -180,6 +200,58 @@ type runner struct {
 	clear  []gen.Flow // the core's side, cleartext
 	phoneG *gen.Gen
 	coreG  *gen.Gen
+}
+
+// setup builds the runner's topology and its two generators (phone side
+// and core side); the returned function removes them.
+func (r *runner) setup() (func(), error) {
+	tp, err := newTopo()
+	if err != nil {
+		return nil, err
+	}
+	r.tp = tp
+	closeAll := func() {
+		for _, g := range []*gen.Gen{r.phoneG, r.coreG} {
+			if g != nil {
+				g.Close()
+			}
+		}
+		tp.close()
+	}
+	for _, g := range []struct {
+		dst **gen.Gen
+		e   end
+	}{{&r.phoneG, tp.ph}, {&r.coreG, tp.co}} {
+		if err := g.e.ns.Do(func() (err error) {
+			*g.dst, err = gen.New(gen.Options{Ifindex: g.e.index, Ring: r.o.Ring, MaxFrame: r.o.MaxFrame})
+			return err
+		}); err != nil {
+			closeAll()
+			return nil, err
+		}
+	}
+	return closeAll, nil
+}
+
+// buildFlows builds the generator's n SA pairs (phone side sealed, core
+// side clear), checking ctx every 4096 so a signal stops it at once.
+func buildFlows(ctx context.Context, n int, nw pktgen.Net) (flows, clear []gen.Flow, err error) {
+	if clear, err = pktgen.ClearFlows(n, nw); err != nil {
+		return nil, nil, err
+	}
+	const chunk = 4096
+	flows = make([]gen.Flow, 0, n)
+	for from := 0; from < n; from += chunk {
+		if err := ctx.Err(); err != nil {
+			return nil, nil, err
+		}
+		f, err := pktgen.FlowsRange(from, min(n, from+chunk), nw)
+		if err != nil {
+			return nil, nil, err
+		}
+		flows = append(flows, f...)
+	}
+	return flows, clear, nil
 }
 
 func (r *runner) logf(format string, args ...any) {
@@ -229,37 +301,23 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 		maxSAs = o.SAs[len(o.SAs)-1]
 	}
 	rep := &Report{Machine: ReadMachine(), Started: time.Now().UTC(), GenCPU: GenCPU, GwCPU: GwCPU, Ring: o.Ring, Rounds: o.Rounds}
-	r := &runner{o: o, rep: rep, nw: pktgen.DefaultNet()}
+	r := &runner{ctx: ctx, o: o, rep: rep, nw: pktgen.DefaultNet()}
 	t0 := time.Now()
 	var err error
 	r.logf("building %d generator SAs", maxSAs)
-	if r.flows, err = pktgen.Flows(maxSAs, r.nw); err != nil {
+	if r.flows, r.clear, err = buildFlows(ctx, maxSAs, r.nw); err != nil {
 		return nil, err
 	}
-	if r.clear, err = pktgen.ClearFlows(maxSAs, r.nw); err != nil {
-		return nil, err
-	}
-	if r.tp, err = newTopo(); err != nil {
-		return nil, err
-	}
-	defer r.tp.close()
 	unpin, err := pinProcess(GwCPU)
 	if err != nil {
 		return nil, err
 	}
 	defer unpin()
-	for _, g := range []struct {
-		dst **gen.Gen
-		e   end
-	}{{&r.phoneG, r.tp.ph}, {&r.coreG, r.tp.co}} {
-		if err := g.e.ns.Do(func() (err error) {
-			*g.dst, err = gen.New(gen.Options{Ifindex: g.e.index, Ring: o.Ring})
-			return err
-		}); err != nil {
-			return nil, err
-		}
-		defer (*g.dst).Close()
+	closeTopo, err := r.setup()
+	if err != nil {
+		return nil, err
 	}
+	defer closeTopo()
 
 	// Each repetition measures every scenario once, ceilings first; the
 	// ratios are taken within a repetition (ceiling and scenario seconds
@@ -378,6 +436,10 @@ type phase struct {
 	// send is the generators' time inside live-frames runs; busy runs
 	// from each round's start to the last frame counted at the far end.
 	send, busy time.Duration
+	// cpu is the run time of the process's threads other than the
+	// generators' and the observer's from each round's first frame to
+	// its drain: the system under test's CPU cost (cpu.go).
+	cpu time.Duration
 }
 
 func (p phase) result(r Result) Result {
@@ -390,6 +452,9 @@ func (p phase) result(r Result) Result {
 	}
 	if p.offered > 0 {
 		r.LossPct = 100 * (1 - float64(p.delivered)/float64(p.offered))
+	}
+	if p.cpu > 0 && p.delivered > 0 {
+		r.CPUNs = float64(p.cpu.Nanoseconds()) / float64(p.delivered)
 	}
 	return r
 }
@@ -410,6 +475,9 @@ func (p phase) result(r Result) Result {
 func (r *runner) measure(senders []sender, count func() (uint64, error)) (phase, error) {
 	var p phase
 	for range r.o.Rounds {
+		if err := r.ctx.Err(); err != nil {
+			return p, err
+		}
 		for _, s := range senders {
 			if s.esp {
 				if err := s.g.Refill(); err != nil {
@@ -421,7 +489,9 @@ func (r *runner) measure(senders []sender, count func() (uint64, error)) (phase,
 		if err != nil {
 			return p, err
 		}
-		obs := startObserver(count, before)
+		var gens tidSet
+		cpu0 := threadCPU()
+		obs := startObserver(count, before, &gens)
 		var (
 			wg      sync.WaitGroup
 			mu      sync.Mutex
@@ -434,6 +504,7 @@ func (r *runner) measure(senders []sender, count func() (uint64, error)) (phase,
 			go func() {
 				defer wg.Done()
 				err := s.ns.Do(func() error {
+					gens.addSelf()
 					restore, err := gen.PinThread(GenCPU)
 					if err != nil {
 						return err
@@ -462,7 +533,7 @@ func (r *runner) measure(senders []sender, count func() (uint64, error)) (phase,
 		// Drain: the workers may still be working through their rings.
 		for {
 			c, last, _ := obs.state()
-			if c-before >= uint64(sent) || time.Since(last) > 20*time.Millisecond && time.Since(sendEnd) > 20*time.Millisecond {
+			if c-before >= uint64(sent) || time.Since(last) > 20*time.Millisecond && time.Since(sendEnd) > 20*time.Millisecond || r.ctx.Err() != nil {
 				break
 			}
 			time.Sleep(time.Millisecond)
@@ -471,6 +542,7 @@ func (r *runner) measure(senders []sender, count func() (uint64, error)) (phase,
 		if err != nil {
 			return p, err
 		}
+		p.cpu += time.Duration(cpuSince(cpu0, gens.m))
 		p.offered += uint64(sent)
 		p.delivered += c - before
 		p.send += sendMax
@@ -493,12 +565,16 @@ type observer struct {
 	quit        atomic.Bool
 }
 
-func startObserver(count func() (uint64, error), before uint64) *observer {
+func startObserver(count func() (uint64, error), before uint64, gens *tidSet) *observer {
 	o := &observer{c: before, last: time.Now(), done: make(chan struct{})}
+	ready := make(chan struct{})
 	go func() {
 		defer close(o.done)
 		runtime.LockOSThread()
-		defer runtime.UnlockOSThread()
+		// Left locked: the thread is pinned to GenCPU and exits with
+		// the goroutine rather than serving others there.
+		gens.addSelf()
+		close(ready)
 		if _, err := gen.PinThread(GenCPU); err != nil {
 			o.err = err
 			return
@@ -527,6 +603,7 @@ func startObserver(count func() (uint64, error), before uint64) *observer {
 			time.Sleep(100 * time.Microsecond)
 		}
 	}()
+	<-ready
 	return o
 }
 
@@ -571,7 +648,7 @@ func (r *runner) xesp(ctx context.Context, workers int, sizes map[string]gen.Siz
 	for _, n := range r.o.SAs {
 		if n > loaded {
 			t := time.Now()
-			if err := gw.load(loaded, n, r.nw); err != nil {
+			if err := gw.load(ctx, loaded, n, r.nw); err != nil {
 				return err
 			}
 			// Collect now what loading left behind: a collection of the

@@ -82,9 +82,10 @@ func (r *Report) ratios() {
 		switch x.Dir {
 		case "encap":
 			link, aead = "private", "aead_seal"
-		case "both":
-			put("afxdp_reflect", ceilingName("afxdp_reflect", "public", x.Size))
 		}
+		// The ceiling that shares xesp's bottleneck: AF_XDP RX → TX in
+		// copy mode on the link the direction receives on.
+		put("afxdp_reflect", ceilingName("afxdp_reflect", link, x.Size))
 		rx := put("afxdp_rx", ceilingName("afxdp_rx", link, x.Size))
 		put("xdp_drop", ceilingName("xdp_drop", link, x.Size))
 		ae := put("aead", ceilingName(aead, "", x.Size))

@@ -134,10 +134,24 @@ func Flows(n int, nw Net) ([]gen.Flow, error) {
 	if err := checkN(n); err != nil {
 		return nil, err
 	}
+	return FlowsRange(0, n, nw)
+}
+
+// FlowsRange is Flows' pairs from..to-1, for a caller that builds a
+// large set in chunks (and can stop between them).
+func FlowsRange(from, to int, nw Net) ([]gen.Flow, error) {
+	if from < 0 || from > to {
+		return nil, fmt.Errorf("pktgen: flows %d..%d", from, to)
+	}
+	if err := checkN(to); err != nil {
+		return nil, err
+	}
+	n := to - from
 	outer := esp.Outer{Src: nw.Phone, Dst: nw.Gateway, Encap: true, SrcPort: nw.PhonePort, DstPort: esp.NATTPort}
 	flows := make([]gen.Flow, n)
 	key := make([]byte, 20)
-	for i := range n {
+	for j := range n {
+		i := from + j
 		if err := unhex(key, Key('i', i)); err != nil {
 			return nil, err
 		}
@@ -145,7 +159,7 @@ func Flows(n int, nw Net) ([]gen.Flow, error) {
 		if err != nil {
 			return nil, fmt.Errorf("pktgen: SA %d: %w", i, err)
 		}
-		flows[i] = gen.Flow{SA: s, Outer: outer, Src: netip.AddrPortFrom(Inner(i), nw.InnerPort), Dst: nw.Core}
+		flows[j] = gen.Flow{SA: s, Outer: outer, Src: netip.AddrPortFrom(Inner(i), nw.InnerPort), Dst: nw.Core}
 	}
 	return flows, nil
 }

@@ -47,6 +47,7 @@ subset N times and writes FILE from the spread it measured.`)
 	baseline := fs.Bool("baseline", true, "measure the UDP-socket baseline")
 	rounds := fs.Int("rounds", 0, "rings sent per scenario (0: the preset's)")
 	repeat := fs.Int("repeat", 0, "measure everything this many times and report medians (0: the preset's)")
+	pairs := fs.Int("pairs", 0, "with -check/-calibrate: interleaved trial pairs per scenario (0: harness.DefaultPairs)")
 	out := fs.String("out", "bench/results", "directory for results.{json,md,svg}")
 	list := fs.Bool("list", false, "list the selected scenarios and exit")
 	check := fs.String("check", "", "compare the check subset's ratios with this baseline file")
@@ -107,6 +108,7 @@ subset N times and writes FILE from the spread it measured.`)
 	if *repeat > 0 {
 		o.Repeat = *repeat
 	}
+	o.Pairs = *pairs
 	if *list {
 		for _, n := range harness.Selected(o) {
 			fmt.Println(n)
@@ -132,7 +134,11 @@ subset N times and writes FILE from the spread it measured.`)
 		fmt.Printf("wrote %s\n", *check)
 		return nil
 	}
-	rep, err := harness.Run(ctx, o)
+	run := harness.Run
+	if *check != "" {
+		run = harness.Gate
+	}
+	rep, err := run(ctx, o)
 	if err != nil {
 		return err
 	}

@@ -241,6 +241,7 @@ func (w *Worker) Run(ctx context.Context) error {
 		return err
 	}
 	idle := 0
+	slow := newSlowKnob()
 	for {
 		w.drainCommands()
 		got := 0
@@ -286,6 +287,7 @@ func (w *Worker) Run(ctx context.Context) error {
 				s.Kick()
 			}
 		}
+		slow.after(got)
 		if got > 0 {
 			idle = 0
 			continue
