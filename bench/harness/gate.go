@@ -43,7 +43,7 @@ import (
 // median discards that pair.
 
 // DefaultPairs is the number of interleaved trial pairs per scenario.
-const DefaultPairs = 15
+const DefaultPairs = 21
 
 // gatedRatios are the ratio keys bench-check compares (see above).
 var gatedRatios = map[string]bool{"afxdp_reflect": true, "vs_sockets": true}

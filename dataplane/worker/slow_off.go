@@ -10,6 +10,8 @@ type slowKnob struct{}
 
 func newSlowKnob() slowKnob { return slowKnob{} }
 
+func (slowKnob) start() {}
+
 func (slowKnob) after(int) {}
 
 // SlowKnob reports the test-only slowdown in effect: always 0 here.

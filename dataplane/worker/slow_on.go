@@ -5,15 +5,17 @@ package worker
 import (
 	"os"
 	"strconv"
-	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // The benchmark gate's proof knob, compiled only with the xesp_benchslow
 // build tag (never into the daemon: `make build` does not set it, and no
 // config or API field reaches it). XESP_BENCH_SLOW=F makes every loop
-// turn that handled packets spin for F × that turn's own duration after
-// it, so each packet costs the worker (1+F) times as much whatever the
-// host's speed: F=0.3 is a 30% per-packet regression, which
+// turn that handled packets spin for F × the CPU time that turn took
+// (the worker's thread clock, so time the thread spent preempted by
+// other users of a shared host is not multiplied), so each packet costs
+// the worker (1+F) times as much CPU whatever the host's speed: F=0.3 is a 30% per-packet regression, which
 // `make bench-gate-proof` shows bench-check catches.
 var slowFrac = func() float64 {
 	f, err := strconv.ParseFloat(os.Getenv("XESP_BENCH_SLOW"), 64)
@@ -27,18 +29,30 @@ var slowFrac = func() float64 {
 // per-packet cost added), so a report can say it was on.
 func SlowKnob() float64 { return slowFrac }
 
-type slowKnob struct{ last time.Time }
+type slowKnob struct{ last int64 }
 
-func newSlowKnob() slowKnob { return slowKnob{last: time.Now()} }
+func newSlowKnob() slowKnob { return slowKnob{} }
+
+func threadNs() int64 {
+	var ts unix.Timespec
+	unix.ClockGettime(unix.CLOCK_THREAD_CPUTIME_ID, &ts)
+	return ts.Nano()
+}
+
+// start begins a loop turn.
+func (s *slowKnob) start() {
+	if slowFrac > 0 {
+		s.last = threadNs()
+	}
+}
 
 // after ends a loop turn that handled got frames.
 func (s *slowKnob) after(got int) {
-	now := time.Now()
-	if got > 0 && slowFrac > 0 {
-		until := now.Add(time.Duration(slowFrac * float64(now.Sub(s.last))))
-		for time.Now().Before(until) {
-		}
-		now = time.Now()
+	if got == 0 || slowFrac == 0 {
+		return
 	}
-	s.last = now
+	now := threadNs()
+	until := now + int64(slowFrac*float64(now-s.last))
+	for threadNs() < until {
+	}
 }

@@ -243,6 +243,7 @@ func (w *Worker) Run(ctx context.Context) error {
 	idle := 0
 	slow := newSlowKnob()
 	for {
+		slow.start()
 		w.drainCommands()
 		got := 0
 		if n := pub.Receive(rx); n > 0 {
