@@ -42,17 +42,17 @@ state_dir: %s
 // map hold them all. It adds in chunks and checks ctx between them and
 // while it waits, so a signal stops a million-SA load within moments.
 func (gu *gatewayUnder) load(ctx context.Context, from, n int, nw pktgen.Net) error {
-	all, err := pktgen.SAs(n, nw)
-	if err != nil {
-		return err
-	}
-	const chunk = 2 * 16384
-	for i := 2 * from; i < len(all); i += chunk {
+	const chunk = 4096
+	for i := from; i < n; i += chunk {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		if err := gu.g.SAD.AddAll(all[i:min(len(all), i+chunk)]); err != nil {
-			return fmt.Errorf("add SAs %d..%d: %w", i/2, min(len(all), i+chunk)/2, err)
+		part, err := pktgen.SAsRange(i, min(n, i+chunk), nw)
+		if err != nil {
+			return err
+		}
+		if err := gu.g.SAD.AddAll(part); err != nil {
+			return fmt.Errorf("add SA pairs %d..%d: %w", i, min(n, i+chunk), err)
 		}
 	}
 	// The manager counts an SA installed once its worker holds it and

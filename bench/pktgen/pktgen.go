@@ -92,12 +92,21 @@ func checkN(n int) error {
 // SASpecs is the gateway's side of n pairs (inbound SPI InSPIBase+i,
 // outbound OutSPIBase+i), in the SA format.
 func SASpecs(n int, nw Net) ([]sa.Spec, error) {
-	if err := checkN(n); err != nil {
+	return SASpecsRange(0, n, nw)
+}
+
+// SASpecsRange is SASpecs' pairs from..to-1, for a caller that loads a
+// large set in chunks (and can stop between them).
+func SASpecsRange(from, to int, nw Net) ([]sa.Spec, error) {
+	if err := checkN(to); err != nil {
 		return nil, err
 	}
+	if from < 0 || from > to {
+		return nil, fmt.Errorf("pktgen: SAs %d..%d", from, to)
+	}
 	port := nw.PhonePort
-	specs := make([]sa.Spec, 0, 2*n)
-	for i := range n {
+	specs := make([]sa.Spec, 0, 2*(to-from))
+	for i := from; i < to; i++ {
 		peer := netip.PrefixFrom(Inner(i), 32).String()
 		for _, d := range []struct {
 			dir  string
@@ -114,14 +123,19 @@ func SASpecs(n int, nw Net) ([]sa.Spec, error) {
 
 // SAs parses SASpecs for a SAD.
 func SAs(n int, nw Net) ([]sa.SA, error) {
-	specs, err := SASpecs(n, nw)
+	return SAsRange(0, n, nw)
+}
+
+// SAsRange parses SASpecsRange for a SAD.
+func SAsRange(from, to int, nw Net) ([]sa.SA, error) {
+	specs, err := SASpecsRange(from, to, nw)
 	if err != nil {
 		return nil, err
 	}
 	out := make([]sa.SA, len(specs))
 	for i := range specs {
 		if out[i], err = specs[i].Parse(sa.Options{}); err != nil {
-			return nil, fmt.Errorf("pktgen: SA %d: %w", i, err)
+			return nil, fmt.Errorf("pktgen: SA %d: %w", 2*from+i, err)
 		}
 	}
 	return out, nil
