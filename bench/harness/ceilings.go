@@ -34,6 +34,7 @@ var ceilingTests = []struct{ test, link string }{
 const ceilingFlows = 64
 
 func (r *runner) ceilings(size string, sz gen.Sizes) error {
+	r.ceilSizes = sz
 	if err := r.loadPhone(sz, min(len(r.flows), ceilingFlows)); err != nil {
 		return err
 	}
@@ -85,8 +86,11 @@ func (r *runner) linkCeiling(res Result) (Result, error) {
 			return res, err
 		}
 		p, err := r.measure(ss.senders, ss.count)
-		note, cerr := ss.close()
 		res = p.result(res)
+		if err == nil && r.o.NDR {
+			err = r.ndr(&res, res.Link == "private", min(len(r.flows), ceilingFlows), r.ceilSizes, ss.count)
+		}
+		note, cerr := ss.close()
 		res.Note = note
 		return res, errors.Join(err, cerr)
 	case "afxdp_rx":

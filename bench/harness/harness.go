@@ -64,6 +64,11 @@ type Options struct {
 	// MaxFrame bounds the generator's frames (0: gen's default, a full
 	// MTU); the gate's 200-byte rings use less kernel memory with less.
 	MaxFrame int
+	// NDR adds the NDR/PDR search (ndr.go) to every xesp scenario and
+	// the reflect ceilings; MaxRate is its top offered rate (0:
+	// DefaultMaxRate).
+	NDR     bool
+	MaxRate float64
 	// Pairs is how many interleaved trial pairs the gate takes per
 	// scenario (Gate; 0: DefaultPairs).
 	Pairs int
@@ -117,6 +122,15 @@ type Result struct {
 	Ratios map[string]float64 `json:"ratios,omitempty"`
 	// Samples are the repetitions' (or the gate's pairs') packets/s.
 	Samples []float64 `json:"pps_samples,omitempty"`
+	// NDR and PDR (ndr.go): the highest paced offered rates with no loss
+	// and with loss ≤ 0.5% (PDRLossPct: the loss at the PDR trial);
+	// SaturationPaced is what arrived per second when offered MaxRate;
+	// Trials counts the search's trials.
+	NDR             float64 `json:"ndr_pps,omitempty"`
+	PDR             float64 `json:"pdr_pps,omitempty"`
+	PDRLossPct      float64 `json:"pdr_loss_pct,omitempty"`
+	SaturationPaced float64 `json:"saturation_paced_pps,omitempty"`
+	Trials          int     `json:"search_trials,omitempty"`
 	// RatioSamples are the gate's per-pair ratios behind Ratios' medians.
 	RatioSamples map[string][]float64 `json:"ratio_samples,omitempty"`
 	Note         string               `json:"note,omitempty"`
@@ -200,6 +214,8 @@ type runner struct {
 	clear  []gen.Flow // the core's side, cleartext
 	phoneG *gen.Gen
 	coreG  *gen.Gen
+	// ceilSizes are the sizes the ceilings in progress use.
+	ceilSizes gen.Sizes
 }
 
 // setup builds the runner's topology and its two generators (phone side
@@ -710,6 +726,11 @@ func (r *runner) xesp(ctx context.Context, workers int, sizes map[string]gen.Siz
 				res.Note = gw.explain(before)
 				if d := ms.NumGC - gcs; d > 0 {
 					res.Note += fmt.Sprintf("; %d GC cycle(s) during the run", d)
+				}
+				if r.o.NDR && d != "both" {
+					if err := r.ndr(&res, d == "encap", n, sizes[s], count); err != nil {
+						return err
+					}
 				}
 				r.add(res)
 			}
