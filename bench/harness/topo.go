@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"strconv"
+	"sync"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -99,12 +100,16 @@ func endOf(ns *netns.NS, name, cidr string) (end, error) {
 
 // close removes the namespaces (and with them the veths).
 func (tp *topo) close() error {
-	var errs []error
-	for _, n := range []*netns.NS{tp.phone, tp.gw, tp.core} {
+	// In parallel: each deletion waits for the kernel to tear down the
+	// namespace's devices, and a signal's stop has 2 s in all.
+	var wg sync.WaitGroup
+	errs := make([]error, 3)
+	for i, n := range []*netns.NS{tp.phone, tp.gw, tp.core} {
 		if n != nil {
-			errs = append(errs, n.Close())
+			wg.Go(func() { errs[i] = n.Close() })
 		}
 	}
+	wg.Wait()
 	return errors.Join(errs...)
 }
 
