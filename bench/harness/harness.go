@@ -131,6 +131,7 @@ type Result struct {
 	PDRLossPct      float64 `json:"pdr_loss_pct,omitempty"`
 	SaturationPaced float64 `json:"saturation_paced_pps,omitempty"`
 	Trials          int     `json:"search_trials,omitempty"`
+	SenderBound     bool    `json:"sender_bound,omitempty"`
 	// RatioSamples are the gate's per-pair ratios behind Ratios' medians.
 	RatioSamples map[string][]float64 `json:"ratio_samples,omitempty"`
 	Note         string               `json:"note,omitempty"`
