@@ -65,7 +65,6 @@ const (
 // searchResult is one scenario's NDR/PDR search.
 type searchResult struct {
 	ndr, pdr   float64 // offered rates, packets/s
-	ndrLoss    float64 // loss at the NDR trial (0)
 	pdrLoss    float64 // loss at the PDR trial
 	saturation float64 // delivered rate at MaxRate
 	trials     int
