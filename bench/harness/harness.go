@@ -137,6 +137,20 @@ type Result struct {
 	Note         string               `json:"note,omitempty"`
 }
 
+// Load is one SA load into a running gateway: from SAs pairs to To,
+// added to the SAD in chunks and waited for until the workers and the
+// XDP SA map held them; the heap figure is the live Go heap after a
+// collection, before and after, per SA (two per pair).
+type Load struct {
+	Workers      int     `json:"workers"`
+	From         int     `json:"from_pairs"`
+	To           int     `json:"to_pairs"`
+	Seconds      float64 `json:"seconds"`
+	PairsPerSec  float64 `json:"pairs_per_sec"`
+	HeapPerSA    float64 `json:"heap_bytes_per_sa"`
+	HeapAfterGiB float64 `json:"heap_after_gib"`
+}
+
 // Target is one of the issue's goals, evaluated on this run.
 type Target struct {
 	Name  string  `json:"name"`
@@ -162,6 +176,9 @@ type Report struct {
 	// normal build; see dataplane/worker/slow_on.go).
 	SlowKnob float64  `json:"slow_knob,omitempty"`
 	Results  []Result `json:"results"`
+	// Loads are the SA loads the run made (xesp gateways), with their
+	// rate and the Go heap they added per SA.
+	Loads    []Load   `json:"loads,omitempty"`
 	Targets  []Target `json:"targets,omitempty"`
 	Warnings []string `json:"warnings,omitempty"`
 }
@@ -664,15 +681,25 @@ func (r *runner) xesp(ctx context.Context, workers int, sizes map[string]gen.Siz
 	loaded := 0
 	for _, n := range r.o.SAs {
 		if n > loaded {
+			var ms runtime.MemStats
+			runtime.GC()
+			runtime.ReadMemStats(&ms)
+			heap0 := ms.HeapAlloc
 			t := time.Now()
 			if err := gw.load(ctx, loaded, n, r.nw); err != nil {
 				return err
 			}
+			el := time.Since(t)
 			// Collect now what loading left behind: a collection of the
 			// multi-GB heap of a million SAs during a scenario would run
 			// on the workers' CPU and be measured as xesp's cost.
 			runtime.GC()
-			r.logf("gateway (%d workers) holds %d SA pairs (loaded and collected in %v)", workers, n, time.Since(t).Round(time.Millisecond))
+			runtime.ReadMemStats(&ms)
+			ld := Load{Workers: workers, From: loaded, To: n, Seconds: el.Seconds(), PairsPerSec: float64(n-loaded) / el.Seconds(),
+				HeapPerSA: (float64(ms.HeapAlloc) - float64(heap0)) / float64(2*(n-loaded)), HeapAfterGiB: float64(ms.HeapAlloc) / (1 << 30)}
+			r.rep.Loads = append(r.rep.Loads, ld)
+			r.logf("gateway (%d workers) holds %d SA pairs (loaded in %v: %.0f pairs/s; %.0f B of heap per SA, the generator's SAs included)",
+				workers, n, el.Round(time.Millisecond), ld.PairsPerSec, ld.HeapPerSA)
 			loaded = n
 		}
 		for si, s := range r.o.Sizes {

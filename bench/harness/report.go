@@ -239,6 +239,15 @@ func (r *Report) Markdown(w io.Writer) {
 		}
 		fmt.Fprintln(w)
 	}
+	if len(r.Loads) > 0 {
+		fmt.Fprintln(w, "SA loads into the running gateway (SAD in chunks of 4096 pairs, until the workers and the XDP SA map hold them); heap: live Go heap added per SA after a collection — the bench process's, so it includes the generator's own SA state and the SAD's copy.")
+		fmt.Fprintln(w)
+		fmt.Fprintln(w, "| Workers | From pairs | To pairs | Seconds | Pairs/s | Heap B/SA | Heap after GiB |\n|---:|---:|---:|---:|---:|---:|---:|")
+		for _, l := range r.Loads {
+			fmt.Fprintf(w, "| %d | %d | %d | %.2f | %.0f | %.0f | %.2f |\n", l.Workers, l.From, l.To, l.Seconds, l.PairsPerSec, l.HeapPerSA, l.HeapAfterGiB)
+		}
+		fmt.Fprintln(w)
+	}
 	fmt.Fprintln(w, "| Scenario | Mpps delivered | Mpps offered | Loss % | ÷ AF_XDP reflect | ÷ AF_XDP rx | ÷ AEAD | ÷ min ceiling | ÷ fewest SAs | ÷ sockets |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 	for _, x := range r.Results {
 		loss := fmt.Sprintf("%.1f", x.LossPct)
@@ -352,7 +361,9 @@ func (r *Report) SVG(w io.Writer) {
 			fmt.Fprintf(&axis, `<text x="%.1f" y="%d" font-size="10" text-anchor="middle">%s</text>`+"\n", x, y+12, ppsLabel(v))
 		}
 	}
-	height := y + 70
+	var scaling bytes.Buffer
+	sh := r.scalingSVG(&scaling, y+110)
+	height := y + 70 + sh
 	width := left + plotW + right + 60
 	fmt.Fprintf(w, `<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" font-family="sans-serif" font-size="12">`+"\n", width, height)
 	fmt.Fprintf(w, `<rect width="100%%" height="100%%" fill="white"/>`+"\n")
@@ -372,7 +383,94 @@ func (r *Report) SVG(w io.Writer) {
 		fmt.Fprintf(w, `<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="%s" stroke-width="2" stroke-dasharray="5,3"/><text x="%d" y="%d" font-size="11">%s</text>`+"\n", lx, ly+5, lx+20, ly+5, ceilColors[k], lx+24, ly+9, k)
 		lx += 130
 	}
+	w.Write(scaling.Bytes())
 	fmt.Fprintln(w, "</svg>")
+}
+
+// scalingSVG draws, from y0 down, one chart per packet size: xesp's
+// saturation rate (solid) and NDR (dashed, when searched) against the SA
+// count on log-log axes, decap and encap at one worker, with the AF_XDP
+// reflect ceilings of that size as horizontal lines. It returns the
+// height it used (0 when the run has fewer than two SA counts).
+func (r *Report) scalingSVG(w *bytes.Buffer, y0 int) int {
+	type pt struct{ sas, sat, ndr float64 }
+	series := map[string][]pt{} // size/dir
+	var sizes []string
+	sasSet := map[int]bool{}
+	lo, hi := math.Inf(1), 0.0
+	for _, x := range r.Results {
+		if x.Group != "xesp" || x.Workers != 1 || x.Dir == "both" || x.PPS <= 0 {
+			continue
+		}
+		k := x.Size + "/" + x.Dir
+		series[k] = append(series[k], pt{float64(x.SAs), x.PPS, x.NDR})
+		if !slices.Contains(sizes, x.Size) {
+			sizes = append(sizes, x.Size)
+		}
+		sasSet[x.SAs] = true
+		lo, hi = math.Min(lo, x.PPS), math.Max(hi, x.PPS)
+		if x.NDR > 0 {
+			lo = math.Min(lo, x.NDR)
+		}
+	}
+	if len(sasSet) < 2 {
+		return 0
+	}
+	for _, x := range r.Results {
+		if x.Test == "afxdp_reflect" && x.PPS > 0 {
+			hi = math.Max(hi, x.PPS)
+		}
+	}
+	var counts []int
+	for n := range sasSet {
+		counts = append(counts, n)
+	}
+	slices.Sort(counts)
+	const left, plotW, plotH, gap = 80, 420, 180, 70
+	lgX0, lgX1 := math.Log10(float64(counts[0])), math.Log10(float64(counts[len(counts)-1]))
+	lgY0, lgY1 := math.Floor(math.Log10(lo*0.8)), math.Ceil(math.Log10(hi*1.2))
+	colors := map[string]string{"decap": "#1f77b4", "encap": "#9467bd"}
+	fmt.Fprintf(w, `<text x="10" y="%d" font-size="15" font-weight="bold">Packets/s vs SA count, per packet size (log-log): saturation solid, NDR dashed, AF_XDP reflect ceilings dotted</text>`+"\n", y0-20)
+	for i, size := range sizes {
+		ox, oy := left+i*(plotW+gap), y0
+		xOf := func(n float64) float64 { return float64(ox) + plotW*(math.Log10(n)-lgX0)/math.Max(lgX1-lgX0, 1e-9) }
+		yOf := func(v float64) float64 { return float64(oy) + plotH - plotH*(math.Log10(v)-lgY0)/(lgY1-lgY0) }
+		fmt.Fprintf(w, `<rect x="%d" y="%d" width="%d" height="%d" fill="none" stroke="#999"/>`+"\n", ox, oy, plotW, plotH)
+		fmt.Fprintf(w, `<text x="%d" y="%d" font-weight="bold">%s B</text>`+"\n", ox, oy-4, html.EscapeString(size))
+		for _, n := range counts {
+			fmt.Fprintf(w, `<text x="%.1f" y="%d" font-size="10" text-anchor="middle">%s</text>`+"\n", xOf(float64(n)), oy+plotH+12, saLabel(n))
+		}
+		for e := lgY0; e <= lgY1; e++ {
+			fmt.Fprintf(w, `<text x="%d" y="%.1f" font-size="10" text-anchor="end">%s</text>`+"\n", ox-4, yOf(math.Pow(10, e))+3, ppsLabel(math.Pow(10, e)))
+		}
+		for _, dir := range []string{"decap", "encap"} {
+			link := "public"
+			if dir == "encap" {
+				link = "private"
+			}
+			if c, ok := r.Find(ceilingName("afxdp_reflect", link, size)); ok && c.PPS > 0 {
+				fmt.Fprintf(w, `<line x1="%d" y1="%.1f" x2="%d" y2="%.1f" stroke="%s" stroke-dasharray="2,3"/>`+"\n", ox, yOf(c.PPS), ox+plotW, yOf(c.PPS), colors[dir])
+			}
+			pts := series[size+"/"+dir]
+			slices.SortFunc(pts, func(a, b pt) int { return int(a.sas - b.sas) })
+			var sat, ndr []string
+			for _, p := range pts {
+				sat = append(sat, fmt.Sprintf("%.1f,%.1f", xOf(p.sas), yOf(p.sat)))
+				if p.ndr > 0 {
+					ndr = append(ndr, fmt.Sprintf("%.1f,%.1f", xOf(p.sas), yOf(p.ndr)))
+				}
+			}
+			fmt.Fprintf(w, `<polyline points="%s" fill="none" stroke="%s" stroke-width="2"/>`+"\n", strings.Join(sat, " "), colors[dir])
+			if len(ndr) > 0 {
+				fmt.Fprintf(w, `<polyline points="%s" fill="none" stroke="%s" stroke-width="2" stroke-dasharray="6,3"/>`+"\n", strings.Join(ndr, " "), colors[dir])
+			}
+		}
+	}
+	ly := y0 + plotH + 30
+	for i, dir := range []string{"decap", "encap"} {
+		fmt.Fprintf(w, `<rect x="%d" y="%d" width="10" height="10" fill="%s"/><text x="%d" y="%d" font-size="11">%s</text>`+"\n", left+i*100, ly, colors[dir], left+i*100+14, ly+9, dir)
+	}
+	return plotH + 80
 }
 
 func ppsLabel(v float64) string {
