@@ -565,9 +565,14 @@ func (r *runner) measure(senders []sender, count func() (uint64, error)) (phase,
 			return p, err
 		}
 		// Drain: the workers may still be working through their rings.
+		// The far end is quiet once its counter has not moved for 20 ms,
+		// and not before drainMin after the send: on a loaded shared
+		// host the system's thread may wait that long for its CPU with
+		// a full RX ring, and frames it handles after the window would
+		// be counted (and their CPU time charged) to the next round.
 		for {
 			c, last, _ := obs.state()
-			if c-before >= uint64(sent) || time.Since(last) > 20*time.Millisecond && time.Since(sendEnd) > 20*time.Millisecond || r.ctx.Err() != nil {
+			if c-before >= uint64(sent) || time.Since(last) > 20*time.Millisecond && time.Since(sendEnd) > drainMin || r.ctx.Err() != nil {
 				break
 			}
 			time.Sleep(time.Millisecond)
@@ -586,6 +591,10 @@ func (r *runner) measure(senders []sender, count func() (uint64, error)) (phase,
 	}
 	return p, nil
 }
+
+// drainMin is the least a round waits after its send for the far end to
+// go quiet (see measure).
+const drainMin = 80 * time.Millisecond
 
 // observer polls a counter every 100 µs from GenCPU (where it takes a
 // few µs from the generator per wake rather than from the workers),
