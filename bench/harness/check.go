@@ -40,8 +40,8 @@ import (
 // is 2.3σ, so 2r ≈ 4.7σ: a false alarm is rarer than 1 in 10⁵ per
 // figure). The tolerance is 2r clamped to [floor, cap]: the floor keeps
 // a calibration on a lucky quiet minute from tripping the next busy day
-// (measured: single runs of a geometric mean moved by up to 6% between
-// runs under a load average of 5–12 on 2 vCPUs); the cap of a geometric
+// (measured: geometric means ranged 3–9% over five runs under a load
+// average of 4–12 on 2 vCPUs); the cap of a geometric
 // mean is below the 23% drop the gate promises to catch, and Calibrate
 // refuses a baseline whose noise would need more (rerun it when the
 // machine is quieter, or raise Pairs) instead of widening until it
