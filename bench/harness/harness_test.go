@@ -28,7 +28,7 @@ func TestRunSmallMatrix(t *testing.T) {
 		t.Skip("needs 2 CPUs")
 	}
 	o := Options{Sizes: []string{"200", "imix"}, SAs: []int{1, 3}, Workers: []int{1}, Dirs: []string{"decap", "encap", "both"},
-		Ceilings: true, Baseline: true, Rounds: 1, Ring: 2048, Log: testLog{t}}
+		Ceilings: true, Baseline: true, Flood: true, Rounds: 1, Ring: 2048, Log: testLog{t}}
 	rep, err := Run(context.Background(), o)
 	if err != nil {
 		t.Fatal(err)
@@ -61,10 +61,14 @@ func TestRunSmallMatrix(t *testing.T) {
 		if x.Group != "ceiling" && x.Ratios["afxdp_rx"] <= 0 {
 			t.Errorf("%s: no ratio to the AF_XDP ceiling: %v", x.Name, x.Ratios)
 		}
+		if x.Group == "flood" && x.Ratios["vs_no_flood"] <= 0 {
+			t.Errorf("%s: no ratio to decap without the flood: %v", x.Name, x.Ratios)
+		}
 	}
-	// Per direction and size: vs reflect, 3 SAs vs 1, vs sockets at 1 and 3.
-	if len(rep.Targets) != 2*2*4 {
-		t.Errorf("targets %+v, want 16", rep.Targets)
+	// Per direction and size: vs reflect, 3 SAs vs 1, vs sockets at 1 and
+	// 3; per size, decap under the flood vs without.
+	if len(rep.Targets) != 2*2*4+2 {
+		t.Errorf("targets %+v, want 18", rep.Targets)
 	}
 	for _, tg := range rep.Targets {
 		if tg.Ratio <= 0 || tg.How == "" {
