@@ -16,6 +16,7 @@ import (
 	"net"
 	"os"
 	"strconv"
+	"sync"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -114,12 +115,17 @@ func endOf(ns *netns.NS, name, cidr string) (End, error) {
 
 // Close removes the namespaces (and with them the veths).
 func (tp *Topo) Close() error {
-	var errs []error
-	for _, n := range []*netns.NS{tp.Phone, tp.GW, tp.Core} {
+	// In parallel: each deletion waits for the kernel to tear down the
+	// namespace's devices, and a signal's stop (bench/harness) has 2 s in
+	// all.
+	var wg sync.WaitGroup
+	errs := make([]error, 3)
+	for i, n := range []*netns.NS{tp.Phone, tp.GW, tp.Core} {
 		if n != nil {
-			errs = append(errs, n.Close())
+			wg.Go(func() { errs[i] = n.Close() })
 		}
 	}
+	wg.Wait()
 	return errors.Join(errs...)
 }
 

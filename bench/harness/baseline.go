@@ -40,16 +40,62 @@ func (r *runner) baseline(size string, sz gen.Sizes, n int) error {
 	if err := r.loadPhone(sz, n); err != nil {
 		return err
 	}
+	ss, err := r.startBaselineDecap(n)
+	if err != nil {
+		return err
+	}
+	p, err := r.measure(ss.senders, ss.count)
+	note, cerr := ss.close()
+	if err = errors.Join(err, cerr); err != nil {
+		return err
+	}
+	res := p.result(Result{Name: baselineName("decap", size, n), Group: "baseline", Test: "udp_sockets", Dir: "decap", Size: size, SAs: n, Workers: 1})
+	res.Note = note
+	r.add(res)
+	return nil
+}
+
+// session is a system under test kept running across measurements (the
+// gate interleaves trials of several): who sends to it, the far-end
+// counter of what it delivered, and its teardown, which returns a note
+// on what it counted.
+type session struct {
+	senders []sender
+	count   func() (uint64, error)
+	stop    func() (string, error)
+	once    sync.Once
+	note    string
+	err     error
+}
+
+// close tears the session down once and returns its note.
+func (s *session) close() (string, error) {
+	s.once.Do(func() { s.note, s.err = s.stop() })
+	return s.note, s.err
+}
+
+// closers collects teardown steps, run last first.
+type closers []func()
+
+func (c closers) run() {
+	for i := len(c) - 1; i >= 0; i-- {
+		c[i]()
+	}
+}
+
+// startBaselineDecap starts the decap socket baseline with n SAs on the
+// runner's topology; the phone's ring must hold ESP frames.
+func (r *runner) startBaselineDecap(n int) (*session, error) {
 	sas := make(map[uint32]*esp.SA, n)
 	for i := range n {
 		key, err := pktgen.KeyBytes('i', i)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		s, err := esp.NewSA(esp.Config{SPI: pktgen.InSPIBase + uint32(i), Proposal: esp.AES128GCM16, EncKey: key,
 			Mode: esp.ModeTunnel, ReplayWindow: esp.DefaultReplayWindow})
 		if err != nil {
-			return err
+			return nil, err
 		}
 		sas[s.SPI()] = s
 	}
@@ -85,15 +131,11 @@ func (r *runner) baseline(size string, sz gen.Sizes, n int) error {
 			return true
 		},
 	}
-	st, p, err := r.socketRun(loop, r.tp.pub, r.tp.co, r.nw.Core.Port(), sender{r.tp.phone, r.phoneG, true, false})
-	if err != nil {
-		return err
-	}
-	res := p.result(Result{Name: baselineName("decap", size, n), Group: "baseline", Test: "udp_sockets", Dir: "decap", Size: size, SAs: n, Workers: 1})
-	res.Note = fmt.Sprintf("recvmmsg/sendmmsg ×%d, esp.SA.Open, one goroutine on CPU %d; opened %d, open errors %d, socket drops %d",
-		baselineBatch, GwCPU, st.done, st.bad, st.sockDrops)
-	r.add(res)
-	return nil
+	return r.socketStart(loop, r.tp.pub, r.tp.co, r.nw.Core.Port(), sender{r.tp.phone, r.phoneG, true, false}, nil,
+		func(st socketStats) string {
+			return fmt.Sprintf("recvmmsg/sendmmsg ×%d, esp.SA.Open, one goroutine on CPU %d; opened %d, open errors %d, socket drops %d",
+				baselineBatch, GwCPU, st.done, st.bad, st.sockDrops)
+		})
 }
 
 // baselineEncap is the encap direction: the phones' inner addresses
@@ -107,22 +149,40 @@ func (r *runner) baselineEncap(size string, sz gen.Sizes, n int) error {
 	if err := r.loadCore(sz, n); err != nil {
 		return err
 	}
+	ss, err := r.startBaselineEncap(n)
+	if err != nil {
+		return err
+	}
+	p, err := r.measure(ss.senders, ss.count)
+	note, cerr := ss.close()
+	if err = errors.Join(err, cerr); err != nil {
+		return err
+	}
+	res := p.result(Result{Name: baselineName("encap", size, n), Group: "baseline", Test: "udp_sockets", Dir: "encap", Size: size, SAs: n, Workers: 1})
+	res.Note = note
+	r.add(res)
+	return nil
+}
+
+// startBaselineEncap starts the encap socket baseline with n SAs on the
+// runner's topology; the core's ring must hold cleartext frames.
+func (r *runner) startBaselineEncap(n int) (*session, error) {
 	sas := make(map[[4]byte]*esp.SA, n)
 	for i := range n {
 		key, err := pktgen.KeyBytes('o', i)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		s, err := esp.NewSA(esp.Config{SPI: pktgen.OutSPIBase + uint32(i), Proposal: esp.AES128GCM16, EncKey: key, Mode: esp.ModeTunnel})
 		if err != nil {
-			return err
+			return nil, err
 		}
 		sas[pktgen.Inner(i).As4()] = s
 	}
 	if _, err := r.tp.gw.Run("ip", "route", "add", "local", "100.64.0.0/10", "dev", "lo"); err != nil {
-		return err
+		return nil, err
 	}
-	defer r.tp.gw.Run("ip", "route", "del", "local", "100.64.0.0/10", "dev", "lo")
+	unroute := func() { r.tp.gw.Run("ip", "route", "del", "local", "100.64.0.0/10", "dev", "lo") }
 
 	phone := &net.UDPAddr{IP: net.IP(r.nw.Phone.AsSlice()), Port: int(r.nw.PhonePort)}
 	bufs := make([][]byte, baselineBatch)
@@ -169,51 +229,54 @@ func (r *runner) baselineEncap(size string, sz gen.Sizes, n int) error {
 			return true
 		},
 	}
-	st, p, err := r.socketRun(loop, r.tp.priv, r.tp.ph, esp.NATTPort, sender{r.tp.core, r.coreG, false, false})
-	if err != nil {
-		return err
-	}
-	res := p.result(Result{Name: baselineName("encap", size, n), Group: "baseline", Test: "udp_sockets", Dir: "encap", Size: size, SAs: n, Workers: 1})
-	res.Note = fmt.Sprintf("recvmmsg (IP_PKTINFO)/sendmmsg ×%d, esp.SA.Seal, one goroutine on CPU %d; sealed %d, unroutable %d, socket drops %d",
-		baselineBatch, GwCPU, st.done, st.bad, st.sockDrops)
-	r.add(res)
-	return nil
+	return r.socketStart(loop, r.tp.priv, r.tp.ph, esp.NATTPort, sender{r.tp.core, r.coreG, false, false}, closers{unroute},
+		func(st socketStats) string {
+			return fmt.Sprintf("recvmmsg (IP_PKTINFO)/sendmmsg ×%d, esp.SA.Seal, one goroutine on CPU %d; sealed %d, unroutable %d, socket drops %d",
+				baselineBatch, GwCPU, st.done, st.bad, st.sockDrops)
+		})
 }
 
-// socketRun measures one socket baseline: an XDP_PASS program on the
-// gateway's receiving end (the generator's XDP_TX arrives only at an end
-// with an XDP program, docs/platform.md), a counter for countPort on the
-// far end, the loop running in the gateway namespace while s sends.
-func (r *runner) socketRun(loop *socketLoop, rxEnd, farEnd end, countPort uint16, s sender) (socketStats, phase, error) {
+// socketStart starts one socket baseline as a session: an XDP_PASS
+// program on the gateway's receiving end (the generator's XDP_TX arrives
+// only at an end with an XDP program, docs/platform.md), a counter for
+// countPort on the far end, the loop running in the gateway namespace;
+// s sends to it. undo holds the caller's teardown steps taken before
+// (run last, also when starting fails); note describes the loop's counts
+// at the end.
+func (r *runner) socketStart(loop *socketLoop, rxEnd, farEnd end, countPort uint16, s sender, undo closers, note func(socketStats) string) (_ *session, err error) {
+	defer func() {
+		if err != nil {
+			undo.run()
+		}
+	}()
 	pass, err := xsktest.NewVerdict(2)
 	if err != nil {
-		return socketStats{}, phase{}, err
+		return nil, err
 	}
-	defer pass.Close()
+	undo = append(undo, func() { pass.Close() })
 	l, err := attach(rxEnd, pass)
 	if err != nil {
-		return socketStats{}, phase{}, err
+		return nil, err
 	}
-	defer l.Close()
+	undo = append(undo, func() { l.Close() })
 	c, err := gen.NewCounter(countPort)
 	if err != nil {
-		return socketStats{}, phase{}, err
+		return nil, err
 	}
-	defer c.Close()
+	undo = append(undo, func() { c.Close() })
 	lc, err := attach(farEnd, c.Prog)
 	if err != nil {
-		return socketStats{}, phase{}, err
+		return nil, err
 	}
-	defer lc.Close()
+	undo = append(undo, func() { lc.Close() })
 	if err := loop.start(r.tp.gw); err != nil {
-		return socketStats{}, phase{}, err
+		return nil, err
 	}
-	p, err := r.measure([]sender{s}, counterOf(c))
-	st := loop.close()
-	if err == nil {
-		err = loop.err
-	}
-	return st, p, err
+	return &session{senders: []sender{s}, count: counterOf(c), stop: func() (string, error) {
+		st := loop.close()
+		undo.run()
+		return note(st), loop.err
+	}}, nil
 }
 
 // socketLoop is a socket baseline's gateway: one goroutine, locked to a

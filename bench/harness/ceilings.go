@@ -3,6 +3,7 @@ package harness
 import (
 	"crypto/aes"
 	"crypto/cipher"
+	"errors"
 	"fmt"
 	"runtime"
 	"sync"
@@ -24,7 +25,7 @@ import (
 // and the crypto alone.
 var ceilingTests = []struct{ test, link string }{
 	{"xdp_drop", "public"}, {"afxdp_rx", "public"}, {"afxdp_reflect", "public"},
-	{"xdp_drop", "private"}, {"afxdp_rx", "private"},
+	{"xdp_drop", "private"}, {"afxdp_rx", "private"}, {"afxdp_reflect", "private"},
 	{"aead_open", ""}, {"aead_seal", ""},
 }
 
@@ -33,6 +34,7 @@ var ceilingTests = []struct{ test, link string }{
 const ceilingFlows = 64
 
 func (r *runner) ceilings(size string, sz gen.Sizes) error {
+	r.ceilSizes = sz
 	if err := r.loadPhone(sz, min(len(r.flows), ceilingFlows)); err != nil {
 		return err
 	}
@@ -78,42 +80,70 @@ func (r *runner) linkCeiling(res Result) (Result, error) {
 		res = p.result(res)
 		res.Note = "XDP counter and XDP_DROP on the gateway's link"
 		return res, err
-	case "afxdp_rx", "afxdp_reflect":
-		reflect := res.Test == "afxdp_reflect"
-		count := func() (uint64, error) { return 0, nil }
-		if reflect {
-			// Reflected frames go back out of the gateway's public
-			// link and are counted on the phone's end.
-			c, err := gen.NewCounter(port)
-			if err != nil {
-				return res, err
-			}
-			defer c.Close()
-			l, err := attach(r.tp.ph, c.Prog)
-			if err != nil {
-				return res, err
-			}
-			defer l.Close()
-			count = counterOf(c)
-		}
-		a, err := startAFXDP(e, port, reflect)
+	case "afxdp_reflect":
+		ss, err := r.startReflect(res.Link)
 		if err != nil {
 			return res, err
 		}
-		if !reflect {
-			count = a.count
+		p, err := r.measure(ss.senders, ss.count)
+		res = p.result(res)
+		if err == nil && r.o.NDR {
+			err = r.ndr(&res, res.Link == "private", min(len(r.flows), ceilingFlows), r.ceilSizes, ss.count)
 		}
-		p, err := r.measure([]sender{s}, count)
+		note, cerr := ss.close()
+		res.Note = note
+		return res, errors.Join(err, cerr)
+	case "afxdp_rx":
+		a, err := startAFXDP(e, port, false)
+		if err != nil {
+			return res, err
+		}
+		p, err := r.measure([]sender{s}, a.count)
 		st, _ := a.s.Stats()
 		a.close()
 		res = p.result(res)
 		res.Note = fmt.Sprintf("one copy-mode socket, loop on CPU %d, no crypto; rx dropped %d, fill empty %d", GwCPU, st.RxDropped+st.RxRingFull, st.RxFillRingEmptyDescs)
-		if reflect {
-			res.Note = "RX → TX on the same socket, counted at the phone; " + res.Note
-		}
 		return res, err
 	}
 	return res, fmt.Errorf("unknown ceiling %s", res.Test)
+}
+
+// startReflect starts the reflect ceiling on link ("public": ESP frames
+// from the phone, "private": cleartext from the core): one AF_XDP socket
+// on the gateway's end that transmits every frame it receives back out,
+// counted when it arrives back at the sender's end.
+func (r *runner) startReflect(link string) (_ *session, err error) {
+	e, s, port, far := r.tp.pub, sender{r.tp.phone, r.phoneG, true, false}, uint16(esp.NATTPort), r.tp.ph
+	if link == "private" {
+		e, s, port, far = r.tp.priv, sender{r.tp.core, r.coreG, false, false}, r.nw.Core.Port(), r.tp.co
+	}
+	var undo closers
+	defer func() {
+		if err != nil {
+			undo.run()
+		}
+	}()
+	c, err := gen.NewCounter(port)
+	if err != nil {
+		return nil, err
+	}
+	undo = append(undo, func() { c.Close() })
+	l, err := attach(far, c.Prog)
+	if err != nil {
+		return nil, err
+	}
+	undo = append(undo, func() { l.Close() })
+	a, err := startAFXDP(e, port, true)
+	if err != nil {
+		return nil, err
+	}
+	return &session{senders: []sender{s}, count: counterOf(c), stop: func() (string, error) {
+		st, _ := a.s.Stats()
+		a.close()
+		undo.run()
+		return fmt.Sprintf("RX → TX on one copy-mode socket, loop on CPU %d, no crypto, counted at the sender's end; rx dropped %d, fill empty %d",
+			GwCPU, st.RxDropped+st.RxRingFull, st.RxFillRingEmptyDescs), a.err
+	}}, nil
 }
 
 // afxdp is the AF_XDP ceiling: one socket on the link's queue 0 behind a

@@ -39,19 +39,29 @@ state_dir: %s
 }
 
 // load adds pairs from..n-1 and waits until the workers and the XDP SA
-// map hold them all.
-func (gu *gatewayUnder) load(from, n int, nw pktgen.Net) error {
-	all, err := pktgen.SAs(n, nw)
-	if err != nil {
-		return err
-	}
-	if err := gu.g.SAD.AddAll(all[2*from:]); err != nil {
-		return fmt.Errorf("add SAs %d..%d: %w", from, n, err)
+// map hold them all. It adds in chunks and checks ctx between them and
+// while it waits, so a signal stops a million-SA load within moments.
+func (gu *gatewayUnder) load(ctx context.Context, from, n int, nw pktgen.Net) error {
+	const chunk = 4096
+	for i := from; i < n; i += chunk {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		part, err := pktgen.SAsRange(i, min(n, i+chunk), nw)
+		if err != nil {
+			return err
+		}
+		if err := gu.g.SAD.AddAll(part); err != nil {
+			return fmt.Errorf("add SA pairs %d..%d: %w", i, min(n, i+chunk), err)
+		}
 	}
 	// The manager counts an SA installed once its worker holds it and
 	// publishes to the BPF maps after that, the inbound SA map last.
 	deadline := time.Now().Add(10 * time.Minute)
 	for gu.g.Manager.Installed() < 2*n {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
 		if time.Now().After(deadline) {
 			return fmt.Errorf("manager installed %d of %d SAs in 10 minutes", gu.g.Manager.Installed(), 2*n)
 		}
@@ -65,6 +75,9 @@ func (gu *gatewayUnder) load(from, n int, nw pktgen.Net) error {
 		}
 		if c >= n {
 			return nil
+		}
+		if err := ctx.Err(); err != nil {
+			return err
 		}
 		if time.Now().After(deadline) {
 			return fmt.Errorf("SA map holds %d of %d SAs after 10 minutes", c, n)

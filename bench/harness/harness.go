@@ -68,7 +68,18 @@ type Options struct {
 	// medians (1 if unset).
 	Repeat int
 	Ring   int
-	Log    io.Writer
+	// MaxFrame bounds the generator's frames (0: gen's default, a full
+	// MTU); the gate's 200-byte rings use less kernel memory with less.
+	MaxFrame int
+	// NDR adds the NDR/PDR search (ndr.go) to every xesp scenario and
+	// the reflect ceilings; MaxRate is its top offered rate (0:
+	// DefaultMaxRate).
+	NDR     bool
+	MaxRate float64
+	// Pairs is how many interleaved trial pairs the gate takes per
+	// scenario (Gate; 0: DefaultPairs).
+	Pairs int
+	Log   io.Writer
 }
 
 // Full is the whole matrix of the issue.
@@ -110,11 +121,41 @@ type Result struct {
 	OfferedPPS float64 `json:"offered_pps"`
 	PPS        float64 `json:"pps"`
 	LossPct    float64 `json:"loss_pct"`
+	// CPUNs is the system under test's CPU time per delivered packet
+	// (cpu.go), in ns; CPUPPS = 1e9/CPUNs is the rate it would reach
+	// with a CPU to itself.
+	CPUNs float64 `json:"cpu_ns_per_pkt,omitempty"`
 	// Ratios of PPS to the ceilings of the same size (and link).
 	Ratios map[string]float64 `json:"ratios,omitempty"`
-	// Samples are the repetitions' packets/s when the run repeated.
+	// Samples are the repetitions' (or the gate's pairs') packets/s.
 	Samples []float64 `json:"pps_samples,omitempty"`
-	Note    string    `json:"note,omitempty"`
+	// NDR and PDR (ndr.go): the highest paced offered rates with no loss
+	// and with loss ≤ 0.5% (PDRLossPct: the loss at the PDR trial);
+	// SaturationPaced is what arrived per second when offered MaxRate;
+	// Trials counts the search's trials.
+	NDR             float64 `json:"ndr_pps,omitempty"`
+	PDR             float64 `json:"pdr_pps,omitempty"`
+	PDRLossPct      float64 `json:"pdr_loss_pct,omitempty"`
+	SaturationPaced float64 `json:"saturation_paced_pps,omitempty"`
+	Trials          int     `json:"search_trials,omitempty"`
+	SenderBound     bool    `json:"sender_bound,omitempty"`
+	// RatioSamples are the gate's per-pair ratios behind Ratios' medians.
+	RatioSamples map[string][]float64 `json:"ratio_samples,omitempty"`
+	Note         string               `json:"note,omitempty"`
+}
+
+// Load is one SA load into a running gateway: from SAs pairs to To,
+// added to the SAD in chunks and waited for until the workers and the
+// XDP SA map held them; the heap figure is the live Go heap after a
+// collection, before and after, per SA (two per pair).
+type Load struct {
+	Workers      int     `json:"workers"`
+	From         int     `json:"from_pairs"`
+	To           int     `json:"to_pairs"`
+	Seconds      float64 `json:"seconds"`
+	PairsPerSec  float64 `json:"pairs_per_sec"`
+	HeapPerSA    float64 `json:"heap_bytes_per_sa"`
+	HeapAfterGiB float64 `json:"heap_after_gib"`
 }
 
 // Target is one of the issue's goals, evaluated on this run.
@@ -128,17 +169,25 @@ type Target struct {
 
 // Report is a whole run.
 type Report struct {
-	Machine  Machine   `json:"machine"`
-	Started  time.Time `json:"started"`
-	Seconds  float64   `json:"seconds"`
-	GenCPU   int       `json:"gen_cpu"`
-	GwCPU    int       `json:"gw_cpu"`
-	Ring     int       `json:"ring"`
-	Rounds   int       `json:"rounds"`
-	Repeat   int       `json:"repeat,omitempty"`
-	Results  []Result  `json:"results"`
-	Targets  []Target  `json:"targets,omitempty"`
-	Warnings []string  `json:"warnings,omitempty"`
+	Machine Machine   `json:"machine"`
+	Started time.Time `json:"started"`
+	Seconds float64   `json:"seconds"`
+	GenCPU  int       `json:"gen_cpu"`
+	GwCPU   int       `json:"gw_cpu"`
+	Ring    int       `json:"ring"`
+	Rounds  int       `json:"rounds"`
+	Repeat  int       `json:"repeat,omitempty"`
+	// Pairs is the gate's interleaved trial pairs per scenario.
+	Pairs int `json:"pairs,omitempty"`
+	// SlowKnob is the test-only worker slowdown in effect (0 in every
+	// normal build; see dataplane/worker/slow_on.go).
+	SlowKnob float64  `json:"slow_knob,omitempty"`
+	Results  []Result `json:"results"`
+	// Loads are the SA loads the run made (xesp gateways), with their
+	// rate and the Go heap they added per SA.
+	Loads    []Load   `json:"loads,omitempty"`
+	Targets  []Target `json:"targets,omitempty"`
+	Warnings []string `json:"warnings,omitempty"`
 }
 
 // Find returns the result named name.
@@ -179,6 +228,9 @@ func saLabel(n int) string {
 }
 
 type runner struct {
+	// ctx stops a measurement between rounds and a drain at once (a
+	// signal must end the bench within 2 s in any phase).
+	ctx    context.Context
 	o      Options
 	tp     *topo
 	nw     pktgen.Net
@@ -188,6 +240,60 @@ type runner struct {
 	phoneG *gen.Gen
 	coreG  *gen.Gen
 	floodG *gen.Gen // Options.Flood: the forged flood, loaded once
+	// ceilSizes are the sizes the ceilings in progress use.
+	ceilSizes gen.Sizes
+}
+
+// setup builds the runner's topology and its two generators (phone side
+// and core side); the returned function removes them.
+func (r *runner) setup() (func(), error) {
+	tp, err := newTopo()
+	if err != nil {
+		return nil, err
+	}
+	r.tp = tp
+	closeAll := func() {
+		for _, g := range []*gen.Gen{r.phoneG, r.coreG} {
+			if g != nil {
+				g.Close()
+			}
+		}
+		tp.close()
+	}
+	for _, g := range []struct {
+		dst **gen.Gen
+		e   end
+	}{{&r.phoneG, tp.ph}, {&r.coreG, tp.co}} {
+		if err := g.e.ns.Do(func() (err error) {
+			*g.dst, err = gen.New(gen.Options{Ifindex: g.e.index, Ring: r.o.Ring, MaxFrame: r.o.MaxFrame})
+			return err
+		}); err != nil {
+			closeAll()
+			return nil, err
+		}
+	}
+	return closeAll, nil
+}
+
+// buildFlows builds the generator's n SA pairs (phone side sealed, core
+// side clear), checking ctx every 4096 so a signal stops it at once.
+func buildFlows(ctx context.Context, n int, nw pktgen.Net) (flows, clear []gen.Flow, err error) {
+	if clear, err = pktgen.ClearFlows(n, nw); err != nil {
+		return nil, nil, err
+	}
+	const chunk = 4096
+	flows = make([]gen.Flow, 0, n)
+	for from := 0; from < n; from += chunk {
+		if err := ctx.Err(); err != nil {
+			return nil, nil, err
+		}
+		f, err := pktgen.FlowsRange(from, min(n, from+chunk), nw)
+		if err != nil {
+			return nil, nil, err
+		}
+		flows = append(flows, f...)
+	}
+	return flows, clear, nil
 }
 
 func (r *runner) logf(format string, args ...any) {
@@ -237,37 +343,23 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 		maxSAs = o.SAs[len(o.SAs)-1]
 	}
 	rep := &Report{Machine: ReadMachine(), Started: time.Now().UTC(), GenCPU: GenCPU, GwCPU: GwCPU, Ring: o.Ring, Rounds: o.Rounds}
-	r := &runner{o: o, rep: rep, nw: pktgen.DefaultNet()}
+	r := &runner{ctx: ctx, o: o, rep: rep, nw: pktgen.DefaultNet()}
 	t0 := time.Now()
 	var err error
 	r.logf("building %d generator SAs", maxSAs)
-	if r.flows, err = pktgen.Flows(maxSAs, r.nw); err != nil {
+	if r.flows, r.clear, err = buildFlows(ctx, maxSAs, r.nw); err != nil {
 		return nil, err
 	}
-	if r.clear, err = pktgen.ClearFlows(maxSAs, r.nw); err != nil {
-		return nil, err
-	}
-	if r.tp, err = newTopo(); err != nil {
-		return nil, err
-	}
-	defer r.tp.close()
 	unpin, err := pinProcess(GwCPU)
 	if err != nil {
 		return nil, err
 	}
 	defer unpin()
-	for _, g := range []struct {
-		dst **gen.Gen
-		e   end
-	}{{&r.phoneG, r.tp.ph}, {&r.coreG, r.tp.co}} {
-		if err := g.e.ns.Do(func() (err error) {
-			*g.dst, err = gen.New(gen.Options{Ifindex: g.e.index, Ring: o.Ring})
-			return err
-		}); err != nil {
-			return nil, err
-		}
-		defer (*g.dst).Close()
+	closeTopo, err := r.setup()
+	if err != nil {
+		return nil, err
 	}
+	defer closeTopo()
 	if o.Flood && len(o.Dirs) > 0 {
 		if err := r.loadFlood(); err != nil {
 			return nil, err
@@ -395,6 +487,10 @@ type phase struct {
 	// send is the generators' time inside live-frames runs; busy runs
 	// from each round's start to the last frame counted at the far end.
 	send, busy time.Duration
+	// cpu is the run time of the process's threads other than the
+	// generators' and the observer's from each round's first frame to
+	// its drain: the system under test's CPU cost (cpu.go).
+	cpu time.Duration
 }
 
 func (p phase) result(r Result) Result {
@@ -407,6 +503,9 @@ func (p phase) result(r Result) Result {
 	}
 	if p.offered > 0 {
 		r.LossPct = 100 * (1 - float64(p.delivered)/float64(p.offered))
+	}
+	if p.cpu > 0 && p.delivered > 0 {
+		r.CPUNs = float64(p.cpu.Nanoseconds()) / float64(p.delivered)
 	}
 	return r
 }
@@ -427,6 +526,9 @@ func (p phase) result(r Result) Result {
 func (r *runner) measure(senders []sender, count func() (uint64, error)) (phase, error) {
 	var p phase
 	for range r.o.Rounds {
+		if err := r.ctx.Err(); err != nil {
+			return p, err
+		}
 		for _, s := range senders {
 			if s.esp && !s.noise {
 				if err := s.g.Refill(); err != nil {
@@ -438,7 +540,9 @@ func (r *runner) measure(senders []sender, count func() (uint64, error)) (phase,
 		if err != nil {
 			return p, err
 		}
-		obs := startObserver(count, before)
+		var gens tidSet
+		cpu0 := threadCPU()
+		obs := startObserver(count, before, &gens)
 		var (
 			wg      sync.WaitGroup
 			mu      sync.Mutex
@@ -451,6 +555,7 @@ func (r *runner) measure(senders []sender, count func() (uint64, error)) (phase,
 			go func() {
 				defer wg.Done()
 				err := s.ns.Do(func() error {
+					gens.addSelf()
 					restore, err := gen.PinThread(GenCPU)
 					if err != nil {
 						return err
@@ -479,9 +584,14 @@ func (r *runner) measure(senders []sender, count func() (uint64, error)) (phase,
 			return p, err
 		}
 		// Drain: the workers may still be working through their rings.
+		// The far end is quiet once its counter has not moved for 20 ms,
+		// and not before drainMin after the send: on a loaded shared
+		// host the system's thread may wait that long for its CPU with
+		// a full RX ring, and frames it handles after the window would
+		// be counted (and their CPU time charged) to the next round.
 		for {
 			c, last, _ := obs.state()
-			if c-before >= uint64(sent) || time.Since(last) > 20*time.Millisecond && time.Since(sendEnd) > 20*time.Millisecond {
+			if c-before >= uint64(sent) || time.Since(last) > 20*time.Millisecond && time.Since(sendEnd) > drainMin || r.ctx.Err() != nil {
 				break
 			}
 			time.Sleep(time.Millisecond)
@@ -490,6 +600,7 @@ func (r *runner) measure(senders []sender, count func() (uint64, error)) (phase,
 		if err != nil {
 			return p, err
 		}
+		p.cpu += time.Duration(cpuSince(cpu0, gens.m))
 		p.offered += uint64(sent)
 		p.delivered += c - before
 		p.send += sendMax
@@ -499,6 +610,10 @@ func (r *runner) measure(senders []sender, count func() (uint64, error)) (phase,
 	}
 	return p, nil
 }
+
+// drainMin is the least a round waits after its send for the far end to
+// go quiet (see measure).
+const drainMin = 80 * time.Millisecond
 
 // observer polls a counter every 100 µs from GenCPU (where it takes a
 // few µs from the generator per wake rather than from the workers),
@@ -512,12 +627,16 @@ type observer struct {
 	quit        atomic.Bool
 }
 
-func startObserver(count func() (uint64, error), before uint64) *observer {
+func startObserver(count func() (uint64, error), before uint64, gens *tidSet) *observer {
 	o := &observer{c: before, last: time.Now(), done: make(chan struct{})}
+	ready := make(chan struct{})
 	go func() {
 		defer close(o.done)
 		runtime.LockOSThread()
-		defer runtime.UnlockOSThread()
+		// Left locked: the thread is pinned to GenCPU and exits with
+		// the goroutine rather than serving others there.
+		gens.addSelf()
+		close(ready)
 		if _, err := gen.PinThread(GenCPU); err != nil {
 			o.err = err
 			return
@@ -546,6 +665,7 @@ func startObserver(count func() (uint64, error), before uint64) *observer {
 			time.Sleep(100 * time.Microsecond)
 		}
 	}()
+	<-ready
 	return o
 }
 
@@ -589,15 +709,25 @@ func (r *runner) xesp(ctx context.Context, workers int, sizes map[string]gen.Siz
 	loaded := 0
 	for _, n := range r.o.SAs {
 		if n > loaded {
+			var ms runtime.MemStats
+			runtime.GC()
+			runtime.ReadMemStats(&ms)
+			heap0 := ms.HeapAlloc
 			t := time.Now()
-			if err := gw.load(loaded, n, r.nw); err != nil {
+			if err := gw.load(ctx, loaded, n, r.nw); err != nil {
 				return err
 			}
+			el := time.Since(t)
 			// Collect now what loading left behind: a collection of the
 			// multi-GB heap of a million SAs during a scenario would run
 			// on the workers' CPU and be measured as xesp's cost.
 			runtime.GC()
-			r.logf("gateway (%d workers) holds %d SA pairs (loaded and collected in %v)", workers, n, time.Since(t).Round(time.Millisecond))
+			runtime.ReadMemStats(&ms)
+			ld := Load{Workers: workers, From: loaded, To: n, Seconds: el.Seconds(), PairsPerSec: float64(n-loaded) / el.Seconds(),
+				HeapPerSA: (float64(ms.HeapAlloc) - float64(heap0)) / float64(2*(n-loaded)), HeapAfterGiB: float64(ms.HeapAlloc) / (1 << 30)}
+			r.rep.Loads = append(r.rep.Loads, ld)
+			r.logf("gateway (%d workers) holds %d SA pairs (loaded in %v: %.0f pairs/s; %.0f B of heap per SA, the generator's SAs included)",
+				workers, n, el.Round(time.Millisecond), ld.PairsPerSec, ld.HeapPerSA)
 			loaded = n
 		}
 		for si, s := range r.o.Sizes {
@@ -653,15 +783,23 @@ func (r *runner) xesp(ctx context.Context, workers int, sizes map[string]gen.Siz
 				if d := ms.NumGC - gcs; d > 0 {
 					res.Note += fmt.Sprintf("; %d GC cycle(s) during the run", d)
 				}
+				if r.o.NDR && d != "both" {
+					if err := r.ndr(&res, d == "encap", n, sizes[s], count); err != nil {
+						return err
+					}
+				}
 				r.add(res)
 				if d == "decap" && r.floodG != nil {
-					// The same again under the flood.
+					// The same again under the flood; its own snapshot, so
+					// the note counts only this run (not the one before
+					// or the NDR search's trials).
+					fb := gw.snapshot()
 					p, err := r.measure(append(senders, sender{ns: r.tp.phone, g: r.floodG, esp: true, noise: true}), count)
 					if err != nil {
 						return err
 					}
 					fr := p.result(Result{Name: floodName(s, n, workers), Group: "flood", Test: "decap_under_flood", Dir: d, Size: s, SAs: n, Workers: workers})
-					fr.Note = gw.explain(before) // ratios(): vs_no_flood
+					fr.Note = gw.explain(fb) // ratios(): vs_no_flood
 					r.add(fr)
 				}
 			}
@@ -715,6 +853,9 @@ func (r *runner) warm(gw *gatewayUnder) error {
 
 // gatewayUnder is a gateway on the topology with far-end counters.
 type gatewayUnder struct {
+	// ctx is the run's: once a signal ended it, stop leaves the gateway
+	// to the process's exit (see stop).
+	ctx                    context.Context
 	g                      *gateway.Gateway
 	stateDir               string
 	decapCount, encapCount *gen.Counter
@@ -722,7 +863,7 @@ type gatewayUnder struct {
 }
 
 func (r *runner) startGateway(workers int) (_ *gatewayUnder, err error) {
-	gu := &gatewayUnder{}
+	gu := &gatewayUnder{ctx: r.ctx}
 	defer func() {
 		if err != nil {
 			gu.stop()
@@ -758,7 +899,13 @@ func (gu *gatewayUnder) stop() {
 	for i := len(gu.closers) - 1; i >= 0; i-- {
 		gu.closers[i].Close()
 	}
-	if gu.g != nil {
+	// A graceful stop snapshots every SA's replay window and persists
+	// the SAs the bench added (they count as API SAs): tens of seconds
+	// at a million. After a signal the process is about to exit and
+	// its state directory is deleted, so the bench leaves the gateway
+	// running; removing the namespaces takes its links and sockets, and
+	// the exit takes the rest. That keeps a signal's stop under 2 s.
+	if gu.g != nil && (gu.ctx == nil || gu.ctx.Err() == nil) {
 		gu.g.Stop(false)
 	}
 	if gu.stateDir != "" {

@@ -44,14 +44,20 @@ func newXSKTX(ifindex int) (*xskTX, error) {
 // send transmits slots 0..n-1 of the sender's ring and waits for their
 // completions.
 func (x *xskTX) send(s *Sender, n int) (int, time.Duration, error) {
+	return x.sendRange(s, 0, n)
+}
+
+// sendRange transmits slots from..to-1 and waits for their completions.
+func (x *xskTX) sendRange(s *Sender, from, to int) (int, time.Duration, error) {
 	start := time.Now()
+	n := to - from
 	next, done := 0, 0
 	lastProgress := start
 	for done < n {
 		if next < n {
 			got := x.pool.Get(x.addrs[:min(len(x.addrs), n-next)])
 			for j := range got {
-				l := s.g.CopyFrame(x.u.Frame(x.addrs[j]), next+j)
+				l := s.g.CopyFrame(x.u.Frame(x.addrs[j]), from+next+j)
 				x.descs[j] = xsk.Desc{Addr: x.addrs[j], Len: uint32(l)}
 			}
 			t, err := x.s.Transmit(x.descs[:got])

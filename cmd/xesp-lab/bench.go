@@ -48,6 +48,9 @@ subset N times and writes FILE from the spread it measured.`)
 	flood := fs.Bool("flood", true, "after each decap scenario, measure it again under a forged flood of one SA (not with -check/-calibrate)")
 	rounds := fs.Int("rounds", 0, "rings sent per scenario (0: the preset's)")
 	repeat := fs.Int("repeat", 0, "measure everything this many times and report medians (0: the preset's)")
+	ndr := fs.Bool("ndr", false, "search each xesp scenario's and reflect ceiling's NDR (no loss) and PDR (≤0.5% loss) over a paced offered rate (docs/benchmarking.md)")
+	maxRate := fs.Float64("max-rate", 0, "with -ndr: the top offered rate, packets/s (0: harness.DefaultMaxRate)")
+	pairs := fs.Int("pairs", 0, "with -check/-calibrate: interleaved trial pairs per scenario (0: harness.DefaultPairs)")
 	out := fs.String("out", "bench/results", "directory for results.{json,md,svg}")
 	list := fs.Bool("list", false, "list the selected scenarios and exit")
 	check := fs.String("check", "", "compare the check subset's ratios with this baseline file")
@@ -109,6 +112,8 @@ subset N times and writes FILE from the spread it measured.`)
 	if *repeat > 0 {
 		o.Repeat = *repeat
 	}
+	o.Pairs = *pairs
+	o.NDR, o.MaxRate = *ndr, *maxRate
 	if *list {
 		for _, n := range harness.Selected(o) {
 			fmt.Println(n)
@@ -134,7 +139,11 @@ subset N times and writes FILE from the spread it measured.`)
 		fmt.Printf("wrote %s\n", *check)
 		return nil
 	}
-	rep, err := harness.Run(ctx, o)
+	run := harness.Run
+	if *check != "" {
+		run = harness.Gate
+	}
+	rep, err := run(ctx, o)
 	if err != nil {
 		return err
 	}

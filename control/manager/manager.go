@@ -319,14 +319,23 @@ func (m *Manager) Sync(ctx context.Context) error {
 	if len(m.changes) == 0 {
 		return nil
 	}
-	var b batch
-	for _, c := range m.changes {
-		m.plan(&b, c)
+	// Commit in pages, as resync does: a load of a million SAs is a
+	// million changes, and one batch of them would hold the manager (and
+	// a shutdown waiting for it) for minutes without a look at ctx.
+	var errs []error
+	for from := 0; from < len(m.changes); from += resyncPage {
+		var b batch
+		for _, c := range m.changes[from:min(len(m.changes), from+resyncPage)] {
+			m.plan(&b, c)
+		}
+		if err := m.commit(ctx, &b); err != nil {
+			errs = append(errs, err)
+		}
+		if ctx.Err() != nil {
+			return errors.Join(errs...)
+		}
 	}
-	err = m.commit(ctx, &b)
-	if ctx.Err() != nil {
-		return err
-	}
+	err = errors.Join(errs...)
 	// SAs that failed to build or publish are reported, not retried:
 	// waiting on them would stall every later change.
 	m.advance(next)

@@ -281,7 +281,9 @@ func (w *Worker) Run(ctx context.Context) error {
 		return err
 	}
 	idle := 0
+	slow := newSlowKnob()
 	for {
+		slow.start()
 		w.drainCommands()
 		got := 0
 		if n := pub.Receive(rx); n > 0 {
@@ -329,6 +331,7 @@ func (w *Worker) Run(ctx context.Context) error {
 				s.Kick()
 			}
 		}
+		slow.after(got)
 		if got > 0 {
 			idle = 0
 			continue
