@@ -51,7 +51,7 @@ type apiFlags struct {
 }
 
 func (f *apiFlags) register(fs *flag.FlagSet) {
-	fs.StringVar(&f.addr, "api", "", "control API address: unix:/path or http://host:port (default $XESP_API, else unix:"+config.Defaults().API.Unix+")")
+	fs.StringVar(&f.addr, "api", "", "control API address: unix:/path or https://host:port (default $XESP_API, else unix:"+config.Defaults().API.Unix+")")
 	fs.StringVar(&f.token, "token", "", "bearer token for an http:// API (default $XESP_TOKEN)")
 	fs.StringVar(&f.tokenFile, "token-file", "", "file holding the bearer token (default $XESP_TOKEN_FILE)")
 	fs.StringVar(&f.ca, "ca", "", "CA certificate file verifying an https API (default $XESP_CA, else the system roots)")
