@@ -213,7 +213,8 @@ func Start(ctx context.Context, o Options) (l *Lab, err error) {
 		}
 	}
 	// The gateway's kernel forwards exactly one thing from the public
-	// side: unprotected SIP to the P-CSCF (DNAT from the public address).
+	// side: unprotected SIP to the P-CSCF (DNAT from the public address);
+	// it takes no TCP from there (the API listens on the core side).
 	// Protected SIP reaches the P-CSCF only as xesp's decapsulated output
 	// (AF_XDP, which bypasses this filter).
 	nft := fmt.Sprintf(`table ip xesp_pcscf {
@@ -223,6 +224,8 @@ func Start(ctx context.Context, o Options) (l *Lab, err error) {
     iifname "priv" accept;
     iifname "pub" ct status dnat ip daddr %[2]s udp dport 5060 accept;
   }
+  # The API (TCP, on the core-side address) is for the core side only.
+  chain input_pub { type filter hook input priority filter; iifname "pub" ip protocol tcp drop; }
 }
 `, Public, PCSCF)
 	cmd := l.GW.Command("nft", "-f", "-")
