@@ -150,9 +150,11 @@ func Demo(ctx context.Context, o DemoOptions) error {
 		}
 	}
 	lat := apiLatencies(l.KamailioLog())
-	fmt.Fprintf(out, "API calls per registration (made by Kamailio): POST /v1/secagree at each challenge, POST /v1/secagree/{r}/delete\n"+
-		"at de-registration, expiry or after a re-authentication's 200. Latency as Kamailio measured it (us):\n  create: %s\n  delete: %s (includes the 100 ms grace the outbound SAs keep)\n",
-		latSummary(lat["create"]), latSummary(lat["delete"]))
+	fmt.Fprintf(out, "API calls per registration (made by Kamailio over HTTPS to %s: xesp's certificate verified against the run's CA,\n"+
+		"Kamailio's client certificate, the bearer token; one TLS handshake per call): POST /v1/secagree at each challenge,\n"+
+		"POST /v1/secagree/{r}/delete at de-registration, expiry or after a re-authentication's 200. Latency as Kamailio measured it (us):\n"+
+		"  create: %s\n  delete: %s (includes the 100 ms grace the outbound SAs keep)\n",
+		l.APIURL, latSummary(lat["create"]), latSummary(lat["delete"]))
 	if stopCap != nil {
 		if err := stopCap(); err != nil {
 			return err

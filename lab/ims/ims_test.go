@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/netip"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"sort"
@@ -14,6 +15,7 @@ import (
 	"time"
 
 	"github.com/xesp/xesp/control/api"
+	"github.com/xesp/xesp/examples/kamailio"
 	"github.com/xesp/xesp/lab/netns"
 )
 
@@ -205,6 +207,9 @@ func TestKamailioPCSCFSecAgree(t *testing.T) {
 	if len(bindings) != len(ues) {
 		t.Fatalf("%d NAT bindings for %d phones", len(bindings), len(ues))
 	}
+	// Kamailio made those 20 sets over the API's TLS listener; what that
+	// listener refuses shows how.
+	checkAPILink(t, l)
 
 	// 2. OPTIONS both ways: phone -> P-CSCF (in-s, out-c), S-CSCF ->
 	// P-CSCF -> phone (out-s, in-c).
@@ -313,6 +318,72 @@ func TestKamailioPCSCFSecAgree(t *testing.T) {
 	t.Logf("API latency seen by Kamailio (us): create %v, delete (incl. 100 ms grace) %v", summary(lat["create"]), summary(lat["delete"]))
 }
 
+// checkAPILink proves the P-CSCF's API calls went over TLS with its
+// client certificate: from the P-CSCF's namespace, curl gets no answer
+// from the API's TCP listener in plain HTTP (Go's TLS server answers 400
+// "Client sent an HTTP request to an HTTPS server"; a plain listener
+// would answer 401 for the missing token), none over TLS without a
+// client certificate (handshake refused), and reaches the API only
+// with the certificate (401 without the token: mTLS comes on top of the
+// token, not instead). The local config holding the token is 0600.
+func checkAPILink(t *testing.T, l *Lab) {
+	t.Helper()
+	curl := func(args ...string) (code string, exit int, out string) {
+		args = append([]string{"-sS", "--max-time", "5", "-o", "/dev/null", "-w", "%{http_code}"}, args...)
+		b, err := l.Core.Command("curl", args...).CombinedOutput()
+		if ee, ok := err.(*exec.ExitError); ok {
+			exit = ee.ExitCode()
+		} else if err != nil {
+			t.Fatalf("curl: %v", err)
+		}
+		s := string(b)
+		return s[max(0, len(s)-3):], exit, s
+	}
+	if !strings.HasPrefix(l.APIURL, "https://") {
+		t.Fatalf("the P-CSCF's API URL %s is not https", l.APIURL)
+	}
+	plain := "http://" + strings.TrimPrefix(l.APIURL, "https://") + "/v1/sas"
+	if code, _, out := curl(plain); code != "400" {
+		t.Fatalf("plain HTTP to the API's TCP listener: %s, want the TLS server's 400", out)
+	}
+	b, _ := l.Core.Command("curl", "-sS", "--max-time", "5", plain).CombinedOutput()
+	if !strings.Contains(string(b), "HTTP request to an HTTPS server") {
+		t.Fatalf("plain HTTP to the API's TCP listener answered %q", b)
+	}
+	if code, exit, out := curl("--cacert", l.APICA, l.APIURL+"/v1/sas"); exit == 0 || code != "000" {
+		t.Fatalf("TLS without a client certificate: exit %d, %s; want the handshake refused", exit, out)
+	}
+	if code, exit, out := curl("--cacert", l.APICA, "--cert", l.PCSCFCert.CertPath, "--key", l.PCSCFCert.KeyPath, l.APIURL+"/v1/sas"); exit != 0 || code != "401" {
+		t.Fatalf("TLS with the P-CSCF's certificate, no token: exit %d, %s; want 401", exit, out)
+	}
+	for _, f := range []string{filepath.Join(l.Dir(), "pcscf-local.cfg"), l.PCSCFCert.KeyPath} {
+		st, err := os.Stat(f)
+		if err != nil || st.Mode().Perm() != 0o600 {
+			t.Fatalf("%s: %v %v, want mode 0600", f, st.Mode(), err)
+		}
+	}
+	// What one call's TLS costs a libcurl client like Kamailio's: the
+	// handshake (client certificate included) per connection.
+	var hs, total []int
+	for range 7 {
+		b, err := l.Core.Command("curl", "-sS", "--max-time", "5", "-o", "/dev/null", "-w", "%{time_connect} %{time_appconnect} %{time_total}",
+			"--cacert", l.APICA, "--cert", l.PCSCFCert.CertPath, "--key", l.PCSCFCert.KeyPath, l.APIURL+"/v1/health").Output()
+		var c, a, tt float64
+		if _, serr := fmt.Sscanf(string(b), "%g %g %g", &c, &a, &tt); err != nil || serr != nil {
+			t.Fatalf("curl timing: %q %v %v", b, err, serr)
+		}
+		hs, total = append(hs, int((a-c)*1e6)), append(total, int(tt*1e6))
+	}
+	t.Logf("curl over the P-CSCF's API link (us): TLS handshake %s, whole call %s", summary(hs), summary(total))
+	t.Logf("API link: plain HTTP refused (400 from the TLS server), TLS without a client certificate refused (handshake), with it 401 without the token; Kamailio's calls went to %s", l.APIURL)
+	local, _ := os.ReadFile(filepath.Join(l.Dir(), "pcscf-local.cfg"))
+	for _, want := range []string{"!XESP_API!" + l.APIURL + "!", "!XESP_CA!" + l.APICA + "!", "!XESP_CERT!" + l.PCSCFCert.CertPath + "!"} {
+		if !strings.Contains(string(local), want) {
+			t.Fatalf("pcscf-local.cfg lacks %q", want)
+		}
+	}
+}
+
 // latencies collects the P-CSCF's logged API call durations.
 func latencies(log string) map[string][]int {
 	out := map[string][]int{}
@@ -340,4 +411,57 @@ func summary(v []int) string {
 	}
 	sort.Ints(v)
 	return fmt.Sprintf("n=%d min %d median %d max %d", len(v), v[0], v[len(v)/2], v[len(v)-1])
+}
+
+// The example config's API link modes parse with the installed Kamailio
+// and its modules (`kamailio -c`): TLS with and without a client
+// certificate (http_client's cacert, client_cert, client_key,
+// verify_peer, verify_host, tlsversion: a misspelt parameter fails the
+// check) and plain HTTP on loopback (XESP_API_PLAIN, no TLS values).
+// kamailio -c does not open the files; TestKamailioPCSCFSecAgree runs
+// the TLS mode end to end.
+func TestPCSCFConfigModesParse(t *testing.T) {
+	if _, err := exec.LookPath("kamailio"); err != nil {
+		t.Skip("kamailio not installed (make deps)")
+	}
+	if err := CheckTools(); err != nil {
+		t.Fatal(err)
+	}
+	common := `#!substdef "!PCSCF_IP!10.0.0.1!g"
+#!substdef "!PUBLIC_IP!198.51.100.1!g"
+#!substdef "!SCSCF_IP!10.0.0.2!g"
+#!substdef "!SCSCF_PORT!5060!g"
+#!substdef "!XESP_TOKEN!0123456789abcdef!g"
+#!substdef "!PORT_S!5065!g"
+#!substdef "!PORT_C1!5063!g"
+#!substdef "!PORT_C2!5067!g"
+`
+	for name, local := range map[string]string{
+		"tls": common + `#!substdef "!XESP_API!https://10.0.0.254:9443!g"
+#!substdef "!XESP_CA!/etc/kamailio/xesp-api-ca.crt!g"
+#!substdef "!XESP_CERT!/etc/kamailio/pcscf.crt!g"
+#!substdef "!XESP_KEY!/etc/kamailio/pcscf.key!g"
+`,
+		"tls without a client certificate": common + `#!substdef "!XESP_API!https://10.0.0.254:9443!g"
+#!substdef "!XESP_CA!/etc/kamailio/xesp-api-ca.crt!g"
+#!substdef "!XESP_CERT!!g"
+#!substdef "!XESP_KEY!!g"
+`,
+		"plain on loopback": common + `#!define XESP_API_PLAIN
+#!substdef "!XESP_API!http://127.0.0.1:8900!g"
+`,
+	} {
+		dir := t.TempDir()
+		if err := os.WriteFile(filepath.Join(dir, "pcscf.cfg"), []byte(kamailio.PCSCF), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, "pcscf-local.cfg"), []byte(local), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		cmd := exec.Command("kamailio", "-c", "-f", filepath.Join(dir, "pcscf.cfg"))
+		cmd.Dir = dir
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Errorf("%s: kamailio -c: %v\n%s", name, err, tail(string(out), 10))
+		}
+	}
 }

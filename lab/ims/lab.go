@@ -6,11 +6,15 @@
 //	home1 (ue1..) ─ napt1 ─┐
 //	home2 (ue..)  ─ napt2 ─┼─ inet (bridge) ─ gw: xesp (XDP+AF_XDP), public 198.51.100.1,
 //	 ...                   ┘                   nft: 198.51.100.1:5060 DNAT -> P-CSCF, nothing else in
+//	                                          │  xesp API: HTTPS (mTLS + token) on 10.0.0.254
 //	                                          └─ core: Kamailio P-CSCF 10.0.0.1 (5060, 5063/5067, 5065),
-//	                                             S-CSCF stand-in 10.0.0.2:5060, xesp API on 127.0.0.1 (token)
+//	                                             S-CSCF stand-in 10.0.0.2:5060
 //
 // What is real: xesp's data path and control API, Kamailio (P-CSCF), the
-// NAPTs (nftables masquerade). What is a stand-in, said plainly: the
+// NAPTs (nftables masquerade), the API link: Kamailio's http_client calls
+// the API across the core link over TLS, verifying xesp's certificate
+// against a CA made for the run (lab/testpki) and presenting a client
+// certificate (api.tls.client_ca) plus the admin token. What is a stand-in, said plainly: the
 // S-CSCF/HSS (SCSCF: Go, non-Milenage AKA vectors) and the phones' IMS
 // stacks (UE: Go). No Go code plays the P-CSCF.
 //
@@ -28,6 +32,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/x509"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -49,6 +54,7 @@ import (
 	"github.com/xesp/xesp/examples/kamailio"
 	"github.com/xesp/xesp/gateway"
 	"github.com/xesp/xesp/lab/netns"
+	"github.com/xesp/xesp/lab/testpki"
 )
 
 // Addresses of the topology.
@@ -89,9 +95,16 @@ type Lab struct {
 	UEs      []*UE
 	Gateway  *gateway.Gateway
 	// API is a client on the API's Unix socket; APISocket its path (the
-	// one `xesp sa list --api unix:...` reads). Kamailio uses TCP.
+	// one `xesp sa list --api unix:...` reads). Kamailio uses the TLS
+	// listener on the gateway's core address, APIURL.
 	API       *api.Client
 	APISocket string
+	APIURL    string
+	// PKI is the run's TLS material: APICA signed the API's certificate
+	// and PCSCFCert, the P-CSCF's client certificate (api.tls.client_ca
+	// is APICA too).
+	APICA     string
+	PCSCFCert testpki.Pair
 	SCSCF     *SCSCF
 
 	dir        string
@@ -200,7 +213,8 @@ func Start(ctx context.Context, o Options) (l *Lab, err error) {
 		}
 	}
 	// The gateway's kernel forwards exactly one thing from the public
-	// side: unprotected SIP to the P-CSCF (DNAT from the public address).
+	// side: unprotected SIP to the P-CSCF (DNAT from the public address);
+	// it takes no TCP from there (the API listens on the core side).
 	// Protected SIP reaches the P-CSCF only as xesp's decapsulated output
 	// (AF_XDP, which bypasses this filter).
 	nft := fmt.Sprintf(`table ip xesp_pcscf {
@@ -210,6 +224,8 @@ func Start(ctx context.Context, o Options) (l *Lab, err error) {
     iifname "priv" accept;
     iifname "pub" ct status dnat ip daddr %[2]s udp dport 5060 accept;
   }
+  # The API (TCP, on the core-side address) is for the core side only.
+  chain input_pub { type filter hook input priority filter; iifname "pub" ip protocol tcp drop; }
 }
 `, Public, PCSCF)
 	cmd := l.GW.Command("nft", "-f", "-")
@@ -319,17 +335,36 @@ func (l *Lab) startAPI(cfg *config.Config, token string) error {
 	if err != nil {
 		return err
 	}
-	l.APISocket = filepath.Join(l.dir, "api.sock")
-	srv, err := api.New(api.Options{SAD: l.Gateway.SAD, DataPath: dp, NATTPort: cfg.NATTPort, Log: l.opts.Log, CorePool: cfg.CorePrefix,
-		// Kamailio reaches the API over loopback TCP (its http_client has no
-		// Unix sockets); plain HTTP is allowed only there (docs/pcscf.md).
-		API: config.API{Unix: l.APISocket, TCP: "127.0.0.1:0", Insecure: true, BearerToken: sa.Secret(token)}})
+	// The PKI of the API link, as an operator sets it up: a CA, the
+	// API's server certificate for the address Kamailio dials, and a
+	// client certificate for the P-CSCF signed by the CA that api.tls
+	// accepts client certificates from.
+	pki := filepath.Join(l.dir, "pki")
+	if err := os.Mkdir(pki, 0o700); err != nil {
+		return err
+	}
+	ca, err := testpki.Make(pki, "xesp-api")
 	if err != nil {
 		return err
 	}
-	// The TCP listener opens in the core namespace: Kamailio reaches it on
-	// that namespace's loopback, nothing else can.
-	if err := l.Core.Do(srv.Listen); err != nil {
+	server, err := ca.Issue("api", []string{GWCore.String()}, x509.ExtKeyUsageServerAuth)
+	if err != nil {
+		return err
+	}
+	if l.PCSCFCert, err = ca.Issue("pcscf", nil, x509.ExtKeyUsageClientAuth); err != nil {
+		return err
+	}
+	l.APICA = ca.Path
+	l.APISocket = filepath.Join(l.dir, "api.sock")
+	srv, err := api.New(api.Options{SAD: l.Gateway.SAD, DataPath: dp, NATTPort: cfg.NATTPort, Log: l.opts.Log, CorePool: cfg.CorePrefix,
+		API: config.API{Unix: l.APISocket, TCP: netip.AddrPortFrom(GWCore, 0).String(), BearerToken: sa.Secret(token),
+			TLS: &config.APITLS{CertPath: server.CertPath, KeyPath: server.KeyPath, ClientCAPath: ca.Path}}})
+	if err != nil {
+		return err
+	}
+	// The listeners open in the gateway's namespace: Kamailio reaches
+	// the TCP one across the core link, as from another host.
+	if err := l.GW.Do(srv.Listen); err != nil {
 		return err
 	}
 	ctx, cancel := context.WithCancel(context.Background())
@@ -339,17 +374,22 @@ func (l *Lab) startAPI(cfg *config.Config, token string) error {
 	if err != nil {
 		return err
 	}
+	l.APIURL = "https://" + srv.TCPAddr().String()
+	// pcscf-local.cfg holds the token and names the client key: 0600.
 	return os.WriteFile(filepath.Join(l.dir, "pcscf-local.cfg"), []byte(fmt.Sprintf(`# written by lab/ims for this run
 #!substdef "!PCSCF_IP!%s!g"
 #!substdef "!PUBLIC_IP!%s!g"
 #!substdef "!SCSCF_IP!%s!g"
 #!substdef "!SCSCF_PORT!5060!g"
-#!substdef "!XESP_API!http://%s!g"
+#!substdef "!XESP_API!%s!g"
 #!substdef "!XESP_TOKEN!%s!g"
+#!substdef "!XESP_CA!%s!g"
+#!substdef "!XESP_CERT!%s!g"
+#!substdef "!XESP_KEY!%s!g"
 #!substdef "!PORT_S!%d!g"
 #!substdef "!PORT_C1!%d!g"
 #!substdef "!PORT_C2!%d!g"
-`, PCSCF, Public, SCSCFAddr, srv.TCPAddr(), token, PortS, PortC1, PortC2)), 0o600)
+`, PCSCF, Public, SCSCFAddr, l.APIURL, token, ca.Path, l.PCSCFCert.CertPath, l.PCSCFCert.KeyPath, PortS, PortC1, PortC2)), 0o600)
 }
 
 func (l *Lab) startKamailio(token string) error {

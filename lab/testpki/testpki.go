@@ -3,7 +3,9 @@
 // addresses and names) and clients, written as PEM files (keys 0600).
 //
 // It owns nothing the product uses: only tests and the lab import it
-// (cmd/xesp's deps_test keeps it out of the daemon).
+// (cmd/xesp's deps_test keeps it out of the daemon). Tests use New and the
+// methods taking a testing.TB; the lab (lab/ims, also run by
+// `xesp-lab demo -ims`) uses Make and Issue, which return errors.
 package testpki
 
 import (
@@ -13,6 +15,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
+	"fmt"
 	"math/big"
 	"net"
 	"os"
@@ -34,34 +37,46 @@ type CA struct {
 // New makes a CA and writes its certificate to dir/<name>-ca.crt.
 func New(t testing.TB, dir, name string) *CA {
 	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	ca, err := Make(dir, name)
 	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: serial(t), Subject: pkix.Name{CommonName: name + " test CA"},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
-		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, _ := x509.ParseCertificate(der)
-	ca := &CA{Cert: cert, key: key, PEM: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), dir: dir}
-	ca.Path = filepath.Join(dir, name+"-ca.crt")
-	if err := os.WriteFile(ca.Path, ca.PEM, 0o644); err != nil {
 		t.Fatal(err)
 	}
 	return ca
 }
 
-func serial(t testing.TB) *big.Int {
-	n, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 64))
+// Make is New for code that is not a test.
+func Make(dir, name string) (*CA, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
-	return n
+	sn, err := serial()
+	if err != nil {
+		return nil, err
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: sn, Subject: pkix.Name{CommonName: name + " test CA"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		return nil, fmt.Errorf("testpki: CA %s: %w", name, err)
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		return nil, fmt.Errorf("testpki: CA %s: %w", name, err)
+	}
+	ca := &CA{Cert: cert, key: key, PEM: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), dir: dir}
+	ca.Path = filepath.Join(dir, name+"-ca.crt")
+	if err := os.WriteFile(ca.Path, ca.PEM, 0o644); err != nil {
+		return nil, fmt.Errorf("testpki: %w", err)
+	}
+	return ca, nil
+}
+
+func serial() (*big.Int, error) {
+	return rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 64))
 }
 
 // Pair is a certificate and key as PEM files.
@@ -91,12 +106,27 @@ func (ca *CA) Both(t testing.TB, name string, hosts ...string) Pair {
 }
 
 func (ca *CA) issue(t testing.TB, name string, hosts []string, usage ...x509.ExtKeyUsage) Pair {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	p, err := ca.Issue(name, hosts, usage...)
 	if err != nil {
 		t.Fatal(err)
 	}
+	return p
+}
+
+// Issue is Server, Client or Both for code that is not a test: a
+// certificate with common name name, valid for hosts (IP addresses or
+// names) and usage, written as dir/<name>.crt and dir/<name>.key (0600).
+func (ca *CA) Issue(name string, hosts []string, usage ...x509.ExtKeyUsage) (Pair, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return Pair{}, err
+	}
+	sn, err := serial()
+	if err != nil {
+		return Pair{}, err
+	}
 	tmpl := &x509.Certificate{
-		SerialNumber: serial(t), Subject: pkix.Name{CommonName: name},
+		SerialNumber: sn, Subject: pkix.Name{CommonName: name},
 		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
 		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: usage,
 	}
@@ -109,20 +139,20 @@ func (ca *CA) issue(t testing.TB, name string, hosts []string, usage ...x509.Ext
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, &key.PublicKey, ca.key)
 	if err != nil {
-		t.Fatal(err)
+		return Pair{}, fmt.Errorf("testpki: %s: %w", name, err)
 	}
 	kder, err := x509.MarshalECPrivateKey(key)
 	if err != nil {
-		t.Fatal(err)
+		return Pair{}, fmt.Errorf("testpki: %s: %w", name, err)
 	}
 	p := Pair{CertPath: filepath.Join(ca.dir, name+".crt"), KeyPath: filepath.Join(ca.dir, name+".key"),
 		CertPEM: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
 		KeyPEM:  pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder})}
 	if err := os.WriteFile(p.CertPath, p.CertPEM, 0o644); err != nil {
-		t.Fatal(err)
+		return Pair{}, fmt.Errorf("testpki: %w", err)
 	}
 	if err := os.WriteFile(p.KeyPath, p.KeyPEM, 0o600); err != nil {
-		t.Fatal(err)
+		return Pair{}, fmt.Errorf("testpki: %w", err)
 	}
-	return p
+	return p, nil
 }
