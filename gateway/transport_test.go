@@ -11,8 +11,8 @@ import (
 	"time"
 
 	"github.com/xesp/xesp/dataplane/esp"
-	"github.com/xesp/xesp/internal/pkt"
 	"github.com/xesp/xesp/dataplane/worker"
+	"github.com/xesp/xesp/internal/pkt"
 )
 
 // Transport-mode SAs through the gateway (docs/addressing.md, "Transport
