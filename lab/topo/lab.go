@@ -132,6 +132,12 @@ type Options struct {
 	// gateway sends them arrives under an SPI that is not their own. It
 	// exists to prove the misdelivery counters count.
 	CrossSAs [2]int
+	// Transport gives the TUN phones transport-mode SA pairs
+	// (docs/addressing.md, "Transport mode"): each phone's segments go to
+	// the gateway and on to kamailio (inner.local) from the phone's core
+	// address. Needs core addresses (not CoreNone). Bulk phones stay in
+	// tunnel mode.
+	Transport bool
 	// KamailioConfig is the core's config file (default:
 	// examples/kamailio/kamailio.cfg, built into the binary).
 	KamailioConfig string
@@ -234,6 +240,9 @@ func Start(ctx context.Context, o Options) (l *Lab, err error) {
 	if o.NAPTs > 50 || o.NAPTs*o.Phones > 200 || o.Phones > 200 || o.Bulk > 40000 {
 		return nil, fmt.Errorf("lab: at most 50 NAPTs, 200 TUN phones in all and 40000 bulk phones (one UDP port each from 20000)")
 	}
+	if o.Transport && o.Core == CoreNone {
+		return nil, fmt.Errorf("lab: transport mode needs core addresses (Core: %s)", o.Core)
+	}
 	if err := CheckTools(); err != nil {
 		return nil, fmt.Errorf("lab: %w", err)
 	}
@@ -315,16 +324,24 @@ func Start(ctx context.Context, o Options) (l *Lab, err error) {
 	}
 
 	var sas strings.Builder
-	addSAs := func(name string, wan, inner, core netip.Addr, spiIn, spiOut uint32, kin, kout string) {
+	addSAs := func(name string, wan, inner, core netip.Addr, spiIn, spiOut uint32, kin, kout string, transport bool) {
+		mode := "tunnel"
 		in := "{local: 10.0.0.0/24, peer: " + inner.String() + "/32}"
 		if core.IsValid() {
 			in = "{local: 10.0.0.0/24, peer: " + inner.String() + "/32, core: " + core.String() + "}"
 		}
+		if transport {
+			// The phone's segments go to kamailio from its core address.
+			mode, in = "transport", "{local: "+Core.String()+"}"
+			if core.IsValid() {
+				in = "{local: " + Core.String() + ", core: " + core.String() + "}"
+			}
+		}
 		fmt.Fprintf(&sas, `
-  - {name: %[1]s-in,  pair: %[1]s, spi: %[2]d, direction: in,  mode: tunnel, proposal: aes128gcm16, enc_key: %[4]s,
+  - {name: %[1]s-in,  pair: %[1]s, spi: %[2]d, direction: in,  mode: %[9]s, proposal: aes128gcm16, enc_key: %[4]s,
      local: %[6]s, peer: %[7]s, encap: {local_port: 4500, peer_port: 4500}, inner: %[8]s}
-  - {name: %[1]s-out, pair: %[1]s, spi: %[3]d, direction: out, mode: tunnel, proposal: aes128gcm16, enc_key: %[5]s,
-     local: %[6]s, peer: %[7]s, encap: {local_port: 4500, peer_port: 4500}, inner: %[8]s}`, name, spiIn, spiOut, kin, kout, GatewayPublic, wan, in)
+  - {name: %[1]s-out, pair: %[1]s, spi: %[3]d, direction: out, mode: %[9]s, proposal: aes128gcm16, enc_key: %[5]s,
+     local: %[6]s, peer: %[7]s, encap: {local_port: 4500, peer_port: 4500}, inner: %[8]s}`, name, spiIn, spiOut, kin, kout, GatewayPublic, wan, in, mode)
 		l.outPeer[spiOut] = wan
 	}
 	gwESP := netip.AddrPortFrom(GatewayPublic, 4500)
@@ -345,7 +362,7 @@ func Start(ctx context.Context, o Options) (l *Lab, err error) {
 			return l, err
 		}
 		sasBefore := sas.Len()
-		addSAs(p.User, p.NAPTWAN, p.Inner, p.Core, p.SPIIn, p.SPIOut, p.KeyIn, p.KeyOut)
+		addSAs(p.User, p.NAPTWAN, p.Inner, p.Core, p.SPIIn, p.SPIOut, p.KeyIn, p.KeyOut, o.Transport)
 		p.saYAML = "sas:" + sas.String()[sasBefore:] + "\n"
 	}
 	if !o.NoTunnels {
@@ -367,8 +384,8 @@ func Start(ctx context.Context, o Options) (l *Lab, err error) {
 			b := &BulkPhone{N: n, Inner: netip.AddrFrom4([4]byte{10, 99, byte(1 + i/250), byte(1 + i%250)}),
 				SPIIn: 0x100000 + uint32(n), SPIOut: 0x200000 + uint32(n)}
 			kin, kout := randHex(20), randHex(20)
-			addSAs(fmt.Sprintf("bulk%d", n), NAPTWAN, b.Inner, netip.Addr{}, b.SPIIn, b.SPIOut, kin, kout)
-			out, in, err := phoneSAs(b.SPIIn, kin, b.SPIOut, kout)
+			addSAs(fmt.Sprintf("bulk%d", n), NAPTWAN, b.Inner, netip.Addr{}, b.SPIIn, b.SPIOut, kin, kout, false)
+			out, in, err := phoneSAs(b.SPIIn, kin, b.SPIOut, kout, esp.ModeTunnel)
 			if err != nil {
 				return l, err
 			}
@@ -417,6 +434,7 @@ func Start(ctx context.Context, o Options) (l *Lab, err error) {
 				return l, fmt.Errorf("lab: the gateway allocated no core address for %s", p.User)
 			}
 			p.saYAML = strings.ReplaceAll(p.saYAML, "peer: "+p.Inner.String()+"/32}", "peer: "+p.Inner.String()+"/32, core: "+p.Core.String()+"}")
+			p.saYAML = strings.ReplaceAll(p.saYAML, "inner: {local: "+Core.String()+"}", "inner: {local: "+Core.String()+", core: "+p.Core.String()+"}")
 		}
 		for _, b := range l.Bulk {
 			b.Core = cores[b.SPIIn]
@@ -435,7 +453,11 @@ func Start(ctx context.Context, o Options) (l *Lab, err error) {
 // its LAN address, SIP port 5060, misdelivery counted by SPI, inner
 // destination and SIP user.
 func (l *Lab) startTunnel(p *Phone, gw netip.AddrPort) error {
-	out, in, err := phoneSAs(p.SPIIn, p.KeyIn, p.SPIOut, p.KeyOut)
+	mode := esp.ModeTunnel
+	if l.opts.Transport {
+		mode = esp.ModeTransport
+	}
+	out, in, err := phoneSAs(p.SPIIn, p.KeyIn, p.SPIOut, p.KeyOut, mode)
 	if err != nil {
 		return err
 	}
@@ -447,7 +469,7 @@ func (l *Lab) startTunnel(p *Phone, gw netip.AddrPort) error {
 				return fmt.Errorf("lab: CrossSAs names phone %d of %d", o, len(l.Phones))
 			}
 			q := l.Phones[o-1]
-			if _, in, err = phoneSAs(q.SPIIn, q.KeyIn, q.SPIOut, q.KeyOut); err != nil {
+			if _, in, err = phoneSAs(q.SPIIn, q.KeyIn, q.SPIOut, q.KeyOut, mode); err != nil {
 				return err
 			}
 		}
@@ -621,13 +643,13 @@ func (l *Lab) OutPackets(spiOut uint32) uint64 {
 	return c.Packets
 }
 
-func phoneSAs(spiIn uint32, kin string, spiOut uint32, kout string) (out, in *esp.SA, err error) {
+func phoneSAs(spiIn uint32, kin string, spiOut uint32, kout string, mode esp.Mode) (out, in *esp.SA, err error) {
 	mk := func(spi uint32, keyHex string, window int) (*esp.SA, error) {
 		k, err := hex.DecodeString(keyHex)
 		if err != nil {
 			return nil, err
 		}
-		return esp.NewSA(esp.Config{SPI: spi, Proposal: esp.AES128GCM16, EncKey: k, ReplayWindow: window, Mode: esp.ModeTunnel})
+		return esp.NewSA(esp.Config{SPI: spi, Proposal: esp.AES128GCM16, EncKey: k, ReplayWindow: window, Mode: mode})
 	}
 	if out, err = mk(spiIn, kin, 0); err != nil {
 		return nil, nil, err
