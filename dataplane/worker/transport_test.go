@@ -377,3 +377,86 @@ func BenchmarkEncapModes(b *testing.B) {
 		})
 	}
 }
+
+// udp6 is an IPv6/UDP packet (hop limit 64) with a valid checksum.
+func udp6(src, dst netip.AddrPort, payload []byte) []byte {
+	p := make([]byte, 48+len(payload))
+	p[0], p[6], p[7] = 0x60, 17, 64
+	binary.BigEndian.PutUint16(p[4:], uint16(8+len(payload)))
+	s, d := src.Addr().As16(), dst.Addr().As16()
+	copy(p[8:], s[:])
+	copy(p[24:], d[:])
+	u := p[40:]
+	binary.BigEndian.PutUint16(u[0:], src.Port())
+	binary.BigEndian.PutUint16(u[2:], dst.Port())
+	binary.BigEndian.PutUint16(u[4:], uint16(8+len(payload)))
+	copy(u[8:], payload)
+	ck := ^pkt.Fold(pkt.Sum(u, pkt.Sum(p[8:40], 17+uint64(len(u)))))
+	if ck == 0 {
+		ck = 0xffff
+	}
+	binary.BigEndian.PutUint16(u[6:], ck)
+	return p
+}
+
+// IPv6 transport, UDP-encapsulated: the same two steps over IPv6 headers
+// (hop limit set, UDP checksum, mandatory in IPv6, valid after each
+// re-addressing).
+func TestTransportPipelineIPv6(t *testing.T) {
+	gw6, nat6, ph6 := netip.MustParseAddr("2001:db8::1"), netip.MustParseAddr("2001:db8:7::7"), netip.MustParseAddr("fd00:1::10")
+	core6, pcscf6 := netip.MustParseAddr("fd64::9"), netip.MustParseAddr("fd00::1")
+	r := newTrRig(t, true)
+	nm := map[[16]byte][6]byte{pcscf6.As16(): pipeCoreHW}
+	r.p.nb.(*mapNeighbors).m.Store(&nm)
+	bind := NewBinding(Peer{Addr: netip.AddrPortFrom(nat6, 4500)})
+	r.in.Core, r.in.Dest, r.in.InnerLocal, r.in.Binding = core6, pcscf6, netip.PrefixFrom(pcscf6, 128), bind
+	r.out.Core, r.out.Local, r.out.InnerLocal, r.out.InnerPeer, r.out.Binding = core6, gw6, netip.PrefixFrom(pcscf6, 128), netip.PrefixFrom(nat6, 128), bind
+
+	req := []byte("REGISTER sip:ims SIP/2.0\r\n\r\n")
+	seg := append([]byte(nil), udp6(netip.AddrPortFrom(ph6, 5062), netip.AddrPortFrom(gw6, 5064), req)[40:]...)
+	m := bpf.Meta{SaIndex: 0, L3Off: ethLen, Kind: uint8(bpf.MetaESPUDP)}
+	binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&m.Sport))[:], 40001)
+	addr, b := r.frame(m)
+	pay := ethLen + 40 + r.phoneOut.Headroom()
+	copy(b[pay:], seg)
+	start, end, err := r.phoneOut.Seal(b, pay, len(seg), 17, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s, err := esp.PutOuter(b, start, end, &esp.Outer{Src: nat6, Dst: gw6, TTL: 3}); err != nil || s != ethLen {
+		t.Fatalf("outer at %d: %v", s, err)
+	}
+	copy(b[6:12], pipeNatHW[:])
+	binary.BigEndian.PutUint16(b[12:], 0x86dd)
+	tx, drop := r.p.decap([]xsk.Desc{{Addr: addr, Len: uint32(end)}}, nil, nil)
+	if len(tx) != 1 || len(drop) != 0 {
+		t.Fatalf("decap: %d forwarded, %v", len(tx), drops(&r.st.Decap))
+	}
+	got := r.bytes(tx[0])[ethLen:]
+	if want := udp6(netip.AddrPortFrom(core6, 5062), netip.AddrPortFrom(pcscf6, 5064), req); !bytes.Equal(got[4:], want[4:]) || got[0]>>4 != 6 {
+		t.Fatalf("forwarded\n got %x\nwant %x", got, want)
+	}
+	if b := bind.Load(); b.Addr != netip.AddrPortFrom(nat6, 40001) {
+		t.Fatalf("binding %v", b.Addr)
+	}
+
+	resp := []byte("SIP/2.0 200 OK\r\n\r\n")
+	ip := udp6(netip.AddrPortFrom(pcscf6, 5064), netip.AddrPortFrom(core6, 5062), resp)
+	d := r.clearFrame(1, ip)
+	binary.BigEndian.PutUint16(r.bytes(d)[12:], 0x86dd)
+	tx, drop = r.p.encap([]xsk.Desc{d}, nil, nil)
+	if len(tx) != 1 || len(drop) != 0 {
+		t.Fatalf("encap: %d sealed, %v", len(tx), drops(&r.st.Encap))
+	}
+	o := r.bytes(tx[0])[ethLen:]
+	if o[6] != 17 || !bytes.Equal(o[8:24], gw6.AsSlice()) || !bytes.Equal(o[24:40], nat6.AsSlice()) || binary.BigEndian.Uint16(o[42:]) != 40001 {
+		t.Fatalf("outer %x", o[:48])
+	}
+	res, err := r.phoneIn.Open(o[48:])
+	if err != nil || res.NextHeader != 17 {
+		t.Fatalf("open: %v (next header %d)", err, res.NextHeader)
+	}
+	if want := udp6(netip.AddrPortFrom(gw6, 5064), netip.AddrPortFrom(nat6, 5062), resp)[40:]; !bytes.Equal(o[48:][res.Start:res.End], want) {
+		t.Fatalf("sealed segment\n got %x\nwant %x", o[48:][res.Start:res.End], want)
+	}
+}
