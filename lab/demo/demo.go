@@ -38,18 +38,18 @@ import (
 
 // Options tune the demo.
 type Options struct {
-	NAPTs   int           // NAPTs, each numbering its LAN 192.168.1.0/24 (3)
-	Phones  int           // phones behind each NAPT (3)
-	Core    topo.CoreMode // where core addresses come from (default: the gateway's core_pool)
+	NAPTs  int           // NAPTs, each numbering its LAN 192.168.1.0/24 (3)
+	Phones int           // phones behind each NAPT (3)
+	Core   topo.CoreMode // where core addresses come from (default: the gateway's core_pool)
 	// Transport gives the phones transport-mode SAs (docs/addressing.md,
 	// "Transport mode"); Direct adds phones without a NAPT, plain ESP.
 	Transport bool
 	Direct    int
-	Metrics string        // /metrics listen address on the host; "" for none
-	Hold    time.Duration // keep running (the core sends OPTIONS to every phone every 2 s) this long after the exchange
-	Version string
-	Out     io.Writer
-	Log     *slog.Logger
+	Metrics   string        // /metrics listen address on the host; "" for none
+	Hold      time.Duration // keep running (the core sends OPTIONS to every phone every 2 s) this long after the exchange
+	Version   string
+	Out       io.Writer
+	Log       *slog.Logger
 	// Prefix names the namespaces; "" means Prefix. Tests use a unique
 	// one so they never meet a demo someone else runs on the machine.
 	Prefix string

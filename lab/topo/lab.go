@@ -204,7 +204,7 @@ type Lab struct {
 	Gateway         *gateway.Gateway
 	Config          *config.Config
 	outPeer         map[uint32]netip.AddrPort // outbound SPI -> its configured peer (NAPT's public address:4500, or a direct phone's address:0)
-	dir             string                // kamailio runtime, state, SIP files
+	dir             string                    // kamailio runtime, state, SIP files
 	kamailio        *exec.Cmd
 	kamailioLog     *syncBuffer
 	kamailioStopped chan struct{}
