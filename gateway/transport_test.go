@@ -1,15 +1,20 @@
 package gateway
 
 import (
+	"context"
 	"encoding/binary"
 	"encoding/hex"
 	"fmt"
 	"net"
 	"net/netip"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/xesp/xesp/control/api"
+	"github.com/xesp/xesp/control/config"
+	"github.com/xesp/xesp/control/secagree"
 	"github.com/xesp/xesp/dataplane/esp"
 	"github.com/xesp/xesp/dataplane/worker"
 	"github.com/xesp/xesp/internal/pkt"
@@ -228,5 +233,112 @@ func TestGatewayTransportPlainESP(t *testing.T) {
 	// address is not the transport SA's.
 	if _, ok := tp.g.SAD.GetName("ue1-in"); !ok {
 		t.Fatal("tunnel SA missing")
+	}
+}
+
+// sec-agree's mod=trans end to end, plain ESP without a NAPT: the API
+// (with a core_pool) registers four transport SAs for the phone
+// (inner.local = the P-CSCF, one core address); the phone derives its
+// keys from CK/IK as TS 33.203 says, sends on its client port to the
+// P-CSCF's protected server port over a raw protocol-50 socket; the
+// P-CSCF receives from the core address, and its answer reaches the phone
+// under the phone's spi-c, the segment's checksum exact for the gateway ->
+// phone addresses.
+func TestGatewayTransportSecAgreePlainESP(t *testing.T) {
+	tp := newTopo(t, 2)
+	tp.core.MustRun("ip", "route", "add", "100.64.0.0/24", "via", "10.0.0.254")
+	dp, err := tp.g.DataPath()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(shortTemp(t), "api.sock")
+	srv, err := api.New(api.Options{SAD: tp.g.SAD, DataPath: dp, API: config.API{Unix: sock}, NATTPort: 4500, CorePool: netip.MustParsePrefix("100.64.0.0/24")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := srv.Listen(); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ctx) }()
+	cl, err := api.NewClient(sock, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cl.Close()
+		cancel()
+		if err := <-served; err != nil {
+			t.Errorf("api: %v", err)
+		}
+	})
+
+	gw, ph, pcscfAddr := netip.MustParseAddr("192.0.2.1"), netip.MustParseAddr("192.0.2.10"), netip.MustParseAddr("10.0.0.1")
+	const ueC, ueS, pC, pS = 5062, 5064, 5063, 5065
+	const spiC, spiS = 0x7000a, 0x7000b
+	ck, ik := make([]byte, 16), make([]byte, 16)
+	for i := range ck {
+		ck[i], ik[i] = byte(i), byte(0xa0+i)
+	}
+	resp, err := cl.SecAgree(context.Background(), api.SecAgreeRequest{Registration: "trans1",
+		SecurityClient: fmt.Sprintf("ipsec-3gpp;alg=hmac-sha-1-96;ealg=aes-cbc;mod=trans;spi-c=%d;spi-s=%d;port-c=%d;port-s=%d", spiC, spiS, ueC, ueS),
+		CK: hex.EncodeToString(ck), IK: hex.EncodeToString(ik), UE: netip.AddrPortFrom(ph, ueC).String(), PCSCF: pcscfAddr.String(),
+		Local: gw.String(), PortC: pC, PortS: pS})
+	if err != nil {
+		t.Fatal(err)
+	}
+	core, err := netip.ParseAddr(resp.Core)
+	if err != nil || !strings.Contains(resp.SecurityServer, "mod=trans") {
+		t.Fatalf("registration: core %q, Security-Server %q", resp.Core, resp.SecurityServer)
+	}
+	ms, err := secagree.Parse(resp.SecurityServer)
+	if err != nil || len(ms) != 1 {
+		t.Fatalf("Security-Server %q: %v", resp.SecurityServer, err)
+	}
+	keys, err := secagree.ExpandKeys(secagree.AlgHMACSHA196, secagree.EalgAESCBC, ck, ik)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mk := func(spi uint32, window int) *esp.SA {
+		s, err := esp.NewSA(esp.Config{SPI: spi, Proposal: esp.AES128SHA1, EncKey: keys.Enc, AuthKey: keys.Auth, ReplayWindow: window, Mode: esp.ModeTransport})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	// The phone's client port to the P-CSCF's server port goes under the
+	// P-CSCF's spi-s; the answer comes back under the phone's spi-c.
+	toPS, fromPS := mk(ms[0].SPIS, 0), mk(spiC, 64)
+	pcscf := udpSock(t, tp.core, netip.AddrPortFrom(pcscfAddr, pS).String())
+	var raw *net.IPConn
+	if err := tp.phone.Do(func() (err error) {
+		raw, err = net.ListenIP("ip4:50", &net.IPAddr{IP: ph.AsSlice()})
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { raw.Close() })
+	req := "REGISTER sip:ims.example SIP/2.0 (protected)"
+	if _, err := raw.WriteToIP(trSeal(t, toPS, ph, gw, ueC, pS, req), &net.IPAddr{IP: gw.AsSlice()}); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 2048)
+	pcscf.SetReadDeadline(time.Now().Add(3 * time.Second))
+	n, from, err := pcscf.ReadFromUDPAddrPort(buf)
+	if err != nil || string(buf[:n]) != req || from != netip.AddrPortFrom(core, ueC) {
+		t.Fatalf("P-CSCF got %q from %v (%v), want %q from %s:%d", buf[:n], from, err, req, core, ueC)
+	}
+	answer := "SIP/2.0 200 OK (protected)"
+	if _, err := pcscf.WriteToUDPAddrPort([]byte(answer), from); err != nil {
+		t.Fatal(err)
+	}
+	raw.SetReadDeadline(time.Now().Add(3 * time.Second))
+	n, src, err := raw.ReadFromIP(buf)
+	if err != nil || !src.IP.Equal(gw.AsSlice()) || binary.BigEndian.Uint32(buf) != spiC {
+		t.Fatalf("phone: %v from %v (SPI %x)", err, src, buf[:min(4, n)])
+	}
+	if got, err := trOpen(fromPS, buf[:n], gw, ph, pS, ueC); err != nil || got != answer {
+		t.Fatalf("phone opened %q (%v), want %q", got, err, answer)
 	}
 }
