@@ -283,7 +283,7 @@ func TestGatewayTransportSecAgreePlainESP(t *testing.T) {
 	}
 	resp, err := cl.SecAgree(context.Background(), api.SecAgreeRequest{Registration: "trans1",
 		SecurityClient: fmt.Sprintf("ipsec-3gpp;alg=hmac-sha-1-96;ealg=aes-cbc;mod=trans;spi-c=%d;spi-s=%d;port-c=%d;port-s=%d", spiC, spiS, ueC, ueS),
-		CK: hex.EncodeToString(ck), IK: hex.EncodeToString(ik), UE: netip.AddrPortFrom(ph, ueC).String(), PCSCF: pcscfAddr.String(),
+		CK:             hex.EncodeToString(ck), IK: hex.EncodeToString(ik), UE: netip.AddrPortFrom(ph, ueC).String(), PCSCF: pcscfAddr.String(),
 		Local: gw.String(), PortC: pC, PortS: pS})
 	if err != nil {
 		t.Fatal(err)
