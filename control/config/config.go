@@ -56,9 +56,10 @@ type Config struct {
 	Etcd *Etcd `yaml:"etcd,omitempty"`
 	// CorePool is the prefix core addresses are allocated from
 	// (docs/addressing.md) for tunnel-mode SAs whose inner.peer is one
-	// address and that name no inner.core, and for sec-agree
-	// registrations. Empty: no allocation (SAs without a core address
-	// are steered by inner prefix, as before).
+	// address and for transport-mode SAs, that name no inner.core, and
+	// for sec-agree registrations. Empty: no allocation (tunnel SAs
+	// without a core address are steered by inner prefix, as before;
+	// transport SAs must name one).
 	CorePool   string       `yaml:"core_pool,omitempty"`
 	CorePrefix netip.Prefix `yaml:"-"`
 	// Tunnel is how the gateway behaves as a router between the tunnels
