@@ -27,6 +27,8 @@ func runDemo(args []string) error {
 	hold := fs.Duration("hold", 0, "keep the topology up this long after the exchange (the core sends OPTIONS to every phone every 2 s; Ctrl-C stops)")
 	imsMode := fs.Bool("ims", false, "the IMS path instead: a real Kamailio P-CSCF (examples/kamailio/pcscf.cfg) drives xesp's sec-agree API for phones behind -napts NAPTs (-phones each)")
 	capture := fs.String("capture", "", "with -ims: write the gateway's public side to this pcap and print tshark's decryption of the first phone's flow")
+	transport := fs.Bool("transport", false, "transport-mode SAs for the phones (the gateway delivers their segments to kamailio from their core addresses; needs -core pool or explicit)")
+	direct := fs.Int("direct", 0, "phones on the public segment without a NAPT, sending plain ESP (IP protocol 50)")
 	metricsAddr := fs.String("metrics", "127.0.0.1:9109", "serve /metrics here while the demo runs (\"\" for none)")
 	if err := fs.Parse(args); err != nil {
 		return errors.Join(errUsage, err)
@@ -41,5 +43,5 @@ func runDemo(args []string) error {
 	if *imsMode {
 		return ims.Demo(ctx, ims.DemoOptions{NAPTs: *napts, PhonesPerNAPT: *phones, Capture: *capture, Out: os.Stdout})
 	}
-	return demo.Run(ctx, demo.Options{NAPTs: *napts, Phones: *phones, Core: mode, Hold: *hold, Metrics: *metricsAddr, Version: version, Out: os.Stdout})
+	return demo.Run(ctx, demo.Options{NAPTs: *napts, Phones: *phones, Core: mode, Transport: *transport, Direct: *direct, Hold: *hold, Metrics: *metricsAddr, Version: version, Out: os.Stdout})
 }

@@ -368,7 +368,12 @@ func saShow(c *api.Client, ref string, asJSON bool, stdout io.Writer) error {
 	}
 	line("binding", "%s", v.Binding)
 	if v.Inner != nil {
-		line("inner", "%s <-> %s", v.Inner.Local, v.Inner.Peer)
+		if v.Inner.Peer == "" {
+			// Transport mode: one core-side host, no phone selector.
+			line("inner", "%s (transport: the phone's segments are delivered there)", v.Inner.Local)
+		} else {
+			line("inner", "%s <-> %s", v.Inner.Local, v.Inner.Peer)
+		}
 		if v.Inner.Core != "" {
 			line("core address", "%s", v.Inner.Core)
 		}

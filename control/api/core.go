@@ -9,10 +9,17 @@ import (
 )
 
 // needsCore says whether an SA added without inner.core gets one from
-// core_pool: tunnel mode, one phone address as inner.peer.
+// core_pool: tunnel mode with one phone address as inner.peer, or
+// transport mode (which cannot work without one) of the pool's family.
 func (s *Server) needsCore(x *sa.SA) bool {
-	return s.pool != nil && x.Mode == sa.Tunnel && !x.Core.IsValid() && x.InnerPeer.IsSingleIP() &&
-		x.InnerPeer.Addr().Is4() == s.pool.Prefix().Addr().Is4()
+	if s.pool == nil || x.Core.IsValid() {
+		return false
+	}
+	v4 := s.pool.Prefix().Addr().Is4()
+	if x.Mode == sa.Transport {
+		return x.Local.Is4() == v4
+	}
+	return x.Mode == sa.Tunnel && x.InnerPeer.IsSingleIP() && x.InnerPeer.Addr().Is4() == v4
 }
 
 // addWithCore adds an SA from POST /v1/sas, giving it a core address

@@ -157,6 +157,10 @@ func (s *Server) secAgreeCreate(w http.ResponseWriter, r *http.Request) {
 			writeError(w, http.StatusBadRequest, fmt.Sprintf("ue_inner, pcscf: mod=%s needs both; %q (transport mode) has none to inherit", chosen.Mod.Effective(), clipStr(req.Replaces)))
 			return
 		}
+		if chosen.Mod.Effective() == secagree.ModeTrans && !reg.PCSCF.IsValid() {
+			writeError(w, http.StatusBadRequest, fmt.Sprintf("pcscf: mod=trans needs it; %q has none to inherit", clipStr(req.Replaces)))
+			return
+		}
 	}
 	for _, role := range roles {
 		if _, ok := s.sad.GetName(req.Registration + "." + role); ok {
@@ -173,6 +177,12 @@ func (s *Server) secAgreeCreate(w http.ResponseWriter, r *http.Request) {
 	var server secagree.Mechanism
 	tunnel := chosen.Mod.Effective() != secagree.ModeTrans && reg.UEInner.IsValid()
 	withCore := s.pool != nil && tunnel && reg.UEInner.Is4() == s.pool.Prefix().Addr().Is4()
+	if chosen.Mod.Effective() == secagree.ModeTrans {
+		// Transport mode cannot work without a core address: always
+		// one from the pool (the policy offers mod=trans only with one;
+		// of the wrong family the SAD refuses the set, naming why).
+		withCore = s.pool != nil && reg.Local.Is4() == s.pool.Prefix().Addr().Is4()
+	}
 	locked := false
 	if withCore {
 		// Allocation and add under one lock: no two registrations get
@@ -343,7 +353,9 @@ func (s *Server) secAgreeInput(req *SecAgreeRequest) (secagree.Registration, sec
 	tunnel := chosen.Mod.Effective() != secagree.ModeTrans
 	// A re-authentication (replaces) inherits them from the replaced set.
 	reg.UEInner = addr("ue_inner", req.UEInner, tunnel && chosen.IsIPsec3GPP() && req.Replaces == "")
-	reg.PCSCF = addr("pcscf", req.PCSCF, tunnel && chosen.IsIPsec3GPP() && req.Replaces == "")
+	// Transport mode needs the P-CSCF's address too: the phone's segments
+	// are delivered there (docs/addressing.md, "Transport mode").
+	reg.PCSCF = addr("pcscf", req.PCSCF, chosen.IsIPsec3GPP() && req.Replaces == "")
 	if req.PortC == 0 {
 		bad("port_c", "required (the P-CSCF's protected client port)")
 	}

@@ -188,16 +188,31 @@ func TestSecAgreeBadRequests(t *testing.T) {
 			}
 		})
 	}
-	// Transport mode (mod=trans, also an absent mod) is refused until the
-	// data path carries it: the reason names it, nothing is registered.
+	// Transport mode (mod=trans, also an absent mod) with a core_pool:
+	// the P-CSCF's address is required (the phone's segments go there);
+	// with it, four plain-ESP transport SAs with inner.local = the
+	// P-CSCF and one allocated core address (docs/addressing.md).
 	r := e.secAgreeRequest("reg-trans")
 	r.SecurityClient = "ipsec-3gpp;alg=hmac-sha-1-96;spi-c=1111;spi-s=2222;port-c=5062;port-s=5064"
 	r.UEInner, r.PCSCF = "", ""
-	if _, err := e.unix.SecAgree(ctx, r); !IsStatus(err, http.StatusBadRequest) || !strings.Contains(err.Error(), "mod=trans is not accepted: this gateway does not support transport-mode SAs yet") {
-		t.Fatalf("transport: %v", err)
+	if _, err := e.unix.SecAgree(ctx, r); !IsStatus(err, http.StatusBadRequest) || !strings.Contains(err.Error(), "pcscf: required") {
+		t.Fatalf("transport without pcscf: %v", err)
 	}
 	if _, ok := e.sad.GetName("reg-trans.in-c"); ok {
-		t.Fatal("transport registration left SAs behind")
+		t.Fatal("refused transport registration left SAs behind")
+	}
+	r.PCSCF = "10.0.0.1"
+	resp, err := e.unix.SecAgree(ctx, r)
+	if err != nil || !strings.Contains(resp.SecurityServer, "mod=trans") || len(resp.SAs) != 4 || resp.Core == "" {
+		t.Fatalf("transport: %+v %v", resp, err)
+	}
+	for _, v := range resp.SAs {
+		if v.Mode != "transport" || v.Encap != nil || v.Inner == nil || v.Inner.Local != "10.0.0.1/32" || v.Inner.Core != resp.Core || v.Inner.Peer != "" {
+			t.Fatalf("%s: mode %s encap %v inner %+v (core %s)", v.Name, v.Mode, v.Encap, v.Inner, resp.Core)
+		}
+	}
+	if _, err := e.unix.DeleteRegistration(ctx, "reg-trans"); err != nil {
+		t.Fatal(err)
 	}
 	// A phone that offers only hmac-md5-96 is served (RFC 2403 SAs).
 	r = e.secAgreeRequest("reg-md5")
@@ -442,5 +457,40 @@ func TestSecAgreeReplacesGetAndPostDelete(t *testing.T) {
 	}
 	if in, out := e.sad.Len(); in != 2 || out != 2 {
 		t.Fatalf("SAD holds %d/%d after deleting the old set, want the new set's 2/2", in, out)
+	}
+}
+
+// Without a core_pool a registration has no core address, which
+// transport mode needs: sec-agree does not choose mod=trans and tells a
+// phone offering only it why; a plain POST of a transport SA without
+// inner.core is refused naming the field and the fix.
+func TestTransportWithoutCorePool(t *testing.T) {
+	d, err := sad.New(sad.Options{Workers: 1, LogSize: 16})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := New(Options{SAD: d, API: config.API{Unix: "/nonexistent/api.sock"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	post := func(path, body string) *httptest.ResponseRecorder {
+		req := httptest.NewRequest("POST", path, strings.NewReader(body))
+		req.Header.Set("Content-Type", "application/json")
+		rec := httptest.NewRecorder()
+		s.Handler().ServeHTTP(rec, req)
+		return rec
+	}
+	key := strings.Repeat("ab", 16)
+	rec := post("/v1/secagree", `{"registration":"r1","security_client":"ipsec-3gpp;alg=hmac-sha-1-96;spi-c=1111;spi-s=2222;port-c=5062;port-s=5064","ck":"`+key+`","ik":"`+key+`","ue":"198.51.100.7:5062","pcscf":"10.0.0.1","local":"192.0.2.1","port_c":5063,"port_s":5065}`)
+	if rec.Code != http.StatusBadRequest || !strings.Contains(rec.Body.String(), "mod=trans is not accepted: transport-mode SAs need a core address for each phone and this gateway has no core_pool") {
+		t.Fatalf("sec-agree: %d %s", rec.Code, rec.Body)
+	}
+	rec = post("/v1/sas", `{"name":"t-in","spi":4097,"direction":"in","mode":"transport","proposal":"null-sha1","auth_key":"`+strings.Repeat("ab", 20)+`","local":"192.0.2.1","peer":"192.0.2.2","inner":{"local":"10.0.0.1"}}`)
+	if rec.Code != http.StatusBadRequest || !strings.Contains(rec.Body.String(), `sa \"t-in\": inner.core: invalid SA: a transport-mode SA needs the phone's core address: name one in inner.core or configure core_pool to allocate it`) {
+		t.Fatalf("POST transport SA: %d %s", rec.Code, rec.Body)
+	}
+	rec = post("/v1/sas", `{"name":"t-in","spi":4097,"direction":"in","mode":"transport","proposal":"null-sha1","auth_key":"`+strings.Repeat("ab", 20)+`","local":"192.0.2.1","peer":"192.0.2.2","inner":{"local":"10.0.0.1","core":"100.64.0.9"}}`)
+	if rec.Code != http.StatusCreated {
+		t.Fatalf("POST transport SA with inner.core: %d %s", rec.Code, rec.Body)
 	}
 }

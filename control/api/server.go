@@ -148,11 +148,15 @@ func New(o Options) (*Server, error) {
 	if o.SecAgree != nil {
 		s.policy = *o.SecAgree
 	}
-	// The data path refuses transport-mode SAs (control/sad) until the
-	// core-address model carries them, so sec-agree never chooses
-	// mod=trans: a phone offering only it is refused with that reason
-	// instead of registering SAs that cannot be installed.
-	s.policy.Mods = slices.DeleteFunc(slices.Clone(s.policy.Mods), func(m secagree.Mode) bool { return m == secagree.ModeTrans })
+	// Transport-mode SAs need a core address per phone
+	// (docs/addressing.md, "Transport mode"), which a registration gets
+	// only from core_pool: without one, sec-agree never chooses mod=trans
+	// and a phone offering only it is told why, instead of registering
+	// SAs the SAD would refuse.
+	if !o.CorePool.IsValid() {
+		s.policy.Mods = slices.DeleteFunc(slices.Clone(s.policy.Mods), func(m secagree.Mode) bool { return m == secagree.ModeTrans })
+		s.policy.TransRefused = "transport-mode SAs need a core address for each phone and this gateway has no core_pool (offer mod=UDP-enc-tun or mod=tun)"
+	}
 	if o.NATTPort < 0 || o.NATTPort > 65535 {
 		return nil, fmt.Errorf("api: natt port %d: want 0..65535", o.NATTPort)
 	}

@@ -56,9 +56,10 @@ type Config struct {
 	Etcd *Etcd `yaml:"etcd,omitempty"`
 	// CorePool is the prefix core addresses are allocated from
 	// (docs/addressing.md) for tunnel-mode SAs whose inner.peer is one
-	// address and that name no inner.core, and for sec-agree
-	// registrations. Empty: no allocation (SAs without a core address
-	// are steered by inner prefix, as before).
+	// address and for transport-mode SAs, that name no inner.core, and
+	// for sec-agree registrations. Empty: no allocation (tunnel SAs
+	// without a core address are steered by inner prefix, as before;
+	// transport SAs must name one).
 	CorePool   string       `yaml:"core_pool,omitempty"`
 	CorePrefix netip.Prefix `yaml:"-"`
 	// Tunnel is how the gateway behaves as a router between the tunnels
@@ -720,11 +721,17 @@ func (c *Config) validateSAs(errs *errList) {
 			errs.add("core_pool", "%v", err)
 		}
 	}
+	for i := range c.SAList {
+		if fe := checkTransport(labels[i], &c.SAList[i]); fe != nil {
+			*errs = append(*errs, fe)
+		}
+	}
 	*errs = append(*errs, sa.CheckOverlaps(c.SAList, labels)...)
 }
 
-// allocateCores gives every tunnel-mode SA with a one-address inner.peer
-// and no inner.core a core address from core_pool, one per pair group
+// allocateCores gives every tunnel-mode SA with a one-address inner.peer,
+// and every transport-mode SA, that names no inner.core a core address
+// from core_pool, one per pair group
 // (pair label, else peer, encap port and inner peer: the SAD's pairing
 // rule), in file order from the bottom of the pool. The inline SAs'
 // specs get it too, so --print-config shows it; name it in the file to
@@ -748,8 +755,14 @@ func (c *Config) allocateCores(inline []int) error {
 	groups := make(map[groupKey]netip.Addr)
 	for i := range c.SAList {
 		s := &c.SAList[i]
-		if s.Mode != sa.Tunnel || s.Core.IsValid() || !s.InnerPeer.IsSingleIP() {
+		if s.Core.IsValid() || s.Mode == sa.Tunnel && !s.InnerPeer.IsSingleIP() {
 			continue
+		}
+		fam := s.InnerPeer.Addr()
+		if s.Mode == sa.Transport {
+			// No inner.peer: the phone is its outer address, and the
+			// core address replaces it in the outer header's family.
+			fam = s.Local
 		}
 		k := groupKey{label: s.Pair}
 		if s.Pair == "" {
@@ -764,7 +777,10 @@ func (c *Config) allocateCores(inline []int) error {
 			if a, err = pool.Next(func(a netip.Addr) bool { return taken[a] }); err != nil {
 				return err
 			}
-			if a.Is4() != s.InnerPeer.Addr().Is4() {
+			if a.Is4() != fam.Is4() {
+				if s.Mode == sa.Transport {
+					return fmt.Errorf("%s: %s: transport mode over %s needs a core address of that family; the pool is not", c.CorePool, s.Label(), s.Local)
+				}
 				return fmt.Errorf("%s: %s: inner.peer %s is not of the pool's address family", c.CorePool, s.Label(), s.InnerPeer)
 			}
 			taken[a] = true
@@ -773,7 +789,10 @@ func (c *Config) allocateCores(inline []int) error {
 		s.Core = a
 		if i < len(inline) {
 			sp := &c.SAs[inline[i]]
-			in := *sp.Inner
+			var in sa.InnerSpec
+			if sp.Inner != nil {
+				in = *sp.Inner
+			}
 			in.Core = a.String()
 			sp.Inner = &in
 		}

@@ -110,6 +110,7 @@ sas:
     local: 198.51.100.20
     peer: 192.0.2.10
     encap: {peer_port: 31000}
+    inner: {local: 10.0.0.1, core: 100.64.0.1}
   - name: ue1-out
     spi: 0xc0001001
     direction: out
@@ -119,6 +120,7 @@ sas:
     local: 198.51.100.20
     peer: 192.0.2.10
     encap: {peer_port: 31000}
+    inner: {local: 10.0.0.1, core: 100.64.0.1}
 sa_files: [sas/ues.yaml]
 `
 	path := writeFile(t, dir, "xesp.yaml", cfg)
@@ -166,7 +168,7 @@ func TestEffectiveReparses(t *testing.T) {
 	dir := t.TempDir()
 	writeFile(t, dir, "k", key20)
 	path := writeFile(t, dir, "x.yaml", minimal+`sas:
-  - {spi: 4097, direction: in, mode: transport, proposal: aes128gcm16, enc_key_file: k, local: 198.51.100.20, peer: 192.0.2.1}
+  - {spi: 4097, direction: in, mode: transport, proposal: aes128gcm16, enc_key_file: k, local: 198.51.100.20, peer: 192.0.2.1, inner: {local: 10.0.0.1, core: 100.64.0.10}}
 `)
 	c, err := Load(path)
 	if err != nil {
@@ -189,10 +191,10 @@ func TestEffectiveReparses(t *testing.T) {
 func TestRejections(t *testing.T) {
 	dir := t.TempDir()
 	writeFile(t, dir, "short.token", "abc\n")
-	writeFile(t, dir, "ues.yaml", `- {name: dup, spi: 0x1001, direction: in, mode: transport, proposal: aes128gcm16, enc_key: `+key20+`, local: 198.51.100.20, peer: 192.0.2.1}
-- {name: f2, spi: 0x1002, direction: in, mode: transport, proposal: aes128gcm16, enc_key: 00, local: 198.51.100.20, peer: 192.0.2.1}
+	writeFile(t, dir, "ues.yaml", `- {name: dup, spi: 0x1001, direction: in, mode: transport, proposal: aes128gcm16, enc_key: `+key20+`, local: 198.51.100.20, peer: 192.0.2.1, inner: {local: 10.0.0.1, core: 100.64.0.11}}
+- {name: f2, spi: 0x1002, direction: in, mode: transport, proposal: aes128gcm16, enc_key: 00, local: 198.51.100.20, peer: 192.0.2.1, inner: {local: 10.0.0.1, core: 100.64.0.12}}
 `)
-	sa1 := `  - {name: dup, spi: 0x1001, direction: in, mode: transport, proposal: aes128gcm16, enc_key: ` + key20 + `, local: 198.51.100.20, peer: 192.0.2.1}
+	sa1 := `  - {name: dup, spi: 0x1001, direction: in, mode: transport, proposal: aes128gcm16, enc_key: ` + key20 + `, local: 198.51.100.20, peer: 192.0.2.1, inner: {local: 10.0.0.1, core: 100.64.0.13}}
 `
 	cases := []struct {
 		name string
@@ -246,8 +248,8 @@ func TestRejections(t *testing.T) {
 			`config xesp.yaml: line 6: unknown field "worker"`, "config xesp.yaml: line 7: cannot unmarshal !!str `x` into int"}},
 		{"syntax", minimal + "sas: [\n", []string{"config xesp.yaml: yaml: line 6: did not find expected node content"}},
 		{"sa errors", minimal + "sas:\n" + sa1 + sa1 +
-			"  - {spi: 0x3001, direction: out, mode: transport, proposal: aes128gcm16, enc_key: " + key20 + ", local: 198.51.100.21, peer: 192.0.2.3, encap: {}}\n" +
-			"  - {name: ue3-out, spi: 0x3001, direction: out, mode: transport, proposal: aes128gcm16, enc_key: " + key20 + ", local: 198.51.100.20, encap: {local_port: 4501}}\n" +
+			"  - {spi: 0x3001, direction: out, mode: transport, proposal: aes128gcm16, enc_key: " + key20 + ", local: 198.51.100.21, peer: 192.0.2.3, encap: {}, inner: {local: 10.0.0.1, core: 100.64.0.14}}\n" +
+			"  - {name: ue3-out, spi: 0x3001, direction: out, mode: transport, proposal: aes128gcm16, enc_key: " + key20 + ", local: 198.51.100.20, encap: {local_port: 4501}, inner: {local: 10.0.0.1, core: 100.64.0.15}}\n" +
 			"sa_files: [ues.yaml, missing.yaml]\n", []string{
 			`config xesp.yaml: sas[3] "ue3-out": peer: required`,
 			`config xesp.yaml: sa_files[0]: ues.yaml: sa "f2": enc_key: aes128gcm16 needs 20 bytes (16 key + 4 salt), got 1`,
@@ -264,7 +266,7 @@ func TestRejections(t *testing.T) {
 			`config xesp.yaml: sa_files[0]: ` + filepath.Join(dir, "ues.yaml") + `: sa "dup": spi: in 0x00001001 is also used by sas[0] "dup"`,
 		}},
 		{"natt mismatch and capacity", minimal + "max_sas: 1\nsas:\n" + sa1 +
-			"  - {name: b, spi: 0x1002, direction: in, mode: transport, proposal: aes128gcm16, enc_key: " + key20 + ", local: 198.51.100.20, peer: 192.0.2.1, encap: {local_port: 4501}}\n", []string{
+			"  - {name: b, spi: 0x1002, direction: in, mode: transport, proposal: aes128gcm16, enc_key: " + key20 + ", local: 198.51.100.20, peer: 192.0.2.1, encap: {local_port: 4501}, inner: {local: 10.0.0.1, core: 100.64.0.16}}\n", []string{
 			`config xesp.yaml: sas[1] "b": encap.local_port: 4501 differs from natt_port 4500: XDP only takes ESP-in-UDP on natt_port`,
 			"config xesp.yaml: max_sas: 2 inbound and 0 outbound SAs do not fit in 1 map entries each",
 		}},

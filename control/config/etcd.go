@@ -259,6 +259,23 @@ func family(a netip.Addr) string {
 	return "IPv6"
 }
 
+// checkTransport: a transport-mode SA carries the phone's segments from
+// its core address to inner.local (docs/addressing.md, "Transport mode"),
+// so it needs both (the SAD refuses it too; here the error names the
+// config path).
+func checkTransport(label string, s *sa.SA) *sa.FieldError {
+	switch {
+	case s.Mode != sa.Transport:
+	case !s.InnerLocal.IsValid():
+		return &sa.FieldError{SA: label, Field: "inner.local",
+			Reason: "required in transport mode: the one core-side address (e.g. the P-CSCF) the phone's packets are delivered to"}
+	case !s.Core.IsValid():
+		return &sa.FieldError{SA: label, Field: "inner.core",
+			Reason: "required in transport mode: the phone's core address; name one, or set core_pool to allocate it"}
+	}
+	return nil
+}
+
 // checkNATTPort: an encapsulated SA's local port is natt_port, the only
 // port XDP takes ESP-in-UDP on.
 func (c *Config) checkNATTPort(label string, s *sa.SA) *sa.FieldError {

@@ -112,3 +112,46 @@ func TestCoreRules(t *testing.T) {
 		})
 	}
 }
+
+// twoTransportPhones: two phones in transport mode, one behind a NAPT
+// (UDP-encapsulated), one without (plain ESP), both to the P-CSCF.
+const twoTransportPhones = minimal + `sas:
+  - {name: a-in,  spi: 0x1001, direction: in,  mode: transport, proposal: aes128gcm16, enc_key: ` + key20 + `, local: 198.51.100.20, peer: 203.0.113.7, encap: {}, inner: {local: 10.0.0.1}}
+  - {name: a-out, spi: 0x2001, direction: out, mode: transport, proposal: aes128gcm16, enc_key: ` + key20 + `, local: 198.51.100.20, peer: 203.0.113.7, encap: {}, inner: {local: 10.0.0.1}}
+  - {name: b-in,  spi: 0x1002, direction: in,  mode: transport, proposal: aes128gcm16, enc_key: ` + key20 + `, local: 198.51.100.20, peer: 203.0.113.8, inner: {local: 10.0.0.1}}
+  - {name: b-out, spi: 0x2002, direction: out, mode: transport, proposal: aes128gcm16, enc_key: ` + key20 + `, local: 198.51.100.20, peer: 203.0.113.8, inner: {local: 10.0.0.1}}
+`
+
+// Transport-mode SAs need a core address: without core_pool each is
+// refused naming its path and the fix; with one, each phone's pair gets
+// its own (shared by the pair), shown in the effective config. A
+// transport SA without inner.local is refused naming that field.
+func TestTransportNeedsCore(t *testing.T) {
+	_, err := Parse([]byte(twoTransportPhones), "xesp.yaml")
+	msgs := messages(err)
+	if len(msgs) != 4 || !strings.Contains(msgs[0], `config xesp.yaml: sas[0] "a-in": inner.core: required in transport mode: the phone's core address; name one, or set core_pool to allocate it`) {
+		t.Fatalf("errors %q", msgs)
+	}
+	c, err := Parse([]byte(twoTransportPhones+"core_pool: 100.64.0.0/10\n"), "xesp.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]string{"a-in": "100.64.0.1", "a-out": "100.64.0.1", "b-in": "100.64.0.2", "b-out": "100.64.0.2"}
+	for _, s := range c.SAList {
+		if s.Core.String() != want[s.Name] || s.InnerLocal.String() != "10.0.0.1/32" {
+			t.Errorf("%s: core %v inner.local %v, want %s", s.Name, s.Core, s.InnerLocal, want[s.Name])
+		}
+	}
+	out, err := c.Effective()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Count(string(out), "core: 100.64.0.1") != 2 || strings.Contains(string(out), "peer: \"\"") {
+		t.Errorf("effective config:\n%s", out)
+	}
+	noLocal := strings.ReplaceAll(twoTransportPhones, "inner: {local: 10.0.0.1}", "inner: {core: 100.64.0.9}")
+	_, err = Parse([]byte(noLocal), "xesp.yaml")
+	if msgs := messages(err); len(msgs) == 0 || !strings.Contains(msgs[0], `sas[0] "a-in": inner.local: required in transport mode`) {
+		t.Fatalf("errors %q", msgs)
+	}
+}

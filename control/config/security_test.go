@@ -27,7 +27,7 @@ func TestSecretFilePermissions(t *testing.T) {
   read_token_file: read.token
 etcd: {endpoints: ['https://10.0.0.1:2379'], node: gw-a, kek_file: kek}
 sas:
-  - {name: ue1-in, spi: 0x1001, direction: in, mode: transport, proposal: aes128gcm16, enc_key_file: keys/ue1.hex, local: 198.51.100.20, peer: 192.0.2.1}
+  - {name: ue1-in, spi: 0x1001, direction: in, mode: transport, proposal: aes128gcm16, enc_key_file: keys/ue1.hex, local: 198.51.100.20, peer: 192.0.2.1, inner: {local: 10.0.0.1, core: 100.64.0.10}}
 `
 	path := writeFile(t, dir, "xesp.yaml", good)
 	c, err := Load(path)

@@ -680,6 +680,15 @@ func (m *Manager) build(e sad.Entry) (*slot, error) {
 	if s.Core.IsValid() {
 		ent.Core, ent.Inner = s.Core, s.InnerPeer.Addr()
 	}
+	if s.Mode == sa.Transport {
+		// The gateway is the endpoint: segments go from the core address
+		// to inner.local's one address and back (dataplane/worker
+		// transport.go); the SAD made sure both are set.
+		ent.Transport, ent.Inner = true, netip.Addr{}
+		if s.Direction == sa.In {
+			ent.Dest = s.InnerLocal.Addr()
+		}
+	}
 	if m.o.Restore != nil {
 		m.o.Restore(e.ID, s, ent)
 	}

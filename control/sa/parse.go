@@ -414,9 +414,7 @@ func parseInner(v *validator, field, text string) netip.Prefix {
 func (v *validator) inner(sp *Spec, s *SA) {
 	switch s.Mode {
 	case Transport:
-		if sp.Inner != nil {
-			v.add("inner", "transport mode takes no inner selectors")
-		}
+		v.transportInner(sp, s)
 	case Tunnel:
 		if sp.Inner == nil {
 			v.add("inner", "required in tunnel mode (inner.local and inner.peer prefixes)")
@@ -433,23 +431,72 @@ func (v *validator) inner(sp *Spec, s *SA) {
 	}
 }
 
-// core validates inner.core: one unicast address of inner.peer's family,
-// and inner.peer a single address, since the core address stands for
-// exactly one phone address (the worker rewrites one to the other).
-func (v *validator) core(text string, s *SA) {
+// transportInner reads a transport-mode SA's core side
+// (docs/addressing.md, "Transport mode"): inner.local is the one core-side
+// host the phone's segments are delivered to (the P-CSCF), inner.core the
+// phone's core address. Both are optional here (core_pool may allocate
+// the core address; the offline decrypt tool needs neither); the SAD
+// refuses a transport SA without both. Both are of the outer
+// addresses' family: the gateway re-addresses one IP header, it does not
+// translate between families. inner.peer has no meaning: the phone's
+// address is the outer one, and it moves with the NAT binding.
+func (v *validator) transportInner(sp *Spec, s *SA) {
+	if sp.Inner == nil {
+		return // the SAD refuses it: parse-only tools (decrypt) need none
+	}
+	if sp.Inner.Peer != "" {
+		v.add("inner.peer", "not used in transport mode (the phone's address is peer, and its NAT binding); remove it")
+	}
+	if sp.Inner.Local != "" {
+		s.InnerLocal = parseInner(v, "inner.local", sp.Inner.Local)
+	}
+	if s.InnerLocal.IsValid() && !s.InnerLocal.IsSingleIP() {
+		v.add("inner.local", "%s: transport mode delivers to one address (/%d), not a prefix", s.InnerLocal, s.InnerLocal.Addr().BitLen())
+		s.InnerLocal = netip.Prefix{}
+	}
+	if s.InnerLocal.IsValid() && s.Local.IsValid() && s.InnerLocal.Addr().Is4() != s.Local.Is4() {
+		v.add("inner.local", "%s and local %s are of different address families (transport mode re-addresses one IP header)", s.InnerLocal.Addr(), s.Local)
+	}
+	if sp.Inner.Core == "" {
+		return
+	}
+	a, ok := v.coreAddr(sp.Inner.Core)
+	if !ok {
+		return
+	}
+	if s.Local.IsValid() && a.Is4() != s.Local.Is4() {
+		v.add("inner.core", "%s and local %s are of different address families (transport mode re-addresses one IP header)", a, s.Local)
+		return
+	}
+	s.Core = a
+}
+
+// coreAddr parses inner.core: one unicast address.
+func (v *validator) coreAddr(text string) (netip.Addr, bool) {
 	a, err := netip.ParseAddr(text)
 	switch {
 	case err != nil:
 		v.add("inner.core", "%q is not an IP address (write one address, no prefix length)", clip(text))
-		return
+		return a, false
 	case a.Zone() != "":
 		v.add("inner.core", "%s: zones are not supported", a)
-		return
+		return a, false
 	case a.Is4In6():
 		v.add("inner.core", "%s: write IPv4 addresses as a.b.c.d", a)
-		return
+		return a, false
 	case a.IsUnspecified() || a.IsMulticast() || a.IsLoopback() || a.Is4() && a.As4() == [4]byte{255, 255, 255, 255}:
 		v.add("inner.core", "%s is not a unicast address", a)
+		return a, false
+	}
+	return a, true
+}
+
+// core validates inner.core: one unicast address of inner.peer's family,
+// and inner.peer a single address, since the core address stands for
+// exactly one phone address (the worker rewrites one to the other).
+func (v *validator) core(text string, s *SA) {
+	a, ok := v.coreAddr(text)
+	if !ok {
 		return
 	}
 	if !s.InnerPeer.IsValid() {

@@ -107,7 +107,9 @@ type SA struct {
 	Local, Peer  netip.Addr // outer addresses, same family, no zone
 	Encap        *Encap     // nil: plain ESP (IP protocol 50)
 	// InnerLocal and InnerPeer are the tunnel-mode selectors (canonical
-	// prefixes of one family); both invalid (zero) in transport mode.
+	// prefixes of one family). Transport mode: InnerLocal is the one
+	// core-side address (a /32 or /128) the phone's segments are
+	// delivered to and replies must come from; InnerPeer is invalid.
 	InnerLocal, InnerPeer netip.Prefix
 	// Core is the phone's core address (docs/addressing.md): an address
 	// on the private side, unique per phone, that stands for the phone
@@ -115,7 +117,10 @@ type SA struct {
 	// address to it, encap finds the SA by it (exact match) and rewrites
 	// it back. Invalid (zero) when the SA has none; when set, InnerPeer
 	// is a single address of the same family. Both SAs of a pair (all
-	// four of a sec-agree registration) name the same one.
+	// four of a sec-agree registration) name the same one. Transport
+	// mode requires one (the SAD refuses the SA without): it is the
+	// source of the phone's segments toward InnerLocal, and the address
+	// replies are sealed for.
 	Core     netip.Addr
 	Lifetime Lifetime
 	// Ports are the inner port selectors (RFC 4301 4.4.1.1); zero is any.

@@ -233,8 +233,20 @@ func TestParseRules(t *testing.T) {
 			errs: []string{`sa "ue1-in": inner: required in tunnel mode (inner.local and inner.peer prefixes)`}},
 		{name: "tunnel needs both", edit: func(s *Spec) { s.Inner.Local = "" },
 			errs: []string{`sa "ue1-in": inner.local: required in tunnel mode`}},
-		{name: "transport forbids inner", edit: func(s *Spec) { s.Mode = "transport" },
-			errs: []string{`sa "ue1-in": inner: transport mode takes no inner selectors`}},
+		{name: "transport: inner.local one address, no inner.peer", edit: func(s *Spec) { s.Mode = "transport" },
+			errs: []string{`sa "ue1-in": inner.peer: not used in transport mode (the phone's address is peer, and its NAT binding); remove it`,
+				`sa "ue1-in": inner.local: 10.0.0.0/24: transport mode delivers to one address (/32), not a prefix`}},
+		{name: "transport core side", edit: func(s *Spec) {
+			s.Mode, s.Inner = "transport", &InnerSpec{Local: "10.0.0.1", Core: "100.64.0.9"}
+		}, check: func(t *testing.T, s SA) {
+			if s.InnerLocal != netip.MustParsePrefix("10.0.0.1/32") || s.Core != netip.MustParseAddr("100.64.0.9") || s.InnerPeer.IsValid() {
+				t.Errorf("inner.local %v core %v inner.peer %v", s.InnerLocal, s.Core, s.InnerPeer)
+			}
+		}},
+		{name: "transport families", edit: func(s *Spec) {
+			s.Mode, s.Inner = "transport", &InnerSpec{Local: "2001:db8::1", Core: "2001:db8:1::9"}
+		}, errs: []string{`sa "ue1-in": inner.local: 2001:db8::1 and local 198.51.100.20 are of different address families (transport mode re-addresses one IP header)`,
+			`sa "ue1-in": inner.core: 2001:db8:1::9 and local 198.51.100.20 are of different address families (transport mode re-addresses one IP header)`}},
 		{name: "transport", edit: func(s *Spec) { s.Mode = "transport"; s.Inner = nil }, check: func(t *testing.T, s SA) {
 			if s.InnerLocal.IsValid() || s.InnerPeer.IsValid() {
 				t.Errorf("selectors %v %v", s.InnerLocal, s.InnerPeer)

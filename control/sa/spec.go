@@ -73,9 +73,11 @@ type EncapSpec struct {
 // InnerSpec holds the tunnel-mode selectors as prefixes; a bare address
 // means a host prefix (/32 or /128). Core, when set, is the phone's core
 // address (docs/addressing.md): peer must then be a single address.
+// Transport mode: local is the one core-side address the phone's
+// segments go to, core the phone's core address, no peer.
 type InnerSpec struct {
 	Local string `yaml:"local" json:"local"`
-	Peer  string `yaml:"peer" json:"peer"`
+	Peer  string `yaml:"peer,omitempty" json:"peer,omitempty"`
 	Core  string `yaml:"core,omitempty" json:"core,omitempty"`
 }
 
@@ -254,8 +256,14 @@ func (s *SA) Public() Spec {
 		lp, pp := s.Encap.LocalPort, s.Encap.PeerPort
 		sp.Encap = &EncapSpec{LocalPort: &lp, PeerPort: &pp}
 	}
-	if s.InnerLocal.IsValid() {
-		sp.Inner = &InnerSpec{Local: s.InnerLocal.String(), Peer: s.InnerPeer.String()}
+	if s.InnerLocal.IsValid() || s.Core.IsValid() {
+		sp.Inner = &InnerSpec{}
+		if s.InnerLocal.IsValid() {
+			sp.Inner.Local = s.InnerLocal.String()
+		}
+		if s.InnerPeer.IsValid() { // none in transport mode
+			sp.Inner.Peer = s.InnerPeer.String()
+		}
 		if s.Core.IsValid() {
 			sp.Inner.Core = s.Core.String()
 		}

@@ -432,6 +432,27 @@ func (d *SAD) overlap(s *sa.SA, self *entry, replaces []sa.ID) error {
 	return fmt.Errorf("%w: %w", ErrOverlap, &sa.OverlapError{SA: s.Label(), Other: other.sa.Label(), Common: sel.Common(osel)})
 }
 
+// transportReady refuses a transport-mode SA the data path could not
+// carry (docs/addressing.md, "Transport mode"): the gateway delivers the
+// phone's segments from its core address to one core-side address, so
+// both must be known. Here, where every source (config, API, sec-agree,
+// etcd) passes, so none half-works.
+func transportReady(s *sa.SA) error {
+	if s.Mode != sa.Transport {
+		return nil
+	}
+	if !s.Core.IsValid() {
+		return fmt.Errorf("%s: inner.core: %w: a transport-mode SA needs the phone's core address: name one in inner.core or configure core_pool to allocate it", s.Label(), ErrInvalid)
+	}
+	if !s.InnerLocal.IsValid() {
+		return fmt.Errorf("%s: inner.local: %w: a transport-mode SA needs the core-side address its phone's packets are delivered to (e.g. the P-CSCF), one address", s.Label(), ErrInvalid)
+	}
+	if !s.InnerLocal.IsSingleIP() || s.InnerPeer.IsValid() || s.Core.Is4() != s.Local.Is4() || s.InnerLocal.Addr().Is4() != s.Local.Is4() {
+		return fmt.Errorf("%s: inner: %w: not from sa.Parse (transport mode: one inner.local address and inner.core of local's family, no inner.peer)", s.Label(), ErrInvalid)
+	}
+	return nil
+}
+
 func initialBinding(s *sa.SA) netip.AddrPort {
 	var port uint16
 	if s.Encap != nil {
@@ -446,12 +467,8 @@ func (d *SAD) check(s *sa.SA, self *entry, replaces []sa.ID) error {
 	if s.Direction != sa.In && s.Direction != sa.Out || s.SPI < 256 || !s.Peer.IsValid() {
 		return fmt.Errorf("%s: %w: not from sa.Parse (direction, SPI or peer unset)", s.Label(), ErrInvalid)
 	}
-	if s.Mode == sa.Transport {
-		// Transport mode needs the core-address model (docs/operations.md
-		// "Drop reasons"): without it the data path would decrypt and then
-		// misroute, so such an SA is refused here, where every source
-		// (config, API, sec-agree, etcd) passes, rather than half-work.
-		return fmt.Errorf("%s: mode: %w: transport mode is not supported by the data path yet; use mode: tunnel", s.Label(), ErrInvalid)
+	if err := transportReady(s); err != nil {
+		return err
 	}
 	id := s.ID()
 	if other, dup := d.byID[id]; dup && other != self {

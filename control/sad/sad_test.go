@@ -685,25 +685,44 @@ func TestReplaceOneWinner(t *testing.T) {
 	}
 }
 
-// Transport-mode SAs are refused at every entry (config load, API,
-// etcd go through Add, AddAll and Update) naming the SA and the field,
-// so none is installed to half-work.
-func TestTransportModeRefused(t *testing.T) {
-	d := newSAD(t, Options{Workers: 1})
+// A transport-mode SA is installed only with what the data path needs
+// (a core address and one inner.local address); without either it is
+// refused at every entry (config load, API, etcd go through Add, AddAll
+// and Update) naming the SA, the field and the fix, so none is installed
+// to half-work. A transport pair with a core address groups like a
+// tunnel phone's (one worker, one binding).
+func TestTransportModeNeedsCore(t *testing.T) {
+	d := newSAD(t, Options{Workers: 2})
 	tr := phone(1, sa.In)
-	tr.Mode, tr.InnerLocal, tr.InnerPeer = sa.Transport, netip.Prefix{}, netip.Prefix{}
-	want := `sa "ue1-in": mode: invalid SA: transport mode is not supported by the data path yet; use mode: tunnel`
+	tr.Mode, tr.InnerLocal, tr.InnerPeer = sa.Transport, netip.MustParsePrefix("10.0.0.1/32"), netip.Prefix{}
+	want := `sa "ue1-in": inner.core: invalid SA: a transport-mode SA needs the phone's core address: name one in inner.core or configure core_pool to allocate it`
 	if _, err := d.Add(tr); !errors.Is(err, ErrInvalid) || err.Error() != want {
 		t.Fatalf("Add: %v", err)
 	}
 	if err := d.AddAll([]sa.SA{tr}); err == nil || err.Error() != want {
 		t.Fatalf("AddAll: %v", err)
 	}
+	noLocal := tr
+	noLocal.Core, noLocal.InnerLocal = netip.MustParseAddr("100.64.0.9"), netip.Prefix{}
+	if _, err := d.Add(noLocal); !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), `sa "ue1-in": inner.local: invalid SA: a transport-mode SA needs the core-side address`) {
+		t.Fatalf("Add without inner.local: %v", err)
+	}
 	mustAdd(t, d, phone(1, sa.In))
 	if _, err := d.Update(tr); !errors.Is(err, ErrInvalid) {
 		t.Fatalf("Update: %v", err)
 	}
-	if _, ok := d.GetName("ue1-in"); !ok {
+	if e, ok := d.GetName("ue1-in"); !ok || e.SA.Mode != sa.Tunnel {
 		t.Fatal("the tunnel SA is gone")
+	}
+	in, out := tr, phone(1, sa.Out)
+	in.Name, in.SPI, in.Core = "tr-in", 0x20001, netip.MustParseAddr("100.64.0.9")
+	out.Name, out.SPI, out.Mode, out.InnerLocal, out.InnerPeer, out.Core = "tr-out", 0xd0000001, sa.Transport, in.InnerLocal, netip.Prefix{}, in.Core
+	if err := d.AddAll([]sa.SA{in, out}); err != nil {
+		t.Fatal(err)
+	}
+	a, _ := d.GetName("tr-in")
+	b, _ := d.GetName("tr-out")
+	if a.Worker != b.Worker || GroupOf(&a.SA) != GroupOf(&b.SA) {
+		t.Fatalf("transport pair split: workers %d %d", a.Worker, b.Worker)
 	}
 }

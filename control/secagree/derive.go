@@ -31,6 +31,9 @@ type Policy struct {
 	// Q, when set (1..1000 thousandths), is written into the
 	// Security-Server mechanism.
 	Q int
+	// TransRefused, when set, is why Mods lacks ModeTrans: the reason a
+	// phone offering only mod=trans is given.
+	TransRefused string
 }
 
 // DefaultPolicy prefers encryption and UDP encapsulation, and accepts only
@@ -69,8 +72,8 @@ func Choose(offer []Mechanism, p Policy) (Mechanism, error) {
 		switch {
 		case m.EffectiveProt() != "esp":
 			reason = "prot=" + m.Prot + " is not supported (ESP only)"
-		case mod < 0 && m.Mod.Effective() == ModeTrans:
-			reason = "mod=trans is not accepted: this gateway does not support transport-mode SAs yet (offer mod=UDP-enc-tun or mod=tun)"
+		case mod < 0 && m.Mod.Effective() == ModeTrans && p.TransRefused != "":
+			reason = "mod=trans is not accepted: " + p.TransRefused
 		case mod < 0:
 			reason = "mod=" + m.Mod.Effective().String() + " is not accepted"
 		case ealg < 0:
@@ -282,6 +285,12 @@ func Derive(r Registration) ([]DerivedSA, error) {
 	if tunnel && (!r.UEInner.IsValid() || !r.PCSCF.IsValid()) {
 		return nil, fmt.Errorf("ue_inner, pcscf: mod=%s needs both inner addresses", mod)
 	}
+	if !tunnel && !r.PCSCF.IsValid() {
+		// Transport mode through the gateway (docs/addressing.md): the
+		// phone's segments are delivered to the P-CSCF's core-side
+		// address from the phone's core address.
+		return nil, fmt.Errorf("pcscf: mod=%s needs the P-CSCF's core-side address", mod)
+	}
 	encPort := r.EncapPort
 	if encPort == 0 {
 		encPort = sa.DefaultNATTPort
@@ -321,6 +330,12 @@ func Derive(r Registration) ([]DerivedSA, error) {
 				Local: netip.PrefixFrom(r.PCSCF, r.PCSCF.BitLen()).String(),
 				Peer:  netip.PrefixFrom(r.UEInner, r.UEInner.BitLen()).String(),
 			}
+			if r.Core.IsValid() {
+				sp.Inner.Core = r.Core.String()
+			}
+		}
+		if !tunnel {
+			sp.Inner = &sa.InnerSpec{Local: r.PCSCF.String()}
 			if r.Core.IsValid() {
 				sp.Inner.Core = r.Core.String()
 			}

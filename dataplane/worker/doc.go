@@ -2,7 +2,10 @@
 // an OS thread, that takes batches of frames from its AF_XDP sockets, opens
 // (public side) or seals (private side) them in place with the ESP engine,
 // writes the L2 header for the other side, and transmits them from the
-// same UMEM frame on the other interface's socket.
+// same UMEM frame on the other interface's socket. Tunnel-mode packets are
+// routed (router.go, xlate.go); for transport-mode SAs the gateway is the
+// endpoint and re-addresses the segment between the phone's core address
+// and one core-side host (transport.go).
 //
 // A worker is the single writer of the SAs it owns: their sequence
 // counters, replay windows and NAT bindings. The XDP programs steer every

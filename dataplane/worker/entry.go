@@ -45,6 +45,15 @@ type Entry struct {
 	// the cleartext must be addressed to Core (not InnerPeer), and Core
 	// becomes Inner before sealing. See xlate.go.
 	Core, Inner netip.Addr
+	// Transport marks a transport-mode SA (transport.go): the phone's
+	// segments, sent to the gateway's public address, are re-addressed
+	// from Core to Dest (inbound), and the core's packets to Core are
+	// re-addressed from Local to the binding and sealed without their IP
+	// header (outbound). Core is required; Inner stays invalid.
+	Transport bool
+	// Dest is a transport-mode inbound SA's core-side host (inner.local,
+	// one address, e.g. the P-CSCF).
+	Dest netip.Addr
 	// InnerLocal is the core side of the selectors: inbound, the prefix
 	// inner destinations must fall in; outbound, the prefix cleartext
 	// sources must fall in. Invalid (zero) disables the check.

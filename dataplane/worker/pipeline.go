@@ -269,7 +269,7 @@ func (p *pipeline) decapOne(d xsk.Desc) (xsk.Desc, Drop) {
 		e.Counters.Drops.Add(1)
 		return d, Drop(esp.ReasonBadHeader)
 	}
-	if !e.inSelectors(ip) {
+	if e.Transport && !e.transportInPorts(ip) || !e.Transport && !e.inSelectors(ip) {
 		e.Counters.Drops.Add(1)
 		return d, DropPolicy
 	}
@@ -282,28 +282,14 @@ func (p *pipeline) decapOne(d xsk.Desc) (xsk.Desc, Drop) {
 		e.Counters.Drops.Add(1)
 		return d, DropOversized
 	}
-	if tos := tosOf(ip); outerTOS&3 != 0 {
-		nt, ok := decapECN(outerTOS, tos)
-		if !ok {
+	if e.Transport {
+		// One IP header, the outer one: no ECN to combine, no hop
+		// (transport.go).
+		if why := p.transportIn(e, ip); why != 0 {
 			e.Counters.Drops.Add(1)
-			return d, DropECN
+			return d, why
 		}
-		if nt != tos {
-			setTOS(ip, nt)
-		}
-	}
-	if !decTTL(ip) {
-		e.Counters.Drops.Add(1)
-		if p.icmpToPhone(e, d, frame, ip) {
-			p.stats.Decap.Drops[DropTTL].Add(1)
-			return d, held
-		}
-		return d, DropTTL
-	}
-	// Every check above saw the phone's real inner addresses; only now
-	// does its source become the core address (docs/addressing.md).
-	if why := xlateIn(e, ip); why != 0 {
-		e.Counters.Drops.Add(1)
+	} else if why := p.tunnelIn(e, d, frame, ip, outerTOS); why != 0 {
 		return d, why
 	}
 	e.Counters.Packets.Add(1)
@@ -322,6 +308,38 @@ func (p *pipeline) decapOne(d xsk.Desc) (xsk.Desc, Drop) {
 	}
 	copy(h[0:6], mac[:])
 	return out, 0
+}
+
+// tunnelIn is decap's router part for a tunnel-mode packet: RFC 6040
+// ECN from the outer TOS, the TTL (ICMP Time Exceeded to the phone) and
+// the core-address rewrite. Its drops are counted on e; held means the
+// frame became an ICMP error.
+func (p *pipeline) tunnelIn(e *Entry, d xsk.Desc, frame, ip []byte, outerTOS uint8) Drop {
+	if tos := tosOf(ip); outerTOS&3 != 0 {
+		nt, ok := decapECN(outerTOS, tos)
+		if !ok {
+			e.Counters.Drops.Add(1)
+			return DropECN
+		}
+		if nt != tos {
+			setTOS(ip, nt)
+		}
+	}
+	if !decTTL(ip) {
+		e.Counters.Drops.Add(1)
+		if p.icmpToPhone(e, d, frame, ip) {
+			p.stats.Decap.Drops[DropTTL].Add(1)
+			return held
+		}
+		return DropTTL
+	}
+	// Every check above saw the phone's real inner addresses; only now
+	// does its source become the core address (docs/addressing.md).
+	if why := xlateIn(e, ip); why != 0 {
+		e.Counters.Drops.Add(1)
+		return why
+	}
+	return 0
 }
 
 // innerOK says ip is long enough for its IP header, so the router
@@ -509,6 +527,11 @@ func (p *pipeline) encapOne(d xsk.Desc) (xsk.Desc, Drop) {
 		return d, why
 	}
 	e = sel
+	if e.Transport {
+		// The gateway is the packet's destination, not a router on its
+		// way: no TTL to spend, no inner fragmentation (transport.go).
+		return p.transportOut(e, d, frame, off, l3, ip)
+	}
 	if !ttlLeft(ip) {
 		e.Counters.Drops.Add(1)
 		if p.icmpToCore(e, d, frame, off, l3, ip, icmpTimeExceeded, 0) {
@@ -566,6 +589,14 @@ func (p *pipeline) seal(e *Entry, d xsk.Desc, frame []byte, l3, n int) (xsk.Desc
 	if frame[l3]>>4 == 6 {
 		nh = esp.NextHeaderIPv6
 	}
+	return p.sealWith(e, e.Binding.Load(), d, frame, l3, n, nh, p.outerTOS(e, tosOf(frame[l3:])))
+}
+
+// sealWith seals the payload frame[l3:l3+n] with Next Header nh toward
+// peer, the outer header carrying tos: a tunnel-mode inner packet (seal)
+// or a transport-mode segment (transportOut, which addressed its checksum
+// to peer).
+func (p *pipeline) sealWith(e *Entry, peer *Peer, d xsk.Desc, frame []byte, l3, n int, nh, tos uint8) (xsk.Desc, Drop) {
 	if limit := e.Limit.Load(); limit != 0 {
 		next := e.SA.NextSeq()
 		if next >= e.ExtendAt.Load() && e.asked != limit {
@@ -580,13 +611,11 @@ func (p *pipeline) seal(e *Entry, d xsk.Desc, frame []byte, l3, n int) (xsk.Desc
 			return d, DropSeqUnreserved
 		}
 	}
-	tos := p.outerTOS(e, tosOf(frame[l3:]))
 	start, end, err := e.SA.Seal(frame, l3, n, nh, 0)
 	if err != nil {
 		e.Counters.Drops.Add(1)
 		return d, Drop(esp.ReasonOf(err))
 	}
-	peer := e.Binding.Load()
 	o := esp.Outer{Src: e.Local, Dst: peer.Addr.Addr(), Encap: e.LocalPort != 0, SrcPort: e.LocalPort, DstPort: peer.Addr.Port(),
 		TOS: tos, TTL: p.outerTTL}
 	if o.Src.Is4() {

@@ -26,6 +26,7 @@ const (
 	DropTTL                                         // inner TTL/hop limit would reach 0 here (ICMP Time Exceeded sent, rate permitting)
 	DropECN                                         // outer CE over an inner Not-ECT packet (RFC 6040 4.2)
 	DropTooBig                                      // DF-set IPv4 or IPv6 too big for the public MTU once sealed (ICMP sent, rate permitting)
+	DropFragment                                    // an IP fragment from the core for a transport-mode SA, which seals whole segments only
 	NumDrops
 )
 
@@ -43,6 +44,7 @@ var dropNames = [NumDrops - Drop(esp.NumReasons)]string{
 	DropTTL - Drop(esp.NumReasons):           "ttl_exceeded",
 	DropECN - Drop(esp.NumReasons):           "ecn_ce_not_ect",
 	DropTooBig - Drop(esp.NumReasons):        "too_big",
+	DropFragment - Drop(esp.NumReasons):      "transport_fragment",
 }
 
 // String is the stable metric label of the reason.

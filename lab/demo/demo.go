@@ -38,14 +38,18 @@ import (
 
 // Options tune the demo.
 type Options struct {
-	NAPTs   int           // NAPTs, each numbering its LAN 192.168.1.0/24 (3)
-	Phones  int           // phones behind each NAPT (3)
-	Core    topo.CoreMode // where core addresses come from (default: the gateway's core_pool)
-	Metrics string        // /metrics listen address on the host; "" for none
-	Hold    time.Duration // keep running (the core sends OPTIONS to every phone every 2 s) this long after the exchange
-	Version string
-	Out     io.Writer
-	Log     *slog.Logger
+	NAPTs  int           // NAPTs, each numbering its LAN 192.168.1.0/24 (3)
+	Phones int           // phones behind each NAPT (3)
+	Core   topo.CoreMode // where core addresses come from (default: the gateway's core_pool)
+	// Transport gives the phones transport-mode SAs (docs/addressing.md,
+	// "Transport mode"); Direct adds phones without a NAPT, plain ESP.
+	Transport bool
+	Direct    int
+	Metrics   string        // /metrics listen address on the host; "" for none
+	Hold      time.Duration // keep running (the core sends OPTIONS to every phone every 2 s) this long after the exchange
+	Version   string
+	Out       io.Writer
+	Log       *slog.Logger
 	// Prefix names the namespaces; "" means Prefix. Tests use a unique
 	// one so they never meet a demo someone else runs on the machine.
 	Prefix string
@@ -91,7 +95,14 @@ func Run(ctx context.Context, o Options) (err error) {
 	fmt.Fprintf(w, "building the demo topology: %d NAPTs × %d phones ─ xesp gateway ─ SIP core (kamailio)\n", o.NAPTs, o.Phones)
 	fmt.Fprintf(w, "every NAPT numbers its LAN %s (first phone %s); a phone's inner address is its LAN address; every phone's SIP port is %d\n",
 		topo.LAN, topo.FirstPhone, topo.SIPPort)
-	l, err := topo.Start(ctx, topo.Options{Prefix: o.Prefix, NAPTs: o.NAPTs, Phones: o.Phones, Core: o.Core, Log: o.Log})
+	if o.Transport || o.Direct > 0 {
+		mode := "tunnel"
+		if o.Transport {
+			mode = "transport"
+		}
+		fmt.Fprintf(w, "ESP %s mode; %d phones on the public segment without a NAPT (plain ESP, TUN 192.168.2.x)\n", mode, o.Direct)
+	}
+	l, err := topo.Start(ctx, topo.Options{Prefix: o.Prefix, NAPTs: o.NAPTs, Phones: o.Phones, Direct: o.Direct, Transport: o.Transport, Core: o.Core, Log: o.Log})
 	if err != nil {
 		return err
 	}
@@ -224,7 +235,11 @@ func Run(ctx context.Context, o Options) (err error) {
 		if p.Core.IsValid() {
 			core = p.Core.String()
 		}
-		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.User, p.NAPT, p.Inner, core, binding,
+		napt := fmt.Sprint(p.NAPT)
+		if p.Direct {
+			napt = "none"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.User, napt, p.Inner, core, binding,
 			fmt.Sprintf("0x%04x/0x%04x", p.SPIIn, p.SPIOut), reg, fmt.Sprintf("%d/%d", p.optionsOK, p.optionsSent),
 			fmt.Sprintf("%d/%d", in, out), fmt.Sprintf("%d/%d/%d", m.ForeignSPI, m.NotAddressed, m.OtherPhone))
 	}

@@ -67,6 +67,30 @@ func TestDemo(t *testing.T) {
 	noneLeft(t, prefix)
 }
 
+// The demo with transport-mode SAs: two phones behind NAPTs
+// (UDP-encapsulated transport) and one without a NAPT (plain ESP
+// transport) register and answer the core's OPTIONS, nothing misdelivered.
+func TestDemoTransport(t *testing.T) {
+	netns.RequireRoot(t)
+	var out bytes.Buffer
+	prefix := netns.UniqueName("demo") + "-"
+	if err := Run(context.Background(), Options{NAPTs: 2, Phones: 1, Direct: 1, Transport: true, Out: &out, Prefix: prefix}); err != nil {
+		t.Fatalf("demo: %v\n%s", err, out.String())
+	}
+	text := out.String()
+	rows := regexp.MustCompile(`(?m)^(ue\d+)\s+(\d|none)\s+(192\.168\.[12]\.\d+)\s+(100\.64\.\d+\.\d+)\s+(198\.51\.100\.\d+:\d+)\s+0x[0-9a-f]+/0x[0-9a-f]+\s+yes\s+1/1\s+(\d+)/(\d+)\s+0/0/0$`).FindAllStringSubmatch(text, -1)
+	if len(rows) != 3 || rows[2][2] != "none" || !strings.HasSuffix(rows[2][5], ":0") {
+		t.Fatalf("want 3 registered phones, the third without a NAPT (binding port 0):\n%s", text)
+	}
+	for _, want := range []string{"ESP transport mode; 1 phones on the public segment without a NAPT",
+		"delivered to the wrong phone, measured at the phones: 0", "kamailio saw the REGISTER of 3 of 3 phones from its own core address"} {
+		if !strings.Contains(text, want) {
+			t.Fatalf("missing %q:\n%s", want, text)
+		}
+	}
+	noneLeft(t, prefix)
+}
+
 // Without core addresses, phones behind two NAPTs sharing 192.168.1.10
 // are ambiguous toward the core: the gateway refuses the configuration,
 // naming both SAs, and the demo removes what it built.

@@ -132,6 +132,17 @@ type Options struct {
 	// gateway sends them arrives under an SPI that is not their own. It
 	// exists to prove the misdelivery counters count.
 	CrossSAs [2]int
+	// Direct is the number of TUN phones on the public segment itself,
+	// no NAPT in front (phone k at DirectAddr(k), its TUN at
+	// 192.168.2.(9+k)), sending plain ESP (IP protocol 50): the case
+	// UDP encapsulation is not needed for.
+	Direct int
+	// Transport gives the TUN phones transport-mode SA pairs
+	// (docs/addressing.md, "Transport mode"): each phone's segments go to
+	// the gateway and on to kamailio (inner.local) from the phone's core
+	// address. Needs core addresses (not CoreNone). Bulk phones stay in
+	// tunnel mode.
+	Transport bool
 	// KamailioConfig is the core's config file (default:
 	// examples/kamailio/kamailio.cfg, built into the binary).
 	KamailioConfig string
@@ -142,7 +153,8 @@ type Options struct {
 type Phone struct {
 	N       int    // 1..NAPTs*Phones, unique in the lab
 	User    string // its SIP user, "ue<N>"
-	NAPT    int    // 1..NAPTs
+	NAPT    int    // 1..NAPTs; 0 for a direct phone
+	Direct  bool   // on the public segment, no NAPT, plain ESP (Options.Direct)
 	NAPTWAN netip.Addr
 	NS      *netns.NS
 	LAN     netip.Addr // behind the NAPT
@@ -191,8 +203,8 @@ type Lab struct {
 	Bulk            []*BulkPhone
 	Gateway         *gateway.Gateway
 	Config          *config.Config
-	outPeer         map[uint32]netip.Addr // outbound SPI -> its NAPT's public address
-	dir             string                // kamailio runtime, state, SIP files
+	outPeer         map[uint32]netip.AddrPort // outbound SPI -> its configured peer (NAPT's public address:4500, or a direct phone's address:0)
+	dir             string                    // kamailio runtime, state, SIP files
 	kamailio        *exec.Cmd
 	kamailioLog     *syncBuffer
 	kamailioStopped chan struct{}
@@ -217,6 +229,9 @@ func CheckTools() error {
 }
 
 // NAPTAddr is NAPT k's public address.
+// DirectAddr is direct phone k's public address (Options.Direct).
+func DirectAddr(k int) netip.Addr { return netip.AddrFrom4([4]byte{198, 51, 100, byte(100 + k)}) }
+
 func NAPTAddr(k int) netip.Addr { return netip.AddrFrom4([4]byte{198, 51, 100, byte(1 + k)}) }
 
 // Start builds the topology, starts kamailio, the gateway and the phones.
@@ -231,13 +246,16 @@ func Start(ctx context.Context, o Options) (l *Lab, err error) {
 	if o.Workers <= 0 {
 		o.Workers = 2
 	}
-	if o.NAPTs > 50 || o.NAPTs*o.Phones > 200 || o.Phones > 200 || o.Bulk > 40000 {
+	if o.NAPTs > 50 || o.NAPTs*o.Phones+o.Direct > 200 || o.Direct > 50 || o.Phones > 200 || o.Bulk > 40000 {
 		return nil, fmt.Errorf("lab: at most 50 NAPTs, 200 TUN phones in all and 40000 bulk phones (one UDP port each from 20000)")
+	}
+	if o.Transport && o.Core == CoreNone {
+		return nil, fmt.Errorf("lab: transport mode needs core addresses (Core: %s)", o.Core)
 	}
 	if err := CheckTools(); err != nil {
 		return nil, fmt.Errorf("lab: %w", err)
 	}
-	l = &Lab{opts: o, outPeer: map[uint32]netip.Addr{}}
+	l = &Lab{opts: o, outPeer: map[uint32]netip.AddrPort{}}
 	defer func() {
 		if err != nil {
 			l.Close()
@@ -285,6 +303,7 @@ func Start(ctx context.Context, o Options) (l *Lab, err error) {
 		{l.Core, "ip route add 100.64.0.0/10 via " + GatewayCore.String()},
 		{l.Core, "ip route add " + LAN.String() + " via " + GatewayCore.String()},
 		{l.Core, "ip route add 10.99.0.0/16 via " + GatewayCore.String()},
+		{l.Core, "ip route add 192.168.2.0/24 via " + GatewayCore.String()}, // direct phones' TUNs
 	}
 	for k := 1; k <= o.NAPTs; k++ {
 		ns, err := mk(fmt.Sprintf("napt%d", k))
@@ -315,17 +334,32 @@ func Start(ctx context.Context, o Options) (l *Lab, err error) {
 	}
 
 	var sas strings.Builder
-	addSAs := func(name string, wan, inner, core netip.Addr, spiIn, spiOut uint32, kin, kout string) {
+	addSAs := func(name string, wan, inner, core netip.Addr, spiIn, spiOut uint32, kin, kout string, transport, plain bool) {
+		encap := "encap: {local_port: 4500, peer_port: 4500}, "
+		if plain {
+			encap = ""
+		}
+		mode := "tunnel"
 		in := "{local: 10.0.0.0/24, peer: " + inner.String() + "/32}"
 		if core.IsValid() {
 			in = "{local: 10.0.0.0/24, peer: " + inner.String() + "/32, core: " + core.String() + "}"
 		}
+		if transport {
+			// The phone's segments go to kamailio from its core address.
+			mode, in = "transport", "{local: "+Core.String()+"}"
+			if core.IsValid() {
+				in = "{local: " + Core.String() + ", core: " + core.String() + "}"
+			}
+		}
 		fmt.Fprintf(&sas, `
-  - {name: %[1]s-in,  pair: %[1]s, spi: %[2]d, direction: in,  mode: tunnel, proposal: aes128gcm16, enc_key: %[4]s,
-     local: %[6]s, peer: %[7]s, encap: {local_port: 4500, peer_port: 4500}, inner: %[8]s}
-  - {name: %[1]s-out, pair: %[1]s, spi: %[3]d, direction: out, mode: tunnel, proposal: aes128gcm16, enc_key: %[5]s,
-     local: %[6]s, peer: %[7]s, encap: {local_port: 4500, peer_port: 4500}, inner: %[8]s}`, name, spiIn, spiOut, kin, kout, GatewayPublic, wan, in)
-		l.outPeer[spiOut] = wan
+  - {name: %[1]s-in,  pair: %[1]s, spi: %[2]d, direction: in,  mode: %[9]s, proposal: aes128gcm16, enc_key: %[4]s,
+     local: %[6]s, peer: %[7]s, %[10]sinner: %[8]s}
+  - {name: %[1]s-out, pair: %[1]s, spi: %[3]d, direction: out, mode: %[9]s, proposal: aes128gcm16, enc_key: %[5]s,
+     local: %[6]s, peer: %[7]s, %[10]sinner: %[8]s}`, name, spiIn, spiOut, kin, kout, GatewayPublic, wan, in, mode, encap)
+		l.outPeer[spiOut] = netip.AddrPortFrom(wan, 4500)
+		if plain {
+			l.outPeer[spiOut] = netip.AddrPortFrom(wan, 0)
+		}
 	}
 	gwESP := netip.AddrPortFrom(GatewayPublic, 4500)
 	for i := range o.NAPTs * o.Phones {
@@ -345,7 +379,34 @@ func Start(ctx context.Context, o Options) (l *Lab, err error) {
 			return l, err
 		}
 		sasBefore := sas.Len()
-		addSAs(p.User, p.NAPTWAN, p.Inner, p.Core, p.SPIIn, p.SPIOut, p.KeyIn, p.KeyOut)
+		addSAs(p.User, p.NAPTWAN, p.Inner, p.Core, p.SPIIn, p.SPIOut, p.KeyIn, p.KeyOut, o.Transport, false)
+		p.saYAML = "sas:" + sas.String()[sasBefore:] + "\n"
+	}
+	for d := 1; d <= o.Direct; d++ {
+		n := len(l.Phones) + 1
+		ns, err := mk(fmt.Sprintf("ue%d", n))
+		if err != nil {
+			return l, err
+		}
+		wan := DirectAddr(d)
+		p := &Phone{N: n, User: fmt.Sprintf("ue%d", n), NAPTWAN: wan, NS: ns, LAN: wan, Direct: true,
+			Inner: netip.AddrFrom4([4]byte{192, 168, 2, byte(9 + d)}),
+			SPIIn: 0x1000 + uint32(n), SPIOut: 0x2000 + uint32(n), KeyIn: randHex(20), KeyOut: randHex(20)}
+		if o.Core == CoreExplicit || (o.Core == CoreMixed && n%2 == 1) {
+			p.Core = netip.AddrFrom4([4]byte{100, 64, 200, byte(9 + d)})
+		}
+		l.Phones = append(l.Phones, p)
+		if err := netns.Veth(ns, "wan", l.Inet, fmt.Sprintf("d%d", d)); err != nil {
+			return l, err
+		}
+		for _, st := range []step{{l.Inet, fmt.Sprintf("ip link set d%d master sw", d)}, {ns, "ip addr add " + wan.String() + "/24 dev wan"}} {
+			f := strings.Fields(st.args)
+			if _, err := st.ns.Run(f[0], f[1:]...); err != nil {
+				return l, err
+			}
+		}
+		sasBefore := sas.Len()
+		addSAs(p.User, wan, p.Inner, p.Core, p.SPIIn, p.SPIOut, p.KeyIn, p.KeyOut, o.Transport, true)
 		p.saYAML = "sas:" + sas.String()[sasBefore:] + "\n"
 	}
 	if !o.NoTunnels {
@@ -367,8 +428,8 @@ func Start(ctx context.Context, o Options) (l *Lab, err error) {
 			b := &BulkPhone{N: n, Inner: netip.AddrFrom4([4]byte{10, 99, byte(1 + i/250), byte(1 + i%250)}),
 				SPIIn: 0x100000 + uint32(n), SPIOut: 0x200000 + uint32(n)}
 			kin, kout := randHex(20), randHex(20)
-			addSAs(fmt.Sprintf("bulk%d", n), NAPTWAN, b.Inner, netip.Addr{}, b.SPIIn, b.SPIOut, kin, kout)
-			out, in, err := phoneSAs(b.SPIIn, kin, b.SPIOut, kout)
+			addSAs(fmt.Sprintf("bulk%d", n), NAPTWAN, b.Inner, netip.Addr{}, b.SPIIn, b.SPIOut, kin, kout, false, false)
+			out, in, err := phoneSAs(b.SPIIn, kin, b.SPIOut, kout, esp.ModeTunnel)
 			if err != nil {
 				return l, err
 			}
@@ -417,6 +478,7 @@ func Start(ctx context.Context, o Options) (l *Lab, err error) {
 				return l, fmt.Errorf("lab: the gateway allocated no core address for %s", p.User)
 			}
 			p.saYAML = strings.ReplaceAll(p.saYAML, "peer: "+p.Inner.String()+"/32}", "peer: "+p.Inner.String()+"/32, core: "+p.Core.String()+"}")
+			p.saYAML = strings.ReplaceAll(p.saYAML, "inner: {local: "+Core.String()+"}", "inner: {local: "+Core.String()+", core: "+p.Core.String()+"}")
 		}
 		for _, b := range l.Bulk {
 			b.Core = cores[b.SPIIn]
@@ -435,7 +497,11 @@ func Start(ctx context.Context, o Options) (l *Lab, err error) {
 // its LAN address, SIP port 5060, misdelivery counted by SPI, inner
 // destination and SIP user.
 func (l *Lab) startTunnel(p *Phone, gw netip.AddrPort) error {
-	out, in, err := phoneSAs(p.SPIIn, p.KeyIn, p.SPIOut, p.KeyOut)
+	mode := esp.ModeTunnel
+	if l.opts.Transport {
+		mode = esp.ModeTransport
+	}
+	out, in, err := phoneSAs(p.SPIIn, p.KeyIn, p.SPIOut, p.KeyOut, mode)
 	if err != nil {
 		return err
 	}
@@ -447,13 +513,17 @@ func (l *Lab) startTunnel(p *Phone, gw netip.AddrPort) error {
 				return fmt.Errorf("lab: CrossSAs names phone %d of %d", o, len(l.Phones))
 			}
 			q := l.Phones[o-1]
-			if _, in, err = phoneSAs(q.SPIIn, q.KeyIn, q.SPIOut, q.KeyOut); err != nil {
+			if _, in, err = phoneSAs(q.SPIIn, q.KeyIn, q.SPIOut, q.KeyOut, mode); err != nil {
 				return err
 			}
 		}
 	}
 	return p.NS.Do(func() (err error) {
-		p.Tunnel, err = ue.StartTunnel(ue.TunnelConfig{Local: netip.MustParseAddrPort("0.0.0.0:4500"), Gateway: gw,
+		local := netip.MustParseAddrPort("0.0.0.0:4500")
+		if p.Direct {
+			local = netip.AddrPortFrom(p.LAN, 0)
+		}
+		p.Tunnel, err = ue.StartTunnel(ue.TunnelConfig{Local: local, Gateway: gw, PlainESP: p.Direct,
 			Out: out, In: in, TUN: "ims0", Inner: p.Inner, Routes: []netip.Prefix{netip.MustParsePrefix("10.0.0.0/24")},
 			Keepalive: l.opts.Keepalive, Ports: []uint16{SIPPort}, Claim: ue.SIPClaim(p.User)})
 		return err
@@ -617,17 +687,17 @@ func (l *Lab) InCounters(spiIn uint32) (packets uint64, binding netip.AddrPort) 
 
 // OutPackets is the number of packets the gateway sealed for a phone.
 func (l *Lab) OutPackets(spiOut uint32) uint64 {
-	c, _ := l.Gateway.Manager.Counters(sa.ID{Dir: sa.Out, SPI: spiOut, Peer: netip.AddrPortFrom(l.outPeer[spiOut], 4500)})
+	c, _ := l.Gateway.Manager.Counters(sa.ID{Dir: sa.Out, SPI: spiOut, Peer: l.outPeer[spiOut]})
 	return c.Packets
 }
 
-func phoneSAs(spiIn uint32, kin string, spiOut uint32, kout string) (out, in *esp.SA, err error) {
+func phoneSAs(spiIn uint32, kin string, spiOut uint32, kout string, mode esp.Mode) (out, in *esp.SA, err error) {
 	mk := func(spi uint32, keyHex string, window int) (*esp.SA, error) {
 		k, err := hex.DecodeString(keyHex)
 		if err != nil {
 			return nil, err
 		}
-		return esp.NewSA(esp.Config{SPI: spi, Proposal: esp.AES128GCM16, EncKey: k, ReplayWindow: window, Mode: esp.ModeTunnel})
+		return esp.NewSA(esp.Config{SPI: spi, Proposal: esp.AES128GCM16, EncKey: k, ReplayWindow: window, Mode: mode})
 	}
 	if out, err = mk(spiIn, kin, 0); err != nil {
 		return nil, nil, err

@@ -50,6 +50,10 @@ type TunnelConfig struct {
 	// SIP port). Tunnel mode: a decrypted packet to another port is not
 	// addressed to the phone and is counted as misdelivered. Empty: any.
 	Ports []uint16
+	// PlainESP carries ESP as IP protocol 50 (a raw socket bound to
+	// Local's address; Local's port and keepalives are unused) instead of
+	// UDP-encapsulated: a phone with no NAPT in front of it.
+	PlainESP bool
 	// Claim, when set, is asked about every decrypted tunnel-mode packet
 	// that is addressed to the phone; false means it carries another
 	// phone's traffic (phones behind different NAPTs share inner
@@ -156,7 +160,7 @@ type Tunnel struct {
 	cfg   TunnelConfig
 	mode  esp.Mode
 	tun   *TUN
-	conn  *net.UDPConn
+	conn  espConn
 	gw    netip.AddrPort
 	inner netip.Addr
 
@@ -215,9 +219,20 @@ func StartTunnel(cfg TunnelConfig) (*Tunnel, error) {
 	if cfg.Keepalive == 0 {
 		cfg.Keepalive = DefaultKeepalive
 	}
-	conn, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(cfg.Local))
-	if err != nil {
-		return nil, fmt.Errorf("tunnel: bind %s: %w", cfg.Local, err)
+	var conn espConn
+	if cfg.PlainESP {
+		cfg.Keepalive = -1 // NAT keepalives are UDP's (RFC 3948 2.3)
+		c, err := net.ListenIP(ipNet(cfg.Gateway.Addr())+":50", &net.IPAddr{IP: cfg.Local.Addr().AsSlice()})
+		if err != nil {
+			return nil, fmt.Errorf("tunnel: raw ESP socket on %s: %w", cfg.Local.Addr(), err)
+		}
+		conn = rawESP{c}
+	} else {
+		c, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(cfg.Local))
+		if err != nil {
+			return nil, fmt.Errorf("tunnel: bind %s: %w", cfg.Local, err)
+		}
+		conn = udpESP{c}
 	}
 	tun, err := OpenTUN(cfg.TUN)
 	if err != nil {
@@ -249,7 +264,53 @@ func StartTunnel(cfg TunnelConfig) (*Tunnel, error) {
 func (t *Tunnel) TUNName() string { return t.tun.Name() }
 
 // LocalAddr is the UDP socket's address (before any NAT).
-func (t *Tunnel) LocalAddr() netip.AddrPort { return t.conn.LocalAddr().(*net.UDPAddr).AddrPort() }
+func (t *Tunnel) LocalAddr() netip.AddrPort { return t.conn.local() }
+
+// espConn is how the phone's ESP travels: UDP-encapsulated (RFC 3948)
+// or plain IP protocol 50.
+type espConn interface {
+	send(b []byte, to netip.AddrPort) error
+	recv(b []byte) (int, netip.AddrPort, error)
+	local() netip.AddrPort
+	Close() error
+}
+
+type udpESP struct{ *net.UDPConn }
+
+func (c udpESP) send(b []byte, to netip.AddrPort) error {
+	_, err := c.WriteToUDPAddrPort(b, to)
+	return err
+}
+func (c udpESP) recv(b []byte) (int, netip.AddrPort, error) { return c.ReadFromUDPAddrPort(b) }
+func (c udpESP) local() netip.AddrPort                      { return c.LocalAddr().(*net.UDPAddr).AddrPort() }
+
+// rawESP is a raw IP socket for protocol 50: the kernel adds the IP
+// header on send and strips it (IPv4) on receive.
+type rawESP struct{ *net.IPConn }
+
+func (c rawESP) send(b []byte, to netip.AddrPort) error {
+	_, err := c.WriteToIP(b, &net.IPAddr{IP: to.Addr().AsSlice()})
+	return err
+}
+func (c rawESP) recv(b []byte) (int, netip.AddrPort, error) {
+	n, from, err := c.ReadFromIP(b)
+	if err != nil {
+		return n, netip.AddrPort{}, err
+	}
+	a, _ := netip.AddrFromSlice(from.IP)
+	return n, netip.AddrPortFrom(a.Unmap(), 0), nil
+}
+func (c rawESP) local() netip.AddrPort {
+	a, _ := netip.AddrFromSlice(c.LocalAddr().(*net.IPAddr).IP)
+	return netip.AddrPortFrom(a.Unmap(), 0)
+}
+
+func ipNet(a netip.Addr) string {
+	if a.Is4() {
+		return "ip4"
+	}
+	return "ip6"
+}
 
 // Counters returns a snapshot of the packet counts.
 func (t *Tunnel) Counters() Counters {
@@ -297,7 +358,7 @@ func (t *Tunnel) keepaliveLoop() {
 		case <-t.stop:
 			return
 		case <-tick.C:
-			if _, err := t.conn.WriteToUDPAddrPort(ka, t.gw); err != nil {
+			if err := t.conn.send(ka, t.gw); err != nil {
 				t.drops[DropSendFailed].Add(1)
 				continue
 			}
@@ -346,7 +407,7 @@ func (t *Tunnel) txLoop() {
 			t.seal[esp.ReasonOf(err)].Add(1)
 			continue
 		}
-		if _, err := t.conn.WriteToUDPAddrPort(buf[start:end], t.gw); err != nil {
+		if err := t.conn.send(buf[start:end], t.gw); err != nil {
 			if t.stopped() {
 				return
 			}
@@ -387,7 +448,7 @@ func (t *Tunnel) rxLoop() {
 	}
 	gw := t.gw.Addr().Unmap()
 	for {
-		n, from, err := t.conn.ReadFromUDPAddrPort(buf)
+		n, from, err := t.conn.recv(buf)
 		if err != nil {
 			if t.stopped() {
 				return
@@ -398,7 +459,7 @@ func (t *Tunnel) rxLoop() {
 			t.drops[DropNotGateway].Add(1)
 			continue
 		}
-		if n == 1 && buf[0] == 0xff {
+		if n == 1 && buf[0] == 0xff && !t.cfg.PlainESP {
 			t.kaReceived.Add(1)
 			continue
 		}
