@@ -48,6 +48,9 @@ func capturePhoneLink(t *testing.T, ns *netns.NS) (stop func() []espOnWire) {
 	}); err != nil {
 		t.Fatal(err)
 	}
+	// Room for a few seconds of 8000 packets/s in case the reader is
+	// not scheduled for a while (the default ~200 KB holds ~250 frames).
+	unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, 32<<20)
 	tv := unix.NsecToTimeval(int64(50 * time.Millisecond))
 	unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
 	done := make(chan struct{})
