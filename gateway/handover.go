@@ -58,40 +58,87 @@ func (u *Upgrade) closeFDs() {
 	u.FDs = nil
 }
 
-// check says in one line what the successor's configuration changed that
-// a hand-over cannot carry over.
+// Shape is what a hand-over cannot change: the successor's
+// configuration must agree with the running data path on all of it.
+// Zero UMEM sizes mean "whatever runs".
+type Shape struct {
+	Workers                           int
+	Public, Private, StateDir, PinDir string
+	UMEM                              config.UMEM
+}
+
+// ShapeOf is cfg's shape, as a successor sends it with its request.
+func ShapeOf(cfg *config.Config) Shape {
+	return Shape{Workers: cfg.Workers, Public: cfg.Public.Interface, Private: cfg.Private.Interface,
+		StateDir: cfg.StateDir, PinDir: cfg.PinDir, UMEM: cfg.UMEM}
+}
+
+func (h *Handover) shape() Shape {
+	c := h.UMEM.Config
+	return Shape{Workers: h.Workers, Public: h.Public, Private: h.Private, StateDir: h.StateDir, PinDir: h.PinDir,
+		UMEM: config.UMEM{Frames: int(c.FrameCount), FrameSize: int(c.FrameSize), FillRing: int(c.FillSize),
+			CompletionRing: int(c.CompletionSize), RXRing: int(c.RxSize), TXRing: int(c.TxSize)}}
+}
+
+// compare says in one line what next changes from running (the data
+// path of pid) that a hand-over cannot carry over.
+func (next Shape) compare(running Shape, pid int) error {
+	keep := "a hand-over keeps the running data path's; change it with a stop and start instead"
+	for _, c := range []struct {
+		field       string
+		next, runng any
+	}{
+		{"workers", next.Workers, running.Workers}, {"public.interface", next.Public, running.Public},
+		{"private.interface", next.Private, running.Private}, {"state_dir", next.StateDir, running.StateDir},
+		{"pin_dir", next.PinDir, running.PinDir},
+	} {
+		if c.next != c.runng {
+			return fmt.Errorf("config: %s: %v in the new daemon's config, %v in the running daemon (pid %d): %s", c.field, c.next, c.runng, pid, keep)
+		}
+	}
+	for _, c := range []struct {
+		field       string
+		next, runng int
+	}{
+		{"umem.frame_size", next.UMEM.FrameSize, running.UMEM.FrameSize}, {"umem.frames", next.UMEM.Frames, running.UMEM.Frames},
+		{"umem.fill_ring", next.UMEM.FillRing, running.UMEM.FillRing}, {"umem.completion_ring", next.UMEM.CompletionRing, running.UMEM.CompletionRing},
+		{"umem.rx_ring", next.UMEM.RXRing, running.UMEM.RXRing}, {"umem.tx_ring", next.UMEM.TXRing, running.UMEM.TXRing},
+	} {
+		if c.next != 0 && c.next != c.runng {
+			return fmt.Errorf("config: %s: %d in the new daemon's config, %d in the running daemon (pid %d): %s", c.field, c.next, c.runng, pid, keep)
+		}
+	}
+	return nil
+}
+
+// CheckSuccessor tells a would-be successor, before anything stops, what
+// in its configuration a hand-over cannot carry over, or that this
+// daemon cannot hand over at all.
+func (g *Gateway) CheckSuccessor(next Shape) error {
+	if err := g.canHandOver(); err != nil {
+		return err
+	}
+	c := g.UMEM.Config()
+	running := ShapeOf(g.Config)
+	running.UMEM = config.UMEM{Frames: int(c.FrameCount), FrameSize: int(c.FrameSize), FillRing: int(c.FillSize),
+		CompletionRing: int(c.CompletionSize), RXRing: int(c.RxSize), TXRing: int(c.TxSize)}
+	return next.compare(running, os.Getpid())
+}
+
+func (g *Gateway) canHandOver() error {
+	if g.Loader == nil || g.Loader.PinLock() == nil || g.stateLock == nil || g.Started.IsZero() {
+		return errors.New("upgrade: the running daemon has no pinned maps (pin_dir): nothing can be handed over")
+	}
+	return nil
+}
+
+// check repeats the comparison on what actually arrived.
 func (u *Upgrade) check(cfg *config.Config) error {
 	h := &u.Handover
 	if want := 3 + 2*h.Workers; len(u.FDs) != want || len(h.UMEM.Sockets) != 2*h.Workers {
 		return fmt.Errorf("upgrade: %d descriptors and %d sockets for %d workers: not a hand-over from this xesp version", len(u.FDs), len(h.UMEM.Sockets), h.Workers)
 	}
-	keep := "a hand-over keeps the running data path's; change it with a stop and start instead"
-	for _, c := range []struct {
-		field     string
-		here, was any
-	}{
-		{"workers", cfg.Workers, h.Workers}, {"public.interface", cfg.Public.Interface, h.Public},
-		{"private.interface", cfg.Private.Interface, h.Private}, {"state_dir", cfg.StateDir, h.StateDir},
-		{"pin_dir", cfg.PinDir, h.PinDir},
-	} {
-		if c.here != c.was {
-			return fmt.Errorf("config: %s: %v here, %v in the running daemon (pid %d): %s", c.field, c.here, c.was, h.PID, keep)
-		}
-	}
-	uc := h.UMEM.Config
-	for _, c := range []struct {
-		field     string
-		here, was uint32
-	}{
-		{"umem.frame_size", uint32(cfg.UMEM.FrameSize), uc.FrameSize}, {"umem.frames", uint32(cfg.UMEM.Frames), uc.FrameCount},
-		{"umem.fill_ring", uint32(cfg.UMEM.FillRing), uc.FillSize}, {"umem.completion_ring", uint32(cfg.UMEM.CompletionRing), uc.CompletionSize},
-		{"umem.rx_ring", uint32(cfg.UMEM.RXRing), uc.RxSize}, {"umem.tx_ring", uint32(cfg.UMEM.TXRing), uc.TxSize},
-	} {
-		if c.here != 0 && c.here != c.was {
-			return fmt.Errorf("config: %s: %d here, %d in the running daemon (pid %d): %s", c.field, c.here, c.was, h.PID, keep)
-		}
-	}
-	return nil
+	return ShapeOf(cfg).compare(h.shape(), h.PID)
 }
 
 // locks takes over the two instance locks: an flock belongs to the open
@@ -128,8 +175,8 @@ func (u *Upgrade) adoptUMEM() (*xsk.UMEM, []*xsk.Socket, error) {
 // send them, never close them) and call FinishHandOver once the successor
 // runs, or Stop(true) if it failed.
 func (g *Gateway) HandOver(ctx context.Context) (*Handover, []int, error) {
-	if g.Loader == nil || g.Loader.PinLock() == nil || g.stateLock == nil || g.Started.IsZero() {
-		return nil, nil, errors.New("upgrade: this daemon runs without pinned maps (pin_dir): nothing can be handed over")
+	if err := g.canHandOver(); err != nil {
+		return nil, nil, err
 	}
 	g.cancel()
 	g.wg.Wait()
@@ -170,6 +217,17 @@ func (g *Gateway) HandOver(ctx context.Context) (*Handover, []int, error) {
 		StateDir: cfg.StateDir, PinDir: cfg.PinDir, UMEM: uh, RxState: rx, Neighbors: g.Neighbors.Resolved()}
 	fds := append([]int{int(g.stateLock.File().Fd()), int(g.Loader.PinLock().File().Fd())}, ufds...)
 	return h, fds, nil
+}
+
+// AbortHandOver stops this gateway after a hand-over whose successor
+// failed, keeping the XDP programs attached and pinned: the successor may
+// have served the rings for a while, so their positions are taken back
+// from the rings first.
+func (g *Gateway) AbortHandOver() error {
+	if g.UMEM != nil {
+		g.UMEM.Reclaim()
+	}
+	return g.Stop(true)
 }
 
 // FinishHandOver ends this gateway after its successor took over: it

@@ -72,7 +72,7 @@ func runDaemon(args []string) error {
 	var up *gateway.Upgrade
 	var upConn *net.UnixConn
 	if *upgradeFrom != "" {
-		if up, upConn, err = requestUpgrade(*upgradeFrom); err != nil {
+		if up, upConn, err = requestUpgrade(*upgradeFrom, gateway.ShapeOf(cfg)); err != nil {
 			return err
 		}
 		// The old daemon waits for an answer before it lets go of the
@@ -152,7 +152,7 @@ func runDaemon(args []string) error {
 		}
 	}
 
-	upgrades, stopUpgrades, err := listenUpgrades(cfg.StateDir, log)
+	upgrades, stopUpgrades, err := listenUpgrades(cfg.StateDir, g.CheckSuccessor, log)
 	if err != nil {
 		stopSvc()
 		for ; services > 0; services-- {

@@ -31,6 +31,9 @@ const upgradeTimeout = 2 * time.Minute
 
 type upgradeRequest struct {
 	PID int `json:"pid"`
+	// Shape is the successor's configuration, checked before anything
+	// stops: a refused successor leaves the running daemon as it was.
+	Shape gateway.Shape `json:"shape"`
 }
 
 type upgradeOffer struct {
@@ -53,7 +56,7 @@ type pendingUpgrade struct {
 // only: the socket is 0600 in the 0700 state_dir, and the peer's uid is
 // checked). The returned close stops listening and leaves the socket file
 // for the successor, which replaces it.
-func listenUpgrades(stateDir string, log *slog.Logger) (<-chan pendingUpgrade, func(), error) {
+func listenUpgrades(stateDir string, check func(gateway.Shape) error, log *slog.Logger) (<-chan pendingUpgrade, func(), error) {
 	path := filepath.Join(stateDir, upgradeSocket)
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return nil, nil, fmt.Errorf("upgrade socket %s: %w", path, err)
@@ -83,12 +86,15 @@ func listenUpgrades(stateDir string, log *slog.Logger) (<-chan pendingUpgrade, f
 				if msg, fds, err = fdpass.Recv(c); err == nil {
 					closeFDs(fds)
 					var req upgradeRequest
-					err = json.Unmarshal(msg, &req)
+					if err = json.Unmarshal(msg, &req); err == nil {
+						err = check(req.Shape)
+					}
 				}
 				c.SetReadDeadline(time.Time{})
 			}
 			if err != nil {
-				log.Warn("upgrade request refused", "pid", pid, "err", err)
+				log.Warn("upgrade request refused, still running", "pid", pid, "err", err)
+				sendJSON(c, upgradeOffer{Error: err.Error()}, nil)
 				c.Close()
 				continue
 			}
@@ -119,11 +125,12 @@ func handOver(ctx context.Context, g *gateway.Gateway, p pendingUpgrade, log *sl
 	start := time.Now()
 	h, fds, err := g.HandOver(ctx)
 	if err != nil {
+		err = fmt.Errorf("%w; the running daemon (pid %d) stopped with the XDP programs pinned: start `xesp run --keep-pinned`", err, os.Getpid())
 		sendJSON(p.conn, upgradeOffer{Error: err.Error()}, nil)
 		return errors.Join(err, g.Stop(true))
 	}
 	if err := sendJSON(p.conn, upgradeOffer{Handover: h}, fds); err != nil {
-		return errors.Join(fmt.Errorf("upgrade: hand over to pid %d: %w", p.pid, err), g.Stop(true))
+		return errors.Join(fmt.Errorf("upgrade: hand over to pid %d: %w", p.pid, err), g.AbortHandOver())
 	}
 	p.conn.SetReadDeadline(time.Now().Add(upgradeTimeout))
 	var r upgradeReply
@@ -136,7 +143,7 @@ func handOver(ctx context.Context, g *gateway.Gateway, p pendingUpgrade, log *sl
 		err = errors.New(r.Error)
 	}
 	if err != nil {
-		return errors.Join(fmt.Errorf("upgrade: the new daemon (pid %d) did not come up: %w; this one stopped with the XDP programs pinned: start `xesp run --keep-pinned` again", p.pid, err), g.Stop(true))
+		return errors.Join(fmt.Errorf("upgrade: the new daemon (pid %d) did not come up: %w; this one stopped with the XDP programs pinned: start `xesp run --keep-pinned` again", p.pid, err), g.AbortHandOver())
 	}
 	g.FinishHandOver()
 	log.Info("handed over to the new daemon", "pid", p.pid, "took", time.Since(start).Round(time.Millisecond))
@@ -144,7 +151,7 @@ func handOver(ctx context.Context, g *gateway.Gateway, p pendingUpgrade, log *sl
 }
 
 // requestUpgrade asks the daemon listening on path for its data path.
-func requestUpgrade(path string) (*gateway.Upgrade, *net.UnixConn, error) {
+func requestUpgrade(path string, shape gateway.Shape) (*gateway.Upgrade, *net.UnixConn, error) {
 	c, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: path, Net: "unix"})
 	if err != nil {
 		return nil, nil, fmt.Errorf("--upgrade-from %s: no running xesp daemon answers there (it listens on state_dir/%s): %w", path, upgradeSocket, err)
@@ -153,7 +160,7 @@ func requestUpgrade(path string) (*gateway.Upgrade, *net.UnixConn, error) {
 		c.Close()
 		return nil, nil, fmt.Errorf("--upgrade-from %s: %w", path, err)
 	}
-	if err := sendJSON(c, upgradeRequest{PID: os.Getpid()}, nil); err != nil {
+	if err := sendJSON(c, upgradeRequest{PID: os.Getpid(), Shape: shape}, nil); err != nil {
 		c.Close()
 		return nil, nil, fmt.Errorf("--upgrade-from %s: %w", path, err)
 	}
@@ -172,7 +179,7 @@ func requestUpgrade(path string) (*gateway.Upgrade, *net.UnixConn, error) {
 	if err != nil {
 		closeFDs(fds)
 		c.Close()
-		return nil, nil, fmt.Errorf("--upgrade-from %s: %w", path, err)
+		return nil, nil, fmt.Errorf("--upgrade-from %s: refused: %w", path, err)
 	}
 	return &gateway.Upgrade{Handover: *o.Handover, FDs: fds}, c, nil
 }

@@ -366,3 +366,82 @@ func TestRunDaemonRestartLossBaseline(t *testing.T) {
 		t.Errorf("a stop and start lost nothing: the baseline no longer measures a gap (%v)", r)
 	}
 }
+
+// A successor whose configuration a hand-over cannot honour (another
+// worker count) is refused before anything stops: it exits with one line
+// naming the field, and the running daemon keeps forwarding.
+func TestRunDaemonUpgradeRefusedKeepsRunning(t *testing.T) {
+	d := newDaemonTopo(t)
+	d.sharedPins(t)
+	old := d.start(t)
+	ph := d.newPhone(t, 4500, mustESP(t, 0x1001, runKeyIn, 0), mustESP(t, 0x2001, runKeyOut, 4096))
+	inner := netip.MustParseAddrPort("10.99.0.1:5060")
+	talk(t, ph, inner, "OPTIONS before")
+
+	b, err := os.ReadFile(d.cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg3 := filepath.Join(d.dir, "three-workers.yaml")
+	if err := os.WriteFile(cfg3, []byte(strings.Replace(string(b), "workers: 2", "workers: 3", 1)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, err := xespCmd(d.gw, "run", "--config", cfg3, "--upgrade-from", filepath.Join(d.dir, "state", "upgrade.sock")).CombinedOutput()
+	if err == nil {
+		t.Fatalf("the mismatched successor started:\n%s", out)
+	}
+	if lines := strings.Split(strings.TrimSpace(string(out)), "\n"); len(lines) != 1 ||
+		!strings.Contains(lines[0], "workers: 3 in the new daemon's config, 2 in the running daemon") {
+		t.Fatalf("want one line naming workers, got:\n%s", out)
+	}
+	select {
+	case <-old.exited:
+		t.Fatalf("the running daemon exited: %v\n%s", old.err, old.logs.String())
+	default:
+	}
+	talk(t, ph, inner, "OPTIONS after")
+	if !strings.Contains(old.logs.String(), "upgrade request refused, still running") {
+		t.Fatalf("the running daemon did not log the refusal:\n%s", old.logs.String())
+	}
+}
+
+// A successor that fails after it took the data path over (here: its
+// config names a private VLAN device that does not exist, found only
+// when the data path is built) tells the old daemon, which stops with the
+// XDP programs pinned instead of waiting or exiting 0; a plain start then
+// serves again.
+func TestRunDaemonUpgradeFailedSuccessor(t *testing.T) {
+	d := newDaemonTopo(t)
+	d.sharedPins(t)
+	old := d.start(t)
+	ph := d.newPhone(t, 4500, mustESP(t, 0x1001, runKeyIn, 0), mustESP(t, 0x2001, runKeyOut, 4096))
+	inner := netip.MustParseAddrPort("10.99.0.1:5060")
+	talk(t, ph, inner, "OPTIONS before")
+
+	b, err := os.ReadFile(d.cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bad := strings.Replace(string(b), "private: {interface: "+d.privIf+"}", "private: {interface: "+d.privIf+", vlan: 200, vlan_interface: nosuch0}", 1)
+	if bad == string(b) {
+		t.Fatal("config has no private line to change")
+	}
+	cfg2 := filepath.Join(d.dir, "bad-vlan.yaml")
+	if err := os.WriteFile(cfg2, []byte(bad), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, err := xespCmd(d.gw, "run", "--config", cfg2, "--upgrade-from", filepath.Join(d.dir, "state", "upgrade.sock")).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "private.vlan_interface") {
+		t.Fatalf("the successor: %v, want an error naming private.vlan_interface:\n%s", err, out)
+	}
+	select {
+	case <-old.exited:
+	case <-time.After(10 * time.Second):
+		t.Fatalf("the old daemon is still waiting:\n%s", old.logs.String())
+	}
+	if old.err == nil || !strings.Contains(old.logs.String(), "did not come up") || !strings.Contains(old.logs.String(), "nosuch0") {
+		t.Fatalf("old daemon: %v, want an error naming the successor's failure\n%s", old.err, old.logs.String())
+	}
+	d.start(t)
+	talk(t, ph, inner, "OPTIONS after")
+}

@@ -3,6 +3,7 @@ package xsk
 import (
 	"errors"
 	"fmt"
+	"sync/atomic"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -203,4 +204,29 @@ func Adopt(h Handover, memfd int, sockFDs []int) (_ *UMEM, _ []*Socket, err erro
 		}
 	}
 	return u, append([]*Socket(nil), u.sockets...), nil
+}
+
+// Reclaim takes the rings back after a hand-over whose successor failed:
+// the successor may have moved this side's ring indexes (received,
+// refilled, transmitted) before it gave up, so the cached copies are
+// reloaded from the rings. Frames it held are not known here; Close
+// then counts them as lost. Call it with no worker running, before Close.
+func (u *UMEM) Reclaim() {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.closed {
+		return
+	}
+	for _, q := range u.queues {
+		q.fill.cachedProd = atomic.LoadUint32(q.fill.producer)
+		q.fill.cachedCons = atomic.LoadUint32(q.fill.consumer)
+		q.comp.cachedCons = atomic.LoadUint32(q.comp.consumer)
+		q.comp.cachedProd = atomic.LoadUint32(q.comp.producer)
+	}
+	for _, s := range u.sockets {
+		s.rx.cachedCons = atomic.LoadUint32(s.rx.consumer)
+		s.rx.cachedProd = atomic.LoadUint32(s.rx.producer)
+		s.tx.cachedProd = atomic.LoadUint32(s.tx.producer)
+		s.tx.cachedCons = atomic.LoadUint32(s.tx.consumer)
+	}
 }

@@ -105,3 +105,66 @@ func TestExportAdoptKeepsSocketBound(t *testing.T) {
 		t.Fatalf("after the hand-over: %+v", a)
 	}
 }
+
+// A successor that served the rings and then gave up: the exporter takes
+// the rings back (Reclaim) as the successor left them (received,
+// refilled) and closes them normally within its drain bounds.
+func TestReclaimAfterFailedSuccessor(t *testing.T) {
+	const n = 30
+	tp := newTopo(t, false)
+	u := newUMEM(t, xsk.Config{FrameCount: 1024, FillSize: 256, CompletionSize: 256, RxSize: 256, TxSize: 256})
+	st := steer(t, 1)
+	s := open(t, u, tp.a)
+	p := u.NewPool()
+	if err := st.Set(0, 0, s.FD()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Refill(p, 64); err != nil {
+		t.Fatal(err)
+	}
+	attach(t, tp.a, st.Prog)
+	p.Close()
+	h, fds, err := u.Export([]*xsk.Socket{s})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dups := make([]int, len(fds))
+	for i, fd := range fds {
+		if dups[i], err = unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	u2, socks, err := xsk.Adopt(h, dups[0], dups[1:])
+	if err != nil {
+		t.Fatal(err)
+	}
+	p2 := u2.NewPool()
+	c := udpFrom(t, tp.peer1, 5556)
+	for i := 0; i < n; i++ {
+		if _, err := c.WriteToUDP([]byte(fmt.Sprintf("\x00datagram %d", i)), &net.UDPAddr{IP: tp.a.ip, Port: testPort}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got, err := receive(socks[0], p2, n, 3*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p2.PutDescs(got)
+	if _, err := socks[0].Refill(p2, 0); err != nil {
+		t.Fatal(err)
+	}
+	p2.Close()
+	u2.Abandon() // the successor gives up
+
+	u.Reclaim()
+	done := make(chan error, 1)
+	go func() { done <- u.Close() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("close after reclaim did not return")
+	}
+}
