@@ -152,14 +152,12 @@ func runDaemon(args []string) error {
 		}
 	}
 
+	// Without the socket the daemon still runs; only hitless upgrades
+	// are off (a stop and start still works).
 	upgrades, stopUpgrades, err := listenUpgrades(cfg.StateDir, g.CheckSuccessor, log)
 	if err != nil {
-		stopSvc()
-		for ; services > 0; services-- {
-			<-svcDone
-		}
-		g.Stop(*keep)
-		return err
+		log.Warn("hitless upgrades unavailable", "err", err)
+		stopUpgrades = func() {}
 	}
 	defer stopUpgrades()
 	if up != nil {
