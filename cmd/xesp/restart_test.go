@@ -25,7 +25,8 @@ type espOnWire struct {
 }
 
 // capturePhoneLink records every ESP-in-UDP frame on the phone's only
-// link, both directions, until the test ends; stop returns them.
+// link, both directions, until the test ends; stop returns them, with
+// every frame the link carried before stop was called.
 func capturePhoneLink(t *testing.T, ns *netns.NS) (stop func() []espOnWire) {
 	t.Helper()
 	var fd int
@@ -59,14 +60,19 @@ func capturePhoneLink(t *testing.T, ns *netns.NS) (stop func() []espOnWire) {
 		var got []espOnWire
 		buf := make([]byte, 9000)
 		for {
+			flags := 0
 			select {
 			case <-done:
+				// Stopped: take what is already queued, then end.
+				flags = unix.MSG_DONTWAIT
+			default:
+			}
+			n, _, err := unix.Recvfrom(fd, buf, flags)
+			if flags != 0 && err != nil {
 				unix.Close(fd)
 				out <- got
 				return
-			default:
 			}
-			n, _, err := unix.Recvfrom(fd, buf, 0)
 			if err != nil {
 				continue
 			}

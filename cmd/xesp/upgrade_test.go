@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"net"
 	"net/netip"
@@ -17,6 +18,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/xesp/xesp/control/api"
 	"github.com/xesp/xesp/internal/pkt"
 	"github.com/xesp/xesp/lab/netns"
 	"github.com/xesp/xesp/lab/ue"
@@ -101,24 +103,26 @@ func (c *countingCore) count() int {
 }
 
 // phoneTraffic sends "req N" from the phone at 4000 packets/s (paced
-// every millisecond; the core's replies make as many the other way) and
-// decrypts the replies, recording which N came back.
+// every millisecond; the core's replies make as many the other way).
+// The replies are counted from the capture of the phone's link, not from
+// the phone's socket, whose buffer a burst may overflow.
 type phoneTraffic struct {
-	sent    atomic.Int64
-	mu      sync.Mutex
-	replies map[int]int
-	stopTx  chan struct{}
-	txDone  chan error
-	stopRx  chan struct{}
-	rxDone  chan struct{}
+	sent   atomic.Int64
+	stopTx chan struct{}
+	txDone chan error
+	// The phone's socket is drained meanwhile; marker reports the
+	// reply to a "marker" request (see flush).
+	marker chan struct{}
+	stopRx chan struct{}
+	rxDone chan struct{}
 }
 
 func startPhoneTraffic(t *testing.T, ph *ue.Phone) *phoneTraffic {
 	t.Helper()
 	inner := netip.MustParseAddrPort("10.99.0.1:5060")
 	core := netip.MustParseAddrPort("10.0.0.1:5070")
-	p := &phoneTraffic{replies: map[int]int{}, stopTx: make(chan struct{}), txDone: make(chan error, 1),
-		stopRx: make(chan struct{}), rxDone: make(chan struct{})}
+	p := &phoneTraffic{stopTx: make(chan struct{}), txDone: make(chan error, 1),
+		marker: make(chan struct{}, 1), stopRx: make(chan struct{}), rxDone: make(chan struct{})}
 	go func() {
 		defer close(p.rxDone)
 		buf := make([]byte, 4096)
@@ -132,12 +136,11 @@ func startPhoneTraffic(t *testing.T, ph *ue.Phone) *phoneTraffic {
 			if err != nil {
 				continue
 			}
-			_, _, payload, ok := pkt.UDP4Parse(got)
-			var i int
-			if _, err := fmt.Sscanf(string(payload), "200 OK for req %d", &i); ok && err == nil {
-				p.mu.Lock()
-				p.replies[i]++
-				p.mu.Unlock()
+			if _, _, payload, ok := pkt.UDP4Parse(got); ok && strings.HasPrefix(string(payload), "200 OK for marker") {
+				select {
+				case p.marker <- struct{}{}:
+				default:
+				}
 			}
 		}
 	}()
@@ -169,20 +172,34 @@ func startPhoneTraffic(t *testing.T, ph *ue.Phone) *phoneTraffic {
 		default:
 			close(p.stopTx)
 		}
-		select {
-		case <-p.stopRx:
-		default:
-			close(p.stopRx)
-		}
+		close(p.stopRx)
 		<-p.rxDone
 	})
 	return p
 }
 
-func (p *phoneTraffic) replyCount() int {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return len(p.replies)
+// flush sends "marker N" requests (after the traffic stopped) until the
+// phone gets one's reply: replies leave the gateway in order, so every
+// earlier reply is on the phone's link by then. It returns how many
+// markers it sent.
+func (p *phoneTraffic) flush(t *testing.T, ph *ue.Phone) int {
+	t.Helper()
+	inner := netip.MustParseAddrPort("10.99.0.1:5060")
+	core := netip.MustParseAddrPort("10.0.0.1:5070")
+	deadline := time.Now().Add(5 * time.Second)
+	for n := 1; ; n++ {
+		if err := ph.Send(pkt.UDP4(inner, core, []byte(fmt.Sprintf("marker %d", n)))); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-p.marker:
+			return n
+		case <-time.After(50 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no marker came back through the gateway")
+		}
+	}
 }
 
 // waitFor polls cond every 5 ms until it holds or the deadline passes.
@@ -234,13 +251,7 @@ func measureTransition(t *testing.T, d *daemonTopo, transition func()) lossRepor
 		core.mu.Unlock()
 		return ok
 	})
-	last := core.count()
-	deadline := time.Now().Add(2 * time.Second)
-	for tr.replyCount() < last && time.Now().Before(deadline) {
-		time.Sleep(5 * time.Millisecond)
-	}
-	close(tr.stopRx)
-	<-tr.rxDone
+	markers := tr.flush(t, ph)
 	wire := stopCapture()
 
 	core.mu.Lock()
@@ -257,14 +268,34 @@ func measureTransition(t *testing.T, d *daemonTopo, transition func()) lossRepor
 	for i := 1; i < len(times); i++ {
 		gap = max(gap, times[i].Sub(times[i-1]))
 	}
-	tr.mu.Lock()
-	for i, n := range tr.replies {
+	// Every reply the gateway put on the phone's link, opened with the
+	// phone's inbound SA: each request's reply exactly once.
+	in := mustESP(t, 0x2001, runKeyOut, 4096)
+	replyOf := map[int]int{}
+	for _, p := range wire {
+		if p.src.Addr() != netip.MustParseAddr("192.0.2.1") || p.spi != 0x2001 {
+			continue
+		}
+		res, err := in.Open(p.payload)
+		if err != nil {
+			t.Fatalf("gateway packet SPI %#x seq %d does not open: %v", p.spi, p.seq, err)
+		}
+		_, _, payload, ok := pkt.UDP4Parse(p.payload[res.Start:res.End])
+		if ok && strings.HasPrefix(string(payload), "200 OK for marker") {
+			continue
+		}
+		var i int
+		if _, err := fmt.Sscanf(string(payload), "200 OK for req %d", &i); !ok || err != nil {
+			t.Fatalf("gateway packet seq %d carries %q", p.seq, payload)
+		}
+		replyOf[i]++
+	}
+	for i, n := range replyOf {
 		if n != 1 {
-			t.Fatalf("reply to req %d decrypted %d times", i, n)
+			t.Fatalf("reply to req %d on the wire %d times", i, n)
 		}
 	}
-	replies := len(tr.replies)
-	tr.mu.Unlock()
+	replies := len(replyOf)
 
 	// The capture sees both directions: it must have every request the
 	// phone sent (else its figures mean nothing), and no (SPI, sequence
@@ -281,13 +312,25 @@ func measureTransition(t *testing.T, d *daemonTopo, transition func()) lossRepor
 			fromGW[pair{p.spi, p.seq}]++
 		}
 	}
-	if phoneSent != sent {
-		t.Fatalf("the capture holds %d of the %d packets the phone sent: its figures are incomplete", phoneSent, sent)
+	if phoneSent != sent+markers {
+		t.Fatalf("the capture holds %d of the %d packets the phone sent: its figures are incomplete", phoneSent, sent+markers)
 	}
 	for k, n := range fromGW {
 		if n != 1 {
 			t.Fatalf("the gateway sent SPI %#x sequence number %d %d times", k.spi, k.seq, n)
 		}
+	}
+	// One worker serves the SA: on the wire its numbers only grow, also
+	// from one daemon to the next.
+	lastSeq := map[uint32]uint32{}
+	for _, p := range wire {
+		if p.src.Addr() != netip.MustParseAddr("192.0.2.1") {
+			continue
+		}
+		if prev, ok := lastSeq[p.spi]; ok && p.seq <= prev {
+			t.Fatalf("SPI %#x: sequence number %d on the wire after %d", p.spi, p.seq, prev)
+		}
+		lastSeq[p.spi] = p.seq
 	}
 	if len(fromGW) < replies {
 		t.Fatalf("%d replies decrypted but only %d distinct ESP packets from the gateway captured", replies, len(fromGW))
@@ -301,45 +344,60 @@ func (r lossReport) String() string {
 }
 
 // Issue 18 item 5: `xesp run --upgrade-from state_dir/upgrade.sock`
-// while a phone talks to the core at 4000 packets/s each way. The new
-// process takes the AF_XDP sockets, the UMEM, the locks and the replay
-// windows over without unbinding; the old one exits 0 naming it. Every
-// request reaches the core once and every reply reaches the phone (0
-// lost both ways), no (SPI, sequence number) pair repeats on the wire,
-// and the new daemon then serves the API and the next upgrade.
+// while a phone talks to the core at 4000 packets/s each way, twice in a
+// row (the new daemon hands over again). Each new process takes the
+// AF_XDP sockets, the UMEM, the locks and the replay windows over without
+// unbinding; each old one exits 0 naming its successor. Every request
+// reaches the core once and every reply reaches the phone (0 lost both
+// ways), the gateway's sequence numbers only grow on the wire (no
+// (SPI, sequence number) pair twice), and the last daemon is healthy,
+// answers the CLI and stops cleanly.
 func TestRunDaemonUpgradeHitless(t *testing.T) {
 	d := newDaemonTopo(t)
 	d.sharedPins(t)
-	old := d.start(t)
+	cur := d.start(t)
 	sock := filepath.Join(d.dir, "state", "upgrade.sock")
-	var nw *daemon
-	r := measureTransition(t, d, func() {
-		nw = d.launch(t, "run", "--config", d.cfg, "--upgrade-from", sock)
+	upgrade := func() {
+		old := cur
+		nw := d.launch(t, "run", "--config", d.cfg, "--upgrade-from", sock)
 		select {
 		case <-old.exited:
 		case <-time.After(10 * time.Second):
 			t.Fatalf("the old daemon did not exit after the hand-over:\n%s", old.logs.String())
 		}
-		if old.err != nil || !strings.Contains(old.logs.String(), "handed over to the new daemon") {
+		if old.err != nil || !strings.Contains(old.logs.String(), fmt.Sprintf("handed over to the new daemon\" pid=%d", nw.cmd.Process.Pid)) {
 			t.Fatalf("old daemon: %v\n%s", old.err, old.logs.String())
 		}
 		d.waitAPI(t, nw)
-	})
-	t.Logf("upgrade: %v", r)
+		if !strings.Contains(nw.logs.String(), fmt.Sprintf("upgraded_from=%d", old.cmd.Process.Pid)) {
+			t.Fatalf("the new daemon's log does not name the old one (pid %d):\n%s", old.cmd.Process.Pid, nw.logs.String())
+		}
+		cur = nw
+	}
+	r := measureTransition(t, d, func() { upgrade(); upgrade() })
+	t.Logf("two upgrades: %v", r)
 	if lost := r.sent - r.replies; lost != 0 {
-		t.Errorf("%d of %d round trips lost across the upgrade, want 0", lost, r.sent)
+		t.Errorf("%d of %d round trips lost across two upgrades, want 0", lost, r.sent)
 	}
-	if !strings.Contains(nw.logs.String(), fmt.Sprintf("upgraded_from=%d", old.cmd.Process.Pid)) {
-		t.Errorf("the new daemon's log does not name the old one (pid %d):\n%s", old.cmd.Process.Pid, nw.logs.String())
+	c, err := api.NewClient("unix:"+d.sock, "")
+	if err != nil {
+		t.Fatal(err)
 	}
-	// The new daemon is a full one: it answers the CLI and stops cleanly.
-	if out, err := xespCmd(d.gw, "stats", "--api", "unix:"+d.sock).CombinedOutput(); err != nil {
+	defer c.Close()
+	if h, err := c.Health(context.Background()); err != nil || !h.OK {
+		t.Fatalf("health after the upgrades: %+v, %v", h, err)
+	}
+	out, err := xespCmd(d.gw, "stats", "--api", "unix:"+d.sock).CombinedOutput()
+	if err != nil {
 		t.Fatalf("xesp stats against the new daemon: %v\n%s", err, out)
 	}
-	nw.cmd.Process.Signal(syscall.SIGTERM)
-	<-nw.exited
-	if nw.err != nil {
-		t.Fatalf("the new daemon's shutdown: %v\n%s", nw.err, nw.logs.String())
+	if t.Failed() {
+		t.Logf("stats of the last daemon:\n%s", out)
+	}
+	cur.cmd.Process.Signal(syscall.SIGTERM)
+	<-cur.exited
+	if cur.err != nil {
+		t.Fatalf("the last daemon's shutdown: %v\n%s", cur.err, cur.logs.String())
 	}
 }
 
