@@ -46,6 +46,11 @@ import (
 // side's traffic to queue 0 (ethtool -N/-X) until per-queue sockets land.
 const rxQueue = 0
 
+// warmMax bounds how many destinations a hand-over start resolves before
+// its workers read: the old daemon's next hops, then the SAs' bindings
+// (the peer MACs its workers had learnt are not handed over).
+const warmMax = 4096
+
 // neighWarmup bounds how long a hand-over start waits for the next hops
 // the old daemon had resolved; the kernel usually has them all cached.
 const neighWarmup = 500 * time.Millisecond
@@ -413,7 +418,7 @@ func (g *Gateway) start(ctx context.Context, o Options) (err error) {
 	if g.upgrade != nil {
 		// Resolve the next hops first: the queued packets arrive in a
 		// burst, more than the workers park while waiting for one.
-		g.Restored.Neighbors = g.Neighbors.Warm(ctx, g.upgrade.Handover.Neighbors, neighWarmup)
+		g.Restored.Neighbors = g.Neighbors.Warm(ctx, g.warmList(), neighWarmup)
 	}
 	for _, wk := range g.Workers {
 		wk.Release()
@@ -477,6 +482,36 @@ func (g *Gateway) start(ctx context.Context, o Options) (err error) {
 		"restored_windows", g.Restored.Windows, "restored_bindings", g.Restored.Bindings, "restored_counters", g.Restored.Counters, "clean_snapshot", g.Restored.Clean,
 		"warmed_neighbors", g.Restored.Neighbors, "pruned_sas", g.Restored.StaleSAs, "pruned_policies", g.Restored.StalePolicies)
 	return nil
+}
+
+// warmList is what a hand-over start resolves first: the next hops the
+// old daemon had resolved and the outbound SAs' bindings, at most warmMax.
+func (g *Gateway) warmList() []netip.Addr {
+	seen := map[netip.Addr]bool{}
+	var out []netip.Addr
+	add := func(a netip.Addr) {
+		if a.IsValid() && !seen[a] && len(out) < warmMax {
+			seen[a] = true
+			out = append(out, a)
+		}
+	}
+	for _, a := range g.upgrade.Handover.Neighbors {
+		add(a)
+	}
+	var page []sad.Entry
+	var cur uint64
+	for len(out) < warmMax {
+		page, cur = g.SAD.List(cur, 1024, page[:0])
+		for i := range page {
+			if page[i].ID.Dir == sa.Out {
+				add(page[i].Binding.Addr())
+			}
+		}
+		if cur == 0 {
+			break
+		}
+	}
+	return out
 }
 
 func upgradedFrom(u *Upgrade) int {
