@@ -115,6 +115,9 @@ type phoneTraffic struct {
 	marker chan struct{}
 	stopRx chan struct{}
 	rxDone chan struct{}
+	// atPhone counts replies the phone's socket delivered (for the
+	// report: a burst can overflow that socket's buffer).
+	atPhone atomic.Int64
 }
 
 func startPhoneTraffic(t *testing.T, ph *ue.Phone) *phoneTraffic {
@@ -136,11 +139,15 @@ func startPhoneTraffic(t *testing.T, ph *ue.Phone) *phoneTraffic {
 			if err != nil {
 				continue
 			}
-			if _, _, payload, ok := pkt.UDP4Parse(got); ok && strings.HasPrefix(string(payload), "200 OK for marker") {
+			_, _, payload, ok := pkt.UDP4Parse(got)
+			switch {
+			case ok && strings.HasPrefix(string(payload), "200 OK for marker"):
 				select {
 				case p.marker <- struct{}{}:
 				default:
 				}
+			case ok && strings.HasPrefix(string(payload), "200 OK for req"):
+				p.atPhone.Add(1)
 			}
 		}
 	}()
@@ -219,6 +226,7 @@ func waitFor(t *testing.T, what string, within time.Duration, cond func() bool) 
 // the phone's link.
 type lossReport struct {
 	sent, atCore, replies int
+	atPhoneSocket         int64
 	gap                   time.Duration
 	took                  time.Duration
 	pps                   float64
@@ -335,12 +343,12 @@ func measureTransition(t *testing.T, d *daemonTopo, transition func()) lossRepor
 	if len(fromGW) < replies {
 		t.Fatalf("%d replies decrypted but only %d distinct ESP packets from the gateway captured", replies, len(fromGW))
 	}
-	return lossReport{sent: sent, atCore: len(times), replies: replies, gap: gap, took: took, pps: float64(sent) / elapsed.Seconds()}
+	return lossReport{sent: sent, atCore: len(times), replies: replies, atPhoneSocket: tr.atPhone.Load(), gap: gap, took: took, pps: float64(sent) / elapsed.Seconds()}
 }
 
 func (r lossReport) String() string {
-	return fmt.Sprintf("%d requests at %.0f/s each way: %d lost phone→core, %d lost core→phone (%d of %d round trips); longest silence at the core %v; transition took %v",
-		r.sent, r.pps, r.sent-r.atCore, r.atCore-r.replies, r.sent-r.replies, r.sent, r.gap.Round(time.Millisecond), r.took.Round(time.Millisecond))
+	return fmt.Sprintf("%d requests at %.0f/s each way: %d lost phone→core, %d lost core→phone (%d of %d round trips; the phone's socket delivered %d replies); longest silence at the core %v; transition took %v",
+		r.sent, r.pps, r.sent-r.atCore, r.atCore-r.replies, r.sent-r.replies, r.sent, r.atPhoneSocket, r.gap.Round(time.Millisecond), r.took.Round(time.Millisecond))
 }
 
 // Issue 18 item 5: `xesp run --upgrade-from state_dir/upgrade.sock`
