@@ -2,8 +2,10 @@
 // configuration: it loads and attaches the XDP programs, creates the
 // shared UMEM and every worker's AF_XDP sockets, starts the workers, the
 // neighbour resolver and the manager, loads the configured SAs, and tears
-// it all down again in the reverse order. `xesp run` and the end-to-end
-// tests use it; it holds no packet logic of its own.
+// it all down again in the reverse order, or hands the running data path
+// to a successor process (handover.go) and takes one over
+// (Options.Upgrade). `xesp run` and the end-to-end tests use it; it holds
+// no packet logic of its own.
 package gateway
 
 import (
