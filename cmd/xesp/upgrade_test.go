@@ -219,11 +219,7 @@ func waitFor(t *testing.T, what string, within time.Duration, cond func() bool) 
 	}
 }
 
-// transitionLoss runs the phone's traffic through the daemon old, calls
-// transition (which must leave a new daemon serving), runs more traffic
-// and returns what was lost each way, the longest silence at the core,
-// and every (SPI, sequence number) the gateway sent, from a capture of
-// the phone's link.
+// lossReport is what measureTransition found.
 type lossReport struct {
 	sent, atCore, replies int
 	atPhoneSocket         int64
@@ -232,6 +228,12 @@ type lossReport struct {
 	pps                   float64
 }
 
+// measureTransition runs the phone's traffic through the running daemon,
+// calls transition (which must leave a new daemon serving), runs more
+// traffic and reports what was lost each way and the longest silence at
+// the core. From a capture of the phone's link it checks that the capture
+// is complete, that every gateway packet opens with the phone's SA and
+// that no (SPI, sequence number) pair repeats or goes backwards.
 func measureTransition(t *testing.T, d *daemonTopo, transition func()) lossReport {
 	t.Helper()
 	core := startCountingCore(t, d.core)
