@@ -54,8 +54,8 @@ type pendingUpgrade struct {
 
 // listenUpgrades accepts successors on state_dir/upgrade.sock (root
 // only: the socket is 0600 in the 0700 state_dir, and the peer's uid is
-// checked). The returned close stops listening and leaves the socket file
-// for the successor, which replaces it.
+// checked). The returned close stops listening and removes the socket
+// file unless a successor's has replaced it.
 func listenUpgrades(stateDir string, check func(gateway.Shape) error, log *slog.Logger) (<-chan pendingUpgrade, func(), error) {
 	path := filepath.Join(stateDir, upgradeSocket)
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -65,8 +65,14 @@ func listenUpgrades(stateDir string, check func(gateway.Shape) error, log *slog.
 	if err != nil {
 		return nil, nil, fmt.Errorf("upgrade socket: %w", err)
 	}
+	// Unlinked by hand below, and only while it is still this listener's:
+	// a successor may have bound its own at the same path by then.
 	ln.SetUnlinkOnClose(false)
-	if err := os.Chmod(path, 0o600); err != nil {
+	ours, err := os.Stat(path)
+	if err == nil {
+		err = os.Chmod(path, 0o600)
+	}
+	if err != nil {
 		ln.Close()
 		return nil, nil, fmt.Errorf("upgrade socket %s: %w", path, err)
 	}
@@ -112,6 +118,9 @@ func listenUpgrades(stateDir string, check func(gateway.Shape) error, log *slog.
 			closed = true
 			close(done)
 			ln.Close()
+			if cur, err := os.Stat(path); err == nil && os.SameFile(ours, cur) {
+				os.Remove(path)
+			}
 		}
 	}, nil
 }
