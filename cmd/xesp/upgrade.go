@@ -142,6 +142,9 @@ func handOver(ctx context.Context, g *gateway.Gateway, p pendingUpgrade, log *sl
 		return errors.Join(fmt.Errorf("upgrade: hand over to pid %d: %w", p.pid, err), g.AbortHandOver())
 	}
 	p.conn.SetReadDeadline(time.Now().Add(upgradeTimeout))
+	// SIGTERM meanwhile ends the wait: the hand-over counts as failed.
+	stopWait := context.AfterFunc(ctx, func() { p.conn.SetReadDeadline(time.Now()) })
+	defer stopWait()
 	var r upgradeReply
 	msg, extra, err := fdpass.Recv(p.conn)
 	closeFDs(extra)
