@@ -2,8 +2,10 @@
 // configuration: it loads and attaches the XDP programs, creates the
 // shared UMEM and every worker's AF_XDP sockets, starts the workers, the
 // neighbour resolver and the manager, loads the configured SAs, and tears
-// it all down again in the reverse order. `xesp run` and the end-to-end
-// tests use it; it holds no packet logic of its own.
+// it all down again in the reverse order, or hands the running data path
+// to a successor process (handover.go) and takes one over
+// (Options.Upgrade). `xesp run` and the end-to-end tests use it; it holds
+// no packet logic of its own.
 package gateway
 
 import (
@@ -45,6 +47,15 @@ import (
 // one active queue; on a multi-queue NIC, steer UDP 4500 and the private
 // side's traffic to queue 0 (ethtool -N/-X) until per-queue sockets land.
 const rxQueue = 0
+
+// warmMax bounds how many destinations a hand-over start resolves before
+// its workers read: the old daemon's next hops, then the SAs' bindings
+// (the peer MACs its workers had learnt are not handed over).
+const warmMax = 4096
+
+// neighWarmup bounds how long a hand-over start waits for the next hops
+// the old daemon had resolved; the kernel usually has them all cached.
+const neighWarmup = 500 * time.Millisecond
 
 // floodInterval is how often flood_drops is read for events.
 const floodInterval = time.Second
@@ -95,6 +106,10 @@ type Gateway struct {
 	// stateLock is state_dir's instance lock, held from before anything
 	// shared is touched until the very end of teardown.
 	stateLock *instlock.Lock
+	// upgrade is the hand-over this gateway started from; until start
+	// succeeds, its teardown must leave the sockets, XSK slots and XDP
+	// programs alone (the predecessor's, still in use).
+	upgrade *Upgrade
 }
 
 // Options change how Start behaves beyond the configuration.
@@ -108,6 +123,11 @@ type Options struct {
 	// snapshotted to state_dir (DefaultStateInterval); after a crash,
 	// what an SA accepted in the last interval can be replayed once.
 	StateInterval time.Duration
+
+	// Upgrade continues a running daemon's data path handed over by it
+	// (Handover) instead of building one: its sockets stay bound and
+	// steered throughout. Start owns its descriptors.
+	Upgrade *Upgrade
 
 	pinLock *instlock.Lock // handed over by a previous process
 }
@@ -132,6 +152,26 @@ func Start(ctx context.Context, cfg *config.Config, o Options) (*Gateway, error)
 	// state_dir or pin directory stops here and leaves the running one
 	// alone. The loader takes the pin directory's lock.
 	var err error
+	if u := o.Upgrade; u != nil {
+		g.upgrade = u
+		if err := u.check(cfg); err != nil {
+			u.closeFDs()
+			return nil, err
+		}
+		g.stateLock, o.pinLock, err = u.locks(cfg)
+		if err == nil {
+			err = g.start(ctx, o)
+		}
+		if err != nil {
+			u.closeFDs()
+			if o.pinLock != nil && g.Loader == nil {
+				o.pinLock.Release()
+			}
+			g.teardown(true)
+			return nil, err
+		}
+		return g, nil
+	}
 	if g.stateLock, err = instlock.StateDir(cfg.StateDir); err != nil {
 		if errors.Is(err, instlock.ErrHeld) {
 			return nil, err
@@ -184,21 +224,33 @@ func (g *Gateway) start(ctx context.Context, o Options) (err error) {
 		PublicVlan: uint16(cfg.Public.VLAN.ID), PrivateVlan: uint16(cfg.Private.VLAN.ID)}); err != nil {
 		return fmt.Errorf("write XDP config: %w", err)
 	}
-	// Clear sockets a previous process left in pinned XSK maps: their fds
-	// are gone, and a stale slot would swallow packets.
-	for w := 0; w < cfg.Workers; w++ {
-		idx := maps.Index(rxQueue, uint16(cfg.Workers), uint16(w))
-		g.Maps.XSKPublic.Delete(idx)
-		g.Maps.XSKPrivate.Delete(idx)
-	}
-
-	g.UMEM, err = xsk.New(xsk.Config{
-		FrameSize: uint32(cfg.UMEM.FrameSize), FrameCount: uint32(cfg.UMEM.Frames),
-		FillSize: uint32(cfg.UMEM.FillRing), CompletionSize: uint32(cfg.UMEM.CompletionRing),
-		RxSize: uint32(cfg.UMEM.RXRing), TxSize: uint32(cfg.UMEM.TXRing),
-	})
-	if err != nil {
-		return fmt.Errorf("create UMEM: %w", err)
+	var adopted []*xsk.Socket
+	if g.upgrade != nil {
+		// The slots hold the predecessor's sockets, which are ours now.
+		if g.UMEM, adopted, err = g.upgrade.adoptUMEM(); err != nil {
+			return fmt.Errorf("upgrade: %w", err)
+		}
+		for i, s := range adopted {
+			if want := [2]int{pubIf.Index, privIf.Index}[i%2]; s.Ifindex() != want || s.Queue() != rxQueue {
+				return fmt.Errorf("upgrade: handed-over socket %d is on ifindex %d queue %d, want ifindex %d queue %d", i, s.Ifindex(), s.Queue(), want, rxQueue)
+			}
+		}
+	} else {
+		// Clear sockets a previous process left in pinned XSK maps: their
+		// fds are gone, and a stale slot would swallow packets.
+		for w := 0; w < cfg.Workers; w++ {
+			idx := maps.Index(rxQueue, uint16(cfg.Workers), uint16(w))
+			g.Maps.XSKPublic.Delete(idx)
+			g.Maps.XSKPrivate.Delete(idx)
+		}
+		g.UMEM, err = xsk.New(xsk.Config{
+			FrameSize: uint32(cfg.UMEM.FrameSize), FrameCount: uint32(cfg.UMEM.Frames),
+			FillSize: uint32(cfg.UMEM.FillRing), CompletionSize: uint32(cfg.UMEM.CompletionRing),
+			RxSize: uint32(cfg.UMEM.RXRing), TxSize: uint32(cfg.UMEM.TXRing),
+		})
+		if err != nil {
+			return fmt.Errorf("create UMEM: %w", err)
+		}
 	}
 
 	served := []int{pubIf.Index, privIf.Index}
@@ -239,7 +291,13 @@ func (g *Gateway) start(ctx context.Context, o Options) (err error) {
 	if err != nil {
 		return fmt.Errorf("state_dir %s: %w (state_dir must be a directory root can create and write, not open to others)", cfg.StateDir, err)
 	}
-	snap, err := rxstate.Load(filepath.Join(cfg.StateDir, rxStateFile))
+	var snap *rxstate.Snapshot
+	if g.upgrade != nil {
+		// Taken with the predecessor's workers stopped: exact.
+		snap, err = rxstate.Decode(g.upgrade.Handover.RxState)
+	} else {
+		snap, err = rxstate.Load(filepath.Join(cfg.StateDir, rxStateFile))
+	}
 	if err != nil {
 		return fmt.Errorf("state_dir: %w (remove the file to start with fresh replay windows, which accepts replays of earlier traffic)", err)
 	}
@@ -269,16 +327,21 @@ func (g *Gateway) start(ctx context.Context, o Options) (err error) {
 	events := make(chan worker.BindingChange, 4096)
 	seqReqs := make(chan worker.SeqRequest, 4096)
 	for w := 0; w < cfg.Workers; w++ {
-		pub, err := g.UMEM.Open(pubIf.Index, rxQueue)
-		if err != nil {
-			return fmt.Errorf("worker %d: AF_XDP socket on %s: %w", w, pubIf.Name, err)
+		if adopted != nil {
+			g.Sockets = append(g.Sockets, [2]*xsk.Socket{adopted[2*w], adopted[2*w+1]})
+		} else {
+			pub, err := g.UMEM.Open(pubIf.Index, rxQueue)
+			if err != nil {
+				return fmt.Errorf("worker %d: AF_XDP socket on %s: %w", w, pubIf.Name, err)
+			}
+			priv, err := g.UMEM.Open(privIf.Index, rxQueue)
+			if err != nil {
+				pub.Close()
+				return fmt.Errorf("worker %d: AF_XDP socket on %s: %w", w, privIf.Name, err)
+			}
+			g.Sockets = append(g.Sockets, [2]*xsk.Socket{pub, priv})
 		}
-		priv, err := g.UMEM.Open(privIf.Index, rxQueue)
-		if err != nil {
-			pub.Close()
-			return fmt.Errorf("worker %d: AF_XDP socket on %s: %w", w, privIf.Name, err)
-		}
-		g.Sockets = append(g.Sockets, [2]*xsk.Socket{pub, priv})
+		pub, priv := g.Sockets[w][0], g.Sockets[w][1]
 		var guard *flood.Guard
 		if fc := cfg.Public.Flood; !fc.Disabled {
 			guard, err = flood.New(flood.Config{
@@ -300,6 +363,9 @@ func (g *Gateway) start(ctx context.Context, o Options) (err error) {
 			PrivateVLAN: uint16(cfg.Private.VLAN.ID), PrivateTPID: cfg.Private.VLAN.TPID,
 			DSCP: cfg.Tunnel.FixedDSCP, FixDSCP: cfg.Tunnel.HasDSCP, ICMPRate: cfg.Tunnel.ICMPRate,
 			Neighbors: g.Neighbors, BindingEvents: events, SeqRequests: seqReqs,
+			// Handed-over RX rings hold packets already: nothing is read
+			// before the SAs are installed (Release below).
+			Held: adopted != nil,
 		})
 		if err != nil {
 			return err
@@ -350,6 +416,14 @@ func (g *Gateway) start(ctx context.Context, o Options) (err error) {
 	g.Restored.Bindings = rest.bindings(g.SAD)
 	if err := g.Manager.Sync(ctx); err != nil {
 		return fmt.Errorf("install configured SAs: %w", err)
+	}
+	if g.upgrade != nil {
+		// Resolve the next hops first: the queued packets arrive in a
+		// burst, more than the workers park while waiting for one.
+		g.Restored.Neighbors = g.Neighbors.Warm(ctx, g.warmList(), neighWarmup)
+	}
+	for _, wk := range g.Workers {
+		wk.Release()
 	}
 	rest.mu.Lock()
 	g.Restored.Windows, g.Restored.Counters = rest.windows, rest.counted
@@ -402,13 +476,51 @@ func (g *Gateway) start(ctx context.Context, o Options) (err error) {
 		return fmt.Errorf("xdp_mode: %s: %w", cfg.XDPMode, err)
 	}
 	g.Started = time.Now()
-	o.Log.Info("xesp data path up",
+	g.upgrade = nil // from here this gateway owns what it was handed
+	o.Log.Info("xesp data path up", "upgraded_from", upgradedFrom(o.Upgrade),
 		"public", fmt.Sprintf("%s (xdp %s)", pubIf.Name, g.Loader.Public.Mode),
 		"private", fmt.Sprintf("%s (xdp %s)", privIf.Name, g.Loader.Private.Mode),
 		"af_xdp", g.Sockets[0][0].Mode().String(), "workers", cfg.Workers, "sas", len(cfg.SAList), "api_sas", g.Restored.APISAs,
 		"restored_windows", g.Restored.Windows, "restored_bindings", g.Restored.Bindings, "restored_counters", g.Restored.Counters, "clean_snapshot", g.Restored.Clean,
-		"pruned_sas", g.Restored.StaleSAs, "pruned_policies", g.Restored.StalePolicies)
+		"warmed_neighbors", g.Restored.Neighbors, "pruned_sas", g.Restored.StaleSAs, "pruned_policies", g.Restored.StalePolicies)
 	return nil
+}
+
+// warmList is what a hand-over start resolves first: the next hops the
+// old daemon had resolved and the outbound SAs' bindings, at most warmMax.
+func (g *Gateway) warmList() []netip.Addr {
+	seen := map[netip.Addr]bool{}
+	var out []netip.Addr
+	add := func(a netip.Addr) {
+		if a.IsValid() && !seen[a] && len(out) < warmMax {
+			seen[a] = true
+			out = append(out, a)
+		}
+	}
+	for _, a := range g.upgrade.Handover.Neighbors {
+		add(a)
+	}
+	var page []sad.Entry
+	var cur uint64
+	for len(out) < warmMax {
+		page, cur = g.SAD.List(cur, 1024, page[:0])
+		for i := range page {
+			if page[i].ID.Dir == sa.Out {
+				add(page[i].Binding.Addr())
+			}
+		}
+		if cur == 0 {
+			break
+		}
+	}
+	return out
+}
+
+func upgradedFrom(u *Upgrade) int {
+	if u == nil {
+		return 0
+	}
+	return u.Handover.PID
 }
 
 // interfaceAddrs are ifi's unicast addresses, global ones first: the
@@ -467,8 +579,13 @@ func (g *Gateway) Stop(keepPinned bool) error {
 
 func (g *Gateway) teardown(keepPinned bool) error {
 	var errs []error
+	if g.upgrade != nil {
+		// A failed hand-over start: what was handed over stays as it is
+		// for the predecessor (or the next start) to deal with.
+		keepPinned = true
+	}
 	// Unsteer first so nothing is redirected to sockets about to close.
-	if g.Maps != nil {
+	if g.Maps != nil && g.upgrade == nil {
 		for w := range g.Sockets {
 			idx := maps.Index(rxQueue, uint16(g.Config.Workers), uint16(w))
 			g.Maps.XSKPublic.Delete(idx)
@@ -498,6 +615,9 @@ func (g *Gateway) teardown(keepPinned bool) error {
 	}
 	for _, w := range g.Workers {
 		w.Close()
+	}
+	if g.upgrade != nil && g.UMEM != nil {
+		g.UMEM.Abandon() // the sockets' Close is a no-op after it
 	}
 	for _, s := range g.Sockets {
 		for _, sock := range s {

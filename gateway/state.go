@@ -32,6 +32,9 @@ type Restored struct {
 	// StaleSAs and StalePolicies are the entries of adopted BPF maps
 	// that no SA of this run published (removed at start).
 	StaleSAs, StalePolicies int
+	// Neighbors counts the next hops resolved before a hand-over start
+	// let its workers read.
+	Neighbors int
 }
 
 // restorer hands the previous run's state to SAs as they are installed.
@@ -126,9 +129,18 @@ func (r *restorer) bindings(d *sad.SAD) int {
 // binding. stopped says the workers are no longer running (shutdown):
 // the snapshot is then exact and marked clean.
 func (g *Gateway) saveState(ctx context.Context, stopped bool) error {
-	states, err := g.Manager.SnapshotInbound(ctx, stopped)
+	snap, err := g.snapshotState(ctx, stopped)
 	if err != nil {
 		return err
+	}
+	return rxstate.Save(filepath.Join(g.Config.StateDir, rxStateFile), snap)
+}
+
+// snapshotState collects what saveState writes.
+func (g *Gateway) snapshotState(ctx context.Context, stopped bool) (*rxstate.Snapshot, error) {
+	states, err := g.Manager.SnapshotInbound(ctx, stopped)
+	if err != nil {
+		return nil, err
 	}
 	windows := make(map[sa.ID]*esp.ReplayState, len(states))
 	for i := range states {
@@ -160,7 +172,7 @@ func (g *Gateway) saveState(ctx context.Context, stopped bool) error {
 			break
 		}
 	}
-	return rxstate.Save(filepath.Join(g.Config.StateDir, rxStateFile), snap)
+	return snap, nil
 }
 
 // configuredBinding is where an SA's packets go before any was learnt.

@@ -25,7 +25,8 @@ type espOnWire struct {
 }
 
 // capturePhoneLink records every ESP-in-UDP frame on the phone's only
-// link, both directions, until the test ends; stop returns them.
+// link, both directions, until the test ends; stop returns them, with
+// every frame the link carried before stop was called.
 func capturePhoneLink(t *testing.T, ns *netns.NS) (stop func() []espOnWire) {
 	t.Helper()
 	var fd int
@@ -48,6 +49,9 @@ func capturePhoneLink(t *testing.T, ns *netns.NS) (stop func() []espOnWire) {
 	}); err != nil {
 		t.Fatal(err)
 	}
+	// Room for a few seconds of 8000 packets/s in case the reader is
+	// not scheduled for a while (the default ~200 KB holds ~250 frames).
+	unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, 32<<20)
 	tv := unix.NsecToTimeval(int64(50 * time.Millisecond))
 	unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
 	done := make(chan struct{})
@@ -56,14 +60,19 @@ func capturePhoneLink(t *testing.T, ns *netns.NS) (stop func() []espOnWire) {
 		var got []espOnWire
 		buf := make([]byte, 9000)
 		for {
+			flags := 0
 			select {
 			case <-done:
+				// Stopped: take what is already queued, then end.
+				flags = unix.MSG_DONTWAIT
+			default:
+			}
+			n, _, err := unix.Recvfrom(fd, buf, flags)
+			if flags != 0 && err != nil {
 				unix.Close(fd)
 				out <- got
 				return
-			default:
 			}
-			n, _, err := unix.Recvfrom(fd, buf, 0)
 			if err != nil {
 				continue
 			}

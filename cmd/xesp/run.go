@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -29,6 +30,7 @@ func runDaemon(args []string) error {
 	keep := fs.Bool("keep-pinned", false, "on exit leave the XDP programs attached and maps pinned for the next daemon to adopt")
 	printCfg := fs.Bool("print-config", false, "print the effective configuration (keys redacted) and exit")
 	level := fs.String("log-level", "info", "debug, info, warn or error")
+	upgradeFrom := fs.String("upgrade-from", "", "take the data path over from the daemon listening on this socket (its state_dir/upgrade.sock) without losing packets")
 	if err := fs.Parse(args); err != nil {
 		return errors.Join(errUsage, err)
 	}
@@ -67,8 +69,26 @@ func runDaemon(args []string) error {
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	g, err := gateway.Start(ctx, cfg, gateway.Options{Log: log})
+	var up *gateway.Upgrade
+	var upConn *net.UnixConn
+	if *upgradeFrom != "" {
+		if up, upConn, err = requestUpgrade(*upgradeFrom, gateway.ShapeOf(cfg)); err != nil {
+			return err
+		}
+		// The old daemon waits for an answer before it lets go of the
+		// data path; it gets one however this start ends.
+		defer func() {
+			if upConn != nil {
+				replyUpgrade(upConn, errors.New("the new daemon stopped before its listeners were up"))
+			}
+		}()
+	}
+	g, err := gateway.Start(ctx, cfg, gateway.Options{Log: log, Upgrade: up})
 	if err != nil {
+		if upConn != nil {
+			replyUpgrade(upConn, err)
+			upConn = nil
+		}
 		return err
 	}
 	// Listeners stop before the gateway does: nothing may read a socket
@@ -132,8 +152,26 @@ func runDaemon(args []string) error {
 		}
 	}
 
+	// Without the socket the daemon still runs; only hitless upgrades
+	// are off (a stop and start still works).
+	upgrades, stopUpgrades, err := listenUpgrades(cfg.StateDir, g.CheckSuccessor, log)
+	if err != nil {
+		log.Warn("hitless upgrades unavailable", "err", err)
+		stopUpgrades = func() {}
+	}
+	defer stopUpgrades()
+	if up != nil {
+		// Up: tell the old daemon now, not when this one exits.
+		replyUpgrade(upConn, nil)
+		upConn = nil
+	}
+
 	var runErr error
+	var successor *pendingUpgrade
 	select {
+	case p := <-upgrades:
+		log.Info("upgrade: handing the data path over", "to_pid", p.pid)
+		successor = &p
 	case <-ctx.Done():
 		log.Info("shutting down", "keep_pinned", *keep)
 	case runErr = <-g.Errors():
@@ -142,11 +180,15 @@ func runDaemon(args []string) error {
 		services--
 		log.Error("listener failed, shutting down", "err", runErr)
 	}
+	stopUpgrades()
 	stopSvc()
 	for ; services > 0; services-- {
 		if err := <-svcDone; err != nil {
 			runErr = errors.Join(runErr, err)
 		}
+	}
+	if successor != nil {
+		return handOver(ctx, g, *successor, log)
 	}
 	if err := g.Stop(*keep); err != nil {
 		return errors.Join(runErr, fmt.Errorf("shutdown: %w", err))

@@ -141,8 +141,18 @@ type daemon struct {
 
 func (d *daemonTopo) start(t *testing.T) *daemon {
 	t.Helper()
+	dm := d.launch(t, "run", "--config", d.cfg)
+	d.waitAPI(t, dm)
+	return dm
+}
+
+// launch starts `xesp args...` in gw without waiting for it; it is
+// killed at cleanup if still running, and its log shown if the test
+// failed.
+func (d *daemonTopo) launch(t *testing.T, args ...string) *daemon {
+	t.Helper()
 	dm := &daemon{logs: &bytes.Buffer{}, exited: make(chan struct{})}
-	dm.cmd = xespCmd(d.gw, "run", "--config", d.cfg)
+	dm.cmd = xespCmd(d.gw, args...)
 	dm.cmd.Stdout, dm.cmd.Stderr = dm.logs, dm.logs
 	if err := dm.cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -159,11 +169,17 @@ func (d *daemonTopo) start(t *testing.T) *daemon {
 			t.Logf("daemon log:\n%s", dm.logs.String())
 		}
 	})
+	return dm
+}
+
+// waitAPI waits until the control API's socket accepts connections.
+func (d *daemonTopo) waitAPI(t *testing.T, dm *daemon) {
+	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		if c, err := net.Dial("unix", d.sock); err == nil {
 			c.Close()
-			return dm
+			return
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("daemon did not come up:\n%s", dm.logs.String())

@@ -79,6 +79,16 @@ type Snapshot struct {
 
 // Save replaces the snapshot at path atomically and durably.
 func Save(path string, s *Snapshot) error {
+	b, err := Encode(s)
+	if err != nil {
+		return fmt.Errorf("save %s: %w", path, err)
+	}
+	return safefile.Replace(path, b)
+}
+
+// Encode is the snapshot in the file's format, which Decode reads: also
+// what a daemon hands its successor in an upgrade instead of a file.
+func Encode(s *Snapshot) ([]byte, error) {
 	// Size the buffer exactly: with a million SAs a guess grown by
 	// append reached twice the file's size, every snapshot interval.
 	size := 16 + 4
@@ -123,7 +133,7 @@ func Save(path string, s *Snapshot) error {
 			continue
 		}
 		if len(r.Replay.Bitmap) > 0xffff {
-			return fmt.Errorf("save %s: replay bitmap of %d words", path, len(r.Replay.Bitmap))
+			return nil, fmt.Errorf("replay bitmap of %d words", len(r.Replay.Bitmap))
 		}
 		b = append(b, 1)
 		b = binary.LittleEndian.AppendUint64(b, r.Replay.Top)
@@ -132,9 +142,7 @@ func Save(path string, s *Snapshot) error {
 			b = binary.LittleEndian.AppendUint64(b, w)
 		}
 	}
-	b = binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, castagnoli))
-
-	return safefile.Replace(path, b)
+	return binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, castagnoli)), nil
 }
 
 // ErrCorrupt: the file is not a whole snapshot.

@@ -72,6 +72,9 @@ type Config struct {
 	// spent budgets to XDP (package flood); nil: no budgets. One per
 	// worker: a Guard is not shared.
 	Flood *flood.Guard
+	// Held starts the worker applying commands only, its sockets
+	// untouched until Release (hold.go).
+	Held bool
 }
 
 // Worker runs one data-path loop.
@@ -87,6 +90,7 @@ type Worker struct {
 	// slots; injTaken counts slow-path packets taken off inject.
 	drains   []pendingDrain
 	injTaken uint64
+	held     holdFlag // Config.Held until Release (hold.go)
 }
 
 // New checks cfg and prepares the worker; Run starts it.
@@ -108,6 +112,7 @@ func New(cfg Config) (*Worker, error) {
 		return nil, fmt.Errorf("worker %d: eventfd: %w", cfg.ID, err)
 	}
 	w := &Worker{cfg: cfg, cmds: make(chan []Command, 64), inject: make(chan SlowPacket, injectQueue), wake: fd}
+	w.held.Store(cfg.Held)
 	events := cfg.BindingEvents
 	if events == nil {
 		events = make(chan BindingChange) // never read: every send takes the default branch
@@ -275,6 +280,9 @@ func (w *Worker) Run(ctx context.Context) error {
 		if _, err := priv.Refill(pool, 0); err != nil {
 			return fmt.Errorf("worker %d: %w", w.cfg.ID, err)
 		}
+		return nil
+	}
+	if !w.waitRelease(ctx) {
 		return nil
 	}
 	if err := refill(); err != nil {

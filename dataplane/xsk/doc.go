@@ -14,7 +14,18 @@
 // writes a new L2 or encapsulation header in front of the payload it
 // received) but must end inside it: Transmit refuses a descriptor crossing
 // the frame end, which the kernel would count in tx_invalid_descs and never
-// complete.
+// complete. The area is a memfd (memfd.go), not an anonymous mapping, so
+// it can be handed to another process.
+//
+// # Hand-over to another process
+//
+// Export describes a quiet UMEM (no pool open) and names the descriptors
+// to pass (the memfd and the bound sockets); Adopt maps them again in the
+// receiving process, rings included (a bound socket's rings can be
+// mapped), without unbinding, so XSK map slots holding the sockets keep
+// working; the exporter then Abandons its side (unmaps and closes without
+// touching a ring index) or, if the successor failed, Reclaims the rings
+// as the successor left them and closes normally (adopt.go).
 //
 // # Sockets, rings and sharing
 //

@@ -128,6 +128,7 @@ func (c *Config) setDefaults() error {
 type UMEM struct {
 	cfg       Config
 	area      []byte
+	memfd     int // backs area (memfd.go), passed on in a hand-over
 	frameMask uint64
 
 	mu      sync.Mutex // guards everything below, never taken per packet
@@ -149,14 +150,14 @@ func New(cfg Config) (*UMEM, error) {
 		return nil, fmt.Errorf("umem config: %w", err)
 	}
 	size := int(cfg.FrameSize) * int(cfg.FrameCount)
-	area, err := unix.Mmap(-1, 0, size, unix.PROT_READ|unix.PROT_WRITE,
-		unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_POPULATE)
+	area, memfd, err := newArea(size)
 	if err != nil {
-		return nil, fmt.Errorf("mmap umem (%d frames of %d bytes): %w", cfg.FrameCount, cfg.FrameSize, err)
+		return nil, fmt.Errorf("umem (%d frames of %d bytes): %w", cfg.FrameCount, cfg.FrameSize, err)
 	}
 	u := &UMEM{
 		cfg:       cfg,
 		area:      area,
+		memfd:     memfd,
 		frameMask: uint64(cfg.FrameSize - 1),
 		queues:    map[queueKey]*queue{},
 		pools:     map[*Pool]struct{}{},
@@ -292,6 +293,10 @@ func (u *UMEM) Close() error {
 		errs = append(errs, fmt.Errorf("munmap umem: %w", err))
 	}
 	u.area = nil
+	if u.memfd >= 0 {
+		unix.Close(u.memfd)
+		u.memfd = -1
+	}
 	u.mu.Unlock()
 	return errors.Join(errs...)
 }
