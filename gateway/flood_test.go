@@ -14,6 +14,7 @@ import (
 	"github.com/xesp/xesp/bpf"
 	"github.com/xesp/xesp/control/api"
 	"github.com/xesp/xesp/control/config"
+	"github.com/xesp/xesp/control/metrics"
 	"github.com/xesp/xesp/control/sa"
 	"github.com/xesp/xesp/dataplane/esp"
 	"github.com/xesp/xesp/internal/pkt"
@@ -225,48 +226,68 @@ func TestGatewayFloodBudget(t *testing.T) {
 	const others = 3
 	const dur = 2 * time.Second
 	addSpoof := func(tp *topo) { tp.phone.MustRun("ip", "addr", "add", "203.0.113.66/24", "dev", tp.phIf) }
-	off := newTopoConfig(t, 1, Options{}, morePhones(others), func(c *config.Config) { c.Public.Flood.Disabled = true })
-	addSpoof(off)
-	unprotected := runFlood(t, off, others, dur, nil)
-	if unprotected.xdpDropped != 0 {
-		t.Fatalf("budgets off: XDP dropped %d", unprotected.xdpDropped)
-	}
-	verify := unprotected.integRate // the worker's verify rate for forged packets, flat out
-	off.g.Stop(false)
+	// One generator core on a shared 2-CPU machine reaches about twice
+	// what the worker verifies; less would not test much. That depends on
+	// how the CPUs are shared at the moment (other test packages run
+	// beside this one), so a run whose flood fell short of 1.5x is
+	// measured again on fresh topologies, up to three times, and only
+	// then reported; every other check applies to every run.
+	var (
+		tp          *topo
+		r           floodResult
+		verify      float64
+		src         metrics.Sources
+		unprotected floodResult
+		err         error
+	)
+	for attempt := 1; ; attempt++ {
+		off := newTopoConfig(t, 1, Options{}, morePhones(others), func(c *config.Config) { c.Public.Flood.Disabled = true })
+		addSpoof(off)
+		unprotected = runFlood(t, off, others, dur, nil)
+		if unprotected.xdpDropped != 0 {
+			t.Fatalf("budgets off: XDP dropped %d", unprotected.xdpDropped)
+		}
+		verify = unprotected.integRate // the worker's verify rate for forged packets, flat out
+		off.g.Stop(false)
 
-	tp := newTopoConfig(t, 1, Options{}, morePhones(others), nil) // default budgets: 1000/s, burst 1000, per SA and per source
-	addSpoof(tp)
-	// Half-way through, the flood is on: the metrics count ue1 as an SA
-	// under flood (a read of flood_drops that sees it grow).
-	src, err := tp.g.MetricsSources("test")
-	if err != nil {
-		t.Fatal(err)
-	}
-	activeMid := -1
-	r := runFlood(t, tp, others, dur, func() {
-		// flood_drops grows in bursts (live-frames runs): poll until a
-		// read sees it grow, for up to 300 ms.
-		for end := time.Now().Add(300 * time.Millisecond); time.Now().Before(end); time.Sleep(5 * time.Millisecond) {
-			tp.g.pollFloods(time.Now())
-			if activeMid, _ = src.Flood(); activeMid > 0 {
-				break
+		tp = newTopoConfig(t, 1, Options{}, morePhones(others), nil) // default budgets: 1000/s, burst 1000, per SA and per source
+		addSpoof(tp)
+		// Half-way through, the flood is on: the metrics count ue1 as an SA
+		// under flood (a read of flood_drops that sees it grow).
+		src, err = tp.g.MetricsSources("test")
+		if err != nil {
+			t.Fatal(err)
+		}
+		activeMid := -1
+		r = runFlood(t, tp, others, dur, func() {
+			// flood_drops grows in bursts (live-frames runs): poll until a
+			// read sees it grow, for up to 300 ms.
+			for end := time.Now().Add(300 * time.Millisecond); time.Now().Before(end); time.Sleep(5 * time.Millisecond) {
+				tp.g.pollFloods(time.Now())
+				if activeMid, _ = src.Flood(); activeMid > 0 {
+					break
+				}
+			}
+		})
+		if activeMid != 1 {
+			t.Errorf("metrics during the flood: %d SAs under flood, want 1", activeMid)
+		}
+		t.Logf("flood %.0f pps = %.1fx the worker's verify rate (%.0f/s, budgets off; one core's bare GCM verify: %.0f/s); delivered without budgets %.3f, with %.3f",
+			r.floodRate, r.floodRate/verify, verify, verifyRate(t), unprotected.delivered, r.delivered)
+		for i, d := range r.delivered {
+			if d < 0.9 {
+				t.Errorf("ue%d: %.3f delivered under the flood, want ≥ 0.9", i+1, d)
 			}
 		}
-	})
-	if activeMid != 1 {
-		t.Errorf("metrics during the flood: %d SAs under flood, want 1", activeMid)
-	}
-	t.Logf("flood %.0f pps = %.1fx the worker's verify rate (%.0f/s, budgets off; one core's bare GCM verify: %.0f/s); delivered without budgets %.3f, with %.3f",
-		r.floodRate, r.floodRate/verify, verify, verifyRate(t), unprotected.delivered, r.delivered)
-	for i, d := range r.delivered {
-		if d < 0.9 {
-			t.Errorf("ue%d: %.3f delivered under the flood, want ≥ 0.9", i+1, d)
+		if r.floodRate >= 1.5*verify {
+			break
 		}
-	}
-	// One generator core on a shared 2-CPU machine reaches about twice
-	// what the worker verifies; less would not test much.
-	if r.floodRate < 1.5*verify {
-		t.Errorf("the flood reached %.0f pps, %.1fx the worker's verify rate: not a flood that could starve it", r.floodRate, r.floodRate/verify)
+		if attempt == 3 {
+			t.Errorf("the flood reached %.0f pps, %.1fx the worker's verify rate, in %d runs: not a flood that could starve it", r.floodRate, r.floodRate/verify, attempt)
+			break
+		}
+		t.Logf("run %d: the flood reached only %.1fx the worker's verify rate; measuring again", attempt, r.floodRate/verify)
+		tp.g.Stop(false)
 	}
 	// The worker saw about the budget: burst 1000 plus 1000/s for the
 	// SA, the source's the same; allow one more burst for the two
