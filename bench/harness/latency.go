@@ -57,6 +57,12 @@ type Latency struct {
 	Unmatched int     `json:"unmatched,omitempty"`
 	Lost      uint64  `json:"stamps_lost,omitempty"`
 	LossPct   float64 `json:"loss_pct"`
+	// RunqWaitMs is the run-queue wait of the bench process's threads
+	// (workers, sender, Go runtime) during the trial: time they were
+	// runnable while another task held their CPU. Load is the host's
+	// 1-minute load average at the end of the trial.
+	RunqWaitMs float64 `json:"runq_wait_ms"`
+	Load       float64 `json:"load_avg"`
 }
 
 // percentiles returns the nearest-rank p-quantiles of v (sorted in place).
@@ -171,6 +177,7 @@ func (r *runner) latency(res *Result, fromCore, farESP bool, n int, sz gen.Sizes
 		}
 		var base uint64
 		var sendNs []int64
+		wait0 := runqWait()
 		offered, loss, _, err := r.pacedTrialKeep(fromCore, n, sz, rate, ndrFinal, counterOf(c), func(s *pktgen.Sender) {
 			base, sendNs = s.SendTimes()
 		})
@@ -180,7 +187,8 @@ func (r *runner) latency(res *Result, fromCore, farESP bool, n int, sz gen.Sizes
 		if err != nil {
 			return fmt.Errorf("%s: latency at %.0f%% of NDR: %w", res.Name, 100*f, err)
 		}
-		l := Latency{OfNDR: f, Rate: offered, SenderBound: res.SenderBound, LossPct: 100 * loss}
+		l := Latency{OfNDR: f, Rate: offered, SenderBound: res.SenderBound, LossPct: 100 * loss,
+			RunqWaitMs: float64(runqWait()-wait0) / 1e6, Load: loadAvg()}
 		var us []float64
 		_, lost, err := c.ReadStamps(func(st gen.Stamp) {
 			serial, ok := dec.serial(st, farESP)
@@ -202,8 +210,8 @@ func (r *runner) latency(res *Result, fromCore, farESP bool, n int, sz gen.Sizes
 		q := percentiles(us, 0.5, 0.99, 0.999, 1)
 		l.P50, l.P99, l.P999, l.Max = q[0], q[1], q[2], q[3]
 		res.Latency = append(res.Latency, l)
-		r.logf("  %s: latency at %.0f%% of NDR (%.0f pps offered, loss %.3f%%): p50 %.1f µs, p99 %.1f µs, p99.9 %.1f µs, max %.1f µs over %d samples",
-			res.Name, 100*f, offered, 100*loss, l.P50, l.P99, l.P999, l.Max, l.Samples)
+		r.logf("  %s: latency at %.0f%% of NDR (%.0f pps offered, loss %.3f%%): p50 %.1f µs, p99 %.1f µs, p99.9 %.1f µs, max %.1f µs over %d samples; run-queue wait %.1f ms, load %.1f",
+			res.Name, 100*f, offered, 100*loss, l.P50, l.P99, l.P999, l.Max, l.Samples, l.RunqWaitMs, l.Load)
 	}
 	return nil
 }

@@ -259,7 +259,7 @@ func (r *Report) Markdown(w io.Writer) {
 	if hasLat {
 		fmt.Fprintln(w, "Latency at 50% and 90% of NDR (docs/benchmarking.md, Latency): one 1 s paced trial each; send time recorded per frame by the paced AF_XDP sender, arrival stamped with bpf_ktime_get_ns by the far end's XDP counter, matched by the serial number the payload carries (inside the ESP encryption for decap); exact percentiles of a sample of the arrivals. \"(sender)\": the NDR was the sender's top rate, so the fraction is of that rate. The reflect ceiling's row stands beside xesp's of the same link.")
 		fmt.Fprintln(w)
-		fmt.Fprintln(w, "| Scenario | of NDR | offered kpps | loss | p50 µs | p99 µs | p99.9 µs | max µs | samples | p99 ÷ reflect p99 |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+		fmt.Fprintln(w, "| Scenario | of NDR | offered kpps | loss | p50 µs | p99 µs | p99.9 µs | max µs | samples | p99 ÷ reflect p99 | run-queue wait ms | load |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 		for _, x := range r.Results {
 			for _, l := range x.Latency {
 				of := fmt.Sprintf("%.0f%%", 100*l.OfNDR)
@@ -276,8 +276,8 @@ func (r *Report) Markdown(w io.Writer) {
 						}
 					}
 				}
-				fmt.Fprintf(w, "| %s | %s | %.1f | %.3f%% | %.1f | %.1f | %.1f | %.1f | %d | %s |\n", x.Name, of, l.Rate/1e3, l.LossPct,
-					l.P50, l.P99, l.P999, l.Max, l.Samples, vs)
+				fmt.Fprintf(w, "| %s | %s | %.1f | %.3f%% | %.1f | %.1f | %.1f | %.1f | %d | %s | %.1f | %.1f |\n", x.Name, of, l.Rate/1e3, l.LossPct,
+					l.P50, l.P99, l.P999, l.Max, l.Samples, vs, l.RunqWaitMs, l.Load)
 			}
 		}
 		fmt.Fprintln(w)
