@@ -5,6 +5,7 @@ import (
 	"fmt"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/ringbuf"
 
 	"github.com/xesp/xesp/lab/xdptest"
 )
@@ -17,6 +18,9 @@ import (
 type Counter struct {
 	Prog *ebpf.Program
 	m    *ebpf.Map
+	// st and rd: NewStampCounter's sampling switches and ring reader.
+	st *xdptest.Stamped
+	rd *ringbuf.Reader
 }
 
 // NewCounter loads a Counter for UDP destination port.
@@ -45,6 +49,10 @@ func (c *Counter) Read() (packets, bytes uint64, err error) {
 // Close unloads the program and its map (a link attached with it keeps
 // its own reference until closed).
 func (c *Counter) Close() error {
+	if c.st != nil {
+		c.rd.Close()
+		return c.st.Close()
+	}
 	c.Prog.Close()
 	return c.m.Close()
 }

@@ -194,6 +194,9 @@ type Gen struct {
 	stale  bool // ESP ring sent since the last fill
 	serial uint64
 	built  uint64 // frames built since the last Load: slot i of this fill is frame built+i
+	// fillSerial is the serial before this fill: slot i's marker carries
+	// fillSerial+i+1.
+	fillSerial uint64
 }
 
 // xdpMD is the kernel's struct xdp_md, the context of a test run; the
@@ -309,6 +312,7 @@ func (g *Gen) Refill() error {
 }
 
 func (g *Gen) fill() error {
+	g.fillSerial = g.serial
 	for i := 0; i < g.o.Ring; i++ {
 		if err := g.build(i); err != nil {
 			return err
@@ -393,6 +397,11 @@ func (g *Gen) CopyFrame(dst []byte, i int) int {
 	n := binary.NativeEndian.Uint32(val)
 	return copy(dst, val[slotHeader:slotHeader+int(n)])
 }
+
+// SlotSerial is the serial number slot i's marker carries in the current
+// fill (see Marker): a receiver that reads it back knows which slot, and
+// so which send, the packet was.
+func (g *Gen) SlotSerial(i int) uint64 { return g.fillSerial + uint64(i) + 1 }
 
 // MarkSent records that the ESP ring went out by another sender, so Send
 // refuses it until Refill, as after its own runs.

@@ -398,3 +398,69 @@ func BenchmarkSend(b *testing.B) {
 		})
 	}
 }
+
+// A stamping counter samples 1 in 4 arrivals while on, each with a
+// CLOCK_MONOTONIC time inside the send and the packet's marker, whose
+// serial names its slot; off, it only counts.
+func TestStampCounterSamplesArrivals(t *testing.T) {
+	p := newPair(t)
+	cnt, err := gen.NewStampCounter(5060, 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cnt.Close()
+	p.attachB(t, cnt)
+	const ring = 1024
+	g := newGen(t, p, ring)
+	flows := []gen.Flow{{Src: netip.MustParseAddrPort("10.0.0.1:5060"), Dst: netip.MustParseAddrPort("10.99.0.1:5060")}}
+	if err := g.LoadClear(gen.L2{Src: p.aMAC, Dst: p.bMAC}, flows, gen.Fixed(200)); err != nil {
+		t.Fatal(err)
+	}
+	if err := cnt.StartStamps(3, 28+gen.MarkerLen); err != nil {
+		t.Fatal(err)
+	}
+	mono := func() uint64 {
+		var ts unix.Timespec
+		unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+		return uint64(ts.Nano())
+	}
+	t0 := mono()
+	send(t, p, g)
+	t1 := mono()
+	if err := cnt.StopStamps(); err != nil {
+		t.Fatal(err)
+	}
+	send(t, p, g) // not sampled
+	for deadline := time.Now().Add(2 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		if pk, _, _ := cnt.Read(); pk >= 2*ring {
+			break
+		}
+	}
+	var serials []uint64
+	var last uint64
+	n, lost, err := cnt.ReadStamps(func(s gen.Stamp) {
+		if s.Ns < t0 || s.Ns > t1 || s.Ns < last {
+			t.Errorf("stamp at %d ns outside the send [%d, %d] or before the previous %d", s.Ns, t0, t1, last)
+		}
+		last = s.Ns
+		if s.Len != 200 || len(s.Data) != 28+gen.MarkerLen {
+			t.Errorf("stamp of a %d-byte packet carries %d bytes, want 200 and %d", s.Len, len(s.Data), 28+gen.MarkerLen)
+		}
+		_, serial, ok := gen.Marker(s.Data[28:])
+		if !ok {
+			t.Errorf("no marker in % x", s.Data)
+		}
+		serials = append(serials, serial)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n != ring/4 || lost != 0 {
+		t.Fatalf("%d stamps (%d lost), want %d", n, lost, ring/4)
+	}
+	for i, s := range serials {
+		if want := g.SlotSerial(4 * i); s != want {
+			t.Fatalf("stamp %d carries serial %d, want slot %d's %d", i, s, 4*i, want)
+		}
+	}
+}

@@ -63,9 +63,12 @@ type session struct {
 	senders []sender
 	count   func() (uint64, error)
 	stop    func() (string, error)
-	once    sync.Once
-	note    string
-	err     error
+	// stamps is the far end's counter when it can sample arrivals for
+	// latency (the reflect ceiling).
+	stamps *gen.Counter
+	once   sync.Once
+	note   string
+	err    error
 }
 
 // close tears the session down once and returns its note.

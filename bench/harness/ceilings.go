@@ -89,6 +89,11 @@ func (r *runner) linkCeiling(res Result) (Result, error) {
 		res = p.result(res)
 		if err == nil && r.o.NDR {
 			err = r.ndr(&res, res.Link == "private", min(len(r.flows), ceilingFlows), r.ceilSizes, ss.count)
+			if err == nil && r.o.Latency {
+				// Reflected back to the sender: ESP on the public link,
+				// cleartext on the private one.
+				err = r.latency(&res, res.Link == "private", res.Link == "public", min(len(r.flows), ceilingFlows), r.ceilSizes, ss.stamps)
+			}
 		}
 		note, cerr := ss.close()
 		res.Note = note
@@ -123,7 +128,7 @@ func (r *runner) startReflect(link string) (_ *session, err error) {
 			undo.run()
 		}
 	}()
-	c, err := gen.NewCounter(port)
+	c, err := gen.NewStampCounter(port, stampRingBytes)
 	if err != nil {
 		return nil, err
 	}
@@ -137,7 +142,7 @@ func (r *runner) startReflect(link string) (_ *session, err error) {
 	if err != nil {
 		return nil, err
 	}
-	return &session{senders: []sender{s}, count: counterOf(c), stop: func() (string, error) {
+	return &session{senders: []sender{s}, count: counterOf(c), stamps: c, stop: func() (string, error) {
 		st, _ := a.s.Stats()
 		a.close()
 		undo.run()

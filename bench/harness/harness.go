@@ -76,6 +76,9 @@ type Options struct {
 	// DefaultMaxRate).
 	NDR     bool
 	MaxRate float64
+	// Latency adds, to every scenario searched for NDR, latency
+	// p50/p99/p99.9 at LatencyFractions of its NDR (latency.go).
+	Latency bool
 	// Pairs is how many interleaved trial pairs the gate takes per
 	// scenario (Gate; 0: DefaultPairs).
 	Pairs int
@@ -139,6 +142,8 @@ type Result struct {
 	SaturationPaced float64 `json:"saturation_paced_pps,omitempty"`
 	Trials          int     `json:"search_trials,omitempty"`
 	SenderBound     bool    `json:"sender_bound,omitempty"`
+	// Latency at fractions of NDR (Options.Latency).
+	Latency []Latency `json:"latency,omitempty"`
 	// RatioSamples are the gate's per-pair ratios behind Ratios' medians.
 	RatioSamples map[string][]float64 `json:"ratio_samples,omitempty"`
 	Note         string               `json:"note,omitempty"`
@@ -787,6 +792,15 @@ func (r *runner) xesp(ctx context.Context, workers int, sizes map[string]gen.Siz
 					if err := r.ndr(&res, d == "encap", n, sizes[s], count); err != nil {
 						return err
 					}
+					if r.o.Latency {
+						c := gw.decapCount
+						if d == "encap" {
+							c = gw.encapCount
+						}
+						if err := r.latency(&res, d == "encap", d == "encap", n, sizes[s], c); err != nil {
+							return err
+						}
+					}
 				}
 				r.add(res)
 				if d == "decap" && r.floodG != nil {
@@ -875,7 +889,9 @@ func (r *runner) startGateway(workers int) (_ *gatewayUnder, err error) {
 	if gu.g, err = startGateway(r.tp, workers, gu.stateDir); err != nil {
 		return nil, err
 	}
-	if gu.decapCount, err = gen.NewCounter(r.nw.Core.Port()); err != nil {
+	// Stamping counters: the latency trials sample their arrivals
+	// (latency.go); between them the program only counts.
+	if gu.decapCount, err = gen.NewStampCounter(r.nw.Core.Port(), stampRingBytes); err != nil {
 		return nil, err
 	}
 	gu.closers = append(gu.closers, gu.decapCount)
@@ -884,7 +900,7 @@ func (r *runner) startGateway(workers int) (_ *gatewayUnder, err error) {
 		return nil, err
 	}
 	gu.closers = append(gu.closers, l)
-	if gu.encapCount, err = gen.NewCounter(esp.NATTPort); err != nil {
+	if gu.encapCount, err = gen.NewStampCounter(esp.NATTPort, stampRingBytes); err != nil {
 		return nil, err
 	}
 	gu.closers = append(gu.closers, gu.encapCount)

@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -273,5 +274,79 @@ func TestSearchModel(t *testing.T) {
 	}, nil)
 	if !s.senderBound || s.ndr != 1e5 {
 		t.Errorf("sender-bound search: %+v", s)
+	}
+}
+
+// Nearest-rank percentiles of a known sample, and the sampling mask.
+func TestPercentiles(t *testing.T) {
+	v := make([]float64, 0, 1000)
+	for i := 1000; i >= 1; i-- {
+		v = append(v, float64(i))
+	}
+	q := percentiles(v, 0.5, 0.99, 0.999, 1)
+	if want := []float64{500, 990, 999, 1000}; !slices.Equal(q, want) {
+		t.Errorf("percentiles of 1..1000 = %v, want %v", q, want)
+	}
+	if q := percentiles([]float64{7}, 0.5, 0.999); q[0] != 7 || q[1] != 7 {
+		t.Errorf("one sample: %v", q)
+	}
+	if q := percentiles([]float64{3, 1, 2, 100}, 0.5, 0.99); q[0] != 2 || q[1] != 100 {
+		t.Errorf("4 samples: %v, want [2 100]", q)
+	}
+	if q := percentiles(nil, 0.5); q[0] != 0 {
+		t.Errorf("empty: %v", q)
+	}
+	for _, c := range []struct {
+		expected float64
+		mask     uint64
+	}{{100, 0}, {latencySamples, 0}, {latencySamples + 1, 1}, {4 * latencySamples, 3}, {5 * latencySamples, 7}} {
+		if m := sampleMask(c.expected); m != c.mask {
+			t.Errorf("sampleMask(%.0f) = %d, want %d", c.expected, m, c.mask)
+		}
+	}
+}
+
+// Latency at 50% and 90% of NDR for decap, encap and both reflect
+// ceilings, with a low top rate so the search ends at once (sender-bound
+// by construction): every row carries both fractions, ordered
+// percentiles, positive, from matched samples.
+func TestRunLatency(t *testing.T) {
+	netns.RequireRoot(t)
+	if runtime.NumCPU() < 2 {
+		t.Skip("needs 2 CPUs")
+	}
+	o := Options{Sizes: []string{"200"}, SAs: []int{1}, Workers: []int{1}, Dirs: []string{"decap", "encap"},
+		Ceilings: true, Rounds: 1, Ring: 2048, NDR: true, Latency: true, MaxRate: 20000, Log: testLog{t}}
+	rep, err := Run(context.Background(), o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"xesp/decap/200/1sa/1w", "xesp/encap/200/1sa/1w",
+		ceilingName("afxdp_reflect", "public", "200"), ceilingName("afxdp_reflect", "private", "200")} {
+		x, ok := rep.Find(name)
+		if !ok {
+			t.Errorf("no %s", name)
+			continue
+		}
+		if x.NDR <= 0 || len(x.Latency) != len(LatencyFractions) {
+			t.Errorf("%s: NDR %.0f, latency %+v", name, x.NDR, x.Latency)
+			continue
+		}
+		for i, l := range x.Latency {
+			if l.OfNDR != LatencyFractions[i] || l.Rate <= 0 {
+				t.Errorf("%s: trial %d at %.2f of NDR, %.0f pps", name, i, l.OfNDR, l.Rate)
+			}
+			if l.Samples < 100 {
+				t.Errorf("%s at %.0f%%: %d samples (%d unmatched)", name, 100*l.OfNDR, l.Samples, l.Unmatched)
+			}
+			if !(l.P50 > 0 && l.P50 <= l.P99 && l.P99 <= l.P999 && l.P999 <= l.Max) {
+				t.Errorf("%s at %.0f%%: p50 %.1f p99 %.1f p99.9 %.1f max %.1f µs, want 0 < p50 ≤ p99 ≤ p99.9 ≤ max", name, 100*l.OfNDR, l.P50, l.P99, l.P999, l.Max)
+			}
+		}
+	}
+	var md bytes.Buffer
+	rep.Markdown(&md)
+	if !strings.Contains(md.String(), "| p50 µs | p99 µs | p99.9 µs |") || !strings.Contains(md.String(), "| xesp/encap/200/1sa/1w | 90% (sender) |") {
+		t.Errorf("markdown has no latency table:\n%s", md.String())
 	}
 }

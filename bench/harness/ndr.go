@@ -199,6 +199,12 @@ func confirmReset() { confirmedSet = map[[2]int64]bool{} }
 // GenCPU, and counts what arrived with count after the far end went
 // quiet.
 func (r *runner) pacedTrial(fromCore bool, n int, sz gen.Sizes, rate float64, d time.Duration, count func() (uint64, error)) (offered, loss, delivered float64, err error) {
+	return r.pacedTrialKeep(fromCore, n, sz, rate, d, count, nil)
+}
+
+// pacedTrialKeep is pacedTrial recording each frame's send time, handed
+// to keep (when not nil) after the send, before the sender closes.
+func (r *runner) pacedTrialKeep(fromCore bool, n int, sz gen.Sizes, rate float64, d time.Duration, count func() (uint64, error), keep func(*pktgen.Sender)) (offered, loss, delivered float64, err error) {
 	e, dst, flows := r.tp.ph, r.tp.pub.mac, r.flows[:n]
 	ns := r.tp.phone
 	if fromCore {
@@ -216,13 +222,16 @@ func (r *runner) pacedTrial(fromCore bool, n int, sz gen.Sizes, rate float64, d 
 	maxLen := slices.Max(sz.Pattern())
 	err = ns.Do(func() error {
 		s, err := pktgen.New(pktgen.Options{Ifindex: e.index, Src: e.mac, Dst: dst, Clear: fromCore, Flows: flows, Sizes: sz,
-			Rate: rate, CPU: GenCPU, Engine: pktgen.EngineAFXDP, Ring: ring, MaxFrame: min(gen.DefaultMaxFrame, maxLen+128)})
+			Rate: rate, CPU: GenCPU, Engine: pktgen.EngineAFXDP, Ring: ring, MaxFrame: min(gen.DefaultMaxFrame, maxLen+128), SendTimes: keep != nil})
 		if err != nil {
 			return err
 		}
 		defer s.Close()
 		t0 = time.Now()
 		res, err = s.RunPaced(r.ctx)
+		if keep != nil {
+			keep(s)
+		}
 		return err
 	})
 	if err != nil {

@@ -252,6 +252,36 @@ func (r *Report) Markdown(w io.Writer) {
 		}
 		fmt.Fprintln(w)
 	}
+	hasLat := false
+	for _, x := range r.Results {
+		hasLat = hasLat || len(x.Latency) > 0
+	}
+	if hasLat {
+		fmt.Fprintln(w, "Latency at 50% and 90% of NDR (docs/benchmarking.md, Latency): one 1 s paced trial each; send time recorded per frame by the paced AF_XDP sender, arrival stamped with bpf_ktime_get_ns by the far end's XDP counter, matched by the serial number the payload carries (inside the ESP encryption for decap); exact percentiles of a sample of the arrivals. \"(sender)\": the NDR was the sender's top rate, so the fraction is of that rate. The reflect ceiling's row stands beside xesp's of the same link.")
+		fmt.Fprintln(w)
+		fmt.Fprintln(w, "| Scenario | of NDR | offered kpps | loss | p50 µs | p99 µs | p99.9 µs | max µs | samples | p99 ÷ reflect p99 | run-queue wait ms | load |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+		for _, x := range r.Results {
+			for _, l := range x.Latency {
+				of := fmt.Sprintf("%.0f%%", 100*l.OfNDR)
+				if l.SenderBound {
+					of += " (sender)"
+				}
+				vs := "–"
+				if x.Group != "ceiling" {
+					if c, ok := r.Find(ceilingName("afxdp_reflect", linkOf(x.Dir), x.Size)); ok {
+						for _, cl := range c.Latency {
+							if cl.OfNDR == l.OfNDR && cl.P99 > 0 {
+								vs = fmt.Sprintf("%.2f", l.P99/cl.P99)
+							}
+						}
+					}
+				}
+				fmt.Fprintf(w, "| %s | %s | %.1f | %.3f%% | %.1f | %.1f | %.1f | %.1f | %d | %s | %.1f | %.1f |\n", x.Name, of, l.Rate/1e3, l.LossPct,
+					l.P50, l.P99, l.P999, l.Max, l.Samples, vs, l.RunqWaitMs, l.Load)
+			}
+		}
+		fmt.Fprintln(w)
+	}
 	if len(r.Loads) > 0 {
 		fmt.Fprintln(w, "SA loads into the running gateway (SAD in chunks of 4096 pairs, until the workers and the XDP SA map hold them); heap: live Go heap added per SA after a collection — the bench process's, so it includes the generator's own SA state and the SAD's copy.")
 		fmt.Fprintln(w)
@@ -517,4 +547,12 @@ func (r *Report) gateMarkdown(w io.Writer) {
 		fmt.Fprintf(w, "\n- %s", s)
 	}
 	fmt.Fprintln(w)
+}
+
+// linkOf is the gateway link a direction receives on.
+func linkOf(dir string) string {
+	if dir == "encap" {
+		return "private"
+	}
+	return "public"
 }

@@ -287,13 +287,18 @@ type Options struct {
 	// MaxFrame bounds the frames (0: gen's default, a full MTU); a large
 	// ring of small frames needs less kernel memory with less.
 	MaxFrame int
+	// SendTimes records each slot's send time for RunPaced (SendNs), for
+	// a latency receiver that reads the slot back from the payload's
+	// marker serial (gen.Gen.SlotSerial).
+	SendTimes bool
 }
 
 // Sender is a loaded generator.
 type Sender struct {
-	o  Options
-	g  *gen.Gen
-	tx *xskTX // EngineAFXDP
+	o      Options
+	g      *gen.Gen
+	tx     *xskTX  // EngineAFXDP
+	sendNs []int64 // Options.SendTimes: CLOCK_MONOTONIC ns per slot, 0 unsent
 }
 
 // New precomputes the first ring.
@@ -338,6 +343,9 @@ func New(o Options) (*Sender, error) {
 		return nil, err
 	}
 	s := &Sender{o: o, g: g}
+	if o.SendTimes {
+		s.sendNs = make([]int64, o.Ring)
+	}
 	if o.Engine == EngineAFXDP {
 		if s.tx, err = newXSKTX(o.Ifindex); err != nil {
 			g.Close()
@@ -349,6 +357,27 @@ func New(o Options) (*Sender, error) {
 
 // Gen is the underlying generator (for Frame inspection).
 func (s *Sender) Gen() *gen.Gen { return s.g }
+
+// SendNs is when slot i left (Options.SendTimes, AF_XDP engine), in
+// CLOCK_MONOTONIC nanoseconds — the clock of bpf_ktime_get_ns — or 0 if
+// it was not sent. On veth in copy mode the kernel moves a TX frame to the
+// peer, through the peer's XDP program, inside the sender's sendto; a
+// frame's time is interpolated between the start and the end of the
+// sendto that took it: the middle of its share, by its position among the
+// frames that call took.
+func (s *Sender) SendNs(i int) int64 {
+	if i < 0 || i >= len(s.sendNs) {
+		return 0
+	}
+	return s.sendNs[i]
+}
+
+// SendTimes returns the serial number slot 0's marker carries (slot i
+// carries base+i) and every slot's SendNs; the slice stays valid after
+// Close.
+func (s *Sender) SendTimes() (base uint64, ns []int64) {
+	return s.g.SlotSerial(0), s.sendNs
+}
 
 // Result is what a Run sent.
 type Result struct {

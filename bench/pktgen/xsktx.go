@@ -2,7 +2,10 @@ package pktgen
 
 import (
 	"fmt"
+	"sync"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/xesp/xesp/dataplane/xsk"
 )
@@ -51,7 +54,7 @@ func (x *xskTX) send(s *Sender, n int) (int, time.Duration, error) {
 func (x *xskTX) sendRange(s *Sender, from, to int) (int, time.Duration, error) {
 	start := time.Now()
 	n := to - from
-	next, done := 0, 0
+	next, done, stamped := 0, 0, 0
 	lastProgress := start
 	for done < n {
 		if next < n {
@@ -69,9 +72,22 @@ func (x *xskTX) sendRange(s *Sender, from, to int) (int, time.Duration, error) {
 			}
 			next += t
 		}
-		if x.s.TxPending() > 0 {
+		if p0 := x.s.TxPending(); p0 > 0 {
+			var t0 int64
+			if s.sendNs != nil {
+				t0 = monoNs()
+			}
 			if err := x.s.Kick(); err != nil {
 				return done, time.Since(start), err
+			}
+			if s.sendNs != nil {
+				// The sendto took p0 − pending frames, in ring order.
+				t1 := monoNs()
+				c := min(p0-x.s.TxPending(), next-stamped)
+				for k := range c {
+					s.sendNs[from+stamped+k] = t0 + (t1-t0)*int64(2*k+1)/int64(2*c)
+				}
+				stamped += max(c, 0)
 			}
 		}
 		if c := x.s.Complete(x.pool); c > 0 {
@@ -89,3 +105,27 @@ func (x *xskTX) close() {
 	x.s.Close()
 	x.u.Close()
 }
+
+// CLOCK_MONOTONIC in nanoseconds, the clock of bpf_ktime_get_ns: Go's
+// monotonic clock reads the same clock (vDSO), so one calibration against
+// clock_gettime maps time.Since onto it without a syscall per reading.
+var (
+	monoOnce   sync.Once
+	monoBase   time.Time
+	monoBaseNs int64
+)
+
+func monoNs() int64 {
+	monoOnce.Do(func() {
+		var ts unix.Timespec
+		a := time.Now()
+		unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+		b := time.Now()
+		monoBase, monoBaseNs = a.Add(b.Sub(a)/2), ts.Nano()
+	})
+	return monoBaseNs + int64(time.Since(monoBase))
+}
+
+// MonoNs is the current CLOCK_MONOTONIC time in nanoseconds (the clock of
+// SendNs and of bpf_ktime_get_ns).
+func MonoNs() int64 { return monoNs() }

@@ -49,6 +49,7 @@ subset N times and writes FILE from the spread it measured.`)
 	rounds := fs.Int("rounds", 0, "rings sent per scenario (0: the preset's)")
 	repeat := fs.Int("repeat", 0, "measure everything this many times and report medians (0: the preset's)")
 	ndr := fs.Bool("ndr", false, "search each xesp scenario's and reflect ceiling's NDR (no loss) and PDR (≤0.5% loss) over a paced offered rate (docs/benchmarking.md)")
+	latency := fs.Bool("latency", true, "with -ndr: measure latency p50/p99/p99.9 at 50% and 90% of each searched NDR, timestamps matched by the payload's serial (not with -check/-calibrate)")
 	maxRate := fs.Float64("max-rate", 0, "with -ndr: the top offered rate, packets/s (0: harness.DefaultMaxRate)")
 	pairs := fs.Int("pairs", 0, "with -check/-calibrate: interleaved trial pairs per scenario (0: harness.DefaultPairs)")
 	out := fs.String("out", "bench/results", "directory for results.{json,md,svg}")
@@ -114,6 +115,7 @@ subset N times and writes FILE from the spread it measured.`)
 	}
 	o.Pairs = *pairs
 	o.NDR, o.MaxRate = *ndr, *maxRate
+	o.Latency = *latency && *ndr && *check == "" && *calibrate == 0
 	if *list {
 		for _, n := range harness.Selected(o) {
 			fmt.Println(n)

@@ -9,7 +9,11 @@
  *
  *   xsktest_steer  IPv4/UDP (IHL 5) to `port`: an 8-byte metadata blob, then
  *                  a redirect to xsks[rx_queue * workers + payload[0] % workers]
- *   xgen_count     IPv4/UDP (IHL 5) to `port`: counted and dropped
+ *   xgen_count     IPv4/UDP (IHL 5) to `port`: counted and dropped; while
+ *                  stamp_on, every frame whose per-CPU count & stamp_mask
+ *                  is 0 also goes to the `stamps` ring buffer as
+ *                  {bpf_ktime_get_ns(), IP length, the first stamp_len
+ *                  bytes from the IP header} (the bench's latency receiver)
  *   xsktest_count  every frame counted, then `verdict` (the XDP_DROP ceiling
  *                  counted where the packets end)
  *   xsktest_gen    the xsk tests' live-frames sender: XDP_TX, after
@@ -106,6 +110,58 @@ int xsktest_steer(struct xdp_md *ctx)
 	return bpf_redirect_map(&xsks, queue * workers + payload[0] % workers, 0);
 }
 
+/* The latency receiver's switches: written by the Go side (mmapped .bss)
+ * between trials; off (0) costs xgen_count one load and a branch. */
+__u32 stamp_on = 0;
+__u64 stamp_mask = 0;
+__u32 stamp_len = 0;
+__u64 stamp_lost = 0; /* records the ring buffer had no room for */
+
+#define STAMP_MAX 1536
+#define STAMP_HDR 16
+
+struct stamp {
+	__u64 ts;  /* bpf_ktime_get_ns (CLOCK_MONOTONIC) on arrival */
+	__u32 len; /* the IP packet's length */
+	__u32 pad;
+	__u8 data[STAMP_MAX];
+};
+
+/* Scratch for one record: bpf_ringbuf_output takes a variable length,
+ * bpf_ringbuf_reserve only a constant one. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct stamp);
+} stamp_scratch SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 4096); /* set by the loader */
+} stamps SEC(".maps");
+
+static __always_inline void stamp(struct xdp_md *ctx, __u32 iplen)
+{
+	__u32 zero = 0;
+	struct stamp *s = bpf_map_lookup_elem(&stamp_scratch, &zero);
+	if (!s)
+		return;
+	s->ts = bpf_ktime_get_ns();
+	s->len = iplen;
+	__u64 n = iplen;
+	if (n > stamp_len)
+		n = stamp_len;
+	/* The mask gives the verifier an unsigned bound. */
+	n &= 0x7ff;
+	if (n == 0 || n > STAMP_MAX)
+		return;
+	if (bpf_xdp_load_bytes(ctx, ETH_HLEN, s->data, n))
+		return;
+	if (bpf_ringbuf_output(&stamps, s, STAMP_HDR + n, 0))
+		__sync_fetch_and_add(&stamp_lost, 1);
+}
+
 SEC("xdp")
 int xgen_count(struct xdp_md *ctx)
 {
@@ -116,8 +172,10 @@ int xgen_count(struct xdp_md *ctx)
 	__u32 zero = 0;
 	struct count *c = bpf_map_lookup_elem(&counts, &zero);
 	if (c) {
-		c->packets++;
+		__u64 n = c->packets++;
 		c->bytes += end - data;
+		if (stamp_on && (n & stamp_mask) == 0)
+			stamp(ctx, (__u32)(end - data) - ETH_HLEN);
 	}
 	return XDP_DROP;
 }

@@ -19,11 +19,21 @@ type progsCount struct {
 	Bytes   uint64
 }
 
+type progsStamp struct {
+	_    structs.HostLayout
+	Ts   uint64
+	Len  uint32
+	Pad  uint32
+	Data [1536]uint8
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	progsMapCounts        = "counts"
+	progsMapStampScratch  = "stamp_scratch"
+	progsMapStamps        = "stamps"
 	progsMapXgenFrames    = "xgen_frames"
 	progsMapXgenNext      = "xgen_next"
 	progsMapXsks          = "xsks"
@@ -38,6 +48,10 @@ const (
 	progsVarRing          = "ring"
 	progsVarSpread        = "spread"
 	progsVarSpreadOffset  = "spread_offset"
+	progsVarStampLen      = "stamp_len"
+	progsVarStampLost     = "stamp_lost"
+	progsVarStampMask     = "stamp_mask"
+	progsVarStampOn       = "stamp_on"
 	progsVarVerdict       = "verdict"
 	progsVarWorkers       = "workers"
 )
@@ -96,6 +110,8 @@ type progsProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type progsMapSpecs struct {
 	Counts        *ebpf.MapSpec `ebpf:"counts"`
+	StampScratch  *ebpf.MapSpec `ebpf:"stamp_scratch"`
+	Stamps        *ebpf.MapSpec `ebpf:"stamps"`
 	XgenFrames    *ebpf.MapSpec `ebpf:"xgen_frames"`
 	XgenNext      *ebpf.MapSpec `ebpf:"xgen_next"`
 	Xsks          *ebpf.MapSpec `ebpf:"xsks"`
@@ -111,6 +127,10 @@ type progsVariableSpecs struct {
 	Ring         *ebpf.VariableSpec `ebpf:"ring"`
 	Spread       *ebpf.VariableSpec `ebpf:"spread"`
 	SpreadOffset *ebpf.VariableSpec `ebpf:"spread_offset"`
+	StampLen     *ebpf.VariableSpec `ebpf:"stamp_len"`
+	StampLost    *ebpf.VariableSpec `ebpf:"stamp_lost"`
+	StampMask    *ebpf.VariableSpec `ebpf:"stamp_mask"`
+	StampOn      *ebpf.VariableSpec `ebpf:"stamp_on"`
 	Verdict      *ebpf.VariableSpec `ebpf:"verdict"`
 	Workers      *ebpf.VariableSpec `ebpf:"workers"`
 }
@@ -136,6 +156,8 @@ func (o *progsObjects) Close() error {
 // It can be passed to loadProgsObjects or ebpf.CollectionSpec.LoadAndAssign.
 type progsMaps struct {
 	Counts        *ebpf.Map `ebpf:"counts"`
+	StampScratch  *ebpf.Map `ebpf:"stamp_scratch"`
+	Stamps        *ebpf.Map `ebpf:"stamps"`
 	XgenFrames    *ebpf.Map `ebpf:"xgen_frames"`
 	XgenNext      *ebpf.Map `ebpf:"xgen_next"`
 	Xsks          *ebpf.Map `ebpf:"xsks"`
@@ -145,6 +167,8 @@ type progsMaps struct {
 func (m *progsMaps) Close() error {
 	return _ProgsClose(
 		m.Counts,
+		m.StampScratch,
+		m.Stamps,
 		m.XgenFrames,
 		m.XgenNext,
 		m.Xsks,
@@ -161,6 +185,10 @@ type progsVariables struct {
 	Ring         *ebpf.Variable `ebpf:"ring"`
 	Spread       *ebpf.Variable `ebpf:"spread"`
 	SpreadOffset *ebpf.Variable `ebpf:"spread_offset"`
+	StampLen     *ebpf.Variable `ebpf:"stamp_len"`
+	StampLost    *ebpf.Variable `ebpf:"stamp_lost"`
+	StampMask    *ebpf.Variable `ebpf:"stamp_mask"`
+	StampOn      *ebpf.Variable `ebpf:"stamp_on"`
 	Verdict      *ebpf.Variable `ebpf:"verdict"`
 	Workers      *ebpf.Variable `ebpf:"workers"`
 }

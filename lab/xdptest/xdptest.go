@@ -14,6 +14,7 @@ package xdptest
 //go:generate go tool bpf2go -cc clang -cflags "-O2 -g -Wall -Werror -I/usr/include/x86_64-linux-gnu" -target bpfel -go-package xdptest progs progs.c
 
 import (
+	"errors"
 	"fmt"
 
 	"github.com/cilium/ebpf"
@@ -66,6 +67,49 @@ func Count(port uint16) (prog *ebpf.Program, counts *ebpf.Map, err error) {
 		return nil, nil, fmt.Errorf("xdptest: load counter program: %w", err)
 	}
 	return o.Prog, o.Counts, nil
+}
+
+// Stamped is xgen_count loaded with a ring buffer of stamps for the
+// latency receiver: Stamps gets {ts u64, IP length u32, pad u32, the
+// first Len bytes of the IP packet} (StampHeader bytes, then the data) for
+// each sampled frame while On is 1; Mask samples frames whose per-CPU
+// count & Mask is 0; Lost counts records the ring had no room for.
+type Stamped struct {
+	Prog    *ebpf.Program  `ebpf:"xgen_count"`
+	Counts  *ebpf.Map      `ebpf:"counts"`
+	Stamps  *ebpf.Map      `ebpf:"stamps"`
+	Scratch *ebpf.Map      `ebpf:"stamp_scratch"`
+	On      *ebpf.Variable `ebpf:"stamp_on"`
+	Mask    *ebpf.Variable `ebpf:"stamp_mask"`
+	Len     *ebpf.Variable `ebpf:"stamp_len"`
+	Lost    *ebpf.Variable `ebpf:"stamp_lost"`
+}
+
+// StampHeader is a stamp record's header; StampMax the most bytes of a
+// packet a record carries.
+const (
+	StampHeader = 16
+	StampMax    = 1536
+)
+
+// CountStamped loads xgen_count for UDP destination port with a stamps
+// ring buffer of ringBytes (a power of two, at least a page).
+func CountStamped(port uint16, ringBytes int) (*Stamped, error) {
+	s, err := spec(map[string]any{"port": port})
+	if err != nil {
+		return nil, err
+	}
+	s.Maps["stamps"].MaxEntries = uint32(ringBytes)
+	var st Stamped
+	if err := s.LoadAndAssign(&st, nil); err != nil {
+		return nil, fmt.Errorf("xdptest: load stamping counter (ring %d bytes): %w", ringBytes, err)
+	}
+	return &st, nil
+}
+
+// Close frees the program and its maps.
+func (s *Stamped) Close() error {
+	return errors.Join(s.Prog.Close(), s.Counts.Close(), s.Stamps.Close(), s.Scratch.Close())
 }
 
 // SlotHeader precedes each frame in a Send slot: the frame length (u32,
