@@ -41,11 +41,6 @@ import (
 	"github.com/xesp/xesp/maps"
 )
 
-// rxQueue is the one RX queue per interface the gateway serves. veth has
-// one active queue; on a multi-queue NIC, steer UDP 4500 and the private
-// side's traffic to queue 0 (ethtool -N/-X) until per-queue sockets land.
-const rxQueue = 0
-
 // floodInterval is how often flood_drops is read for events.
 const floodInterval = time.Second
 
@@ -56,8 +51,11 @@ type Gateway struct {
 	Maps    *maps.Set
 	UMEM    *xsk.UMEM
 	Workers worker.Set
-	// Sockets[w] are worker w's public and private sockets.
+	// Sockets[w] are worker w's public and private sockets it transmits
+	// on (on RX queue w mod the side's queue count); RX is every socket,
+	// one per worker on every RX queue of each side.
 	Sockets   [][2]*xsk.Socket
+	RX        []QueueSocket
 	Neighbors *neigh.Resolver
 	SAD       *sad.SAD
 	Manager   *manager.Manager
@@ -184,18 +182,30 @@ func (g *Gateway) start(ctx context.Context, o Options) (err error) {
 		PublicVlan: uint16(cfg.Public.VLAN.ID), PrivateVlan: uint16(cfg.Private.VLAN.ID)}); err != nil {
 		return fmt.Errorf("write XDP config: %w", err)
 	}
+	// Sockets on every RX queue of both sides: RSS spreads UDP 4500 by
+	// ports, so any queue may carry any SA's packets.
+	var queues [2]int
+	for i, ifi := range []*net.Interface{pubIf, privIf} {
+		if queues[i], err = rxQueues(ifi.Name); err != nil {
+			return err
+		}
+		if n := queues[i] * cfg.Workers; n > loader.DefaultXSKSlots {
+			return fmt.Errorf("workers: %d workers × %d RX queues of %s = %d AF_XDP sockets exceed the XSK map's %d slots: lower workers or the queue count (ethtool -L)",
+				cfg.Workers, queues[i], ifi.Name, n, loader.DefaultXSKSlots)
+		}
+	}
 	// Clear sockets a previous process left in pinned XSK maps: their fds
 	// are gone, and a stale slot would swallow packets.
-	for w := 0; w < cfg.Workers; w++ {
-		idx := maps.Index(rxQueue, uint16(cfg.Workers), uint16(w))
-		g.Maps.XSKPublic.Delete(idx)
-		g.Maps.XSKPrivate.Delete(idx)
+	for i := uint32(0); i < loader.DefaultXSKSlots; i++ {
+		g.Maps.XSKPublic.Delete(i)
+		g.Maps.XSKPrivate.Delete(i)
 	}
 
 	g.UMEM, err = xsk.New(xsk.Config{
 		FrameSize: uint32(cfg.UMEM.FrameSize), FrameCount: uint32(cfg.UMEM.Frames),
-		FillSize: uint32(cfg.UMEM.FillRing), CompletionSize: uint32(cfg.UMEM.CompletionRing),
-		RxSize: uint32(cfg.UMEM.RXRing), TxSize: uint32(cfg.UMEM.TXRing),
+		FillSize:       uint32(fillRingFor(cfg.UMEM.FillRing, cfg.UMEM.Frames, queues[0]+queues[1])),
+		CompletionSize: uint32(cfg.UMEM.CompletionRing),
+		RxSize:         uint32(cfg.UMEM.RXRing), TxSize: uint32(cfg.UMEM.TXRing),
 	})
 	if err != nil {
 		return fmt.Errorf("create UMEM: %w", err)
@@ -268,17 +278,43 @@ func (g *Gateway) start(ctx context.Context, o Options) (err error) {
 	}
 	events := make(chan worker.BindingChange, 4096)
 	seqReqs := make(chan worker.SeqRequest, 4096)
+	// socks[side][queue][worker]. The first socket opened on a queue owns
+	// its fill and completion rings: opening queue q's from worker
+	// q mod workers on spreads ring ownership over the workers, and with
+	// queues ≥ workers each worker owns the rings of the queue it
+	// transmits on, so its completions come back to its own pool.
+	var socks [2][][]*xsk.Socket
+	for side, ifi := range []*net.Interface{pubIf, privIf} {
+		socks[side] = make([][]*xsk.Socket, queues[side])
+		for q := range queues[side] {
+			socks[side][q] = make([]*xsk.Socket, cfg.Workers)
+			for k := range cfg.Workers {
+				w := (q + k) % cfg.Workers
+				s, err := g.UMEM.Open(ifi.Index, q)
+				if err != nil {
+					return fmt.Errorf("worker %d: AF_XDP socket on %s queue %d: %w", w, ifi.Name, q, err)
+				}
+				socks[side][q][w] = s
+				g.RX = append(g.RX, QueueSocket{Private: side == 1, Queue: q, Worker: w, XSK: s})
+			}
+		}
+	}
 	for w := 0; w < cfg.Workers; w++ {
-		pub, err := g.UMEM.Open(pubIf.Index, rxQueue)
-		if err != nil {
-			return fmt.Errorf("worker %d: AF_XDP socket on %s: %w", w, pubIf.Name, err)
+		// Worker w transmits on queue w mod queues of each side and
+		// receives on all of them.
+		var home [2]*xsk.Socket
+		var others [2][]*xsk.Socket
+		for side := range socks {
+			hq := w % queues[side]
+			home[side] = socks[side][hq][w]
+			for q := range socks[side] {
+				if q != hq {
+					others[side] = append(others[side], socks[side][q][w])
+				}
+			}
 		}
-		priv, err := g.UMEM.Open(privIf.Index, rxQueue)
-		if err != nil {
-			pub.Close()
-			return fmt.Errorf("worker %d: AF_XDP socket on %s: %w", w, privIf.Name, err)
-		}
-		g.Sockets = append(g.Sockets, [2]*xsk.Socket{pub, priv})
+		pub, priv := home[0], home[1]
+		g.Sockets = append(g.Sockets, home)
 		var guard *flood.Guard
 		if fc := cfg.Public.Flood; !fc.Disabled {
 			guard, err = flood.New(flood.Config{
@@ -292,7 +328,7 @@ func (g *Gateway) start(ctx context.Context, o Options) (err error) {
 		}
 		wk, err := worker.New(worker.Config{
 			Flood: guard,
-			ID:    w, UMEM: g.UMEM, Public: pub, Private: priv,
+			ID:    w, UMEM: g.UMEM, Public: pub, Private: priv, PublicRX: others[0], PrivateRX: others[1],
 			PublicMAC: pubMAC, PrivateMAC: privMAC,
 			PublicMTU: pubMTU, PrivateMTU: privMTU, Workers: cfg.Workers,
 			PrivateAddrs: privAddrs, OuterTTL: uint8(cfg.Tunnel.OuterTTL),
@@ -326,16 +362,18 @@ func (g *Gateway) start(ctx context.Context, o Options) (err error) {
 	// Sockets go into the XSK maps only once their worker runs and has
 	// filled the fill rings, so XDP never redirects into a socket nobody
 	// serves.
-	for w, s := range g.Sockets {
-		if err := g.Workers[w].Sync(ctx); err != nil {
+	for _, wk := range g.Workers {
+		if err := wk.Sync(ctx); err != nil {
 			return err
 		}
-		idx := maps.Index(rxQueue, uint16(cfg.Workers), uint16(w))
-		if err := g.Maps.XSKPublic.Set(idx, s[0].FD()); err != nil {
-			return fmt.Errorf("worker %d: publish public socket: %w", w, err)
+	}
+	for _, s := range g.RX {
+		m, side := g.Maps.XSKPublic, "public"
+		if s.Private {
+			m, side = g.Maps.XSKPrivate, "private"
 		}
-		if err := g.Maps.XSKPrivate.Set(idx, s[1].FD()); err != nil {
-			return fmt.Errorf("worker %d: publish private socket: %w", w, err)
+		if err := m.Set(s.Index(cfg.Workers), s.XSK.FD()); err != nil {
+			return fmt.Errorf("worker %d: publish %s socket of queue %d: %w", s.Worker, side, s.Queue, err)
 		}
 	}
 	if err := g.SAD.AddAll(cfg.SAList); err != nil {
@@ -469,10 +507,12 @@ func (g *Gateway) teardown(keepPinned bool) error {
 	var errs []error
 	// Unsteer first so nothing is redirected to sockets about to close.
 	if g.Maps != nil {
-		for w := range g.Sockets {
-			idx := maps.Index(rxQueue, uint16(g.Config.Workers), uint16(w))
-			g.Maps.XSKPublic.Delete(idx)
-			g.Maps.XSKPrivate.Delete(idx)
+		for _, s := range g.RX {
+			if s.Private {
+				g.Maps.XSKPrivate.Delete(s.Index(g.Config.Workers))
+			} else {
+				g.Maps.XSKPublic.Delete(s.Index(g.Config.Workers))
+			}
 		}
 	}
 	if g.cancel != nil {
@@ -499,11 +539,9 @@ func (g *Gateway) teardown(keepPinned bool) error {
 	for _, w := range g.Workers {
 		w.Close()
 	}
-	for _, s := range g.Sockets {
-		for _, sock := range s {
-			if err := sock.Close(); err != nil {
-				errs = append(errs, err)
-			}
+	for _, s := range g.RX {
+		if err := s.XSK.Close(); err != nil {
+			errs = append(errs, err)
 		}
 	}
 	if g.UMEM != nil {
