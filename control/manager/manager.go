@@ -91,6 +91,12 @@ type slot struct {
 	// the worker inherits its state in place (same worker and index).
 	replaces *slot
 	inherit  bool
+
+	// snap is the inbound SA's replay window as its worker last exported
+	// it (snapped: there was one): SnapshotInbound's answer for an SA
+	// whose window has not changed since.
+	snap    esp.ReplayState
+	snapped bool
 }
 
 // policyKey is where XDP finds an outbound SA: the cores map's exact

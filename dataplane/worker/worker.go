@@ -227,10 +227,16 @@ func (w *Worker) apply(cmds []Command) {
 			}
 			w.pipe.track(w.pipe.table[c.Index], c.Entry)
 			w.pipe.table[c.Index] = c.Entry
+			if c.Entry != nil && c.Entry.Dir == Inbound && !c.Entry.dirty {
+				w.pipe.markDirty(c.Entry) // restored or inherited: export it once
+			}
 		}
 	done:
 		if c.Visit != nil {
 			c.Visit(w.pipe.table)
+		}
+		if c.Dirty != nil {
+			w.pipe.takeDirty(c.Dirty)
 		}
 		if c.Done != nil {
 			close(c.Done)
