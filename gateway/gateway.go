@@ -403,7 +403,9 @@ func (g *Gateway) start(ctx context.Context, o Options) (err error) {
 			c, ok := g.Manager.Counters(id)
 			return lifetime.Usage{Packets: c.Packets, Bytes: c.Bytes, Seq: c.Seq, Since: rest.since(id), LastSeen: c.LastSeen}, ok
 		},
-		IdleTimeout: cfg.Idle.Every, IdleRemove: cfg.Idle.Remove, LastKeepalive: g.Manager.LastKeepalive})
+		IdleTimeout: cfg.Idle.Every, IdleRemove: cfg.Idle.Remove, LastKeepalive: g.Manager.LastKeepalive,
+		// Quiet SAs are not rechecked every second (control/lifetime).
+		MaxPacketRate: lifetime.GatewayMaxPacketRate, MaxByteRate: lifetime.GatewayMaxByteRate})
 	if err != nil {
 		return err
 	}
