@@ -158,6 +158,10 @@ const (
 	GatewayMaxByteRate   = 12.5e9
 )
 
+// notInstalledRecheck is when a scheduled pass looks again at an SA the
+// data path does not hold yet.
+const notInstalledRecheck = 5 * time.Second
+
 // maxRecheck bounds how long a scheduled SA waits for its next check,
 // whatever its limits: a safety net for figures that move without a
 // change in the feed.
@@ -324,7 +328,10 @@ func (e *Enforcer) checkNext(ent *sad.Entry, now time.Time) time.Time {
 		at(idleAt)
 	}
 	if !ok {
-		at(now) // not on the data path yet: its figures are unknown
+		// Not on the data path yet (the manager installs it shortly):
+		// no traffic of its own, but an update inherits the counters of
+		// the version it replaces, so look again soon, not every pass.
+		at(now.Add(notInstalledRecheck))
 	}
 	for i, t := range tests[:n] {
 		for _, lim := range [2]uint64{t.soft, t.hard} {
