@@ -158,9 +158,9 @@ const (
 	GatewayMaxByteRate   = 12.5e9
 )
 
-// notInstalledRecheck is when a scheduled pass looks again at an SA the
-// data path does not hold yet.
-const notInstalledRecheck = 5 * time.Second
+// notInstalledRecheck is the longest a scheduled pass waits to look again
+// at an SA the data path did not hold yet.
+const notInstalledRecheck = time.Minute
 
 // maxRecheck bounds how long a scheduled SA waits for its next check,
 // whatever its limits: a safety net for figures that move without a
@@ -329,9 +329,15 @@ func (e *Enforcer) checkNext(ent *sad.Entry, now time.Time) time.Time {
 	}
 	if !ok {
 		// Not on the data path yet (the manager installs it shortly):
-		// no traffic of its own, but an update inherits the counters of
-		// the version it replaces, so look again soon, not every pass.
+		// no traffic yet, so its traffic limits are as far as from zero.
+		// (An update's inherited counters show through the version still
+		// installed, which Usage reports.) A state restored at install
+		// could be nearer: look again within notInstalledRecheck.
 		at(now.Add(notInstalledRecheck))
+		tests[1] = test{Bytes, 0, l.SoftBytes, l.HardBytes}
+		tests[2] = test{Packets, 0, l.SoftPackets, l.HardPackets}
+		tests[3] = test{Seq, 0, seqSoft, seqHard}
+		n = 4
 	}
 	for i, t := range tests[:n] {
 		for _, lim := range [2]uint64{t.soft, t.hard} {
