@@ -390,12 +390,19 @@ func (e *Enforcer) checkDue(now time.Time) {
 	}
 	if !e.synced || err != nil {
 		// Read the version before listing: changes made meanwhile are
-		// replayed next pass, which a check makes harmless.
+		// replayed next pass, which a check makes harmless. Only SAs
+		// new to the schedule or changed since the version read last
+		// become due: a bulk add that overflows the feed every pass
+		// must not make every SA due every pass.
+		since := e.ver
 		e.ver = e.o.SAD.Version()
 		var cur uint64
 		for {
 			e.page, cur = e.o.SAD.List(cur, 4096, e.page[:0])
 			for i := range e.page {
+				if _, known := e.next[e.page[i].ID]; known && e.synced && e.page[i].Version <= since {
+					continue
+				}
 				e.due(e.page[i].ID, now)
 			}
 			if cur == 0 {
