@@ -155,7 +155,7 @@ func (g *Gateway) dataPathProblems() []string {
 		case err != nil:
 			out = append(out, fmt.Sprintf("worker %d: %s socket of queue %d: %v", s.Worker, side, s.Queue, err))
 		case !ok:
-			out = append(out, fmt.Sprintf("worker %d: %s AF_XDP socket of queue %d missing from xsks_%s slot %d: XDP drops its packets (no_xsk)", s.Worker, side, s.Queue, side, idx))
+			out = append(out, fmt.Sprintf("worker %d: %s AF_XDP socket missing from xsks_%s slot %d (RX queue %d): XDP drops its packets (no_xsk)", s.Worker, side, side, idx, s.Queue))
 		}
 	}
 	return out
