@@ -135,3 +135,19 @@ func TestGatewayEveryRXQueue(t *testing.T) {
 		t.Errorf("traffic on public queues %v and private queues %v: want at least two of each", used[0], used[1])
 	}
 }
+
+// Each queue's fill ring gets at most an equal share of the UMEM, as a
+// power of two, never more than configured and never under 64.
+func TestFillRingFor(t *testing.T) {
+	for _, c := range []struct{ configured, frames, queues, want int }{
+		{8192, 16384, 2, 8192}, // the defaults, one queue per side: unchanged
+		{8192, 16384, 8, 2048},
+		{8192, 16384, 6, 2048}, // 2730 rounds down
+		{1024, 65536, 4, 1024}, // the configured size caps
+		{4096, 256, 16, 64},    // floor
+	} {
+		if got := fillRingFor(c.configured, c.frames, c.queues); got != c.want {
+			t.Errorf("fillRingFor(%d, %d, %d) = %d, want %d", c.configured, c.frames, c.queues, got, c.want)
+		}
+	}
+}
