@@ -189,7 +189,7 @@ type Enforcer struct {
 	// Scheduled mode (rate bounds set): when each SA is next checked,
 	// a heap of those moments (stale items skipped: their time is not
 	// next[id] any more), the feed version read, and the SAs checked.
-	next    map[sa.ID]time.Time
+	next    map[sa.ID]int64 // Unix ns
 	heap    dueHeap
 	ver     uint64
 	synced  bool
@@ -375,7 +375,7 @@ func (e *Enforcer) Checked() uint64 { return e.checked.Load() }
 // then those whose next check is due.
 func (e *Enforcer) checkDue(now time.Time) {
 	if e.next == nil {
-		e.next = make(map[sa.ID]time.Time)
+		e.next = make(map[sa.ID]int64)
 	}
 	var err error
 	if e.synced {
@@ -411,9 +411,9 @@ func (e *Enforcer) checkDue(now time.Time) {
 		}
 		e.synced = true
 	}
-	for len(e.heap) > 0 && !e.heap[0].at.After(now) {
+	for len(e.heap) > 0 && e.heap[0].at <= now.UnixNano() {
 		it := heap.Pop(&e.heap).(dueItem)
-		if at, ok := e.next[it.id]; !ok || !at.Equal(it.at) {
+		if at, ok := e.next[it.id]; !ok || at != it.at {
 			continue // rescheduled or gone since
 		}
 		delete(e.next, it.id)
@@ -436,20 +436,20 @@ func (e *Enforcer) checkDue(now time.Time) {
 
 // due makes id due now unless it already is.
 func (e *Enforcer) due(id sa.ID, now time.Time) {
-	if at, ok := e.next[id]; ok && !at.After(now) {
+	if at, ok := e.next[id]; ok && at <= now.UnixNano() {
 		return
 	}
 	e.schedule(id, now)
 }
 
 func (e *Enforcer) schedule(id sa.ID, at time.Time) {
-	e.next[id] = at
-	heap.Push(&e.heap, dueItem{at, id})
+	e.next[id] = at.UnixNano()
+	heap.Push(&e.heap, dueItem{at.UnixNano(), id})
 }
 
 // dueItem is one scheduled check.
 type dueItem struct {
-	at time.Time
+	at int64 // Unix ns: 16 bytes less per SA than a time.Time
 	id sa.ID
 }
 
@@ -457,7 +457,7 @@ type dueItem struct {
 type dueHeap []dueItem
 
 func (h dueHeap) Len() int           { return len(h) }
-func (h dueHeap) Less(i, j int) bool { return h[i].at.Before(h[j].at) }
+func (h dueHeap) Less(i, j int) bool { return h[i].at < h[j].at }
 func (h dueHeap) Swap(i, j int)      { h[i], h[j] = h[j], h[i] }
 func (h *dueHeap) Push(x any)        { *h = append(*h, x.(dueItem)) }
 func (h *dueHeap) Pop() any {
