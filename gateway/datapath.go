@@ -144,20 +144,18 @@ func (g *Gateway) dataPathProblems() []string {
 			out = append(out, fmt.Sprintf("xdp on %s (%s): detached", a.Ifname, a.Side))
 		}
 	}
-	for w := range g.Sockets {
-		idx := maps.Index(rxQueue, uint16(g.Config.Workers), uint16(w))
-		for _, private := range []bool{false, true} {
-			side := "public"
-			if private {
-				side = "private"
-			}
-			ok, err := g.Loader.XSKPresent(private, idx)
-			switch {
-			case err != nil:
-				out = append(out, fmt.Sprintf("worker %d: %s socket: %v", w, side, err))
-			case !ok:
-				out = append(out, fmt.Sprintf("worker %d: %s AF_XDP socket missing from xsks_%s slot %d: XDP drops its packets (no_xsk)", w, side, side, idx))
-			}
+	for _, s := range g.RX {
+		idx := s.Index(g.Config.Workers)
+		side := "public"
+		if s.Private {
+			side = "private"
+		}
+		ok, err := g.Loader.XSKPresent(s.Private, idx)
+		switch {
+		case err != nil:
+			out = append(out, fmt.Sprintf("worker %d: %s socket of queue %d: %v", s.Worker, side, s.Queue, err))
+		case !ok:
+			out = append(out, fmt.Sprintf("worker %d: %s AF_XDP socket missing from xsks_%s slot %d (RX queue %d): XDP drops its packets (no_xsk)", s.Worker, side, side, idx, s.Queue))
 		}
 	}
 	return out

@@ -43,11 +43,6 @@ import (
 	"github.com/xesp/xesp/maps"
 )
 
-// rxQueue is the one RX queue per interface the gateway serves. veth has
-// one active queue; on a multi-queue NIC, steer UDP 4500 and the private
-// side's traffic to queue 0 (ethtool -N/-X) until per-queue sockets land.
-const rxQueue = 0
-
 // warmMax bounds how many destinations a hand-over start resolves before
 // its workers read: the old daemon's next hops, then the SAs' bindings
 // (the peer MACs its workers had learnt are not handed over).
@@ -67,8 +62,11 @@ type Gateway struct {
 	Maps    *maps.Set
 	UMEM    *xsk.UMEM
 	Workers worker.Set
-	// Sockets[w] are worker w's public and private sockets.
+	// Sockets[w] are worker w's public and private sockets it transmits
+	// on (on RX queue w mod the side's queue count); RX is every socket,
+	// one per worker on every RX queue of each side.
 	Sockets   [][2]*xsk.Socket
+	RX        []QueueSocket
 	Neighbors *neigh.Resolver
 	SAD       *sad.SAD
 	Manager   *manager.Manager
@@ -224,29 +222,47 @@ func (g *Gateway) start(ctx context.Context, o Options) (err error) {
 		PublicVlan: uint16(cfg.Public.VLAN.ID), PrivateVlan: uint16(cfg.Private.VLAN.ID)}); err != nil {
 		return fmt.Errorf("write XDP config: %w", err)
 	}
+	// Sockets on every RX queue of both sides: RSS spreads UDP 4500 by
+	// ports, so any queue may carry any SA's packets.
+	var queues [2]int
+	for i, ifi := range []*net.Interface{pubIf, privIf} {
+		if queues[i], err = rxQueues(ifi.Name); err != nil {
+			return err
+		}
+		if n := queues[i] * cfg.Workers; n > loader.DefaultXSKSlots {
+			return fmt.Errorf("workers: %d workers × %d RX queues of %s = %d AF_XDP sockets exceed the XSK map's %d slots: lower workers or the queue count (ethtool -L)",
+				cfg.Workers, queues[i], ifi.Name, n, loader.DefaultXSKSlots)
+		}
+	}
 	var adopted []*xsk.Socket
 	if g.upgrade != nil {
+		// A hand-over passes one socket per worker and side: the
+		// predecessor served one RX queue per side (handover.go refuses
+		// to export more), and so must this process.
+		if queues[0] != 1 || queues[1] != 1 {
+			return fmt.Errorf("upgrade: --upgrade-from serves one RX queue per side; %s has %d and %s %d: stop and start instead", pubIf.Name, queues[0], privIf.Name, queues[1])
+		}
 		// The slots hold the predecessor's sockets, which are ours now.
 		if g.UMEM, adopted, err = g.upgrade.adoptUMEM(); err != nil {
 			return fmt.Errorf("upgrade: %w", err)
 		}
 		for i, s := range adopted {
-			if want := [2]int{pubIf.Index, privIf.Index}[i%2]; s.Ifindex() != want || s.Queue() != rxQueue {
-				return fmt.Errorf("upgrade: handed-over socket %d is on ifindex %d queue %d, want ifindex %d queue %d", i, s.Ifindex(), s.Queue(), want, rxQueue)
+			if want := [2]int{pubIf.Index, privIf.Index}[i%2]; s.Ifindex() != want || s.Queue() != 0 {
+				return fmt.Errorf("upgrade: handed-over socket %d is on ifindex %d queue %d, want ifindex %d queue 0", i, s.Ifindex(), s.Queue(), want)
 			}
 		}
 	} else {
 		// Clear sockets a previous process left in pinned XSK maps: their
 		// fds are gone, and a stale slot would swallow packets.
-		for w := 0; w < cfg.Workers; w++ {
-			idx := maps.Index(rxQueue, uint16(cfg.Workers), uint16(w))
-			g.Maps.XSKPublic.Delete(idx)
-			g.Maps.XSKPrivate.Delete(idx)
+		for i := uint32(0); i < loader.DefaultXSKSlots; i++ {
+			g.Maps.XSKPublic.Delete(i)
+			g.Maps.XSKPrivate.Delete(i)
 		}
 		g.UMEM, err = xsk.New(xsk.Config{
 			FrameSize: uint32(cfg.UMEM.FrameSize), FrameCount: uint32(cfg.UMEM.Frames),
-			FillSize: uint32(cfg.UMEM.FillRing), CompletionSize: uint32(cfg.UMEM.CompletionRing),
-			RxSize: uint32(cfg.UMEM.RXRing), TxSize: uint32(cfg.UMEM.TXRing),
+			FillSize:       uint32(fillRingFor(cfg.UMEM.FillRing, cfg.UMEM.Frames, queues[0]+queues[1])),
+			CompletionSize: uint32(cfg.UMEM.CompletionRing),
+			RxSize:         uint32(cfg.UMEM.RXRing), TxSize: uint32(cfg.UMEM.TXRing),
 		})
 		if err != nil {
 			return fmt.Errorf("create UMEM: %w", err)
@@ -326,22 +342,45 @@ func (g *Gateway) start(ctx context.Context, o Options) (err error) {
 	}
 	events := make(chan worker.BindingChange, 4096)
 	seqReqs := make(chan worker.SeqRequest, 4096)
-	for w := 0; w < cfg.Workers; w++ {
-		if adopted != nil {
-			g.Sockets = append(g.Sockets, [2]*xsk.Socket{adopted[2*w], adopted[2*w+1]})
-		} else {
-			pub, err := g.UMEM.Open(pubIf.Index, rxQueue)
-			if err != nil {
-				return fmt.Errorf("worker %d: AF_XDP socket on %s: %w", w, pubIf.Name, err)
+	// socks[side][queue][worker]. The first socket opened on a queue owns
+	// its fill and completion rings: opening queue q's from worker
+	// q mod workers on spreads ring ownership over the workers, and with
+	// queues ≥ workers each worker owns the rings of the queue it
+	// transmits on, so its completions come back to its own pool.
+	var socks [2][][]*xsk.Socket
+	for side, ifi := range []*net.Interface{pubIf, privIf} {
+		socks[side] = make([][]*xsk.Socket, queues[side])
+		for q := range queues[side] {
+			socks[side][q] = make([]*xsk.Socket, cfg.Workers)
+			for k := range cfg.Workers {
+				w := (q + k) % cfg.Workers
+				var s *xsk.Socket
+				if adopted != nil {
+					s = adopted[2*w+side] // one queue: worker w's public, then private
+				} else if s, err = g.UMEM.Open(ifi.Index, q); err != nil {
+					return fmt.Errorf("worker %d: AF_XDP socket on %s queue %d: %w", w, ifi.Name, q, err)
+				}
+				socks[side][q][w] = s
+				g.RX = append(g.RX, QueueSocket{Private: side == 1, Queue: q, Worker: w, XSK: s})
 			}
-			priv, err := g.UMEM.Open(privIf.Index, rxQueue)
-			if err != nil {
-				pub.Close()
-				return fmt.Errorf("worker %d: AF_XDP socket on %s: %w", w, privIf.Name, err)
-			}
-			g.Sockets = append(g.Sockets, [2]*xsk.Socket{pub, priv})
 		}
-		pub, priv := g.Sockets[w][0], g.Sockets[w][1]
+	}
+	for w := 0; w < cfg.Workers; w++ {
+		// Worker w transmits on queue w mod queues of each side and
+		// receives on all of them.
+		var home [2]*xsk.Socket
+		var others [2][]*xsk.Socket
+		for side := range socks {
+			hq := w % queues[side]
+			home[side] = socks[side][hq][w]
+			for q := range socks[side] {
+				if q != hq {
+					others[side] = append(others[side], socks[side][q][w])
+				}
+			}
+		}
+		pub, priv := home[0], home[1]
+		g.Sockets = append(g.Sockets, home)
 		var guard *flood.Guard
 		if fc := cfg.Public.Flood; !fc.Disabled {
 			guard, err = flood.New(flood.Config{
@@ -355,7 +394,7 @@ func (g *Gateway) start(ctx context.Context, o Options) (err error) {
 		}
 		wk, err := worker.New(worker.Config{
 			Flood: guard,
-			ID:    w, UMEM: g.UMEM, Public: pub, Private: priv,
+			ID:    w, UMEM: g.UMEM, Public: pub, Private: priv, PublicRX: others[0], PrivateRX: others[1],
 			PublicMAC: pubMAC, PrivateMAC: privMAC,
 			PublicMTU: pubMTU, PrivateMTU: privMTU, Workers: cfg.Workers,
 			PrivateAddrs: privAddrs, OuterTTL: uint8(cfg.Tunnel.OuterTTL),
@@ -392,16 +431,18 @@ func (g *Gateway) start(ctx context.Context, o Options) (err error) {
 	// Sockets go into the XSK maps only once their worker runs and has
 	// filled the fill rings, so XDP never redirects into a socket nobody
 	// serves.
-	for w, s := range g.Sockets {
-		if err := g.Workers[w].Sync(ctx); err != nil {
+	for _, wk := range g.Workers {
+		if err := wk.Sync(ctx); err != nil {
 			return err
 		}
-		idx := maps.Index(rxQueue, uint16(cfg.Workers), uint16(w))
-		if err := g.Maps.XSKPublic.Set(idx, s[0].FD()); err != nil {
-			return fmt.Errorf("worker %d: publish public socket: %w", w, err)
+	}
+	for _, s := range g.RX {
+		m, side := g.Maps.XSKPublic, "public"
+		if s.Private {
+			m, side = g.Maps.XSKPrivate, "private"
 		}
-		if err := g.Maps.XSKPrivate.Set(idx, s[1].FD()); err != nil {
-			return fmt.Errorf("worker %d: publish private socket: %w", w, err)
+		if err := m.Set(s.Index(cfg.Workers), s.XSK.FD()); err != nil {
+			return fmt.Errorf("worker %d: publish %s socket of queue %d: %w", s.Worker, side, s.Queue, err)
 		}
 	}
 	if err := g.SAD.AddAll(cfg.SAList); err != nil {
@@ -439,7 +480,9 @@ func (g *Gateway) start(ctx context.Context, o Options) (err error) {
 			c, ok := g.Manager.Counters(id)
 			return lifetime.Usage{Packets: c.Packets, Bytes: c.Bytes, Seq: c.Seq, Since: rest.since(id), LastSeen: c.LastSeen}, ok
 		},
-		IdleTimeout: cfg.Idle.Every, IdleRemove: cfg.Idle.Remove, LastKeepalive: g.Manager.LastKeepalive})
+		IdleTimeout: cfg.Idle.Every, IdleRemove: cfg.Idle.Remove, LastKeepalive: g.Manager.LastKeepalive,
+		// Quiet SAs are not rechecked every second (control/lifetime).
+		MaxPacketRate: lifetime.GatewayMaxPacketRate, MaxByteRate: lifetime.GatewayMaxByteRate})
 	if err != nil {
 		return err
 	}
@@ -586,10 +629,12 @@ func (g *Gateway) teardown(keepPinned bool) error {
 	}
 	// Unsteer first so nothing is redirected to sockets about to close.
 	if g.Maps != nil && g.upgrade == nil {
-		for w := range g.Sockets {
-			idx := maps.Index(rxQueue, uint16(g.Config.Workers), uint16(w))
-			g.Maps.XSKPublic.Delete(idx)
-			g.Maps.XSKPrivate.Delete(idx)
+		for _, s := range g.RX {
+			if s.Private {
+				g.Maps.XSKPrivate.Delete(s.Index(g.Config.Workers))
+			} else {
+				g.Maps.XSKPublic.Delete(s.Index(g.Config.Workers))
+			}
 		}
 	}
 	if g.cancel != nil {
@@ -619,11 +664,9 @@ func (g *Gateway) teardown(keepPinned bool) error {
 	if g.upgrade != nil && g.UMEM != nil {
 		g.UMEM.Abandon() // the sockets' Close is a no-op after it
 	}
-	for _, s := range g.Sockets {
-		for _, sock := range s {
-			if err := sock.Close(); err != nil {
-				errs = append(errs, err)
-			}
+	for _, s := range g.RX {
+		if err := s.XSK.Close(); err != nil {
+			errs = append(errs, err)
 		}
 	}
 	if g.UMEM != nil {

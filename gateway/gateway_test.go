@@ -54,9 +54,16 @@ func newTopoWith(t *testing.T, workers int, o Options) *topo {
 // change to the parsed configuration (nil: none).
 func newTopoConfig(t *testing.T, workers int, o Options, extra string, mod func(*config.Config)) *topo {
 	t.Helper()
+	return newTopoQueues(t, workers, 1, o, extra, mod)
+}
+
+// newTopoQueues is newTopoConfig with queues TX and RX queues on every
+// veth end.
+func newTopoQueues(t *testing.T, workers, queues int, o Options, extra string, mod func(*config.Config)) *topo {
+	t.Helper()
 	tp := &topo{phone: netns.ForTest(t, "ph"), gw: netns.ForTest(t, "gw"), core: netns.ForTest(t, "co")}
-	tp.phIf, tp.pubIf = netns.VethForTest(t, tp.phone, tp.gw)
-	tp.privIf, tp.coreIf = netns.VethForTest(t, tp.gw, tp.core)
+	tp.phIf, tp.pubIf = netns.VethQueuesForTest(t, tp.phone, tp.gw, queues)
+	tp.privIf, tp.coreIf = netns.VethQueuesForTest(t, tp.gw, tp.core, queues)
 	tp.phone.MustRun("ip", "addr", "add", "192.0.2.10/24", "dev", tp.phIf)
 	tp.gw.MustRun("ip", "addr", "add", "192.0.2.1/24", "dev", tp.pubIf)
 	tp.gw.MustRun("ip", "addr", "add", "10.0.0.254/24", "dev", tp.privIf)

@@ -76,7 +76,10 @@ func ShapeOf(cfg *config.Config) Shape {
 func (h *Handover) shape() Shape {
 	c := h.UMEM.Config
 	return Shape{Workers: h.Workers, Public: h.Public, Private: h.Private, StateDir: h.StateDir, PinDir: h.PinDir,
-		UMEM: config.UMEM{Frames: int(c.FrameCount), FrameSize: int(c.FrameSize), FillRing: int(c.FillSize),
+		// FillRing 0: the running fill ring is the configured one capped
+		// per queue (fillRingFor); CheckSuccessor compared the configured
+		// values before anything stopped.
+		UMEM: config.UMEM{Frames: int(c.FrameCount), FrameSize: int(c.FrameSize),
 			CompletionRing: int(c.CompletionSize), RXRing: int(c.RxSize), TXRing: int(c.TxSize)}}
 }
 
@@ -120,7 +123,10 @@ func (g *Gateway) CheckSuccessor(next Shape) error {
 	}
 	c := g.UMEM.Config()
 	running := ShapeOf(g.Config)
-	running.UMEM = config.UMEM{Frames: int(c.FrameCount), FrameSize: int(c.FrameSize), FillRing: int(c.FillSize),
+	// The fill ring as configured: the running UMEM's is that capped to
+	// a share of the frames per queue (fillRingFor), and the successor
+	// adopts the running UMEM's sizes whatever its config says.
+	running.UMEM = config.UMEM{Frames: int(c.FrameCount), FrameSize: int(c.FrameSize), FillRing: g.Config.UMEM.FillRing,
 		CompletionRing: int(c.CompletionSize), RXRing: int(c.RxSize), TXRing: int(c.TxSize)}
 	return next.compare(running, os.Getpid())
 }
@@ -128,6 +134,9 @@ func (g *Gateway) CheckSuccessor(next Shape) error {
 func (g *Gateway) canHandOver() error {
 	if g.Loader == nil || g.Loader.PinLock() == nil || g.stateLock == nil || g.Started.IsZero() {
 		return errors.New("upgrade: the running daemon has no pinned maps (pin_dir): nothing can be handed over")
+	}
+	if len(g.RX) != 2*len(g.Sockets) {
+		return fmt.Errorf("upgrade: the running daemon serves %d AF_XDP sockets for %d workers (several RX queues); a hand-over carries one RX queue per side: stop and start instead", len(g.RX), len(g.Sockets))
 	}
 	return nil
 }

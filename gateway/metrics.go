@@ -53,10 +53,12 @@ func (g *Gateway) MetricsSources(version string) (metrics.Sources, error) {
 	for _, w := range g.Workers {
 		src.Workers = append(src.Workers, w.Stats())
 	}
-	for w, s := range g.Sockets {
-		src.Sockets = append(src.Sockets,
-			metrics.Socket{Side: metrics.Public, Worker: w, XSK: s[0]},
-			metrics.Socket{Side: metrics.Private, Worker: w, XSK: s[1]})
+	for _, s := range g.RX {
+		side := metrics.Public
+		if s.Private {
+			side = metrics.Private
+		}
+		src.Sockets = append(src.Sockets, metrics.Socket{Side: side, Worker: s.Worker, XSK: s.XSK})
 	}
 	return src, nil
 }

@@ -1,6 +1,7 @@
 package maps_test
 
 import (
+	"net/netip"
 	"testing"
 
 	"github.com/xesp/xesp/bpf"
@@ -50,4 +51,39 @@ func BenchmarkCountersRead(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
+}
+
+// BenchmarkPolicies60k: writing 60,000 /32 policies into the trie one
+// syscall each ("put") and in batches ("batch"); one op is all of them.
+func BenchmarkPolicies60k(b *testing.B) {
+	netns.RequireRoot(b)
+	const n = 60000
+	prefixes := make([]netip.Prefix, n)
+	pols := make([]bpf.Policy, n)
+	for i := range prefixes {
+		prefixes[i] = netip.PrefixFrom(netip.AddrFrom4([4]byte{100, 64 + byte(i>>16), byte(i >> 8), byte(i)}), 32)
+		pols[i] = bpf.Policy{SaIndex: uint32(i)}
+	}
+	in, err := loader.Load(loader.Options{Public: "unused", NoPin: true, SACapacity: 16})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer in.Close()
+	p := in.Maps.Policies
+	b.Run("put", func(b *testing.B) {
+		for b.Loop() {
+			for i := range prefixes {
+				if err := p.Put(prefixes[i], pols[i]); err != nil {
+					b.Fatal(err)
+				}
+			}
+		}
+	})
+	b.Run("batch", func(b *testing.B) {
+		for b.Loop() {
+			if err := p.PutBatch(prefixes, pols); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
 }

@@ -261,3 +261,33 @@ func TestBarrier(t *testing.T) {
 		}
 	}
 }
+
+// PutBatch writes every policy of a batch larger than one chunk, replaces
+// existing ones, and refuses mismatched lengths and invalid prefixes.
+func TestPoliciesPutBatch(t *testing.T) {
+	p := load(t, 16).Maps.Policies
+	const n = 40000 // > batchChunk (32768): two batch calls
+	prefixes := make([]netip.Prefix, n)
+	pols := make([]bpf.Policy, n)
+	for i := range prefixes {
+		prefixes[i] = netip.PrefixFrom(netip.AddrFrom4([4]byte{100, 64 + byte(i>>16), byte(i >> 8), byte(i)}), 32)
+		pols[i] = bpf.Policy{SaIndex: uint32(i), Worker: uint16(i % 3)}
+	}
+	if err := p.Put(prefixes[7], bpf.Policy{SaIndex: 99999}); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.PutBatch(prefixes, pols); err != nil {
+		t.Fatal(err)
+	}
+	for i, pr := range prefixes {
+		if got, err := p.Lookup(pr.Addr()); err != nil || got != pols[i] {
+			t.Fatalf("lookup %s: %+v, %v; want %+v", pr.Addr(), got, err, pols[i])
+		}
+	}
+	if err := p.PutBatch(prefixes[:2], pols[:1]); err == nil {
+		t.Error("PutBatch with mismatched lengths succeeded")
+	}
+	if err := p.PutBatch([]netip.Prefix{{}}, []bpf.Policy{{}}); err == nil {
+		t.Error("PutBatch of an invalid prefix succeeded")
+	}
+}

@@ -11,11 +11,20 @@
 // writes only through the SAD, so the manager stays the one writer of the
 // data path. Limits are checked once per Interval: a hard bytes or
 // packets limit can be overrun by what the SA carries in one interval.
+//
+// Without rate bounds (Options.MaxPacketRate, MaxByteRate) every pass
+// checks every SA. With them, a pass checks only the SAs that are due: an
+// SA is checked when it is added or changed (the SAD's change feed), and
+// then again at the earliest moment one of its limits could be reached:
+// its soft or hard time, its idle deadline, or the time its traffic
+// counters need at the bounded rates to reach a limit (a min-heap of
+// those moments). So a million quiet SAs cost a pass almost nothing.
 // The sequence space itself is never overrun: the ESP engine refuses to
 // seal past it (esp.ReasonSeqCycled) whatever this package does.
 package lifetime
 
 import (
+	"container/heap"
 	"context"
 	"errors"
 	"fmt"
@@ -133,7 +142,30 @@ type Options struct {
 	// NAT-keepalive (zero: never, or unknown). Asked only for SAs that are
 	// otherwise idle, so its cost does not grow with busy phones.
 	LastKeepalive func(sa.ID) time.Time
+	// MaxPacketRate and MaxByteRate bound what one SA can carry per
+	// second (a worker's ceiling is far below 10^7 packets/s). With both
+	// set, an SA is rechecked only when its counters could have reached a
+	// limit at these rates (see the package doc); 0: every pass checks
+	// every SA.
+	MaxPacketRate, MaxByteRate float64
 }
+
+// GatewayMaxPacketRate and GatewayMaxByteRate are the rate bounds the
+// gateway uses: no SA of one worker thread gets near 10^7 packets/s, and
+// 12.5 GB/s is a 100 Gb/s link's worth.
+const (
+	GatewayMaxPacketRate = 1e7
+	GatewayMaxByteRate   = 12.5e9
+)
+
+// notInstalledRecheck is the longest a scheduled pass waits to look again
+// at an SA the data path did not hold yet.
+const notInstalledRecheck = time.Minute
+
+// maxRecheck bounds how long a scheduled SA waits for its next check,
+// whatever its limits: a safety net for figures that move without a
+// change in the feed.
+const maxRecheck = time.Hour
 
 // Enforcer checks every SA's lifetime each Interval.
 type Enforcer struct {
@@ -153,6 +185,16 @@ type Enforcer struct {
 	idle    map[sa.ID]time.Time
 	idleN   atomic.Int64 // SAs idle now (a gauge)
 	started time.Time    // last-seen stamps live in memory: none before this
+
+	// Scheduled mode (rate bounds set): when each SA is next checked,
+	// a heap of those moments (stale items skipped: their time is not
+	// next[id] any more), the feed version read, and the SAs checked.
+	next    map[sa.ID]int64 // Unix ns
+	heap    dueHeap
+	ver     uint64
+	synced  bool
+	chg     []sad.Change
+	checked atomic.Uint64
 }
 
 // New checks o and returns an Enforcer; Run starts it.
@@ -189,12 +231,17 @@ func (e *Enforcer) Run(ctx context.Context) error {
 	}
 }
 
-// Check runs one pass over the SAD now.
+// Check runs one pass now: over the whole SAD, or with rate bounds over
+// the SAs that are due.
 func (e *Enforcer) Check() {
 	e.checkMu.Lock()
 	defer e.checkMu.Unlock()
 	e.checks.Add(1)
 	now := e.o.Now()
+	if e.scheduled() {
+		e.checkDue(now)
+		return
+	}
 	var cur uint64
 	for {
 		e.page, cur = e.o.SAD.List(cur, 4096, e.page[:0])
@@ -208,6 +255,13 @@ func (e *Enforcer) Check() {
 }
 
 func (e *Enforcer) check(ent *sad.Entry, now time.Time) {
+	e.checkNext(ent, now)
+}
+
+// checkNext checks ent and returns when it should be checked again
+// (zero: it was deleted).
+func (e *Enforcer) checkNext(ent *sad.Entry, now time.Time) time.Time {
+	e.checked.Add(1)
 	l := ent.SA.Lifetime
 	seqSoft, seqHard := uint64(SeqSoft32), uint64(SeqHard32)
 	if ent.SA.ESN {
@@ -231,44 +285,201 @@ func (e *Enforcer) check(ent *sad.Entry, now time.Time) {
 		tests[3] = test{Seq, u.Seq, seqSoft, seqHard}
 		n = 4
 	}
-	if ent.ID.Dir == sa.In && e.checkIdle(ent, u, born, now) {
-		return
+	var idleAt time.Time
+	if ent.ID.Dir == sa.In {
+		var gone bool
+		if idleAt, gone = e.checkIdle(ent, u, born, now); gone {
+			return time.Time{}
+		}
 	}
 	for _, t := range tests[:n] {
 		if t.hard != 0 && t.value >= t.hard {
 			if _, err := e.o.SAD.Delete(ent.ID); err != nil {
 				// Deleted meanwhile (API, rekey): nothing to enforce.
-				return
+				return time.Time{}
 			}
 			e.raise(Event{Time: now, ID: ent.ID, Name: ent.SA.Name, Kind: Hard, What: t.what, Value: t.value, Threshold: t.hard})
-			return
+			return time.Time{}
 		}
 	}
-	if ent.State != sad.Active {
+	soft := ent.State == sad.Active
+	if soft {
+		for _, t := range tests[:n] {
+			if t.soft != 0 && t.value >= t.soft {
+				if err := e.o.SAD.SetState(ent.ID, sad.SoftExpired); err == nil {
+					e.raise(Event{Time: now, ID: ent.ID, Name: ent.SA.Name, Kind: Soft, What: t.what, Value: t.value, Threshold: t.soft})
+				}
+				soft = false
+				break
+			}
+		}
+	}
+	if !e.scheduled() {
+		return now
+	}
+	// The earliest moment a limit could be reached.
+	next := now.Add(maxRecheck)
+	at := func(t time.Time) {
+		if t.Before(next) {
+			next = t
+		}
+	}
+	if !idleAt.IsZero() {
+		at(idleAt)
+	}
+	if !ok {
+		// Not on the data path yet (the manager installs it shortly):
+		// no traffic yet, so its traffic limits are as far as from zero.
+		// (An update's inherited counters show through the version still
+		// installed, which Usage reports.) A state restored at install
+		// could be nearer: look again within notInstalledRecheck.
+		at(now.Add(notInstalledRecheck))
+		tests[1] = test{Bytes, 0, l.SoftBytes, l.HardBytes}
+		tests[2] = test{Packets, 0, l.SoftPackets, l.HardPackets}
+		tests[3] = test{Seq, 0, seqSoft, seqHard}
+		n = 4
+	}
+	for i, t := range tests[:n] {
+		for _, lim := range [2]uint64{t.soft, t.hard} {
+			if lim == 0 || lim <= t.value || (!soft && lim == t.soft) {
+				continue
+			}
+			// Beyond maxRecheck the cap decides (and a Duration would
+			// overflow for the 64-bit sequence space).
+			if i == 0 { // time: seconds since born
+				if d := time.Duration(lim-t.value) * time.Second; lim-t.value < uint64(maxRecheck/time.Second) {
+					at(now.Add(d))
+				}
+				continue
+			}
+			rate := e.o.MaxPacketRate
+			if t.what == Bytes {
+				rate = e.o.MaxByteRate
+			}
+			if secs := float64(lim-t.value) / rate; secs < maxRecheck.Seconds() {
+				at(now.Add(time.Duration(secs * float64(time.Second))))
+			}
+		}
+	}
+	return next
+}
+
+func (e *Enforcer) scheduled() bool { return e.o.MaxPacketRate > 0 && e.o.MaxByteRate > 0 }
+
+// Checked is how many SA checks all passes made (a pass over the whole
+// SAD adds one per SA; a scheduled pass one per due SA).
+func (e *Enforcer) Checked() uint64 { return e.checked.Load() }
+
+// checkDue is a scheduled pass: the SAs the feed changed since the last
+// pass (all of them on the first pass, or when the feed dropped changes),
+// then those whose next check is due.
+func (e *Enforcer) checkDue(now time.Time) {
+	if e.next == nil {
+		e.next = make(map[sa.ID]int64)
+	}
+	var err error
+	if e.synced {
+		var v uint64
+		e.chg, v, err = e.o.SAD.Changes(e.ver, e.chg[:0])
+		if err == nil {
+			e.ver = v
+			for i := range e.chg {
+				e.due(e.chg[i].ID, now)
+			}
+		}
+	}
+	if !e.synced || err != nil {
+		// Read the version before listing: changes made meanwhile are
+		// replayed next pass, which a check makes harmless. Only SAs
+		// new to the schedule or changed since the version read last
+		// become due: a bulk add that overflows the feed every pass
+		// must not make every SA due every pass.
+		since := e.ver
+		e.ver = e.o.SAD.Version()
+		var cur uint64
+		for {
+			e.page, cur = e.o.SAD.List(cur, 4096, e.page[:0])
+			for i := range e.page {
+				if _, known := e.next[e.page[i].ID]; known && e.synced && e.page[i].Version <= since {
+					continue
+				}
+				e.due(e.page[i].ID, now)
+			}
+			if cur == 0 {
+				break
+			}
+		}
+		e.synced = true
+	}
+	for len(e.heap) > 0 && e.heap[0].at <= now.UnixNano() {
+		it := heap.Pop(&e.heap).(dueItem)
+		if at, ok := e.next[it.id]; !ok || at != it.at {
+			continue // rescheduled or gone since
+		}
+		delete(e.next, it.id)
+		ent, ok := e.o.SAD.Get(it.id)
+		if !ok {
+			e.unidle(it.id)
+			continue
+		}
+		next := e.checkNext(&ent, now)
+		if next.IsZero() {
+			continue
+		}
+		if !next.After(now) {
+			// Due again at once (idle, or not installed yet): next pass.
+			next = now.Add(time.Nanosecond)
+		}
+		e.schedule(it.id, next)
+	}
+}
+
+// due makes id due now unless it already is.
+func (e *Enforcer) due(id sa.ID, now time.Time) {
+	if at, ok := e.next[id]; ok && at <= now.UnixNano() {
 		return
 	}
-	for _, t := range tests[:n] {
-		if t.soft != 0 && t.value >= t.soft {
-			if err := e.o.SAD.SetState(ent.ID, sad.SoftExpired); err != nil {
-				return
-			}
-			e.raise(Event{Time: now, ID: ent.ID, Name: ent.SA.Name, Kind: Soft, What: t.what, Value: t.value, Threshold: t.soft})
-			return
-		}
-	}
+	e.schedule(id, now)
+}
+
+func (e *Enforcer) schedule(id sa.ID, at time.Time) {
+	e.next[id] = at.UnixNano()
+	heap.Push(&e.heap, dueItem{at.UnixNano(), id})
+}
+
+// dueItem is one scheduled check.
+type dueItem struct {
+	at int64 // Unix ns: 16 bytes less per SA than a time.Time
+	id sa.ID
+}
+
+// dueHeap is a min-heap of checks by time (container/heap).
+type dueHeap []dueItem
+
+func (h dueHeap) Len() int           { return len(h) }
+func (h dueHeap) Less(i, j int) bool { return h[i].at < h[j].at }
+func (h dueHeap) Swap(i, j int)      { h[i], h[j] = h[j], h[i] }
+func (h *dueHeap) Push(x any)        { *h = append(*h, x.(dueItem)) }
+func (h *dueHeap) Pop() any {
+	old := *h
+	it := old[len(old)-1]
+	*h = old[:len(old)-1]
+	return it
 }
 
 // checkIdle raises an Idle event for an inbound SA whose phone was last
 // seen (authenticated packet, else keepalive, else the SA's birth) more
 // than its idle timeout ago, once per silence; with IdleRemove it deletes
-// the SA's group and reports true.
-func (e *Enforcer) checkIdle(ent *sad.Entry, u Usage, born, now time.Time) bool {
+// the SA's group and reports gone. at is when it could next turn idle
+// (zero: no idle timeout), now when it is idle (so a scheduled pass
+// watches for its phone's return).
+func (e *Enforcer) checkIdle(ent *sad.Entry, u Usage, born, now time.Time) (at time.Time, gone bool) {
 	timeout := e.o.IdleTimeout
 	if s := ent.SA.IdleTimeout; s != 0 {
 		timeout = time.Duration(s) * time.Second
 	}
 	if timeout <= 0 {
-		return false
+		return time.Time{}, false
 	}
 	seen := born
 	if e.started.After(seen) {
@@ -279,19 +490,19 @@ func (e *Enforcer) checkIdle(ent *sad.Entry, u Usage, born, now time.Time) bool 
 	}
 	if now.Sub(seen) < timeout {
 		e.unidle(ent.ID)
-		return false
+		return seen.Add(timeout), false
 	}
 	if e.o.LastKeepalive != nil {
 		if ka := e.o.LastKeepalive(ent.ID); ka.After(seen) {
 			seen = ka
 			if now.Sub(seen) < timeout {
 				e.unidle(ent.ID)
-				return false
+				return seen.Add(timeout), false
 			}
 		}
 	}
 	if at, raised := e.idle[ent.ID]; raised && !seen.After(at) {
-		return false
+		return now, false
 	}
 	if _, raised := e.idle[ent.ID]; !raised {
 		e.idleN.Add(1)
@@ -300,13 +511,13 @@ func (e *Enforcer) checkIdle(ent *sad.Entry, u Usage, born, now time.Time) bool 
 	e.raise(Event{Time: now, ID: ent.ID, Name: ent.SA.Name, Kind: Idle, What: IdleTime,
 		Value: uint64(now.Sub(seen) / time.Second), Threshold: uint64(timeout / time.Second)})
 	if !e.o.IdleRemove {
-		return false
+		return now, false
 	}
 	for _, id := range e.o.SAD.Group(ent.ID) {
 		e.o.SAD.Delete(id)
 	}
 	e.unidle(ent.ID)
-	return true
+	return time.Time{}, true
 }
 
 func (e *Enforcer) unidle(id sa.ID) {

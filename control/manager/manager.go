@@ -91,6 +91,12 @@ type slot struct {
 	// the worker inherits its state in place (same worker and index).
 	replaces *slot
 	inherit  bool
+
+	// snap is the inbound SA's replay window as its worker last exported
+	// it (snapped: there was one): SnapshotInbound's answer for an SA
+	// whose window has not changed since.
+	snap    esp.ReplayState
+	snapped bool
 }
 
 // policyKey is where XDP finds an outbound SA: the cores map's exact
@@ -822,6 +828,8 @@ func (m *Manager) forget(s *slot) {
 func (m *Manager) publish(installs []*slot) error {
 	var spis []uint32
 	var vals []bpf.SA
+	var prefixes []netip.Prefix // trie policies, written in batches
+	var pols []bpf.Policy
 	var errs []error
 	for _, s := range installs {
 		if s.entry.Dir == worker.Inbound {
@@ -837,9 +845,19 @@ func (m *Manager) publish(installs []*slot) error {
 		newest := m.policies[s.policy]
 		m.mu.RUnlock()
 		if len(newest) > 0 && newest[len(newest)-1] == s {
-			if err := m.putPolicy(s.policy, bpf.Policy{SaIndex: s.index, Worker: s.worker}); err != nil {
+			pol := bpf.Policy{SaIndex: s.index, Worker: s.worker}
+			if !s.policy.core.IsValid() {
+				prefixes, pols = append(prefixes, s.policy.prefix), append(pols, pol)
+				continue
+			}
+			if err := m.putPolicy(s.policy, pol); err != nil {
 				errs = append(errs, fmt.Errorf("publish policy %s for %s: %w", s.policy, s.id, err))
 			}
+		}
+	}
+	if len(prefixes) > 0 {
+		if err := m.o.Maps.Policies.PutBatch(prefixes, pols); err != nil {
+			errs = append(errs, fmt.Errorf("publish %d policies: %w", len(prefixes), err))
 		}
 	}
 	if len(spis) > 0 {

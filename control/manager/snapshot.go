@@ -16,78 +16,102 @@ type InboundState struct {
 	Replay esp.ReplayState
 }
 
-// snapshotWant is an inbound SA SnapshotInbound asks its worker for.
+// snapshotWant is an inbound SA SnapshotInbound reads directly from its
+// entry (workers stopped).
 type snapshotWant struct {
 	id    sa.ID
-	index uint32
 	entry *worker.Entry
 }
 
-// SnapshotInbound copies every installed inbound SA's replay window. Each
-// worker copies its own on its thread between two batches, so nothing
-// races the data path. With stopped set the workers no longer run (their
-// Run returned) and the windows are read directly.
+// SnapshotInbound returns every installed inbound SA's replay window.
+// While the workers run, each worker exports on its own thread, between
+// two batches, only the windows that changed since its last export (its
+// dirty list: SAs installed or that authenticated a packet since); the
+// manager keeps the last export of each SA in its slot and returns those
+// for the rest. So the workers' share of a snapshot is proportional to
+// the SAs active in the interval, not to the SAs installed. With stopped
+// set the workers no longer run (their Run returned) and the windows are
+// read directly.
 func (m *Manager) SnapshotInbound(ctx context.Context, stopped bool) ([]InboundState, error) {
-	m.mu.RLock()
-	per := make(map[uint16][]snapshotWant)
-	n := 0
-	for id, s := range m.live {
-		if s.entry.Dir == worker.Inbound {
-			per[s.worker] = append(per[s.worker], snapshotWant{id, s.index, s.entry})
-			n++
-		}
-	}
-	m.mu.RUnlock()
-	out := make([]InboundState, 0, n)
 	if stopped {
-		for _, ws := range per {
-			for _, x := range ws {
-				out = append(out, InboundState{ID: x.id, Replay: x.entry.SA.Replay().Export()})
+		m.mu.RLock()
+		var ws []snapshotWant
+		for id, s := range m.live {
+			if s.entry.Dir == worker.Inbound {
+				ws = append(ws, snapshotWant{id, s.entry})
 			}
+		}
+		m.mu.RUnlock()
+		out := make([]InboundState, 0, len(ws))
+		for _, x := range ws {
+			out = append(out, InboundState{ID: x.id, Replay: x.entry.SA.Replay().Export()})
 		}
 		return out, nil
 	}
-	for w, all := range per {
+	for w := range m.slots {
 		// In chunks, each its own command: the worker forwards a batch
 		// between two, so exporting a million windows (~0.1 s) never
 		// stalls it long enough to overflow its RX ring.
-		for len(all) > 0 {
-			ws := all[:min(len(all), snapshotChunk)]
-			all = all[len(ws):]
-			got, err := m.exportChunk(ctx, w, ws)
+		for {
+			n, err := m.exportDirty(ctx, uint16(w))
 			if err != nil {
 				return nil, err
 			}
-			out = append(out, got...)
+			if n < worker.DirtyChunk {
+				break
+			}
+		}
+	}
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	out := make([]InboundState, 0, len(m.live))
+	for id, s := range m.live {
+		if s.entry.Dir == worker.Inbound && s.snapped {
+			out = append(out, InboundState{ID: id, Replay: s.snap})
 		}
 	}
 	return out, nil
 }
 
-// snapshotChunk is how many windows one Visit exports: ~0.5 ms of the
-// worker's time. A variable for tests.
-var snapshotChunk = 4096
+// exported is one window a worker exported.
+type exported struct {
+	index uint32
+	entry *worker.Entry
+	state esp.ReplayState
+}
 
-// exportChunk has worker w export the windows of ws on its thread.
-func (m *Manager) exportChunk(ctx context.Context, w uint16, ws []snapshotWant) ([]InboundState, error) {
-	got := make([]InboundState, 0, len(ws))
-	visit := func(table []*worker.Entry) {
-		for _, x := range ws {
-			// Only the entry we listed: the slot may have been
-			// reused since.
-			if int(x.index) < len(table) && table[x.index] == x.entry {
-				got = append(got, InboundState{ID: x.id, Replay: x.entry.SA.Replay().Export()})
+// exportDirty has worker w export the windows on its dirty list (one
+// chunk) and files them in their slots. It returns how many slots the
+// worker listed.
+func (m *Manager) exportDirty(ctx context.Context, w uint16) (int, error) {
+	var got []exported
+	listed := 0
+	dirty := func(table []*worker.Entry, slots []uint32) {
+		listed = len(slots)
+		got = make([]exported, 0, len(slots))
+		for _, i := range slots {
+			if int(i) < len(table) && table[i] != nil && table[i].Dir == worker.Inbound {
+				got = append(got, exported{i, table[i], table[i].SA.Replay().Export()})
 			}
 		}
 	}
 	done := make(chan struct{})
-	if err := m.o.Workers.Send(ctx, int(w), []worker.Command{{Index: ^uint32(0), Visit: visit, Done: done}}); err != nil {
-		return nil, fmt.Errorf("snapshot worker %d: %w", w, err)
+	if err := m.o.Workers.Send(ctx, int(w), []worker.Command{{Index: ^uint32(0), Dirty: dirty, Done: done}}); err != nil {
+		return 0, fmt.Errorf("snapshot worker %d: %w", w, err)
 	}
 	select {
 	case <-done:
 	case <-ctx.Done():
-		return nil, fmt.Errorf("snapshot worker %d: %w", w, ctx.Err())
+		return 0, fmt.Errorf("snapshot worker %d: %w", w, ctx.Err())
 	}
-	return got, nil
+	m.mu.Lock()
+	ws := m.slots[w]
+	for _, x := range got {
+		// Only the entry the slot still holds: it may have been reused.
+		if int(x.index) < len(ws) && ws[x.index] != nil && ws[x.index].entry == x.entry {
+			ws[x.index].snap, ws[x.index].snapped = x.state, true
+		}
+	}
+	m.mu.Unlock()
+	return listed, nil
 }

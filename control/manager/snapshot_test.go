@@ -9,12 +9,13 @@ import (
 	"github.com/xesp/xesp/dataplane/worker"
 )
 
-// visitWorkers are recWorkers that also run Visit commands (Index
-// ^0) on their tables and count them, as the real worker does between
-// batches.
+// visitWorkers are recWorkers that also keep a dirty list as the real
+// worker does (inbound installs, and the slots a test touches) and run
+// Dirty commands on it, counting the windows they hand out.
 type visitWorkers struct {
 	*recWorkers
-	visits int
+	dirty    [][]uint32
+	exported int
 }
 
 func (v *visitWorkers) Send(ctx context.Context, w int, cmds []worker.Command) error {
@@ -23,10 +24,16 @@ func (v *visitWorkers) Send(ctx context.Context, w int, cmds []worker.Command) e
 			if err := v.recWorkers.Send(ctx, w, []worker.Command{c}); err != nil {
 				return err
 			}
-		} else if c.Visit != nil {
+			if c.Entry != nil && c.Entry.Dir == worker.Inbound {
+				v.touch(w, c.Index)
+			}
+			continue
+		}
+		if c.Dirty != nil {
 			v.mu.Lock()
-			c.Visit(v.tables[w])
-			v.visits++
+			c.Dirty(v.tables[w], v.dirty[w])
+			v.exported += len(v.dirty[w])
+			v.dirty[w] = nil
 			v.mu.Unlock()
 		}
 		if c.Done != nil {
@@ -36,12 +43,18 @@ func (v *visitWorkers) Send(ctx context.Context, w int, cmds []worker.Command) e
 	return nil
 }
 
-// SnapshotInbound exports in chunks of snapshotChunk windows, one Visit
-// each, and still returns every inbound SA's window exactly once, with
-// its own state; outbound SAs have none.
-func TestSnapshotInboundChunks(t *testing.T) {
-	defer func(n int) { snapshotChunk = n }(snapshotChunk)
-	snapshotChunk = 3
+func (v *visitWorkers) touch(w int, index uint32) {
+	for len(v.dirty) <= w {
+		v.dirty = append(v.dirty, nil)
+	}
+	v.dirty[w] = append(v.dirty[w], index)
+}
+
+// SnapshotInbound returns every inbound SA's window exactly once, with
+// its own state (outbound SAs have none), but has the workers export only
+// the windows that changed since the previous snapshot: the rest come
+// from the manager's copy.
+func TestSnapshotInboundOnlyChanged(t *testing.T) {
 	f := newFixture(t, 1, "")
 	vw := &visitWorkers{recWorkers: f.w}
 	m, err := New(Options{SAD: f.d, Maps: f.maps, Workers: vw, Events: make(chan worker.BindingChange)})
@@ -61,28 +74,50 @@ func TestSnapshotInboundChunks(t *testing.T) {
 	if err := m.Sync(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	for i := range pairs {
+	update := func(i int, seq uint64) {
 		e, _ := f.d.Get(sa.ID{Dir: sa.In, SPI: 0x1001 + uint32(i)})
-		f.w.entry(int(e.Worker), e.Index).SA.Replay().Update(uint64(100 + i))
+		f.w.entry(int(e.Worker), e.Index).SA.Replay().Update(seq)
+		vw.touch(int(e.Worker), e.Index)
 	}
-	states, err := m.SnapshotInbound(context.Background(), false)
-	if err != nil {
-		t.Fatal(err)
+	for i := range pairs {
+		update(i, uint64(100+i))
 	}
-	if vw.visits != 3 { // 8 windows in chunks of 3
-		t.Errorf("%d visits, want 3", vw.visits)
-	}
-	seen := map[uint32]bool{}
-	for _, st := range states {
-		if st.ID.Dir != sa.In || seen[st.ID.SPI] {
-			t.Fatalf("unexpected or repeated state for %v", st.ID)
+	check := func(round string, exported int, top func(i uint32) uint64) {
+		t.Helper()
+		vw.exported = 0
+		states, err := m.SnapshotInbound(context.Background(), false)
+		if err != nil {
+			t.Fatal(err)
 		}
-		seen[st.ID.SPI] = true
-		if want := uint64(100 + st.ID.SPI - 0x1001); st.Replay.Top != want || st.Replay.Bitmap[0] != 1 {
-			t.Errorf("%v: top %d bitmap[0] %#x, want top %d bitmap[0] 1", st.ID, st.Replay.Top, st.Replay.Bitmap[0], want)
+		if vw.exported != exported {
+			t.Errorf("%s: workers exported %d windows, want %d", round, vw.exported, exported)
+		}
+		seen := map[uint32]bool{}
+		for _, st := range states {
+			if st.ID.Dir != sa.In || seen[st.ID.SPI] {
+				t.Fatalf("%s: unexpected or repeated state for %v", round, st.ID)
+			}
+			seen[st.ID.SPI] = true
+			if want := top(st.ID.SPI - 0x1001); st.Replay.Top != want || st.Replay.Bitmap[0]&1 != 1 {
+				t.Errorf("%s: %v: top %d bitmap[0] %#x, want top %d and bit 0", round, st.ID, st.Replay.Top, st.Replay.Bitmap[0], want)
+			}
+		}
+		if len(seen) != pairs {
+			t.Fatalf("%s: %d states, want %d", round, len(seen), pairs)
 		}
 	}
-	if len(seen) != pairs {
-		t.Fatalf("%d states, want %d", len(seen), pairs)
-	}
+	// Installed and updated: each listed twice, exported on both.
+	check("first", 2*pairs, func(i uint32) uint64 { return uint64(100 + i) })
+	check("quiet", 0, func(i uint32) uint64 { return uint64(100 + i) })
+	update(2, 500)
+	update(5, 600)
+	check("two changed", 2, func(i uint32) uint64 {
+		switch i {
+		case 2:
+			return 500
+		case 5:
+			return 600
+		}
+		return uint64(100 + i)
+	})
 }

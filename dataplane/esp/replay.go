@@ -152,8 +152,8 @@ type ReplayState struct {
 // Export returns the state for persisting; it allocates (control plane).
 func (w *ReplayWindow) Export() ReplayState {
 	st := ReplayState{Top: w.top, Bitmap: make([]uint64, (w.size+63)/64)}
-	// A word at a time, not a bit: the manager exports every inbound
-	// window on the worker's own thread each snapshot interval, so with a
+	// A word at a time, not a bit: the manager exports every changed
+	// inbound window on the worker's own thread each snapshot interval, so with a
 	// million SAs a 1024-iteration loop per SA stalled the data path for
 	// seconds.
 	lim := min(w.size, w.top) // bits i < lim may be set (Top-i >= 1, in the window)

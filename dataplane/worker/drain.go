@@ -7,21 +7,21 @@ package worker
 // is in an RX ring, below the producer index read here; the slow path's
 // queue is FIFO, so its frames are below the count taken plus its length.
 type pendingDrain struct {
-	index     uint32
-	pub, priv uint32 // RX producer indices when the removal was applied
-	inj       uint64 // slow-path packets taken by then, plus those queued
-	visit     func(table []*Entry)
-	done      chan struct{}
+	index uint32
+	rx    []uint32 // RX producer index of each of w.socks when the removal was applied
+	inj   uint64   // slow-path packets taken by then, plus those queued
+	visit func(table []*Entry)
+	done  chan struct{}
 }
 
 // startDrain records c, a Drain removal of an installed slot.
 func (w *Worker) startDrain(c Command) {
-	d := pendingDrain{index: c.Index, inj: w.injTaken + uint64(len(w.inject)), visit: c.Visit, done: c.Done}
-	if w.cfg.Public != nil {
-		d.pub, _ = w.cfg.Public.RxPositions()
-	}
-	if w.cfg.Private != nil {
-		d.priv, _ = w.cfg.Private.RxPositions()
+	d := pendingDrain{index: c.Index, inj: w.injTaken + uint64(len(w.inject)), visit: c.Visit, done: c.Done,
+		rx: make([]uint32, len(w.socks))}
+	for i, s := range w.socks {
+		if s != nil {
+			d.rx[i], _ = s.RxPositions()
+		}
 	}
 	w.drains = append(w.drains, d)
 }
@@ -29,16 +29,9 @@ func (w *Worker) startDrain(c Command) {
 // settle completes the removals whose frames have all been taken: they
 // were processed in earlier batches of this loop. Called between batches.
 func (w *Worker) settle() {
-	var pubCons, privCons uint32
-	if w.cfg.Public != nil {
-		_, pubCons = w.cfg.Public.RxPositions()
-	}
-	if w.cfg.Private != nil {
-		_, privCons = w.cfg.Private.RxPositions()
-	}
 	keep := w.drains[:0]
 	for _, d := range w.drains {
-		if int32(pubCons-d.pub) < 0 || int32(privCons-d.priv) < 0 || w.injTaken < d.inj {
+		if !w.taken(d) {
 			keep = append(keep, d)
 			continue
 		}
@@ -46,6 +39,22 @@ func (w *Worker) settle() {
 	}
 	clear(w.drains[len(keep):])
 	w.drains = keep
+}
+
+// taken reports whether every frame d waits for has been received.
+func (w *Worker) taken(d pendingDrain) bool {
+	if w.injTaken < d.inj {
+		return false
+	}
+	for i, s := range w.socks {
+		if s == nil {
+			continue
+		}
+		if _, cons := s.RxPositions(); int32(cons-d.rx[i]) < 0 {
+			return false
+		}
+	}
+	return true
 }
 
 // finishDrain completes a pending removal of index at once: a later

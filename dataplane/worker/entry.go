@@ -84,7 +84,11 @@ type Entry struct {
 	// package removes the SA and raises the event within its interval.
 	HardPackets, HardBytes uint64
 
-	index       uint32 // slot in the worker's table, set by Install
+	index uint32 // slot in the worker's table, set by Install
+	// dirty: inbound, its replay window may have changed since the last
+	// Dirty export; the entry is on the worker's dirty list. Worker
+	// thread only.
+	dirty       bool
 	maxOverhead int    // bound on what sealing adds (0: not computed yet): the MTU check's fast path
 	asked       uint64 // the Limit an extension was last requested for
 }
@@ -164,8 +168,22 @@ type Command struct {
 	// after the command's install or removal: the one safe moment to read
 	// state only the worker writes (replay windows) without a race.
 	Visit func(table []*Entry)
+	// Dirty, when set, is called on the worker's thread (after Visit)
+	// with its table and the slots of up to DirtyChunk inbound entries
+	// whose replay windows may have changed since their last Dirty call:
+	// installed since, or authenticated a packet since. Those leave the
+	// dirty list; the rest wait for the next call. So a snapshot exports
+	// what changed, never a sweep of every SA. The slice is valid only
+	// during the call; a slot may have been emptied or reused since it
+	// was listed (compare the entry).
+	Dirty func(table []*Entry, slots []uint32)
 	Done  chan struct{}
 }
+
+// DirtyChunk is the most slots one Command.Dirty call gets: ~0.5 ms of
+// exports, so a snapshot never stalls the worker long enough to overflow
+// its RX rings.
+const DirtyChunk = 4096
 
 // Inherit makes to, a rebuilt version of the SA from (e.g. new keys), go
 // on where from stopped: its sequence counter (never rewound: that would
@@ -197,4 +215,29 @@ type BindingChange struct {
 	Worker int
 	Index  uint32
 	Peer   Peer
+}
+
+// markDirty puts e on the dirty list: once per entry between two exports,
+// so the list is bounded by the table and a busy SA costs one branch per
+// packet.
+func (p *pipeline) markDirty(e *Entry) {
+	e.dirty = true
+	p.dirty = append(p.dirty, e.index)
+}
+
+// takeDirty hands up to DirtyChunk dirty slots to f and takes them off
+// the list. A listed slot whose entry was removed or replaced since is
+// passed anyway (f compares entries); a replacement was listed on its
+// own install.
+func (p *pipeline) takeDirty(f func(table []*Entry, slots []uint32)) {
+	n := min(len(p.dirty), DirtyChunk)
+	slots := p.dirty[:n]
+	for _, i := range slots {
+		if int(i) < len(p.table) && p.table[i] != nil {
+			p.table[i].dirty = false
+		}
+	}
+	f(p.table, slots)
+	rest := copy(p.dirty, p.dirty[n:])
+	p.dirty = p.dirty[:rest]
 }

@@ -28,6 +28,7 @@ type pipeline struct {
 	// one without root; a concrete type keeps Frame and Meta inlinable.
 	mem        *xsk.UMEM
 	table      []*Entry
+	dirty      []uint32 // slots of inbound entries with dirty set
 	nb         Neighbors
 	pubMAC     [6]byte // source MAC of frames sent on the public side
 	privMAC    [6]byte
@@ -258,6 +259,10 @@ func (p *pipeline) decapOne(d xsk.Desc) (xsk.Desc, Drop) {
 			p.authFailed(e, m)
 		}
 		return d, Drop(r)
+	}
+	// Open moved the replay window: the next snapshot exports it.
+	if !e.dirty {
+		p.markDirty(e)
 	}
 	if pk.Class != esp.ClassESP {
 		// XDP stripped the UDP header, so anything else is a metadata lie.

@@ -18,9 +18,15 @@ import (
 // Config is what one worker needs. Public and Private are this worker's
 // sockets on the two interfaces, opened on the same UMEM.
 type Config struct {
-	ID                    int
-	UMEM                  *xsk.UMEM
-	Public, Private       *xsk.Socket
+	ID              int
+	UMEM            *xsk.UMEM
+	Public, Private *xsk.Socket
+	// PublicRX and PrivateRX are the worker's sockets on the sides' other
+	// RX queues (one per queue besides Public's and Private's): the
+	// worker receives from them and transmits only on Public and Private.
+	// It feeds the fill and drains the completion ring of every queue
+	// whose rings its sockets own (xsk.Socket.OwnsRings).
+	PublicRX, PrivateRX   []*xsk.Socket
 	PublicMAC, PrivateMAC [6]byte
 	// PublicMTU and PrivateMTU are the links' MTUs (IP bytes). Cleartext
 	// that would exceed PublicMTU once sealed is fragmented before
@@ -91,6 +97,11 @@ type Worker struct {
 	drains   []pendingDrain
 	injTaken uint64
 	held     holdFlag // Config.Held until Release (hold.go)
+
+	// pubRX and privRX are every socket the worker receives from on each
+	// side (Public or Private first); socks is both, in that order, which
+	// is also the order of pendingDrain.rx.
+	pubRX, privRX, socks []*xsk.Socket
 }
 
 // New checks cfg and prepares the worker; Run starts it.
@@ -113,6 +124,9 @@ func New(cfg Config) (*Worker, error) {
 	}
 	w := &Worker{cfg: cfg, cmds: make(chan []Command, 64), inject: make(chan SlowPacket, injectQueue), wake: fd}
 	w.held.Store(cfg.Held)
+	w.pubRX = append([]*xsk.Socket{cfg.Public}, cfg.PublicRX...)
+	w.privRX = append([]*xsk.Socket{cfg.Private}, cfg.PrivateRX...)
+	w.socks = append(append([]*xsk.Socket(nil), w.pubRX...), w.privRX...)
 	events := cfg.BindingEvents
 	if events == nil {
 		events = make(chan BindingChange) // never read: every send takes the default branch
@@ -218,10 +232,16 @@ func (w *Worker) apply(cmds []Command) {
 			}
 			w.pipe.track(w.pipe.table[c.Index], c.Entry)
 			w.pipe.table[c.Index] = c.Entry
+			if c.Entry != nil && c.Entry.Dir == Inbound && !c.Entry.dirty {
+				w.pipe.markDirty(c.Entry) // restored or inherited: export it once
+			}
 		}
 	done:
 		if c.Visit != nil {
 			c.Visit(w.pipe.table)
+		}
+		if c.Dirty != nil {
+			w.pipe.takeDirty(c.Dirty)
 		}
 		if c.Done != nil {
 			close(c.Done)
@@ -260,7 +280,12 @@ func (w *Worker) Run(ctx context.Context) error {
 	rx := make([]xsk.Desc, w.cfg.Batch)
 	tx := make([]xsk.Desc, 0, w.cfg.Batch)
 	drop := make([]uint64, 0, w.cfg.Batch)
-	fds := []unix.PollFd{{Fd: int32(pub.FD()), Events: unix.POLLIN}, {Fd: int32(priv.FD()), Events: unix.POLLIN}, {Fd: int32(w.wake), Events: unix.POLLIN}}
+	fds := make([]unix.PollFd, 0, len(w.socks)+1)
+	for _, s := range w.socks {
+		fds = append(fds, unix.PollFd{Fd: int32(s.FD()), Events: unix.POLLIN})
+	}
+	fds = append(fds, unix.PollFd{Fd: int32(w.wake), Events: unix.POLLIN})
+	wakeFd := &fds[len(fds)-1]
 	var evbuf [8]byte
 	txPubBuf := make([]xsk.Desc, 0, parkMax)
 	var nextRetry int64
@@ -273,12 +298,13 @@ func (w *Worker) Run(ctx context.Context) error {
 		w.pipe.parked = w.pipe.parked[:0]
 	}()
 
+	// Only the sockets owning their queue's rings move frames here; on
+	// the others Refill is an atomic load.
 	refill := func() error {
-		if _, err := pub.Refill(pool, 0); err != nil {
-			return fmt.Errorf("worker %d: %w", w.cfg.ID, err)
-		}
-		if _, err := priv.Refill(pool, 0); err != nil {
-			return fmt.Errorf("worker %d: %w", w.cfg.ID, err)
+		for _, s := range w.socks {
+			if _, err := s.Refill(pool, 0); err != nil {
+				return fmt.Errorf("worker %d: %w", w.cfg.ID, err)
+			}
 		}
 		return nil
 	}
@@ -294,12 +320,14 @@ func (w *Worker) Run(ctx context.Context) error {
 		slow.start()
 		w.drainCommands()
 		got := 0
-		if n := pub.Receive(rx); n > 0 {
-			got += n
-			tx, drop = w.pipe.decap(rx[:n], tx[:0], drop[:0])
-			pool.Put(drop)
-			w.transmit(priv, tx, &w.stats.Decap, pool)
-			w.flushExtra(pub, priv, pool)
+		for _, s := range w.pubRX {
+			if n := s.Receive(rx); n > 0 {
+				got += n
+				tx, drop = w.pipe.decap(rx[:n], tx[:0], drop[:0])
+				pool.Put(drop)
+				w.transmit(priv, tx, &w.stats.Decap, pool)
+				w.flushExtra(pub, priv, pool)
+			}
 		}
 		if len(w.inject) > 0 {
 			if n := w.injected(pool, rx, slowAddrs[:]); n > 0 {
@@ -310,12 +338,14 @@ func (w *Worker) Run(ctx context.Context) error {
 				w.flushExtra(pub, priv, pool)
 			}
 		}
-		if n := priv.Receive(rx); n > 0 {
-			got += n
-			tx, drop = w.pipe.encap(rx[:n], tx[:0], drop[:0])
-			pool.Put(drop)
-			w.transmit(pub, tx, &w.stats.Encap, pool)
-			w.flushExtra(pub, priv, pool)
+		for _, s := range w.privRX {
+			if n := s.Receive(rx); n > 0 {
+				got += n
+				tx, drop = w.pipe.encap(rx[:n], tx[:0], drop[:0])
+				pool.Put(drop)
+				w.transmit(pub, tx, &w.stats.Encap, pool)
+				w.flushExtra(pub, priv, pool)
+			}
 		}
 		if len(w.pipe.parked) > 0 {
 			if now := time.Now().UnixNano(); now >= nextRetry {
@@ -327,8 +357,9 @@ func (w *Worker) Run(ctx context.Context) error {
 				w.transmit(pub, txPub, &w.stats.Encap, pool)
 			}
 		}
-		pub.Complete(pool)
-		priv.Complete(pool)
+		for _, s := range w.socks {
+			s.Complete(pool)
+		}
 		if err := refill(); err != nil {
 			return err
 		}
@@ -356,7 +387,7 @@ func (w *Worker) Run(ctx context.Context) error {
 		if err != nil && !errors.Is(err, unix.EINTR) {
 			return fmt.Errorf("worker %d: poll: %w", w.cfg.ID, err)
 		}
-		if fds[2].Revents&unix.POLLIN != 0 {
+		if wakeFd.Revents&unix.POLLIN != 0 {
 			unix.Read(w.wake, evbuf[:])
 		}
 	}

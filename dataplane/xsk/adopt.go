@@ -59,7 +59,7 @@ func (u *UMEM) Export(socks []*Socket) (Handover, []int, error) {
 	if len(socks) != len(u.sockets) {
 		return Handover{}, nil, fmt.Errorf("export umem: %d of its %d sockets named", len(socks), len(u.sockets))
 	}
-	h := Handover{Config: u.cfg, Free: append([]uint64(nil), u.spare...), Lost: u.lost.Load() + u.held.Load()}
+	h := Handover{Config: u.cfg, Free: append([]uint64(nil), u.spare...), Lost: u.lost.Load() + u.heldLocked()}
 	fds := []int{u.memfd}
 	for _, q := range u.queues {
 		h.Queues = append(h.Queues, QueueState{Ifindex: q.key.ifindex, Queue: q.key.queue, RxRetired: q.rxRetired, TxRetired: q.txRetired})
@@ -196,6 +196,10 @@ func Adopt(h Handover, memfd int, sockFDs []int) (_ *UMEM, _ []*Socket, err erro
 		}
 		s.rxDescs = s.rx.descs(off.Rx.Desc)
 		s.txDescs = s.tx.descs(off.Tx.Desc)
+		// The first socket on a queue owns its fill and completion
+		// rings, as when the sockets were opened (socket.go): the
+		// exporter lists them in opening order.
+		s.owns.Store(len(q.sockets) == 0)
 		q.sockets = append(q.sockets, s)
 	}
 	for k, q := range u.queues {

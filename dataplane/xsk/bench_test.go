@@ -220,26 +220,31 @@ func BenchmarkCeilings(b *testing.B) {
 	}
 }
 
-// BenchmarkQueueLock is the price of sharing a (device, queue)'s fill and
-// completion rings under one mutex: one Complete call on an empty ring
-// (lock, read the kernel index, unlock), uncontended and with every CPU
-// calling at once. Divide by the batch size (64) for the cost per packet.
-func BenchmarkQueueLock(b *testing.B) {
+// BenchmarkComplete is the per-loop cost of a worker's ring upkeep on an
+// idle queue: one Complete and one Refill on the ring owner (read the
+// kernel's index, nothing to move) and the same calls on a socket of the
+// queue that does not own its rings (an atomic load). No lock is taken:
+// each (device, queue)'s fill and completion rings have one owner.
+func BenchmarkComplete(b *testing.B) {
 	tp := newTopo(b, false)
 	u := newUMEM(b, xsk.Config{FrameCount: 1024, FillSize: 256, CompletionSize: 256, RxSize: 256, TxSize: 256})
-	s := open(b, u, tp.a)
-	b.Run("uncontended", func(b *testing.B) {
-		p := u.NewPool()
-		for i := 0; i < b.N; i++ {
-			s.Complete(p)
-		}
-	})
-	b.Run("contended", func(b *testing.B) {
-		b.RunParallel(func(pb *testing.PB) {
-			p := u.NewPool()
-			for pb.Next() {
-				s.Complete(p)
+	owner, other := open(b, u, tp.a), open(b, u, tp.a)
+	if !owner.OwnsRings() || other.OwnsRings() {
+		b.Fatalf("owner %v, other %v: the first socket on a queue must own its rings", owner.OwnsRings(), other.OwnsRings())
+	}
+	p := u.NewPool()
+	if _, err := owner.Refill(p, 0); err != nil {
+		b.Fatal(err)
+	}
+	for _, s := range []struct {
+		name string
+		s    *xsk.Socket
+	}{{"owner", owner}, {"other", other}} {
+		b.Run(s.name, func(b *testing.B) {
+			for i := 0; i < b.N; i++ {
+				s.s.Complete(p)
+				s.s.Refill(p, 0)
 			}
 		})
-	})
+	}
 }

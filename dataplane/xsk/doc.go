@@ -46,15 +46,20 @@
 // Each worker goroutine owns its sockets' RX and TX rings and its Pool
 // exclusively: Receive, Transmit and Kick take no lock. The fill and
 // completion rings of a (device, queue) are single-producer/single-consumer
-// rings shared by all workers bound there; Refill and Complete take that
-// queue's mutex once per batch (BenchmarkQueueLock: tens of ns per call,
-// well under 1 ns per packet at batch 64). The alternative, partitioning,
-// is not available for these rings (one per queue) and would mean one
-// designated worker feeding the others. Completions for frames one worker
-// sent may be drained by another worker of the same queue; pools rebalance
-// through the UMEM's shared overflow when they run dry or pass
-// Config.PoolSize. Open, Close and Accounting are control-plane calls under
-// the UMEM mutex.
+// rings the kernel shares among every socket bound there; exactly one of
+// those sockets owns them (Socket.OwnsRings: the first opened, and on its
+// Close the next), and only its worker refills and drains them, so Refill
+// and Complete take no lock either (on other sockets they return 0 after
+// one atomic load). The gateway opens queue q's sockets from worker
+// q mod workers on, so ownership is spread over the workers. Frames a
+// worker received on a queue it does not own came from the owner's pool,
+// and completions for frames sent on a queue come back to that queue's
+// owner: pools drift, and rebalance through the UMEM's shared overflow
+// (under the UMEM mutex, once per half-pool of imbalance, never per packet
+// or per loop). No counter is shared either: each socket and pool counts
+// the frames it handed out (a single-writer atomic) and Accounting sums
+// them. Open, Close and Accounting are control-plane calls under the UMEM
+// mutex.
 //
 // # Frame accounting
 //

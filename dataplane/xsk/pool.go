@@ -1,16 +1,16 @@
 package xsk
 
-import "sync/atomic"
-
 // Pool is one worker's stack of free frames. Only its worker touches it;
 // it reaches the UMEM's shared overflow (under the UMEM mutex) once per
 // batch when it runs dry or grows past Config.PoolSize, which is how
-// frames drift back to balance when completions for one worker's
-// transmissions are drained by another worker on the same queue.
+// frames drift back to balance when one worker receives frames another
+// worker's fill put on a queue, or completions for one worker's
+// transmissions are drained by the owner of the queue's rings.
 type Pool struct {
 	u    *UMEM
 	free []uint64
-	n    atomic.Int64 // len(free), readable by Accounting
+	n    counter // len(free), readable by Accounting
+	held counter // frames Get handed out minus frames Put/PutDescs took back
 	max  int
 }
 
@@ -39,7 +39,7 @@ func (p *Pool) ensure(want int) {
 	}
 	before := len(p.free)
 	p.free = p.u.takeSpare(p.free, take)
-	p.n.Add(int64(len(p.free) - before))
+	p.n.add(int64(len(p.free) - before))
 }
 
 // spill returns frames above the high-water mark to the shared overflow.
@@ -51,7 +51,7 @@ func (p *Pool) spill() {
 	p.u.mu.Lock()
 	p.u.putSpareLocked(p.free[keep:])
 	p.u.mu.Unlock()
-	p.n.Add(int64(keep - len(p.free)))
+	p.n.add(int64(keep - len(p.free)))
 	p.free = p.free[:keep]
 }
 
@@ -61,8 +61,8 @@ func (p *Pool) Get(dst []uint64) int {
 	p.ensure(len(dst))
 	n := copy(dst, p.free[len(p.free)-min(len(dst), len(p.free)):])
 	p.free = p.free[:len(p.free)-n]
-	p.n.Add(int64(-n))
-	p.u.held.Add(int64(n))
+	p.n.add(int64(-n))
+	p.held.add(int64(n))
 	return n
 }
 
@@ -72,8 +72,8 @@ func (p *Pool) Put(addrs []uint64) {
 	for _, a := range addrs {
 		p.free = append(p.free, a&^p.u.frameMask)
 	}
-	p.n.Add(int64(len(addrs)))
-	p.u.held.Add(int64(-len(addrs)))
+	p.n.add(int64(len(addrs)))
+	p.held.add(int64(-len(addrs)))
 	p.spill()
 }
 
@@ -82,8 +82,8 @@ func (p *Pool) PutDescs(descs []Desc) {
 	for i := range descs {
 		p.free = append(p.free, descs[i].Addr&^p.u.frameMask)
 	}
-	p.n.Add(int64(len(descs)))
-	p.u.held.Add(int64(-len(descs)))
+	p.n.add(int64(len(descs)))
+	p.held.add(int64(-len(descs)))
 	p.spill()
 }
 
@@ -93,7 +93,8 @@ func (p *Pool) Close() {
 	p.u.mu.Lock()
 	p.u.putSpareLocked(p.free)
 	delete(p.u.pools, p)
+	p.u.heldRetired += p.held.load()
 	p.u.mu.Unlock()
-	p.n.Store(0)
+	p.n.store(0)
 	p.free = p.free[:0]
 }

@@ -3,7 +3,6 @@ package xsk
 import (
 	"errors"
 	"fmt"
-	"sync"
 	"sync/atomic"
 	"time"
 	"unsafe"
@@ -17,10 +16,11 @@ type queueKey struct {
 
 // queue is the fill and completion ring pair of one (device, queue). The
 // kernel gives each (device, queue) of a shared UMEM its own buffer pool
-// and with it its own pair; every worker socket bound there shares it.
+// and with it its own pair; every socket bound there shares it, and one of
+// them, the ring owner (Socket.OwnsRings), is the only one that produces
+// on fill and consumes on completion, so no lock guards them.
 type queue struct {
 	key        queueKey
-	mu         sync.Mutex // one producer on fill, one consumer on completion
 	fill, comp *ring
 	fillAddrs  []uint64
 	compAddrs  []uint64
@@ -44,15 +44,21 @@ type Socket struct {
 	wakeup   bool // XDP_USE_NEED_WAKEUP in force
 	budgetOK bool
 	closed   atomic.Bool
+	// owns: this socket's worker feeds the queue's fill ring and drains
+	// its completion ring. Set for the first socket on a (device, queue)
+	// and handed to the next one when the owner closes.
+	owns atomic.Bool
+	held counter // frames Receive handed out minus frames Transmit took
 }
 
 // Open creates a socket bound to (ifindex, queueID) on the UMEM. The
 // first socket of the UMEM registers it (XDP_UMEM_REG) and fixes the mode
 // for all; the first socket on each further (device, queue) brings that
 // queue's fill and completion rings and binds with XDP_SHARED_UMEM to an
-// existing socket; the next ones on the same (device, queue) bind with
-// XDP_SHARED_UMEM to a socket of that queue and share its rings. Put FD()
-// in the XSK map only after Open returns.
+// existing socket and owns them (OwnsRings); the next ones on the same
+// (device, queue) bind with XDP_SHARED_UMEM to a socket of that queue and
+// share its rings without owning them. Put FD() in the XSK map only after
+// Open returns.
 func (u *UMEM) Open(ifindex, queueID int) (*Socket, error) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
@@ -86,7 +92,7 @@ func (u *UMEM) open(ifindex, queueID int) (_ *Socket, err error) {
 	}()
 
 	primary := len(u.sockets) == 0
-	if primary && u.lost.Load() > 0 && u.held.Load() == 0 && len(u.pools) == 0 {
+	if primary && u.lost.Load() > 0 && u.heldLocked() == 0 && len(u.pools) == 0 {
 		// No socket, no pool, no frame in a worker: whatever is not in the
 		// overflow was left in a kernel pool that no longer exists, so
 		// every frame is free again.
@@ -201,6 +207,7 @@ func (u *UMEM) open(ifindex, queueID int) (_ *Socket, err error) {
 	}
 	s.wakeup = !u.cfg.NoNeedWakeup
 	s.q = q
+	s.owns.Store(newQueue)
 	q.sockets = append(q.sockets, s)
 	if newQueue {
 		u.queues[key] = q
@@ -226,6 +233,12 @@ func (s *Socket) Mode() Mode { return s.mode }
 func (s *Socket) Ifindex() int { return s.q.key.ifindex }
 func (s *Socket) Queue() int   { return s.q.key.queue }
 
+// OwnsRings reports whether this socket's worker is the one that feeds
+// its (device, queue)'s fill ring and drains its completion ring: Refill
+// and Complete do nothing on the other sockets of the queue. The first
+// socket opened on a (device, queue) owns them until it closes.
+func (s *Socket) OwnsRings() bool { return s.owns.Load() }
+
 // TxBudgetSet reports whether XDP_MAX_TX_SKB_BUDGET was accepted.
 func (s *Socket) TxBudgetSet() bool { return s.budgetOK }
 
@@ -243,7 +256,7 @@ func (s *Socket) Receive(descs []Desc) int {
 		descs[i] = s.rxDescs[(idx+i)&s.rx.mask]
 	}
 	s.rx.consRelease(n)
-	s.u.held.Add(int64(n))
+	s.held.add(int64(n))
 	return int(n)
 }
 
@@ -272,7 +285,7 @@ func (s *Socket) Transmit(descs []Desc) (int, error) {
 	}
 	if n > 0 {
 		s.tx.prodSubmit(n)
-		s.u.held.Add(-int64(n))
+		s.held.add(-int64(n))
 	}
 	return int(n), err
 }
@@ -296,14 +309,17 @@ func (s *Socket) Kick() error {
 func (s *Socket) TxPending() int { return int(s.tx.occupancy()) }
 
 // Complete drains the completion ring of the socket's (device, queue)
-// into p and returns how many frames it recovered. The ring is shared by
-// the workers bound there; its mutex is taken once for the whole batch.
+// into p and returns how many frames it recovered. Only the ring owner
+// drains (OwnsRings); on another socket it returns 0. Frames another
+// worker sent on this queue come back to the owner's pool and drift back
+// through the UMEM's overflow (Pool).
 func (s *Socket) Complete(p *Pool) int {
+	if !s.owns.Load() {
+		return 0
+	}
 	q := s.q
-	q.mu.Lock()
 	n := q.comp.consAvail(q.comp.size)
 	if n == 0 {
-		q.mu.Unlock()
 		return 0
 	}
 	idx := q.comp.cachedCons
@@ -313,9 +329,8 @@ func (s *Socket) Complete(p *Pool) int {
 	}
 	// The pool is counted before the ring index moves, so Accounting
 	// never sees these frames in neither place.
-	p.n.Add(int64(n))
+	p.n.add(int64(n))
 	q.comp.consRelease(n)
-	q.mu.Unlock()
 	p.spill()
 	return int(n)
 }
@@ -323,16 +338,18 @@ func (s *Socket) Complete(p *Pool) int {
 // Refill tops up the fill ring of the socket's (device, queue) from p
 // (and through p from the shared overflow) with at most max frames (all
 // the ring takes if max <= 0) and returns how many it added. It wakes the
-// kernel if the ring asks for it.
+// kernel if the ring asks for it. Only the ring owner refills
+// (OwnsRings); on another socket it returns 0.
 func (s *Socket) Refill(p *Pool, max int) (int, error) {
+	if !s.owns.Load() {
+		return 0, nil
+	}
 	q := s.q
-	q.mu.Lock()
 	free := q.fill.prodFree(q.fill.size)
 	if max > 0 && uint32(max) < free {
 		free = uint32(max)
 	}
 	if free == 0 {
-		q.mu.Unlock()
 		return 0, nil
 	}
 	p.ensure(int(free))
@@ -344,8 +361,7 @@ func (s *Socket) Refill(p *Pool, max int) (int, error) {
 	}
 	p.free = p.free[:len(p.free)-int(n)]
 	q.fill.prodSubmit(n)
-	p.n.Add(-int64(n))
-	q.mu.Unlock()
+	p.n.add(-int64(n))
 	if s.wakeup && q.fill.needWakeup() {
 		if err := wakeRX(s.fd); err != nil {
 			return int(n), fmt.Errorf("xsk fill wakeup: %w", err)
@@ -425,11 +441,12 @@ func (s *Socket) Close() error {
 	}
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	q.mu.Lock()
-	defer q.mu.Unlock()
+	owner := s.owns.Load()
 	// Completions for this socket's last sends may still be in flight
-	// (copy mode posts them when the skb is freed).
-	for time.Now().Before(deadline) {
+	// (copy mode posts them when the skb is freed). Only the ring owner
+	// may drain them; another socket's come back through the owner's
+	// Complete.
+	for owner && time.Now().Before(deadline) {
 		var inflight uint32
 		for _, o := range q.sockets {
 			inflight += atomic.LoadUint32(o.tx.consumer)
@@ -441,11 +458,13 @@ func (s *Socket) Close() error {
 		time.Sleep(time.Millisecond)
 	}
 	// Completion ring: every sharer's frames, all ours again.
-	n := q.comp.consAvail(q.comp.size)
-	for i := uint32(0); i < n; i++ {
-		u.spare = append(u.spare, q.compAddrs[(q.comp.cachedCons+i)&q.comp.mask]&^u.frameMask)
+	if owner {
+		n := q.comp.consAvail(q.comp.size)
+		for i := uint32(0); i < n; i++ {
+			u.spare = append(u.spare, q.compAddrs[(q.comp.cachedCons+i)&q.comp.mask]&^u.frameMask)
+		}
+		q.comp.consRelease(n)
 	}
-	q.comp.consRelease(n)
 	// Unsent TX descriptors.
 	txCons := atomic.LoadUint32(s.tx.consumer)
 	for i := txCons; i != s.tx.cachedProd; i++ {
@@ -466,6 +485,14 @@ func (s *Socket) Close() error {
 			q.sockets = append(q.sockets[:i], q.sockets[i+1:]...)
 			break
 		}
+	}
+	u.heldRetired += s.held.load()
+	s.held.store(0)
+	if owner && len(q.sockets) > 0 {
+		// The rings' cached indexes live in q, so the next owner carries
+		// on where this one stopped; the atomic store publishes them.
+		s.owns.Store(false)
+		q.sockets[0].owns.Store(true)
 	}
 	for i, o := range u.sockets {
 		if o == s {

@@ -138,8 +138,12 @@ type UMEM struct {
 	spare   []uint64 // shared overflow of free frames
 	closed  bool
 
-	held atomic.Int64 // frames handed to workers (Receive, Pool.Get) and not yet given back
-	lost atomic.Int64 // frames the kernel still held when their (device, queue) was torn down
+	// heldRetired is what closed sockets and pools still counted as held
+	// (a frame received on one socket and freed into a pool counts +1 on
+	// the socket and -1 on the pool): only the sum over all of them is
+	// the number of frames in workers' hands.
+	heldRetired int64
+	lost        atomic.Int64 // frames the kernel still held when their (device, queue) was torn down
 }
 
 // New maps the packet area. Registration with the kernel happens when the
@@ -243,9 +247,9 @@ func (u *UMEM) Accounting() Accounting {
 	var a Accounting
 	a.Free = int64(len(u.spare))
 	for p := range u.pools {
-		a.Free += p.n.Load()
+		a.Free += p.n.load()
 	}
-	a.Worker = u.held.Load()
+	a.Worker = u.heldLocked()
 	a.Lost = u.lost.Load()
 	for _, q := range u.queues {
 		fillCons := atomic.LoadUint32(q.fill.consumer)
@@ -266,6 +270,30 @@ func (u *UMEM) Accounting() Accounting {
 	}
 	return a
 }
+
+// heldLocked sums the frames handed to workers and not yet given back
+// (Receive, Pool.Get minus Transmit, Pool.Put): each socket and pool
+// counts its own, so no counter is shared between workers.
+func (u *UMEM) heldLocked() int64 {
+	n := u.heldRetired
+	for _, s := range u.sockets {
+		n += s.held.load()
+	}
+	for p := range u.pools {
+		n += p.held.load()
+	}
+	return n
+}
+
+// counter is a figure with one writer (the worker owning the socket or
+// pool) and readers elsewhere (Accounting): the writer's add is a plain
+// load and store, no locked instruction, and nothing is shared between
+// workers on the packet path.
+type counter struct{ v atomic.Int64 }
+
+func (c *counter) add(n int64)   { c.v.Store(c.v.Load() + n) }
+func (c *counter) load() int64   { return c.v.Load() }
+func (c *counter) store(n int64) { c.v.Store(n) }
 
 // Close closes every socket and pool and unmaps the area. It is
 // idempotent. Frames held by workers are gone with the area: nothing may

@@ -114,7 +114,17 @@ func doIn(target int, name string, f func() error) error {
 // sent UDP to XDP with a partial checksum (docs/platform.md), which tests that
 // check checksums would misread.
 func Veth(a *NS, aName string, b *NS, bName string) error {
-	if _, err := a.Run("ip", "link", "add", aName, "type", "veth", "peer", "name", bName, "netns", b.Name); err != nil {
+	return VethQueues(a, aName, b, bName, 1)
+}
+
+// VethQueues is Veth with queues TX and RX queues on each end. A packet
+// sent on one end's TX queue q arrives on the other end's RX queue q, so
+// the sender's queue selection (per socket flow hash, or an AF_XDP socket
+// bound to a queue) spreads traffic like RSS on a real NIC.
+func VethQueues(a *NS, aName string, b *NS, bName string, queues int) error {
+	q := fmt.Sprint(queues)
+	if _, err := a.Run("ip", "link", "add", aName, "numtxqueues", q, "numrxqueues", q, "type", "veth",
+		"peer", "name", bName, "numtxqueues", q, "numrxqueues", q, "netns", b.Name); err != nil {
 		return err
 	}
 	for _, end := range []struct {

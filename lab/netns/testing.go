@@ -46,3 +46,13 @@ func VethForTest(t testing.TB, a, b *NS) (aName, bName string) {
 	}
 	return aName, bName
 }
+
+// VethQueuesForTest is VethForTest with queues TX and RX queues per end.
+func VethQueuesForTest(t testing.TB, a, b *NS, queues int) (aName, bName string) {
+	t.Helper()
+	aName, bName = UniqueName("va"), UniqueName("vb")
+	if err := VethQueues(a, aName, b, bName, queues); err != nil {
+		t.Fatal(err)
+	}
+	return aName, bName
+}
