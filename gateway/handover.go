@@ -107,7 +107,7 @@ func (next Shape) compare(running Shape, pid int) error {
 		{"umem.fill_ring", next.UMEM.FillRing, running.UMEM.FillRing}, {"umem.completion_ring", next.UMEM.CompletionRing, running.UMEM.CompletionRing},
 		{"umem.rx_ring", next.UMEM.RXRing, running.UMEM.RXRing}, {"umem.tx_ring", next.UMEM.TXRing, running.UMEM.TXRing},
 	} {
-		if c.next != 0 && c.next != c.runng {
+		if c.next != 0 && c.runng != 0 && c.next != c.runng {
 			return fmt.Errorf("config: %s: %d in the new daemon's config, %d in the running daemon (pid %d): %s", c.field, c.next, c.runng, pid, keep)
 		}
 	}
