@@ -84,10 +84,10 @@ func benchProgram(b *testing.B, prog *ebpf.Program, set *maps.Set, pkt []byte, w
 // worker 0.
 func fillSAs(b *testing.B, set *maps.Set, n int) {
 	spis := make([]uint32, n)
-	sas := make([]bpf.SA, n)
+	sas := make([]bpf.SASteer, n)
 	for i := range spis {
 		spis[i] = uint32(0x100 + i)
-		sas[i] = bpf.SA{SaIndex: uint32(i)}
+		sas[i] = bpf.SASteer{SaIndex: uint32(i)}
 	}
 	if err := set.SAs.PutBatch(spis, sas); err != nil {
 		b.Fatal(err)

@@ -27,7 +27,7 @@ func TestFloodBudgetFixtures(t *testing.T) {
 	}
 	const spi, other = 0x00c0ffee, 0x00c0fff0
 	for _, s := range []uint32{spi, other} {
-		if err := set.SAs.Put(s, bpf.SA{SaIndex: 5, Worker: 0, Flags: bpf.SAFlagEncap}); err != nil {
+		if err := set.SAs.Put(s, bpf.SASteer{SaIndex: 5, Worker: 0, Flags: bpf.SAFlagEncap}); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -92,7 +92,7 @@ var fuzzCores = []struct {
 
 // fuzzSAs are the public side's SAs: workers 0 (socket), 1 (empty slot) and
 // 5 (beyond the two configured workers).
-var fuzzSAs = map[uint32]bpf.SA{
+var fuzzSAs = map[uint32]bpf.SASteer{
 	spiW0: {SaIndex: 7, Worker: 0, Flags: bpf.SAFlagEncap},
 	spiW1: {SaIndex: 8, Worker: 1},
 	spiW5: {SaIndex: 9, Worker: 5},

@@ -123,7 +123,7 @@ func publicSetup(t *testing.T) (*bpf.XespObjects, *maps.Set, *netns.NS) {
 	if err := set.Config.Set(bpf.Config{Workers: 2}); err != nil { // natt_port 0: default 4500
 		t.Fatal(err)
 	}
-	for spi, sa := range map[uint32]bpf.SA{
+	for spi, sa := range map[uint32]bpf.SASteer{
 		spiW0: {SaIndex: 7, Worker: 0, Flags: bpf.SAFlagEncap},
 		spiW1: {SaIndex: 8, Worker: 1},
 		spiW5: {SaIndex: 9, Worker: 5},
@@ -358,7 +358,7 @@ func TestPublicSteering(t *testing.T) {
 	if err := set.Config.Set(bpf.Config{Workers: workers}); err != nil {
 		t.Fatal(err)
 	}
-	if err := set.SAs.Put(spiW0, bpf.SA{SaIndex: 77, Worker: 3}); err != nil {
+	if err := set.SAs.Put(spiW0, bpf.SASteer{SaIndex: 77, Worker: 3}); err != nil {
 		t.Fatal(err)
 	}
 	// One socket, at queue 1 worker 3 = slot 7.

@@ -5,7 +5,7 @@ import "encoding/binary"
 // Short names for the types bpf2go generates from xesp.h. They are aliases,
 // not copies: the layout still comes from the header alone.
 type (
-	SA        = XespXespSa
+	SASteer   = XespXespSa
 	Policy    = XespXespPolicy
 	PolicyKey = XespXespPolicyKey
 	CoreKey   = XespXespCoreKey

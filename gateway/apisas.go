@@ -40,7 +40,7 @@ type apiSAs struct {
 	saved uint64           // the SAD version the store reflects
 	enc   map[sa.ID][]byte // each kept SA's entry as the store holds it
 	chg   []sad.Change
-	buf   []sad.Entry
+	buf   []sad.Record
 	recs  []byte
 	etcd  *etcdsrc.Source // its SAs live in etcd, not here
 	// stale: a delete or a replacement left an SA's old keys in the
@@ -135,7 +135,7 @@ func (p *apiSAs) close() {
 }
 
 // keep says whether the store holds e (see apiSAs).
-func (p *apiSAs) keep(e *sad.Entry, etcd map[sa.ID]bool) bool {
+func (p *apiSAs) keep(e *sad.Record, etcd map[sa.ID]bool) bool {
 	if etcd[e.ID] {
 		return false
 	}
@@ -255,7 +255,7 @@ func (p *apiSAs) flush(version uint64) error {
 
 // diff appends the record (if any) that brings the store's entry for id
 // to the SAD's entry e (ok: e exists), and notes it in next.
-func (p *apiSAs) diff(id sa.ID, e *sad.Entry, ok bool, etcd map[sa.ID]bool, next map[sa.ID][]byte) error {
+func (p *apiSAs) diff(id sa.ID, e *sad.Record, ok bool, etcd map[sa.ID]bool, next map[sa.ID][]byte) error {
 	old, had := p.enc[id]
 	if ok && p.keep(e, etcd) {
 		b, err := sastore.EncodeSA(&e.SA)

@@ -330,7 +330,7 @@ func BenchmarkGatewayPath(b *testing.B) {
 	var espFlows, clearFlows []gen.Flow
 	for i := range benchPairs {
 		k, _ := hexBytes(benchKey('i', i))
-		s, err := esp.NewSA(esp.Config{SPI: uint32(0x10000 + i), Proposal: esp.AES128GCM16, EncKey: k, Mode: esp.ModeTunnel})
+		s, err := esp.NewTransform(esp.Config{SPI: uint32(0x10000 + i), Proposal: esp.AES128GCM16, EncKey: k, Mode: esp.ModeTunnel})
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -517,7 +517,7 @@ func BenchmarkLoadSAs(b *testing.B) {
 		b.Fatalf("max_sas %d < %d", g.Config.MaxSAs, pairs)
 	}
 
-	keys, vals := make([]uint32, 1<<16), make([]bpf.SA, 1<<16)
+	keys, vals := make([]uint32, 1<<16), make([]bpf.SASteer, 1<<16)
 	runtime.GC()
 	var m0 runtime.MemStats
 	runtime.ReadMemStats(&m0)
@@ -619,11 +619,11 @@ func BenchmarkLoadSAs(b *testing.B) {
 	innerAddr := netip.AddrFrom4([4]byte{100, 64 + byte(r>>16), byte(r >> 8), byte(r)})
 	kin, _ := hexBytes(benchKey('i', r))
 	kout, _ := hexBytes(benchKey('o', r))
-	phoneTx, err := esp.NewSA(esp.Config{SPI: 0x1000000 + uint32(r), Proposal: esp.AES128GCM16, EncKey: kin, Mode: esp.ModeTunnel})
+	phoneTx, err := esp.NewTransform(esp.Config{SPI: 0x1000000 + uint32(r), Proposal: esp.AES128GCM16, EncKey: kin, Mode: esp.ModeTunnel})
 	if err != nil {
 		b.Fatal(err)
 	}
-	phoneRx, err := esp.NewSA(esp.Config{SPI: 0x2000000 + uint32(r), Proposal: esp.AES128GCM16, EncKey: kout, ReplayWindow: 64, Mode: esp.ModeTunnel})
+	phoneRx, err := esp.NewTransform(esp.Config{SPI: 0x2000000 + uint32(r), Proposal: esp.AES128GCM16, EncKey: kout, ReplayWindow: 64, Mode: esp.ModeTunnel})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -669,7 +669,7 @@ func BenchmarkLoadSAs(b *testing.B) {
 }
 
 // countSAMap counts the inbound SA map's entries with batch lookups.
-func countSAMap(m *ebpf.Map, keys []uint32, vals []bpf.SA) (int, error) {
+func countSAMap(m *ebpf.Map, keys []uint32, vals []bpf.SASteer) (int, error) {
 	var cur ebpf.MapBatchCursor
 	total := 0
 	for {

@@ -115,8 +115,8 @@ func testDeleteDrains(t *testing.T, dir sa.Direction) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	held, release := make(chan struct{}), make(chan struct{})
-	var entry *worker.Entry
-	if err := w.Send(ctx, []worker.Command{{Index: ^uint32(0), Visit: func(table []*worker.Entry) {
+	var entry *worker.Slot
+	if err := w.Send(ctx, []worker.Command{{Index: ^uint32(0), Visit: func(table []*worker.Slot) {
 		entry = table[e.Index]
 		close(held)
 		<-release

@@ -25,7 +25,7 @@ import (
 const floodKey = "f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff00010203"
 
 // verifyRate measures what one core spends to reject a forged packet:
-// esp.SA.Open of a 200-byte packet sealed under the wrong key, the work
+// esp.Transform.Open of a 200-byte packet sealed under the wrong key, the work
 // a worker does per flood packet that reaches it (a lower bound on its
 // per-packet cost, which adds the AF_XDP rings).
 func verifyRate(t *testing.T) float64 {
@@ -100,7 +100,7 @@ func runFlood(t *testing.T, tp *topo, others int, dur time.Duration, during func
 	}()
 	type phone struct {
 		conn *net.UDPConn
-		sa   *esp.SA
+		sa   *esp.Transform
 	}
 	var phones []phone
 	for i := 1; i <= 1+others; i++ {

@@ -543,7 +543,7 @@ func (g *Gateway) warmList() []netip.Addr {
 	for _, a := range g.upgrade.Handover.Neighbors {
 		add(a)
 	}
-	var page []sad.Entry
+	var page []sad.Record
 	var cur uint64
 	for len(out) < warmMax {
 		page, cur = g.SAD.List(cur, 1024, page[:0])

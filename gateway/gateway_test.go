@@ -133,10 +133,10 @@ func (tp *topo) dump(t *testing.T) {
 	t.Logf("resolver: %+v", tp.g.Neighbors.Stats())
 }
 
-func mustSA(t *testing.T, spi uint32, key string, window int) *esp.SA {
+func mustSA(t *testing.T, spi uint32, key string, window int) *esp.Transform {
 	t.Helper()
 	k, _ := hex.DecodeString(key)
-	s, err := esp.NewSA(esp.Config{SPI: spi, Proposal: esp.AES128GCM16, EncKey: k, ReplayWindow: window, Mode: esp.ModeTunnel})
+	s, err := esp.NewTransform(esp.Config{SPI: spi, Proposal: esp.AES128GCM16, EncKey: k, ReplayWindow: window, Mode: esp.ModeTunnel})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -144,7 +144,7 @@ func mustSA(t *testing.T, spi uint32, key string, window int) *esp.SA {
 }
 
 // seal returns the ESP packet (SPI..ICV) for inner under s.
-func seal(t *testing.T, s *esp.SA, inner []byte) []byte {
+func seal(t *testing.T, s *esp.Transform, inner []byte) []byte {
 	t.Helper()
 	buf := make([]byte, 64+len(inner)+64)
 	copy(buf[64:], inner)
@@ -467,7 +467,7 @@ func noDF(t *testing.T, c *net.UDPConn) {
 // recvInner reads ESP datagrams on c, opens them with s and returns the
 // inner IPv4 packet, reassembling inner fragments (what the phone's IP
 // stack does after its IPsec), and how many ESP packets carried it.
-func recvInner(t *testing.T, c *net.UDPConn, s *esp.SA) ([]byte, int) {
+func recvInner(t *testing.T, c *net.UDPConn, s *esp.Transform) ([]byte, int) {
 	t.Helper()
 	buf := make([]byte, 65536)
 	var whole []byte

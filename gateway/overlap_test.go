@@ -158,7 +158,7 @@ type emuPhone struct {
 	name    string
 	esp     *net.UDPConn
 	mu      sync.Mutex
-	in      map[uint32]*esp.SA
+	in      map[uint32]*esp.Transform
 	foreign int
 	notMine int
 	got     chan ovMsg
@@ -171,12 +171,12 @@ type ovMsg struct {
 }
 
 func newEmuPhone(t *testing.T, name string, ns *netns.NS) *emuPhone {
-	ph := &emuPhone{name: name, esp: udpSock(t, ns, netip.AddrPortFrom(ovPhone, 4500).String()), in: map[uint32]*esp.SA{}, got: make(chan ovMsg, 64)}
+	ph := &emuPhone{name: name, esp: udpSock(t, ns, netip.AddrPortFrom(ovPhone, 4500).String()), in: map[uint32]*esp.Transform{}, got: make(chan ovMsg, 64)}
 	go ph.read()
 	return ph
 }
 
-func (ph *emuPhone) addIn(spi uint32, s *esp.SA) {
+func (ph *emuPhone) addIn(spi uint32, s *esp.Transform) {
 	ph.mu.Lock()
 	ph.in[spi] = s
 	ph.mu.Unlock()
@@ -238,7 +238,7 @@ func udpChecksumOK(ip []byte) bool {
 
 // send seals a UDP datagram from the phone's sport to the core's dport
 // with s and sends it to the gateway.
-func (ph *emuPhone) send(t *testing.T, s *esp.SA, sport uint16, dport uint16, payload string) {
+func (ph *emuPhone) send(t *testing.T, s *esp.Transform, sport uint16, dport uint16, payload string) {
 	t.Helper()
 	inner := pkt.UDP4(netip.AddrPortFrom(ovPhone, sport), netip.AddrPortFrom(ovCore, dport), []byte(payload))
 	if _, err := ph.esp.WriteToUDPAddrPort(seal(t, s, inner), ovGWESP); err != nil {
@@ -289,7 +289,7 @@ func TestOverlappingPhonesEachGetTheirOwn(t *testing.T) {
 	tp := newOvTopo(t, 2, sas.String())
 	coreSock := udpSock(t, tp.core, netip.AddrPortFrom(ovCore, 5060).String())
 	phones := make([]*emuPhone, ovPhones)
-	outs := make([]*esp.SA, ovPhones)
+	outs := make([]*esp.Transform, ovPhones)
 	cores := make([]netip.Addr, ovPhones)
 	for i := range phones {
 		phones[i] = newEmuPhone(t, fmt.Sprintf("ph%d", i), tp.phones[i])
@@ -378,9 +378,9 @@ func TestOverlappingPhonesEachGetTheirOwn(t *testing.T) {
 // ovReg is one sec-agree registration as the emulated phone holds it.
 type ovReg struct {
 	name       string
-	uc, pc     uint16  // the phone's and the P-CSCF's client ports
-	spiC, spiS uint32  // the phone's SPIs (its inbound SAs)
-	toPS, toPC *esp.SA // phone -> P-CSCF server port (in-s), client port (in-c)
+	uc, pc     uint16         // the phone's and the P-CSCF's client ports
+	spiC, spiS uint32         // the phone's SPIs (its inbound SAs)
+	toPS, toPC *esp.Transform // phone -> P-CSCF server port (in-s), client port (in-c)
 	core       netip.Addr
 	pcSock     *net.UDPConn
 }
@@ -411,12 +411,12 @@ func (tp *ovTopo) register(t *testing.T, ph *emuPhone, i, k int) *ovReg {
 			t.Fatalf("%s: core %q", r.name, resp.Core)
 		}
 	}
-	mk := func(role string, window int) *esp.SA {
+	mk := func(role string, window int) *esp.Transform {
 		e, ok := tp.g.SAD.GetName(r.name + "." + role)
 		if !ok {
 			t.Fatalf("%s.%s not in the SAD", r.name, role)
 		}
-		s, err := esp.NewSA(esp.Config{SPI: e.SA.SPI, Proposal: e.SA.Proposal, EncKey: e.SA.EncKey, AuthKey: e.SA.AuthKey, ReplayWindow: window, Mode: esp.ModeTunnel})
+		s, err := esp.NewTransform(esp.Config{SPI: e.SA.SPI, Proposal: e.SA.Proposal, EncKey: e.SA.EncKey, AuthKey: e.SA.AuthKey, ReplayWindow: window, Mode: esp.ModeTunnel})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -104,9 +104,9 @@ type phoneRx struct {
 	lastAt map[uint32]int // highest request number answered under each SPI
 }
 
-func startPhoneRx(t testing.TB, c *net.UDPConn, sas ...*esp.SA) *phoneRx {
+func startPhoneRx(t testing.TB, c *net.UDPConn, sas ...*esp.Transform) *phoneRx {
 	r := &phoneRx{bySPI: map[uint32]int{}, lastAt: map[uint32]int{}}
-	bySPI := map[uint32]*esp.SA{}
+	bySPI := map[uint32]*esp.Transform{}
 	for _, s := range sas {
 		bySPI[s.SPI()] = s
 	}
@@ -167,7 +167,7 @@ func TestGatewayRekeyUnderTrafficLosesNothing(t *testing.T) {
 	rx := startPhoneRx(t, phone, mustSA(t, spiOut, keyOut, 4096), mustSA(t, 0x2011, keyOut2, 4096))
 
 	const total, rekeyAt, perTick = 4000, 1500, 4
-	var cur atomic.Pointer[esp.SA]
+	var cur atomic.Pointer[esp.Transform]
 	cur.Store(oldOut)
 	var sent atomic.Int64
 	sendDone := make(chan error, 1)

@@ -359,17 +359,17 @@ type phone struct {
 	lan       netip.Addr
 	ck, ik    []byte
 	sip, esp  *net.UDPConn
-	outToPS   *esp.SA // port-c -> P-CSCF port-s, P-CSCF's spi-s
-	outToPC   *esp.SA // port-s -> P-CSCF port-c, P-CSCF's spi-c
-	inFromPS  *esp.SA // P-CSCF port-s -> port-c, our spi-c
-	inFromPC  *esp.SA // P-CSCF port-c -> port-s, our spi-s
-	selectors int     // packets that opened but broke their SA's port selectors
-	foreign   int     // ESP from the gateway that does not open: someone else's
+	outToPS   *esp.Transform // port-c -> P-CSCF port-s, P-CSCF's spi-s
+	outToPC   *esp.Transform // port-s -> P-CSCF port-c, P-CSCF's spi-c
+	inFromPS  *esp.Transform // P-CSCF port-s -> port-c, our spi-c
+	inFromPC  *esp.Transform // P-CSCF port-c -> port-s, our spi-s
+	selectors int            // packets that opened but broke their SA's port selectors
+	foreign   int            // ESP from the gateway that does not open: someone else's
 	lastESP   []byte
 	r401      sipMessage
 }
 
-func (ph *phone) sealSend(t *testing.T, s *esp.SA, src, dst uint16, payload []byte) {
+func (ph *phone) sealSend(t *testing.T, s *esp.Transform, src, dst uint16, payload []byte) {
 	t.Helper()
 	inner := pkt.UDP4(netip.AddrPortFrom(ph.lan, src), netip.AddrPortFrom(saPCSCF, dst), payload)
 	buf := make([]byte, 64+len(inner)+64)
@@ -418,7 +418,7 @@ func (ph *phone) recvESP(deadline time.Time) (payload []byte, err error) {
 // request sends a SIP request (unprotected when s is nil) and waits for
 // the final response with the same CSeq, retransmitting like a SIP UA
 // over UDP (RFC 3261 timer A): a NAPT may lose a new flow's first packet.
-func (ph *phone) request(t *testing.T, s *esp.SA, msg []byte, cseq string) sipMessage {
+func (ph *phone) request(t *testing.T, s *esp.Transform, msg []byte, cseq string) sipMessage {
 	t.Helper()
 	wait := 500 * time.Millisecond
 	for try := 0; try < 4; try, wait = try+1, wait*2 {
@@ -520,9 +520,9 @@ func (ph *phone) options(t *testing.T, n int) {
 	}
 }
 
-func mustESPSA(t *testing.T, spi uint32, k secagree.Keys, window int) *esp.SA {
+func mustESPSA(t *testing.T, spi uint32, k secagree.Keys, window int) *esp.Transform {
 	t.Helper()
-	s, err := esp.NewSA(esp.Config{SPI: spi, Proposal: esp.AES128SHA1, EncKey: k.Enc, AuthKey: k.Auth, ReplayWindow: window, Mode: esp.ModeTunnel})
+	s, err := esp.NewTransform(esp.Config{SPI: spi, Proposal: esp.AES128SHA1, EncKey: k.Enc, AuthKey: k.Auth, ReplayWindow: window, Mode: esp.ModeTunnel})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -106,7 +106,7 @@ func TestGatewaySoak(t *testing.T) {
 
 	// Churn: one exchange through churn phone n's SA pair under spiIn.
 	buf := make([]byte, 2048)
-	exchange := func(n int, out, in *esp.SA, what string) {
+	exchange := func(n int, out, in *esp.Transform, what string) {
 		t.Helper()
 		inner := netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 99, 1, byte(n)}), 5060)
 		msg := fmt.Sprintf("churn %d %s", n, what)

@@ -66,7 +66,7 @@ func stateKey(seq *seqstore.Store, id sa.ID, s *sa.SA) seqstore.Key {
 // entry is the manager's Restore: the first install of an SA continues
 // the counters (lifetime) and, inbound, the replay window it had when the
 // snapshot was taken.
-func (r *restorer) entry(id sa.ID, s *sa.SA, e *worker.Entry) {
+func (r *restorer) entry(id sa.ID, s *sa.SA, e *worker.Slot) {
 	k := stateKey(r.seq, id, s)
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -104,7 +104,7 @@ func (r *restorer) since(id sa.ID) time.Time {
 // bindings moves every SA in d whose snapshot has a binding to it.
 func (r *restorer) bindings(d *sad.SAD) int {
 	n := 0
-	var page []sad.Entry
+	var page []sad.Record
 	var cur uint64
 	for {
 		page, cur = d.List(cur, 4096, page[:0])
@@ -150,7 +150,7 @@ func (g *Gateway) snapshotState(ctx context.Context, stopped bool) (*rxstate.Sna
 	// Sized up front: append's doubling left up to half of a
 	// million-SA slice as garbage every snapshot interval.
 	snap := &rxstate.Snapshot{Clean: stopped, Records: make([]rxstate.Record, 0, in+out)}
-	var page []sad.Entry
+	var page []sad.Record
 	var cur uint64
 	for {
 		page, cur = g.SAD.List(cur, 4096, page[:0])

@@ -29,10 +29,10 @@ import (
 // is the one for gateway public address -> NAT binding.
 
 // trSA is a transport-mode aes128gcm16 SA for the test phones.
-func trSA(t *testing.T, spi uint32, key string, window int) *esp.SA {
+func trSA(t *testing.T, spi uint32, key string, window int) *esp.Transform {
 	t.Helper()
 	k, _ := hex.DecodeString(key)
-	s, err := esp.NewSA(esp.Config{SPI: spi, Proposal: esp.AES128GCM16, EncKey: k, ReplayWindow: window, Mode: esp.ModeTransport})
+	s, err := esp.NewTransform(esp.Config{SPI: spi, Proposal: esp.AES128GCM16, EncKey: k, ReplayWindow: window, Mode: esp.ModeTransport})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -42,7 +42,7 @@ func trSA(t *testing.T, spi uint32, key string, window int) *esp.SA {
 // trSeal seals a phone's UDP segment from its own address and sport to
 // the gateway's dport, the checksum computed over the phone's own
 // addresses (behind a NAPT: its private one, RFC 3948 3.1.2's case).
-func trSeal(t *testing.T, s *esp.SA, phone, gw netip.Addr, sport, dport uint16, payload string) []byte {
+func trSeal(t *testing.T, s *esp.Transform, phone, gw netip.Addr, sport, dport uint16, payload string) []byte {
 	t.Helper()
 	seg := pkt.UDP4(netip.AddrPortFrom(phone, sport), netip.AddrPortFrom(gw, dport), []byte(payload))[20:]
 	buf := make([]byte, 64+len(seg)+64)
@@ -58,7 +58,7 @@ func trSeal(t *testing.T, s *esp.SA, phone, gw netip.Addr, sport, dport uint16, 
 // checks the transport segment: Next Header UDP, ports, and the UDP
 // checksum for the pseudo-header src -> dst (the gateway's public address
 // and the binding it sent to). It returns the payload.
-func trOpen(s *esp.SA, b []byte, src, dst netip.Addr, sport, dport uint16) (string, error) {
+func trOpen(s *esp.Transform, b []byte, src, dst netip.Addr, sport, dport uint16) (string, error) {
 	res, err := s.Open(b)
 	if err != nil {
 		return "", fmt.Errorf("open: %w", err)
@@ -99,7 +99,7 @@ func TestGatewayTransportUDPEncapThroughNAPT(t *testing.T) {
 	pcscf := udpSock(t, tp.core, netip.AddrPortFrom(ovCore, 5064).String())
 	type phone struct {
 		sock    *net.UDPConn
-		out, in *esp.SA
+		out, in *esp.Transform
 		core    netip.Addr
 	}
 	phones := make([]phone, ovPhones)
@@ -300,8 +300,8 @@ func TestGatewayTransportSecAgreePlainESP(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	mk := func(spi uint32, window int) *esp.SA {
-		s, err := esp.NewSA(esp.Config{SPI: spi, Proposal: esp.AES128SHA1, EncKey: keys.Enc, AuthKey: keys.Auth, ReplayWindow: window, Mode: esp.ModeTransport})
+	mk := func(spi uint32, window int) *esp.Transform {
+		s, err := esp.NewTransform(esp.Config{SPI: spi, Proposal: esp.AES128SHA1, EncKey: keys.Enc, AuthKey: keys.Auth, ReplayWindow: window, Mode: esp.ModeTransport})
 		if err != nil {
 			t.Fatal(err)
 		}

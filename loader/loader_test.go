@@ -171,7 +171,7 @@ func TestNamespaceAttachRestartDetach(t *testing.T) {
 			t.Errorf("pin %s: %v", n, err)
 		}
 	}
-	if err := in.Maps.SAs.Put(knownSPI, bpf.SA{SaIndex: 3}); err != nil {
+	if err := in.Maps.SAs.Put(knownSPI, bpf.SASteer{SaIndex: 3}); err != nil {
 		t.Fatal(err)
 	}
 
@@ -365,7 +365,7 @@ func TestLoadTakesPinDirLock(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := first.Maps.SAs.Put(knownSPI, bpf.SA{SaIndex: 9}); err != nil {
+	if err := first.Maps.SAs.Put(knownSPI, bpf.SASteer{SaIndex: 9}); err != nil {
 		t.Fatal(err)
 	}
 	_, err = loader.Load(opts)

@@ -15,10 +15,10 @@ func BenchmarkPutBatch1M(b *testing.B) {
 	netns.RequireRoot(b)
 	const n = 1_000_000
 	spis := make([]uint32, n)
-	sas := make([]bpf.SA, n)
+	sas := make([]bpf.SASteer, n)
 	for i := range spis {
 		spis[i] = uint32(0x100 + i)
-		sas[i] = bpf.SA{SaIndex: uint32(i)}
+		sas[i] = bpf.SASteer{SaIndex: uint32(i)}
 	}
 	for b.Loop() {
 		b.StopTimer()

@@ -33,7 +33,7 @@ func TestSAs(t *testing.T) {
 	if _, err := s.Lookup(0x1001); !errors.Is(err, maps.ErrNotFound) {
 		t.Errorf("lookup of absent SPI: %v", err)
 	}
-	want := bpf.SA{SaIndex: 42, Worker: 3, Flags: bpf.SAFlagEncap}
+	want := bpf.SASteer{SaIndex: 42, Worker: 3, Flags: bpf.SAFlagEncap}
 	if err := s.Put(0x1001, want); err != nil {
 		t.Fatal(err)
 	}
@@ -63,16 +63,16 @@ func TestSAsMillion(t *testing.T) {
 	}
 	const n = 1_000_000
 	spis := make([]uint32, n)
-	sas := make([]bpf.SA, n)
+	sas := make([]bpf.SASteer, n)
 	for i := range spis {
 		spis[i] = uint32(0x10000 + i*7)
-		sas[i] = bpf.SA{SaIndex: uint32(i), Worker: uint16(i % 4)}
+		sas[i] = bpf.SASteer{SaIndex: uint32(i), Worker: uint16(i % 4)}
 	}
 	if err := s.PutBatch(spis, sas); err != nil {
 		t.Fatal(err)
 	}
 	seen := 0
-	if err := s.Walk(func(spi uint32, sa bpf.SA) bool {
+	if err := s.Walk(func(spi uint32, sa bpf.SASteer) bool {
 		i := int(spi-0x10000) / 7
 		if (spi-0x10000)%7 != 0 || i >= n || sa != sas[i] {
 			t.Fatalf("walk: spi 0x%x -> %+v", spi, sa)
@@ -227,7 +227,7 @@ func TestOpenPinned(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer in.Detach()
-	if err := in.Maps.SAs.Put(7, bpf.SA{SaIndex: 70}); err != nil {
+	if err := in.Maps.SAs.Put(7, bpf.SASteer{SaIndex: 70}); err != nil {
 		t.Fatal(err)
 	}
 	set, err := maps.Open(in.Dir())

@@ -10,7 +10,7 @@ import (
 	"github.com/xesp/xesp/bpf"
 )
 
-// SAs is the inbound SA map: SPI (host order) -> bpf.SA.
+// SAs is the inbound SA map: SPI (host order) -> bpf.SASteer.
 type SAs struct {
 	m *ebpf.Map
 }
@@ -21,7 +21,7 @@ const batchChunk = 1 << 15
 
 // NewSAs wraps the sas map.
 func NewSAs(m *ebpf.Map) (*SAs, error) {
-	if err := check(m, "sas", ebpf.Hash, 4, uint32(unsafe.Sizeof(bpf.SA{}))); err != nil {
+	if err := check(m, "sas", ebpf.Hash, 4, uint32(unsafe.Sizeof(bpf.SASteer{}))); err != nil {
 		return nil, err
 	}
 	return &SAs{m: m}, nil
@@ -34,7 +34,7 @@ func (s *SAs) Map() *ebpf.Map { return s.m }
 func (s *SAs) Capacity() uint32 { return s.m.MaxEntries() }
 
 // Put inserts or replaces the entry for spi.
-func (s *SAs) Put(spi uint32, sa bpf.SA) error {
+func (s *SAs) Put(spi uint32, sa bpf.SASteer) error {
 	if err := s.m.Put(spi, sa); err != nil {
 		return fmt.Errorf("sa map: put spi 0x%08x: %w", spi, err)
 	}
@@ -42,8 +42,8 @@ func (s *SAs) Put(spi uint32, sa bpf.SA) error {
 }
 
 // Lookup returns the entry for spi; errors.Is(err, ErrNotFound) when absent.
-func (s *SAs) Lookup(spi uint32) (bpf.SA, error) {
-	var sa bpf.SA
+func (s *SAs) Lookup(spi uint32) (bpf.SASteer, error) {
+	var sa bpf.SASteer
 	if err := s.m.Lookup(spi, &sa); err != nil {
 		return sa, fmt.Errorf("sa map: lookup spi 0x%08x: %w", spi, err)
 	}
@@ -60,7 +60,7 @@ func (s *SAs) Delete(spi uint32) error {
 
 // PutBatch inserts or replaces spis[i] -> sas[i] with batch syscalls,
 // falling back to one update per entry on kernels without batch support.
-func (s *SAs) PutBatch(spis []uint32, sas []bpf.SA) error {
+func (s *SAs) PutBatch(spis []uint32, sas []bpf.SASteer) error {
 	if len(spis) != len(sas) {
 		return fmt.Errorf("sa map: put batch: %d spis, %d entries", len(spis), len(sas))
 	}
@@ -105,10 +105,10 @@ func (s *SAs) DeleteBatch(spis []uint32) error {
 
 // Walk calls f for every entry until f returns false. Entries changed
 // during the walk may be seen or missed (a hash map iterates by bucket).
-func (s *SAs) Walk(f func(spi uint32, sa bpf.SA) bool) error {
+func (s *SAs) Walk(f func(spi uint32, sa bpf.SASteer) bool) error {
 	var (
 		spi uint32
-		sa  bpf.SA
+		sa  bpf.SASteer
 	)
 	it := s.m.Iterate()
 	for it.Next(&spi, &sa) {

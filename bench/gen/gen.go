@@ -102,7 +102,7 @@ type Flow struct {
 	// SA, and the generator advances its sequence counter. Not used by
 	// LoadClear. The caller must not use it concurrently with the
 	// generator.
-	SA *esp.SA
+	SA *esp.Transform
 	// Outer is the ESP packet's outer addressing (LoadESP only); with
 	// Encap set it is RFC 3948 ESP-in-UDP.
 	Outer esp.Outer

@@ -138,7 +138,7 @@ func frames(t *testing.T, fd, n int) [][]byte {
 	return out
 }
 
-type saPair struct{ tx, rx *esp.SA }
+type saPair struct{ tx, rx *esp.Transform }
 
 func mkSAs(t *testing.T, n int) []saPair {
 	t.Helper()
@@ -155,8 +155,8 @@ func mkSAs(t *testing.T, n int) []saPair {
 		default:
 			enc, auth = bytes.Repeat([]byte{byte(i + 1)}, 16), bytes.Repeat([]byte{byte(i + 0x41)}, 20)
 		}
-		mk := func(window int) *esp.SA {
-			s, err := esp.NewSA(esp.Config{SPI: 0x5000 + uint32(i), Proposal: prop, EncKey: enc, AuthKey: auth, ReplayWindow: window, Mode: esp.ModeTunnel})
+		mk := func(window int) *esp.Transform {
+			s, err := esp.NewTransform(esp.Config{SPI: 0x5000 + uint32(i), Proposal: prop, EncKey: enc, AuthKey: auth, ReplayWindow: window, Mode: esp.ModeTunnel})
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -33,7 +33,7 @@ const baselineBatch = 64
 // on GenCPU, as XDP does for xesp.
 
 // baseline is the decap direction: a UDP socket on the gateway's 4500,
-// each datagram opened (esp.SA.Open: replay check, AES-GCM, padding) under
+// each datagram opened (esp.Transform.Open: replay check, AES-GCM, padding) under
 // the SA its SPI names, the inner UDP payload sent on to its inner
 // destination.
 func (r *runner) baseline(size string, sz gen.Sizes, n int) error {
@@ -89,13 +89,13 @@ func (c closers) run() {
 // startBaselineDecap starts the decap socket baseline with n SAs on the
 // runner's topology; the phone's ring must hold ESP frames.
 func (r *runner) startBaselineDecap(n int) (*session, error) {
-	sas := make(map[uint32]*esp.SA, n)
+	sas := make(map[uint32]*esp.Transform, n)
 	for i := range n {
 		key, err := pktgen.KeyBytes('i', i)
 		if err != nil {
 			return nil, err
 		}
-		s, err := esp.NewSA(esp.Config{SPI: pktgen.InSPIBase + uint32(i), Proposal: esp.AES128GCM16, EncKey: key,
+		s, err := esp.NewTransform(esp.Config{SPI: pktgen.InSPIBase + uint32(i), Proposal: esp.AES128GCM16, EncKey: key,
 			Mode: esp.ModeTunnel, ReplayWindow: esp.DefaultReplayWindow})
 		if err != nil {
 			return nil, err
@@ -136,7 +136,7 @@ func (r *runner) startBaselineDecap(n int) (*session, error) {
 	}
 	return r.socketStart(loop, r.tp.pub, r.tp.co, r.nw.Core.Port(), sender{r.tp.phone, r.phoneG, true, false}, nil,
 		func(st socketStats) string {
-			return fmt.Sprintf("recvmmsg/sendmmsg ×%d, esp.SA.Open, one goroutine on CPU %d; opened %d, open errors %d, socket drops %d",
+			return fmt.Sprintf("recvmmsg/sendmmsg ×%d, esp.Transform.Open, one goroutine on CPU %d; opened %d, open errors %d, socket drops %d",
 				baselineBatch, GwCPU, st.done, st.bad, st.sockDrops)
 		})
 }
@@ -146,7 +146,7 @@ func (r *runner) startBaselineDecap(n int) (*session, error) {
 // local`), so one UDP socket on port 5060 receives the core's cleartext
 // for all of them, learning each datagram's destination from IP_PKTINFO;
 // the datagram is rebuilt as an inner IPv4/UDP packet, sealed
-// (esp.SA.Seal) under the outbound SA of its destination and sent to the
+// (esp.Transform.Seal) under the outbound SA of its destination and sent to the
 // phone's 4500.
 func (r *runner) baselineEncap(size string, sz gen.Sizes, n int) error {
 	if err := r.loadCore(sz, n); err != nil {
@@ -170,13 +170,13 @@ func (r *runner) baselineEncap(size string, sz gen.Sizes, n int) error {
 // startBaselineEncap starts the encap socket baseline with n SAs on the
 // runner's topology; the core's ring must hold cleartext frames.
 func (r *runner) startBaselineEncap(n int) (*session, error) {
-	sas := make(map[[4]byte]*esp.SA, n)
+	sas := make(map[[4]byte]*esp.Transform, n)
 	for i := range n {
 		key, err := pktgen.KeyBytes('o', i)
 		if err != nil {
 			return nil, err
 		}
-		s, err := esp.NewSA(esp.Config{SPI: pktgen.OutSPIBase + uint32(i), Proposal: esp.AES128GCM16, EncKey: key, Mode: esp.ModeTunnel})
+		s, err := esp.NewTransform(esp.Config{SPI: pktgen.OutSPIBase + uint32(i), Proposal: esp.AES128GCM16, EncKey: key, Mode: esp.ModeTunnel})
 		if err != nil {
 			return nil, err
 		}
@@ -234,7 +234,7 @@ func (r *runner) startBaselineEncap(n int) (*session, error) {
 	}
 	return r.socketStart(loop, r.tp.priv, r.tp.ph, esp.NATTPort, sender{r.tp.core, r.coreG, false, false}, closers{unroute},
 		func(st socketStats) string {
-			return fmt.Sprintf("recvmmsg (IP_PKTINFO)/sendmmsg ×%d, esp.SA.Seal, one goroutine on CPU %d; sealed %d, unroutable %d, socket drops %d",
+			return fmt.Sprintf("recvmmsg (IP_PKTINFO)/sendmmsg ×%d, esp.Transform.Seal, one goroutine on CPU %d; sealed %d, unroutable %d, socket drops %d",
 				baselineBatch, GwCPU, st.done, st.bad, st.sockDrops)
 		})
 }

@@ -67,7 +67,7 @@ func (gu *gatewayUnder) load(ctx context.Context, from, n int, nw pktgen.Net) er
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
-	keys, vals := make([]uint32, 1<<16), make([]bpf.SA, 1<<16)
+	keys, vals := make([]uint32, 1<<16), make([]bpf.SASteer, 1<<16)
 	for {
 		c, err := countMap(gu.g.Maps.SAs.Map(), keys, vals)
 		if err != nil {
@@ -86,7 +86,7 @@ func (gu *gatewayUnder) load(ctx context.Context, from, n int, nw pktgen.Net) er
 	}
 }
 
-func countMap(m *ebpf.Map, keys []uint32, vals []bpf.SA) (int, error) {
+func countMap(m *ebpf.Map, keys []uint32, vals []bpf.SASteer) (int, error) {
 	var cur ebpf.MapBatchCursor
 	total := 0
 	for {

@@ -837,7 +837,7 @@ func (r *runner) loadFlood() error {
 	for i := range key {
 		key[i] = byte(0xf0 ^ i)
 	}
-	forger, err := esp.NewSA(esp.Config{SPI: victim.SA.SPI(), Proposal: esp.AES128GCM16, EncKey: key, Mode: esp.ModeTunnel})
+	forger, err := esp.NewTransform(esp.Config{SPI: victim.SA.SPI(), Proposal: esp.AES128GCM16, EncKey: key, Mode: esp.ModeTunnel})
 	if err != nil {
 		return fmt.Errorf("bench: flood SA: %w", err)
 	}

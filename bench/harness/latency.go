@@ -94,10 +94,10 @@ func sampleMask(expected float64) uint64 {
 // cleartext, or from inside an ESP-in-UDP packet opened with the test
 // SAs (inbound SPIs: the phones' seal; outbound: the gateway's).
 type stampDecoder struct {
-	sas map[uint32]*esp.SA
+	sas map[uint32]*esp.Transform
 }
 
-func (d *stampDecoder) lookup(spi uint32) *esp.SA {
+func (d *stampDecoder) lookup(spi uint32) *esp.Transform {
 	if s, ok := d.sas[spi]; ok {
 		return s
 	}
@@ -116,12 +116,12 @@ func (d *stampDecoder) lookup(spi uint32) *esp.SA {
 		return nil
 	}
 	// No replay window: the sample is a subset, read out of order.
-	s, err := esp.NewSA(esp.Config{SPI: spi, Proposal: esp.AES128GCM16, EncKey: key, Mode: esp.ModeTunnel})
+	s, err := esp.NewTransform(esp.Config{SPI: spi, Proposal: esp.AES128GCM16, EncKey: key, Mode: esp.ModeTunnel})
 	if err != nil {
 		return nil
 	}
 	if d.sas == nil {
-		d.sas = map[uint32]*esp.SA{}
+		d.sas = map[uint32]*esp.Transform{}
 	}
 	d.sas[spi] = s
 	return s

@@ -169,7 +169,7 @@ func FlowsRange(from, to int, nw Net) ([]gen.Flow, error) {
 		if err := unhex(key, Key('i', i)); err != nil {
 			return nil, err
 		}
-		s, err := esp.NewSA(esp.Config{SPI: InSPIBase + uint32(i), Proposal: esp.AES128GCM16, EncKey: key, Mode: esp.ModeTunnel})
+		s, err := esp.NewTransform(esp.Config{SPI: InSPIBase + uint32(i), Proposal: esp.AES128GCM16, EncKey: key, Mode: esp.ModeTunnel})
 		if err != nil {
 			return nil, fmt.Errorf("pktgen: SA %d: %w", i, err)
 		}

@@ -46,7 +46,7 @@ func TestGatewaySideOpensGeneratedESP(t *testing.T) {
 		if err := unhex(key, Key('i', i)); err != nil {
 			t.Fatal(err)
 		}
-		rx, err := esp.NewSA(esp.Config{SPI: InSPIBase + uint32(i), Proposal: esp.AES128GCM16, EncKey: key, Mode: esp.ModeTunnel, ReplayWindow: 64})
+		rx, err := esp.NewTransform(esp.Config{SPI: InSPIBase + uint32(i), Proposal: esp.AES128GCM16, EncKey: key, Mode: esp.ModeTunnel, ReplayWindow: 64})
 		if err != nil {
 			t.Fatal(err)
 		}

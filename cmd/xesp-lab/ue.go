@@ -325,12 +325,12 @@ func mirrorSA(s sa.SA) sa.SA {
 	return s
 }
 
-func engineSA(s sa.SA, window int) (*esp.SA, error) {
+func engineSA(s sa.SA, window int) (*esp.Transform, error) {
 	mode := esp.ModeTunnel
 	if s.Mode == sa.Transport {
 		mode = esp.ModeTransport
 	}
-	return esp.NewSA(esp.Config{Name: s.Name, SPI: s.SPI, Proposal: s.Proposal, EncKey: s.EncKey,
+	return esp.NewTransform(esp.Config{Name: s.Name, SPI: s.SPI, Proposal: s.Proposal, EncKey: s.EncKey,
 		AuthKey: s.AuthKey, ESN: s.ESN, ReplayWindow: window, Mode: mode})
 }
 

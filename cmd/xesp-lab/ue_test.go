@@ -267,10 +267,10 @@ func TestUECommand(t *testing.T) {
 	}
 }
 
-func mustMode(t *testing.T, spi uint32, key string, window int, mode esp.Mode) *esp.SA {
+func mustMode(t *testing.T, spi uint32, key string, window int, mode esp.Mode) *esp.Transform {
 	t.Helper()
 	k, _ := hex.DecodeString(key)
-	tr, err := esp.NewSA(esp.Config{SPI: spi, Proposal: esp.AES128GCM16, EncKey: k, ReplayWindow: window, Mode: mode})
+	tr, err := esp.NewTransform(esp.Config{SPI: spi, Proposal: esp.AES128GCM16, EncKey: k, ReplayWindow: window, Mode: mode})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -142,12 +142,12 @@ func parseDecryptArgs(args []string, stderr io.Writer) (decryptOpts, error) {
 }
 
 // loadInboundSAs builds one engine SA per inbound SPI of the file.
-func loadInboundSAs(o decryptOpts) (map[uint32]*esp.SA, int, error) {
+func loadInboundSAs(o decryptOpts) (map[uint32]*esp.Transform, int, error) {
 	specs, err := sa.ParseFile(o.saFile, sa.Options{AllowNoIntegrity: true})
 	if err != nil {
 		return nil, 0, err
 	}
-	sas := map[uint32]*esp.SA{}
+	sas := map[uint32]*esp.Transform{}
 	outbound := 0
 	for _, s := range specs {
 		if s.Direction != sa.In {
@@ -158,7 +158,7 @@ func loadInboundSAs(o decryptOpts) (map[uint32]*esp.SA, int, error) {
 		if s.Mode == sa.Transport {
 			mode = esp.ModeTransport
 		}
-		e, err := esp.NewSA(esp.Config{Name: s.Name, SPI: s.SPI, Proposal: s.Proposal, EncKey: s.EncKey,
+		e, err := esp.NewTransform(esp.Config{Name: s.Name, SPI: s.SPI, Proposal: s.Proposal, EncKey: s.EncKey,
 			AuthKey: s.AuthKey, ESN: s.ESN, ReplayWindow: int(s.ReplayWindow), Mode: mode})
 		if err != nil {
 			return nil, 0, fmt.Errorf("%s: %w", o.saFile, err)
@@ -251,7 +251,7 @@ func runDecrypt(args []string, stdout, stderr io.Writer) error {
 	defer out.Flush()
 	enc := json.NewEncoder(out)
 	st := decryptStats{verdicts: map[string]int{}, reasons: map[string]int{}, badIP: map[string]int{}}
-	lookup := func(spi uint32) *esp.SA { return sas[spi] }
+	lookup := func(spi uint32) *esp.Transform { return sas[spi] }
 	var scratch []byte
 	lastIndex := -1
 	for {
@@ -312,7 +312,7 @@ func runDecrypt(args []string, stdout, stderr io.Writer) error {
 // packet the engine may overwrite). It returns the record, the inner packet
 // to write to --out (nil unless accepted), and false for packets that are
 // not ESP-related.
-func judge(pkt capture.Packet, work []byte, port uint16, lookup func(uint32) *esp.SA, st *decryptStats) (decryptRecord, []byte, bool) {
+func judge(pkt capture.Packet, work []byte, port uint16, lookup func(uint32) *esp.Transform, st *decryptStats) (decryptRecord, []byte, bool) {
 	rec := decryptRecord{Index: pkt.Index + 1, Time: pkt.Time.UTC().Format(time.RFC3339Nano)}
 	parsed, perr := esp.ParseOuterPort(pkt.IP, port)
 	if parsed.Class == esp.ClassOther {

@@ -627,13 +627,13 @@ func TestDecryptESNNeedsWindowTop(t *testing.T) {
 // sealer seals packets with the esp engine for an SA also written to the SA
 // file, so the test is the same as a phone's traffic reaching a gateway.
 type sealer struct {
-	sa  *esp.SA
+	sa  *esp.Transform
 	out esp.Outer
 }
 
 func newSealer(t *testing.T, c esp.Config, o esp.Outer) *sealer {
 	t.Helper()
-	s, err := esp.NewSA(c)
+	s, err := esp.NewTransform(c)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -1272,19 +1272,19 @@ func TestSummarizeIP(t *testing.T) {
 // and what it reports must hold together.
 func FuzzDecryptJudge(f *testing.F) {
 	k, _ := hex.DecodeString("000102030405060708090a0b0c0d0e0fcafebabe")
-	gcm, err := esp.NewSA(esp.Config{SPI: 0x1001, Proposal: esp.AES128GCM16, EncKey: k, ReplayWindow: 64, Mode: esp.ModeTransport})
+	gcm, err := esp.NewTransform(esp.Config{SPI: 0x1001, Proposal: esp.AES128GCM16, EncKey: k, ReplayWindow: 64, Mode: esp.ModeTransport})
 	if err != nil {
 		f.Fatal(err)
 	}
-	cbc, err := esp.NewSA(esp.Config{SPI: 0x2002, Proposal: esp.AES128CBC, EncKey: k[:16], Mode: esp.ModeTunnel})
+	cbc, err := esp.NewTransform(esp.Config{SPI: 0x2002, Proposal: esp.AES128CBC, EncKey: k[:16], Mode: esp.ModeTunnel})
 	if err != nil {
 		f.Fatal(err)
 	}
-	sas := map[uint32]*esp.SA{0x1001: gcm, 0x2002: cbc}
-	lookup := func(spi uint32) *esp.SA { return sas[spi] }
+	sas := map[uint32]*esp.Transform{0x1001: gcm, 0x2002: cbc}
+	lookup := func(spi uint32) *esp.Transform { return sas[spi] }
 	o := esp.Outer{Src: netip.MustParseAddr("192.0.2.10"), Dst: netip.MustParseAddr("198.51.100.20"), Encap: true, SrcPort: 4500, DstPort: 4500}
 	inner := udpInner4([4]byte{10, 99, 0, 1}, [4]byte{10, 0, 0, 1}, 5060, 5060, 30)
-	for _, s := range []*esp.SA{gcm, cbc} {
+	for _, s := range []*esp.Transform{gcm, cbc} {
 		buf := make([]byte, 512)
 		nh := uint8(17)
 		payload := inner[20:]
@@ -1344,7 +1344,7 @@ func BenchmarkDecryptCapture(b *testing.B) {
 				b.Fatal(err)
 			}
 			k, _ := hex.DecodeString(key)
-			s, err := esp.NewSA(esp.Config{SPI: 0x7007, Proposal: esp.AES128GCM16, EncKey: k, Mode: esp.ModeTunnel})
+			s, err := esp.NewTransform(esp.Config{SPI: 0x7007, Proposal: esp.AES128GCM16, EncKey: k, Mode: esp.ModeTunnel})
 			if err != nil {
 				b.Fatal(err)
 			}

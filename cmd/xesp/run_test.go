@@ -52,10 +52,10 @@ const (
 	runKeyOut = "808182838485868788898a8b8c8d8e8f90919293"
 )
 
-func mustESP(t *testing.T, spi uint32, key string, window int) *esp.SA {
+func mustESP(t *testing.T, spi uint32, key string, window int) *esp.Transform {
 	t.Helper()
 	k, _ := hex.DecodeString(key)
-	s, err := esp.NewSA(esp.Config{SPI: spi, Proposal: esp.AES128GCM16, EncKey: k, ReplayWindow: window, Mode: esp.ModeTunnel})
+	s, err := esp.NewTransform(esp.Config{SPI: spi, Proposal: esp.AES128GCM16, EncKey: k, ReplayWindow: window, Mode: esp.ModeTunnel})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -188,7 +188,7 @@ func (d *daemonTopo) waitAPI(t *testing.T, dm *daemon) {
 	}
 }
 
-func (d *daemonTopo) newPhone(t *testing.T, port int, out, in *esp.SA) *ue.Phone {
+func (d *daemonTopo) newPhone(t *testing.T, port int, out, in *esp.Transform) *ue.Phone {
 	t.Helper()
 	var p *ue.Phone
 	if err := d.phone.Do(func() (err error) {

@@ -26,7 +26,7 @@ func (s *Server) needsCore(x *sa.SA) bool {
 // when core_pool is set and it names none: its partner's (same peer,
 // encap port and inner peer) when that already has one, so both SAs of a
 // pair share it, else a fresh one.
-func (s *Server) addWithCore(in sa.SA) (sad.Entry, error) {
+func (s *Server) addWithCore(in sa.SA) (sad.Record, error) {
 	if !s.needsCore(&in) {
 		return s.sad.Add(in)
 	}
@@ -34,7 +34,7 @@ func (s *Server) addWithCore(in sa.SA) (sad.Entry, error) {
 	defer s.coreMu.Unlock()
 	core, err := s.coreFor(netip.AddrPortFrom(in.Peer, encapPort(&in)), in.InnerPeer, []sa.SA{in})
 	if err != nil {
-		return sad.Entry{}, err
+		return sad.Record{}, err
 	}
 	in.Core = core
 	return s.sad.Add(in)

@@ -122,7 +122,7 @@ func (s *Server) list(w http.ResponseWriter, r *http.Request) {
 		}
 		cursor = n
 	}
-	entries, next := s.sad.List(cursor, limit, make([]sad.Entry, 0, limit))
+	entries, next := s.sad.List(cursor, limit, make([]sad.Record, 0, limit))
 	p := Page{Items: make([]SAView, len(entries))}
 	for i := range entries {
 		p.Items[i] = s.view(&entries[i])
@@ -236,32 +236,32 @@ func (s *Server) synced(w http.ResponseWriter, r *http.Request) bool {
 }
 
 // resolve finds the SA a reference names.
-func (s *Server) resolve(ref string) (sad.Entry, int, error) {
+func (s *Server) resolve(ref string) (sad.Record, int, error) {
 	rf, err := ParseRef(ref)
 	if err != nil {
-		return sad.Entry{}, http.StatusBadRequest, err
+		return sad.Record{}, http.StatusBadRequest, err
 	}
 	switch {
 	case rf.Name != "":
 		if e, ok := s.sad.GetName(rf.Name); ok {
 			return e, 0, nil
 		}
-		return sad.Entry{}, http.StatusNotFound, fmt.Errorf("sa %q: %w", rf.Name, sad.ErrNotFound)
+		return sad.Record{}, http.StatusNotFound, fmt.Errorf("sa %q: %w", rf.Name, sad.ErrNotFound)
 	case rf.ID.Dir == sa.Out && rf.ID.Peer.IsValid():
 		if e, ok := s.sad.Get(rf.ID); ok {
 			return e, 0, nil
 		}
-		return sad.Entry{}, http.StatusNotFound, fmt.Errorf("%s: %w", rf.ID, sad.ErrNotFound)
+		return sad.Record{}, http.StatusNotFound, fmt.Errorf("%s: %w", rf.ID, sad.ErrNotFound)
 	}
 	e, err := s.sad.Lookup(rf.ID.Dir, rf.ID.SPI)
 	if err != nil {
-		return sad.Entry{}, sadStatus(err), err
+		return sad.Record{}, sadStatus(err), err
 	}
 	return e, 0, nil
 }
 
 // view builds what the API shows of an entry: never its keys.
-func (s *Server) view(e *sad.Entry) SAView {
+func (s *Server) view(e *sad.Record) SAView {
 	v := SAView{
 		Spec:    e.SA.Public(),
 		Ref:     RefOf(e.ID),

@@ -173,7 +173,7 @@ func (s *Server) secAgreeCreate(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, "spi_c, spi_s: give both, different, or neither")
 		return
 	}
-	var added []sad.Entry
+	var added []sad.Record
 	var server secagree.Mechanism
 	tunnel := chosen.Mod.Effective() != secagree.ModeTrans && reg.UEInner.IsValid()
 	withCore := s.pool != nil && tunnel && reg.UEInner.Is4() == s.pool.Prefix().Addr().Is4()
@@ -422,12 +422,12 @@ func (s *Server) checkDerived(ds []secagree.DerivedSA) []error {
 
 // addAll installs every derived SA or, on the first failure, removes the
 // ones it added and returns the failure.
-func (s *Server) addAll(ds []secagree.DerivedSA) ([]sad.Entry, int, error) {
-	var added []sad.Entry
+func (s *Server) addAll(ds []secagree.DerivedSA) ([]sad.Record, int, error) {
+	var added []sad.Record
 	for i, d := range ds {
 		x, err := d.Spec.Parse(sa.Options{})
 		if err == nil {
-			var e sad.Entry
+			var e sad.Record
 			if e, err = s.sad.Add(x); err == nil {
 				added = append(added, e)
 				continue
@@ -498,7 +498,7 @@ func (s *Server) secAgreeDelete(w http.ResponseWriter, r *http.Request) {
 		grace = d
 	}
 	out := RegistrationDeleted{Registration: name}
-	var present []sad.Entry
+	var present []sad.Record
 	for _, role := range roles {
 		if cur, ok := s.sad.GetName(name + "." + role); ok {
 			present = append(present, cur)

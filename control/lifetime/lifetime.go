@@ -179,7 +179,7 @@ type Enforcer struct {
 	wake   chan struct{}
 
 	checkMu sync.Mutex // one pass at a time (Run and callers of Check)
-	page    []sad.Entry
+	page    []sad.Record
 	// idle holds, per SA an Idle event was raised for, the last-seen
 	// time it was raised at: one event per silence, not one per pass.
 	idle    map[sa.ID]time.Time
@@ -254,13 +254,13 @@ func (e *Enforcer) Check() {
 	}
 }
 
-func (e *Enforcer) check(ent *sad.Entry, now time.Time) {
+func (e *Enforcer) check(ent *sad.Record, now time.Time) {
 	e.checkNext(ent, now)
 }
 
 // checkNext checks ent and returns when it should be checked again
 // (zero: it was deleted).
-func (e *Enforcer) checkNext(ent *sad.Entry, now time.Time) time.Time {
+func (e *Enforcer) checkNext(ent *sad.Record, now time.Time) time.Time {
 	e.checked.Add(1)
 	l := ent.SA.Lifetime
 	seqSoft, seqHard := uint64(SeqSoft32), uint64(SeqHard32)
@@ -473,7 +473,7 @@ func (h *dueHeap) Pop() any {
 // the SA's group and reports gone. at is when it could next turn idle
 // (zero: no idle timeout), now when it is idle (so a scheduled pass
 // watches for its phone's return).
-func (e *Enforcer) checkIdle(ent *sad.Entry, u Usage, born, now time.Time) (at time.Time, gone bool) {
+func (e *Enforcer) checkIdle(ent *sad.Record, u Usage, born, now time.Time) (at time.Time, gone bool) {
 	timeout := e.o.IdleTimeout
 	if s := ent.SA.IdleTimeout; s != 0 {
 		timeout = time.Duration(s) * time.Second

@@ -1,7 +1,7 @@
 // Package manager keeps the data path in step with the SA database. It is
 // the only writer of the BPF SA map, the policy trie and the cores map and the only sender of
 // worker commands: it follows the SAD's change feed, builds each SA's
-// cipher state once (esp.NewSA), installs it in its worker's table, then
+// cipher state once (esp.NewTransform), installs it in its worker's table, then
 // publishes it to XDP; on delete it unpublishes first, waits for the XDP
 // runs in flight to end, then has the worker uninstall it once it has
 // processed the frames already steered to it. That order means XDP never
@@ -68,20 +68,20 @@ type Options struct {
 	// Restore, when set, may load persisted state (an inbound SA's replay
 	// window, its counters) into an entry before its first install, after
 	// a restart. Updates and moves then carry the entry's state over.
-	Restore func(id sa.ID, s *sa.SA, e *worker.Entry)
+	Restore func(id sa.ID, s *sa.SA, e *worker.Slot)
 	// Retry, when set, paces the retries of failed reservations and
 	// installs instead of a one-second ticker (tests step it).
 	Retry <-chan time.Time
 	Log   *slog.Logger
 }
 
-// slot is one SA installed in the data path.
-type slot struct {
+// installed is one SA installed in the data path.
+type installed struct {
 	id     sa.ID
 	spi    uint32
 	worker uint16
 	index  uint32
-	entry  *worker.Entry
+	entry  *worker.Slot
 	group  groupRef
 	policy policyKey // outbound: the XDP entry (trie prefix or core key) this SA serves
 	encap  bool
@@ -89,7 +89,7 @@ type slot struct {
 
 	// While a commit builds an update: the slot it replaces, and whether
 	// the worker inherits its state in place (same worker and index).
-	replaces *slot
+	replaces *installed
 	inherit  bool
 
 	// snap is the inbound SA's replay window as its worker last exported
@@ -165,8 +165,8 @@ type Manager struct {
 	log *slog.Logger
 
 	mu       sync.RWMutex // guards live (read by the API)
-	live     map[sa.ID]*slot
-	slots    [][]*slot // [worker][index], for binding events
+	live     map[sa.ID]*installed
+	slots    [][]*installed // [worker][index], for binding events
 	bindings map[groupRef]*sharedBinding
 	// policies lists, per XDP key (inner prefix or core key), the
 	// outbound SAs that serve it, in install order; the map entry points
@@ -175,7 +175,7 @@ type Manager struct {
 	// a phone's SAs that differ by local port only (a re-registration's
 	// new set beside the current one): they share a worker (the SAD
 	// groups a phone's SAs by core address), which picks by ports.
-	policies map[policyKey][]*slot
+	policies map[policyKey][]*installed
 
 	// coreFlags are the bpf.CoreFlag* bits set in core_cfg (putPolicy).
 	coreFlags uint32
@@ -212,10 +212,10 @@ func New(o Options) (*Manager, error) {
 	}
 	return &Manager{
 		o: o, log: o.Log, syncedCh: make(chan struct{}),
-		live:     make(map[sa.ID]*slot),
-		slots:    make([][]*slot, o.Workers.Len()),
+		live:     make(map[sa.ID]*installed),
+		slots:    make([][]*installed, o.Workers.Len()),
 		bindings: make(map[groupRef]*sharedBinding),
-		policies: make(map[policyKey][]*slot),
+		policies: make(map[policyKey][]*installed),
 
 		retryInstall: make(map[sa.ID]struct{}),
 	}, nil
@@ -390,12 +390,12 @@ func (m *Manager) resync(ctx context.Context) error {
 	seen := make(map[sa.ID]struct{}, in+out)
 	m.mu.Lock()
 	if len(m.live) == 0 {
-		m.live = make(map[sa.ID]*slot, in+out)
-		m.policies = make(map[policyKey][]*slot, out)
+		m.live = make(map[sa.ID]*installed, in+out)
+		m.policies = make(map[policyKey][]*installed, out)
 	}
 	m.mu.Unlock()
 	var errs []error
-	var page []sad.Entry
+	var page []sad.Record
 	var cur uint64
 	for {
 		page, cur = m.o.SAD.List(cur, resyncPage, page[:0])
@@ -432,8 +432,8 @@ const resyncPage = 16384
 
 // batch is one round of changes, applied in the safe order by commit.
 type batch struct {
-	removes  []*slot     // unpublish, then uninstall
-	adds     []sad.Entry // install, then publish (also updates)
+	removes  []*installed // unpublish, then uninstall
+	adds     []sad.Record // install, then publish (also updates)
 	bindings []sa.ID
 }
 
@@ -467,7 +467,7 @@ func (m *Manager) plan(b *batch, c sad.Change) {
 func (m *Manager) commit(ctx context.Context, b *batch) error {
 	var errs []error
 
-	var installs, olds []*slot
+	var installs, olds []*installed
 	for _, e := range b.adds {
 		s, err := m.build(e)
 		if err != nil {
@@ -509,7 +509,7 @@ func (m *Manager) commit(ctx context.Context, b *batch) error {
 	// workers have processed those frames (make before break), and wait
 	// until no worker touches those entries. Their indices are free for
 	// installs only after that, so no drained frame meets another SA.
-	var out []*slot
+	var out []*installed
 	out = append(append(out, b.removes...), olds...)
 	if len(out) > 0 {
 		m.settle()
@@ -565,7 +565,7 @@ func (m *Manager) commit(ctx context.Context, b *batch) error {
 
 // send installs (or removes) slots in their workers' tables and returns
 // once every worker concerned has applied the commands.
-func (m *Manager) send(ctx context.Context, slots []*slot, install bool) error {
+func (m *Manager) send(ctx context.Context, slots []*installed, install bool) error {
 	if len(slots) == 0 {
 		return nil
 	}
@@ -638,13 +638,13 @@ func (m *Manager) settle() {
 }
 
 // build makes the worker entry for an SAD entry.
-func (m *Manager) build(e sad.Entry) (*slot, error) {
+func (m *Manager) build(e sad.Record) (*installed, error) {
 	s := &e.SA
 	mode := esp.ModeTunnel
 	if s.Mode == sa.Transport {
 		mode = esp.ModeTransport
 	}
-	cipher, err := esp.NewSA(esp.Config{
+	cipher, err := esp.NewTransform(esp.Config{
 		Name: s.Name, SPI: s.SPI, Proposal: s.Proposal,
 		EncKey: s.EncKey, AuthKey: s.AuthKey, ESN: s.ESN,
 		ReplayWindow: int(s.ReplayWindow), Mode: mode,
@@ -652,9 +652,9 @@ func (m *Manager) build(e sad.Entry) (*slot, error) {
 	if err != nil {
 		return nil, err
 	}
-	sl := &slot{id: e.ID, spi: s.SPI, worker: e.Worker, index: e.Index, encap: s.Encap != nil,
+	sl := &installed{id: e.ID, spi: s.SPI, worker: e.Worker, index: e.Index, encap: s.Encap != nil,
 		group: groupRef{worker: e.Worker, key: sad.GroupOf(s)}}
-	ent := &worker.Entry{SA: cipher, Local: s.Local, PortLocal: s.Ports.Local, PortPeer: s.Ports.Peer,
+	ent := &worker.Slot{SA: cipher, Local: s.Local, PortLocal: s.Ports.Local, PortPeer: s.Ports.Peer,
 		InnerLocal: s.InnerLocal, Proto: s.Ports.Proto, DSCP: s.DSCP, FixDSCP: s.HasDSCP,
 		HardPackets: s.Lifetime.HardPackets, HardBytes: s.Lifetime.HardBytes}
 	if s.Encap != nil {
@@ -715,7 +715,7 @@ func (m *Manager) build(e sad.Entry) (*slot, error) {
 // ever have sent under its key and durably reserves a block ahead (one
 // fsync for the batch). SAs whose space is exhausted are left out with an
 // error; nothing is installed when the reservation cannot be written.
-func (m *Manager) reserve(installs []*slot, errs *[]error) ([]*slot, error) {
+func (m *Manager) reserve(installs []*installed, errs *[]error) ([]*installed, error) {
 	if m.o.Seq == nil {
 		return installs, nil
 	}
@@ -766,7 +766,7 @@ func (m *Manager) extend(req worker.SeqRequest) error {
 		return nil
 	}
 	m.mu.RLock()
-	var s *slot
+	var s *installed
 	if req.Worker < len(m.slots) && int(req.Index) < len(m.slots[req.Worker]) {
 		s = m.slots[req.Worker][req.Index]
 	}
@@ -788,11 +788,11 @@ func (m *Manager) extend(req worker.SeqRequest) error {
 	return nil
 }
 
-func (m *Manager) remember(s *slot) {
+func (m *Manager) remember(s *installed) {
 	m.live[s.id] = s
 	ws := m.slots[s.worker]
 	if int(s.index) >= len(ws) {
-		ws = append(ws, make([]*slot, int(s.index)+1-len(ws))...)
+		ws = append(ws, make([]*installed, int(s.index)+1-len(ws))...)
 		m.slots[s.worker] = ws
 	}
 	ws[s.index] = s
@@ -802,7 +802,7 @@ func (m *Manager) remember(s *slot) {
 }
 
 // release drops a built slot that will not be installed.
-func (m *Manager) release(s *slot) {
+func (m *Manager) release(s *installed) {
 	if sb := m.bindings[s.group]; sb != nil && sb.b == s.entry.Binding {
 		if sb.refs--; sb.refs == 0 {
 			delete(m.bindings, s.group)
@@ -810,7 +810,7 @@ func (m *Manager) release(s *slot) {
 	}
 }
 
-func (m *Manager) forget(s *slot) {
+func (m *Manager) forget(s *installed) {
 	if m.live[s.id] == s {
 		delete(m.live, s.id)
 	}
@@ -825,9 +825,9 @@ func (m *Manager) forget(s *slot) {
 }
 
 // publish writes installed slots to the BPF maps.
-func (m *Manager) publish(installs []*slot) error {
+func (m *Manager) publish(installs []*installed) error {
 	var spis []uint32
-	var vals []bpf.SA
+	var vals []bpf.SASteer
 	var prefixes []netip.Prefix // trie policies, written in batches
 	var pols []bpf.Policy
 	var errs []error
@@ -838,7 +838,7 @@ func (m *Manager) publish(installs []*slot) error {
 				flags = bpf.SAFlagEncap
 			}
 			spis = append(spis, s.spi)
-			vals = append(vals, bpf.SA{SaIndex: s.index, Worker: s.worker, Flags: flags})
+			vals = append(vals, bpf.SASteer{SaIndex: s.index, Worker: s.worker, Flags: flags})
 			continue
 		}
 		m.mu.RLock()
@@ -870,7 +870,7 @@ func (m *Manager) publish(installs []*slot) error {
 
 // unpublish stops XDP steering to s. For a policy served by several SAs
 // it hands the prefix back to the newest remaining one.
-func (m *Manager) unpublish(s *slot) error {
+func (m *Manager) unpublish(s *installed) error {
 	if s.entry.Dir == worker.Inbound {
 		if err := m.o.Maps.SAs.Delete(s.spi); err != nil && !errors.Is(err, maps.ErrNotFound) {
 			return fmt.Errorf("unpublish %s: %w", s.id, err)
@@ -890,7 +890,7 @@ func (m *Manager) unpublish(s *slot) error {
 
 // dropPolicy takes s off the list of SAs serving its policy prefix and
 // returns the SAs left.
-func (m *Manager) dropPolicy(s *slot) []*slot {
+func (m *Manager) dropPolicy(s *installed) []*installed {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	list := m.policies[s.policy]
@@ -913,7 +913,7 @@ func (m *Manager) dropPolicy(s *slot) []*slot {
 func (m *Manager) bindingChanged(ev worker.BindingChange) {
 	m.kaDirty.Store(true)
 	m.mu.RLock()
-	var s *slot
+	var s *installed
 	if ev.Worker < len(m.slots) && int(ev.Index) < len(m.slots[ev.Worker]) {
 		s = m.slots[ev.Worker][ev.Index]
 	}

@@ -24,7 +24,7 @@ type recWorkers struct {
 	t      *testing.T
 	maps   *maps.Set
 	mu     sync.Mutex
-	tables [][]*worker.Entry
+	tables [][]*worker.Slot
 }
 
 func (r *recWorkers) Len() int { return len(r.tables) }
@@ -71,7 +71,7 @@ func (r *recWorkers) Send(_ context.Context, w int, cmds []worker.Command) error
 
 func (r *recWorkers) Sync(context.Context, int) error { return nil }
 
-func (r *recWorkers) entry(w int, i uint32) *worker.Entry {
+func (r *recWorkers) entry(w int, i uint32) *worker.Slot {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if int(i) >= len(r.tables[w]) {
@@ -100,7 +100,7 @@ func newFixture(t *testing.T, workers int, seqDir string) *fixture {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := &fixture{d: d, maps: inst.Maps, w: &recWorkers{t: t, maps: inst.Maps, tables: make([][]*worker.Entry, workers)}}
+	f := &fixture{d: d, maps: inst.Maps, w: &recWorkers{t: t, maps: inst.Maps, tables: make([][]*worker.Slot, workers)}}
 	if seqDir != "" {
 		if f.seq, err = seqstore.Open(seqDir, seqstore.Options{Block: 1000}); err != nil {
 			t.Fatal(err)

@@ -20,7 +20,7 @@ func (m *Manager) PruneStale() (sas, policies int, err error) {
 	m.mu.RLock()
 	defer m.mu.RUnlock()
 	var stale []uint32
-	werr := m.o.Maps.SAs.Walk(func(spi uint32, _ bpf.SA) bool {
+	werr := m.o.Maps.SAs.Walk(func(spi uint32, _ bpf.SASteer) bool {
 		if m.live[sa.ID{Dir: sa.In, SPI: spi}] == nil {
 			stale = append(stale, spi)
 		}

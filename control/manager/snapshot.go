@@ -20,7 +20,7 @@ type InboundState struct {
 // entry (workers stopped).
 type snapshotWant struct {
 	id    sa.ID
-	entry *worker.Entry
+	entry *worker.Slot
 }
 
 // SnapshotInbound returns every installed inbound SA's replay window.
@@ -76,7 +76,7 @@ func (m *Manager) SnapshotInbound(ctx context.Context, stopped bool) ([]InboundS
 // exported is one window a worker exported.
 type exported struct {
 	index uint32
-	entry *worker.Entry
+	entry *worker.Slot
 	state esp.ReplayState
 }
 
@@ -86,7 +86,7 @@ type exported struct {
 func (m *Manager) exportDirty(ctx context.Context, w uint16) (int, error) {
 	var got []exported
 	listed := 0
-	dirty := func(table []*worker.Entry, slots []uint32) {
+	dirty := func(table []*worker.Slot, slots []uint32) {
 		listed = len(slots)
 		got = make([]exported, 0, len(slots))
 		for _, i := range slots {

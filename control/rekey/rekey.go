@@ -48,7 +48,7 @@ type Request struct {
 
 // Result says what the rekey did.
 type Result struct {
-	Added []sad.Entry
+	Added []sad.Record
 	// Retired are the old outbound SAs, deleted before Do returns;
 	// Draining are the old inbound SAs, deleted after the grace period.
 	Retired, Draining []sa.ID

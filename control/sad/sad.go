@@ -94,9 +94,9 @@ func (s State) String() string {
 	return fmt.Sprintf("state(%d)", uint8(s))
 }
 
-// Entry is a copy of one SA with its runtime fields. The key slices in SA
+// Record is a copy of one SA with its runtime fields. The key slices in SA
 // are shared with the SAD and must not be modified.
-type Entry struct {
+type Record struct {
 	SA     sa.SA
 	ID     sa.ID
 	Worker uint16
@@ -142,8 +142,8 @@ type entry struct {
 
 func (e *entry) id() sa.ID { return e.sa.ID() }
 
-func (e *entry) export() Entry {
-	return Entry{
+func (e *entry) export() Record {
+	return Record{
 		SA: e.sa, ID: e.sa.ID(), Worker: e.worker, Index: e.index, Binding: e.binding,
 		State: e.state, Created: time.Unix(0, e.created), Version: e.version, Replaced: e.replaced,
 	}
@@ -259,10 +259,10 @@ func New(o Options) (*SAD, error) {
 }
 
 // Add inserts a validated SA and returns its entry.
-func (d *SAD) Add(s sa.SA) (Entry, error) {
+func (d *SAD) Add(s sa.SA) (Record, error) {
 	d.mu.Lock()
 	e, err := d.add(&s, time.Now().UnixNano())
-	var out Entry
+	var out Record
 	if err == nil {
 		out = e.export()
 	}
@@ -291,10 +291,10 @@ func (d *SAD) AddAll(sas []sa.SA) error {
 
 // AddRekey is Add for a rekey's new SA: its selectors may overlap those
 // of the SAs in replaces (make-before-break), never any other's.
-func (d *SAD) AddRekey(s sa.SA, replaces []sa.ID) (Entry, error) {
+func (d *SAD) AddRekey(s sa.SA, replaces []sa.ID) (Record, error) {
 	d.mu.Lock()
 	e, err := d.addChecked(&s, time.Now().UnixNano(), replaces)
-	var out Entry
+	var out Record
 	if err == nil {
 		out = e.export()
 	}
@@ -559,10 +559,10 @@ func (d *SAD) unlinkOut(e *entry) {
 // worker, in which case it follows its group (new worker, new index, the
 // group's binding). SPI and direction are the identity and cannot change
 // (delete and add: a new SPI is a new SA with fresh replay state).
-func (d *SAD) Update(s sa.SA) (Entry, error) {
+func (d *SAD) Update(s sa.SA) (Record, error) {
 	d.mu.Lock()
 	e, err := d.update(&s)
-	var out Entry
+	var out Record
 	if err == nil {
 		out = e.export()
 	}
@@ -627,7 +627,7 @@ func (d *SAD) update(s *sa.SA) (*entry, error) {
 // concurrent Replace calls naming one old SA exactly one succeeds; the
 // others get ErrConflict and change nothing. The old SAs stay (marked)
 // until the caller deletes them.
-func (d *SAD) Replace(old []sa.ID, news []sa.SA) ([]Entry, error) {
+func (d *SAD) Replace(old []sa.ID, news []sa.SA) ([]Record, error) {
 	d.mu.Lock()
 	for _, id := range old {
 		e, ok := d.byID[id]
@@ -659,7 +659,7 @@ func (d *SAD) Replace(old []sa.ID, news []sa.SA) ([]Entry, error) {
 	for _, id := range old {
 		d.byID[id].replaced = true
 	}
-	out := make([]Entry, len(added))
+	out := make([]Record, len(added))
 	for i, e := range added {
 		out[i] = e.export()
 	}
@@ -669,34 +669,34 @@ func (d *SAD) Replace(old []sa.ID, news []sa.SA) ([]Entry, error) {
 }
 
 // Delete removes the SA with this identity and frees its index.
-func (d *SAD) Delete(id sa.ID) (Entry, error) {
+func (d *SAD) Delete(id sa.ID) (Record, error) {
 	d.mu.Lock()
 	e, ok := d.byID[id]
-	var out Entry
+	var out Record
 	if ok {
 		d.delete(e)
 		out = e.export()
 	}
 	d.mu.Unlock()
 	if !ok {
-		return Entry{}, fmt.Errorf("delete %s: %w", id, ErrNotFound)
+		return Record{}, fmt.Errorf("delete %s: %w", id, ErrNotFound)
 	}
 	d.wake()
 	return out, nil
 }
 
 // DeleteName removes the SA with this name.
-func (d *SAD) DeleteName(name string) (Entry, error) {
+func (d *SAD) DeleteName(name string) (Record, error) {
 	d.mu.Lock()
 	e, ok := d.byName[name]
-	var out Entry
+	var out Record
 	if ok {
 		d.delete(e)
 		out = e.export()
 	}
 	d.mu.Unlock()
 	if !ok {
-		return Entry{}, fmt.Errorf("delete sa %q: %w", name, ErrNotFound)
+		return Record{}, fmt.Errorf("delete sa %q: %w", name, ErrNotFound)
 	}
 	d.wake()
 	return out, nil
@@ -738,13 +738,13 @@ func (d *SAD) compact() {
 }
 
 // Get returns the SA with this identity.
-func (d *SAD) Get(id sa.ID) (Entry, bool) {
+func (d *SAD) Get(id sa.ID) (Record, bool) {
 	d.mu.RLock()
 	defer d.mu.RUnlock()
 	if e, ok := d.byID[id]; ok {
 		return e.export(), true
 	}
-	return Entry{}, false
+	return Record{}, false
 }
 
 // Group returns the identities of the SAs sharing id's group (its SA
@@ -765,32 +765,32 @@ func (d *SAD) Group(id sa.ID) []sa.ID {
 }
 
 // GetName returns the SA with this name.
-func (d *SAD) GetName(name string) (Entry, bool) {
+func (d *SAD) GetName(name string) (Record, bool) {
 	d.mu.RLock()
 	defer d.mu.RUnlock()
 	if e, ok := d.byName[name]; ok {
 		return e.export(), true
 	}
-	return Entry{}, false
+	return Record{}, false
 }
 
 // Lookup finds an SA by direction and SPI alone, as an operator types it.
 // Inbound SPIs are unique; an outbound SPI shared by several peers gives
 // ErrAmbiguous (use Get with the full ID, or the name).
-func (d *SAD) Lookup(dir sa.Direction, spi uint32) (Entry, error) {
+func (d *SAD) Lookup(dir sa.Direction, spi uint32) (Record, error) {
 	d.mu.RLock()
 	defer d.mu.RUnlock()
 	var e *entry
 	if dir == sa.Out {
 		e = d.outSPI[spi]
 		if e != nil && e.nextOut != nil {
-			return Entry{}, fmt.Errorf("out 0x%08x: %w", spi, ErrAmbiguous)
+			return Record{}, fmt.Errorf("out 0x%08x: %w", spi, ErrAmbiguous)
 		}
 	} else {
 		e = d.byID[sa.ID{Dir: dir, SPI: spi}]
 	}
 	if e == nil {
-		return Entry{}, fmt.Errorf("%s 0x%08x: %w", dir, spi, ErrNotFound)
+		return Record{}, fmt.Errorf("%s 0x%08x: %w", dir, spi, ErrNotFound)
 	}
 	return e.export(), nil
 }
@@ -800,7 +800,7 @@ func (d *SAD) Lookup(dir sa.Direction, spi uint32) (Entry, error) {
 // following page, 0 once the end is reached. An SA keeps its place across
 // updates, so paging while others write neither repeats nor skips an SA
 // that exists throughout.
-func (d *SAD) List(cursor uint64, limit int, dst []Entry) (page []Entry, next uint64) {
+func (d *SAD) List(cursor uint64, limit int, dst []Record) (page []Record, next uint64) {
 	page = dst[:0]
 	if limit <= 0 {
 		return page, cursor

@@ -44,7 +44,7 @@ func newSAD(t testing.TB, o Options) *SAD {
 	return d
 }
 
-func mustAdd(t testing.TB, d *SAD, s sa.SA) Entry {
+func mustAdd(t testing.TB, d *SAD, s sa.SA) Record {
 	t.Helper()
 	e, err := d.Add(s)
 	if err != nil {
@@ -447,7 +447,7 @@ func TestListPaging(t *testing.T) {
 	}
 	var seen []string
 	var cursor uint64
-	page := make([]Entry, 0, 700)
+	page := make([]Record, 0, 700)
 	for pages := 0; ; pages++ {
 		page, cursor = d.List(cursor, 700, page)
 		for _, e := range page {
@@ -532,7 +532,7 @@ func TestConcurrent(t *testing.T) {
 				t.Error(err)
 				return
 			}
-			var page []Entry
+			var page []Record
 			page, _ = d.List(0, 50, page)
 			_ = page
 		}
@@ -607,7 +607,7 @@ func BenchmarkLoad1M(b *testing.B) {
 		runtime.ReadMemStats(&after)
 		start = time.Now()
 		var cursor uint64
-		page := make([]Entry, 0, 4096)
+		page := make([]Record, 0, 4096)
 		listed := 0
 		for {
 			page, cursor = d.List(cursor, 4096, page)

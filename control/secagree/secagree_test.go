@@ -439,7 +439,7 @@ func TestDerivedKeysDriveTheEngine(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e, err := esp.NewSA(esp.Config{SPI: s.SPI, Proposal: s.Proposal, EncKey: s.EncKey, AuthKey: s.AuthKey, Mode: esp.ModeTunnel})
+	e, err := esp.NewTransform(esp.Config{SPI: s.SPI, Proposal: s.Proposal, EncKey: s.EncKey, AuthKey: s.AuthKey, Mode: esp.ModeTunnel})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -481,7 +481,7 @@ func TestDerivedMD5KeysDriveTheEngine(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		e, err := esp.NewSA(esp.Config{SPI: s.SPI, Proposal: s.Proposal, EncKey: s.EncKey, AuthKey: s.AuthKey, Mode: esp.ModeTunnel})
+		e, err := esp.NewTransform(esp.Config{SPI: s.SPI, Proposal: s.Proposal, EncKey: s.EncKey, AuthKey: s.AuthKey, Mode: esp.ModeTunnel})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -51,7 +51,7 @@ func FuzzOpen(f *testing.F) {
 	f.Add(uint8(len(cs)-1), make([]byte, 64))
 	f.Fuzz(func(t *testing.T, sel uint8, data []byte) {
 		c := cs[int(sel)%len(cs)]
-		sa, err := NewSA(c)
+		sa, err := NewTransform(c)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -105,18 +105,18 @@ func FuzzOpenPacket(f *testing.F) {
 		}
 	}
 	f.Fuzz(func(t *testing.T, pkt []byte) {
-		sas := map[uint32]*SA{}
+		sas := map[uint32]*Transform{}
 		for _, c := range cs {
 			if _, dup := sas[c.SPI]; dup {
 				continue
 			}
-			sa, err := NewSA(c)
+			sa, err := NewTransform(c)
 			if err != nil {
 				t.Fatal(err)
 			}
 			sas[c.SPI] = sa
 		}
-		p, err := OpenPacket(pkt, func(spi uint32) *SA { return sas[spi] })
+		p, err := OpenPacket(pkt, func(spi uint32) *Transform { return sas[spi] })
 		checkReason(t, err)
 		if err == nil && p.IP != nil && len(p.IP) < len(p.Payload) {
 			t.Fatalf("delivered packet shorter than its payload")

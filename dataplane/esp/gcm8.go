@@ -23,7 +23,7 @@ import (
 // Verified before anything is decrypted; decryption is CTR from counter 2.
 
 // openGCM8 verifies and decrypts an 8-byte-ICV GCM packet in place.
-func (sa *SA) openGCM8(pkt []byte, ctEnd int, seq uint64) bool {
+func (sa *Transform) openGCM8(pkt []byte, ctEnd int, seq uint64) bool {
 	const hdr = 16
 	copy(sa.nonce[4:], pkt[8:16])
 	var saved [hdr]byte
@@ -50,7 +50,7 @@ func (sa *SA) openGCM8(pkt []byte, ctEnd int, seq uint64) bool {
 // ctrXOR applies GCM's CTR keystream (counter block salt || IV || i, i from
 // 2) to b in place. cipher.NewCTR would allocate per packet; this runs the
 // SA's AES block directly.
-func (sa *SA) ctrXOR(b []byte) {
+func (sa *Transform) ctrXOR(b []byte) {
 	copy(sa.ext.ctr[:12], sa.nonce[:])
 	ctr := uint32(2)
 	for len(b) > 0 {

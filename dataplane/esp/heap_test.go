@@ -15,13 +15,13 @@ func BenchmarkSAHeap(b *testing.B) {
 				const n = 10000
 				c := Config{SPI: 0x1000, Proposal: p, EncKey: make([]byte, p.info().encKeyLen),
 					AuthKey: make([]byte, p.info().authKeyLen), ReplayWindow: w, Mode: ModeTunnel}
-				keep := make([]*SA, n)
+				keep := make([]*Transform, n)
 				var before, after runtime.MemStats
 				for range b.N {
 					runtime.GC()
 					runtime.ReadMemStats(&before)
 					for i := range keep {
-						sa, err := NewSA(c)
+						sa, err := NewTransform(c)
 						if err != nil {
 							b.Fatal(err)
 						}

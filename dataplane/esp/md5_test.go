@@ -24,7 +24,7 @@ func TestHMACMD596KnownAnswers(t *testing.T) {
 		{bytes.Repeat([]byte{0xaa}, 16), bytes.Repeat([]byte{0xdd}, 50), "56be34521d144c88dbb8c733f0e8b3f6"},
 	} {
 		for _, p := range []Proposal{NullMD5, AES128MD5, AES256MD5} {
-			sa, err := NewSA(Config{SPI: 0x100, Proposal: p, EncKey: make([]byte, p.EncKeyLen()), AuthKey: tc.key, Mode: ModeTransport})
+			sa, err := NewTransform(Config{SPI: 0x100, Proposal: p, EncKey: make([]byte, p.EncKeyLen()), AuthKey: tc.key, Mode: ModeTransport})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -49,11 +49,11 @@ func TestMD5SealedICV(t *testing.T) {
 		for _, esn := range []bool{false, true} {
 			ak := randBytes(rng, 16)
 			c := Config{SPI: 0x2000, Proposal: p, EncKey: randBytes(rng, p.EncKeyLen()), AuthKey: ak, ESN: esn, ReplayWindow: 64, Mode: ModeTransport}
-			out, err := NewSA(c)
+			out, err := NewTransform(c)
 			if err != nil {
 				t.Fatal(err)
 			}
-			in, err := NewSA(c)
+			in, err := NewTransform(c)
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -29,7 +29,7 @@ type Result struct {
 // packet was valid and is to be discarded. When integrity fails nothing is
 // decrypted: HMAC and 8-byte-ICV GCM proposals leave pkt as it was, Go's
 // AEADs zero the ciphertext they were given.
-func (sa *SA) Open(pkt []byte) (Result, error) {
+func (sa *Transform) Open(pkt []byte) (Result, error) {
 	var res Result
 	hdr := 8 + sa.ivLen
 	minCT := 2 // Pad Length and Next Header

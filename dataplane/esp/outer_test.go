@@ -180,7 +180,7 @@ func TestPutOuter(t *testing.T) {
 func TestOpenPacketClasses(t *testing.T) {
 	rng := rand.New(rand.NewPCG(33, 34))
 	out, in := pair(t, AES128GCM16, ModeTunnel, false, 64, rng)
-	lookup := func(spi uint32) *SA {
+	lookup := func(spi uint32) *Transform {
 		if spi == in.SPI() {
 			return in
 		}

@@ -12,7 +12,7 @@ type Packet struct {
 	// SPI is the ESP packet's SPI (ESP classes only).
 	SPI uint32
 	// SA is the SA the lookup returned, nil when none.
-	SA *SA
+	SA *Transform
 	// Result of SA.Open, offsets into the whole packet.
 	Result
 	// Payload is the decrypted Payload Data: tunnel mode the inner IP
@@ -35,30 +35,30 @@ type Packet struct {
 // header, the fix RFC 3948 3.1.2 allows: the NAT between the peers changed
 // the addresses it covered, and without NAT-OA from IKE we cannot adjust it
 // incrementally. An IPv4 UDP checksum of 0 stays 0.
-func OpenPacket(pkt []byte, lookup func(spi uint32) *SA) (Packet, error) {
+func OpenPacket(pkt []byte, lookup func(spi uint32) *Transform) (Packet, error) {
 	return openPacket(pkt, lookup, nil)
 }
 
 // OpenPacket is the package function with this SA as the only one known: a
 // packet for another SPI is ReasonNoSA.
-func (sa *SA) OpenPacket(pkt []byte) (Packet, error) {
+func (sa *Transform) OpenPacket(pkt []byte) (Packet, error) {
 	return openPacket(pkt, nil, sa)
 }
 
 // OpenPacketTo is OpenPacket filling *out, for the data path: Packet is
 // ~200 bytes, and returning it by value copied it several times per packet
 // (a visible share of the worker's non-crypto cost).
-func (sa *SA) OpenPacketTo(pkt []byte, out *Packet) error {
+func (sa *Transform) OpenPacketTo(pkt []byte, out *Packet) error {
 	return openPacketTo(out, pkt, nil, sa)
 }
 
-func openPacket(pkt []byte, lookup func(uint32) *SA, only *SA) (Packet, error) {
+func openPacket(pkt []byte, lookup func(uint32) *Transform, only *Transform) (Packet, error) {
 	var out Packet
 	err := openPacketTo(&out, pkt, lookup, only)
 	return out, err
 }
 
-func openPacketTo(out *Packet, pkt []byte, lookup func(uint32) *SA, only *SA) error {
+func openPacketTo(out *Packet, pkt []byte, lookup func(uint32) *Transform, only *Transform) error {
 	*out = Packet{}
 	var err error
 	out.Parsed, err = ParseOuter(pkt)
@@ -151,7 +151,7 @@ func rebuildTransport(pkt []byte, p *Packet) []byte {
 // dst needs OuterLen(o)+Headroom()+len(payload)+Tailroom(len(payload), 0)
 // bytes. nextHeader is 4/41 in tunnel mode (see NextHeaderFor), the
 // upper-layer protocol in transport mode.
-func (sa *SA) SealPacket(dst, payload []byte, nextHeader uint8, o *Outer) ([]byte, error) {
+func (sa *Transform) SealPacket(dst, payload []byte, nextHeader uint8, o *Outer) ([]byte, error) {
 	if !o.Src.IsValid() || o.Src.Is4() != o.Dst.Is4() {
 		return nil, ReasonInvalid // before Seal spends a sequence number
 	}

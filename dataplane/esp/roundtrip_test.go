@@ -15,15 +15,15 @@ import (
 )
 
 // pair returns an outbound and an inbound SA with the same keys.
-func pair(tb testing.TB, p Proposal, mode Mode, esn bool, window int, rng *rand.Rand) (*SA, *SA) {
+func pair(tb testing.TB, p Proposal, mode Mode, esn bool, window int, rng *rand.Rand) (*Transform, *Transform) {
 	tb.Helper()
 	c := Config{SPI: 0x1000 + uint32(p), Proposal: p, EncKey: randBytes(rng, p.EncKeyLen()),
 		AuthKey: randBytes(rng, p.AuthKeyLen()), ESN: esn, ReplayWindow: window, Mode: mode}
-	out, err := NewSA(c)
+	out, err := NewTransform(c)
 	if err != nil {
 		tb.Fatal(err)
 	}
-	in, err := NewSA(c)
+	in, err := NewTransform(c)
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -134,7 +134,7 @@ func TestRoundTrip(t *testing.T) {
 	t.Logf("%d round trips", cases)
 }
 
-func roundTrip(t *testing.T, out, in *SA, payload []byte, nh uint8, o *Outer) {
+func roundTrip(t *testing.T, out, in *Transform, payload []byte, nh uint8, o *Outer) {
 	t.Helper()
 	name := fmt.Sprintf("%v/%v/n=%d/v6=%v/encap=%v", out.Proposal(), out.Mode(), len(payload), o.Src.Is6(), o.Encap)
 	buf := make([]byte, MaxOuterLen+out.Headroom()+len(payload)+out.MaxTailroom()+16)
@@ -323,7 +323,7 @@ func TestTamper(t *testing.T) {
 
 // sealRaw protects an arbitrary plaintext (payload and trailer as given),
 // for packets Seal would never produce.
-func sealRaw(t *testing.T, sa *SA, plain []byte, seq uint64) []byte {
+func sealRaw(t *testing.T, sa *Transform, plain []byte, seq uint64) []byte {
 	t.Helper()
 	hr := sa.Headroom()
 	buf := make([]byte, hr+len(plain)+sa.icv+8)
@@ -431,7 +431,7 @@ func TestGCM8Tag(t *testing.T) {
 	for i := 0; i < 200; i++ {
 		esn := i%2 == 1
 		key := randBytes(rng, 20)
-		sa, err := NewSA(Config{SPI: 77, Proposal: AES128GCM8, EncKey: key, ESN: esn, ReplayWindow: 0, Mode: ModeTransport})
+		sa, err := NewTransform(Config{SPI: 77, Proposal: AES128GCM8, EncKey: key, ESN: esn, ReplayWindow: 0, Mode: ModeTransport})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -489,13 +489,13 @@ func TestConfigErrors(t *testing.T) {
 		{Config{EncKey: k(20), Mode: ModeTunnel}, `proposal: not set`},
 	}
 	for _, c := range cases {
-		_, err := NewSA(c.c)
+		_, err := NewTransform(c.c)
 		if err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("got %v, want %q", err, c.want)
 		}
 	}
 	for _, p := range allProposals() {
-		if _, err := NewSA(Config{Proposal: p, EncKey: k(p.EncKeyLen()), AuthKey: k(p.AuthKeyLen()), Mode: ModeTransport, ReplayWindow: 4096}); err != nil {
+		if _, err := NewTransform(Config{Proposal: p, EncKey: k(p.EncKeyLen()), AuthKey: k(p.AuthKeyLen()), Mode: ModeTransport, ReplayWindow: 4096}); err != nil {
 			t.Errorf("%v: %v", p, err)
 		}
 	}

@@ -77,11 +77,11 @@ type Config struct {
 	Mode         Mode
 }
 
-// SA is one security association's data-path state: cipher instances built
+// Transform is one security association's data-path state: cipher instances built
 // once, the outbound sequence counter and the inbound replay window. The
-// same type serves both directions; a real deployment uses one SA value per
+// same type serves both directions; a real deployment uses one Transform value per
 // direction (each has its own SPI and keys). Not safe for concurrent use.
-type SA struct {
+type Transform struct {
 	name  string
 	spi   uint32
 	prop  Proposal
@@ -135,9 +135,9 @@ type ivBlockMode interface {
 	SetIV([]byte)
 }
 
-// NewSA validates c and builds the SA's cipher instances. Errors name the SA
+// NewTransform validates c and builds the SA's cipher instances. Errors name the SA
 // and the field.
-func NewSA(c Config) (*SA, error) {
+func NewTransform(c Config) (*Transform, error) {
 	sa, err := newSA(c)
 	if err != nil {
 		label := c.Name
@@ -149,7 +149,7 @@ func NewSA(c Config) (*SA, error) {
 	return sa, nil
 }
 
-func newSA(c Config) (*SA, error) {
+func newSA(c Config) (*Transform, error) {
 	if !c.Proposal.valid() {
 		return nil, fmt.Errorf("proposal: not set or unknown (%v)", c.Proposal)
 	}
@@ -173,7 +173,7 @@ func newSA(c Config) (*SA, error) {
 		}
 		return nil, fmt.Errorf("auth_key: %s needs %d bytes, got %d", c.Proposal, info.authKeyLen, len(c.AuthKey))
 	}
-	sa := &SA{
+	sa := &Transform{
 		name: c.Name, spi: c.SPI, prop: c.Proposal, info: &proposals[c.Proposal], mode: c.Mode, esn: c.ESN,
 		ivLen: info.ivLen, icv: info.icvLen, maxSeq: 0xffffffff,
 	}
@@ -263,30 +263,30 @@ func newSA(c Config) (*SA, error) {
 func (p proposalInfo) icvPresent() bool { return p.icvLen > 0 }
 
 // SPI returns the SA's SPI.
-func (sa *SA) SPI() uint32 { return sa.spi }
+func (sa *Transform) SPI() uint32 { return sa.spi }
 
 // Name returns the label given in Config.
-func (sa *SA) Name() string { return sa.name }
+func (sa *Transform) Name() string { return sa.name }
 
 // Proposal returns the SA's transform.
-func (sa *SA) Proposal() Proposal { return sa.prop }
+func (sa *Transform) Proposal() Proposal { return sa.prop }
 
 // Mode returns tunnel or transport.
-func (sa *SA) Mode() Mode { return sa.mode }
+func (sa *Transform) Mode() Mode { return sa.mode }
 
 // ESN reports 64-bit extended sequence numbers.
-func (sa *SA) ESN() bool { return sa.esn }
+func (sa *Transform) ESN() bool { return sa.esn }
 
 // Replay returns the inbound anti-replay window, for Export/Import and
 // inspection. It is the SA's own state, not a copy.
-func (sa *SA) Replay() *ReplayWindow { return &sa.replay }
+func (sa *Transform) Replay() *ReplayWindow { return &sa.replay }
 
 // Headroom is the number of bytes Seal writes in front of the payload: the
 // ESP header (SPI, sequence number) and the IV.
-func (sa *SA) Headroom() int { return 8 + sa.ivLen }
+func (sa *Transform) Headroom() int { return 8 + sa.ivLen }
 
 // padLen is the RFC 4303 2.4 padding that aligns payload+TFC+trailer.
-func (sa *SA) padLen(n int) int {
+func (sa *Transform) padLen(n int) int {
 	bs := sa.info.blockSize
 	return (bs - (n+2)%bs) % bs
 }
@@ -295,7 +295,7 @@ func (sa *SA) padLen(n int) int {
 // bytes with tfc bytes of TFC padding: TFC padding, padding, Pad Length,
 // Next Header and ICV, plus 8 bytes of scratch for the 8-byte-ICV GCM
 // proposals (written, not part of the packet).
-func (sa *SA) Tailroom(n, tfc int) int {
+func (sa *Transform) Tailroom(n, tfc int) int {
 	t := tfc + sa.padLen(n+tfc) + 2 + sa.icv
 	if sa.gcm8 {
 		t += 8
@@ -304,13 +304,13 @@ func (sa *SA) Tailroom(n, tfc int) int {
 }
 
 // MaxTailroom bounds Tailroom(n, 0) for every n, for planning frames once.
-func (sa *SA) MaxTailroom() int {
+func (sa *Transform) MaxTailroom() int {
 	return sa.Tailroom(sa.info.blockSize-1, 0)
 }
 
 // Overhead is how many bytes sealing adds to a payload of n bytes (with tfc
 // TFC bytes): the ESP packet length minus n.
-func (sa *SA) Overhead(n, tfc int) int {
+func (sa *Transform) Overhead(n, tfc int) int {
 	o := sa.Headroom() + sa.Tailroom(n, tfc)
 	if sa.gcm8 {
 		o -= 8
@@ -320,15 +320,15 @@ func (sa *SA) Overhead(n, tfc int) int {
 
 // NextSeq is the sequence number the next Seal will use. When the space is
 // exhausted it is 2^32 without ESN and 0 with ESN (2^64 does not fit).
-func (sa *SA) NextSeq() uint64 { return sa.seq + 1 }
+func (sa *Transform) NextSeq() uint64 { return sa.seq + 1 }
 
 // Exhausted reports that Seal will fail with ReasonSeqCycled until rekeyed.
-func (sa *SA) Exhausted() bool { return sa.seq >= sa.maxSeq }
+func (sa *Transform) Exhausted() bool { return sa.seq >= sa.maxSeq }
 
 // SetNextSeq moves the counter forward so the next Seal uses next, e.g. to
 // resume above a persisted high-water mark after a restart. It refuses to
 // move backwards, which would reuse (key, IV) pairs.
-func (sa *SA) SetNextSeq(next uint64) error {
+func (sa *Transform) SetNextSeq(next uint64) error {
 	switch {
 	case next == 0:
 		return fmt.Errorf("sa %q: next sequence number 0 is never sent", sa.name)

@@ -18,7 +18,7 @@ const (
 // The caller guarantees off >= Headroom() and len(buf) >= off+n+Tailroom(n,
 // tfc); otherwise ReasonNoRoom. When the sequence space is exhausted Seal
 // returns ReasonSeqCycled and never wraps: the SA must be rekeyed.
-func (sa *SA) Seal(buf []byte, off, n int, nextHeader uint8, tfc int) (start, end int, err error) {
+func (sa *Transform) Seal(buf []byte, off, n int, nextHeader uint8, tfc int) (start, end int, err error) {
 	if sa.seq >= sa.maxSeq {
 		return 0, 0, ReasonSeqCycled
 	}
@@ -33,7 +33,7 @@ func (sa *SA) Seal(buf []byte, off, n int, nextHeader uint8, tfc int) (start, en
 // seal is Seal with an explicit sequence number and, for the published
 // vectors only, an explicit IV (nil: the SA's own IV discipline). It leaves
 // the counter alone.
-func (sa *SA) seal(buf []byte, off, n int, nextHeader uint8, tfc int, seq uint64, iv []byte) (int, int, error) {
+func (sa *Transform) seal(buf []byte, off, n int, nextHeader uint8, tfc int, seq uint64, iv []byte) (int, int, error) {
 	hdr := 8 + sa.ivLen
 	if n < 0 || tfc < 0 || off < 0 {
 		return 0, 0, ReasonInvalid
@@ -71,7 +71,7 @@ func (sa *SA) seal(buf []byte, off, n int, nextHeader uint8, tfc int, seq uint64
 // plaintext buf[off:ptEnd] (payload and trailer, already in place) and
 // writes the ICV after it. Split from seal so tests can protect trailers
 // seal would never write (bad padding).
-func (sa *SA) protect(buf []byte, start, off, ptEnd int, seq uint64, iv []byte) {
+func (sa *Transform) protect(buf []byte, start, off, ptEnd int, seq uint64, iv []byte) {
 	binary.BigEndian.PutUint32(buf[start:], sa.spi)
 	binary.BigEndian.PutUint32(buf[start+4:], uint32(seq))
 	ivb := buf[start+8 : off]
@@ -111,7 +111,7 @@ func (sa *SA) protect(buf []byte, start, off, ptEnd int, seq uint64, iv []byte) 
 
 // aadFor returns the AAD of RFC 4106 5 / RFC 7634 2.1: SPI || seq (32 bit),
 // or SPI || seq high || seq low with ESN. hdr starts at the SPI.
-func (sa *SA) aadFor(hdr []byte, seq uint64) []byte {
+func (sa *Transform) aadFor(hdr []byte, seq uint64) []byte {
 	if !sa.esn {
 		return hdr[:8]
 	}
@@ -123,7 +123,7 @@ func (sa *SA) aadFor(hdr []byte, seq uint64) []byte {
 // hmacSum computes the ICV over the ESP header through the trailer; with ESN
 // the high 32 bits of the sequence number are appended implicitly (RFC 4303
 // 2.2.1). The result aliases SA scratch and is truncated to the ICV length.
-func (sa *SA) hmacSum(b []byte, seq uint64) []byte {
+func (sa *Transform) hmacSum(b []byte, seq uint64) []byte {
 	sa.ext.mac.Reset()
 	sa.ext.mac.Write(b)
 	if sa.esn {

@@ -90,7 +90,7 @@ func (v vector) fullSeq() uint64 {
 
 // sa builds the receiving SA with its window placed just below the vector's
 // sequence number, so the ESN inference yields the published high half.
-func (v vector) sa(tb testing.TB) *SA {
+func (v vector) sa(tb testing.TB) *Transform {
 	tb.Helper()
 	p, err := v.proposal()
 	if err != nil {
@@ -100,7 +100,7 @@ func (v vector) sa(tb testing.TB) *SA {
 	if v.Mode == "tunnel" || (v.Mode == "" && (v.NextHeader == 4 || v.NextHeader == 41)) {
 		mode = ModeTunnel
 	}
-	sa, err := NewSA(Config{Name: v.Name, SPI: v.SPI, Proposal: p, EncKey: unhex(tb, v.Keymat),
+	sa, err := NewTransform(Config{Name: v.Name, SPI: v.SPI, Proposal: p, EncKey: unhex(tb, v.Keymat),
 		AuthKey: unhex(tb, v.AuthKey), ESN: v.ESN, ReplayWindow: DefaultReplayWindow, Mode: mode})
 	if err != nil {
 		tb.Fatal(err)
@@ -197,7 +197,7 @@ func TestVectors(t *testing.T) {
 				}
 				whole := unhex(t, *w.pkt)
 				sa := v.sa(t)
-				p, err := OpenPacket(whole, func(spi uint32) *SA {
+				p, err := OpenPacket(whole, func(spi uint32) *Transform {
 					if spi == sa.SPI() {
 						return sa
 					}

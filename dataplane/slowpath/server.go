@@ -35,7 +35,7 @@ type Options struct {
 	// Port is the NAT-T port (4500); 0 picks one per address (tests).
 	Port int
 	SAD  *sad.SAD
-	// Workers are indexed by sad.Entry.Worker.
+	// Workers are indexed by sad.Record.Worker.
 	Workers []Injector
 	// IKEForward is the IKE endpoint; the zero value counts and drops IKE.
 	IKEForward netip.AddrPort

@@ -74,7 +74,7 @@ type env struct {
 	sad  *sad.SAD
 	recs []*recorder
 	srv  *Server
-	ents []sad.Entry // ents[i] is inSA(i)
+	ents []sad.Record // ents[i] is inSA(i)
 }
 
 // newEnv runs a Server on 192.0.2.1:4500 and [2001:db8::1]:4500 (on lo)

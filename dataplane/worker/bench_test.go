@@ -41,11 +41,11 @@ func BenchmarkDecapBatch(b *testing.B) {
 	}
 	defer u.Close()
 	key := make([]byte, 20)
-	phone, err := esp.NewSA(esp.Config{SPI: 0x1001, Proposal: esp.AES128GCM16, EncKey: key, Mode: esp.ModeTunnel})
+	phone, err := esp.NewTransform(esp.Config{SPI: 0x1001, Proposal: esp.AES128GCM16, EncKey: key, Mode: esp.ModeTunnel})
 	if err != nil {
 		b.Fatal(err)
 	}
-	gw, err := esp.NewSA(esp.Config{SPI: 0x1001, Proposal: esp.AES128GCM16, EncKey: key, Mode: esp.ModeTunnel})
+	gw, err := esp.NewTransform(esp.Config{SPI: 0x1001, Proposal: esp.AES128GCM16, EncKey: key, Mode: esp.ModeTunnel})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -60,9 +60,9 @@ func BenchmarkDecapBatch(b *testing.B) {
 	p := pipeline{mem: u, nb: nb, stats: &st,
 		bindEvents: make(chan BindingChange, 1), seqRequests: make(chan SeqRequest)}
 	src := netip.MustParseAddr("192.0.2.10")
-	e := &Entry{SA: gw, Dir: Inbound, InnerPeer: netip.MustParsePrefix("100.64.0.1/32"),
+	e := &Slot{SA: gw, Dir: Inbound, InnerPeer: netip.MustParsePrefix("100.64.0.1/32"),
 		Binding: NewBinding(Peer{Addr: netip.AddrPortFrom(src, 4500), MAC: [6]byte{2, 0, 0, 0, 0, 2}, HasMAC: true})}
-	p.table = []*Entry{e}
+	p.table = []*Slot{e}
 
 	rxOff := uint64(u.RxOffset())
 	rx := make([]xsk.Desc, batch)
@@ -124,7 +124,7 @@ func BenchmarkEncapBatch(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer u.Close()
-	gw, err := esp.NewSA(esp.Config{SPI: 0x2001, Proposal: esp.AES128GCM16, EncKey: make([]byte, 20), Mode: esp.ModeTunnel})
+	gw, err := esp.NewTransform(esp.Config{SPI: 0x2001, Proposal: esp.AES128GCM16, EncKey: make([]byte, 20), Mode: esp.ModeTunnel})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -133,7 +133,7 @@ func BenchmarkEncapBatch(b *testing.B) {
 		bindEvents: make(chan BindingChange, 1), seqRequests: make(chan SeqRequest)}
 	p.frag = fragmenter{mtu: 1500, mem: u, rxOff: uint64(u.RxOffset()), stride: 1}
 	phone := netip.MustParseAddr("192.0.2.10")
-	p.table = []*Entry{{SA: gw, Dir: Outbound, Local: netip.MustParseAddr("192.0.2.1"), LocalPort: 4500,
+	p.table = []*Slot{{SA: gw, Dir: Outbound, Local: netip.MustParseAddr("192.0.2.1"), LocalPort: 4500,
 		InnerPeer: netip.MustParsePrefix("100.64.0.1/32"),
 		Binding:   NewBinding(Peer{Addr: netip.AddrPortFrom(phone, 4500), MAC: [6]byte{2, 0, 0, 0, 0, 2}, HasMAC: true})}}
 

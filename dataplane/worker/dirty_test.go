@@ -22,7 +22,7 @@ func TestDirtyList(t *testing.T) {
 	w.apply([]Command{{Index: 0, Entry: f.in}, {Index: 1, Entry: f.out}})
 	take := func() []uint32 {
 		var got []uint32
-		w.apply([]Command{{Index: ^uint32(0), Dirty: func(table []*Entry, slots []uint32) {
+		w.apply([]Command{{Index: ^uint32(0), Dirty: func(table []*Slot, slots []uint32) {
 			got = append(got, slots...)
 		}}})
 		return got
@@ -61,17 +61,17 @@ func TestDirtyList(t *testing.T) {
 // is one snapshot, in DirtyChunk-sized commands.
 func BenchmarkSnapshotWorkerTime(b *testing.B) {
 	for _, n := range []int{100_000, 1_000_000} {
-		p := &pipeline{table: make([]*Entry, n)}
+		p := &pipeline{table: make([]*Slot, n)}
 		for i := range p.table {
-			s, err := esp.NewSA(esp.Config{SPI: uint32(i + 1), Proposal: esp.AES128GCM16, EncKey: pipeKey, Mode: esp.ModeTunnel, ReplayWindow: 64})
+			s, err := esp.NewTransform(esp.Config{SPI: uint32(i + 1), Proposal: esp.AES128GCM16, EncKey: pipeKey, Mode: esp.ModeTunnel, ReplayWindow: 64})
 			if err != nil {
 				b.Fatal(err)
 			}
 			s.Replay().Update(uint64(i%1000 + 1))
-			p.table[i] = &Entry{SA: s, Dir: Inbound, index: uint32(i)}
+			p.table[i] = &Slot{SA: s, Dir: Inbound, index: uint32(i)}
 		}
 		sink := make([]esp.ReplayState, 0, DirtyChunk)
-		export := func(table []*Entry, slots []uint32) {
+		export := func(table []*Slot, slots []uint32) {
 			sink = sink[:0]
 			for _, i := range slots {
 				sink = append(sink, table[i].SA.Replay().Export())

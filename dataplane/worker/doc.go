@@ -21,5 +21,5 @@
 //
 // Security rule (RFC 3948 section 3.5, docs/architecture.md): a binding moves
 // only after the packet authenticated and passed the replay check, i.e.
-// after esp.SA.OpenPacket returned success.
+// after esp.Transform.OpenPacket returned success.
 package worker

@@ -10,7 +10,7 @@ type pendingDrain struct {
 	index uint32
 	rx    []uint32 // RX producer index of each of w.socks when the removal was applied
 	inj   uint64   // slow-path packets taken by then, plus those queued
-	visit func(table []*Entry)
+	visit func(table []*Slot)
 	done  chan struct{}
 }
 

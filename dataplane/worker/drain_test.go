@@ -15,7 +15,7 @@ func TestDrainWaitsForQueuedFrames(t *testing.T) {
 
 	done := make(chan struct{})
 	visited := false
-	w.apply([]Command{{Index: 2, Drain: true, Done: done, Visit: func([]*Entry) { visited = true }}})
+	w.apply([]Command{{Index: 2, Drain: true, Done: done, Visit: func([]*Slot) { visited = true }}})
 	w.settle()
 	if w.pipe.table[2] != e || isClosed(done) || visited {
 		t.Fatal("removed before the queued frames were taken")

@@ -15,10 +15,10 @@ const (
 	Outbound                  // private → public: seal
 )
 
-// Entry is one SA as its worker holds it. After Install the worker owns
+// Slot is one SA as its worker holds it. After Install the worker owns
 // SA; the manager only reads Counters and Binding.
-type Entry struct {
-	SA  *esp.SA
+type Slot struct {
+	SA  *esp.Transform
 	Dir Direction
 	// Local is the outer source address of outbound packets and LocalPort
 	// the UDP source port (RFC 3948); LocalPort 0 means plain ESP.
@@ -96,7 +96,7 @@ type Entry struct {
 // expired says the SA reached a hard packet or byte lifetime and must not
 // carry another packet (RFC 4301 4.4.2.1). Only the worker writes the
 // counters, so its own loads are exact.
-func (e *Entry) expired() bool {
+func (e *Slot) expired() bool {
 	return (e.HardPackets != 0 && e.Counters.Packets.Load() >= e.HardPackets) ||
 		(e.HardBytes != 0 && e.Counters.Bytes.Load() >= e.HardBytes)
 }
@@ -153,7 +153,7 @@ func (b *Binding) Set(p Peer) { b.v.Store(&p) }
 // this one (for a Drain removal: once that removal is done).
 type Command struct {
 	Index   uint32
-	Entry   *Entry
+	Entry   *Slot
 	Inherit bool
 	// Drain makes a removal wait until the worker has taken every frame
 	// that was already in its RX rings (and slow-path queue) when it
@@ -167,7 +167,7 @@ type Command struct {
 	// Visit, when set, is called on the worker's thread with its table
 	// after the command's install or removal: the one safe moment to read
 	// state only the worker writes (replay windows) without a race.
-	Visit func(table []*Entry)
+	Visit func(table []*Slot)
 	// Dirty, when set, is called on the worker's thread (after Visit)
 	// with its table and the slots of up to DirtyChunk inbound entries
 	// whose replay windows may have changed since their last Dirty call:
@@ -176,7 +176,7 @@ type Command struct {
 	// what changed, never a sweep of every SA. The slice is valid only
 	// during the call; a slot may have been emptied or reused since it
 	// was listed (compare the entry).
-	Dirty func(table []*Entry, slots []uint32)
+	Dirty func(table []*Slot, slots []uint32)
 	Done  chan struct{}
 }
 
@@ -189,7 +189,7 @@ const DirtyChunk = 4096
 // on where from stopped: its sequence counter (never rewound: that would
 // reuse IVs), replay window and counters. from must not be in use by a
 // worker while this runs.
-func Inherit(to, from *Entry) {
+func Inherit(to, from *Slot) {
 	if next := from.SA.NextSeq(); next > to.SA.NextSeq() {
 		to.SA.SetNextSeq(next)
 	}
@@ -220,7 +220,7 @@ type BindingChange struct {
 // markDirty puts e on the dirty list: once per entry between two exports,
 // so the list is bounded by the table and a busy SA costs one branch per
 // packet.
-func (p *pipeline) markDirty(e *Entry) {
+func (p *pipeline) markDirty(e *Slot) {
 	e.dirty = true
 	p.dirty = append(p.dirty, e.index)
 }
@@ -229,7 +229,7 @@ func (p *pipeline) markDirty(e *Entry) {
 // the list. A listed slot whose entry was removed or replaced since is
 // passed anyway (f compares entries); a replacement was listed on its
 // own install.
-func (p *pipeline) takeDirty(f func(table []*Entry, slots []uint32)) {
+func (p *pipeline) takeDirty(f func(table []*Slot, slots []uint32)) {
 	n := min(len(p.dirty), DirtyChunk)
 	slots := p.dirty[:n]
 	for _, i := range slots {

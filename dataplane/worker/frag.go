@@ -146,7 +146,7 @@ func (f *fragmenter) nextIPID() uint16 {
 // stack reassembles the inner fragments after decryption. The first
 // fragment stays in d's frame and is returned; the others take frames
 // from the pool (all or none) and go to p.toPub.
-func (p *pipeline) prefragment(e *Entry, d xsk.Desc, frame []byte, l3, n, fit int) (xsk.Desc, Drop) {
+func (p *pipeline) prefragment(e *Slot, d xsk.Desc, frame []byte, l3, n, fit int) (xsk.Desc, Drop) {
 	f := &p.frag
 	ip := frame[l3 : l3+n]
 	hl := int(ip[0]&0x0f) * 4

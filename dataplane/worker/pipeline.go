@@ -27,7 +27,7 @@ type pipeline struct {
 	// memory until a socket registers it, so unit tests build frames in
 	// one without root; a concrete type keeps Frame and Meta inlinable.
 	mem        *xsk.UMEM
-	table      []*Entry
+	table      []*Slot
 	dirty      []uint32 // slots of inbound entries with dirty set
 	nb         Neighbors
 	pubMAC     [6]byte // source MAC of frames sent on the public side
@@ -56,14 +56,14 @@ type pipeline struct {
 
 	// byPorts finds the outbound entry with port selectors for a
 	// phone's inner prefix and the cleartext's ports (see Entry.PortLocal).
-	byPorts map[portKey]*Entry
+	byPorts map[portKey]*Slot
 
 	// flood charges failed authentications to the flood budgets XDP
 	// enforces (nil: none).
 	flood *flood.Guard
 	// outBy finds a phone's outbound entry from its inbound one (they
 	// share the Binding): where an ICMP error to the phone is sealed.
-	outBy map[*Binding]*Entry
+	outBy map[*Binding]*Slot
 
 	privAddrs []netip.Addr // the private side's addresses: ICMP errors come from them
 	outerTTL  uint8        // outer TTL/hop limit (0: esp.DefaultOuterTTL)
@@ -102,13 +102,13 @@ type portKey struct {
 
 // track keeps byPorts and outBy in step with the table: old leaves, e
 // arrives.
-func (p *pipeline) track(old, e *Entry) {
+func (p *pipeline) track(old, e *Slot) {
 	if old != nil && old.Dir == Outbound && p.outBy[old.Binding] == old {
 		delete(p.outBy, old.Binding)
 	}
 	if e != nil && e.Dir == Outbound && e.Binding != nil {
 		if p.outBy == nil {
-			p.outBy = make(map[*Binding]*Entry)
+			p.outBy = make(map[*Binding]*Slot)
 		}
 		if p.outBy[e.Binding] == nil {
 			p.outBy[e.Binding] = e
@@ -122,7 +122,7 @@ func (p *pipeline) track(old, e *Entry) {
 	}
 	if e != nil && e.Dir == Outbound && (e.PortLocal != 0 || e.PortPeer != 0) {
 		if p.byPorts == nil {
-			p.byPorts = make(map[portKey]*Entry)
+			p.byPorts = make(map[portKey]*Slot)
 		}
 		p.byPorts[portKey{e.selKey(), e.PortLocal, e.PortPeer}] = e
 	}
@@ -184,7 +184,7 @@ func (p *pipeline) meta(addr uint64) *bpf.Meta {
 	return m
 }
 
-func (p *pipeline) entry(idx uint32, dir Direction) (*Entry, Drop) {
+func (p *pipeline) entry(idx uint32, dir Direction) (*Slot, Drop) {
 	if int(idx) >= len(p.table) || p.table[idx] == nil {
 		return nil, Drop(esp.ReasonNoSA)
 	}
@@ -319,7 +319,7 @@ func (p *pipeline) decapOne(d xsk.Desc) (xsk.Desc, Drop) {
 // ECN from the outer TOS, the TTL (ICMP Time Exceeded to the phone) and
 // the core-address rewrite. Its drops are counted on e; held means the
 // frame became an ICMP error.
-func (p *pipeline) tunnelIn(e *Entry, d xsk.Desc, frame, ip []byte, outerTOS uint8) Drop {
+func (p *pipeline) tunnelIn(e *Slot, d xsk.Desc, frame, ip []byte, outerTOS uint8) Drop {
 	if tos := tosOf(ip); outerTOS&3 != 0 {
 		nt, ok := decapECN(outerTOS, tos)
 		if !ok {
@@ -367,7 +367,7 @@ func innerOK(ip []byte) bool {
 // reaches the phone inside its tunnel) and queued for the public side.
 // False: nothing was sent (rate limit, no outbound SA or address); the
 // caller drops the frame.
-func (p *pipeline) icmpToPhone(in *Entry, d xsk.Desc, frame, ip []byte) bool {
+func (p *pipeline) icmpToPhone(in *Slot, d xsk.Desc, frame, ip []byte) bool {
 	if !icmpAbout(ip) {
 		return false
 	}
@@ -408,7 +408,7 @@ func (p *pipeline) icmpToPhone(in *Entry, d xsk.Desc, frame, ip []byte) bool {
 // frame's Ethernet header at off) into an ICMP error of kind to its
 // sender, addressed back to the MAC it came from, queued for the private
 // side. False: nothing was sent; the caller drops the frame.
-func (p *pipeline) icmpToCore(e *Entry, d xsk.Desc, frame []byte, off, l3 int, ip []byte, kind icmpKind, mtu int) bool {
+func (p *pipeline) icmpToCore(e *Slot, d xsk.Desc, frame []byte, off, l3 int, ip []byte, kind icmpKind, mtu int) bool {
 	if !icmpAbout(ip) {
 		return false
 	}
@@ -451,7 +451,7 @@ func (p *pipeline) lookup(dst netip.Addr) ([6]byte, bool) {
 
 // learn moves the SA's binding to the packet's outer source if it
 // differs. Called only for authenticated, in-window packets.
-func (p *pipeline) learn(e *Entry, m *bpf.Meta, src netip.Addr, srcMAC []byte) {
+func (p *pipeline) learn(e *Slot, m *bpf.Meta, src netip.Addr, srcMAC []byte) {
 	var port uint16
 	if m.Kind == uint8(bpf.MetaESPUDP) {
 		port = binary.BigEndian.Uint16((*[2]byte)(unsafe.Pointer(&m.Sport))[:])
@@ -485,7 +485,7 @@ func (p *pipeline) learn(e *Entry, m *bpf.Meta, src netip.Addr, srcMAC []byte) {
 // authFailed charges a packet that failed authentication to the flood
 // budgets. The open parsed the outer header and SPI before the tag
 // check failed; the UDP source port travels in the metadata.
-func (p *pipeline) authFailed(e *Entry, m *bpf.Meta) {
+func (p *pipeline) authFailed(e *Slot, m *bpf.Meta) {
 	var port uint16
 	if m.Kind == uint8(bpf.MetaESPUDP) {
 		port = binary.BigEndian.Uint16((*[2]byte)(unsafe.Pointer(&m.Sport))[:])
@@ -589,7 +589,7 @@ func (p *pipeline) encapOne(d xsk.Desc) (xsk.Desc, Drop) {
 // outbound entry e and writes the outer and Ethernet headers: the frame
 // to transmit on the public side, or held (parked for the next hop's MAC)
 // or a drop.
-func (p *pipeline) seal(e *Entry, d xsk.Desc, frame []byte, l3, n int) (xsk.Desc, Drop) {
+func (p *pipeline) seal(e *Slot, d xsk.Desc, frame []byte, l3, n int) (xsk.Desc, Drop) {
 	nh := uint8(esp.NextHeaderIPv4)
 	if frame[l3]>>4 == 6 {
 		nh = esp.NextHeaderIPv6
@@ -601,7 +601,7 @@ func (p *pipeline) seal(e *Entry, d xsk.Desc, frame []byte, l3, n int) (xsk.Desc
 // peer, the outer header carrying tos: a tunnel-mode inner packet (seal)
 // or a transport-mode segment (transportOut, which addressed its checksum
 // to peer).
-func (p *pipeline) sealWith(e *Entry, peer *Peer, d xsk.Desc, frame []byte, l3, n int, nh, tos uint8) (xsk.Desc, Drop) {
+func (p *pipeline) sealWith(e *Slot, peer *Peer, d xsk.Desc, frame []byte, l3, n int, nh, tos uint8) (xsk.Desc, Drop) {
 	if limit := e.Limit.Load(); limit != 0 {
 		next := e.SA.NextSeq()
 		if next >= e.ExtendAt.Load() && e.asked != limit {

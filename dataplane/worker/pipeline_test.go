@@ -40,8 +40,8 @@ type pipeFixture struct {
 	u      *xsk.UMEM
 	p      *pipeline
 	st     *Stats
-	in     *Entry // index 0
-	out    *Entry // index 1
+	in     *Slot // index 0
+	out    *Slot // index 1
 	events chan BindingChange
 	seqReq chan SeqRequest
 	frames uint64
@@ -63,16 +63,16 @@ func newPipeFixture(t *testing.T) *pipeFixture {
 	gwIn := mustESP(t, pipeSPIIn, 64)
 	gwOut := mustESP(t, pipeSPIOut, 0)
 	bind := NewBinding(Peer{Addr: netip.AddrPortFrom(pipePhone, 4500), MAC: pipePhHW, HasMAC: true})
-	f.in = &Entry{SA: gwIn, Dir: Inbound, InnerPeer: netip.PrefixFrom(pipeInner.Addr(), 32), Binding: bind}
-	f.out = &Entry{SA: gwOut, Dir: Outbound, Local: pipeGW, LocalPort: 4500,
+	f.in = &Slot{SA: gwIn, Dir: Inbound, InnerPeer: netip.PrefixFrom(pipeInner.Addr(), 32), Binding: bind}
+	f.out = &Slot{SA: gwOut, Dir: Outbound, Local: pipeGW, LocalPort: 4500,
 		InnerPeer: netip.PrefixFrom(pipeInner.Addr(), 32), Binding: bind, index: 1}
-	f.p.table = []*Entry{f.in, f.out}
+	f.p.table = []*Slot{f.in, f.out}
 	return f
 }
 
-func mustESP(t *testing.T, spi uint32, window int) *esp.SA {
+func mustESP(t *testing.T, spi uint32, window int) *esp.Transform {
 	t.Helper()
-	s, err := esp.NewSA(esp.Config{SPI: spi, Proposal: esp.AES128GCM16, EncKey: pipeKey, Mode: esp.ModeTunnel, ReplayWindow: window})
+	s, err := esp.NewTransform(esp.Config{SPI: spi, Proposal: esp.AES128GCM16, EncKey: pipeKey, Mode: esp.ModeTunnel, ReplayWindow: window})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -93,7 +93,7 @@ func (f *pipeFixture) frame(m bpf.Meta) (uint64, []byte) {
 // espFrame is what XDP hands the worker for a phone's packet: Ethernet,
 // outer IPv4, ESP (the UDP header stripped, its source port in the
 // metadata), sealed with seal (the phone's outbound SA).
-func (f *pipeFixture) espFrame(seal *esp.SA, inner []byte, srcMAC [6]byte, sport uint16) xsk.Desc {
+func (f *pipeFixture) espFrame(seal *esp.Transform, inner []byte, srcMAC [6]byte, sport uint16) xsk.Desc {
 	m := bpf.Meta{SaIndex: 0, L3Off: ethLen, Kind: uint8(bpf.MetaESPUDP)}
 	binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&m.Sport))[:], sport)
 	addr, b := f.frame(m)
@@ -144,7 +144,7 @@ func TestDecapPipeline(t *testing.T) {
 		name string
 		// build returns the batch; the phone's SA seals with sequence
 		// numbers from 1.
-		build func(f *pipeFixture, phone *esp.SA) []xsk.Desc
+		build func(f *pipeFixture, phone *esp.Transform) []xsk.Desc
 		// forwarded is how many frames reach the private side, drop the
 		// reason of the others.
 		forwarded int
@@ -152,39 +152,39 @@ func TestDecapPipeline(t *testing.T) {
 		// moved: the binding follows the packet to the NAPT's new port.
 		moved bool
 	}{
-		{"valid", func(f *pipeFixture, ph *esp.SA) []xsk.Desc {
+		{"valid", func(f *pipeFixture, ph *esp.Transform) []xsk.Desc {
 			return []xsk.Desc{f.espFrame(ph, req, pipeNatHW, 4777)}
 		}, 1, "", true},
-		{"bad ICV", func(f *pipeFixture, ph *esp.SA) []xsk.Desc {
+		{"bad ICV", func(f *pipeFixture, ph *esp.Transform) []xsk.Desc {
 			d := f.espFrame(ph, req, pipeNatHW, 4777)
 			f.u.Packet(d)[d.Len-1] ^= 1
 			return []xsk.Desc{d}
 		}, 0, "integ_error", false},
-		{"replay", func(f *pipeFixture, ph *esp.SA) []xsk.Desc {
+		{"replay", func(f *pipeFixture, ph *esp.Transform) []xsk.Desc {
 			d := f.espFrame(ph, req, pipePhHW, 4500)
 			again := f.clone(d)
 			return []xsk.Desc{d, again}
 		}, 1, "replay", false},
-		{"selector: inner source of another phone", func(f *pipeFixture, ph *esp.SA) []xsk.Desc {
+		{"selector: inner source of another phone", func(f *pipeFixture, ph *esp.Transform) []xsk.Desc {
 			spoof := pkt.UDP4(netip.MustParseAddrPort("100.64.0.9:5060"), pipeCore, []byte("REGISTER sip:ims"))
 			return []xsk.Desc{f.espFrame(ph, spoof, pipeNatHW, 4777)}
 		}, 0, "selector", false},
-		{"malformed: cut short", func(f *pipeFixture, ph *esp.SA) []xsk.Desc {
+		{"malformed: cut short", func(f *pipeFixture, ph *esp.Transform) []xsk.Desc {
 			d := f.espFrame(ph, req, pipeNatHW, 4777)
 			d.Len = ethLen + 20 + 6 // outer IPv4 and part of the ESP header
 			return []xsk.Desc{d}
 		}, 0, "bad_header", false},
-		{"malformed: no metadata", func(f *pipeFixture, ph *esp.SA) []xsk.Desc {
+		{"malformed: no metadata", func(f *pipeFixture, ph *esp.Transform) []xsk.Desc {
 			d := f.espFrame(ph, req, pipeNatHW, 4777)
 			(*bpf.Meta)(unsafe.Pointer(&f.u.Meta(d.Addr, bpf.MetaSize)[0])).Magic = 0
 			return []xsk.Desc{d}
 		}, 0, "bad_meta", false},
-		{"malformed: index of no SA", func(f *pipeFixture, ph *esp.SA) []xsk.Desc {
+		{"malformed: index of no SA", func(f *pipeFixture, ph *esp.Transform) []xsk.Desc {
 			d := f.espFrame(ph, req, pipeNatHW, 4777)
 			(*bpf.Meta)(unsafe.Pointer(&f.u.Meta(d.Addr, bpf.MetaSize)[0])).SaIndex = 7
 			return []xsk.Desc{d}
 		}, 0, "no_sa", false},
-		{"malformed: index of an outbound SA", func(f *pipeFixture, ph *esp.SA) []xsk.Desc {
+		{"malformed: index of an outbound SA", func(f *pipeFixture, ph *esp.Transform) []xsk.Desc {
 			d := f.espFrame(ph, req, pipeNatHW, 4777)
 			(*bpf.Meta)(unsafe.Pointer(&f.u.Meta(d.Addr, bpf.MetaSize)[0])).SaIndex = 1
 			return []xsk.Desc{d}

@@ -45,11 +45,11 @@ func TestL4PortsAndSelectors(t *testing.T) {
 func TestTrackByPorts(t *testing.T) {
 	var p pipeline
 	peer := netip.MustParsePrefix("192.168.1.11/32")
-	outC := &Entry{Dir: Outbound, InnerPeer: peer, PortLocal: 5065, PortPeer: 5062}
-	outS := &Entry{Dir: Outbound, InnerPeer: peer, PortLocal: 5063, PortPeer: 5064}
-	in := &Entry{Dir: Inbound, InnerPeer: peer, PortLocal: 5065, PortPeer: 5062}
-	plain := &Entry{Dir: Outbound, InnerPeer: peer}
-	for _, e := range []*Entry{outC, outS, in, plain} {
+	outC := &Slot{Dir: Outbound, InnerPeer: peer, PortLocal: 5065, PortPeer: 5062}
+	outS := &Slot{Dir: Outbound, InnerPeer: peer, PortLocal: 5063, PortPeer: 5064}
+	in := &Slot{Dir: Inbound, InnerPeer: peer, PortLocal: 5065, PortPeer: 5062}
+	plain := &Slot{Dir: Outbound, InnerPeer: peer}
+	for _, e := range []*Slot{outC, outS, in, plain} {
 		p.track(nil, e)
 	}
 	if len(p.byPorts) != 2 || p.byPorts[portKey{peer, 5063, 5064}] != outS || p.byPorts[portKey{peer, 5065, 5062}] != outC {
@@ -57,7 +57,7 @@ func TestTrackByPorts(t *testing.T) {
 	}
 	// A rebuilt outS (update in place) replaces the old; removing the old
 	// afterwards must not drop the new one.
-	outS2 := &Entry{Dir: Outbound, InnerPeer: peer, PortLocal: 5063, PortPeer: 5064}
+	outS2 := &Slot{Dir: Outbound, InnerPeer: peer, PortLocal: 5063, PortPeer: 5064}
 	p.track(outS, outS2)
 	p.track(outS, nil)
 	if p.byPorts[portKey{peer, 5063, 5064}] != outS2 {

@@ -27,7 +27,7 @@ func ipProto(ip []byte) uint8 {
 
 // l4Match applies the protocol and port selectors to ip, sent from the
 // srcSel port to the dstSel port (0: any).
-func (e *Entry) l4Match(ip []byte, srcSel, dstSel uint16) bool {
+func (e *Slot) l4Match(ip []byte, srcSel, dstSel uint16) bool {
 	if e.Proto == 0 && srcSel == 0 && dstSel == 0 {
 		return true
 	}
@@ -42,7 +42,7 @@ func (e *Entry) l4Match(ip []byte, srcSel, dstSel uint16) bool {
 // to this side (InnerLocal, PortLocal), of the SA's protocol. Otherwise an
 // authenticated phone could reach any host on the core side, or claim
 // another phone's address.
-func (e *Entry) inSelectors(ip []byte) bool {
+func (e *Slot) inSelectors(ip []byte) bool {
 	if e.InnerPeer.IsValid() && !e.InnerPeer.Contains(srcAddr(ip)) {
 		return false
 	}
@@ -57,7 +57,7 @@ func (e *Entry) inSelectors(ip []byte) bool {
 // core address (selKey; its InnerPeer when the SA has none)/PortPeer, of
 // the SA's protocol. It runs before xlateOut: the core addresses the
 // phone by its core address.
-func (e *Entry) outSelectors(ip []byte) bool {
+func (e *Slot) outSelectors(ip []byte) bool {
 	if k := e.selKey(); k.IsValid() && !k.Contains(dstAddr(ip)) {
 		return false
 	}
@@ -117,7 +117,7 @@ func decapECN(outer, inner uint8) (uint8, bool) {
 // e: the SA's fixed DSCP, else the gateway's, else the inner DSCP copied
 // (RFC 4301 5.1.2.1, the default); the inner ECN field is always copied
 // (RFC 6040 4.1 normal mode).
-func (p *pipeline) outerTOS(e *Entry, inner uint8) uint8 {
+func (p *pipeline) outerTOS(e *Slot, inner uint8) uint8 {
 	switch {
 	case e.FixDSCP:
 		return e.DSCP<<2 | inner&3

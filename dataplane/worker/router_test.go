@@ -20,8 +20,8 @@ type rig struct {
 	u                 *xsk.UMEM
 	p                 *pipeline
 	st                Stats
-	in, out           *Entry
-	phoneOut, phIn    *esp.SA
+	in, out           *Slot
+	phoneOut, phIn    *esp.Transform
 	next              uint64 // next free frame
 	now               int64
 	coreMAC, phoneMAC [6]byte
@@ -40,9 +40,9 @@ func newRig(t testing.TB) *rig {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { u.Close() })
-	mk := func(spi uint32, key byte, window int) *esp.SA {
+	mk := func(spi uint32, key byte, window int) *esp.Transform {
 		k := bytes.Repeat([]byte{key}, 20)
-		s, err := esp.NewSA(esp.Config{SPI: spi, Proposal: esp.AES128GCM16, EncKey: k, ReplayWindow: window, Mode: esp.ModeTunnel})
+		s, err := esp.NewTransform(esp.Config{SPI: spi, Proposal: esp.AES128GCM16, EncKey: k, ReplayWindow: window, Mode: esp.ModeTunnel})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -66,10 +66,10 @@ func newRig(t testing.TB) *rig {
 	r.p.frag.pool.Put(all[:])
 	b := NewBinding(Peer{Addr: netip.MustParseAddrPort("192.0.2.10:4500"), MAC: r.phoneMAC, HasMAC: true})
 	local := netip.MustParsePrefix("10.0.0.0/24")
-	r.in = &Entry{SA: mk(0x1001, 1, 64), Dir: Inbound, InnerPeer: netip.PrefixFrom(phoneInner, 32), InnerLocal: local, Binding: b}
-	r.out = &Entry{SA: mk(0x2001, 2, 0), Dir: Outbound, Local: netip.MustParseAddr("192.0.2.1"), LocalPort: 4500,
+	r.in = &Slot{SA: mk(0x1001, 1, 64), Dir: Inbound, InnerPeer: netip.PrefixFrom(phoneInner, 32), InnerLocal: local, Binding: b}
+	r.out = &Slot{SA: mk(0x2001, 2, 0), Dir: Outbound, Local: netip.MustParseAddr("192.0.2.1"), LocalPort: 4500,
 		InnerPeer: netip.PrefixFrom(phoneInner, 32), InnerLocal: local, Binding: b}
-	r.p.table = []*Entry{r.in, r.out}
+	r.p.table = []*Slot{r.in, r.out}
 	r.in.index, r.out.index = 0, 1
 	r.p.track(nil, r.in)
 	r.p.track(nil, r.out)

@@ -27,7 +27,7 @@ import (
 // transportInPorts is the inbound selector check of a transport-mode SA:
 // its addresses are the outer ones, which the SPI lookup and the binding
 // stand for, so only the protocol and ports are left to check.
-func (e *Entry) transportInPorts(ip []byte) bool {
+func (e *Slot) transportInPorts(ip []byte) bool {
 	return e.l4Match(ip, e.PortPeer, e.PortLocal)
 }
 
@@ -35,7 +35,7 @@ func (e *Entry) transportInPorts(ip []byte) bool {
 // address to the SA's core-side host and gives it a fresh TTL: the
 // gateway is the transport endpoint and originates the packet toward the
 // core (the access network's hop count is not the core's business).
-func (p *pipeline) transportIn(e *Entry, ip []byte) Drop {
+func (p *pipeline) transportIn(e *Slot, ip []byte) Drop {
 	if !e.Core.IsValid() || !e.Dest.IsValid() {
 		return DropXlate // refused at config time; never forward half-addressed
 	}
@@ -89,7 +89,7 @@ func transportHeader(ip []byte) (int, bool) {
 // re-addressing to the outer pseudo-header, then the ESP seal of the
 // segment alone. off is where d's Ethernet header starts (ICMP errors
 // to the core go back to its MAC).
-func (p *pipeline) transportOut(e *Entry, d xsk.Desc, frame []byte, off, l3 int, ip []byte) (xsk.Desc, Drop) {
+func (p *pipeline) transportOut(e *Slot, d xsk.Desc, frame []byte, off, l3 int, ip []byte) (xsk.Desc, Drop) {
 	hl, ok := transportHeader(ip)
 	if !ok {
 		e.Counters.Drops.Add(1)

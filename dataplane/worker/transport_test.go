@@ -31,7 +31,7 @@ var (
 
 type trRig struct {
 	*pipeFixture
-	phoneOut, phoneIn *esp.SA // the phone's halves of the pair
+	phoneOut, phoneIn *esp.Transform // the phone's halves of the pair
 }
 
 // newTrRig is a transport-mode pair: index 0 inbound (ports 5062 -> 5064
@@ -41,8 +41,8 @@ func newTrRig(t *testing.T, encap bool) *trRig {
 	f := newPipeFixture(t)
 	nm := map[[16]byte][6]byte{trPCSCF.As16(): pipeCoreHW, trNAT.As16(): pipeNatHW}
 	f.p.nb.(*mapNeighbors).m.Store(&nm)
-	mk := func(spi uint32, window int) *esp.SA {
-		s, err := esp.NewSA(esp.Config{SPI: spi, Proposal: esp.AES128GCM16, EncKey: pipeKey, Mode: esp.ModeTransport, ReplayWindow: window})
+	mk := func(spi uint32, window int) *esp.Transform {
+		s, err := esp.NewTransform(esp.Config{SPI: spi, Proposal: esp.AES128GCM16, EncKey: pipeKey, Mode: esp.ModeTransport, ReplayWindow: window})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -53,12 +53,12 @@ func newTrRig(t *testing.T, encap bool) *trRig {
 		port, lport = 4500, 4500
 	}
 	bind := NewBinding(Peer{Addr: netip.AddrPortFrom(trNAT, port)})
-	f.in = &Entry{SA: mk(pipeSPIIn, 64), Dir: Inbound, Transport: true, Core: trCore, Dest: trPCSCF,
+	f.in = &Slot{SA: mk(pipeSPIIn, 64), Dir: Inbound, Transport: true, Core: trCore, Dest: trPCSCF,
 		InnerLocal: netip.PrefixFrom(trPCSCF, 32), Proto: 0, PortPeer: 5062, PortLocal: 5064, Binding: bind}
-	f.out = &Entry{SA: mk(pipeSPIOut, 0), Dir: Outbound, Transport: true, Local: trGW, LocalPort: lport, Core: trCore,
+	f.out = &Slot{SA: mk(pipeSPIOut, 0), Dir: Outbound, Transport: true, Local: trGW, LocalPort: lport, Core: trCore,
 		InnerPeer: netip.PrefixFrom(trNAT, 32), InnerLocal: netip.PrefixFrom(trPCSCF, 32), PortLocal: 5064, PortPeer: 5062,
 		Binding: bind, index: 1}
-	f.p.table = []*Entry{f.in, f.out}
+	f.p.table = []*Slot{f.in, f.out}
 	f.p.track(nil, f.out)
 	return &trRig{pipeFixture: f, phoneOut: mk(pipeSPIIn, 0), phoneIn: mk(pipeSPIOut, 64)}
 }
@@ -334,20 +334,20 @@ func BenchmarkEncapModes(b *testing.B) {
 				b.Fatal(err)
 			}
 			defer u.Close()
-			gw, err := esp.NewSA(esp.Config{SPI: 0x2001, Proposal: esp.AES128GCM16, EncKey: make([]byte, 20), Mode: mode})
+			gw, err := esp.NewTransform(esp.Config{SPI: 0x2001, Proposal: esp.AES128GCM16, EncKey: make([]byte, 20), Mode: mode})
 			if err != nil {
 				b.Fatal(err)
 			}
 			p := pipeline{mem: u, nb: &mapNeighbors{}, stats: &Stats{}, bindEvents: make(chan BindingChange, 1), seqRequests: make(chan SeqRequest)}
 			p.frag = fragmenter{mtu: 1500, mem: u, rxOff: uint64(u.RxOffset()), stride: 1}
-			e := &Entry{SA: gw, Dir: Outbound, Local: trGW, LocalPort: 4500, Core: trCore, InnerLocal: netip.PrefixFrom(trPCSCF, 32),
+			e := &Slot{SA: gw, Dir: Outbound, Local: trGW, LocalPort: 4500, Core: trCore, InnerLocal: netip.PrefixFrom(trPCSCF, 32),
 				Binding: NewBinding(Peer{Addr: netip.AddrPortFrom(trNAT, 4500), MAC: [6]byte{2, 0, 0, 0, 0, 2}, HasMAC: true})}
 			if mode == esp.ModeTransport {
 				e.Transport = true
 			} else {
 				e.Inner, e.InnerPeer = trPhone, netip.PrefixFrom(trPhone, 32)
 			}
-			p.table = []*Entry{e}
+			p.table = []*Slot{e}
 			rxOff := uint64(u.RxOffset())
 			ip := pkt.UDP4(netip.AddrPortFrom(trPCSCF, 5064), netip.AddrPortFrom(trCore, 5062), make([]byte, inner-28))
 			rx := make([]xsk.Desc, batch)

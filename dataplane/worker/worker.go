@@ -220,7 +220,7 @@ func (w *Worker) apply(cmds []Command) {
 				if c.Entry == nil {
 					goto done
 				}
-				grown := make([]*Entry, max(int(c.Index)+1, 2*len(w.pipe.table)))
+				grown := make([]*Slot, max(int(c.Index)+1, 2*len(w.pipe.table)))
 				copy(grown, w.pipe.table)
 				w.pipe.table = grown
 			}

@@ -11,17 +11,17 @@ import (
 	"github.com/xesp/xesp/internal/pkt"
 )
 
-func newEntry(t *testing.T, spi uint32, dir Direction) *Entry {
+func newEntry(t *testing.T, spi uint32, dir Direction) *Slot {
 	t.Helper()
 	window := 0
 	if dir == Inbound {
 		window = 1024
 	}
-	s, err := esp.NewSA(esp.Config{SPI: spi, Proposal: esp.AES128GCM16, EncKey: make([]byte, 20), ReplayWindow: window, Mode: esp.ModeTunnel})
+	s, err := esp.NewTransform(esp.Config{SPI: spi, Proposal: esp.AES128GCM16, EncKey: make([]byte, 20), ReplayWindow: window, Mode: esp.ModeTunnel})
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &Entry{SA: s, Dir: dir, Binding: NewBinding(Peer{})}
+	return &Slot{SA: s, Dir: dir, Binding: NewBinding(Peer{})}
 }
 
 // A replacing install with Inherit continues the old entry's sequence

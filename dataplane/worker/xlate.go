@@ -14,7 +14,7 @@ import (
 // selKey is the destination part of an outbound entry's selectors as
 // byPorts keys it: its core address when it has one (phones sharing an
 // inner address differ there), else its inner peer prefix.
-func (e *Entry) selKey() netip.Prefix {
+func (e *Slot) selKey() netip.Prefix {
 	if e.Core.IsValid() {
 		return netip.PrefixFrom(e.Core, e.Core.BitLen())
 	}
@@ -29,7 +29,7 @@ func (e *Entry) selKey() netip.Prefix {
 // sets may differ by local port, e.g. a re-registration's new set beside
 // the current one). Nothing is ever sealed with an SA whose selectors the
 // packet does not match: DropPolicy.
-func (p *pipeline) outSelect(e *Entry, ip []byte) (*Entry, Drop) {
+func (p *pipeline) outSelect(e *Slot, ip []byte) (*Slot, Drop) {
 	if e.outSelectors(ip) {
 		return e, 0
 	}
@@ -66,7 +66,7 @@ func (p *pipeline) outSelect(e *Entry, ip []byte) (*Entry, Drop) {
 // phone's own address, to its core address. Called only after the
 // packet passed authentication, the replay check and the inbound
 // selectors on its real addresses.
-func xlateIn(e *Entry, ip []byte) Drop {
+func xlateIn(e *Slot, ip []byte) Drop {
 	if !e.Core.IsValid() {
 		return 0
 	}
@@ -78,7 +78,7 @@ func xlateIn(e *Entry, ip []byte) Drop {
 
 // xlateOut rewrites the destination of cleartext for a phone, its core
 // address, back to the phone's inner address before sealing.
-func xlateOut(e *Entry, ip []byte) Drop {
+func xlateOut(e *Slot, ip []byte) Drop {
 	if !e.Core.IsValid() {
 		return 0
 	}

@@ -26,8 +26,8 @@ func TestPipelineCoreTranslation(t *testing.T) {
 	defer u.Close()
 	key := make([]byte, 20)
 	key[0] = 7
-	mk := func(spi uint32, window int) *esp.SA {
-		s, err := esp.NewSA(esp.Config{SPI: spi, Proposal: esp.AES128GCM16, EncKey: key, ReplayWindow: window, Mode: esp.ModeTunnel})
+	mk := func(spi uint32, window int) *esp.Transform {
+		s, err := esp.NewTransform(esp.Config{SPI: spi, Proposal: esp.AES128GCM16, EncKey: key, ReplayWindow: window, Mode: esp.ModeTunnel})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -43,10 +43,10 @@ func TestPipelineCoreTranslation(t *testing.T) {
 	nb.m.Store(&nm)
 	p := pipeline{mem: u, nb: nb, stats: &st, bindEvents: make(chan BindingChange, 1), seqRequests: make(chan SeqRequest)}
 	p.frag = fragmenter{mtu: 1500, mem: u, rxOff: uint64(u.RxOffset()), stride: 1}
-	in := &Entry{SA: mk(0x1001, 1024), Dir: Inbound, InnerPeer: inner, Core: core, Inner: phoneAddr, Binding: bind}
-	out := &Entry{SA: mk(0x2001, 0), Dir: Outbound, Local: netip.MustParseAddr("198.51.100.1"), LocalPort: 4500,
+	in := &Slot{SA: mk(0x1001, 1024), Dir: Inbound, InnerPeer: inner, Core: core, Inner: phoneAddr, Binding: bind}
+	out := &Slot{SA: mk(0x2001, 0), Dir: Outbound, Local: netip.MustParseAddr("198.51.100.1"), LocalPort: 4500,
 		InnerPeer: inner, Core: core, Inner: phoneAddr, Binding: bind}
-	p.table = []*Entry{in, out}
+	p.table = []*Slot{in, out}
 	p.track(nil, out)
 	rxOff := uint64(u.RxOffset())
 	setMeta := func(base uint64, m bpf.Meta) {

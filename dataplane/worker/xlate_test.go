@@ -206,14 +206,14 @@ func TestOutSelect(t *testing.T) {
 	var p pipeline
 	coreA, coreB := netip.MustParseAddr("100.64.0.1"), netip.MustParseAddr("100.64.0.2")
 	inner := netip.MustParsePrefix("192.168.1.10/32")
-	mk := func(core netip.Addr, local, peer uint16) *Entry {
-		return &Entry{Dir: Outbound, InnerPeer: inner, Core: core, Inner: inner.Addr(), PortLocal: local, PortPeer: peer}
+	mk := func(core netip.Addr, local, peer uint16) *Slot {
+		return &Slot{Dir: Outbound, InnerPeer: inner, Core: core, Inner: inner.Addr(), PortLocal: local, PortPeer: peer}
 	}
 	aOld := mk(coreA, 5063, 5060) // registration 1: pc 5063 -> us 5060
 	aNew := mk(coreA, 5073, 5060) // re-registration: pc 5073 -> us 5060
 	aCli := mk(coreA, 5065, 5062)
 	bSrv := mk(coreB, 5063, 5060)
-	for _, e := range []*Entry{aOld, aNew, aCli, bSrv} {
+	for _, e := range []*Slot{aOld, aNew, aCli, bSrv} {
 		p.track(nil, e)
 	}
 	udp := func(dst string, sport, dport uint16) []byte {
@@ -224,9 +224,9 @@ func TestOutSelect(t *testing.T) {
 	}
 	for _, c := range []struct {
 		name   string
-		steer  *Entry
+		steer  *Slot
 		pkt    []byte
-		want   *Entry
+		want   *Slot
 		reason Drop
 	}{
 		{"own", aNew, udp("100.64.0.1", 5073, 5060), aNew, 0},

@@ -65,10 +65,10 @@ type ueSet struct {
 	portC, portS uint16 // the phone's protected ports
 	server       secagree.Mechanism
 	serverHdr    string
-	outToPS      *esp.SA // port-c -> P-CSCF port-s (P-CSCF's spi-s)
-	outToPC      *esp.SA // port-s -> P-CSCF port-c (P-CSCF's spi-c)
-	inFromPS     *esp.SA // P-CSCF port-s -> port-c (our spi-c)
-	inFromPC     *esp.SA // P-CSCF port-c -> port-s (our spi-s)
+	outToPS      *esp.Transform // port-c -> P-CSCF port-s (P-CSCF's spi-s)
+	outToPC      *esp.Transform // port-s -> P-CSCF port-c (P-CSCF's spi-c)
+	inFromPS     *esp.Transform // P-CSCF port-s -> port-c (our spi-c)
+	inFromPC     *esp.Transform // P-CSCF port-c -> port-s (our spi-s)
 	sealMu       sync.Mutex
 	sbuf         []byte
 }
@@ -159,7 +159,7 @@ func (u *UE) readESP() {
 		spi := binary.BigEndian.Uint32(buf)
 		u.mu.Lock()
 		var set *ueSet
-		var in *esp.SA
+		var in *esp.Transform
 		var wantSrc, wantDst uint16
 		for _, s := range u.sets {
 			switch spi {
@@ -206,7 +206,7 @@ func (u *UE) readESP() {
 	}
 }
 
-func (u *UE) seal(s *ueSet, sa *esp.SA, src, dst uint16, payload []byte) error {
+func (u *UE) seal(s *ueSet, sa *esp.Transform, src, dst uint16, payload []byte) error {
 	inner := pkt.UDP4(netip.AddrPortFrom(u.LAN, src), netip.AddrPortFrom(u.pcscf, dst), payload)
 	s.sealMu.Lock()
 	defer s.sealMu.Unlock()
@@ -350,12 +350,12 @@ func (u *UE) challenged(r Msg, spiC, spiS uint32, portC, portS uint16) (*ueSet, 
 	default:
 		return nil, fmt.Errorf("%s: Security-Server %q: an algorithm we did not offer", u.Name, r.Hdr["security-server"])
 	}
-	mk := func(spi uint32, window int) (*esp.SA, error) {
-		return esp.NewSA(esp.Config{SPI: spi, Proposal: prop, EncKey: enc, AuthKey: auth, ReplayWindow: window, Mode: esp.ModeTunnel})
+	mk := func(spi uint32, window int) (*esp.Transform, error) {
+		return esp.NewTransform(esp.Config{SPI: spi, Proposal: prop, EncKey: enc, AuthKey: auth, ReplayWindow: window, Mode: esp.ModeTunnel})
 	}
 	s := &ueSet{spiC: spiC, spiS: spiS, portC: portC, portS: portS, server: srv, serverHdr: r.Hdr["security-server"]}
 	for _, x := range []struct {
-		p      **esp.SA
+		p      **esp.Transform
 		spi    uint32
 		window int
 	}{{&s.outToPS, srv.SPIS, 0}, {&s.outToPC, srv.SPIC, 0}, {&s.inFromPS, spiC, 64}, {&s.inFromPC, spiS, 64}} {

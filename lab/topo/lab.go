@@ -691,13 +691,13 @@ func (l *Lab) OutPackets(spiOut uint32) uint64 {
 	return c.Packets
 }
 
-func phoneSAs(spiIn uint32, kin string, spiOut uint32, kout string, mode esp.Mode) (out, in *esp.SA, err error) {
-	mk := func(spi uint32, keyHex string, window int) (*esp.SA, error) {
+func phoneSAs(spiIn uint32, kin string, spiOut uint32, kout string, mode esp.Mode) (out, in *esp.Transform, err error) {
+	mk := func(spi uint32, keyHex string, window int) (*esp.Transform, error) {
 		k, err := hex.DecodeString(keyHex)
 		if err != nil {
 			return nil, err
 		}
-		return esp.NewSA(esp.Config{SPI: spi, Proposal: esp.AES128GCM16, EncKey: k, ReplayWindow: window, Mode: mode})
+		return esp.NewTransform(esp.Config{SPI: spi, Proposal: esp.AES128GCM16, EncKey: k, ReplayWindow: window, Mode: mode})
 	}
 	if out, err = mk(spiIn, kin, 0); err != nil {
 		return nil, nil, err

@@ -27,16 +27,16 @@ func sipTo(user, inner string, port int) []byte {
 // packet for each phone is delivered and counted nowhere.
 func TestMisdeliveryCountersSeeCrossedSAs(t *testing.T) {
 	a, b := twoNS(t)
-	mk := func(spi uint32, window int) (*esp.SA, *esp.SA) {
+	mk := func(spi uint32, window int) (*esp.Transform, *esp.Transform) {
 		k := make([]byte, 20)
 		rand.Read(k)
 		cfg := esp.Config{SPI: spi, Proposal: esp.AES128GCM16, EncKey: k, ReplayWindow: window, Mode: esp.ModeTunnel}
-		gw, err := esp.NewSA(cfg)
+		gw, err := esp.NewTransform(cfg)
 		if err != nil {
 			t.Fatal(err)
 		}
 		cfg.ReplayWindow = 1024
-		ph, err := esp.NewSA(cfg)
+		ph, err := esp.NewTransform(cfg)
 		if err != nil {
 			t.Fatal(err)
 		}

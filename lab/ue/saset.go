@@ -16,13 +16,13 @@ const maxTailroom = 64
 // published: a change builds a new set and swaps the pointer, so the
 // packet loops read it with one atomic load and no lock.
 type saSet struct {
-	out *esp.SA   // seals every TUN packet; nil: none yet
-	in  []*esp.SA // open the gateway's ESP, looked up by SPI
+	out *esp.Transform   // seals every TUN packet; nil: none yet
+	in  []*esp.Transform // open the gateway's ESP, looked up by SPI
 }
 
 // lookupIn finds the inbound SA for spi. A phone holds one or two (two
 // while a rekey overlaps), so a scan beats a map.
-func (s *saSet) lookupIn(spi uint32) *esp.SA {
+func (s *saSet) lookupIn(spi uint32) *esp.Transform {
 	for _, sa := range s.in {
 		if sa.SPI() == spi {
 			return sa
@@ -44,7 +44,7 @@ func (t *Tunnel) Mode() esp.Mode { return t.mode }
 // SAs returns the installed outbound SA (nil if none) and inbound SAs.
 // The caller must not use them to seal or open: the tunnel's loops are
 // their only writers.
-func (t *Tunnel) SAs() (out *esp.SA, in []*esp.SA) {
+func (t *Tunnel) SAs() (out *esp.Transform, in []*esp.Transform) {
 	s := t.sas.Load()
 	return s.out, s.in
 }
@@ -54,7 +54,7 @@ func (t *Tunnel) SAs() (out *esp.SA, in []*esp.SA) {
 // is lost or sealed twice. s must be new to the tunnel: installing an SA
 // object or SPI that is current would restart its sequence counter, and
 // under the same key that reuses GCM IVs.
-func (t *Tunnel) SetOut(s *esp.SA) (replaced *esp.SA, err error) {
+func (t *Tunnel) SetOut(s *esp.Transform) (replaced *esp.Transform, err error) {
 	if err := t.check(s); err != nil {
 		return nil, err
 	}
@@ -70,7 +70,7 @@ func (t *Tunnel) SetOut(s *esp.SA) (replaced *esp.SA, err error) {
 
 // AddIn installs s as an inbound SA next to those already there: during a
 // rekey the old inbound SA keeps opening until it is deleted.
-func (t *Tunnel) AddIn(s *esp.SA) error {
+func (t *Tunnel) AddIn(s *esp.Transform) error {
 	if err := t.check(s); err != nil {
 		return err
 	}
@@ -80,7 +80,7 @@ func (t *Tunnel) AddIn(s *esp.SA) error {
 	if cur.lookupIn(s.SPI()) != nil {
 		return fmt.Errorf("inbound SPI 0x%08x: %w", s.SPI(), ErrSAExists)
 	}
-	in := make([]*esp.SA, len(cur.in), len(cur.in)+1)
+	in := make([]*esp.Transform, len(cur.in), len(cur.in)+1)
 	copy(in, cur.in)
 	t.sas.Store(&saSet{out: cur.out, in: append(in, s)})
 	return nil
@@ -88,7 +88,7 @@ func (t *Tunnel) AddIn(s *esp.SA) error {
 
 // DeleteOut removes the outbound SA if its SPI is spi; TUN packets are
 // then dropped (no_sa) until another is set.
-func (t *Tunnel) DeleteOut(spi uint32) (*esp.SA, error) {
+func (t *Tunnel) DeleteOut(spi uint32) (*esp.Transform, error) {
 	t.sasMu.Lock()
 	defer t.sasMu.Unlock()
 	cur := t.sas.Load()
@@ -101,7 +101,7 @@ func (t *Tunnel) DeleteOut(spi uint32) (*esp.SA, error) {
 
 // DeleteIn removes the inbound SA with this SPI; ESP under it is then
 // dropped (unknown_spi).
-func (t *Tunnel) DeleteIn(spi uint32) (*esp.SA, error) {
+func (t *Tunnel) DeleteIn(spi uint32) (*esp.Transform, error) {
 	t.sasMu.Lock()
 	defer t.sasMu.Unlock()
 	cur := t.sas.Load()
@@ -109,7 +109,7 @@ func (t *Tunnel) DeleteIn(spi uint32) (*esp.SA, error) {
 	if gone == nil {
 		return nil, fmt.Errorf("inbound SPI 0x%08x: %w", spi, ErrSANotFound)
 	}
-	in := make([]*esp.SA, 0, len(cur.in))
+	in := make([]*esp.Transform, 0, len(cur.in))
 	for _, s := range cur.in {
 		if s != gone {
 			in = append(in, s)
@@ -119,7 +119,7 @@ func (t *Tunnel) DeleteIn(spi uint32) (*esp.SA, error) {
 	return gone, nil
 }
 
-func (t *Tunnel) check(s *esp.SA) error {
+func (t *Tunnel) check(s *esp.Transform) error {
 	if s == nil {
 		return errors.New("tunnel: nil SA")
 	}

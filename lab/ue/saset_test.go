@@ -40,7 +40,7 @@ func TestTunnelSAChanges(t *testing.T) {
 	if err := tun.AddIn(aIn); !errors.Is(err, ErrSAExists) {
 		t.Fatalf("duplicate inbound: %v", err)
 	}
-	next, err := esp.NewSA(esp.Config{SPI: 0x1002, Proposal: esp.AES128GCM16, EncKey: make([]byte, 20), Mode: esp.ModeTunnel})
+	next, err := esp.NewTransform(esp.Config{SPI: 0x1002, Proposal: esp.AES128GCM16, EncKey: make([]byte, 20), Mode: esp.ModeTunnel})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -67,7 +67,7 @@ func TestTunnelSAChanges(t *testing.T) {
 		t.Fatalf("after the deletes: %v %v", out, in)
 	}
 	// The per-packet lookup allocates nothing.
-	set := &saSet{in: []*esp.SA{aIn, next}}
+	set := &saSet{in: []*esp.Transform{aIn, next}}
 	if n := testing.AllocsPerRun(100, func() { _ = set.lookupIn(0x1002) }); n != 0 {
 		t.Fatalf("lookupIn allocates %v", n)
 	}

@@ -31,7 +31,7 @@ type TunnelConfig struct {
 	// later through AddSA (e.g. from the phone's control API). Their mode
 	// decides how the TUN's packets are carried; both must agree, and
 	// agree with Mode when it is set.
-	Out, In *esp.SA
+	Out, In *esp.Transform
 	// Mode is the ESP mode of every SA the tunnel will ever hold; zero
 	// means the mode of Out or In, or tunnel mode when there are none.
 	Mode esp.Mode
@@ -189,7 +189,7 @@ type Tunnel struct {
 // cfg.Routes through the TUN and starts moving packets.
 func StartTunnel(cfg TunnelConfig) (*Tunnel, error) {
 	mode := cfg.Mode
-	for _, s := range []*esp.SA{cfg.Out, cfg.In} {
+	for _, s := range []*esp.Transform{cfg.Out, cfg.In} {
 		switch {
 		case s == nil:
 		case mode == esp.ModeInvalid:
@@ -247,7 +247,7 @@ func StartTunnel(cfg TunnelConfig) (*Tunnel, error) {
 	t := &Tunnel{cfg: cfg, mode: mode, tun: tun, conn: conn, gw: cfg.Gateway, inner: cfg.Inner.Unmap(), stop: make(chan struct{})}
 	set := &saSet{out: cfg.Out}
 	if cfg.In != nil {
-		set.in = []*esp.SA{cfg.In}
+		set.in = []*esp.Transform{cfg.In}
 	}
 	t.sas.Store(set)
 	t.wg.Add(2)

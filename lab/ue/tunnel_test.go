@@ -16,10 +16,10 @@ import (
 
 // pairSAs returns two SA pairs with mirrored keys: a seals what b opens
 // and the other way round.
-func pairSAs(t *testing.T, mode esp.Mode) (aOut, aIn, bOut, bIn *esp.SA) {
+func pairSAs(t *testing.T, mode esp.Mode) (aOut, aIn, bOut, bIn *esp.Transform) {
 	t.Helper()
-	mk := func(spi uint32, key []byte, window int) *esp.SA {
-		s, err := esp.NewSA(esp.Config{SPI: spi, Proposal: esp.AES128GCM16, EncKey: key, ReplayWindow: window, Mode: mode})
+	mk := func(spi uint32, key []byte, window int) *esp.Transform {
+		s, err := esp.NewTransform(esp.Config{SPI: spi, Proposal: esp.AES128GCM16, EncKey: key, ReplayWindow: window, Mode: mode})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -140,7 +140,7 @@ func TestTunnelTUNToTUN(t *testing.T) {
 // espPeer is a Go-driven gateway side: a UDP socket and the mirrored SAs.
 type espPeer struct {
 	c       *net.UDPConn
-	out, in *esp.SA
+	out, in *esp.Transform
 }
 
 func (p *espPeer) recv(t *testing.T) ([]byte, esp.Result, netip.AddrPort) {

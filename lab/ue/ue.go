@@ -29,10 +29,10 @@ type Phone struct {
 	gw   netip.AddrPort
 
 	sendMu sync.Mutex
-	out    *esp.SA
+	out    *esp.Transform
 	sbuf   []byte
 
-	in *esp.SA // used by the Recv caller only
+	in *esp.Transform // used by the Recv caller only
 
 	// The phone's identity for the misdelivery counts (Expect).
 	inner    netip.Addr
@@ -46,7 +46,7 @@ const headroom = 64
 
 // New binds local (e.g. 0.0.0.0:4500) and talks to the gateway at gw.
 // out seals what the phone sends; in opens what the gateway sends back.
-func New(local, gw netip.AddrPort, out, in *esp.SA) (*Phone, error) {
+func New(local, gw netip.AddrPort, out, in *esp.Transform) (*Phone, error) {
 	c, err := net.ListenUDP("udp", net.UDPAddrFromAddrPort(local))
 	if err != nil {
 		return nil, fmt.Errorf("phone: bind %s: %w", local, err)

@@ -44,7 +44,7 @@ type Server struct {
 
 type entry struct {
 	spec    sa.SA
-	esp     *esp.SA
+	esp     *esp.Transform
 	created time.Time
 }
 
@@ -55,7 +55,7 @@ func New(t *ue.Tunnel, gateway string, initial ...sa.SA) (*Server, error) {
 	s := &Server{t: t, gw: gateway, sas: map[sa.ID]entry{}}
 	out, in := t.SAs()
 	for _, sp := range initial {
-		var e *esp.SA
+		var e *esp.Transform
 		if sp.Direction == sa.Out && out != nil && out.SPI() == sp.SPI {
 			e = out
 		}
@@ -133,7 +133,7 @@ func (s *Server) add(w http.ResponseWriter, r *http.Request) {
 		api.WriteError(w, http.StatusBadRequest, fmt.Sprintf("%s: mode: %s, but the phone's tunnel runs in %s mode", in.Label(), mode, s.t.Mode()))
 		return
 	}
-	e, err := esp.NewSA(esp.Config{Name: in.Name, SPI: in.SPI, Proposal: in.Proposal, EncKey: in.EncKey,
+	e, err := esp.NewTransform(esp.Config{Name: in.Name, SPI: in.SPI, Proposal: in.Proposal, EncKey: in.EncKey,
 		AuthKey: in.AuthKey, ESN: in.ESN, ReplayWindow: window, Mode: mode})
 	if err != nil {
 		api.WriteError(w, http.StatusBadRequest, fmt.Sprintf("%s: %v", in.Label(), err))
@@ -152,7 +152,7 @@ func (s *Server) add(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	if in.Direction == sa.Out {
-		var old *esp.SA
+		var old *esp.Transform
 		if old, err = s.t.SetOut(e); err == nil && old != nil {
 			for id, x := range s.sas {
 				if x.esp == old {

@@ -28,8 +28,8 @@ import (
 // the mirror of the phone's SAs, several at once during a rekey.
 type gwPeer struct {
 	c   *net.UDPConn
-	out *esp.SA
-	in  map[uint32]*esp.SA
+	out *esp.Transform
+	in  map[uint32]*esp.Transform
 }
 
 type got struct {
@@ -81,7 +81,7 @@ func (p *gwPeer) send(t *testing.T, inner []byte, to netip.AddrPort) {
 type keyed struct {
 	json   string
 	key    string
-	mirror *esp.SA
+	mirror *esp.Transform
 }
 
 func newKeyed(t *testing.T, dir string, spi uint32) keyed {
@@ -93,7 +93,7 @@ func newKeyed(t *testing.T, dir string, spi uint32) keyed {
 	if dir == "out" { // the gateway opens what the phone seals
 		window = 1024
 	}
-	m, err := esp.NewSA(esp.Config{SPI: spi, Proposal: esp.AES128GCM16, EncKey: k, ReplayWindow: window, Mode: esp.ModeTunnel})
+	m, err := esp.NewTransform(esp.Config{SPI: spi, Proposal: esp.AES128GCM16, EncKey: k, ReplayWindow: window, Mode: esp.ModeTunnel})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -231,7 +231,7 @@ func TestPhoneAPI(t *testing.T) {
 	}
 	waitFor(t, "no_sa drops", func() bool { return tun.Counters().Drops[ue.DropNoSA] >= 3 })
 	out1, in1 := newKeyed(t, "out", 0x1001), newKeyed(t, "in", 0x2001)
-	peer := &gwPeer{c: peerConn, out: in1.mirror, in: map[uint32]*esp.SA{}}
+	peer := &gwPeer{c: peerConn, out: in1.mirror, in: map[uint32]*esp.Transform{}}
 	peer.send(t, udp4(t, "10.0.0.1:7000", "10.99.0.1:7001", []byte("early")), phone)
 	waitFor(t, "unknown_spi drop", func() bool { return tun.Counters().Drops[ue.DropUnknownSPI] == 1 })
 	if c := tun.Counters(); c.Sent != 0 || c.ToTUN != 0 {
@@ -329,7 +329,7 @@ func TestPhoneAPI(t *testing.T) {
 	// deleted.
 	in2 := newKeyed(t, "in", 0x2002)
 	addSA(t, cl, in2)
-	reply := func(s *esp.SA, body string) {
+	reply := func(s *esp.Transform, body string) {
 		peer.out = s
 		peer.send(t, udp4(t, "10.0.0.1:7000", "10.99.0.1:7001", []byte(body)), phone)
 	}
