@@ -46,13 +46,13 @@ import (
 	"strings"
 	"sync"
 	"syscall"
-	"time"
 
 	"github.com/xesp/xesp/control/api"
 	"github.com/xesp/xesp/control/config"
 	"github.com/xesp/xesp/control/sa"
 	"github.com/xesp/xesp/examples/kamailio"
 	"github.com/xesp/xesp/gateway"
+	"github.com/xesp/xesp/lab/kamproc"
 	"github.com/xesp/xesp/lab/netns"
 	"github.com/xesp/xesp/lab/testpki"
 )
@@ -107,14 +107,12 @@ type Lab struct {
 	PCSCFCert testpki.Pair
 	SCSCF     *SCSCF
 
-	dir        string
-	made       []*netns.NS
-	apiCancel  context.CancelFunc
-	apiDone    chan error
-	kamailio   *exec.Cmd
-	kamLog     *syncBuffer
-	kamStopped chan struct{}
-	closeOnce  sync.Once
+	dir       string
+	made      []*netns.NS
+	apiCancel context.CancelFunc
+	apiDone   chan error
+	kamailio  *kamproc.Process
+	closeOnce sync.Once
 }
 
 // Tools the lab runs, with the Debian package of each.
@@ -409,34 +407,17 @@ func (l *Lab) startKamailio(token string) error {
 	if err := os.MkdirAll(rundir, 0o700); err != nil {
 		return err
 	}
-	l.kamLog = &syncBuffer{}
-	l.kamailio = l.Core.Command("kamailio", "-f", cfgPath, "-DD", "-E", "-m", "64", "-M", "8",
+	p, err := kamproc.Start(l.Core, l.dir, PortS, "-f", cfgPath, "-DD", "-E", "-m", "64", "-M", "8",
 		"-Y", rundir, "-P", filepath.Join(rundir, "kamailio.pid"), "-w", rundir)
-	l.kamailio.Dir = l.dir
-	l.kamailio.Stdout, l.kamailio.Stderr = l.kamLog, l.kamLog
-	if err := l.kamailio.Start(); err != nil {
-		return fmt.Errorf("start kamailio: %w", err)
+	if err != nil {
+		return err
 	}
-	l.kamStopped = make(chan struct{})
-	go func() { l.kamailio.Wait(); close(l.kamStopped) }()
-	for end := time.Now().Add(15 * time.Second); ; time.Sleep(50 * time.Millisecond) {
-		select {
-		case <-l.kamStopped:
-			return fmt.Errorf("kamailio exited at start:\n%s", l.kamLog.String())
-		default:
-		}
-		out, _ := l.Core.Run("ss", "-Hulnp", "sport", "=", strconv.Itoa(PortS))
-		if bytes.Contains(out, []byte("kamailio")) {
-			return nil
-		}
-		if time.Now().After(end) {
-			return fmt.Errorf("kamailio not listening after 15 s:\n%s", l.kamLog.String())
-		}
-	}
+	l.kamailio = p
+	return nil
 }
 
 // KamailioLog is what the P-CSCF printed so far.
-func (l *Lab) KamailioLog() string { return l.kamLog.String() }
+func (l *Lab) KamailioLog() string { return l.kamailio.Log() }
 
 // Dir is the lab's working directory (Kamailio's config, the API socket).
 func (l *Lab) Dir() string { return l.dir }
@@ -451,15 +432,7 @@ func (l *Lab) Close() error {
 		if l.SCSCF != nil {
 			l.SCSCF.Close()
 		}
-		if l.kamailio != nil && l.kamailio.Process != nil {
-			l.kamailio.Process.Signal(syscall.SIGTERM)
-			select {
-			case <-l.kamStopped:
-			case <-time.After(5 * time.Second):
-				l.kamailio.Process.Kill()
-				<-l.kamStopped
-			}
-		}
+		l.kamailio.Stop()
 		if l.API != nil {
 			l.API.Close()
 		}
@@ -499,22 +472,4 @@ func randHex(n int) string {
 	b := make([]byte, n)
 	rand.Read(b)
 	return hex.EncodeToString(b)
-}
-
-// syncBuffer collects a child's output while it runs.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }

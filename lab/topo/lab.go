@@ -42,6 +42,7 @@ import (
 	"github.com/xesp/xesp/dataplane/esp"
 	"github.com/xesp/xesp/examples/kamailio"
 	"github.com/xesp/xesp/gateway"
+	"github.com/xesp/xesp/lab/kamproc"
 	"github.com/xesp/xesp/lab/netns"
 	"github.com/xesp/xesp/lab/ue"
 )
@@ -193,23 +194,21 @@ type BulkPhone struct {
 
 // Lab is a running topology.
 type Lab struct {
-	opts            Options
-	NAPT            *netns.NS   // the first NAPT
-	NAPTs           []*netns.NS // all of them, NAPTs[k-1] is NAPT k
-	Inet            *netns.NS   // the public segment: a bridge joining the NAPTs and the gateway
-	GW, Core        *netns.NS
-	BulkNS          *netns.NS
-	Phones          []*Phone
-	Bulk            []*BulkPhone
-	Gateway         *gateway.Gateway
-	Config          *config.Config
-	outPeer         map[uint32]netip.AddrPort // outbound SPI -> its configured peer (NAPT's public address:4500, or a direct phone's address:0)
-	dir             string                    // kamailio runtime, state, SIP files
-	kamailio        *exec.Cmd
-	kamailioLog     *syncBuffer
-	kamailioStopped chan struct{}
-	made            []*netns.NS
-	closeOnce       sync.Once
+	opts      Options
+	NAPT      *netns.NS   // the first NAPT
+	NAPTs     []*netns.NS // all of them, NAPTs[k-1] is NAPT k
+	Inet      *netns.NS   // the public segment: a bridge joining the NAPTs and the gateway
+	GW, Core  *netns.NS
+	BulkNS    *netns.NS
+	Phones    []*Phone
+	Bulk      []*BulkPhone
+	Gateway   *gateway.Gateway
+	Config    *config.Config
+	outPeer   map[uint32]netip.AddrPort // outbound SPI -> its configured peer (NAPT's public address:4500, or a direct phone's address:0)
+	dir       string                    // kamailio runtime, state, SIP files
+	kamailio  *kamproc.Process
+	made      []*netns.NS
+	closeOnce sync.Once
 }
 
 // CheckTools says which programs are missing and which Debian packages
@@ -598,35 +597,18 @@ func (l *Lab) startKamailio() error {
 			return err
 		}
 	}
-	l.kamailioLog = &syncBuffer{}
-	l.kamailio = l.Core.Command("kamailio", "-f", cfg, "-DD", "-E",
+	p, err := kamproc.Start(l.Core, "", SIPPort, "-f", cfg, "-DD", "-E",
 		"-l", fmt.Sprintf("udp:%s:%d", Core, SIPPort), "-m", "32", "-M", "4",
 		"-Y", run, "-P", filepath.Join(run, "kamailio.pid"), "-w", run)
-	l.kamailio.Stdout, l.kamailio.Stderr = l.kamailioLog, l.kamailioLog
-	if err := l.kamailio.Start(); err != nil {
-		return fmt.Errorf("start kamailio: %w", err)
+	if err != nil {
+		return err
 	}
-	l.kamailioStopped = make(chan struct{})
-	go func() { l.kamailio.Wait(); close(l.kamailioStopped) }()
-	// Up when its UDP socket is bound in the core namespace.
-	for end := time.Now().Add(15 * time.Second); ; time.Sleep(50 * time.Millisecond) {
-		select {
-		case <-l.kamailioStopped:
-			return fmt.Errorf("kamailio exited at start:\n%s", l.kamailioLog.String())
-		default:
-		}
-		out, _ := l.Core.Run("ss", "-Hulnp", "sport", "=", strconv.Itoa(SIPPort))
-		if bytes.Contains(out, []byte("kamailio")) {
-			return nil
-		}
-		if time.Now().After(end) {
-			return fmt.Errorf("kamailio not listening after 15 s:\n%s", l.kamailioLog.String())
-		}
-	}
+	l.kamailio = p
+	return nil
 }
 
 // KamailioLog is what kamailio printed so far.
-func (l *Lab) KamailioLog() string { return l.kamailioLog.String() }
+func (l *Lab) KamailioLog() string { return l.kamailio.Log() }
 
 // Close stops everything and deletes the namespaces.
 func (l *Lab) Close() error {
@@ -648,15 +630,7 @@ func (l *Lab) Close() error {
 				errs = append(errs, err)
 			}
 		}
-		if l.kamailio != nil && l.kamailio.Process != nil {
-			l.kamailio.Process.Signal(syscall.SIGTERM)
-			select {
-			case <-l.kamailioStopped:
-			case <-time.After(5 * time.Second):
-				l.kamailio.Process.Kill()
-				<-l.kamailioStopped
-			}
-		}
+		l.kamailio.Stop()
 		// Whatever still runs in our namespaces (kamailio's children, a
 		// sipsak or tcpdump left by a failed test) was started by us.
 		for _, ns := range l.made {
@@ -710,22 +684,4 @@ func randHex(n int) string {
 	b := make([]byte, n)
 	rand.Read(b)
 	return hex.EncodeToString(b)
-}
-
-// syncBuffer collects a child's output while it runs.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
