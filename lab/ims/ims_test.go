@@ -8,7 +8,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
 	"strings"
 	"sync"
 	"testing"
@@ -314,8 +313,8 @@ func TestKamailioPCSCFSecAgree(t *testing.T) {
 	if strings.Contains(log, "ERROR") {
 		t.Fatalf("the P-CSCF logged errors:\n%s", tail(log, 40))
 	}
-	lat := latencies(log)
-	t.Logf("API latency seen by Kamailio (us): create %v, delete (incl. 100 ms grace) %v", summary(lat["create"]), summary(lat["delete"]))
+	lat := apiLatencies(log)
+	t.Logf("API latency seen by Kamailio (us): create %v, delete (incl. 100 ms grace) %v", latSummary(lat["create"]), latSummary(lat["delete"]))
 }
 
 // checkAPILink proves the P-CSCF's API calls went over TLS with its
@@ -374,7 +373,7 @@ func checkAPILink(t *testing.T, l *Lab) {
 		}
 		hs, total = append(hs, int((a-c)*1e6)), append(total, int(tt*1e6))
 	}
-	t.Logf("curl over the P-CSCF's API link (us): TLS handshake %s, whole call %s", summary(hs), summary(total))
+	t.Logf("curl over the P-CSCF's API link (us): TLS handshake %s, whole call %s", latSummary(hs), latSummary(total))
 	t.Logf("API link: plain HTTP refused (400 from the TLS server), TLS without a client certificate refused (handshake), with it 401 without the token; Kamailio's calls went to %s", l.APIURL)
 	local, _ := os.ReadFile(filepath.Join(l.Dir(), "pcscf-local.cfg"))
 	for _, want := range []string{"!XESP_API!" + l.APIURL + "!", "!XESP_CA!" + l.APICA + "!", "!XESP_CERT!" + l.PCSCFCert.CertPath + "!"} {
@@ -382,35 +381,6 @@ func checkAPILink(t *testing.T, l *Lab) {
 			t.Fatalf("pcscf-local.cfg lacks %q", want)
 		}
 	}
-}
-
-// latencies collects the P-CSCF's logged API call durations.
-func latencies(log string) map[string][]int {
-	out := map[string][]int{}
-	for _, line := range strings.Split(log, "\n") {
-		_, rest, ok := strings.Cut(line, "xesp-api POST /v1/secagree")
-		if !ok {
-			continue
-		}
-		kind := "create"
-		if strings.Contains(rest, "/delete") {
-			kind = "delete"
-		}
-		var us int
-		if i := strings.LastIndex(rest, " in "); i >= 0 {
-			fmt.Sscanf(rest[i+4:], "%d", &us)
-			out[kind] = append(out[kind], us)
-		}
-	}
-	return out
-}
-
-func summary(v []int) string {
-	if len(v) == 0 {
-		return "none"
-	}
-	sort.Ints(v)
-	return fmt.Sprintf("n=%d min %d median %d max %d", len(v), v[0], v[len(v)/2], v[len(v)-1])
 }
 
 // The example config's API link modes parse with the installed Kamailio
