@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -134,9 +135,27 @@ func startCoreResponder(t *testing.T, core *netns.NS) {
 // with its exit error in err.
 type daemon struct {
 	cmd    *exec.Cmd
-	logs   *bytes.Buffer
+	logs   *logBuf
 	exited chan struct{}
 	err    error
+}
+
+// logBuf holds a daemon's output; tests read it while the daemon writes.
+type logBuf struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *logBuf) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *logBuf) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
 
 func (d *daemonTopo) start(t *testing.T) *daemon {
@@ -151,8 +170,14 @@ func (d *daemonTopo) start(t *testing.T) *daemon {
 // failed.
 func (d *daemonTopo) launch(t *testing.T, args ...string) *daemon {
 	t.Helper()
-	dm := &daemon{logs: &bytes.Buffer{}, exited: make(chan struct{})}
-	dm.cmd = xespCmd(d.gw, args...)
+	return launchCmd(t, xespCmd(d.gw, args...))
+}
+
+// launchCmd is launch for a command the caller built (a wrapper such as
+// prlimit around the xesp binary).
+func launchCmd(t *testing.T, cmd *exec.Cmd) *daemon {
+	t.Helper()
+	dm := &daemon{cmd: cmd, logs: &logBuf{}, exited: make(chan struct{})}
 	dm.cmd.Stdout, dm.cmd.Stderr = dm.logs, dm.logs
 	if err := dm.cmd.Start(); err != nil {
 		t.Fatal(err)

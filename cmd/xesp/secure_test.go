@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -50,55 +49,12 @@ func secureTopo(t *testing.T, maxConns, perSource int) (*daemonTopo, *testpki.CA
 // hard), as a host's limits would.
 func (d *daemonTopo) startLimited(t *testing.T, nofile int) *daemon {
 	t.Helper()
-	dm := &daemon{logs: &bytes.Buffer{}, exited: make(chan struct{})}
 	lim := fmt.Sprintf("--nofile=%d:%d", nofile, nofile)
-	dm.cmd = d.gw.Command("prlimit", lim, "--", os.Args[0], "run", "--config", d.cfg)
-	dm.cmd.Env = append(os.Environ(), "XESP_TEST_AS_MAIN=1")
-	logs := &lockedBuf{b: dm.logs}
-	dm.cmd.Stdout, dm.cmd.Stderr = logs, logs
-	if err := dm.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { dm.err = dm.cmd.Wait(); close(dm.exited) }()
-	t.Cleanup(func() {
-		select {
-		case <-dm.exited:
-		default:
-			dm.cmd.Process.Kill()
-			<-dm.exited
-		}
-		if t.Failed() {
-			t.Logf("daemon log:\n%s", logs.String())
-		}
-	})
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		if c, err := net.Dial("unix", d.sock); err == nil {
-			c.Close()
-			return dm
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("daemon did not come up:\n%s", logs.String())
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-type lockedBuf struct {
-	mu sync.Mutex
-	b  *bytes.Buffer
-}
-
-func (l *lockedBuf) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuf) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
+	cmd := d.gw.Command("prlimit", lim, "--", os.Args[0], "run", "--config", d.cfg)
+	cmd.Env = append(os.Environ(), "XESP_TEST_AS_MAIN=1")
+	dm := launchCmd(t, cmd)
+	d.waitAPI(t, dm)
+	return dm
 }
 
 // The attack, replayed against the daemon: with 512 descriptors
