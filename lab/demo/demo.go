@@ -24,14 +24,13 @@ import (
 	"net"
 	"os/exec"
 	"sort"
-	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"text/tabwriter"
 	"time"
 
 	"github.com/xesp/xesp/control/metrics"
+	"github.com/xesp/xesp/lab/netns"
 	"github.com/xesp/xesp/lab/topo"
 	"github.com/xesp/xesp/lab/ue"
 )
@@ -331,15 +330,8 @@ func cleanupStale(napts, phones int) {
 		names = append(names, fmt.Sprintf("ue%d", i))
 	}
 	for _, n := range names {
-		out, err := exec.Command("ip", "netns", "pids", Prefix+n).Output()
-		if err != nil {
-			continue
-		}
-		for _, f := range strings.Fields(string(out)) {
-			if pid, err := strconv.Atoi(f); err == nil {
-				syscall.Kill(pid, syscall.SIGKILL)
-			}
-		}
-		exec.Command("ip", "netns", "del", Prefix+n).Run()
+		ns := &netns.NS{Name: Prefix + n}
+		ns.KillAll()
+		ns.Close() // a namespace that is not there is nothing to clean
 	}
 }

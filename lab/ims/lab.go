@@ -42,10 +42,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 
 	"github.com/xesp/xesp/control/api"
 	"github.com/xesp/xesp/control/config"
@@ -449,12 +447,7 @@ func (l *Lab) Close() error {
 		}
 		// Whatever still runs in our namespaces was started by us.
 		for _, ns := range l.made {
-			out, _ := exec.Command("ip", "netns", "pids", ns.Name).Output()
-			for _, f := range strings.Fields(string(out)) {
-				if pid, err := strconv.Atoi(f); err == nil {
-					syscall.Kill(pid, syscall.SIGKILL)
-				}
-			}
+			ns.KillAll()
 		}
 		for i := len(l.made) - 1; i >= 0; i-- {
 			if err := l.made[i].Close(); err != nil {

@@ -15,8 +15,10 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync/atomic"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -41,6 +43,21 @@ func New(name string) (*NS, error) {
 		return nil, err
 	}
 	return ns, nil
+}
+
+// KillAll sends SIGKILL to every process in the namespace (a server or a
+// tool a failed test left behind), so that Close can delete it. A
+// namespace that does not exist has none.
+func (n *NS) KillAll() {
+	out, err := exec.Command("ip", "netns", "pids", n.Name).Output()
+	if err != nil {
+		return
+	}
+	for _, f := range strings.Fields(string(out)) {
+		if pid, err := strconv.Atoi(f); err == nil {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
 }
 
 // Close deletes the namespace; its veth ends go with it, which also

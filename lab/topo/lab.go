@@ -31,10 +31,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/xesp/xesp/control/config"
@@ -634,12 +632,7 @@ func (l *Lab) Close() error {
 		// Whatever still runs in our namespaces (kamailio's children, a
 		// sipsak or tcpdump left by a failed test) was started by us.
 		for _, ns := range l.made {
-			out, _ := exec.Command("ip", "netns", "pids", ns.Name).Output()
-			for _, f := range strings.Fields(string(out)) {
-				if pid, err := strconv.Atoi(f); err == nil {
-					syscall.Kill(pid, syscall.SIGKILL)
-				}
-			}
+			ns.KillAll()
 		}
 		for i := len(l.made) - 1; i >= 0; i-- {
 			if err := l.made[i].Close(); err != nil {

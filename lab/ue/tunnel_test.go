@@ -126,6 +126,9 @@ func TestTunnelTUNToTUN(t *testing.T) {
 		}
 	}
 	waitFor(t, "b's sent counter", func() bool { return tb.Counters().Sent >= n })
+	// The reader gets the last echo from the TUN before a's ToTUN counts
+	// the write that delivered it.
+	waitFor(t, "a's ToTUN counter", func() bool { return ta.Counters().ToTUN >= n })
 	ca, cb := ta.Counters(), tb.Counters()
 	// Each side may also read packets the kernel sends on its own (none
 	// for IPv4 on a TUN, but be exact only where the test is).
