@@ -231,10 +231,21 @@ func (h *fuzzHarness) checkSteered(in, out, metaB []byte, exp expect, fail func(
 		fail("metadata %x (%d bytes): want %d bytes with magic", metaB, len(metaB), bpf.MetaSize)
 		return
 	}
-	wantMeta := bpf.Meta{SaIndex: exp.saIndex, L3Off: uint16(exp.l3), Kind: uint8(exp.kind), Magic: bpf.MetaMagic}
+	wantMeta := bpf.Meta{SaIndex: exp.saIndex, Worker: uint8(exp.worker), L3Off: uint16(exp.l3), L4Off: uint16(exp.l4),
+		L3Len: uint16(exp.ipLen), Family: 6, Kind: uint8(exp.kind), Magic: bpf.MetaMagic}
+	if exp.v4 {
+		wantMeta.Family = 4
+	}
+	if exp.kind != bpf.MetaClear {
+		if exp.v4 {
+			wantMeta.Src = netip.AddrFrom4([4]byte(in[exp.l3+12 : exp.l3+16])).As16()
+		} else {
+			wantMeta.Src = [16]byte(in[exp.l3+8 : exp.l3+24])
+		}
+	}
 	if exp.kind == bpf.MetaESPUDP {
 		wantMeta.Sport = htons(binary.BigEndian.Uint16(in[exp.l4:]))
-		wantMeta.Dport = htons(binary.BigEndian.Uint16(in[exp.l4+2:]))
+		wantMeta.L3Len -= 8
 	}
 	if m != wantMeta {
 		fail("metadata %+v, want %+v", m, wantMeta)
@@ -286,9 +297,11 @@ func reasonVerdict(r bpf.Reason) uint32 {
 // expect is what the model knows about a steered frame.
 type expect struct {
 	l3, l4  int
+	ipLen   int // the IP length as received (before any strip)
 	v4      bool
 	kind    bpf.MetaKind
 	saIndex uint32
+	worker  uint16
 }
 
 // modelL3 parses Ethernet, one tag and the IPv4/IPv6 header the way the
@@ -340,13 +353,13 @@ func modelPublic(in []byte) (bpf.Reason, expect) {
 	case v4 && be.Uint16(in[l3+6:])&0x3fff != 0, !v4 && proto == 44:
 		return bpf.PassFragment, expect{}
 	}
-	exp := expect{l3: l3, l4: l4, v4: v4}
+	exp := expect{l3: l3, l4: l4, ipLen: l4 - l3 + payload, v4: v4}
 	steer := func(spi uint32) bpf.Reason {
 		sa, ok := fuzzSAs[spi]
 		if !ok {
 			return bpf.DropNoSA
 		}
-		exp.saIndex = sa.SaIndex
+		exp.saIndex, exp.worker = sa.SaIndex, sa.Worker
 		if exp.kind == bpf.MetaESP {
 			if sa.Worker == 0 {
 				return bpf.RedirectESP
@@ -395,7 +408,7 @@ func modelPublic(in []byte) (bpf.Reason, expect) {
 // fuzzCores (address and destination port, then address and port 0),
 // then a linear longest-prefix match over fuzzPolicies.
 func modelPrivate(in []byte) (bpf.Reason, expect) {
-	l3, l4, v4, proto, _, nonIP, malformed := modelL3(in)
+	l3, l4, v4, proto, payload, nonIP, malformed := modelL3(in)
 	switch {
 	case malformed:
 		return bpf.PrivPassMalformed, expect{}
@@ -415,7 +428,7 @@ func modelPrivate(in []byte) (bpf.Reason, expect) {
 		dport = binary.BigEndian.Uint16(in[l4+2:])
 	}
 	steered := func(pol bpf.Policy, r bpf.Reason) (bpf.Reason, expect) {
-		exp := expect{l3: l3, kind: bpf.MetaClear, saIndex: pol.SaIndex}
+		exp := expect{l3: l3, l4: l4, ipLen: l4 - l3 + payload, v4: v4, kind: bpf.MetaClear, saIndex: pol.SaIndex, worker: pol.Worker}
 		if pol.Worker == 0 {
 			return r, exp
 		}
@@ -452,7 +465,7 @@ func modelPrivate(in []byte) (bpf.Reason, expect) {
 	if best < 0 {
 		return bpf.PrivPassNoPolicy, expect{}
 	}
-	exp := expect{l3: l3, kind: bpf.MetaClear, saIndex: found.SaIndex}
+	exp := expect{l3: l3, l4: l4, ipLen: l4 - l3 + payload, v4: v4, kind: bpf.MetaClear, saIndex: found.SaIndex, worker: found.Worker}
 	if found.Worker == 0 {
 		return bpf.PrivRedirect, exp
 	}

@@ -63,7 +63,7 @@ func TestPrivateFixtures(t *testing.T) {
 		{name: "v4-802.1q-hit", in: to4("10.99.0.200", true), verdict: xdpRedirect, meta: meta(bpf.MetaClear, 5, 0, 0, 18), reason: bpf.PrivRedirect},
 		{name: "v6-hit", in: v6, verdict: xdpRedirect, meta: meta(bpf.MetaClear, 15, 0, 0, 14), reason: bpf.PrivRedirect},
 		{name: "v6-hit-48", in: to6("2001:db8:ffff:1::9"), verdict: xdpRedirect, meta: meta(bpf.MetaClear, 16, 0, 0, 14), reason: bpf.PrivRedirect},
-		{name: "v4-slot-empty", in: to4("10.98.3.4", false), verdict: xdpDrop, meta: meta(bpf.MetaClear, 4, 0, 0, 14), reason: bpf.PrivDropNoXSK},
+		{name: "v4-slot-empty", in: to4("10.98.3.4", false), verdict: xdpDrop, meta: meta(bpf.MetaClear, 4, 1, 0, 14), reason: bpf.PrivDropNoXSK},
 		{name: "v4-miss", in: to4("10.100.0.1", false), verdict: xdpPass, reason: bpf.PrivPassNoPolicy},
 		// IPv4 policies are stored IPv4-mapped, so an IPv6 packet to the
 		// mapped form of a policy address matches it. Such packets do not
@@ -166,7 +166,7 @@ func TestPrivateCoreFixtures(t *testing.T) {
 		{name: "phone-c-icmp-any-port", in: icmp4("100.64.0.3"), verdict: xdpRedirect, meta: meta(bpf.MetaClear, 30, 0, 0, 14), reason: bpf.PrivRedirectCore},
 		{name: "phone-c-later-fragment-no-ports", in: frag4("100.64.0.3"), verdict: xdpRedirect, meta: meta(bpf.MetaClear, 30, 0, 0, 14), reason: bpf.PrivRedirectCore},
 		{name: "phone-a-later-fragment-falls-to-trie", in: frag4("100.64.0.1"), verdict: xdpRedirect, meta: meta(bpf.MetaClear, 2, 0, 0, 14), reason: bpf.PrivRedirect},
-		{name: "core-slot-empty", in: udp4("100.64.0.4", 5060), verdict: xdpDrop, meta: meta(bpf.MetaClear, 40, 0, 0, 14), reason: bpf.PrivDropNoXSK},
+		{name: "core-slot-empty", in: udp4("100.64.0.4", 5060), verdict: xdpDrop, meta: meta(bpf.MetaClear, 40, 1, 0, 14), reason: bpf.PrivDropNoXSK},
 		// The shared inner address itself still goes through the trie.
 		{name: "inner-address-trie", in: udp4("192.168.1.10", 5060), verdict: xdpRedirect, meta: meta(bpf.MetaClear, 1, 0, 0, 14), reason: bpf.PrivRedirect},
 		{name: "v6-exact-beats-prefix", in: udp6("2001:db8:99::5", 5060), verdict: xdpRedirect, meta: meta(bpf.MetaClear, 50, 0, 0, 14), reason: bpf.PrivRedirectCorePort},

@@ -78,8 +78,8 @@ func runTableIn(t *testing.T, ns *netns.NS, prog *ebpf.Program, set *maps.Set, t
 				got, ok := bpf.DecodeMeta(meta)
 				if len(meta) != bpf.MetaSize || !ok {
 					t.Errorf("metadata %x (%d bytes), want %d bytes with magic", meta, len(meta), bpf.MetaSize)
-				} else if got != *f.meta {
-					t.Errorf("metadata %+v, want %+v", got, *f.meta)
+				} else if wantMeta := withParse(t, *f.meta, want); got != wantMeta {
+					t.Errorf("metadata %+v, want %+v", got, wantMeta)
 				}
 			}
 			delta := after.Sub(&before)
@@ -102,8 +102,37 @@ func htons(v uint16) uint16 {
 	return binary.NativeEndian.Uint16(b[:])
 }
 
-func meta(kind bpf.MetaKind, sa uint32, sport, dport, l3 uint16) *bpf.Meta {
-	return &bpf.Meta{SaIndex: sa, Sport: htons(sport), Dport: htons(dport), L3Off: l3, Kind: uint8(kind), Magic: bpf.MetaMagic}
+// meta is a fixture's expected metadata as far as the steering decides
+// it; runTableIn completes it from the frame with withParse.
+func meta(kind bpf.MetaKind, sa uint32, worker uint8, sport, l3 uint16) *bpf.Meta {
+	return &bpf.Meta{SaIndex: sa, Worker: worker, Sport: htons(sport), L3Off: l3, Kind: uint8(kind), Magic: bpf.MetaMagic}
+}
+
+// withParse completes m with what gopacket, a parser independent of the
+// program's, reads from the frame as redirected: the family, where the IP
+// header ends, the IP length and, for the ESP kinds, the outer source.
+func withParse(t *testing.T, m bpf.Meta, frame []byte) bpf.Meta {
+	t.Helper()
+	p := gopacket.NewPacket(frame, layers.LayerTypeEthernet, gopacket.Default)
+	switch ip := p.NetworkLayer().(type) {
+	case *layers.IPv4:
+		m.Family = 4
+		m.L4Off = m.L3Off + uint16(ip.IHL)*4
+		m.L3Len = ip.Length
+		if m.Kind != uint8(bpf.MetaClear) {
+			m.Src = netip.AddrFrom4([4]byte(ip.SrcIP.To4())).As16()
+		}
+	case *layers.IPv6:
+		m.Family = 6
+		m.L4Off = m.L3Off + 40
+		m.L3Len = 40 + ip.Length
+		if m.Kind != uint8(bpf.MetaClear) {
+			m.Src = [16]byte(ip.SrcIP.To16())
+		}
+	default:
+		t.Fatalf("gopacket finds no IP header in %x", frame)
+	}
+	return m
 }
 
 const (
@@ -237,23 +266,23 @@ func TestPublicFixtures(t *testing.T) {
 	}
 
 	table := []fixture{
-		{name: "esp-udp-v4", in: espV4, verdict: xdpRedirect, out: espV4Want, meta: meta(bpf.MetaESPUDP, 7, phonePort, natt, 14), reason: bpf.RedirectESPUDP},
-		{name: "esp-udp-v6", in: espV6, verdict: xdpRedirect, out: espV6Want, meta: meta(bpf.MetaESPUDP, 7, phonePort, natt, 14), reason: bpf.RedirectESPUDP},
-		{name: "esp-udp-v4-802.1q", in: espVLAN, verdict: xdpRedirect, out: espVLANWant, meta: meta(bpf.MetaESPUDP, 7, phonePort, natt, 18), reason: bpf.RedirectESPUDP},
-		{name: "esp-udp-v6-802.1ad", in: espQinQ6, verdict: xdpRedirect, out: espQinQ6Want, meta: meta(bpf.MetaESPUDP, 7, phonePort, natt, 18), reason: bpf.RedirectESPUDP},
-		{name: "esp-udp-v4-options", in: espOpt, verdict: xdpRedirect, out: espOptWant, meta: meta(bpf.MetaESPUDP, 7, phonePort, natt, 14), reason: bpf.RedirectESPUDP},
-		{name: "esp-udp-v4-ihl15-vlan", in: espMax, verdict: xdpRedirect, out: espMaxWant, meta: meta(bpf.MetaESPUDP, 7, phonePort, natt, 18), reason: bpf.RedirectESPUDP},
+		{name: "esp-udp-v4", in: espV4, verdict: xdpRedirect, out: espV4Want, meta: meta(bpf.MetaESPUDP, 7, 0, phonePort, 14), reason: bpf.RedirectESPUDP},
+		{name: "esp-udp-v6", in: espV6, verdict: xdpRedirect, out: espV6Want, meta: meta(bpf.MetaESPUDP, 7, 0, phonePort, 14), reason: bpf.RedirectESPUDP},
+		{name: "esp-udp-v4-802.1q", in: espVLAN, verdict: xdpRedirect, out: espVLANWant, meta: meta(bpf.MetaESPUDP, 7, 0, phonePort, 18), reason: bpf.RedirectESPUDP},
+		{name: "esp-udp-v6-802.1ad", in: espQinQ6, verdict: xdpRedirect, out: espQinQ6Want, meta: meta(bpf.MetaESPUDP, 7, 0, phonePort, 18), reason: bpf.RedirectESPUDP},
+		{name: "esp-udp-v4-options", in: espOpt, verdict: xdpRedirect, out: espOptWant, meta: meta(bpf.MetaESPUDP, 7, 0, phonePort, 14), reason: bpf.RedirectESPUDP},
+		{name: "esp-udp-v4-ihl15-vlan", in: espMax, verdict: xdpRedirect, out: espMaxWant, meta: meta(bpf.MetaESPUDP, 7, 0, phonePort, 18), reason: bpf.RedirectESPUDP},
 		{name: "esp-udp-min-16", in: udp4(phonePort, natt, spiPayload(spiW0, 16)), verdict: xdpRedirect,
 			out:  serialize(t, eth(layers.EthernetTypeIPv4), ip4(layers.IPProtocolESP), gopacket.Payload(spiPayload(spiW0, 16))),
-			meta: meta(bpf.MetaESPUDP, 7, phonePort, natt, 14), reason: bpf.RedirectESPUDP},
+			meta: meta(bpf.MetaESPUDP, 7, 0, phonePort, 14), reason: bpf.RedirectESPUDP},
 		{name: "esp-udp-slot-empty", in: udp4(phonePort, natt, spiPayload(spiW1, 40)), verdict: xdpDrop, reason: bpf.DropNoXSK,
 			// The strip happened before the redirect failed: what the
 			// kernel drops is the stripped frame.
 			out:  serialize(t, eth(layers.EthernetTypeIPv4), ip4(layers.IPProtocolESP), gopacket.Payload(spiPayload(spiW1, 40))),
-			meta: meta(bpf.MetaESPUDP, 8, phonePort, natt, 14)},
+			meta: meta(bpf.MetaESPUDP, 8, 1, phonePort, 14)},
 		{name: "esp-udp-worker-out-of-range", in: udp4(phonePort, natt, spiPayload(spiW5, 40)), verdict: xdpDrop, reason: bpf.DropNoXSK,
 			out:  serialize(t, eth(layers.EthernetTypeIPv4), ip4(layers.IPProtocolESP), gopacket.Payload(spiPayload(spiW5, 40))),
-			meta: meta(bpf.MetaESPUDP, 9, phonePort, natt, 14)},
+			meta: meta(bpf.MetaESPUDP, 9, 5, phonePort, 14)},
 		{name: "plain-esp-v4", in: plain4, verdict: xdpRedirect, meta: meta(bpf.MetaESP, 7, 0, 0, 14), reason: bpf.RedirectESP},
 		{name: "plain-esp-v6", in: plain6, verdict: xdpRedirect, meta: meta(bpf.MetaESP, 7, 0, 0, 14), reason: bpf.RedirectESP},
 		{name: "plain-esp-unknown-spi", in: serialize(t, eth(layers.EthernetTypeIPv4), ip4(layers.IPProtocolESP), espBody(spiUnknown, 1, 48)), verdict: xdpDrop, reason: bpf.DropNoSA},
@@ -376,11 +405,11 @@ func TestPublicSteering(t *testing.T) {
 	}
 	runTableIn(t, ns, objs.XespPublic, set, []fixture{
 		{name: "queue1-worker3-slot7", in: pkt, ctx: xdpMD{IngressIfindex: ifindex, RxQueueIndex: 1}, verdict: xdpRedirect,
-			out: stripped, meta: meta(bpf.MetaESPUDP, 77, phonePort, natt, 14), reason: bpf.RedirectESPUDP},
+			out: stripped, meta: meta(bpf.MetaESPUDP, 77, 3, phonePort, 14), reason: bpf.RedirectESPUDP},
 		{name: "queue0-worker3-slot3-empty", in: pkt, ctx: xdpMD{IngressIfindex: ifindex, RxQueueIndex: 0}, verdict: xdpDrop,
-			out: stripped, meta: meta(bpf.MetaESPUDP, 77, phonePort, natt, 14), reason: bpf.DropNoXSK},
+			out: stripped, meta: meta(bpf.MetaESPUDP, 77, 3, phonePort, 14), reason: bpf.DropNoXSK},
 		{name: "queue2-worker3-slot11-empty", in: pkt, ctx: xdpMD{IngressIfindex: ifindex, RxQueueIndex: 2}, verdict: xdpDrop,
-			out: stripped, meta: meta(bpf.MetaESPUDP, 77, phonePort, natt, 14), reason: bpf.DropNoXSK},
+			out: stripped, meta: meta(bpf.MetaESPUDP, 77, 3, phonePort, 14), reason: bpf.DropNoXSK},
 	})
 }
 

@@ -1,6 +1,9 @@
 package bpf
 
-import "encoding/binary"
+import (
+	"encoding/binary"
+	"net/netip"
+)
 
 // Short names for the types bpf2go generates from xesp.h. They are aliases,
 // not copies: the layout still comes from the header alone.
@@ -40,7 +43,7 @@ const (
 
 	// MetaSize is sizeof(struct xesp_meta): the bytes before a redirected
 	// frame's data that hold the metadata.
-	MetaSize = 12
+	MetaSize = 32
 
 	// NumReasons is XESP_REASON_MAX, the size of the counters map.
 	NumReasons = int(XespXespReasonXESP_REASON_MAX)
@@ -151,8 +154,17 @@ func DecodeMeta(b []byte) (m Meta, ok bool) {
 // SrcPort is the outer UDP source port in host order (0 for plain ESP).
 func (m XespXespMeta) SrcPort() uint16 { return ntohs(m.Sport) }
 
-// DstPort is the outer UDP destination port in host order.
-func (m XespXespMeta) DstPort() uint16 { return ntohs(m.Dport) }
+// SrcAddr is the outer source address of an ESP kind in its own family
+// (IPv4 unmapped); the invalid Addr when Family is neither 4 nor 6.
+func (m *XespXespMeta) SrcAddr() netip.Addr {
+	switch m.Family {
+	case 4:
+		return netip.AddrFrom4([4]byte(m.Src[12:16]))
+	case 6:
+		return netip.AddrFrom16(m.Src)
+	}
+	return netip.Addr{}
+}
 
 // ntohs undoes the network order the C side stored through a native-order
 // __u16 field.

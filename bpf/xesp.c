@@ -308,10 +308,11 @@ static __always_inline __u16 csum_replace2(__u16 check, __u16 old, __u16 new)
 	return ~sum;
 }
 
-/* Puts the metadata in front of the frame. Returns 0 or -1 when the driver
- * has no room (kernel limit: the packet is dropped as aborted). */
-static __always_inline int put_meta(struct xdp_md *ctx, __u32 sa_index, __be16 sport, __be16 dport,
-				     __u16 l3_off, __u8 kind)
+/* Puts m in front of the frame, magic added. Returns 0 or -1 when the
+ * driver has no room (kernel limit: the packet is dropped as aborted).
+ * Every byte is written, so nothing of an earlier use of the frame's
+ * headroom survives into what the worker reads. */
+static __always_inline int put_meta(struct xdp_md *ctx, struct xesp_meta *m)
 {
 	struct xesp_meta *meta;
 	void *data;
@@ -322,12 +323,8 @@ static __always_inline int put_meta(struct xdp_md *ctx, __u32 sa_index, __be16 s
 	data = (void *)(long)ctx->data;
 	if ((void *)(meta + 1) > data)
 		return -1;
-	meta->sa_index = sa_index;
-	meta->sport = sport;
-	meta->dport = dport;
-	meta->l3_off = l3_off;
-	meta->kind = kind;
-	meta->magic = XESP_META_MAGIC;
+	m->magic = XESP_META_MAGIC;
+	__builtin_memcpy(meta, m, sizeof(*m));
 	return 0;
 }
 
@@ -479,9 +476,10 @@ int xesp_public(struct xdp_md *ctx)
 	struct xesp_sa *sa;
 	__u32 l3_off, l4_off, ip_payload, spi;
 	__u8 *payload;
+	struct xesp_meta meta = {};
 	__u64 src[2] = {};
 	int proto, udp_len, flood;
-	__be16 sport, dport;
+	__be16 sport;
 	__u16 vid;
 
 	proto = parse_ethhdr(&nh, data_end, &vid);
@@ -513,6 +511,8 @@ int xesp_public(struct xdp_md *ctx)
 		return verdict(pkt_len, XESP_PASS_NOT_IP, XDP_PASS);
 	}
 	l4_off = nh.pos - data;
+	meta.l3_off = l3_off;
+	meta.family = iph ? 4 : 6;
 
 	if (proto == IPPROTO_ESP_) {
 		if (ip_payload < sizeof(__u32) * 2 + 8)
@@ -528,7 +528,13 @@ int xesp_public(struct xdp_md *ctx)
 		flood = flood_check(spi, src, 0);
 		if (flood)
 			return verdict(pkt_len, flood, XDP_DROP);
-		if (put_meta(ctx, sa->sa_index, 0, 0, l3_off, XESP_META_ESP))
+		meta.sa_index = sa->sa_index;
+		meta.worker = sa->worker;
+		meta.l4_off = l4_off;
+		meta.l3_len = l4_off - l3_off + ip_payload;
+		meta.kind = XESP_META_ESP;
+		__builtin_memcpy(meta.src, src, sizeof(meta.src));
+		if (put_meta(ctx, &meta))
 			return verdict(pkt_len, XESP_ABORTED, XDP_ABORTED);
 		if (steer(ctx, &xsks_public, cfg.workers, sa->worker) != XDP_REDIRECT)
 			return verdict(pkt_len, XESP_DROP_NO_XSK, XDP_DROP);
@@ -575,7 +581,6 @@ int xesp_public(struct xdp_md *ctx)
 	if (!sa)
 		return verdict(pkt_len, XESP_DROP_NO_SA, XDP_DROP);
 	sport = udph->source;
-	dport = udph->dest;
 	src16(src, iph, ip6h);
 	flood = flood_check(spi, src, sport);
 	if (flood)
@@ -599,7 +604,16 @@ int xesp_public(struct xdp_md *ctx)
 	}
 	if (strip_udp(ctx, l4_off))
 		return verdict(pkt_len, XESP_ABORTED, XDP_ABORTED);
-	if (put_meta(ctx, sa->sa_index, sport, dport, l3_off, XESP_META_ESP_UDP))
+	/* After the strip ESP sits where the UDP header was, and the IP
+	 * packet is 8 bytes shorter. */
+	meta.sa_index = sa->sa_index;
+	meta.worker = sa->worker;
+	meta.sport = sport;
+	meta.l4_off = l4_off;
+	meta.l3_len = l4_off - l3_off + ip_payload - UDP_HLEN;
+	meta.kind = XESP_META_ESP_UDP;
+	__builtin_memcpy(meta.src, src, sizeof(meta.src));
+	if (put_meta(ctx, &meta))
 		return verdict(pkt_len, XESP_ABORTED, XDP_ABORTED);
 	if (steer(ctx, &xsks_public, cfg.workers, sa->worker) != XDP_REDIRECT)
 		return verdict(pkt_len, XESP_DROP_NO_XSK, XDP_DROP);
@@ -663,8 +677,10 @@ int xesp_private(struct xdp_md *ctx)
 	struct xesp_policy *pol;
 	struct xesp_core_cfg *cc;
 	struct xesp_config cfg;
+	struct xesp_meta meta = {};
 	__be16 dport = 0;
-	__u32 l3_off, zero = 0;
+	__u32 l3_off, l4_off, l3_len, zero = 0;
+	__u8 family;
 	int proto;
 	__u16 vid;
 
@@ -683,6 +699,8 @@ int xesp_private(struct xdp_md *ctx)
 		key.addr[10] = 0xff;
 		key.addr[11] = 0xff;
 		__builtin_memcpy(&key.addr[12], &iph->daddr, 4);
+		family = 4;
+		l3_len = bpf_ntohs(iph->tot_len);
 		/* Only a first fragment (or a whole packet) has ports. */
 		if (!(iph->frag_off & bpf_htons(IP_OFFMASK_)))
 			dport = l4_dport(&nh, data_end, proto);
@@ -691,10 +709,13 @@ int xesp_private(struct xdp_md *ctx)
 		if (proto < 0)
 			return verdict(pkt_len, XESP_PRIV_PASS_MALFORMED, XDP_PASS);
 		__builtin_memcpy(key.addr, &ip6h->daddr, 16);
+		family = 6;
+		l3_len = sizeof(*ip6h) + bpf_ntohs(ip6h->payload_len);
 		dport = l4_dport(&nh, data_end, proto);
 	} else {
 		return verdict(pkt_len, XESP_PRIV_PASS_NOT_IP, XDP_PASS);
 	}
+	l4_off = nh.pos - data;
 	/* Exact match first (per-phone core addresses), then the trie
 	 * (prefixes of SAs without a core address). */
 	pol = NULL;
@@ -705,7 +726,14 @@ int xesp_private(struct xdp_md *ctx)
 		pol = bpf_map_lookup_elem(&policies, &key);
 	if (!pol)
 		return verdict(pkt_len, XESP_PRIV_PASS_NO_POLICY, XDP_PASS);
-	if (put_meta(ctx, pol->sa_index, 0, 0, l3_off, XESP_META_CLEAR))
+	meta.sa_index = pol->sa_index;
+	meta.worker = pol->worker;
+	meta.l3_off = l3_off;
+	meta.l4_off = l4_off;
+	meta.l3_len = l3_len;
+	meta.family = family;
+	meta.kind = XESP_META_CLEAR;
+	if (put_meta(ctx, &meta))
 		return verdict(pkt_len, XESP_PRIV_ABORTED, XDP_ABORTED);
 	if (steer(ctx, &xsks_private, cfg.workers, pol->worker) != XDP_REDIRECT)
 		return verdict(pkt_len, XESP_PRIV_DROP_NO_XSK, XDP_DROP);

@@ -164,21 +164,38 @@ struct xesp_policy {
 
 /*
  * XDP metadata placed in front of the packet (bpf_xdp_adjust_meta) for
- * every redirected frame. The AF_XDP reader finds it in the
- * sizeof(struct xesp_meta) bytes just before the descriptor's address.
- * What UDP stripping loses (the outer ports) travels here.
+ * every redirected frame: what the program learnt parsing the frame, so
+ * the worker neither parses the Ethernet/VLAN/IP/UDP headers again nor
+ * looks the SA up (docs/architecture.md, "The XDP-to-worker hand-off").
+ * The AF_XDP reader finds it in the sizeof(struct xesp_meta) bytes just
+ * before the descriptor's address. 32 bytes: a multiple of 4 and within
+ * every kernel's limit for bpf_xdp_adjust_meta.
+ *
+ * Offsets count from the start of the frame as redirected (after the UDP
+ * strip, so ESP follows the IP header at l4_off). The magic is the last
+ * byte on purpose: it is the byte right before the packet in every
+ * layout, so a reader of one version rejects the other's metadata rather
+ * than misreading it (v1 was 12 bytes ending in 0xE5).
  */
 struct xesp_meta {
+	__u8  src[16];     /* ESP kinds: outer source address, IPv4 as ::ffff:a.b.c.d;
+	                    * CLEAR: zero */
 	__u32 sa_index;    /* from xesp_sa / xesp_policy */
-	__u16 sport;       /* outer UDP source port, network byte order; 0 for plain ESP */
-	__u16 dport;       /* outer UDP destination port, network byte order */
-	__u16 l3_off;      /* offset of the (outer) IP header from the frame start */
+	__be16 sport;      /* ESP_UDP: outer UDP source port (the NAT binding's); else 0 */
+	__u16 l3_off;      /* IP header */
+	__u16 l4_off;      /* ESP kinds: the ESP header (SPI), right after the IP
+	                    * header; CLEAR: the end of the IP header */
+	__u16 l3_len;      /* IP packet length as its header says (after the strip):
+	                    * the packet ends at l3_off + l3_len, padding excluded */
+	__u8  worker;      /* xesp_sa/xesp_policy worker the frame was steered to */
+	__u8  family;      /* 4 or 6: the IP version at l3_off */
 	__u8  kind;        /* XESP_META_* */
-	__u8  magic;       /* XESP_META_MAGIC: tells metadata from leftover headroom */
+	__u8  magic;       /* XESP_META_MAGIC: tells this layout from leftover headroom
+	                    * and from other versions */
 };
 
 enum xesp_meta_magic {
-	XESP_META_MAGIC = 0xE5,
+	XESP_META_MAGIC = 0xE6, /* layout version 2 */
 };
 
 enum xesp_meta_kind {

@@ -84,10 +84,14 @@ type XespXespKeepalive struct {
 
 type XespXespMeta struct {
 	_       structs.HostLayout
+	Src     [16]uint8
 	SaIndex uint32
 	Sport   uint16
-	Dport   uint16
 	L3Off   uint16
+	L4Off   uint16
+	L3Len   uint16
+	Worker  uint8
+	Family  uint8
 	Kind    uint8
 	Magic   uint8
 }
@@ -103,7 +107,7 @@ const (
 type XespXespMetaMagic uint32
 
 const (
-	XespXespMetaMagicXESP_META_MAGIC XespXespMetaMagic = 229
+	XespXespMetaMagicXESP_META_MAGIC XespXespMetaMagic = 230
 )
 
 type XespXespPolicy struct {

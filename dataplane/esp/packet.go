@@ -2,6 +2,7 @@ package esp
 
 import (
 	"encoding/binary"
+	"net/netip"
 
 	cksum "github.com/xesp/xesp/internal/pkt"
 )
@@ -52,6 +53,26 @@ func (sa *Transform) OpenPacketTo(pkt []byte, out *Packet) error {
 	return openPacketTo(out, pkt, nil, sa)
 }
 
+// OpenESPTo is OpenPacketTo for an outer packet the caller has parsed
+// already, as XDP's metadata hands it to the worker: ip is the outer IP
+// packet trimmed to its IP length, its header hdrLen bytes long (IPv4
+// options included; IPv6 without extension headers) and directly followed
+// by the ESP packet (no UDP header: XDP stripped it); src is its outer
+// source. The header is not parsed or checked again: the caller vouches
+// for it. out.Outer carries Src only.
+func (sa *Transform) OpenESPTo(ip []byte, hdrLen int, src netip.Addr, out *Packet) error {
+	*out = Packet{}
+	if hdrLen < 20 || hdrLen+8 > len(ip) {
+		return ReasonRunt
+	}
+	out.Class, out.Outer.Src = ClassESP, src
+	out.IPHeaderLen, out.ESPStart, out.ESPEnd, out.nhOff = hdrLen, hdrLen, len(ip), 9
+	if ip[0]>>4 == 6 {
+		out.nhOff = 6
+	}
+	return openParsed(out, ip, nil, sa)
+}
+
 func openPacket(pkt []byte, lookup func(uint32) *Transform, only *Transform) (Packet, error) {
 	var out Packet
 	err := openPacketTo(&out, pkt, lookup, only)
@@ -68,6 +89,12 @@ func openPacketTo(out *Packet, pkt []byte, lookup func(uint32) *Transform, only 
 	if out.Class != ClassESP && out.Class != ClassESPInUDP {
 		return nil
 	}
+	return openParsed(out, pkt, lookup, only)
+}
+
+// openParsed is openPacketTo from the SPI on, out.Parsed filled.
+func openParsed(out *Packet, pkt []byte, lookup func(uint32) *Transform, only *Transform) error {
+	var err error
 	esp := pkt[out.ESPStart:out.ESPEnd]
 	out.SPI = binary.BigEndian.Uint32(esp)
 	switch {

@@ -95,6 +95,7 @@ func BenchmarkDecapBatch(b *testing.B) {
 		m := (*bpf.Meta)(unsafe.Pointer(&u.Meta(base+rxOff, bpf.MetaSize)[0]))
 		*m = bpf.Meta{SaIndex: 0, L3Off: uint16(l3), Kind: uint8(bpf.MetaESP), Magic: bpf.MetaMagic}
 		rx[i] = xsk.Desc{Addr: base + rxOff, Len: uint32(end)}
+		completeMeta(u, rx[i])
 		saved[i] = append([]byte(nil), frame[:end]...)
 	}
 	tx := make([]xsk.Desc, 0, batch)
@@ -154,6 +155,7 @@ func BenchmarkEncapBatch(b *testing.B) {
 		m := (*bpf.Meta)(unsafe.Pointer(&u.Meta(base+rxOff, bpf.MetaSize)[0]))
 		*m = bpf.Meta{SaIndex: 0, L3Off: ethLen, Kind: uint8(bpf.MetaClear), Magic: bpf.MetaMagic}
 		rx[i] = xsk.Desc{Addr: base + rxOff, Len: ethLen + inner}
+		completeMeta(u, rx[i])
 		// Sealing writes the outer headers over the metadata in front.
 		saved[i] = append([]byte(nil), u.Frame(base)[rxOff-bpf.MetaSize:rxOff+ethLen+inner]...)
 	}

@@ -79,8 +79,15 @@ func (w *Worker) injected(pool *xsk.Pool, rx []xsk.Desc, addrs []uint64) int {
 		eth := frame[off : off+ethLen]
 		clear(eth[:12])
 		binary.BigEndian.PutUint16(eth[12:], etherType(frame[off+l3:]))
+		// The metadata XDP would have written for this frame: the
+		// decap path reads the outer header through it alone.
+		hl := esp.OuterLen(&o)
 		m := (*bpf.Meta)(unsafe.Pointer(&frame[off-bpf.MetaSize]))
-		*m = bpf.Meta{SaIndex: p.Index, L3Off: uint16(l3), Kind: uint8(bpf.MetaESP), Magic: bpf.MetaMagic}
+		*m = bpf.Meta{Src: p.Src.Addr().As16(), SaIndex: p.Index, L3Off: uint16(l3), L4Off: uint16(l3 + hl),
+			L3Len: uint16(hl + len(p.ESP)), Worker: uint8(w.pipe.id), Family: 6, Kind: uint8(bpf.MetaESP), Magic: bpf.MetaMagic}
+		if o.Src.Is4() {
+			m.Family = 4
+		}
 		if p.Src.Port() != 0 {
 			m.Kind = uint8(bpf.MetaESPUDP)
 			binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&m.Sport))[:], p.Src.Port())

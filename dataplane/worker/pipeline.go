@@ -10,6 +10,7 @@ import (
 	"github.com/xesp/xesp/dataplane/esp"
 	"github.com/xesp/xesp/dataplane/flood"
 	"github.com/xesp/xesp/dataplane/xsk"
+	"github.com/xesp/xesp/internal/pkt"
 )
 
 // Neighbors resolves next-hop MACs without blocking (neigh.Resolver).
@@ -169,19 +170,44 @@ func (p *pipeline) emitPublic(d xsk.Desc, tx []xsk.Desc, drop []uint64) ([]xsk.D
 	return tx, append(drop, d.Addr)
 }
 
-// meta returns the xesp metadata in front of a received frame, or nil.
-// The layout is bpf2go's type for struct xesp_meta; the kernel writes it 4-byte
-// aligned right before the packet.
+// meta returns the xesp metadata in front of a received frame, or nil
+// when there is none of this layout version, or when it names another
+// worker (a steering fault: the slot index is this worker's table only).
+// The layout is bpf2go's type for struct xesp_meta; the kernel writes it
+// 4-byte aligned right before the packet. See "The XDP-to-worker
+// hand-off" in docs/architecture.md for what is trusted and why.
 func (p *pipeline) meta(addr uint64) *bpf.Meta {
 	b := p.mem.Meta(addr, bpf.MetaSize)
 	if b == nil {
 		return nil
 	}
 	m := (*bpf.Meta)(unsafe.Pointer(&b[0]))
-	if m.Magic != bpf.MetaMagic {
+	if m.Magic != bpf.MetaMagic || m.Worker != uint8(p.id) {
 		return nil
 	}
 	return m
+}
+
+// outerESP is the outer IP packet of a received ESP frame at off in frame
+// (d.Len n bytes) as the metadata places it, and its header length, after
+// the bounds checks that keep a wrong metadata field from reaching outside
+// the packet or making the header say something else than XDP saw. ok
+// false is DropBadMeta. What is not checked here, because XDP did:
+// lengths against the frame, the transport header, fragments.
+func outerESP(frame []byte, off, n int, m *bpf.Meta) (ip []byte, hl int, ok bool) {
+	l3, end := int(m.L3Off), int(m.L3Off)+int(m.L3Len)
+	hl = int(m.L4Off) - l3
+	if l3 < ethLen || end > n || off+end > len(frame) || hl+8 > int(m.L3Len) {
+		return nil, 0, false
+	}
+	ip = frame[off+l3 : off+end]
+	switch m.Family {
+	case 4:
+		ok = ip[0]>>4 == 4 && int(ip[0]&0x0f)*4 == hl && hl >= 20
+	case 6:
+		ok = ip[0]>>4 == 6 && hl == 40
+	}
+	return ip, hl, ok
 }
 
 func (p *pipeline) entry(idx uint32, dir Direction) (*Slot, Drop) {
@@ -245,14 +271,19 @@ func (p *pipeline) decapOne(d xsk.Desc) (xsk.Desc, Drop) {
 	}
 	frame := p.mem.Frame(d.Addr)
 	off := int(d.Addr - p.mem.FrameBase(d.Addr))
-	l3 := off + int(m.L3Off)
-	end := off + int(d.Len)
-	if int(m.L3Off) >= int(d.Len) || end > len(frame) {
+	outer, hl, ok := outerESP(frame, off, int(d.Len), m)
+	if !ok {
 		return d, DropBadMeta
 	}
-	outerTOS := tosOf(frame[l3:end]) // before Open: the outer header is intact
+	// XDP does not verify the IPv4 header checksum (the kernel's IP input
+	// would have): the outer source may become the SA's binding.
+	if m.Family == 4 && pkt.Checksum(outer[:hl]) != 0 {
+		e.Counters.Drops.Add(1)
+		return d, Drop(esp.ReasonBadHeader)
+	}
+	outerTOS := tosOf(outer) // before Open: the outer header is intact
 	pk := &p.pk
-	if err := e.SA.OpenPacketTo(frame[l3:end], pk); err != nil {
+	if err := e.SA.OpenESPTo(outer, hl, m.SrcAddr(), pk); err != nil {
 		e.Counters.Drops.Add(1)
 		r := esp.ReasonOf(err)
 		if r == esp.ReasonIntegrity && p.flood != nil {
@@ -263,11 +294,6 @@ func (p *pipeline) decapOne(d xsk.Desc) (xsk.Desc, Drop) {
 	// Open moved the replay window: the next snapshot exports it.
 	if !e.dirty {
 		p.markDirty(e)
-	}
-	if pk.Class != esp.ClassESP {
-		// XDP stripped the UDP header, so anything else is a metadata lie.
-		e.Counters.Drops.Add(1)
-		return d, DropBadMeta
 	}
 	ip := pk.IP
 	if !innerOK(ip) {
@@ -513,16 +539,20 @@ func (p *pipeline) encapOne(d xsk.Desc) (xsk.Desc, Drop) {
 	}
 	frame := p.mem.Frame(d.Addr)
 	off := int(d.Addr - p.mem.FrameBase(d.Addr))
-	l3 := off + int(m.L3Off)
-	if int(m.L3Off) >= int(d.Len) {
+	// The IP length is XDP's (l3_len, checked there against the frame):
+	// no second parse of the header, only bounds.
+	l3, n := off+int(m.L3Off), int(m.L3Len)
+	if m.L3Off < ethLen || int(m.L3Off)+n > int(d.Len) || l3+n > len(frame) {
 		return d, DropBadMeta
 	}
-	n, ok := ipLen(frame[l3 : off+int(d.Len)])
-	if !ok || !innerOK(frame[l3:l3+n]) {
+	ip := frame[l3 : l3+n]
+	if n == 0 || ip[0]>>4 != m.Family {
+		return d, DropBadMeta
+	}
+	if !innerOK(ip) {
 		e.Counters.Drops.Add(1)
 		return d, Drop(esp.ReasonBadHeader)
 	}
-	ip := frame[l3 : l3+n]
 	// Selectors on the destination as the core sent it: the phone's core
 	// address when its SA has one (xlateOut below puts the phone's own
 	// inner address in only just before sealing).
@@ -648,35 +678,6 @@ func (p *pipeline) sealWith(e *Slot, peer *Peer, d xsk.Desc, frame []byte, l3, n
 	}
 	copy(h[0:6], peer.MAC[:])
 	return out, 0
-}
-
-// ipLen is the length an IP packet's header claims, if the bytes hold it;
-// Ethernet padding past it is not part of the packet.
-func ipLen(b []byte) (int, bool) {
-	if len(b) < 1 {
-		return 0, false
-	}
-	switch b[0] >> 4 {
-	case 4:
-		if len(b) < 20 {
-			return 0, false
-		}
-		n := int(binary.BigEndian.Uint16(b[2:]))
-		if n < 20 || n > len(b) {
-			return 0, false
-		}
-		return n, true
-	case 6:
-		if len(b) < 40 {
-			return 0, false
-		}
-		n := 40 + int(binary.BigEndian.Uint16(b[4:]))
-		if n > len(b) {
-			return 0, false
-		}
-		return n, true
-	}
-	return 0, false
 }
 
 func srcAddr(ip []byte) netip.Addr {

@@ -109,7 +109,9 @@ func (f *pipeFixture) espFrame(seal *esp.Transform, inner []byte, srcMAC [6]byte
 	copy(b[0:6], pipePubHW[:])
 	copy(b[6:12], srcMAC[:])
 	binary.BigEndian.PutUint16(b[12:], 0x0800)
-	return xsk.Desc{Addr: addr, Len: uint32(end)}
+	d := xsk.Desc{Addr: addr, Len: uint32(end)}
+	completeMeta(f.u, d)
+	return d
 }
 
 // clearFrame is a cleartext packet from the core as XDP steers it to an
@@ -120,7 +122,9 @@ func (f *pipeFixture) clearFrame(index uint32, ip []byte) xsk.Desc {
 	copy(b[6:12], pipeCoreHW[:])
 	binary.BigEndian.PutUint16(b[12:], 0x0800)
 	copy(b[ethLen:], ip)
-	return xsk.Desc{Addr: addr, Len: uint32(ethLen + len(ip))}
+	d := xsk.Desc{Addr: addr, Len: uint32(ethLen + len(ip))}
+	completeMeta(f.u, d)
+	return d
 }
 
 func eth(dst, src [6]byte) []byte {
@@ -169,16 +173,53 @@ func TestDecapPipeline(t *testing.T) {
 			spoof := pkt.UDP4(netip.MustParseAddrPort("100.64.0.9:5060"), pipeCore, []byte("REGISTER sip:ims"))
 			return []xsk.Desc{f.espFrame(ph, spoof, pipeNatHW, 4777)}
 		}, 0, "selector", false},
+		// The descriptor ends before the IP length XDP saw: the
+		// hand-off disagrees with itself.
 		{"malformed: cut short", func(f *pipeFixture, ph *esp.Transform) []xsk.Desc {
 			d := f.espFrame(ph, req, pipeNatHW, 4777)
 			d.Len = ethLen + 20 + 6 // outer IPv4 and part of the ESP header
 			return []xsk.Desc{d}
-		}, 0, "bad_header", false},
+		}, 0, "bad_meta", false},
 		{"malformed: no metadata", func(f *pipeFixture, ph *esp.Transform) []xsk.Desc {
 			d := f.espFrame(ph, req, pipeNatHW, 4777)
 			(*bpf.Meta)(unsafe.Pointer(&f.u.Meta(d.Addr, bpf.MetaSize)[0])).Magic = 0
 			return []xsk.Desc{d}
 		}, 0, "bad_meta", false},
+		// What a program of the first layout (12 bytes, magic 0xE5 last)
+		// leaves in front of a frame, e.g. during an upgrade.
+		{"malformed: metadata of layout v1", func(f *pipeFixture, ph *esp.Transform) []xsk.Desc {
+			d := f.espFrame(ph, req, pipeNatHW, 4777)
+			v1 := f.u.Meta(d.Addr, 12)
+			copy(v1, []byte{0, 0, 0, 0, 0x12, 0xa9, 0x11, 0x94, ethLen, 0, 1, 0xe5})
+			return []xsk.Desc{d}
+		}, 0, "bad_meta", false},
+		{"malformed: metadata for another worker", func(f *pipeFixture, ph *esp.Transform) []xsk.Desc {
+			d := f.espFrame(ph, req, pipeNatHW, 4777)
+			(*bpf.Meta)(unsafe.Pointer(&f.u.Meta(d.Addr, bpf.MetaSize)[0])).Worker = 1
+			return []xsk.Desc{d}
+		}, 0, "bad_meta", false},
+		{"malformed: metadata family not the header's", func(f *pipeFixture, ph *esp.Transform) []xsk.Desc {
+			d := f.espFrame(ph, req, pipeNatHW, 4777)
+			(*bpf.Meta)(unsafe.Pointer(&f.u.Meta(d.Addr, bpf.MetaSize)[0])).Family = 6
+			return []xsk.Desc{d}
+		}, 0, "bad_meta", false},
+		{"malformed: metadata ESP offset inside the IP header", func(f *pipeFixture, ph *esp.Transform) []xsk.Desc {
+			d := f.espFrame(ph, req, pipeNatHW, 4777)
+			(*bpf.Meta)(unsafe.Pointer(&f.u.Meta(d.Addr, bpf.MetaSize)[0])).L4Off = ethLen + 12
+			return []xsk.Desc{d}
+		}, 0, "bad_meta", false},
+		{"malformed: metadata IP length past the frame", func(f *pipeFixture, ph *esp.Transform) []xsk.Desc {
+			d := f.espFrame(ph, req, pipeNatHW, 4777)
+			(*bpf.Meta)(unsafe.Pointer(&f.u.Meta(d.Addr, bpf.MetaSize)[0])).L3Len = 0xffff
+			return []xsk.Desc{d}
+		}, 0, "bad_meta", false},
+		// XDP does not check the outer IPv4 checksum; the worker does,
+		// before the source may become the binding.
+		{"malformed: outer IPv4 checksum", func(f *pipeFixture, ph *esp.Transform) []xsk.Desc {
+			d := f.espFrame(ph, req, pipeNatHW, 4777)
+			f.u.Packet(d)[ethLen+8]-- // TTL, checksum left as it was
+			return []xsk.Desc{d}
+		}, 0, "bad_header", false},
 		{"malformed: index of no SA", func(f *pipeFixture, ph *esp.Transform) []xsk.Desc {
 			d := f.espFrame(ph, req, pipeNatHW, 4777)
 			(*bpf.Meta)(unsafe.Pointer(&f.u.Meta(d.Addr, bpf.MetaSize)[0])).SaIndex = 7
@@ -269,11 +310,33 @@ func TestEncapPipeline(t *testing.T) {
 		{"selector: another phone's address", func(f *pipeFixture) []xsk.Desc {
 			return []xsk.Desc{f.clearFrame(1, pkt.UDP4(pipeCore, netip.MustParseAddrPort("100.64.0.9:5060"), []byte("x")))}
 		}, "selector"},
-		{"malformed: IP length past the frame", func(f *pipeFixture) []xsk.Desc {
+		// XDP checks the IP length against the frame and hands it over;
+		// the worker only bounds it.
+		{"malformed: metadata IP length past the frame", func(f *pipeFixture) []xsk.Desc {
 			ip := append([]byte(nil), resp...)
 			binary.BigEndian.PutUint16(ip[2:], uint16(len(ip)+40))
 			return []xsk.Desc{f.clearFrame(1, ip)}
+		}, "bad_meta"},
+		{"malformed: IHL past the IP length", func(f *pipeFixture) []xsk.Desc {
+			ip := append([]byte(nil), resp...)
+			ip[0] = 0x4f // 60-byte header in a shorter packet
+			return []xsk.Desc{f.clearFrame(1, ip)}
 		}, "bad_header"},
+		{"malformed: no metadata", func(f *pipeFixture) []xsk.Desc {
+			d := f.clearFrame(1, resp)
+			(*bpf.Meta)(unsafe.Pointer(&f.u.Meta(d.Addr, bpf.MetaSize)[0])).Magic = 0
+			return []xsk.Desc{d}
+		}, "bad_meta"},
+		{"malformed: metadata for another worker", func(f *pipeFixture) []xsk.Desc {
+			d := f.clearFrame(1, resp)
+			(*bpf.Meta)(unsafe.Pointer(&f.u.Meta(d.Addr, bpf.MetaSize)[0])).Worker = 3
+			return []xsk.Desc{d}
+		}, "bad_meta"},
+		{"malformed: metadata family not the header's", func(f *pipeFixture) []xsk.Desc {
+			d := f.clearFrame(1, resp)
+			(*bpf.Meta)(unsafe.Pointer(&f.u.Meta(d.Addr, bpf.MetaSize)[0])).Family = 6
+			return []xsk.Desc{d}
+		}, "bad_meta"},
 		{"malformed: ESP metadata on the private side", func(f *pipeFixture) []xsk.Desc {
 			d := f.clearFrame(1, resp)
 			(*bpf.Meta)(unsafe.Pointer(&f.u.Meta(d.Addr, bpf.MetaSize)[0])).Kind = uint8(bpf.MetaESP)

@@ -106,7 +106,9 @@ func (r *rig) fromPhone(inner []byte, tos uint8) xsk.Desc {
 	copy(f[int(rxOff)+6:], r.phoneMAC[:])
 	m := (*bpf.Meta)(unsafe.Pointer(&r.u.Meta(base+rxOff, bpf.MetaSize)[0]))
 	*m = bpf.Meta{SaIndex: 0, L3Off: ethLen, Kind: uint8(bpf.MetaESP), Magic: bpf.MetaMagic}
-	return xsk.Desc{Addr: base + rxOff, Len: uint32(end - int(rxOff))}
+	d := xsk.Desc{Addr: base + rxOff, Len: uint32(end - int(rxOff))}
+	completeMeta(r.u, d)
+	return d
 }
 
 // fromCore is a cleartext frame from the core's MAC, steered to SA 1.
@@ -119,7 +121,9 @@ func (r *rig) fromCore(ip []byte) xsk.Desc {
 	copy(f[rxOff+ethLen:], ip)
 	m := (*bpf.Meta)(unsafe.Pointer(&r.u.Meta(base+rxOff, bpf.MetaSize)[0]))
 	*m = bpf.Meta{SaIndex: 1, L3Off: ethLen, Kind: uint8(bpf.MetaClear), Magic: bpf.MetaMagic}
-	return xsk.Desc{Addr: base + rxOff, Len: uint32(ethLen + len(ip))}
+	d := xsk.Desc{Addr: base + rxOff, Len: uint32(ethLen + len(ip))}
+	completeMeta(r.u, d)
+	return d
 }
 
 func (r *rig) bytes(d xsk.Desc) []byte {

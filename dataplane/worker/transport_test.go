@@ -86,7 +86,9 @@ func (r *trRig) fromPhone(seg []byte, proto uint8, sport uint16) xsk.Desc {
 	copy(b[0:6], pipePubHW[:])
 	copy(b[6:12], pipeNatHW[:])
 	binary.BigEndian.PutUint16(b[12:], 0x0800)
-	return xsk.Desc{Addr: addr, Len: uint32(end)}
+	d := xsk.Desc{Addr: addr, Len: uint32(end)}
+	completeMeta(r.u, d)
+	return d
 }
 
 func (r *trRig) bytes(d xsk.Desc) []byte {
@@ -359,6 +361,7 @@ func BenchmarkEncapModes(b *testing.B) {
 				binary.BigEndian.PutUint16(frame[12:], 0x0800)
 				*(*bpf.Meta)(unsafe.Pointer(&u.Meta(base+rxOff, bpf.MetaSize)[0])) = bpf.Meta{L3Off: ethLen, Kind: uint8(bpf.MetaClear), Magic: bpf.MetaMagic}
 				rx[i] = xsk.Desc{Addr: base + rxOff, Len: ethLen + inner}
+				completeMeta(u, rx[i])
 				saved[i] = append([]byte(nil), u.Frame(base)[rxOff-bpf.MetaSize:rxOff+ethLen+inner]...)
 			}
 			tx, drop := make([]xsk.Desc, 0, batch), make([]uint64, 0, batch)
@@ -428,6 +431,7 @@ func TestTransportPipelineIPv6(t *testing.T) {
 	}
 	copy(b[6:12], pipeNatHW[:])
 	binary.BigEndian.PutUint16(b[12:], 0x86dd)
+	completeMeta(r.u, xsk.Desc{Addr: addr, Len: uint32(end)})
 	tx, drop := r.p.decap([]xsk.Desc{{Addr: addr, Len: uint32(end)}}, nil, nil)
 	if len(tx) != 1 || len(drop) != 0 {
 		t.Fatalf("decap: %d forwarded, %v", len(tx), drops(&r.st.Decap))

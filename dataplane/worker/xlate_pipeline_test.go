@@ -68,6 +68,7 @@ func TestPipelineCoreTranslation(t *testing.T) {
 	}
 	copy(frame[6:12], []byte{2, 0, 0, 0, 0, 2})
 	setMeta(0, bpf.Meta{SaIndex: 0, L3Off: ethLen, Kind: uint8(bpf.MetaESP), Magic: bpf.MetaMagic})
+	completeMeta(u, xsk.Desc{Addr: rxOff, Len: uint32(end)})
 	tx, drop := p.decap([]xsk.Desc{{Addr: rxOff, Len: uint32(end)}}, nil, nil)
 	if len(tx) != 1 || len(drop) != 0 {
 		t.Fatalf("decap: %d forwarded, %d dropped", len(tx), len(drop))
@@ -86,6 +87,7 @@ func TestPipelineCoreTranslation(t *testing.T) {
 		copy(f[ethLen:], ip)
 		f[12], f[13] = 0x08, 0x00
 		setMeta(base, bpf.Meta{SaIndex: 1, L3Off: ethLen, Kind: uint8(bpf.MetaClear), Magic: bpf.MetaMagic})
+		completeMeta(u, xsk.Desc{Addr: base + rxOff, Len: uint32(ethLen + len(ip))})
 		return uint64(len(ip))
 	}
 	n := reply(core)
