@@ -197,7 +197,7 @@ func (p *pipeline) meta(addr uint64) *bpf.Meta {
 func outerESP(frame []byte, off, n int, m *bpf.Meta) (ip []byte, hl int, ok bool) {
 	l3, end := int(m.L3Off), int(m.L3Off)+int(m.L3Len)
 	hl = int(m.L4Off) - l3
-	if l3 < ethLen || end > n || off+end > len(frame) || hl+8 > int(m.L3Len) {
+	if l3 < ethLen || hl < 20 || hl+8 > int(m.L3Len) || end > n || off+end > len(frame) {
 		return nil, 0, false
 	}
 	ip = frame[off+l3 : off+end]
@@ -546,7 +546,7 @@ func (p *pipeline) encapOne(d xsk.Desc) (xsk.Desc, Drop) {
 		return d, DropBadMeta
 	}
 	ip := frame[l3 : l3+n]
-	if n == 0 || ip[0]>>4 != m.Family {
+	if n == 0 || ip[0]>>4 != m.Family || !lenIs(ip, n) {
 		return d, DropBadMeta
 	}
 	if !innerOK(ip) {
@@ -678,6 +678,16 @@ func (p *pipeline) sealWith(e *Slot, peer *Peer, d xsk.Desc, frame []byte, l3, n
 	}
 	copy(h[0:6], peer.MAC[:])
 	return out, 0
+}
+
+// lenIs says the IP header at ip[0] (version checked by the caller)
+// claims n bytes: the metadata's length is the one sealed, and one that
+// disagreed with the header would seal a packet cut short or padded.
+func lenIs(ip []byte, n int) bool {
+	if ip[0]>>4 == 4 {
+		return n >= 20 && int(binary.BigEndian.Uint16(ip[2:])) == n
+	}
+	return n >= 40 && 40+int(binary.BigEndian.Uint16(ip[4:])) == n
 }
 
 func srcAddr(ip []byte) netip.Addr {
