@@ -187,7 +187,8 @@ struct xesp_meta {
 	                    * header; CLEAR: the end of the IP header */
 	__u16 l3_len;      /* IP packet length as its header says (after the strip):
 	                    * the packet ends at l3_off + l3_len, padding excluded */
-	__u8  worker;      /* xesp_sa/xesp_policy worker the frame was steered to */
+	__u8  worker;      /* xesp_sa/xesp_policy worker the frame was steered to
+	                    * (control/config caps workers at 64) */
 	__u8  family;      /* 4 or 6: the IP version at l3_off */
 	__u8  kind;        /* XESP_META_* */
 	__u8  magic;       /* XESP_META_MAGIC: tells this layout from leftover headroom
