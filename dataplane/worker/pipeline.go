@@ -203,7 +203,7 @@ func outerESP(frame []byte, off, n int, m *bpf.Meta) (ip []byte, hl int, ok bool
 	ip = frame[off+l3 : off+end]
 	switch m.Family {
 	case 4:
-		ok = ip[0]>>4 == 4 && int(ip[0]&0x0f)*4 == hl && hl >= 20
+		ok = ip[0]>>4 == 4 && int(ip[0]&0x0f)*4 == hl
 	case 6:
 		ok = ip[0]>>4 == 6 && hl == 40
 	}
@@ -540,7 +540,8 @@ func (p *pipeline) encapOne(d xsk.Desc) (xsk.Desc, Drop) {
 	frame := p.mem.Frame(d.Addr)
 	off := int(d.Addr - p.mem.FrameBase(d.Addr))
 	// The IP length is XDP's (l3_len, checked there against the frame):
-	// no second parse of the header, only bounds.
+	// no second parse of the header, only bounds and one compare with
+	// the length field, since it is what gets sealed.
 	l3, n := off+int(m.L3Off), int(m.L3Len)
 	if m.L3Off < ethLen || int(m.L3Off)+n > int(d.Len) || l3+n > len(frame) {
 		return d, DropBadMeta
