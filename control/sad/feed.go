@@ -173,3 +173,18 @@ func (d *SAD) Workers() []WorkerLoad {
 	}
 	return out
 }
+
+// ChangedSince counts the SAs whose last change is newer than version: a
+// consumer whose feed overran (ErrResync) tells from it whether to
+// re-read only those (List, skipping Version <= version) or everything.
+func (d *SAD) ChangedSince(version uint64) int {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	n := 0
+	for _, e := range d.order {
+		if !e.deleted && e.version > version {
+			n++
+		}
+	}
+	return n
+}

@@ -57,20 +57,7 @@ func Encode(sas []sa.SA) ([]byte, error) {
 // EncodeSA is one SA's entry of the file. A writer that keeps these per
 // SA re-encodes only what changed (Assemble builds the file from them):
 // encoding is most of a large file's cost.
-func EncodeSA(s *sa.SA) ([]byte, error) {
-	sp := s.Public()
-	if len(s.EncKey) > 0 {
-		sp.EncKey = hex.EncodeToString(s.EncKey)
-	}
-	if len(s.AuthKey) > 0 {
-		sp.AuthKey = hex.EncodeToString(s.AuthKey)
-	}
-	b, err := json.Marshal(sp)
-	if err != nil {
-		return nil, fmt.Errorf("encode API SA %s: %w", s.Label(), err)
-	}
-	return b, nil
-}
+func EncodeSA(s *sa.SA) ([]byte, error) { return AppendSA(nil, s), nil }
 
 // Assemble returns the file's bytes for entries made by EncodeSA.
 func Assemble(items [][]byte) []byte {
