@@ -109,15 +109,16 @@ func (d *SAD) SetBinding(id sa.ID, b netip.AddrPort) (int, error) {
 		return 0, fmt.Errorf("set binding of %s: invalid address %v", id, b)
 	}
 	d.mu.Lock()
-	e, ok := d.byID[id]
+	e, ok := d.byID[id.Key()]
 	if !ok {
 		d.mu.Unlock()
 		return 0, fmt.Errorf("set binding of %s: %w", id, ErrNotFound)
 	}
 	n := 0
-	for m := d.groups[GroupOf(&e.sa)].head; m != nil; m = m.nextPeer {
-		if m.binding != b {
-			m.binding = b
+	nb := bindingOf(b)
+	for m := d.groups[e.group()].head; m != nil; m = m.nextPeer {
+		if m.bind != nb {
+			m.bind = nb
 			d.record(m, OpBinding, m.worker, m.index)
 			n++
 		}
@@ -132,7 +133,7 @@ func (d *SAD) SetBinding(id sa.ID, b netip.AddrPort) (int, error) {
 // SetState records a lifecycle state change.
 func (d *SAD) SetState(id sa.ID, st State) error {
 	d.mu.Lock()
-	e, ok := d.byID[id]
+	e, ok := d.byID[id.Key()]
 	changed := ok && e.state != st
 	if changed {
 		e.state = st

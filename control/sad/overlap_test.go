@@ -108,7 +108,7 @@ func TestCoreGrouping(t *testing.T) {
 		t.Fatalf("duplicate ports on one core: %v", err)
 	}
 	for _, e := range d.byID {
-		if e.sa.Core == core {
+		if s := e.p.unpack(); s.Core == core {
 			d.Delete(e.id())
 		}
 	}

@@ -1,0 +1,172 @@
+package sad
+
+import (
+	"net/netip"
+
+	"github.com/xesp/xesp/control/sa"
+	"github.com/xesp/xesp/dataplane/esp"
+)
+
+// packed is an SA as the SAD stores it: 160 bytes instead of sa.SA's
+// 328, with two pointers instead of nine (the garbage collector marks
+// every entry's pointers on every cycle). Addresses are 16 bytes and a
+// family each (netip.Addr is 24 with a pointer); the fields most SAs
+// leave unset live behind x, nil when they all are. pack and unpack
+// convert losslessly for every SA check accepts (no IPv6 zones).
+type packed struct {
+	name   string
+	encKey sa.Secret // shared with the SA given to Add and the Records handed out
+	x      *rare
+	// Outer local and peer, inner local and peer prefixes, core.
+	local, peer, innerLocal, innerPeer, core [16]byte
+	spi, replay                              uint32
+	encapLocal, encapPeer                    uint16
+	portLocal, portPeer                      uint16
+	// Inner prefix lengths plus one (0: no prefix).
+	innerLocalBits, innerPeerBits uint8
+	dir                           sa.Direction
+	mode                          sa.Mode
+	proposal                      esp.Proposal
+	proto, dscp                   uint8
+	flags                         uint8
+	fams                          uint16 // 2 bits per address: famNone, fam4, fam6
+}
+
+// rare holds the SA fields that are usually unset.
+type rare struct {
+	pair     string
+	authKey  sa.Secret
+	lifetime sa.Lifetime
+	idle     uint64
+}
+
+const (
+	flagESN = 1 << iota
+	flagDSCP
+	flagEncap
+)
+
+const (
+	famNone = iota
+	fam4
+	fam6
+)
+
+// Address slots in packed.fams (and the binding's in entry.bindFam).
+const (
+	slotLocal = iota
+	slotPeer
+	slotInnerLocal
+	slotInnerPeer
+	slotCore
+)
+
+func packAddr(a netip.Addr) ([16]byte, uint16) {
+	switch {
+	case !a.IsValid():
+		return [16]byte{}, famNone
+	case a.Is4():
+		return a.As16(), fam4
+	}
+	return a.As16(), fam6
+}
+
+func unpackAddr(b [16]byte, fam uint16) netip.Addr {
+	switch fam {
+	case fam4:
+		return netip.AddrFrom16(b).Unmap()
+	case fam6:
+		return netip.AddrFrom16(b)
+	}
+	return netip.Addr{}
+}
+
+// hasZone says whether any of s's addresses carries an IPv6 zone, which
+// the packed form does not keep (sa.Parse never produces one).
+func hasZone(s *sa.SA) bool {
+	return s.Local.Zone() != "" || s.Peer.Zone() != "" || s.Core.Zone() != ""
+}
+
+func pack(s *sa.SA) packed {
+	p := packed{
+		name: s.Name, encKey: s.EncKey, spi: s.SPI, replay: s.ReplayWindow,
+		portLocal: s.Ports.Local, portPeer: s.Ports.Peer, proto: s.Ports.Proto, dscp: s.DSCP,
+		dir: s.Direction, mode: s.Mode, proposal: s.Proposal,
+	}
+	var f uint16
+	p.local, f = packAddr(s.Local)
+	p.fams |= f << (2 * slotLocal)
+	p.peer, f = packAddr(s.Peer)
+	p.fams |= f << (2 * slotPeer)
+	p.core, f = packAddr(s.Core)
+	p.fams |= f << (2 * slotCore)
+	if s.InnerLocal.IsValid() {
+		p.innerLocal, f = packAddr(s.InnerLocal.Addr())
+		p.fams |= f << (2 * slotInnerLocal)
+		p.innerLocalBits = uint8(s.InnerLocal.Bits() + 1)
+	}
+	if s.InnerPeer.IsValid() {
+		p.innerPeer, f = packAddr(s.InnerPeer.Addr())
+		p.fams |= f << (2 * slotInnerPeer)
+		p.innerPeerBits = uint8(s.InnerPeer.Bits() + 1)
+	}
+	if s.ESN {
+		p.flags |= flagESN
+	}
+	if s.HasDSCP {
+		p.flags |= flagDSCP
+	}
+	if s.Encap != nil {
+		p.flags |= flagEncap
+		p.encapLocal, p.encapPeer = s.Encap.LocalPort, s.Encap.PeerPort
+	}
+	if s.Pair != "" || len(s.AuthKey) > 0 || s.Lifetime != (sa.Lifetime{}) || s.IdleTimeout != 0 {
+		p.x = &rare{pair: s.Pair, authKey: s.AuthKey, lifetime: s.Lifetime, idle: s.IdleTimeout}
+	}
+	return p
+}
+
+func (p *packed) fam(slot int) uint16 { return p.fams >> (2 * slot) & 3 }
+
+func (p *packed) unpack() sa.SA {
+	s := sa.SA{
+		Name: p.name, SPI: p.spi, Direction: p.dir, Mode: p.mode, Proposal: p.proposal,
+		EncKey: p.encKey, ESN: p.flags&flagESN != 0, ReplayWindow: p.replay,
+		Local: unpackAddr(p.local, p.fam(slotLocal)), Peer: unpackAddr(p.peer, p.fam(slotPeer)),
+		Core:  unpackAddr(p.core, p.fam(slotCore)),
+		Ports: sa.Ports{Local: p.portLocal, Peer: p.portPeer, Proto: p.proto},
+		DSCP:  p.dscp, HasDSCP: p.flags&flagDSCP != 0,
+	}
+	if p.innerLocalBits != 0 {
+		s.InnerLocal = netip.PrefixFrom(unpackAddr(p.innerLocal, p.fam(slotInnerLocal)), int(p.innerLocalBits)-1)
+	}
+	if p.innerPeerBits != 0 {
+		s.InnerPeer = netip.PrefixFrom(unpackAddr(p.innerPeer, p.fam(slotInnerPeer)), int(p.innerPeerBits)-1)
+	}
+	if p.flags&flagEncap != 0 {
+		s.Encap = &sa.Encap{LocalPort: p.encapLocal, PeerPort: p.encapPeer}
+	}
+	if x := p.x; x != nil {
+		s.Pair, s.AuthKey, s.Lifetime, s.IdleTimeout = x.pair, x.authKey, x.lifetime, x.idle
+	}
+	return s
+}
+
+// id is the SA's identity (sa.SA.ID) without unpacking it.
+func (p *packed) id() sa.ID {
+	id := sa.ID{Dir: p.dir, SPI: p.spi}
+	if p.dir == sa.Out {
+		id.Peer = netip.AddrPortFrom(unpackAddr(p.peer, p.fam(slotPeer)), p.peerPort())
+	}
+	return id
+}
+
+func (p *packed) peerPort() uint16 {
+	if p.flags&flagEncap != 0 {
+		return p.encapPeer
+	}
+	return 0
+}
+
+// label is sa.SA.Label.
+func (p *packed) label() string { return (&sa.SA{Name: p.name, SPI: p.spi}).Label() }

@@ -1,0 +1,47 @@
+package sad
+
+import (
+	"net/netip"
+	"reflect"
+	"testing"
+	"unsafe"
+
+	"github.com/xesp/xesp/control/sa"
+	"github.com/xesp/xesp/dataplane/esp"
+)
+
+// The packed form gives back exactly the SA it was made from, for every
+// field in every form (IPv6, IPv4-mapped, no encap, the rare fields), and
+// an entry's group is GroupOf its SA.
+func TestPackRoundTrip(t *testing.T) {
+	v6 := phone(7, sa.Out)
+	v6.Local, v6.Peer = netip.MustParseAddr("2001:db8::1"), netip.MustParseAddr("::ffff:192.0.2.7")
+	v6.InnerLocal, v6.InnerPeer = netip.MustParsePrefix("2001:db8:1::/48"), netip.MustParsePrefix("2001:db8:2::/64")
+	v6.Encap = nil
+	rareOne := phone(8, sa.In)
+	rareOne.Pair, rareOne.AuthKey, rareOne.IdleTimeout = "p8", sa.Secret{1, 2, 3}, 30
+	rareOne.Lifetime = sa.Lifetime{SoftBytes: 1, HardSeconds: 9}
+	rareOne.Proposal, rareOne.ESN, rareOne.DSCP, rareOne.HasDSCP = esp.AES128SHA256, true, 46, true
+	core := phone(9, sa.Out)
+	core.Core, core.Ports = netip.MustParseAddr("100.64.0.9"), sa.Ports{Local: 5060, Peer: 5062, Proto: 17}
+	core6 := v6
+	core6.Core = netip.MustParseAddr("2001:db8:3::9")
+	transport := phone(10, sa.In)
+	transport.Mode, transport.InnerPeer = sa.Transport, netip.Prefix{}
+	transport.InnerLocal = netip.MustParsePrefix("10.0.0.1/32")
+	for i, s := range []sa.SA{phone(1, sa.In), phone(2, sa.Out), v6, rareOne, core, core6, transport} {
+		e := &entry{p: pack(&s)}
+		if got := e.p.unpack(); !reflect.DeepEqual(got, s) {
+			t.Errorf("SA %d: unpack(pack(s)) = %+v\nwant %+v", i, got, s)
+		}
+		if e.id() != s.ID() || e.p.label() != s.Label() {
+			t.Errorf("SA %d: id %v label %s, want %v %s", i, e.id(), e.p.label(), s.ID(), s.Label())
+		}
+		if e.group() != GroupOf(&s) {
+			t.Errorf("SA %d: entry group %+v, GroupOf %+v", i, e.group(), GroupOf(&s))
+		}
+	}
+	if n := unsafe.Sizeof(packed{}); n > 160 {
+		t.Errorf("packed is %d bytes", n)
+	}
+}
