@@ -67,7 +67,7 @@ type apiSAs struct {
 	recs    []byte    // records of the append being built
 	pend    []pending // their effect on held, applied once they are durable
 	enc     []byte
-	encodes int // entries encoded so far (tests)
+	encodes int             // entries encoded so far (tests)
 	etcd    *etcdsrc.Source // its SAs live in etcd, not here
 	// stale: a delete or a replacement left an SA's old keys in the
 	// snapshot or the journal; the next compaction removes them (see
