@@ -45,3 +45,43 @@ func TestPackRoundTrip(t *testing.T) {
 		t.Errorf("packed is %d bytes", n)
 	}
 }
+
+// ListChanged pages through exactly the SAs changed after a version, in
+// creation order, whatever the page size.
+func TestListChanged(t *testing.T) {
+	d := newSAD(t, Options{Workers: 2})
+	for i := range 10 {
+		mustAdd(t, d, phone(i, sa.In))
+	}
+	v := d.Version()
+	for _, i := range []int{2, 5, 9} {
+		s := phone(i, sa.In)
+		s.ReplayWindow = 64
+		if _, err := d.Update(s); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := d.Delete(phone(5, sa.In).ID()); err != nil {
+		t.Fatal(err)
+	}
+	if n := d.ChangedSince(v); n != 2 {
+		t.Fatalf("ChangedSince: %d", n)
+	}
+	for _, limit := range []int{1, 2, 100} {
+		var got []uint32
+		var cur uint64
+		for {
+			var page []Record
+			page, cur = d.ListChanged(v, cur, limit, nil)
+			for _, r := range page {
+				got = append(got, r.SA.SPI)
+			}
+			if cur == 0 {
+				break
+			}
+		}
+		if want := []uint32{0x10002, 0x10009}; !reflect.DeepEqual(got, want) {
+			t.Fatalf("limit %d: %x, want %x", limit, got, want)
+		}
+	}
+}

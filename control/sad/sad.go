@@ -888,3 +888,25 @@ func (d *SAD) List(cursor uint64, limit int, dst []Record) (page []Record, next 
 	}
 	return page, 0
 }
+
+// ListChanged is List of only the SAs changed after version since (their
+// Version is newer): what a consumer whose feed overran re-reads, without
+// copying out the SAs it has seen.
+func (d *SAD) ListChanged(since, cursor uint64, limit int, dst []Record) (page []Record, next uint64) {
+	page = dst[:0]
+	if limit <= 0 {
+		return page, cursor
+	}
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	i := sort.Search(len(d.order), func(i int) bool { return d.order[i].seq > cursor })
+	for ; i < len(d.order) && len(page) < limit; i++ {
+		if e := d.order[i]; !e.deleted && e.version > since {
+			page = append(page, e.export())
+		}
+	}
+	if i == len(d.order) {
+		return page, 0
+	}
+	return page, d.order[i-1].seq
+}
