@@ -109,7 +109,8 @@ func (d *SAD) SetBinding(id sa.ID, b netip.AddrPort) (int, error) {
 		return 0, fmt.Errorf("set binding of %s: invalid address %v", id, b)
 	}
 	d.mu.Lock()
-	e, ok := d.byID[id.Key()]
+	e := d.lookup(id)
+	ok := e != nil
 	if !ok {
 		d.mu.Unlock()
 		return 0, fmt.Errorf("set binding of %s: %w", id, ErrNotFound)
@@ -133,7 +134,8 @@ func (d *SAD) SetBinding(id sa.ID, b netip.AddrPort) (int, error) {
 // SetState records a lifecycle state change.
 func (d *SAD) SetState(id sa.ID, st State) error {
 	d.mu.Lock()
-	e, ok := d.byID[id.Key()]
+	e := d.lookup(id)
+	ok := e != nil
 	changed := ok && e.state != st
 	if changed {
 		e.state = st

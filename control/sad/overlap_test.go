@@ -107,7 +107,7 @@ func TestCoreGrouping(t *testing.T) {
 	if _, err := d.Add(dup); !errors.Is(err, ErrOverlap) || !strings.Contains(err.Error(), "destination 100.64.0.1/32") {
 		t.Fatalf("duplicate ports on one core: %v", err)
 	}
-	for _, e := range d.byID {
+	for _, e := range d.order {
 		if s := e.p.unpack(); s.Core == core {
 			d.Delete(e.id())
 		}

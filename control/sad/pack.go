@@ -7,29 +7,44 @@ import (
 	"github.com/xesp/xesp/dataplane/esp"
 )
 
-// packed is an SA as the SAD stores it: 160 bytes instead of sa.SA's
-// 328, with two pointers instead of nine (the garbage collector marks
+// packed is an SA as the SAD stores it: 128 bytes instead of sa.SA's
+// 328, with three pointers instead of nine (the garbage collector marks
 // every entry's pointers on every cycle). Addresses are 16 bytes and a
-// family each (netip.Addr is 24 with a pointer); the fields most SAs
+// family each (netip.Addr is 24 with a pointer); the outer local address
+// and the inner local prefix, which most SAs share (the gateway's
+// address, the core network), are interned (sh); the fields most SAs
 // leave unset live behind x, nil when they all are. pack and unpack
 // convert losslessly for every SA check accepts (no IPv6 zones).
 type packed struct {
 	name   string
 	encKey sa.Secret // shared with the SA given to Add and the Records handed out
 	x      *rare
-	// Outer local and peer, inner local and peer prefixes, core.
-	local, peer, innerLocal, innerPeer, core [16]byte
+	sh     *shared
+	// Outer peer, inner peer prefix, core.
+	peer, innerPeer, core [16]byte
 	spi, replay                              uint32
 	encapLocal, encapPeer                    uint16
 	portLocal, portPeer                      uint16
-	// Inner prefix lengths plus one (0: no prefix).
-	innerLocalBits, innerPeerBits uint8
+	innerPeerBits uint8 // prefix length plus one (0: no prefix)
 	dir                           sa.Direction
 	mode                          sa.Mode
 	proposal                      esp.Proposal
 	proto, dscp                   uint8
 	flags                         uint8
 	fams                          uint16 // 2 bits per address: famNone, fam4, fam6
+}
+
+// shared holds the fields many SAs have in common; a SAD keeps one per
+// distinct value (SAD.adopt), counted.
+type shared struct {
+	sharedVal
+	refs int
+}
+
+type sharedVal struct {
+	local, innerLocal [16]byte
+	innerLocalBits    uint8 // prefix length plus one (0: no prefix)
+	fams              uint16
 }
 
 // rare holds the SA fields that are usually unset.
@@ -94,16 +109,18 @@ func pack(s *sa.SA) packed {
 		dir: s.Direction, mode: s.Mode, proposal: s.Proposal,
 	}
 	var f uint16
-	p.local, f = packAddr(s.Local)
-	p.fams |= f << (2 * slotLocal)
+	sh := &shared{refs: 1}
+	p.sh = sh
+	sh.local, f = packAddr(s.Local)
+	sh.fams |= f << (2 * slotLocal)
 	p.peer, f = packAddr(s.Peer)
 	p.fams |= f << (2 * slotPeer)
 	p.core, f = packAddr(s.Core)
 	p.fams |= f << (2 * slotCore)
 	if s.InnerLocal.IsValid() {
-		p.innerLocal, f = packAddr(s.InnerLocal.Addr())
-		p.fams |= f << (2 * slotInnerLocal)
-		p.innerLocalBits = uint8(s.InnerLocal.Bits() + 1)
+		sh.innerLocal, f = packAddr(s.InnerLocal.Addr())
+		sh.fams |= f << (2 * slotInnerLocal)
+		sh.innerLocalBits = uint8(s.InnerLocal.Bits() + 1)
 	}
 	if s.InnerPeer.IsValid() {
 		p.innerPeer, f = packAddr(s.InnerPeer.Addr())
@@ -126,19 +143,19 @@ func pack(s *sa.SA) packed {
 	return p
 }
 
-func (p *packed) fam(slot int) uint16 { return p.fams >> (2 * slot) & 3 }
+func (p *packed) fam(slot int) uint16 { return (p.fams | p.sh.fams) >> (2 * slot) & 3 }
 
 func (p *packed) unpack() sa.SA {
 	s := sa.SA{
 		Name: p.name, SPI: p.spi, Direction: p.dir, Mode: p.mode, Proposal: p.proposal,
 		EncKey: p.encKey, ESN: p.flags&flagESN != 0, ReplayWindow: p.replay,
-		Local: unpackAddr(p.local, p.fam(slotLocal)), Peer: unpackAddr(p.peer, p.fam(slotPeer)),
+		Local: unpackAddr(p.sh.local, p.fam(slotLocal)), Peer: unpackAddr(p.peer, p.fam(slotPeer)),
 		Core:  unpackAddr(p.core, p.fam(slotCore)),
 		Ports: sa.Ports{Local: p.portLocal, Peer: p.portPeer, Proto: p.proto},
 		DSCP:  p.dscp, HasDSCP: p.flags&flagDSCP != 0,
 	}
-	if p.innerLocalBits != 0 {
-		s.InnerLocal = netip.PrefixFrom(unpackAddr(p.innerLocal, p.fam(slotInnerLocal)), int(p.innerLocalBits)-1)
+	if sh := p.sh; sh.innerLocalBits != 0 {
+		s.InnerLocal = netip.PrefixFrom(unpackAddr(sh.innerLocal, p.fam(slotInnerLocal)), int(sh.innerLocalBits)-1)
 	}
 	if p.innerPeerBits != 0 {
 		s.InnerPeer = netip.PrefixFrom(unpackAddr(p.innerPeer, p.fam(slotInnerPeer)), int(p.innerPeerBits)-1)
@@ -170,3 +187,22 @@ func (p *packed) peerPort() uint16 {
 
 // label is sa.SA.Label.
 func (p *packed) label() string { return (&sa.SA{Name: p.name, SPI: p.spi}).Label() }
+
+// adopt replaces p's own shared fields by the SAD's copy of that value,
+// counting the reference (the SAD's write lock is held).
+func (d *SAD) adopt(p *packed) {
+	if sh, ok := d.shared[p.sh.sharedVal]; ok {
+		sh.refs++
+		p.sh = sh
+		return
+	}
+	p.sh.refs = 1
+	d.shared[p.sh.sharedVal] = p.sh
+}
+
+// release drops p's reference to its shared fields.
+func (d *SAD) release(p *packed) {
+	if p.sh.refs--; p.sh.refs == 0 {
+		delete(d.shared, p.sh.sharedVal)
+	}
+}

@@ -85,3 +85,35 @@ func TestListChanged(t *testing.T) {
 		}
 	}
 }
+
+// SAs sharing the gateway's address and the core-side prefix share one
+// interned copy, counted: an update to another prefix moves the count,
+// the last delete drops the copy.
+func TestSharedInterned(t *testing.T) {
+	d := newSAD(t, Options{Workers: 2})
+	for i := range 100 {
+		mustAdd(t, d, phone(i, sa.Direction(1+i%2)))
+	}
+	if len(d.shared) != 1 || d.order[0].p.sh.refs != 100 || d.order[0].p.sh != d.order[99].p.sh {
+		t.Fatalf("%d shared values for one (local, inner local)", len(d.shared))
+	}
+	s := phone(3, sa.Out)
+	s.InnerLocal = netip.MustParsePrefix("10.1.0.0/24")
+	if _, err := d.Update(s); err != nil {
+		t.Fatal(err)
+	}
+	if len(d.shared) != 2 || d.order[0].p.sh.refs != 99 {
+		t.Fatalf("after an update: %d shared values, %d refs", len(d.shared), d.order[0].p.sh.refs)
+	}
+	if r, _ := d.Get(s.ID()); r.SA.InnerLocal != s.InnerLocal {
+		t.Fatalf("updated SA reads back inner local %v", r.SA.InnerLocal)
+	}
+	for i := range 100 {
+		if _, err := d.Delete(phone(i, sa.Direction(1+i%2)).ID()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if len(d.shared) != 0 {
+		t.Fatalf("%d shared values left after every SA went", len(d.shared))
+	}
+}

@@ -265,7 +265,11 @@ func (w *worker) release(i uint32) { w.free = append(w.free, i) }
 // SAD is the SA database.
 type SAD struct {
 	mu      sync.RWMutex
-	byID    map[sa.Key]*entry // pointer-free keys: 16 bytes less per SA than sa.ID, not scanned by the GC
+	// inSPI finds an inbound SA by SPI, outSPI the outbound SAs of one
+	// SPI (a chain through nextOut, told apart by peer): together the
+	// identity index, at 16 bytes of map slot per SA.
+	inSPI   map[uint32]*entry
+	shared  map[sharedVal]*shared // interned packed.sh
 	byName  map[string]*entry
 	outSPI  map[uint32]*entry // head of the chain of outbound SAs with this SPI
 	groups  map[GroupKey]group
@@ -300,7 +304,8 @@ func New(o Options) (*SAD, error) {
 		o.LogSize = 65536
 	}
 	return &SAD{
-		byID:    make(map[sa.Key]*entry),
+		inSPI:   make(map[uint32]*entry),
+		shared:  make(map[sharedVal]*shared),
 		byName:  make(map[string]*entry),
 		outSPI:  make(map[uint32]*entry),
 		groups:  make(map[GroupKey]group),
@@ -368,7 +373,6 @@ func (d *SAD) addChecked(s *sa.SA, now int64, replaces []sa.ID) (*entry, error) 
 	if err := d.check(s, nil, replaces); err != nil {
 		return nil, err
 	}
-	id := s.ID()
 	gk := GroupOf(s)
 	g, ok := d.groups[gk]
 	if !ok {
@@ -380,6 +384,7 @@ func (d *SAD) addChecked(s *sa.SA, now int64, replaces []sa.ID) (*entry, error) 
 		p: pack(s), seq: d.seq, created: now, bind: bindingOf(initialBinding(s)),
 		worker: g.worker, index: w.alloc(),
 	}
+	d.adopt(&e.p)
 	if ok && g.head != nil {
 		// A group shares one NAT mapping: a late partner starts from
 		// what its group has learnt, not from the configured peer.
@@ -390,7 +395,6 @@ func (d *SAD) addChecked(s *sa.SA, now int64, replaces []sa.ID) (*entry, error) 
 	g.head = e
 	g.n++
 	d.groups[gk] = g
-	d.byID[id.Key()] = e
 	if s.Name != "" {
 		d.byName[s.Name] = e
 	}
@@ -399,12 +403,28 @@ func (d *SAD) addChecked(s *sa.SA, now int64, replaces []sa.ID) (*entry, error) 
 		d.outSPI[s.SPI] = e
 		d.out++
 	} else {
+		d.inSPI[s.SPI] = e
 		d.in++
 	}
 	d.order = append(d.order, e)
 	d.index(e)
 	d.record(e, OpAdd, e.worker, e.index)
 	return e, nil
+}
+
+// lookup finds the SA with identity id (nil: none).
+func (d *SAD) lookup(id sa.ID) *entry {
+	switch id.Dir {
+	case sa.In:
+		return d.inSPI[id.SPI]
+	case sa.Out:
+		for e := d.outSPI[id.SPI]; e != nil; e = e.nextOut {
+			if e.p.peerPort() == id.Peer.Port() && unpackAddr(e.p.peer, e.p.fam(slotPeer)) == id.Peer.Addr() {
+				return e
+			}
+		}
+	}
+	return nil
 }
 
 type phoneKey struct {
@@ -537,7 +557,7 @@ func (d *SAD) check(s *sa.SA, self *entry, replaces []sa.ID) error {
 		return err
 	}
 	id := s.ID()
-	if other, dup := d.byID[id.Key()]; dup && other != self {
+	if other := d.lookup(id); other != nil && other != self {
 		if s.Direction == sa.In {
 			return fmt.Errorf("%s: %w: inbound SPI 0x%08x is used by %s (the XDP SA map is keyed by SPI alone)", s.Label(), ErrExists, s.SPI, other.p.label())
 		}
@@ -640,7 +660,8 @@ func (d *SAD) Update(s sa.SA) (Record, error) {
 }
 
 func (d *SAD) update(s *sa.SA) (*entry, error) {
-	e, ok := d.byID[s.ID().Key()]
+	e := d.lookup(s.ID())
+	ok := e != nil
 	if !ok {
 		return nil, fmt.Errorf("%s: %w: %s", s.Label(), ErrNotFound, s.ID())
 	}
@@ -682,7 +703,10 @@ func (d *SAD) update(s *sa.SA) (*entry, error) {
 			d.byName[s.Name] = e
 		}
 	}
+	old := e.p
 	e.p = pack(s)
+	d.adopt(&e.p)
+	d.release(&old)
 	d.record(e, OpUpdate, prevWorker, prevIndex)
 	return e, nil
 }
@@ -696,8 +720,8 @@ func (d *SAD) update(s *sa.SA) (*entry, error) {
 func (d *SAD) Replace(old []sa.ID, news []sa.SA) ([]Record, error) {
 	d.mu.Lock()
 	for _, id := range old {
-		e, ok := d.byID[id.Key()]
-		if !ok {
+		e := d.lookup(id)
+		if e == nil {
 			d.mu.Unlock()
 			return nil, fmt.Errorf("old SA %s: %w", id, ErrNotFound)
 		}
@@ -723,7 +747,7 @@ func (d *SAD) Replace(old []sa.ID, news []sa.SA) ([]Record, error) {
 		added = append(added, e)
 	}
 	for _, id := range old {
-		d.byID[id.Key()].replaced = true
+		d.lookup(id).replaced = true
 	}
 	out := make([]Record, len(added))
 	for i, e := range added {
@@ -737,7 +761,8 @@ func (d *SAD) Replace(old []sa.ID, news []sa.SA) ([]Record, error) {
 // Delete removes the SA with this identity and frees its index.
 func (d *SAD) Delete(id sa.ID) (Record, error) {
 	d.mu.Lock()
-	e, ok := d.byID[id.Key()]
+	e := d.lookup(id)
+	ok := e != nil
 	var out Record
 	if ok {
 		d.delete(e)
@@ -770,7 +795,6 @@ func (d *SAD) DeleteName(name string) (Record, error) {
 
 func (d *SAD) delete(e *entry) {
 	d.unindex(e)
-	delete(d.byID, e.id().Key())
 	if e.p.name != "" {
 		delete(d.byName, e.p.name)
 	}
@@ -778,12 +802,14 @@ func (d *SAD) delete(e *entry) {
 		d.unlinkOut(e)
 		d.out--
 	} else {
+		delete(d.inSPI, e.p.spi)
 		d.in--
 	}
 	d.leave(e)
 	w := &d.workers[e.worker]
 	w.sas--
 	w.release(e.index)
+	d.release(&e.p)
 	e.deleted = true
 	d.dead++
 	d.record(e, OpDelete, e.worker, e.index)
@@ -807,7 +833,7 @@ func (d *SAD) compact() {
 func (d *SAD) Get(id sa.ID) (Record, bool) {
 	d.mu.RLock()
 	defer d.mu.RUnlock()
-	if e, ok := d.byID[id.Key()]; ok {
+	if e := d.lookup(id); e != nil {
 		return e.export(), true
 	}
 	return Record{}, false
@@ -819,7 +845,8 @@ func (d *SAD) Get(id sa.ID) (Record, bool) {
 func (d *SAD) Group(id sa.ID) []sa.ID {
 	d.mu.RLock()
 	defer d.mu.RUnlock()
-	e, ok := d.byID[id.Key()]
+	e := d.lookup(id)
+	ok := e != nil
 	if !ok {
 		return nil
 	}
@@ -853,7 +880,7 @@ func (d *SAD) Lookup(dir sa.Direction, spi uint32) (Record, error) {
 			return Record{}, fmt.Errorf("out 0x%08x: %w", spi, ErrAmbiguous)
 		}
 	} else {
-		e = d.byID[sa.ID{Dir: dir, SPI: spi}.Key()]
+		e = d.inSPI[spi]
 	}
 	if e == nil {
 		return Record{}, fmt.Errorf("%s 0x%08x: %w", dir, spi, ErrNotFound)
