@@ -22,16 +22,16 @@ type packed struct {
 	sh     *shared
 	// Outer peer, inner peer prefix, core.
 	peer, innerPeer, core [16]byte
-	spi, replay                              uint32
-	encapLocal, encapPeer                    uint16
-	portLocal, portPeer                      uint16
-	innerPeerBits uint8 // prefix length plus one (0: no prefix)
-	dir                           sa.Direction
-	mode                          sa.Mode
-	proposal                      esp.Proposal
-	proto, dscp                   uint8
-	flags                         uint8
-	fams                          uint16 // 2 bits per address: famNone, fam4, fam6
+	spi, replay           uint32
+	encapLocal, encapPeer uint16
+	portLocal, portPeer   uint16
+	innerPeerBits         uint8 // prefix length plus one (0: no prefix)
+	dir                   sa.Direction
+	mode                  sa.Mode
+	proposal              esp.Proposal
+	proto, dscp           uint8
+	flags                 uint8
+	fams                  uint16 // 2 bits per address: famNone, fam4, fam6
 }
 
 // shared holds the fields many SAs have in common; a SAD keeps one per

@@ -264,7 +264,7 @@ func (w *worker) release(i uint32) { w.free = append(w.free, i) }
 
 // SAD is the SA database.
 type SAD struct {
-	mu      sync.RWMutex
+	mu sync.RWMutex
 	// inSPI finds an inbound SA by SPI, outSPI the outbound SAs of one
 	// SPI (a chain through nextOut, told apart by peer): together the
 	// identity index, at 16 bytes of map slot per SA.
