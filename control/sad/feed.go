@@ -117,7 +117,7 @@ func (d *SAD) SetBinding(id sa.ID, b netip.AddrPort) (int, error) {
 	}
 	n := 0
 	nb := bindingOf(b)
-	for m := d.groups[e.group()].head; m != nil; m = m.nextPeer {
+	for m := d.groups.get(e.group()); m != nil; m = m.nextPeer {
 		if m.bind != nb {
 			m.bind = nb
 			d.record(m, OpBinding, m.worker, m.index)

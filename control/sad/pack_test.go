@@ -1,6 +1,7 @@
 package sad
 
 import (
+	"fmt"
 	"net/netip"
 	"reflect"
 	"testing"
@@ -115,5 +116,65 @@ func TestSharedInterned(t *testing.T) {
 	}
 	if len(d.shared) != 0 {
 		t.Fatalf("%d shared values left after every SA went", len(d.shared))
+	}
+}
+
+// Groups whose keys collide in the group index behave exactly as groups
+// that do not: a SAD whose every group hashes alike (all but one in the
+// overflow map) pairs, places, binds, moves and forgets SAs as a normal
+// one does.
+func TestGroupHashCollisions(t *testing.T) {
+	normal := newSAD(t, Options{Workers: 3})
+	collide := newSAD(t, Options{Workers: 3})
+	collide.groups.hash = func(GroupKey) uint64 { return 7 }
+	both := func(f func(d *SAD) error) {
+		t.Helper()
+		if e1, e2 := f(normal), f(collide); (e1 == nil) != (e2 == nil) {
+			t.Fatalf("normal: %v, colliding: %v", e1, e2)
+		}
+	}
+	for i := range 40 {
+		for _, dir := range []sa.Direction{sa.In, sa.Out} {
+			both(func(d *SAD) error { _, err := d.Add(phone(i, dir)); return err })
+		}
+	}
+	for i := 0; i < 40; i += 3 {
+		both(func(d *SAD) error { _, err := d.Delete(phone(i, sa.In).ID()); return err })
+	}
+	for i := 1; i < 40; i += 4 { // move an SA into another phone's group
+		s := phone(i, sa.In)
+		s.Pair = fmt.Sprintf("p%d", i%3)
+		both(func(d *SAD) error { _, err := d.Update(s); return err })
+	}
+	for i := 2; i < 40; i += 5 {
+		b := netip.MustParseAddrPort(fmt.Sprintf("203.0.113.%d:%d", i, 40000+i))
+		both(func(d *SAD) error { _, err := d.SetBinding(phone(i, sa.Out).ID(), b); return err })
+	}
+	if len(collide.groups.ovf) == 0 || len(collide.groups.byHash) != 1 {
+		t.Fatalf("collisions not exercised: %d in byHash, %d in ovf", len(collide.groups.byHash), len(collide.groups.ovf))
+	}
+	for i := range 40 {
+		for _, dir := range []sa.Direction{sa.In, sa.Out} {
+			id := phone(i, dir).ID()
+			r1, ok1 := normal.Get(id)
+			r2, ok2 := collide.Get(id)
+			r2.Created = r1.Created
+			if ok1 != ok2 || !reflect.DeepEqual(r1, r2) {
+				t.Fatalf("%v: normal %+v %v, colliding %+v %v", id, r1, ok1, r2, ok2)
+			}
+			g1, g2 := normal.Group(id), collide.Group(id)
+			if !reflect.DeepEqual(g1, g2) {
+				t.Fatalf("%v: group %v vs %v", id, g1, g2)
+			}
+		}
+	}
+	for i := range 40 {
+		for _, dir := range []sa.Direction{sa.In, sa.Out} {
+			normal.Delete(phone(i, dir).ID())
+			collide.Delete(phone(i, dir).ID())
+		}
+	}
+	if len(collide.groups.ovf)+len(collide.groups.byHash)+len(normal.groups.byHash) != 0 {
+		t.Fatalf("groups left after every SA went: %d %d", len(collide.groups.ovf), len(collide.groups.byHash))
 	}
 }

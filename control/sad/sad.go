@@ -230,12 +230,6 @@ func (e *entry) group() GroupKey {
 	return k
 }
 
-type group struct {
-	head   *entry
-	n      uint32
-	worker uint16
-}
-
 type worker struct {
 	sas  int
 	next uint32   // indexes below next have been handed out at least once
@@ -272,7 +266,7 @@ type SAD struct {
 	shared  map[sharedVal]*shared // interned packed.sh
 	byName  map[string]*entry
 	outSPI  map[uint32]*entry // head of the chain of outbound SAs with this SPI
-	groups  map[GroupKey]group
+	groups  groupIndex
 	order   []*entry // by seq; deleted entries linger until compaction
 	dead    int      // deleted entries in order
 	seq     uint64
@@ -308,7 +302,7 @@ func New(o Options) (*SAD, error) {
 		shared:  make(map[sharedVal]*shared),
 		byName:  make(map[string]*entry),
 		outSPI:  make(map[uint32]*entry),
-		groups:  make(map[GroupKey]group),
+		groups:  newGroupIndex(),
 		cores:   make(map[netip.Addr]int),
 		phones:  make(map[phoneKey]netip.Addr),
 		workers: make([]worker, o.Workers),
@@ -374,27 +368,28 @@ func (d *SAD) addChecked(s *sa.SA, now int64, replaces []sa.ID) (*entry, error) 
 		return nil, err
 	}
 	gk := GroupOf(s)
-	g, ok := d.groups[gk]
-	if !ok {
-		g.worker = d.place(s)
+	head := d.groups.get(gk)
+	var wk uint16
+	if head != nil {
+		wk = head.worker
+	} else {
+		wk = d.place(s)
 	}
-	w := &d.workers[g.worker]
+	w := &d.workers[wk]
 	d.seq++
 	e := &entry{
 		p: pack(s), seq: d.seq, created: now, bind: bindingOf(initialBinding(s)),
-		worker: g.worker, index: w.alloc(),
+		worker: wk, index: w.alloc(),
 	}
 	d.adopt(&e.p)
-	if ok && g.head != nil {
+	if head != nil {
 		// A group shares one NAT mapping: a late partner starts from
 		// what its group has learnt, not from the configured peer.
-		e.bind = g.head.bind
+		e.bind = head.bind
 	}
 	w.sas++
-	e.nextPeer = g.head
-	g.head = e
-	g.n++
-	d.groups[gk] = g
+	e.nextPeer = head
+	d.groups.set(gk, e)
 	if s.Name != "" {
 		d.byName[s.Name] = e
 	}
@@ -604,20 +599,18 @@ func (d *SAD) leastLoaded() uint16 {
 // leave takes e out of its group, dropping the group when it empties.
 func (d *SAD) leave(e *entry) {
 	gk := e.group()
-	g := d.groups[gk]
-	for p := &g.head; *p != nil; p = &(*p).nextPeer {
-		if *p == e {
-			*p = e.nextPeer
-			break
+	head := d.groups.get(gk)
+	if head == e {
+		d.groups.set(gk, e.nextPeer)
+	} else {
+		for p := head; p != nil; p = p.nextPeer {
+			if p.nextPeer == e {
+				p.nextPeer = e.nextPeer
+				break
+			}
 		}
 	}
 	e.nextPeer = nil
-	g.n--
-	if g.n == 0 {
-		delete(d.groups, gk)
-	} else {
-		d.groups[gk] = g
-	}
 }
 
 func (d *SAD) unlinkOut(e *entry) {
@@ -673,27 +666,7 @@ func (d *SAD) update(s *sa.SA) (*entry, error) {
 	prevWorker, prevIndex := e.worker, e.index
 	oldKey, newKey := e.group(), GroupOf(s)
 	if oldKey != newKey {
-		d.leave(e)
-		g, joined := d.groups[newKey]
-		if joined && g.worker != e.worker {
-			d.workers[e.worker].sas--
-			d.workers[e.worker].release(e.index)
-			e.worker = g.worker
-			e.index = d.workers[g.worker].alloc()
-			d.workers[g.worker].sas++
-		}
-		if !joined {
-			g.worker = e.worker
-		}
-		if g.head != nil {
-			e.bind = g.head.bind
-		} else {
-			e.bind = bindingOf(initialBinding(s))
-		}
-		e.nextPeer = g.head
-		g.head = e
-		g.n++
-		d.groups[newKey] = g
+		d.leave(e) // by its old key: before e.p changes
 	}
 	if e.p.name != s.Name {
 		if e.p.name != "" {
@@ -707,6 +680,23 @@ func (d *SAD) update(s *sa.SA) (*entry, error) {
 	e.p = pack(s)
 	d.adopt(&e.p)
 	d.release(&old)
+	if oldKey != newKey {
+		head := d.groups.get(newKey)
+		if head != nil && head.worker != e.worker {
+			d.workers[e.worker].sas--
+			d.workers[e.worker].release(e.index)
+			e.worker = head.worker
+			e.index = d.workers[head.worker].alloc()
+			d.workers[head.worker].sas++
+		}
+		if head != nil {
+			e.bind = head.bind
+		} else {
+			e.bind = bindingOf(initialBinding(s))
+		}
+		e.nextPeer = head
+		d.groups.set(newKey, e)
+	}
 	d.record(e, OpUpdate, prevWorker, prevIndex)
 	return e, nil
 }
@@ -851,7 +841,7 @@ func (d *SAD) Group(id sa.ID) []sa.ID {
 		return nil
 	}
 	var out []sa.ID
-	for p := d.groups[e.group()].head; p != nil; p = p.nextPeer {
+	for p := d.groups.get(e.group()); p != nil; p = p.nextPeer {
 		out = append(out, p.id())
 	}
 	return out
