@@ -9,6 +9,8 @@
 //
 //	xesp-api-sas 1 <count> <sha256 of the rest, hex>
 //
+// (a snapshot streamed by Store.CompactStream pads the count with spaces
+// to ten digits, so the header can be written after the body),
 // and the rest is a JSON array of SAs in the SA format (docs/sa-format.md)
 // with their keys inline. The checksum makes a torn or edited file an
 // error at start instead of a silently shorter SAD.
