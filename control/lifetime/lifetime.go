@@ -24,7 +24,6 @@
 package lifetime
 
 import (
-	"container/heap"
 	"context"
 	"errors"
 	"fmt"
@@ -405,7 +404,7 @@ func (e *Enforcer) checkDue(now time.Time) {
 		for {
 			e.page, cur = e.o.SAD.ListChanged(since, cur, 4096, e.page[:0])
 			for i := range e.page { // each SA once: no dueNow
-				heap.Push(&e.heap, dueItem{at: now.UnixNano(), ver: dueAny, key: e.page[i].ID.Key()})
+				e.heap.push(dueItem{at: now.UnixNano(), ver: dueAny, key: e.page[i].ID.Key()})
 			}
 			if cur == 0 {
 				break
@@ -415,7 +414,7 @@ func (e *Enforcer) checkDue(now time.Time) {
 		e.synced = true
 	}
 	for len(e.heap) > 0 && e.heap[0].at <= now.UnixNano() {
-		it := heap.Pop(&e.heap).(dueItem)
+		it := e.heap.pop()
 		id := it.key.ID()
 		ent, ok := e.o.SAD.Get(id)
 		if !ok {
@@ -433,7 +432,7 @@ func (e *Enforcer) checkDue(now time.Time) {
 			// Due again at once (idle, or not installed yet): next pass.
 			next = now.Add(time.Nanosecond)
 		}
-		heap.Push(&e.heap, dueItem{at: next.UnixNano(), ver: ent.Version, key: it.key})
+		e.heap.push(dueItem{at: next.UnixNano(), ver: ent.Version, key: it.key})
 	}
 	if cap(e.heap) > 1024 && len(e.heap) < cap(e.heap)/4 {
 		e.heap = append(dueHeap(nil), e.heap...) // give back what mass deletes freed
@@ -453,7 +452,7 @@ func (e *Enforcer) due(k sa.Key, now time.Time) {
 		return
 	}
 	e.dueNow[k] = struct{}{}
-	heap.Push(&e.heap, dueItem{at: now.UnixNano(), ver: dueAny, key: k})
+	e.heap.push(dueItem{at: now.UnixNano(), ver: dueAny, key: k})
 }
 
 // dueItem is one scheduled check.
@@ -463,18 +462,45 @@ type dueItem struct {
 	key sa.Key
 }
 
-// dueHeap is a min-heap of checks by time (container/heap).
+// dueHeap is a min-heap of checks by time, typed (container/heap's
+// interface would box every item pushed or popped: an allocation each).
 type dueHeap []dueItem
 
-func (h dueHeap) Len() int           { return len(h) }
-func (h dueHeap) Less(i, j int) bool { return h[i].at < h[j].at }
-func (h dueHeap) Swap(i, j int)      { h[i], h[j] = h[j], h[i] }
-func (h *dueHeap) Push(x any)        { *h = append(*h, x.(dueItem)) }
-func (h *dueHeap) Pop() any {
-	old := *h
-	it := old[len(old)-1]
-	*h = old[:len(old)-1]
-	return it
+func (h *dueHeap) push(it dueItem) {
+	*h = append(*h, it)
+	q := *h
+	for i := len(q) - 1; i > 0; {
+		p := (i - 1) / 2
+		if q[p].at <= q[i].at {
+			break
+		}
+		q[p], q[i] = q[i], q[p]
+		i = p
+	}
+}
+
+func (h *dueHeap) pop() dueItem {
+	q := *h
+	top := q[0]
+	n := len(q) - 1
+	q[0] = q[n]
+	q = q[:n]
+	for i := 0; ; {
+		l, m := 2*i+1, i
+		if l < n && q[l].at < q[m].at {
+			m = l
+		}
+		if r := l + 1; r < n && q[r].at < q[m].at {
+			m = r
+		}
+		if m == i {
+			break
+		}
+		q[i], q[m] = q[m], q[i]
+		i = m
+	}
+	*h = q
+	return top
 }
 
 // checkIdle raises an Idle event for an inbound SA whose phone was last
