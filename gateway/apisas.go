@@ -253,8 +253,8 @@ func (p *apiSAs) flush(version uint64) error {
 	}
 	p.saved = max(p.saved, v)
 	if p.store.NeedCompact() || p.scrubDue() {
-		// The changes are durable already; a failed compaction leaves
-		// the journal to grow and is tried again at the next flush.
+		// The changes are durable already; after a failed compaction
+		// the files are as they were and the next flush rewrites them.
 		if err := p.compact(etcd, false); err != nil && p.g.log != nil {
 			p.g.log.Warn("API SA store: compaction failed; the journal keeps the SAs (and deleted SAs' keys)", "err", err)
 		}

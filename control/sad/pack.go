@@ -137,7 +137,7 @@ func pack(s *sa.SA) packed {
 		p.flags |= flagEncap
 		p.encapLocal, p.encapPeer = s.Encap.LocalPort, s.Encap.PeerPort
 	}
-	if s.Pair != "" || len(s.AuthKey) > 0 || s.Lifetime != (sa.Lifetime{}) || s.IdleTimeout != 0 {
+	if s.Pair != "" || s.AuthKey != nil || s.Lifetime != (sa.Lifetime{}) || s.IdleTimeout != 0 {
 		p.x = &rare{pair: s.Pair, authKey: s.AuthKey, lifetime: s.Lifetime, idle: s.IdleTimeout}
 	}
 	return p
