@@ -8,7 +8,7 @@ import (
 )
 
 // packed is an SA as the SAD stores it: 128 bytes instead of sa.SA's
-// 328, with three pointers instead of nine (the garbage collector marks
+// 328, with five pointers instead of ten (the garbage collector marks
 // every entry's pointers on every cycle). Addresses are 16 bytes and a
 // family each (netip.Addr is 24 with a pointer); the outer local address
 // and the inner local prefix, which most SAs share (the gateway's
@@ -20,10 +20,13 @@ type packed struct {
 	encKey sa.Secret // shared with the SA given to Add and the Records handed out
 	x      *rare
 	sh     *shared
+	// encap is the SA's own (immutable) Encap, or one shared copy of the
+	// usual 4500/4500: Records handed out point at it, so a Get
+	// allocates nothing (the slow path looks SAs up per packet).
+	encap *sa.Encap
 	// Outer peer, inner peer prefix, core.
 	peer, innerPeer, core [16]byte
 	spi, replay           uint32
-	encapLocal, encapPeer uint16
 	portLocal, portPeer   uint16
 	innerPeerBits         uint8 // prefix length plus one (0: no prefix)
 	dir                   sa.Direction
@@ -58,8 +61,10 @@ type rare struct {
 const (
 	flagESN = 1 << iota
 	flagDSCP
-	flagEncap
 )
+
+// encapDefault is the Encap most SAs have (RFC 3948's port both ways).
+var encapDefault = &sa.Encap{LocalPort: 4500, PeerPort: 4500}
 
 const (
 	famNone = iota
@@ -133,9 +138,8 @@ func pack(s *sa.SA) packed {
 	if s.HasDSCP {
 		p.flags |= flagDSCP
 	}
-	if s.Encap != nil {
-		p.flags |= flagEncap
-		p.encapLocal, p.encapPeer = s.Encap.LocalPort, s.Encap.PeerPort
+	if p.encap = s.Encap; p.encap != nil && *p.encap == *encapDefault {
+		p.encap = encapDefault
 	}
 	if s.Pair != "" || s.AuthKey != nil || s.Lifetime != (sa.Lifetime{}) || s.IdleTimeout != 0 {
 		p.x = &rare{pair: s.Pair, authKey: s.AuthKey, lifetime: s.Lifetime, idle: s.IdleTimeout}
@@ -160,9 +164,7 @@ func (p *packed) unpack() sa.SA {
 	if p.innerPeerBits != 0 {
 		s.InnerPeer = netip.PrefixFrom(unpackAddr(p.innerPeer, p.fam(slotInnerPeer)), int(p.innerPeerBits)-1)
 	}
-	if p.flags&flagEncap != 0 {
-		s.Encap = &sa.Encap{LocalPort: p.encapLocal, PeerPort: p.encapPeer}
-	}
+	s.Encap = p.encap
 	if x := p.x; x != nil {
 		s.Pair, s.AuthKey, s.Lifetime, s.IdleTimeout = x.pair, x.authKey, x.lifetime, x.idle
 	}
@@ -179,8 +181,8 @@ func (p *packed) id() sa.ID {
 }
 
 func (p *packed) peerPort() uint16 {
-	if p.flags&flagEncap != 0 {
-		return p.encapPeer
+	if p.encap != nil {
+		return p.encap.PeerPort
 	}
 	return 0
 }
