@@ -1,9 +1,9 @@
 package gateway
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
+	"hash/maphash"
 	"path/filepath"
 	"reflect"
 	"sync"
@@ -28,27 +28,68 @@ const apiSAsFile = "api-sas"
 // The store is a snapshot plus a journal (sastore.Store): a flush appends
 // a record per SA that changed since the last flush, found through the
 // SAD's change feed, so an API call costs the same with ten SAs or a
-// million. Only when the feed has dropped changes does a flush list the
-// whole SAD.
+// million. In memory it keeps no SA's encoding, only which SAs the store
+// holds and a 63-bit fingerprint of each one's entry (held: 32 bytes of
+// map slot per SA, no pointers), enough to tell a change that alters the
+// entry from one that does not (a binding, a state), and an SA that needs
+// a delete record from one the store never held.
+//
+// When the feed has dropped changes (a bulk add of more SAs than it
+// holds) a flush lists the SAD but encodes only the SAs whose SAD version
+// is newer than the store's (plus a delete for each held SA that is
+// gone), so a burst of overruns does not re-encode the whole SAD each
+// time; when most of the SAD changed, it writes a new snapshot of it
+// instead (rewrite), which is what the journal would soon compact to.
 type apiSAs struct {
-	g      *Gateway
-	path   string
-	config map[sa.ID]*sa.SA
+	g    *Gateway
+	path string
+	// config finds a config-file SA by identity: its index in
+	// g.Config.SAList.
+	config map[sa.Key]int32
 
 	mu    sync.Mutex
 	store *sastore.Store
-	saved uint64           // the SAD version the store reflects
-	enc   map[sa.ID][]byte // each kept SA's entry as the store holds it
-	chg   []sad.Change
-	buf   []sad.Record
-	recs  []byte
-	etcd  *etcdsrc.Source // its SAs live in etcd, not here
+	saved uint64 // the SAD version the store reflects
+	// held is, per SA the store holds, the fingerprint of its entry
+	// (fingerprint) in the low 63 bits and the mark of the last sweep
+	// that saw it in the top bit (see mark).
+	held map[sa.Key]uint64
+	// mark is the top bit the current sweep sets on what it sees: a
+	// sweep flips it, marks every SA it lists, and what is left with the
+	// old mark is gone from the SAD.
+	mark uint64
+	// rewrite: held may not match the files (a failed compaction left it
+	// half updated): the next flush writes a new snapshot from the SAD.
+	rewrite bool
+	seed    maphash.Seed
+	chg     []sad.Change
+	buf     []sad.Record
+	recs    []byte    // records of the append being built
+	pend    []pending // their effect on held, applied once they are durable
+	enc     []byte
+	encodes int             // entries encoded so far (tests)
+	etcd    *etcdsrc.Source // its SAs live in etcd, not here
 	// stale: a delete or a replacement left an SA's old keys in the
 	// snapshot or the journal; the next compaction removes them (see
 	// scrub). lastCompact is when the last one ran.
 	stale       bool
 	lastCompact time.Time
 }
+
+// pending is one record's effect on held: the SA's new fingerprint, or
+// its removal.
+type pending struct {
+	k   sa.Key
+	fp  uint64
+	del bool
+}
+
+const (
+	markBit = 1 << 63
+	// appendChunk bounds the records one append carries: a bulk change
+	// is written in pieces of this size, not built whole in memory.
+	appendChunk = 4 << 20
+)
 
 // Deleted keys leave the disk: an SA deleted or replaced (a rekey, an
 // API PUT, a sec-agree delete) still has its old keys in the snapshot
@@ -77,12 +118,27 @@ func (p *apiSAs) setEtcd(src *etcdsrc.Source) {
 }
 
 func newAPISAs(g *Gateway) *apiSAs {
-	p := &apiSAs{g: g, path: filepath.Join(g.Config.StateDir, apiSAsFile), config: make(map[sa.ID]*sa.SA, len(g.Config.SAList)), enc: map[sa.ID][]byte{}}
+	p := &apiSAs{g: g, path: filepath.Join(g.Config.StateDir, apiSAsFile), config: make(map[sa.Key]int32, len(g.Config.SAList)),
+		held: map[sa.Key]uint64{}, seed: maphash.MakeSeed()}
 	for i := range g.Config.SAList {
-		s := &g.Config.SAList[i]
-		p.config[s.ID()] = s
+		p.config[g.Config.SAList[i].ID().Key()] = int32(i)
 	}
 	return p
+}
+
+// fingerprint is what held keeps of an entry: 63 bits of a keyed hash,
+// so two different entries of one SA collide with probability 2^-63.
+func (p *apiSAs) fingerprint(entry []byte) uint64 {
+	return maphash.Bytes(p.seed, entry) &^ markBit
+}
+
+// hold records the SAs the store holds as it was opened.
+func (p *apiSAs) hold(sas []sa.SA) {
+	for i := range sas {
+		p.enc = sastore.AppendSA(p.enc[:0], &sas[i])
+		p.encodes++
+		p.held[sas[i].ID().Key()] = p.fingerprint(p.enc) | p.mark
+	}
 }
 
 // restore loads the store into the SAD, after the config's SAs and before
@@ -98,7 +154,6 @@ func (p *apiSAs) restore() (int, error) {
 			"file", p.path+sastore.JournalSuffix, "offset", res.TornAt, "bytes", res.TornBytes)
 	}
 	sas := res.SAs
-	enc := make(map[sa.ID][]byte, len(sas))
 	for i := range sas {
 		s := sas[i]
 		if _, err := p.g.SAD.Add(s); err != nil {
@@ -111,15 +166,10 @@ func (p *apiSAs) restore() (int, error) {
 				return 0, fmt.Errorf("state_dir: API SA file %s: %s: %w", p.path, s.ID(), err)
 			}
 		}
-		b, err := sastore.EncodeSA(&s)
-		if err != nil {
-			st.Close()
-			return 0, err
-		}
-		enc[s.ID()] = b
 	}
 	p.mu.Lock()
-	p.store, p.enc = st, enc
+	p.store = st
+	p.hold(sas)
 	p.mu.Unlock()
 	return len(sas), nil
 }
@@ -139,7 +189,7 @@ func (p *apiSAs) keep(e *sad.Record, etcd map[sa.ID]bool) bool {
 	if etcd[e.ID] {
 		return false
 	}
-	if c := p.config[e.ID]; c != nil && reflect.DeepEqual(*c, e.SA) {
+	if i, ok := p.config[e.ID.Key()]; ok && reflect.DeepEqual(p.g.Config.SAList[i], e.SA) {
 		return false
 	}
 	return true
@@ -151,7 +201,7 @@ func (p *apiSAs) keep(e *sad.Record, etcd map[sa.ID]bool) bool {
 func (p *apiSAs) flush(version uint64) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.saved >= version && (p.store == nil || !p.scrubDue()) {
+	if p.saved >= version && (p.store == nil || !p.scrubDue()) && !p.rewrite {
 		return nil
 	}
 	if p.store == nil {
@@ -161,117 +211,189 @@ func (p *apiSAs) flush(version uint64) error {
 			return fmt.Errorf("state_dir: %w", err)
 		}
 		p.store = st
-		for i := range res.SAs {
-			b, err := sastore.EncodeSA(&res.SAs[i])
-			if err != nil {
-				return err
-			}
-			p.enc[res.SAs[i].ID()] = b
-		}
+		p.hold(res.SAs)
 	}
 	var etcd map[sa.ID]bool
 	if p.etcd != nil {
 		etcd = p.etcd.OwnedIDs()
 	}
-	p.recs = p.recs[:0]
-	next := map[sa.ID][]byte{} // entries this flush changes (nil: delete)
+	p.recs, p.pend = p.recs[:0], p.pend[:0]
+	if p.rewrite {
+		return p.compact(etcd, true)
+	}
 	chg, v, err := p.g.SAD.Changes(p.saved, p.chg[:0])
 	p.chg = chg
 	if err == nil {
-		seen := make(map[sa.ID]bool, len(chg))
+		seen := make(map[sa.Key]struct{}, len(chg))
 		for i := range chg {
-			id := chg[i].ID
-			if seen[id] {
+			k := chg[i].ID.Key()
+			if _, dup := seen[k]; dup {
 				continue
 			}
-			seen[id] = true
-			e, ok := p.g.SAD.Get(id)
-			if err := p.diff(id, &e, ok, etcd, next); err != nil {
+			seen[k] = struct{}{}
+			e, ok := p.g.SAD.Get(chg[i].ID)
+			if err := p.diff(k, &e, ok, etcd); err != nil {
 				return err
 			}
 		}
+		clear(p.chg)
 	} else {
-		// The feed dropped changes this store has not seen: compare the
-		// whole SAD. Read the version before listing: a change made while
-		// listing is then written by the next flush (again), never skipped.
-		v = p.g.SAD.Version()
-		present := make(map[sa.ID]bool, len(p.enc))
-		var cur uint64
-		for {
-			p.buf, cur = p.g.SAD.List(cur, 4096, p.buf[:0])
-			for i := range p.buf {
-				e := &p.buf[i]
-				present[e.ID] = true
-				if err := p.diff(e.ID, e, true, etcd, next); err != nil {
-					return err
-				}
-			}
-			if cur == 0 {
-				break
-			}
+		// The feed dropped changes this store has not seen. When most
+		// of the SAD is new to the store, a new snapshot is cheaper than
+		// records the journal would soon be compacted from.
+		if changed := p.g.SAD.ChangedSince(p.saved); changed > 1024 && changed >= len(p.held) {
+			return p.compact(etcd, true)
 		}
-		clear(p.buf) // do not keep key slices of deleted SAs alive
-		for id := range p.enc {
-			if !present[id] {
-				if err := p.diff(id, nil, false, etcd, next); err != nil {
-					return err
-				}
-			}
+		if v, err = p.resync(etcd); err != nil {
+			return err
 		}
 	}
-	clear(p.chg)
-	if err := p.store.Append(p.recs); err != nil {
+	if err := p.commit(); err != nil {
 		return err
-	}
-	for id, b := range next {
-		if _, had := p.enc[id]; had {
-			p.stale = true // the old entry's keys are still on disk
-		}
-		if b == nil {
-			delete(p.enc, id)
-		} else {
-			p.enc[id] = b
-		}
 	}
 	p.saved = max(p.saved, v)
 	if p.store.NeedCompact() || p.scrubDue() {
-		// The changes are durable already; a failed compaction leaves
-		// the journal to grow and is tried again at the next flush.
-		entries := make([][]byte, 0, len(p.enc))
-		for _, b := range p.enc {
-			entries = append(entries, b)
-		}
-		p.lastCompact = time.Now()
-		if err := p.store.Compact(entries); err != nil {
-			if p.g.log != nil {
-				p.g.log.Warn("API SA store: compaction failed; the journal keeps the SAs (and deleted SAs' keys)", "err", err)
-			}
-		} else {
-			p.stale = false
+		// The changes are durable already; after a failed compaction
+		// the files are as they were and the next flush rewrites them.
+		if err := p.compact(etcd, false); err != nil && p.g.log != nil {
+			p.g.log.Warn("API SA store: compaction failed; the journal keeps the SAs (and deleted SAs' keys)", "err", err)
 		}
 	}
 	return nil
 }
 
-// diff appends the record (if any) that brings the store's entry for id
-// to the SAD's entry e (ok: e exists), and notes it in next.
-func (p *apiSAs) diff(id sa.ID, e *sad.Record, ok bool, etcd map[sa.ID]bool, next map[sa.ID][]byte) error {
-	old, had := p.enc[id]
-	if ok && p.keep(e, etcd) {
-		b, err := sastore.EncodeSA(&e.SA)
-		if err != nil {
-			return err
+// resync brings the store to the SAD from a listing: the SAs changed
+// since the version the store reflects are compared, a delete is written
+// for each held SA the listing lacks. It returns the version the store
+// then reflects. The version is read before listing: a change made while
+// listing is then written by the next flush (again), never skipped.
+func (p *apiSAs) resync(etcd map[sa.ID]bool) (uint64, error) {
+	v := p.g.SAD.Version()
+	p.mark ^= markBit
+	var cur uint64
+	for {
+		p.buf, cur = p.g.SAD.List(cur, 4096, p.buf[:0])
+		for i := range p.buf {
+			e := &p.buf[i]
+			k := e.ID.Key()
+			if f, had := p.held[k]; had {
+				p.held[k] = f&^markBit | p.mark
+			}
+			if e.Version <= p.saved {
+				continue // the store holds it as it is, or rightly lacks it
+			}
+			if err := p.diff(k, e, true, etcd); err != nil {
+				clear(p.buf)
+				return 0, err
+			}
 		}
-		if had && bytes.Equal(b, old) {
+		if cur == 0 {
+			break
+		}
+	}
+	clear(p.buf) // do not keep key slices of deleted SAs alive
+	for k, f := range p.held {
+		if f&markBit != p.mark {
+			if err := p.diff(k, nil, false, etcd); err != nil {
+				return 0, err
+			}
+		}
+	}
+	return v, nil
+}
+
+// diff appends the record (if any) that brings the store's entry for k
+// to the SAD's entry e (ok: e exists). Records are appended in chunks.
+func (p *apiSAs) diff(k sa.Key, e *sad.Record, ok bool, etcd map[sa.ID]bool) error {
+	old, had := p.held[k]
+	if ok && p.keep(e, etcd) {
+		p.enc = sastore.AppendSA(p.enc[:0], &e.SA)
+		p.encodes++
+		f := p.fingerprint(p.enc)
+		if had && old&^markBit == f {
 			return nil
 		}
-		p.recs = sastore.AppendPut(p.recs, b)
-		next[id] = b
-		return nil
+		p.recs = sastore.AppendPut(p.recs, p.enc)
+		p.pend = append(p.pend, pending{k: k, fp: f})
+	} else if had {
+		p.recs = sastore.AppendDelete(p.recs, k.ID())
+		p.pend = append(p.pend, pending{k: k, del: true})
 	}
-	if had {
-		p.recs = sastore.AppendDelete(p.recs, id)
-		next[id] = nil
+	if len(p.recs) >= appendChunk {
+		return p.commit()
+	}
+	return nil
+}
+
+// commit appends the records built so far and, once they are durable,
+// applies them to held.
+func (p *apiSAs) commit() error {
+	if err := p.store.Append(p.recs); err != nil {
+		p.recs, p.pend = p.recs[:0], p.pend[:0]
+		return err
+	}
+	for _, c := range p.pend {
+		if _, had := p.held[c.k]; had {
+			p.stale = true // the old entry's keys are still on disk
+		}
+		if c.del {
+			delete(p.held, c.k)
+		} else {
+			p.held[c.k] = c.fp | p.mark
+		}
+	}
+	if cap(p.recs) > appendChunk*2 {
+		p.recs = nil // a bulk change's buffer is not kept for the next API call
+	}
+	p.recs, p.pend = p.recs[:0], p.pend[:0]
+	return nil
+}
+
+// compact writes a new snapshot, streamed from a listing of the SAD, and
+// empties the journal. all: of every SA the store should hold (a rewrite:
+// held is rebuilt, and the store then reflects the version read before
+// listing); otherwise of the SAs held (a compaction: the set does not
+// change, their entries may be newer than the journal's, which the next
+// flush then finds equal). SAs held but gone from the SAD are left out
+// and forgotten either way. On a failure the files are as they were but
+// held may not be: the next flush rewrites.
+func (p *apiSAs) compact(etcd map[sa.ID]bool, all bool) error {
+	v := p.g.SAD.Version()
+	p.mark ^= markBit
+	p.rewrite = true
+	p.lastCompact = time.Now()
+	err := p.store.CompactStream(func(put func([]byte)) error {
+		var cur uint64
+		for {
+			p.buf, cur = p.g.SAD.List(cur, 4096, p.buf[:0])
+			for i := range p.buf {
+				e := &p.buf[i]
+				k := e.ID.Key()
+				if _, had := p.held[k]; all && !p.keep(e, etcd) || !all && !had {
+					continue
+				}
+				p.enc = sastore.AppendSA(p.enc[:0], &e.SA)
+				p.encodes++
+				put(p.enc)
+				p.held[k] = p.fingerprint(p.enc) | p.mark
+			}
+			if cur == 0 {
+				return nil
+			}
+		}
+	})
+	clear(p.buf)
+	if err != nil {
+		return err
+	}
+	for k, f := range p.held {
+		if f&markBit != p.mark {
+			delete(p.held, k)
+		}
+	}
+	p.rewrite, p.stale = false, false
+	if all {
+		p.saved = max(p.saved, v)
 	}
 	return nil
 }

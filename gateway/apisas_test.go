@@ -2,9 +2,13 @@ package gateway
 
 import (
 	"context"
+	"encoding/hex"
+	"fmt"
 	"log/slog"
+	"net/netip"
 	"path/filepath"
 	"reflect"
+	"sort"
 	"testing"
 	"time"
 
@@ -150,4 +154,142 @@ func BenchmarkAPISAsFlush100k(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
+}
+
+// When the SAD's change feed overruns (a bulk add of more SAs than it
+// keeps), a flush still leaves the store equal to the SAD's API SAs: a
+// bulk add into an empty store is written as one snapshot; a later
+// overrun with few changes encodes only the changed SAs (not the whole
+// SAD again), writes a delete for each SA gone, and the deleted keys
+// leave the disk.
+func TestAPISAsFeedOverrun(t *testing.T) {
+	base, err := sa.ParseBytes([]byte(pairYAML(1, 0x1001, 0x2001, keyIn, keyOut, "")), sa.YAML, sa.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := sad.New(sad.Options{Workers: 2, LogSize: 64})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mk := func(i int) sa.SA {
+		s := base[0]
+		s.Name = ""
+		s.SPI = uint32(0x100000 + i)
+		s.Pair = fmt.Sprintf("g%d", i) // one binding each
+		s.EncKey = append(sa.Secret(nil), s.EncKey...)
+		s.EncKey[0] = byte(i)
+		s.EncKey[1] = byte(i >> 8)
+		return s
+	}
+	const n = 3000
+	var bulk []sa.SA
+	for i := range n {
+		bulk = append(bulk, mk(i))
+	}
+	if err := d.AddAll(bulk); err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	path := filepath.Join(dir, apiSAsFile)
+	p := newAPISAs(&Gateway{Config: &config.Config{StateDir: dir}, SAD: d})
+	check := func(what string) {
+		t.Helper()
+		got, err := sastore.Load(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var want []sa.SA
+		var cur uint64
+		for {
+			var page []sad.Record
+			page, cur = d.List(cur, 1000, nil)
+			for _, r := range page {
+				want = append(want, r.SA)
+			}
+			if cur == 0 {
+				break
+			}
+		}
+		sortSAs(got)
+		sortSAs(want)
+		if !reflect.DeepEqual(got, want) {
+			t.Fatalf("%s: the store holds %d SAs, the SAD %d (or they differ)", what, len(got), len(want))
+		}
+		if len(p.held) != len(want) {
+			t.Fatalf("%s: %d SAs held, %d in the SAD", what, len(p.held), len(want))
+		}
+	}
+	if err := p.flush(d.Version()); err != nil {
+		t.Fatal(err)
+	}
+	check("bulk add")
+	if p.encodes != n || p.store.JournalSize() > 100 {
+		t.Fatalf("bulk add: %d entries encoded for %d SAs, journal %d bytes: want one snapshot write", p.encodes, n, p.store.JournalSize())
+	}
+
+	// An overrun of binding changes and a few adds: only those encoded,
+	// only the adds written.
+	for i := range 200 {
+		if _, err := d.SetBinding(bulk[i].ID(), netip.MustParseAddrPort(fmt.Sprintf("198.51.100.%d:%d", i%250+1, 1000+i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := n; i < n+100; i++ {
+		if _, err := d.Add(mk(i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	before, j0 := p.encodes, p.store.JournalSize()
+	if err := p.flush(d.Version()); err != nil {
+		t.Fatal(err)
+	}
+	check("bindings and adds")
+	if got := p.encodes - before; got != 300 {
+		t.Fatalf("overrun with 300 SAs changed: %d encoded", got)
+	}
+	if p.stale || p.store.JournalSize()-j0 > 100*400 {
+		t.Fatalf("bindings rewritten: journal grew by %d bytes, stale %v", p.store.JournalSize()-j0, p.stale)
+	}
+
+	// An overrun with deletes and key changes: deletes written, the old
+	// keys gone from the disk.
+	for i := 0; i < 150; i++ {
+		if _, err := d.Delete(bulk[i].ID()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	changed := mk(500)
+	changed.EncKey = append(sa.Secret(nil), changed.EncKey...)
+	changed.EncKey[5] ^= 0xff
+	if _, err := d.Update(changed); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.flush(d.Version()); err != nil {
+		t.Fatal(err)
+	}
+	check("deletes")
+	for _, s := range []sa.SA{bulk[0], bulk[149], bulk[500]} {
+		if f := filesHolding(t, dir, hex.EncodeToString(s.EncKey)); len(f) > 0 {
+			t.Fatalf("old key of %s still in %v", s.Label(), f)
+		}
+	}
+	if len(filesHolding(t, dir, hex.EncodeToString(changed.EncKey))) == 0 {
+		t.Fatal("the updated key is not stored")
+	}
+	p.close()
+
+	// The next start loads what was flushed.
+	d2, err := sad.New(sad.Options{Workers: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p2 := newAPISAs(&Gateway{Config: &config.Config{StateDir: dir}, SAD: d2})
+	if got, err := p2.restore(); err != nil || got != n+100-150 {
+		t.Fatalf("restore: %d SAs, %v", got, err)
+	}
+	p2.close()
+}
+
+func sortSAs(sas []sa.SA) {
+	sort.Slice(sas, func(i, j int) bool { return sas[i].SPI < sas[j].SPI })
 }

@@ -24,7 +24,6 @@
 package lifetime
 
 import (
-	"container/heap"
 	"context"
 	"errors"
 	"fmt"
@@ -186,14 +185,17 @@ type Enforcer struct {
 	idleN   atomic.Int64 // SAs idle now (a gauge)
 	started time.Time    // last-seen stamps live in memory: none before this
 
-	// Scheduled mode (rate bounds set): when each SA is next checked,
-	// a heap of those moments (stale items skipped: their time is not
-	// next[id] any more), the feed version read, and the SAs checked.
-	next    map[sa.ID]int64 // Unix ns
+	// Scheduled mode (rate bounds set): a heap of the moments SAs are
+	// next checked, each stamped with the SA's SAD version when it was
+	// scheduled. Any change to an SA comes through the feed and makes it
+	// due at once, so an item whose stamp is not the SA's version any
+	// more is stale and skipped: no per-SA map beside the heap (40
+	// bytes per SA, no pointers). ver is the feed version read.
 	heap    dueHeap
 	ver     uint64
 	synced  bool
 	chg     []sad.Change
+	dueNow  map[sa.Key]struct{} // this pass's changed SAs, made due once each
 	checked atomic.Uint64
 }
 
@@ -374,9 +376,7 @@ func (e *Enforcer) Checked() uint64 { return e.checked.Load() }
 // pass (all of them on the first pass, or when the feed dropped changes),
 // then those whose next check is due.
 func (e *Enforcer) checkDue(now time.Time) {
-	if e.next == nil {
-		e.next = make(map[sa.ID]int64)
-	}
+	clear(e.dueNow)
 	var err error
 	if e.synced {
 		var v uint64
@@ -384,43 +384,45 @@ func (e *Enforcer) checkDue(now time.Time) {
 		if err == nil {
 			e.ver = v
 			for i := range e.chg {
-				e.due(e.chg[i].ID, now)
+				e.due(e.chg[i].ID.Key(), now)
 			}
 		}
 	}
 	if !e.synced || err != nil {
 		// Read the version before listing: changes made meanwhile are
-		// replayed next pass, which a check makes harmless. Only SAs
-		// new to the schedule or changed since the version read last
-		// become due: a bulk add that overflows the feed every pass
-		// must not make every SA due every pass.
+		// replayed next pass, which a check makes harmless. Only the SAs
+		// changed since the version read last become due (all of them
+		// on the first pass): the others are scheduled already, and a
+		// bulk add that overflows the feed every pass must not make
+		// every SA due every pass.
 		since := e.ver
+		if !e.synced {
+			since = 0
+		}
 		e.ver = e.o.SAD.Version()
 		var cur uint64
 		for {
-			e.page, cur = e.o.SAD.List(cur, 4096, e.page[:0])
-			for i := range e.page {
-				if _, known := e.next[e.page[i].ID]; known && e.synced && e.page[i].Version <= since {
-					continue
-				}
-				e.due(e.page[i].ID, now)
+			e.page, cur = e.o.SAD.ListChanged(since, cur, 4096, e.page[:0])
+			for i := range e.page { // each SA once: no dueNow
+				e.heap.push(dueItem{at: now.UnixNano(), ver: dueAny, key: e.page[i].ID.Key()})
 			}
 			if cur == 0 {
 				break
 			}
 		}
+		clear(e.page) // no key slices of deleted SAs kept alive
 		e.synced = true
 	}
 	for len(e.heap) > 0 && e.heap[0].at <= now.UnixNano() {
-		it := heap.Pop(&e.heap).(dueItem)
-		if at, ok := e.next[it.id]; !ok || at != it.at {
-			continue // rescheduled or gone since
-		}
-		delete(e.next, it.id)
-		ent, ok := e.o.SAD.Get(it.id)
+		it := e.heap.pop()
+		id := it.key.ID()
+		ent, ok := e.o.SAD.Get(id)
 		if !ok {
-			e.unidle(it.id)
+			e.unidle(id)
 			continue
+		}
+		if it.ver != dueAny && it.ver != ent.Version {
+			continue // changed since: the change made it due with a new item
 		}
 		next := e.checkNext(&ent, now)
 		if next.IsZero() {
@@ -430,41 +432,75 @@ func (e *Enforcer) checkDue(now time.Time) {
 			// Due again at once (idle, or not installed yet): next pass.
 			next = now.Add(time.Nanosecond)
 		}
-		e.schedule(it.id, next)
+		e.heap.push(dueItem{at: next.UnixNano(), ver: ent.Version, key: it.key})
+	}
+	if cap(e.heap) > 1024 && len(e.heap) < cap(e.heap)/4 {
+		e.heap = append(dueHeap(nil), e.heap...) // give back what mass deletes freed
 	}
 }
 
-// due makes id due now unless it already is.
-func (e *Enforcer) due(id sa.ID, now time.Time) {
-	if at, ok := e.next[id]; ok && at <= now.UnixNano() {
+// dueAny stamps an item made due by a change: checked whatever the SA's
+// version by then.
+const dueAny = 0
+
+// due makes k due now, once per pass.
+func (e *Enforcer) due(k sa.Key, now time.Time) {
+	if e.dueNow == nil {
+		e.dueNow = make(map[sa.Key]struct{})
+	}
+	if _, ok := e.dueNow[k]; ok {
 		return
 	}
-	e.schedule(id, now)
-}
-
-func (e *Enforcer) schedule(id sa.ID, at time.Time) {
-	e.next[id] = at.UnixNano()
-	heap.Push(&e.heap, dueItem{at.UnixNano(), id})
+	e.dueNow[k] = struct{}{}
+	e.heap.push(dueItem{at: now.UnixNano(), ver: dueAny, key: k})
 }
 
 // dueItem is one scheduled check.
 type dueItem struct {
-	at int64 // Unix ns: 16 bytes less per SA than a time.Time
-	id sa.ID
+	at  int64  // Unix ns: 16 bytes less per SA than a time.Time
+	ver uint64 // the SA's SAD version when scheduled, or dueAny
+	key sa.Key
 }
 
-// dueHeap is a min-heap of checks by time (container/heap).
+// dueHeap is a min-heap of checks by time, typed (container/heap's
+// interface would box every item pushed or popped: an allocation each).
 type dueHeap []dueItem
 
-func (h dueHeap) Len() int           { return len(h) }
-func (h dueHeap) Less(i, j int) bool { return h[i].at < h[j].at }
-func (h dueHeap) Swap(i, j int)      { h[i], h[j] = h[j], h[i] }
-func (h *dueHeap) Push(x any)        { *h = append(*h, x.(dueItem)) }
-func (h *dueHeap) Pop() any {
-	old := *h
-	it := old[len(old)-1]
-	*h = old[:len(old)-1]
-	return it
+func (h *dueHeap) push(it dueItem) {
+	*h = append(*h, it)
+	q := *h
+	for i := len(q) - 1; i > 0; {
+		p := (i - 1) / 2
+		if q[p].at <= q[i].at {
+			break
+		}
+		q[p], q[i] = q[i], q[p]
+		i = p
+	}
+}
+
+func (h *dueHeap) pop() dueItem {
+	q := *h
+	top := q[0]
+	n := len(q) - 1
+	q[0] = q[n]
+	q = q[:n]
+	for i := 0; ; {
+		l, m := 2*i+1, i
+		if l < n && q[l].at < q[m].at {
+			m = l
+		}
+		if r := l + 1; r < n && q[r].at < q[m].at {
+			m = r
+		}
+		if m == i {
+			break
+		}
+		q[i], q[m] = q[m], q[i]
+		i = m
+	}
+	*h = q
+	return top
 }
 
 // checkIdle raises an Idle event for an inbound SA whose phone was last

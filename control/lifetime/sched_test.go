@@ -2,6 +2,7 @@ package lifetime
 
 import (
 	"fmt"
+	"math/rand/v2"
 	"net/netip"
 	"testing"
 	"time"
@@ -130,5 +131,40 @@ func BenchmarkLifetimePass(b *testing.B) {
 				b.ReportMetric(float64(e.Checked()-c0)/float64(b.N), "SAs_checked/pass")
 			})
 		}
+	}
+}
+
+// The due heap pops the earliest item whatever the push order, with
+// pushes and pops interleaved as a pass makes them.
+func TestDueHeapOrder(t *testing.T) {
+	var h dueHeap
+	var ref []int64 // what the heap holds, unordered
+	r := rand.New(rand.NewPCG(1, 2))
+	pop := func() {
+		t.Helper()
+		m := 0
+		for i := range ref {
+			if ref[i] < ref[m] {
+				m = i
+			}
+		}
+		if got := h.pop().at; got != ref[m] {
+			t.Fatalf("popped %d, the earliest is %d", got, ref[m])
+		}
+		ref = append(ref[:m], ref[m+1:]...)
+	}
+	for i := range 3000 {
+		at := r.Int64N(1000)
+		h.push(dueItem{at: at, ver: uint64(i)})
+		ref = append(ref, at)
+		if i%3 == 0 {
+			pop()
+		}
+	}
+	for len(ref) > 0 {
+		pop()
+	}
+	if len(h) != 0 {
+		t.Fatalf("%d items left", len(h))
 	}
 }

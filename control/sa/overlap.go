@@ -93,19 +93,27 @@ func (e *OverlapError) Error() string {
 // not safe for concurrent use.
 type OutIndex[V comparable] struct {
 	// byLen[fam][bits] holds the SAs whose destination prefix has that
-	// length; fam is 0 for IPv4, 1 for IPv6.
-	byLen [2][129]map[netip.Prefix]*outBucket[V]
+	// length, keyed by the prefix's address (As16; the length and family
+	// are the map's); fam is 0 for IPv4, 1 for IPv6. Keys and items hold
+	// no pointers but V: a million entries cost the GC little.
+	byLen [2][129]map[[16]byte]outBucket[V]
 	lens  [2][129]int // entries per length, to skip empty ones
 }
 
-// outBucket holds the SAs of one destination prefix by their exact port
-// selectors. Many phones may share one destination without core
-// addresses (all on 192.168.1.10, told apart by the P-CSCF's ports): a
-// query with both ports set probes the four keys that can overlap it
-// instead of scanning them all.
+// bucketList is how many SAs of one destination a bucket keeps in a list
+// before it indexes them by ports: most destinations have one (a phone's
+// core address or inner address), and a list of one costs 32 bytes where
+// a map costs hundreds.
+const bucketList = 16
+
+// outBucket holds the SAs of one destination prefix: a list while they
+// are few, else by their exact port selectors. Many phones may share one
+// destination without core addresses (all on 192.168.1.10, told apart by
+// the P-CSCF's ports): a query with both ports set then probes the four
+// keys that can overlap it instead of scanning them all.
 type outBucket[V comparable] struct {
+	list    []outItem[V] // nil once byPorts is used
 	byPorts map[portPair][]outItem[V]
-	n       int
 }
 
 // portPair is a bucket's key: the port selectors without the protocol,
@@ -122,50 +130,112 @@ func fam(p netip.Prefix) int {
 	return 1
 }
 
+// outItem is one SA of a bucket: its selector without the destination
+// (the bucket's), the source prefix in 18 bytes.
 type outItem[V comparable] struct {
-	sel Selector
-	v   V
+	src     [16]byte
+	srcBits uint8 // prefix length + 1; 0: any
+	src6    bool
+	ports   Ports
+	v       V
+}
+
+func itemOf[V comparable](sel Selector, v V) outItem[V] {
+	it := outItem[V]{ports: sel.Ports, v: v}
+	if sel.Src.IsValid() {
+		it.src, it.srcBits, it.src6 = sel.Src.Addr().As16(), uint8(sel.Src.Bits()+1), !sel.Src.Addr().Is4()
+	}
+	return it
+}
+
+// selector rebuilds the item's selector, dst being its bucket's prefix.
+func (it *outItem[V]) selector(dst netip.Prefix) Selector {
+	sel := Selector{Dst: dst, Ports: it.ports}
+	if it.srcBits != 0 {
+		a := netip.AddrFrom16(it.src)
+		if !it.src6 {
+			a = a.Unmap()
+		}
+		sel.Src = netip.PrefixFrom(a, int(it.srcBits)-1)
+	}
+	return sel
+}
+
+func keyAddr(k [16]byte, f int) netip.Addr {
+	if f == 0 {
+		return netip.AddrFrom16(k).Unmap()
+	}
+	return netip.AddrFrom16(k)
 }
 
 // Add records v with selector sel.
 func (x *OutIndex[V]) Add(sel Selector, v V) {
 	f, b := fam(sel.Dst), sel.Dst.Bits()
-	if x.byLen[f][b] == nil {
-		x.byLen[f][b] = make(map[netip.Prefix]*outBucket[V])
+	m := x.byLen[f][b]
+	if m == nil {
+		m = make(map[[16]byte]outBucket[V])
+		x.byLen[f][b] = m
 	}
-	bk := x.byLen[f][b][sel.Dst]
-	if bk == nil {
-		bk = &outBucket[V]{byPorts: make(map[portPair][]outItem[V], 1)}
-		x.byLen[f][b][sel.Dst] = bk
+	k := sel.Dst.Addr().As16()
+	bk := m[k]
+	it := itemOf(sel, v)
+	switch {
+	case bk.byPorts != nil:
+		bk.byPorts[pairOf(sel.Ports)] = append(bk.byPorts[pairOf(sel.Ports)], it)
+	case len(bk.list) < bucketList:
+		bk.list = append(bk.list, it)
+	default:
+		bk.byPorts = make(map[portPair][]outItem[V], len(bk.list)+1)
+		for _, o := range append(bk.list, it) {
+			bk.byPorts[pairOf(o.ports)] = append(bk.byPorts[pairOf(o.ports)], o)
+		}
+		bk.list = nil
 	}
-	bk.byPorts[pairOf(sel.Ports)] = append(bk.byPorts[pairOf(sel.Ports)], outItem[V]{sel, v})
-	bk.n++
+	m[k] = bk
 	x.lens[f][b]++
+}
+
+// removeItem drops the item holding v from list, reporting whether it did.
+func removeItem[V comparable](list []outItem[V], v V) ([]outItem[V], bool) {
+	for i := range list {
+		if list[i].v == v {
+			var zero outItem[V]
+			copy(list[i:], list[i+1:])
+			list[len(list)-1] = zero
+			return list[:len(list)-1], true
+		}
+	}
+	return list, false
 }
 
 // Remove forgets v recorded with sel.
 func (x *OutIndex[V]) Remove(sel Selector, v V) {
 	f, b := fam(sel.Dst), sel.Dst.Bits()
-	bk := x.byLen[f][b][sel.Dst]
-	if bk == nil {
+	m := x.byLen[f][b]
+	k := sel.Dst.Addr().As16()
+	bk, ok := m[k]
+	if !ok {
 		return
 	}
-	list := bk.byPorts[pairOf(sel.Ports)]
-	for i, it := range list {
-		if it.v == v {
-			list = append(list[:i:i], list[i+1:]...)
-			bk.n--
-			x.lens[f][b]--
-			break
+	var removed bool
+	if bk.byPorts != nil {
+		pp := pairOf(sel.Ports)
+		var list []outItem[V]
+		if list, removed = removeItem(bk.byPorts[pp], v); len(list) == 0 {
+			delete(bk.byPorts, pp)
+		} else {
+			bk.byPorts[pp] = list
 		}
-	}
-	if len(list) == 0 {
-		delete(bk.byPorts, pairOf(sel.Ports))
 	} else {
-		bk.byPorts[pairOf(sel.Ports)] = list
+		bk.list, removed = removeItem(bk.list, v)
 	}
-	if bk.n == 0 {
-		delete(x.byLen[f][b], sel.Dst)
+	if removed {
+		x.lens[f][b]--
+	}
+	if len(bk.list) == 0 && len(bk.byPorts) == 0 {
+		delete(m, k)
+	} else {
+		m[k] = bk
 	}
 }
 
@@ -175,42 +245,49 @@ func (x *OutIndex[V]) Any(dst netip.Prefix) (V, bool) {
 	if !dst.IsValid() {
 		return zero, false
 	}
-	if bk := x.byLen[fam(dst)][dst.Bits()][dst]; bk != nil {
-		for _, list := range bk.byPorts {
-			if len(list) > 0 {
-				return list[0].v, true
-			}
+	bk := x.byLen[fam(dst)][dst.Bits()][dst.Addr().As16()]
+	if len(bk.list) > 0 {
+		return bk.list[0].v, true
+	}
+	for _, list := range bk.byPorts {
+		if len(list) > 0 {
+			return list[0].v, true
 		}
 	}
 	return zero, false
 }
 
-// conflict returns an item of bk whose selector overlaps sel and that
-// skip does not accept.
-func (bk *outBucket[V]) conflict(sel Selector, skip func(V) bool) (outItem[V], bool) {
-	check := func(list []outItem[V]) (outItem[V], bool) {
-		for _, it := range list {
-			if it.sel.Overlaps(sel) && (skip == nil || !skip(it.v)) {
-				return it, true
+// conflict returns an item of bk, the bucket of destination dst, whose
+// selector overlaps sel and that skip does not accept.
+func (bk *outBucket[V]) conflict(dst netip.Prefix, sel Selector, skip func(V) bool) (V, Selector, bool) {
+	check := func(list []outItem[V]) (V, Selector, bool) {
+		for i := range list {
+			if o := list[i].selector(dst); o.Overlaps(sel) && (skip == nil || !skip(list[i].v)) {
+				return list[i].v, o, true
 			}
 		}
-		return outItem[V]{}, false
+		var zero V
+		return zero, Selector{}, false
+	}
+	if bk.byPorts == nil {
+		return check(bk.list)
 	}
 	if l, p := sel.Ports.Local, sel.Ports.Peer; l != 0 && p != 0 {
 		// Only these four port keys can overlap (l, p).
 		for _, k := range [4]portPair{{l, p}, {0, p}, {l, 0}, {0, 0}} {
-			if it, ok := check(bk.byPorts[k]); ok {
-				return it, true
+			if v, o, ok := check(bk.byPorts[k]); ok {
+				return v, o, true
 			}
 		}
-		return outItem[V]{}, false
-	}
-	for _, list := range bk.byPorts {
-		if it, ok := check(list); ok {
-			return it, true
+	} else {
+		for _, list := range bk.byPorts {
+			if v, o, ok := check(list); ok {
+				return v, o, true
+			}
 		}
 	}
-	return outItem[V]{}, false
+	var zero V
+	return zero, Selector{}, false
 }
 
 // Conflict returns a recorded SA whose selector overlaps sel, other than
@@ -229,9 +306,9 @@ func (x *OutIndex[V]) Conflict(sel Selector, skip func(V) bool) (V, Selector, bo
 		if err != nil {
 			continue
 		}
-		if bk := x.byLen[f][b][p]; bk != nil {
-			if it, ok := bk.conflict(sel, skip); ok {
-				return it.v, it.sel, true
+		if bk, ok := x.byLen[f][b][p.Addr().As16()]; ok {
+			if v, o, ok := bk.conflict(p, sel, skip); ok {
+				return v, o, true
 			}
 		}
 	}
@@ -239,10 +316,10 @@ func (x *OutIndex[V]) Conflict(sel Selector, skip func(V) bool) (V, Selector, bo
 		if x.lens[f][b] == 0 {
 			continue
 		}
-		for p, bk := range x.byLen[f][b] {
-			if sel.Dst.Contains(p.Addr()) {
-				if it, ok := bk.conflict(sel, skip); ok {
-					return it.v, it.sel, true
+		for k, bk := range x.byLen[f][b] {
+			if ka := keyAddr(k, f); sel.Dst.Contains(ka) {
+				if v, o, ok := bk.conflict(netip.PrefixFrom(ka, b), sel, skip); ok {
+					return v, o, true
 				}
 			}
 		}

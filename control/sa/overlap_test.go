@@ -132,3 +132,41 @@ func BenchmarkOutIndex(b *testing.B) {
 		})
 	}
 }
+
+// A destination shared by more SAs than a bucket lists (phones on one
+// inner address told apart by ports) is indexed by ports: conflicts,
+// the returned selector (source prefix included), Any and Remove work
+// the same on both sides of the switch.
+func TestOutIndexSharedDestination(t *testing.T) {
+	dst := netip.MustParsePrefix("192.168.1.10/32")
+	src := netip.MustParsePrefix("10.0.0.0/24")
+	sel := func(i int) Selector {
+		return Selector{Dst: dst, Src: src, Ports: Ports{Local: uint16(5000 + i), Peer: 5062, Proto: 17}}
+	}
+	var x OutIndex[int]
+	for _, n := range []int{3, bucketList + 5} {
+		for i := range n {
+			if v, _, ok := x.Conflict(sel(i), nil); ok {
+				t.Fatalf("n=%d: SA %d conflicts with %d", n, i, v)
+			}
+			x.Add(sel(i), i)
+		}
+		for i := range n {
+			v, o, ok := x.Conflict(sel(i), nil)
+			if !ok || v != i || o != sel(i) {
+				t.Fatalf("n=%d: conflict of %d: %d %+v %v", n, i, v, o, ok)
+			}
+		}
+		any := sel(0)
+		any.Ports.Local = 0
+		if _, _, ok := x.Conflict(any, func(v int) bool { return v != n-1 }); !ok {
+			t.Fatalf("n=%d: an any-port selector misses SA %d", n, n-1)
+		}
+		for i := range n {
+			x.Remove(sel(i), i)
+		}
+		if _, ok := x.Any(dst); ok || x.lens[0][32] != 0 || len(x.byLen[0][32]) != 0 {
+			t.Fatalf("n=%d: removed SAs still indexed", n)
+		}
+	}
+}

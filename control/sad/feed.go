@@ -109,15 +109,17 @@ func (d *SAD) SetBinding(id sa.ID, b netip.AddrPort) (int, error) {
 		return 0, fmt.Errorf("set binding of %s: invalid address %v", id, b)
 	}
 	d.mu.Lock()
-	e, ok := d.byID[id]
+	e := d.lookup(id)
+	ok := e != nil
 	if !ok {
 		d.mu.Unlock()
 		return 0, fmt.Errorf("set binding of %s: %w", id, ErrNotFound)
 	}
 	n := 0
-	for m := d.groups[GroupOf(&e.sa)].head; m != nil; m = m.nextPeer {
-		if m.binding != b {
-			m.binding = b
+	nb := bindingOf(b)
+	for m := d.groups.get(e.group()); m != nil; m = m.nextPeer {
+		if m.bind != nb {
+			m.bind = nb
 			d.record(m, OpBinding, m.worker, m.index)
 			n++
 		}
@@ -132,7 +134,8 @@ func (d *SAD) SetBinding(id sa.ID, b netip.AddrPort) (int, error) {
 // SetState records a lifecycle state change.
 func (d *SAD) SetState(id sa.ID, st State) error {
 	d.mu.Lock()
-	e, ok := d.byID[id]
+	e := d.lookup(id)
+	ok := e != nil
 	changed := ok && e.state != st
 	if changed {
 		e.state = st
@@ -172,4 +175,19 @@ func (d *SAD) Workers() []WorkerLoad {
 		out[i] = WorkerLoad{SAs: w.sas, IndexLimit: w.next}
 	}
 	return out
+}
+
+// ChangedSince counts the SAs whose last change is newer than version: a
+// consumer whose feed overran (ErrResync) tells from it whether to
+// re-read only those (List, skipping Version <= version) or everything.
+func (d *SAD) ChangedSince(version uint64) int {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	n := 0
+	for _, e := range d.order {
+		if !e.deleted && e.version > version {
+			n++
+		}
+	}
+	return n
 }

@@ -107,8 +107,8 @@ func TestCoreGrouping(t *testing.T) {
 	if _, err := d.Add(dup); !errors.Is(err, ErrOverlap) || !strings.Contains(err.Error(), "destination 100.64.0.1/32") {
 		t.Fatalf("duplicate ports on one core: %v", err)
 	}
-	for _, e := range d.byID {
-		if e.sa.Core == core {
+	for _, e := range d.order {
+		if s := e.p.unpack(); s.Core == core {
 			d.Delete(e.id())
 		}
 	}

@@ -126,11 +126,11 @@ type Options struct {
 // entry is the stored form. The SA is replaced wholesale on update, never
 // modified in place, so copies handed out stay consistent.
 type entry struct {
-	sa       sa.SA
+	p        packed
 	seq      uint64 // creation order: List's stable order and cursor
 	version  uint64
 	created  int64
-	binding  netip.AddrPort
+	bind     binding
 	index    uint32
 	worker   uint16
 	state    State
@@ -140,22 +140,45 @@ type entry struct {
 	nextPeer *entry // members of the same group
 }
 
-func (e *entry) id() sa.ID { return e.sa.ID() }
+func (e *entry) id() sa.ID { return e.p.id() }
 
 func (e *entry) export() Record {
+	s := e.p.unpack()
 	return Record{
-		SA: e.sa, ID: e.sa.ID(), Worker: e.worker, Index: e.index, Binding: e.binding,
+		SA: s, ID: s.ID(), Worker: e.worker, Index: e.index, Binding: e.bind.addrPort(),
 		State: e.state, Created: time.Unix(0, e.created), Version: e.version, Replaced: e.replaced,
 	}
 }
 
+// binding is a NAT binding in 20 bytes without a pointer (a
+// netip.AddrPort is 32 with one).
+type binding struct {
+	addr [16]byte
+	port uint16
+	fam  uint16
+}
+
+func bindingOf(ap netip.AddrPort) binding {
+	b := binding{port: ap.Port()}
+	b.addr, b.fam = packAddr(ap.Addr())
+	return b
+}
+
+func (b binding) addrPort() netip.AddrPort {
+	return netip.AddrPortFrom(unpackAddr(b.addr, b.fam), b.port)
+}
+
 // GroupKey identifies the SAs sharing one worker and one NAT mapping. It
 // is comparable: the manager keys the binding a group's SAs share by it.
+// Addresses are 16 bytes and a family, without netip's pointer: the SAD
+// and the manager hold one key per group.
 type GroupKey struct {
 	label string
-	peer  netip.Addr
+	peer  [16]byte
+	inner [16]byte
 	port  uint16
-	inner netip.Prefix
+	bits  uint8  // inner prefix length + 1; 0: none
+	fams  uint16 // peer's family | inner's << 2
 }
 
 // GroupOf is the pair group an SA belongs to (see the package doc).
@@ -163,22 +186,48 @@ func GroupOf(s *sa.SA) GroupKey {
 	if s.Core.IsValid() {
 		// One phone, one core address: all its SA sets share a worker
 		// and the NAT binding (see the package doc).
-		return GroupKey{inner: netip.PrefixFrom(s.Core, s.Core.BitLen()), label: "core"}
+		k := GroupKey{label: "core", bits: uint8(s.Core.BitLen() + 1)}
+		var f uint16
+		k.inner, f = packAddr(s.Core)
+		k.fams = f << 2
+		return k
 	}
 	if s.Pair != "" {
 		return GroupKey{label: s.Pair}
 	}
-	k := GroupKey{peer: s.Peer, inner: s.InnerPeer}
+	k := GroupKey{}
+	k.peer, k.fams = packAddr(s.Peer)
+	if s.InnerPeer.IsValid() {
+		var f uint16
+		k.inner, f = packAddr(s.InnerPeer.Addr())
+		k.fams |= f << 2
+		k.bits = uint8(s.InnerPeer.Bits() + 1)
+	}
 	if s.Encap != nil {
 		k.port = s.Encap.PeerPort
 	}
 	return k
 }
 
-type group struct {
-	head   *entry
-	n      uint32
-	worker uint16
+// group is GroupOf(e's SA) without unpacking it.
+func (e *entry) group() GroupKey {
+	p := &e.p
+	if f := p.fam(slotCore); f != famNone {
+		bits := 33
+		if f == fam6 {
+			bits = 129
+		}
+		return GroupKey{label: "core", inner: p.core, bits: uint8(bits), fams: f << 2}
+	}
+	if p.x != nil && p.x.pair != "" {
+		return GroupKey{label: p.x.pair}
+	}
+	k := GroupKey{peer: p.peer, fams: p.fam(slotPeer), port: p.peerPort()}
+	if p.innerPeerBits != 0 {
+		k.inner, k.bits = p.innerPeer, p.innerPeerBits
+		k.fams |= p.fam(slotInnerPeer) << 2
+	}
+	return k
 }
 
 type worker struct {
@@ -209,11 +258,15 @@ func (w *worker) release(i uint32) { w.free = append(w.free, i) }
 
 // SAD is the SA database.
 type SAD struct {
-	mu      sync.RWMutex
-	byID    map[sa.ID]*entry
+	mu sync.RWMutex
+	// inSPI finds an inbound SA by SPI, outSPI the outbound SAs of one
+	// SPI (a chain through nextOut, told apart by peer): together the
+	// identity index, at 16 bytes of map slot per SA.
+	inSPI   map[uint32]*entry
+	shared  map[sharedVal]*shared // interned packed.sh
 	byName  map[string]*entry
 	outSPI  map[uint32]*entry // head of the chain of outbound SAs with this SPI
-	groups  map[GroupKey]group
+	groups  groupIndex
 	order   []*entry // by seq; deleted entries linger until compaction
 	dead    int      // deleted entries in order
 	seq     uint64
@@ -245,10 +298,11 @@ func New(o Options) (*SAD, error) {
 		o.LogSize = 65536
 	}
 	return &SAD{
-		byID:    make(map[sa.ID]*entry),
+		inSPI:   make(map[uint32]*entry),
+		shared:  make(map[sharedVal]*shared),
 		byName:  make(map[string]*entry),
 		outSPI:  make(map[uint32]*entry),
-		groups:  make(map[GroupKey]group),
+		groups:  newGroupIndex(),
 		cores:   make(map[netip.Addr]int),
 		phones:  make(map[phoneKey]netip.Addr),
 		workers: make([]worker, o.Workers),
@@ -313,29 +367,29 @@ func (d *SAD) addChecked(s *sa.SA, now int64, replaces []sa.ID) (*entry, error) 
 	if err := d.check(s, nil, replaces); err != nil {
 		return nil, err
 	}
-	id := s.ID()
 	gk := GroupOf(s)
-	g, ok := d.groups[gk]
-	if !ok {
-		g.worker = d.place(s)
+	head := d.groups.get(gk)
+	var wk uint16
+	if head != nil {
+		wk = head.worker
+	} else {
+		wk = d.place(s)
 	}
-	w := &d.workers[g.worker]
+	w := &d.workers[wk]
 	d.seq++
 	e := &entry{
-		sa: *s, seq: d.seq, created: now, binding: initialBinding(s),
-		worker: g.worker, index: w.alloc(),
+		p: pack(s), seq: d.seq, created: now, bind: bindingOf(initialBinding(s)),
+		worker: wk, index: w.alloc(),
 	}
-	if ok && g.head != nil {
+	d.adopt(&e.p)
+	if head != nil {
 		// A group shares one NAT mapping: a late partner starts from
 		// what its group has learnt, not from the configured peer.
-		e.binding = g.head.binding
+		e.bind = head.bind
 	}
 	w.sas++
-	e.nextPeer = g.head
-	g.head = e
-	g.n++
-	d.groups[gk] = g
-	d.byID[id] = e
+	e.nextPeer = head
+	d.groups.set(gk, e)
 	if s.Name != "" {
 		d.byName[s.Name] = e
 	}
@@ -344,12 +398,28 @@ func (d *SAD) addChecked(s *sa.SA, now int64, replaces []sa.ID) (*entry, error) 
 		d.outSPI[s.SPI] = e
 		d.out++
 	} else {
+		d.inSPI[s.SPI] = e
 		d.in++
 	}
 	d.order = append(d.order, e)
 	d.index(e)
 	d.record(e, OpAdd, e.worker, e.index)
 	return e, nil
+}
+
+// lookup finds the SA with identity id (nil: none).
+func (d *SAD) lookup(id sa.ID) *entry {
+	switch id.Dir {
+	case sa.In:
+		return d.inSPI[id.SPI]
+	case sa.Out:
+		for e := d.outSPI[id.SPI]; e != nil; e = e.nextOut {
+			if e.p.peerPort() == id.Peer.Port() && unpackAddr(e.p.peer, e.p.fam(slotPeer)) == id.Peer.Addr() {
+				return e
+			}
+		}
+	}
+	return nil
 }
 
 type phoneKey struct {
@@ -361,24 +431,32 @@ func phoneOf(s *sa.SA) phoneKey { return phoneKey{initialBinding(s), s.InnerPeer
 
 // index records e in the selector and core-address indexes.
 func (d *SAD) index(e *entry) {
-	if e.sa.Direction == sa.Out {
-		d.outSel.Add(sa.OutSelector(&e.sa), e)
+	if e.p.dir != sa.Out && e.p.fam(slotCore) == famNone {
+		return
 	}
-	if c := e.sa.Core; c.IsValid() {
+	s := e.p.unpack()
+	if s.Direction == sa.Out {
+		d.outSel.Add(sa.OutSelector(&s), e)
+	}
+	if c := s.Core; c.IsValid() {
 		d.cores[c]++
-		d.phones[phoneOf(&e.sa)] = c
+		d.phones[phoneOf(&s)] = c
 	}
 }
 
 // unindex undoes index.
 func (d *SAD) unindex(e *entry) {
-	if e.sa.Direction == sa.Out {
-		d.outSel.Remove(sa.OutSelector(&e.sa), e)
+	if e.p.dir != sa.Out && e.p.fam(slotCore) == famNone {
+		return
 	}
-	if c := e.sa.Core; c.IsValid() {
+	s := e.p.unpack()
+	if s.Direction == sa.Out {
+		d.outSel.Remove(sa.OutSelector(&s), e)
+	}
+	if c := s.Core; c.IsValid() {
 		if d.cores[c]--; d.cores[c] <= 0 {
 			delete(d.cores, c)
-			if k := phoneOf(&e.sa); d.phones[k] == c {
+			if k := phoneOf(&s); d.phones[k] == c {
 				delete(d.phones, k)
 			}
 		}
@@ -429,7 +507,7 @@ func (d *SAD) overlap(s *sa.SA, self *entry, replaces []sa.ID) error {
 	if !ok {
 		return nil
 	}
-	return fmt.Errorf("%w: %w", ErrOverlap, &sa.OverlapError{SA: s.Label(), Other: other.sa.Label(), Common: sel.Common(osel)})
+	return fmt.Errorf("%w: %w", ErrOverlap, &sa.OverlapError{SA: s.Label(), Other: other.p.label(), Common: sel.Common(osel)})
 }
 
 // transportReady refuses a transport-mode SA the data path could not
@@ -467,19 +545,22 @@ func (d *SAD) check(s *sa.SA, self *entry, replaces []sa.ID) error {
 	if s.Direction != sa.In && s.Direction != sa.Out || s.SPI < 256 || !s.Peer.IsValid() {
 		return fmt.Errorf("%s: %w: not from sa.Parse (direction, SPI or peer unset)", s.Label(), ErrInvalid)
 	}
+	if hasZone(s) {
+		return fmt.Errorf("%s: %w: not from sa.Parse (an address with an IPv6 zone)", s.Label(), ErrInvalid)
+	}
 	if err := transportReady(s); err != nil {
 		return err
 	}
 	id := s.ID()
-	if other, dup := d.byID[id]; dup && other != self {
+	if other := d.lookup(id); other != nil && other != self {
 		if s.Direction == sa.In {
-			return fmt.Errorf("%s: %w: inbound SPI 0x%08x is used by %s (the XDP SA map is keyed by SPI alone)", s.Label(), ErrExists, s.SPI, other.sa.Label())
+			return fmt.Errorf("%s: %w: inbound SPI 0x%08x is used by %s (the XDP SA map is keyed by SPI alone)", s.Label(), ErrExists, s.SPI, other.p.label())
 		}
-		return fmt.Errorf("%s: %w: outbound SPI 0x%08x to %s is used by %s", s.Label(), ErrExists, s.SPI, id.Peer, other.sa.Label())
+		return fmt.Errorf("%s: %w: outbound SPI 0x%08x to %s is used by %s", s.Label(), ErrExists, s.SPI, id.Peer, other.p.label())
 	}
 	if s.Name != "" {
 		if other, dup := d.byName[s.Name]; dup && other != self {
-			return fmt.Errorf("%s: %w: name is used by the %s SA 0x%08x", s.Label(), ErrExists, other.sa.Direction, other.sa.SPI)
+			return fmt.Errorf("%s: %w: name is used by the %s SA 0x%08x", s.Label(), ErrExists, other.p.dir, other.p.spi)
 		}
 	}
 	if self == nil && d.max > 0 {
@@ -517,30 +598,28 @@ func (d *SAD) leastLoaded() uint16 {
 
 // leave takes e out of its group, dropping the group when it empties.
 func (d *SAD) leave(e *entry) {
-	gk := GroupOf(&e.sa)
-	g := d.groups[gk]
-	for p := &g.head; *p != nil; p = &(*p).nextPeer {
-		if *p == e {
-			*p = e.nextPeer
-			break
+	gk := e.group()
+	head := d.groups.get(gk)
+	if head == e {
+		d.groups.set(gk, e.nextPeer)
+	} else {
+		for p := head; p != nil; p = p.nextPeer {
+			if p.nextPeer == e {
+				p.nextPeer = e.nextPeer
+				break
+			}
 		}
 	}
 	e.nextPeer = nil
-	g.n--
-	if g.n == 0 {
-		delete(d.groups, gk)
-	} else {
-		d.groups[gk] = g
-	}
 }
 
 func (d *SAD) unlinkOut(e *entry) {
-	head := d.outSPI[e.sa.SPI]
+	head := d.outSPI[e.p.spi]
 	if head == e {
 		if e.nextOut == nil {
-			delete(d.outSPI, e.sa.SPI)
+			delete(d.outSPI, e.p.spi)
 		} else {
-			d.outSPI[e.sa.SPI] = e.nextOut
+			d.outSPI[e.p.spi] = e.nextOut
 		}
 	} else {
 		for p := head; p != nil; p = p.nextOut {
@@ -574,7 +653,8 @@ func (d *SAD) Update(s sa.SA) (Record, error) {
 }
 
 func (d *SAD) update(s *sa.SA) (*entry, error) {
-	e, ok := d.byID[s.ID()]
+	e := d.lookup(s.ID())
+	ok := e != nil
 	if !ok {
 		return nil, fmt.Errorf("%s: %w: %s", s.Label(), ErrNotFound, s.ID())
 	}
@@ -584,39 +664,39 @@ func (d *SAD) update(s *sa.SA) (*entry, error) {
 	d.unindex(e)
 	defer d.index(e)
 	prevWorker, prevIndex := e.worker, e.index
-	oldKey, newKey := GroupOf(&e.sa), GroupOf(s)
+	oldKey, newKey := e.group(), GroupOf(s)
 	if oldKey != newKey {
-		d.leave(e)
-		g, joined := d.groups[newKey]
-		if joined && g.worker != e.worker {
-			d.workers[e.worker].sas--
-			d.workers[e.worker].release(e.index)
-			e.worker = g.worker
-			e.index = d.workers[g.worker].alloc()
-			d.workers[g.worker].sas++
-		}
-		if !joined {
-			g.worker = e.worker
-		}
-		if g.head != nil {
-			e.binding = g.head.binding
-		} else {
-			e.binding = initialBinding(s)
-		}
-		e.nextPeer = g.head
-		g.head = e
-		g.n++
-		d.groups[newKey] = g
+		d.leave(e) // by its old key: before e.p changes
 	}
-	if e.sa.Name != s.Name {
-		if e.sa.Name != "" {
-			delete(d.byName, e.sa.Name)
+	if e.p.name != s.Name {
+		if e.p.name != "" {
+			delete(d.byName, e.p.name)
 		}
 		if s.Name != "" {
 			d.byName[s.Name] = e
 		}
 	}
-	e.sa = *s
+	old := e.p
+	e.p = pack(s)
+	d.adopt(&e.p)
+	d.release(&old)
+	if oldKey != newKey {
+		head := d.groups.get(newKey)
+		if head != nil && head.worker != e.worker {
+			d.workers[e.worker].sas--
+			d.workers[e.worker].release(e.index)
+			e.worker = head.worker
+			e.index = d.workers[head.worker].alloc()
+			d.workers[head.worker].sas++
+		}
+		if head != nil {
+			e.bind = head.bind
+		} else {
+			e.bind = bindingOf(initialBinding(s))
+		}
+		e.nextPeer = head
+		d.groups.set(newKey, e)
+	}
 	d.record(e, OpUpdate, prevWorker, prevIndex)
 	return e, nil
 }
@@ -630,14 +710,14 @@ func (d *SAD) update(s *sa.SA) (*entry, error) {
 func (d *SAD) Replace(old []sa.ID, news []sa.SA) ([]Record, error) {
 	d.mu.Lock()
 	for _, id := range old {
-		e, ok := d.byID[id]
-		if !ok {
+		e := d.lookup(id)
+		if e == nil {
 			d.mu.Unlock()
 			return nil, fmt.Errorf("old SA %s: %w", id, ErrNotFound)
 		}
 		if e.replaced {
 			d.mu.Unlock()
-			return nil, fmt.Errorf("old SA %s (%s): %w", id, e.sa.Label(), ErrConflict)
+			return nil, fmt.Errorf("old SA %s (%s): %w", id, e.p.label(), ErrConflict)
 		}
 	}
 	now := time.Now().UnixNano()
@@ -657,7 +737,7 @@ func (d *SAD) Replace(old []sa.ID, news []sa.SA) ([]Record, error) {
 		added = append(added, e)
 	}
 	for _, id := range old {
-		d.byID[id].replaced = true
+		d.lookup(id).replaced = true
 	}
 	out := make([]Record, len(added))
 	for i, e := range added {
@@ -671,7 +751,8 @@ func (d *SAD) Replace(old []sa.ID, news []sa.SA) ([]Record, error) {
 // Delete removes the SA with this identity and frees its index.
 func (d *SAD) Delete(id sa.ID) (Record, error) {
 	d.mu.Lock()
-	e, ok := d.byID[id]
+	e := d.lookup(id)
+	ok := e != nil
 	var out Record
 	if ok {
 		d.delete(e)
@@ -704,20 +785,21 @@ func (d *SAD) DeleteName(name string) (Record, error) {
 
 func (d *SAD) delete(e *entry) {
 	d.unindex(e)
-	delete(d.byID, e.id())
-	if e.sa.Name != "" {
-		delete(d.byName, e.sa.Name)
+	if e.p.name != "" {
+		delete(d.byName, e.p.name)
 	}
-	if e.sa.Direction == sa.Out {
+	if e.p.dir == sa.Out {
 		d.unlinkOut(e)
 		d.out--
 	} else {
+		delete(d.inSPI, e.p.spi)
 		d.in--
 	}
 	d.leave(e)
 	w := &d.workers[e.worker]
 	w.sas--
 	w.release(e.index)
+	d.release(&e.p)
 	e.deleted = true
 	d.dead++
 	d.record(e, OpDelete, e.worker, e.index)
@@ -741,7 +823,7 @@ func (d *SAD) compact() {
 func (d *SAD) Get(id sa.ID) (Record, bool) {
 	d.mu.RLock()
 	defer d.mu.RUnlock()
-	if e, ok := d.byID[id]; ok {
+	if e := d.lookup(id); e != nil {
 		return e.export(), true
 	}
 	return Record{}, false
@@ -753,12 +835,13 @@ func (d *SAD) Get(id sa.ID) (Record, bool) {
 func (d *SAD) Group(id sa.ID) []sa.ID {
 	d.mu.RLock()
 	defer d.mu.RUnlock()
-	e, ok := d.byID[id]
+	e := d.lookup(id)
+	ok := e != nil
 	if !ok {
 		return nil
 	}
 	var out []sa.ID
-	for p := d.groups[GroupOf(&e.sa)].head; p != nil; p = p.nextPeer {
+	for p := d.groups.get(e.group()); p != nil; p = p.nextPeer {
 		out = append(out, p.id())
 	}
 	return out
@@ -787,7 +870,7 @@ func (d *SAD) Lookup(dir sa.Direction, spi uint32) (Record, error) {
 			return Record{}, fmt.Errorf("out 0x%08x: %w", spi, ErrAmbiguous)
 		}
 	} else {
-		e = d.byID[sa.ID{Dir: dir, SPI: spi}]
+		e = d.inSPI[spi]
 	}
 	if e == nil {
 		return Record{}, fmt.Errorf("%s 0x%08x: %w", dir, spi, ErrNotFound)
@@ -821,4 +904,26 @@ func (d *SAD) List(cursor uint64, limit int, dst []Record) (page []Record, next 
 		}
 	}
 	return page, 0
+}
+
+// ListChanged is List of only the SAs changed after version since (their
+// Version is newer): what a consumer whose feed overran re-reads, without
+// copying out the SAs it has seen.
+func (d *SAD) ListChanged(since, cursor uint64, limit int, dst []Record) (page []Record, next uint64) {
+	page = dst[:0]
+	if limit <= 0 {
+		return page, cursor
+	}
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	i := sort.Search(len(d.order), func(i int) bool { return d.order[i].seq > cursor })
+	for ; i < len(d.order) && len(page) < limit; i++ {
+		if e := d.order[i]; !e.deleted && e.version > since {
+			page = append(page, e.export())
+		}
+	}
+	if i == len(d.order) {
+		return page, 0
+	}
+	return page, d.order[i-1].seq
 }

@@ -27,7 +27,9 @@ package sastore
 // the same set.
 
 import (
+	"bufio"
 	"bytes"
+	"crypto/sha256"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -35,6 +37,7 @@ import (
 	"io"
 	"io/fs"
 	"os"
+	"path/filepath"
 
 	"github.com/xesp/xesp/control/sa"
 )
@@ -368,11 +371,24 @@ func (s *Store) NeedCompact() bool {
 // Compact writes entries (EncodeSA, the whole set: the snapshot with the
 // journal replayed) as the new snapshot and starts an empty journal.
 func (s *Store) Compact(entries [][]byte) error {
-	b := Assemble(entries)
-	if err := WriteFile(s.path, b); err != nil {
+	return s.CompactStream(func(put func([]byte)) error {
+		for _, e := range entries {
+			put(e)
+		}
+		return nil
+	})
+}
+
+// CompactStream is Compact for a set too large to hold encoded in memory:
+// each calls put with every entry of the set (EncodeSA; put copies it),
+// and the snapshot is written as they come. An error from each leaves
+// the store as it was.
+func (s *Store) CompactStream(each func(put func(entry []byte)) error) error {
+	size, err := writeSnapshot(s.path, each)
+	if err != nil {
 		return err
 	}
-	s.snapSize = int64(len(b))
+	s.snapSize = size
 	jpath := s.path + JournalSuffix
 	werr := WriteFile(jpath, []byte(journalHeader))
 	// Whether or not the rename happened, appends must go to the file at
@@ -390,6 +406,80 @@ func (s *Store) Compact(entries [][]byte) error {
 	s.f.Close()
 	s.f, s.size = f, st.Size()
 	return werr
+}
+
+// headerLen is the length of a streamed snapshot's header line: the
+// count is padded to ten digits with spaces (Decode splits on
+// whitespace), so the header can be written last, over a placeholder.
+var headerLen = len(fmt.Sprintf("%s %d %-10d %064x\n", magic, version, 0, 0))
+
+// writeSnapshot replaces the snapshot at path with the entries each
+// puts, as WriteFile would (temporary file, fsync, rename, fsync of the
+// directory), streaming them through a buffer: at no point is the whole
+// file in memory. It returns the file's size.
+func writeSnapshot(path string, each func(put func([]byte)) error) (int64, error) {
+	tmp := path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return 0, fmt.Errorf("save %s: %w", path, err)
+	}
+	fail := func(err error) (int64, error) {
+		f.Close()
+		os.Remove(tmp)
+		return 0, fmt.Errorf("save %s: %w", path, err)
+	}
+	// A leftover temporary file keeps its mode through O_TRUNC.
+	if err := f.Chmod(0o600); err != nil {
+		return fail(err)
+	}
+	w := bufio.NewWriterSize(f, 1<<20)
+	sum := sha256.New()
+	body := io.MultiWriter(w, sum)
+	w.Write(make([]byte, headerLen))
+	body.Write([]byte{'['})
+	n, size := 0, int64(headerLen+2)
+	err = each(func(e []byte) {
+		if n > 0 {
+			body.Write([]byte{','})
+			size++
+		}
+		body.Write(e)
+		size += int64(len(e))
+		n++
+	})
+	if err != nil {
+		return fail(err)
+	}
+	body.Write([]byte{']'})
+	if err := w.Flush(); err != nil { // bufio keeps its first write error
+		return fail(err)
+	}
+	hdr := fmt.Appendf(nil, "%s %d %-10d %x\n", magic, version, n, sum.Sum(nil))
+	if len(hdr) != headerLen {
+		return fail(fmt.Errorf("header of %d bytes, want %d", len(hdr), headerLen))
+	}
+	if _, err := f.WriteAt(hdr, 0); err != nil {
+		return fail(err)
+	}
+	if err := f.Sync(); err != nil {
+		return fail(fmt.Errorf("fsync: %w", err))
+	}
+	if err := f.Close(); err != nil {
+		os.Remove(tmp)
+		return 0, fmt.Errorf("save %s: %w", path, err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return 0, fmt.Errorf("save %s: %w", path, err)
+	}
+	d, err := os.Open(filepath.Dir(path))
+	if err != nil {
+		return 0, fmt.Errorf("save %s: %w", path, err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return 0, fmt.Errorf("save %s: fsync directory: %w", path, err)
+	}
+	return size, nil
 }
 
 // Close closes the journal.

@@ -9,6 +9,8 @@
 //
 //	xesp-api-sas 1 <count> <sha256 of the rest, hex>
 //
+// (a snapshot streamed by Store.CompactStream pads the count with spaces
+// to ten digits, so the header can be written after the body),
 // and the rest is a JSON array of SAs in the SA format (docs/sa-format.md)
 // with their keys inline. The checksum makes a torn or edited file an
 // error at start instead of a silently shorter SAD.
@@ -57,20 +59,7 @@ func Encode(sas []sa.SA) ([]byte, error) {
 // EncodeSA is one SA's entry of the file. A writer that keeps these per
 // SA re-encodes only what changed (Assemble builds the file from them):
 // encoding is most of a large file's cost.
-func EncodeSA(s *sa.SA) ([]byte, error) {
-	sp := s.Public()
-	if len(s.EncKey) > 0 {
-		sp.EncKey = hex.EncodeToString(s.EncKey)
-	}
-	if len(s.AuthKey) > 0 {
-		sp.AuthKey = hex.EncodeToString(s.AuthKey)
-	}
-	b, err := json.Marshal(sp)
-	if err != nil {
-		return nil, fmt.Errorf("encode API SA %s: %w", s.Label(), err)
-	}
-	return b, nil
-}
+func EncodeSA(s *sa.SA) ([]byte, error) { return AppendSA(nil, s), nil }
 
 // Assemble returns the file's bytes for entries made by EncodeSA.
 func Assemble(items [][]byte) []byte {
