@@ -28,6 +28,7 @@ type pipeline struct {
 	// one without root; a concrete type keeps Frame and Meta inlinable.
 	mem        *xsk.UMEM
 	table      []*Slot
+	idle       idler    // built ciphers and their idle release (idle.go)
 	dirty      []uint32 // slots of inbound entries with dirty set
 	nb         Neighbors
 	pubMAC     [6]byte // source MAC of frames sent on the public side
@@ -103,6 +104,9 @@ type portKey struct {
 // track keeps byPorts and outBy in step with the table: old leaves, e
 // arrives.
 func (p *pipeline) track(old, e *Slot) {
+	if old != nil && old != e && old.SA != nil {
+		old.SA.Wipe() // out of the data path: its keys go
+	}
 	if old != nil && old.Dir == Outbound && p.outBy[old.Binding] == old {
 		delete(p.outBy, old.Binding)
 	}
@@ -252,6 +256,7 @@ func (p *pipeline) decapOne(d xsk.Desc) (xsk.Desc, Drop) {
 	}
 	outerTOS := tosOf(frame[l3:end]) // before Open: the outer header is intact
 	pk := &p.pk
+	p.touch(e)
 	if err := e.SA.OpenPacketTo(frame[l3:end], pk); err != nil {
 		e.Counters.Drops.Add(1)
 		r := esp.ReasonOf(err)
@@ -616,6 +621,7 @@ func (p *pipeline) sealWith(e *Slot, peer *Peer, d xsk.Desc, frame []byte, l3, n
 			return d, DropSeqUnreserved
 		}
 	}
+	p.touch(e)
 	start, end, err := e.SA.Seal(frame, l3, n, nh, 0)
 	if err != nil {
 		e.Counters.Drops.Add(1)
