@@ -75,44 +75,38 @@ type Options struct {
 	Log   *slog.Logger
 }
 
-// installed is one SA installed in the data path.
+// installed is one SA installed in the data path: only what the manager
+// needs to find, replace and remove it (the SA itself is in the SAD, its
+// data-path state in the worker's slot).
 type installed struct {
 	id     sa.ID
-	spi    uint32
-	worker uint16
-	index  uint32
 	entry  *worker.Slot
-	group  groupRef
-	policy policyKey // outbound: the XDP entry (trie prefix or core key) this SA serves
+	shared *sharedBinding // its pair group's binding on its worker
+	seqKey seqstore.Key   // outbound: its reservation record
+	policy policyKey      // outbound: the XDP entry (trie prefix or core key) this SA serves
+	index  uint32
+	worker uint16
 	encap  bool
-	seqKey seqstore.Key // outbound: its reservation record
-
-	// While a commit builds an update: the slot it replaces, and whether
-	// the worker inherits its state in place (same worker and index).
+	// While a commit builds an update: whether the worker inherits the
+	// state of the slot it replaces (replaces) in place (same worker
+	// and index).
+	inherit bool
+	// seen is the resync pass that last listed the SA (resync removes
+	// those an older pass listed).
+	seen     uint32
 	replaces *installed
-	inherit  bool
 
 	// snap is the inbound SA's replay window as its worker last exported
-	// it (snapped: there was one): SnapshotInbound's answer for an SA
-	// whose window has not changed since.
-	snap    esp.ReplayState
-	snapped bool
-}
-
-// policyKey is where XDP finds an outbound SA: the cores map's exact
-// (core address, destination port) key when the SA has a core address,
-// else the trie's inner prefix.
-type policyKey struct {
-	prefix netip.Prefix // trie key; invalid for a core key
-	core   netip.Addr
-	port   uint16
+	// it (nil: never): SnapshotInbound's answer for an SA whose window has
+	// not changed since.
+	snap *esp.ReplayState
 }
 
 func (k policyKey) String() string {
-	if k.core.IsValid() {
-		return fmt.Sprintf("core %s port %d", k.core, k.port)
+	if k.isCore() {
+		return fmt.Sprintf("core %s port %d", k.core(), k.port)
 	}
-	return k.prefix.String()
+	return k.prefix().String()
 }
 
 // putPolicy points k's XDP entry at pol. The first core entry with a
@@ -121,7 +115,7 @@ func (k policyKey) String() string {
 // on, so a deployment without core addresses never pays for the lookups
 // and one with only one kind pays one miss in front of the trie.
 func (m *Manager) putPolicy(k policyKey, pol bpf.Policy) error {
-	if k.core.IsValid() {
+	if k.isCore() {
 		flag := bpf.CoreFlagAny
 		if k.port != 0 {
 			flag = bpf.CoreFlagPort
@@ -136,17 +130,17 @@ func (m *Manager) putPolicy(k policyKey, pol bpf.Policy) error {
 			}
 			m.coreFlags |= flag
 		}
-		return m.o.Maps.Cores.Put(k.core, k.port, pol)
+		return m.o.Maps.Cores.Put(k.core(), k.port, pol)
 	}
-	return m.o.Maps.Policies.Put(k.prefix, pol)
+	return m.o.Maps.Policies.Put(k.prefix(), pol)
 }
 
 // deletePolicy removes k's XDP entry.
 func (m *Manager) deletePolicy(k policyKey) error {
-	if k.core.IsValid() {
-		return m.o.Maps.Cores.Delete(k.core, k.port)
+	if k.isCore() {
+		return m.o.Maps.Cores.Delete(k.core(), k.port)
 	}
-	return m.o.Maps.Policies.Delete(k.prefix)
+	return m.o.Maps.Policies.Delete(k.prefix())
 }
 
 type groupRef struct {
@@ -154,9 +148,12 @@ type groupRef struct {
 	key    sad.GroupKey
 }
 
+// sharedBinding is a pair group's binding on one worker, shared by the
+// group's installed SAs; key is its entry in Manager.bindings.
 type sharedBinding struct {
 	b    *worker.Binding
 	refs int
+	key  groupRef
 }
 
 // Manager mirrors a SAD into the data path.
@@ -165,7 +162,7 @@ type Manager struct {
 	log *slog.Logger
 
 	mu       sync.RWMutex // guards live (read by the API)
-	live     map[sa.ID]*installed
+	live     liveSet
 	slots    [][]*installed // [worker][index], for binding events
 	bindings map[groupRef]*sharedBinding
 	// policies lists, per XDP key (inner prefix or core key), the
@@ -179,6 +176,8 @@ type Manager struct {
 
 	// coreFlags are the bpf.CoreFlag* bits set in core_cfg (putPolicy).
 	coreFlags uint32
+	// pass numbers resyncs (installed.seen).
+	pass uint32
 
 	version uint64
 	changes []sad.Change
@@ -212,7 +211,7 @@ func New(o Options) (*Manager, error) {
 	}
 	return &Manager{
 		o: o, log: o.Log, syncedCh: make(chan struct{}),
-		live:     make(map[sa.ID]*installed),
+		live:     newLiveSet(0, 0),
 		slots:    make([][]*installed, o.Workers.Len()),
 		bindings: make(map[groupRef]*sharedBinding),
 		policies: make(map[policyKey][]*installed),
@@ -387,35 +386,42 @@ func (m *Manager) WaitVersion(ctx context.Context, v uint64) error {
 func (m *Manager) resync(ctx context.Context) error {
 	version := m.o.SAD.Version()
 	in, out := m.o.SAD.Len()
-	seen := make(map[sa.ID]struct{}, in+out)
 	m.mu.Lock()
-	if len(m.live) == 0 {
-		m.live = make(map[sa.ID]*installed, in+out)
+	if m.live.len() == 0 {
+		m.live = newLiveSet(in, out)
 		m.policies = make(map[policyKey][]*installed, out)
 	}
+	// Each pass stamps what it lists, so what an older pass stamped is
+	// what the SAD no longer holds: no set of a million IDs on the side.
+	m.pass++
+	pass := m.pass
 	m.mu.Unlock()
 	var errs []error
 	var page []sad.Record
 	var cur uint64
 	for {
 		page, cur = m.o.SAD.List(cur, resyncPage, page[:0])
-		for _, e := range page {
-			seen[e.ID] = struct{}{}
-		}
 		if err := m.commit(ctx, &batch{adds: page}); err != nil {
 			if ctx.Err() != nil {
 				return err
 			}
 			errs = append(errs, err)
 		}
+		m.mu.Lock()
+		for _, e := range page {
+			if s := m.live.get(e.ID); s != nil {
+				s.seen = pass
+			}
+		}
+		m.mu.Unlock()
 		if cur == 0 {
 			break
 		}
 	}
 	var b batch
 	m.mu.RLock()
-	for id, s := range m.live {
-		if _, ok := seen[id]; !ok {
+	for s := range m.live.all() {
+		if s.seen != pass {
 			b.removes = append(b.removes, s)
 		}
 	}
@@ -445,7 +451,7 @@ func (m *Manager) plan(b *batch, c sad.Change) {
 		}
 	case sad.OpDelete:
 		m.mu.RLock()
-		s := m.live[c.ID]
+		s := m.live.get(c.ID)
 		m.mu.RUnlock()
 		if s != nil {
 			b.removes = append(b.removes, s)
@@ -475,7 +481,7 @@ func (m *Manager) commit(ctx context.Context, b *batch) error {
 			continue
 		}
 		m.mu.RLock()
-		old := m.live[e.ID]
+		old := m.live.get(e.ID)
 		m.mu.RUnlock()
 		if old != nil {
 			if old.worker == s.worker && old.index == s.index {
@@ -637,14 +643,16 @@ func (m *Manager) settle() {
 	time.Sleep(settleFallback)
 }
 
-// build makes the worker entry for an SAD entry.
+// build makes the worker entry for an SAD entry: one allocation holds
+// the slot, its Transform and its replay window (worker.NewSlot); the
+// cipher is built by the worker on the SA's first packet.
 func (m *Manager) build(e sad.Record) (*installed, error) {
 	s := &e.SA
 	mode := esp.ModeTunnel
 	if s.Mode == sa.Transport {
 		mode = esp.ModeTransport
 	}
-	cipher, err := esp.NewTransform(esp.Config{
+	ent, err := worker.NewSlot(esp.Config{
 		Name: s.Name, SPI: s.SPI, Proposal: s.Proposal,
 		EncKey: s.EncKey, AuthKey: s.AuthKey, ESN: s.ESN,
 		ReplayWindow: int(s.ReplayWindow), Mode: mode,
@@ -652,11 +660,10 @@ func (m *Manager) build(e sad.Record) (*installed, error) {
 	if err != nil {
 		return nil, err
 	}
-	sl := &installed{id: e.ID, spi: s.SPI, worker: e.Worker, index: e.Index, encap: s.Encap != nil,
-		group: groupRef{worker: e.Worker, key: sad.GroupOf(s)}}
-	ent := &worker.Slot{SA: cipher, Local: s.Local, PortLocal: s.Ports.Local, PortPeer: s.Ports.Peer,
-		InnerLocal: s.InnerLocal, Proto: s.Ports.Proto, DSCP: s.DSCP, FixDSCP: s.HasDSCP,
-		HardPackets: s.Lifetime.HardPackets, HardBytes: s.Lifetime.HardBytes}
+	sl := &installed{id: e.ID, worker: e.Worker, index: e.Index, encap: s.Encap != nil}
+	ent.Local, ent.PortLocal, ent.PortPeer = s.Local, s.Ports.Local, s.Ports.Peer
+	ent.InnerLocal, ent.Proto, ent.DSCP, ent.FixDSCP = s.InnerLocal, s.Ports.Proto, s.DSCP, s.HasDSCP
+	ent.HardPackets, ent.HardBytes = s.Lifetime.HardPackets, s.Lifetime.HardBytes
 	if s.Encap != nil {
 		ent.LocalPort = s.Encap.LocalPort
 	}
@@ -670,15 +677,15 @@ func (m *Manager) build(e sad.Record) (*installed, error) {
 			sl.seqKey = m.o.Seq.KeyFor("out", s.SPI, e.ID.Peer, s.Proposal.String(), s.EncKey, s.AuthKey)
 		}
 		ent.Dir = worker.Outbound
-		sl.policy.prefix = s.InnerPeer
-		if !sl.policy.prefix.IsValid() {
+		ent.InnerPeer = s.InnerPeer
+		if !ent.InnerPeer.IsValid() {
 			// Transport mode: cleartext for the phone is addressed to the
 			// phone itself.
-			sl.policy.prefix = netip.PrefixFrom(s.Peer, s.Peer.BitLen())
+			ent.InnerPeer = netip.PrefixFrom(s.Peer, s.Peer.BitLen())
 		}
-		ent.InnerPeer = sl.policy.prefix
+		sl.policy = prefixKey(ent.InnerPeer)
 		if s.Core.IsValid() {
-			sl.policy = policyKey{core: s.Core, port: s.Ports.Peer}
+			sl.policy = coreKey(s.Core, s.Ports.Peer)
 		}
 	}
 	// The worker translates between the phone's inner address and its
@@ -698,15 +705,17 @@ func (m *Manager) build(e sad.Record) (*installed, error) {
 	if m.o.Restore != nil {
 		m.o.Restore(e.ID, s, ent)
 	}
+	key := groupRef{worker: e.Worker, key: sad.GroupOf(s)}
 	m.mu.Lock()
-	sb := m.bindings[sl.group]
+	sb := m.bindings[key]
 	if sb == nil {
-		sb = &sharedBinding{b: worker.NewBinding(worker.Peer{Addr: e.Binding})}
-		m.bindings[sl.group] = sb
+		sb = &sharedBinding{b: worker.NewBinding(worker.Peer{Addr: e.Binding}), key: key}
+		m.bindings[key] = sb
 	}
 	sb.refs++
 	m.mu.Unlock()
 	ent.Binding = sb.b
+	sl.shared = sb
 	sl.entry = ent
 	return sl, nil
 }
@@ -789,7 +798,7 @@ func (m *Manager) extend(req worker.SeqRequest) error {
 }
 
 func (m *Manager) remember(s *installed) {
-	m.live[s.id] = s
+	m.live.put(s)
 	ws := m.slots[s.worker]
 	if int(s.index) >= len(ws) {
 		ws = append(ws, make([]*installed, int(s.index)+1-len(ws))...)
@@ -803,25 +812,26 @@ func (m *Manager) remember(s *installed) {
 
 // release drops a built slot that will not be installed.
 func (m *Manager) release(s *installed) {
-	if sb := m.bindings[s.group]; sb != nil && sb.b == s.entry.Binding {
-		if sb.refs--; sb.refs == 0 {
-			delete(m.bindings, s.group)
+	m.unshare(s)
+	s.entry.SA.Wipe() // never reached a worker: its keys go here
+}
+
+// unshare drops s's reference to its group's binding.
+func (m *Manager) unshare(s *installed) {
+	if sb := s.shared; sb != nil {
+		s.shared = nil
+		if sb.refs--; sb.refs == 0 && m.bindings[sb.key] == sb {
+			delete(m.bindings, sb.key)
 		}
 	}
 }
 
 func (m *Manager) forget(s *installed) {
-	if m.live[s.id] == s {
-		delete(m.live, s.id)
-	}
+	m.live.del(s)
 	if ws := m.slots[s.worker]; int(s.index) < len(ws) && ws[s.index] == s {
 		ws[s.index] = nil
 	}
-	if sb := m.bindings[s.group]; sb != nil && sb.b == s.entry.Binding {
-		if sb.refs--; sb.refs == 0 {
-			delete(m.bindings, s.group)
-		}
-	}
+	m.unshare(s)
 }
 
 // publish writes installed slots to the BPF maps.
@@ -837,7 +847,7 @@ func (m *Manager) publish(installs []*installed) error {
 			if s.encap {
 				flags = bpf.SAFlagEncap
 			}
-			spis = append(spis, s.spi)
+			spis = append(spis, s.id.SPI)
 			vals = append(vals, bpf.SASteer{SaIndex: s.index, Worker: s.worker, Flags: flags})
 			continue
 		}
@@ -846,8 +856,8 @@ func (m *Manager) publish(installs []*installed) error {
 		m.mu.RUnlock()
 		if len(newest) > 0 && newest[len(newest)-1] == s {
 			pol := bpf.Policy{SaIndex: s.index, Worker: s.worker}
-			if !s.policy.core.IsValid() {
-				prefixes, pols = append(prefixes, s.policy.prefix), append(pols, pol)
+			if !s.policy.isCore() {
+				prefixes, pols = append(prefixes, s.policy.prefix()), append(pols, pol)
 				continue
 			}
 			if err := m.putPolicy(s.policy, pol); err != nil {
@@ -872,7 +882,7 @@ func (m *Manager) publish(installs []*installed) error {
 // it hands the prefix back to the newest remaining one.
 func (m *Manager) unpublish(s *installed) error {
 	if s.entry.Dir == worker.Inbound {
-		if err := m.o.Maps.SAs.Delete(s.spi); err != nil && !errors.Is(err, maps.ErrNotFound) {
+		if err := m.o.Maps.SAs.Delete(s.id.SPI); err != nil && !errors.Is(err, maps.ErrNotFound) {
 			return fmt.Errorf("unpublish %s: %w", s.id, err)
 		}
 		return nil
@@ -934,7 +944,7 @@ func (m *Manager) applyBinding(id sa.ID) {
 		return
 	}
 	m.mu.RLock()
-	s := m.live[id]
+	s := m.live.get(id)
 	m.mu.RUnlock()
 	if s == nil {
 		return
@@ -955,7 +965,7 @@ func (m *Manager) syncKeepalives() {
 	}
 	want := make(map[netip.AddrPort]struct{}, len(m.kaReg))
 	m.mu.RLock()
-	for _, s := range m.live {
+	for s := range m.live.all() {
 		if s.entry.Dir == worker.Inbound && s.encap {
 			if ap := s.entry.Binding.Load().Addr; ap.Port() != 0 {
 				want[ap] = struct{}{}
@@ -988,7 +998,7 @@ func (m *Manager) syncKeepalives() {
 func (m *Manager) LastKeepalive(id sa.ID) time.Time {
 	ka := m.o.Maps.Keepalives
 	m.mu.RLock()
-	s := m.live[id]
+	s := m.live.get(id)
 	m.mu.RUnlock()
 	if ka == nil || s == nil || !s.encap || s.entry.Dir != worker.Inbound {
 		return time.Time{}
@@ -1016,7 +1026,7 @@ type SACounters struct {
 // Counters returns the live figures of an installed SA.
 func (m *Manager) Counters(id sa.ID) (SACounters, bool) {
 	m.mu.RLock()
-	s := m.live[id]
+	s := m.live.get(id)
 	m.mu.RUnlock()
 	if s == nil {
 		return SACounters{}, false
@@ -1034,5 +1044,5 @@ func (m *Manager) Counters(id sa.ID) (SACounters, bool) {
 func (m *Manager) Installed() int {
 	m.mu.RLock()
 	defer m.mu.RUnlock()
-	return len(m.live)
+	return m.live.len()
 }

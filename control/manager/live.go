@@ -1,0 +1,137 @@
+package manager
+
+import (
+	"iter"
+	"net/netip"
+
+	"github.com/xesp/xesp/control/sa"
+)
+
+// liveSet is the installed SAs by identity: inbound by SPI, outbound by
+// (SPI, configured peer) in compact keys. With a million SAs the map of
+// full sa.ID keys (40 bytes, an address with its interning handle) cost
+// ~80 bytes per SA; these keys are 4 and 24 bytes.
+type liveSet struct {
+	in  map[uint32]*installed
+	out map[outKey]*installed
+}
+
+// outKey is an outbound sa.ID: the peer address in 16-byte form, is4
+// telling an IPv4 address from its IPv4-mapped IPv6 form. SA addresses
+// carry no zone (the SA parser refuses them), so nothing else tells two
+// IDs apart.
+type outKey struct {
+	addr [16]byte
+	spi  uint32
+	port uint16
+	is4  bool
+}
+
+func keyOf(id sa.ID) outKey {
+	a := id.Peer.Addr()
+	return outKey{addr: a.As16(), spi: id.SPI, port: id.Peer.Port(), is4: a.Is4()}
+}
+
+func newLiveSet(in, out int) liveSet {
+	return liveSet{in: make(map[uint32]*installed, in), out: make(map[outKey]*installed, out)}
+}
+
+func (l *liveSet) get(id sa.ID) *installed {
+	if id.Dir == sa.In {
+		return l.in[id.SPI]
+	}
+	return l.out[keyOf(id)]
+}
+
+func (l *liveSet) put(s *installed) {
+	if s.id.Dir == sa.In {
+		l.in[s.id.SPI] = s
+		return
+	}
+	l.out[keyOf(s.id)] = s
+}
+
+// del removes s if it is what its identity maps to.
+func (l *liveSet) del(s *installed) {
+	if s.id.Dir == sa.In {
+		if l.in[s.id.SPI] == s {
+			delete(l.in, s.id.SPI)
+		}
+		return
+	}
+	if k := keyOf(s.id); l.out[k] == s {
+		delete(l.out, k)
+	}
+}
+
+func (l *liveSet) len() int { return len(l.in) + len(l.out) }
+
+// all yields every installed SA, inbound first.
+func (l *liveSet) all() iter.Seq[*installed] {
+	return func(yield func(*installed) bool) {
+		for _, s := range l.in {
+			if !yield(s) {
+				return
+			}
+		}
+		for _, s := range l.out {
+			if !yield(s) {
+				return
+			}
+		}
+	}
+}
+
+// policyKey is where XDP finds an outbound SA: the cores map's exact
+// (core address, destination port) key when the SA has a core address,
+// else the trie's inner prefix. 20 bytes, not the 64 of a prefix, an
+// address and a port in netip form: the manager keeps one per outbound SA
+// and one per map entry.
+type policyKey struct {
+	addr [16]byte
+	port uint16 // core key only
+	bits uint8  // prefix length; trie key only
+	kind uint8
+}
+
+const (
+	polNone uint8 = iota
+	polPrefix4
+	polPrefix6
+	polCore4
+	polCore6
+)
+
+func prefixKey(p netip.Prefix) policyKey {
+	k := policyKey{addr: p.Addr().As16(), bits: uint8(p.Bits()), kind: polPrefix6}
+	if p.Addr().Is4() {
+		k.kind = polPrefix4
+	}
+	return k
+}
+
+func coreKey(a netip.Addr, port uint16) policyKey {
+	k := policyKey{addr: a.As16(), port: port, kind: polCore6}
+	if a.Is4() {
+		k.kind = polCore4
+	}
+	return k
+}
+
+func (k policyKey) isCore() bool { return k.kind == polCore4 || k.kind == polCore6 }
+
+func (k policyKey) prefix() netip.Prefix {
+	a := netip.AddrFrom16(k.addr)
+	if k.kind == polPrefix4 {
+		a = a.Unmap()
+	}
+	return netip.PrefixFrom(a, int(k.bits))
+}
+
+func (k policyKey) core() netip.Addr {
+	a := netip.AddrFrom16(k.addr)
+	if k.kind == polCore4 {
+		a = a.Unmap()
+	}
+	return a
+}
