@@ -151,7 +151,7 @@ type groupRef struct {
 // sharedBinding is a pair group's binding on one worker, shared by the
 // group's installed SAs; key is its entry in Manager.bindings.
 type sharedBinding struct {
-	b    *worker.Binding
+	b    worker.Binding // in line: one allocation per group, not two
 	refs int
 	key  groupRef
 }
@@ -709,12 +709,13 @@ func (m *Manager) build(e sad.Record) (*installed, error) {
 	m.mu.Lock()
 	sb := m.bindings[key]
 	if sb == nil {
-		sb = &sharedBinding{b: worker.NewBinding(worker.Peer{Addr: e.Binding}), key: key}
+		sb = &sharedBinding{key: key}
+		sb.b.Set(worker.Peer{Addr: e.Binding})
 		m.bindings[key] = sb
 	}
 	sb.refs++
 	m.mu.Unlock()
-	ent.Binding = sb.b
+	ent.Binding = &sb.b
 	sl.shared = sb
 	sl.entry = ent
 	return sl, nil

@@ -68,7 +68,7 @@ func TestReleaseRebuild(t *testing.T) {
 			}
 			tx.Wipe()
 			rx.Wipe()
-			if tx.key != [36]byte{} || !tx.Cold() {
+			if tx.key != [32]byte{} || !tx.Cold() {
 				t.Fatal("wipe left key bytes or a cipher")
 			}
 			buf := make([]byte, 256)

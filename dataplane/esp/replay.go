@@ -35,7 +35,7 @@ type ReplayWindow struct {
 	ring []uint64
 	top  uint64 // highest authenticated sequence number, 0 before the first
 	size uint32 // W; 0 disables the check (high bits are still tracked)
-	pos  uint32 // ring index of word top>>6
+	pos  uint16 // ring index of word top>>6 (< ReplayWords(MaxReplayWindow))
 	esn  bool
 }
 
@@ -161,7 +161,7 @@ func (w *ReplayWindow) Update(seq uint64) {
 		return
 	}
 	if w.size != 0 {
-		n := uint32(len(w.ring))
+		n := uint16(len(w.ring))
 		if adv := seq>>6 - w.top>>6; adv >= uint64(n) {
 			clear(w.ring)
 			w.pos = 0

@@ -53,7 +53,7 @@ func ParseMode(s string) (Mode, error) {
 // Config describes one SA as the SA format (docs/sa-format.md) does, minus the
 // addressing, which belongs to the SAD and to Outer.
 type Config struct {
-	// Name labels errors; optional.
+	// Name labels NewTransform's errors; optional. The Transform keeps no copy.
 	Name string
 	// SPI is taken as given. 0 and 1..255 are reserved (RFC 4303 2.1) and
 	// SPI 0 cannot be carried in UDP (it is the non-ESP marker); refusing
@@ -102,6 +102,7 @@ type Transform struct {
 	icv    uint8 // bytes
 	lazy   bool  // aead is built from key on demand (see above)
 	keyLen uint8 // bytes of key in use; 0 once wiped
+	seqHi  [4]byte
 
 	seq    uint64 // last sequence number sent; 0 before the first
 	maxSeq uint64
@@ -110,22 +111,22 @@ type Transform struct {
 
 	replay ReplayWindow
 
-	// Per-packet scratch. Living in the heap-allocated SA keeps slices of
-	// them from forcing an allocation per call through the cipher
-	// interfaces.
+	// Per-packet scratch (with seqHi above). Living in the
+	// heap-allocated SA keeps slices of them from forcing an allocation
+	// per call through the cipher interfaces.
 	nonce [12]byte // salt || IV
 	aad   [12]byte
-	seqHi [4]byte
 
 	// ext holds the state only 8-byte-ICV GCM, CBC and HMAC proposals
 	// use; nil for the other AEADs, which a million-SA gateway holds, so
 	// each of those SAs is ~200 B smaller.
 	ext *saExt
 
-	// key is the lazy AEAD's key || salt, kept to rebuild the cipher; it
-	// never leaves the Transform and Wipe zeroes it.
-	key  [36]byte
-	name string
+	// key is the lazy AEAD's key (the salt is in nonce), kept to rebuild
+	// the cipher; it never leaves the Transform and Wipe zeroes it.
+	key [32]byte
+	// No name: errors after construction name the SPI, and a caller that
+	// wants labels keeps them (the SAD does); 16 bytes a million times.
 }
 
 // saExt is the SA state of the proposals that run a cipher or MAC
@@ -205,7 +206,7 @@ func initSA(sa *Transform, c Config, ring []uint64) error {
 		return fmt.Errorf("auth_key: %s needs %d bytes, got %d", c.Proposal, info.authKeyLen, len(c.AuthKey))
 	}
 	*sa = Transform{
-		name: c.Name, spi: c.SPI, prop: c.Proposal, mode: c.Mode, esn: c.ESN,
+		spi: c.SPI, prop: c.Proposal, mode: c.Mode, esn: c.ESN,
 		ivLen: uint8(info.ivLen), icv: uint8(info.icvLen), maxSeq: 0xffffffff,
 	}
 	if c.ESN {
@@ -229,7 +230,7 @@ func initSA(sa *Transform, c Config, ring []uint64) error {
 		// cipher. Its length was checked above, the only reason the
 		// constructors fail, so building later cannot.
 		sa.lazy = true
-		sa.keyLen = uint8(copy(sa.key[:], c.EncKey))
+		sa.keyLen = uint8(copy(sa.key[:], c.EncKey[:len(c.EncKey)-4]))
 		copy(sa.nonce[:4], c.EncKey[len(c.EncKey)-4:])
 	case info.aead: // AES-GCM, 8-byte ICV
 		key := c.EncKey[:len(c.EncKey)-4]
@@ -292,9 +293,6 @@ func (p proposalInfo) icvPresent() bool { return p.icvLen > 0 }
 // SPI returns the SA's SPI.
 func (sa *Transform) SPI() uint32 { return sa.spi }
 
-// Name returns the label given in Config.
-func (sa *Transform) Name() string { return sa.name }
-
 // Proposal returns the SA's transform.
 func (sa *Transform) Proposal() Proposal { return sa.prop }
 
@@ -325,24 +323,24 @@ func (sa *Transform) Warm() error {
 		return nil
 	}
 	if sa.keyLen == 0 {
-		return fmt.Errorf("sa %q: keys wiped", sa.name)
+		return fmt.Errorf("spi 0x%08x: keys wiped", sa.spi)
 	}
-	k := sa.key[:sa.keyLen-4] // the salt is in nonce
+	k := sa.key[:sa.keyLen]
 	if sa.prop == ChaCha20Poly1305 {
 		a, err := chacha20poly1305.New(k)
 		if err != nil {
-			return fmt.Errorf("sa %q: enc_key: %w", sa.name, err)
+			return fmt.Errorf("spi 0x%08x: enc_key: %w", sa.spi, err)
 		}
 		sa.aead = a
 		return nil
 	}
 	b, err := aes.NewCipher(k)
 	if err != nil {
-		return fmt.Errorf("sa %q: enc_key: %w", sa.name, err)
+		return fmt.Errorf("spi 0x%08x: enc_key: %w", sa.spi, err)
 	}
 	a, err := cipher.NewGCMWithTagSize(b, int(sa.icv))
 	if err != nil {
-		return fmt.Errorf("sa %q: enc_key: %w", sa.name, err)
+		return fmt.Errorf("spi 0x%08x: enc_key: %w", sa.spi, err)
 	}
 	sa.aead = a
 	return nil
@@ -416,11 +414,11 @@ func (sa *Transform) Exhausted() bool { return sa.seq >= sa.maxSeq }
 func (sa *Transform) SetNextSeq(next uint64) error {
 	switch {
 	case next == 0:
-		return fmt.Errorf("sa %q: next sequence number 0 is never sent", sa.name)
+		return fmt.Errorf("spi 0x%08x: next sequence number 0 is never sent", sa.spi)
 	case next-1 > sa.maxSeq:
-		return fmt.Errorf("sa %q: next sequence number %d exceeds the 32-bit space of a non-ESN SA", sa.name, next)
+		return fmt.Errorf("spi 0x%08x: next sequence number %d exceeds the 32-bit space of a non-ESN SA", sa.spi, next)
 	case next-1 < sa.seq:
-		return fmt.Errorf("sa %q: next sequence number %d is behind the counter (%d): moving back would reuse IVs", sa.name, next, sa.seq+1)
+		return fmt.Errorf("spi 0x%08x: next sequence number %d is behind the counter (%d): moving back would reuse IVs", sa.spi, next, sa.seq+1)
 	}
 	sa.seq = next - 1
 	return nil

@@ -51,9 +51,9 @@ type Slot struct {
 	// with the same InnerPeer whose ports match (IMS sec-agree gives a
 	// phone two outbound SAs, told apart by port).
 	PortLocal, PortPeer uint16
+	maxOverhead         uint16 // bound on what sealing adds (0: not computed yet), see overheadBound
 	index               uint32 // slot in the worker's table, set by Install
 	used                uint32 // the worker's idle clock at the last packet (idle.go)
-	maxOverhead         int    // bound on what sealing adds (0: not computed yet): the MTU check's fast path
 
 	// HardPackets and HardBytes are the SA's hard lifetime (0: none). The
 	// worker checks them per packet, so the SA never carries a packet
@@ -143,6 +143,15 @@ func NewSlot(c esp.Config) (*Slot, error) {
 	}
 	s.SA = t
 	return s, nil
+}
+
+// overheadBound is an upper bound on what sealing adds to any payload, the
+// MTU check's fast path, computed once per entry.
+func (e *Slot) overheadBound() int {
+	if e.maxOverhead == 0 {
+		e.maxOverhead = uint16(e.SA.Headroom() + e.SA.MaxTailroom())
+	}
+	return int(e.maxOverhead)
 }
 
 // expired says the SA reached a hard packet or byte lifetime and must not

@@ -559,10 +559,7 @@ func (p *pipeline) encapOne(d xsk.Desc) (xsk.Desc, Drop) {
 		if e.LocalPort != 0 {
 			ol += 8
 		}
-		if e.maxOverhead == 0 {
-			e.maxOverhead = e.SA.Headroom() + e.SA.MaxTailroom() // an upper bound, once per entry
-		}
-		if ol+n+e.maxOverhead > mtu && ol+n+e.SA.Overhead(n, 0) > mtu {
+		if ol+n+e.overheadBound() > mtu && ol+n+e.SA.Overhead(n, 0) > mtu {
 			fit := maxInner(e.SA, ol, mtu)
 			if ip[0]>>4 == 6 || ip[6]&0x40 != 0 {
 				// DF or IPv6: the sender must make it smaller (RFC 1191,
