@@ -1,6 +1,7 @@
 package manager
 
 import (
+	"hash/maphash"
 	"iter"
 	"net/netip"
 
@@ -134,4 +135,67 @@ func (k policyKey) core() netip.Addr {
 		a = a.Unmap()
 	}
 	return a
+}
+
+// bindingTable finds a pair group's shared binding by its group key. The
+// map is keyed by the key's hash, a chain through sharedBinding.next
+// holding the (rare) collisions, each compared in full: an 88-byte
+// groupRef as a map key cost ~150 bytes per pair, the copy in the
+// sharedBinding is needed anyway to remove it.
+type bindingTable struct {
+	seed maphash.Seed
+	m    map[uint64]*sharedBinding
+	// hashOf replaces the seeded hash in tests (collisions on demand).
+	hashOf func(groupRef) uint64
+}
+
+func newBindingTable() bindingTable {
+	return bindingTable{seed: maphash.MakeSeed(), m: make(map[uint64]*sharedBinding)}
+}
+
+func (t *bindingTable) hash(k groupRef) uint64 {
+	if t.hashOf != nil {
+		return t.hashOf(k)
+	}
+	return maphash.Comparable(t.seed, k)
+}
+
+func (t *bindingTable) get(k groupRef) *sharedBinding {
+	for sb := t.m[t.hash(k)]; sb != nil; sb = sb.next {
+		if sb.key == k {
+			return sb
+		}
+	}
+	return nil
+}
+
+// add files sb, whose key the table does not hold.
+func (t *bindingTable) add(sb *sharedBinding) {
+	h := t.hash(sb.key)
+	sb.next = t.m[h]
+	t.m[h] = sb
+}
+
+// del removes sb if the table holds it.
+func (t *bindingTable) del(sb *sharedBinding) {
+	h := t.hash(sb.key)
+	for p := t.m[h]; p != nil; p = p.next {
+		if p != sb {
+			continue
+		}
+		if prev := t.m[h]; prev == sb {
+			if sb.next == nil {
+				delete(t.m, h)
+			} else {
+				t.m[h] = sb.next
+			}
+		} else {
+			for prev.next != sb {
+				prev = prev.next
+			}
+			prev.next = sb.next
+		}
+		sb.next = nil
+		return
+	}
 }

@@ -87,14 +87,9 @@ type installed struct {
 	index  uint32
 	worker uint16
 	encap  bool
-	// While a commit builds an update: whether the worker inherits the
-	// state of the slot it replaces (replaces) in place (same worker
-	// and index).
-	inherit bool
 	// seen is the resync pass that last listed the SA (resync removes
 	// those an older pass listed).
-	seen     uint32
-	replaces *installed
+	seen uint32
 
 	// snap is the inbound SA's replay window as its worker last exported
 	// it (nil: never): SnapshotInbound's answer for an SA whose window has
@@ -154,6 +149,7 @@ type sharedBinding struct {
 	b    worker.Binding // in line: one allocation per group, not two
 	refs int
 	key  groupRef
+	next *sharedBinding // bindingTable chain
 }
 
 // Manager mirrors a SAD into the data path.
@@ -164,7 +160,7 @@ type Manager struct {
 	mu       sync.RWMutex // guards live (read by the API)
 	live     liveSet
 	slots    [][]*installed // [worker][index], for binding events
-	bindings map[groupRef]*sharedBinding
+	bindings bindingTable
 	// policies lists, per XDP key (inner prefix or core key), the
 	// outbound SAs that serve it, in install order; the map entry points
 	// at the newest, so a rekeyed SA takes over and the older one takes
@@ -213,7 +209,7 @@ func New(o Options) (*Manager, error) {
 		o: o, log: o.Log, syncedCh: make(chan struct{}),
 		live:     newLiveSet(0, 0),
 		slots:    make([][]*installed, o.Workers.Len()),
-		bindings: make(map[groupRef]*sharedBinding),
+		bindings: newBindingTable(),
 		policies: make(map[policyKey][]*installed),
 
 		retryInstall: make(map[sa.ID]struct{}),
@@ -474,6 +470,10 @@ func (m *Manager) commit(ctx context.Context, b *batch) error {
 	var errs []error
 
 	var installs, olds []*installed
+	// repl maps an update to the version it replaces; the worker
+	// inherits that one's state in place when both have the same slot
+	// (inPlace).
+	var repl map[*installed]*installed
 	for _, e := range b.adds {
 		s, err := m.build(e)
 		if err != nil {
@@ -484,8 +484,7 @@ func (m *Manager) commit(ctx context.Context, b *batch) error {
 		old := m.live.get(e.ID)
 		m.mu.RUnlock()
 		if old != nil {
-			if old.worker == s.worker && old.index == s.index {
-				s.inherit = true
+			if inPlace(s, old) {
 				if old.entry.Dir == worker.Outbound && old.policy != s.policy {
 					// The update moved the SA to another XDP key (a core
 					// address given or changed, another inner prefix):
@@ -499,7 +498,10 @@ func (m *Manager) commit(ctx context.Context, b *batch) error {
 			} else {
 				olds = append(olds, old)
 			}
-			s.replaces = old
+			if repl == nil {
+				repl = make(map[*installed]*installed)
+			}
+			repl[s] = old
 		}
 		installs = append(installs, s)
 	}
@@ -520,14 +522,14 @@ func (m *Manager) commit(ctx context.Context, b *batch) error {
 	if len(out) > 0 {
 		m.settle()
 	}
-	if err := m.send(ctx, out, false); err != nil {
+	if err := m.send(ctx, out, false, nil); err != nil {
 		return err
 	}
 	// 3. Moved SAs continue where the old version stopped; every outbound
 	// SA gets durably reserved sequence numbers before its first packet.
-	for _, s := range installs {
-		if s.replaces != nil && !s.inherit {
-			worker.Inherit(s.entry, s.replaces.entry)
+	for s, old := range repl {
+		if !inPlace(s, old) {
+			worker.Inherit(s.entry, old.entry)
 		}
 	}
 	installs, err := m.reserve(installs, &errs)
@@ -544,7 +546,7 @@ func (m *Manager) commit(ctx context.Context, b *batch) error {
 		return errors.Join(append(errs, err)...)
 	}
 	// 4. Install.
-	if err := m.send(ctx, installs, true); err != nil {
+	if err := m.send(ctx, installs, true, repl); err != nil {
 		return err
 	}
 	m.mu.Lock()
@@ -552,10 +554,9 @@ func (m *Manager) commit(ctx context.Context, b *batch) error {
 		m.forget(s)
 	}
 	for _, s := range installs {
-		if s.replaces != nil && s.inherit {
-			m.forget(s.replaces)
+		if old := repl[s]; old != nil && inPlace(s, old) {
+			m.forget(old)
 		}
-		s.replaces = nil
 		m.remember(s)
 	}
 	m.mu.Unlock()
@@ -569,9 +570,14 @@ func (m *Manager) commit(ctx context.Context, b *batch) error {
 	return errors.Join(errs...)
 }
 
+// inPlace says the update s takes the slot of old, the version it
+// replaces: its worker then carries old's state over (Command.Inherit).
+func inPlace(s, old *installed) bool { return old.worker == s.worker && old.index == s.index }
+
 // send installs (or removes) slots in their workers' tables and returns
-// once every worker concerned has applied the commands.
-func (m *Manager) send(ctx context.Context, slots []*installed, install bool) error {
+// once every worker concerned has applied the commands. repl: the
+// versions installs replace (commit).
+func (m *Manager) send(ctx context.Context, slots []*installed, install bool, repl map[*installed]*installed) error {
 	if len(slots) == 0 {
 		return nil
 	}
@@ -580,7 +586,8 @@ func (m *Manager) send(ctx context.Context, slots []*installed, install bool) er
 	for _, s := range slots {
 		c := worker.Command{Index: s.index}
 		if install {
-			c.Entry, c.Inherit = s.entry, s.inherit
+			old := repl[s]
+			c.Entry, c.Inherit = s.entry, old != nil && inPlace(s, old)
 		} else {
 			// Removals wait for the frames already steered to the slot.
 			c.Drain, c.Done = true, make(chan struct{})
@@ -707,11 +714,11 @@ func (m *Manager) build(e sad.Record) (*installed, error) {
 	}
 	key := groupRef{worker: e.Worker, key: sad.GroupOf(s)}
 	m.mu.Lock()
-	sb := m.bindings[key]
+	sb := m.bindings.get(key)
 	if sb == nil {
 		sb = &sharedBinding{key: key}
 		sb.b.Set(worker.Peer{Addr: e.Binding})
-		m.bindings[key] = sb
+		m.bindings.add(sb)
 	}
 	sb.refs++
 	m.mu.Unlock()
@@ -821,8 +828,8 @@ func (m *Manager) release(s *installed) {
 func (m *Manager) unshare(s *installed) {
 	if sb := s.shared; sb != nil {
 		s.shared = nil
-		if sb.refs--; sb.refs == 0 && m.bindings[sb.key] == sb {
-			delete(m.bindings, sb.key)
+		if sb.refs--; sb.refs == 0 {
+			m.bindings.del(sb)
 		}
 	}
 }
