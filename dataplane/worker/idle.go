@@ -1,6 +1,10 @@
 package worker
 
-import "time"
+import (
+	"time"
+
+	"github.com/xesp/xesp/dataplane/xsk"
+)
 
 // Idle ciphers. A lazy SA's AEAD instance (esp.Transform: ~0.8 KB for
 // AES-GCM, more than all the rest of an SA) is built by its worker on the
@@ -107,4 +111,28 @@ func idleTicks(idle time.Duration) uint32 {
 		idle = DefaultCipherIdle
 	}
 	return uint32(max(1, (idle+idleTick-1)/idleTick))
+}
+
+// touchBatch reads the per-SA state of every frame of a batch before the
+// first is processed (esp.Transform.Touch): with a million SAs their
+// state is out of cache, and these independent loads overlap their
+// misses, where the packets' own work would take them one at a time.
+// Runs of frames for one SA touch it once.
+func (p *pipeline) touchBatch(rx []xsk.Desc) {
+	var v uintptr
+	last := ^uint32(0)
+	for _, d := range rx {
+		m := p.meta(d.Addr)
+		if m == nil || m.SaIndex == last || int(m.SaIndex) >= len(p.table) {
+			continue
+		}
+		last = m.SaIndex
+		if e := p.table[last]; e != nil && e.SA != nil {
+			v += uintptr(e.used) + e.SA.Touch()
+			if e.Binding != nil {
+				v += uintptr(e.Binding.Load().Addr.Port())
+			}
+		}
+	}
+	p.touched = v
 }

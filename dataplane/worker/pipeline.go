@@ -29,6 +29,7 @@ type pipeline struct {
 	mem        *xsk.UMEM
 	table      []*Slot
 	idle       idler    // built ciphers and their idle release (idle.go)
+	touched    uintptr  // touchBatch's result, kept so its loads stay
 	dirty      []uint32 // slots of inbound entries with dirty set
 	nb         Neighbors
 	pubMAC     [6]byte // source MAC of frames sent on the public side
@@ -211,6 +212,7 @@ func (p *pipeline) decap(rx []xsk.Desc, tx []xsk.Desc, drop []uint64) ([]xsk.Des
 func (p *pipeline) batch(rx []xsk.Desc, tx []xsk.Desc, drop []uint64, st *DirStats, dir Direction) ([]xsk.Desc, []uint64) {
 	p.now = 0
 	p.nbDst = netip.Addr{}
+	p.touchBatch(rx)
 	for _, d := range rx {
 		var out xsk.Desc
 		var why Drop
