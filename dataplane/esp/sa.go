@@ -434,7 +434,10 @@ func (sa *Transform) SetNextSeq(next uint64) error {
 // then overlap instead of stalling each packet in turn (with a million
 // SAs, the state of most is). It changes nothing.
 func (sa *Transform) Touch() uintptr {
-	v := uintptr(sa.spi) + uintptr(sa.replay.top)
+	v := uintptr(sa.spi) + uintptr(sa.replay.top) + uintptr(sa.nonce[0]) + uintptr(sa.key[31])
+	if w := &sa.replay; len(w.ring) > 0 {
+		v += uintptr(w.ring[w.pos]) // the word an in-order packet updates
+	}
 	if sa.aead == nil {
 		return v
 	}

@@ -2,6 +2,7 @@ package worker
 
 import (
 	"time"
+	"unsafe"
 
 	"github.com/xesp/xesp/dataplane/xsk"
 )
@@ -128,7 +129,10 @@ func (p *pipeline) touchBatch(rx []xsk.Desc) {
 		}
 		last = m.SaIndex
 		if e := p.table[last]; e != nil && e.SA != nil {
-			v += uintptr(e.used) + e.SA.Touch()
+			for off := uintptr(0); off < unsafe.Sizeof(*e); off += 64 {
+				v += uintptr(*(*byte)(unsafe.Add(unsafe.Pointer(e), off)))
+			}
+			v += e.SA.Touch()
 			if e.Binding != nil {
 				v += uintptr(e.Binding.Load().Addr.Port())
 			}
