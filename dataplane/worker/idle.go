@@ -18,7 +18,7 @@ import (
 
 // DefaultCipherIdle is Config.CipherIdle's default: long against a phone's
 // SIP exchanges (a call's media keeps its SA busy; a REGISTER refresh
-// comes every few minutes), so a talking phone pays the rebuild (~0.3 µs)
+// comes every few minutes), so a talking phone pays the rebuild (0.3-2 µs)
 // at most once per conversation.
 const DefaultCipherIdle = 30 * time.Second
 
