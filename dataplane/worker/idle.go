@@ -36,7 +36,7 @@ type idler struct {
 	limit    uint32  // ticks without a packet before a release (>= 1)
 	pos      int     // next list position of the pass in progress
 	sweeping bool
-	nextTick int64 // unix ns
+	nextTick int64 // monotonic ns, tick's now
 }
 
 // touch marks e used by a packet now and builds its cipher if it is cold.
@@ -63,7 +63,7 @@ func (p *pipeline) warm(e *Slot) {
 }
 
 // tick advances the idle clock when a tick passed and runs one chunk of
-// the sweep in progress. now is unix ns.
+// the sweep in progress. now is monotonic ns (the worker's run time).
 func (p *pipeline) tick(now int64) {
 	d := &p.idle
 	if d.limit == 0 {

@@ -321,6 +321,7 @@ func (w *Worker) Run(ctx context.Context) error {
 	}
 	idle := 0
 	slow := newSlowKnob()
+	t0 := time.Now() // the idle clock's origin: monotonic, wall-clock steps do not move it
 	for {
 		slow.start()
 		w.drainCommands()
@@ -376,7 +377,7 @@ func (w *Worker) Run(ctx context.Context) error {
 			}
 		}
 		slow.after(got)
-		w.pipe.tick(time.Now().UnixNano())
+		w.pipe.tick(int64(time.Since(t0)))
 		if got > 0 {
 			idle = 0
 			continue
