@@ -9,32 +9,51 @@ import (
 )
 
 // liveSet is the installed SAs by identity: inbound by SPI, outbound by
-// (SPI, configured peer) in compact keys. With a million SAs the map of
-// full sa.ID keys (40 bytes, an address with its interning handle) cost
-// ~80 bytes per SA; these keys are 4 and 24 bytes.
+// their compact identity (saKey). With a million SAs the map of full
+// sa.ID keys (40 bytes, an address with its interning handle) cost ~80
+// bytes per SA; these keys are 4 and 24 bytes.
 type liveSet struct {
 	in  map[uint32]*installed
-	out map[outKey]*installed
+	out map[saKey]*installed
 }
 
-// outKey is an outbound sa.ID: the peer address in 16-byte form, is4
-// telling an IPv4 address from its IPv4-mapped IPv6 form. SA addresses
-// carry no zone (the SA parser refuses them), so nothing else tells two
-// IDs apart.
-type outKey struct {
+// saKey is an sa.ID in 24 bytes instead of 40: the peer address in
+// 16-byte form with its family (IPv4 apart from IPv4-mapped IPv6; 0: no
+// peer, inbound). SA addresses carry no zone (the SA parser refuses
+// them), so the two forms are the same identity.
+type saKey struct {
 	addr [16]byte
 	spi  uint32
 	port uint16
-	is4  bool
+	dir  sa.Direction
+	fam  uint8
 }
 
-func keyOf(id sa.ID) outKey {
-	a := id.Peer.Addr()
-	return outKey{addr: a.As16(), spi: id.SPI, port: id.Peer.Port(), is4: a.Is4()}
+func keyOf(id sa.ID) saKey {
+	k := saKey{spi: id.SPI, dir: id.Dir}
+	if a := id.Peer.Addr(); a.IsValid() {
+		k.addr, k.port, k.fam = a.As16(), id.Peer.Port(), 6
+		if a.Is4() {
+			k.fam = 4
+		}
+	}
+	return k
+}
+
+// id is the sa.ID k was made from.
+func (k saKey) id() sa.ID {
+	id := sa.ID{Dir: k.dir, SPI: k.spi}
+	switch k.fam {
+	case 4:
+		id.Peer = netip.AddrPortFrom(netip.AddrFrom16(k.addr).Unmap(), k.port)
+	case 6:
+		id.Peer = netip.AddrPortFrom(netip.AddrFrom16(k.addr), k.port)
+	}
+	return id
 }
 
 func newLiveSet(in, out int) liveSet {
-	return liveSet{in: make(map[uint32]*installed, in), out: make(map[outKey]*installed, out)}
+	return liveSet{in: make(map[uint32]*installed, in), out: make(map[saKey]*installed, out)}
 }
 
 func (l *liveSet) get(id sa.ID) *installed {
@@ -45,23 +64,23 @@ func (l *liveSet) get(id sa.ID) *installed {
 }
 
 func (l *liveSet) put(s *installed) {
-	if s.id.Dir == sa.In {
-		l.in[s.id.SPI] = s
+	if s.key.dir == sa.In {
+		l.in[s.key.spi] = s
 		return
 	}
-	l.out[keyOf(s.id)] = s
+	l.out[s.key] = s
 }
 
 // del removes s if it is what its identity maps to.
 func (l *liveSet) del(s *installed) {
-	if s.id.Dir == sa.In {
-		if l.in[s.id.SPI] == s {
-			delete(l.in, s.id.SPI)
+	if s.key.dir == sa.In {
+		if l.in[s.key.spi] == s {
+			delete(l.in, s.key.spi)
 		}
 		return
 	}
-	if k := keyOf(s.id); l.out[k] == s {
-		delete(l.out, k)
+	if l.out[s.key] == s {
+		delete(l.out, s.key)
 	}
 }
 

@@ -67,3 +67,27 @@ func TestPolicyKey(t *testing.T) {
 		t.Fatal("IPv4 and IPv4-mapped prefixes share a key")
 	}
 }
+
+// The compact SA identity round-trips every kind of sa.ID, and different
+// IDs get different keys.
+func TestSAKey(t *testing.T) {
+	ids := []sa.ID{
+		{Dir: sa.In, SPI: 0x1001},
+		{Dir: sa.Out, SPI: 0x1001, Peer: netip.MustParseAddrPort("192.0.2.10:4500")},
+		{Dir: sa.Out, SPI: 0x1001, Peer: netip.MustParseAddrPort("[::ffff:192.0.2.10]:4500")},
+		{Dir: sa.Out, SPI: 0x1001, Peer: netip.MustParseAddrPort("[2001:db8::10]:4500")},
+		{Dir: sa.Out, SPI: 0x1001, Peer: netip.MustParseAddrPort("192.0.2.10:0")},
+		{Dir: sa.Out, SPI: 0x1001},
+	}
+	seen := map[saKey]sa.ID{}
+	for _, id := range ids {
+		k := keyOf(id)
+		if got := k.id(); got != id {
+			t.Fatalf("%v: round trip gives %v", id, got)
+		}
+		if other, dup := seen[k]; dup {
+			t.Fatalf("%v and %v share a key", id, other)
+		}
+		seen[k] = id
+	}
+}

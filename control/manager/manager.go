@@ -79,23 +79,25 @@ type Options struct {
 // needs to find, replace and remove it (the SA itself is in the SAD, its
 // data-path state in the worker's slot).
 type installed struct {
-	id     sa.ID
+	key    saKey // its sa.ID, compact (id())
 	entry  *worker.Slot
 	shared *sharedBinding // its pair group's binding on its worker
-	seqKey seqstore.Key   // outbound: its reservation record
-	policy policyKey      // outbound: the XDP entry (trie prefix or core key) this SA serves
-	index  uint32
-	worker uint16
-	encap  bool
-	// seen is the resync pass that last listed the SA (resync removes
-	// those an older pass listed).
-	seen uint32
-
 	// snap is the inbound SA's replay window as its worker last exported
 	// it (nil: never): SnapshotInbound's answer for an SA whose window has
 	// not changed since.
-	snap *esp.ReplayState
+	snap   *esp.ReplayState
+	seqKey seqstore.Key // outbound: its reservation record
+	policy policyKey    // outbound: the XDP entry (trie prefix or core key) this SA serves
+	index  uint32
+	// seen is the resync pass that last listed the SA (resync removes
+	// those an older pass listed).
+	seen   uint32
+	worker uint16
+	encap  bool
 }
+
+// id is the SA's identity.
+func (s *installed) id() sa.ID { return s.key.id() }
 
 func (k policyKey) String() string {
 	if k.isCore() {
@@ -540,7 +542,7 @@ func (m *Manager) commit(ctx context.Context, b *batch) error {
 		m.mu.Lock()
 		for _, s := range installs {
 			m.release(s)
-			m.retryInstall[s.id] = struct{}{}
+			m.retryInstall[s.id()] = struct{}{}
 		}
 		m.mu.Unlock()
 		return errors.Join(append(errs, err)...)
@@ -667,7 +669,7 @@ func (m *Manager) build(e sad.Record) (*installed, error) {
 	if err != nil {
 		return nil, err
 	}
-	sl := &installed{id: e.ID, worker: e.Worker, index: e.Index, encap: s.Encap != nil}
+	sl := &installed{key: keyOf(e.ID), worker: e.Worker, index: e.Index, encap: s.Encap != nil}
 	ent.Local, ent.PortLocal, ent.PortPeer = s.Local, s.Ports.Local, s.Ports.Peer
 	ent.InnerLocal, ent.Proto, ent.DSCP, ent.FixDSCP = s.InnerLocal, s.Ports.Proto, s.DSCP, s.HasDSCP
 	ent.HardPackets, ent.HardBytes = s.Lifetime.HardPackets, s.Lifetime.HardBytes
@@ -757,7 +759,7 @@ func (m *Manager) reserve(installs []*installed, errs *[]error) ([]*installed, e
 		next := max(s.entry.SA.NextSeq(), seqstore.StartSeq(persisted))
 		if next != s.entry.SA.NextSeq() {
 			if err := s.entry.SA.SetNextSeq(next); err != nil {
-				*errs = append(*errs, fmt.Errorf("%s: sequence space used up by earlier runs, rekey: %w", s.id, err))
+				*errs = append(*errs, fmt.Errorf("%s: sequence space used up by earlier runs, rekey: %w", s.id(), err))
 				m.mu.Lock()
 				m.release(s)
 				m.mu.Unlock()
@@ -798,7 +800,7 @@ func (m *Manager) extend(req worker.SeqRequest) error {
 		return nil
 	}
 	if err := m.o.Seq.Reserve([]seqstore.Reservation{{Key: s.seqKey, High: high}}); err != nil {
-		return fmt.Errorf("%s: %w", s.id, err)
+		return fmt.Errorf("%s: %w", s.id(), err)
 	}
 	s.entry.Limit.Store(high)
 	s.entry.ExtendAt.Store(high - block/2)
@@ -855,7 +857,7 @@ func (m *Manager) publish(installs []*installed) error {
 			if s.encap {
 				flags = bpf.SAFlagEncap
 			}
-			spis = append(spis, s.id.SPI)
+			spis = append(spis, s.key.spi)
 			vals = append(vals, bpf.SASteer{SaIndex: s.index, Worker: s.worker, Flags: flags})
 			continue
 		}
@@ -869,7 +871,7 @@ func (m *Manager) publish(installs []*installed) error {
 				continue
 			}
 			if err := m.putPolicy(s.policy, pol); err != nil {
-				errs = append(errs, fmt.Errorf("publish policy %s for %s: %w", s.policy, s.id, err))
+				errs = append(errs, fmt.Errorf("publish policy %s for %s: %w", s.policy, s.id(), err))
 			}
 		}
 	}
@@ -890,8 +892,8 @@ func (m *Manager) publish(installs []*installed) error {
 // it hands the prefix back to the newest remaining one.
 func (m *Manager) unpublish(s *installed) error {
 	if s.entry.Dir == worker.Inbound {
-		if err := m.o.Maps.SAs.Delete(s.id.SPI); err != nil && !errors.Is(err, maps.ErrNotFound) {
-			return fmt.Errorf("unpublish %s: %w", s.id, err)
+		if err := m.o.Maps.SAs.Delete(s.key.spi); err != nil && !errors.Is(err, maps.ErrNotFound) {
+			return fmt.Errorf("unpublish %s: %w", s.id(), err)
 		}
 		return nil
 	}
@@ -901,7 +903,7 @@ func (m *Manager) unpublish(s *installed) error {
 		return m.putPolicy(s.policy, bpf.Policy{SaIndex: n.index, Worker: n.worker})
 	}
 	if err := m.deletePolicy(s.policy); err != nil && !errors.Is(err, maps.ErrNotFound) {
-		return fmt.Errorf("unpublish policy %s of %s: %w", s.policy, s.id, err)
+		return fmt.Errorf("unpublish policy %s of %s: %w", s.policy, s.id(), err)
 	}
 	return nil
 }
@@ -939,8 +941,8 @@ func (m *Manager) bindingChanged(ev worker.BindingChange) {
 	if s == nil {
 		return
 	}
-	if _, err := m.o.SAD.SetBinding(s.id, ev.Peer.Addr); err != nil && !errors.Is(err, sad.ErrNotFound) {
-		m.log.Warn("record NAT binding", "sa", s.id, "err", err)
+	if _, err := m.o.SAD.SetBinding(s.id(), ev.Peer.Addr); err != nil && !errors.Is(err, sad.ErrNotFound) {
+		m.log.Warn("record NAT binding", "sa", s.id(), "err", err)
 	}
 }
 

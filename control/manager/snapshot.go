@@ -38,7 +38,7 @@ func (m *Manager) SnapshotInbound(ctx context.Context, stopped bool) ([]InboundS
 		var ws []snapshotWant
 		for s := range m.live.all() {
 			if s.entry.Dir == worker.Inbound {
-				ws = append(ws, snapshotWant{s.id, s.entry})
+				ws = append(ws, snapshotWant{s.id(), s.entry})
 			}
 		}
 		m.mu.RUnlock()
@@ -67,7 +67,7 @@ func (m *Manager) SnapshotInbound(ctx context.Context, stopped bool) ([]InboundS
 	out := make([]InboundState, 0, len(m.live.in))
 	for s := range m.live.all() {
 		if s.entry.Dir == worker.Inbound && s.snap != nil {
-			out = append(out, InboundState{ID: s.id, Replay: *s.snap})
+			out = append(out, InboundState{ID: s.id(), Replay: *s.snap})
 		}
 	}
 	return out, nil
