@@ -121,6 +121,10 @@ type Options struct {
 	// snapshotted to state_dir (DefaultStateInterval); after a crash,
 	// what an SA accepted in the last interval can be replayed once.
 	StateInterval time.Duration
+	// CipherIdle is how long an SA carries no packet before its worker
+	// drops its cipher, rebuilt from the key on its next packet
+	// (worker.Config.CipherIdle; 0: worker.DefaultCipherIdle).
+	CipherIdle time.Duration
 
 	// Upgrade continues a running daemon's data path handed over by it
 	// (Handover) instead of building one: its sockets stay bound and
@@ -404,7 +408,8 @@ func (g *Gateway) start(ctx context.Context, o Options) (err error) {
 			Neighbors: g.Neighbors, BindingEvents: events, SeqRequests: seqReqs,
 			// Handed-over RX rings hold packets already: nothing is read
 			// before the SAs are installed (Release below).
-			Held: adopted != nil,
+			Held:       adopted != nil,
+			CipherIdle: o.CipherIdle,
 		})
 		if err != nil {
 			return err

@@ -142,12 +142,14 @@ func parseDecryptArgs(args []string, stderr io.Writer) (decryptOpts, error) {
 }
 
 // loadInboundSAs builds one engine SA per inbound SPI of the file.
-func loadInboundSAs(o decryptOpts) (map[uint32]*esp.Transform, int, error) {
+func loadInboundSAs(o decryptOpts) (map[uint32]*esp.Transform, map[uint32]string, int, error) {
 	specs, err := sa.ParseFile(o.saFile, sa.Options{AllowNoIntegrity: true})
 	if err != nil {
-		return nil, 0, err
+		return nil, nil, 0, err
 	}
 	sas := map[uint32]*esp.Transform{}
+	names := map[uint32]string{} // the Transform keeps no label
+
 	outbound := 0
 	for _, s := range specs {
 		if s.Direction != sa.In {
@@ -161,25 +163,25 @@ func loadInboundSAs(o decryptOpts) (map[uint32]*esp.Transform, int, error) {
 		e, err := esp.NewTransform(esp.Config{Name: s.Name, SPI: s.SPI, Proposal: s.Proposal, EncKey: s.EncKey,
 			AuthKey: s.AuthKey, ESN: s.ESN, ReplayWindow: int(s.ReplayWindow), Mode: mode})
 		if err != nil {
-			return nil, 0, fmt.Errorf("%s: %w", o.saFile, err)
+			return nil, nil, 0, fmt.Errorf("%s: %w", o.saFile, err)
 		}
-		sas[s.SPI] = e
+		sas[s.SPI], names[s.SPI] = e, s.Name
 	}
 	if len(sas) == 0 {
-		return nil, 0, fmt.Errorf("%s: no SA with direction \"in\" (%d outbound SAs, which decrypt does not use)", o.saFile, outbound)
+		return nil, nil, 0, fmt.Errorf("%s: no SA with direction \"in\" (%d outbound SAs, which decrypt does not use)", o.saFile, outbound)
 	}
 	for spi, top := range o.tops {
 		e, ok := sas[spi]
 		if !ok {
-			return nil, 0, fmt.Errorf("%w: --window-top: no inbound SA with SPI 0x%08x in %s", errUsage, spi, o.saFile)
+			return nil, nil, 0, fmt.Errorf("%w: --window-top: no inbound SA with SPI 0x%08x in %s", errUsage, spi, o.saFile)
 		}
 		w := e.Replay()
 		st := esp.ReplayState{Top: top, Bitmap: make([]uint64, (w.Size()+63)/64)}
 		if err := w.Import(st); err != nil {
-			return nil, 0, fmt.Errorf("%w: --window-top 0x%08x=%d: %v", errUsage, spi, top, err)
+			return nil, nil, 0, fmt.Errorf("%w: --window-top 0x%08x=%d: %v", errUsage, spi, top, err)
 		}
 	}
-	return sas, outbound, nil
+	return sas, names, outbound, nil
 }
 
 // decryptRecord is one output line; the JSON names are the --json format.
@@ -218,7 +220,7 @@ func runDecrypt(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	sas, outbound, err := loadInboundSAs(o)
+	sas, names, outbound, err := loadInboundSAs(o)
 	if err != nil {
 		return err
 	}
@@ -269,7 +271,7 @@ func runDecrypt(args []string, stdout, stderr io.Writer) error {
 		lastIndex = pkt.Index
 
 		scratch = append(scratch[:0], pkt.IP...)
-		rec, inner, ok := judge(pkt, scratch, o.nattPort, lookup, &st)
+		rec, inner, ok := judge(pkt, scratch, o.nattPort, lookup, names, &st)
 		if !ok {
 			continue
 		}
@@ -312,7 +314,7 @@ func runDecrypt(args []string, stdout, stderr io.Writer) error {
 // packet the engine may overwrite). It returns the record, the inner packet
 // to write to --out (nil unless accepted), and false for packets that are
 // not ESP-related.
-func judge(pkt capture.Packet, work []byte, port uint16, lookup func(uint32) *esp.Transform, st *decryptStats) (decryptRecord, []byte, bool) {
+func judge(pkt capture.Packet, work []byte, port uint16, lookup func(uint32) *esp.Transform, names map[uint32]string, st *decryptStats) (decryptRecord, []byte, bool) {
 	rec := decryptRecord{Index: pkt.Index + 1, Time: pkt.Time.UTC().Format(time.RFC3339Nano)}
 	parsed, perr := esp.ParseOuterPort(pkt.IP, port)
 	if parsed.Class == esp.ClassOther {
@@ -360,7 +362,7 @@ func judge(pkt capture.Packet, work []byte, port uint16, lookup func(uint32) *es
 	}
 	p, err := esp.OpenPacket(work, lookup)
 	if p.SA != nil {
-		rec.SA, rec.Mode = p.SA.Name(), p.SA.Mode().String()
+		rec.SA, rec.Mode = names[p.SPI], p.SA.Mode().String()
 	}
 	if p.Seq != 0 {
 		// The SA's replay window judged it: the full number, ESN high

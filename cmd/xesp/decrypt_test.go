@@ -1300,7 +1300,7 @@ func FuzzDecryptJudge(f *testing.F) {
 	f.Add(udp4([4]byte{1, 2, 3, 4}, [4]byte{5, 6, 7, 8}, 4500, 4500, []byte{0xff}))
 	f.Fuzz(func(t *testing.T, ip []byte) {
 		st := decryptStats{verdicts: map[string]int{}, reasons: map[string]int{}, badIP: map[string]int{}}
-		rec, in, ok := judge(capture.Packet{IP: ip}, bytes.Clone(ip), esp.NATTPort, lookup, &st)
+		rec, in, ok := judge(capture.Packet{IP: ip}, bytes.Clone(ip), esp.NATTPort, lookup, nil, &st)
 		if !ok {
 			return
 		}

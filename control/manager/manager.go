@@ -75,44 +75,35 @@ type Options struct {
 	Log   *slog.Logger
 }
 
-// installed is one SA installed in the data path.
+// installed is one SA installed in the data path: only what the manager
+// needs to find, replace and remove it (the SA itself is in the SAD, its
+// data-path state in the worker's slot).
 type installed struct {
-	id     sa.ID
-	spi    uint32
-	worker uint16
-	index  uint32
+	key    saKey // its sa.ID, compact (id())
 	entry  *worker.Slot
-	group  groupRef
-	policy policyKey // outbound: the XDP entry (trie prefix or core key) this SA serves
-	encap  bool
-	seqKey seqstore.Key // outbound: its reservation record
-
-	// While a commit builds an update: the slot it replaces, and whether
-	// the worker inherits its state in place (same worker and index).
-	replaces *installed
-	inherit  bool
-
+	shared *sharedBinding // its pair group's binding on its worker
 	// snap is the inbound SA's replay window as its worker last exported
-	// it (snapped: there was one): SnapshotInbound's answer for an SA
-	// whose window has not changed since.
-	snap    esp.ReplayState
-	snapped bool
+	// it (nil: never): SnapshotInbound's answer for an SA whose window has
+	// not changed since.
+	snap   *esp.ReplayState
+	seqKey seqstore.Key // outbound: its reservation record
+	policy policyKey    // outbound: the XDP entry (trie prefix or core key) this SA serves
+	index  uint32
+	// seen is the resync pass that last listed the SA (resync removes
+	// those an older pass listed).
+	seen   uint32
+	worker uint16
+	encap  bool
 }
 
-// policyKey is where XDP finds an outbound SA: the cores map's exact
-// (core address, destination port) key when the SA has a core address,
-// else the trie's inner prefix.
-type policyKey struct {
-	prefix netip.Prefix // trie key; invalid for a core key
-	core   netip.Addr
-	port   uint16
-}
+// id is the SA's identity.
+func (s *installed) id() sa.ID { return s.key.id() }
 
 func (k policyKey) String() string {
-	if k.core.IsValid() {
-		return fmt.Sprintf("core %s port %d", k.core, k.port)
+	if k.isCore() {
+		return fmt.Sprintf("core %s port %d", k.core(), k.port)
 	}
-	return k.prefix.String()
+	return k.prefix().String()
 }
 
 // putPolicy points k's XDP entry at pol. The first core entry with a
@@ -121,7 +112,7 @@ func (k policyKey) String() string {
 // on, so a deployment without core addresses never pays for the lookups
 // and one with only one kind pays one miss in front of the trie.
 func (m *Manager) putPolicy(k policyKey, pol bpf.Policy) error {
-	if k.core.IsValid() {
+	if k.isCore() {
 		flag := bpf.CoreFlagAny
 		if k.port != 0 {
 			flag = bpf.CoreFlagPort
@@ -136,17 +127,17 @@ func (m *Manager) putPolicy(k policyKey, pol bpf.Policy) error {
 			}
 			m.coreFlags |= flag
 		}
-		return m.o.Maps.Cores.Put(k.core, k.port, pol)
+		return m.o.Maps.Cores.Put(k.core(), k.port, pol)
 	}
-	return m.o.Maps.Policies.Put(k.prefix, pol)
+	return m.o.Maps.Policies.Put(k.prefix(), pol)
 }
 
 // deletePolicy removes k's XDP entry.
 func (m *Manager) deletePolicy(k policyKey) error {
-	if k.core.IsValid() {
-		return m.o.Maps.Cores.Delete(k.core, k.port)
+	if k.isCore() {
+		return m.o.Maps.Cores.Delete(k.core(), k.port)
 	}
-	return m.o.Maps.Policies.Delete(k.prefix)
+	return m.o.Maps.Policies.Delete(k.prefix())
 }
 
 type groupRef struct {
@@ -154,9 +145,13 @@ type groupRef struct {
 	key    sad.GroupKey
 }
 
+// sharedBinding is a pair group's binding on one worker, shared by the
+// group's installed SAs; key is its entry in Manager.bindings.
 type sharedBinding struct {
-	b    *worker.Binding
+	b    worker.Binding // in line: one allocation per group, not two
 	refs int
+	key  groupRef
+	next *sharedBinding // bindingTable chain
 }
 
 // Manager mirrors a SAD into the data path.
@@ -165,9 +160,9 @@ type Manager struct {
 	log *slog.Logger
 
 	mu       sync.RWMutex // guards live (read by the API)
-	live     map[sa.ID]*installed
+	live     liveSet
 	slots    [][]*installed // [worker][index], for binding events
-	bindings map[groupRef]*sharedBinding
+	bindings bindingTable
 	// policies lists, per XDP key (inner prefix or core key), the
 	// outbound SAs that serve it, in install order; the map entry points
 	// at the newest, so a rekeyed SA takes over and the older one takes
@@ -179,6 +174,8 @@ type Manager struct {
 
 	// coreFlags are the bpf.CoreFlag* bits set in core_cfg (putPolicy).
 	coreFlags uint32
+	// pass numbers resyncs (installed.seen).
+	pass uint32
 
 	version uint64
 	changes []sad.Change
@@ -212,9 +209,9 @@ func New(o Options) (*Manager, error) {
 	}
 	return &Manager{
 		o: o, log: o.Log, syncedCh: make(chan struct{}),
-		live:     make(map[sa.ID]*installed),
+		live:     newLiveSet(0, 0),
 		slots:    make([][]*installed, o.Workers.Len()),
-		bindings: make(map[groupRef]*sharedBinding),
+		bindings: newBindingTable(),
 		policies: make(map[policyKey][]*installed),
 
 		retryInstall: make(map[sa.ID]struct{}),
@@ -387,35 +384,42 @@ func (m *Manager) WaitVersion(ctx context.Context, v uint64) error {
 func (m *Manager) resync(ctx context.Context) error {
 	version := m.o.SAD.Version()
 	in, out := m.o.SAD.Len()
-	seen := make(map[sa.ID]struct{}, in+out)
 	m.mu.Lock()
-	if len(m.live) == 0 {
-		m.live = make(map[sa.ID]*installed, in+out)
+	if m.live.len() == 0 {
+		m.live = newLiveSet(in, out)
 		m.policies = make(map[policyKey][]*installed, out)
 	}
+	// Each pass stamps what it lists, so what an older pass stamped is
+	// what the SAD no longer holds: no set of a million IDs on the side.
+	m.pass++
+	pass := m.pass
 	m.mu.Unlock()
 	var errs []error
 	var page []sad.Record
 	var cur uint64
 	for {
 		page, cur = m.o.SAD.List(cur, resyncPage, page[:0])
-		for _, e := range page {
-			seen[e.ID] = struct{}{}
-		}
 		if err := m.commit(ctx, &batch{adds: page}); err != nil {
 			if ctx.Err() != nil {
 				return err
 			}
 			errs = append(errs, err)
 		}
+		m.mu.Lock()
+		for _, e := range page {
+			if s := m.live.get(e.ID); s != nil {
+				s.seen = pass
+			}
+		}
+		m.mu.Unlock()
 		if cur == 0 {
 			break
 		}
 	}
 	var b batch
 	m.mu.RLock()
-	for id, s := range m.live {
-		if _, ok := seen[id]; !ok {
+	for s := range m.live.all() {
+		if s.seen != pass {
 			b.removes = append(b.removes, s)
 		}
 	}
@@ -445,7 +449,7 @@ func (m *Manager) plan(b *batch, c sad.Change) {
 		}
 	case sad.OpDelete:
 		m.mu.RLock()
-		s := m.live[c.ID]
+		s := m.live.get(c.ID)
 		m.mu.RUnlock()
 		if s != nil {
 			b.removes = append(b.removes, s)
@@ -468,6 +472,10 @@ func (m *Manager) commit(ctx context.Context, b *batch) error {
 	var errs []error
 
 	var installs, olds []*installed
+	// repl maps an update to the version it replaces; the worker
+	// inherits that one's state in place when both have the same slot
+	// (inPlace).
+	var repl map[*installed]*installed
 	for _, e := range b.adds {
 		s, err := m.build(e)
 		if err != nil {
@@ -475,11 +483,10 @@ func (m *Manager) commit(ctx context.Context, b *batch) error {
 			continue
 		}
 		m.mu.RLock()
-		old := m.live[e.ID]
+		old := m.live.get(e.ID)
 		m.mu.RUnlock()
 		if old != nil {
-			if old.worker == s.worker && old.index == s.index {
-				s.inherit = true
+			if inPlace(s, old) {
 				if old.entry.Dir == worker.Outbound && old.policy != s.policy {
 					// The update moved the SA to another XDP key (a core
 					// address given or changed, another inner prefix):
@@ -493,7 +500,10 @@ func (m *Manager) commit(ctx context.Context, b *batch) error {
 			} else {
 				olds = append(olds, old)
 			}
-			s.replaces = old
+			if repl == nil {
+				repl = make(map[*installed]*installed)
+			}
+			repl[s] = old
 		}
 		installs = append(installs, s)
 	}
@@ -514,14 +524,14 @@ func (m *Manager) commit(ctx context.Context, b *batch) error {
 	if len(out) > 0 {
 		m.settle()
 	}
-	if err := m.send(ctx, out, false); err != nil {
+	if err := m.send(ctx, out, false, nil); err != nil {
 		return err
 	}
 	// 3. Moved SAs continue where the old version stopped; every outbound
 	// SA gets durably reserved sequence numbers before its first packet.
-	for _, s := range installs {
-		if s.replaces != nil && !s.inherit {
-			worker.Inherit(s.entry, s.replaces.entry)
+	for s, old := range repl {
+		if !inPlace(s, old) {
+			worker.Inherit(s.entry, old.entry)
 		}
 	}
 	installs, err := m.reserve(installs, &errs)
@@ -532,13 +542,13 @@ func (m *Manager) commit(ctx context.Context, b *batch) error {
 		m.mu.Lock()
 		for _, s := range installs {
 			m.release(s)
-			m.retryInstall[s.id] = struct{}{}
+			m.retryInstall[s.id()] = struct{}{}
 		}
 		m.mu.Unlock()
 		return errors.Join(append(errs, err)...)
 	}
 	// 4. Install.
-	if err := m.send(ctx, installs, true); err != nil {
+	if err := m.send(ctx, installs, true, repl); err != nil {
 		return err
 	}
 	m.mu.Lock()
@@ -546,10 +556,9 @@ func (m *Manager) commit(ctx context.Context, b *batch) error {
 		m.forget(s)
 	}
 	for _, s := range installs {
-		if s.replaces != nil && s.inherit {
-			m.forget(s.replaces)
+		if old := repl[s]; old != nil && inPlace(s, old) {
+			m.forget(old)
 		}
-		s.replaces = nil
 		m.remember(s)
 	}
 	m.mu.Unlock()
@@ -563,9 +572,14 @@ func (m *Manager) commit(ctx context.Context, b *batch) error {
 	return errors.Join(errs...)
 }
 
+// inPlace says the update s takes the slot of old, the version it
+// replaces: its worker then carries old's state over (Command.Inherit).
+func inPlace(s, old *installed) bool { return old.worker == s.worker && old.index == s.index }
+
 // send installs (or removes) slots in their workers' tables and returns
-// once every worker concerned has applied the commands.
-func (m *Manager) send(ctx context.Context, slots []*installed, install bool) error {
+// once every worker concerned has applied the commands. repl: the
+// versions installs replace (commit).
+func (m *Manager) send(ctx context.Context, slots []*installed, install bool, repl map[*installed]*installed) error {
 	if len(slots) == 0 {
 		return nil
 	}
@@ -574,7 +588,8 @@ func (m *Manager) send(ctx context.Context, slots []*installed, install bool) er
 	for _, s := range slots {
 		c := worker.Command{Index: s.index}
 		if install {
-			c.Entry, c.Inherit = s.entry, s.inherit
+			old := repl[s]
+			c.Entry, c.Inherit = s.entry, old != nil && inPlace(s, old)
 		} else {
 			// Removals wait for the frames already steered to the slot.
 			c.Drain, c.Done = true, make(chan struct{})
@@ -637,14 +652,16 @@ func (m *Manager) settle() {
 	time.Sleep(settleFallback)
 }
 
-// build makes the worker entry for an SAD entry.
+// build makes the worker entry for an SAD entry: one allocation holds
+// the slot, its Transform and its replay window (worker.NewSlot); the
+// cipher is built by the worker on the SA's first packet.
 func (m *Manager) build(e sad.Record) (*installed, error) {
 	s := &e.SA
 	mode := esp.ModeTunnel
 	if s.Mode == sa.Transport {
 		mode = esp.ModeTransport
 	}
-	cipher, err := esp.NewTransform(esp.Config{
+	ent, err := worker.NewSlot(esp.Config{
 		Name: s.Name, SPI: s.SPI, Proposal: s.Proposal,
 		EncKey: s.EncKey, AuthKey: s.AuthKey, ESN: s.ESN,
 		ReplayWindow: int(s.ReplayWindow), Mode: mode,
@@ -652,11 +669,10 @@ func (m *Manager) build(e sad.Record) (*installed, error) {
 	if err != nil {
 		return nil, err
 	}
-	sl := &installed{id: e.ID, spi: s.SPI, worker: e.Worker, index: e.Index, encap: s.Encap != nil,
-		group: groupRef{worker: e.Worker, key: sad.GroupOf(s)}}
-	ent := &worker.Slot{SA: cipher, Local: s.Local, PortLocal: s.Ports.Local, PortPeer: s.Ports.Peer,
-		InnerLocal: s.InnerLocal, Proto: s.Ports.Proto, DSCP: s.DSCP, FixDSCP: s.HasDSCP,
-		HardPackets: s.Lifetime.HardPackets, HardBytes: s.Lifetime.HardBytes}
+	sl := &installed{key: keyOf(e.ID), worker: e.Worker, index: e.Index, encap: s.Encap != nil}
+	ent.Local, ent.PortLocal, ent.PortPeer = s.Local, s.Ports.Local, s.Ports.Peer
+	ent.InnerLocal, ent.Proto, ent.DSCP, ent.FixDSCP = s.InnerLocal, s.Ports.Proto, s.DSCP, s.HasDSCP
+	ent.HardPackets, ent.HardBytes = s.Lifetime.HardPackets, s.Lifetime.HardBytes
 	if s.Encap != nil {
 		ent.LocalPort = s.Encap.LocalPort
 	}
@@ -670,15 +686,15 @@ func (m *Manager) build(e sad.Record) (*installed, error) {
 			sl.seqKey = m.o.Seq.KeyFor("out", s.SPI, e.ID.Peer, s.Proposal.String(), s.EncKey, s.AuthKey)
 		}
 		ent.Dir = worker.Outbound
-		sl.policy.prefix = s.InnerPeer
-		if !sl.policy.prefix.IsValid() {
+		ent.InnerPeer = s.InnerPeer
+		if !ent.InnerPeer.IsValid() {
 			// Transport mode: cleartext for the phone is addressed to the
 			// phone itself.
-			sl.policy.prefix = netip.PrefixFrom(s.Peer, s.Peer.BitLen())
+			ent.InnerPeer = netip.PrefixFrom(s.Peer, s.Peer.BitLen())
 		}
-		ent.InnerPeer = sl.policy.prefix
+		sl.policy = prefixKey(ent.InnerPeer)
 		if s.Core.IsValid() {
-			sl.policy = policyKey{core: s.Core, port: s.Ports.Peer}
+			sl.policy = coreKey(s.Core, s.Ports.Peer)
 		}
 	}
 	// The worker translates between the phone's inner address and its
@@ -698,15 +714,18 @@ func (m *Manager) build(e sad.Record) (*installed, error) {
 	if m.o.Restore != nil {
 		m.o.Restore(e.ID, s, ent)
 	}
+	key := groupRef{worker: e.Worker, key: sad.GroupOf(s)}
 	m.mu.Lock()
-	sb := m.bindings[sl.group]
+	sb := m.bindings.get(key)
 	if sb == nil {
-		sb = &sharedBinding{b: worker.NewBinding(worker.Peer{Addr: e.Binding})}
-		m.bindings[sl.group] = sb
+		sb = &sharedBinding{key: key}
+		sb.b.Set(worker.Peer{Addr: e.Binding})
+		m.bindings.add(sb)
 	}
 	sb.refs++
 	m.mu.Unlock()
-	ent.Binding = sb.b
+	ent.Binding = &sb.b
+	sl.shared = sb
 	sl.entry = ent
 	return sl, nil
 }
@@ -740,7 +759,7 @@ func (m *Manager) reserve(installs []*installed, errs *[]error) ([]*installed, e
 		next := max(s.entry.SA.NextSeq(), seqstore.StartSeq(persisted))
 		if next != s.entry.SA.NextSeq() {
 			if err := s.entry.SA.SetNextSeq(next); err != nil {
-				*errs = append(*errs, fmt.Errorf("%s: sequence space used up by earlier runs, rekey: %w", s.id, err))
+				*errs = append(*errs, fmt.Errorf("%s: sequence space used up by earlier runs, rekey: %w", s.id(), err))
 				m.mu.Lock()
 				m.release(s)
 				m.mu.Unlock()
@@ -781,7 +800,7 @@ func (m *Manager) extend(req worker.SeqRequest) error {
 		return nil
 	}
 	if err := m.o.Seq.Reserve([]seqstore.Reservation{{Key: s.seqKey, High: high}}); err != nil {
-		return fmt.Errorf("%s: %w", s.id, err)
+		return fmt.Errorf("%s: %w", s.id(), err)
 	}
 	s.entry.Limit.Store(high)
 	s.entry.ExtendAt.Store(high - block/2)
@@ -789,7 +808,7 @@ func (m *Manager) extend(req worker.SeqRequest) error {
 }
 
 func (m *Manager) remember(s *installed) {
-	m.live[s.id] = s
+	m.live.put(s)
 	ws := m.slots[s.worker]
 	if int(s.index) >= len(ws) {
 		ws = append(ws, make([]*installed, int(s.index)+1-len(ws))...)
@@ -803,25 +822,26 @@ func (m *Manager) remember(s *installed) {
 
 // release drops a built slot that will not be installed.
 func (m *Manager) release(s *installed) {
-	if sb := m.bindings[s.group]; sb != nil && sb.b == s.entry.Binding {
+	m.unshare(s)
+	s.entry.SA.Wipe() // never reached a worker: its keys go here
+}
+
+// unshare drops s's reference to its group's binding.
+func (m *Manager) unshare(s *installed) {
+	if sb := s.shared; sb != nil {
+		s.shared = nil
 		if sb.refs--; sb.refs == 0 {
-			delete(m.bindings, s.group)
+			m.bindings.del(sb)
 		}
 	}
 }
 
 func (m *Manager) forget(s *installed) {
-	if m.live[s.id] == s {
-		delete(m.live, s.id)
-	}
+	m.live.del(s)
 	if ws := m.slots[s.worker]; int(s.index) < len(ws) && ws[s.index] == s {
 		ws[s.index] = nil
 	}
-	if sb := m.bindings[s.group]; sb != nil && sb.b == s.entry.Binding {
-		if sb.refs--; sb.refs == 0 {
-			delete(m.bindings, s.group)
-		}
-	}
+	m.unshare(s)
 }
 
 // publish writes installed slots to the BPF maps.
@@ -837,7 +857,7 @@ func (m *Manager) publish(installs []*installed) error {
 			if s.encap {
 				flags = bpf.SAFlagEncap
 			}
-			spis = append(spis, s.spi)
+			spis = append(spis, s.key.spi)
 			vals = append(vals, bpf.SASteer{SaIndex: s.index, Worker: s.worker, Flags: flags})
 			continue
 		}
@@ -846,12 +866,12 @@ func (m *Manager) publish(installs []*installed) error {
 		m.mu.RUnlock()
 		if len(newest) > 0 && newest[len(newest)-1] == s {
 			pol := bpf.Policy{SaIndex: s.index, Worker: s.worker}
-			if !s.policy.core.IsValid() {
-				prefixes, pols = append(prefixes, s.policy.prefix), append(pols, pol)
+			if !s.policy.isCore() {
+				prefixes, pols = append(prefixes, s.policy.prefix()), append(pols, pol)
 				continue
 			}
 			if err := m.putPolicy(s.policy, pol); err != nil {
-				errs = append(errs, fmt.Errorf("publish policy %s for %s: %w", s.policy, s.id, err))
+				errs = append(errs, fmt.Errorf("publish policy %s for %s: %w", s.policy, s.id(), err))
 			}
 		}
 	}
@@ -872,8 +892,8 @@ func (m *Manager) publish(installs []*installed) error {
 // it hands the prefix back to the newest remaining one.
 func (m *Manager) unpublish(s *installed) error {
 	if s.entry.Dir == worker.Inbound {
-		if err := m.o.Maps.SAs.Delete(s.spi); err != nil && !errors.Is(err, maps.ErrNotFound) {
-			return fmt.Errorf("unpublish %s: %w", s.id, err)
+		if err := m.o.Maps.SAs.Delete(s.key.spi); err != nil && !errors.Is(err, maps.ErrNotFound) {
+			return fmt.Errorf("unpublish %s: %w", s.id(), err)
 		}
 		return nil
 	}
@@ -883,7 +903,7 @@ func (m *Manager) unpublish(s *installed) error {
 		return m.putPolicy(s.policy, bpf.Policy{SaIndex: n.index, Worker: n.worker})
 	}
 	if err := m.deletePolicy(s.policy); err != nil && !errors.Is(err, maps.ErrNotFound) {
-		return fmt.Errorf("unpublish policy %s of %s: %w", s.policy, s.id, err)
+		return fmt.Errorf("unpublish policy %s of %s: %w", s.policy, s.id(), err)
 	}
 	return nil
 }
@@ -921,8 +941,8 @@ func (m *Manager) bindingChanged(ev worker.BindingChange) {
 	if s == nil {
 		return
 	}
-	if _, err := m.o.SAD.SetBinding(s.id, ev.Peer.Addr); err != nil && !errors.Is(err, sad.ErrNotFound) {
-		m.log.Warn("record NAT binding", "sa", s.id, "err", err)
+	if _, err := m.o.SAD.SetBinding(s.id(), ev.Peer.Addr); err != nil && !errors.Is(err, sad.ErrNotFound) {
+		m.log.Warn("record NAT binding", "sa", s.id(), "err", err)
 	}
 }
 
@@ -934,7 +954,7 @@ func (m *Manager) applyBinding(id sa.ID) {
 		return
 	}
 	m.mu.RLock()
-	s := m.live[id]
+	s := m.live.get(id)
 	m.mu.RUnlock()
 	if s == nil {
 		return
@@ -955,7 +975,7 @@ func (m *Manager) syncKeepalives() {
 	}
 	want := make(map[netip.AddrPort]struct{}, len(m.kaReg))
 	m.mu.RLock()
-	for _, s := range m.live {
+	for s := range m.live.all() {
 		if s.entry.Dir == worker.Inbound && s.encap {
 			if ap := s.entry.Binding.Load().Addr; ap.Port() != 0 {
 				want[ap] = struct{}{}
@@ -988,7 +1008,7 @@ func (m *Manager) syncKeepalives() {
 func (m *Manager) LastKeepalive(id sa.ID) time.Time {
 	ka := m.o.Maps.Keepalives
 	m.mu.RLock()
-	s := m.live[id]
+	s := m.live.get(id)
 	m.mu.RUnlock()
 	if ka == nil || s == nil || !s.encap || s.entry.Dir != worker.Inbound {
 		return time.Time{}
@@ -1016,7 +1036,7 @@ type SACounters struct {
 // Counters returns the live figures of an installed SA.
 func (m *Manager) Counters(id sa.ID) (SACounters, bool) {
 	m.mu.RLock()
-	s := m.live[id]
+	s := m.live.get(id)
 	m.mu.RUnlock()
 	if s == nil {
 		return SACounters{}, false
@@ -1034,5 +1054,5 @@ func (m *Manager) Counters(id sa.ID) (SACounters, bool) {
 func (m *Manager) Installed() int {
 	m.mu.RLock()
 	defer m.mu.RUnlock()
-	return len(m.live)
+	return m.live.len()
 }

@@ -21,7 +21,7 @@ func (m *Manager) PruneStale() (sas, policies int, err error) {
 	defer m.mu.RUnlock()
 	var stale []uint32
 	werr := m.o.Maps.SAs.Walk(func(spi uint32, _ bpf.SASteer) bool {
-		if m.live[sa.ID{Dir: sa.In, SPI: spi}] == nil {
+		if m.live.get(sa.ID{Dir: sa.In, SPI: spi}) == nil {
 			stale = append(stale, spi)
 		}
 		return true
@@ -48,7 +48,7 @@ func (m *Manager) PruneStale() (sas, policies int, err error) {
 		if a.Is4In6() && bits >= 96 {
 			a, bits = a.Unmap(), bits-96
 		}
-		if p := netip.PrefixFrom(a, bits); !p.IsValid() || len(m.policies[policyKey{prefix: p.Masked()}]) == 0 {
+		if p := netip.PrefixFrom(a, bits); !p.IsValid() || len(m.policies[prefixKey(p.Masked())]) == 0 {
 			staleKeys = append(staleKeys, k)
 		}
 	}
@@ -69,7 +69,7 @@ func (m *Manager) PruneStale() (sas, policies int, err error) {
 	for cit.Next(&ck, &v) {
 		a := netip.AddrFrom16(ck.Addr).Unmap()
 		port := uint16((*[2]byte)(unsafe.Pointer(&ck.Port))[0])<<8 | uint16((*[2]byte)(unsafe.Pointer(&ck.Port))[1])
-		if len(m.policies[policyKey{core: a, port: port}]) == 0 {
+		if len(m.policies[coreKey(a, port)]) == 0 {
 			staleCores = append(staleCores, ck)
 		}
 	}

@@ -36,9 +36,9 @@ func (m *Manager) SnapshotInbound(ctx context.Context, stopped bool) ([]InboundS
 	if stopped {
 		m.mu.RLock()
 		var ws []snapshotWant
-		for id, s := range m.live {
+		for s := range m.live.all() {
 			if s.entry.Dir == worker.Inbound {
-				ws = append(ws, snapshotWant{id, s.entry})
+				ws = append(ws, snapshotWant{s.id(), s.entry})
 			}
 		}
 		m.mu.RUnlock()
@@ -64,10 +64,10 @@ func (m *Manager) SnapshotInbound(ctx context.Context, stopped bool) ([]InboundS
 	}
 	m.mu.RLock()
 	defer m.mu.RUnlock()
-	out := make([]InboundState, 0, len(m.live))
-	for id, s := range m.live {
-		if s.entry.Dir == worker.Inbound && s.snapped {
-			out = append(out, InboundState{ID: id, Replay: s.snap})
+	out := make([]InboundState, 0, len(m.live.in))
+	for s := range m.live.all() {
+		if s.entry.Dir == worker.Inbound && s.snap != nil {
+			out = append(out, InboundState{ID: s.id(), Replay: *s.snap})
 		}
 	}
 	return out, nil
@@ -109,7 +109,7 @@ func (m *Manager) exportDirty(ctx context.Context, w uint16) (int, error) {
 	for _, x := range got {
 		// Only the entry the slot still holds: it may have been reused.
 		if int(x.index) < len(ws) && ws[x.index] != nil && ws[x.index].entry == x.entry {
-			ws[x.index].snap, ws[x.index].snapped = x.state, true
+			ws[x.index].snap = &x.state
 		}
 	}
 	m.mu.Unlock()

@@ -42,6 +42,9 @@ var (
 		"worker")
 	descDrained = desc("xesp_sa_removals_drained_total",
 		"SA removals the workers completed after processing the frames XDP had already steered to the SA.")
+	descCiphers = desc("xesp_sa_ciphers_total",
+		"SA ciphers the workers built on an SA's first packet (after install or an idle release) and released after the SA was idle; built minus released is how many are alive (~0.77 KB each for AES-GCM).",
+		"result")
 	descSlowPath = desc("xesp_slowpath_packets_total",
 		"Datagrams the NAT-T socket received from the kernel (what XDP passed up: reassembled fragments, IKE), by outcome.",
 		"result")
@@ -108,7 +111,7 @@ var (
 var allDescs = []*prometheus.Desc{
 	descPackets, descBytes, descDrops, descBatch, descBindingChanges, descBindingLost, descPolls,
 	descXDPPackets, descXDPBytes, descRing, descFill, descFillEmpty, descRxDropped, descRxFull,
-	descInvalid, descFrames, descSAs, descUptime, descBuild, descSlowPath, descLifetime, descDrained,
+	descInvalid, descFrames, descSAs, descUptime, descBuild, descSlowPath, descLifetime, descDrained, descCiphers,
 	descFloodActive, descFloodFailures,
 	descEtcdRejected, descAPIConns, descAPIRefused,
 	descICMP, descPreFrag, descPreFrags, descIdle,
@@ -261,7 +264,7 @@ type dirTotals struct {
 
 func (c *collector) collectWorkers(ch chan<- prometheus.Metric) {
 	var tot [2]dirTotals
-	var changes, lost, drained, limited, unsent, prefrag, frags uint64
+	var changes, lost, drained, limited, unsent, prefrag, frags, built, released uint64
 	var icmp [worker.NumICMPKinds]uint64
 	for i, w := range c.src.Workers {
 		for k := range icmp {
@@ -285,6 +288,8 @@ func (c *collector) collectWorkers(ch chan<- prometheus.Metric) {
 		changes += w.BindingChanges.Load()
 		lost += w.BindingEventsLost.Load()
 		drained += w.Drained.Load()
+		built += w.CipherBuilds.Load()
+		released += w.CipherReleases.Load()
 		ch <- prometheus.MustNewConstMetric(descPolls, prometheus.CounterValue, float64(w.Polls.Load()), c.workers[i])
 	}
 	for d, t := range tot {
@@ -313,6 +318,8 @@ func (c *collector) collectWorkers(ch chan<- prometheus.Metric) {
 	}
 	ch <- prometheus.MustNewConstMetric(descBindingChanges, prometheus.CounterValue, float64(changes))
 	ch <- prometheus.MustNewConstMetric(descDrained, prometheus.CounterValue, float64(drained))
+	ch <- prometheus.MustNewConstMetric(descCiphers, prometheus.CounterValue, float64(built), "built")
+	ch <- prometheus.MustNewConstMetric(descCiphers, prometheus.CounterValue, float64(released), "released")
 	ch <- prometheus.MustNewConstMetric(descBindingLost, prometheus.CounterValue, float64(lost))
 	for k := range icmp {
 		ch <- prometheus.MustNewConstMetric(descICMP, prometheus.CounterValue, float64(icmp[k]), worker.ICMPKindName(k), "sent")

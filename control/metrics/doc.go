@@ -22,6 +22,7 @@
 //	xesp_binding_events_lost_total    counter    -                            worker.Stats BindingEventsLost
 //	xesp_worker_idle_polls_total      counter    worker                       worker.Stats Polls
 //	xesp_sa_removals_drained_total    counter    -                            worker.Stats Drained
+//	xesp_sa_ciphers_total             counter    result                       worker.Stats CipherBuilds (built), CipherReleases (released)
 //	xesp_xdp_packets_total            counter    program, reason              maps.Counters (every reason, zeros too)
 //	xesp_xdp_bytes_total              counter    program, reason              maps.Counters
 //	xesp_xsk_ring_entries             gauge      side, queue, worker, ring    Socket.RxOccupancy (rx), TxPending (tx)

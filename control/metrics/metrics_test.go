@@ -50,6 +50,9 @@ func bumpWorkers() []*worker.Stats {
 	w2.Polls.Add(5)
 	w1.Drained.Add(3)
 	w2.Drained.Add(1)
+	w0.CipherBuilds.Add(5)
+	w2.CipherBuilds.Add(2)
+	w0.CipherReleases.Add(3)
 	return ws
 }
 
@@ -73,6 +76,8 @@ var workerExpect = []expect{
 	{"xesp_worker_idle_polls_total", "worker=1", 0},
 	{"xesp_worker_idle_polls_total", "worker=2", 5},
 	{"xesp_sa_removals_drained_total", "", 4},
+	{"xesp_sa_ciphers_total", "result=built", 7},
+	{"xesp_sa_ciphers_total", "result=released", 3},
 }
 
 // The worker figures alone (no root needed): exact values, every drop
@@ -370,7 +375,8 @@ func TestScrapeRealSources(t *testing.T) {
 	wantSeries := 4 + 2 + 2*(int(worker.NumDrops)-1) + 2 + 2 + 1 + workers +
 		2*bpf.NumReasons + 2*sockets + fillQueues + fillQueues + 2*sockets + 2*sockets +
 		places + saRows + 2 +
-		int(worker.NumICMPKinds) + 2 + 2 // ICMP sent by kind, limited, unsent; pre-fragmentation
+		int(worker.NumICMPKinds) + 2 + 2 + // ICMP sent by kind, limited, unsent; pre-fragmentation
+		2 // ciphers built, released
 	if n := xespSeries(mfs); n != wantSeries {
 		t.Errorf("%d xesp_ series, want %d", n, wantSeries)
 	}

@@ -5,7 +5,8 @@
 // classifying the outer IPv4/IPv6 (+UDP) headers.
 //
 // It must not do I/O, start goroutines, keep mutable globals or allocate per
-// packet: the gateway workers (AF_XDP frames), the UE emulator (UDP sockets),
+// packet (the one exception: the first Open or Seal of an SA whose cipher
+// is not built, or was released, builds it; see Transform): the gateway workers (AF_XDP frames), the UE emulator (UDP sockets),
 // the traffic generator and the tests all call it on their own buffers. An
 // SA is not safe for concurrent use; xesp steers each SPI to one worker so
 // every SA has a single writer.

@@ -31,16 +31,18 @@ type Result struct {
 // AEADs zero the ciphertext they were given.
 func (sa *Transform) Open(pkt []byte) (Result, error) {
 	var res Result
-	hdr := 8 + sa.ivLen
+	hdr := 8 + int(sa.ivLen)
+	icv := int(sa.icv)
+	cbc := sa.info().cbc
 	minCT := 2 // Pad Length and Next Header
-	if sa.info.cbc {
+	if cbc {
 		minCT = 16
 	}
-	if len(pkt) < hdr+minCT+sa.icv {
+	if len(pkt) < hdr+minCT+icv {
 		return res, ReasonRunt
 	}
-	ctEnd := len(pkt) - sa.icv
-	if sa.info.cbc && (ctEnd-hdr)%16 != 0 {
+	ctEnd := len(pkt) - icv
+	if cbc && (ctEnd-hdr)%16 != 0 {
 		return res, ReasonTruncated
 	}
 	if binary.BigEndian.Uint32(pkt) != sa.spi {
@@ -50,6 +52,9 @@ func (sa *Transform) Open(pkt []byte) (Result, error) {
 	res.Seq = seq
 	if r != ReasonNone {
 		return res, r
+	}
+	if sa.lazy && sa.aead == nil && sa.Warm() != nil {
+		return res, ReasonInvalid
 	}
 
 	switch {

@@ -23,12 +23,29 @@ const inferWindowDisabled = 1 << 31
 // window. The bitmap is a ring of 64-bit words (RFC 6479): advancing clears
 // whole words instead of shifting, and the ring is one word larger than the
 // window so a cleared word never holds an in-window bit.
+//
+// The ring has exactly ReplayWords(size) words (17 for the default 1024:
+// 136 bytes, not the 256 a power-of-two ring needs), and a word is found
+// by its distance from the top's word, pos being where that one is: a
+// subtraction and a compare per lookup instead of a division. The words
+// may live in storage the caller provides (InitTransform), e.g. in the
+// same allocation as the worker's slot, so a packet's window shares its
+// SA's cache lines and costs no allocation of its own.
 type ReplayWindow struct {
-	size  uint64 // W; 0 disables the check (high bits are still tracked)
-	esn   bool
-	top   uint64 // highest authenticated sequence number, 0 before the first
-	ring  []uint64
-	wmask uint64 // len(ring)-1; len(ring) is a power of two
+	ring []uint64
+	top  uint64 // highest authenticated sequence number, 0 before the first
+	size uint32 // W; 0 disables the check (high bits are still tracked)
+	pos  uint16 // ring index of word top>>6 (< ReplayWords(MaxReplayWindow))
+	esn  bool
+}
+
+// ReplayWords is how many 64-bit words a window of size bits keeps (0 when
+// anti-replay is off): the storage InitTransform may be given for it.
+func ReplayWords(size int) int {
+	if size <= 0 {
+		return 0
+	}
+	return (size+63)/64 + 1
 }
 
 // NewReplayWindow returns a window of size bits (0 disables anti-replay,
@@ -36,24 +53,38 @@ type ReplayWindow struct {
 // numbers with the Appendix A2 inference of the high half.
 func NewReplayWindow(size int, esn bool) (*ReplayWindow, error) {
 	w := &ReplayWindow{}
-	if err := w.init(size, esn); err != nil {
+	if err := w.init(size, esn, nil); err != nil {
 		return nil, err
 	}
 	return w, nil
 }
 
-func (w *ReplayWindow) init(size int, esn bool) error {
+// init sets up an empty window, its ring in buf when buf is long enough.
+func (w *ReplayWindow) init(size int, esn bool, buf []uint64) error {
 	if size != 0 && (size < MinReplayWindow || size > MaxReplayWindow) {
 		return fmt.Errorf("replay_window: %d out of range (0 disables, else %d..%d)", size, MinReplayWindow, MaxReplayWindow)
 	}
-	*w = ReplayWindow{size: uint64(size), esn: esn}
-	if size > 0 {
-		words := (size+63)/64 + 1
-		n := 1 << bits.Len(uint(words-1))
-		w.ring = make([]uint64, n)
-		w.wmask = uint64(n - 1)
+	*w = ReplayWindow{size: uint32(size), esn: esn}
+	if n := ReplayWords(size); n > 0 {
+		if len(buf) >= n {
+			w.ring = buf[:n:n]
+			clear(w.ring)
+		} else {
+			w.ring = make([]uint64, n)
+		}
 	}
 	return nil
+}
+
+// at is the ring index of the word d words below the top's (d <
+// len(ring)).
+func (w *ReplayWindow) at(d uint64) uint64 {
+	n := uint64(len(w.ring))
+	i := uint64(w.pos) + n - d
+	if i >= n {
+		i -= n
+	}
+	return i
 }
 
 // Size is the window size in packets; 0 when anti-replay is disabled.
@@ -78,13 +109,14 @@ func (w *ReplayWindow) Check(seqLo uint32) (uint64, Reason) {
 		// The first packet an SA sends is number 1 (RFC 4303 3.3.3).
 		return 0, ReasonReplay
 	}
-	if w.size == 0 || seq > w.top {
+	size := uint64(w.size)
+	if size == 0 || seq > w.top {
 		return seq, ReasonNone
 	}
-	if w.top-seq >= w.size {
+	if w.top-seq >= size {
 		return seq, ReasonReplayOld
 	}
-	if w.ring[(seq>>6)&w.wmask]&(1<<(seq&63)) != 0 {
+	if w.ring[w.at(w.top>>6-seq>>6)]&(1<<(seq&63)) != 0 {
 		return seq, ReasonReplay
 	}
 	return seq, ReasonNone
@@ -123,21 +155,25 @@ func (w *ReplayWindow) infer(seqLo uint32) (uint64, Reason) {
 // it is the new highest.
 func (w *ReplayWindow) Update(seq uint64) {
 	if seq <= w.top {
-		if w.size != 0 && w.top-seq < w.size {
-			w.ring[(seq>>6)&w.wmask] |= 1 << (seq & 63)
+		if w.size != 0 && w.top-seq < uint64(w.size) {
+			w.ring[w.at(w.top>>6-seq>>6)] |= 1 << (seq & 63)
 		}
 		return
 	}
 	if w.size != 0 {
-		ringWords := w.wmask + 1
-		if seq-w.top >= ringWords*64 {
+		n := uint16(len(w.ring))
+		if adv := seq>>6 - w.top>>6; adv >= uint64(n) {
 			clear(w.ring)
+			w.pos = 0
 		} else {
-			for k := w.top>>6 + 1; k <= seq>>6; k++ {
-				w.ring[k&w.wmask] = 0
+			for ; adv > 0; adv-- {
+				if w.pos++; w.pos == n {
+					w.pos = 0
+				}
+				w.ring[w.pos] = 0
 			}
 		}
-		w.ring[(seq>>6)&w.wmask] |= 1 << (seq & 63)
+		w.ring[w.pos] |= 1 << (seq & 63)
 	}
 	w.top = seq
 }
@@ -151,25 +187,27 @@ type ReplayState struct {
 
 // Export returns the state for persisting; it allocates (control plane).
 func (w *ReplayWindow) Export() ReplayState {
-	st := ReplayState{Top: w.top, Bitmap: make([]uint64, (w.size+63)/64)}
+	size := uint64(w.size)
+	st := ReplayState{Top: w.top, Bitmap: make([]uint64, (size+63)/64)}
 	// A word at a time, not a bit: the manager exports every changed
 	// inbound window on the worker's own thread each snapshot interval, so with a
 	// million SAs a 1024-iteration loop per SA stalled the data path for
 	// seconds.
-	lim := min(w.size, w.top) // bits i < lim may be set (Top-i >= 1, in the window)
+	lim := min(size, w.top) // bits i < lim may be set (Top-i >= 1, in the window)
 	for j := uint64(0); 64*j < lim; j++ {
-		st.Bitmap[j] = w.word(w.top-64*j, lim-64*j)
+		st.Bitmap[j] = w.word(j, lim-64*j)
 	}
 	return st
 }
 
-// word returns bit k = "t-k was received" for k < min(n, 64): the 64 ring
-// bits ending at sequence number t, reversed.
-func (w *ReplayWindow) word(t, n uint64) uint64 {
-	sh := t & 63
-	x := w.ring[(t>>6)&w.wmask] << (63 - sh)
+// word returns bit k = "t-k was received" for k < min(n, 64), t = top-64j:
+// the 64 ring bits ending at sequence number t, reversed. t's word is j
+// words below the top's, the one before it j+1 (< len(ring): 64j < size).
+func (w *ReplayWindow) word(j, n uint64) uint64 {
+	sh := w.top & 63 // t & 63
+	x := w.ring[w.at(j)] << (63 - sh)
 	if sh < 63 {
-		x |= w.ring[((t>>6)-1)&w.wmask] >> (sh + 1)
+		x |= w.ring[w.at(j+1)] >> (sh + 1)
 	}
 	v := bits.Reverse64(x)
 	if n < 64 {
@@ -180,27 +218,27 @@ func (w *ReplayWindow) word(t, n uint64) uint64 {
 
 // Import restores a state written by Export for a window of the same size.
 func (w *ReplayWindow) Import(st ReplayState) error {
-	if want := int((w.size + 63) / 64); len(st.Bitmap) != want {
+	size := uint64(w.size)
+	if want := int((size + 63) / 64); len(st.Bitmap) != want {
 		return fmt.Errorf("replay state: bitmap has %d words, window of %d needs %d", len(st.Bitmap), w.size, want)
 	}
 	if !w.esn && st.Top > 0xffffffff {
 		return fmt.Errorf("replay state: top %d exceeds 32 bits on a non-ESN SA", st.Top)
 	}
 	clear(w.ring)
-	w.top = st.Top
-	lim := min(w.size, w.top)
+	w.top, w.pos = st.Top, 0
+	lim := min(size, w.top)
+	sh := w.top & 63 // t & 63 for every t = top-64j
 	for j := uint64(0); 64*j < lim; j++ {
 		v := st.Bitmap[j]
 		if n := lim - 64*j; n < 64 {
 			v &= 1<<n - 1
 		}
 		// Word's inverse: bit k of v is t-k.
-		t := w.top - 64*j
-		sh := t & 63
 		x := bits.Reverse64(v)
-		w.ring[(t>>6)&w.wmask] |= x >> (63 - sh)
+		w.ring[w.at(j)] |= x >> (63 - sh)
 		if sh < 63 {
-			w.ring[((t>>6)-1)&w.wmask] |= x << (sh + 1)
+			w.ring[w.at(j+1)] |= x << (sh + 1)
 		}
 	}
 	return nil

@@ -331,9 +331,9 @@ func TestReplayExportImportWordwise(t *testing.T) {
 			}
 			// The definition, bit by bit.
 			want := ReplayState{Top: w.top, Bitmap: make([]uint64, (size+63)/64)}
-			for i := uint64(0); i < w.size && i < w.top; i++ {
+			for i := uint64(0); i < uint64(w.size) && i < w.top; i++ {
 				s := w.top - i
-				if w.ring[(s>>6)&w.wmask]&(1<<(s&63)) != 0 {
+				if ringHas(w, s) {
 					want.Bitmap[i/64] |= 1 << (i % 64)
 				}
 			}
@@ -350,14 +350,64 @@ func TestReplayExportImportWordwise(t *testing.T) {
 				lo = w.top - uint64(size) - 64
 			}
 			for s := lo; s <= w.top+2; s++ {
-				in1 := s <= w.top && w.top-s < w.size && w.ring[(s>>6)&w.wmask]&(1<<(s&63)) != 0
-				in2 := s <= w2.top && w2.top-s < w2.size && w2.ring[(s>>6)&w2.wmask]&(1<<(s&63)) != 0
+				in1, in2 := ringHas(w, s), ringHas(w2, s)
 				if in1 != in2 {
 					t.Fatalf("W=%d top %d: after Import seq %d received %v, want %v", size, w.top, s, in2, in1)
 				}
 			}
 			if w2.Export().Top != got.Top || !slices.Equal(w2.Export().Bitmap, got.Bitmap) {
 				t.Fatalf("W=%d: Export after Import differs", size)
+			}
+		}
+	}
+}
+
+// ringHas reads the ring bit of s, inside the window.
+func ringHas(w *ReplayWindow, s uint64) bool {
+	return s <= w.top && w.top-s < uint64(w.size) && w.ring[w.at(w.top>>6-s>>6)]&(1<<(s&63)) != 0
+}
+
+// The ring (exact word count, indexed by distance from the top's word)
+// against a model that remembers every number: random walks with small
+// steps, reordering and jumps past the whole window, for sizes that do and
+// do not fill their last word.
+func TestReplayRingModel(t *testing.T) {
+	rng := rand.New(rand.NewPCG(3, 5))
+	for _, size := range []int{32, 63, 64, 65, 100, 1024, 1025, 4096} {
+		w, err := NewReplayWindow(size, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(w.ring) != ReplayWords(size) {
+			t.Fatalf("W=%d: ring of %d words, want %d", size, len(w.ring), ReplayWords(size))
+		}
+		seen := map[uint64]bool{}
+		top := uint64(0)
+		for i := 0; i < 20000; i++ {
+			var s uint64
+			switch r := rng.IntN(100); {
+			case r < 60:
+				s = top + 1 + uint64(rng.IntN(3))
+			case r < 95:
+				s = top - uint64(min(int(top), rng.IntN(size+70)))
+			default:
+				s = top + uint64(rng.IntN(5*size))
+			}
+			_, why := w.Check(uint32(s))
+			want := ReasonNone
+			switch {
+			case s == 0 || seen[s] && top-s < uint64(size):
+				want = ReasonReplay
+			case s < top && top-s >= uint64(size):
+				want = ReasonReplayOld
+			}
+			if why != want {
+				t.Fatalf("W=%d top %d: Check(%d) = %v, want %v", size, top, s, why, want)
+			}
+			if why == ReasonNone {
+				w.Update(s)
+				seen[s] = true
+				top = max(top, s)
 			}
 		}
 	}

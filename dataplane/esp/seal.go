@@ -34,8 +34,11 @@ func (sa *Transform) Seal(buf []byte, off, n int, nextHeader uint8, tfc int) (st
 // vectors only, an explicit IV (nil: the SA's own IV discipline). It leaves
 // the counter alone.
 func (sa *Transform) seal(buf []byte, off, n int, nextHeader uint8, tfc int, seq uint64, iv []byte) (int, int, error) {
-	hdr := 8 + sa.ivLen
+	hdr := 8 + int(sa.ivLen)
 	if n < 0 || tfc < 0 || off < 0 {
+		return 0, 0, ReasonInvalid
+	}
+	if sa.lazy && sa.aead == nil && sa.Warm() != nil {
 		return 0, 0, ReasonInvalid
 	}
 	if off < hdr || n > len(buf) || tfc > len(buf) || off > len(buf)-n-tfc {
@@ -43,7 +46,7 @@ func (sa *Transform) seal(buf []byte, off, n int, nextHeader uint8, tfc int, seq
 	}
 	pad := sa.padLen(n + tfc)
 	ptEnd := off + n + tfc + pad + 2 // end of the plaintext to encrypt
-	end := ptEnd + sa.icv
+	end := ptEnd + int(sa.icv)
 	need := end
 	if sa.gcm8 {
 		need += 8
@@ -130,5 +133,5 @@ func (sa *Transform) hmacSum(b []byte, seq uint64) []byte {
 		binary.BigEndian.PutUint32(sa.seqHi[:], uint32(seq>>32))
 		sa.ext.mac.Write(sa.seqHi[:])
 	}
-	return sa.ext.mac.Sum(sa.ext.sum[:0])[:sa.icv]
+	return sa.ext.mac.Sum(sa.ext.sum[:0])[:int(sa.icv)]
 }

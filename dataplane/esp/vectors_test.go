@@ -156,7 +156,7 @@ func TestVectors(t *testing.T) {
 			if res.Seq != v.fullSeq() {
 				t.Errorf("seq %#x, want %#x", res.Seq, v.fullSeq())
 			}
-			if got := work[hdr : len(work)-sa.icv]; !bytes.Equal(got, plain) {
+			if got := work[hdr : len(work)-int(sa.icv)]; !bytes.Equal(got, plain) {
 				t.Errorf("plaintext\n got %x\nwant %x", got, plain)
 			}
 			if got := work[res.Start:res.End]; !bytes.Equal(got, payload) {

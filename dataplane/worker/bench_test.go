@@ -207,10 +207,7 @@ func BenchmarkRouterChecks(b *testing.B) {
 			if !r.out.outSelectors(out) || !ttlLeft(out) {
 				b.Fatal("selector/ttl")
 			}
-			if r.out.maxOverhead == 0 {
-				r.out.maxOverhead = r.out.SA.Headroom() + r.out.SA.MaxTailroom()
-			}
-			if 28+len(out)+r.out.maxOverhead > 1500 {
+			if 28+len(out)+r.out.overheadBound() > 1500 {
 				b.Fatal("mtu")
 			}
 			decTTL(out)

@@ -17,7 +17,8 @@
 // It must not: touch BPF maps, parse configuration, block on anything but
 // its poll(2) when idle, or allocate per packet (a NAT binding change, which
 // is rare and attacker-paced only after authentication, allocates one
-// small value).
+// small value; an SA's first packet after install or after an idle
+// release builds its cipher, idle.go).
 //
 // Security rule (RFC 3948 section 3.5, docs/architecture.md): a binding moves
 // only after the packet authenticated and passed the replay check, i.e.

@@ -17,21 +17,33 @@ const (
 
 // Slot is one SA as its worker holds it. After Install the worker owns
 // SA; the manager only reads Counters and Binding.
+//
+// Fields are ordered by use: what every packet reads (direction, SA,
+// lifetimes, counters, binding, selectors) comes first, so a packet
+// touches the slot's first cache lines; NewSlot puts the Transform and
+// its replay window right behind, in the same allocation.
 type Slot struct {
 	SA  *esp.Transform
 	Dir Direction
-	// Local is the outer source address of outbound packets and LocalPort
-	// the UDP source port (RFC 3948); LocalPort 0 means plain ESP.
-	Local     netip.Addr
+	// Transport marks a transport-mode SA (transport.go): the phone's
+	// segments, sent to the gateway's public address, are re-addressed
+	// from Core to Dest (inbound), and the core's packets to Core are
+	// re-addressed from Local to the binding and sealed without their IP
+	// header (outbound). Core is required; Inner stays invalid.
+	Transport bool
+	// Proto is the inner protocol selector (0: any).
+	Proto uint8
+	// DSCP, when FixDSCP is set, is written into the outer header of
+	// sealed packets instead of the inner packet's DSCP.
+	DSCP    uint8
+	FixDSCP bool
+	// dirty: inbound, its replay window may have changed since the last
+	// Dirty export; the entry is on the worker's dirty list. listed: the
+	// entry is on the worker's cipher list (idle.go). Worker thread only.
+	dirty, listed bool
+	// LocalPort is the UDP source port of outbound packets (RFC 3948); 0
+	// means plain ESP.
 	LocalPort uint16
-	// InnerPeer is the phone's side of the SA's selectors (RFC 4301 5.2):
-	// inbound, the prefix inner source addresses must fall in, so one
-	// phone cannot inject packets that claim another's address; outbound,
-	// the prefix the cleartext destination must fall in, so a frame XDP
-	// steered to a slot just before it was reused for another phone's SA
-	// is dropped, never sealed for that phone. Invalid (zero) disables the
-	// check.
-	InnerPeer netip.Prefix
 	// PortLocal and PortPeer are the inner UDP/TCP port selectors (0:
 	// any): inbound, cleartext must go from PortPeer to PortLocal;
 	// outbound, an entry with PortLocal set serves only cleartext from
@@ -39,42 +51,9 @@ type Slot struct {
 	// with the same InnerPeer whose ports match (IMS sec-agree gives a
 	// phone two outbound SAs, told apart by port).
 	PortLocal, PortPeer uint16
-	// Core and Inner are the phone's core address and its own inner
-	// address (docs/addressing.md), both set or both invalid. Inbound,
-	// after every check, the inner source Inner becomes Core; outbound,
-	// the cleartext must be addressed to Core (not InnerPeer), and Core
-	// becomes Inner before sealing. See xlate.go.
-	Core, Inner netip.Addr
-	// Transport marks a transport-mode SA (transport.go): the phone's
-	// segments, sent to the gateway's public address, are re-addressed
-	// from Core to Dest (inbound), and the core's packets to Core are
-	// re-addressed from Local to the binding and sealed without their IP
-	// header (outbound). Core is required; Inner stays invalid.
-	Transport bool
-	// Dest is a transport-mode inbound SA's core-side host (inner.local,
-	// one address, e.g. the P-CSCF).
-	Dest netip.Addr
-	// InnerLocal is the core side of the selectors: inbound, the prefix
-	// inner destinations must fall in; outbound, the prefix cleartext
-	// sources must fall in. Invalid (zero) disables the check.
-	InnerLocal netip.Prefix
-	// Proto is the inner protocol selector (0: any).
-	Proto uint8
-	// DSCP, when FixDSCP is set, is written into the outer header of
-	// sealed packets instead of the inner packet's DSCP.
-	DSCP    uint8
-	FixDSCP bool
-	// Binding is shared by the SAs of one pair group on this worker: what
-	// the inbound SA learns, the outbound SA uses.
-	Binding  *Binding
-	Counters Counters
-
-	// Limit is, for outbound SAs, the first sequence number the worker
-	// may not send: everything below it is durably reserved (seqstore),
-	// so a restart can never reuse a GCM/ChaCha IV. Zero means no
-	// reservation is kept (no state directory). ExtendAt is where the
-	// worker asks the manager for the next block, well before Limit.
-	Limit, ExtendAt atomic.Uint64
+	maxOverhead         uint16 // bound on what sealing adds (0: not computed yet), see overheadBound
+	index               uint32 // slot in the worker's table, set by Install
+	used                uint32 // the worker's idle clock at the last packet (idle.go)
 
 	// HardPackets and HardBytes are the SA's hard lifetime (0: none). The
 	// worker checks them per packet, so the SA never carries a packet
@@ -83,14 +62,96 @@ type Slot struct {
 	// its size is known only after it was processed); the lifetime
 	// package removes the SA and raises the event within its interval.
 	HardPackets, HardBytes uint64
+	Counters               Counters
+	// Binding is shared by the SAs of one pair group on this worker: what
+	// the inbound SA learns, the outbound SA uses.
+	Binding *Binding
 
-	index uint32 // slot in the worker's table, set by Install
-	// dirty: inbound, its replay window may have changed since the last
-	// Dirty export; the entry is on the worker's dirty list. Worker
-	// thread only.
-	dirty       bool
-	maxOverhead int    // bound on what sealing adds (0: not computed yet): the MTU check's fast path
-	asked       uint64 // the Limit an extension was last requested for
+	// InnerPeer is the phone's side of the SA's selectors (RFC 4301 5.2):
+	// inbound, the prefix inner source addresses must fall in, so one
+	// phone cannot inject packets that claim another's address; outbound,
+	// the prefix the cleartext destination must fall in, so a frame XDP
+	// steered to a slot just before it was reused for another phone's SA
+	// is dropped, never sealed for that phone. Invalid (zero) disables the
+	// check.
+	InnerPeer netip.Prefix
+	// InnerLocal is the core side of the selectors: inbound, the prefix
+	// inner destinations must fall in; outbound, the prefix cleartext
+	// sources must fall in. Invalid (zero) disables the check.
+	InnerLocal netip.Prefix
+	// Local is the outer source address of outbound packets.
+	Local netip.Addr
+	// Core and Inner are the phone's core address and its own inner
+	// address (docs/addressing.md), both set or both invalid. Inbound,
+	// after every check, the inner source Inner becomes Core; outbound,
+	// the cleartext must be addressed to Core (not InnerPeer), and Core
+	// becomes Inner before sealing. See xlate.go.
+	Core, Inner netip.Addr
+	// Dest is a transport-mode inbound SA's core-side host (inner.local,
+	// one address, e.g. the P-CSCF).
+	Dest netip.Addr
+
+	// Limit is, for outbound SAs, the first sequence number the worker
+	// may not send: everything below it is durably reserved (seqstore),
+	// so a restart can never reuse a GCM/ChaCha IV. Zero means no
+	// reservation is kept (no state directory). ExtendAt is where the
+	// worker asks the manager for the next block, well before Limit.
+	Limit, ExtendAt atomic.Uint64
+	asked           uint64 // the Limit an extension was last requested for
+}
+
+// slotWith is a Slot, its Transform and the default replay window's words
+// in one allocation (NewSlot).
+type slotWith struct {
+	Slot
+	t    esp.Transform
+	ring [defaultRingWords]uint64
+}
+
+// slotBare is slotWith without window words: outbound SAs, disabled or
+// larger windows (those allocate their own).
+type slotBare struct {
+	Slot
+	t esp.Transform
+}
+
+const defaultRingWords = 17 // esp.ReplayWords(esp.DefaultReplayWindow), checked in init
+
+func init() {
+	if esp.ReplayWords(esp.DefaultReplayWindow) != defaultRingWords {
+		panic("worker: defaultRingWords does not match esp.ReplayWords(esp.DefaultReplayWindow)")
+	}
+}
+
+// NewSlot returns a Slot whose SA is built from c (esp.InitTransform) in
+// the same allocation as the slot, followed by the replay window's words
+// when the window is the default size or smaller: one object per SA, its
+// packet state in adjacent cache lines. The caller fills in the rest.
+func NewSlot(c esp.Config) (*Slot, error) {
+	var s *Slot
+	var t *esp.Transform
+	var ring []uint64
+	if n := esp.ReplayWords(c.ReplayWindow); n > 0 && n <= defaultRingWords {
+		x := new(slotWith)
+		s, t, ring = &x.Slot, &x.t, x.ring[:]
+	} else {
+		x := new(slotBare)
+		s, t = &x.Slot, &x.t
+	}
+	if err := esp.InitTransform(t, c, ring); err != nil {
+		return nil, err
+	}
+	s.SA = t
+	return s, nil
+}
+
+// overheadBound is an upper bound on what sealing adds to any payload, the
+// MTU check's fast path, computed once per entry.
+func (e *Slot) overheadBound() int {
+	if e.maxOverhead == 0 {
+		e.maxOverhead = uint16(e.SA.Headroom() + e.SA.MaxTailroom())
+	}
+	return int(e.maxOverhead)
 }
 
 // expired says the SA reached a hard packet or byte lifetime and must not

@@ -29,6 +29,8 @@ type pipeline struct {
 	// one without root; a concrete type keeps Frame and Meta inlinable.
 	mem        *xsk.UMEM
 	table      []*Slot
+	idle       idler    // built ciphers and their idle release (idle.go)
+	touched    uintptr  // touchBatch's result, kept so its loads stay
 	dirty      []uint32 // slots of inbound entries with dirty set
 	nb         Neighbors
 	pubMAC     [6]byte // source MAC of frames sent on the public side
@@ -104,6 +106,9 @@ type portKey struct {
 // track keeps byPorts and outBy in step with the table: old leaves, e
 // arrives.
 func (p *pipeline) track(old, e *Slot) {
+	if old != nil && old != e && old.SA != nil {
+		old.SA.Wipe() // out of the data path: its keys go
+	}
 	if old != nil && old.Dir == Outbound && p.outBy[old.Binding] == old {
 		delete(p.outBy, old.Binding)
 	}
@@ -233,6 +238,7 @@ func (p *pipeline) decap(rx []xsk.Desc, tx []xsk.Desc, drop []uint64) ([]xsk.Des
 func (p *pipeline) batch(rx []xsk.Desc, tx []xsk.Desc, drop []uint64, st *DirStats, dir Direction) ([]xsk.Desc, []uint64) {
 	p.now = 0
 	p.nbDst = netip.Addr{}
+	p.touchBatch(rx)
 	for _, d := range rx {
 		var out xsk.Desc
 		var why Drop
@@ -283,6 +289,7 @@ func (p *pipeline) decapOne(d xsk.Desc) (xsk.Desc, Drop) {
 	}
 	outerTOS := tosOf(outer) // before Open: the outer header is intact
 	pk := &p.pk
+	p.touch(e)
 	if err := e.SA.OpenESPTo(outer, hl, m.SrcAddr(), pk); err != nil {
 		e.Counters.Drops.Add(1)
 		r := esp.ReasonOf(err)
@@ -585,10 +592,7 @@ func (p *pipeline) encapOne(d xsk.Desc) (xsk.Desc, Drop) {
 		if e.LocalPort != 0 {
 			ol += 8
 		}
-		if e.maxOverhead == 0 {
-			e.maxOverhead = e.SA.Headroom() + e.SA.MaxTailroom() // an upper bound, once per entry
-		}
-		if ol+n+e.maxOverhead > mtu && ol+n+e.SA.Overhead(n, 0) > mtu {
+		if ol+n+e.overheadBound() > mtu && ol+n+e.SA.Overhead(n, 0) > mtu {
 			fit := maxInner(e.SA, ol, mtu)
 			if ip[0]>>4 == 6 || ip[6]&0x40 != 0 {
 				// DF or IPv6: the sender must make it smaller (RFC 1191,
@@ -647,6 +651,7 @@ func (p *pipeline) sealWith(e *Slot, peer *Peer, d xsk.Desc, frame []byte, l3, n
 			return d, DropSeqUnreserved
 		}
 	}
+	p.touch(e)
 	start, end, err := e.SA.Seal(frame, l3, n, nh, 0)
 	if err != nil {
 		e.Counters.Drops.Add(1)

@@ -94,6 +94,11 @@ type Stats struct {
 	// before sealing because sealed they would exceed the public MTU
 	// (RFC 4459 3.2); PreFragments the fragments made of them.
 	PreFragmented, PreFragments atomic.Uint64
+	// CipherBuilds counts SA ciphers built on a first packet (after
+	// install or an idle release), CipherReleases those released after
+	// Config.CipherIdle without a packet (idle.go); their difference is
+	// the ciphers alive.
+	CipherBuilds, CipherReleases atomic.Uint64
 }
 
 // NumICMPKinds is the number of ICMP error kinds the worker counts.

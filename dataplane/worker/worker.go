@@ -81,6 +81,10 @@ type Config struct {
 	// Held starts the worker applying commands only, its sockets
 	// untouched until Release (hold.go).
 	Held bool
+	// CipherIdle is how long an SA carries no packet before its worker
+	// drops its cipher, to rebuild it from the key on the next packet
+	// (idle.go); 0 is DefaultCipherIdle.
+	CipherIdle time.Duration
 }
 
 // Worker runs one data-path loop.
@@ -154,6 +158,7 @@ func New(cfg Config) (*Worker, error) {
 		clock:       cfg.Clock,
 		toPub:       make([]xsk.Desc, 0, cfg.Batch*maxFragments),
 		back:        make([]xsk.Desc, 0, cfg.Batch),
+		idle:        idler{limit: idleTicks(cfg.CipherIdle)},
 	}
 	stride := max(cfg.Workers, 1)
 	w.pipe.pubTag, w.pipe.privTag = vlanTag(cfg.PublicTPID, cfg.PublicVLAN), vlanTag(cfg.PrivateTPID, cfg.PrivateVLAN)
@@ -316,6 +321,7 @@ func (w *Worker) Run(ctx context.Context) error {
 	}
 	idle := 0
 	slow := newSlowKnob()
+	t0 := time.Now() // the idle clock's origin: monotonic, wall-clock steps do not move it
 	for {
 		slow.start()
 		w.drainCommands()
@@ -371,6 +377,7 @@ func (w *Worker) Run(ctx context.Context) error {
 			}
 		}
 		slow.after(got)
+		w.pipe.tick(int64(time.Since(t0)))
 		if got > 0 {
 			idle = 0
 			continue

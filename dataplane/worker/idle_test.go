@@ -1,0 +1,135 @@
+package worker
+
+import (
+	"bytes"
+	"fmt"
+	"testing"
+
+	"github.com/xesp/xesp/dataplane/esp"
+	"github.com/xesp/xesp/dataplane/xsk"
+	"github.com/xesp/xesp/internal/pkt"
+)
+
+// An SA's cipher is built on its first packet, released by the worker's
+// sweep once the SA was idle for the limit, built again on the next
+// packet, and between all that the SA decrypts and encrypts the right
+// bytes with sequence numbers that go on: the phone's peers see no
+// difference. A removed entry's keys are wiped and its listing dropped.
+func TestIdleCipherReleaseRebuild(t *testing.T) {
+	f := newPipeFixture(t)
+	in, err := NewSlot(esp.Config{SPI: pipeSPIIn, Proposal: esp.AES128GCM16, EncKey: pipeKey, Mode: esp.ModeTunnel,
+		ReplayWindow: esp.DefaultReplayWindow})
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := NewSlot(esp.Config{SPI: pipeSPIOut, Proposal: esp.AES128GCM16, EncKey: pipeKey, Mode: esp.ModeTunnel})
+	if err != nil {
+		t.Fatal(err)
+	}
+	in.Dir, in.InnerPeer, in.Binding = Inbound, f.in.InnerPeer, f.in.Binding
+	out.Dir, out.Local, out.LocalPort, out.InnerPeer, out.Binding, out.index = Outbound, pipeGW, 4500, f.out.InnerPeer, f.out.Binding, 1
+	f.p.table = []*Slot{in, out}
+	f.p.idle.limit = 2
+
+	phoneTx := mustESP(t, pipeSPIIn, 0)
+	phoneRx := mustESP(t, pipeSPIOut, 64)
+	now := int64(1_000_000_000)
+	tick := func() { now += int64(idleTick); f.p.tick(now) }
+
+	round := func(i int) {
+		t.Helper()
+		f.frames = 0
+		req := pkt.UDP4(pipeInner, pipeCore, []byte(fmt.Sprintf("REGISTER %d", i)))
+		tx, _ := f.p.decap([]xsk.Desc{f.espFrame(phoneTx, req, pipePhHW, 4500)}, nil, nil)
+		if len(tx) != 1 {
+			t.Fatalf("round %d: decap forwarded %d (drops %v)", i, len(tx), drops(&f.st.Decap))
+		}
+		if got, w := f.u.Packet(tx[0]), append(eth(pipeCoreHW, pipePrvHW), routed(req)...); !bytes.Equal(got, w) {
+			t.Fatalf("round %d: decrypted frame\n got %x\nwant %x", i, got, w)
+		}
+		if s := in.Counters.Seq.Load(); s != uint64(i) {
+			t.Fatalf("round %d: inbound seq %d", i, s)
+		}
+		resp := pkt.UDP4(pipeCore, pipeInner, []byte(fmt.Sprintf("200 OK %d", i)))
+		tx, _ = f.p.encap([]xsk.Desc{f.clearFrame(1, resp)}, nil, nil)
+		if len(tx) != 1 {
+			t.Fatalf("round %d: encap forwarded %d (drops %v)", i, len(tx), drops(&f.st.Encap))
+		}
+		got, err := phoneRx.OpenPacket(f.u.Packet(tx[0])[ethLen:])
+		if err != nil || got.Seq != uint64(i) || !bytes.Equal(got.IP, routed(resp)) {
+			t.Fatalf("round %d: the phone opened seq %d %x (%v), want seq %d %x", i, got.Seq, got.IP, err, i, routed(resp))
+		}
+	}
+	counts := func(builds, releases uint64, listed int) {
+		t.Helper()
+		if b, r := f.st.CipherBuilds.Load(), f.st.CipherReleases.Load(); b != builds || r != releases || len(f.p.idle.ciphers) != listed {
+			t.Fatalf("builds %d releases %d listed %d; want %d %d %d", b, r, len(f.p.idle.ciphers), builds, releases, listed)
+		}
+	}
+
+	if !in.SA.Cold() || !out.SA.Cold() {
+		t.Fatal("an installed SA built its cipher before its first packet")
+	}
+	round(1)
+	counts(2, 0, 2)
+	// Busy: a packet every tick keeps the ciphers.
+	for i := 2; i <= 4; i++ {
+		tick()
+		round(i)
+	}
+	counts(2, 0, 2)
+	tick() // 1 tick idle
+	if in.SA.Cold() || out.SA.Cold() {
+		t.Fatal("released before the idle limit")
+	}
+	tick() // 2 ticks idle: released
+	if !in.SA.Cold() || !out.SA.Cold() {
+		t.Fatal("not released after the idle limit")
+	}
+	counts(2, 2, 0)
+	round(5) // rebuilt from the kept keys, sequence numbers going on
+	counts(4, 2, 2)
+	tick()
+	tick()
+	counts(4, 4, 0)
+	round(6)
+
+	// Removal: keys wiped at once, the listing dropped by the next pass,
+	// which releases nothing (the cipher went with the keys).
+	f.p.track(in, nil)
+	f.p.table[0] = nil
+	if !in.SA.Cold() || in.SA.Warm() == nil {
+		t.Fatal("a removed SA keeps a cipher or can build one")
+	}
+	tick()
+	if len(f.p.idle.ciphers) != 1 || f.p.idle.ciphers[0] != out || f.st.CipherReleases.Load() != 4 {
+		t.Fatalf("after removal: listed %d, releases %d", len(f.p.idle.ciphers), f.st.CipherReleases.Load())
+	}
+}
+
+// The sweep is chunked: a pass over more listed ciphers than one chunk
+// spreads over loop turns, and releases every idle one.
+func TestIdleSweepChunked(t *testing.T) {
+	const n = 3*sweepChunk + 7
+	p := &pipeline{stats: &Stats{}, idle: idler{limit: 1}}
+	for i := range n {
+		s, err := NewSlot(esp.Config{SPI: uint32(0x1000 + i), Proposal: esp.AES128GCM16, EncKey: pipeKey, Mode: esp.ModeTunnel})
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.index, s.Dir = uint32(i), Outbound
+		p.table = append(p.table, s)
+		p.touch(s)
+	}
+	now := int64(1e9)
+	p.tick(now) // clock 1: every entry idle 1 tick, first chunk
+	if got := p.stats.CipherReleases.Load(); got != sweepChunk {
+		t.Fatalf("first turn released %d, want one chunk (%d)", got, sweepChunk)
+	}
+	for range 3 {
+		p.tick(now) // same tick: the pass goes on
+	}
+	if got := p.stats.CipherReleases.Load(); got != n || len(p.idle.ciphers) != 0 || p.idle.sweeping {
+		t.Fatalf("released %d of %d, %d still listed", got, n, len(p.idle.ciphers))
+	}
+}
