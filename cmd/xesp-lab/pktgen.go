@@ -1,17 +1,13 @@
 package main
 
 import (
-	"bufio"
 	"context"
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"net"
 	"net/netip"
-	"os"
 	"os/signal"
-	"strings"
 	"syscall"
 	"time"
 
@@ -73,7 +69,7 @@ otherwise). Reports packets/s sent.`)
 		return fmt.Errorf("%w: -sas %d outside 1..%d", errUsage, *nsas, pktgen.MaxSAs)
 	}
 	if *saFile != "" {
-		if err := writeSAFile(*saFile, *nsas, nw); err != nil {
+		if err := pktgen.WriteSAFile(*saFile, *nsas, nw); err != nil {
 			return err
 		}
 		fmt.Printf("wrote %d SAs (%d pairs) to %s\n", 2**nsas, *nsas, *saFile)
@@ -148,57 +144,5 @@ otherwise). Reports packets/s sent.`)
 	}
 	fmt.Printf("sent %d packets in %v: %.0f pps average, %.0f pps while sending (%.1f%% of the time; the rest %s)\n",
 		res.Sent, res.Elapsed.Round(time.Millisecond), res.PPS(), res.WirePPS(), 100*res.Sending.Seconds()/max(res.Elapsed.Seconds(), 1e-9), rest)
-	return nil
-}
-
-// writeSAFile writes the gateway's side of n pairs as an SA file: a JSON
-// list (.json) or JSON lines (.jsonl, one SA a line: what a provisioning
-// system streams out for a million phones). Keys are inline: two million
-// key files would cost the daemon two million opens at start. Written in
-// chunks, so a million pairs never sit in memory as one document.
-func writeSAFile(path string, n int, nw pktgen.Net) (err error) {
-	lines := strings.HasSuffix(path, ".jsonl")
-	if !lines && !strings.HasSuffix(path, ".json") {
-		return fmt.Errorf("%w: -sa-file %s: want a .json or .jsonl file", errUsage, path)
-	}
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return fmt.Errorf("write SA file: %w", err)
-	}
-	defer func() {
-		if cerr := f.Close(); err == nil && cerr != nil {
-			err = fmt.Errorf("write SA file: %w", cerr)
-		}
-	}()
-	w := bufio.NewWriterSize(f, 1<<20)
-	sep := []byte(",\n")
-	if lines {
-		sep = []byte("\n")
-	} else {
-		w.WriteString("[\n")
-	}
-	const chunk = 16384
-	for lo := 0; lo < n; lo += chunk {
-		specs, err := pktgen.SASpecsRange(lo, min(n, lo+chunk), nw)
-		if err != nil {
-			return err
-		}
-		for i := range specs {
-			b, err := json.Marshal(&specs[i])
-			if err != nil {
-				return fmt.Errorf("encode SAs: %w", err)
-			}
-			w.Write(b)
-			if lines || lo+chunk < n || i < len(specs)-1 {
-				w.Write(sep)
-			}
-		}
-	}
-	if !lines {
-		w.WriteString("\n]\n")
-	}
-	if err := w.Flush(); err != nil {
-		return fmt.Errorf("write SA file: %w", err)
-	}
 	return nil
 }
