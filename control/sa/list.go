@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 )
@@ -228,11 +229,13 @@ func parseItem(data []byte, it *item, i int, f Format, opts Options, out *SA, r 
 	}
 	o := opts
 	o.Label = ""
-	if _, e := sp.SPI.Value(); sp.Name == "" && e != nil {
-		if f == JSONL {
-			o.Label = fmt.Sprintf("line %d", it.line)
-		} else {
-			o.Label = fmt.Sprintf("sas[%d]", i)
+	switch {
+	case f == JSONL:
+		// A line names its SA in a file of a million: "line 7 0x00001001".
+		o.Label = "line " + strconv.Itoa(it.line)
+	case sp.Name == "":
+		if _, e := sp.SPI.Value(); e != nil {
+			o.Label = "sas[" + strconv.Itoa(i) + "]"
 		}
 	}
 	r.nDec = len(r.errs)

@@ -84,7 +84,7 @@ func TestJSONLErrors(t *testing.T) {
 	want := []string{
 		path + `: line 2: unknown field "colour"`,
 		path + `: line 7: replay_window: a JSON string where an integer from 0 to 4294967295 is wanted`,
-		path + `: sa 0x00200001: enc_key: not hex: invalid character at offset 0`,
+		path + `: line 4 0x00200001: enc_key: not hex: invalid character at offset 0`,
 		path + `: line 7: spi: required`,
 		path + `: line 7: mode: required (tunnel or transport)`,
 	}
