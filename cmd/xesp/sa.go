@@ -10,6 +10,8 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"text/tabwriter"
 	"time"
 
@@ -27,10 +29,11 @@ func init() {
 
 const saHelp = `usage:
   xesp sa add FILE...           add the SAs of SA files (YAML, JSON or JSON lines by extension)
-  xesp sa import [--batch N] FILE...
+  xesp sa import [--batch N] [--parallel P] FILE...
                                 add the SAs of SA files in batches of N (default %[2]d) through
-                                POST /v1/sas/batch: each batch all or none, the first refused
-                                batch stops the import (the batches before it stay added)
+                                POST /v1/sas/batch, P at a time (default 4): each batch all or
+                                none; a refused batch stops the import, and it says which SAs
+                                of the files went in
   xesp sa del REF...            delete SAs (also: xesp sa delete)
   xesp sa list [--json]         list every SA with its binding and counters
   xesp sa show REF [--json]     show one SA
@@ -160,9 +163,10 @@ func runSA(args []string, stdout, stderr io.Writer) error {
 	if sub == "list" || sub == "show" {
 		fs.BoolVar(&asJSON, "json", false, "print JSON instead of a table")
 	}
-	batch := api.MaxBatch
+	batch, parallel := api.MaxBatch, 4
 	if sub == "import" {
 		fs.IntVar(&batch, "batch", api.MaxBatch, "SAs per request, 1..10000")
+		fs.IntVar(&parallel, "parallel", 4, "requests in flight, 1..16")
 	}
 	pos, err := parseInterleaved(fs, args)
 	if err != nil {
@@ -184,6 +188,9 @@ func runSA(args []string, stdout, stderr io.Writer) error {
 	}
 	if sub == "import" && (batch < 1 || batch > api.MaxBatch) {
 		return fmt.Errorf("%w: --batch %d: want 1..%d", errUsage, batch, api.MaxBatch)
+	}
+	if sub == "import" && (parallel < 1 || parallel > 16) {
+		return fmt.Errorf("%w: --parallel %d: want 1..16", errUsage, parallel)
 	}
 	if sub == "add" || sub == "import" {
 		// Files are read and validated before anything is sent, so a typo
@@ -208,7 +215,7 @@ func runSA(args []string, stdout, stderr io.Writer) error {
 		}
 		defer c.Close()
 		if sub == "import" {
-			return saImport(c, all, batch, stdout)
+			return saImport(c, all, batch, parallel, stdout)
 		}
 		return saAdd(c, all, stdout, stderr)
 	}
@@ -265,26 +272,65 @@ func saAdd(c *api.Client, sas []sa.SA, stdout, stderr io.Writer) error {
 	})
 }
 
-// saImport sends sas in batches, in file order, and stops at the first
-// refused batch, saying how many SAs went in before it.
-func saImport(c *api.Client, sas []sa.SA, batch int, stdout io.Writer) error {
+// saImport sends sas in batches, parallel at a time: while one batch
+// waits for the data path to install it, the next is parsed. Each batch
+// is all or none; after a refusal no further batch is sent, and the
+// message says how many SAs went in.
+func saImport(c *api.Client, sas []sa.SA, batch, parallel int, stdout io.Writer) error {
 	ctx, cancel := apiContext()
 	defer cancel()
 	start := time.Now()
-	specs := make([]sa.Spec, 0, batch)
-	for lo := 0; lo < len(sas); lo += batch {
-		hi := min(lo+batch, len(sas))
-		specs = specs[:0]
-		for i := lo; i < hi; i++ {
-			specs = append(specs, sas[i].WithKeys())
-		}
-		if _, err := c.AddBatch(ctx, specs); err != nil {
+	n := (len(sas) + batch - 1) / batch
+	errs := make([]error, n)
+	done := make([]bool, n)
+	next := make(chan int)
+	var wg sync.WaitGroup
+	var failed atomic.Bool
+	for range min(parallel, n) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			specs := make([]sa.Spec, 0, batch)
+			for b := range next {
+				if failed.Load() {
+					continue // taken before a refusal was known
+				}
+				lo, hi := b*batch, min((b+1)*batch, len(sas))
+				specs = specs[:0]
+				for i := lo; i < hi; i++ {
+					specs = append(specs, sas[i].WithKeys())
+				}
+				if _, err := c.AddBatch(ctx, specs); err != nil {
+					errs[b] = err
+					failed.Store(true)
+				} else {
+					done[b] = true
+				}
+			}
+		}()
+	}
+	for b := 0; b < n && !failed.Load(); b++ {
+		next <- b
+	}
+	close(next)
+	wg.Wait()
+	var refused []error
+	added := 0
+	for b := range n {
+		lo, hi := b*batch, min((b+1)*batch, len(sas))
+		switch {
+		case done[b]:
+			added += hi - lo
+		case errs[b] != nil:
 			// The server names items by their index in the batch.
-			return fmt.Errorf("batch of SAs %d..%d (item [i] is SA %d+i of the files) refused, nothing of it added; the %d SAs before it are added: %w", lo, hi-1, lo, lo, err)
+			refused = append(refused, fmt.Errorf("batch of SAs %d..%d (item [i] is SA %d+i of the files) refused, nothing of it added: %w", lo, hi-1, lo, errs[b]))
 		}
 	}
+	if len(refused) > 0 {
+		return fmt.Errorf("%w\nimport stopped: %d of %d SAs added", errors.Join(refused...), added, len(sas))
+	}
 	el := time.Since(start)
-	fmt.Fprintf(stdout, "imported %d SAs in %d batches in %v (%.0f SAs/s)\n", len(sas), (len(sas)+batch-1)/batch, el.Round(time.Millisecond), float64(len(sas))/el.Seconds())
+	fmt.Fprintf(stdout, "imported %d SAs in %d batches in %v (%.0f SAs/s)\n", len(sas), n, el.Round(time.Millisecond), float64(len(sas))/el.Seconds())
 	return nil
 }
 

@@ -88,12 +88,20 @@ func (s *Server) addBatch(w http.ResponseWriter, r *http.Request) {
 		writeErrors(w, http.StatusConflict, errs)
 		return
 	}
+	// An allocation and the add that takes the addresses are one step;
+	// the wait for the data path below is not part of it, so batches
+	// sent side by side overlap there.
 	if s.pool != nil {
 		s.coreMu.Lock()
-		defer s.coreMu.Unlock()
 		if err := s.batchCores(sas, idx); err != nil {
+			s.coreMu.Unlock()
 			writeError(w, sadStatus(err), err.Error())
 			return
+		}
+	}
+	unlock := func() {
+		if s.pool != nil {
+			s.coreMu.Unlock()
 		}
 	}
 	// Against the SAD, naming the item; the add below re-checks all of
@@ -108,10 +116,12 @@ func (s *Server) addBatch(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	if len(errs) > 0 {
+		unlock()
 		writeErrors(w, status, errs)
 		return
 	}
 	recs, err := s.sad.Replace(nil, sas)
+	unlock()
 	if err != nil {
 		writeError(w, sadStatus(err), "nothing added: "+err.Error())
 		return
