@@ -97,4 +97,3 @@ func appendField(b, p []byte) []byte {
 func newMACPool(secret []byte) *sync.Pool {
 	return &sync.Pool{New: func() any { return &keyState{mac: hmac.New(sha256.New, secret), buf: make([]byte, 0, 192)} }}
 }
-
