@@ -376,7 +376,7 @@ func TestCLIUsage(t *testing.T) {
 		msg   string
 	}{
 		{"sa", nil, true, "usage: missing subcommand"},
-		{"sa", []string{"frob"}, true, `usage: unknown subcommand "frob": use add, del, list or show`},
+		{"sa", []string{"frob"}, true, `usage: unknown subcommand "frob": use add, import, del, list or show`},
 		{"sa", []string{"add"}, true, "usage: wrong arguments for sa add (run xesp sa -h)"},
 		{"sa", []string{"show", "a", "b"}, true, "usage: wrong arguments for sa show (run xesp sa -h)"},
 		{"sa", []string{"list", "--bogus"}, true, "usage: flag provided but not defined: -bogus"},
