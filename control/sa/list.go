@@ -209,9 +209,16 @@ func parseItems(data []byte, items []item, f Format, opts Options) ([]SA, []resu
 func parseItem(data []byte, it *item, i int, f Format, opts Options, out *SA, r *result) error {
 	b := data[it.off:it.end]
 	var sp Spec
-	dec := json.NewDecoder(bytes.NewReader(b))
-	dec.DisallowUnknownFields()
-	err := dec.Decode(&sp)
+	var err error
+	var dec *json.Decoder
+	if !fastSpec(b, &sp) {
+		// Anything the plain form does not cover, and every error, is
+		// encoding/json's to decide and to word (fastjson.go).
+		sp = Spec{}
+		dec = json.NewDecoder(bytes.NewReader(b))
+		dec.DisallowUnknownFields()
+		err = dec.Decode(&sp)
+	}
 	var se *json.SyntaxError
 	var ue *json.UnmarshalTypeError
 	switch {
@@ -224,7 +231,7 @@ func parseItem(data []byte, it *item, i int, f Format, opts Options, out *SA, r 
 	case err != nil:
 		return fmt.Errorf("line %d: %w", it.line, err)
 	}
-	if err == nil && dec.More() {
+	if err == nil && dec != nil && dec.More() {
 		return fmt.Errorf("line %d: data after the JSON value", it.line)
 	}
 	o := opts
