@@ -48,11 +48,11 @@ type Install struct {
 	// they move less than wall time. The API's includes its client.
 	ConfigCPUSeconds float64 `json:"config_cpu_seconds"`
 	APICPUSeconds    float64 `json:"api_cpu_seconds"`
-	APISAs             int     `json:"api_sas"`
-	APIBatch           int     `json:"api_batch"`
-	APIParallel        int     `json:"api_parallel"`
-	APISeconds         float64 `json:"api_seconds"`
-	APISAsPerSec       float64 `json:"api_sas_per_sec"`
+	APISAs           int     `json:"api_sas"`
+	APIBatch         int     `json:"api_batch"`
+	APIParallel      int     `json:"api_parallel"`
+	APISeconds       float64 `json:"api_seconds"`
+	APISAsPerSec     float64 `json:"api_sas_per_sec"`
 	// MapSAsPerSec is the ceiling: SA map and policy map entries written
 	// per second by batch updates (one entry per SA).
 	MapSAsPerSec float64 `json:"map_sas_per_sec"`
