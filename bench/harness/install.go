@@ -87,7 +87,7 @@ func measureInstall(ctx context.Context, pairs int, logf func(string, ...any)) (
 	nw := pktgen.DefaultNet()
 	file := filepath.Join(dir, "phones.jsonl")
 	logf("install: writing %d SA pairs to %s", pairs, file)
-	if err := pktgen.WriteSAFile(file, pairs, nw); err != nil {
+	if err := pktgen.WriteSAFile(ctx, file, pairs, nw); err != nil {
 		return nil, err
 	}
 	tp, err := newTopo()
@@ -153,6 +153,9 @@ func (in *Install) config(ctx context.Context, tp *topo, dir, file string, pairs
 		return err
 	}
 	in.ConfigParseSeconds = time.Since(t0).Seconds()
+	if err := ctx.Err(); err != nil {
+		return err
+	}
 	var g *gateway.Gateway
 	if err := tp.gw.Do(func() (err error) {
 		g, err = gateway.Start(ctx, cfg, gateway.Options{NoPin: true})

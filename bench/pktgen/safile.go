@@ -2,6 +2,7 @@ package pktgen
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -14,7 +15,7 @@ import (
 // inline: two million key files would cost the daemon two million opens
 // at start. It writes in chunks, so a million pairs never sit in memory
 // as one document.
-func WriteSAFile(path string, n int, nw Net) (err error) {
+func WriteSAFile(ctx context.Context, path string, n int, nw Net) (err error) {
 	if err := checkN(n); err != nil {
 		return err
 	}
@@ -40,6 +41,9 @@ func WriteSAFile(path string, n int, nw Net) (err error) {
 	}
 	const chunk = 16384
 	for lo := 0; lo < n; lo += chunk {
+		if err := ctx.Err(); err != nil {
+			return err // a signal stops a million-pair file within moments
+		}
 		specs, err := SASpecsRange(lo, min(n, lo+chunk), nw)
 		if err != nil {
 			return err

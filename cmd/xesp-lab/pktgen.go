@@ -69,7 +69,7 @@ otherwise). Reports packets/s sent.`)
 		return fmt.Errorf("%w: -sas %d outside 1..%d", errUsage, *nsas, pktgen.MaxSAs)
 	}
 	if *saFile != "" {
-		if err := pktgen.WriteSAFile(*saFile, *nsas, nw); err != nil {
+		if err := pktgen.WriteSAFile(context.Background(), *saFile, *nsas, nw); err != nil {
 			return err
 		}
 		fmt.Printf("wrote %d SAs (%d pairs) to %s\n", 2**nsas, *nsas, *saFile)
