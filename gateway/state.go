@@ -67,6 +67,14 @@ func stateKey(seq *seqstore.Store, id sa.ID, s *sa.SA) seqstore.Key {
 // the counters (lifetime) and, inbound, the replay window it had when the
 // snapshot was taken.
 func (r *restorer) entry(id sa.ID, s *sa.SA, e *worker.Slot) {
+	r.mu.Lock()
+	empty := len(r.byKey) == 0
+	r.mu.Unlock()
+	if empty {
+		// A first start, or every record handed out: no key to derive
+		// (an HMAC per SA, a million of them at a large start).
+		return
+	}
 	k := stateKey(r.seq, id, s)
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -103,6 +111,18 @@ func (r *restorer) since(id sa.ID) time.Time {
 
 // bindings moves every SA in d whose snapshot has a binding to it.
 func (r *restorer) bindings(d *sad.SAD) int {
+	r.mu.Lock()
+	some := false
+	for _, rec := range r.byKey {
+		if rec.Binding.IsValid() {
+			some = true
+			break
+		}
+	}
+	r.mu.Unlock()
+	if !some {
+		return 0 // no binding to restore: no key to derive per SA
+	}
 	n := 0
 	var page []sad.Record
 	var cur uint64

@@ -99,3 +99,9 @@ func (c *Cores) Lookup(a netip.Addr, port uint16) (bpf.Policy, error) {
 	}
 	return pol, nil
 }
+
+// Walk calls f for every core-address entry until f returns false, in
+// batches (walkBatch).
+func (c *Cores) Walk(f func(k *bpf.CoreKey, pol *bpf.Policy) bool) error {
+	return walkBatch(c.m, "cores map", f)
+}

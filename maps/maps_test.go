@@ -284,6 +284,27 @@ func TestPoliciesPutBatch(t *testing.T) {
 			t.Fatalf("lookup %s: %+v, %v; want %+v", pr.Addr(), got, err, pols[i])
 		}
 	}
+	// Walk reads every entry back, in batches, and stops when told.
+	seen := make(map[netip.Prefix]bpf.Policy, n)
+	if err := p.Walk(func(k *bpf.PolicyKey, pol *bpf.Policy) bool {
+		a := netip.AddrFrom16(k.Addr).Unmap()
+		seen[netip.PrefixFrom(a, int(k.Prefixlen)-96)] = *pol
+		return true
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if len(seen) != n {
+		t.Fatalf("walk saw %d policies, want %d", len(seen), n)
+	}
+	for i, pr := range prefixes {
+		if seen[pr] != pols[i] {
+			t.Fatalf("walk: %s -> %+v, want %+v", pr, seen[pr], pols[i])
+		}
+	}
+	calls := 0
+	if err := p.Walk(func(*bpf.PolicyKey, *bpf.Policy) bool { calls++; return calls < 5 }); err != nil || calls != 5 {
+		t.Errorf("walk stopped after %d calls (%v), want 5", calls, err)
+	}
 	if err := p.PutBatch(prefixes[:2], pols[:1]); err == nil {
 		t.Error("PutBatch with mismatched lengths succeeded")
 	}

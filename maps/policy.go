@@ -116,3 +116,10 @@ func (p *Policies) Lookup(addr netip.Addr) (bpf.Policy, error) {
 	}
 	return pol, nil
 }
+
+// Walk calls f for every trie entry (key as stored: IPv4 mapped, prefix
+// length + 96) until f returns false, in batches (walkBatch). Entries
+// changed during the walk may be seen or missed.
+func (p *Policies) Walk(f func(k *bpf.PolicyKey, pol *bpf.Policy) bool) error {
+	return walkBatch(p.m, "policy map", f)
+}

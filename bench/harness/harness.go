@@ -82,7 +82,10 @@ type Options struct {
 	// Pairs is how many interleaved trial pairs the gate takes per
 	// scenario (Gate; 0: DefaultPairs).
 	Pairs int
-	Log   io.Writer
+	// Install measures SA installation with this many pairs first, from
+	// config and through the API (install.go); 0: not.
+	Install int
+	Log     io.Writer
 }
 
 // Full is the whole matrix of the issue.
@@ -191,6 +194,7 @@ type Report struct {
 	// Loads are the SA loads the run made (xesp gateways), with their
 	// rate and the Go heap they added per SA.
 	Loads    []Load   `json:"loads,omitempty"`
+	Install  *Install `json:"install,omitempty"` // Options.Install's figures (install.go)
 	Targets  []Target `json:"targets,omitempty"`
 	Warnings []string `json:"warnings,omitempty"`
 }
@@ -351,6 +355,11 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 	r := &runner{ctx: ctx, o: o, rep: rep, nw: pktgen.DefaultNet()}
 	t0 := time.Now()
 	var err error
+	if o.Install > 0 {
+		if rep.Install, err = measureInstall(ctx, o.Install, r.logf); err != nil {
+			return nil, err
+		}
+	}
 	r.logf("building %d generator SAs", maxSAs)
 	if r.flows, r.clear, err = buildFlows(ctx, maxSAs, r.nw); err != nil {
 		return nil, err
@@ -392,6 +401,9 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 	rep.Repeat = o.Repeat
 	rep.Seconds = time.Since(t0).Seconds()
 	rep.targets()
+	if rep.Install != nil {
+		rep.Targets = append(rep.Targets, rep.Install.targets()...)
+	}
 	return rep, nil
 }
 

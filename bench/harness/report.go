@@ -282,6 +282,9 @@ func (r *Report) Markdown(w io.Writer) {
 		}
 		fmt.Fprintln(w)
 	}
+	if r.Install != nil {
+		r.Install.markdown(w)
+	}
 	if len(r.Loads) > 0 {
 		fmt.Fprintln(w, "SA loads into the running gateway (SAD in chunks of 4096 pairs, until the workers and the XDP SA map hold them); heap: live Go heap added per SA after a collection — the bench process's, so it includes the generator's own SA state and the SAD's copy.")
 		fmt.Fprintln(w)

@@ -51,6 +51,7 @@ subset N times and writes FILE from the spread it measured.`)
 	ndr := fs.Bool("ndr", false, "search each xesp scenario's and reflect ceiling's NDR (no loss) and PDR (≤0.5% loss) over a paced offered rate (docs/benchmarking.md)")
 	latency := fs.Bool("latency", true, "with -ndr: measure latency p50/p99/p99.9 at 50% and 90% of each searched NDR, timestamps matched by the payload's serial (not with -check/-calibrate)")
 	maxRate := fs.Float64("max-rate", 0, "with -ndr: the top offered rate, packets/s (0: harness.DefaultMaxRate)")
+	install := fs.Int("install", 0, "first measure SA installation with this many pairs: from config (JSON-lines sa_files) and through POST /v1/sas/batch, beside BPF batch updates (0: not)")
 	pairs := fs.Int("pairs", 0, "with -check/-calibrate: interleaved trial pairs per scenario (0: harness.DefaultPairs)")
 	out := fs.String("out", "bench/results", "directory for results.{json,md,svg}")
 	list := fs.Bool("list", false, "list the selected scenarios and exit")
@@ -114,6 +115,7 @@ subset N times and writes FILE from the spread it measured.`)
 		o.Repeat = *repeat
 	}
 	o.Pairs = *pairs
+	o.Install = *install
 	o.NDR, o.MaxRate = *ndr, *maxRate
 	o.Latency = *latency && *ndr && *check == "" && *calibrate == 0
 	if *list {

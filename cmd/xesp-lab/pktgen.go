@@ -2,13 +2,11 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"net"
 	"net/netip"
-	"os"
 	"os/signal"
 	"syscall"
 	"time"
@@ -71,18 +69,10 @@ otherwise). Reports packets/s sent.`)
 		return fmt.Errorf("%w: -sas %d outside 1..%d", errUsage, *nsas, pktgen.MaxSAs)
 	}
 	if *saFile != "" {
-		specs, err := pktgen.SASpecs(*nsas, nw)
-		if err != nil {
+		if err := pktgen.WriteSAFile(context.Background(), *saFile, *nsas, nw); err != nil {
 			return err
 		}
-		data, err := json.Marshal(specs)
-		if err != nil {
-			return fmt.Errorf("encode SAs: %w", err)
-		}
-		if err := os.WriteFile(*saFile, data, 0o600); err != nil {
-			return fmt.Errorf("write SA file: %w", err)
-		}
-		fmt.Printf("wrote %d SAs (%d pairs) to %s\n", len(specs), *nsas, *saFile)
+		fmt.Printf("wrote %d SAs (%d pairs) to %s\n", 2**nsas, *nsas, *saFile)
 		return nil
 	}
 	if *dev == "" || *dstMAC == "" {

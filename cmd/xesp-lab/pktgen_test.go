@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"net"
+	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -30,6 +31,23 @@ func TestPktgenSAFileAndUsage(t *testing.T) {
 	}
 	if len(sas) != 8 {
 		t.Fatalf("%d SAs in the file, want 8", len(sas))
+	}
+	// The JSON-lines shape holds the same SAs, one a line.
+	lpath := filepath.Join(t.TempDir(), "sas.jsonl")
+	if err := runPktgen([]string{"-sas", "4", "-sa-file", lpath}); err != nil {
+		t.Fatal(err)
+	}
+	lsas, err := sa.ParseFile(lpath, sa.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if data, _ := os.ReadFile(lpath); len(lsas) != 8 || strings.Count(string(data), "\n") != 8 {
+		t.Fatalf("%d SAs in %d lines, want 8", len(lsas), strings.Count(string(data), "\n"))
+	}
+	for i := range sas {
+		if sas[i].String() != lsas[i].String() || string(sas[i].EncKey) != string(lsas[i].EncKey) {
+			t.Errorf("SA %d: %v in the list, %v in the lines", i, sas[i], lsas[i])
+		}
 	}
 	for _, c := range []struct {
 		args []string

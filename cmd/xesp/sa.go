@@ -10,6 +10,8 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"text/tabwriter"
 	"time"
 
@@ -26,7 +28,12 @@ func init() {
 }
 
 const saHelp = `usage:
-  xesp sa add FILE...           add the SAs of SA files (YAML or JSON by extension)
+  xesp sa add FILE...           add the SAs of SA files (YAML, JSON or JSON lines by extension)
+  xesp sa import [--batch N] [--parallel P] FILE...
+                                add the SAs of SA files in batches of N (default %[2]d) through
+                                POST /v1/sas/batch, P at a time (default 4): each batch all or
+                                none; a refused batch stops the import, and it says which SAs
+                                of the files went in
   xesp sa del REF...            delete SAs (also: xesp sa delete)
   xesp sa list [--json]         list every SA with its binding and counters
   xesp sa show REF [--json]     show one SA
@@ -35,7 +42,7 @@ REF is an SA name, in:SPI, out:SPI or out:SPI@peer[:port]
 (e.g. ue1-in, in:0x00001001, out:0xc0000001@192.0.2.10:4500, out:0x1@[2001:db8::1]:4500).
 
 API flags (every subcommand):
-  --api ADDR         unix:/path or https://host:port (default $XESP_API, else unix:%s)
+  --api ADDR         unix:/path or https://host:port (default $XESP_API, else unix:%[1]s)
   --token TOKEN      bearer token for TCP (default $XESP_TOKEN)
   --token-file FILE  file holding the bearer token (default $XESP_TOKEN_FILE)
   --ca FILE          CA certificate(s) verifying the API's server certificate (default $XESP_CA)
@@ -138,7 +145,7 @@ func parseInterleaved(fs *flag.FlagSet, args []string) ([]string, error) {
 
 func runSA(args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
-		fmt.Fprintf(stderr, saHelp, config.Defaults().API.Unix)
+		fmt.Fprintf(stderr, saHelp, config.Defaults().API.Unix, api.MaxBatch)
 		if len(args) == 0 {
 			return fmt.Errorf("%w: missing subcommand", errUsage)
 		}
@@ -156,25 +163,36 @@ func runSA(args []string, stdout, stderr io.Writer) error {
 	if sub == "list" || sub == "show" {
 		fs.BoolVar(&asJSON, "json", false, "print JSON instead of a table")
 	}
+	batch, parallel := api.MaxBatch, 4
+	if sub == "import" {
+		fs.IntVar(&batch, "batch", api.MaxBatch, "SAs per request, 1..10000")
+		fs.IntVar(&parallel, "parallel", 4, "requests in flight, 1..16")
+	}
 	pos, err := parseInterleaved(fs, args)
 	if err != nil {
 		return err
 	}
 	var want func(n int) bool
 	switch sub {
-	case "add", "del":
+	case "add", "del", "import":
 		want = func(n int) bool { return n >= 1 }
 	case "list":
 		want = func(n int) bool { return n == 0 }
 	case "show":
 		want = func(n int) bool { return n == 1 }
 	default:
-		return fmt.Errorf("%w: unknown subcommand %q: use add, del, list or show", errUsage, sub)
+		return fmt.Errorf("%w: unknown subcommand %q: use add, import, del, list or show", errUsage, sub)
 	}
 	if !want(len(pos)) {
 		return fmt.Errorf("%w: wrong arguments for sa %s (run xesp sa -h)", errUsage, sub)
 	}
-	if sub == "add" {
+	if sub == "import" && (batch < 1 || batch > api.MaxBatch) {
+		return fmt.Errorf("%w: --batch %d: want 1..%d", errUsage, batch, api.MaxBatch)
+	}
+	if sub == "import" && (parallel < 1 || parallel > 16) {
+		return fmt.Errorf("%w: --parallel %d: want 1..16", errUsage, parallel)
+	}
+	if sub == "add" || sub == "import" {
 		// Files are read and validated before anything is sent, so a typo
 		// in the second file does not leave the first half-applied.
 		var all []sa.SA
@@ -196,6 +214,9 @@ func runSA(args []string, stdout, stderr io.Writer) error {
 			return err
 		}
 		defer c.Close()
+		if sub == "import" {
+			return saImport(c, all, batch, parallel, stdout)
+		}
 		return saAdd(c, all, stdout, stderr)
 	}
 	c, err := af.client()
@@ -249,6 +270,68 @@ func saAdd(c *api.Client, sas []sa.SA, stdout, stderr io.Writer) error {
 		fmt.Fprintf(stdout, "added %s %s (worker %d, index %d)\n", s.Label(), v.Ref, v.Worker, v.Index)
 		return nil
 	})
+}
+
+// saImport sends sas in batches, parallel at a time: while one batch
+// waits for the data path to install it, the next is parsed. Each batch
+// is all or none; after a refusal no further batch is sent, and the
+// message says how many SAs went in.
+func saImport(c *api.Client, sas []sa.SA, batch, parallel int, stdout io.Writer) error {
+	ctx, cancel := apiContext()
+	defer cancel()
+	start := time.Now()
+	n := (len(sas) + batch - 1) / batch
+	errs := make([]error, n)
+	done := make([]bool, n)
+	next := make(chan int)
+	var wg sync.WaitGroup
+	var failed atomic.Bool
+	for range min(parallel, n) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			specs := make([]sa.Spec, 0, batch)
+			for b := range next {
+				if failed.Load() {
+					continue // taken before a refusal was known
+				}
+				lo, hi := b*batch, min((b+1)*batch, len(sas))
+				specs = specs[:0]
+				for i := lo; i < hi; i++ {
+					specs = append(specs, sas[i].WithKeys())
+				}
+				if _, err := c.AddBatch(ctx, specs); err != nil {
+					errs[b] = err
+					failed.Store(true)
+				} else {
+					done[b] = true
+				}
+			}
+		}()
+	}
+	for b := 0; b < n && !failed.Load(); b++ {
+		next <- b
+	}
+	close(next)
+	wg.Wait()
+	var refused []error
+	added := 0
+	for b := range n {
+		lo, hi := b*batch, min((b+1)*batch, len(sas))
+		switch {
+		case done[b]:
+			added += hi - lo
+		case errs[b] != nil:
+			// The server names items by their index in the batch.
+			refused = append(refused, fmt.Errorf("batch of SAs %d..%d (item [i] is SA %d+i of the files) refused, nothing of it added: %w", lo, hi-1, lo, errs[b]))
+		}
+	}
+	if len(refused) > 0 {
+		return fmt.Errorf("%w\nimport stopped: %d of %d SAs added", errors.Join(refused...), added, len(sas))
+	}
+	el := time.Since(start)
+	fmt.Fprintf(stdout, "imported %d SAs in %d batches in %v (%.0f SAs/s)\n", len(sas), n, el.Round(time.Millisecond), float64(len(sas))/el.Seconds())
+	return nil
 }
 
 func saDel(c *api.Client, refs []string, stdout, stderr io.Writer) error {

@@ -6,6 +6,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
@@ -375,7 +376,7 @@ func TestCLIUsage(t *testing.T) {
 		msg   string
 	}{
 		{"sa", nil, true, "usage: missing subcommand"},
-		{"sa", []string{"frob"}, true, `usage: unknown subcommand "frob": use add, del, list or show`},
+		{"sa", []string{"frob"}, true, `usage: unknown subcommand "frob": use add, import, del, list or show`},
 		{"sa", []string{"add"}, true, "usage: wrong arguments for sa add (run xesp sa -h)"},
 		{"sa", []string{"show", "a", "b"}, true, "usage: wrong arguments for sa show (run xesp sa -h)"},
 		{"sa", []string{"list", "--bogus"}, true, "usage: flag provided but not defined: -bogus"},
@@ -395,5 +396,56 @@ func TestCLIUsage(t *testing.T) {
 	}
 	if in, out := e.sad.Len(); in+out != 0 {
 		t.Fatalf("SAD holds %d SAs after failed commands", in+out)
+	}
+}
+
+// TestCLISAImport: `xesp sa import` sends a JSON-lines file in batches
+// over mTLS; a batch with a bad item is refused whole, the error naming
+// the file's SA and field, and the batches before it stay.
+func TestCLISAImport(t *testing.T) {
+	e := newCLIEnv(t)
+	var lines []string
+	for i := range 25 {
+		for _, dir := range []string{"in", "out"} {
+			spi := 0x10000 + i
+			if dir == "out" {
+				spi += 0x10000
+			}
+			lines = append(lines, fmt.Sprintf(`{"spi": %d, "direction": %q, "mode": "tunnel", "proposal": "aes128gcm16", "enc_key": "%040x", "local": "198.51.100.20", "peer": "192.0.2.10", "encap": {"peer_port": %d}, "inner": {"local": "10.0.0.0/24", "peer": "100.64.1.%d"}}`,
+				spi, dir, 1000+i, 20000+i, i))
+		}
+	}
+	path := filepath.Join(e.dir, "phones.jsonl")
+	if err := os.WriteFile(path, []byte(strings.Join(lines, "\n")+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, _, err := cliRun(t, "sa", "import", "--batch", "8", path, "--api", e.tcp, "--token", cliToken)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(out, "imported 50 SAs in 7 batches in ") {
+		t.Errorf("sa import: %q", out)
+	}
+	if in, o := e.sad.Len(); in != 25 || o != 25 {
+		t.Fatalf("SAD holds %d in, %d out; want 25, 25", in, o)
+	}
+
+	// Items 8..15 of a second file are the second batch; item 12 is bad
+	// by the gateway's rules (an SA already held), refused by the server.
+	var more []string
+	for i := range 20 {
+		more = append(more, strings.NewReplacer(`"spi": 6`, `"spi": 9`, `"spi": 13`, `"spi": 16`, `"peer": "100.64.1.`, `"peer": "100.64.2.`).Replace(lines[i]))
+	}
+	more[12] = lines[0]
+	path2 := filepath.Join(e.dir, "more.jsonl")
+	if err := os.WriteFile(path2, []byte(strings.Join(more, "\n")+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, _, err = cliRun(t, "sa", "import", "--batch", "8", "--parallel", "1", path2, "--api", e.unix)
+	if err == nil || !strings.Contains(err.Error(), "batch of SAs 8..15") || !strings.Contains(err.Error(), "import stopped: 8 of 20 SAs added") || !strings.Contains(err.Error(), "[4]: sa 0x00010000: in 0x00010000: already exists") {
+		t.Fatalf("bad batch: %v", err)
+	}
+	if in, o := e.sad.Len(); in != 29 || o != 29 {
+		t.Errorf("after the refused batch the SAD holds %d in, %d out; want 29, 29 (the first batch of 8 added)", in, o)
 	}
 }

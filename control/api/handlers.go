@@ -24,6 +24,7 @@ func (s *Server) routes() {
 	m.HandleFunc("GET /v1/stats", s.stats)
 	m.HandleFunc("GET /v1/sas", s.list)
 	m.HandleFunc("POST /v1/sas", s.add)
+	m.HandleFunc("POST /v1/sas/batch", s.addBatch)
 	m.HandleFunc("GET /v1/sas/{ref}", s.get)
 	m.HandleFunc("PUT /v1/sas/{ref}", s.update)
 	m.HandleFunc("DELETE /v1/sas/{ref}", s.del)

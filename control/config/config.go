@@ -19,6 +19,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"runtime"
+	"sort"
 	"strconv"
 	"strings"
 	"time"
@@ -655,9 +656,20 @@ func readSmallFile(path string, limit int64) ([]byte, error) {
 // validateSAs parses inline SAs and SA files, then checks them together:
 // names and identities unique across all sources, locals among the public
 // addresses, encapsulated SAs on the NAT-T port, counts within max_sas.
+//
+// It is built for a million phones in one SA file: the file is parsed on
+// every CPU (sa.ParseFile), its SAs are not copied again when it is the
+// only source, and an SA's label is made only when a message names it.
 func (c *Config) validateSAs(errs *errList) {
 	c.SAList = nil
-	var labels []string
+	// src says where the SAs of SAList come from: SAList[src[k].from:]
+	// up to the next source's from are source k's.
+	type source struct {
+		from  int
+		field string // "" for inline SAs
+		path  string
+	}
+	var srcs []source
 	var inline []int // c.SAs index of each inline SA in SAList
 	for i := range c.SAs {
 		sp := &c.SAs[i]
@@ -667,13 +679,11 @@ func (c *Config) validateSAs(errs *errList) {
 			*errs = append(*errs, sa.Flatten(err)...)
 			continue
 		}
-		label := pos
-		if s.Name != "" {
-			label = fmt.Sprintf("%s %q", pos, s.Name)
-		}
 		c.SAList = append(c.SAList, s)
-		labels = append(labels, label)
 		inline = append(inline, i)
+	}
+	if len(c.SAList) > 0 {
+		srcs = append(srcs, source{})
 	}
 	for i, p := range c.SAFiles {
 		field := fmt.Sprintf("sa_files[%d]", i)
@@ -685,27 +695,45 @@ func (c *Config) validateSAs(errs *errList) {
 		for _, e := range sa.Flatten(err) {
 			*errs = append(*errs, fmt.Errorf("%s: %w", field, e))
 		}
-		for j := range list {
-			labels = append(labels, fmt.Sprintf("%s: %s: %s", field, c.resolve(p), list[j].Label()))
+		if len(list) == 0 {
+			continue
 		}
-		c.SAList = append(c.SAList, list...)
+		srcs = append(srcs, source{from: len(c.SAList), field: field, path: c.resolve(p)})
+		if c.SAList == nil {
+			c.SAList = list // the only source so far: no copy of a million SAs
+		} else {
+			c.SAList = append(c.SAList, list...)
+		}
+	}
+	label := func(i int) string {
+		k := sort.Search(len(srcs), func(k int) bool { return srcs[k].from > i }) - 1
+		if srcs[k].field == "" {
+			pos := fmt.Sprintf("sas[%d]", inline[i])
+			if n := c.SAList[i].Name; n != "" {
+				return fmt.Sprintf("%s %q", pos, n)
+			}
+			return pos
+		}
+		return fmt.Sprintf("%s: %s: %s", srcs[k].field, srcs[k].path, c.SAList[i].Label())
 	}
 
+	// One source has been checked for duplicates by its parser already.
 	var d sa.Dedup
+	dedup := len(srcs) > 1
 	var in, out int
 	for i := range c.SAList {
 		s := &c.SAList[i]
-		if err := d.Add(s, labels[i]); err != nil {
-			*errs = append(*errs, sa.Flatten(err)...)
-		}
-		// With no public address that is its own error already.
-		if len(c.Public.Addrs) > 0 {
-			if fe := c.checkLocal(labels[i], s); fe != nil {
-				*errs = append(*errs, fe)
+		if dedup {
+			if err := d.Add(s, label(i)); err != nil {
+				*errs = append(*errs, sa.Flatten(err)...)
 			}
 		}
-		if fe := c.checkNATTPort(labels[i], s); fe != nil {
-			*errs = append(*errs, fe)
+		// With no public address that is its own error already.
+		if len(c.Public.Addrs) > 0 && !c.isPublic(s.Local) {
+			*errs = append(*errs, c.checkLocal(label(i), s))
+		}
+		if s.Encap != nil && int(s.Encap.LocalPort) != c.NATTPort {
+			*errs = append(*errs, c.checkNATTPort(label(i), s))
 		}
 		if s.Direction == sa.In {
 			in++
@@ -722,11 +750,23 @@ func (c *Config) validateSAs(errs *errList) {
 		}
 	}
 	for i := range c.SAList {
-		if fe := checkTransport(labels[i], &c.SAList[i]); fe != nil {
-			*errs = append(*errs, fe)
+		if s := &c.SAList[i]; s.Mode == sa.Transport {
+			if fe := checkTransport(label(i), s); fe != nil {
+				*errs = append(*errs, fe)
+			}
 		}
 	}
-	*errs = append(*errs, sa.CheckOverlaps(c.SAList, labels)...)
+	*errs = append(*errs, sa.CheckOverlapsFunc(c.SAList, label)...)
+}
+
+// isPublic says whether a is one of public.addresses.
+func (c *Config) isPublic(a netip.Addr) bool {
+	for _, p := range c.Public.Addrs {
+		if p == a {
+			return true
+		}
+	}
+	return false
 }
 
 // allocateCores gives every tunnel-mode SA with a one-address inner.peer,

@@ -32,8 +32,10 @@ func FormatOf(path string) (Format, error) {
 		return YAML, nil
 	case ".json":
 		return JSON, nil
+	case ".jsonl":
+		return JSONL, nil
 	}
-	return 0, fmt.Errorf("%s: unknown extension %q: use .yaml, .yml or .json", path, filepath.Ext(path))
+	return 0, fmt.Errorf("%s: unknown extension %q: use .yaml, .yml, .json or .jsonl", path, filepath.Ext(path))
 }
 
 // MaxSAFileSize bounds one SA file: about 2 million SAs in YAML.
@@ -109,6 +111,12 @@ type shape struct {
 // still returns the SAs that did validate, so a caller can check them
 // against other sources and report everything in one pass.
 func ParseBytes(data []byte, f Format, opts Options) (sas []SA, err error) {
+	if f == JSONL || f == JSON && isList(data, f) {
+		// Item by item on every CPU (list.go).
+		if sas, err, ok := parseListBytes(data, f, opts); ok {
+			return sas, err
+		}
+	}
 	specs, decErrs, fatal := decodeSpecs(data, f)
 	if fatal != nil {
 		return nil, fatal

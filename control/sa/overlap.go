@@ -330,6 +330,12 @@ func (x *OutIndex[V]) Conflict(sel Selector, skip func(V) bool) (V, Selector, bo
 // CheckOverlaps returns one *OverlapError per outbound SA of list whose
 // selectors overlap an earlier one's, naming both by labels[i].
 func CheckOverlaps(list []SA, labels []string) []error {
+	return CheckOverlapsFunc(list, func(i int) string { return labels[i] })
+}
+
+// CheckOverlapsFunc is CheckOverlaps naming SA i by label(i), called only
+// for the SAs a message names: a config of a million SAs makes no label.
+func CheckOverlapsFunc(list []SA, label func(int) string) []error {
 	var x OutIndex[int]
 	var errs []error
 	for i := range list {
@@ -339,7 +345,7 @@ func CheckOverlaps(list []SA, labels []string) []error {
 		}
 		sel := OutSelector(s)
 		if j, other, ok := x.Conflict(sel, nil); ok {
-			errs = append(errs, &OverlapError{SA: labels[i], Other: labels[j], Common: sel.Common(other)})
+			errs = append(errs, &OverlapError{SA: label(i), Other: label(j), Common: sel.Common(other)})
 			continue
 		}
 		x.Add(sel, i)

@@ -60,13 +60,20 @@ func (e *FieldError) Error() string {
 }
 
 // validator collects every problem of one Spec rather than stopping at the
-// first, so an operator fixes a file in one pass.
+// first, so an operator fixes a file in one pass. The SA's label is made
+// at the first problem: a valid SA (a million of them in a big file)
+// needs none.
 type validator struct {
+	sp    *Spec
+	pos   string
 	label string
 	errs  []error
 }
 
 func (v *validator) add(field, format string, args ...any) {
+	if v.label == "" {
+		v.label = labelFor(v.sp, v.pos)
+	}
 	v.errs = append(v.errs, &FieldError{SA: v.label, Field: field, Reason: fmt.Sprintf(format, args...)})
 }
 
@@ -92,7 +99,7 @@ func labelFor(sp *Spec, pos string) string {
 // Parse validates the Spec and returns the typed SA. The error joins one
 // *FieldError per problem found.
 func (sp *Spec) Parse(opts Options) (SA, error) {
-	v := validator{label: labelFor(sp, opts.Label)}
+	v := validator{sp: sp, pos: opts.Label}
 	s := SA{Name: sp.Name, Pair: sp.Pair, ESN: sp.ESN}
 
 	if sp.Name != "" && !ValidName(sp.Name) {

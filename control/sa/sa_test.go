@@ -415,7 +415,7 @@ func TestFileShapesAndErrors(t *testing.T) {
 			`sas[2]: spi: required`,
 		}},
 		{name: "json unknown field", f: JSON, doc: `[{"spi": 4097, "direction": "in", "colour": "red"}]`, errs: []string{
-			`unknown field "colour"`,
+			`line 1: unknown field "colour"`,
 			`sa 0x00001001: mode: required (tunnel or transport)`,
 			`sa 0x00001001: proposal: required (e.g. aes128gcm16)`,
 			`sa 0x00001001: local: required`,

@@ -6,7 +6,6 @@ import (
 	"encoding/binary"
 	"encoding/hex"
 	"hash"
-	"io"
 	"net/netip"
 	"sync"
 )
@@ -40,52 +39,61 @@ func (k Key) String() string { return hex.EncodeToString(k[:]) }
 // just space; anything that makes two SAs with different key material
 // collide costs only a skipped block, because High never goes down.
 func (s *Store) KeyFor(dir string, spi uint32, peer netip.AddrPort, proposal string, encKey, authKey []byte) Key {
-	m := s.macs.Get().(hash.Hash)
-	defer s.macs.Put(m)
-	m.Reset()
-	var b [32]byte
-
-	writeField(m, []byte(dir))
-
-	binary.BigEndian.PutUint32(b[:4], spi)
-	m.Write(b[:4])
+	// The input is laid out in one buffer and hashed with one Write: the
+	// HMAC's per-Write cost was most of KeyFor's, which runs once per SA
+	// install (a million times at a large start). Same bytes as writing
+	// each field in turn.
+	st := s.macs.Get().(*keyState)
+	msg := st.buf[:0]
+	msg = appendField(msg, []byte(dir))
+	msg = binary.BigEndian.AppendUint32(msg, spi)
 
 	addr := peer.Addr().Unmap()
 	switch {
 	case addr.Is4():
-		b[0] = 4
+		msg = append(msg, 4)
 	case addr.Is6():
-		b[0] = 6
+		msg = append(msg, 6)
 	default: // the zero Addr: still distinct from every real address
-		b[0] = 0
+		msg = append(msg, 0)
 	}
 	var a16 [16]byte
 	if addr.IsValid() {
 		a16 = addr.As16()
 	}
-	copy(b[1:17], a16[:])
-	binary.BigEndian.PutUint16(b[17:19], peer.Port())
-	m.Write(b[:19])
-	writeField(m, []byte(addr.Zone()))
+	msg = append(msg, a16[:]...)
+	msg = binary.BigEndian.AppendUint16(msg, peer.Port())
+	msg = appendField(msg, []byte(addr.Zone()))
 
-	writeField(m, []byte(proposal))
-	writeField(m, encKey)
-	writeField(m, authKey)
+	msg = appendField(msg, []byte(proposal))
+	msg = appendField(msg, encKey)
+	msg = appendField(msg, authKey)
 
+	st.mac.Reset()
+	st.mac.Write(msg)
 	var k Key
-	copy(k[:], m.Sum(b[:0]))
+	copy(k[:], st.mac.Sum(st.sum[:0]))
+	clear(msg) // key material
+	st.buf = msg[:0]
+	s.macs.Put(st)
 	return k
+}
+
+// keyState is one KeyFor's reusable HMAC and buffers, pooled: nothing is
+// allocated per call.
+type keyState struct {
+	mac hash.Hash
+	buf []byte
+	sum [sha256.Size]byte
+}
+
+func appendField(b, p []byte) []byte {
+	b = binary.BigEndian.AppendUint32(b, uint32(len(p)))
+	return append(b, p...)
 }
 
 // newMACPool returns a pool of HMAC states keyed with the store secret:
 // KeyFor runs once per SA install, a million times at startup.
 func newMACPool(secret []byte) *sync.Pool {
-	return &sync.Pool{New: func() any { return hmac.New(sha256.New, secret) }}
-}
-
-func writeField(m io.Writer, p []byte) {
-	var n [4]byte
-	binary.BigEndian.PutUint32(n[:], uint32(len(p)))
-	m.Write(n[:])
-	m.Write(p)
+	return &sync.Pool{New: func() any { return &keyState{mac: hmac.New(sha256.New, secret), buf: make([]byte, 0, 192)} }}
 }

@@ -1,6 +1,10 @@
 package seqstore
 
 import (
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/binary"
+	"hash"
 	"net/netip"
 	"testing"
 )
@@ -86,4 +90,58 @@ func flip(b []byte, i int) []byte {
 	c := append([]byte{}, b...)
 	c[i] ^= 1
 	return c
+}
+
+// TestKeyForUnchanged: KeyFor hashes exactly the bytes the original
+// field-by-field writer did, so the records a store already holds keep
+// naming their SAs (a changed key would restart a sequence at 1 under the
+// same cipher key).
+func TestKeyForUnchanged(t *testing.T) {
+	s := open(t, t.TempDir(), Options{})
+	field := func(m hash.Hash, p []byte) {
+		var n [4]byte
+		binary.BigEndian.PutUint32(n[:], uint32(len(p)))
+		m.Write(n[:])
+		m.Write(p)
+	}
+	reference := func(in keyInput) Key {
+		m := hmac.New(sha256.New, s.hdr.secret[:])
+		var b [32]byte
+		field(m, []byte(in.dir))
+		binary.BigEndian.PutUint32(b[:4], in.spi)
+		m.Write(b[:4])
+		addr := in.peer.Addr().Unmap()
+		switch {
+		case addr.Is4():
+			b[0] = 4
+		case addr.Is6():
+			b[0] = 6
+		default:
+			b[0] = 0
+		}
+		var a16 [16]byte
+		if addr.IsValid() {
+			a16 = addr.As16()
+		}
+		copy(b[1:17], a16[:])
+		binary.BigEndian.PutUint16(b[17:19], in.peer.Port())
+		m.Write(b[:19])
+		field(m, []byte(addr.Zone()))
+		field(m, []byte(in.proposal))
+		field(m, in.enc)
+		field(m, in.au)
+		var k Key
+		copy(k[:], m.Sum(nil))
+		return k
+	}
+	for i, in := range []keyInput{
+		{"rx/in", 0x1001, netip.MustParseAddrPort("192.0.2.10:4500"), "aes128gcm16", make([]byte, 20), nil},
+		{"out", 0xc0000001, netip.MustParseAddrPort("[2001:db8::1%eth0]:4500"), "aes256-sha256", make([]byte, 32), make([]byte, 32)},
+		{"out", 7, netip.AddrPort{}, "null-sha1", nil, []byte{1, 2, 3}},
+		{"rx/out", 0xffffffff, netip.MustParseAddrPort("[::ffff:192.0.2.1]:1"), "chacha20poly1305", make([]byte, 36), nil},
+	} {
+		if got, want := in.key(s), reference(in); got != want {
+			t.Errorf("input %d: KeyFor %s, the field-by-field derivation %s", i, got, want)
+		}
+	}
 }

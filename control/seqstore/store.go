@@ -76,7 +76,7 @@ type Store struct {
 	opts Options
 	hdr  header
 	lock *os.File
-	macs *sync.Pool // of hash.Hash, for KeyFor
+	macs *sync.Pool // of *keyState, for KeyFor
 
 	wmu         sync.Mutex // serialises everything that writes the log
 	f           *os.File   // the log, its offset at the end

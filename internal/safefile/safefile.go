@@ -32,7 +32,11 @@ func Read(path string, limit int64) ([]byte, error) {
 	if st.Size() > limit {
 		return nil, fmt.Errorf("%s is larger than %d bytes", path, limit)
 	}
-	b, err := io.ReadAll(io.LimitReader(f, limit+1))
+	// Sized from the stat, so a 600 MB SA file is read once into one
+	// buffer, not copied through io.ReadAll's doublings; one byte more
+	// tells a file that grew since from one that did not.
+	b := make([]byte, 0, st.Size()+1)
+	b, err = readAll(io.LimitReader(f, limit+1), b)
 	if err != nil {
 		return nil, fmt.Errorf("read %s: %w", path, err)
 	}
@@ -40,6 +44,23 @@ func Read(path string, limit int64) ([]byte, error) {
 		return nil, fmt.Errorf("%s is larger than %d bytes", path, limit)
 	}
 	return b, nil
+}
+
+// readAll is io.ReadAll into b's spare capacity.
+func readAll(r io.Reader, b []byte) ([]byte, error) {
+	for {
+		if len(b) == cap(b) {
+			b = append(b, 0)[:len(b)]
+		}
+		n, err := r.Read(b[len(b):cap(b)])
+		b = b[:len(b)+n]
+		if err == io.EOF {
+			return b, nil
+		}
+		if err != nil {
+			return b, err
+		}
+	}
 }
 
 // Replace replaces the file at path with b, mode 0600, atomically and

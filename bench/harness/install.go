@@ -1,0 +1,356 @@
+package harness
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/xesp/xesp/bench/pktgen"
+	"github.com/xesp/xesp/bpf"
+	"github.com/xesp/xesp/control/api"
+	"github.com/xesp/xesp/control/config"
+	"github.com/xesp/xesp/control/sa"
+	"github.com/xesp/xesp/gateway"
+	"github.com/xesp/xesp/loader"
+)
+
+// Install is SA installation at carrier speed (issue 13, item 3),
+// measured on its own topology before anything is pinned: the daemon's
+// load is not pinned to one CPU either.
+//
+//   - Config: `xesp run` with a JSON-lines SA file of Pairs pairs named by
+//     sa_files (pktgen.WriteSAFile: keys inline, as an operator provisions
+//     phones): from config.Load until the manager has installed every SA
+//     and the XDP SA map holds every inbound one, as the daemon runs it
+//     (config.Load, gateway.Start) minus the exec.
+//   - API: POST /v1/sas/batch over the Unix socket into a running gateway
+//     with no SAs, APIBatch SAs a request and APIParallel requests in
+//     flight (as `xesp sa import` sends them), until the SA map holds
+//     them all. The client runs in the same process: its JSON encoding is
+//     counted in the rate.
+//   - Ceiling: the same entries written straight into fresh SA and policy
+//     maps of the same capacity with BPF_MAP_UPDATE_BATCH, the kernel's
+//     share of any install; the ratios say how much of that rate xesp
+//     keeps.
+type Install struct {
+	Pairs              int     `json:"pairs"`
+	ConfigSeconds      float64 `json:"config_seconds"`
+	ConfigParseSeconds float64 `json:"config_parse_seconds"` // config.Load alone
+	ConfigSAsPerSec    float64 `json:"config_sas_per_sec"`
+	// ConfigCPUSeconds and APICPUSeconds are the process's CPU time
+	// (user + system, every thread) over each path: on a shared machine
+	// they move less than wall time. The API's includes its client.
+	ConfigCPUSeconds float64 `json:"config_cpu_seconds"`
+	APICPUSeconds    float64 `json:"api_cpu_seconds"`
+	APISAs           int     `json:"api_sas"`
+	APIBatch         int     `json:"api_batch"`
+	APIParallel      int     `json:"api_parallel"`
+	APISeconds       float64 `json:"api_seconds"`
+	APISAsPerSec     float64 `json:"api_sas_per_sec"`
+	// MapSAsPerSec is the ceiling: SA map and policy map entries written
+	// per second by batch updates (one entry per SA).
+	MapSAsPerSec float64 `json:"map_sas_per_sec"`
+	// ConfigVsMap and APIVsMap are the install rates over the ceiling.
+	ConfigVsMap float64 `json:"config_vs_map"`
+	APIVsMap    float64 `json:"api_vs_map"`
+}
+
+// Install goals of issue 13.
+const (
+	installConfigGoal = 15.0   // seconds for 1M pairs from config
+	installAPIGoal    = 50_000 // SAs/s through the API
+)
+
+// Install measurement settings: the API's batch limit, and four in
+// flight so one batch is parsed while another waits for the data path.
+const (
+	installBatch    = api.MaxBatch
+	installParallel = 4
+)
+
+// measureInstall runs the three measurements with pairs SA pairs.
+func measureInstall(ctx context.Context, pairs int, logf func(string, ...any)) (*Install, error) {
+	if pairs < 1 || pairs > pktgen.MaxSAs {
+		return nil, fmt.Errorf("bench: install: %d pairs outside 1..%d", pairs, pktgen.MaxSAs)
+	}
+	dir, err := os.MkdirTemp("", "xesp-install")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(dir)
+	nw := pktgen.DefaultNet()
+	file := filepath.Join(dir, "phones.jsonl")
+	logf("install: writing %d SA pairs to %s", pairs, file)
+	if err := pktgen.WriteSAFile(ctx, file, pairs, nw); err != nil {
+		return nil, err
+	}
+	tp, err := newTopo()
+	if err != nil {
+		return nil, err
+	}
+	defer tp.close()
+	in := &Install{Pairs: pairs, APIBatch: installBatch, APIParallel: installParallel}
+
+	if err := in.config(ctx, tp, dir, file, pairs); err != nil {
+		return nil, fmt.Errorf("install from config: %w", err)
+	}
+	logf("install: %d pairs from config in %.2f s (config.Load %.2f s, CPU %.2f s): %.0f SAs/s", pairs, in.ConfigSeconds, in.ConfigParseSeconds, in.ConfigCPUSeconds, in.ConfigSAsPerSec)
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	// The file's SAs, parsed once, are what the API client sends.
+	list, err := sa.ParseFile(file, sa.Options{})
+	if err != nil {
+		return nil, err
+	}
+	if err := in.api(ctx, tp, dir, list, pairs); err != nil {
+		return nil, fmt.Errorf("install through the API: %w", err)
+	}
+	logf("install: %d SAs through POST /v1/sas/batch in %.2f s (CPU %.2f s): %.0f SAs/s", in.APISAs, in.APISeconds, in.APICPUSeconds, in.APISAsPerSec)
+	list = nil
+	if err := in.ceiling(pairs); err != nil {
+		return nil, fmt.Errorf("install ceiling: %w", err)
+	}
+	in.ConfigVsMap = in.ConfigSAsPerSec / in.MapSAsPerSec
+	in.APIVsMap = in.APISAsPerSec / in.MapSAsPerSec
+	logf("install: ceiling %.0f map entries/s (BPF batch updates); config %.4f of it, API %.4f", in.MapSAsPerSec, in.ConfigVsMap, in.APIVsMap)
+	return in, nil
+}
+
+// installConfig is the gateway's config, SA file and API socket included.
+func installConfig(tp *topo, dir, file string) string {
+	return fmt.Sprintf(`
+public: {interface: %s, addresses: [192.0.2.1]}
+private: {interface: %s, next_hop_mac: "%s"}
+workers: 1
+max_sas: %d
+state_dir: %s
+metrics: {listen: ""}
+api: {unix: %s}
+`, tp.pub.name, tp.priv.name, tp.co.mac, 1<<21, filepath.Join(dir, "state"), filepath.Join(dir, "api.sock")) + func() string {
+		if file == "" {
+			return ""
+		}
+		return fmt.Sprintf("sa_files: [%s]\n", file)
+	}()
+}
+
+// config loads the SA file as `xesp run` does.
+func (in *Install) config(ctx context.Context, tp *topo, dir, file string, pairs int) error {
+	path := filepath.Join(dir, "xesp.yaml")
+	if err := os.WriteFile(path, []byte(installConfig(tp, dir, file)), 0o600); err != nil {
+		return err
+	}
+	t0, c0 := time.Now(), cpuSeconds()
+	cfg, err := config.Load(path)
+	if err != nil {
+		return err
+	}
+	in.ConfigParseSeconds = time.Since(t0).Seconds()
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	var g *gateway.Gateway
+	if err := tp.gw.Do(func() (err error) {
+		g, err = gateway.Start(ctx, cfg, gateway.Options{NoPin: true})
+		return err
+	}); err != nil {
+		return err
+	}
+	defer g.Stop(false)
+	if err := waitInstalled(ctx, g, pairs); err != nil {
+		return err
+	}
+	in.ConfigSeconds = time.Since(t0).Seconds()
+	in.ConfigCPUSeconds = cpuSeconds() - c0
+	in.ConfigSAsPerSec = float64(2*pairs) / in.ConfigSeconds
+	return nil
+}
+
+// api installs list through the control API of a gateway started empty.
+func (in *Install) api(ctx context.Context, tp *topo, dir string, list []sa.SA, pairs int) error {
+	path := filepath.Join(dir, "empty.yaml")
+	if err := os.WriteFile(path, []byte(installConfig(tp, dir, "")), 0o600); err != nil {
+		return err
+	}
+	if err := os.RemoveAll(filepath.Join(dir, "state")); err != nil {
+		return err
+	}
+	cfg, err := config.Load(path)
+	if err != nil {
+		return err
+	}
+	var g *gateway.Gateway
+	if err := tp.gw.Do(func() (err error) {
+		g, err = gateway.Start(ctx, cfg, gateway.Options{NoPin: true})
+		return err
+	}); err != nil {
+		return err
+	}
+	defer g.Stop(false)
+	dp, err := g.DataPath()
+	if err != nil {
+		return err
+	}
+	srv, err := api.New(api.Options{SAD: g.SAD, DataPath: dp, API: cfg.API, NATTPort: cfg.NATTPort, Check: cfg.CheckSA})
+	if err != nil {
+		return err
+	}
+	if err := srv.Listen(); err != nil {
+		return err
+	}
+	sctx, stop := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(sctx) }()
+	defer func() { stop(); <-served }()
+	c, err := api.NewClient("unix:"+cfg.API.Unix, "")
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+
+	n := (len(list) + installBatch - 1) / installBatch
+	next := make(chan int)
+	errs := make(chan error, n)
+	var wg sync.WaitGroup
+	t0, c0 := time.Now(), cpuSeconds()
+	for range installParallel {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			specs := make([]sa.Spec, 0, installBatch)
+			for b := range next {
+				specs = specs[:0]
+				for i := b * installBatch; i < min((b+1)*installBatch, len(list)); i++ {
+					specs = append(specs, list[i].WithKeys())
+				}
+				if _, err := c.AddBatch(ctx, specs); err != nil {
+					errs <- fmt.Errorf("batch %d: %w", b, err)
+				}
+			}
+		}()
+	}
+	for b := range n {
+		if ctx.Err() != nil {
+			break
+		}
+		next <- b
+	}
+	close(next)
+	wg.Wait()
+	close(errs)
+	if err := <-errs; err != nil {
+		return err
+	}
+	if err := waitInstalled(ctx, g, pairs); err != nil {
+		return err
+	}
+	in.APISAs = len(list)
+	in.APISeconds = time.Since(t0).Seconds()
+	in.APICPUSeconds = cpuSeconds() - c0
+	in.APISAsPerSec = float64(in.APISAs) / in.APISeconds
+	return nil
+}
+
+// waitInstalled waits until the manager holds 2×pairs SAs and the XDP SA
+// map pairs inbound ones.
+func waitInstalled(ctx context.Context, g *gateway.Gateway, pairs int) error {
+	deadline := time.Now().Add(10 * time.Minute)
+	for g.Manager.Installed() < 2*pairs {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("manager installed %d of %d SAs in 10 minutes", g.Manager.Installed(), 2*pairs)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	keys, vals := make([]uint32, 1<<16), make([]bpf.SASteer, 1<<16)
+	for {
+		c, err := countMap(g.Maps.SAs.Map(), keys, vals)
+		if err != nil {
+			return err
+		}
+		if c >= pairs {
+			return nil
+		}
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("SA map holds %d of %d SAs after 10 minutes", c, pairs)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// cpuSeconds is the process's CPU time so far.
+func cpuSeconds() float64 {
+	var ru syscall.Rusage
+	if syscall.Getrusage(syscall.RUSAGE_SELF, &ru) != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano()).Seconds()
+}
+
+// ceiling writes pairs inbound SA entries and pairs outbound policies
+// (/32 each, as the pairs' inner peers) into fresh maps of the gateway's
+// capacity with batch updates.
+func (in *Install) ceiling(pairs int) error {
+	inst, err := loader.Load(loader.Options{Public: "unused", NoPin: true, SACapacity: 1 << 21, PolicyCapacity: 1 << 21})
+	if err != nil {
+		return err
+	}
+	defer inst.Close()
+	spis := make([]uint32, pairs)
+	steer := make([]bpf.SASteer, pairs)
+	prefixes := make([]netip.Prefix, pairs)
+	pols := make([]bpf.Policy, pairs)
+	for i := range pairs {
+		spis[i] = pktgen.InSPIBase + uint32(i)
+		steer[i] = bpf.SASteer{SaIndex: uint32(2 * i)}
+		prefixes[i] = netip.PrefixFrom(pktgen.Inner(i), 32)
+		pols[i] = bpf.Policy{SaIndex: uint32(2*i + 1)}
+	}
+	t0 := time.Now()
+	if err := inst.Maps.SAs.PutBatch(spis, steer); err != nil {
+		return err
+	}
+	if err := inst.Maps.Policies.PutBatch(prefixes, pols); err != nil {
+		return err
+	}
+	in.MapSAsPerSec = float64(2*pairs) / time.Since(t0).Seconds()
+	return nil
+}
+
+// targets are the issue's two install goals; the config goal is for a
+// million pairs, so a smaller run reports the figure without a verdict.
+func (in *Install) targets() []Target {
+	var out []Target
+	if in.Pairs >= 1_000_000 {
+		out = append(out, Target{Name: "install/config_1M_pairs", Ratio: installConfigGoal / in.ConfigSeconds, Goal: 1, Met: in.ConfigSeconds <= installConfigGoal,
+			How: fmt.Sprintf("%.1f s to load %d pairs from config (goal %.0f s): ratio is goal ÷ seconds", in.ConfigSeconds, in.Pairs, installConfigGoal)})
+	}
+	out = append(out, Target{Name: "install/api_sas_per_sec", Ratio: in.APISAsPerSec / installAPIGoal, Goal: 1, Met: in.APISAsPerSec >= installAPIGoal,
+		How: fmt.Sprintf("%.0f SAs/s through POST /v1/sas/batch (goal %d): ratio is rate ÷ goal", in.APISAsPerSec, installAPIGoal)})
+	return out
+}
+
+// markdown renders the figures as a table.
+func (in *Install) markdown(w io.Writer) {
+	fmt.Fprintln(w, "SA installation (issue 13 item 3): from config (`xesp run`, JSON-lines SA file in sa_files, until the XDP SA map holds every inbound SA) and through the API (POST /v1/sas/batch over the Unix socket), beside the same-run ceiling: the same entries written into fresh BPF maps by batch updates.")
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "| Path | SA pairs | SAs | Seconds | SAs/s | CPU s | CPU µs/SA | ÷ map ceiling |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+	fmt.Fprintf(w, "| config (load %.2f s) | %d | %d | %.2f | %.0f | %.2f | %.1f | %.4f |\n", in.ConfigParseSeconds, in.Pairs, 2*in.Pairs, in.ConfigSeconds, in.ConfigSAsPerSec,
+		in.ConfigCPUSeconds, 1e6*in.ConfigCPUSeconds/float64(2*in.Pairs), in.ConfigVsMap)
+	fmt.Fprintf(w, "| API, %d a batch, %d in flight | %d | %d | %.2f | %.0f | %.2f | %.1f | %.4f |\n", in.APIBatch, in.APIParallel, in.APISAs/2, in.APISAs, in.APISeconds, in.APISAsPerSec,
+		in.APICPUSeconds, 1e6*in.APICPUSeconds/float64(max(in.APISAs, 1)), in.APIVsMap)
+	fmt.Fprintf(w, "| ceiling: BPF batch updates | %d | %d | %.2f | %.0f | | | 1 |\n", in.Pairs, 2*in.Pairs, float64(2*in.Pairs)/in.MapSAsPerSec, in.MapSAsPerSec)
+	fmt.Fprintln(w)
+}
