@@ -476,8 +476,10 @@ func (g *Gateway) start(ctx context.Context, o Options) (err error) {
 	rest.mu.Unlock()
 	// Adopted maps may hold what the previous process published for SAs
 	// this one does not have.
-	if g.Restored.StaleSAs, g.Restored.StalePolicies, err = g.Manager.PruneStale(); err != nil {
-		return fmt.Errorf("prune adopted maps: %w", err)
+	if g.Loader.AdoptedMaps {
+		if g.Restored.StaleSAs, g.Restored.StalePolicies, err = g.Manager.PruneStale(); err != nil {
+			return fmt.Errorf("prune adopted maps: %w", err)
+		}
 	}
 	g.goRun("manager", func() error { return g.Manager.Run(runCtx) })
 	g.Lifetime, err = lifetime.New(lifetime.Options{SAD: g.SAD, Interval: o.LifetimeInterval, Log: o.Log,

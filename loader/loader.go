@@ -104,6 +104,11 @@ type Instance struct {
 	Public, Private *Attachment
 	// MountedBPFFS is set when Load had to mount bpffs itself.
 	MountedBPFFS bool
+	// AdoptedMaps is set when a state map was found pinned and reused:
+	// only then can the maps hold entries of SAs this process does not
+	// have (a fresh map is empty, and walking a million entries of one
+	// for nothing costs seconds at start).
+	AdoptedMaps bool
 
 	opts Options
 	dir  string // "" when not pinning
@@ -151,6 +156,9 @@ func Load(opts Options) (*Instance, error) {
 		}
 		for _, name := range pinnedMaps {
 			spec.Maps[name].Pinning = ebpf.PinByName
+			if _, err := os.Stat(filepath.Join(in.dir, name)); err == nil {
+				in.AdoptedMaps = true
+			}
 		}
 		collOpts.Maps.PinPath = in.dir
 	}

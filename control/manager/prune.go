@@ -39,21 +39,19 @@ func (m *Manager) PruneStale() (sas, policies int, err error) {
 	}
 
 	var staleKeys []bpf.PolicyKey
-	var k bpf.PolicyKey
-	var v bpf.Policy
-	it := m.o.Maps.Policies.Map().Iterate()
-	for it.Next(&k, &v) {
+	perr := m.o.Maps.Policies.Walk(func(k *bpf.PolicyKey, _ *bpf.Policy) bool {
 		a := netip.AddrFrom16(k.Addr)
 		bits := int(k.Prefixlen)
 		if a.Is4In6() && bits >= 96 {
 			a, bits = a.Unmap(), bits-96
 		}
 		if p := netip.PrefixFrom(a, bits); !p.IsValid() || len(m.policies[prefixKey(p.Masked())]) == 0 {
-			staleKeys = append(staleKeys, k)
+			staleKeys = append(staleKeys, *k)
 		}
-	}
-	if err := it.Err(); err != nil {
-		errs = append(errs, fmt.Errorf("policy map: walk: %w", err))
+		return true
+	})
+	if perr != nil {
+		errs = append(errs, perr)
 	}
 	for i := range staleKeys {
 		if err := m.o.Maps.Policies.Map().Delete(&staleKeys[i]); err != nil {
@@ -64,17 +62,16 @@ func (m *Manager) PruneStale() (sas, policies int, err error) {
 	}
 	// The cores map likewise: exact-match entries of core addresses.
 	var staleCores []bpf.CoreKey
-	var ck bpf.CoreKey
-	cit := m.o.Maps.Cores.Map().Iterate()
-	for cit.Next(&ck, &v) {
+	cerr := m.o.Maps.Cores.Walk(func(ck *bpf.CoreKey, _ *bpf.Policy) bool {
 		a := netip.AddrFrom16(ck.Addr).Unmap()
 		port := uint16((*[2]byte)(unsafe.Pointer(&ck.Port))[0])<<8 | uint16((*[2]byte)(unsafe.Pointer(&ck.Port))[1])
 		if len(m.policies[coreKey(a, port)]) == 0 {
-			staleCores = append(staleCores, ck)
+			staleCores = append(staleCores, *ck)
 		}
-	}
-	if err := cit.Err(); err != nil {
-		errs = append(errs, fmt.Errorf("cores map: walk: %w", err))
+		return true
+	})
+	if cerr != nil {
+		errs = append(errs, cerr)
 	}
 	for i := range staleCores {
 		if err := m.o.Maps.Cores.Map().Delete(&staleCores[i]); err != nil {
