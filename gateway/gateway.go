@@ -9,6 +9,7 @@
 package gateway
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -409,7 +410,7 @@ func (g *Gateway) start(ctx context.Context, o Options) (err error) {
 			// Handed-over RX rings hold packets already: nothing is read
 			// before the SAs are installed (Release below).
 			Held:       adopted != nil,
-			CipherIdle: o.CipherIdle,
+			CipherIdle: cmp.Or(o.CipherIdle, cfg.Idle.CipherAfter),
 		})
 		if err != nil {
 			return err

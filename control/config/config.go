@@ -107,6 +107,13 @@ type Idle struct {
 	Remove bool `yaml:"remove,omitempty"`
 	// Every is Timeout parsed.
 	Every time.Duration `yaml:"-"`
+	// CipherRelease is how long an SA carries no packet before its worker
+	// drops the SA's cipher state (~0.77 KB for AES-GCM), rebuilt from the
+	// key on its next packet ("": 30s). A million mostly quiet phones then
+	// cost the gateway only their keys and counters.
+	CipherRelease string `yaml:"cipher_release,omitempty"`
+	// CipherAfter is CipherRelease parsed (0: the worker's default).
+	CipherAfter time.Duration `yaml:"-"`
 }
 
 // VLAN puts a side on one VLAN of its interface (docs/operations.md
@@ -481,6 +488,17 @@ func (c *Config) validateTunnel(errs *errList) {
 		errs.add("idle.timeout", "%s: below 1s, keepalives (20 s by RFC 3948) could never keep a phone alive", d)
 	default:
 		c.Idle.Every = d
+	}
+	if c.Idle.CipherRelease != "" {
+		d, err := time.ParseDuration(c.Idle.CipherRelease)
+		switch {
+		case err != nil:
+			errs.add("idle.cipher_release", "%q: want a duration such as 30s or 5m", c.Idle.CipherRelease)
+		case d < time.Second || d > 24*time.Hour:
+			errs.add("idle.cipher_release", "%s: want 1s..24h (a release more often than a keepalive would rebuild ciphers all the time)", d)
+		default:
+			c.Idle.CipherAfter = d
+		}
 	}
 }
 

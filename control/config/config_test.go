@@ -318,23 +318,24 @@ func TestTunnelIdleVLANSettings(t *testing.T) {
 	c, err = Parse([]byte(`public: {interface: xpub0, addresses: [198.51.100.20], mtu: 1400, vlan: 100}
 private: {interface: xpriv0, vlan: 200, vlan_proto: 802.1ad, vlan_interface: xpriv0.200}
 tunnel: {outer_ttl: 32, dscp: "26", icmp_rate: 0}
-idle: {timeout: 90s, remove: true}
+idle: {timeout: 90s, remove: true, cipher_release: 2m}
 `), "xesp.yaml")
 	if err != nil {
 		t.Fatal(err)
 	}
 	if c.Public.MTU != 1400 || c.Tunnel.OuterTTL != 32 || !c.Tunnel.HasDSCP || c.Tunnel.FixedDSCP != 26 || c.Tunnel.ICMPRate != 0 ||
-		c.Idle.Every != 90*time.Second || !c.Idle.Remove || c.Public.VLAN.TPID != 0x8100 || c.Private.VLAN.TPID != 0x88a8 || c.Private.VLAN.Interface != "xpriv0.200" {
+		c.Idle.Every != 90*time.Second || !c.Idle.Remove || c.Idle.CipherAfter != 2*time.Minute || c.Public.VLAN.TPID != 0x8100 || c.Private.VLAN.TPID != 0x88a8 || c.Private.VLAN.Interface != "xpriv0.200" {
 		t.Fatalf("parsed: %+v %+v %+v %+v", c.Tunnel, c.Idle, c.Public, c.Private)
 	}
 	_, err = Parse([]byte(minimal+`tunnel: {outer_ttl: 0, dscp: ef, icmp_rate: -1}
-idle: {timeout: 100ms}
+idle: {timeout: 100ms, cipher_release: 500ms}
 `), "xesp.yaml")
 	for _, want := range []string{
 		"config xesp.yaml: tunnel.outer_ttl: 0: want 1..255",
 		`config xesp.yaml: tunnel.dscp: "ef": want copy or a DSCP 0..63`,
 		"config xesp.yaml: tunnel.icmp_rate: -1",
 		"config xesp.yaml: idle.timeout: 100ms: below 1s",
+		"config xesp.yaml: idle.cipher_release: 500ms: want 1s..24h",
 	} {
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("error %v\nlacks %q", err, want)
