@@ -51,6 +51,10 @@ subset N times and writes FILE from the spread it measured.`)
 	ndr := fs.Bool("ndr", false, "search each xesp scenario's and reflect ceiling's NDR (no loss) and PDR (≤0.5% loss) over a paced offered rate (docs/benchmarking.md)")
 	latency := fs.Bool("latency", true, "with -ndr: measure latency p50/p99/p99.9 at 50% and 90% of each searched NDR, timestamps matched by the payload's serial (not with -check/-calibrate)")
 	maxRate := fs.Float64("max-rate", 0, "with -ndr: the top offered rate, packets/s (0: harness.DefaultMaxRate)")
+	trial := fs.Duration("trial", harness.DefaultTrial, "with -ndr: MLRsearch's final trial duration")
+	durSum := fs.Duration("duration-sum", harness.DefaultDurationSum, "with -ndr: full-length trial time a load is judged on (MLRsearch's goal duration sum)")
+	pacedEngine := fs.String("paced-engine", "live", "with -ndr: the paced sender: live (live frames paced inside the XDP program) or afxdp (copy-mode AF_XDP TX, slower on veth)")
+	exceed := fs.Float64("exceed-ratio", harness.DefaultExceedRatio, "with -ndr: share of that time allowed above the goal's loss ratio (MLRsearch's goal exceed ratio; 0.5: the median trial decides)")
 	pairs := fs.Int("pairs", 0, "with -check/-calibrate: interleaved trial pairs per scenario (0: harness.DefaultPairs)")
 	out := fs.String("out", "bench/results", "directory for results.{json,md,svg}")
 	list := fs.Bool("list", false, "list the selected scenarios and exit")
@@ -115,6 +119,7 @@ subset N times and writes FILE from the spread it measured.`)
 	}
 	o.Pairs = *pairs
 	o.NDR, o.MaxRate = *ndr, *maxRate
+	o.TrialDuration, o.DurationSum, o.ExceedRatio, o.PacedEngine = *trial, *durSum, *exceed, *pacedEngine
 	o.Latency = *latency && *ndr && *check == "" && *calibrate == 0
 	if *list {
 		for _, n := range harness.Selected(o) {
