@@ -67,13 +67,21 @@ func TestRunSmallMatrix(t *testing.T) {
 		}
 	}
 	// Per direction and size: vs reflect, 3 SAs vs 1, vs sockets at 1 and
-	// 3; per size, decap under the flood vs without.
-	if len(rep.Targets) != 2*2*4+2 {
-		t.Errorf("targets %+v, want 18", rep.Targets)
+	// 3; per size, decap under the flood vs without (no NDR search: no
+	// NDR rows); then the SA load and its heap, and the API install rate,
+	// not measured by this run.
+	if len(rep.Targets) != 2*2*4+2+3 {
+		t.Errorf("targets %+v, want 21", rep.Targets)
 	}
 	for _, tg := range rep.Targets {
-		if tg.Ratio <= 0 || tg.How == "" {
+		switch {
+		case tg.Status == "not measured in this run":
+		case tg.Measure == "" || tg.How == "" || tg.Status == "":
 			t.Errorf("target %+v", tg)
+		case tg.Cmp == ">=" && tg.Ratio <= 0:
+			t.Errorf("target %+v: no ratio", tg)
+		case tg.Met != (tg.Status == "met"):
+			t.Errorf("target %+v: met %v but status %q", tg, tg.Met, tg.Status)
 		}
 	}
 	if rep.Machine.Cores != runtime.NumCPU() || rep.Machine.Kernel == "" {
@@ -363,7 +371,8 @@ func TestPercentiles(t *testing.T) {
 // Latency at 50% and 90% of NDR for decap, encap and both reflect
 // ceilings, with a low top rate so the search ends at once (sender-bound
 // by construction): every row carries both fractions, ordered
-// percentiles, positive, from matched samples.
+// percentiles, positive, from matched samples, sent by the paced
+// live-frames engine whose XDP program records the send times.
 func TestRunLatency(t *testing.T) {
 	netns.RequireRoot(t)
 	if runtime.NumCPU() < 2 {
@@ -385,6 +394,17 @@ func TestRunLatency(t *testing.T) {
 		if x.NDR <= 0 || len(x.Latency) != len(LatencyFractions) {
 			t.Errorf("%s: NDR %.0f, latency %+v", name, x.NDR, x.Latency)
 			continue
+		}
+		// Every goal judged on at least two full-length trials at its
+		// load; xesp's rows carry the reflect ceiling searched and
+		// timed interleaved with them.
+		for _, g := range x.Goals {
+			if g.Load <= 0 || g.Trials < 2 || !g.Converged {
+				t.Errorf("%s: goal %+v", name, g)
+			}
+		}
+		if x.Group == "xesp" && (x.CeilingNDR <= 0 || len(x.CeilingLatency) != len(LatencyFractions) || x.FlowsVisited != 1) {
+			t.Errorf("%s: ceiling NDR %.0f, ceiling latency %d trials, %d SAs visited", name, x.CeilingNDR, len(x.CeilingLatency), x.FlowsVisited)
 		}
 		for i, l := range x.Latency {
 			if l.OfNDR != LatencyFractions[i] || l.Rate <= 0 {

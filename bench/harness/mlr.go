@@ -206,12 +206,13 @@ func newSearcher(ctx context.Context, name string, maxRate float64, goals []Goal
 // once, and only the second attempt counts. The first trial, at the
 // top rate, is exempt: it measures what the sender can offer.
 func (s *searcher) measure(load float64, d time.Duration) (trialResult, error) {
-	var o, l, dl float64
+	var o, l, dl, best float64
 	for attempt := 0; ; attempt++ {
 		var err error
 		if o, l, dl, err = s.trial(load, d); err != nil {
 			return trialResult{}, err
 		}
+		best = math.Max(best, o)
 		if o >= 0.9*load || !s.started || attempt == 1 {
 			break
 		}
@@ -225,14 +226,14 @@ func (s *searcher) measure(load float64, d time.Duration) (trialResult, error) {
 	if o < 0.97*load {
 		s.senderShort++
 	}
-	if s.started && o < 0.9*load && o < s.top {
+	if s.started && o < 0.9*load && best < s.top {
 		// Short twice: on this run the sender cannot offer the load
 		// (the receiver's softirq half shares its CPU, or a tenant
-		// does). No load above what it offered is tried again, and a
-		// goal that ends there is reported sender-bound.
-		s.top = o
+		// does). No load above the most it offered is tried again, and
+		// a goal that ends there is reported sender-bound.
+		s.top = best
 		if s.logf != nil {
-			s.logf("    %s: the sender's top is now %.0f pps", s.name, o)
+			s.logf("    %s: the sender's top is now %.0f pps", s.name, best)
 		}
 	}
 	s.loads[load] = append(s.loads[load], t)
