@@ -163,6 +163,10 @@ type goalState struct {
 	g                  Goal
 	coarseLo, coarseHi float64 // 0 / +Inf when unknown
 	done               bool
+	// expand is the relative step of the next candidate outside a
+	// one-sided interval; it doubles with each step (MLRsearch's external
+	// search), so a bound far from the coarse one is reached in a few.
+	expand float64
 }
 
 // searcher runs one scenario's search a trial at a time, so that several
@@ -336,15 +340,26 @@ func (s *searcher) finalCandidate(gs *goalState, lo, hi float64) float64 {
 	case lo == 0 && gs.coarseLo > 0 && gs.coarseLo < hi && !s.decided(gs.g, gs.coarseLo):
 		return gs.coarseLo
 	case lo == 0 && !math.IsInf(hi, 1):
-		return hi * (1 - 4*gs.g.Width)
+		return hi * math.Max(0.05, 1-gs.step())
 	case lo == 0:
 		return s.top
 	case math.IsInf(hi, 1) && gs.coarseHi > lo && !math.IsInf(gs.coarseHi, 1) && !s.decided(gs.g, gs.coarseHi):
 		return gs.coarseHi
 	case math.IsInf(hi, 1):
-		return math.Min(s.top, lo*(1+4*gs.g.Width))
+		return math.Min(s.top, lo*(1+gs.step()))
 	}
+	gs.expand = 0
 	return (lo + hi) / 2
+}
+
+// step is the next external step: 4 widths, then doubling.
+func (gs *goalState) step() float64 {
+	if gs.expand == 0 {
+		gs.expand = 4 * gs.g.Width
+	} else {
+		gs.expand *= 2
+	}
+	return gs.expand
 }
 
 func (s *searcher) decided(g Goal, load float64) bool {

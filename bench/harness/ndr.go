@@ -70,7 +70,7 @@ func (r *runner) pacedTrialKeep(tp *topo, fromCore bool, n int, sz gen.Sizes, ra
 	first := r.cursor[ck] % uint64(n)
 	err = ns.Do(func() error {
 		s, err := pktgen.New(pktgen.Options{Ifindex: e.index, Src: e.mac, Dst: dst, Clear: fromCore, Flows: flows, Sizes: sz, FirstFlow: first,
-			Rate: rate, CPU: GenCPU, Engine: r.pacedEngine(), Ring: ring, MaxFrame: maxFrame, SendTimes: keep != nil})
+			Rate: rate, CPU: GenCPU, Engine: r.pacedEngine(), Ring: ring, MaxFrame: maxFrame, SendTimes: keep != nil, RealTime: true})
 		if err != nil {
 			return err
 		}

@@ -265,7 +265,7 @@ func TestRunPacedLive(t *testing.T) {
 	var first []byte
 	if err := a.Do(func() error {
 		s, err := New(Options{Ifindex: aIdx, Src: aMAC, Dst: bMAC, Flows: flows, Sizes: gen.Fixed(200), CPU: -1, Ring: ring, Rate: rate,
-			Engine: EngineLive, SendTimes: true, FirstFlow: 7})
+			Engine: EngineLive, SendTimes: true, FirstFlow: 7, RealTime: true})
 		if err != nil {
 			return err
 		}
