@@ -442,7 +442,7 @@ func (r *Report) Markdown(w io.Writer) {
 		hasLat = hasLat || len(x.Latency) > 0
 	}
 	if hasLat {
-		fmt.Fprintln(w, "Latency at 50% and 90% of NDR (docs/benchmarking.md, Latency): one 1 s paced trial each; send time recorded per frame by the paced AF_XDP sender, arrival stamped with bpf_ktime_get_ns by the far end's XDP counter, matched by the serial number the payload carries (inside the ESP encryption for decap); exact percentiles of a sample of the arrivals. \"(sender)\": the NDR was the sender's top rate, so the fraction is of that rate. The reflect ceiling's row stands beside xesp's of the same link.")
+		fmt.Fprintln(w, "Latency at 50% and 90% of NDR (docs/benchmarking.md, Latency): one 1 s paced trial each; send time recorded per frame by the paced sender (the live engine's XDP program), arrival stamped with bpf_ktime_get_ns by the far end's XDP counter, matched by the serial number the payload carries (inside the ESP encryption for decap); exact percentiles of a sample of the arrivals. \"(sender)\": the NDR was the sender's top rate, so the fraction is of that rate. \"↳ reflect ceiling, interleaved\": the AF_XDP reflect ceiling at the same fraction of its own NDR, measured right after xesp's trial on the second topology. Tail evidence: run-queue wait of the process's threads during the trial (the largest single thread's in brackets), GC cycles and stop-the-world pause, p99 goroutine scheduling latency, host load.")
 		fmt.Fprintln(w)
 		fmt.Fprintln(w, "| Scenario | of NDR | offered kpps | loss | p50 µs | p99 µs | p99.9 µs | max µs | samples | p99 ÷ reflect p99 | run-queue wait ms (largest thread) | GC cycles / pause ms | goroutine sched p99 µs | load |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 		row := func(name string, l Latency, vs string) {
@@ -654,7 +654,7 @@ func (r *Report) SVG(w io.Writer) {
 // reflect ceilings of that size as horizontal lines. It returns the
 // height it used (0 when the run has fewer than two SA counts).
 func (r *Report) scalingSVG(w *bytes.Buffer, y0 int) int {
-	type pt struct{ sas, sat, ndr float64 }
+	type pt struct{ sas, sat, ndr, ceil float64 }
 	series := map[string][]pt{} // size/dir
 	var sizes []string
 	sasSet := map[int]bool{}
@@ -664,7 +664,7 @@ func (r *Report) scalingSVG(w *bytes.Buffer, y0 int) int {
 			continue
 		}
 		k := x.Size + "/" + x.Dir
-		series[k] = append(series[k], pt{float64(x.SAs), x.PPS, x.NDR})
+		series[k] = append(series[k], pt{float64(x.SAs), x.PPS, x.NDR, x.CeilingNDR})
 		if !slices.Contains(sizes, x.Size) {
 			sizes = append(sizes, x.Size)
 		}
@@ -672,6 +672,9 @@ func (r *Report) scalingSVG(w *bytes.Buffer, y0 int) int {
 		lo, hi = math.Min(lo, x.PPS), math.Max(hi, x.PPS)
 		if x.NDR > 0 {
 			lo = math.Min(lo, x.NDR)
+		}
+		if x.CeilingNDR > 0 {
+			lo, hi = math.Min(lo, x.CeilingNDR), math.Max(hi, x.CeilingNDR)
 		}
 	}
 	if len(sasSet) < 2 {
@@ -691,7 +694,7 @@ func (r *Report) scalingSVG(w *bytes.Buffer, y0 int) int {
 	lgX0, lgX1 := math.Log10(float64(counts[0])), math.Log10(float64(counts[len(counts)-1]))
 	lgY0, lgY1 := math.Floor(math.Log10(lo*0.8)), math.Ceil(math.Log10(hi*1.2))
 	colors := map[string]string{"decap": "#1f77b4", "encap": "#9467bd"}
-	fmt.Fprintf(w, `<text x="10" y="%d" font-size="15" font-weight="bold">Packets/s vs SA count, per packet size (log-log): saturation solid, NDR dashed, AF_XDP reflect ceilings dotted</text>`+"\n", y0-20)
+	fmt.Fprintf(w, `<text x="10" y="%d" font-size="15" font-weight="bold">Packets/s vs SA count, per packet size (log-log): saturation solid, NDR dashed, reflect NDR searched interleaved as circles, reflect saturation dotted</text>`+"\n", y0-20)
 	for i, size := range sizes {
 		ox, oy := left+i*(plotW+gap), y0
 		xOf := func(n float64) float64 { return float64(ox) + plotW*(math.Log10(n)-lgX0)/math.Max(lgX1-lgX0, 1e-9) }
@@ -719,6 +722,11 @@ func (r *Report) scalingSVG(w *bytes.Buffer, y0 int) int {
 				sat = append(sat, fmt.Sprintf("%.1f,%.1f", xOf(p.sas), yOf(p.sat)))
 				if p.ndr > 0 {
 					ndr = append(ndr, fmt.Sprintf("%.1f,%.1f", xOf(p.sas), yOf(p.ndr)))
+				}
+				if p.ceil > 0 {
+					// The reflect ceiling's NDR searched interleaved with
+					// this point: a hollow marker.
+					fmt.Fprintf(w, `<circle cx="%.1f" cy="%.1f" r="3.5" fill="none" stroke="%s"/>`+"\n", xOf(p.sas), yOf(p.ceil), colors[dir])
 				}
 			}
 			fmt.Fprintf(w, `<polyline points="%s" fill="none" stroke="%s" stroke-width="2"/>`+"\n", strings.Join(sat, " "), colors[dir])
