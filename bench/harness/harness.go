@@ -350,7 +350,9 @@ func (r *runner) logf(format string, args ...any) {
 	}
 }
 
-// Run runs the selected scenarios. Needs root and 2 CPUs.
+// Run runs the selected scenarios. Needs root and 2 CPUs. On an error
+// after some results (Repeat 1), it returns the partial report beside the
+// error, marked in Warnings.
 func Run(ctx context.Context, o Options) (*Report, error) {
 	if runtime.NumCPU() < 2 {
 		return nil, errors.New("bench: needs 2 CPUs to pin the generator and the gateway apart")
@@ -441,6 +443,16 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 		}
 		r.rep.Results = nil
 		if err := r.once(ctx, sizes); err != nil {
+			if o.Repeat == 1 && len(rep.Results) > 0 {
+				// What was measured before the failure (a signal, a
+				// scenario's error) is still a report: a long run
+				// should not lose its first hour to its last step.
+				rep.ratios()
+				rep.Warnings = append(rep.Warnings, fmt.Sprintf("partial run: stopped after %d results: %v", len(rep.Results), err))
+				rep.Seconds = time.Since(t0).Seconds()
+				rep.targets()
+				return rep, err
+			}
 			return nil, err
 		}
 		rep.ratios()

@@ -152,6 +152,12 @@ subset N times and writes FILE from the spread it measured.`)
 	}
 	rep, err := run(ctx, o)
 	if err != nil {
+		if rep != nil {
+			// A partial run's report is written, then the error returned.
+			if werr := writeReport(rep, *out); werr != nil {
+				return errors.Join(err, werr)
+			}
+		}
 		return err
 	}
 	if err := writeReport(rep, *out); err != nil {
