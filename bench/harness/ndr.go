@@ -192,7 +192,7 @@ func (r *runner) ndrWithCeiling(res *Result, fromCore bool, n int, sz gen.Sizes,
 		return nil, err
 	}
 	r.setSearch(res, x)
-	var cr Result
+	cr := Result{Name: c.name}
 	r.setSearch(&cr, c)
 	res.CeilingNDR, res.CeilingPDR, res.CeilingSenderBound, res.CeilingGoals = cr.NDR, cr.PDR, cr.SenderBound, cr.Goals
 	res.FlowsVisited = min(r.visited[ck]-v0, uint64(n))
