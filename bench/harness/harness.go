@@ -812,7 +812,7 @@ func (r *runner) xesp(ctx context.Context, workers int, sizes map[string]gen.Siz
 			ld := Load{Workers: workers, From: loaded, To: n, Seconds: el.Seconds(), PairsPerSec: float64(n-loaded) / el.Seconds(),
 				HeapPerSA: (float64(ms.HeapAlloc) - float64(heap0)) / float64(2*(n-loaded)), HeapAfterGiB: float64(ms.HeapAlloc) / (1 << 30)}
 			r.rep.Loads = append(r.rep.Loads, ld)
-			r.logf("gateway (%d workers) holds %d SA pairs (loaded in %v: %.0f pairs/s; %.0f B of heap per SA, the generator's SAs included)",
+			r.logf("gateway (%d workers) holds %d SA pairs (loaded in %v: %.0f pairs/s; %.0f B of live heap added per SA: the gateway's share, the generator's SAs were built before)",
 				workers, n, el.Round(time.Millisecond), ld.PairsPerSec, ld.HeapPerSA)
 			loaded = n
 		}
