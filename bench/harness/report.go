@@ -476,7 +476,7 @@ func (r *Report) Markdown(w io.Writer) {
 		fmt.Fprintln(w)
 	}
 	if len(r.Loads) > 0 {
-		fmt.Fprintln(w, "SA loads into the running gateway (SAD in chunks of 4096 pairs, until the workers and the XDP SA map hold them); heap: live Go heap added per SA after a collection — the bench process's, so it includes the generator's own SA state and the SAD's copy.")
+		fmt.Fprintln(w, "SA loads into the running gateway (SAD in chunks of 4096 pairs, until the workers and the XDP SA map hold them); heap: live Go heap added per SA after a collection — the bench process's, gateway and SAD (the generator's SAs were built before the loads).")
 		fmt.Fprintln(w)
 		fmt.Fprintln(w, "| Workers | From pairs | To pairs | Seconds | Pairs/s | Heap B/SA | Heap after GiB |\n|---:|---:|---:|---:|---:|---:|---:|")
 		for _, l := range r.Loads {
