@@ -60,7 +60,7 @@ subset N times and writes FILE from the spread it measured.`)
 	list := fs.Bool("list", false, "list the selected scenarios and exit")
 	check := fs.String("check", "", "compare the check subset's ratios with this baseline file")
 	calibrate := fs.Int("calibrate", 0, "run the check subset this many times and write -check's file from the spread")
-	render := fs.String("render", "", "redraw results.md and results.svg in -out from this results.json and exit")
+	render := fs.String("render", "", "redraw results.{json,md,svg} in -out from this results.json, ratios and targets recomputed, and exit")
 	if err := fs.Parse(args); err != nil {
 		return errors.Join(errUsage, err)
 	}
@@ -73,6 +73,7 @@ subset N times and writes FILE from the spread it measured.`)
 		if err := json.Unmarshal(data, &rep); err != nil {
 			return fmt.Errorf("%s: %w", *render, err)
 		}
+		rep.Retarget()
 		return writeReport(&rep, *out)
 	}
 	var o harness.Options
