@@ -45,11 +45,16 @@ func (r *runner) baseline(size string, sz gen.Sizes, n int) error {
 		return err
 	}
 	p, err := r.measure(ss.senders, ss.count)
+	res := p.result(Result{Name: baselineName("decap", size, n), Group: "baseline", Test: "udp_sockets", Dir: "decap", Size: size, SAs: n, Workers: 1})
+	if err == nil && r.o.NDR {
+		// The same search as xesp's, so the ratio at each SA count is
+		// NDR to NDR.
+		err = r.ndr(&res, false, n, sz, ss.count)
+	}
 	note, cerr := ss.close()
 	if err = errors.Join(err, cerr); err != nil {
 		return err
 	}
-	res := p.result(Result{Name: baselineName("decap", size, n), Group: "baseline", Test: "udp_sockets", Dir: "decap", Size: size, SAs: n, Workers: 1})
 	res.Note = note
 	r.add(res)
 	return nil
@@ -157,11 +162,16 @@ func (r *runner) baselineEncap(size string, sz gen.Sizes, n int) error {
 		return err
 	}
 	p, err := r.measure(ss.senders, ss.count)
+	res := p.result(Result{Name: baselineName("encap", size, n), Group: "baseline", Test: "udp_sockets", Dir: "encap", Size: size, SAs: n, Workers: 1})
+	if err == nil && r.o.NDR {
+		// The same search as xesp's, so the ratio at each SA count is
+		// NDR to NDR.
+		err = r.ndr(&res, true, n, sz, ss.count)
+	}
 	note, cerr := ss.close()
 	if err = errors.Join(err, cerr); err != nil {
 		return err
 	}
-	res := p.result(Result{Name: baselineName("encap", size, n), Group: "baseline", Test: "udp_sockets", Dir: "encap", Size: size, SAs: n, Workers: 1})
 	res.Note = note
 	r.add(res)
 	return nil

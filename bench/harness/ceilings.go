@@ -118,9 +118,18 @@ func (r *runner) linkCeiling(res Result) (Result, error) {
 // on the gateway's end that transmits every frame it receives back out,
 // counted when it arrives back at the sender's end.
 func (r *runner) startReflect(link string) (_ *session, err error) {
-	e, s, port, far := r.tp.pub, sender{r.tp.phone, r.phoneG, true, false}, uint16(esp.NATTPort), r.tp.ph
+	return r.startReflectOn(r.tp, link)
+}
+
+// startReflectOn is startReflect on tp; its senders (the live-frames
+// generators, for saturation) exist on the main topology only.
+func (r *runner) startReflectOn(tp *topo, link string) (_ *session, err error) {
+	e, s, port, far := tp.pub, sender{tp.phone, r.phoneG, true, false}, uint16(esp.NATTPort), tp.ph
 	if link == "private" {
-		e, s, port, far = r.tp.priv, sender{r.tp.core, r.coreG, false, false}, r.nw.Core.Port(), r.tp.co
+		e, s, port, far = tp.priv, sender{tp.core, r.coreG, false, false}, r.nw.Core.Port(), tp.co
+	}
+	if tp != r.tp {
+		s = sender{}
 	}
 	var undo closers
 	defer func() {

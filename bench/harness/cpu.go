@@ -75,29 +75,6 @@ func (s *tidSet) addSelf() {
 	s.mu.Unlock()
 }
 
-// runqWait is the time the process's threads spent runnable but waiting
-// for a CPU (schedstat's second field), summed, in ns: on the shared VM
-// the latency tails follow it (latency.go).
-func runqWait() uint64 {
-	var sum uint64
-	tasks, err := os.ReadDir("/proc/self/task")
-	if err != nil {
-		return 0
-	}
-	for _, t := range tasks {
-		b, err := os.ReadFile("/proc/self/task/" + t.Name() + "/schedstat")
-		if err != nil {
-			continue
-		}
-		if f := strings.Fields(string(b)); len(f) >= 2 {
-			if ns, err := strconv.ParseUint(f[1], 10, 64); err == nil {
-				sum += ns
-			}
-		}
-	}
-	return sum
-}
-
 // loadAvg is the host's 1-minute load average (0 if unreadable).
 func loadAvg() float64 {
 	b, err := os.ReadFile("/proc/loadavg")

@@ -76,6 +76,15 @@ type Options struct {
 	// DefaultMaxRate).
 	NDR     bool
 	MaxRate float64
+	// The search's goal model (mlr.go; zero: the defaults): final trial
+	// duration, full-length trial time a load is judged on, and the
+	// share of it allowed to exceed the goal's loss ratio.
+	TrialDuration, DurationSum time.Duration
+	ExceedRatio                float64
+	// PacedEngine is the paced sender's engine: pktgen.EngineLive (the
+	// default: live frames paced inside the XDP program) or
+	// pktgen.EngineAFXDP (copy-mode AF_XDP TX, the slower sender).
+	PacedEngine string
 	// Latency adds, to every scenario searched for NDR, latency
 	// p50/p99/p99.9 at LatencyFractions of its NDR (latency.go).
 	Latency bool
@@ -145,6 +154,24 @@ type Result struct {
 	SaturationPaced float64 `json:"saturation_paced_pps,omitempty"`
 	Trials          int     `json:"search_trials,omitempty"`
 	SenderBound     bool    `json:"sender_bound,omitempty"`
+	// Goals are the search's per-goal outcomes (mlr.go); SenderTop the
+	// most the paced sender offered when asked for MaxRate;
+	// SenderShortTrials the trials whose sender fell 3% short of the load.
+	Goals             []GoalResult `json:"goals,omitempty"`
+	SenderTop         float64      `json:"sender_top_pps,omitempty"`
+	SenderShortTrials int          `json:"sender_short_trials,omitempty"`
+	SenderRetried     int          `json:"sender_retried_trials,omitempty"`
+	// The AF_XDP reflect ceiling of the same link and size, searched
+	// interleaved with this scenario, trial by trial, on a second
+	// topology (xesp rows): the ratio's denominator.
+	CeilingNDR         float64      `json:"ceiling_ndr_pps,omitempty"`
+	CeilingPDR         float64      `json:"ceiling_pdr_pps,omitempty"`
+	CeilingSenderBound bool         `json:"ceiling_sender_bound,omitempty"`
+	CeilingGoals       []GoalResult `json:"ceiling_goals,omitempty"`
+	CeilingLatency     []Latency    `json:"ceiling_latency,omitempty"`
+	// FlowsVisited is how many of the scenario's SAs the search's trials
+	// sent to (consecutive SAs from a cursor, each at most once a trial).
+	FlowsVisited uint64 `json:"flows_visited,omitempty"`
 	// Latency at fractions of NDR (Options.Latency).
 	Latency []Latency `json:"latency,omitempty"`
 	// RatioSamples are the gate's per-pair ratios behind Ratios' medians.
@@ -166,13 +193,23 @@ type Load struct {
 	HeapAfterGiB float64 `json:"heap_after_gib"`
 }
 
-// Target is one of the issue's goals, evaluated on this run.
+// Target is one figure of the issue's targets table, evaluated on this
+// run: Ratio (a ratio, or a value in Unit) compared with Goal by Cmp
+// (">=" or "<="), the figure as read and the same-run ceiling or control
+// beside it. Status is "met", "not met", or why it is undecided
+// ("undecided: sender-bound", "not measured in this run").
 type Target struct {
-	Name  string  `json:"name"`
-	Ratio float64 `json:"ratio"`
-	Goal  float64 `json:"goal"`
-	Met   bool    `json:"met"`
-	How   string  `json:"how"`
+	Measure string  `json:"measure"`
+	Name    string  `json:"name"`
+	Ratio   float64 `json:"ratio"`
+	Goal    float64 `json:"goal"`
+	Cmp     string  `json:"cmp"`
+	Unit    string  `json:"unit,omitempty"`
+	Figure  string  `json:"figure,omitempty"`
+	Ceiling string  `json:"ceiling,omitempty"`
+	Met     bool    `json:"met"`
+	Status  string  `json:"status"`
+	How     string  `json:"how"`
 }
 
 // Report is a whole run.
@@ -251,6 +288,12 @@ type runner struct {
 	floodG *gen.Gen // Options.Flood: the forged flood, loaded once
 	// ceilSizes are the sizes the ceilings in progress use.
 	ceilSizes gen.Sizes
+	// tp2 is a second topology (Options.NDR) on which the reflect
+	// ceiling runs while xesp runs on tp, for interleaved searches.
+	tp2 *topo
+	// cursor is each side's next flow for paced trials; visited counts
+	// the frames they sent (ndr.go).
+	cursor, visited map[cursorKey]uint64
 }
 
 // setup builds the runner's topology and its two generators (phone side
@@ -311,7 +354,9 @@ func (r *runner) logf(format string, args ...any) {
 	}
 }
 
-// Run runs the selected scenarios. Needs root and 2 CPUs.
+// Run runs the selected scenarios. Needs root and 2 CPUs. On an error
+// after some results (Repeat 1), it returns the partial report beside the
+// error, marked in Warnings.
 func Run(ctx context.Context, o Options) (*Report, error) {
 	if runtime.NumCPU() < 2 {
 		return nil, errors.New("bench: needs 2 CPUs to pin the generator and the gateway apart")
@@ -352,7 +397,7 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 		maxSAs = o.SAs[len(o.SAs)-1]
 	}
 	rep := &Report{Machine: ReadMachine(), Started: time.Now().UTC(), GenCPU: GenCPU, GwCPU: GwCPU, Ring: o.Ring, Rounds: o.Rounds}
-	r := &runner{ctx: ctx, o: o, rep: rep, nw: pktgen.DefaultNet()}
+	r := &runner{ctx: ctx, o: o, rep: rep, nw: pktgen.DefaultNet(), cursor: map[cursorKey]uint64{}, visited: map[cursorKey]uint64{}}
 	t0 := time.Now()
 	var err error
 	if o.Install > 0 {
@@ -373,7 +418,22 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer closeTopo()
+	defer func() {
+		// The second topology (Options.NDR) goes alongside the main
+		// one: each removal waits for the kernel, and a signal's stop
+		// has 2 s in all.
+		var wg sync.WaitGroup
+		if r.tp2 != nil {
+			wg.Go(func() { r.tp2.close() })
+		}
+		closeTopo()
+		wg.Wait()
+	}()
+	if o.NDR && len(o.Dirs) > 0 {
+		if r.tp2, err = newTopo(); err != nil {
+			return nil, err
+		}
+	}
 	if o.Flood && len(o.Dirs) > 0 {
 		if err := r.loadFlood(); err != nil {
 			return nil, err
@@ -392,6 +452,16 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 		}
 		r.rep.Results = nil
 		if err := r.once(ctx, sizes); err != nil {
+			if o.Repeat == 1 && len(rep.Results) > 0 {
+				// What was measured before the failure (a signal, a
+				// scenario's error) is still a report: a long run
+				// should not lose its first hour to its last step.
+				rep.ratios()
+				rep.Warnings = append(rep.Warnings, fmt.Sprintf("partial run: stopped after %d results: %v", len(rep.Results), err))
+				rep.Seconds = time.Since(t0).Seconds()
+				rep.targets()
+				return rep, err
+			}
 			return nil, err
 		}
 		rep.ratios()
@@ -399,13 +469,21 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 	}
 	rep.Results = merge(reps)
 	rep.Repeat = o.Repeat
+	for _, h := range runHooks {
+		if err := h(ctx, o, rep); err != nil {
+			return nil, err
+		}
+	}
 	rep.Seconds = time.Since(t0).Seconds()
 	rep.targets()
-	if rep.Install != nil {
-		rep.Targets = append(rep.Targets, rep.Install.targets()...)
-	}
 	return rep, nil
 }
+
+// runHooks run after the scenarios, before the targets, for parts of the
+// run that live in their own files (install.go: SA install figures into
+// a gateway of their own); they add to the report (and targetHooks turn
+// that into targets rows).
+var runHooks []func(ctx context.Context, o Options, rep *Report) error
 
 // once measures every selected scenario once.
 func (r *runner) once(ctx context.Context, sizes map[string]gen.Sizes) error {
@@ -724,7 +802,7 @@ func (r *runner) xesp(ctx context.Context, workers int, sizes map[string]gen.Siz
 	}
 	defer gw.stop()
 	loaded := 0
-	for _, n := range r.o.SAs {
+	for _, n := range r.o.SASFor(workers) {
 		if n > loaded {
 			var ms runtime.MemStats
 			runtime.GC()
@@ -743,7 +821,7 @@ func (r *runner) xesp(ctx context.Context, workers int, sizes map[string]gen.Siz
 			ld := Load{Workers: workers, From: loaded, To: n, Seconds: el.Seconds(), PairsPerSec: float64(n-loaded) / el.Seconds(),
 				HeapPerSA: (float64(ms.HeapAlloc) - float64(heap0)) / float64(2*(n-loaded)), HeapAfterGiB: float64(ms.HeapAlloc) / (1 << 30)}
 			r.rep.Loads = append(r.rep.Loads, ld)
-			r.logf("gateway (%d workers) holds %d SA pairs (loaded in %v: %.0f pairs/s; %.0f B of heap per SA, the generator's SAs included)",
+			r.logf("gateway (%d workers) holds %d SA pairs (loaded in %v: %.0f pairs/s; %.0f B of live heap added per SA: the gateway's share, the generator's SAs were built before)",
 				workers, n, el.Round(time.Millisecond), ld.PairsPerSec, ld.HeapPerSA)
 			loaded = n
 		}
@@ -800,18 +878,9 @@ func (r *runner) xesp(ctx context.Context, workers int, sizes map[string]gen.Siz
 				if d := ms.NumGC - gcs; d > 0 {
 					res.Note += fmt.Sprintf("; %d GC cycle(s) during the run", d)
 				}
-				if r.o.NDR && d != "both" {
-					if err := r.ndr(&res, d == "encap", n, sizes[s], count); err != nil {
+				if r.o.NDR && d != "both" && workers == slices.Min(r.o.Workers) {
+					if err := r.searchXesp(&res, gw, d == "encap", n, sizes[s], count); err != nil {
 						return err
-					}
-					if r.o.Latency {
-						c := gw.decapCount
-						if d == "encap" {
-							c = gw.encapCount
-						}
-						if err := r.latency(&res, d == "encap", d == "encap", n, sizes[s], c); err != nil {
-							return err
-						}
 					}
 				}
 				r.add(res)
@@ -829,6 +898,43 @@ func (r *runner) xesp(ctx context.Context, workers int, sizes map[string]gen.Siz
 					r.add(fr)
 				}
 			}
+		}
+	}
+	return nil
+}
+
+// searchXesp runs res's NDR/PDR search interleaved with the reflect
+// ceiling's, then (Options.Latency) the latency trials at LatencyFractions
+// of each one's own NDR, xesp's and the ceiling's alternating.
+func (r *runner) searchXesp(res *Result, gw *gatewayUnder, encap bool, n int, sz gen.Sizes, count func() (uint64, error)) error {
+	ss, err := r.ndrWithCeiling(res, encap, n, sz, count)
+	if err != nil {
+		return err
+	}
+	defer ss.close()
+	if !r.o.Latency {
+		return nil
+	}
+	c := gw.decapCount
+	if encap {
+		c = gw.encapCount
+	}
+	for _, f := range LatencyFractions {
+		if res.NDR > 0 {
+			l, err := r.latencyAt(r.tp, res.Name, encap, encap, n, sz, c, f, res.NDR, res.SenderBound)
+			if err != nil {
+				return err
+			}
+			res.Latency = append(res.Latency, l)
+		}
+		if res.CeilingNDR > 0 {
+			// Reflected back to the sender: ESP on the public link,
+			// cleartext on the private one.
+			l, err := r.latencyAt(r.tp2, res.Name+" (reflect ceiling)", encap, !encap, min(n, ceilingFlows), sz, ss.stamps, f, res.CeilingNDR, res.CeilingSenderBound)
+			if err != nil {
+				return err
+			}
+			res.CeilingLatency = append(res.CeilingLatency, l)
 		}
 	}
 	return nil
@@ -941,6 +1047,29 @@ func (gu *gatewayUnder) stop() {
 	}
 }
 
+// ScalingMaxSAs is the largest SA count a gateway with more workers than
+// the fewest selected is measured at: the worker-scaling experiment
+// (targets: 2 workers ÷ 1) needs one count, not a second 1M-SA gateway.
+const ScalingMaxSAs = 1000
+
+// SASFor is the SA counts measured with workers workers, ascending: all
+// for the fewest workers selected, those up to ScalingMaxSAs for more
+// (saturation and CPU per packet; the NDR search runs for the fewest
+// workers only).
+func (o Options) SASFor(workers int) []int {
+	all := slices.Sorted(slices.Values(o.SAs))
+	if len(o.Workers) == 0 || workers == slices.Min(o.Workers) {
+		return all
+	}
+	var out []int
+	for _, n := range all {
+		if n <= ScalingMaxSAs {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
 // Selected lists the scenario names o would run, for -list.
 func Selected(o Options) []string {
 	var out []string
@@ -961,7 +1090,7 @@ func Selected(o Options) []string {
 		}
 	}
 	for _, w := range o.Workers {
-		for _, n := range slices.Sorted(slices.Values(o.SAs)) {
+		for _, n := range o.SASFor(w) {
 			for _, s := range o.Sizes {
 				for _, d := range o.Dirs {
 					out = append(out, xespName(d, s, n, w))

@@ -333,13 +333,31 @@ func (in *Install) ceiling(pairs int) error {
 // million pairs, so a smaller run reports the figure without a verdict.
 func (in *Install) targets() []Target {
 	var out []Target
+	ceiling := fmt.Sprintf("BPF batch updates into fresh maps: %.0f SAs/s", in.MapSAsPerSec)
 	if in.Pairs >= 1_000_000 {
-		out = append(out, Target{Name: "install/config_1M_pairs", Ratio: installConfigGoal / in.ConfigSeconds, Goal: 1, Met: in.ConfigSeconds <= installConfigGoal,
-			How: fmt.Sprintf("%.1f s to load %d pairs from config (goal %.0f s): ratio is goal ÷ seconds", in.ConfigSeconds, in.Pairs, installConfigGoal)})
+		t := Target{Measure: "load 1M SA pairs from config ≤ 15 s", Name: fmt.Sprintf("xesp run, %d pairs in a JSON-lines sa_file", in.Pairs),
+			Cmp: "<=", Ratio: in.ConfigSeconds, Goal: installConfigGoal, Unit: "s", Ceiling: ceiling,
+			Figure: fmt.Sprintf("%.1f s (%.0f SAs/s, %.1f CPU s)", in.ConfigSeconds, in.ConfigSAsPerSec, in.ConfigCPUSeconds),
+			How:    "process start until the XDP SA map holds every inbound SA"}
+		t.Met = in.ConfigSeconds <= installConfigGoal
+		out = append(out, t)
 	}
-	out = append(out, Target{Name: "install/api_sas_per_sec", Ratio: in.APISAsPerSec / installAPIGoal, Goal: 1, Met: in.APISAsPerSec >= installAPIGoal,
-		How: fmt.Sprintf("%.0f SAs/s through POST /v1/sas/batch (goal %d): ratio is rate ÷ goal", in.APISAsPerSec, installAPIGoal)})
+	t := Target{Measure: "install through the API ≥ 50k SAs/s", Name: fmt.Sprintf("POST /v1/sas/batch, %d a batch, %d in flight", in.APIBatch, in.APIParallel),
+		Cmp: ">=", Ratio: in.APISAsPerSec, Goal: installAPIGoal, Unit: "SAs/s", Ceiling: ceiling,
+		Figure: fmt.Sprintf("%.0f SAs/s (%d SAs, %.1f CPU µs/SA with the client)", in.APISAsPerSec, in.APISAs, 1e6*in.APICPUSeconds/float64(max(in.APISAs, 1))),
+		How:    "first request until the XDP SA map holds every inbound SA"}
+	t.Met = in.APISAsPerSec >= installAPIGoal
+	out = append(out, t)
 	return out
+}
+
+func init() {
+	targetHooks = append(targetHooks, func(r *Report) []Target {
+		if r.Install == nil {
+			return nil
+		}
+		return r.Install.targets()
+	})
 }
 
 // markdown renders the figures as a table.

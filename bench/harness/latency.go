@@ -57,12 +57,12 @@ type Latency struct {
 	Unmatched int     `json:"unmatched,omitempty"`
 	Lost      uint64  `json:"stamps_lost,omitempty"`
 	LossPct   float64 `json:"loss_pct"`
-	// RunqWaitMs is the run-queue wait of the bench process's threads
-	// (workers, sender, Go runtime) during the trial: time they were
-	// runnable while another task held their CPU. Load is the host's
-	// 1-minute load average at the end of the trial.
-	RunqWaitMs float64 `json:"runq_wait_ms"`
-	Load       float64 `json:"load_avg"`
+	// The trial's tail evidence (diag.go): run-queue wait of the bench
+	// process's threads (all, and the largest single thread's), GC
+	// cycles and pauses, goroutine scheduling latency, live heap. Load
+	// is the host's 1-minute load average at the end of the trial.
+	tailDiag
+	Load float64 `json:"load_avg"`
 }
 
 // percentiles returns the nearest-rank p-quantiles of v (sorted in place).
@@ -147,71 +147,82 @@ func (d *stampDecoder) serial(st gen.Stamp, isESP bool) (uint64, bool) {
 	return serial, ok
 }
 
-// latency measures c's scenario at each of LatencyFractions of res.NDR:
-// paced from the core (fromCore) or the phone over flows n, the far end
-// counted and stamped by c, which receives ESP when farESP.
+// latency measures c's scenario at each of LatencyFractions of res.NDR
+// on the main topology (the reflect ceilings' own rows).
 func (r *runner) latency(res *Result, fromCore, farESP bool, n int, sz gen.Sizes, c *gen.Counter) error {
 	if res.NDR <= 0 {
 		return nil
 	}
+	for _, f := range LatencyFractions {
+		l, err := r.latencyAt(r.tp, res.Name, fromCore, farESP, n, sz, c, f, res.NDR, res.SenderBound)
+		if err != nil {
+			return err
+		}
+		res.Latency = append(res.Latency, l)
+	}
+	return nil
+}
+
+// latencyAt is one latency trial: f × ndr offered on tp, paced from the
+// core (fromCore) or the phone over flows n, the far end counted and
+// stamped by c, which receives ESP when farESP.
+func (r *runner) latencyAt(tp *topo, name string, fromCore, farESP bool, n int, sz gen.Sizes, c *gen.Counter, f, ndr float64, senderBound bool) (Latency, error) {
 	stampLen := 28 + gen.MarkerLen
 	if farESP {
 		stampLen = gen.StampMax
 	}
 	var dec stampDecoder
-	for _, f := range LatencyFractions {
-		if err := r.ctx.Err(); err != nil {
-			return err
-		}
-		rate := f * res.NDR
-		// Empty the ring of anything a previous trial left.
-		if _, _, err := c.ReadStamps(func(gen.Stamp) {}); err != nil {
-			return err
-		}
-		if err := c.StartStamps(sampleMask(rate*ndrFinal.Seconds()), stampLen); err != nil {
-			return err
-		}
-		_, lost0, err := c.ReadStamps(func(gen.Stamp) {})
-		if err != nil {
-			return err
-		}
-		var base uint64
-		var sendNs []int64
-		wait0 := runqWait()
-		offered, loss, _, err := r.pacedTrialKeep(fromCore, n, sz, rate, ndrFinal, counterOf(c), func(s *pktgen.Sender) {
-			base, sendNs = s.SendTimes()
-		})
-		if serr := c.StopStamps(); err == nil {
-			err = serr
-		}
-		if err != nil {
-			return fmt.Errorf("%s: latency at %.0f%% of NDR: %w", res.Name, 100*f, err)
-		}
-		l := Latency{OfNDR: f, Rate: offered, SenderBound: res.SenderBound, LossPct: 100 * loss,
-			RunqWaitMs: float64(runqWait()-wait0) / 1e6, Load: loadAvg()}
-		var us []float64
-		_, lost, err := c.ReadStamps(func(st gen.Stamp) {
-			serial, ok := dec.serial(st, farESP)
-			slot := serial - base
-			if !ok || serial < base || slot >= uint64(len(sendNs)) || sendNs[slot] == 0 {
-				l.Unmatched++
-				return
-			}
-			us = append(us, float64(int64(st.Ns)-sendNs[slot])/1e3)
-		})
-		if err != nil {
-			return err
-		}
-		l.Lost = lost - lost0
-		l.Samples = len(us)
-		if len(us) == 0 {
-			return fmt.Errorf("%s: latency at %.0f%% of NDR: no sampled arrival matched a send (%d unmatched)", res.Name, 100*f, l.Unmatched)
-		}
-		q := percentiles(us, 0.5, 0.99, 0.999, 1)
-		l.P50, l.P99, l.P999, l.Max = q[0], q[1], q[2], q[3]
-		res.Latency = append(res.Latency, l)
-		r.logf("  %s: latency at %.0f%% of NDR (%.0f pps offered, loss %.3f%%): p50 %.1f µs, p99 %.1f µs, p99.9 %.1f µs, max %.1f µs over %d samples; run-queue wait %.1f ms, load %.1f",
-			res.Name, 100*f, offered, 100*loss, l.P50, l.P99, l.P999, l.Max, l.Samples, l.RunqWaitMs, l.Load)
+	if err := r.ctx.Err(); err != nil {
+		return Latency{}, err
 	}
-	return nil
+	rate := f * ndr
+	d := r.o.Goals()[0].FinalTrial
+	// Empty the ring of anything a previous trial left.
+	if _, _, err := c.ReadStamps(func(gen.Stamp) {}); err != nil {
+		return Latency{}, err
+	}
+	if err := c.StartStamps(sampleMask(rate*d.Seconds()), stampLen); err != nil {
+		return Latency{}, err
+	}
+	_, lost0, err := c.ReadStamps(func(gen.Stamp) {})
+	if err != nil {
+		return Latency{}, err
+	}
+	var base uint64
+	var sendNs []int64
+	diag := takeDiag()
+	offered, loss, _, err := r.pacedTrialKeep(tp, fromCore, n, sz, rate, d, counterOf(c), func(s *pktgen.Sender) {
+		base, sendNs = s.SendTimes()
+	})
+	td := diag.since()
+	if serr := c.StopStamps(); err == nil {
+		err = serr
+	}
+	if err != nil {
+		return Latency{}, fmt.Errorf("%s: latency at %.0f%% of NDR: %w", name, 100*f, err)
+	}
+	l := Latency{OfNDR: f, Rate: offered, SenderBound: senderBound, LossPct: 100 * loss, tailDiag: td, Load: loadAvg()}
+	var us []float64
+	_, lost, err := c.ReadStamps(func(st gen.Stamp) {
+		serial, ok := dec.serial(st, farESP)
+		slot := serial - base
+		if !ok || serial < base || slot >= uint64(len(sendNs)) || sendNs[slot] == 0 {
+			l.Unmatched++
+			return
+		}
+		us = append(us, float64(int64(st.Ns)-sendNs[slot])/1e3)
+	})
+	if err != nil {
+		return Latency{}, err
+	}
+	l.Lost = lost - lost0
+	l.Samples = len(us)
+	if len(us) == 0 {
+		return Latency{}, fmt.Errorf("%s: latency at %.0f%% of NDR: no sampled arrival matched a send (%d unmatched)", name, 100*f, l.Unmatched)
+	}
+	q := percentiles(us, 0.5, 0.99, 0.999, 1)
+	l.P50, l.P99, l.P999, l.Max = q[0], q[1], q[2], q[3]
+	r.logf("  %s: latency at %.0f%% of NDR (%.0f pps offered, loss %.3f%%): p50 %.1f µs, p99 %.1f µs, p99.9 %.1f µs, max %.1f µs over %d samples; run-queue wait %.1f ms (largest thread %.1f ms), GC %d cycles %.2f ms paused (max %.0f µs), goroutine sched p99 %.0f µs, heap %.2f GiB, load %.1f",
+		name, 100*f, offered, 100*loss, l.P50, l.P99, l.P999, l.Max, l.Samples, td.RunqWaitMs, td.MaxThreadWaitMs, td.GCCycles, td.GCPauseMs, td.GCPauseMaxUs, td.SchedLatP99Us, td.HeapLiveGiB, l.Load)
+	return l, nil
 }

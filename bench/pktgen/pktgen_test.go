@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"net"
+	"slices"
 	"testing"
 	"time"
 
@@ -208,5 +209,100 @@ func TestSenderSendsCountAcrossFlows(t *testing.T) {
 	}
 	if _, err := (&Sender{}).Run(context.Background(), 0, 0); err == nil {
 		t.Fatal("Run without a limit accepted")
+	}
+}
+
+// A paced live-frames run (RunPaced with the live engine) delivers every
+// frame of the ring, records each slot's send time in order, and spaces
+// them by the schedule: the median gap between consecutive send times is
+// the rate's interval (the program spins to each due time; a late slot
+// moves the schedule instead of bursting, so no gap is negative). The
+// ring starts at FirstFlow.
+func TestRunPacedLive(t *testing.T) {
+	a, b := netns.ForTest(t, "pla"), netns.ForTest(t, "plb")
+	aIf, bIf := netns.VethForTest(t, a, b)
+	var aIdx, bIdx int
+	var aMAC, bMAC net.HardwareAddr
+	for _, e := range []struct {
+		ns  *netns.NS
+		dev string
+		idx *int
+		mac *net.HardwareAddr
+	}{{a, aIf, &aIdx, &aMAC}, {b, bIf, &bIdx, &bMAC}} {
+		if err := e.ns.Do(func() error {
+			i, err := net.InterfaceByName(e.dev)
+			if err != nil {
+				return err
+			}
+			*e.idx, *e.mac = i.Index, i.HardwareAddr
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c, err := gen.NewCounter(esp.NATTPort)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := b.Do(func() error {
+		l, err := link.AttachXDP(link.XDPOptions{Program: c.Prog, Interface: bIdx, Flags: link.XDPDriverMode})
+		if err != nil {
+			return err
+		}
+		t.Cleanup(func() { l.Close() })
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	const nflows, ring, rate = 50, 2000, 20000.0
+	flows, err := Flows(nflows, DefaultNet())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var res Result
+	var ns []int64
+	var first []byte
+	if err := a.Do(func() error {
+		s, err := New(Options{Ifindex: aIdx, Src: aMAC, Dst: bMAC, Flows: flows, Sizes: gen.Fixed(200), CPU: -1, Ring: ring, Rate: rate,
+			Engine: EngineLive, SendTimes: true, FirstFlow: 7, RealTime: true})
+		if err != nil {
+			return err
+		}
+		defer s.Close()
+		first = s.Gen().Frame(0)
+		res, err = s.RunPaced(context.Background())
+		_, ns = s.SendTimes()
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if spi := binary.BigEndian.Uint32(first[42:]); spi != InSPIBase+7 {
+		t.Fatalf("FirstFlow 7: slot 0 has SPI 0x%x", spi)
+	}
+	if res.Sent != ring {
+		t.Fatalf("sent %d of %d", res.Sent, ring)
+	}
+	deadline := time.Now().Add(2 * time.Second)
+	var got uint64
+	for time.Now().Before(deadline) && got < ring {
+		if got, _, err = c.Read(); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if got != ring {
+		t.Fatalf("far end counted %d of %d", got, ring)
+	}
+	gaps := make([]float64, 0, ring-1)
+	for i := 1; i < ring; i++ {
+		if ns[i] == 0 || ns[i] < ns[i-1] {
+			t.Fatalf("slot %d: send time %d after %d", i, ns[i], ns[i-1])
+		}
+		gaps = append(gaps, float64(ns[i]-ns[i-1]))
+	}
+	slices.Sort(gaps)
+	if med, want := gaps[len(gaps)/2], 1e9/rate; med < 0.9*want || med > 1.1*want {
+		t.Fatalf("median gap %.0f ns, want %.0f ± 10%%", med, want)
 	}
 }

@@ -52,12 +52,16 @@ subset N times and writes FILE from the spread it measured.`)
 	latency := fs.Bool("latency", true, "with -ndr: measure latency p50/p99/p99.9 at 50% and 90% of each searched NDR, timestamps matched by the payload's serial (not with -check/-calibrate)")
 	maxRate := fs.Float64("max-rate", 0, "with -ndr: the top offered rate, packets/s (0: harness.DefaultMaxRate)")
 	install := fs.Int("install", 0, "first measure SA installation with this many pairs: from config (JSON-lines sa_files) and through POST /v1/sas/batch, beside BPF batch updates (0: not)")
+	trial := fs.Duration("trial", harness.DefaultTrial, "with -ndr: MLRsearch's final trial duration")
+	durSum := fs.Duration("duration-sum", harness.DefaultDurationSum, "with -ndr: full-length trial time a load is judged on (MLRsearch's goal duration sum)")
+	pacedEngine := fs.String("paced-engine", "live", "with -ndr: the paced sender: live (live frames paced inside the XDP program) or afxdp (copy-mode AF_XDP TX, slower on veth)")
+	exceed := fs.Float64("exceed-ratio", harness.DefaultExceedRatio, "with -ndr: share of that time allowed above the goal's loss ratio (MLRsearch's goal exceed ratio; 0.5: the median trial decides)")
 	pairs := fs.Int("pairs", 0, "with -check/-calibrate: interleaved trial pairs per scenario (0: harness.DefaultPairs)")
 	out := fs.String("out", "bench/results", "directory for results.{json,md,svg}")
 	list := fs.Bool("list", false, "list the selected scenarios and exit")
 	check := fs.String("check", "", "compare the check subset's ratios with this baseline file")
 	calibrate := fs.Int("calibrate", 0, "run the check subset this many times and write -check's file from the spread")
-	render := fs.String("render", "", "redraw results.md and results.svg in -out from this results.json and exit")
+	render := fs.String("render", "", "redraw results.{json,md,svg} in -out from this results.json, ratios and targets recomputed, and exit")
 	if err := fs.Parse(args); err != nil {
 		return errors.Join(errUsage, err)
 	}
@@ -70,6 +74,7 @@ subset N times and writes FILE from the spread it measured.`)
 		if err := json.Unmarshal(data, &rep); err != nil {
 			return fmt.Errorf("%s: %w", *render, err)
 		}
+		rep.Retarget()
 		return writeReport(&rep, *out)
 	}
 	var o harness.Options
@@ -117,6 +122,7 @@ subset N times and writes FILE from the spread it measured.`)
 	o.Pairs = *pairs
 	o.Install = *install
 	o.NDR, o.MaxRate = *ndr, *maxRate
+	o.TrialDuration, o.DurationSum, o.ExceedRatio, o.PacedEngine = *trial, *durSum, *exceed, *pacedEngine
 	o.Latency = *latency && *ndr && *check == "" && *calibrate == 0
 	if *list {
 		for _, n := range harness.Selected(o) {
@@ -149,6 +155,12 @@ subset N times and writes FILE from the spread it measured.`)
 	}
 	rep, err := run(ctx, o)
 	if err != nil {
+		if rep != nil {
+			// A partial run's report is written, then the error returned.
+			if werr := writeReport(rep, *out); werr != nil {
+				return errors.Join(err, werr)
+			}
+		}
 		return err
 	}
 	if err := writeReport(rep, *out); err != nil {

@@ -21,7 +21,7 @@
  *                  when spread > 1
  *   xgen_send      the live-frames sender of bench/gen: each run takes the
  *                  next slot of xgen_frames, gives the frame that slot's
- *                  length and bytes, XDP_TX
+ *                  length and bytes, XDP_TX; paced when xgen_pace says so
  *
  * Everything else passes to the stack (ARP, neighbour discovery).
  */
@@ -202,6 +202,58 @@ struct {
 	__type(value, __u64);
 } xgen_next SEC(".maps");
 
+/* Pacing for bench/gen's paced live-frames runs: with interval_ps set,
+ * slot n leaves no earlier than t0 + n * interval_ps / 1000 ns, t0 being
+ * when slot 0 ran (so the run's fixed start-up cost is not a burst). The
+ * program spins on bpf_ktime_get_ns in a bpf_loop; it records when slot 0
+ * and the last slot left, and when each slot left (xgen_sent) so a
+ * latency receiver can match arrivals to send times. A slot more than
+ * 50 us late moves the schedule (no catch-up burst). interval_ps = 0:
+ * no pacing, no records. */
+struct xgen_pace {
+	__u64 interval_ps;
+	__u64 t0;   /* ns, slot 0's send time (set by the program) */
+	__u64 last; /* ns, the latest slot's send time */
+	__u64 late; /* times the schedule moved: a slot > 50 us late */
+	__u64 first; /* ns, slot 0's send time (t0 moves, this does not) */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct xgen_pace);
+} xgen_pace SEC(".maps");
+
+/* Per slot: the send time in ns (paced runs). The loader sets max_entries
+ * to ring. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} xgen_sent SEC(".maps");
+
+/* Set by the loader to stop a paced run at once (a signal to the bench):
+ * every remaining slot is dropped unsent. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} xgen_stop SEC(".maps");
+
+struct xgen_wait_ctx {
+	__u64 due;
+	__u32 *stop;
+};
+
+static long xgen_wait(__u64 i, void *c)
+{
+	struct xgen_wait_ctx *w = c;
+	return *w->stop || bpf_ktime_get_ns() >= w->due;
+}
+
 SEC("xdp")
 int xgen_send(struct xdp_md *ctx)
 {
@@ -216,6 +268,38 @@ int xgen_send(struct xdp_md *ctx)
 	 * sequence number twice. */
 	if (n >= ring)
 		return XDP_DROP;
+	struct xgen_pace *pace = bpf_map_lookup_elem(&xgen_pace, &zero);
+	__u32 *stop = bpf_map_lookup_elem(&xgen_stop, &zero);
+	if (!stop || *stop)
+		return XDP_DROP;
+	if (pace && pace->interval_ps) {
+		__u64 now = bpf_ktime_get_ns();
+		if (n == 0) {
+			pace->t0 = now;
+			pace->first = now;
+		} else {
+			__u64 off = n * pace->interval_ps / 1000;
+			__u64 due = pace->t0 + off;
+			if (now < due) {
+				/* At most ~2^20 clock reads (tens of ms). */
+				struct xgen_wait_ctx w = {.due = due, .stop = stop};
+				bpf_loop(1 << 20, xgen_wait, &w, 0);
+				if (*stop)
+					return XDP_DROP;
+				now = bpf_ktime_get_ns();
+			} else if (now > due + 50000) {
+				/* More than 50 us late (the sender's CPU was taken
+				 * away): move the schedule instead of catching up
+				 * in a burst the receiver never asked for. The
+				 * trial's offered rate drops, and says so. */
+				pace->t0 = now - off;
+				pace->late++;
+			}
+		}
+		pace->last = now;
+		__u32 k = n;
+		bpf_map_update_elem(&xgen_sent, &k, &now, BPF_ANY);
+	}
 	__u32 key = n;
 	__u8 *slot = bpf_map_lookup_elem(&xgen_frames, &key);
 	if (!slot)

@@ -27,6 +27,15 @@ type progsStamp struct {
 	Data [1536]uint8
 }
 
+type progsXgenPace struct {
+	_          structs.HostLayout
+	IntervalPs uint64
+	T0         uint64
+	Last       uint64
+	Late       uint64
+	First      uint64
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
@@ -36,6 +45,9 @@ const (
 	progsMapStamps        = "stamps"
 	progsMapXgenFrames    = "xgen_frames"
 	progsMapXgenNext      = "xgen_next"
+	progsMapXgenPace      = "xgen_pace"
+	progsMapXgenSent      = "xgen_sent"
+	progsMapXgenStop      = "xgen_stop"
 	progsMapXsks          = "xsks"
 	progsMapXsktestCounts = "xsktest_counts"
 	progsProgXgenCount    = "xgen_count"
@@ -114,6 +126,9 @@ type progsMapSpecs struct {
 	Stamps        *ebpf.MapSpec `ebpf:"stamps"`
 	XgenFrames    *ebpf.MapSpec `ebpf:"xgen_frames"`
 	XgenNext      *ebpf.MapSpec `ebpf:"xgen_next"`
+	XgenPace      *ebpf.MapSpec `ebpf:"xgen_pace"`
+	XgenSent      *ebpf.MapSpec `ebpf:"xgen_sent"`
+	XgenStop      *ebpf.MapSpec `ebpf:"xgen_stop"`
 	Xsks          *ebpf.MapSpec `ebpf:"xsks"`
 	XsktestCounts *ebpf.MapSpec `ebpf:"xsktest_counts"`
 }
@@ -160,6 +175,9 @@ type progsMaps struct {
 	Stamps        *ebpf.Map `ebpf:"stamps"`
 	XgenFrames    *ebpf.Map `ebpf:"xgen_frames"`
 	XgenNext      *ebpf.Map `ebpf:"xgen_next"`
+	XgenPace      *ebpf.Map `ebpf:"xgen_pace"`
+	XgenSent      *ebpf.Map `ebpf:"xgen_sent"`
+	XgenStop      *ebpf.Map `ebpf:"xgen_stop"`
 	Xsks          *ebpf.Map `ebpf:"xsks"`
 	XsktestCounts *ebpf.Map `ebpf:"xsktest_counts"`
 }
@@ -171,6 +189,9 @@ func (m *progsMaps) Close() error {
 		m.Stamps,
 		m.XgenFrames,
 		m.XgenNext,
+		m.XgenPace,
+		m.XgenSent,
+		m.XgenStop,
 		m.Xsks,
 		m.XsktestCounts,
 	)

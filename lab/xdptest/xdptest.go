@@ -116,25 +116,44 @@ func (s *Stamped) Close() error {
 // native order) and 4 bytes of padding.
 const SlotHeader = 8
 
+// Sender is xgen_send and its maps: Frames is ARRAY slot →
+// [SlotHeader + maxFrame]byte, Next the ARRAY[1] u64 of the next slot to
+// send, Pace the ARRAY[1] {interval_ps, t0, last, late, first u64} of a
+// paced run (see progs.c), Sent the ARRAY slot → u64 send time (ns,
+// CLOCK_MONOTONIC) a paced run records, and Stop the ARRAY[1] u32 that,
+// set, drops every remaining slot of a run.
+type Sender struct {
+	Prog                           *ebpf.Program
+	Frames, Next, Pace, Sent, Stop *ebpf.Map
+}
+
 // Send loads xgen_send for a ring of ring slots of frames up to maxFrame
-// bytes: frames is ARRAY slot → [SlotHeader + maxFrame]byte, next the
-// ARRAY[1] u64 of the next slot to send.
-func Send(ring, maxFrame int) (prog *ebpf.Program, frames, next *ebpf.Map, err error) {
+// bytes.
+func Send(ring, maxFrame int) (*Sender, error) {
 	s, err := spec(map[string]any{"ring": uint32(ring), "max_frame": uint32(maxFrame)})
 	if err != nil {
-		return nil, nil, nil, err
+		return nil, err
 	}
 	s.Maps["xgen_frames"].ValueSize = uint32(SlotHeader + maxFrame)
 	s.Maps["xgen_frames"].MaxEntries = uint32(ring)
+	s.Maps["xgen_sent"].MaxEntries = uint32(ring)
 	var o struct {
 		Prog   *ebpf.Program `ebpf:"xgen_send"`
 		Frames *ebpf.Map     `ebpf:"xgen_frames"`
 		Next   *ebpf.Map     `ebpf:"xgen_next"`
+		Pace   *ebpf.Map     `ebpf:"xgen_pace"`
+		Sent   *ebpf.Map     `ebpf:"xgen_sent"`
+		Stop   *ebpf.Map     `ebpf:"xgen_stop"`
 	}
 	if err := s.LoadAndAssign(&o, nil); err != nil {
-		return nil, nil, nil, fmt.Errorf("xdptest: load send program (%d slots of %d bytes): %w", ring, SlotHeader+maxFrame, err)
+		return nil, fmt.Errorf("xdptest: load send program (%d slots of %d bytes): %w", ring, SlotHeader+maxFrame, err)
 	}
-	return o.Prog, o.Frames, o.Next, nil
+	return &Sender{Prog: o.Prog, Frames: o.Frames, Next: o.Next, Pace: o.Pace, Sent: o.Sent, Stop: o.Stop}, nil
+}
+
+// Close frees the program and its maps.
+func (s *Sender) Close() error {
+	return errors.Join(s.Prog.Close(), s.Frames.Close(), s.Next.Close(), s.Pace.Close(), s.Sent.Close(), s.Stop.Close())
 }
 
 // Gen loads xsktest_gen: XDP_TX for every frame, after writing a random
