@@ -16,9 +16,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"os"
 	"path/filepath"
-	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -199,13 +197,6 @@ func interfaceByName(field, name string) (*net.Interface, error) {
 	}
 	return ifi, nil
 }
-
-// startupGCPercent is the GC target while the first sync installs at
-// least startupGCMinSAs SAs (see start).
-const (
-	startupGCPercent = 300
-	startupGCMinSAs  = 100_000
-)
 
 func (g *Gateway) start(ctx context.Context, o Options) (err error) {
 	cfg := g.Config
@@ -459,15 +450,6 @@ func (g *Gateway) start(ctx context.Context, o Options) (err error) {
 		if err := m.Set(s.Index(cfg.Workers), s.XSK.FD()); err != nil {
 			return fmt.Errorf("worker %d: publish %s socket of queue %d: %w", s.Worker, side, s.Queue, err)
 		}
-	}
-	// The first sync installs every configured and stored SA at once: a
-	// million pairs grow the heap from nothing to gigabytes, and at the
-	// default GOGC the collector marks that growing heap about twice over
-	// (a third of the load's CPU at 1M pairs). A looser target for the
-	// load alone trades a higher transient peak for fewer cycles; the
-	// operator's GOGC, if set, is left alone, and GOMEMLIMIT still caps.
-	if len(cfg.SAList) >= startupGCMinSAs && os.Getenv("GOGC") == "" {
-		defer debug.SetGCPercent(debug.SetGCPercent(startupGCPercent))
 	}
 	if err := g.SAD.AddAll(cfg.SAList); err != nil {
 		return fmt.Errorf("load configured SAs: %w", err)
