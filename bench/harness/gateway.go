@@ -39,9 +39,15 @@ state_dir: %s
 	if err != nil {
 		return nil, err
 	}
+	return startConfigured(context.Background(), tp, cfg)
+}
+
+// startConfigured starts the real data path with cfg in the topology's
+// gateway namespace, unpinned.
+func startConfigured(ctx context.Context, tp *topo, cfg *config.Config) (*gateway.Gateway, error) {
 	var g *gateway.Gateway
-	err = tp.gw.Do(func() (err error) {
-		g, err = gateway.Start(context.Background(), cfg, gateway.Options{NoPin: true, CipherIdle: benchCipherIdle})
+	err := tp.gw.Do(func() (err error) {
+		g, err = gateway.Start(ctx, cfg, gateway.Options{NoPin: true, CipherIdle: benchCipherIdle})
 		return err
 	})
 	return g, err

@@ -156,11 +156,8 @@ func (in *Install) config(ctx context.Context, tp *topo, dir, file string, pairs
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	var g *gateway.Gateway
-	if err := tp.gw.Do(func() (err error) {
-		g, err = gateway.Start(ctx, cfg, gateway.Options{NoPin: true})
-		return err
-	}); err != nil {
+	g, err := startConfigured(ctx, tp, cfg)
+	if err != nil {
 		return err
 	}
 	defer g.Stop(false)
@@ -186,11 +183,8 @@ func (in *Install) api(ctx context.Context, tp *topo, dir string, list []sa.SA, 
 	if err != nil {
 		return err
 	}
-	var g *gateway.Gateway
-	if err := tp.gw.Do(func() (err error) {
-		g, err = gateway.Start(ctx, cfg, gateway.Options{NoPin: true})
-		return err
-	}); err != nil {
+	g, err := startConfigured(ctx, tp, cfg)
+	if err != nil {
 		return err
 	}
 	defer g.Stop(false)

@@ -126,41 +126,7 @@ func TestParseSizes(t *testing.T) {
 // engines: live frames and AF_XDP TX.
 func TestSenderSendsCountAcrossFlows(t *testing.T) {
 	a, b := netns.ForTest(t, "pga"), netns.ForTest(t, "pgb")
-	aIf, bIf := netns.VethForTest(t, a, b)
-	var aIdx, bIdx int
-	var aMAC, bMAC net.HardwareAddr
-	for _, e := range []struct {
-		ns  *netns.NS
-		dev string
-		idx *int
-		mac *net.HardwareAddr
-	}{{a, aIf, &aIdx, &aMAC}, {b, bIf, &bIdx, &bMAC}} {
-		if err := e.ns.Do(func() error {
-			i, err := net.InterfaceByName(e.dev)
-			if err != nil {
-				return err
-			}
-			*e.idx, *e.mac = i.Index, i.HardwareAddr
-			return nil
-		}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	c, err := gen.NewCounter(esp.NATTPort)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	if err := b.Do(func() error {
-		l, err := link.AttachXDP(link.XDPOptions{Program: c.Prog, Interface: bIdx, Flags: link.XDPDriverMode})
-		if err != nil {
-			return err
-		}
-		t.Cleanup(func() { l.Close() })
-		return nil
-	}); err != nil {
-		t.Fatal(err)
-	}
+	aIdx, aMAC, bMAC, c := counterLink(t, a, b)
 	const nflows, ring, count = 300, 128, 1000
 	flows, err := Flows(nflows, DefaultNet())
 	if err != nil {
@@ -220,41 +186,7 @@ func TestSenderSendsCountAcrossFlows(t *testing.T) {
 // ring starts at FirstFlow.
 func TestRunPacedLive(t *testing.T) {
 	a, b := netns.ForTest(t, "pla"), netns.ForTest(t, "plb")
-	aIf, bIf := netns.VethForTest(t, a, b)
-	var aIdx, bIdx int
-	var aMAC, bMAC net.HardwareAddr
-	for _, e := range []struct {
-		ns  *netns.NS
-		dev string
-		idx *int
-		mac *net.HardwareAddr
-	}{{a, aIf, &aIdx, &aMAC}, {b, bIf, &bIdx, &bMAC}} {
-		if err := e.ns.Do(func() error {
-			i, err := net.InterfaceByName(e.dev)
-			if err != nil {
-				return err
-			}
-			*e.idx, *e.mac = i.Index, i.HardwareAddr
-			return nil
-		}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	c, err := gen.NewCounter(esp.NATTPort)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	if err := b.Do(func() error {
-		l, err := link.AttachXDP(link.XDPOptions{Program: c.Prog, Interface: bIdx, Flags: link.XDPDriverMode})
-		if err != nil {
-			return err
-		}
-		t.Cleanup(func() { l.Close() })
-		return nil
-	}); err != nil {
-		t.Fatal(err)
-	}
+	aIdx, aMAC, bMAC, c := counterLink(t, a, b)
 	const nflows, ring, rate = 50, 2000, 20000.0
 	flows, err := Flows(nflows, DefaultNet())
 	if err != nil {
@@ -305,4 +237,46 @@ func TestRunPacedLive(t *testing.T) {
 	if med, want := gaps[len(gaps)/2], 1e9/rate; med < 0.9*want || med > 1.1*want {
 		t.Fatalf("median gap %.0f ns, want %.0f ± 10%%", med, want)
 	}
+}
+
+// counterLink joins a and b by a veth pair, attaches a UDP-4500 frame
+// counter to b's end, and returns a's ifindex, both MACs and the counter.
+func counterLink(t *testing.T, a, b *netns.NS) (int, net.HardwareAddr, net.HardwareAddr, *gen.Counter) {
+	t.Helper()
+	aIf, bIf := netns.VethForTest(t, a, b)
+	var aIdx, bIdx int
+	var aMAC, bMAC net.HardwareAddr
+	for _, e := range []struct {
+		ns  *netns.NS
+		dev string
+		idx *int
+		mac *net.HardwareAddr
+	}{{a, aIf, &aIdx, &aMAC}, {b, bIf, &bIdx, &bMAC}} {
+		if err := e.ns.Do(func() error {
+			i, err := net.InterfaceByName(e.dev)
+			if err != nil {
+				return err
+			}
+			*e.idx, *e.mac = i.Index, i.HardwareAddr
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c, err := gen.NewCounter(esp.NATTPort)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	if err := b.Do(func() error {
+		l, err := link.AttachXDP(link.XDPOptions{Program: c.Prog, Interface: bIdx, Flags: link.XDPDriverMode})
+		if err != nil {
+			return err
+		}
+		t.Cleanup(func() { l.Close() })
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return aIdx, aMAC, bMAC, c
 }
