@@ -336,6 +336,9 @@ func splitList(data []byte) ([]item, bool) {
 					if data[i] == '"' {
 						break
 					}
+					if i+1 >= len(data) {
+						return nil, false // a backslash ends the input
+					}
 					i++ // the escaped byte
 				}
 			case '\n':
