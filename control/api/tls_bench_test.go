@@ -25,8 +25,9 @@ func BenchmarkGetSATLS(b *testing.B) {
 	plain := serveTest(b, Options{API: config.API{TCP: "127.0.0.1:0", Insecure: true, BearerToken: tok}})
 	tlsSrv := serveTest(b, Options{API: config.API{TCP: "127.0.0.1:0", BearerToken: tok,
 		TLS: &config.APITLS{CertPath: p.CertPath, KeyPath: p.KeyPath}}, SAD: plain.sad})
-	sp := sa.Spec{Name: "ue1-in", SPI: sa.SPIOf(0x1001), Direction: "in", Mode: "transport", Proposal: "aes128gcm16",
-		EncKey: "a1a2a3a4a5a6a7a8a9aaabacadaeafb0b1b2b3b4", Local: "198.51.100.20", Peer: "192.0.2.1"}
+	sp := sa.Spec{Name: "ue1-in", SPI: sa.SPIOf(0x1001), Direction: "in", Mode: "tunnel", Proposal: "aes128gcm16",
+		EncKey: "a1a2a3a4a5a6a7a8a9aaabacadaeafb0b1b2b3b4", Local: "198.51.100.20", Peer: "192.0.2.1",
+		Inner: &sa.InnerSpec{Local: "10.0.0.0/24", Peer: "100.64.0.1"}}
 	s, err := sp.Parse(sa.Options{})
 	if err != nil {
 		b.Fatal(err)
