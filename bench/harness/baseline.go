@@ -32,24 +32,30 @@ const baselineBatch = 64
 // end like xesp. The kernel's receive path runs in the generator's softirq
 // on GenCPU, as XDP does for xesp.
 
-// baseline is the decap direction: a UDP socket on the gateway's 4500,
-// each datagram opened (esp.Transform.Open: replay check, AES-GCM, padding) under
-// the SA its SPI names, the inner UDP payload sent on to its inner
-// destination.
-func (r *runner) baseline(size string, sz gen.Sizes, n int) error {
-	if err := r.loadPhone(sz, n); err != nil {
+// baseline measures one direction of the socket baseline with n SAs.
+// Decap: a UDP socket on the gateway's 4500, each datagram opened
+// (esp.Transform.Open: replay check, AES-GCM, padding) under the SA its
+// SPI names, the inner UDP payload sent on to its inner destination.
+// Encap: see startBaselineEncap.
+func (r *runner) baseline(dir, size string, sz gen.Sizes, n int) error {
+	encap := dir == "encap"
+	load, start := r.loadPhone, r.startBaselineDecap
+	if encap {
+		load, start = r.loadCore, r.startBaselineEncap
+	}
+	if err := load(sz, n); err != nil {
 		return err
 	}
-	ss, err := r.startBaselineDecap(n)
+	ss, err := start(n)
 	if err != nil {
 		return err
 	}
 	p, err := r.measure(ss.senders, ss.count)
-	res := p.result(Result{Name: baselineName("decap", size, n), Group: "baseline", Test: "udp_sockets", Dir: "decap", Size: size, SAs: n, Workers: 1})
+	res := p.result(Result{Name: baselineName(dir, size, n), Group: "baseline", Test: "udp_sockets", Dir: dir, Size: size, SAs: n, Workers: 1})
 	if err == nil && r.o.NDR {
 		// The same search as xesp's, so the ratio at each SA count is
 		// NDR to NDR.
-		err = r.ndr(&res, false, n, sz, ss.count)
+		err = r.ndr(&res, encap, n, sz, ss.count)
 	}
 	note, cerr := ss.close()
 	if err = errors.Join(err, cerr); err != nil {
@@ -146,37 +152,14 @@ func (r *runner) startBaselineDecap(n int) (*session, error) {
 		})
 }
 
-// baselineEncap is the encap direction: the phones' inner addresses
+// The encap baseline: the phones' inner addresses
 // (100.64.0.0/10) are made local to the gateway namespace (`ip route add
 // local`), so one UDP socket on port 5060 receives the core's cleartext
 // for all of them, learning each datagram's destination from IP_PKTINFO;
 // the datagram is rebuilt as an inner IPv4/UDP packet, sealed
 // (esp.Transform.Seal) under the outbound SA of its destination and sent to the
 // phone's 4500.
-func (r *runner) baselineEncap(size string, sz gen.Sizes, n int) error {
-	if err := r.loadCore(sz, n); err != nil {
-		return err
-	}
-	ss, err := r.startBaselineEncap(n)
-	if err != nil {
-		return err
-	}
-	p, err := r.measure(ss.senders, ss.count)
-	res := p.result(Result{Name: baselineName("encap", size, n), Group: "baseline", Test: "udp_sockets", Dir: "encap", Size: size, SAs: n, Workers: 1})
-	if err == nil && r.o.NDR {
-		// The same search as xesp's, so the ratio at each SA count is
-		// NDR to NDR.
-		err = r.ndr(&res, true, n, sz, ss.count)
-	}
-	note, cerr := ss.close()
-	if err = errors.Join(err, cerr); err != nil {
-		return err
-	}
-	res.Note = note
-	r.add(res)
-	return nil
-}
-
+//
 // startBaselineEncap starts the encap socket baseline with n SAs on the
 // runner's topology; the core's ring must hold cleartext frames.
 func (r *runner) startBaselineEncap(n int) (*session, error) {

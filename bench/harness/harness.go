@@ -504,10 +504,10 @@ func (r *runner) once(ctx context.Context, sizes map[string]gen.Sizes) error {
 				if err := ctx.Err(); err != nil {
 					return err
 				}
-				if err := r.baseline(s, sizes[s], n); err != nil {
+				if err := r.baseline("decap", s, sizes[s], n); err != nil {
 					return fmt.Errorf("socket baseline at %s, %d SAs: %w", s, n, err)
 				}
-				if err := r.baselineEncap(s, sizes[s], n); err != nil {
+				if err := r.baseline("encap", s, sizes[s], n); err != nil {
 					return fmt.Errorf("socket baseline (encap) at %s, %d SAs: %w", s, n, err)
 				}
 			}
