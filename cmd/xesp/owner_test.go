@@ -20,12 +20,15 @@ import (
 )
 
 // stream sends numbered requests from p every interval until stop is
-// closed and counts the distinct replies; wait returns sent and received
-// once the replies in flight had time to come back.
-func stream(t *testing.T, p *ue.Phone, inner netip.AddrPort, every time.Duration) (stop func() (sent, got int)) {
+// called and counts the distinct replies. await blocks until n more
+// replies than had arrived at its call have come (false after d without
+// them); stop returns sent and received once the replies in flight had
+// time to come back.
+func stream(t *testing.T, p *ue.Phone, inner netip.AddrPort, every time.Duration) (await func(n int, d time.Duration) bool, stop func() (sent, got int)) {
 	t.Helper()
 	var mu sync.Mutex
 	replies := map[string]bool{}
+	arrived := make(chan struct{}, 1)
 	done := make(chan struct{})
 	sentCh := make(chan int, 1)
 	go func() {
@@ -44,6 +47,10 @@ func stream(t *testing.T, p *ue.Phone, inner netip.AddrPort, every time.Duration
 				mu.Lock()
 				replies[string(payload)] = true
 				mu.Unlock()
+				select {
+				case arrived <- struct{}{}:
+				default:
+				}
 			}
 		}
 	}()
@@ -62,7 +69,24 @@ func stream(t *testing.T, p *ue.Phone, inner netip.AddrPort, every time.Duration
 			}
 		}
 	}()
-	return func() (int, int) {
+	count := func() int {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(replies)
+	}
+	await = func(n int, d time.Duration) bool {
+		timeout := time.NewTimer(d)
+		defer timeout.Stop()
+		for want := count() + n; count() < want; {
+			select {
+			case <-arrived:
+			case <-timeout.C:
+				return false
+			}
+		}
+		return true
+	}
+	return await, func() (int, int) {
 		close(done)
 		n := <-sentCh
 		// Replies still in flight: wait for all of them or 2 s.
@@ -116,7 +140,7 @@ func TestSecondDaemonLeavesRunningOneAlone(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	stop := stream(t, ph, inner, 2*time.Millisecond)
+	await, stop := stream(t, ph, inner, 2*time.Millisecond)
 	pid := fmt.Sprint(dm.cmd.Process.Pid)
 	for _, c := range []struct{ cfg, what string }{{d.cfg, "state_dir"}, {other, "pin_dir"}} {
 		out, err := xespCmd(d.gw, "run", "--config", c.cfg).CombinedOutput()
@@ -129,7 +153,11 @@ func TestSecondDaemonLeavesRunningOneAlone(t *testing.T) {
 			t.Fatalf("second daemon (%s) said %q, want one line naming %s and pid %s", c.what, msg, c.what, pid)
 		}
 	}
-	time.Sleep(200 * time.Millisecond) // more traffic after the second daemons are gone
+	// More traffic after the second daemons are gone: 100 replies past
+	// those already in, however fast or slow the refused starts were.
+	if !await(100, 10*time.Second) {
+		t.Fatal("the running daemon stopped answering after the refused starts")
+	}
 	sent, got := stop()
 	if sent < 100 || got != sent {
 		t.Fatalf("the running daemon answered %d of %d requests across the second starts, want all", got, sent)
