@@ -652,7 +652,7 @@ func (g *Gateway) teardown(keepPinned bool) error {
 	// With the workers stopped the windows are exact: the next run
 	// continues them (a failed start leaves the last snapshot alone).
 	if !g.Started.IsZero() && g.Manager != nil && g.Seq != nil {
-		if err := g.saveState(context.Background(), true); err != nil {
+		if err := g.saveState(context.Background()); err != nil {
 			errs = append(errs, err)
 		}
 		if err := g.apiSAs.flush(g.SAD.Version()); err != nil {

@@ -2,11 +2,13 @@ package gateway
 
 import (
 	"context"
+	"errors"
 	"net/netip"
 	"path/filepath"
 	"sync"
 	"time"
 
+	"github.com/xesp/xesp/control/manager"
 	"github.com/xesp/xesp/control/rxstate"
 	"github.com/xesp/xesp/control/sa"
 	"github.com/xesp/xesp/control/sad"
@@ -145,30 +147,36 @@ func (r *restorer) bindings(d *sad.SAD) int {
 	}
 }
 
-// saveState snapshots every inbound SA's replay window and every SA's
-// binding. stopped says the workers are no longer running (shutdown):
-// the snapshot is then exact and marked clean.
-func (g *Gateway) saveState(ctx context.Context, stopped bool) error {
-	snap, err := g.snapshotState(ctx, stopped)
+// saveState writes a full, clean snapshot with the workers stopped
+// (shutdown): a fresh base, no journal.
+func (g *Gateway) saveState(ctx context.Context) error {
+	snap, err := g.snapshotState(ctx, true)
 	if err != nil {
 		return err
 	}
 	return rxstate.Save(filepath.Join(g.Config.StateDir, rxStateFile), snap)
 }
 
-// snapshotState collects what saveState writes.
-func (g *Gateway) snapshotState(ctx context.Context, stopped bool) (*rxstate.Snapshot, error) {
-	states, err := g.Manager.SnapshotInbound(ctx, stopped)
-	if err != nil {
-		return nil, err
+// snapshotState collects a full snapshot: every SA in the SAD, with the
+// windows read directly when stopped (the workers no longer run: the
+// snapshot is exact and marked clean), else the windows in exported
+// (nil: none).
+func (g *Gateway) snapshotState(_ context.Context, stopped bool, exported ...manager.Changed) (*rxstate.Snapshot, error) {
+	windows := make(map[sa.ID]*esp.ReplayState, len(exported))
+	if stopped {
+		states := g.Manager.SnapshotInbound()
+		for i := range states {
+			windows[states[i].ID] = &states[i].Replay
+		}
 	}
-	windows := make(map[sa.ID]*esp.ReplayState, len(states))
-	for i := range states {
-		windows[states[i].ID] = &states[i].Replay
+	for i := range exported {
+		if exported[i].Replay != nil {
+			windows[exported[i].ID] = exported[i].Replay
+		}
 	}
 	in, out := g.SAD.Len()
 	// Sized up front: append's doubling left up to half of a
-	// million-SA slice as garbage every snapshot interval.
+	// million-SA slice as garbage.
 	snap := &rxstate.Snapshot{Clean: stopped, Records: make([]rxstate.Record, 0, in+out)}
 	var page []sad.Record
 	var cur uint64
@@ -176,16 +184,8 @@ func (g *Gateway) snapshotState(ctx context.Context, stopped bool) (*rxstate.Sna
 		page, cur = g.SAD.List(cur, 4096, page[:0])
 		for i := range page {
 			e := &page[i]
-			rec := rxstate.Record{Key: stateKey(g.Seq, e.ID, &e.SA), Replay: windows[e.ID], Created: e.Created.UnixNano()}
-			if b := g.rest.since(e.ID); !b.IsZero() && b.Before(e.Created) {
-				rec.Created = b.UnixNano()
-			}
-			if e.Binding.IsValid() && e.Binding != configuredBinding(&e.SA) {
-				rec.Binding = e.Binding
-			}
-			if c, ok := g.Manager.Counters(e.ID); ok {
-				rec.Packets, rec.Bytes = c.Packets, c.Bytes
-			}
+			rec := g.stateRecord(e)
+			rec.Replay = windows[e.ID]
 			snap.Records = append(snap.Records, rec)
 		}
 		if cur == 0 {
@@ -193,6 +193,227 @@ func (g *Gateway) snapshotState(ctx context.Context, stopped bool) (*rxstate.Sna
 		}
 	}
 	return snap, nil
+}
+
+// stateRecord is e's record without its window.
+func (g *Gateway) stateRecord(e *sad.Record) rxstate.Record {
+	rec := rxstate.Record{ID: stateID(g.Seq, e.ID), Key: stateKey(g.Seq, e.ID, &e.SA), Created: e.Created.UnixNano()}
+	if b := g.rest.since(e.ID); !b.IsZero() && b.Before(e.Created) {
+		rec.Created = b.UnixNano()
+	}
+	if e.Binding.IsValid() && e.Binding != configuredBinding(&e.SA) {
+		rec.Binding = e.Binding
+	}
+	if c, ok := g.Manager.Counters(e.ID); ok {
+		rec.Packets, rec.Bytes = c.Packets, c.Bytes
+	}
+	return rec
+}
+
+// stateID is the identity tag of the SA id in the state files: what a
+// journal record names it by, so a deletion needs no keys.
+func stateID(seq *seqstore.Store, id sa.ID) seqstore.Key {
+	return seq.KeyFor("rxid/"+id.Dir.String(), id.SPI, id.Peer, "", nil, nil)
+}
+
+// persister is the periodic snapshot: a base written at the first
+// interval of a run, then each interval a journal append of what changed
+// in it (rxstate), compacted into a fresh base when the journal outgrows
+// the base. Its cost per interval is proportional to the changes (SA
+// feed entries, windows the workers exported, outbound SAs that carried
+// traffic), not to the SAs installed; only the comparison of outbound
+// counters (manager.ExportChanged) reads every outbound SA, one atomic
+// each.
+type persister struct {
+	g       *Gateway
+	j       *rxstate.Journal
+	version uint64 // SAD version the state on disk covers
+	changes []sad.Change
+	ids     map[sa.ID]uint8 // this interval's changed SAs: fromFeed, deleted
+	order   []sa.ID
+	batch   rxstate.Batch
+	// carry holds exports not yet written: an export is handed out
+	// once, so a snapshot that fails before its append keeps them for
+	// the next (a base without them would hold older windows).
+	carry []manager.Changed
+	// stats of the last snapshot, for logs and tests
+	last persistStats
+}
+
+type persistStats struct {
+	Full      bool // a base was written (first of the run, or compaction)
+	Compacted bool
+	Records   int // journal records appended
+	Bytes     int
+}
+
+const (
+	fromFeed = 1 << iota // set from the SAD this interval
+	deleted              // deleted this interval (maybe added again since)
+)
+
+func newPersister(g *Gateway) *persister {
+	return &persister{g: g, j: rxstate.OpenJournal(filepath.Join(g.Config.StateDir, rxStateFile)),
+		ids: make(map[sa.ID]uint8)}
+}
+
+func (p *persister) close() { p.j.Close() }
+
+// snapshot persists what changed since the previous call.
+func (p *persister) snapshot(ctx context.Context) error {
+	g := p.g
+	p.last = persistStats{}
+	if !p.j.Ready() {
+		// The run's first: a base of every SA. Every inbound SA was put
+		// on its worker's dirty list at install, so this export holds
+		// all their windows (as a full snapshot's would).
+		v := g.SAD.Version()
+		exported, err := p.export(ctx)
+		if err != nil {
+			return err
+		}
+		snap, err := g.snapshotState(ctx, false, exported...)
+		if err != nil {
+			return err
+		}
+		if err := p.j.Rebase(snap); err != nil {
+			return err
+		}
+		p.version, p.carry = v, nil
+		p.last.Full = true
+		return nil
+	}
+	// Exports first, then the feed: an SA a window was exported for was
+	// added before the feed is read, so its add is journalled in this
+	// batch or an earlier one, ahead of its window.
+	exported, err := p.export(ctx)
+	if err != nil {
+		return err
+	}
+	p.batch.Reset()
+	clear(p.ids)
+	p.order = p.order[:0]
+	changes, v, err := g.SAD.Changes(p.version, p.changes[:0])
+	p.changes = changes
+	switch {
+	case errors.Is(err, sad.ErrResync):
+		// The feed overran (more changes than its log holds in one
+		// interval): set every SA between sweep marks, which deletes
+		// the rest. O(SAs) once; compaction follows.
+		if err := p.sweep(); err != nil {
+			return err
+		}
+	case err != nil:
+		return err
+	default:
+		for _, c := range changes {
+			if c.Op == sad.OpState {
+				continue // not persisted
+			}
+			f, seen := p.ids[c.ID]
+			if !seen {
+				p.order = append(p.order, c.ID)
+			}
+			if c.Op == sad.OpDelete {
+				f |= deleted
+			}
+			p.ids[c.ID] = f
+		}
+		for _, id := range p.order {
+			if p.ids[id]&deleted != 0 {
+				p.batch.Delete(stateID(g.Seq, id))
+			}
+			e, ok := g.SAD.Get(id)
+			if !ok {
+				continue
+			}
+			rec := g.stateRecord(&e)
+			if err := p.batch.Set(&rec, rxstate.HasKey|rxstate.HasBinding|rxstate.HasCounters|rxstate.HasCreated); err != nil {
+				return err
+			}
+			p.ids[id] |= fromFeed
+		}
+	}
+	for i := range exported {
+		x := &exported[i]
+		f := p.ids[x.ID]
+		if f&deleted != 0 && f&fromFeed == 0 {
+			continue // gone: a window would only make a keyless record
+		}
+		rec := rxstate.Record{ID: stateID(g.Seq, x.ID), Replay: x.Replay, Packets: x.Packets, Bytes: x.Bytes}
+		var mask uint8
+		if x.Replay != nil {
+			mask |= rxstate.HasReplay
+		}
+		if f&fromFeed == 0 {
+			// The feed's set read the counters later than the export.
+			mask |= rxstate.HasCounters
+		}
+		if b := g.rest.since(x.ID); !b.IsZero() {
+			// Restored at an install after the base was written.
+			rec.Created = b.UnixNano()
+			mask |= rxstate.HasCreated
+		}
+		if mask == 0 {
+			continue
+		}
+		if err := p.batch.Set(&rec, mask); err != nil {
+			return err
+		}
+	}
+	p.last.Records, p.last.Bytes = p.batch.Len(), p.batch.Bytes()
+	// From here the records are the journal's: kept by it if the
+	// append fails, and retried.
+	p.carry = nil
+	appendErr := p.j.Append(&p.batch)
+	if appendErr == nil {
+		p.version = v
+	}
+	// Compaction keeps the amortised cost proportional to the changes:
+	// a base of B bytes is rewritten only after B bytes of journal. A
+	// failed append is retried inside it (its records are kept).
+	base, journal := p.j.Sizes()
+	if appendErr != nil || journal > base {
+		if err := p.j.Compact(); err != nil {
+			return errors.Join(appendErr, err)
+		}
+		if appendErr != nil {
+			p.version = v
+		}
+		p.last.Full, p.last.Compacted = true, true
+	}
+	return nil
+}
+
+// export is the SAs changed since the last export, after those of a
+// failed snapshot.
+func (p *persister) export(ctx context.Context) ([]manager.Changed, error) {
+	fresh, err := p.g.Manager.ExportChanged(ctx)
+	p.carry = append(p.carry, fresh...)
+	return p.carry, err
+}
+
+// sweep journals every SA in the SAD between sweep marks.
+func (p *persister) sweep() error {
+	g := p.g
+	p.batch.SweepBegin()
+	var page []sad.Record
+	var cur uint64
+	for {
+		page, cur = g.SAD.List(cur, 4096, page[:0])
+		for i := range page {
+			rec := g.stateRecord(&page[i])
+			if err := p.batch.Set(&rec, rxstate.HasKey|rxstate.HasBinding|rxstate.HasCounters|rxstate.HasCreated); err != nil {
+				return err
+			}
+			p.ids[page[i].ID] |= fromFeed
+		}
+		if cur == 0 {
+			break
+		}
+	}
+	p.batch.SweepEnd()
+	return nil
 }
 
 // configuredBinding is where an SA's packets go before any was learnt.
@@ -206,15 +427,18 @@ func configuredBinding(s *sa.SA) netip.AddrPort {
 
 // persistShare bounds the share of one core the periodic snapshot takes:
 // after a snapshot that took d, the next comes no sooner than
-// persistShare × d. With a million SAs a snapshot lists every SA and
-// writes every record (~0.5 s of CPU), and a snapshot each second took a
-// fifth of a 2-CPU machine while a million SAs were being installed. The
-// crash exposure (package rxstate) grows with the interval accordingly.
+// persistShare × d. A journal append costs what changed in the interval,
+// so this stretches the interval only under heavy churn; a compaction
+// (a fresh base, O(SAs), due only after as many journal bytes as the
+// base holds) does not stretch it. The crash exposure (package rxstate)
+// grows with the interval.
 const persistShare = 10
 
 // persistState snapshots every interval (or persistShare times the last
 // snapshot's duration, if longer) until ctx ends.
 func (g *Gateway) persistState(ctx context.Context, every time.Duration) error {
+	p := newPersister(g)
+	defer p.close()
 	t := time.NewTimer(every)
 	defer t.Stop()
 	for {
@@ -223,15 +447,19 @@ func (g *Gateway) persistState(ctx context.Context, every time.Duration) error {
 			return nil
 		case <-t.C:
 			start := time.Now()
-			if err := g.saveState(ctx, false); err != nil && ctx.Err() == nil {
+			if err := p.snapshot(ctx); err != nil && ctx.Err() == nil {
 				g.log.Error("snapshot replay windows and bindings", "err", err)
 			}
+			took := time.Since(start)
 			// What the API waits for is written before it answers; this
 			// catches the rest (lifetime expiries, etcd deletions).
 			if err := g.apiSAs.flush(g.SAD.Version()); err != nil && ctx.Err() == nil {
 				g.log.Error("save the SAs added through the API", "err", err)
 			}
-			t.Reset(max(every, persistShare*time.Since(start)))
+			if p.last.Full {
+				took = 0
+			}
+			t.Reset(max(every, persistShare*took))
 		}
 	}
 }

@@ -82,10 +82,9 @@ type installed struct {
 	key    saKey // its sa.ID, compact (id())
 	entry  *worker.Slot
 	shared *sharedBinding // its pair group's binding on its worker
-	// snap is the inbound SA's replay window as its worker last exported
-	// it (nil: never): SnapshotInbound's answer for an SA whose window has
-	// not changed since.
-	snap   *esp.ReplayState
+	// saved is the outbound SA's packet count ExportChanged last
+	// returned (snapshot.go): how it tells the SAs that carried traffic.
+	saved  uint64
 	seqKey seqstore.Key // outbound: its reservation record
 	policy policyKey    // outbound: the XDP entry (trie prefix or core key) this SA serves
 	index  uint32

@@ -23,39 +23,59 @@ type snapshotWant struct {
 	entry *worker.Slot
 }
 
-// SnapshotInbound returns every installed inbound SA's replay window.
-// While the workers run, each worker exports on its own thread, between
-// two batches, only the windows that changed since its last export (its
-// dirty list: SAs installed or that authenticated a packet since); the
-// manager keeps the last export of each SA in its slot and returns those
-// for the rest. So the workers' share of a snapshot is proportional to
-// the SAs active in the interval, not to the SAs installed. With stopped
-// set the workers no longer run (their Run returned) and the windows are
-// read directly.
-func (m *Manager) SnapshotInbound(ctx context.Context, stopped bool) ([]InboundState, error) {
-	if stopped {
-		m.mu.RLock()
-		var ws []snapshotWant
-		for s := range m.live.all() {
-			if s.entry.Dir == worker.Inbound {
-				ws = append(ws, snapshotWant{s.id(), s.entry})
-			}
+// SnapshotInbound returns every installed inbound SA's replay window,
+// read directly from its entry: the workers must no longer run (their Run
+// returned), as at shutdown or a hand-over. While they run, ExportChanged
+// returns what changed.
+func (m *Manager) SnapshotInbound() []InboundState {
+	m.mu.RLock()
+	var ws []snapshotWant
+	for s := range m.live.all() {
+		if s.entry.Dir == worker.Inbound {
+			ws = append(ws, snapshotWant{s.id(), s.entry})
 		}
-		m.mu.RUnlock()
-		out := make([]InboundState, 0, len(ws))
-		for _, x := range ws {
-			out = append(out, InboundState{ID: x.id, Replay: x.entry.SA.Replay().Export()})
-		}
-		return out, nil
 	}
+	m.mu.RUnlock()
+	out := make([]InboundState, 0, len(ws))
+	for _, x := range ws {
+		out = append(out, InboundState{ID: x.id, Replay: x.entry.SA.Replay().Export()})
+	}
+	return out
+}
+
+// Changed is an SA whose persisted state (package rxstate) changed since
+// the previous ExportChanged: an inbound SA installed or that
+// authenticated a packet since, with its window and counters as its
+// worker exported them; an outbound SA that carried traffic since, with
+// its counters.
+type Changed struct {
+	ID             sa.ID
+	Replay         *esp.ReplayState // inbound only
+	Packets, Bytes uint64
+}
+
+// ExportChanged returns the SAs whose state changed since the previous
+// call, while the workers run. Each worker exports on its own thread,
+// between two batches, only the windows on its dirty list (SAs installed
+// or that authenticated a packet since its last export), so the workers'
+// share is proportional to the SAs active in the interval, not to the SAs
+// installed. The manager keeps no copy of the windows: the caller
+// persists what it gets (an export is handed out once).
+//
+// Outbound SAs are not on the workers' dirty lists: their counters are
+// compared with what the previous call returned (installed.saved), a
+// read of one atomic per outbound SA (~1-4 ms per 100k SAs) instead of
+// an export. One goroutine calls it at a time.
+func (m *Manager) ExportChanged(ctx context.Context) ([]Changed, error) {
+	var out []Changed
 	for w := range m.slots {
 		// In chunks, each its own command: the worker forwards a batch
 		// between two, so exporting a million windows (~0.1 s) never
 		// stalls it long enough to overflow its RX ring.
 		for {
-			n, err := m.exportDirty(ctx, uint16(w))
+			n, err := m.exportDirty(ctx, uint16(w), &out)
 			if err != nil {
-				return nil, err
+				return out, err
 			}
 			if n < worker.DirtyChunk {
 				break
@@ -64,26 +84,33 @@ func (m *Manager) SnapshotInbound(ctx context.Context, stopped bool) ([]InboundS
 	}
 	m.mu.RLock()
 	defer m.mu.RUnlock()
-	out := make([]InboundState, 0, len(m.live.in))
-	for s := range m.live.all() {
-		if s.entry.Dir == worker.Inbound && s.snap != nil {
-			out = append(out, InboundState{ID: s.id(), Replay: *s.snap})
+	for _, ws := range m.slots {
+		for _, s := range ws {
+			if s == nil || s.entry.Dir != worker.Outbound {
+				continue
+			}
+			if p := s.entry.Counters.Packets.Load(); p != s.saved {
+				// saved is read and written only here (one caller at a
+				// time), never by the manager's other paths.
+				s.saved = p
+				out = append(out, Changed{ID: s.id(), Packets: p, Bytes: s.entry.Counters.Bytes.Load()})
+			}
 		}
 	}
 	return out, nil
 }
 
-// exported is one window a worker exported.
-type exported struct {
-	index uint32
-	entry *worker.Slot
-	state esp.ReplayState
-}
-
 // exportDirty has worker w export the windows on its dirty list (one
-// chunk) and files them in their slots. It returns how many slots the
-// worker listed.
-func (m *Manager) exportDirty(ctx context.Context, w uint16) (int, error) {
+// chunk) and appends those of entries still installed to out. It returns
+// how many slots the worker listed.
+func (m *Manager) exportDirty(ctx context.Context, w uint16, out *[]Changed) (int, error) {
+	type exported struct {
+		index   uint32
+		entry   *worker.Slot
+		state   esp.ReplayState
+		packets uint64
+		bytes   uint64
+	}
 	var got []exported
 	listed := 0
 	dirty := func(table []*worker.Slot, slots []uint32) {
@@ -91,7 +118,8 @@ func (m *Manager) exportDirty(ctx context.Context, w uint16) (int, error) {
 		got = make([]exported, 0, len(slots))
 		for _, i := range slots {
 			if int(i) < len(table) && table[i] != nil && table[i].Dir == worker.Inbound {
-				got = append(got, exported{i, table[i], table[i].SA.Replay().Export()})
+				e := table[i]
+				got = append(got, exported{i, e, e.SA.Replay().Export(), e.Counters.Packets.Load(), e.Counters.Bytes.Load()})
 			}
 		}
 	}
@@ -104,14 +132,15 @@ func (m *Manager) exportDirty(ctx context.Context, w uint16) (int, error) {
 	case <-ctx.Done():
 		return 0, fmt.Errorf("snapshot worker %d: %w", w, ctx.Err())
 	}
-	m.mu.Lock()
+	m.mu.RLock()
 	ws := m.slots[w]
-	for _, x := range got {
+	for i := range got {
+		x := &got[i]
 		// Only the entry the slot still holds: it may have been reused.
 		if int(x.index) < len(ws) && ws[x.index] != nil && ws[x.index].entry == x.entry {
-			ws[x.index].snap = &x.state
+			*out = append(*out, Changed{ID: ws[x.index].id(), Replay: &x.state, Packets: x.packets, Bytes: x.bytes})
 		}
 	}
-	m.mu.Unlock()
+	m.mu.RUnlock()
 	return listed, nil
 }
