@@ -369,11 +369,10 @@ func (p *persister) snapshot(ctx context.Context) error {
 	if appendErr == nil {
 		p.version = v
 	}
-	// Compaction keeps the amortised cost proportional to the changes:
-	// a base of B bytes is rewritten only after B bytes of journal. A
-	// failed append is retried inside it (its records are kept).
-	base, journal := p.j.Sizes()
-	if appendErr != nil || journal > base {
+	// Compaction keeps the amortised cost proportional to the changes
+	// (rxstate.Journal.Due). A failed append is retried inside it (its
+	// records are kept).
+	if appendErr != nil || p.j.Due() {
 		if err := p.j.Compact(); err != nil {
 			return errors.Join(appendErr, err)
 		}

@@ -330,11 +330,23 @@ type Journal struct {
 	// pending is a batch whose append failed: the journal was cut back
 	// to size, and the next append writes it first.
 	pending []byte
+	// Floor is the journal size below which Due never asks for a
+	// compaction (DefaultFloor): small states are not rewritten every
+	// few intervals.
+	Floor int64
 }
+
+// DefaultFloor is Journal.Floor's default.
+const DefaultFloor = 1 << 20
 
 // OpenJournal returns the state at path for writing; nothing is written
 // until Rebase.
-func OpenJournal(path string) *Journal { return &Journal{path: path} }
+func OpenJournal(path string) *Journal { return &Journal{path: path, Floor: DefaultFloor} }
+
+// Due says the journal has outgrown its base (and the floor): compacting
+// now keeps the amortised cost of the state proportional to the changes,
+// since a base of B bytes is rewritten only after B bytes of journal.
+func (j *Journal) Due() bool { return j.size > max(j.baseSize, j.Floor) }
 
 // Ready says a base was written this run: Append may follow it.
 func (j *Journal) Ready() bool { return j.f != nil }
