@@ -317,7 +317,9 @@ func (g *Gateway) start(ctx context.Context, o Options) (err error) {
 		// Taken with the predecessor's workers stopped: exact.
 		snap, err = rxstate.Decode(g.upgrade.Handover.RxState)
 	} else {
-		snap, err = rxstate.Load(filepath.Join(cfg.StateDir, rxStateFile))
+		var info rxstate.LoadInfo
+		snap, info, err = rxstate.LoadDetail(filepath.Join(cfg.StateDir, rxStateFile))
+		g.Restored.JournalRecords, g.Restored.TornBytes = info.JournalRecords, info.TornBytes
 	}
 	if err != nil {
 		return fmt.Errorf("state_dir: %w (remove the file to start with fresh replay windows, which accepts replays of earlier traffic)", err)
@@ -532,7 +534,7 @@ func (g *Gateway) start(ctx context.Context, o Options) (err error) {
 		"public", fmt.Sprintf("%s (xdp %s)", pubIf.Name, g.Loader.Public.Mode),
 		"private", fmt.Sprintf("%s (xdp %s)", privIf.Name, g.Loader.Private.Mode),
 		"af_xdp", g.Sockets[0][0].Mode().String(), "workers", cfg.Workers, "sas", len(cfg.SAList), "api_sas", g.Restored.APISAs,
-		"restored_windows", g.Restored.Windows, "restored_bindings", g.Restored.Bindings, "restored_counters", g.Restored.Counters, "clean_snapshot", g.Restored.Clean,
+		"restored_windows", g.Restored.Windows, "restored_bindings", g.Restored.Bindings, "restored_counters", g.Restored.Counters, "clean_snapshot", g.Restored.Clean, "journal_records", g.Restored.JournalRecords, "journal_torn_bytes", g.Restored.TornBytes,
 		"warmed_neighbors", g.Restored.Neighbors, "pruned_sas", g.Restored.StaleSAs, "pruned_policies", g.Restored.StalePolicies)
 	return nil
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net/netip"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 
@@ -37,6 +38,10 @@ type Restored struct {
 	// Neighbors counts the next hops resolved before a hand-over start
 	// let its workers read.
 	Neighbors int
+	// JournalRecords is how many journal records were applied to the
+	// base; TornBytes the torn tail after them a crash left (ignored).
+	JournalRecords int
+	TornBytes      int64
 }
 
 // restorer hands the previous run's state to SAs as they are installed.
@@ -100,6 +105,32 @@ func (r *restorer) entry(id sa.ID, s *sa.SA, e *worker.Slot) {
 	}
 	if e.SA.Replay().Import(st) == nil {
 		r.windows++
+	}
+}
+
+// carry fills in rec, of an SA the data path does not hold yet, the
+// window and counters its record in the previous run's snapshot has, if
+// that record was not handed out yet.
+func (r *restorer) carry(rec *rxstate.Record, inbound bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if len(r.byKey) == 0 {
+		return
+	}
+	old := r.byKey[rec.Key]
+	if old == nil {
+		return
+	}
+	if inbound && old.Replay != nil {
+		w := *old.Replay
+		if !r.clean {
+			w.Bitmap = slices.Clone(w.Bitmap)
+			rxstate.Distrust(&w)
+		}
+		rec.Replay = &w
+	}
+	if rec.Packets == 0 && rec.Bytes == 0 {
+		rec.Packets, rec.Bytes = old.Packets, old.Bytes
 	}
 }
 
@@ -186,6 +217,11 @@ func (g *Gateway) snapshotState(_ context.Context, stopped bool, exported ...man
 			e := &page[i]
 			rec := g.stateRecord(e)
 			rec.Replay = windows[e.ID]
+			if !stopped && rec.Replay == nil {
+				// Not installed yet (or not exported): keep what the
+				// previous run persisted rather than drop it.
+				g.rest.carry(&rec, e.ID.Dir == sa.In)
+			}
 			snap.Records = append(snap.Records, rec)
 		}
 		if cur == 0 {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"slices"
 	"testing"
@@ -156,4 +157,92 @@ func TestPeriodicSnapshotRestoresAsFull(t *testing.T) {
 	if p.last.Records != 2 { // phone 2's window and counters, phone 1's outbound counters
 		t.Fatalf("after a compaction: %d records, want 2", p.last.Records)
 	}
+}
+
+// A crash after journal appends: the next start restores the base with
+// the journal applied and its torn tail ignored. The state files are
+// taken as a crash would leave them (after the last append, before any
+// shutdown snapshot), with half a record appended; the new gateway
+// restores the window of the journal's last append (every packet of the
+// first run is a replay, from any port), the binding learnt after the
+// base, and accepts the phone's next packet.
+func TestRestartFromJournalAfterCrash(t *testing.T) {
+	tp := newTopoWith(t, 1, Options{StateInterval: time.Hour})
+	p := newPersister(tp.g)
+	ctx := context.Background()
+	home := udpSock(t, tp.phone, "192.0.2.10:4500")
+	moved := udpSock(t, tp.phone, "192.0.2.10:40000")
+	coreUDP := udpSock(t, tp.core, coreAddr.String())
+	phoneOut := mustSA(t, spiIn, keyIn, 0)
+	buf := make([]byte, 2048)
+	var captured [][]byte
+	send := func(c *net.UDPConn) {
+		t.Helper()
+		pk := seal(t, phoneOut, pkt.UDP4(phoneInner, coreAddr, []byte("REGISTER")))
+		captured = append(captured, pk)
+		if _, err := c.WriteToUDP(pk, gwPublic); err != nil {
+			t.Fatal(err)
+		}
+		coreUDP.SetReadDeadline(time.Now().Add(3 * time.Second))
+		if _, err := coreUDP.Read(buf); err != nil {
+			t.Fatal(err)
+		}
+	}
+	send(home)
+	send(home)
+	if err := p.snapshot(ctx); err != nil || !p.last.Full {
+		t.Fatalf("base: %v %+v", err, p.last)
+	}
+	send(moved)
+	send(moved)
+	movedTo := netip.MustParseAddrPort("192.0.2.10:40000")
+	eventually(t, "binding at port 40000", func() bool { e, _ := tp.g.SAD.Get(sa.ID{Dir: sa.In, SPI: spiIn}); return e.Binding == movedTo })
+	if err := p.snapshot(ctx); err != nil || p.last.Full || p.last.Records == 0 {
+		t.Fatalf("journal append: %v %+v", err, p.last)
+	}
+	p.close()
+	path := filepath.Join(tp.g.Config.StateDir, rxStateFile)
+	base, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	journal, err := os.ReadFile(rxstate.JournalPath(path))
+	if err != nil {
+		t.Fatal(err)
+	}
+	torn := []byte{100, 0, 0, 0, 1, 0xaa, 0xbb, 0xcc} // a record's length, kind and a little of its body
+	journal = append(journal, torn...)
+
+	cfg := *tp.g.Config
+	if err := tp.g.Stop(false); err != nil {
+		t.Fatal(err)
+	}
+	for f, b := range map[string][]byte{path: base, rxstate.JournalPath(path): journal} {
+		if err := os.WriteFile(f, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tp.startWith(t, &cfg, Options{NoPin: true, StateInterval: time.Hour})
+	r := tp.g.Restored
+	if r.Clean || r.Windows != 1 || r.Bindings != 1 || r.JournalRecords == 0 || r.TornBytes != int64(len(torn)) {
+		t.Fatalf("restored %+v: want an unclean state, 1 window, 1 binding, journal records and %d torn bytes", r, len(torn))
+	}
+	// The core's packet goes to the binding learnt after the base.
+	if _, err := coreUDP.WriteToUDPAddrPort([]byte("NOTIFY"), phoneInner); err != nil {
+		t.Fatal(err)
+	}
+	moved.SetReadDeadline(time.Now().Add(3 * time.Second))
+	if _, err := moved.Read(buf); err != nil {
+		t.Fatalf("the reply after the restart did not reach the port learnt after the base: %v", err)
+	}
+	sent := 0
+	for _, c := range []*net.UDPConn{home, moved} {
+		for _, pk := range captured {
+			c.WriteToUDP(pk, gwPublic)
+			sent++
+		}
+	}
+	st := tp.g.Workers[0].Stats()
+	eventually(t, "the replays dropped", func() bool { return st.Decap.Drops[esp.ReasonReplay].Load() == uint64(sent) })
+	send(moved) // the phone's next packet is accepted
 }

@@ -238,6 +238,9 @@ func Load(path string) (*Snapshot, error) {
 	return s, err
 }
 
+// LoadDetail is Load with what it found besides the snapshot.
+func LoadDetail(path string) (*Snapshot, LoadInfo, error) { return load(path) }
+
 // LoadInfo is what load found besides the snapshot.
 type LoadInfo struct {
 	Gen            uint64 // the base's generation (0: version 2 or none)
