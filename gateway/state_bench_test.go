@@ -218,4 +218,3 @@ func fileSize(path string) int64 {
 	}
 	return st.Size()
 }
-

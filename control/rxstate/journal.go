@@ -383,13 +383,13 @@ func (j *Journal) startJournal(gen uint64, baseSize int64) error {
 	if err != nil {
 		return fmt.Errorf("journal %s: %w", jp, err)
 	}
-	h := append([]byte(journalMagic), make([]byte, 8)...)
-	binary.LittleEndian.PutUint64(h[8:], gen)
-	h = binary.LittleEndian.AppendUint32(h, crc32.Checksum(h, castagnoli))
-	if err := f.Chmod(0o600); err == nil {
-		if _, err = f.Write(h); err == nil {
-			err = f.Sync()
-		}
+	// A journal left by an older umask keeps its mode through O_TRUNC.
+	err = f.Chmod(0o600)
+	if err == nil {
+		_, err = f.Write(journalHeaderFor(gen, nil))
+	}
+	if err == nil {
+		err = f.Sync()
 	}
 	if err == nil {
 		err = syncDir(filepath.Dir(jp))
@@ -452,7 +452,7 @@ func (j *Journal) Compact() error {
 	}
 	if len(j.pending) > 0 {
 		a := newApplier(s)
-		if _, _, _, err := replayJournal(j.header(info.Gen, j.pending), info.Gen, a); err != nil {
+		if _, _, _, err := replayJournal(journalHeaderFor(info.Gen, j.pending), info.Gen, a); err != nil {
 			return fmt.Errorf("compact %s: %w", j.path, err)
 		}
 		s = a.snapshot()
@@ -465,8 +465,8 @@ func (j *Journal) Compact() error {
 	return nil
 }
 
-// header prefixes records with a journal header for gen.
-func (j *Journal) header(gen uint64, recs []byte) []byte {
+// journalHeaderFor is a journal header for gen followed by recs.
+func journalHeaderFor(gen uint64, recs []byte) []byte {
 	h := append([]byte(journalMagic), make([]byte, 8)...)
 	binary.LittleEndian.PutUint64(h[8:], gen)
 	h = binary.LittleEndian.AppendUint32(h, crc32.Checksum(h, castagnoli))
