@@ -157,6 +157,17 @@ func TestPeriodicSnapshotRestoresAsFull(t *testing.T) {
 	if p.last.Records != 2 { // phone 2's window and counters, phone 1's outbound counters
 		t.Fatalf("after a compaction: %d records, want 2", p.last.Records)
 	}
+	// A change feed overrun (forced: the version the persister continues
+	// from is past the SAD's) journals every SA between sweep marks,
+	// which also drops the pair deleted meanwhile.
+	deletePair(2)
+	addSAs(t, tp.g, pairYAML(5, 0x1005, 0x2005, keyIn, keyOut, ""))
+	phoneSends(5, 1, 0)
+	p.version = tp.g.SAD.Version() + 1000
+	check("feed overrun")
+	if in, out := tp.g.SAD.Len(); p.last.Records < in+out+2 {
+		t.Fatalf("feed overrun: %d records for %d SAs, want a sweep of all", p.last.Records, in+out)
+	}
 }
 
 // A crash after journal appends: the next start restores the base with

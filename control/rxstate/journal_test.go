@@ -409,3 +409,38 @@ func TestJournalFailedAppendKept(t *testing.T) {
 	}
 	sameState(t, "after the retried append", got, &Snapshot{Records: []Record{rec}})
 }
+
+// A sweep (the gateway's answer to a change-feed overrun) keeps exactly
+// the records set between its marks, with the fields they did not set
+// (windows) as they were.
+func TestJournalSweep(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "rx.state")
+	win := &esp.ReplayState{Top: 42, Bitmap: []uint64{7}}
+	a := Record{ID: seqstore.Key{1}, Key: seqstore.Key{11}, Replay: win, Packets: 3}
+	bRec := Record{ID: seqstore.Key{2}, Key: seqstore.Key{12}}
+	c := Record{ID: seqstore.Key{3}, Key: seqstore.Key{13}, Replay: win}
+	j := OpenJournal(path)
+	defer j.Close()
+	if err := j.Rebase(&Snapshot{Records: []Record{a, bRec, c}}); err != nil {
+		t.Fatal(err)
+	}
+	var b Batch
+	b.SweepBegin()
+	a.Packets = 4
+	if err := b.Set(&Record{ID: a.ID, Key: a.Key, Packets: 4}, HasKey|HasBinding|HasCounters|HasCreated); err != nil {
+		t.Fatal(err)
+	}
+	d := Record{ID: seqstore.Key{4}, Key: seqstore.Key{14}}
+	if err := b.Set(&d, HasKey|HasBinding|HasCounters|HasCreated); err != nil {
+		t.Fatal(err)
+	}
+	b.SweepEnd()
+	if err := j.Append(&b); err != nil {
+		t.Fatal(err)
+	}
+	got, err := Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sameState(t, "swept", got, &Snapshot{Records: []Record{a, d}})
+}
