@@ -86,7 +86,7 @@ func (m *Manager) ExportChanged(ctx context.Context) ([]Changed, error) {
 	defer m.mu.RUnlock()
 	for _, ws := range m.slots {
 		for _, s := range ws {
-			if s == nil || s.entry.Dir != worker.Outbound {
+			if s == nil || s.key.dir != sa.Out { // (no load of the entry for inbound SAs)
 				continue
 			}
 			if p := s.entry.Counters.Packets.Load(); p != s.saved {
