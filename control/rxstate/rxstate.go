@@ -28,9 +28,10 @@
 // Records are keyed by seqstore keys (an HMAC of the SA's identity and key
 // material under the state directory's secret), so a state never carries
 // over to an SA that reuses the SPI with other keys. Since version 3 each
-// record also carries an identity tag (an HMAC of the SA's identity only),
-// which the journal names records by: a deletion is journalled without
-// the deleted SA's keys. Neither holds key material.
+// record also carries an identity tag (a keyed hash of the SA's identity
+// only, whose key the writing process draws at start), which the journal
+// names records by: a deletion is journalled without the deleted SA's
+// keys. Neither holds key material.
 //
 // # Base file (little-endian)
 //
