@@ -352,7 +352,13 @@ func (p *persister) snapshot(ctx context.Context) error {
 		return err
 	}
 	p.batch.Reset()
-	clear(p.ids)
+	if len(p.ids) > 1024 {
+		// clear costs what the map once held: after a burst of changes
+		// a fresh map keeps quiet intervals cheap.
+		p.ids = make(map[sa.ID]uint8)
+	} else {
+		clear(p.ids)
+	}
 	p.order = p.order[:0]
 	changes, v, err := g.SAD.Changes(p.version, p.changes[:0])
 	p.changes = changes
@@ -466,7 +472,6 @@ func (p *persister) sweep() error {
 			if err := p.batch.Set(&rec, rxstate.HasKey|rxstate.HasBinding|rxstate.HasCounters|rxstate.HasCreated); err != nil {
 				return err
 			}
-			p.ids[page[i].ID] |= fromFeed
 		}
 		if cur == 0 {
 			break
