@@ -32,8 +32,9 @@ package rxstate
 // A crash during an append leaves a torn last record: its length or CRC
 // does not match, and it and anything after it are ignored (the append
 // had not returned, so nothing relied on it). A journal whose generation
-// is not its base's is stale (a crash between a compaction's new base
-// and its new journal) and ignored whole: the base already holds it.
+// is not its base's is stale (left from before a compaction's new base,
+// until the next append starts a new journal) and ignored whole: the base
+// already holds it.
 
 import (
 	"crypto/rand"
@@ -349,12 +350,13 @@ func OpenJournal(path string) *Journal { return &Journal{path: path, Floor: Defa
 func (j *Journal) Due() bool { return j.size > max(j.baseSize, j.Floor) }
 
 // Ready says a base was written this run: Append may follow it.
-func (j *Journal) Ready() bool { return j.f != nil }
+func (j *Journal) Ready() bool { return j.gen != 0 }
 
 // Sizes are the base's and the journal's bytes.
 func (j *Journal) Sizes() (base, journal int64) { return j.baseSize, j.size }
 
-// Rebase replaces the state with s: a fresh base and an empty journal.
+// Rebase replaces the state with s: a fresh base, after which the old
+// journal is stale.
 func (j *Journal) Rebase(s *Snapshot) error {
 	j.Close()
 	gen, err := writeBase(j.path, s)
@@ -370,14 +372,20 @@ func (j *Journal) Rebase(s *Snapshot) error {
 		if err := os.Remove(JournalPath(j.path)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			return fmt.Errorf("save %s: %w", j.path, err)
 		}
-		j.pending = nil
+		j.pending, j.gen = nil, 0
 		return nil
 	}
-	return j.startJournal(gen, st.Size())
+	// The journal itself is started by the first append with records: a
+	// base costs what the whole file cost before (one file and one
+	// directory fsync), and the old journal, of another generation, is
+	// ignored until then.
+	j.gen, j.baseSize, j.size = gen, st.Size(), 0
+	return nil
 }
 
-// startJournal truncates the journal to a header naming gen, durably.
-func (j *Journal) startJournal(gen uint64, baseSize int64) error {
+// startJournal truncates the journal to a header naming j.gen followed
+// by recs, durably.
+func (j *Journal) startJournal(recs []byte) error {
 	jp := JournalPath(j.path)
 	f, err := os.OpenFile(jp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
@@ -386,7 +394,7 @@ func (j *Journal) startJournal(gen uint64, baseSize int64) error {
 	// A journal left by an older umask keeps its mode through O_TRUNC.
 	err = f.Chmod(0o600)
 	if err == nil {
-		_, err = f.Write(journalHeaderFor(gen, nil))
+		_, err = f.Write(journalHeaderFor(j.gen, recs))
 	}
 	if err == nil {
 		err = f.Sync()
@@ -398,7 +406,7 @@ func (j *Journal) startJournal(gen uint64, baseSize int64) error {
 		f.Close()
 		return fmt.Errorf("journal %s: %w", jp, err)
 	}
-	j.f, j.gen, j.baseSize, j.size = f, gen, baseSize, journalHeader
+	j.f, j.size = f, journalHeader+int64(len(recs))
 	return nil
 }
 
@@ -416,13 +424,20 @@ func syncDir(dir string) error {
 // On failure the journal is cut back to its last synced size and the
 // records are kept for the next append or Compact.
 func (j *Journal) Append(b *Batch) error {
-	if j.f == nil {
+	if j.gen == 0 {
 		return errors.New("journal append before a base was written")
 	}
 	if b.n == 0 && len(j.pending) == 0 {
 		return nil
 	}
 	j.pending = append(j.pending, b.b...)
+	if j.f == nil {
+		if err := j.startJournal(j.pending); err != nil {
+			return err // the records stay pending
+		}
+		j.pending = j.pending[:0]
+		return nil
+	}
 	_, err := j.f.WriteAt(j.pending, j.size)
 	if err == nil {
 		err = j.f.Sync()
@@ -441,13 +456,13 @@ func (j *Journal) Append(b *Batch) error {
 // Compact replaces the base and its journal (and any records an append
 // failed to write) with one fresh base holding the same state. A crash
 // while it runs leaves the old base and journal, or the new base and the
-// stale old journal, which restore alike.
+// stale old journal (ignored), which restore alike.
 func (j *Journal) Compact() error {
 	s, info, err := load(j.path)
 	if err != nil {
 		return err
 	}
-	if j.f != nil && info.Gen != j.gen {
+	if j.gen != 0 && info.Gen != j.gen {
 		return fmt.Errorf("compact %s: base generation %x, want %x: replaced behind the gateway's back", j.path, info.Gen, j.gen)
 	}
 	if len(j.pending) > 0 {

@@ -385,8 +385,14 @@ func TestJournalFailedAppendKept(t *testing.T) {
 	if err := j.Rebase(&Snapshot{}); err != nil {
 		t.Fatal(err)
 	}
-	rec := Record{ID: seqstore.Key{1}, Key: seqstore.Key{2}, Replay: &esp.ReplayState{Top: 77, Bitmap: []uint64{3}}}
+	first := Record{ID: seqstore.Key{9}, Key: seqstore.Key{8}}
 	var b Batch
+	b.Set(&first, HasKey)
+	if err := j.Append(&b); err != nil { // starts the journal
+		t.Fatal(err)
+	}
+	rec := Record{ID: seqstore.Key{1}, Key: seqstore.Key{2}, Replay: &esp.ReplayState{Top: 77, Bitmap: []uint64{3}}}
+	b.Reset()
 	b.Set(&rec, HasKey|HasReplay)
 	f := j.f
 	ro, err := os.Open(JournalPath(path)) // a descriptor writes fail on
@@ -407,7 +413,7 @@ func TestJournalFailedAppendKept(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sameState(t, "after the retried append", got, &Snapshot{Records: []Record{rec}})
+	sameState(t, "after the retried append", got, &Snapshot{Records: []Record{first, rec}})
 }
 
 // A sweep (the gateway's answer to a change-feed overrun) keeps exactly
