@@ -1,7 +1,9 @@
 package rxstate
 
 import (
+	"encoding/binary"
 	"errors"
+	"hash/crc32"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -112,4 +114,47 @@ func FuzzDecode(f *testing.F) {
 			t.Fatalf("re-encoding differs")
 		}
 	})
+}
+
+// A version-2 file (written by the previous release: no generation, no
+// identity tags, no journal) is read as it was, and a journal beside it
+// is not applied.
+func TestLoadVersion2(t *testing.T) {
+	rs := esp.ReplayState{Top: 300, Bitmap: []uint64{0xf0f0, 3}}
+	want := &Snapshot{Clean: true, Records: []Record{
+		{Key: seqstore.Key{7}, Binding: netip.MustParseAddrPort("192.0.2.10:40000"), Replay: &rs, Packets: 5, Bytes: 500, Created: 99},
+		{Key: seqstore.Key{8}, Packets: 1},
+	}}
+	// The version-2 layout, written out field by field.
+	b := []byte(magicV2)
+	b = binary.LittleEndian.AppendUint32(b, 1)
+	b = binary.LittleEndian.AppendUint32(b, 2)
+	for _, r := range want.Records {
+		b = append(b, r.Key[:]...)
+		b = appendBinding(b, r.Binding)
+		b = binary.LittleEndian.AppendUint64(b, r.Packets)
+		b = binary.LittleEndian.AppendUint64(b, r.Bytes)
+		b = binary.LittleEndian.AppendUint64(b, uint64(r.Created))
+		if r.Replay == nil {
+			b = append(b, 0)
+			continue
+		}
+		b = append(b, 1)
+		b, _ = appendReplay(b, r.Replay)
+	}
+	b = binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, castagnoli))
+	path := filepath.Join(t.TempDir(), "rx.state")
+	if err := os.WriteFile(path, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(JournalPath(path), journalHeaderFor(0, nil), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	got, err := Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("version 2\n got %+v\nwant %+v", got, want)
+	}
 }
