@@ -230,7 +230,10 @@ type Report struct {
 	Results  []Result `json:"results"`
 	// Loads are the SA loads the run made (xesp gateways), with their
 	// rate and the Go heap they added per SA.
-	Loads    []Load   `json:"loads,omitempty"`
+	Loads []Load `json:"loads,omitempty"`
+	// Warmups are the cipher warm-ups before each SA count's first
+	// measured trial (warm.go).
+	Warmups  []Warmup `json:"warmups,omitempty"`
 	Install  *Install `json:"install,omitempty"` // Options.Install's figures (install.go)
 	Targets  []Target `json:"targets,omitempty"`
 	Warnings []string `json:"warnings,omitempty"`
@@ -285,7 +288,10 @@ type runner struct {
 	clear  []gen.Flow // the core's side, cleartext
 	phoneG *gen.Gen
 	coreG  *gen.Gen
-	floodG *gen.Gen // Options.Flood: the forged flood, loaded once
+	// warmPhone and warmCore send the cipher warm-up (warm.go): small
+	// rings, one frame per SA.
+	warmPhone, warmCore *gen.Gen
+	floodG              *gen.Gen // Options.Flood: the forged flood, loaded once
 	// ceilSizes are the sizes the ceilings in progress use.
 	ceilSizes gen.Sizes
 	// tp2 is a second topology (Options.NDR) on which the reflect
@@ -305,7 +311,7 @@ func (r *runner) setup() (func(), error) {
 	}
 	r.tp = tp
 	closeAll := func() {
-		for _, g := range []*gen.Gen{r.phoneG, r.coreG} {
+		for _, g := range []*gen.Gen{r.phoneG, r.coreG, r.warmPhone, r.warmCore} {
 			if g != nil {
 				g.Close()
 			}
@@ -317,7 +323,7 @@ func (r *runner) setup() (func(), error) {
 		e   end
 	}{{&r.phoneG, tp.ph}, {&r.coreG, tp.co}} {
 		if err := g.e.ns.Do(func() (err error) {
-			*g.dst, err = gen.New(gen.Options{Ifindex: g.e.index, Ring: r.o.Ring, MaxFrame: r.o.MaxFrame})
+			*g.dst, err = gen.New(gen.Options{Ifindex: g.e.index, Ring: r.o.Ring, MaxFrame: r.o.MaxFrame, Ctx: r.ctx})
 			return err
 		}); err != nil {
 			closeAll()
@@ -620,6 +626,7 @@ func (p phase) result(r Result) Result {
 // the observer saw counted: the receiver's throughput while saturated.
 func (r *runner) measure(senders []sender, count func() (uint64, error)) (phase, error) {
 	var p phase
+	r.phase("saturation")
 	for range r.o.Rounds {
 		if err := r.ctx.Err(); err != nil {
 			return p, err
@@ -825,6 +832,16 @@ func (r *runner) xesp(ctx context.Context, workers int, sizes map[string]gen.Siz
 				workers, n, el.Round(time.Millisecond), ld.PairsPerSec, ld.HeapPerSA)
 			loaded = n
 		}
+		// Every SA's cipher built before the first measured trial at n
+		// (warm.go); the builds during the trials are counted after.
+		wu, err := r.warmup(gw, workers, n)
+		if err != nil {
+			return err
+		}
+		// The heap grew by the ciphers (the gateway's and the
+		// generator's): collect now, not in a trial.
+		runtime.GC()
+		trialBuilds0, _ := gw.ciphers()
 		for si, s := range r.o.Sizes {
 			if err := r.loadPhone(sizes[s], n); err != nil {
 				return err
@@ -833,9 +850,9 @@ func (r *runner) xesp(ctx context.Context, workers int, sizes map[string]gen.Siz
 				return err
 			}
 			if si == 0 {
-				// Warm-up, not measured: the first packets of new SAs
-				// wait for the neighbour resolver and fault in the
-				// workers' state.
+				// One ring each way at the scenario's sizes, not
+				// measured: the ciphers are built (warmup above), this
+				// faults in the rings' and UMEM's pages at full rate.
 				if err := r.warm(gw); err != nil {
 					return err
 				}
@@ -899,6 +916,9 @@ func (r *runner) xesp(ctx context.Context, workers int, sizes map[string]gen.Siz
 				}
 			}
 		}
+		b, _ := gw.ciphers()
+		wu.TrialBuilds = b - trialBuilds0
+		r.rep.Warmups = append(r.rep.Warmups, *wu)
 	}
 	return nil
 }
@@ -930,7 +950,7 @@ func (r *runner) searchXesp(res *Result, gw *gatewayUnder, encap bool, n int, sz
 		if res.CeilingNDR > 0 {
 			// Reflected back to the sender: ESP on the public link,
 			// cleartext on the private one.
-			l, err := r.latencyAt(r.tp2, res.Name+" (reflect ceiling)", encap, !encap, min(n, ceilingFlows), sz, ss.stamps, f, res.CeilingNDR, res.CeilingSenderBound)
+			l, err := r.latencyAt(r.tp2, res.Name+" (reflect ceiling)", encap, !encap, r.ceilFlows(), sz, ss.stamps, f, res.CeilingNDR, res.CeilingSenderBound)
 			if err != nil {
 				return err
 			}
@@ -992,6 +1012,9 @@ type gatewayUnder struct {
 	stateDir               string
 	decapCount, encapCount *gen.Counter
 	closers                []io.Closer
+	// warmIn and warmOut tally the inbound and outbound ciphers the
+	// warm-ups built (warm.go): SAs 0..warmIn-1 are warm.
+	warmIn, warmOut int
 }
 
 func (r *runner) startGateway(workers int) (_ *gatewayUnder, err error) {

@@ -1,0 +1,304 @@
+package harness
+
+import (
+	"fmt"
+	"time"
+
+	"github.com/xesp/xesp/bench/gen"
+	"github.com/xesp/xesp/dataplane/worker"
+)
+
+// The cipher warm-up. The gateway builds an SA's AEAD on the SA's first
+// packet (dataplane/worker idle.go, xesp_sa_ciphers_total{result="built"})
+// and the bench gateway keeps it for the run (benchCipherIdle). Without a
+// warm-up the first scenario to reach N SAs pays every new SA's build
+// inside its measured trials (0.3-2 µs and a 1.3 KB allocation each): at
+// a million SAs its NDR measured the builds (1M÷1 NDR 0.10 for decap
+// 200 B, 0.92 for decap IMIX right after it). So before the first
+// measured trial at N SAs, every SA of the scenario carries traffic, both
+// ways, until the gateway's own counters say every cipher is built.
+//
+// Traffic: a generator per side with a small ring (warmChunk frames of
+// warmSize bytes, one per SA, consecutive SAs) sent as one live-frames
+// burst at a time. A burst fits the gateway's RX ring (umem.rx_ring,
+// 8192 by default), and the next one leaves only once the workers have
+// handled (forwarded or dropped) the last, so a worker that the shared
+// host deschedules loses nothing: the pass is clocked by the gateway, not
+// by a rate. Decap goes first: its authenticated packets confirm each
+// SA's NAT binding before encap uses it.
+//
+// Completion: the workers' CipherBuilds − CipherReleases (the ciphers
+// alive) reaching 2 × N, the scenario's SAs. A pass that leaves some
+// cold (a burst lost to a ring the worker had not emptied) is followed by
+// another over the direction that fell short, until warmDeadline.
+
+const (
+	// warmChunk is a warm-up burst: half the gateway's default RX and
+	// fill rings, so a burst never overflows them.
+	warmChunk = 4096
+	// warmSize is the warm-up's inner packet size: small, the ciphers
+	// do not care, and the ring stays small.
+	warmSize = 64
+	// warmMaxFrame holds a warmSize packet sealed in ESP-in-UDP.
+	warmMaxFrame = 256
+	// warmQuiet is how long the workers' counters may stand still before
+	// a burst is taken as handled though short of what was sent (frames
+	// lost before the worker); the final cipher count decides.
+	warmQuiet = 250 * time.Millisecond
+)
+
+// warmDeadline bounds a warm-up of n SA pairs: a minute plus 150 µs a
+// pair (the measured pace here is ~30 µs a pair, both ways: five times
+// that leaves room for a host three times slower and a second pass).
+func warmDeadline(n int) time.Duration {
+	return time.Minute + time.Duration(n)*150*time.Microsecond
+}
+
+// Warmup is one cipher warm-up: before the first measured trial with
+// SAs pairs on a gateway of Workers workers.
+type Warmup struct {
+	Workers int `json:"workers"`
+	SAs     int `json:"sa_pairs"`
+	// Expected is the ciphers the scenario needs (2 per pair); Alive the
+	// gateway's ciphers alive at the end (built − released, all workers),
+	// Built those it built during this warm-up.
+	Expected uint64 `json:"ciphers_expected"`
+	Alive    uint64 `json:"ciphers_alive"`
+	Built    uint64 `json:"ciphers_built"`
+	// Frames sent per direction, and the passes over the SAs it took.
+	DecapFrames uint64  `json:"decap_frames"`
+	EncapFrames uint64  `json:"encap_frames"`
+	Passes      int     `json:"passes"`
+	Seconds     float64 `json:"seconds"`
+	// TrialBuilds are the ciphers the gateway built during the measured
+	// trials at this SA count after the warm-up (saturation, NDR search,
+	// latency): 0 when the trials measured forwarding only.
+	TrialBuilds uint64 `json:"ciphers_built_in_trials"`
+}
+
+// ciphers are the gateway's cipher counters, summed over its workers.
+func (gu *gatewayUnder) ciphers() (built, released uint64) {
+	for _, w := range gu.g.Workers {
+		st := w.Stats()
+		built += st.CipherBuilds.Load()
+		released += st.CipherReleases.Load()
+	}
+	return built, released
+}
+
+// handled is what the workers did with one direction's frames: forwarded
+// or dropped (a frame parked for a neighbour's MAC counts once it leaves).
+func (gu *gatewayUnder) handled(encap bool) (n, forwarded uint64) {
+	for _, w := range gu.g.Workers {
+		st := w.Stats()
+		d := &st.Decap
+		if encap {
+			d = &st.Encap
+		}
+		forwarded += d.Packets.Load()
+		n += d.Packets.Load()
+		for i := range worker.NumDrops {
+			n += d.Drops[i].Load()
+		}
+	}
+	return n, forwarded
+}
+
+// warmup makes every one of the n SA pairs' ciphers (both directions) be
+// built in gw before any measured trial at n, and records the warm-up.
+func (r *runner) warmup(gw *gatewayUnder, workers, n int) (*Warmup, error) {
+	r.phase("warm-up")
+	t0 := time.Now()
+	deadline := t0.Add(warmDeadline(n))
+	want := uint64(2 * n)
+	b0, _ := gw.ciphers()
+	w := &Warmup{Workers: workers, SAs: n, Expected: want}
+	alive := func() uint64 { b, rel := gw.ciphers(); return b - rel }
+	for w.Passes = 1; ; w.Passes++ {
+		for _, encap := range []bool{false, true} {
+			dir := &gw.warmIn
+			if encap {
+				dir = &gw.warmOut
+			}
+			if *dir >= n {
+				continue
+			}
+			before, _ := gw.ciphers()
+			sent, err := r.warmPass(gw, encap, n, deadline)
+			if encap {
+				w.EncapFrames += sent
+			} else {
+				w.DecapFrames += sent
+			}
+			after, _ := gw.ciphers()
+			*dir += int(after - before)
+			if err != nil {
+				return nil, err
+			}
+		}
+		a := alive()
+		if a >= want {
+			break
+		}
+		b, rel := gw.ciphers()
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("warm-up of %d SA pairs: the gateway has %d of the %d ciphers alive (%d built during the warm-up, %d released) after %d passes in %v",
+				n, a, want, b-b0, rel, w.Passes, time.Since(t0).Round(time.Millisecond))
+		}
+		r.logf("  warm-up pass %d left %d of %d ciphers cold; another pass", w.Passes, want-a, want)
+		if gw.warmIn >= n && gw.warmOut >= n {
+			// The per-direction tally missed something: both again.
+			gw.warmIn, gw.warmOut = 0, 0
+		}
+	}
+	if err := r.warmDrain(gw); err != nil {
+		return nil, err
+	}
+	b, _ := gw.ciphers()
+	w.Built, w.Alive, w.Seconds = b-b0, alive(), time.Since(t0).Seconds()
+	r.logf("  warm-up: %d of %d ciphers alive (%d built now) for %d SA pairs in %.2f s, %d pass(es), %d decap + %d encap frames; not part of any trial",
+		w.Alive, w.Expected, w.Built, n, w.Seconds, w.Passes, w.DecapFrames, w.EncapFrames)
+	return w, nil
+}
+
+// warmPass sends one frame to each of the n SAs of one direction, a burst
+// of warmChunk at a time, each once the workers handled the last.
+func (r *runner) warmPass(gw *gatewayUnder, encap bool, n int, deadline time.Time) (uint64, error) {
+	gp, end, l2 := &r.warmPhone, r.tp.ph, gen.L2{Src: r.tp.ph.mac, Dst: r.tp.pub.mac}
+	if encap {
+		gp, end, l2 = &r.warmCore, r.tp.co, gen.L2{Src: r.tp.co.mac, Dst: r.tp.priv.mac}
+	}
+	e := end.ns
+	if *gp == nil {
+		// Made on first use (the gate's ceiling and baseline runners
+		// never warm a gateway); setup's teardown closes them.
+		if err := e.Do(func() (err error) {
+			*gp, err = gen.New(gen.Options{Ifindex: end.index, Ring: warmChunk, MaxFrame: warmMaxFrame, Ctx: r.ctx})
+			return err
+		}); err != nil {
+			return 0, err
+		}
+	}
+	g := *gp
+	g.SetFirst(0)
+	var err error
+	if encap {
+		err = g.LoadClear(l2, r.clear[:n], gen.Fixed(warmSize))
+	} else {
+		err = g.LoadESP(l2, r.flows[:n], gen.Fixed(warmSize))
+	}
+	if err != nil {
+		return 0, err
+	}
+	var sent uint64
+	err = e.Do(func() error {
+		restore, err := gen.PinThread(GenCPU)
+		if err != nil {
+			return err
+		}
+		defer restore()
+		for sent < uint64(n) {
+			if err := r.ctx.Err(); err != nil {
+				return err
+			}
+			if time.Now().After(deadline) {
+				return fmt.Errorf("warm-up: %s pass past its deadline after %d of %d frames", dirName(encap), sent, n)
+			}
+			h0, _ := gw.handled(encap)
+			k := min(g.Ring(), n-int(sent))
+			got, _, err := g.SendN(k)
+			if err != nil {
+				return err
+			}
+			sent += uint64(got)
+			if sent < uint64(n) {
+				r.phase("warm-up burst")
+				// Seal the next burst while the workers take this one.
+				if err := g.Refill(); err != nil {
+					return err
+				}
+			}
+			if err := r.warmWait(gw, encap, h0+uint64(got), deadline); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	return sent, err
+}
+
+// warmWait waits until the workers handled target frames of a direction
+// (cumulative), or their count stood still for warmQuiet.
+func (r *runner) warmWait(gw *gatewayUnder, encap bool, target uint64, deadline time.Time) error {
+	last, moved := uint64(0), time.Now()
+	for {
+		h, _ := gw.handled(encap)
+		if h >= target {
+			return nil
+		}
+		if h != last {
+			last, moved = h, time.Now()
+		}
+		if time.Since(moved) > warmQuiet {
+			return nil
+		}
+		if err := r.ctx.Err(); err != nil {
+			return err
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("warm-up: workers handled %d of %d %s frames by the deadline", h, target, dirName(encap))
+		}
+		time.Sleep(200 * time.Microsecond)
+	}
+}
+
+// warmDrain waits until the far ends counted every frame the workers
+// forwarded (both count since the gateway started), so no warm-up frame
+// lands in the first trial, or until they stood still for warmQuiet.
+func (r *runner) warmDrain(gw *gatewayUnder) error {
+	var last uint64
+	moved := time.Now()
+	for {
+		_, fd := gw.handled(false)
+		_, fe := gw.handled(true)
+		d, err := counterOf(gw.decapCount)()
+		if err != nil {
+			return err
+		}
+		e, err := counterOf(gw.encapCount)()
+		if err != nil {
+			return err
+		}
+		if d >= fd && e >= fe {
+			return nil
+		}
+		if d+e != last {
+			last, moved = d+e, time.Now()
+		}
+		if time.Since(moved) > warmQuiet {
+			return nil
+		}
+		if err := r.ctx.Err(); err != nil {
+			return err
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+func dirName(encap bool) string {
+	if encap {
+		return "encap"
+	}
+	return "decap"
+}
+
+// phaseHook, when set (tests), is called as the bench enters a phase
+// ("warm-up", "saturation", "trial") or has sent a warm-up burst with
+// more to come ("warm-up burst"), on the bench's goroutine.
+var phaseHook func(r *runner, phase string)
+
+func (r *runner) phase(p string) {
+	if phaseHook != nil {
+		phaseHook(r, p)
+	}
+}

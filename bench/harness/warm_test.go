@@ -1,0 +1,119 @@
+package harness
+
+import (
+	"bytes"
+	"context"
+	"errors"
+
+	"os"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/xesp/xesp/lab/netns"
+)
+
+// The warm-up builds every SA's cipher, both ways, before the first
+// trial at an SA count, by the gateway's own counters, with several
+// bursts per direction (10,000 pairs > warmChunk); the trials then build
+// none, and the report shows the warm-up.
+func TestWarmupBuildsEveryCipher(t *testing.T) {
+	netns.RequireRoot(t)
+	if runtime.NumCPU() < 2 {
+		t.Skip("needs 2 CPUs")
+	}
+	o := Options{Sizes: []string{"200"}, SAs: []int{1, 10000}, Workers: []int{1}, Dirs: []string{"decap", "encap"},
+		Rounds: 1, Ring: 2048, Log: testLog{t}}
+	rep, err := Run(context.Background(), o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Warmups) != 2 {
+		t.Fatalf("warm-ups %+v, want 2", rep.Warmups)
+	}
+	one, big := rep.Warmups[0], rep.Warmups[1]
+	if one.Alive != 2 || one.Built != 2 {
+		t.Errorf("1-SA warm-up %+v: want 2 ciphers built and alive", one)
+	}
+	if big.SAs != 10000 || big.Expected != 20000 || big.Alive != 20000 {
+		t.Errorf("10k warm-up %+v: want 20000 ciphers alive", big)
+	}
+	// The 1-SA pair was warm already: the 10k warm-up built the others.
+	if big.Built != 20000-2 {
+		t.Errorf("10k warm-up built %d ciphers, want %d", big.Built, 20000-2)
+	}
+	if big.DecapFrames < 10000 || big.EncapFrames < 10000 {
+		t.Errorf("10k warm-up sent %d decap and %d encap frames, want each SA at least once", big.DecapFrames, big.EncapFrames)
+	}
+	for _, w := range rep.Warmups {
+		if w.TrialBuilds != 0 {
+			t.Errorf("%d ciphers built during the trials at %d SAs", w.TrialBuilds, w.SAs)
+		}
+	}
+	for _, x := range rep.Results {
+		if x.Delivered == 0 {
+			t.Errorf("%s delivered nothing", x.Name)
+		}
+	}
+	var md bytes.Buffer
+	rep.Markdown(&md)
+	if row := "| 1 | 10000 | 20000 / 20000 | 19998 |"; !strings.Contains(md.String(), row) {
+		t.Errorf("Markdown lacks the warm-up row %q", row)
+	}
+}
+
+// A signal (the run's context ending) stops the bench within 2 s in each
+// phase — mid-warm-up (after its first burst of several), in a saturation
+// measurement, in an NDR trial — and the namespaces are gone when Run
+// returns.
+func TestStopWithinTwoSeconds(t *testing.T) {
+	netns.RequireRoot(t)
+	if runtime.NumCPU() < 2 {
+		t.Skip("needs 2 CPUs")
+	}
+	t.Cleanup(func() { phaseHook = nil })
+	for _, phase := range []string{"warm-up burst", "saturation", "trial"} {
+		t.Run(strings.ReplaceAll(phase, " ", "-"), func(t *testing.T) {
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			var cancelled time.Time
+			var names []string
+			phaseHook = func(r *runner, p string) {
+				if p != phase || !cancelled.IsZero() {
+					return
+				}
+				for _, tp := range []*topo{r.tp, r.tp2} {
+					if tp != nil {
+						names = append(names, tp.phone.Name, tp.gw.Name, tp.core.Name)
+					}
+				}
+				cancelled = time.Now()
+				cancel()
+			}
+			o := Options{Sizes: []string{"200"}, SAs: []int{20000}, Workers: []int{1}, Dirs: []string{"decap", "encap"},
+				Rounds: 1, Ring: 2048, NDR: phase == "trial", Log: testLog{t}}
+			_, err := Run(ctx, o)
+			stopped := time.Since(cancelled)
+			phaseHook = nil
+			if cancelled.IsZero() {
+				t.Fatalf("the run never reached phase %q (err %v)", phase, err)
+			}
+			if !errors.Is(err, context.Canceled) {
+				t.Errorf("Run after the cancel: %v, want context.Canceled", err)
+			}
+			if stopped > 2*time.Second {
+				t.Errorf("stopped %v after the cancel in phase %q, want <= 2 s", stopped.Round(time.Millisecond), phase)
+			}
+			t.Logf("phase %q: stopped %v after the cancel", phase, stopped.Round(time.Millisecond))
+			if len(names) == 0 {
+				t.Fatal("no topology recorded")
+			}
+			for _, n := range names {
+				if _, err := os.Stat("/run/netns/" + n); !errors.Is(err, os.ErrNotExist) {
+					t.Errorf("namespace %s left behind (%v)", n, err)
+				}
+			}
+		})
+	}
+}
