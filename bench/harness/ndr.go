@@ -68,7 +68,11 @@ func (r *runner) pacedTrialKeep(tp *topo, fromCore bool, n int, sz gen.Sizes, ra
 	ring := int(min(max(rate*d.Seconds(), 64), float64(min(ndrMaxRing, ndrMaxRingBytes/(maxFrame+16)))))
 	ck := cursorKey{tp, fromCore}
 	first := r.cursor[ck] % uint64(n)
-	r.phase("trial")
+	if err := r.ctx.Err(); err != nil {
+		// Before the sender's ring (hundreds of MB at a high rate) is
+		// allocated: a signal ends the bench within 2 s.
+		return 0, 0, 0, err
+	}
 	err = ns.Do(func() error {
 		s, err := pktgen.New(pktgen.Options{Ifindex: e.index, Src: e.mac, Dst: dst, Clear: fromCore, Flows: flows, Sizes: sz, FirstFlow: first,
 			Rate: rate, CPU: GenCPU, Engine: r.pacedEngine(), Ring: ring, MaxFrame: maxFrame, SendTimes: keep != nil, RealTime: true, Ctx: r.ctx})
@@ -76,6 +80,7 @@ func (r *runner) pacedTrialKeep(tp *topo, fromCore bool, n int, sz gen.Sizes, ra
 			return err
 		}
 		defer s.Close()
+		r.phase("trial")
 		t0 = time.Now()
 		res, err = s.RunPaced(r.ctx)
 		if keep != nil {
