@@ -94,7 +94,13 @@ type Options struct {
 	// Install measures SA installation with this many pairs first, from
 	// config and through the API (install.go); 0: not.
 	Install int
-	Log     io.Writer
+	// ScalingSAs is the worker-scaling experiment's SA count (0: none):
+	// every worker count is measured there at saturation (CPU time per
+	// packet, the scaling targets), without NDR search or latency. The
+	// gateway steers each SA to one worker, so the experiment needs many
+	// SAs: at 1 SA the second worker would idle.
+	ScalingSAs int
+	Log        io.Writer
 }
 
 // Full is the whole matrix of the issue.
@@ -402,6 +408,7 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 	if len(o.SAs) > 0 {
 		maxSAs = o.SAs[len(o.SAs)-1]
 	}
+	maxSAs = max(maxSAs, o.ScalingSAs)
 	rep := &Report{Machine: ReadMachine(), Started: time.Now().UTC(), GenCPU: GenCPU, GwCPU: GwCPU, Ring: o.Ring, Rounds: o.Rounds}
 	r := &runner{ctx: ctx, o: o, rep: rep, nw: pktgen.DefaultNet(), cursor: map[cursorKey]uint64{}, visited: map[cursorKey]uint64{}}
 	t0 := time.Now()
@@ -895,7 +902,7 @@ func (r *runner) xesp(ctx context.Context, workers int, sizes map[string]gen.Siz
 				if d := ms.NumGC - gcs; d > 0 {
 					res.Note += fmt.Sprintf("; %d GC cycle(s) during the run", d)
 				}
-				if r.o.NDR && d != "both" && workers == slices.Min(r.o.Workers) {
+				if d != "both" && r.o.searched(n, workers) {
 					if err := r.searchXesp(&res, gw, d == "encap", n, sizes[s], count); err != nil {
 						return err
 					}
@@ -1075,14 +1082,21 @@ func (gu *gatewayUnder) stop() {
 // (targets: 2 workers ÷ 1) needs one count, not a second 1M-SA gateway.
 const ScalingMaxSAs = 1000
 
-// SASFor is the SA counts measured with workers workers, ascending: all
-// for the fewest workers selected, those up to ScalingMaxSAs for more
-// (saturation and CPU per packet; the NDR search runs for the fewest
-// workers only).
+// SASFor is the SA counts measured with workers workers, ascending: all,
+// and ScalingSAs, for the fewest workers selected; for more, ScalingSAs
+// if set, else those up to ScalingMaxSAs (saturation and CPU per packet;
+// the NDR search runs for the fewest workers at the SAs counts only, see
+// searched).
 func (o Options) SASFor(workers int) []int {
 	all := slices.Sorted(slices.Values(o.SAs))
+	if o.ScalingSAs > 0 && !slices.Contains(all, o.ScalingSAs) {
+		all = slices.Sorted(slices.Values(append(all, o.ScalingSAs)))
+	}
 	if len(o.Workers) == 0 || workers == slices.Min(o.Workers) {
 		return all
+	}
+	if o.ScalingSAs > 0 {
+		return []int{o.ScalingSAs}
 	}
 	var out []int
 	for _, n := range all {
@@ -1091,6 +1105,13 @@ func (o Options) SASFor(workers int) []int {
 		}
 	}
 	return out
+}
+
+// searched reports whether the scenarios at n SA pairs with workers get
+// the NDR search (and latency): the fewest workers, at the SAs counts
+// (not at ScalingSAs alone).
+func (o Options) searched(n, workers int) bool {
+	return o.NDR && workers == slices.Min(o.Workers) && slices.Contains(o.SAs, n)
 }
 
 // Selected lists the scenario names o would run, for -list.

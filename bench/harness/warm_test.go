@@ -7,6 +7,7 @@ import (
 
 	"os"
 	"runtime"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -115,5 +116,37 @@ func TestStopWithinTwoSeconds(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// The worker-scaling experiment's SA count is measured with every worker
+// count, searched for NDR with none: the 2-worker gateway at 1 SA would
+// leave its second worker idle.
+func TestScalingSAs(t *testing.T) {
+	o := Options{SAs: []int{1000000, 1}, Workers: []int{1, 2}, NDR: true}
+	if got := o.SASFor(1); !slices.Equal(got, []int{1, 1000000}) {
+		t.Errorf("without ScalingSAs, 1 worker: %v", got)
+	}
+	if got := o.SASFor(2); !slices.Equal(got, []int{1}) {
+		t.Errorf("without ScalingSAs, 2 workers: %v (the counts up to %d)", got, ScalingMaxSAs)
+	}
+	o.ScalingSAs = 1000
+	if got := o.SASFor(1); !slices.Equal(got, []int{1, 1000, 1000000}) {
+		t.Errorf("ScalingSAs 1000, 1 worker: %v", got)
+	}
+	if got := o.SASFor(2); !slices.Equal(got, []int{1000}) {
+		t.Errorf("ScalingSAs 1000, 2 workers: %v", got)
+	}
+	for _, c := range []struct {
+		n, workers int
+		want       bool
+	}{{1, 1, true}, {1000000, 1, true}, {1000, 1, false}, {1000, 2, false}, {1, 2, false}} {
+		if got := o.searched(c.n, c.workers); got != c.want {
+			t.Errorf("searched(%d SAs, %d workers) = %v, want %v", c.n, c.workers, got, c.want)
+		}
+	}
+	o.NDR = false
+	if o.searched(1, 1) {
+		t.Error("searched without NDR")
 	}
 }
