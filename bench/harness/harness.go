@@ -1019,9 +1019,6 @@ type gatewayUnder struct {
 	stateDir               string
 	decapCount, encapCount *gen.Counter
 	closers                []io.Closer
-	// warmIn and warmOut tally the inbound and outbound ciphers the
-	// warm-ups built (warm.go): SAs 0..warmIn-1 are warm.
-	warmIn, warmOut int
 }
 
 func (r *runner) startGateway(workers int) (_ *gatewayUnder, err error) {

@@ -510,11 +510,11 @@ func (r *Report) Markdown(w io.Writer) {
 		fmt.Fprintln(w)
 	}
 	if len(r.Warmups) > 0 {
-		fmt.Fprintln(w, "Cipher warm-up before each SA count's first measured trial (docs/benchmarking.md, \"The cipher warm-up\"): one small frame to every SA each way, in bursts clocked by the workers, until the gateway's own counters (workers' CipherBuilds − CipherReleases, `xesp_sa_ciphers_total`) show every SA's cipher built; not part of any trial. \"Built in trials\": ciphers the gateway built during the measured trials at that SA count (saturation, NDR search, latency) — 0 means they measured forwarding, not first-use builds.")
+		fmt.Fprintln(w, "Cipher warm-up before each SA count's first measured trial (docs/benchmarking.md, \"The cipher warm-up\"): one small frame to every cold SA each way, in bursts clocked by the workers, until no SA in the workers' own tables lacks its cipher; not part of any trial. \"Built\": the workers' CipherBuilds counter (`xesp_sa_ciphers_total{result=\"built\"}`) over the warm-up. \"Built in trials\": the same counter over the measured trials at that SA count (saturation, NDR search, latency) — 0 means they measured forwarding, not first-use builds.")
 		fmt.Fprintln(w)
-		fmt.Fprintln(w, "| Workers | SA pairs | Ciphers alive / needed | Built in warm-up | Decap frames | Encap frames | Passes | Seconds | Built in trials |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+		fmt.Fprintln(w, "| Workers | SA pairs | SAs held | Cold before → after | Built | Decap frames | Encap frames | Passes | Seconds | Built in trials |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 		for _, x := range r.Warmups {
-			fmt.Fprintf(w, "| %d | %d | %d / %d | %d | %d | %d | %d | %.2f | %d |\n", x.Workers, x.SAs, x.Alive, x.Expected, x.Built, x.DecapFrames, x.EncapFrames, x.Passes, x.Seconds, x.TrialBuilds)
+			fmt.Fprintf(w, "| %d | %d | %d | %d → %d | %d | %d | %d | %d | %.2f | %d |\n", x.Workers, x.SAs, x.Installed, x.ColdBefore, x.ColdAfter, x.Built, x.DecapFrames, x.EncapFrames, x.Passes, x.Seconds, x.TrialBuilds)
 		}
 		fmt.Fprintln(w)
 	}

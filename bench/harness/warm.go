@@ -1,6 +1,7 @@
 package harness
 
 import (
+	"context"
 	"fmt"
 	"time"
 
@@ -27,10 +28,16 @@ import (
 // by a rate. Decap goes first: its authenticated packets confirm each
 // SA's NAT binding before encap uses it.
 //
-// Completion: the workers' CipherBuilds − CipherReleases (the ciphers
-// alive) reaching 2 × N, the scenario's SAs. A pass that leaves some
-// cold (a burst lost to a ring the worker had not emptied) is followed by
-// another over the direction that fell short, until warmDeadline.
+// Completion: no SA without a cipher in the workers' own tables, read on
+// their threads (coldSAs), with the CipherBuilds counter beside it. The
+// counter alone cannot decide: CipherBuilds − CipherReleases overcounts
+// the ciphers alive when the manager reinstalls an SA (the old entry's
+// cipher goes with its keys, uncounted, and the new entry builds again;
+// measured: 400,002 "alive" for 400,000 SAs after a 1 → 200k load). A
+// pass that leaves some cold (a burst lost to a ring the worker had not
+// emptied, a frame dropped before its SA's cipher was touched) is
+// followed by another over the direction that fell short, until
+// warmDeadline.
 
 const (
 	// warmChunk is a warm-up burst: half the gateway's default RX and
@@ -59,12 +66,18 @@ func warmDeadline(n int) time.Duration {
 type Warmup struct {
 	Workers int `json:"workers"`
 	SAs     int `json:"sa_pairs"`
-	// Expected is the ciphers the scenario needs (2 per pair); Alive the
-	// gateway's ciphers alive at the end (built − released, all workers),
-	// Built those it built during this warm-up.
-	Expected uint64 `json:"ciphers_expected"`
-	Alive    uint64 `json:"ciphers_alive"`
-	Built    uint64 `json:"ciphers_built"`
+	// Installed is the SAs the workers held (2 per pair); ColdBefore
+	// those whose cipher was not built when the warm-up began, ColdAfter
+	// when it ended (0: every SA warm), both read in the workers' own
+	// tables. Built is what the workers' CipherBuilds counter rose by
+	// during the warm-up; Alive is CipherBuilds − CipherReleases after it
+	// (the xesp_sa_ciphers_total view: an SA reinstalled by the manager
+	// drops its old cipher uncounted, so Alive can exceed Installed).
+	Installed  int    `json:"sas_installed"`
+	ColdBefore int    `json:"cold_before"`
+	ColdAfter  int    `json:"cold_after"`
+	Built      uint64 `json:"ciphers_built"`
+	Alive      uint64 `json:"ciphers_alive"`
 	// Frames sent per direction, and the passes over the SAs it took.
 	DecapFrames uint64  `json:"decap_frames"`
 	EncapFrames uint64  `json:"encap_frames"`
@@ -86,6 +99,42 @@ func (gu *gatewayUnder) ciphers() (built, released uint64) {
 	return built, released
 }
 
+// coldSAs counts the SAs the workers hold and, per direction (0 inbound,
+// 1 outbound), those whose cipher is not built. It reads each worker's
+// table on the worker's own thread (Command.Visit, between two batches:
+// the one moment its entries can be read without a race); a million
+// entries take a few ms there, outside any trial.
+func (gu *gatewayUnder) coldSAs(ctx context.Context) (installed int, cold [2]int, err error) {
+	for _, w := range gu.g.Workers {
+		var inst int
+		var c [2]int
+		done := make(chan struct{})
+		visit := func(table []*worker.Slot) {
+			for _, e := range table {
+				if e == nil || e.SA == nil {
+					continue
+				}
+				inst++
+				if e.SA.Cold() {
+					c[min(int(e.Dir), 1)]++
+				}
+			}
+		}
+		if err := w.Send(ctx, []worker.Command{{Index: ^uint32(0), Visit: visit, Done: done}}); err != nil {
+			return 0, cold, err
+		}
+		select {
+		case <-done:
+		case <-ctx.Done():
+			return 0, cold, ctx.Err()
+		}
+		installed += inst
+		cold[0] += c[0]
+		cold[1] += c[1]
+	}
+	return installed, cold, nil
+}
+
 // handled is what the workers did with one direction's frames: forwarded
 // or dropped (a frame parked for a neighbour's MAC counts once it leaves).
 func (gu *gatewayUnder) handled(encap bool) (n, forwarded uint64) {
@@ -105,59 +154,58 @@ func (gu *gatewayUnder) handled(encap bool) (n, forwarded uint64) {
 }
 
 // warmup makes every one of the n SA pairs' ciphers (both directions) be
-// built in gw before any measured trial at n, and records the warm-up.
+// built in gw before any measured trial at n, and records the warm-up:
+// passes over the cold directions until the workers' tables hold no cold
+// SA, the build counter showing the progress.
 func (r *runner) warmup(gw *gatewayUnder, workers, n int) (*Warmup, error) {
 	r.phase("warm-up")
 	t0 := time.Now()
 	deadline := t0.Add(warmDeadline(n))
-	want := uint64(2 * n)
 	b0, _ := gw.ciphers()
-	w := &Warmup{Workers: workers, SAs: n, Expected: want}
-	alive := func() uint64 { b, rel := gw.ciphers(); return b - rel }
-	for w.Passes = 1; ; w.Passes++ {
-		for _, encap := range []bool{false, true} {
-			dir := &gw.warmIn
-			if encap {
-				dir = &gw.warmOut
+	w := &Warmup{Workers: workers, SAs: n}
+	inst, cold, err := gw.coldSAs(r.ctx)
+	if err != nil {
+		return nil, err
+	}
+	if inst != 2*n {
+		return nil, fmt.Errorf("warm-up: the workers hold %d SAs, want %d for %d pairs", inst, 2*n, n)
+	}
+	w.Installed, w.ColdBefore = inst, cold[0]+cold[1]
+	for cold[0]+cold[1] > 0 {
+		if w.Passes > 0 {
+			b, rel := gw.ciphers()
+			if time.Now().After(deadline) {
+				return nil, fmt.Errorf("warm-up of %d SA pairs: %d inbound and %d outbound of the %d SAs still without a cipher after %d passes in %v (the workers' counters: %d built during the warm-up, %d released in all)",
+					n, cold[0], cold[1], inst, w.Passes, time.Since(t0).Round(time.Millisecond), b-b0, rel)
 			}
-			if *dir >= n {
+			r.logf("  warm-up pass %d left %d inbound and %d outbound SAs cold; another pass", w.Passes, cold[0], cold[1])
+		}
+		w.Passes++
+		for i, encap := range []bool{false, true} {
+			if cold[i] == 0 {
 				continue
 			}
-			before, _ := gw.ciphers()
 			sent, err := r.warmPass(gw, encap, n, deadline)
 			if encap {
 				w.EncapFrames += sent
 			} else {
 				w.DecapFrames += sent
 			}
-			after, _ := gw.ciphers()
-			*dir += int(after - before)
 			if err != nil {
 				return nil, err
 			}
 		}
-		a := alive()
-		if a >= want {
-			break
-		}
-		b, rel := gw.ciphers()
-		if time.Now().After(deadline) {
-			return nil, fmt.Errorf("warm-up of %d SA pairs: the gateway has %d of the %d ciphers alive (%d built during the warm-up, %d released) after %d passes in %v",
-				n, a, want, b-b0, rel, w.Passes, time.Since(t0).Round(time.Millisecond))
-		}
-		r.logf("  warm-up pass %d left %d of %d ciphers cold; another pass", w.Passes, want-a, want)
-		if gw.warmIn >= n && gw.warmOut >= n {
-			// The per-direction tally missed something: both again.
-			gw.warmIn, gw.warmOut = 0, 0
+		if inst, cold, err = gw.coldSAs(r.ctx); err != nil {
+			return nil, err
 		}
 	}
 	if err := r.warmDrain(gw); err != nil {
 		return nil, err
 	}
-	b, _ := gw.ciphers()
-	w.Built, w.Alive, w.Seconds = b-b0, alive(), time.Since(t0).Seconds()
-	r.logf("  warm-up: %d of %d ciphers alive (%d built now) for %d SA pairs in %.2f s, %d pass(es), %d decap + %d encap frames; not part of any trial",
-		w.Alive, w.Expected, w.Built, n, w.Seconds, w.Passes, w.DecapFrames, w.EncapFrames)
+	b, rel := gw.ciphers()
+	w.Built, w.Alive, w.ColdAfter, w.Seconds = b-b0, b-rel, cold[0]+cold[1], time.Since(t0).Seconds()
+	r.logf("  warm-up: all %d SAs of %d pairs have their cipher (%d were cold; the workers built %d) in %.2f s, %d pass(es), %d decap + %d encap frames; not part of any trial",
+		w.Installed, n, w.ColdBefore, w.Built, w.Seconds, w.Passes, w.DecapFrames, w.EncapFrames)
 	return w, nil
 }
 
