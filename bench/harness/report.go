@@ -239,6 +239,11 @@ func (r *Report) targets() {
 				if big.FlowsVisited > 0 {
 					cov = fmt.Sprintf("; the search's trials sent to %d of the %d SAs", big.FlowsVisited, hi)
 				}
+				for _, w := range r.Warmups {
+					if w.SAs == hi && w.Workers == 1 {
+						cov += fmt.Sprintf("; ciphers: %d of %d SAs cold → %d before the trials (warm-up %.1f s), %d built during the trials", w.ColdBefore, w.Installed, w.ColdAfter, w.Seconds, w.TrialBuilds)
+					}
+				}
 				if big.NDR > 0 && base.NDR > 0 {
 					t := Target{Measure: measure, Name: fmt.Sprintf("%s %s, %s ÷ %s: NDR", dir, size, saLabel(hi), saLabel(lo)), Ratio: big.NDR / base.NDR, Goal: 0.90,
 						Figure: ndrText(big.NDR, big.SenderBound) + " vs " + ndrText(base.NDR, base.SenderBound), How: "NDR ÷ NDR" + cov}
