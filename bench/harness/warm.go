@@ -17,7 +17,7 @@ import (
 // a million SAs its NDR measured the builds (1M÷1 NDR 0.10 for decap
 // 200 B, 0.92 for decap IMIX right after it). So before the first
 // measured trial at N SAs, every SA of the scenario carries traffic, both
-// ways, until the gateway's own counters say every cipher is built.
+// ways, until no SA in the gateway's workers lacks its cipher.
 //
 // Traffic: a generator per side with a small ring (warmChunk frames of
 // warmSize bytes, one per SA, consecutive SAs) sent as one live-frames
