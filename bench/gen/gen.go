@@ -88,6 +88,10 @@ type Options struct {
 	// unchanged, as an attacker would, without Refill. Never set it for
 	// traffic a receiver must accept: repeats reuse sequence numbers.
 	Forged bool
+	// Ctx, when set, stops a fill (Load, Refill) between chunks of 4096
+	// frames once it ends: sealing a million-frame ring takes seconds,
+	// and the bench must stop within 2 s of a signal.
+	Ctx context.Context
 }
 
 // L2 is the Ethernet header of every frame.
@@ -326,6 +330,12 @@ func (g *Gen) Refill() error {
 func (g *Gen) fill() error {
 	g.fillSerial = g.serial
 	for i := 0; i < g.o.Ring; i++ {
+		if i%4096 == 0 && g.o.Ctx != nil {
+			if err := g.o.Ctx.Err(); err != nil {
+				g.loaded = false
+				return err
+			}
+		}
 		if err := g.build(i); err != nil {
 			return err
 		}

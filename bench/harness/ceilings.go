@@ -33,6 +33,10 @@ var ceilingTests = []struct{ test, link string }{
 // links do not look inside, so the count only keeps frames distinct.
 const ceilingFlows = 64
 
+// ceilFlows is how many flows the link ceilings send: ceilingFlows,
+// or all the generator has if fewer — whatever the scenario's SA count.
+func (r *runner) ceilFlows() int { return min(len(r.flows), ceilingFlows) }
+
 func (r *runner) ceilings(size string, sz gen.Sizes) error {
 	r.ceilSizes = sz
 	if err := r.loadPhone(sz, min(len(r.flows), ceilingFlows)); err != nil {
@@ -88,11 +92,11 @@ func (r *runner) linkCeiling(res Result) (Result, error) {
 		p, err := r.measure(ss.senders, ss.count)
 		res = p.result(res)
 		if err == nil && r.o.NDR {
-			err = r.ndr(&res, res.Link == "private", min(len(r.flows), ceilingFlows), r.ceilSizes, ss.count)
+			err = r.ndr(&res, res.Link == "private", r.ceilFlows(), r.ceilSizes, ss.count)
 			if err == nil && r.o.Latency {
 				// Reflected back to the sender: ESP on the public link,
 				// cleartext on the private one.
-				err = r.latency(&res, res.Link == "private", res.Link == "public", min(len(r.flows), ceilingFlows), r.ceilSizes, ss.stamps)
+				err = r.latency(&res, res.Link == "private", res.Link == "public", r.ceilFlows(), r.ceilSizes, ss.stamps)
 			}
 		}
 		note, cerr := ss.close()

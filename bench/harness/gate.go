@@ -169,6 +169,13 @@ func Gate(ctx context.Context, o Options) (*Report, error) {
 			logf("gate: gateway (%d workers) holds %d SA pairs (%v)", workers, n, time.Since(t).Round(time.Millisecond))
 			loaded = n
 		}
+		// Every cipher built before the pairs (warm.go), so the first
+		// pairs at a new SA count do not carry the builds.
+		wu, err := x.warmup(gw, workers, n)
+		if err != nil {
+			return nil, err
+		}
+		rep.Warmups = append(rep.Warmups, *wu)
 		for si, s := range o.Sizes {
 			sz := sizes[s]
 			for _, r := range []*gateRunner{x, c} {

@@ -94,7 +94,13 @@ type Options struct {
 	// Install measures SA installation with this many pairs first, from
 	// config and through the API (install.go); 0: not.
 	Install int
-	Log     io.Writer
+	// ScalingSAs is the worker-scaling experiment's SA count (0: none):
+	// every worker count is measured there at saturation (CPU time per
+	// packet, the scaling targets), without NDR search or latency. The
+	// gateway steers each SA to one worker, so the experiment needs many
+	// SAs: at 1 SA the second worker would idle.
+	ScalingSAs int
+	Log        io.Writer
 }
 
 // Full is the whole matrix of the issue.
@@ -230,7 +236,10 @@ type Report struct {
 	Results  []Result `json:"results"`
 	// Loads are the SA loads the run made (xesp gateways), with their
 	// rate and the Go heap they added per SA.
-	Loads    []Load   `json:"loads,omitempty"`
+	Loads []Load `json:"loads,omitempty"`
+	// Warmups are the cipher warm-ups before each SA count's first
+	// measured trial (warm.go).
+	Warmups  []Warmup `json:"warmups,omitempty"`
 	Install  *Install `json:"install,omitempty"` // Options.Install's figures (install.go)
 	Targets  []Target `json:"targets,omitempty"`
 	Warnings []string `json:"warnings,omitempty"`
@@ -285,7 +294,10 @@ type runner struct {
 	clear  []gen.Flow // the core's side, cleartext
 	phoneG *gen.Gen
 	coreG  *gen.Gen
-	floodG *gen.Gen // Options.Flood: the forged flood, loaded once
+	// warmPhone and warmCore send the cipher warm-up (warm.go): small
+	// rings, one frame per SA.
+	warmPhone, warmCore *gen.Gen
+	floodG              *gen.Gen // Options.Flood: the forged flood, loaded once
 	// ceilSizes are the sizes the ceilings in progress use.
 	ceilSizes gen.Sizes
 	// tp2 is a second topology (Options.NDR) on which the reflect
@@ -305,7 +317,7 @@ func (r *runner) setup() (func(), error) {
 	}
 	r.tp = tp
 	closeAll := func() {
-		for _, g := range []*gen.Gen{r.phoneG, r.coreG} {
+		for _, g := range []*gen.Gen{r.phoneG, r.coreG, r.warmPhone, r.warmCore} {
 			if g != nil {
 				g.Close()
 			}
@@ -317,7 +329,7 @@ func (r *runner) setup() (func(), error) {
 		e   end
 	}{{&r.phoneG, tp.ph}, {&r.coreG, tp.co}} {
 		if err := g.e.ns.Do(func() (err error) {
-			*g.dst, err = gen.New(gen.Options{Ifindex: g.e.index, Ring: r.o.Ring, MaxFrame: r.o.MaxFrame})
+			*g.dst, err = gen.New(gen.Options{Ifindex: g.e.index, Ring: r.o.Ring, MaxFrame: r.o.MaxFrame, Ctx: r.ctx})
 			return err
 		}); err != nil {
 			closeAll()
@@ -396,6 +408,7 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 	if len(o.SAs) > 0 {
 		maxSAs = o.SAs[len(o.SAs)-1]
 	}
+	maxSAs = max(maxSAs, o.ScalingSAs)
 	rep := &Report{Machine: ReadMachine(), Started: time.Now().UTC(), GenCPU: GenCPU, GwCPU: GwCPU, Ring: o.Ring, Rounds: o.Rounds}
 	r := &runner{ctx: ctx, o: o, rep: rep, nw: pktgen.DefaultNet(), cursor: map[cursorKey]uint64{}, visited: map[cursorKey]uint64{}}
 	t0 := time.Now()
@@ -620,6 +633,7 @@ func (p phase) result(r Result) Result {
 // the observer saw counted: the receiver's throughput while saturated.
 func (r *runner) measure(senders []sender, count func() (uint64, error)) (phase, error) {
 	var p phase
+	r.phase("saturation")
 	for range r.o.Rounds {
 		if err := r.ctx.Err(); err != nil {
 			return p, err
@@ -825,6 +839,16 @@ func (r *runner) xesp(ctx context.Context, workers int, sizes map[string]gen.Siz
 				workers, n, el.Round(time.Millisecond), ld.PairsPerSec, ld.HeapPerSA)
 			loaded = n
 		}
+		// Every SA's cipher built before the first measured trial at n
+		// (warm.go); the builds during the trials are counted after.
+		wu, err := r.warmup(gw, workers, n)
+		if err != nil {
+			return err
+		}
+		// The heap grew by the ciphers (the gateway's and the
+		// generator's): collect now, not in a trial.
+		runtime.GC()
+		trialBuilds0, _ := gw.ciphers()
 		for si, s := range r.o.Sizes {
 			if err := r.loadPhone(sizes[s], n); err != nil {
 				return err
@@ -833,9 +857,9 @@ func (r *runner) xesp(ctx context.Context, workers int, sizes map[string]gen.Siz
 				return err
 			}
 			if si == 0 {
-				// Warm-up, not measured: the first packets of new SAs
-				// wait for the neighbour resolver and fault in the
-				// workers' state.
+				// One ring each way at the scenario's sizes, not
+				// measured: the ciphers are built (warmup above), this
+				// faults in the rings' and UMEM's pages at full rate.
 				if err := r.warm(gw); err != nil {
 					return err
 				}
@@ -878,7 +902,7 @@ func (r *runner) xesp(ctx context.Context, workers int, sizes map[string]gen.Siz
 				if d := ms.NumGC - gcs; d > 0 {
 					res.Note += fmt.Sprintf("; %d GC cycle(s) during the run", d)
 				}
-				if r.o.NDR && d != "both" && workers == slices.Min(r.o.Workers) {
+				if d != "both" && r.o.searched(n, workers) {
 					if err := r.searchXesp(&res, gw, d == "encap", n, sizes[s], count); err != nil {
 						return err
 					}
@@ -899,6 +923,9 @@ func (r *runner) xesp(ctx context.Context, workers int, sizes map[string]gen.Siz
 				}
 			}
 		}
+		b, _ := gw.ciphers()
+		wu.TrialBuilds = b - trialBuilds0
+		r.rep.Warmups = append(r.rep.Warmups, *wu)
 	}
 	return nil
 }
@@ -930,7 +957,7 @@ func (r *runner) searchXesp(res *Result, gw *gatewayUnder, encap bool, n int, sz
 		if res.CeilingNDR > 0 {
 			// Reflected back to the sender: ESP on the public link,
 			// cleartext on the private one.
-			l, err := r.latencyAt(r.tp2, res.Name+" (reflect ceiling)", encap, !encap, min(n, ceilingFlows), sz, ss.stamps, f, res.CeilingNDR, res.CeilingSenderBound)
+			l, err := r.latencyAt(r.tp2, res.Name+" (reflect ceiling)", encap, !encap, r.ceilFlows(), sz, ss.stamps, f, res.CeilingNDR, res.CeilingSenderBound)
 			if err != nil {
 				return err
 			}
@@ -1052,14 +1079,21 @@ func (gu *gatewayUnder) stop() {
 // (targets: 2 workers ÷ 1) needs one count, not a second 1M-SA gateway.
 const ScalingMaxSAs = 1000
 
-// SASFor is the SA counts measured with workers workers, ascending: all
-// for the fewest workers selected, those up to ScalingMaxSAs for more
-// (saturation and CPU per packet; the NDR search runs for the fewest
-// workers only).
+// SASFor is the SA counts measured with workers workers, ascending: all,
+// and ScalingSAs, for the fewest workers selected; for more, ScalingSAs
+// if set, else those up to ScalingMaxSAs (saturation and CPU per packet;
+// the NDR search runs for the fewest workers at the SAs counts only, see
+// searched).
 func (o Options) SASFor(workers int) []int {
 	all := slices.Sorted(slices.Values(o.SAs))
+	if o.ScalingSAs > 0 && !slices.Contains(all, o.ScalingSAs) {
+		all = slices.Sorted(slices.Values(append(all, o.ScalingSAs)))
+	}
 	if len(o.Workers) == 0 || workers == slices.Min(o.Workers) {
 		return all
+	}
+	if o.ScalingSAs > 0 {
+		return []int{o.ScalingSAs}
 	}
 	var out []int
 	for _, n := range all {
@@ -1068,6 +1102,13 @@ func (o Options) SASFor(workers int) []int {
 		}
 	}
 	return out
+}
+
+// searched reports whether the scenarios at n SA pairs with workers get
+// the NDR search (and latency): the fewest workers, at the SAs counts
+// (not at ScalingSAs alone).
+func (o Options) searched(n, workers int) bool {
+	return o.NDR && workers == slices.Min(o.Workers) && slices.Contains(o.SAs, n)
 }
 
 // Selected lists the scenario names o would run, for -list.

@@ -84,6 +84,16 @@ func TestRunSmallMatrix(t *testing.T) {
 			t.Errorf("target %+v: met %v but status %q", tg, tg.Met, tg.Status)
 		}
 	}
+	// Every SA count was warmed: each SA's cipher built, both ways,
+	// before its first trial, none built in the trials.
+	if len(rep.Warmups) != len(o.SAs) {
+		t.Errorf("warm-ups %+v, want one per SA count %v", rep.Warmups, o.SAs)
+	}
+	for i, w := range rep.Warmups {
+		if w.SAs != o.SAs[i] || w.Installed != 2*w.SAs || w.ColdAfter != 0 || w.TrialBuilds != 0 {
+			t.Errorf("warm-up %+v: want all %d SAs warm and none built in the trials", w, 2*o.SAs[i])
+		}
+	}
 	if rep.Machine.Cores != runtime.NumCPU() || rep.Machine.Kernel == "" {
 		t.Errorf("machine %+v", rep.Machine)
 	}

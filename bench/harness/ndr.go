@@ -68,13 +68,19 @@ func (r *runner) pacedTrialKeep(tp *topo, fromCore bool, n int, sz gen.Sizes, ra
 	ring := int(min(max(rate*d.Seconds(), 64), float64(min(ndrMaxRing, ndrMaxRingBytes/(maxFrame+16)))))
 	ck := cursorKey{tp, fromCore}
 	first := r.cursor[ck] % uint64(n)
+	if err := r.ctx.Err(); err != nil {
+		// Before the sender's ring (hundreds of MB at a high rate) is
+		// allocated: a signal ends the bench within 2 s.
+		return 0, 0, 0, err
+	}
 	err = ns.Do(func() error {
 		s, err := pktgen.New(pktgen.Options{Ifindex: e.index, Src: e.mac, Dst: dst, Clear: fromCore, Flows: flows, Sizes: sz, FirstFlow: first,
-			Rate: rate, CPU: GenCPU, Engine: r.pacedEngine(), Ring: ring, MaxFrame: maxFrame, SendTimes: keep != nil, RealTime: true})
+			Rate: rate, CPU: GenCPU, Engine: r.pacedEngine(), Ring: ring, MaxFrame: maxFrame, SendTimes: keep != nil, RealTime: true, Ctx: r.ctx})
 		if err != nil {
 			return err
 		}
 		defer s.Close()
+		r.phase("trial")
 		t0 = time.Now()
 		res, err = s.RunPaced(r.ctx)
 		if keep != nil {
@@ -186,7 +192,10 @@ func (r *runner) ndrWithCeiling(res *Result, fromCore bool, n int, sz gen.Sizes,
 	v0 := r.visited[ck]
 	r.logf("  NDR/PDR search for %s, interleaved with the AF_XDP reflect ceiling (%s link) on a second topology", res.Name, link)
 	x := r.searchFor(res.Name, r.tp, fromCore, n, sz, count)
-	c := r.searchFor(res.Name+" reflect ceiling", r.tp2, fromCore, min(n, ceilingFlows), sz, ss.count)
+	// The ceiling's frames are the same at every SA count (ceilingFlows
+	// of them: the reflect loop does not look inside), so the ceiling
+	// beside the 1-SA and the 1M-SA searches is taken the same way.
+	c := r.searchFor(res.Name+" reflect ceiling", r.tp2, fromCore, r.ceilFlows(), sz, ss.count)
 	if err := interleave(x, c); err != nil {
 		ss.close()
 		return nil, err

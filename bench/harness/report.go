@@ -239,6 +239,11 @@ func (r *Report) targets() {
 				if big.FlowsVisited > 0 {
 					cov = fmt.Sprintf("; the search's trials sent to %d of the %d SAs", big.FlowsVisited, hi)
 				}
+				for _, w := range r.Warmups {
+					if w.SAs == hi && w.Workers == 1 {
+						cov += fmt.Sprintf("; ciphers: %d of %d SAs cold → %d before the trials (warm-up %.1f s), %d built during the trials", w.ColdBefore, w.Installed, w.ColdAfter, w.Seconds, w.TrialBuilds)
+					}
+				}
 				if big.NDR > 0 && base.NDR > 0 {
 					t := Target{Measure: measure, Name: fmt.Sprintf("%s %s, %s ÷ %s: NDR", dir, size, saLabel(hi), saLabel(lo)), Ratio: big.NDR / base.NDR, Goal: 0.90,
 						Figure: ndrText(big.NDR, big.SenderBound) + " vs " + ndrText(base.NDR, base.SenderBound), How: "NDR ÷ NDR" + cov}
@@ -506,6 +511,15 @@ func (r *Report) Markdown(w io.Writer) {
 		fmt.Fprintln(w, "| Workers | From pairs | To pairs | Seconds | Pairs/s | Heap B/SA | Heap after GiB |\n|---:|---:|---:|---:|---:|---:|---:|")
 		for _, l := range r.Loads {
 			fmt.Fprintf(w, "| %d | %d | %d | %.2f | %.0f | %.0f | %.2f |\n", l.Workers, l.From, l.To, l.Seconds, l.PairsPerSec, l.HeapPerSA, l.HeapAfterGiB)
+		}
+		fmt.Fprintln(w)
+	}
+	if len(r.Warmups) > 0 {
+		fmt.Fprintln(w, "Cipher warm-up before each SA count's first measured trial (docs/benchmarking.md, \"The cipher warm-up\"): one small frame to every cold SA each way, in bursts clocked by the workers, until no SA in the workers' own tables lacks its cipher; not part of any trial. \"Built\": the workers' CipherBuilds counter (`xesp_sa_ciphers_total{result=\"built\"}`) over the warm-up. \"Built in trials\": the same counter over the measured trials at that SA count (saturation, NDR search, latency) — 0 means they measured forwarding, not first-use builds.")
+		fmt.Fprintln(w)
+		fmt.Fprintln(w, "| Workers | SA pairs | SAs held | Cold before → after | Built | Decap frames | Encap frames | Passes | Seconds | Built in trials |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+		for _, x := range r.Warmups {
+			fmt.Fprintf(w, "| %d | %d | %d | %d → %d | %d | %d | %d | %d | %.2f | %d |\n", x.Workers, x.SAs, x.Installed, x.ColdBefore, x.ColdAfter, x.Built, x.DecapFrames, x.EncapFrames, x.Passes, x.Seconds, x.TrialBuilds)
 		}
 		fmt.Fprintln(w)
 	}

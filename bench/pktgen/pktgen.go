@@ -304,6 +304,9 @@ type Options struct {
 	// a latency receiver that reads the slot back from the payload's
 	// marker serial (gen.Gen.SlotSerial).
 	SendTimes bool
+	// Ctx, when set, stops New's sealing of the ring once it ends
+	// (gen.Options.Ctx).
+	Ctx context.Context
 }
 
 // Sender is a loaded generator.
@@ -341,7 +344,7 @@ func New(o Options) (*Sender, error) {
 			o.Ring = int(min(max(o.Rate*per, 64), gen.DefaultRing))
 		}
 	}
-	g, err := gen.New(gen.Options{Ifindex: o.Ifindex, Ring: o.Ring, MaxFrame: o.MaxFrame})
+	g, err := gen.New(gen.Options{Ifindex: o.Ifindex, Ring: o.Ring, MaxFrame: o.MaxFrame, Ctx: o.Ctx})
 	if err != nil {
 		return nil, err
 	}

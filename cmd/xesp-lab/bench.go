@@ -51,6 +51,7 @@ subset N times and writes FILE from the spread it measured.`)
 	ndr := fs.Bool("ndr", false, "search each xesp scenario's and reflect ceiling's NDR (no loss) and PDR (≤0.5% loss) over a paced offered rate (docs/benchmarking.md)")
 	latency := fs.Bool("latency", true, "with -ndr: measure latency p50/p99/p99.9 at 50% and 90% of each searched NDR, timestamps matched by the payload's serial (not with -check/-calibrate)")
 	maxRate := fs.Float64("max-rate", 0, "with -ndr: the top offered rate, packets/s (0: harness.DefaultMaxRate)")
+	scalingSAs := fs.Int("scaling-sas", 0, "also measure every -workers count at this many SA pairs, at saturation only (the worker-scaling experiment; 0: the 2-worker gateway at the -sas counts up to 1000)")
 	install := fs.Int("install", 0, "first measure SA installation with this many pairs: from config (JSON-lines sa_files) and through POST /v1/sas/batch, beside BPF batch updates (0: not)")
 	trial := fs.Duration("trial", harness.DefaultTrial, "with -ndr: MLRsearch's final trial duration")
 	durSum := fs.Duration("duration-sum", harness.DefaultDurationSum, "with -ndr: full-length trial time a load is judged on (MLRsearch's goal duration sum)")
@@ -121,6 +122,7 @@ subset N times and writes FILE from the spread it measured.`)
 	}
 	o.Pairs = *pairs
 	o.Install = *install
+	o.ScalingSAs = *scalingSAs
 	o.NDR, o.MaxRate = *ndr, *maxRate
 	o.TrialDuration, o.DurationSum, o.ExceedRatio, o.PacedEngine = *trial, *durSum, *exceed, *pacedEngine
 	o.Latency = *latency && *ndr && *check == "" && *calibrate == 0
