@@ -274,6 +274,54 @@ func TestPolicyFollowsNewestOutbound(t *testing.T) {
 	}
 }
 
+// Three outbound SAs on one prefix (one phone's, for three local ports),
+// added in one sync (one commit, one
+// publish): the newest holds the entry; removing the middle one leaves
+// it there, removing the newest hands it back to the oldest.
+func TestPolicyOlderRemovedFirst(t *testing.T) {
+	f := newFixture(t, 1, "")
+	var ids []sa.ID
+	for i, n := range []string{"a", "b", "c"} {
+		s := mkSA(n, 0x3001+uint32(i), sa.Out, "10.98.0.1/32", byte(1+i))
+		// One phone's SAs for three local SIP ports: one trie prefix.
+		s.Ports = sa.Ports{Local: 5060 + uint16(i), Proto: 17}
+		if _, err := f.d.Add(s); err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, s.ID())
+	}
+	f.sync(t)
+	index := func(id sa.ID) uint32 {
+		e, ok := f.d.Get(id)
+		if !ok {
+			t.Fatalf("%s not in the SAD", id)
+		}
+		return e.Index
+	}
+	dst := netip.MustParseAddr("10.98.0.1")
+	want := func(id sa.ID, what string) {
+		t.Helper()
+		if p, err := f.maps.Policies.Lookup(dst); err != nil || p.SaIndex != index(id) {
+			t.Fatalf("%s: policy %+v %v, want %s's index %d", what, p, err, id, index(id))
+		}
+	}
+	want(ids[2], "all three")
+	f.d.Delete(ids[1])
+	f.sync(t)
+	want(ids[2], "middle removed")
+	f.d.Delete(ids[2])
+	f.sync(t)
+	want(ids[0], "newest removed")
+	f.d.Delete(ids[0])
+	f.sync(t)
+	if _, err := f.maps.Policies.Lookup(dst); !errors.Is(err, maps.ErrNotFound) {
+		t.Fatalf("policy left after every SA went: %v", err)
+	}
+	if len(f.m.policies) != 0 || len(f.m.older) != 0 {
+		t.Fatalf("manager keeps %d policy keys, %d with older SAs", len(f.m.policies), len(f.m.older))
+	}
+}
+
 // A binding a worker learns reaches the SAD (the API shows it there).
 func TestBindingEventReachesSAD(t *testing.T) {
 	f := newFixture(t, 1, "")
