@@ -542,7 +542,8 @@ func (m *Manager) commit(ctx context.Context, b *batch, pl *pipeline) error {
 	// inherits that one's state in place when both have the same slot
 	// (inPlace).
 	var repl map[*installed]*installed
-	for _, e := range b.adds {
+	for i := range b.adds {
+		e := &b.adds[i]
 		s, err := m.build(e)
 		if err != nil {
 			errs = append(errs, err)
@@ -668,7 +669,19 @@ func (m *Manager) send(ctx context.Context, slots []*installed, install bool, re
 	if len(slots) == 0 {
 		return nil
 	}
+	// Each worker's commands in one exact allocation.
+	per := make([]int, m.o.Workers.Len())
+	for _, s := range slots {
+		if int(s.worker) < len(per) {
+			per[s.worker]++
+		}
+	}
 	cmds := make(map[uint16][]worker.Command)
+	for w, n := range per {
+		if n > 0 {
+			cmds[uint16(w)] = make([]worker.Command, 0, n)
+		}
+	}
 	var drained []chan struct{}
 	for _, s := range slots {
 		c := worker.Command{Index: s.index}
@@ -739,8 +752,9 @@ func (m *Manager) settle() {
 
 // build makes the worker entry for an SAD entry: one allocation holds
 // the slot, its Transform and its replay window (worker.NewSlot); the
-// cipher is built by the worker on the SA's first packet.
-func (m *Manager) build(e sad.Record) (*installed, error) {
+// cipher is built by the worker on the SA's first packet. e is read, not
+// kept (by value it was a ~400-byte copy on the heap per SA).
+func (m *Manager) build(e *sad.Record) (*installed, error) {
 	s := &e.SA
 	mode := esp.ModeTunnel
 	if s.Mode == sa.Transport {

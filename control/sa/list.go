@@ -79,13 +79,11 @@ func ParseList(data []byte, f Format, opts Options) (sas []SA, idx []int, errs [
 		if !res[i].ok {
 			continue
 		}
-		if d.seen(&all[i]) {
+		if !d.addNew(&all[i], n) {
 			if e := d.add(&all[i], n, all[i].Label(), label); e != nil {
 				errs = append(errs, &ItemError{Index: i, Line: items[i].line, Err: e})
 				continue
 			}
-		} else {
-			d.add(&all[i], n, "", label)
 		}
 		if n != i {
 			all[n] = all[i]
@@ -127,7 +125,7 @@ func parseListBytes(data []byte, f Format, opts Options) (sas []SA, err error, h
 		errs = append(errs, res[i].errs[res[i].nDec:]...)
 	}
 	label := func(p int) string { return all[p].Label() }
-	var d dedup
+	d := dedup{ids: make(map[ID]int, len(res)), names: make(map[string]int)}
 	// The valid SAs move down over the invalid ones, in place.
 	n := 0
 	for i := range res {
@@ -135,13 +133,11 @@ func parseListBytes(data []byte, f Format, opts Options) (sas []SA, err error, h
 			continue
 		}
 		// A label is made only for a duplicate: not for a million SAs.
-		if d.seen(&all[i]) {
+		if !d.addNew(&all[i], n) {
 			if e := d.add(&all[i], n, all[i].Label(), label); e != nil {
 				errs = append(errs, e)
 				continue
 			}
-		} else {
-			d.add(&all[i], n, "", label)
 		}
 		if n != i {
 			all[n] = all[i]
@@ -179,6 +175,10 @@ func parseItems(data []byte, items []item, f Format, opts Options) ([]SA, []resu
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			// One Spec per goroutine, reset per item: not 300 bytes of
+			// garbage for each of a million SAs (the SA keeps nothing of
+			// it but strings).
+			var sp Spec
 			for {
 				mu.Lock()
 				lo := next
@@ -189,7 +189,7 @@ func parseItems(data []byte, items []item, f Format, opts Options) ([]SA, []resu
 					return
 				}
 				for i := lo; i < min(lo+chunk, len(items)); i++ {
-					if err := parseItem(data, &items[i], i, f, opts, &sas[i], &res[i]); err != nil {
+					if err := parseItem(data, &items[i], i, f, opts, &sp, &sas[i], &res[i]); err != nil {
 						mu.Lock()
 						if i < fatalAt {
 							fatal, fatalAt = err, i
@@ -205,19 +205,20 @@ func parseItems(data []byte, items []item, f Format, opts Options) ([]SA, []resu
 	return sas, res, fatal
 }
 
-// parseItem fills r from data[it.off:it.end]; the error is a syntax error.
-func parseItem(data []byte, it *item, i int, f Format, opts Options, out *SA, r *result) error {
+// parseItem fills r from data[it.off:it.end], decoding into sp (scratch,
+// reset here); the error is a syntax error.
+func parseItem(data []byte, it *item, i int, f Format, opts Options, sp *Spec, out *SA, r *result) error {
 	b := data[it.off:it.end]
-	var sp Spec
+	*sp = Spec{}
 	var err error
 	var dec *json.Decoder
-	if !fastSpec(b, &sp) {
+	if !fastSpec(b, sp) {
 		// Anything the plain form does not cover, and every error, is
 		// encoding/json's to decide and to word (fastjson.go).
-		sp = Spec{}
+		*sp = Spec{}
 		dec = json.NewDecoder(bytes.NewReader(b))
 		dec.DisallowUnknownFields()
-		err = dec.Decode(&sp)
+		err = dec.Decode(sp)
 	}
 	var se *json.SyntaxError
 	var ue *json.UnmarshalTypeError
@@ -387,16 +388,27 @@ type dedup struct {
 	dropped []string
 }
 
-// seen says whether s repeats a name or identity already added.
-func (d *dedup) seen(s *SA) bool {
+// addNew records s at position pos if it repeats no name or identity
+// already added, with one lookup and one insert per key (a million SAs
+// pass here); it returns false, recording nothing, for a repeat, which
+// add then words.
+func (d *dedup) addNew(s *SA, pos int) bool {
 	if d.ids == nil {
+		d.names = make(map[string]int)
+		d.ids = make(map[ID]int)
+	}
+	id := s.ID()
+	if _, dup := d.ids[id]; dup {
 		return false
 	}
-	if _, dup := d.ids[s.ID()]; dup {
-		return true
+	if s.Name != "" {
+		if _, dup := d.names[s.Name]; dup {
+			return false
+		}
+		d.names[s.Name] = pos
 	}
-	_, dup := d.names[s.Name]
-	return s.Name != "" && dup
+	d.ids[id] = pos
+	return true
 }
 
 // add records s, which is kept at position pos unless add returns an
