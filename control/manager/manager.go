@@ -948,10 +948,17 @@ func (m *Manager) forget(s *installed) {
 
 // publish writes installed slots to the BPF maps.
 func (m *Manager) publish(installs []*installed) error {
-	var spis []uint32
-	var vals []bpf.SASteer
-	var prefixes []netip.Prefix // trie policies, written in batches
-	var pols []bpf.Policy
+	nIn := 0
+	for _, s := range installs {
+		if s.entry.Dir == worker.Inbound {
+			nIn++
+		}
+	}
+	// Sized once: a page of installs is thousands of entries.
+	spis := make([]uint32, 0, nIn)
+	vals := make([]bpf.SASteer, 0, nIn)
+	prefixes := make([]netip.Prefix, 0, len(installs)-nIn) // trie policies, written in batches
+	pols := make([]bpf.Policy, 0, len(installs)-nIn)
 	var errs []error
 	for _, s := range installs {
 		if s.entry.Dir == worker.Inbound {

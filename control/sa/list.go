@@ -179,6 +179,7 @@ func parseItems(data []byte, items []item, f Format, opts Options) ([]SA, []resu
 			// garbage for each of a million SAs (the SA keeps nothing of
 			// it but strings).
 			var sp Spec
+			var scratch specScratch
 			for {
 				mu.Lock()
 				lo := next
@@ -189,7 +190,7 @@ func parseItems(data []byte, items []item, f Format, opts Options) ([]SA, []resu
 					return
 				}
 				for i := lo; i < min(lo+chunk, len(items)); i++ {
-					if err := parseItem(data, &items[i], i, f, opts, &sp, &sas[i], &res[i]); err != nil {
+					if err := parseItem(data, &items[i], i, f, opts, &sp, &scratch, &sas[i], &res[i]); err != nil {
 						mu.Lock()
 						if i < fatalAt {
 							fatal, fatalAt = err, i
@@ -205,14 +206,15 @@ func parseItems(data []byte, items []item, f Format, opts Options) ([]SA, []resu
 	return sas, res, fatal
 }
 
-// parseItem fills r from data[it.off:it.end], decoding into sp (scratch,
-// reset here); the error is a syntax error.
-func parseItem(data []byte, it *item, i int, f Format, opts Options, sp *Spec, out *SA, r *result) error {
+// parseItem fills r from data[it.off:it.end], decoding into sp and
+// scratch (reset here, reused for the next item); the error is a syntax
+// error.
+func parseItem(data []byte, it *item, i int, f Format, opts Options, sp *Spec, scratch *specScratch, out *SA, r *result) error {
 	b := data[it.off:it.end]
 	*sp = Spec{}
 	var err error
 	var dec *json.Decoder
-	if !fastSpec(b, sp) {
+	if !fastSpec(b, sp, scratch) {
 		// Anything the plain form does not cover, and every error, is
 		// encoding/json's to decide and to word (fastjson.go).
 		*sp = Spec{}
@@ -220,6 +222,44 @@ func parseItem(data []byte, it *item, i int, f Format, opts Options, sp *Spec, o
 		dec.DisallowUnknownFields()
 		err = dec.Decode(sp)
 	}
+	if err != nil {
+		if fatal := decodeError(err, b, it, r); fatal != nil {
+			return fatal
+		}
+	}
+	if err == nil && dec != nil && dec.More() {
+		return fmt.Errorf("line %d: data after the JSON value", it.line)
+	}
+	r.nDec = len(r.errs)
+	o := opts
+	o.Label = ""
+	if f != JSONL && sp.Name == "" {
+		if _, e := sp.SPI.Value(); e != nil {
+			o.Label = "sas[" + strconv.Itoa(i) + "]"
+		}
+	}
+	s, perr := sp.Parse(o)
+	if perr != nil && f == JSONL {
+		// A line names its SA in a file of a million: "line 7
+		// 0x00001001". The label is made only for an SA with errors:
+		// parsed again with it, the same checks word the same messages.
+		o.Label = "line " + strconv.Itoa(it.line)
+		s, perr = sp.Parse(o)
+	}
+	if perr != nil {
+		r.errs = append(r.errs, flatten(perr)...)
+		return nil
+	}
+	*out, r.ok = s, true
+	return nil
+}
+
+// decodeError sorts encoding/json's error for item it (text b): a type
+// error or an unknown field is the item's (added to r.errs, nil
+// returned); anything else, a syntax error first, is returned: the
+// document cannot be read past it. Apart from parseItem so that its
+// error targets are not allocated for every item that decodes.
+func decodeError(err error, b []byte, it *item, r *result) error {
 	var se *json.SyntaxError
 	var ue *json.UnmarshalTypeError
 	switch {
@@ -227,32 +267,11 @@ func parseItem(data []byte, it *item, i int, f Format, opts Options, sp *Spec, o
 		return fmt.Errorf("line %d: %v", it.line+bytes.Count(b[:min(int(se.Offset), len(b))], []byte("\n")), se)
 	case errors.As(err, &ue):
 		r.errs = append(r.errs, fmt.Errorf("line %d: %s", it.line+bytes.Count(b[:min(int(ue.Offset), len(b))], []byte("\n")), DescribeJSONTypeError(ue)))
-	case err != nil && strings.HasPrefix(err.Error(), "json: unknown field"):
+	case strings.HasPrefix(err.Error(), "json: unknown field"):
 		r.errs = append(r.errs, fmt.Errorf("line %d: %s", it.line, strings.TrimPrefix(err.Error(), "json: ")))
-	case err != nil:
+	default:
 		return fmt.Errorf("line %d: %w", it.line, err)
 	}
-	if err == nil && dec != nil && dec.More() {
-		return fmt.Errorf("line %d: data after the JSON value", it.line)
-	}
-	o := opts
-	o.Label = ""
-	switch {
-	case f == JSONL:
-		// A line names its SA in a file of a million: "line 7 0x00001001".
-		o.Label = "line " + strconv.Itoa(it.line)
-	case sp.Name == "":
-		if _, e := sp.SPI.Value(); e != nil {
-			o.Label = "sas[" + strconv.Itoa(i) + "]"
-		}
-	}
-	r.nDec = len(r.errs)
-	s, perr := sp.Parse(o)
-	if perr != nil {
-		r.errs = append(r.errs, flatten(perr)...)
-		return nil
-	}
-	*out, r.ok = s, true
 	return nil
 }
 
