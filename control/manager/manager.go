@@ -421,7 +421,7 @@ func (m *Manager) resync(ctx context.Context) error {
 	var cur uint64
 	for {
 		page, cur = m.o.SAD.List(cur, resyncPage, page[:0])
-		if err := m.commit(ctx, &batch{adds: page}, &pl); err != nil {
+		if err := m.commit(ctx, &batch{adds: page, fresh: fresh}, &pl); err != nil {
 			if ctx.Err() != nil {
 				return errors.Join(err, pl.wait())
 			}
@@ -491,6 +491,9 @@ type batch struct {
 	removes  []*installed // unpublish, then uninstall
 	adds     []sad.Record // install, then publish (also updates)
 	bindings []sa.ID
+	// fresh: no add is live (a page of the resync that loads an empty
+	// data path, which lists each SA once), so none is looked up.
+	fresh bool
 }
 
 func (m *Manager) plan(b *batch, c sad.Change) {
@@ -531,10 +534,11 @@ func (m *Manager) commit(ctx context.Context, b *batch, pl *pipeline) error {
 			errs = append(errs, err)
 		}
 	}
-	// Only this goroutine installs: with nothing live, no add replaces
-	// anything and the million lookups of an initial load are skipped.
+	// Only this goroutine installs: with nothing live (or a fresh page),
+	// no add replaces anything and the million lookups of an initial
+	// load are skipped.
 	m.mu.RLock()
-	empty := m.live.len() == 0
+	empty := b.fresh || m.live.len() == 0
 	m.mu.RUnlock()
 
 	var installs, olds []*installed
