@@ -125,7 +125,7 @@ func parseListBytes(data []byte, f Format, opts Options) (sas []SA, err error, h
 		errs = append(errs, res[i].errs[res[i].nDec:]...)
 	}
 	label := func(p int) string { return all[p].Label() }
-	d := dedup{ids: make(map[ID]int, len(res)), names: make(map[string]int)}
+	d := dedup{ids: make(map[Key]int, len(res)), names: make(map[string]int)}
 	// The valid SAs move down over the invalid ones, in place.
 	n := 0
 	for i := range res {
@@ -400,7 +400,9 @@ func splitList(data []byte) ([]item, bool) {
 // when a message needs it, not for each of a million SAs.
 type dedup struct {
 	names map[string]int
-	ids   map[ID]int
+	// ids are keyed by the compact, pointer-free Key: hashed as 24 plain
+	// bytes, not field by field with an address's zone handle.
+	ids map[Key]int
 	// dropped are the labels of SAs refused as duplicates whose other
 	// key was new: recorded at position -1-i, so a third SA repeating
 	// that key is reported naming them.
@@ -414,9 +416,9 @@ type dedup struct {
 func (d *dedup) addNew(s *SA, pos int) bool {
 	if d.ids == nil {
 		d.names = make(map[string]int)
-		d.ids = make(map[ID]int)
+		d.ids = make(map[Key]int)
 	}
-	id := s.ID()
+	id := s.ID().Key()
 	if _, dup := d.ids[id]; dup {
 		return false
 	}
@@ -435,7 +437,7 @@ func (d *dedup) addNew(s *SA, pos int) bool {
 func (d *dedup) add(s *SA, pos int, self string, label func(int) string) error {
 	if d.names == nil {
 		d.names = make(map[string]int)
-		d.ids = make(map[ID]int)
+		d.ids = make(map[Key]int)
 	}
 	name := func(p int) string {
 		if p < 0 {
@@ -453,7 +455,7 @@ func (d *dedup) add(s *SA, pos int, self string, label func(int) string) error {
 		}
 	}
 	id := s.ID()
-	if other, dup := d.ids[id]; dup {
+	if other, dup := d.ids[id.Key()]; dup {
 		errs = append(errs, &FieldError{SA: self, Field: "spi", Reason: fmt.Sprintf("%s is also used by %s", id, name(other))})
 	} else {
 		newID = true
@@ -466,7 +468,7 @@ func (d *dedup) add(s *SA, pos int, self string, label func(int) string) error {
 		d.names[s.Name] = pos
 	}
 	if newID {
-		d.ids[id] = pos
+		d.ids[id.Key()] = pos
 	}
 	return errors.Join(errs...)
 }
