@@ -483,8 +483,9 @@ func (p *pipeline) wait() error {
 	return err
 }
 
-// resyncPage is how many SAs one resync commit handles.
-const resyncPage = 16384
+// resyncPage is how many SAs one resync commit (or one page of Sync's
+// changes) handles; a variable so tests can page a few SAs.
+var resyncPage = 16384
 
 // batch is one round of changes, applied in the safe order by commit.
 type batch struct {
