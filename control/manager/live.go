@@ -158,7 +158,7 @@ func (k policyKey) core() netip.Addr {
 
 // bindingTable finds a pair group's shared binding by its group key. The
 // map is keyed by the key's hash, a chain through sharedBinding.next
-// holding the (rare) collisions, each compared in full: an 88-byte
+// holding the (rare) collisions, each compared in full: a 64-byte
 // groupRef as a map key cost ~150 bytes per pair, the copy in the
 // sharedBinding is needed anyway to remove it.
 type bindingTable struct {
@@ -181,7 +181,7 @@ func (t *bindingTable) hash(k groupRef) uint64 {
 
 func (t *bindingTable) get(k groupRef) *sharedBinding {
 	for sb := t.m[t.hash(k)]; sb != nil; sb = sb.next {
-		if sb.key == k {
+		if sb.worker == k.worker && sb.group == k.key {
 			return sb
 		}
 	}
@@ -190,14 +190,14 @@ func (t *bindingTable) get(k groupRef) *sharedBinding {
 
 // add files sb, whose key the table does not hold.
 func (t *bindingTable) add(sb *sharedBinding) {
-	h := t.hash(sb.key)
+	h := t.hash(sb.ref())
 	sb.next = t.m[h]
 	t.m[h] = sb
 }
 
 // del removes sb if the table holds it.
 func (t *bindingTable) del(sb *sharedBinding) {
-	h := t.hash(sb.key)
+	h := t.hash(sb.ref())
 	for p := t.m[h]; p != nil; p = p.next {
 		if p != sb {
 			continue

@@ -20,8 +20,8 @@ func TestBindingTable(t *testing.T) {
 		var sbs []*sharedBinding
 		for i := range 6 {
 			s := sa.SA{Peer: netip.AddrFrom4([4]byte{192, 0, 2, byte(i)}), InnerPeer: netip.MustParsePrefix("100.64.0.1/32")}
-			sb := &sharedBinding{key: groupRef{worker: uint16(i % 2), key: sad.GroupOf(&s)}}
-			if tb.get(sb.key) != nil {
+			sb := newShared(groupRef{worker: uint16(i % 2), key: sad.GroupOf(&s)})
+			if tb.get(sb.ref()) != nil {
 				t.Fatalf("group %d found before it was added", i)
 			}
 			tb.add(sb)
@@ -34,7 +34,7 @@ func TestBindingTable(t *testing.T) {
 			tb.del(sbs[i])
 			sbs[i] = nil
 			for j, sb := range sbs {
-				if sb != nil && tb.get(sb.key) != sb {
+				if sb != nil && tb.get(sb.ref()) != sb {
 					t.Fatalf("collide=%v: after removing %d, group %d not found", collide, i, j)
 				}
 			}

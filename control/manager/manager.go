@@ -145,13 +145,21 @@ type groupRef struct {
 }
 
 // sharedBinding is a pair group's binding on one worker, shared by the
-// group's installed SAs; key is its entry in Manager.bindings.
+// group's installed SAs; ref() is its entry in Manager.bindings. The
+// groupRef is kept as its two fields so that worker and refs share one
+// word: 80 bytes, not 96, once per phone.
 type sharedBinding struct {
-	b    worker.Binding // in line: one allocation per group, not two
-	refs int
-	key  groupRef
-	next *sharedBinding // bindingTable chain
+	b      worker.Binding // in line: one allocation per group, not two
+	next   *sharedBinding // bindingTable chain
+	group  sad.GroupKey
+	worker uint16
+	refs   int32
 }
+
+func newShared(k groupRef) *sharedBinding { return &sharedBinding{group: k.key, worker: k.worker} }
+
+// ref is the table key sb is filed under.
+func (sb *sharedBinding) ref() groupRef { return groupRef{worker: sb.worker, key: sb.group} }
 
 // Manager mirrors a SAD into the data path.
 type Manager struct {
@@ -162,14 +170,18 @@ type Manager struct {
 	live     liveSet
 	slots    [][]*installed // [worker][index], for binding events
 	bindings bindingTable
-	// policies lists, per XDP key (inner prefix or core key), the
-	// outbound SAs that serve it, in install order; the map entry points
-	// at the newest, so a rekeyed SA takes over and the older one takes
+	// policies is, per XDP key (inner prefix or core key), the newest
+	// outbound SA that serves it, which the map entry points at; older
+	// holds the others, in install order, for the (rare) keys served by
+	// more than one. So a rekeyed SA takes over and the older one takes
 	// back over if the newer goes first. Several SAs on one key are also
 	// a phone's SAs that differ by local port only (a re-registration's
 	// new set beside the current one): they share a worker (the SAD
 	// groups a phone's SAs by core address), which picks by ports.
-	policies map[policyKey][]*installed
+	// Apart, the common key of one SA costs a pointer, not a slice and
+	// its one-element array.
+	policies map[policyKey]*installed
+	older    map[policyKey][]*installed
 
 	// coreFlags are the bpf.CoreFlag* bits set in core_cfg (putPolicy).
 	coreFlags uint32
@@ -211,7 +223,8 @@ func New(o Options) (*Manager, error) {
 		live:     newLiveSet(0, 0),
 		slots:    make([][]*installed, o.Workers.Len()),
 		bindings: newBindingTable(),
-		policies: make(map[policyKey][]*installed),
+		policies: make(map[policyKey]*installed),
+		older:    make(map[policyKey][]*installed),
 
 		retryInstall: make(map[sa.ID]struct{}),
 	}, nil
@@ -298,7 +311,7 @@ func (m *Manager) retryInstalls(ctx context.Context) {
 			b.adds = append(b.adds, e)
 		}
 	}
-	if err := m.commit(ctx, &b); err != nil {
+	if err := m.commit(ctx, &b, nil); err != nil {
 		m.log.Error("install SAs again", "sas", len(b.adds), "err", err)
 		return
 	}
@@ -324,20 +337,23 @@ func (m *Manager) Sync(ctx context.Context) error {
 	// Commit in pages, as resync does: a load of a million SAs is a
 	// million changes, and one batch of them would hold the manager (and
 	// a shutdown waiting for it) for minutes without a look at ctx.
+	// Each page's BPF writes overlap the next page's build and install
+	// (pipeline); all are done before the version advances.
+	var pl pipeline
 	var errs []error
 	for from := 0; from < len(m.changes); from += resyncPage {
 		var b batch
 		for _, c := range m.changes[from:min(len(m.changes), from+resyncPage)] {
 			m.plan(&b, c)
 		}
-		if err := m.commit(ctx, &b); err != nil {
+		if err := m.commit(ctx, &b, &pl); err != nil {
 			errs = append(errs, err)
 		}
 		if ctx.Err() != nil {
-			return errors.Join(errs...)
+			return errors.Join(append(errs, pl.wait())...)
 		}
 	}
-	err = errors.Join(errs...)
+	err = errors.Join(append(errs, pl.wait())...)
 	// SAs that failed to build or publish are reported, not retried:
 	// waiting on them would stall every later change.
 	m.advance(next)
@@ -384,60 +400,100 @@ func (m *Manager) resync(ctx context.Context) error {
 	version := m.o.SAD.Version()
 	in, out := m.o.SAD.Len()
 	m.mu.Lock()
-	if m.live.len() == 0 {
+	// fresh: nothing is installed yet (the initial load), so nothing can
+	// be stale and the pass needs no stamps.
+	fresh := m.live.len() == 0
+	if fresh {
 		m.live = newLiveSet(in, out)
-		m.policies = make(map[policyKey][]*installed, out)
+		m.policies = make(map[policyKey]*installed, out)
 	}
 	// Each pass stamps what it lists, so what an older pass stamped is
 	// what the SAD no longer holds: no set of a million IDs on the side.
 	m.pass++
 	pass := m.pass
 	m.mu.Unlock()
+	// Each page's BPF writes overlap the next page's listing, build and
+	// install (pipeline); all are done before the version advances.
+	var pl pipeline
 	var errs []error
 	var page []sad.Record
 	var cur uint64
 	for {
 		page, cur = m.o.SAD.List(cur, resyncPage, page[:0])
-		if err := m.commit(ctx, &batch{adds: page}); err != nil {
+		if err := m.commit(ctx, &batch{adds: page, fresh: fresh}, &pl); err != nil {
 			if ctx.Err() != nil {
-				return err
+				return errors.Join(err, pl.wait())
 			}
 			errs = append(errs, err)
 		}
-		m.mu.Lock()
-		for _, e := range page {
-			if s := m.live.get(e.ID); s != nil {
-				s.seen = pass
+		if !fresh {
+			m.mu.Lock()
+			for _, e := range page {
+				if s := m.live.get(e.ID); s != nil {
+					s.seen = pass
+				}
 			}
+			m.mu.Unlock()
 		}
-		m.mu.Unlock()
 		if cur == 0 {
 			break
 		}
 	}
-	var b batch
-	m.mu.RLock()
-	for s := range m.live.all() {
-		if s.seen != pass {
-			b.removes = append(b.removes, s)
-		}
-	}
-	m.mu.RUnlock()
-	if err := m.commit(ctx, &b); err != nil {
+	if err := pl.wait(); err != nil {
 		errs = append(errs, err)
+	}
+	if !fresh {
+		var b batch
+		m.mu.RLock()
+		for s := range m.live.all() {
+			if s.seen != pass {
+				b.removes = append(b.removes, s)
+			}
+		}
+		m.mu.RUnlock()
+		if err := m.commit(ctx, &b, nil); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	m.advance(version)
 	return errors.Join(errs...)
 }
 
-// resyncPage is how many SAs one resync commit handles.
-const resyncPage = 16384
+// pipeline runs one commit's publish (its BPF map writes, a syscall per
+// few thousand entries that the kernel spends ~1 µs an entry on) beside
+// the next commit's build and install, on the other CPU. Publishes stay
+// in commit order, one at a time, and each starts only after its own
+// commit's install: XDP still never steers to a slot its worker has not
+// filled. A commit that unpublishes (a remove, an update that replaces a
+// live SA) waits for the publish in flight first, so a map entry is never
+// written from an older picture of the policies than its removal's.
+type pipeline struct {
+	done chan error // the publish in flight; nil: none
+}
+
+// wait returns once the publish in flight (if any) is done, with its
+// error.
+func (p *pipeline) wait() error {
+	if p == nil || p.done == nil {
+		return nil
+	}
+	err := <-p.done
+	p.done = nil
+	return err
+}
+
+// resyncPage is how many SAs one resync commit (or one page of Sync's
+// changes) handles; a variable so tests can page a few SAs.
+var resyncPage = 16384
 
 // batch is one round of changes, applied in the safe order by commit.
 type batch struct {
 	removes  []*installed // unpublish, then uninstall
 	adds     []sad.Record // install, then publish (also updates)
 	bindings []sa.ID
+	// fresh: no add is live (a page of the resync that loads an empty
+	// data path, which lists each SA once), so none is looked up.
+	fresh bool
 }
 
 func (m *Manager) plan(b *batch, c sad.Change) {
@@ -467,24 +523,48 @@ func (m *Manager) plan(b *batch, c sad.Change) {
 // loses no packet. One that moves (another worker or index) is
 // unpublished and uninstalled first, and its state, quiescent by then,
 // carried over by the manager.
-func (m *Manager) commit(ctx context.Context, b *batch) error {
+//
+// With a pipeline, the publish runs in the background (see pipeline) and
+// its error comes from the pipeline's next wait; without one (nil),
+// commit returns once everything is published.
+func (m *Manager) commit(ctx context.Context, b *batch, pl *pipeline) error {
 	var errs []error
+	if len(b.removes) > 0 {
+		if err := pl.wait(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	// Only this goroutine installs: with nothing live (or a fresh page),
+	// no add replaces anything and the million lookups of an initial
+	// load are skipped.
+	m.mu.RLock()
+	empty := b.fresh || m.live.len() == 0
+	m.mu.RUnlock()
 
 	var installs, olds []*installed
 	// repl maps an update to the version it replaces; the worker
 	// inherits that one's state in place when both have the same slot
 	// (inPlace).
 	var repl map[*installed]*installed
-	for _, e := range b.adds {
+	for i := range b.adds {
+		e := &b.adds[i]
 		s, err := m.build(e)
 		if err != nil {
 			errs = append(errs, err)
 			continue
 		}
-		m.mu.RLock()
-		old := m.live.get(e.ID)
-		m.mu.RUnlock()
+		var old *installed
+		if !empty {
+			m.mu.RLock()
+			old = m.live.get(e.ID)
+			m.mu.RUnlock()
+		}
 		if old != nil {
+			// old may be in the publish in flight; it is unpublished or
+			// taken off its policy below.
+			if err := pl.wait(); err != nil {
+				errs = append(errs, err)
+			}
 			if inPlace(s, old) {
 				if old.entry.Dir == worker.Outbound && old.policy != s.policy {
 					// The update moved the SA to another XDP key (a core
@@ -562,8 +642,19 @@ func (m *Manager) commit(ctx context.Context, b *batch) error {
 	}
 	m.mu.Unlock()
 	// 5. Publish: from now on XDP steers to the filled slots.
-	if err := m.publish(installs); err != nil {
-		errs = append(errs, err)
+	if pl == nil {
+		if err := m.publish(installs); err != nil {
+			errs = append(errs, err)
+		}
+	} else {
+		if err := pl.wait(); err != nil {
+			errs = append(errs, err)
+		}
+		if len(installs) > 0 {
+			done := make(chan error, 1)
+			go func() { done <- m.publish(installs) }()
+			pl.done = done
+		}
 	}
 	for _, id := range b.bindings {
 		m.applyBinding(id)
@@ -582,7 +673,19 @@ func (m *Manager) send(ctx context.Context, slots []*installed, install bool, re
 	if len(slots) == 0 {
 		return nil
 	}
+	// Each worker's commands in one exact allocation.
+	per := make([]int, m.o.Workers.Len())
+	for _, s := range slots {
+		if int(s.worker) < len(per) {
+			per[s.worker]++
+		}
+	}
 	cmds := make(map[uint16][]worker.Command)
+	for w, n := range per {
+		if n > 0 {
+			cmds[uint16(w)] = make([]worker.Command, 0, n)
+		}
+	}
 	var drained []chan struct{}
 	for _, s := range slots {
 		c := worker.Command{Index: s.index}
@@ -653,8 +756,9 @@ func (m *Manager) settle() {
 
 // build makes the worker entry for an SAD entry: one allocation holds
 // the slot, its Transform and its replay window (worker.NewSlot); the
-// cipher is built by the worker on the SA's first packet.
-func (m *Manager) build(e sad.Record) (*installed, error) {
+// cipher is built by the worker on the SA's first packet. e is read, not
+// kept (by value it was a ~400-byte copy on the heap per SA).
+func (m *Manager) build(e *sad.Record) (*installed, error) {
 	s := &e.SA
 	mode := esp.ModeTunnel
 	if s.Mode == sa.Transport {
@@ -717,7 +821,7 @@ func (m *Manager) build(e sad.Record) (*installed, error) {
 	m.mu.Lock()
 	sb := m.bindings.get(key)
 	if sb == nil {
-		sb = &sharedBinding{key: key}
+		sb = newShared(key)
 		sb.b.Set(worker.Peer{Addr: e.Binding})
 		m.bindings.add(sb)
 	}
@@ -815,7 +919,10 @@ func (m *Manager) remember(s *installed) {
 	}
 	ws[s.index] = s
 	if s.entry.Dir == worker.Outbound {
-		m.policies[s.policy] = append(m.policies[s.policy], s)
+		if cur := m.policies[s.policy]; cur != nil {
+			m.older[s.policy] = append(m.older[s.policy], cur)
+		}
+		m.policies[s.policy] = s
 	}
 }
 
@@ -845,10 +952,17 @@ func (m *Manager) forget(s *installed) {
 
 // publish writes installed slots to the BPF maps.
 func (m *Manager) publish(installs []*installed) error {
-	var spis []uint32
-	var vals []bpf.SASteer
-	var prefixes []netip.Prefix // trie policies, written in batches
-	var pols []bpf.Policy
+	nIn := 0
+	for _, s := range installs {
+		if s.entry.Dir == worker.Inbound {
+			nIn++
+		}
+	}
+	// Sized once: a page of installs is thousands of entries.
+	spis := make([]uint32, 0, nIn)
+	vals := make([]bpf.SASteer, 0, nIn)
+	prefixes := make([]netip.Prefix, 0, len(installs)-nIn) // trie policies, written in batches
+	pols := make([]bpf.Policy, 0, len(installs)-nIn)
 	var errs []error
 	for _, s := range installs {
 		if s.entry.Dir == worker.Inbound {
@@ -863,7 +977,7 @@ func (m *Manager) publish(installs []*installed) error {
 		m.mu.RLock()
 		newest := m.policies[s.policy]
 		m.mu.RUnlock()
-		if len(newest) > 0 && newest[len(newest)-1] == s {
+		if newest == s {
 			pol := bpf.Policy{SaIndex: s.index, Worker: s.worker}
 			if !s.policy.isCore() {
 				prefixes, pols = append(prefixes, s.policy.prefix()), append(pols, pol)
@@ -896,9 +1010,7 @@ func (m *Manager) unpublish(s *installed) error {
 		}
 		return nil
 	}
-	list := m.dropPolicy(s)
-	if len(list) > 0 {
-		n := list[len(list)-1]
+	if n := m.dropPolicy(s); n != nil {
 		return m.putPolicy(s.policy, bpf.Policy{SaIndex: n.index, Worker: n.worker})
 	}
 	if err := m.deletePolicy(s.policy); err != nil && !errors.Is(err, maps.ErrNotFound) {
@@ -907,24 +1019,35 @@ func (m *Manager) unpublish(s *installed) error {
 	return nil
 }
 
-// dropPolicy takes s off the list of SAs serving its policy prefix and
-// returns the SAs left.
-func (m *Manager) dropPolicy(s *installed) []*installed {
+// dropPolicy takes s off the SAs serving its policy key and returns the
+// newest one left (nil: none).
+func (m *Manager) dropPolicy(s *installed) *installed {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	list := m.policies[s.policy]
-	for i, x := range list {
-		if x == s {
-			list = append(list[:i:i], list[i+1:]...)
-			break
+	k := s.policy
+	list := m.older[k]
+	if m.policies[k] == s {
+		// The next newest takes over.
+		if len(list) == 0 {
+			delete(m.policies, k)
+			return nil
+		}
+		m.policies[k] = list[len(list)-1]
+		list = list[: len(list)-1 : len(list)-1]
+	} else {
+		for i, x := range list {
+			if x == s {
+				list = append(list[:i:i], list[i+1:]...)
+				break
+			}
 		}
 	}
 	if len(list) == 0 {
-		delete(m.policies, s.policy)
+		delete(m.older, k)
 	} else {
-		m.policies[s.policy] = list
+		m.older[k] = list
 	}
-	return list
+	return m.policies[k]
 }
 
 // bindingChanged records a binding a worker learnt in the SAD, where the

@@ -1,6 +1,7 @@
 package manager
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"net/netip"
@@ -271,6 +272,163 @@ func TestPolicyFollowsNewestOutbound(t *testing.T) {
 	f.sync(t)
 	if _, err := f.maps.Policies.Lookup(dst); !errors.Is(err, maps.ErrNotFound) {
 		t.Fatalf("policy left after both SAs went: %v", err)
+	}
+}
+
+// Three outbound SAs on one prefix (one phone's, for three local ports),
+// added in one sync (one commit, one
+// publish): the newest holds the entry; removing the middle one leaves
+// it there, removing the newest hands it back to the oldest.
+func TestPolicyOlderRemovedFirst(t *testing.T) {
+	f := newFixture(t, 1, "")
+	var ids []sa.ID
+	for i, n := range []string{"a", "b", "c"} {
+		s := mkSA(n, 0x3001+uint32(i), sa.Out, "10.98.0.1/32", byte(1+i))
+		// One phone's SAs for three local SIP ports: one trie prefix.
+		s.Ports = sa.Ports{Local: 5060 + uint16(i), Proto: 17}
+		if _, err := f.d.Add(s); err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, s.ID())
+	}
+	f.sync(t)
+	index := func(id sa.ID) uint32 {
+		e, ok := f.d.Get(id)
+		if !ok {
+			t.Fatalf("%s not in the SAD", id)
+		}
+		return e.Index
+	}
+	dst := netip.MustParseAddr("10.98.0.1")
+	want := func(id sa.ID, what string) {
+		t.Helper()
+		if p, err := f.maps.Policies.Lookup(dst); err != nil || p.SaIndex != index(id) {
+			t.Fatalf("%s: policy %+v %v, want %s's index %d", what, p, err, id, index(id))
+		}
+	}
+	want(ids[2], "all three")
+	f.d.Delete(ids[1])
+	f.sync(t)
+	want(ids[2], "middle removed")
+	f.d.Delete(ids[2])
+	f.sync(t)
+	want(ids[0], "newest removed")
+	f.d.Delete(ids[0])
+	f.sync(t)
+	if _, err := f.maps.Policies.Lookup(dst); !errors.Is(err, maps.ErrNotFound) {
+		t.Fatalf("policy left after every SA went: %v", err)
+	}
+	if len(f.m.policies) != 0 || len(f.m.older) != 0 {
+		t.Fatalf("manager keeps %d policy keys, %d with older SAs", len(f.m.policies), len(f.m.older))
+	}
+}
+
+// Pages of three SAs, so every publish overlaps the next page's build
+// and install: a resync into an empty data path, then one Sync of
+// changes whose later pages replace SAs (one whose add a page before is
+// still being published) and delete a pair installed earlier. At the end the maps hold exactly what
+// the SAD holds, each entry pointing at its SA's slot, and each slot
+// holds its SA.
+func TestPipelinedPages(t *testing.T) {
+	defer func(n int) { resyncPage = n }(resyncPage)
+	resyncPage = 3
+	f := newFixture(t, 2, "")
+	d, err := sad.New(sad.Options{Workers: 2, MaxSAs: 1000, LogSize: 4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.d = d
+	f.m, _ = New(Options{SAD: d, Maps: f.maps, Workers: f.w, Events: make(chan worker.BindingChange)})
+	pair := func(i int, key byte) (in, out sa.SA) {
+		inner := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 97, 0, byte(i)}), 32).String()
+		return mkSA("", 0x4000+uint32(i), sa.In, inner, key), mkSA("", 0x5000+uint32(i), sa.Out, inner, key+1)
+	}
+	add := func(from, to int) {
+		for i := from; i < to; i++ {
+			in, out := pair(i, byte(2*i))
+			for _, s := range []sa.SA{in, out} {
+				if _, err := d.Add(s); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+	}
+	check := func(what string, pairs []int) {
+		t.Helper()
+		if f.m.Installed() != 2*len(pairs) {
+			t.Fatalf("%s: installed %d, want %d", what, f.m.Installed(), 2*len(pairs))
+		}
+		for _, i := range pairs {
+			in, out := pair(i, 0)
+			ein, ok1 := d.Get(in.ID())
+			eout, ok2 := d.Get(out.ID())
+			if !ok1 || !ok2 {
+				t.Fatalf("%s: pair %d not in the SAD", what, i)
+			}
+			if st, err := f.maps.SAs.Lookup(in.SPI); err != nil || st.SaIndex != ein.Index || int(st.Worker) != int(ein.Worker) {
+				t.Fatalf("%s: SPI 0x%x steers %+v %v, want worker %d index %d", what, in.SPI, st, err, ein.Worker, ein.Index)
+			}
+			if p, err := f.maps.Policies.Lookup(out.InnerPeer.Addr()); err != nil || p.SaIndex != eout.Index || int(p.Worker) != int(eout.Worker) {
+				t.Fatalf("%s: policy %s %+v %v, want worker %d index %d", what, out.InnerPeer, p, err, eout.Worker, eout.Index)
+			}
+			for _, e := range []sad.Record{ein, eout} {
+				if sl := f.w.entry(int(e.Worker), e.Index); sl == nil || sl.SA.SPI() != e.SA.SPI {
+					t.Fatalf("%s: slot %d/%d does not hold SPI 0x%x", what, e.Worker, e.Index, e.SA.SPI)
+				}
+			}
+		}
+	}
+	add(0, 8) // 16 changes > the log's 4: a resync, six pages
+	f.sync(t)
+	var all []int
+	for i := range 8 {
+		all = append(all, i)
+	}
+	check("resync", all)
+
+	// Changes within the log: Sync's own pages.
+	d2, err := sad.New(sad.Options{Workers: 2, MaxSAs: 1000})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d = d2
+	f.d = d
+	f.m, _ = New(Options{SAD: d, Maps: f.maps, Workers: f.w, Events: make(chan worker.BindingChange)})
+	add(0, 8)
+	f.sync(t)
+	check("first sync", all)
+	add(8, 14) // pages of new SAs, then in later pages:
+	// Pair 3's outbound (installed by the last sync) and pair 13's (added
+	// two changes before, its publish in flight) replaced by new slot
+	// versions.
+	for _, i := range []int{3, 13} {
+		_, out := pair(i, 0)
+		out.EncKey = bytes.Repeat([]byte{0x77}, 20)
+		if _, err := d.Update(out); err != nil {
+			t.Fatal(err)
+		}
+	}
+	in5, out5 := pair(5, 0) // pair 5 removed
+	for _, id := range []sa.ID{in5.ID(), out5.ID()} {
+		if _, err := d.Delete(id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f.sync(t)
+	var left []int
+	for i := range 14 {
+		if i != 5 {
+			left = append(left, i)
+		}
+	}
+	check("paged sync", left)
+	for _, spi := range []uint32{in5.SPI} {
+		if _, err := f.maps.SAs.Lookup(spi); !errors.Is(err, maps.ErrNotFound) {
+			t.Fatalf("deleted SPI 0x%x still steered: %v", spi, err)
+		}
+	}
+	if _, err := f.maps.Policies.Lookup(out5.InnerPeer.Addr()); !errors.Is(err, maps.ErrNotFound) {
+		t.Fatalf("deleted pair's policy %s still there: %v", out5.InnerPeer, err)
 	}
 }
 

@@ -45,7 +45,7 @@ func (m *Manager) PruneStale() (sas, policies int, err error) {
 		if a.Is4In6() && bits >= 96 {
 			a, bits = a.Unmap(), bits-96
 		}
-		if p := netip.PrefixFrom(a, bits); !p.IsValid() || len(m.policies[prefixKey(p.Masked())]) == 0 {
+		if p := netip.PrefixFrom(a, bits); !p.IsValid() || m.policies[prefixKey(p.Masked())] == nil {
 			staleKeys = append(staleKeys, *k)
 		}
 		return true
@@ -65,7 +65,7 @@ func (m *Manager) PruneStale() (sas, policies int, err error) {
 	cerr := m.o.Maps.Cores.Walk(func(ck *bpf.CoreKey, _ *bpf.Policy) bool {
 		a := netip.AddrFrom16(ck.Addr).Unmap()
 		port := uint16((*[2]byte)(unsafe.Pointer(&ck.Port))[0])<<8 | uint16((*[2]byte)(unsafe.Pointer(&ck.Port))[1])
-		if len(m.policies[coreKey(a, port)]) == 0 {
+		if m.policies[coreKey(a, port)] == nil {
 			staleCores = append(staleCores, *ck)
 		}
 		return true

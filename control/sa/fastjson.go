@@ -14,8 +14,12 @@ import (
 // its parse in encoding/json's reflection; this path does no reflection
 // and allocates only the strings the SA keeps (name, pair): the other
 // strings point into b and live no longer than the Spec.
-func fastSpec(b []byte, sp *Spec) bool {
-	d := fastDec{b: b}
+//
+// scratch, when set, holds the encap and inner objects and the ports sp
+// points at (reused for every item a parse goroutine decodes: the SA
+// copies their values and keeps none of them); nil allocates them.
+func fastSpec(b []byte, sp *Spec, scratch *specScratch) bool {
+	d := fastDec{b: b, scratch: scratch}
 	if !d.object(func(key string) bool { return d.specField(key, sp) }) {
 		return false
 	}
@@ -24,9 +28,18 @@ func fastSpec(b []byte, sp *Spec) bool {
 }
 
 type fastDec struct {
-	b    []byte
-	i    int
-	seen uint64 // fields set, one bit per field of the object being read
+	b       []byte
+	i       int
+	seen    uint64 // fields set, one bit per field of the object being read
+	scratch *specScratch
+}
+
+// specScratch is the storage of a Spec's optional objects, reused from
+// one item to the next (fastSpec).
+type specScratch struct {
+	encap EncapSpec
+	inner InnerSpec
+	ports [2]uint16
 }
 
 func (d *fastDec) ws() {
@@ -222,16 +235,22 @@ func (d *fastDec) specField(key string, sp *Spec) bool {
 			return false
 		}
 		e := &EncapSpec{}
+		ports := new([2]uint16)
+		if d.scratch != nil {
+			d.scratch.encap = EncapSpec{}
+			e, ports = &d.scratch.encap, &d.scratch.ports
+		}
 		sp.Encap = e
 		var seen uint64
 		return d.object(func(k string) bool {
 			var p **uint16
+			var v *uint16
 			var bit uint64
 			switch k {
 			case "local_port":
-				p, bit = &e.LocalPort, 1
+				p, v, bit = &e.LocalPort, &ports[0], 1
 			case "peer_port":
-				p, bit = &e.PeerPort, 2
+				p, v, bit = &e.PeerPort, &ports[1], 2
 			default:
 				return false
 			}
@@ -240,8 +259,8 @@ func (d *fastDec) specField(key string, sp *Spec) bool {
 			}
 			seen |= bit
 			n, ok := d.uint(16)
-			v := uint16(n)
-			*p = &v
+			*v = uint16(n)
+			*p = v
 			return ok
 		})
 	case "inner":
@@ -249,6 +268,10 @@ func (d *fastDec) specField(key string, sp *Spec) bool {
 			return false
 		}
 		in := &InnerSpec{}
+		if d.scratch != nil {
+			d.scratch.inner = InnerSpec{}
+			in = &d.scratch.inner
+		}
 		sp.Inner = in
 		var seen uint64
 		return d.object(func(k string) bool {

@@ -41,12 +41,23 @@ var fastSeeds = []struct {
 }
 
 // checkFast: when the fast decoder takes doc, encoding/json (with unknown
-// fields refused) takes it too and fills the same Spec.
+// fields refused) takes it too and fills the same Spec; so does the fast
+// decoder with scratch storage left dirty by an earlier item.
 func checkFast(t *testing.T, doc []byte) bool {
 	t.Helper()
 	var fast Spec
-	if !fastSpec(doc, &fast) {
+	if !fastSpec(doc, &fast, nil) {
 		return false
+	}
+	seven := uint16(7)
+	dirty := specScratch{encap: EncapSpec{LocalPort: &seven, PeerPort: &seven},
+		inner: InnerSpec{Local: "dirty", Peer: "dirty", Core: "dirty"}, ports: [2]uint16{7, 7}}
+	var reused Spec
+	if !fastSpec(doc, &reused, &dirty) {
+		t.Fatalf("%q: taken without scratch, refused with it", doc)
+	}
+	if !reflect.DeepEqual(fast, reused) {
+		t.Fatalf("%q:\n fresh   %+v\n scratch %+v", doc, fast, reused)
 	}
 	var slow Spec
 	dec := json.NewDecoder(bytes.NewReader(doc))

@@ -79,13 +79,11 @@ func ParseList(data []byte, f Format, opts Options) (sas []SA, idx []int, errs [
 		if !res[i].ok {
 			continue
 		}
-		if d.seen(&all[i]) {
+		if !d.addNew(&all[i], n) {
 			if e := d.add(&all[i], n, all[i].Label(), label); e != nil {
 				errs = append(errs, &ItemError{Index: i, Line: items[i].line, Err: e})
 				continue
 			}
-		} else {
-			d.add(&all[i], n, "", label)
 		}
 		if n != i {
 			all[n] = all[i]
@@ -127,7 +125,7 @@ func parseListBytes(data []byte, f Format, opts Options) (sas []SA, err error, h
 		errs = append(errs, res[i].errs[res[i].nDec:]...)
 	}
 	label := func(p int) string { return all[p].Label() }
-	var d dedup
+	d := dedup{ids: make(map[Key]int, len(res)), names: make(map[string]int)}
 	// The valid SAs move down over the invalid ones, in place.
 	n := 0
 	for i := range res {
@@ -135,13 +133,11 @@ func parseListBytes(data []byte, f Format, opts Options) (sas []SA, err error, h
 			continue
 		}
 		// A label is made only for a duplicate: not for a million SAs.
-		if d.seen(&all[i]) {
+		if !d.addNew(&all[i], n) {
 			if e := d.add(&all[i], n, all[i].Label(), label); e != nil {
 				errs = append(errs, e)
 				continue
 			}
-		} else {
-			d.add(&all[i], n, "", label)
 		}
 		if n != i {
 			all[n] = all[i]
@@ -179,6 +175,11 @@ func parseItems(data []byte, items []item, f Format, opts Options) ([]SA, []resu
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			// One Spec per goroutine, reset per item: not 300 bytes of
+			// garbage for each of a million SAs (the SA keeps nothing of
+			// it but strings).
+			var sp Spec
+			var scratch specScratch
 			for {
 				mu.Lock()
 				lo := next
@@ -189,7 +190,7 @@ func parseItems(data []byte, items []item, f Format, opts Options) ([]SA, []resu
 					return
 				}
 				for i := lo; i < min(lo+chunk, len(items)); i++ {
-					if err := parseItem(data, &items[i], i, f, opts, &sas[i], &res[i]); err != nil {
+					if err := parseItem(data, &items[i], i, f, opts, &sp, &scratch, &sas[i], &res[i]); err != nil {
 						mu.Lock()
 						if i < fatalAt {
 							fatal, fatalAt = err, i
@@ -205,20 +206,60 @@ func parseItems(data []byte, items []item, f Format, opts Options) ([]SA, []resu
 	return sas, res, fatal
 }
 
-// parseItem fills r from data[it.off:it.end]; the error is a syntax error.
-func parseItem(data []byte, it *item, i int, f Format, opts Options, out *SA, r *result) error {
+// parseItem fills r from data[it.off:it.end], decoding into sp and
+// scratch (reset here, reused for the next item); the error is a syntax
+// error.
+func parseItem(data []byte, it *item, i int, f Format, opts Options, sp *Spec, scratch *specScratch, out *SA, r *result) error {
 	b := data[it.off:it.end]
-	var sp Spec
+	*sp = Spec{}
 	var err error
 	var dec *json.Decoder
-	if !fastSpec(b, &sp) {
+	if !fastSpec(b, sp, scratch) {
 		// Anything the plain form does not cover, and every error, is
 		// encoding/json's to decide and to word (fastjson.go).
-		sp = Spec{}
+		*sp = Spec{}
 		dec = json.NewDecoder(bytes.NewReader(b))
 		dec.DisallowUnknownFields()
-		err = dec.Decode(&sp)
+		err = dec.Decode(sp)
 	}
+	if err != nil {
+		if fatal := decodeError(err, b, it, r); fatal != nil {
+			return fatal
+		}
+	}
+	if err == nil && dec != nil && dec.More() {
+		return fmt.Errorf("line %d: data after the JSON value", it.line)
+	}
+	r.nDec = len(r.errs)
+	o := opts
+	o.Label = ""
+	if f != JSONL && sp.Name == "" {
+		if _, e := sp.SPI.Value(); e != nil {
+			o.Label = "sas[" + strconv.Itoa(i) + "]"
+		}
+	}
+	s, perr := sp.Parse(o)
+	if perr != nil && f == JSONL {
+		// A line names its SA in a file of a million: "line 7
+		// 0x00001001". The label is made only for an SA with errors:
+		// parsed again with it, the same checks word the same messages.
+		o.Label = "line " + strconv.Itoa(it.line)
+		s, perr = sp.Parse(o)
+	}
+	if perr != nil {
+		r.errs = append(r.errs, flatten(perr)...)
+		return nil
+	}
+	*out, r.ok = s, true
+	return nil
+}
+
+// decodeError sorts encoding/json's error for item it (text b): a type
+// error or an unknown field is the item's (added to r.errs, nil
+// returned); anything else, a syntax error first, is returned: the
+// document cannot be read past it. Apart from parseItem so that its
+// error targets are not allocated for every item that decodes.
+func decodeError(err error, b []byte, it *item, r *result) error {
 	var se *json.SyntaxError
 	var ue *json.UnmarshalTypeError
 	switch {
@@ -226,32 +267,11 @@ func parseItem(data []byte, it *item, i int, f Format, opts Options, out *SA, r 
 		return fmt.Errorf("line %d: %v", it.line+bytes.Count(b[:min(int(se.Offset), len(b))], []byte("\n")), se)
 	case errors.As(err, &ue):
 		r.errs = append(r.errs, fmt.Errorf("line %d: %s", it.line+bytes.Count(b[:min(int(ue.Offset), len(b))], []byte("\n")), DescribeJSONTypeError(ue)))
-	case err != nil && strings.HasPrefix(err.Error(), "json: unknown field"):
+	case strings.HasPrefix(err.Error(), "json: unknown field"):
 		r.errs = append(r.errs, fmt.Errorf("line %d: %s", it.line, strings.TrimPrefix(err.Error(), "json: ")))
-	case err != nil:
+	default:
 		return fmt.Errorf("line %d: %w", it.line, err)
 	}
-	if err == nil && dec != nil && dec.More() {
-		return fmt.Errorf("line %d: data after the JSON value", it.line)
-	}
-	o := opts
-	o.Label = ""
-	switch {
-	case f == JSONL:
-		// A line names its SA in a file of a million: "line 7 0x00001001".
-		o.Label = "line " + strconv.Itoa(it.line)
-	case sp.Name == "":
-		if _, e := sp.SPI.Value(); e != nil {
-			o.Label = "sas[" + strconv.Itoa(i) + "]"
-		}
-	}
-	r.nDec = len(r.errs)
-	s, perr := sp.Parse(o)
-	if perr != nil {
-		r.errs = append(r.errs, flatten(perr)...)
-		return nil
-	}
-	*out, r.ok = s, true
 	return nil
 }
 
@@ -380,23 +400,36 @@ func splitList(data []byte) ([]item, bool) {
 // when a message needs it, not for each of a million SAs.
 type dedup struct {
 	names map[string]int
-	ids   map[ID]int
+	// ids are keyed by the compact, pointer-free Key: hashed as 24 plain
+	// bytes, not field by field with an address's zone handle.
+	ids map[Key]int
 	// dropped are the labels of SAs refused as duplicates whose other
 	// key was new: recorded at position -1-i, so a third SA repeating
 	// that key is reported naming them.
 	dropped []string
 }
 
-// seen says whether s repeats a name or identity already added.
-func (d *dedup) seen(s *SA) bool {
+// addNew records s at position pos if it repeats no name or identity
+// already added, with one lookup and one insert per key (a million SAs
+// pass here); it returns false, recording nothing, for a repeat, which
+// add then words.
+func (d *dedup) addNew(s *SA, pos int) bool {
 	if d.ids == nil {
+		d.names = make(map[string]int)
+		d.ids = make(map[Key]int)
+	}
+	id := s.ID().Key()
+	if _, dup := d.ids[id]; dup {
 		return false
 	}
-	if _, dup := d.ids[s.ID()]; dup {
-		return true
+	if s.Name != "" {
+		if _, dup := d.names[s.Name]; dup {
+			return false
+		}
+		d.names[s.Name] = pos
 	}
-	_, dup := d.names[s.Name]
-	return s.Name != "" && dup
+	d.ids[id] = pos
+	return true
 }
 
 // add records s, which is kept at position pos unless add returns an
@@ -404,7 +437,7 @@ func (d *dedup) seen(s *SA) bool {
 func (d *dedup) add(s *SA, pos int, self string, label func(int) string) error {
 	if d.names == nil {
 		d.names = make(map[string]int)
-		d.ids = make(map[ID]int)
+		d.ids = make(map[Key]int)
 	}
 	name := func(p int) string {
 		if p < 0 {
@@ -422,7 +455,7 @@ func (d *dedup) add(s *SA, pos int, self string, label func(int) string) error {
 		}
 	}
 	id := s.ID()
-	if other, dup := d.ids[id]; dup {
+	if other, dup := d.ids[id.Key()]; dup {
 		errs = append(errs, &FieldError{SA: self, Field: "spi", Reason: fmt.Sprintf("%s is also used by %s", id, name(other))})
 	} else {
 		newID = true
@@ -435,7 +468,7 @@ func (d *dedup) add(s *SA, pos int, self string, label func(int) string) error {
 		d.names[s.Name] = pos
 	}
 	if newID {
-		d.ids[id] = pos
+		d.ids[id.Key()] = pos
 	}
 	return errors.Join(errs...)
 }

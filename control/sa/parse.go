@@ -221,12 +221,17 @@ func (v *validator) keys(sp *Spec, s *SA, opts Options) {
 	p := s.Proposal
 	if p == esp.ProposalInvalid {
 		// Still check what can be checked without knowing lengths.
-		v.key("enc_key", sp.EncKey, sp.EncKeyFile, -1, p, opts)
-		v.key("auth_key", sp.AuthKey, sp.AuthKeyFile, -1, p, opts)
+		v.key(nil, "enc_key", sp.EncKey, sp.EncKeyFile, -1, p, opts)
+		v.key(nil, "auth_key", sp.AuthKey, sp.AuthKeyFile, -1, p, opts)
 		return
 	}
-	enc := v.key("enc_key", sp.EncKey, sp.EncKeyFile, p.EncKeyLen(), p, opts)
-	auth := v.key("auth_key", sp.AuthKey, sp.AuthKeyFile, p.AuthKeyLen(), p, opts)
+	// Decoded on the stack first (cleared below), then into the SA's
+	// one allocation.
+	var encTmp, authTmp [64]byte
+	defer clear(authTmp[:])
+	defer clear(encTmp[:])
+	enc := v.key(encTmp[:], "enc_key", sp.EncKey, sp.EncKeyFile, p.EncKeyLen(), p, opts)
+	auth := v.key(authTmp[:], "auth_key", sp.AuthKey, sp.AuthKeyFile, p.AuthKeyLen(), p, opts)
 	if enc == nil && p.EncKeyLen() > 0 || auth == nil && p.AuthKeyLen() > 0 {
 		return
 	}
@@ -243,10 +248,11 @@ func (v *validator) keys(sp *Spec, s *SA, opts Options) {
 	}
 }
 
-// key returns the decoded key, or nil after recording why there is none.
-// want < 0 means the length is unknown (invalid proposal). Messages never
-// quote key material.
-func (v *validator) key(field, inline, file string, want int, p esp.Proposal, opts Options) []byte {
+// key returns the decoded key, or nil after recording why there is none;
+// it decodes into tmp when the key fits (the caller clears it). want < 0
+// means the length is unknown (invalid proposal). Messages never quote
+// key material.
+func (v *validator) key(tmp []byte, field, inline, file string, want int, p esp.Proposal, opts Options) []byte {
 	if inline != "" && file != "" {
 		v.add(field, "give %s or %s_file, not both", field, field)
 		return nil
@@ -282,7 +288,12 @@ func (v *validator) key(field, inline, file string, want int, p esp.Proposal, op
 	if len(text) > 2 && (text[:2] == "0x" || text[:2] == "0X") {
 		text = text[2:]
 	}
-	key := make([]byte, hex.DecodedLen(len(text)))
+	var key []byte
+	if n := hex.DecodedLen(len(text)); n <= len(tmp) {
+		key = tmp[:n]
+	} else {
+		key = make([]byte, n)
+	}
 	if _, err := hex.Decode(key, []byte(text)); err != nil {
 		var ie hex.InvalidByteError
 		if errors.As(err, &ie) {
