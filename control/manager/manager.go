@@ -393,8 +393,9 @@ func (m *Manager) WaitVersion(ctx context.Context, v uint64) error {
 }
 
 // resync rebuilds the data path from a full listing: what the SAD holds is
-// installed page by page (an SA already live is updated in place), then
-// what it no longer holds is removed. Committing per page bounds memory
+// installed page by page (an SA already live and changed since the version
+// applied is updated in place; one unchanged is left alone), then what it
+// no longer holds is removed. Committing per page bounds memory
 // and lets the data path fill up progressively on a large initial load.
 func (m *Manager) resync(ctx context.Context) error {
 	version := m.o.SAD.Version()
@@ -416,11 +417,29 @@ func (m *Manager) resync(ctx context.Context) error {
 	// install (pipeline); all are done before the version advances.
 	var pl pipeline
 	var errs []error
-	var page []sad.Record
+	var page, changed []sad.Record
 	var cur uint64
+	applied := m.version
 	for {
 		page, cur = m.o.SAD.List(cur, resyncPage, page[:0])
-		if err := m.commit(ctx, &batch{adds: page, fresh: fresh}, &pl); err != nil {
+		adds := page
+		if !fresh {
+			// An SA live from a version the data path already applied is
+			// unchanged: rebuilding it would only throw away its cipher
+			// (adding 10^5 SAs to a running gateway overflows the feed and
+			// used to reinstall every SA it held). What failed to install
+			// stays failed until its next change, as on the feed.
+			changed = changed[:0]
+			m.mu.RLock()
+			for i := range page {
+				if page[i].Version > applied || m.live.get(page[i].ID) == nil {
+					changed = append(changed, page[i])
+				}
+			}
+			m.mu.RUnlock()
+			adds = changed
+		}
+		if err := m.commit(ctx, &batch{adds: adds, fresh: fresh}, &pl); err != nil {
 			if ctx.Err() != nil {
 				return errors.Join(err, pl.wait())
 			}

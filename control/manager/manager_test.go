@@ -502,14 +502,38 @@ func TestResyncAfterLogOverrun(t *testing.T) {
 	if f.m.Installed() != 40 {
 		t.Fatalf("installed %d after resync, want 40", f.m.Installed())
 	}
+	// The SAs the next overrun leaves unchanged keep their worker entries
+	// (and so their ciphers and windows): a resync rebuilds only changes.
+	kept := map[sa.ID]any{}
+	for _, id := range ids[30:] {
+		e, _ := d.Get(id)
+		kept[id] = f.w.entry(int(e.Worker), e.Index)
+	}
 	for i := 0; i < 30; i++ { // 30 deletes: another overrun
 		if _, err := d.Delete(ids[i]); err != nil {
 			t.Fatal(err)
 		}
 	}
+	// One changed during the overrun: that one is rebuilt.
+	upd, _ := d.Get(ids[39])
+	upd.SA.Peer = netip.MustParseAddr("192.0.2.99")
+	if _, err := d.Update(upd.SA); err != nil {
+		t.Fatal(err)
+	}
+	was := kept[ids[39]]
+	delete(kept, ids[39])
 	f.sync(t)
+	if e, _ := d.Get(ids[39]); any(f.w.entry(int(e.Worker), e.Index)) == was {
+		t.Fatalf("SPI 0x%x changed during the overrun but its entry was not rebuilt", ids[39].SPI)
+	}
 	if f.m.Installed() != 10 {
 		t.Fatalf("installed %d after the second resync, want 10", f.m.Installed())
+	}
+	for id, was := range kept {
+		e, _ := d.Get(id)
+		if now := f.w.entry(int(e.Worker), e.Index); any(now) != was {
+			t.Fatalf("SPI 0x%x unchanged across the overrun but reinstalled", id.SPI)
+		}
 	}
 	for i, id := range ids {
 		_, err := f.maps.SAs.Lookup(id.SPI)
