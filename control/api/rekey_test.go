@@ -67,7 +67,7 @@ func TestRekey(t *testing.T) {
 	if _, err := e.unix.Get(ctx, "ue1-in"); err != nil {
 		t.Fatalf("old inbound SA gone before its grace period ended: %v", err)
 	}
-	for deadline := time.Now().Add(3 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
 		if _, err := e.unix.Get(ctx, "ue1-in"); IsStatus(err, http.StatusNotFound) {
 			break
 		}
