@@ -209,7 +209,7 @@ func TestGatewayRekeyUnderTrafficLosesNothing(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	res, err := rekey.Do(ctx, tp.g.SAD, tp.g.Manager.WaitVersion, rekey.Request{
-		Old: []sa.ID{oldIn, oldOutID}, New: newSAs, Grace: 300 * time.Millisecond})
+		Old: []sa.ID{oldIn, oldOutID}, New: newSAs, Grace: time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -134,7 +134,7 @@ func TestGatewayIdlePhone(t *testing.T) {
 		t.Fatalf("a keepalive moved the binding to %s", e.Binding)
 	}
 	// Silence: the idle event comes about 2 s after the last keepalive.
-	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()
 	var since uint64
 	for {
