@@ -46,7 +46,7 @@ func addSAs(t testing.TB, g *Gateway, yaml string) {
 
 func syncDataPath(t testing.TB, g *Gateway) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	if err := g.Manager.WaitVersion(ctx, g.SAD.Version()); err != nil {
 		t.Fatal(err)

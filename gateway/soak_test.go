@@ -163,7 +163,7 @@ func TestGatewaySoak(t *testing.T) {
 			t.Fatal(err)
 		}
 		peer := netip.MustParseAddrPort("192.0.2.10:4600")
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 		res, err := rekey.Do(ctx, tp.g.SAD, tp.g.Manager.WaitVersion, rekey.Request{
 			Old: []sa.ID{{Dir: sa.In, SPI: in1}, {Dir: sa.Out, SPI: out1, Peer: peer}}, New: newSAs, Grace: -1})
 		cancel()
