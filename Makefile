@@ -3,8 +3,12 @@ GO        ?= go
 PKGS      ?= ./...
 # Debian packages the build, the tests and the demo use. `make deps` installs
 # whichever are missing, so a fresh Debian machine needs only Go and make.
+# pcscf.cfg loads http_client.so (kamailio-utils-modules) and jansson.so,
+# which Debian ships in kamailio-extra-modules, not kamailio-json-modules.
+# curl: the TLS API tests (cmd/xesp, lab/ims) call the API with it.
 APT_PKGS  := clang llvm libbpf-dev linux-libc-dev bpftool iproute2 ethtool nftables tcpdump \
-             procps iputils-ping conntrack kamailio kamailio-utils-modules kamailio-json-modules sipsak tshark etcd-server etcd-client
+             procps iputils-ping conntrack kamailio kamailio-utils-modules kamailio-extra-modules sipsak tshark etcd-server etcd-client \
+             curl
 # Fuzz targets run for this long each in `make fuzz` (CI keeps it short).
 FUZZTIME  ?= 20s
 # Each new interesting input is minimized for at most this many runs. Go's
@@ -40,6 +44,10 @@ deps:
 		case " $$missing " in *" kamailio "*) \
 			echo "disabling the kamailio system service the package enabled (the demo and tests run their own in a namespace)"; \
 			systemctl disable --now kamailio >/dev/null 2>&1 || true;; \
+		esac; \
+		case " $$missing " in *" etcd-server "*) \
+			echo "disabling the etcd system service the package enabled (the tests run their own)"; \
+			systemctl disable --now etcd >/dev/null 2>&1 || true;; \
 		esac; \
 	fi
 

@@ -46,7 +46,7 @@ func addSAs(t testing.TB, g *Gateway, yaml string) {
 
 func syncDataPath(t testing.TB, g *Gateway) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	if err := g.Manager.WaitVersion(ctx, g.SAD.Version()); err != nil {
 		t.Fatal(err)
@@ -73,7 +73,7 @@ func TestGatewayLifetimeEnforced(t *testing.T) {
 		if _, err := phone.WriteToUDP(seal(t, phoneOut, pkt.UDP4(inner2, coreAddr, []byte(msg))), gwPublic); err != nil {
 			t.Fatal(err)
 		}
-		coreUDP.SetReadDeadline(time.Now().Add(time.Second))
+		coreUDP.SetReadDeadline(time.Now().Add(3 * time.Second))
 		n, err := coreUDP.Read(buf)
 		if err == nil && string(buf[:n]) != msg {
 			t.Fatalf("core got %q, want %q", buf[:n], msg)
@@ -185,7 +185,7 @@ func TestGatewayHardLifetimePerPacket(t *testing.T) {
 		if _, err := phone.WriteToUDP(seal(t, phoneOut, pkt.UDP4(inner2, coreAddr, []byte(msg))), gwPublic); err != nil {
 			t.Fatal(err)
 		}
-		coreUDP.SetReadDeadline(time.Now().Add(time.Second))
+		coreUDP.SetReadDeadline(time.Now().Add(3 * time.Second))
 		n, err := coreUDP.Read(buf)
 		switch {
 		case i <= 3 && err != nil:
@@ -206,7 +206,7 @@ func TestGatewayHardLifetimePerPacket(t *testing.T) {
 		if _, err := coreUDP.WriteToUDPAddrPort([]byte(msg), inner2); err != nil {
 			t.Fatal(err)
 		}
-		phone.SetReadDeadline(time.Now().Add(time.Second))
+		phone.SetReadDeadline(time.Now().Add(3 * time.Second))
 		_, err := phone.Read(buf)
 		switch {
 		case i <= 2 && err != nil:

@@ -313,14 +313,14 @@ func TestOverlappingPhonesEachGetTheirOwn(t *testing.T) {
 		var got string
 		for try := 0; ; try++ {
 			ph.send(t, outs[i], 5060, 5060, want)
-			coreSock.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+			coreSock.SetReadDeadline(time.Now().Add(time.Second))
 			buf := make([]byte, 2048)
 			n, f, err := coreSock.ReadFromUDPAddrPort(buf)
 			if err == nil {
 				from, got = f, string(buf[:n])
 				break
 			}
-			if try == 5 {
+			if try == 9 {
 				t.Fatalf("%s: REGISTER never reached the core", ph.name)
 			}
 		}
@@ -481,14 +481,14 @@ func testReRegistration(t *testing.T, withPool bool) {
 		var got string
 		for try := 0; ; try++ {
 			ph.send(t, r.toPS, r.uc, ovPS, req)
-			ps.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+			ps.SetReadDeadline(time.Now().Add(time.Second))
 			buf := make([]byte, 2048)
 			n, f, err := ps.ReadFromUDPAddrPort(buf)
 			if err == nil {
 				from, got = f, string(buf[:n])
 				break
 			}
-			if try == 5 {
+			if try == 9 {
 				t.Fatalf("%s never reached the P-CSCF", req)
 			}
 		}
@@ -547,7 +547,7 @@ func testReRegistration(t *testing.T, withPool bool) {
 	// The other phone, same inner address and ports, was never disturbed.
 	for try := 0; ; try++ {
 		other.send(t, oreg.toPS, oreg.uc, ovPS, "other phone")
-		ps.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+		ps.SetReadDeadline(time.Now().Add(time.Second))
 		buf := make([]byte, 2048)
 		n, f, err := ps.ReadFromUDPAddrPort(buf)
 		if err == nil {
@@ -556,7 +556,7 @@ func testReRegistration(t *testing.T, withPool bool) {
 			}
 			break
 		}
-		if try == 5 {
+		if try == 9 {
 			t.Fatal("the other phone's request never arrived")
 		}
 	}

@@ -171,11 +171,21 @@ func TestGatewayRekeyUnderTrafficLosesNothing(t *testing.T) {
 	cur.Store(oldOut)
 	var sent atomic.Int64
 	sendDone := make(chan error, 1)
+	// The sender does not go past the last 1000 requests before the
+	// phone switched, however long the rekey takes on a loaded machine:
+	// some replies must come under each outbound SA.
+	switched := make(chan struct{})
 	go func() {
 		tick := time.NewTicker(time.Millisecond)
 		defer tick.Stop()
 		for i := 0; i < total; {
 			<-tick.C
+			if i >= total-1000 {
+				select {
+				case <-switched:
+				case <-time.After(30 * time.Second):
+				}
+			}
 			for k := 0; k < perTick && i < total; k, i = k+1, i+1 {
 				inner := pkt.UDP4(phoneInner, coreAddr, []byte(fmt.Sprintf("req %d", i)))
 				if _, err := phone.WriteToUDP(seal(t, cur.Load(), inner), gwPublic); err != nil {
@@ -196,15 +206,16 @@ func TestGatewayRekeyUnderTrafficLosesNothing(t *testing.T) {
 		t.Fatal(err)
 	}
 	oldIn, oldOutID := sa.ID{Dir: sa.In, SPI: spiIn}, sa.ID{Dir: sa.Out, SPI: spiOut, Peer: netip.MustParseAddrPort("192.0.2.10:4500")}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	res, err := rekey.Do(ctx, tp.g.SAD, tp.g.Manager.WaitVersion, rekey.Request{
-		Old: []sa.ID{oldIn, oldOutID}, New: newSAs, Grace: 300 * time.Millisecond})
+		Old: []sa.ID{oldIn, oldOutID}, New: newSAs, Grace: time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
 	cur.Store(newOut) // the phone moves to the new SA as soon as it is told
 	switchedAt := sent.Load()
+	close(switched)
 	if err := <-sendDone; err != nil {
 		t.Fatal(err)
 	}

@@ -140,7 +140,7 @@ func TestGatewayTransportUDPEncapThroughNAPT(t *testing.T) {
 			if _, err := ph.sock.WriteToUDPAddrPort(trSeal(t, ph.out, ovPhone, ovGW, 5062, 5064, want), ovGWESP); err != nil {
 				t.Fatal(err)
 			}
-			pcscf.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+			pcscf.SetReadDeadline(time.Now().Add(time.Second))
 			buf := make([]byte, 2048)
 			n, from, err := pcscf.ReadFromUDPAddrPort(buf)
 			if err == nil {
@@ -149,7 +149,7 @@ func TestGatewayTransportUDPEncapThroughNAPT(t *testing.T) {
 				}
 				break
 			}
-			if try == 5 {
+			if try == 9 {
 				t.Fatalf("ph%d: REGISTER never reached the P-CSCF", i)
 			}
 		}

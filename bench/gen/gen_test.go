@@ -297,7 +297,7 @@ func TestClearFramesCountedAtFarEnd(t *testing.T) {
 	send(t, p, g)
 	send(t, p, g)
 	var pk, by uint64
-	for deadline := time.Now().Add(2 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
 		if pk, by, err = cnt.Read(); err != nil {
 			t.Fatal(err)
 		}
@@ -431,7 +431,7 @@ func TestStampCounterSamplesArrivals(t *testing.T) {
 		t.Fatal(err)
 	}
 	send(t, p, g) // not sampled
-	for deadline := time.Now().Add(2 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
 		if pk, _, _ := cnt.Read(); pk >= 2*ring {
 			break
 		}

@@ -150,7 +150,7 @@ func TestSenderSendsCountAcrossFlows(t *testing.T) {
 		if res.Sent != count {
 			t.Fatalf("%s: sent %d, want %d", engine, res.Sent, count)
 		}
-		deadline := time.Now().Add(2 * time.Second)
+		deadline := time.Now().Add(10 * time.Second)
 		var got uint64
 		for time.Now().Before(deadline) {
 			if got, _, err = c.Read(); err != nil {
@@ -215,7 +215,7 @@ func TestRunPacedLive(t *testing.T) {
 	if res.Sent != ring {
 		t.Fatalf("sent %d of %d", res.Sent, ring)
 	}
-	deadline := time.Now().Add(2 * time.Second)
+	deadline := time.Now().Add(10 * time.Second)
 	var got uint64
 	for time.Now().Before(deadline) && got < ring {
 		if got, _, err = c.Read(); err != nil {

@@ -112,7 +112,7 @@ func TestPktgenSendsCount(t *testing.T) {
 			t.Fatalf("%v: %v", args, err)
 		}
 		var got uint64
-		for deadline := time.Now().Add(2 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
 			if got, _, err = cnt.Read(); err != nil {
 				t.Fatal(err)
 			}

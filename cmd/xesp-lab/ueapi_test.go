@@ -125,7 +125,7 @@ func TestUECommandAPIThroughGateway(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	for end := time.Now().Add(5 * time.Second); phoneStats(t, sock).Drops["no_sa"] < 3; time.Sleep(20 * time.Millisecond) {
+	for end := time.Now().Add(10 * time.Second); phoneStats(t, sock).Drops["no_sa"] < 3; time.Sleep(20 * time.Millisecond) {
 		if time.Now().After(end) {
 			t.Fatalf("no_sa drops: %+v", phoneStats(t, sock))
 		}
@@ -171,11 +171,21 @@ func TestUECommandAPIThroughGateway(t *testing.T) {
 	}
 	const total = 300
 	sent := make(chan error, 1)
-	switchAt := make(chan struct{})
+	// The rekey starts after a quarter of the packets; the sender does
+	// not go past half of them before `xesp sa add` returned, however
+	// long a process start takes on a loaded machine, so the switch
+	// happens mid-stream.
+	switchAt, switched := make(chan struct{}), make(chan struct{})
 	go func() {
 		for i := range total {
 			if i == total/4 {
 				close(switchAt)
+			}
+			if i == total/2 {
+				select {
+				case <-switched:
+				case <-time.After(30 * time.Second):
+				}
 			}
 			var m [8]byte
 			binary.BigEndian.PutUint64(m[:], uint64(i))
@@ -192,6 +202,7 @@ func TestUECommandAPIThroughGateway(t *testing.T) {
 	if b, err := xespCmd(t, "sa", "add", "--api", "unix:"+sock, specFile(t, "out2.json", pnew)).CombinedOutput(); err != nil {
 		t.Fatalf("rekey through the phone's API: %v\n%s", err, b)
 	}
+	close(switched)
 	seen := make([]bool, total)
 	buf := make([]byte, 2000)
 	for range total {

@@ -90,7 +90,7 @@ func stream(t *testing.T, p *ue.Phone, inner netip.AddrPort, every time.Duration
 		close(done)
 		n := <-sentCh
 		// Replies still in flight: wait for all of them or 2 s.
-		for deadline := time.Now().Add(2 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
 			mu.Lock()
 			got := len(replies)
 			mu.Unlock()

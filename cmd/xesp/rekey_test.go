@@ -49,7 +49,7 @@ func TestCLIRekeyAndEvents(t *testing.T) {
 	if err != nil || !strings.Contains(out, "hard in:0x00001002 ue2-in time reached") {
 		t.Fatalf("xesp events: %v\n%s", err, out)
 	}
-	deadline := time.Now().Add(5 * time.Second)
+	deadline := time.Now().Add(15 * time.Second)
 	for {
 		if list, _ := cli("sa", "list"); !strings.Contains(list, "ue2-in") {
 			break

@@ -163,7 +163,7 @@ func TestRunDaemonKill9KeepsReplayWindow(t *testing.T) {
 	}
 	defer c.Close()
 	var st api.Stats
-	for deadline := time.Now().Add(3 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
 		if st, err = c.Stats(context.Background()); err != nil {
 			t.Fatal(err)
 		}

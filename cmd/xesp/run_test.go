@@ -200,7 +200,9 @@ func launchCmd(t *testing.T, cmd *exec.Cmd) *daemon {
 // waitAPI waits until the control API's socket accepts connections.
 func (d *daemonTopo) waitAPI(t *testing.T, dm *daemon) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
+	// A daemon loads and verifies its XDP programs before it listens: on
+	// a loaded CI host that alone can take seconds.
+	deadline := time.Now().Add(30 * time.Second)
 	for {
 		if c, err := net.Dial("unix", d.sock); err == nil {
 			c.Close()
@@ -235,7 +237,7 @@ func (d *daemonTopo) newPhone(t *testing.T, port int, out, in *esp.Transform) *u
 func (d *daemonTopo) waitSnapshot(t *testing.T, what string, cond func(rxstate.Record) bool) {
 	t.Helper()
 	path := filepath.Join(d.dir, "state", "rx.state")
-	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+	for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(20 * time.Millisecond) {
 		if s, err := rxstate.Load(path); err == nil {
 			for _, r := range s.Records {
 				if cond(r) {

@@ -125,7 +125,7 @@ func TestDaemonConnectionFlood(t *testing.T) {
 	w0 := state()
 	snapshots, added := 0, 0
 	var worst time.Duration
-	deadline := time.Now().Add(10 * time.Second)
+	deadline := time.Now().Add(20 * time.Second)
 	for snapshots < 2 && time.Now().Before(deadline) {
 		t0 := time.Now()
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -148,7 +148,9 @@ func TestDaemonConnectionFlood(t *testing.T) {
 	if snapshots < 2 {
 		t.Fatal("the replay-window state was not written during the flood")
 	}
-	if worst > time.Second {
+	// A starved socket waits for the client's 5 s timeout; a loaded CI
+	// host may add hundreds of milliseconds to a served request.
+	if worst > 3*time.Second {
 		t.Fatalf("the unix socket took %v during the flood", worst)
 	}
 	n := fds()
@@ -213,7 +215,7 @@ func TestDaemonKeysNeverLeak(t *testing.T) {
 
 	// SIGHUP: the log says the certificate was reloaded.
 	dm.cmd.Process.Signal(syscall.SIGHUP)
-	deadline := time.Now().Add(5 * time.Second)
+	deadline := time.Now().Add(15 * time.Second)
 	for !strings.Contains(dm.logs.String(), "TLS certificate reloaded") {
 		if time.Now().After(deadline) {
 			t.Fatalf("no reload logged after SIGHUP:\n%s", dm.logs.String())

@@ -247,7 +247,9 @@ func TestConnectionFlood(t *testing.T) {
 		}
 		worst = max(worst, time.Since(t0))
 	}
-	if worst > 500*time.Millisecond {
+	// A starved socket would hang (no client timeout here); a loaded CI
+	// host may add hundreds of milliseconds to a served request.
+	if worst > 3*time.Second {
 		t.Fatalf("unix socket took %v during the flood", worst)
 	}
 	t.Logf("flood: %d dialled, listener held %d, refused %d at accept; unix socket worst latency %v", len(conns), st.Open, st.Refused, worst)
@@ -322,11 +324,15 @@ func TestServerTimeouts(t *testing.T) {
 			}
 		}
 	}
-	closedWithin("partial header", plain.TCPAddr().String(), "GET /v1/stats HTTP/1.1\r\nHost: x\r\n", time.Second)
+	// The server's timeouts are 150-300 ms; a loaded CI host may take
+	// longer to act on them, and a connection the server never cuts hits
+	// the 5 s read deadline (not EOF) and fails anyway.
+	const limit = 3 * time.Second
+	closedWithin("partial header", plain.TCPAddr().String(), "GET /v1/stats HTTP/1.1\r\nHost: x\r\n", limit)
 	closedWithin("partial body", plain.TCPAddr().String(), "POST /v1/sas HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "+testToken+
-		"\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{", time.Second)
-	closedWithin("no handshake", tlsSrv.TCPAddr().String(), "", time.Second)
-	closedWithin("idle keep-alive", plain.TCPAddr().String(), "GET /v1/health HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "+testToken+"\r\n\r\n", time.Second)
+		"\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{", limit)
+	closedWithin("no handshake", tlsSrv.TCPAddr().String(), "", limit)
+	closedWithin("idle keep-alive", plain.TCPAddr().String(), "GET /v1/health HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "+testToken+"\r\n\r\n", limit)
 }
 
 // A body over MaxBody is refused with 413 before it is parsed, on TCP as

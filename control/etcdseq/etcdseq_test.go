@@ -16,7 +16,7 @@ import (
 
 func open(t *testing.T, srv *etcdtest.Server, block uint64) *Store {
 	t.Helper()
-	s, err := Open(context.Background(), srv.Client(t), Options{Prefix: "/fleet", Block: block, Timeout: 2 * time.Second})
+	s, err := Open(context.Background(), srv.Client(t), Options{Prefix: "/fleet", Block: block, Timeout: 10 * time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -67,7 +67,7 @@ func TestDialUserPassword(t *testing.T) {
 			return err
 		}
 		defer cli.Close()
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 		defer cancel()
 		_, err = cli.Put(ctx, prefix+"/probe", "x")
 		if err == nil {

@@ -268,7 +268,7 @@ func TestScrapeRealSources(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	for deadline := time.Now().Add(3 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
 		s, err := pub0.Stats()
 		if err != nil {
 			t.Fatal(err)

@@ -28,6 +28,14 @@ func newTopo(t *testing.T) *topo {
 	tp.a.MustRun("ip", "-6", "addr", "add", "2001:db8::1/64", "dev", tp.aIf, "nodad")
 	tp.b.MustRun("ip", "-6", "addr", "add", "2001:db8::2/64", "dev", tp.bIf, "nodad")
 	tp.b.MustRun("ip", "-6", "addr", "add", "fe80::b/64", "dev", tp.bIf, "nodad")
+	for _, w := range []struct {
+		ns   *netns.NS
+		addr string
+	}{{tp.a, "2001:db8::1"}, {tp.b, "2001:db8::2"}, {tp.b, "fe80::b"}} {
+		if err := w.ns.WaitLocalRoute(netip.MustParseAddr(w.addr), 10*time.Second); err != nil {
+			t.Fatal(err)
+		}
+	}
 	if err := tp.a.Do(func() error {
 		ifc, err := net.InterfaceByName(tp.aIf)
 		if err != nil {

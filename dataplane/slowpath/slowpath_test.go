@@ -86,6 +86,9 @@ func newEnv(t *testing.T, o Options, setup ...string) *env {
 	e.ns.MustRun("ip", "link", "set", "lo", "up")
 	e.ns.MustRun("ip", "addr", "add", "192.0.2.1/32", "dev", "lo")
 	e.ns.MustRun("ip", "addr", "add", "2001:db8::1/128", "dev", "lo", "nodad")
+	if err := e.ns.WaitLocalRoute(gw6, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
 	if len(setup) > 0 {
 		e.ns.MustRun(setup[0], setup[1:]...)
 	}
@@ -150,7 +153,7 @@ func send(t *testing.T, c *net.UDPConn, to netip.AddrPort, p []byte) {
 
 func eventually(t *testing.T, what string, f func() bool) {
 	t.Helper()
-	for deadline := time.Now().Add(3 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
 		if f() {
 			return
 		}

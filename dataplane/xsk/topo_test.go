@@ -140,7 +140,7 @@ func receive(s *xsk.Socket, p *xsk.Pool, want int, timeout time.Duration) ([]xsk
 // flight in the kernel, then checks the books balance.
 func settle(t testing.TB, u *xsk.UMEM, s *xsk.Socket, p *xsk.Pool) xsk.Accounting {
 	t.Helper()
-	deadline := time.Now().Add(2 * time.Second)
+	deadline := time.Now().Add(10 * time.Second)
 	var a xsk.Accounting
 	for {
 		s.Complete(p)

@@ -30,7 +30,7 @@ func TestRead(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), "not a regular file") {
 			t.Fatalf("fifo: %v", err)
 		}
-	case <-time.After(2 * time.Second):
+	case <-time.After(10 * time.Second):
 		t.Fatal("reading a FIFO blocked")
 	}
 	for _, p := range []string{"/dev/zero", dir} {

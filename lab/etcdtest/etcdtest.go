@@ -14,13 +14,16 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -198,14 +201,67 @@ func requireBinary(t testing.TB) {
 // Endpoint is the client URL.
 func (s *Server) Endpoint() string { return s.clientURL }
 
-// freePort returns a 127.0.0.1 port nobody listened on a moment ago.
+// freePort returns a 127.0.0.1 port for etcd to listen on for the whole
+// test, Stop and Start included. A port the kernel hands out for port 0
+// would be in its ephemeral range, where any outgoing connection (the
+// etcd client's own reconnects among them: a TCP self-connect) or another
+// test process may take it while etcd is stopped or before it binds. So
+// the port comes from below that range, and a lock file held by this
+// process until the test ends keeps other test processes from choosing
+// it too.
 func freePort(t testing.TB) string {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
+	t.Helper()
+	lo, hi := portRange(t)
+	dir := filepath.Join(os.TempDir(), "xesp-etcdtest-ports")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	defer l.Close()
-	return l.Addr().String()
+	n := hi - lo
+	first := rand.IntN(n)
+	for i := range n {
+		port := lo + (first+i)%n
+		lock, err := os.OpenFile(filepath.Join(dir, strconv.Itoa(port)), os.O_CREATE|os.O_RDWR, 0o600)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if syscall.Flock(int(lock.Fd()), syscall.LOCK_EX|syscall.LOCK_NB) != nil {
+			lock.Close() // another test process holds it
+			continue
+		}
+		addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
+		l, err := net.Listen("tcp", addr)
+		if err != nil {
+			lock.Close()
+			continue
+		}
+		l.Close()
+		t.Cleanup(func() { lock.Close() })
+		return addr
+	}
+	t.Fatalf("no free port in [%d, %d)", lo, hi)
+	return ""
+}
+
+// portRange is where freePort picks from: below the kernel's ephemeral
+// port range (net.ipv4.ip_local_port_range), above the well-known ports.
+func portRange(t testing.TB) (lo, hi int) {
+	lo, hi = 20000, 32768
+	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
+	if err != nil {
+		return lo, hi
+	}
+	var elo, ehi int
+	if _, err := fmt.Sscan(string(b), &elo, &ehi); err != nil {
+		return lo, hi
+	}
+	if elo-lo >= 1000 {
+		return lo, elo
+	}
+	if ehi < 64535 {
+		return ehi + 1, 65536
+	}
+	t.Fatalf("ip_local_port_range %d-%d leaves no room for a fixed test port", elo, ehi)
+	return 0, 0
 }
 
 // Start (re)starts the process and waits until it serves.

@@ -118,7 +118,7 @@ var Tools = [][2]string{{"ip", "iproute2"}, {"nft", "nftables"}, {"ethtool", "et
 
 // KamailioModules are the modules pcscf.cfg loads from packages other than
 // kamailio itself.
-var KamailioModules = [][2]string{{"http_client.so", "kamailio-utils-modules"}, {"jansson.so", "kamailio-json-modules"}}
+var KamailioModules = [][2]string{{"http_client.so", "kamailio-utils-modules"}, {"jansson.so", "kamailio-extra-modules"}}
 
 // CheckTools says what is missing and which packages provide it.
 func CheckTools() error {

@@ -12,6 +12,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"os/exec"
 	"runtime"
@@ -19,6 +20,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -164,4 +166,28 @@ var seq atomic.Uint32
 // (15 bytes) when prefix is at most 4 bytes.
 func UniqueName(prefix string) string {
 	return fmt.Sprintf("%s%d-%d", prefix, os.Getpid()%100000, seq.Add(1))
+}
+
+// WaitLocalRoute waits until addr (an address just added in the
+// namespace) has its local route. For IPv6 the kernel installs it from a
+// work queue after `ip addr add` returned, nodad or not: until then a
+// datagram sent to addr is dropped as unroutable (Ip6OutNoRoutes) while
+// the sender sees no error, which a loaded machine stretches to tens of
+// milliseconds.
+func (n *NS) WaitLocalRoute(addr netip.Addr, within time.Duration) error {
+	fam := "-4"
+	if addr.Is6() {
+		fam = "-6"
+	}
+	var out []byte
+	var err error
+	for deadline := time.Now().Add(within); ; time.Sleep(5 * time.Millisecond) {
+		out, err = n.Run("ip", fam, "route", "show", "table", "local", addr.String())
+		if err == nil && bytes.Contains(out, []byte("local "+addr.String()+" ")) {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("netns %s: no local route for %s after %v: %s %v", n.Name, addr, within, bytes.TrimSpace(out), err)
+		}
+	}
 }

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"fmt"
 	"io"
+	"os"
 	"strings"
 	"syscall"
 	"time"
@@ -51,14 +52,36 @@ func (l *Lab) Capture(file string) (stop func() error, err error) {
 		return nil, fmt.Errorf("tcpdump not listening after 10 s")
 	}
 	return func() error {
-		// The last packets may still be on their way through the ring.
-		time.Sleep(200 * time.Millisecond)
+		// The last packets may still be on their way through the ring:
+		// tcpdump writes each one as it reads it (-U, immediate mode),
+		// so wait until the file stopped growing for 500 ms. A tcpdump
+		// lagging behind on a loaded machine is still writing; a fixed
+		// pause would cut it off.
+		waitQuiet(file, 500*time.Millisecond, 15*time.Second)
 		cmd.Process.Signal(syscall.SIGINT)
 		if err := cmd.Wait(); err != nil {
 			return fmt.Errorf("tcpdump: %w", err)
 		}
 		return nil
 	}, nil
+}
+
+// waitQuiet returns once file's size has not changed for quiet, or after
+// max.
+func waitQuiet(file string, quiet, max time.Duration) {
+	size := int64(-1)
+	since := time.Now()
+	for end := time.Now().Add(max); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
+		st, err := os.Stat(file)
+		if err != nil {
+			continue
+		}
+		if st.Size() != size {
+			size, since = st.Size(), time.Now()
+		} else if time.Since(since) >= quiet {
+			return
+		}
+	}
 }
 
 // TsharkArgs are tshark's arguments to read file with every SA of the lab

@@ -196,7 +196,7 @@ func TestNATRemapping(t *testing.T) {
 	// Keepalives now leave from the new port; they are not authenticated
 	// and must not move the binding.
 	ka := p.Tunnel.Counters().KeepalivesSent
-	for end := time.Now().Add(5 * time.Second); p.Tunnel.Counters().KeepalivesSent < ka+3; time.Sleep(20 * time.Millisecond) {
+	for end := time.Now().Add(10 * time.Second); p.Tunnel.Counters().KeepalivesSent < ka+3; time.Sleep(20 * time.Millisecond) {
 		if time.Now().After(end) {
 			t.Fatal("no keepalives after the re-mapping")
 		}
@@ -281,7 +281,7 @@ func TestSpoofedPacketDoesNotMoveBinding(t *testing.T) {
 		}
 		c.Close()
 	}
-	for end := time.Now().Add(5 * time.Second); integ() < before+6; time.Sleep(20 * time.Millisecond) {
+	for end := time.Now().Add(10 * time.Second); integ() < before+6; time.Sleep(20 * time.Millisecond) {
 		if time.Now().After(end) {
 			t.Fatalf("integrity drops %d, want %d more than %d", integ(), 6, before)
 		}

@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"strconv"
 	"strings"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -94,6 +95,19 @@ func (t *TUN) Configure(inner netip.Addr, mtu int, routes []netip.Prefix) error 
 		}
 		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
 			return fmt.Errorf("tun %s: ip %s: %w: %s", t.name, strings.Join(args, " "), err, strings.TrimSpace(string(out)))
+		}
+	}
+	if inner.Is6() {
+		// The kernel installs an IPv6 address's local route from a work
+		// queue after `ip addr add` returned; until then what the tunnel
+		// writes to the TUN for the inner address is dropped as
+		// unroutable.
+		var out []byte
+		for deadline := time.Now().Add(10 * time.Second); !strings.Contains(string(out), "local "+inner.String()+" "); time.Sleep(5 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				return fmt.Errorf("tun %s: no local route for %s: %s", t.name, inner, strings.TrimSpace(string(out)))
+			}
+			out, _ = exec.Command("ip", "-6", "route", "show", "table", "local", inner.String()).CombinedOutput()
 		}
 	}
 	return nil

@@ -118,7 +118,7 @@ func addSA(t *testing.T, c *api.Client, k keyed) api.SAView {
 
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	for end := time.Now().Add(5 * time.Second); !cond(); {
+	for end := time.Now().Add(10 * time.Second); !cond(); {
 		if time.Now().After(end) {
 			t.Fatalf("timed out waiting for %s", what)
 		}
@@ -266,11 +266,20 @@ func TestPhoneAPI(t *testing.T) {
 	peer.in[0x1002] = out2.mirror
 	const total = 400
 	sendDone := make(chan error, 1)
-	switchAt := make(chan struct{})
+	// The switch starts after a quarter of the packets; the sender does
+	// not go past half of them before the switch is done, however long
+	// it takes on a loaded machine, so it happens mid-stream.
+	switchAt, switched := make(chan struct{}), make(chan struct{})
 	go func() {
 		for i := range total {
 			if i == total/4 {
 				close(switchAt)
+			}
+			if i == total/2 {
+				select {
+				case <-switched:
+				case <-time.After(30 * time.Second):
+				}
 			}
 			var m [8]byte
 			binary.BigEndian.PutUint64(m[:], uint64(i))
@@ -284,6 +293,7 @@ func TestPhoneAPI(t *testing.T) {
 	}()
 	<-switchAt
 	addSA(t, cl, out2)
+	close(switched)
 	seen := make([]bool, total)
 	var onNew, lastSeqNew uint64
 	for range total {
