@@ -425,7 +425,7 @@ func (g *Gateway) start(ctx context.Context, o Options) (err error) {
 		return err
 	}
 	g.Manager, err = manager.New(manager.Options{SAD: g.SAD, Maps: g.Maps, Workers: g.Workers, Events: events,
-		Seq: g.seqStore(), SeqRequests: seqReqs, Restore: rest.entry, Log: o.Log})
+		EventsLost: g.bindingEventsLost, Seq: g.seqStore(), SeqRequests: seqReqs, Restore: rest.entry, Log: o.Log})
 	if err != nil {
 		return err
 	}
@@ -616,6 +616,16 @@ func (g *Gateway) goRun(what string, f func() error) {
 			}
 		}
 	}()
+}
+
+// bindingEventsLost sums the binding changes the workers could not queue
+// for the manager.
+func (g *Gateway) bindingEventsLost() uint64 {
+	var n uint64
+	for _, w := range g.Workers {
+		n += w.Stats().BindingEventsLost.Load()
+	}
+	return n
 }
 
 // Errors reports a component that stopped with an error; the daemon

@@ -188,6 +188,19 @@ func (t *bindingTable) get(k groupRef) *sharedBinding {
 	return nil
 }
 
+// all yields every group's binding.
+func (t *bindingTable) all() iter.Seq[*sharedBinding] {
+	return func(yield func(*sharedBinding) bool) {
+		for _, sb := range t.m {
+			for ; sb != nil; sb = sb.next {
+				if !yield(sb) {
+					return
+				}
+			}
+		}
+	}
+}
+
 // add files sb, whose key the table does not hold.
 func (t *bindingTable) add(sb *sharedBinding) {
 	h := t.hash(sb.ref())

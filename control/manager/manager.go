@@ -21,7 +21,6 @@ import (
 	"log/slog"
 	"net/netip"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/xesp/xesp/bpf"
@@ -60,6 +59,11 @@ type Options struct {
 	Workers Workers
 	// Events carries binding changes from the workers.
 	Events <-chan worker.BindingChange
+	// EventsLost, when set, counts the binding changes the workers could
+	// not queue on Events (worker.Stats BindingEventsLost, summed): the
+	// manager then checks every binding once. Without it, it does so
+	// every 30 s.
+	EventsLost func() uint64
 	// Seq, when set, keeps every outbound SA's sequence numbers durably
 	// reserved ahead of use (no IV reuse across restarts); SeqRequests
 	// carries the workers' requests for more.
@@ -147,13 +151,19 @@ type groupRef struct {
 // sharedBinding is a pair group's binding on one worker, shared by the
 // group's installed SAs; ref() is its entry in Manager.bindings. The
 // groupRef is kept as its two fields so that worker and refs share one
-// word: 80 bytes, not 96, once per phone.
+// word.
 type sharedBinding struct {
-	b      worker.Binding // in line: one allocation per group, not two
-	next   *sharedBinding // bindingTable chain
+	b    worker.Binding // in line: one allocation per group, not two
+	next *sharedBinding // bindingTable chain
+	// ka is the peer whose address this group holds registered in the
+	// keepalives map (nil: none); Run's goroutine only. Peers are never
+	// changed once stored, so a pointer compare tells a move.
+	ka     *worker.Peer
 	group  sad.GroupKey
 	worker uint16
 	refs   int32
+	kaSAs  int32 // installed inbound UDP-encapsulated SAs of the group
+	kaMark bool  // on Manager.kaCheck
 }
 
 func newShared(k groupRef) *sharedBinding { return &sharedBinding{group: k.key, worker: k.worker} }
@@ -200,11 +210,15 @@ type Manager struct {
 	synced   uint64
 	syncedCh chan struct{}
 
-	// kaReg is the set of bindings registered in the keepalives map (Run's
-	// goroutine only); kaDirty says installs, removals or binding moves
-	// happened since it was last brought in step.
-	kaReg   map[netip.AddrPort]struct{}
-	kaDirty atomic.Bool
+	// kaRef counts, per binding registered in the keepalives map, the
+	// groups holding it (Run's goroutine only). kaCheck lists the groups
+	// whose registration may be stale (installs, removals, moves; under
+	// mu): each tick looks at those only, so the work follows changes,
+	// never the SAs installed. kaLost is the workers' lost-event count
+	// last seen: a move whose event was lost is found by one full pass.
+	kaRef   map[netip.AddrPort]int32
+	kaCheck []*sharedBinding
+	kaLost  uint64
 }
 
 // New returns a Manager; Sync or Run start mirroring.
@@ -227,6 +241,7 @@ func New(o Options) (*Manager, error) {
 		older:    make(map[policyKey][]*installed),
 
 		retryInstall: make(map[sa.ID]struct{}),
+		kaRef:        make(map[netip.AddrPort]int32),
 	}, nil
 }
 
@@ -258,11 +273,15 @@ func (m *Manager) Run(ctx context.Context) error {
 			return nil
 		case <-ticks:
 			// Bindings in the keepalives map follow installs, removals and
-			// moves within a tick; a full pass every 30 ticks catches moves
-			// whose event the workers' queue dropped.
-			if m.kaDirty.Swap(false) || n%30 == 0 {
-				m.syncKeepalives()
+			// moves within a tick.
+			if m.o.EventsLost == nil && n%30 == 0 {
+				m.mu.Lock()
+				for sb := range m.bindings.all() {
+					m.kaQueue(sb)
+				}
+				m.mu.Unlock()
 			}
+			m.syncKeepalives()
 			m.retryInstalls(ctx)
 			for req := range retry {
 				err := m.extend(req)
@@ -321,7 +340,6 @@ func (m *Manager) retryInstalls(ctx context.Context) {
 // Sync applies every SAD change made so far and returns once the data
 // path reflects them.
 func (m *Manager) Sync(ctx context.Context) error {
-	m.kaDirty.Store(true)
 	var err error
 	var next uint64
 	m.changes, next, err = m.o.SAD.Changes(m.version, m.changes)
@@ -845,6 +863,10 @@ func (m *Manager) build(e *sad.Record) (*installed, error) {
 		m.bindings.add(sb)
 	}
 	sb.refs++
+	if sl.kaCounted(s) {
+		sb.kaSAs++
+		m.kaQueue(sb)
+	}
 	m.mu.Unlock()
 	ent.Binding = &sb.b
 	sl.shared = sb
@@ -955,6 +977,10 @@ func (m *Manager) release(s *installed) {
 func (m *Manager) unshare(s *installed) {
 	if sb := s.shared; sb != nil {
 		s.shared = nil
+		if s.encap && s.entry.Dir == worker.Inbound {
+			sb.kaSAs--
+			m.kaQueue(sb)
+		}
 		if sb.refs--; sb.refs == 0 {
 			m.bindings.del(sb)
 		}
@@ -1072,13 +1098,15 @@ func (m *Manager) dropPolicy(s *installed) *installed {
 // bindingChanged records a binding a worker learnt in the SAD, where the
 // API shows it and the SA's later entries start from it.
 func (m *Manager) bindingChanged(ev worker.BindingChange) {
-	m.kaDirty.Store(true)
-	m.mu.RLock()
+	m.mu.Lock()
 	var s *installed
 	if ev.Worker < len(m.slots) && int(ev.Index) < len(m.slots[ev.Worker]) {
 		s = m.slots[ev.Worker][ev.Index]
 	}
-	m.mu.RUnlock()
+	if s != nil && s.shared != nil {
+		m.kaQueue(s.shared)
+	}
+	m.mu.Unlock()
 	if s == nil {
 		return
 	}
@@ -1102,46 +1130,100 @@ func (m *Manager) applyBinding(id sa.ID) {
 	}
 	if cur := s.entry.Binding.Load(); cur.Addr != e.Binding {
 		s.entry.Binding.Set(worker.Peer{Addr: e.Binding})
+		m.mu.Lock()
+		if s.shared != nil {
+			m.kaQueue(s.shared)
+		}
+		m.mu.Unlock()
+	}
+}
+
+// kaCounted says whether s's binding is registered for keepalives: XDP
+// stamps the NAT-keepalives of UDP-encapsulated phones (RFC 3948 2.2),
+// and an inbound SA is what a phone's keepalive arrives beside.
+func (s *installed) kaCounted(spec *sa.SA) bool {
+	return s.encap && spec.Direction == sa.In
+}
+
+// kaQueue lists sb for the next keepalive pass (m.mu held).
+func (m *Manager) kaQueue(sb *sharedBinding) {
+	if !sb.kaMark {
+		sb.kaMark = true
+		m.kaCheck = append(m.kaCheck, sb)
 	}
 }
 
 // syncKeepalives brings the keepalives map in step with the bindings of
-// the installed inbound UDP-encapsulated SAs, so XDP stamps the
-// keepalives each phone sends (idle-phone detection). A failed write is
-// logged and retried on the next pass.
+// the groups listed since the last pass, so XDP stamps the keepalives
+// each phone sends (idle-phone detection). A binding is registered while
+// at least one group holds it (phones behind one NAPT address and port
+// never share one, but an operator's binding may). A failed write is
+// logged and the group listed again, so the next pass retries it. When
+// the workers lost binding events since the last pass, every group is
+// listed once: a move whose event was lost is not otherwise seen.
 func (m *Manager) syncKeepalives() {
 	ka := m.o.Maps.Keepalives
+	m.mu.Lock()
+	if m.o.EventsLost != nil {
+		if lost := m.o.EventsLost(); lost != m.kaLost {
+			m.kaLost = lost
+			for sb := range m.bindings.all() {
+				m.kaQueue(sb)
+			}
+		}
+	}
+	check := m.kaCheck
+	m.kaCheck = nil
+	var want []*worker.Peer
+	for _, sb := range check {
+		sb.kaMark = false
+		var p *worker.Peer
+		if sb.kaSAs > 0 {
+			if cur := sb.b.Load(); cur != nil && cur.Addr.Port() != 0 {
+				p = cur
+			}
+		}
+		want = append(want, p)
+	}
+	m.mu.Unlock()
 	if ka == nil {
 		return
 	}
-	want := make(map[netip.AddrPort]struct{}, len(m.kaReg))
-	m.mu.RLock()
-	for s := range m.live.all() {
-		if s.entry.Dir == worker.Inbound && s.encap {
-			if ap := s.entry.Binding.Load().Addr; ap.Port() != 0 {
-				want[ap] = struct{}{}
+	var retry []*sharedBinding
+	for i, sb := range check {
+		old, nw := sb.ka, want[i]
+		if old == nw || (old != nil && nw != nil && old.Addr == nw.Addr) {
+			sb.ka = nw
+			continue
+		}
+		if nw != nil {
+			if m.kaRef[nw.Addr] == 0 {
+				if err := ka.Add(nw.Addr); err != nil {
+					m.log.Warn("register binding for keepalives", "err", err)
+					retry = append(retry, sb)
+					continue
+				}
+			}
+			m.kaRef[nw.Addr]++
+		}
+		if old != nil {
+			if m.kaRef[old.Addr]--; m.kaRef[old.Addr] <= 0 {
+				delete(m.kaRef, old.Addr)
+				if err := ka.Delete(old.Addr); err != nil && !errors.Is(err, maps.ErrNotFound) {
+					// Left registered: a stray entry only holds a slot.
+					m.log.Warn("unregister binding for keepalives", "err", err)
+				}
 			}
 		}
+		sb.ka = nw
 	}
-	m.mu.RUnlock()
-	for ap := range want {
-		if _, ok := m.kaReg[ap]; !ok {
-			if err := ka.Add(ap); err != nil {
-				m.log.Warn("register binding for keepalives", "err", err)
-				delete(want, ap)
-				m.kaDirty.Store(true)
-			}
+	if len(retry) > 0 {
+		m.mu.Lock()
+		for _, sb := range retry {
+			m.kaQueue(sb)
 		}
+		m.mu.Unlock()
 	}
-	for ap := range m.kaReg {
-		if _, ok := want[ap]; !ok {
-			if err := ka.Delete(ap); err != nil {
-				m.log.Warn("unregister binding for keepalives", "err", err)
-				want[ap] = struct{}{}
-			}
-		}
-	}
-	m.kaReg = want
 }
 
 // LastKeepalive is when the binding of the inbound SA id last sent a

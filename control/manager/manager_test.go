@@ -546,3 +546,68 @@ func TestResyncAfterLogOverrun(t *testing.T) {
 		}
 	}
 }
+
+// The keepalives map follows installs, moves and removals by looking at
+// the groups they touched only; a move whose event the workers lost is
+// found by the full pass the lost-event count triggers.
+func TestKeepaliveRegistrationFollowsChanges(t *testing.T) {
+	f := newFixture(t, 1, "")
+	ka := f.maps.Keepalives
+	bA := netip.MustParseAddrPort("192.0.2.10:4500")
+	bB := netip.MustParseAddrPort("192.0.2.11:4500")
+	inA, outA := mkSA("a-in", 0x1001, sa.In, "10.99.0.1/32", 1), mkSA("a-out", 0x2001, sa.Out, "10.99.0.1/32", 2)
+	inB, outB := mkSA("b-in", 0x1002, sa.In, "10.99.0.2/32", 3), mkSA("b-out", 0x2002, sa.Out, "10.99.0.2/32", 4)
+	inB.Peer, outB.Peer = bB.Addr(), bB.Addr()
+	for _, s := range []sa.SA{inA, outA, inB, outB} {
+		if _, err := f.d.Add(s); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f.sync(t)
+	f.m.syncKeepalives()
+	registered := func(want ...netip.AddrPort) {
+		t.Helper()
+		for _, ap := range want {
+			if _, ok := ka.Lookup(ap); !ok {
+				t.Fatalf("%s not registered", ap)
+			}
+		}
+		if n := ka.Len(); n != len(want) {
+			t.Fatalf("%d bindings registered, want %d (%v)", n, len(want), want)
+		}
+	}
+	registered(bA, bB)
+	if len(f.m.kaCheck) != 0 {
+		t.Fatalf("%d groups still listed after a pass", len(f.m.kaCheck))
+	}
+
+	// A learnt move with its event.
+	moved := netip.MustParseAddrPort("192.0.2.10:61000")
+	e, _ := f.d.Get(inA.ID())
+	f.w.entry(int(e.Worker), e.Index).Binding.Set(worker.Peer{Addr: moved})
+	f.m.bindingChanged(worker.BindingChange{Worker: int(e.Worker), Index: e.Index, Peer: worker.Peer{Addr: moved}})
+	f.m.syncKeepalives()
+	registered(moved, bB)
+
+	// A move whose event was lost: unseen until the lost count moves.
+	lostTo := netip.MustParseAddrPort("192.0.2.11:62000")
+	eb, _ := f.d.Get(inB.ID())
+	f.w.entry(int(eb.Worker), eb.Index).Binding.Set(worker.Peer{Addr: lostTo})
+	var lost uint64
+	f.m.o.EventsLost = func() uint64 { return lost }
+	f.m.syncKeepalives()
+	registered(moved, bB)
+	lost = 1
+	f.m.syncKeepalives()
+	registered(moved, lostTo)
+
+	// Removing a pair unregisters its binding.
+	for _, id := range []sa.ID{inA.ID(), outA.ID()} {
+		if _, err := f.d.Delete(id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f.sync(t)
+	f.m.syncKeepalives()
+	registered(lostTo)
+}
