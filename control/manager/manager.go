@@ -670,9 +670,11 @@ func (m *Manager) build(e sad.Record) (*installed, error) {
 		return nil, err
 	}
 	sl := &installed{key: keyOf(e.ID), worker: e.Worker, index: e.Index, encap: s.Encap != nil}
-	ent.Local, ent.PortLocal, ent.PortPeer = s.Local, s.Ports.Local, s.Ports.Peer
-	ent.InnerLocal, ent.Proto, ent.DSCP, ent.FixDSCP = s.InnerLocal, s.Ports.Proto, s.DSCP, s.HasDSCP
-	ent.HardPackets, ent.HardBytes = s.Lifetime.HardPackets, s.Lifetime.HardBytes
+	// What the gateway's SAs share is interned (worker.Scope).
+	scope := worker.Scope{Local: s.Local, InnerLocal: s.InnerLocal,
+		HardPackets: s.Lifetime.HardPackets, HardBytes: s.Lifetime.HardBytes}
+	ent.PortLocal, ent.PortPeer = s.Ports.Local, s.Ports.Peer
+	ent.Proto, ent.DSCP, ent.FixDSCP = s.Ports.Proto, s.DSCP, s.HasDSCP
 	if s.Encap != nil {
 		ent.LocalPort = s.Encap.LocalPort
 	}
@@ -697,20 +699,19 @@ func (m *Manager) build(e sad.Record) (*installed, error) {
 			sl.policy = coreKey(s.Core, s.Ports.Peer)
 		}
 	}
-	// The worker translates between the phone's inner address and its
-	// core address (both directions).
-	if s.Core.IsValid() {
-		ent.Core, ent.Inner = s.Core, s.InnerPeer.Addr()
-	}
+	// The worker translates between the phone's inner address
+	// (InnerPeer's) and its core address (both directions).
+	ent.Core = s.Core
 	if s.Mode == sa.Transport {
 		// The gateway is the endpoint: segments go from the core address
 		// to inner.local's one address and back (dataplane/worker
 		// transport.go); the SAD made sure both are set.
-		ent.Transport, ent.Inner = true, netip.Addr{}
+		ent.Transport = true
 		if s.Direction == sa.In {
-			ent.Dest = s.InnerLocal.Addr()
+			scope.Dest = s.InnerLocal.Addr()
 		}
 	}
+	ent.SetScope(scope)
 	if m.o.Restore != nil {
 		m.o.Restore(e.ID, s, ent)
 	}

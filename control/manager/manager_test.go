@@ -167,8 +167,8 @@ func TestAddPublishesAfterInstall(t *testing.T) {
 	if wi == nil || wo == nil || wi.Dir != worker.Inbound || wo.Dir != worker.Outbound || wi.Binding != wo.Binding {
 		t.Fatalf("worker entries %+v %+v: want in/out sharing one binding", wi, wo)
 	}
-	if wi.InnerPeer != in.InnerPeer || wo.Local != gwAddr || wo.LocalPort != 4500 {
-		t.Fatalf("entry fields: inner %v local %v:%d", wi.InnerPeer, wo.Local, wo.LocalPort)
+	if wi.InnerPeer != in.InnerPeer || wo.Scope().Local != gwAddr || wo.LocalPort != 4500 {
+		t.Fatalf("entry fields: inner %v local %v:%d", wi.InnerPeer, wo.Scope().Local, wo.LocalPort)
 	}
 	if f.m.Installed() != 2 {
 		t.Fatalf("installed %d", f.m.Installed())

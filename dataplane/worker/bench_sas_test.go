@@ -142,7 +142,8 @@ func benchEncapSAs(b *testing.B, n int) {
 		c := esp.Config{SPI: 0x200000 + uint32(i), Proposal: esp.AES128GCM16, EncKey: benchKey(i), Mode: esp.ModeTunnel}
 		e := newBenchSlot(b, c)
 		e.Dir, e.index = Outbound, uint32(i)
-		e.Local, e.LocalPort = netip.MustParseAddr("192.0.2.1"), 4500
+		e.LocalPort = 4500
+		e.SetScope(Scope{Local: netip.MustParseAddr("192.0.2.1")})
 		e.InnerPeer = netip.PrefixFrom(benchInner(i), 32)
 		e.Binding = NewBinding(Peer{Addr: netip.AddrPortFrom(phone, 4500), MAC: [6]byte{2, 0, 0, 0, 0, 2}, HasMAC: true})
 		p.table = append(p.table, e)

@@ -134,7 +134,7 @@ func BenchmarkEncapBatch(b *testing.B) {
 		bindEvents: make(chan BindingChange, 1), seqRequests: make(chan SeqRequest)}
 	p.frag = fragmenter{mtu: 1500, mem: u, rxOff: uint64(u.RxOffset()), stride: 1}
 	phone := netip.MustParseAddr("192.0.2.10")
-	p.table = []*Slot{{SA: gw, Dir: Outbound, Local: netip.MustParseAddr("192.0.2.1"), LocalPort: 4500,
+	p.table = []*Slot{{SA: gw, Dir: Outbound, scope: &Scope{Local: netip.MustParseAddr("192.0.2.1")}, LocalPort: 4500,
 		InnerPeer: netip.MustParsePrefix("100.64.0.1/32"),
 		Binding:   NewBinding(Peer{Addr: netip.AddrPortFrom(phone, 4500), MAC: [6]byte{2, 0, 0, 0, 0, 2}, HasMAC: true})}}
 

@@ -19,17 +19,19 @@ const (
 // SA; the manager only reads Counters and Binding.
 //
 // Fields are ordered by use: what every packet reads (direction, SA,
-// lifetimes, counters, binding, selectors) comes first, so a packet
-// touches the slot's first cache lines; NewSlot puts the Transform and
-// its replay window right behind, in the same allocation.
+// counters, binding, selectors) comes first, so a packet touches the
+// slot's first cache lines; NewSlot puts the Transform right behind, in
+// the same allocation. What the SAs of a gateway share (its address, the
+// core network, lifetimes) lives once in a Scope the slot points to: a
+// million-SA gateway holds a handful of Scopes, not a million copies.
 type Slot struct {
 	SA  *esp.Transform
 	Dir Direction
 	// Transport marks a transport-mode SA (transport.go): the phone's
 	// segments, sent to the gateway's public address, are re-addressed
-	// from Core to Dest (inbound), and the core's packets to Core are
-	// re-addressed from Local to the binding and sealed without their IP
-	// header (outbound). Core is required; Inner stays invalid.
+	// from Core to the Scope's Dest (inbound), and the core's packets to
+	// Core are re-addressed from the Scope's Local to the binding and
+	// sealed without their IP header (outbound). Core is required.
 	Transport bool
 	// Proto is the inner protocol selector (0: any).
 	Proto uint8
@@ -55,17 +57,13 @@ type Slot struct {
 	index               uint32 // slot in the worker's table, set by Install
 	used                uint32 // the worker's idle clock at the last packet (idle.go)
 
-	// HardPackets and HardBytes are the SA's hard lifetime (0: none). The
-	// worker checks them per packet, so the SA never carries a packet
-	// past its hard packet limit, nor starts one once its byte count
-	// reached the hard byte limit (the packet that crosses it passes:
-	// its size is known only after it was processed); the lifetime
-	// package removes the SA and raises the event within its interval.
-	HardPackets, HardBytes uint64
-	Counters               Counters
+	Counters Counters
 	// Binding is shared by the SAs of one pair group on this worker: what
 	// the inbound SA learns, the outbound SA uses.
 	Binding *Binding
+	// scope is the SA's shared part (SetScope); nil reads as the zero
+	// Scope.
+	scope *Scope
 
 	// InnerPeer is the phone's side of the SA's selectors (RFC 4301 5.2):
 	// inbound, the prefix inner source addresses must fall in, so one
@@ -75,21 +73,13 @@ type Slot struct {
 	// is dropped, never sealed for that phone. Invalid (zero) disables the
 	// check.
 	InnerPeer netip.Prefix
-	// InnerLocal is the core side of the selectors: inbound, the prefix
-	// inner destinations must fall in; outbound, the prefix cleartext
-	// sources must fall in. Invalid (zero) disables the check.
-	InnerLocal netip.Prefix
-	// Local is the outer source address of outbound packets.
-	Local netip.Addr
-	// Core and Inner are the phone's core address and its own inner
-	// address (docs/addressing.md), both set or both invalid. Inbound,
-	// after every check, the inner source Inner becomes Core; outbound,
-	// the cleartext must be addressed to Core (not InnerPeer), and Core
-	// becomes Inner before sealing. See xlate.go.
-	Core, Inner netip.Addr
-	// Dest is a transport-mode inbound SA's core-side host (inner.local,
-	// one address, e.g. the P-CSCF).
-	Dest netip.Addr
+	// Core is the phone's core address (docs/addressing.md), invalid when
+	// it has none; the phone's own inner address is then InnerPeer's (a
+	// single address, sa.SA guarantees it; see inner). Inbound, after
+	// every check, the inner source becomes Core; outbound, the cleartext
+	// must be addressed to Core (not InnerPeer), and Core becomes the
+	// inner address before sealing. See xlate.go.
+	Core netip.Addr
 
 	// Limit is, for outbound SAs, the first sequence number the worker
 	// may not send: everything below it is durably reserved (seqstore),
@@ -100,49 +90,64 @@ type Slot struct {
 	asked           uint64 // the Limit an extension was last requested for
 }
 
-// slotWith is a Slot, its Transform and the default replay window's words
-// in one allocation (NewSlot).
-type slotWith struct {
-	Slot
-	t    esp.Transform
-	ring [defaultRingWords]uint64
+// Scope is the part of a Slot that the SAs of a gateway have in common,
+// held once per distinct value (SetScope interns it) and never modified.
+type Scope struct {
+	// InnerLocal is the core side of the selectors: inbound, the prefix
+	// inner destinations must fall in; outbound, the prefix cleartext
+	// sources must fall in. Invalid (zero) disables the check.
+	InnerLocal netip.Prefix
+	// Local is the outer source address of outbound packets.
+	Local netip.Addr
+	// Dest is a transport-mode inbound SA's core-side host (inner.local,
+	// one address, e.g. the P-CSCF).
+	Dest netip.Addr
+	// HardPackets and HardBytes are the SA's hard lifetime (0: none). The
+	// worker checks them per packet, so the SA never carries a packet
+	// past its hard packet limit, nor starts one once its byte count
+	// reached the hard byte limit (the packet that crosses it passes:
+	// its size is known only after it was processed); the lifetime
+	// package removes the SA and raises the event within its interval.
+	HardPackets, HardBytes uint64
 }
 
-// slotBare is slotWith without window words: outbound SAs, disabled or
-// larger windows (those allocate their own).
-type slotBare struct {
+var noScope Scope
+
+// SetScope gives the slot its shared part, interned: slots with equal
+// Scopes point at one copy. Before Install only.
+func (e *Slot) SetScope(s Scope) { e.scope = intern(s) }
+
+// Scope returns the slot's shared part; it must not be modified.
+func (e *Slot) Scope() *Scope {
+	if e.scope == nil {
+		return &noScope
+	}
+	return e.scope
+}
+
+// inner is the phone's own inner address, which the core address stands
+// for (valid only when Core is): InnerPeer's one address.
+func (e *Slot) inner() netip.Addr { return e.InnerPeer.Addr() }
+
+// slotAndSA is a Slot and its Transform in one allocation (NewSlot): 320
+// bytes with the replay window's words allocated apart, on the SA's first
+// authenticated packet (esp.ReplayWindow), so an SA that never carried a
+// packet keeps none.
+type slotAndSA struct {
 	Slot
 	t esp.Transform
 }
 
-const defaultRingWords = 17 // esp.ReplayWords(esp.DefaultReplayWindow), checked in init
-
-func init() {
-	if esp.ReplayWords(esp.DefaultReplayWindow) != defaultRingWords {
-		panic("worker: defaultRingWords does not match esp.ReplayWords(esp.DefaultReplayWindow)")
-	}
-}
-
 // NewSlot returns a Slot whose SA is built from c (esp.InitTransform) in
-// the same allocation as the slot, followed by the replay window's words
-// when the window is the default size or smaller: one object per SA, its
-// packet state in adjacent cache lines. The caller fills in the rest.
+// the same allocation as the slot: one object per idle SA, its packet
+// state in adjacent cache lines. The caller fills in the rest.
 func NewSlot(c esp.Config) (*Slot, error) {
-	var s *Slot
-	var t *esp.Transform
-	var ring []uint64
-	if n := esp.ReplayWords(c.ReplayWindow); n > 0 && n <= defaultRingWords {
-		x := new(slotWith)
-		s, t, ring = &x.Slot, &x.t, x.ring[:]
-	} else {
-		x := new(slotBare)
-		s, t = &x.Slot, &x.t
-	}
-	if err := esp.InitTransform(t, c, ring); err != nil {
+	x := new(slotAndSA)
+	if err := esp.InitTransform(&x.t, c, nil); err != nil {
 		return nil, err
 	}
-	s.SA = t
-	return s, nil
+	x.SA = &x.t
+	return &x.Slot, nil
 }
 
 // overheadBound is an upper bound on what sealing adds to any payload, the
@@ -158,8 +163,9 @@ func (e *Slot) overheadBound() int {
 // carry another packet (RFC 4301 4.4.2.1). Only the worker writes the
 // counters, so its own loads are exact.
 func (e *Slot) expired() bool {
-	return (e.HardPackets != 0 && e.Counters.Packets.Load() >= e.HardPackets) ||
-		(e.HardBytes != 0 && e.Counters.Bytes.Load() >= e.HardBytes)
+	sc := e.Scope()
+	return (sc.HardPackets != 0 && e.Counters.Packets.Load() >= sc.HardPackets) ||
+		(sc.HardBytes != 0 && e.Counters.Bytes.Load() >= sc.HardBytes)
 }
 
 // Counters are one SA's figures, written by its worker, read by the API.

@@ -27,7 +27,8 @@ func TestIdleCipherReleaseRebuild(t *testing.T) {
 		t.Fatal(err)
 	}
 	in.Dir, in.InnerPeer, in.Binding = Inbound, f.in.InnerPeer, f.in.Binding
-	out.Dir, out.Local, out.LocalPort, out.InnerPeer, out.Binding, out.index = Outbound, pipeGW, 4500, f.out.InnerPeer, f.out.Binding, 1
+	out.Dir, out.LocalPort, out.InnerPeer, out.Binding, out.index = Outbound, 4500, f.out.InnerPeer, f.out.Binding, 1
+	out.SetScope(Scope{Local: pipeGW})
 	f.p.table = []*Slot{in, out}
 	f.p.idle.limit = 2
 

@@ -409,7 +409,7 @@ func (p *pipeline) icmpToPhone(in *Slot, d xsk.Desc, frame, ip []byte) bool {
 		p.stats.ICMPUnsent.Add(1)
 		return false
 	}
-	src, ok := p.icmpSource(ip, out.InnerLocal)
+	src, ok := p.icmpSource(ip, out.Scope().InnerLocal)
 	if !ok {
 		p.stats.ICMPUnsent.Add(1)
 		return false
@@ -445,7 +445,7 @@ func (p *pipeline) icmpToCore(e *Slot, d xsk.Desc, frame []byte, off, l3 int, ip
 	if !icmpAbout(ip) {
 		return false
 	}
-	src, ok := p.icmpSource(ip, e.InnerLocal)
+	src, ok := p.icmpSource(ip, e.Scope().InnerLocal)
 	if !ok {
 		p.stats.ICMPUnsent.Add(1)
 		return false
@@ -586,7 +586,7 @@ func (p *pipeline) encapOne(d xsk.Desc) (xsk.Desc, Drop) {
 	frag := 0 // > 0: pre-fragment to this inner size before sealing
 	if mtu := p.frag.mtu; mtu > 0 {
 		ol := 20
-		if !e.Local.Is4() {
+		if !e.Scope().Local.Is4() {
 			ol = 40
 		}
 		if e.LocalPort != 0 {
@@ -657,7 +657,7 @@ func (p *pipeline) sealWith(e *Slot, peer *Peer, d xsk.Desc, frame []byte, l3, n
 		e.Counters.Drops.Add(1)
 		return d, Drop(esp.ReasonOf(err))
 	}
-	o := esp.Outer{Src: e.Local, Dst: peer.Addr.Addr(), Encap: e.LocalPort != 0, SrcPort: e.LocalPort, DstPort: peer.Addr.Port(),
+	o := esp.Outer{Src: e.Scope().Local, Dst: peer.Addr.Addr(), Encap: e.LocalPort != 0, SrcPort: e.LocalPort, DstPort: peer.Addr.Port(),
 		TOS: tos, TTL: p.outerTTL}
 	if o.Src.Is4() {
 		o.ID = p.frag.nextIPID()

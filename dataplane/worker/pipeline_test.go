@@ -64,7 +64,7 @@ func newPipeFixture(t *testing.T) *pipeFixture {
 	gwOut := mustESP(t, pipeSPIOut, 0)
 	bind := NewBinding(Peer{Addr: netip.AddrPortFrom(pipePhone, 4500), MAC: pipePhHW, HasMAC: true})
 	f.in = &Slot{SA: gwIn, Dir: Inbound, InnerPeer: netip.PrefixFrom(pipeInner.Addr(), 32), Binding: bind}
-	f.out = &Slot{SA: gwOut, Dir: Outbound, Local: pipeGW, LocalPort: 4500,
+	f.out = &Slot{SA: gwOut, Dir: Outbound, scope: &Scope{Local: pipeGW}, LocalPort: 4500,
 		InnerPeer: netip.PrefixFrom(pipeInner.Addr(), 32), Binding: bind, index: 1}
 	f.p.table = []*Slot{f.in, f.out}
 	return f

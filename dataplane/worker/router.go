@@ -46,7 +46,7 @@ func (e *Slot) inSelectors(ip []byte) bool {
 	if e.InnerPeer.IsValid() && !e.InnerPeer.Contains(srcAddr(ip)) {
 		return false
 	}
-	if e.InnerLocal.IsValid() && !e.InnerLocal.Contains(dstAddr(ip)) {
+	if il := &e.Scope().InnerLocal; il.IsValid() && !il.Contains(dstAddr(ip)) {
 		return false
 	}
 	return e.l4Match(ip, e.PortPeer, e.PortLocal)
@@ -61,7 +61,7 @@ func (e *Slot) outSelectors(ip []byte) bool {
 	if k := e.selKey(); k.IsValid() && !k.Contains(dstAddr(ip)) {
 		return false
 	}
-	if e.InnerLocal.IsValid() && !e.InnerLocal.Contains(srcAddr(ip)) {
+	if il := &e.Scope().InnerLocal; il.IsValid() && !il.Contains(srcAddr(ip)) {
 		return false
 	}
 	return e.l4Match(ip, e.PortLocal, e.PortPeer)

@@ -82,7 +82,7 @@ func xlateOut(e *Slot, ip []byte) Drop {
 	if !e.Core.IsValid() {
 		return 0
 	}
-	if !rewriteAddr(ip, false, e.Inner) {
+	if !rewriteAddr(ip, false, e.inner()) {
 		return DropXlate
 	}
 	return 0
