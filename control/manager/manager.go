@@ -678,9 +678,9 @@ func (m *Manager) build(e sad.Record) (*installed, error) {
 	if s.Encap != nil {
 		ent.LocalPort = s.Encap.LocalPort
 	}
+	innerPeer := s.InnerPeer
 	if s.Direction == sa.In {
 		ent.Dir = worker.Inbound
-		ent.InnerPeer = s.InnerPeer
 	} else {
 		if m.o.Seq != nil {
 			// The configured peer, not the current binding: the binding
@@ -688,20 +688,19 @@ func (m *Manager) build(e sad.Record) (*installed, error) {
 			sl.seqKey = m.o.Seq.KeyFor("out", s.SPI, e.ID.Peer, s.Proposal.String(), s.EncKey, s.AuthKey)
 		}
 		ent.Dir = worker.Outbound
-		ent.InnerPeer = s.InnerPeer
-		if !ent.InnerPeer.IsValid() {
+		if !innerPeer.IsValid() {
 			// Transport mode: cleartext for the phone is addressed to the
 			// phone itself.
-			ent.InnerPeer = netip.PrefixFrom(s.Peer, s.Peer.BitLen())
+			innerPeer = netip.PrefixFrom(s.Peer, s.Peer.BitLen())
 		}
-		sl.policy = prefixKey(ent.InnerPeer)
+		sl.policy = prefixKey(innerPeer)
 		if s.Core.IsValid() {
 			sl.policy = coreKey(s.Core, s.Ports.Peer)
 		}
 	}
 	// The worker translates between the phone's inner address
 	// (InnerPeer's) and its core address (both directions).
-	ent.Core = s.Core
+	ent.SetSelectors(innerPeer, s.Core)
 	if s.Mode == sa.Transport {
 		// The gateway is the endpoint: segments go from the core address
 		// to inner.local's one address and back (dataplane/worker

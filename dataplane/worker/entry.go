@@ -39,10 +39,14 @@ type Slot struct {
 	// sealed packets instead of the inner packet's DSCP.
 	DSCP    uint8
 	FixDSCP bool
-	// dirty: inbound, its replay window may have changed since the last
-	// Dirty export; the entry is on the worker's dirty list. listed: the
-	// entry is on the worker's cipher list (idle.go). Worker thread only.
-	dirty, listed bool
+	// marks: markDirty, inbound, its replay window may have changed
+	// since the last Dirty export, the entry is on the worker's dirty
+	// list; markListed, the entry is on the worker's cipher list
+	// (idle.go). Worker thread only.
+	marks uint8
+	// ipBits is InnerPeer's length plus one (0: none); fams says the
+	// families of InnerPeer (famPeer4) and Core (famCore4, famCore6).
+	ipBits, fams uint8
 	// LocalPort is the UDP source port of outbound packets (RFC 3948); 0
 	// means plain ESP.
 	LocalPort uint16
@@ -65,21 +69,9 @@ type Slot struct {
 	// Scope.
 	scope *Scope
 
-	// InnerPeer is the phone's side of the SA's selectors (RFC 4301 5.2):
-	// inbound, the prefix inner source addresses must fall in, so one
-	// phone cannot inject packets that claim another's address; outbound,
-	// the prefix the cleartext destination must fall in, so a frame XDP
-	// steered to a slot just before it was reused for another phone's SA
-	// is dropped, never sealed for that phone. Invalid (zero) disables the
-	// check.
-	InnerPeer netip.Prefix
-	// Core is the phone's core address (docs/addressing.md), invalid when
-	// it has none; the phone's own inner address is then InnerPeer's (a
-	// single address, sa.SA guarantees it; see inner). Inbound, after
-	// every check, the inner source becomes Core; outbound, the cleartext
-	// must be addressed to Core (not InnerPeer), and Core becomes the
-	// inner address before sealing. See xlate.go.
-	Core netip.Addr
+	// innerPeer and core are InnerPeer's address and Core (SetSelectors),
+	// 16 bytes each (As16) where netip's forms take 32 and 24.
+	innerPeer, core [16]byte
 
 	// Limit is, for outbound SAs, the first sequence number the worker
 	// may not send: everything below it is durably reserved (seqstore),
@@ -125,11 +117,80 @@ func (e *Slot) Scope() *Scope {
 	return e.scope
 }
 
+// Slot.marks and Slot.fams bits.
+const (
+	markDirty = 1 << iota
+	markListed
+)
+
+const (
+	famPeer4 = 1 << iota
+	famCore4
+	famCore6
+)
+
+// SetSelectors sets the phone's side of the SA's selectors and its core
+// address (InnerPeer, Core; zones are not kept). Before Install only.
+func (e *Slot) SetSelectors(innerPeer netip.Prefix, core netip.Addr) {
+	e.ipBits, e.fams, e.innerPeer, e.core = 0, 0, [16]byte{}, [16]byte{}
+	if innerPeer.IsValid() {
+		e.ipBits, e.innerPeer = uint8(innerPeer.Bits()+1), innerPeer.Addr().As16()
+		if innerPeer.Addr().Is4() {
+			e.fams |= famPeer4
+		}
+	}
+	switch {
+	case core.Is4():
+		e.fams |= famCore4
+	case core.IsValid():
+		e.fams |= famCore6
+	}
+	if core.IsValid() {
+		e.core = core.As16()
+	}
+}
+
+// InnerPeer is the phone's side of the SA's selectors (RFC 4301 5.2):
+// inbound, the prefix inner source addresses must fall in, so one phone
+// cannot inject packets that claim another's address; outbound, the
+// prefix the cleartext destination must fall in, so a frame XDP steered
+// to a slot just before it was reused for another phone's SA is dropped,
+// never sealed for that phone. Invalid (zero) disables the check.
+func (e *Slot) InnerPeer() netip.Prefix {
+	if e.ipBits == 0 {
+		return netip.Prefix{}
+	}
+	a := netip.AddrFrom16(e.innerPeer)
+	if e.fams&famPeer4 != 0 {
+		a = netip.AddrFrom4([4]byte(e.innerPeer[12:]))
+	}
+	return netip.PrefixFrom(a, int(e.ipBits)-1)
+}
+
+// Core is the phone's core address (docs/addressing.md), invalid when it
+// has none; the phone's own inner address is then InnerPeer's (a single
+// address, sa.SA guarantees it; see inner). Inbound, after every check,
+// the inner source becomes Core; outbound, the cleartext must be
+// addressed to Core (not InnerPeer), and Core becomes the inner address
+// before sealing. See xlate.go.
+func (e *Slot) Core() netip.Addr {
+	switch {
+	case e.fams&famCore4 != 0:
+		return netip.AddrFrom4([4]byte(e.core[12:]))
+	case e.fams&famCore6 != 0:
+		return netip.AddrFrom16(e.core)
+	}
+	return netip.Addr{}
+}
+
+// hasCore says whether the SA has a core address (Core is valid).
+func (e *Slot) hasCore() bool { return e.fams&(famCore4|famCore6) != 0 }
+
 // inner is the phone's own inner address, which the core address stands
 // for (valid only when Core is): InnerPeer's one address.
-func (e *Slot) inner() netip.Addr { return e.InnerPeer.Addr() }
+func (e *Slot) inner() netip.Addr { return e.InnerPeer().Addr() }
 
-// slotAndSA is a Slot and its Transform in one allocation (NewSlot): 320
+// slotAndSA is a Slot and its Transform in one allocation (NewSlot): 288
 // bytes with the replay window's words allocated apart, on the SA's first
 // authenticated packet (esp.ReplayWindow), so an SA that never carried a
 // packet keeps none.
@@ -288,7 +349,7 @@ type BindingChange struct {
 // so the list is bounded by the table and a busy SA costs one branch per
 // packet.
 func (p *pipeline) markDirty(e *Slot) {
-	e.dirty = true
+	e.marks |= markDirty
 	p.dirty = append(p.dirty, e.index)
 }
 
@@ -301,7 +362,7 @@ func (p *pipeline) takeDirty(f func(table []*Slot, slots []uint32)) {
 	slots := p.dirty[:n]
 	for _, i := range slots {
 		if int(i) < len(p.table) && p.table[i] != nil {
-			p.table[i].dirty = false
+			p.table[i].marks &^= markDirty
 		}
 	}
 	f(p.table, slots)

@@ -299,7 +299,7 @@ func (p *pipeline) decapOne(d xsk.Desc) (xsk.Desc, Drop) {
 		return d, Drop(r)
 	}
 	// Open moved the replay window: the next snapshot exports it.
-	if !e.dirty {
+	if e.marks&markDirty == 0 {
 		p.markDirty(e)
 	}
 	ip := pk.IP

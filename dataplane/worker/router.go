@@ -43,7 +43,7 @@ func (e *Slot) l4Match(ip []byte, srcSel, dstSel uint16) bool {
 // authenticated phone could reach any host on the core side, or claim
 // another phone's address.
 func (e *Slot) inSelectors(ip []byte) bool {
-	if e.InnerPeer.IsValid() && !e.InnerPeer.Contains(srcAddr(ip)) {
+	if e.ipBits != 0 && !e.InnerPeer().Contains(srcAddr(ip)) {
 		return false
 	}
 	if il := &e.Scope().InnerLocal; il.IsValid() && !il.Contains(dstAddr(ip)) {

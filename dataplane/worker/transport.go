@@ -36,10 +36,10 @@ func (e *Slot) transportInPorts(ip []byte) bool {
 // gateway is the transport endpoint and originates the packet toward the
 // core (the access network's hop count is not the core's business).
 func (p *pipeline) transportIn(e *Slot, ip []byte) Drop {
-	if !e.Core.IsValid() || !e.Scope().Dest.IsValid() {
+	if !e.hasCore() || !e.Scope().Dest.IsValid() {
 		return DropXlate // refused at config time; never forward half-addressed
 	}
-	if !rewriteAddr(ip, true, e.Core) || !rewriteAddr(ip, false, e.Scope().Dest) {
+	if !rewriteAddr(ip, true, e.Core()) || !rewriteAddr(ip, false, e.Scope().Dest) {
 		return DropXlate
 	}
 	setTTL(ip, p.ttl())
