@@ -256,6 +256,10 @@ type Peer struct {
 // so readers on other goroutines always see a consistent value.
 type Binding struct {
 	v atomic.Pointer[Peer]
+	// out is the first outbound entry installed with this binding: where
+	// an ICMP error for the phone is sealed (pipeline.track). The SAs
+	// sharing a binding live on one worker; only its thread uses out.
+	out *Slot
 }
 
 // NewBinding starts a binding at the configured peer.
