@@ -1,6 +1,7 @@
 package worker
 
 import (
+	"math/rand/v2"
 	"net/netip"
 	"testing"
 	"unsafe"
@@ -68,5 +69,72 @@ func TestScopeInterned(t *testing.T) {
 	}
 	if z.scope != nil || *z.Scope() != (Scope{}) {
 		t.Fatalf("zero scope: %p %+v", z.scope, *z.Scope())
+	}
+}
+
+// within answers as netip.Prefix.Contains of srcAddr/dstAddr does, for
+// prefixes of every length and family (IPv4-mapped IPv6 included) against
+// IPv4 and IPv6 packets whose addresses share a random number of bits
+// with the prefix.
+func TestWithinIsContains(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	rnd16 := func() (b [16]byte) {
+		for i := range b {
+			b[i] = byte(rng.Uint32())
+		}
+		return b
+	}
+	for i := 0; i < 200000; i++ {
+		base := rnd16()
+		var p netip.Prefix
+		switch rng.IntN(3) {
+		case 0:
+			p = netip.PrefixFrom(netip.AddrFrom4([4]byte(base[12:])), rng.IntN(33))
+		case 1:
+			p = netip.PrefixFrom(netip.AddrFrom16(base), rng.IntN(129))
+		default:
+			m := base
+			copy(m[:12], []byte{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff})
+			p = netip.PrefixFrom(netip.AddrFrom16(m), 96+rng.IntN(33))
+		}
+		// The packet's address: the prefix's with a random tail flipped.
+		a := p.Addr().As16()
+		if k := rng.IntN(129); k < 128 {
+			a[k/8] ^= 1 << (7 - k%8)
+		}
+		var ip []byte
+		var addr netip.Addr
+		if rng.IntN(2) == 0 {
+			ip = make([]byte, 20)
+			ip[0] = 0x45
+			addr = netip.AddrFrom4([4]byte(a[12:]))
+		} else {
+			ip = make([]byte, 40)
+			ip[0] = 0x60
+			addr = netip.AddrFrom16(a)
+		}
+		dst := rng.IntN(2) == 0
+		if ip[0]>>4 == 4 {
+			off := 12
+			if dst {
+				off = 16
+			}
+			copy(ip[off:], a[12:])
+		} else {
+			off := 8
+			if dst {
+				off = 24
+			}
+			copy(ip[off:], a[:])
+		}
+		var e Slot
+		e.SetSelectors(p, netip.Addr{})
+		got := within(ip, dst, &e.innerPeer, e.fams&famPeer4 != 0, int(e.ipBits)-1)
+		if want := p.Contains(addr); got != want {
+			t.Fatalf("%v contains %v (dst %v): within %v, netip %v", p, addr, dst, got, want)
+		}
+	}
+	if within(nil, false, &[16]byte{}, true, 0) || within([]byte{0x45, 0}, true, &[16]byte{}, true, 0) {
+		t.Fatal("short packets are within")
 	}
 }
