@@ -29,8 +29,8 @@ const apiSAsFile = "api-sas"
 // a record per SA that changed since the last flush, found through the
 // SAD's change feed, so an API call costs the same with ten SAs or a
 // million. In memory it keeps no SA's encoding, only which SAs the store
-// holds and a 63-bit fingerprint of each one's entry (held: 32 bytes of
-// map slot per SA, no pointers), enough to tell a change that alters the
+// holds and a 63-bit fingerprint of each one's entry (held: 16 bytes of
+// map slot per inbound SA, 32 per outbound, no pointers), enough to tell a change that alters the
 // entry from one that does not (a binding, a state), and an SA that needs
 // a delete record from one the store never held.
 //
@@ -53,7 +53,7 @@ type apiSAs struct {
 	// held is, per SA the store holds, the fingerprint of its entry
 	// (fingerprint) in the low 63 bits and the mark of the last sweep
 	// that saw it in the top bit (see mark).
-	held map[sa.Key]uint64
+	held heldSet
 	// mark is the top bit the current sweep sets on what it sees: a
 	// sweep flips it, marks every SA it lists, and what is left with the
 	// old mark is gone from the SAD.
@@ -119,7 +119,7 @@ func (p *apiSAs) setEtcd(src *etcdsrc.Source) {
 
 func newAPISAs(g *Gateway) *apiSAs {
 	p := &apiSAs{g: g, path: filepath.Join(g.Config.StateDir, apiSAsFile), config: make(map[sa.Key]int32, len(g.Config.SAList)),
-		held: map[sa.Key]uint64{}, seed: maphash.MakeSeed()}
+		held: newHeldSet(), seed: maphash.MakeSeed()}
 	for i := range g.Config.SAList {
 		p.config[g.Config.SAList[i].ID().Key()] = int32(i)
 	}
@@ -137,7 +137,7 @@ func (p *apiSAs) hold(sas []sa.SA) {
 	for i := range sas {
 		p.enc = sastore.AppendSA(p.enc[:0], &sas[i])
 		p.encodes++
-		p.held[sas[i].ID().Key()] = p.fingerprint(p.enc) | p.mark
+		p.held.put(sas[i].ID().Key(), p.fingerprint(p.enc)|p.mark)
 	}
 }
 
@@ -241,7 +241,7 @@ func (p *apiSAs) flush(version uint64) error {
 		// The feed dropped changes this store has not seen. When most
 		// of the SAD is new to the store, a new snapshot is cheaper than
 		// records the journal would soon be compacted from.
-		if changed := p.g.SAD.ChangedSince(p.saved); changed > 1024 && changed >= len(p.held) {
+		if changed := p.g.SAD.ChangedSince(p.saved); changed > 1024 && changed >= p.held.len() {
 			return p.compact(etcd, true)
 		}
 		if v, err = p.resync(etcd); err != nil {
@@ -276,8 +276,8 @@ func (p *apiSAs) resync(etcd map[sa.ID]bool) (uint64, error) {
 		for i := range p.buf {
 			e := &p.buf[i]
 			k := e.ID.Key()
-			if f, had := p.held[k]; had {
-				p.held[k] = f&^markBit | p.mark
+			if f, had := p.held.get(k); had {
+				p.held.put(k, f&^markBit|p.mark)
 			}
 			if e.Version <= p.saved {
 				continue // the store holds it as it is, or rightly lacks it
@@ -292,12 +292,13 @@ func (p *apiSAs) resync(etcd map[sa.ID]bool) (uint64, error) {
 		}
 	}
 	clear(p.buf) // do not keep key slices of deleted SAs alive
-	for k, f := range p.held {
+	if err := p.held.each(func(k sa.Key, f uint64) error {
 		if f&markBit != p.mark {
-			if err := p.diff(k, nil, false, etcd); err != nil {
-				return 0, err
-			}
+			return p.diff(k, nil, false, etcd)
 		}
+		return nil
+	}); err != nil {
+		return 0, err
 	}
 	return v, nil
 }
@@ -305,7 +306,7 @@ func (p *apiSAs) resync(etcd map[sa.ID]bool) (uint64, error) {
 // diff appends the record (if any) that brings the store's entry for k
 // to the SAD's entry e (ok: e exists). Records are appended in chunks.
 func (p *apiSAs) diff(k sa.Key, e *sad.Record, ok bool, etcd map[sa.ID]bool) error {
-	old, had := p.held[k]
+	old, had := p.held.get(k)
 	if ok && p.keep(e, etcd) {
 		p.enc = sastore.AppendSA(p.enc[:0], &e.SA)
 		p.encodes++
@@ -333,13 +334,13 @@ func (p *apiSAs) commit() error {
 		return err
 	}
 	for _, c := range p.pend {
-		if _, had := p.held[c.k]; had {
+		if _, had := p.held.get(c.k); had {
 			p.stale = true // the old entry's keys are still on disk
 		}
 		if c.del {
-			delete(p.held, c.k)
+			p.held.del(c.k)
 		} else {
-			p.held[c.k] = c.fp | p.mark
+			p.held.put(c.k, c.fp|p.mark)
 		}
 	}
 	if cap(p.recs) > appendChunk*2 {
@@ -369,13 +370,13 @@ func (p *apiSAs) compact(etcd map[sa.ID]bool, all bool) error {
 			for i := range p.buf {
 				e := &p.buf[i]
 				k := e.ID.Key()
-				if _, had := p.held[k]; all && !p.keep(e, etcd) || !all && !had {
+				if _, had := p.held.get(k); all && !p.keep(e, etcd) || !all && !had {
 					continue
 				}
 				p.enc = sastore.AppendSA(p.enc[:0], &e.SA)
 				p.encodes++
 				put(p.enc)
-				p.held[k] = p.fingerprint(p.enc) | p.mark
+				p.held.put(k, p.fingerprint(p.enc)|p.mark)
 			}
 			if cur == 0 {
 				return nil
@@ -386,14 +387,79 @@ func (p *apiSAs) compact(etcd map[sa.ID]bool, all bool) error {
 	if err != nil {
 		return err
 	}
-	for k, f := range p.held {
+	_ = p.held.each(func(k sa.Key, f uint64) error {
 		if f&markBit != p.mark {
-			delete(p.held, k)
+			p.held.del(k)
 		}
-	}
+		return nil
+	})
 	p.rewrite, p.stale = false, false
 	if all {
 		p.saved = max(p.saved, v)
+	}
+	return nil
+}
+
+// heldSet is apiSAs.held: a fingerprint per SA. Inbound SAs, whose
+// identity is their SPI alone, are keyed by it (16 bytes of map slot),
+// the others by their whole Key (32).
+type heldSet struct {
+	in  map[uint32]uint64
+	out map[sa.Key]uint64
+}
+
+func newHeldSet() heldSet {
+	return heldSet{in: map[uint32]uint64{}, out: map[sa.Key]uint64{}}
+}
+
+// inSPI returns k's SPI when k is an inbound identity: (in, SPI), no peer.
+func inSPI(k sa.Key) (uint32, bool) {
+	id := k.ID()
+	if id.Dir != sa.In || id.Peer.IsValid() {
+		return 0, false
+	}
+	return id.SPI, true
+}
+
+func (h *heldSet) get(k sa.Key) (uint64, bool) {
+	if spi, ok := inSPI(k); ok {
+		f, had := h.in[spi]
+		return f, had
+	}
+	f, had := h.out[k]
+	return f, had
+}
+
+func (h *heldSet) put(k sa.Key, f uint64) {
+	if spi, ok := inSPI(k); ok {
+		h.in[spi] = f
+		return
+	}
+	h.out[k] = f
+}
+
+func (h *heldSet) del(k sa.Key) {
+	if spi, ok := inSPI(k); ok {
+		delete(h.in, spi)
+		return
+	}
+	delete(h.out, k)
+}
+
+func (h *heldSet) len() int { return len(h.in) + len(h.out) }
+
+// each calls f for every SA held until f fails; f may delete (del) the
+// SA it is given, or others.
+func (h *heldSet) each(f func(k sa.Key, fp uint64) error) error {
+	for spi, fp := range h.in {
+		if err := f(sa.ID{Dir: sa.In, SPI: spi}.Key(), fp); err != nil {
+			return err
+		}
+	}
+	for k, fp := range h.out {
+		if err := f(k, fp); err != nil {
+			return err
+		}
 	}
 	return nil
 }

@@ -215,8 +215,8 @@ func TestAPISAsFeedOverrun(t *testing.T) {
 		if !reflect.DeepEqual(got, want) {
 			t.Fatalf("%s: the store holds %d SAs, the SAD %d (or they differ)", what, len(got), len(want))
 		}
-		if len(p.held) != len(want) {
-			t.Fatalf("%s: %d SAs held, %d in the SAD", what, len(p.held), len(want))
+		if p.held.len() != len(want) {
+			t.Fatalf("%s: %d SAs held, %d in the SAD", what, p.held.len(), len(want))
 		}
 	}
 	if err := p.flush(d.Version()); err != nil {
@@ -292,4 +292,42 @@ func TestAPISAsFeedOverrun(t *testing.T) {
 
 func sortSAs(sas []sa.SA) {
 	sort.Slice(sas, func(i, j int) bool { return sas[i].SPI < sas[j].SPI })
+}
+
+// heldSet keeps inbound SAs by SPI and the others by their whole key,
+// and gives every one back as the key it was put with, an outbound SA
+// with the same SPI as an inbound one included.
+func TestHeldSet(t *testing.T) {
+	h := newHeldSet()
+	in := sa.ID{Dir: sa.In, SPI: 0x1001}.Key()
+	out := sa.ID{Dir: sa.Out, SPI: 0x1001, Peer: netip.MustParseAddrPort("192.0.2.10:4500")}.Key()
+	out6 := sa.ID{Dir: sa.Out, SPI: 0x1002, Peer: netip.MustParseAddrPort("[2001:db8::1]:0")}.Key()
+	h.put(in, 1)
+	h.put(out, 2)
+	h.put(out6, 3)
+	if len(h.in) != 1 || len(h.out) != 2 || h.len() != 3 {
+		t.Fatalf("in %d out %d", len(h.in), len(h.out))
+	}
+	for k, want := range map[sa.Key]uint64{in: 1, out: 2, out6: 3} {
+		if f, ok := h.get(k); !ok || f != want {
+			t.Fatalf("get %v: %d %v, want %d", k.ID(), f, ok, want)
+		}
+	}
+	seen := map[sa.Key]uint64{}
+	if err := h.each(func(k sa.Key, f uint64) error {
+		seen[k] = f
+		if f == 2 {
+			h.del(k)
+		}
+		return nil
+	}); err != nil || len(seen) != 3 || seen[in] != 1 || seen[out] != 2 || seen[out6] != 3 {
+		t.Fatalf("each: %v %v", seen, err)
+	}
+	if _, ok := h.get(out); ok || h.len() != 2 {
+		t.Fatal("deleted during each, still held")
+	}
+	h.del(in)
+	if _, ok := h.get(in); ok || h.len() != 1 {
+		t.Fatal("inbound delete")
+	}
 }

@@ -510,7 +510,10 @@ func BenchmarkLoadSAs(b *testing.B) {
 	if testing.Short() {
 		b.Skip("loads 2,000,000 SAs; skipped under -short")
 	}
-	const pairs = 1_000_000
+	pairs := 1_000_000
+	if v, err := strconv.Atoi(os.Getenv("XESP_LOAD_PAIRS")); err == nil && v > 0 {
+		pairs = v // XESP_LOAD_PAIRS: fewer pairs for iterating on the heap figure
+	}
 	tp := newBenchTopo(b)
 	g := tp.start(b, 1, "")
 	if g.Config.MaxSAs < pairs {
@@ -601,6 +604,20 @@ func BenchmarkLoadSAs(b *testing.B) {
 	b.ReportMetric(float64(total)/tSync.Seconds(), "manager_sync_SAs/s")
 	b.ReportMetric(float64(total)/(tSAD+tSync).Seconds(), "total_SAs/s")
 	b.ReportMetric(float64(int64(m1.HeapInuse)-int64(m0.HeapInuse))/float64(total), "heap_B/SA")
+	// The live bytes alone: heap_B/SA minus this is what half-empty spans
+	// cost (garbage of a size class allocated in step with live objects
+	// of that class; docs/architecture.md "Per-SA state").
+	b.ReportMetric(float64(int64(m1.HeapAlloc)-int64(m0.HeapAlloc))/float64(total), "heap_live_B/SA")
+	if os.Getenv("XESP_HEAPDEBUG") != "" {
+		// Live objects per size class, the ones that add up per SA.
+		for i := range m1.BySize {
+			c1, c0 := m1.BySize[i], m0.BySize[i]
+			live := int64(c1.Mallocs-c1.Frees) - int64(c0.Mallocs-c0.Frees)
+			if live*int64(c1.Size) > int64(total)*2 {
+				b.Logf("class %5d: live %9d objs %8.1f B/SA", c1.Size, live, float64(live*int64(c1.Size))/float64(total))
+			}
+		}
+	}
 	var kernel uint64
 	for _, m := range []*ebpf.Map{g.Maps.SAs.Map(), g.Maps.Policies.Map()} {
 		if info, err := m.Info(); err == nil {

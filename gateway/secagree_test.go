@@ -651,6 +651,13 @@ func TestSecAgreeRegistrationThroughNAPT(t *testing.T) {
 		if c.Binding.Addr.Addr() != saNAPTWAN || c.Binding.Addr.Port() == r.observed.Port() {
 			t.Fatalf("%s: out-c binding %+v; the ESP socket's NAPT mapping differs from the REGISTER's %s", ph.name, c.Binding, r.observed)
 		}
+		// The worker moves the binding at once; the SAD, which the API
+		// shows, learns it from the manager's event loop afterwards: wait
+		// for that outcome (a loaded host may take a while), not a time.
+		for deadline := time.Now().Add(5 * time.Second); inS.Binding != c.Binding.Addr.String() && time.Now().Before(deadline); {
+			time.Sleep(10 * time.Millisecond)
+			inS = view(ph.name + ".in-s")
+		}
 		if inS.Binding != c.Binding.Addr.String() {
 			t.Fatalf("%s: in-s binding %s, out-c %+v: one pair group shares one binding", ph.name, inS.Binding, c.Binding)
 		}

@@ -47,7 +47,7 @@ func TestCoreEntries(t *testing.T) {
 	if k, err := f.maps.Cores.Kinds(); err != nil || k != bpf.CoreFlagPort {
 		t.Fatalf("core_cfg flags %#x (%v), want only the port kind", k, err)
 	}
-	if w := f.w.entry(int(e1.Worker), e1.Index); w == nil || w.Core != core || w.Inner != netip.MustParseAddr("192.168.1.10") {
+	if w := f.w.entry(int(e1.Worker), e1.Index); w == nil || w.Core() != core || w.InnerPeer() != netip.MustParsePrefix("192.168.1.10/32") {
 		t.Fatalf("worker entry %+v", w)
 	}
 	if _, err := f.d.Delete(out2.ID()); err != nil {

@@ -810,15 +810,17 @@ func (m *Manager) build(e *sad.Record) (*installed, error) {
 		return nil, err
 	}
 	sl := &installed{key: keyOf(e.ID), worker: e.Worker, index: e.Index, encap: s.Encap != nil}
-	ent.Local, ent.PortLocal, ent.PortPeer = s.Local, s.Ports.Local, s.Ports.Peer
-	ent.InnerLocal, ent.Proto, ent.DSCP, ent.FixDSCP = s.InnerLocal, s.Ports.Proto, s.DSCP, s.HasDSCP
-	ent.HardPackets, ent.HardBytes = s.Lifetime.HardPackets, s.Lifetime.HardBytes
+	// What the gateway's SAs share is interned (worker.Scope).
+	scope := worker.Scope{Local: s.Local, InnerLocal: s.InnerLocal,
+		HardPackets: s.Lifetime.HardPackets, HardBytes: s.Lifetime.HardBytes}
+	ent.PortLocal, ent.PortPeer = s.Ports.Local, s.Ports.Peer
+	ent.Proto, ent.DSCP, ent.FixDSCP = s.Ports.Proto, s.DSCP, s.HasDSCP
 	if s.Encap != nil {
 		ent.LocalPort = s.Encap.LocalPort
 	}
+	innerPeer := s.InnerPeer
 	if s.Direction == sa.In {
 		ent.Dir = worker.Inbound
-		ent.InnerPeer = s.InnerPeer
 	} else {
 		if m.o.Seq != nil {
 			// The configured peer, not the current binding: the binding
@@ -826,31 +828,29 @@ func (m *Manager) build(e *sad.Record) (*installed, error) {
 			sl.seqKey = m.o.Seq.KeyFor("out", s.SPI, e.ID.Peer, s.Proposal.String(), s.EncKey, s.AuthKey)
 		}
 		ent.Dir = worker.Outbound
-		ent.InnerPeer = s.InnerPeer
-		if !ent.InnerPeer.IsValid() {
+		if !innerPeer.IsValid() {
 			// Transport mode: cleartext for the phone is addressed to the
 			// phone itself.
-			ent.InnerPeer = netip.PrefixFrom(s.Peer, s.Peer.BitLen())
+			innerPeer = netip.PrefixFrom(s.Peer, s.Peer.BitLen())
 		}
-		sl.policy = prefixKey(ent.InnerPeer)
+		sl.policy = prefixKey(innerPeer)
 		if s.Core.IsValid() {
 			sl.policy = coreKey(s.Core, s.Ports.Peer)
 		}
 	}
-	// The worker translates between the phone's inner address and its
-	// core address (both directions).
-	if s.Core.IsValid() {
-		ent.Core, ent.Inner = s.Core, s.InnerPeer.Addr()
-	}
+	// The worker translates between the phone's inner address
+	// (InnerPeer's) and its core address (both directions).
+	ent.SetSelectors(innerPeer, s.Core)
 	if s.Mode == sa.Transport {
 		// The gateway is the endpoint: segments go from the core address
 		// to inner.local's one address and back (dataplane/worker
 		// transport.go); the SAD made sure both are set.
-		ent.Transport, ent.Inner = true, netip.Addr{}
+		ent.Transport = true
 		if s.Direction == sa.In {
-			ent.Dest = s.InnerLocal.Addr()
+			scope.Dest = s.InnerLocal.Addr()
 		}
 	}
+	ent.SetScope(scope)
 	if m.o.Restore != nil {
 		m.o.Restore(e.ID, s, ent)
 	}

@@ -45,8 +45,8 @@ func (r *recWorkers) Send(_ context.Context, w int, cmds []worker.Command) error
 			}
 		}
 		if c.Entry == nil && old != nil && old.Dir == worker.Outbound {
-			if p, err := r.maps.Policies.Lookup(old.InnerPeer.Addr()); err == nil && int(p.Worker) == w && p.SaIndex == c.Index {
-				r.t.Errorf("worker %d slot %d uninstalled while XDP still steers %s to it", w, c.Index, old.InnerPeer)
+			if p, err := r.maps.Policies.Lookup(old.InnerPeer().Addr()); err == nil && int(p.Worker) == w && p.SaIndex == c.Index {
+				r.t.Errorf("worker %d slot %d uninstalled while XDP still steers %s to it", w, c.Index, old.InnerPeer())
 			}
 		}
 		if c.Entry == nil && old != nil && (!c.Drain || c.Done == nil) {
@@ -168,8 +168,8 @@ func TestAddPublishesAfterInstall(t *testing.T) {
 	if wi == nil || wo == nil || wi.Dir != worker.Inbound || wo.Dir != worker.Outbound || wi.Binding != wo.Binding {
 		t.Fatalf("worker entries %+v %+v: want in/out sharing one binding", wi, wo)
 	}
-	if wi.InnerPeer != in.InnerPeer || wo.Local != gwAddr || wo.LocalPort != 4500 {
-		t.Fatalf("entry fields: inner %v local %v:%d", wi.InnerPeer, wo.Local, wo.LocalPort)
+	if wi.InnerPeer() != in.InnerPeer || wo.Scope().Local != gwAddr || wo.LocalPort != 4500 {
+		t.Fatalf("entry fields: inner %v local %v:%d", wi.InnerPeer(), wo.Scope().Local, wo.LocalPort)
 	}
 	if f.m.Installed() != 2 {
 		t.Fatalf("installed %d", f.m.Installed())

@@ -3,6 +3,7 @@ package sa
 import (
 	"fmt"
 	"net/netip"
+	"unique"
 )
 
 // Selector is what an outbound SA claims of the cleartext leaving toward
@@ -94,24 +95,35 @@ func (e *OverlapError) Error() string {
 type OutIndex[V comparable] struct {
 	// byLen[fam][bits] holds the SAs whose destination prefix has that
 	// length, keyed by the prefix's address (As16; the length and family
-	// are the map's); fam is 0 for IPv4, 1 for IPv6. Keys and items hold
-	// no pointers but V: a million entries cost the GC little.
+	// are the map's); fam is 0 for IPv4, 1 for IPv6. A destination's
+	// first SA lives in the map slot itself: 48 bytes of slot for the
+	// usual destination of one SA, no allocation of its own.
 	byLen [2][129]map[[16]byte]outBucket[V]
 	lens  [2][129]int // entries per length, to skip empty ones
+	// lastSrc is the source prefix interned last and its handle: a
+	// config load repeats one (unique.Make is a lookup of its own).
+	lastSrc netip.Prefix
+	lastH   unique.Handle[netip.Prefix]
 }
 
 // bucketList is how many SAs of one destination a bucket keeps in a list
 // before it indexes them by ports: most destinations have one (a phone's
-// core address or inner address), and a list of one costs 32 bytes where
-// a map costs hundreds.
+// core address or inner address), and a list costs less than a map.
 const bucketList = 16
 
-// outBucket holds the SAs of one destination prefix: a list while they
-// are few, else by their exact port selectors. Many phones may share one
-// destination without core addresses (all on 192.168.1.10, told apart by
-// the P-CSCF's ports): a query with both ports set then probes the four
-// keys that can overlap it instead of scanning them all.
+// outBucket holds the SAs of one destination prefix: the one SA most
+// destinations have inline (one), else all of them in more.
 type outBucket[V comparable] struct {
+	one  outItem[V] // while more is nil
+	more *outMore[V]
+}
+
+// outMore holds the SAs of a destination that has several: a list while
+// they are few, else by their exact port selectors. Many phones may share
+// one destination without core addresses (all on 192.168.1.10, told apart
+// by the P-CSCF's ports): a query with both ports set then probes the
+// four keys that can overlap it instead of scanning them all.
+type outMore[V comparable] struct {
 	list    []outItem[V] // nil once byPorts is used
 	byPorts map[portPair][]outItem[V]
 }
@@ -131,19 +143,21 @@ func fam(p netip.Prefix) int {
 }
 
 // outItem is one SA of a bucket: its selector without the destination
-// (the bucket's), the source prefix in 18 bytes.
+// (the bucket's). The source prefix, which the SAs of a gateway share
+// (the core network), is interned: 8 bytes, zero for any.
 type outItem[V comparable] struct {
-	src     [16]byte
-	srcBits uint8 // prefix length + 1; 0: any
-	src6    bool
-	ports   Ports
-	v       V
+	src   unique.Handle[netip.Prefix]
+	ports Ports
+	v     V
 }
 
-func itemOf[V comparable](sel Selector, v V) outItem[V] {
+func (x *OutIndex[V]) itemOf(sel Selector, v V) outItem[V] {
 	it := outItem[V]{ports: sel.Ports, v: v}
 	if sel.Src.IsValid() {
-		it.src, it.srcBits, it.src6 = sel.Src.Addr().As16(), uint8(sel.Src.Bits()+1), !sel.Src.Addr().Is4()
+		if sel.Src != x.lastSrc {
+			x.lastSrc, x.lastH = sel.Src, unique.Make(sel.Src)
+		}
+		it.src = x.lastH
 	}
 	return it
 }
@@ -151,12 +165,8 @@ func itemOf[V comparable](sel Selector, v V) outItem[V] {
 // selector rebuilds the item's selector, dst being its bucket's prefix.
 func (it *outItem[V]) selector(dst netip.Prefix) Selector {
 	sel := Selector{Dst: dst, Ports: it.ports}
-	if it.srcBits != 0 {
-		a := netip.AddrFrom16(it.src)
-		if !it.src6 {
-			a = a.Unmap()
-		}
-		sel.Src = netip.PrefixFrom(a, int(it.srcBits)-1)
+	if it.src != (unique.Handle[netip.Prefix]{}) {
+		sel.Src = it.src.Value()
 	}
 	return sel
 }
@@ -168,6 +178,23 @@ func keyAddr(k [16]byte, f int) netip.Addr {
 	return netip.AddrFrom16(k)
 }
 
+// add puts it in m, whose byPorts has the items once there are more
+// than bucketList.
+func (m *outMore[V]) add(it outItem[V]) {
+	switch {
+	case m.byPorts != nil:
+		m.byPorts[pairOf(it.ports)] = append(m.byPorts[pairOf(it.ports)], it)
+	case len(m.list) < bucketList:
+		m.list = append(m.list, it)
+	default:
+		m.byPorts = make(map[portPair][]outItem[V], len(m.list)+1)
+		for _, o := range append(m.list, it) {
+			m.byPorts[pairOf(o.ports)] = append(m.byPorts[pairOf(o.ports)], o)
+		}
+		m.list = nil
+	}
+}
+
 // Add records v with selector sel.
 func (x *OutIndex[V]) Add(sel Selector, v V) {
 	f, b := fam(sel.Dst), sel.Dst.Bits()
@@ -177,19 +204,16 @@ func (x *OutIndex[V]) Add(sel Selector, v V) {
 		x.byLen[f][b] = m
 	}
 	k := sel.Dst.Addr().As16()
-	bk := m[k]
-	it := itemOf(sel, v)
+	it := x.itemOf(sel, v)
+	bk, ok := m[k]
 	switch {
-	case bk.byPorts != nil:
-		bk.byPorts[pairOf(sel.Ports)] = append(bk.byPorts[pairOf(sel.Ports)], it)
-	case len(bk.list) < bucketList:
-		bk.list = append(bk.list, it)
+	case !ok:
+		bk.one = it
+	case bk.more == nil:
+		bk.more = &outMore[V]{list: []outItem[V]{bk.one, it}}
+		bk.one = outItem[V]{}
 	default:
-		bk.byPorts = make(map[portPair][]outItem[V], len(bk.list)+1)
-		for _, o := range append(bk.list, it) {
-			bk.byPorts[pairOf(o.ports)] = append(bk.byPorts[pairOf(o.ports)], o)
-		}
-		bk.list = nil
+		bk.more.add(it)
 	}
 	m[k] = bk
 	x.lens[f][b]++
@@ -217,25 +241,34 @@ func (x *OutIndex[V]) Remove(sel Selector, v V) {
 	if !ok {
 		return
 	}
+	if bk.more == nil {
+		if bk.one.v == v {
+			delete(m, k)
+			x.lens[f][b]--
+		}
+		return
+	}
 	var removed bool
-	if bk.byPorts != nil {
+	mo := bk.more
+	if mo.byPorts != nil {
 		pp := pairOf(sel.Ports)
 		var list []outItem[V]
-		if list, removed = removeItem(bk.byPorts[pp], v); len(list) == 0 {
-			delete(bk.byPorts, pp)
+		if list, removed = removeItem(mo.byPorts[pp], v); len(list) == 0 {
+			delete(mo.byPorts, pp)
 		} else {
-			bk.byPorts[pp] = list
+			mo.byPorts[pp] = list
 		}
 	} else {
-		bk.list, removed = removeItem(bk.list, v)
+		mo.list, removed = removeItem(mo.list, v)
 	}
 	if removed {
 		x.lens[f][b]--
 	}
-	if len(bk.list) == 0 && len(bk.byPorts) == 0 {
+	switch {
+	case len(mo.list) == 0 && len(mo.byPorts) == 0:
 		delete(m, k)
-	} else {
-		m[k] = bk
+	case len(mo.list) == 1 && mo.byPorts == nil:
+		m[k] = outBucket[V]{one: mo.list[0]} // back inline
 	}
 }
 
@@ -245,11 +278,16 @@ func (x *OutIndex[V]) Any(dst netip.Prefix) (V, bool) {
 	if !dst.IsValid() {
 		return zero, false
 	}
-	bk := x.byLen[fam(dst)][dst.Bits()][dst.Addr().As16()]
-	if len(bk.list) > 0 {
-		return bk.list[0].v, true
+	bk, ok := x.byLen[fam(dst)][dst.Bits()][dst.Addr().As16()]
+	switch {
+	case !ok:
+		return zero, false
+	case bk.more == nil:
+		return bk.one.v, true
+	case len(bk.more.list) > 0:
+		return bk.more.list[0].v, true
 	}
-	for _, list := range bk.byPorts {
+	for _, list := range bk.more.byPorts {
 		if len(list) > 0 {
 			return list[0].v, true
 		}
@@ -269,18 +307,23 @@ func (bk *outBucket[V]) conflict(dst netip.Prefix, sel Selector, skip func(V) bo
 		var zero V
 		return zero, Selector{}, false
 	}
-	if bk.byPorts == nil {
-		return check(bk.list)
+	mo := bk.more
+	switch {
+	case mo == nil:
+		one := [1]outItem[V]{bk.one}
+		return check(one[:])
+	case mo.byPorts == nil:
+		return check(mo.list)
 	}
 	if l, p := sel.Ports.Local, sel.Ports.Peer; l != 0 && p != 0 {
 		// Only these four port keys can overlap (l, p).
 		for _, k := range [4]portPair{{l, p}, {0, p}, {l, 0}, {0, 0}} {
-			if v, o, ok := check(bk.byPorts[k]); ok {
+			if v, o, ok := check(mo.byPorts[k]); ok {
 				return v, o, true
 			}
 		}
 	} else {
-		for _, list := range bk.byPorts {
+		for _, list := range mo.byPorts {
 			if v, o, ok := check(list); ok {
 				return v, o, true
 			}

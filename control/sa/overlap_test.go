@@ -170,3 +170,40 @@ func TestOutIndexSharedDestination(t *testing.T) {
 		}
 	}
 }
+
+// A destination's one SA is kept inline; a second moves both to a list,
+// and removing one moves the other back: conflicts, Any and Remove see
+// the same SAs in every form.
+func TestOutIndexInlineAndBack(t *testing.T) {
+	dst := netip.MustParsePrefix("100.64.0.1/32")
+	src := netip.MustParsePrefix("10.0.0.0/24")
+	a := Selector{Dst: dst, Src: src, Ports: Ports{Local: 5065, Peer: 5062}}
+	b := Selector{Dst: dst, Src: src, Ports: Ports{Local: 5067, Peer: 5064}}
+	var x OutIndex[string]
+	x.Add(a, "a")
+	if bk := x.byLen[0][32][dst.Addr().As16()]; bk.more != nil || bk.one.v != "a" {
+		t.Fatalf("one SA not inline: %+v", bk)
+	}
+	if v, o, ok := x.Conflict(a, nil); !ok || v != "a" || o != a {
+		t.Fatalf("inline conflict: %q %+v %v", v, o, ok)
+	}
+	x.Add(b, "b")
+	if v, o, ok := x.Conflict(b, nil); !ok || v != "b" || o != b {
+		t.Fatalf("listed conflict: %q %+v %v", v, o, ok)
+	}
+	x.Remove(a, "a")
+	bk := x.byLen[0][32][dst.Addr().As16()]
+	if bk.more != nil || bk.one.v != "b" || x.lens[0][32] != 1 {
+		t.Fatalf("the one SA left is not back inline: %+v", bk)
+	}
+	if _, _, ok := x.Conflict(a, nil); ok {
+		t.Fatal("removed SA still conflicts")
+	}
+	if v, ok := x.Any(dst); !ok || v != "b" {
+		t.Fatalf("Any: %q %v", v, ok)
+	}
+	x.Remove(b, "b")
+	if _, ok := x.Any(dst); ok || len(x.byLen[0][32]) != 0 || x.lens[0][32] != 0 {
+		t.Fatal("removed SAs still indexed")
+	}
+}

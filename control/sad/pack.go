@@ -2,12 +2,13 @@ package sad
 
 import (
 	"net/netip"
+	"unsafe"
 
 	"github.com/xesp/xesp/control/sa"
 	"github.com/xesp/xesp/dataplane/esp"
 )
 
-// packed is an SA as the SAD stores it: 128 bytes instead of sa.SA's
+// packed is an SA as the SAD stores it: 120 bytes instead of sa.SA's
 // 328, with five pointers instead of ten (the garbage collector marks
 // every entry's pointers on every cycle). Addresses are 16 bytes and a
 // family each (netip.Addr is 24 with a pointer); the outer local address
@@ -16,8 +17,12 @@ import (
 // leave unset live behind x, nil when they all are. pack and unpack
 // convert losslessly for every SA check accepts (no IPv6 zones).
 type packed struct {
-	name   string
-	encKey sa.Secret // shared with the SA given to Add and the Records handed out
+	name string
+	// encKey points at the SA's key (shared with the SA given to Add and
+	// the Records handed out), whose length its proposal fixes (sa.Parse
+	// checks it): 8 bytes where a slice header takes 24. A key of
+	// another length, or empty but not nil, is kept in x (key).
+	encKey *byte
 	x      *rare
 	sh     *shared
 	// encap is the SA's own (immutable) Encap, or one shared copy of the
@@ -56,6 +61,8 @@ type rare struct {
 	authKey  sa.Secret
 	lifetime sa.Lifetime
 	idle     uint64
+	encKey   sa.Secret // when odd (see packed.encKey)
+	oddKey   bool
 }
 
 const (
@@ -107,15 +114,20 @@ func hasZone(s *sa.SA) bool {
 	return s.Local.Zone() != "" || s.Peer.Zone() != "" || s.Core.Zone() != ""
 }
 
-func pack(s *sa.SA) packed {
+// pack returns s's packed form and its shared part, which adopt turns
+// into p.sh.
+func pack(s *sa.SA) (packed, sharedVal) {
 	p := packed{
-		name: s.Name, encKey: s.EncKey, spi: s.SPI, replay: s.ReplayWindow,
+		name: s.Name, spi: s.SPI, replay: s.ReplayWindow,
 		portLocal: s.Ports.Local, portPeer: s.Ports.Peer, proto: s.Ports.Proto, dscp: s.DSCP,
 		dir: s.Direction, mode: s.Mode, proposal: s.Proposal,
 	}
+	oddKey := len(s.EncKey) != s.Proposal.EncKeyLen() || len(s.EncKey) == 0 && s.EncKey != nil
+	if !oddKey && len(s.EncKey) > 0 {
+		p.encKey = &s.EncKey[0]
+	}
 	var f uint16
-	sh := &shared{refs: 1}
-	p.sh = sh
+	var sh sharedVal
 	sh.local, f = packAddr(s.Local)
 	sh.fams |= f << (2 * slotLocal)
 	p.peer, f = packAddr(s.Peer)
@@ -141,18 +153,32 @@ func pack(s *sa.SA) packed {
 	if p.encap = s.Encap; p.encap != nil && *p.encap == *encapDefault {
 		p.encap = encapDefault
 	}
-	if s.Pair != "" || s.AuthKey != nil || s.Lifetime != (sa.Lifetime{}) || s.IdleTimeout != 0 {
+	if s.Pair != "" || s.AuthKey != nil || s.Lifetime != (sa.Lifetime{}) || s.IdleTimeout != 0 || oddKey {
 		p.x = &rare{pair: s.Pair, authKey: s.AuthKey, lifetime: s.Lifetime, idle: s.IdleTimeout}
+		if oddKey {
+			p.x.encKey, p.x.oddKey = s.EncKey, true
+		}
 	}
-	return p
+	return p, sh
 }
 
 func (p *packed) fam(slot int) uint16 { return (p.fams | p.sh.fams) >> (2 * slot) & 3 }
 
+// key is the SA's encryption key, the slice it was added with.
+func (p *packed) key() sa.Secret {
+	switch {
+	case p.x != nil && p.x.oddKey:
+		return p.x.encKey
+	case p.encKey == nil:
+		return nil
+	}
+	return unsafe.Slice(p.encKey, p.proposal.EncKeyLen())
+}
+
 func (p *packed) unpack() sa.SA {
 	s := sa.SA{
 		Name: p.name, SPI: p.spi, Direction: p.dir, Mode: p.mode, Proposal: p.proposal,
-		EncKey: p.encKey, ESN: p.flags&flagESN != 0, ReplayWindow: p.replay,
+		EncKey: p.key(), ESN: p.flags&flagESN != 0, ReplayWindow: p.replay,
 		Local: unpackAddr(p.sh.local, p.fam(slotLocal)), Peer: unpackAddr(p.peer, p.fam(slotPeer)),
 		Core:  unpackAddr(p.core, p.fam(slotCore)),
 		Ports: sa.Ports{Local: p.portLocal, Peer: p.portPeer, Proto: p.proto},
@@ -190,16 +216,16 @@ func (p *packed) peerPort() uint16 {
 // label is sa.SA.Label.
 func (p *packed) label() string { return (&sa.SA{Name: p.name, SPI: p.spi}).Label() }
 
-// adopt replaces p's own shared fields by the SAD's copy of that value,
-// counting the reference (the SAD's write lock is held).
-func (d *SAD) adopt(p *packed) {
-	if sh, ok := d.shared[p.sh.sharedVal]; ok {
+// adopt points p at the SAD's copy of its shared fields v, counting the
+// reference (the SAD's write lock is held); only a new value allocates.
+func (d *SAD) adopt(p *packed, v sharedVal) {
+	if sh, ok := d.shared[v]; ok {
 		sh.refs++
 		p.sh = sh
 		return
 	}
-	p.sh.refs = 1
-	d.shared[p.sh.sharedVal] = p.sh
+	p.sh = &shared{sharedVal: v, refs: 1}
+	d.shared[v] = p.sh
 }
 
 // release drops p's reference to its shared fields.

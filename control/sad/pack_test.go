@@ -30,10 +30,20 @@ func TestPackRoundTrip(t *testing.T) {
 	transport := phone(10, sa.In)
 	transport.Mode, transport.InnerPeer = sa.Transport, netip.Prefix{}
 	transport.InnerLocal = netip.MustParsePrefix("10.0.0.1/32")
-	for i, s := range []sa.SA{phone(1, sa.In), phone(2, sa.Out), v6, rareOne, core, core6, transport} {
-		e := &entry{p: pack(&s)}
-		if got := e.p.unpack(); !reflect.DeepEqual(got, s) {
+	// Keys not of the proposal's length (not from sa.Parse) and an empty
+	// non-nil one come back as given too.
+	short, empty := phone(11, sa.In), phone(12, sa.Out)
+	short.EncKey, empty.EncKey = sa.Secret{1, 2, 3}, sa.Secret{}
+	for i, s := range []sa.SA{phone(1, sa.In), phone(2, sa.Out), v6, rareOne, core, core6, transport, short, empty} {
+		p, sh := pack(&s)
+		p.sh = &shared{sharedVal: sh}
+		e := &entry{p: p}
+		got := e.p.unpack()
+		if !reflect.DeepEqual(got, s) {
 			t.Errorf("SA %d: unpack(pack(s)) = %+v\nwant %+v", i, got, s)
+		}
+		if len(s.EncKey) > 0 && &got.EncKey[0] != &s.EncKey[0] {
+			t.Errorf("SA %d: the packed key is a copy, not the SA's", i)
 		}
 		if e.id() != s.ID() || e.p.label() != s.Label() {
 			t.Errorf("SA %d: id %v label %s, want %v %s", i, e.id(), e.p.label(), s.ID(), s.Label())
@@ -42,8 +52,9 @@ func TestPackRoundTrip(t *testing.T) {
 			t.Errorf("SA %d: entry group %+v, GroupOf %+v", i, e.group(), GroupOf(&s))
 		}
 	}
-	if n := unsafe.Sizeof(packed{}); n > 160 {
-		t.Errorf("packed is %d bytes", n)
+	// An entry fits the 192-byte size class.
+	if n, m := unsafe.Sizeof(packed{}), unsafe.Sizeof(entry{}); n > 120 || m > 192 {
+		t.Errorf("packed is %d bytes, entry %d", n, m)
 	}
 }
 

@@ -378,10 +378,12 @@ func (d *SAD) addChecked(s *sa.SA, now int64, replaces []sa.ID) (*entry, error) 
 	w := &d.workers[wk]
 	d.seq++
 	e := &entry{
-		p: pack(s), seq: d.seq, created: now, bind: bindingOf(initialBinding(s)),
+		seq: d.seq, created: now, bind: bindingOf(initialBinding(s)),
 		worker: wk, index: w.alloc(),
 	}
-	d.adopt(&e.p)
+	var sh sharedVal
+	e.p, sh = pack(s)
+	d.adopt(&e.p, sh)
 	if head != nil {
 		// A group shares one NAT mapping: a late partner starts from
 		// what its group has learnt, not from the configured peer.
@@ -677,8 +679,9 @@ func (d *SAD) update(s *sa.SA) (*entry, error) {
 		}
 	}
 	old := e.p
-	e.p = pack(s)
-	d.adopt(&e.p)
+	var sh sharedVal
+	e.p, sh = pack(s)
+	d.adopt(&e.p, sh)
 	d.release(&old)
 	if oldKey != newKey {
 		head := d.groups.get(newKey)

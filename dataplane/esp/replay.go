@@ -27,10 +27,15 @@ const inferWindowDisabled = 1 << 31
 // The ring has exactly ReplayWords(size) words (17 for the default 1024:
 // 136 bytes, not the 256 a power-of-two ring needs), and a word is found
 // by its distance from the top's word, pos being where that one is: a
-// subtraction and a compare per lookup instead of a division. The words
-// may live in storage the caller provides (InitTransform), e.g. in the
-// same allocation as the worker's slot, so a packet's window shares its
-// SA's cache lines and costs no allocation of its own.
+// subtraction and a compare per lookup instead of a division.
+//
+// The words are allocated by the first Update (or an Import of a state
+// with a top), unless the caller provided storage (InitTransform): until
+// an SA has authenticated a packet its window is empty, nothing can be
+// left of or inside it (Check only reads the ring for a number at or
+// below the top, and the top is 0), so an idle SA of a million-SA gateway
+// keeps no words at all. Laziness changes no answer: the ring is created
+// empty exactly where an eager one would still be empty.
 type ReplayWindow struct {
 	ring []uint64
 	top  uint64 // highest authenticated sequence number, 0 before the first
@@ -59,21 +64,26 @@ func NewReplayWindow(size int, esn bool) (*ReplayWindow, error) {
 	return w, nil
 }
 
-// init sets up an empty window, its ring in buf when buf is long enough.
+// init sets up an empty window, its ring in buf when buf is long enough,
+// else none until it is needed (grow).
 func (w *ReplayWindow) init(size int, esn bool, buf []uint64) error {
 	if size != 0 && (size < MinReplayWindow || size > MaxReplayWindow) {
 		return fmt.Errorf("replay_window: %d out of range (0 disables, else %d..%d)", size, MinReplayWindow, MaxReplayWindow)
 	}
 	*w = ReplayWindow{size: uint32(size), esn: esn}
-	if n := ReplayWords(size); n > 0 {
-		if len(buf) >= n {
-			w.ring = buf[:n:n]
-			clear(w.ring)
-		} else {
-			w.ring = make([]uint64, n)
-		}
+	if n := ReplayWords(size); n > 0 && len(buf) >= n {
+		w.ring = buf[:n:n]
+		clear(w.ring)
 	}
 	return nil
+}
+
+// grow gives an enabled window its (zeroed) ring if it has none yet: once
+// per SA, on its first authenticated packet.
+func (w *ReplayWindow) grow() {
+	if w.ring == nil && w.size != 0 {
+		w.ring = make([]uint64, ReplayWords(int(w.size)))
+	}
 }
 
 // at is the ring index of the word d words below the top's (d <
@@ -155,12 +165,15 @@ func (w *ReplayWindow) infer(seqLo uint32) (uint64, Reason) {
 // it is the new highest.
 func (w *ReplayWindow) Update(seq uint64) {
 	if seq <= w.top {
-		if w.size != 0 && w.top-seq < uint64(w.size) {
+		// The ring exists: top > 0 means an Update or Import made it
+		// (seq 0 with top 0 is never sent, and records nothing).
+		if w.size != 0 && w.top-seq < uint64(w.size) && w.ring != nil {
 			w.ring[w.at(w.top>>6-seq>>6)] |= 1 << (seq & 63)
 		}
 		return
 	}
 	if w.size != 0 {
+		w.grow()
 		n := uint16(len(w.ring))
 		if adv := seq>>6 - w.top>>6; adv >= uint64(n) {
 			clear(w.ring)
@@ -224,6 +237,9 @@ func (w *ReplayWindow) Import(st ReplayState) error {
 	}
 	if !w.esn && st.Top > 0xffffffff {
 		return fmt.Errorf("replay state: top %d exceeds 32 bits on a non-ESN SA", st.Top)
+	}
+	if st.Top != 0 {
+		w.grow()
 	}
 	clear(w.ring)
 	w.top, w.pos = st.Top, 0

@@ -378,8 +378,8 @@ func TestReplayRingModel(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if len(w.ring) != ReplayWords(size) {
-			t.Fatalf("W=%d: ring of %d words, want %d", size, len(w.ring), ReplayWords(size))
+		if w.ring != nil {
+			t.Fatalf("W=%d: a ring of %d words before the first packet, want none (lazy)", size, len(w.ring))
 		}
 		seen := map[uint64]bool{}
 		top := uint64(0)
@@ -410,6 +410,75 @@ func TestReplayRingModel(t *testing.T) {
 				top = max(top, s)
 			}
 		}
+		if len(w.ring) != ReplayWords(size) {
+			t.Fatalf("W=%d: ring of %d words, want %d", size, len(w.ring), ReplayWords(size))
+		}
+	}
+}
+
+// A window keeps no ring until it records a packet, and answers as one
+// that has: the first packet (any number but 0) passes, the empty window
+// exports zeros, an empty state imports without a ring and a state with a
+// top gets one. Once the ring exists, Check and Update stop allocating.
+func TestReplayRingLazy(t *testing.T) {
+	for _, esn := range []bool{false, true} {
+		w, err := NewReplayWindow(DefaultReplayWindow, esn)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, why := w.Check(0); why != ReasonReplay {
+			t.Fatalf("esn %v: Check(0) = %v on an empty window", esn, why)
+		}
+		// (With ESN a number far above 0 reads as the previous 2^32
+		// block's, Appendix A2.2: not a question of the ring.)
+		for _, s := range []uint32{1, 1000} {
+			if seq, why := w.Check(s); why != ReasonNone || seq != uint64(s) {
+				t.Fatalf("esn %v: Check(%d) = %d, %v on an empty window", esn, s, seq, why)
+			}
+		}
+		st := w.Export()
+		if st.Top != 0 || len(st.Bitmap) != DefaultReplayWindow/64 || slices.ContainsFunc(st.Bitmap, func(v uint64) bool { return v != 0 }) {
+			t.Fatalf("esn %v: empty window exports %+v", esn, st)
+		}
+		if err := w.Import(st); err != nil || w.ring != nil {
+			t.Fatalf("esn %v: importing an empty state: %v, ring %d words", esn, err, len(w.ring))
+		}
+		w.Update(500)
+		if len(w.ring) != ReplayWords(DefaultReplayWindow) {
+			t.Fatalf("esn %v: ring of %d words after the first packet", esn, len(w.ring))
+		}
+		if _, why := w.Check(500); why != ReasonReplay {
+			t.Fatalf("esn %v: 500 again: %v", esn, why)
+		}
+		if _, why := w.Check(499); why != ReasonNone {
+			t.Fatalf("esn %v: 499 below the first packet: %v", esn, why)
+		}
+		seq := uint64(501)
+		if a := testing.AllocsPerRun(100, func() {
+			if _, why := w.Check(uint32(seq)); why == ReasonNone {
+				w.Update(seq)
+			}
+			seq += 3
+		}); a != 0 {
+			t.Fatalf("esn %v: %v allocations per packet once the ring exists", esn, a)
+		}
+		st = w.Export()
+		v, err := NewReplayWindow(DefaultReplayWindow, esn)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := v.Import(st); err != nil || len(v.ring) != ReplayWords(DefaultReplayWindow) {
+			t.Fatalf("esn %v: import of a state with a top: %v, ring %d words", esn, err, len(v.ring))
+		}
+		if got := v.Export(); got.Top != st.Top || !slices.Equal(got.Bitmap, st.Bitmap) {
+			t.Fatalf("esn %v: round trip %+v, want %+v", esn, got, st)
+		}
+	}
+	// Without anti-replay there is never a ring.
+	w, _ := NewReplayWindow(0, false)
+	w.Update(7)
+	if w.ring != nil {
+		t.Fatal("a disabled window grew a ring")
 	}
 }
 

@@ -106,8 +106,7 @@ type Transform struct {
 	keyLen uint8 // bytes of key in use; 0 once wiped
 	seqHi  [4]byte
 
-	seq    uint64 // last sequence number sent; 0 before the first
-	maxSeq uint64
+	seq uint64 // last sequence number sent; 0 before the first (its limit: maxSeq)
 
 	aead cipher.AEAD // GCM (tag 16 or 12; tag 16 for gcm8), ChaCha20-Poly1305
 
@@ -209,10 +208,7 @@ func initSA(sa *Transform, c Config, ring []uint64) error {
 	}
 	*sa = Transform{
 		spi: c.SPI, prop: c.Proposal, mode: c.Mode, esn: c.ESN,
-		ivLen: uint8(info.ivLen), icv: uint8(info.icvLen), maxSeq: 0xffffffff,
-	}
-	if c.ESN {
-		sa.maxSeq = ^uint64(0)
+		ivLen: uint8(info.ivLen), icv: uint8(info.icvLen),
 	}
 	if !info.aead || info.icvLen == 8 {
 		sa.ext = &saExt{}
@@ -408,7 +404,16 @@ func (sa *Transform) Overhead(n, tfc int) int {
 func (sa *Transform) NextSeq() uint64 { return sa.seq + 1 }
 
 // Exhausted reports that Seal will fail with ReasonSeqCycled until rekeyed.
-func (sa *Transform) Exhausted() bool { return sa.seq >= sa.maxSeq }
+func (sa *Transform) Exhausted() bool { return sa.seq >= sa.maxSeq() }
+
+// maxSeq is the last sequence number the SA may send: 2^32-1, or 2^64-1
+// with ESN. Derived rather than stored: 8 bytes a million times.
+func (sa *Transform) maxSeq() uint64 {
+	if sa.esn {
+		return ^uint64(0)
+	}
+	return 0xffffffff
+}
 
 // SetNextSeq moves the counter forward so the next Seal uses next, e.g. to
 // resume above a persisted high-water mark after a restart. It refuses to
@@ -417,7 +422,7 @@ func (sa *Transform) SetNextSeq(next uint64) error {
 	switch {
 	case next == 0:
 		return fmt.Errorf("spi 0x%08x: next sequence number 0 is never sent", sa.spi)
-	case next-1 > sa.maxSeq:
+	case next-1 > sa.maxSeq():
 		return fmt.Errorf("spi 0x%08x: next sequence number %d exceeds the 32-bit space of a non-ESN SA", sa.spi, next)
 	case next-1 < sa.seq:
 		return fmt.Errorf("spi 0x%08x: next sequence number %d is behind the counter (%d): moving back would reuse IVs", sa.spi, next, sa.seq+1)

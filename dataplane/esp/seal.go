@@ -19,7 +19,7 @@ const (
 // tfc); otherwise ReasonNoRoom. When the sequence space is exhausted Seal
 // returns ReasonSeqCycled and never wraps: the SA must be rekeyed.
 func (sa *Transform) Seal(buf []byte, off, n int, nextHeader uint8, tfc int) (start, end int, err error) {
-	if sa.seq >= sa.maxSeq {
+	if sa.seq >= sa.maxSeq() {
 		return 0, 0, ReasonSeqCycled
 	}
 	seq := sa.seq + 1

@@ -65,7 +65,7 @@ func benchDecapSAs(b *testing.B, n int) {
 		}
 		e := newBenchSlot(b, c)
 		e.Dir, e.index = Inbound, uint32(i)
-		e.InnerPeer = netip.PrefixFrom(benchInner(i), 32)
+		e.SetSelectors(netip.PrefixFrom(benchInner(i), 32), netip.Addr{})
 		e.Binding = NewBinding(Peer{Addr: netip.AddrPortFrom(src, 4500), MAC: [6]byte{2, 0, 0, 0, 0, 2}, HasMAC: true})
 		p.table = append(p.table, e)
 
@@ -142,8 +142,9 @@ func benchEncapSAs(b *testing.B, n int) {
 		c := esp.Config{SPI: 0x200000 + uint32(i), Proposal: esp.AES128GCM16, EncKey: benchKey(i), Mode: esp.ModeTunnel}
 		e := newBenchSlot(b, c)
 		e.Dir, e.index = Outbound, uint32(i)
-		e.Local, e.LocalPort = netip.MustParseAddr("192.0.2.1"), 4500
-		e.InnerPeer = netip.PrefixFrom(benchInner(i), 32)
+		e.LocalPort = 4500
+		e.SetScope(Scope{Local: netip.MustParseAddr("192.0.2.1")})
+		e.SetSelectors(netip.PrefixFrom(benchInner(i), 32), netip.Addr{})
 		e.Binding = NewBinding(Peer{Addr: netip.AddrPortFrom(phone, 4500), MAC: [6]byte{2, 0, 0, 0, 0, 2}, HasMAC: true})
 		p.table = append(p.table, e)
 

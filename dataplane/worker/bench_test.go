@@ -60,8 +60,9 @@ func BenchmarkDecapBatch(b *testing.B) {
 	p := pipeline{mem: u, nb: nb, stats: &st,
 		bindEvents: make(chan BindingChange, 1), seqRequests: make(chan SeqRequest)}
 	src := netip.MustParseAddr("192.0.2.10")
-	e := &Slot{SA: gw, Dir: Inbound, InnerPeer: netip.MustParsePrefix("100.64.0.1/32"),
-		Binding: NewBinding(Peer{Addr: netip.AddrPortFrom(src, 4500), MAC: [6]byte{2, 0, 0, 0, 0, 2}, HasMAC: true})}
+	e := withSel(&Slot{SA: gw, Dir: Inbound,
+		Binding: NewBinding(Peer{Addr: netip.AddrPortFrom(src, 4500), MAC: [6]byte{2, 0, 0, 0, 0, 2}, HasMAC: true})},
+		netip.MustParsePrefix("100.64.0.1/32"), netip.Addr{})
 	p.table = []*Slot{e}
 
 	rxOff := uint64(u.RxOffset())
@@ -134,9 +135,9 @@ func BenchmarkEncapBatch(b *testing.B) {
 		bindEvents: make(chan BindingChange, 1), seqRequests: make(chan SeqRequest)}
 	p.frag = fragmenter{mtu: 1500, mem: u, rxOff: uint64(u.RxOffset()), stride: 1}
 	phone := netip.MustParseAddr("192.0.2.10")
-	p.table = []*Slot{{SA: gw, Dir: Outbound, Local: netip.MustParseAddr("192.0.2.1"), LocalPort: 4500,
-		InnerPeer: netip.MustParsePrefix("100.64.0.1/32"),
-		Binding:   NewBinding(Peer{Addr: netip.AddrPortFrom(phone, 4500), MAC: [6]byte{2, 0, 0, 0, 0, 2}, HasMAC: true})}}
+	p.table = []*Slot{withSel(&Slot{SA: gw, Dir: Outbound, scope: &Scope{Local: netip.MustParseAddr("192.0.2.1")}, LocalPort: 4500,
+		Binding: NewBinding(Peer{Addr: netip.AddrPortFrom(phone, 4500), MAC: [6]byte{2, 0, 0, 0, 0, 2}, HasMAC: true})},
+		netip.MustParsePrefix("100.64.0.1/32"), netip.Addr{})}
 
 	rxOff := uint64(u.RxOffset())
 	rx := make([]xsk.Desc, batch)

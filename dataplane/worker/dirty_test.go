@@ -96,7 +96,7 @@ func BenchmarkSnapshotWorkerTime(b *testing.B) {
 					b.StopTimer()
 					for k := range c.active {
 						e := p.table[(it*7919+k*101)%n]
-						if !e.dirty {
+						if e.marks&markDirty == 0 {
 							p.markDirty(e)
 						}
 					}

@@ -19,17 +19,19 @@ const (
 // SA; the manager only reads Counters and Binding.
 //
 // Fields are ordered by use: what every packet reads (direction, SA,
-// lifetimes, counters, binding, selectors) comes first, so a packet
-// touches the slot's first cache lines; NewSlot puts the Transform and
-// its replay window right behind, in the same allocation.
+// counters, binding, selectors) comes first, so a packet touches the
+// slot's first cache lines; NewSlot puts the Transform right behind, in
+// the same allocation. What the SAs of a gateway share (its address, the
+// core network, lifetimes) lives once in a Scope the slot points to: a
+// million-SA gateway holds a handful of Scopes, not a million copies.
 type Slot struct {
 	SA  *esp.Transform
 	Dir Direction
 	// Transport marks a transport-mode SA (transport.go): the phone's
 	// segments, sent to the gateway's public address, are re-addressed
-	// from Core to Dest (inbound), and the core's packets to Core are
-	// re-addressed from Local to the binding and sealed without their IP
-	// header (outbound). Core is required; Inner stays invalid.
+	// from Core to the Scope's Dest (inbound), and the core's packets to
+	// Core are re-addressed from the Scope's Local to the binding and
+	// sealed without their IP header (outbound). Core is required.
 	Transport bool
 	// Proto is the inner protocol selector (0: any).
 	Proto uint8
@@ -37,10 +39,14 @@ type Slot struct {
 	// sealed packets instead of the inner packet's DSCP.
 	DSCP    uint8
 	FixDSCP bool
-	// dirty: inbound, its replay window may have changed since the last
-	// Dirty export; the entry is on the worker's dirty list. listed: the
-	// entry is on the worker's cipher list (idle.go). Worker thread only.
-	dirty, listed bool
+	// marks: markDirty, inbound, its replay window may have changed
+	// since the last Dirty export, the entry is on the worker's dirty
+	// list; markListed, the entry is on the worker's cipher list
+	// (idle.go). Worker thread only.
+	marks uint8
+	// ipBits is InnerPeer's length plus one (0: none); fams says the
+	// families of InnerPeer (famPeer4) and Core (famCore4, famCore6).
+	ipBits, fams uint8
 	// LocalPort is the UDP source port of outbound packets (RFC 3948); 0
 	// means plain ESP.
 	LocalPort uint16
@@ -55,41 +61,17 @@ type Slot struct {
 	index               uint32 // slot in the worker's table, set by Install
 	used                uint32 // the worker's idle clock at the last packet (idle.go)
 
-	// HardPackets and HardBytes are the SA's hard lifetime (0: none). The
-	// worker checks them per packet, so the SA never carries a packet
-	// past its hard packet limit, nor starts one once its byte count
-	// reached the hard byte limit (the packet that crosses it passes:
-	// its size is known only after it was processed); the lifetime
-	// package removes the SA and raises the event within its interval.
-	HardPackets, HardBytes uint64
-	Counters               Counters
+	Counters Counters
 	// Binding is shared by the SAs of one pair group on this worker: what
 	// the inbound SA learns, the outbound SA uses.
 	Binding *Binding
+	// scope is the SA's shared part (SetScope); nil reads as the zero
+	// Scope.
+	scope *Scope
 
-	// InnerPeer is the phone's side of the SA's selectors (RFC 4301 5.2):
-	// inbound, the prefix inner source addresses must fall in, so one
-	// phone cannot inject packets that claim another's address; outbound,
-	// the prefix the cleartext destination must fall in, so a frame XDP
-	// steered to a slot just before it was reused for another phone's SA
-	// is dropped, never sealed for that phone. Invalid (zero) disables the
-	// check.
-	InnerPeer netip.Prefix
-	// InnerLocal is the core side of the selectors: inbound, the prefix
-	// inner destinations must fall in; outbound, the prefix cleartext
-	// sources must fall in. Invalid (zero) disables the check.
-	InnerLocal netip.Prefix
-	// Local is the outer source address of outbound packets.
-	Local netip.Addr
-	// Core and Inner are the phone's core address and its own inner
-	// address (docs/addressing.md), both set or both invalid. Inbound,
-	// after every check, the inner source Inner becomes Core; outbound,
-	// the cleartext must be addressed to Core (not InnerPeer), and Core
-	// becomes Inner before sealing. See xlate.go.
-	Core, Inner netip.Addr
-	// Dest is a transport-mode inbound SA's core-side host (inner.local,
-	// one address, e.g. the P-CSCF).
-	Dest netip.Addr
+	// innerPeer and core are InnerPeer's address and Core (SetSelectors),
+	// 16 bytes each (As16) where netip's forms take 32 and 24.
+	innerPeer, core [16]byte
 
 	// Limit is, for outbound SAs, the first sequence number the worker
 	// may not send: everything below it is durably reserved (seqstore),
@@ -100,49 +82,133 @@ type Slot struct {
 	asked           uint64 // the Limit an extension was last requested for
 }
 
-// slotWith is a Slot, its Transform and the default replay window's words
-// in one allocation (NewSlot).
-type slotWith struct {
-	Slot
-	t    esp.Transform
-	ring [defaultRingWords]uint64
+// Scope is the part of a Slot that the SAs of a gateway have in common,
+// held once per distinct value (SetScope interns it) and never modified.
+type Scope struct {
+	// InnerLocal is the core side of the selectors: inbound, the prefix
+	// inner destinations must fall in; outbound, the prefix cleartext
+	// sources must fall in. Invalid (zero) disables the check.
+	InnerLocal netip.Prefix
+	// Local is the outer source address of outbound packets.
+	Local netip.Addr
+	// Dest is a transport-mode inbound SA's core-side host (inner.local,
+	// one address, e.g. the P-CSCF).
+	Dest netip.Addr
+	// HardPackets and HardBytes are the SA's hard lifetime (0: none). The
+	// worker checks them per packet, so the SA never carries a packet
+	// past its hard packet limit, nor starts one once its byte count
+	// reached the hard byte limit (the packet that crosses it passes:
+	// its size is known only after it was processed); the lifetime
+	// package removes the SA and raises the event within its interval.
+	HardPackets, HardBytes uint64
 }
 
-// slotBare is slotWith without window words: outbound SAs, disabled or
-// larger windows (those allocate their own).
-type slotBare struct {
+var noScope Scope
+
+// SetScope gives the slot its shared part, interned: slots with equal
+// Scopes point at one copy. Before Install only.
+func (e *Slot) SetScope(s Scope) { e.scope = intern(s) }
+
+// Scope returns the slot's shared part; it must not be modified.
+func (e *Slot) Scope() *Scope {
+	if e.scope == nil {
+		return &noScope
+	}
+	return e.scope
+}
+
+// Slot.marks and Slot.fams bits.
+const (
+	markDirty = 1 << iota
+	markListed
+)
+
+const (
+	famPeer4 = 1 << iota
+	famCore4
+	famCore6
+)
+
+// SetSelectors sets the phone's side of the SA's selectors and its core
+// address (InnerPeer, Core; zones are not kept). Before Install only.
+func (e *Slot) SetSelectors(innerPeer netip.Prefix, core netip.Addr) {
+	e.ipBits, e.fams, e.innerPeer, e.core = 0, 0, [16]byte{}, [16]byte{}
+	if innerPeer.IsValid() {
+		e.ipBits, e.innerPeer = uint8(innerPeer.Bits()+1), innerPeer.Addr().As16()
+		if innerPeer.Addr().Is4() {
+			e.fams |= famPeer4
+		}
+	}
+	switch {
+	case core.Is4():
+		e.fams |= famCore4
+	case core.IsValid():
+		e.fams |= famCore6
+	}
+	if core.IsValid() {
+		e.core = core.As16()
+	}
+}
+
+// InnerPeer is the phone's side of the SA's selectors (RFC 4301 5.2):
+// inbound, the prefix inner source addresses must fall in, so one phone
+// cannot inject packets that claim another's address; outbound, the
+// prefix the cleartext destination must fall in, so a frame XDP steered
+// to a slot just before it was reused for another phone's SA is dropped,
+// never sealed for that phone. Invalid (zero) disables the check.
+func (e *Slot) InnerPeer() netip.Prefix {
+	if e.ipBits == 0 {
+		return netip.Prefix{}
+	}
+	a := netip.AddrFrom16(e.innerPeer)
+	if e.fams&famPeer4 != 0 {
+		a = netip.AddrFrom4([4]byte(e.innerPeer[12:]))
+	}
+	return netip.PrefixFrom(a, int(e.ipBits)-1)
+}
+
+// Core is the phone's core address (docs/addressing.md), invalid when it
+// has none; the phone's own inner address is then InnerPeer's (a single
+// address, sa.SA guarantees it; see inner). Inbound, after every check,
+// the inner source becomes Core; outbound, the cleartext must be
+// addressed to Core (not InnerPeer), and Core becomes the inner address
+// before sealing. See xlate.go.
+func (e *Slot) Core() netip.Addr {
+	switch {
+	case e.fams&famCore4 != 0:
+		return netip.AddrFrom4([4]byte(e.core[12:]))
+	case e.fams&famCore6 != 0:
+		return netip.AddrFrom16(e.core)
+	}
+	return netip.Addr{}
+}
+
+// hasCore says whether the SA has a core address (Core is valid).
+func (e *Slot) hasCore() bool { return e.fams&(famCore4|famCore6) != 0 }
+
+// inner is the phone's own inner address, which the core address stands
+// for (valid only when Core is): InnerPeer's one address.
+func (e *Slot) inner() netip.Addr { return e.InnerPeer().Addr() }
+
+// slotAndSA is a Slot and its Transform in one allocation (NewSlot): 288
+// bytes with the replay window's words allocated apart, on the SA's first
+// authenticated packet (esp.ReplayWindow), so an SA that never carried a
+// packet keeps none.
+type slotAndSA struct {
 	Slot
 	t esp.Transform
 }
 
-const defaultRingWords = 17 // esp.ReplayWords(esp.DefaultReplayWindow), checked in init
-
-func init() {
-	if esp.ReplayWords(esp.DefaultReplayWindow) != defaultRingWords {
-		panic("worker: defaultRingWords does not match esp.ReplayWords(esp.DefaultReplayWindow)")
-	}
-}
-
 // NewSlot returns a Slot whose SA is built from c (esp.InitTransform) in
-// the same allocation as the slot, followed by the replay window's words
-// when the window is the default size or smaller: one object per SA, its
-// packet state in adjacent cache lines. The caller fills in the rest.
+// the same allocation as the slot: one object per idle SA, its packet
+// state in adjacent cache lines. The caller fills in the rest.
 func NewSlot(c esp.Config) (*Slot, error) {
-	var s *Slot
-	var t *esp.Transform
-	var ring []uint64
-	if n := esp.ReplayWords(c.ReplayWindow); n > 0 && n <= defaultRingWords {
-		x := new(slotWith)
-		s, t, ring = &x.Slot, &x.t, x.ring[:]
-	} else {
-		x := new(slotBare)
-		s, t = &x.Slot, &x.t
-	}
-	if err := esp.InitTransform(t, c, ring); err != nil {
+	x := new(slotAndSA)
+	if err := esp.InitTransform(&x.t, c, nil); err != nil {
 		return nil, err
 	}
-	s.SA = t
-	return s, nil
+	x.SA = &x.t
+	return &x.Slot, nil
 }
 
 // overheadBound is an upper bound on what sealing adds to any payload, the
@@ -158,8 +224,9 @@ func (e *Slot) overheadBound() int {
 // carry another packet (RFC 4301 4.4.2.1). Only the worker writes the
 // counters, so its own loads are exact.
 func (e *Slot) expired() bool {
-	return (e.HardPackets != 0 && e.Counters.Packets.Load() >= e.HardPackets) ||
-		(e.HardBytes != 0 && e.Counters.Bytes.Load() >= e.HardBytes)
+	sc := e.Scope()
+	return (sc.HardPackets != 0 && e.Counters.Packets.Load() >= sc.HardPackets) ||
+		(sc.HardBytes != 0 && e.Counters.Bytes.Load() >= sc.HardBytes)
 }
 
 // Counters are one SA's figures, written by its worker, read by the API.
@@ -189,6 +256,10 @@ type Peer struct {
 // so readers on other goroutines always see a consistent value.
 type Binding struct {
 	v atomic.Pointer[Peer]
+	// out is the first outbound entry installed with this binding: where
+	// an ICMP error for the phone is sealed (pipeline.track). The SAs
+	// sharing a binding live on one worker; only its thread uses out.
+	out *Slot
 }
 
 // NewBinding starts a binding at the configured peer.
@@ -282,7 +353,7 @@ type BindingChange struct {
 // so the list is bounded by the table and a busy SA costs one branch per
 // packet.
 func (p *pipeline) markDirty(e *Slot) {
-	e.dirty = true
+	e.marks |= markDirty
 	p.dirty = append(p.dirty, e.index)
 }
 
@@ -295,7 +366,7 @@ func (p *pipeline) takeDirty(f func(table []*Slot, slots []uint32)) {
 	slots := p.dirty[:n]
 	for _, i := range slots {
 		if int(i) < len(p.table) && p.table[i] != nil {
-			p.table[i].dirty = false
+			p.table[i].marks &^= markDirty
 		}
 	}
 	f(p.table, slots)

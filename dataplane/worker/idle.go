@@ -56,8 +56,8 @@ func (p *pipeline) warm(e *Slot) {
 		return
 	}
 	p.stats.CipherBuilds.Add(1)
-	if !e.listed {
-		e.listed = true
+	if e.marks&markListed == 0 {
+		e.marks |= markListed
 		p.idle.ciphers = append(p.idle.ciphers, e)
 	}
 }
@@ -95,7 +95,7 @@ func (p *pipeline) sweep() {
 		case inTable && e.SA.Release():
 			p.stats.CipherReleases.Add(1)
 		}
-		e.listed = false
+		e.marks &^= markListed
 		last := len(d.ciphers) - 1
 		d.ciphers[d.pos] = d.ciphers[last]
 		d.ciphers[last] = nil

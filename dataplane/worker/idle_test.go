@@ -3,6 +3,7 @@ package worker
 import (
 	"bytes"
 	"fmt"
+	"net/netip"
 	"testing"
 
 	"github.com/xesp/xesp/dataplane/esp"
@@ -26,8 +27,11 @@ func TestIdleCipherReleaseRebuild(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	in.Dir, in.InnerPeer, in.Binding = Inbound, f.in.InnerPeer, f.in.Binding
-	out.Dir, out.Local, out.LocalPort, out.InnerPeer, out.Binding, out.index = Outbound, pipeGW, 4500, f.out.InnerPeer, f.out.Binding, 1
+	in.Dir, in.Binding = Inbound, f.in.Binding
+	in.SetSelectors(f.in.InnerPeer(), netip.Addr{})
+	out.Dir, out.LocalPort, out.Binding, out.index = Outbound, 4500, f.out.Binding, 1
+	out.SetSelectors(f.out.InnerPeer(), netip.Addr{})
+	out.SetScope(Scope{Local: pipeGW})
 	f.p.table = []*Slot{in, out}
 	f.p.idle.limit = 2
 

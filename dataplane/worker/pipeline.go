@@ -64,9 +64,6 @@ type pipeline struct {
 	// flood charges failed authentications to the flood budgets XDP
 	// enforces (nil: none).
 	flood *flood.Guard
-	// outBy finds a phone's outbound entry from its inbound one (they
-	// share the Binding): where an ICMP error to the phone is sealed.
-	outBy map[*Binding]*Slot
 
 	privAddrs []netip.Addr // the private side's addresses: ICMP errors come from them
 	outerTTL  uint8        // outer TTL/hop limit (0: esp.DefaultOuterTTL)
@@ -103,22 +100,18 @@ type portKey struct {
 	local, port uint16 // local port, peer port (0: any)
 }
 
-// track keeps byPorts and outBy in step with the table: old leaves, e
-// arrives.
+// track keeps byPorts and the bindings' outbound entries (Binding.out,
+// which finds a phone's outbound entry from its inbound one) in step with
+// the table: old leaves, e arrives.
 func (p *pipeline) track(old, e *Slot) {
 	if old != nil && old != e && old.SA != nil {
 		old.SA.Wipe() // out of the data path: its keys go
 	}
-	if old != nil && old.Dir == Outbound && p.outBy[old.Binding] == old {
-		delete(p.outBy, old.Binding)
+	if old != nil && old.Dir == Outbound && old.Binding != nil && old.Binding.out == old {
+		old.Binding.out = nil
 	}
-	if e != nil && e.Dir == Outbound && e.Binding != nil {
-		if p.outBy == nil {
-			p.outBy = make(map[*Binding]*Slot)
-		}
-		if p.outBy[e.Binding] == nil {
-			p.outBy[e.Binding] = e
-		}
+	if e != nil && e.Dir == Outbound && e.Binding != nil && e.Binding.out == nil {
+		e.Binding.out = e
 	}
 	if old != nil && old.Dir == Outbound && (old.PortLocal != 0 || old.PortPeer != 0) {
 		k := portKey{old.selKey(), old.PortLocal, old.PortPeer}
@@ -299,7 +292,7 @@ func (p *pipeline) decapOne(d xsk.Desc) (xsk.Desc, Drop) {
 		return d, Drop(r)
 	}
 	// Open moved the replay window: the next snapshot exports it.
-	if !e.dirty {
+	if e.marks&markDirty == 0 {
 		p.markDirty(e)
 	}
 	ip := pk.IP
@@ -404,12 +397,15 @@ func (p *pipeline) icmpToPhone(in *Slot, d xsk.Desc, frame, ip []byte) bool {
 	if !icmpAbout(ip) {
 		return false
 	}
-	out := p.outBy[in.Binding]
+	var out *Slot
+	if in.Binding != nil {
+		out = in.Binding.out
+	}
 	if out == nil || out.expired() {
 		p.stats.ICMPUnsent.Add(1)
 		return false
 	}
-	src, ok := p.icmpSource(ip, out.InnerLocal)
+	src, ok := p.icmpSource(ip, out.Scope().InnerLocal)
 	if !ok {
 		p.stats.ICMPUnsent.Add(1)
 		return false
@@ -445,7 +441,7 @@ func (p *pipeline) icmpToCore(e *Slot, d xsk.Desc, frame []byte, off, l3 int, ip
 	if !icmpAbout(ip) {
 		return false
 	}
-	src, ok := p.icmpSource(ip, e.InnerLocal)
+	src, ok := p.icmpSource(ip, e.Scope().InnerLocal)
 	if !ok {
 		p.stats.ICMPUnsent.Add(1)
 		return false
@@ -586,7 +582,7 @@ func (p *pipeline) encapOne(d xsk.Desc) (xsk.Desc, Drop) {
 	frag := 0 // > 0: pre-fragment to this inner size before sealing
 	if mtu := p.frag.mtu; mtu > 0 {
 		ol := 20
-		if !e.Local.Is4() {
+		if !e.Scope().Local.Is4() {
 			ol = 40
 		}
 		if e.LocalPort != 0 {
@@ -657,7 +653,7 @@ func (p *pipeline) sealWith(e *Slot, peer *Peer, d xsk.Desc, frame []byte, l3, n
 		e.Counters.Drops.Add(1)
 		return d, Drop(esp.ReasonOf(err))
 	}
-	o := esp.Outer{Src: e.Local, Dst: peer.Addr.Addr(), Encap: e.LocalPort != 0, SrcPort: e.LocalPort, DstPort: peer.Addr.Port(),
+	o := esp.Outer{Src: e.Scope().Local, Dst: peer.Addr.Addr(), Encap: e.LocalPort != 0, SrcPort: e.LocalPort, DstPort: peer.Addr.Port(),
 		TOS: tos, TTL: p.outerTTL}
 	if o.Src.Is4() {
 		o.ID = p.frag.nextIPID()

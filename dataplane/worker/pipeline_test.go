@@ -63,9 +63,9 @@ func newPipeFixture(t *testing.T) *pipeFixture {
 	gwIn := mustESP(t, pipeSPIIn, 64)
 	gwOut := mustESP(t, pipeSPIOut, 0)
 	bind := NewBinding(Peer{Addr: netip.AddrPortFrom(pipePhone, 4500), MAC: pipePhHW, HasMAC: true})
-	f.in = &Slot{SA: gwIn, Dir: Inbound, InnerPeer: netip.PrefixFrom(pipeInner.Addr(), 32), Binding: bind}
-	f.out = &Slot{SA: gwOut, Dir: Outbound, Local: pipeGW, LocalPort: 4500,
-		InnerPeer: netip.PrefixFrom(pipeInner.Addr(), 32), Binding: bind, index: 1}
+	f.in = withSel(&Slot{SA: gwIn, Dir: Inbound, Binding: bind}, netip.PrefixFrom(pipeInner.Addr(), 32), netip.Addr{})
+	f.out = withSel(&Slot{SA: gwOut, Dir: Outbound, scope: &Scope{Local: pipeGW}, LocalPort: 4500,
+		Binding: bind, index: 1}, netip.PrefixFrom(pipeInner.Addr(), 32), netip.Addr{})
 	f.p.table = []*Slot{f.in, f.out}
 	return f
 }

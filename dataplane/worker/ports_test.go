@@ -45,10 +45,10 @@ func TestL4PortsAndSelectors(t *testing.T) {
 func TestTrackByPorts(t *testing.T) {
 	var p pipeline
 	peer := netip.MustParsePrefix("192.168.1.11/32")
-	outC := &Slot{Dir: Outbound, InnerPeer: peer, PortLocal: 5065, PortPeer: 5062}
-	outS := &Slot{Dir: Outbound, InnerPeer: peer, PortLocal: 5063, PortPeer: 5064}
-	in := &Slot{Dir: Inbound, InnerPeer: peer, PortLocal: 5065, PortPeer: 5062}
-	plain := &Slot{Dir: Outbound, InnerPeer: peer}
+	outC := withSel(&Slot{Dir: Outbound, PortLocal: 5065, PortPeer: 5062}, peer, netip.Addr{})
+	outS := withSel(&Slot{Dir: Outbound, PortLocal: 5063, PortPeer: 5064}, peer, netip.Addr{})
+	in := withSel(&Slot{Dir: Inbound, PortLocal: 5065, PortPeer: 5062}, peer, netip.Addr{})
+	plain := withSel(&Slot{Dir: Outbound}, peer, netip.Addr{})
 	for _, e := range []*Slot{outC, outS, in, plain} {
 		p.track(nil, e)
 	}
@@ -57,7 +57,7 @@ func TestTrackByPorts(t *testing.T) {
 	}
 	// A rebuilt outS (update in place) replaces the old; removing the old
 	// afterwards must not drop the new one.
-	outS2 := &Slot{Dir: Outbound, InnerPeer: peer, PortLocal: 5063, PortPeer: 5064}
+	outS2 := withSel(&Slot{Dir: Outbound, PortLocal: 5063, PortPeer: 5064}, peer, netip.Addr{})
 	p.track(outS, outS2)
 	p.track(outS, nil)
 	if p.byPorts[portKey{peer, 5063, 5064}] != outS2 {

@@ -43,10 +43,10 @@ func (e *Slot) l4Match(ip []byte, srcSel, dstSel uint16) bool {
 // authenticated phone could reach any host on the core side, or claim
 // another phone's address.
 func (e *Slot) inSelectors(ip []byte) bool {
-	if e.InnerPeer.IsValid() && !e.InnerPeer.Contains(srcAddr(ip)) {
+	if e.ipBits != 0 && !within(ip, false, &e.innerPeer, e.fams&famPeer4 != 0, int(e.ipBits)-1) {
 		return false
 	}
-	if e.InnerLocal.IsValid() && !e.InnerLocal.Contains(dstAddr(ip)) {
+	if il := &e.Scope().InnerLocal; il.IsValid() && !il.Contains(dstAddr(ip)) {
 		return false
 	}
 	return e.l4Match(ip, e.PortPeer, e.PortLocal)
@@ -58,10 +58,21 @@ func (e *Slot) inSelectors(ip []byte) bool {
 // the SA's protocol. It runs before xlateOut: the core addresses the
 // phone by its core address.
 func (e *Slot) outSelectors(ip []byte) bool {
-	if k := e.selKey(); k.IsValid() && !k.Contains(dstAddr(ip)) {
-		return false
+	switch {
+	case e.fams&famCore4 != 0:
+		if !within(ip, true, &e.core, true, 32) {
+			return false
+		}
+	case e.fams&famCore6 != 0:
+		if !within(ip, true, &e.core, false, 128) {
+			return false
+		}
+	case e.ipBits != 0:
+		if !within(ip, true, &e.innerPeer, e.fams&famPeer4 != 0, int(e.ipBits)-1) {
+			return false
+		}
 	}
-	if e.InnerLocal.IsValid() && !e.InnerLocal.Contains(srcAddr(ip)) {
+	if il := &e.Scope().InnerLocal; il.IsValid() && !il.Contains(srcAddr(ip)) {
 		return false
 	}
 	return e.l4Match(ip, e.PortLocal, e.PortPeer)
@@ -322,4 +333,49 @@ func maxInner(sa interface{ Overhead(n, tfc int) int }, ol, mtu int) int {
 		n++
 	}
 	return n
+}
+
+// within says whether the source (dst false) or destination address of
+// the IP packet ip lies in the prefix of bits bits at sel (As16 form; v4:
+// an IPv4 prefix): netip.Prefix.Contains of srcAddr/dstAddr on the slot's
+// compact selector bytes, without building either netip value per
+// packet. An address of the other family, or a packet too short to hold
+// one, is not within.
+func within(ip []byte, dst bool, sel *[16]byte, v4 bool, bits int) bool {
+	if len(ip) == 0 {
+		return false
+	}
+	switch ip[0] >> 4 {
+	case 4:
+		if !v4 || len(ip) < 20 {
+			return false
+		}
+		if bits <= 0 {
+			return true // a /0 holds every IPv4 address
+		}
+		off := 12
+		if dst {
+			off = 16
+		}
+		d := binary.BigEndian.Uint32(ip[off:]) ^ binary.BigEndian.Uint32(sel[12:])
+		return d>>(32-bits) == 0
+	case 6:
+		if v4 || len(ip) < 40 {
+			return false
+		}
+		off := 8
+		if dst {
+			off = 24
+		}
+		hi := binary.BigEndian.Uint64(ip[off:]) ^ binary.BigEndian.Uint64(sel[:8])
+		lo := binary.BigEndian.Uint64(ip[off+8:]) ^ binary.BigEndian.Uint64(sel[8:])
+		switch {
+		case bits <= 0:
+			return true
+		case bits <= 64:
+			return hi>>(64-bits) == 0
+		}
+		return hi == 0 && lo>>(128-bits) == 0
+	}
+	return false
 }

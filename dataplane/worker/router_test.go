@@ -66,9 +66,11 @@ func newRig(t testing.TB) *rig {
 	r.p.frag.pool.Put(all[:])
 	b := NewBinding(Peer{Addr: netip.MustParseAddrPort("192.0.2.10:4500"), MAC: r.phoneMAC, HasMAC: true})
 	local := netip.MustParsePrefix("10.0.0.0/24")
-	r.in = &Slot{SA: mk(0x1001, 1, 64), Dir: Inbound, InnerPeer: netip.PrefixFrom(phoneInner, 32), InnerLocal: local, Binding: b}
-	r.out = &Slot{SA: mk(0x2001, 2, 0), Dir: Outbound, Local: netip.MustParseAddr("192.0.2.1"), LocalPort: 4500,
-		InnerPeer: netip.PrefixFrom(phoneInner, 32), InnerLocal: local, Binding: b}
+	r.in = withSel(&Slot{SA: mk(0x1001, 1, 64), Dir: Inbound, scope: &Scope{InnerLocal: local}, Binding: b},
+		netip.PrefixFrom(phoneInner, 32), netip.Addr{})
+	r.out = withSel(&Slot{SA: mk(0x2001, 2, 0), Dir: Outbound, LocalPort: 4500,
+		scope: &Scope{Local: netip.MustParseAddr("192.0.2.1"), InnerLocal: local}, Binding: b},
+		netip.PrefixFrom(phoneInner, 32), netip.Addr{})
 	r.p.table = []*Slot{r.in, r.out}
 	r.in.index, r.out.index = 0, 1
 	r.p.track(nil, r.in)
@@ -421,7 +423,8 @@ func TestMTU(t *testing.T) {
 	}
 
 	// IPv6 (never fragmented by a router): Packet Too Big.
-	r.out.InnerPeer, r.out.InnerLocal = netip.MustParsePrefix("fd64::1/128"), netip.MustParsePrefix("fd00::/64")
+	r.out.SetSelectors(netip.MustParsePrefix("fd64::1/128"), netip.Addr{})
+	r.out.SetScope(Scope{Local: r.out.Scope().Local, InnerLocal: netip.MustParsePrefix("fd00::/64")})
 	v6 := make([]byte, 40+8+1400)
 	v6[0], v6[6], v6[7] = 0x60, 17, 64
 	binary.BigEndian.PutUint16(v6[4:], 8+1400)

@@ -36,10 +36,10 @@ func (e *Slot) transportInPorts(ip []byte) bool {
 // gateway is the transport endpoint and originates the packet toward the
 // core (the access network's hop count is not the core's business).
 func (p *pipeline) transportIn(e *Slot, ip []byte) Drop {
-	if !e.Core.IsValid() || !e.Dest.IsValid() {
+	if !e.hasCore() || !e.Scope().Dest.IsValid() {
 		return DropXlate // refused at config time; never forward half-addressed
 	}
-	if !rewriteAddr(ip, true, e.Core) || !rewriteAddr(ip, false, e.Dest) {
+	if !rewriteAddr(ip, true, e.Core()) || !rewriteAddr(ip, false, e.Scope().Dest) {
 		return DropXlate
 	}
 	setTTL(ip, p.ttl())
@@ -102,7 +102,7 @@ func (p *pipeline) transportOut(e *Slot, d xsk.Desc, frame []byte, off, l3 int, 
 	seg := n - hl
 	if mtu := p.frag.mtu; mtu > 0 {
 		ol := 20
-		if !e.Local.Is4() {
+		if !e.Scope().Local.Is4() {
 			ol = 40
 		}
 		if e.LocalPort != 0 {
@@ -124,7 +124,7 @@ func (p *pipeline) transportOut(e *Slot, d xsk.Desc, frame []byte, off, l3 int, 
 	tos := p.outerTOS(e, tosOf(ip))
 	peer := e.Binding.Load()
 	dst := peer.Addr.Addr()
-	if !rewriteAddr(ip, true, e.Local) || !rewriteAddr(ip, false, dst) {
+	if !rewriteAddr(ip, true, e.Scope().Local) || !rewriteAddr(ip, false, dst) {
 		e.Counters.Drops.Add(1)
 		return d, DropXlate
 	}

@@ -53,11 +53,12 @@ func newTrRig(t *testing.T, encap bool) *trRig {
 		port, lport = 4500, 4500
 	}
 	bind := NewBinding(Peer{Addr: netip.AddrPortFrom(trNAT, port)})
-	f.in = &Slot{SA: mk(pipeSPIIn, 64), Dir: Inbound, Transport: true, Core: trCore, Dest: trPCSCF,
-		InnerLocal: netip.PrefixFrom(trPCSCF, 32), Proto: 0, PortPeer: 5062, PortLocal: 5064, Binding: bind}
-	f.out = &Slot{SA: mk(pipeSPIOut, 0), Dir: Outbound, Transport: true, Local: trGW, LocalPort: lport, Core: trCore,
-		InnerPeer: netip.PrefixFrom(trNAT, 32), InnerLocal: netip.PrefixFrom(trPCSCF, 32), PortLocal: 5064, PortPeer: 5062,
-		Binding: bind, index: 1}
+	f.in = withSel(&Slot{SA: mk(pipeSPIIn, 64), Dir: Inbound, Transport: true,
+		scope: &Scope{Dest: trPCSCF, InnerLocal: netip.PrefixFrom(trPCSCF, 32)}, Proto: 0, PortPeer: 5062, PortLocal: 5064, Binding: bind},
+		netip.Prefix{}, trCore)
+	f.out = withSel(&Slot{SA: mk(pipeSPIOut, 0), Dir: Outbound, Transport: true, LocalPort: lport,
+		scope: &Scope{Local: trGW, InnerLocal: netip.PrefixFrom(trPCSCF, 32)}, PortLocal: 5064, PortPeer: 5062,
+		Binding: bind, index: 1}, netip.PrefixFrom(trNAT, 32), trCore)
 	f.p.table = []*Slot{f.in, f.out}
 	f.p.track(nil, f.out)
 	return &trRig{pipeFixture: f, phoneOut: mk(pipeSPIIn, 0), phoneIn: mk(pipeSPIOut, 64)}
@@ -342,12 +343,13 @@ func BenchmarkEncapModes(b *testing.B) {
 			}
 			p := pipeline{mem: u, nb: &mapNeighbors{}, stats: &Stats{}, bindEvents: make(chan BindingChange, 1), seqRequests: make(chan SeqRequest)}
 			p.frag = fragmenter{mtu: 1500, mem: u, rxOff: uint64(u.RxOffset()), stride: 1}
-			e := &Slot{SA: gw, Dir: Outbound, Local: trGW, LocalPort: 4500, Core: trCore, InnerLocal: netip.PrefixFrom(trPCSCF, 32),
-				Binding: NewBinding(Peer{Addr: netip.AddrPortFrom(trNAT, 4500), MAC: [6]byte{2, 0, 0, 0, 0, 2}, HasMAC: true})}
+			e := withSel(&Slot{SA: gw, Dir: Outbound, LocalPort: 4500, scope: &Scope{Local: trGW, InnerLocal: netip.PrefixFrom(trPCSCF, 32)},
+				Binding: NewBinding(Peer{Addr: netip.AddrPortFrom(trNAT, 4500), MAC: [6]byte{2, 0, 0, 0, 0, 2}, HasMAC: true})},
+				netip.Prefix{}, trCore)
 			if mode == esp.ModeTransport {
 				e.Transport = true
 			} else {
-				e.Inner, e.InnerPeer = trPhone, netip.PrefixFrom(trPhone, 32)
+				e.SetSelectors(netip.PrefixFrom(trPhone, 32), trCore)
 			}
 			p.table = []*Slot{e}
 			rxOff := uint64(u.RxOffset())
@@ -412,8 +414,12 @@ func TestTransportPipelineIPv6(t *testing.T) {
 	nm := map[[16]byte][6]byte{pcscf6.As16(): pipeCoreHW}
 	r.p.nb.(*mapNeighbors).m.Store(&nm)
 	bind := NewBinding(Peer{Addr: netip.AddrPortFrom(nat6, 4500)})
-	r.in.Core, r.in.Dest, r.in.InnerLocal, r.in.Binding = core6, pcscf6, netip.PrefixFrom(pcscf6, 128), bind
-	r.out.Core, r.out.Local, r.out.InnerLocal, r.out.InnerPeer, r.out.Binding = core6, gw6, netip.PrefixFrom(pcscf6, 128), netip.PrefixFrom(nat6, 128), bind
+	r.in.Binding = bind
+	r.in.SetSelectors(r.in.InnerPeer(), core6)
+	r.in.SetScope(Scope{Dest: pcscf6, InnerLocal: netip.PrefixFrom(pcscf6, 128)})
+	r.out.Binding = bind
+	r.out.SetSelectors(netip.PrefixFrom(nat6, 128), core6)
+	r.out.SetScope(Scope{Local: gw6, InnerLocal: netip.PrefixFrom(pcscf6, 128)})
 
 	req := []byte("REGISTER sip:ims SIP/2.0\r\n\r\n")
 	seg := append([]byte(nil), udp6(netip.AddrPortFrom(ph6, 5062), netip.AddrPortFrom(gw6, 5064), req)[40:]...)

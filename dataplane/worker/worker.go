@@ -237,7 +237,7 @@ func (w *Worker) apply(cmds []Command) {
 			}
 			w.pipe.track(w.pipe.table[c.Index], c.Entry)
 			w.pipe.table[c.Index] = c.Entry
-			if c.Entry != nil && c.Entry.Dir == Inbound && !c.Entry.dirty {
+			if c.Entry != nil && c.Entry.Dir == Inbound && c.Entry.marks&markDirty == 0 {
 				w.pipe.markDirty(c.Entry) // restored or inherited: export it once
 			}
 		}

@@ -24,6 +24,13 @@ func newEntry(t *testing.T, spi uint32, dir Direction) *Slot {
 	return &Slot{SA: s, Dir: dir, Binding: NewBinding(Peer{})}
 }
 
+// withSel is e after SetSelectors(innerPeer, core), for tests that
+// build slots as literals.
+func withSel(e *Slot, innerPeer netip.Prefix, core netip.Addr) *Slot {
+	e.SetSelectors(innerPeer, core)
+	return e
+}
+
 // A replacing install with Inherit continues the old entry's sequence
 // counter, replay window and counters; without Inherit, or for another SPI
 // or direction, it starts fresh.

@@ -15,10 +15,10 @@ import (
 // byPorts keys it: its core address when it has one (phones sharing an
 // inner address differ there), else its inner peer prefix.
 func (e *Slot) selKey() netip.Prefix {
-	if e.Core.IsValid() {
-		return netip.PrefixFrom(e.Core, e.Core.BitLen())
+	if c := e.Core(); c.IsValid() {
+		return netip.PrefixFrom(c, c.BitLen())
 	}
-	return e.InnerPeer
+	return e.InnerPeer()
 }
 
 // outSelect checks the cleartext ip against the selectors of e, the
@@ -67,10 +67,10 @@ func (p *pipeline) outSelect(e *Slot, ip []byte) (*Slot, Drop) {
 // packet passed authentication, the replay check and the inbound
 // selectors on its real addresses.
 func xlateIn(e *Slot, ip []byte) Drop {
-	if !e.Core.IsValid() {
+	if !e.hasCore() {
 		return 0
 	}
-	if !rewriteAddr(ip, true, e.Core) {
+	if !rewriteAddr(ip, true, e.Core()) {
 		return DropXlate
 	}
 	return 0
@@ -79,10 +79,10 @@ func xlateIn(e *Slot, ip []byte) Drop {
 // xlateOut rewrites the destination of cleartext for a phone, its core
 // address, back to the phone's inner address before sealing.
 func xlateOut(e *Slot, ip []byte) Drop {
-	if !e.Core.IsValid() {
+	if !e.hasCore() {
 		return 0
 	}
-	if !rewriteAddr(ip, false, e.Inner) {
+	if !rewriteAddr(ip, false, e.inner()) {
 		return DropXlate
 	}
 	return 0

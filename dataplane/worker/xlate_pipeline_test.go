@@ -43,9 +43,9 @@ func TestPipelineCoreTranslation(t *testing.T) {
 	nb.m.Store(&nm)
 	p := pipeline{mem: u, nb: nb, stats: &st, bindEvents: make(chan BindingChange, 1), seqRequests: make(chan SeqRequest)}
 	p.frag = fragmenter{mtu: 1500, mem: u, rxOff: uint64(u.RxOffset()), stride: 1}
-	in := &Slot{SA: mk(0x1001, 1024), Dir: Inbound, InnerPeer: inner, Core: core, Inner: phoneAddr, Binding: bind}
-	out := &Slot{SA: mk(0x2001, 0), Dir: Outbound, Local: netip.MustParseAddr("198.51.100.1"), LocalPort: 4500,
-		InnerPeer: inner, Core: core, Inner: phoneAddr, Binding: bind}
+	in := withSel(&Slot{SA: mk(0x1001, 1024), Dir: Inbound, Binding: bind}, inner, core)
+	out := withSel(&Slot{SA: mk(0x2001, 0), Dir: Outbound, scope: &Scope{Local: netip.MustParseAddr("198.51.100.1")}, LocalPort: 4500,
+		Binding: bind}, inner, core)
 	p.table = []*Slot{in, out}
 	p.track(nil, out)
 	rxOff := uint64(u.RxOffset())

@@ -207,7 +207,7 @@ func TestOutSelect(t *testing.T) {
 	coreA, coreB := netip.MustParseAddr("100.64.0.1"), netip.MustParseAddr("100.64.0.2")
 	inner := netip.MustParsePrefix("192.168.1.10/32")
 	mk := func(core netip.Addr, local, peer uint16) *Slot {
-		return &Slot{Dir: Outbound, InnerPeer: inner, Core: core, Inner: inner.Addr(), PortLocal: local, PortPeer: peer}
+		return withSel(&Slot{Dir: Outbound, PortLocal: local, PortPeer: peer}, inner, core)
 	}
 	aOld := mk(coreA, 5063, 5060) // registration 1: pc 5063 -> us 5060
 	aNew := mk(coreA, 5073, 5060) // re-registration: pc 5073 -> us 5060
