@@ -281,10 +281,8 @@ var stateIDSeeds = [2]maphash.Seed{maphash.MakeSeed(), maphash.MakeSeed()}
 // interval of a run, then each interval a journal append of what changed
 // in it (rxstate), compacted into a fresh base when the journal outgrows
 // the base. Its cost per interval is proportional to the changes (SA
-// feed entries, windows the workers exported, outbound SAs that carried
-// traffic), not to the SAs installed; only the comparison of outbound
-// counters (manager.ExportChanged) reads every outbound SA, one atomic
-// each.
+// feed entries, windows and counters the workers exported from their
+// dirty lists), not to the SAs installed.
 type persister struct {
 	g       *Gateway
 	j       *rxstate.Journal

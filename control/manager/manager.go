@@ -86,11 +86,8 @@ type installed struct {
 	key    saKey // its sa.ID, compact (id())
 	entry  *worker.Slot
 	shared *sharedBinding // its pair group's binding on its worker
-	// saved is the outbound SA's packet count ExportChanged last
-	// returned (snapshot.go): how it tells the SAs that carried traffic.
-	saved  uint64
-	seqKey seqstore.Key // outbound: its reservation record
-	policy policyKey    // outbound: the XDP entry (trie prefix or core key) this SA serves
+	seqKey seqstore.Key   // outbound: its reservation record
+	policy policyKey      // outbound: the XDP entry (trie prefix or core key) this SA serves
 	index  uint32
 	// seen is the resync pass that last listed the SA (resync removes
 	// those an older pass listed).

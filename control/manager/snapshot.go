@@ -56,16 +56,13 @@ type Changed struct {
 
 // ExportChanged returns the SAs whose state changed since the previous
 // call, while the workers run. Each worker exports on its own thread,
-// between two batches, only the windows on its dirty list (SAs installed
-// or that authenticated a packet since its last export), so the workers'
-// share is proportional to the SAs active in the interval, not to the SAs
-// installed. The manager keeps no copy of the windows: the caller
-// persists what it gets (an export is handed out once).
-//
-// Outbound SAs are not on the workers' dirty lists: their counters are
-// compared with what the previous call returned (installed.saved), a
-// read of one atomic per outbound SA (~1-4 ms per 100k SAs) instead of
-// an export. One goroutine calls it at a time.
+// between two batches, only the SAs on its dirty list (installed or
+// restored, or that authenticated or sealed a packet since its last
+// export): inbound SAs with their windows, outbound ones with their
+// counters. So a snapshot's cost is proportional to the SAs active in the
+// interval, not to the SAs installed. The manager keeps no copy: the
+// caller persists what it gets (an export is handed out once). One
+// goroutine calls it at a time.
 func (m *Manager) ExportChanged(ctx context.Context) ([]Changed, error) {
 	var out []Changed
 	for w := range m.slots {
@@ -82,21 +79,6 @@ func (m *Manager) ExportChanged(ctx context.Context) ([]Changed, error) {
 			}
 		}
 	}
-	m.mu.RLock()
-	defer m.mu.RUnlock()
-	for _, ws := range m.slots {
-		for _, s := range ws {
-			if s == nil || s.key.dir != sa.Out { // (no load of the entry for inbound SAs)
-				continue
-			}
-			if p := s.entry.Counters.Packets.Load(); p != s.saved {
-				// saved is read and written only here (one caller at a
-				// time), never by the manager's other paths.
-				s.saved = p
-				out = append(out, Changed{ID: s.id(), Packets: p, Bytes: s.entry.Counters.Bytes.Load()})
-			}
-		}
-	}
 	return out, nil
 }
 
@@ -108,6 +90,7 @@ func (m *Manager) exportDirty(ctx context.Context, w uint16, out *[]Changed) (in
 		index   uint32
 		entry   *worker.Slot
 		state   esp.ReplayState
+		window  bool // inbound: state holds its replay window
 		packets uint64
 		bytes   uint64
 	}
@@ -117,10 +100,15 @@ func (m *Manager) exportDirty(ctx context.Context, w uint16, out *[]Changed) (in
 		listed = len(slots)
 		got = make([]exported, 0, len(slots))
 		for _, i := range slots {
-			if int(i) < len(table) && table[i] != nil && table[i].Dir == worker.Inbound {
-				e := table[i]
-				got = append(got, exported{i, e, e.SA.Replay().Export(), e.Counters.Packets.Load(), e.Counters.Bytes.Load()})
+			if int(i) >= len(table) || table[i] == nil {
+				continue
 			}
+			e := table[i]
+			x := exported{index: i, entry: e, packets: e.Counters.Packets.Load(), bytes: e.Counters.Bytes.Load()}
+			if e.Dir == worker.Inbound {
+				x.state, x.window = e.SA.Replay().Export(), true
+			}
+			got = append(got, x)
 		}
 	}
 	done := make(chan struct{})
@@ -138,7 +126,11 @@ func (m *Manager) exportDirty(ctx context.Context, w uint16, out *[]Changed) (in
 		x := &got[i]
 		// Only the entry the slot still holds: it may have been reused.
 		if int(x.index) < len(ws) && ws[x.index] != nil && ws[x.index].entry == x.entry {
-			*out = append(*out, Changed{ID: ws[x.index].id(), Replay: &x.state, Packets: x.packets, Bytes: x.bytes})
+			c := Changed{ID: ws[x.index].id(), Packets: x.packets, Bytes: x.bytes}
+			if x.window {
+				c.Replay = &x.state
+			}
+			*out = append(*out, c)
 		}
 	}
 	m.mu.RUnlock()

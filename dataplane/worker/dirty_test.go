@@ -12,9 +12,10 @@ import (
 )
 
 // The dirty list holds an inbound slot once from its install or its first
-// authenticated packet until a Dirty command takes it: a failed packet
-// does not list it, a quiet SA is never handed out again, and a second
-// packet before the export does not list it twice.
+// authenticated packet, and an outbound one from its first sealed packet,
+// until a Dirty command takes it: a failed packet does not list it, a
+// quiet SA is never handed out again, and a second packet before the
+// export does not list it twice.
 func TestDirtyList(t *testing.T) {
 	f := newPipeFixture(t)
 	w := &Worker{pipe: *f.p}
@@ -50,6 +51,14 @@ func TestDirtyList(t *testing.T) {
 	}
 	if got := take(); !slices.Equal(got, []uint32{0}) {
 		t.Fatalf("after two packets: dirty %v, want [0] once", got)
+	}
+	// A sealed packet moves the outbound SA's counters: listed once too.
+	resp := pkt.UDP4(pipeCore, pipeInner, []byte("SIP/2.0 200 OK"))
+	if tx, _ := w.pipe.encap([]xsk.Desc{f.clearFrame(1, resp), f.clearFrame(1, resp)}, nil, nil); len(tx) != 2 {
+		t.Fatalf("sealed %d of 2", len(tx))
+	}
+	if got := take(); !slices.Equal(got, []uint32{1}) {
+		t.Fatalf("after two sealed packets: dirty %v, want [1] once", got)
 	}
 }
 

@@ -666,6 +666,10 @@ func (p *pipeline) sealWith(e *Slot, peer *Peer, d xsk.Desc, frame []byte, l3, n
 	e.Counters.Packets.Add(1)
 	e.Counters.Bytes.Add(uint64(n))
 	e.Counters.Seq.Store(e.SA.NextSeq() - 1)
+	// Its counters moved: the next snapshot exports them.
+	if e.marks&markDirty == 0 {
+		p.markDirty(e)
+	}
 	l2 := putL2(frame, s, p.pubMAC, p.pubTag, etherType(frame[s:]))
 	h := frame[l2:s]
 	base := p.mem.FrameBase(d.Addr)
