@@ -41,7 +41,7 @@ type Slot struct {
 	FixDSCP bool
 	// marks: markDirty, inbound, its replay window may have changed
 	// since the last Dirty export, the entry is on the worker's dirty
-	// list; markListed, the entry is on the worker's cipher list
+	// list; markListed, the entry is on the worker's cipher wheel
 	// (idle.go). Worker thread only.
 	marks uint8
 	// ipBits is InnerPeer's length plus one (0: none); fams says the

@@ -66,8 +66,8 @@ func TestIdleCipherReleaseRebuild(t *testing.T) {
 	}
 	counts := func(builds, releases uint64, listed int) {
 		t.Helper()
-		if b, r := f.st.CipherBuilds.Load(), f.st.CipherReleases.Load(); b != builds || r != releases || len(f.p.idle.ciphers) != listed {
-			t.Fatalf("builds %d releases %d listed %d; want %d %d %d", b, r, len(f.p.idle.ciphers), builds, releases, listed)
+		if b, r := f.st.CipherBuilds.Load(), f.st.CipherReleases.Load(); b != builds || r != releases || f.p.idle.listed != listed {
+			t.Fatalf("builds %d releases %d listed %d; want %d %d %d", b, r, f.p.idle.listed, builds, releases, listed)
 		}
 	}
 
@@ -106,8 +106,9 @@ func TestIdleCipherReleaseRebuild(t *testing.T) {
 		t.Fatal("a removed SA keeps a cipher or can build one")
 	}
 	tick()
-	if len(f.p.idle.ciphers) != 1 || f.p.idle.ciphers[0] != out || f.st.CipherReleases.Load() != 4 {
-		t.Fatalf("after removal: listed %d, releases %d", len(f.p.idle.ciphers), f.st.CipherReleases.Load())
+	tick() // the limit since round 6: in's listing dropped, out released
+	if f.p.idle.listed != 0 || in.marks&markListed != 0 || f.st.CipherReleases.Load() != 5 {
+		t.Fatalf("after removal: listed %d, releases %d", f.p.idle.listed, f.st.CipherReleases.Load())
 	}
 }
 
@@ -133,7 +134,63 @@ func TestIdleSweepChunked(t *testing.T) {
 	for range 3 {
 		p.tick(now) // same tick: the pass goes on
 	}
-	if got := p.stats.CipherReleases.Load(); got != n || len(p.idle.ciphers) != 0 || p.idle.sweeping {
-		t.Fatalf("released %d of %d, %d still listed", got, n, len(p.idle.ciphers))
+	if got := p.stats.CipherReleases.Load(); got != n || p.idle.listed != 0 || len(p.idle.due) != 0 {
+		t.Fatalf("released %d of %d, %d still listed", got, n, p.idle.listed)
+	}
+}
+
+// The wheel looks at a live cipher only when its limit would run out: a
+// tick between looks nothing, a busy entry is filed again at its last use
+// plus the limit, and an idle one goes exactly limit ticks after its last
+// packet, not later.
+func TestIdleWheelLooksOncePerLimit(t *testing.T) {
+	const n, limit = 2 * sweepChunk, 10
+	p := &pipeline{stats: &Stats{}, idle: idler{limit: limit}}
+	for i := range n {
+		s, err := NewSlot(esp.Config{SPI: uint32(0x1000 + i), Proposal: esp.AES128GCM16, EncKey: pipeKey, Mode: esp.ModeTunnel})
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.index, s.Dir = uint32(i), Outbound
+		p.table = append(p.table, s)
+		p.touch(s) // clock 0: due at 10
+	}
+	now := int64(0)
+	step := func() {
+		now += int64(idleTick)
+		for p.tick(now); len(p.idle.due) > 0; p.tick(now) {
+		}
+	}
+	filed := func() int {
+		k := 0
+		for _, b := range p.idle.wheel {
+			k += len(b)
+		}
+		return k
+	}
+	for c := 1; c < limit; c++ {
+		step()
+		if c == 5 {
+			for _, s := range p.table[:n/2] { // busy: last use at 5
+				p.touch(s)
+			}
+		}
+		if got := p.stats.CipherReleases.Load(); got != 0 || filed() != n {
+			t.Fatalf("tick %d: %d released, %d filed; want 0 and all %d filed, none looked at", c, got, filed(), n)
+		}
+	}
+	step() // 10: the idle half goes, the busy half is filed at 15
+	if got := p.stats.CipherReleases.Load(); got != n/2 || p.idle.listed != n/2 || filed() != n/2 {
+		t.Fatalf("tick %d: released %d, listed %d, filed %d; want %d each", limit, got, p.idle.listed, filed(), n/2)
+	}
+	for c := limit + 1; c < 15; c++ {
+		step()
+		if got := p.stats.CipherReleases.Load(); got != n/2 {
+			t.Fatalf("tick %d: released %d, want %d (busy half not due before 15)", c, got, n/2)
+		}
+	}
+	step() // 15: the busy half, idle since 5, goes
+	if got := p.stats.CipherReleases.Load(); got != n || p.idle.listed != 0 || filed() != 0 {
+		t.Fatalf("tick 15: released %d of %d, %d listed", got, n, p.idle.listed)
 	}
 }
