@@ -39,7 +39,7 @@ type Slot struct {
 	// sealed packets instead of the inner packet's DSCP.
 	DSCP    uint8
 	FixDSCP bool
-	// marks: markDirty, inbound, its replay window may have changed
+	// marks: markDirty, its replay window (inbound) or counters may have changed
 	// since the last Dirty export, the entry is on the worker's dirty
 	// list; markListed, the entry is on the worker's cipher wheel
 	// (idle.go). Worker thread only.
