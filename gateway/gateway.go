@@ -70,6 +70,9 @@ type Gateway struct {
 	RX        []QueueSocket
 	Neighbors *neigh.Resolver
 	SAD       *sad.SAD
+	// Persisted counts the periodic state snapshots completed (journal
+	// append or base, and the API-SA flush after it).
+	Persisted atomic.Uint64
 	Manager   *manager.Manager
 	// Seq holds the outbound sequence reservations in Config.StateDir.
 	Seq *seqstore.Store

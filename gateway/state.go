@@ -522,6 +522,7 @@ func (g *Gateway) persistState(ctx context.Context, every time.Duration) error {
 			if p.last.Full {
 				took = 0
 			}
+			g.Persisted.Add(1)
 			t.Reset(max(every, persistShare*took))
 		}
 	}

@@ -88,7 +88,18 @@ func (b *Batch) Len() int { return b.n }
 func (b *Batch) Bytes() int { return len(b.b) }
 
 // Reset empties the batch, keeping its buffer.
-func (b *Batch) Reset() { b.b, b.n = b.b[:0], 0 }
+func (b *Batch) Reset() {
+	if cap(b.b) > keepBuffer {
+		// A sweep (a feed overrun: every SA) grew it to the SAD's size;
+		// held between quiet intervals it would be heap per SA for good.
+		b.b = nil
+	}
+	b.b, b.n = b.b[:0], 0
+}
+
+// keepBuffer is the largest buffer a Batch or a Journal keeps between
+// appends (about 10k records).
+const keepBuffer = 1 << 20
 
 func (b *Batch) begin(kind byte) int {
 	at := len(b.b)
@@ -394,7 +405,10 @@ func (j *Journal) startJournal(recs []byte) error {
 	// A journal left by an older umask keeps its mode through O_TRUNC.
 	err = f.Chmod(0o600)
 	if err == nil {
-		_, err = f.Write(journalHeaderFor(j.gen, recs))
+		_, err = f.Write(journalHeaderFor(j.gen, nil))
+	}
+	if err == nil {
+		_, err = f.Write(recs)
 	}
 	if err == nil {
 		err = f.Sync()
@@ -430,15 +444,27 @@ func (j *Journal) Append(b *Batch) error {
 	if b.n == 0 && len(j.pending) == 0 {
 		return nil
 	}
-	j.pending = append(j.pending, b.b...)
+	// Written from the batch itself when nothing failed before: a sweep's
+	// batch holds every SA, and a copy would double it.
+	recs := b.b
+	if len(j.pending) > 0 {
+		j.pending = append(j.pending, b.b...)
+		recs = j.pending
+	}
+	keep := func() {
+		if len(j.pending) == 0 {
+			j.pending = append(j.pending, b.b...)
+		}
+	}
 	if j.f == nil {
-		if err := j.startJournal(j.pending); err != nil {
+		if err := j.startJournal(recs); err != nil {
+			keep()
 			return err // the records stay pending
 		}
-		j.pending = j.pending[:0]
+		j.dropPending()
 		return nil
 	}
-	_, err := j.f.WriteAt(j.pending, j.size)
+	_, err := j.f.WriteAt(recs, j.size)
 	if err == nil {
 		err = j.f.Sync()
 	}
@@ -446,11 +472,21 @@ func (j *Journal) Append(b *Batch) error {
 		if terr := j.f.Truncate(j.size); terr != nil {
 			err = errors.Join(err, terr)
 		}
+		keep()
 		return fmt.Errorf("journal %s: append: %w", JournalPath(j.path), err)
 	}
-	j.size += int64(len(j.pending))
-	j.pending = j.pending[:0]
+	j.size += int64(len(recs))
+	j.dropPending()
 	return nil
+}
+
+// dropPending empties the records kept from failed appends, and frees a
+// large buffer.
+func (j *Journal) dropPending() {
+	if cap(j.pending) > keepBuffer {
+		j.pending = nil
+	}
+	j.pending = j.pending[:0]
 }
 
 // Compact replaces the base and its journal (and any records an append
