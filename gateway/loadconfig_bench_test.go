@@ -13,7 +13,6 @@ import (
 	"time"
 
 	"github.com/xesp/xesp/bench/pktgen"
-	"github.com/xesp/xesp/bpf"
 	"github.com/xesp/xesp/control/config"
 )
 
@@ -89,26 +88,7 @@ sa_files: [%s]
 		}
 	})
 	tStart := time.Since(t0)
-	for g.Manager.Installed() < 2*pairs {
-		if time.Since(t0) > 10*time.Minute {
-			b.Fatalf("manager installed %d of %d SAs in 10 minutes", g.Manager.Installed(), 2*pairs)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
-	keys, vals := make([]uint32, 1<<16), make([]bpf.SASteer, 1<<16)
-	for {
-		n, err := countSAMap(g.Maps.SAs.Map(), keys, vals)
-		if err != nil {
-			b.Fatal(err)
-		}
-		if n == pairs {
-			break
-		}
-		if time.Since(t0) > 10*time.Minute {
-			b.Fatalf("SA map holds %d of %d SAs after 10 minutes", n, pairs)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
+	waitLoaded(b, g, pairs, t0, 10*time.Minute)
 	total, cpu := time.Since(t0), cpuTime()-c0
 	b.StopTimer()
 	pprof.StopCPUProfile()
