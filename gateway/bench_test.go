@@ -524,24 +524,7 @@ func BenchmarkLoadSAs(b *testing.B) {
 	var m0 runtime.MemStats
 	runtime.ReadMemStats(&m0)
 
-	encap := &sa.EncapSpec{}
-	sas := make([]sa.SA, 0, 2*pairs)
-	for i := range pairs {
-		inner := netip.AddrFrom4([4]byte{100, 64 + byte(i>>16), byte(i >> 8), byte(i)}).String() + "/32"
-		for _, d := range []struct {
-			dir  string
-			spi  uint32
-			kind byte
-		}{{"in", 0x1000000 + uint32(i), 'i'}, {"out", 0x2000000 + uint32(i), 'o'}} {
-			s, err := (&sa.Spec{SPI: sa.SPIOf(d.spi), Direction: d.dir, Mode: "tunnel", Proposal: "aes128gcm16",
-				EncKey: benchKey(d.kind, i), Local: "192.0.2.1", Peer: "192.0.2.10", Encap: encap,
-				Inner: &sa.InnerSpec{Local: "10.0.0.0/24", Peer: inner}}).Parse(sa.Options{})
-			if err != nil {
-				b.Fatal(err)
-			}
-			sas = append(sas, s)
-		}
-	}
+	sas := parsePairs(b, pairs)
 	total := len(sas)
 
 	b.ResetTimer()
@@ -675,6 +658,31 @@ func BenchmarkLoadSAs(b *testing.B) {
 	if len(got) < 28 || netip.AddrFrom4([4]byte(got[16:20])) != innerAddr || !bytes.Equal(got[28:], reply) {
 		b.Fatalf("encap of pair %d: phone decrypted %x", r, got)
 	}
+}
+
+// parsePairs parses pairs tunnel SA pairs, one phone each (inner
+// 100.64.0.0/10 by index), keys from benchKey.
+func parsePairs(b *testing.B, pairs int) []sa.SA {
+	b.Helper()
+	encap := &sa.EncapSpec{}
+	sas := make([]sa.SA, 0, 2*pairs)
+	for i := range pairs {
+		inner := netip.AddrFrom4([4]byte{100, 64 + byte(i>>16), byte(i >> 8), byte(i)}).String() + "/32"
+		for _, d := range []struct {
+			dir  string
+			spi  uint32
+			kind byte
+		}{{"in", 0x1000000 + uint32(i), 'i'}, {"out", 0x2000000 + uint32(i), 'o'}} {
+			s, err := (&sa.Spec{SPI: sa.SPIOf(d.spi), Direction: d.dir, Mode: "tunnel", Proposal: "aes128gcm16",
+				EncKey: benchKey(d.kind, i), Local: "192.0.2.1", Peer: "192.0.2.10", Encap: encap,
+				Inner: &sa.InnerSpec{Local: "10.0.0.0/24", Peer: inner}}).Parse(sa.Options{})
+			if err != nil {
+				b.Fatal(err)
+			}
+			sas = append(sas, s)
+		}
+	}
+	return sas
 }
 
 // waitLoaded returns once the manager installed every SA of the given

@@ -15,7 +15,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/xesp/xesp/control/config"
-	"github.com/xesp/xesp/control/sa"
 	"github.com/xesp/xesp/dataplane/esp"
 	"github.com/xesp/xesp/internal/pkt"
 )
@@ -74,24 +73,8 @@ state_dir: %s
 	}
 	b.Cleanup(func() { g.Stop(false) })
 
-	encap := &sa.EncapSpec{}
 	inner := func(i int) netip.Addr { return netip.AddrFrom4([4]byte{100, 64 + byte(i>>16), byte(i >> 8), byte(i)}) }
-	sas := make([]sa.SA, 0, 2*pairs)
-	for i := range pairs {
-		for _, d := range []struct {
-			dir  string
-			spi  uint32
-			kind byte
-		}{{"in", 0x1000000 + uint32(i), 'i'}, {"out", 0x2000000 + uint32(i), 'o'}} {
-			s, err := (&sa.Spec{SPI: sa.SPIOf(d.spi), Direction: d.dir, Mode: "tunnel", Proposal: "aes128gcm16",
-				EncKey: benchKey(d.kind, i), Local: "192.0.2.1", Peer: "192.0.2.10", Encap: encap,
-				Inner: &sa.InnerSpec{Local: "10.0.0.0/24", Peer: inner(i).String() + "/32"}}).Parse(sa.Options{})
-			if err != nil {
-				b.Fatal(err)
-			}
-			sas = append(sas, s)
-		}
-	}
+	sas := parsePairs(b, pairs)
 	if err := g.SAD.AddAll(sas); err != nil {
 		b.Fatal(err)
 	}
