@@ -75,7 +75,13 @@ type floodResult struct {
 	floodRate  float64 // forged packets/s sent
 	integRate  float64 // forged packets/s the worker verified and rejected
 	xdpDropped uint64
-	flooded    uint64
+	flooded    uint64 // sent by the flooder
+	// seen is the forged packets the gateway's XDP program saw: ESP it
+	// redirected or flood-dropped, less the phones' packets. The rest
+	// of flooded was lost on the way (veth rings) on a host whose sender
+	// outruns the receiving CPU: not the gateway's to account for.
+	seen       uint64
+	ringLost   uint64 // redirected, but lost at a full XSK ring (any packet)
 	integ      uint64
 	delivered  []float64 // per phone, ue1 first
 	elapsed    time.Duration
@@ -152,6 +158,8 @@ func runFlood(t *testing.T, tp *topo, others int, dur time.Duration, during func
 	st := tp.g.Workers[0].Stats()
 	integBefore := st.Decap.Drops[esp.ReasonIntegrity].Load()
 	xdpBefore := xdpCount(t, tp.g, bpf.DropFloodSA) + xdpCount(t, tp.g, bpf.DropFloodSrc)
+	espBefore := xdpCount(t, tp.g, bpf.RedirectESPUDP)
+	lostBefore := xskLost(t, tp.g)
 	var flooded atomic.Uint64
 	done := make(chan struct{})
 	go func() {
@@ -199,14 +207,22 @@ func runFlood(t *testing.T, tp *topo, others int, dur time.Duration, during func
 	}
 	r := floodResult{flooded: flooded.Load(), elapsed: elapsed,
 		integ:      st.Decap.Drops[esp.ReasonIntegrity].Load() - integBefore,
-		xdpDropped: xdpCount(t, tp.g, bpf.DropFloodSA) + xdpCount(t, tp.g, bpf.DropFloodSrc) - xdpBefore}
+		xdpDropped: xdpCount(t, tp.g, bpf.DropFloodSA) + xdpCount(t, tp.g, bpf.DropFloodSrc) - xdpBefore,
+		ringLost:   xskLost(t, tp.g) - lostBefore}
+	var legit uint64
+	for i := range phones {
+		legit += sent[i]
+	}
+	if atXDP := r.xdpDropped + xdpCount(t, tp.g, bpf.RedirectESPUDP) - espBefore; atXDP > legit {
+		r.seen = atXDP - legit
+	}
 	r.floodRate = float64(r.flooded) / elapsed.Seconds()
 	r.integRate = float64(r.integ) / elapsed.Seconds()
 	for i := range phones {
 		r.delivered = append(r.delivered, float64(got[i].Load())/float64(sent[i]))
 	}
-	t.Logf("flood %.0f pps, %d forged: %d dropped in XDP, %d verified and rejected by the worker (%.0f/s); delivered %.3f",
-		r.floodRate, r.flooded, r.xdpDropped, r.integ, r.integRate, r.delivered)
+	t.Logf("flood %.0f pps, %d forged, %d seen by XDP: %d dropped in XDP, %d verified and rejected by the worker (%.0f/s), %d lost at full XSK rings; delivered %.3f",
+		r.floodRate, r.flooded, r.seen, r.xdpDropped, r.integ, r.integRate, r.ringLost, r.delivered)
 	return r
 }
 
@@ -235,12 +251,15 @@ func TestGatewayFloodBudget(t *testing.T) {
 		t.Cleanup(func() { runtime.GOMAXPROCS(p) })
 	}
 	addSpoof := func(tp *topo) { tp.phone.MustRun("ip", "addr", "add", "203.0.113.66/24", "dev", tp.phIf) }
-	// One generator core on a shared 2-CPU machine reaches about twice
-	// what the worker verifies; less would not test much. That depends on
-	// how the CPUs are shared at the moment (other test packages run
-	// beside this one), so a run whose flood fell short of 1.5x is
-	// measured again on fresh topologies, up to three times, and only
-	// then reported; every other check applies to every run.
+	// The flood must be one that starves the worker without budgets: in
+	// the run with budgets off, the worker fell behind it and its RX ring
+	// overflowed (at least 5% of what XDP saw lost at the full ring). Its
+	// rate against the worker's verify rate varies with the host (1.3-2.4x
+	// seen) and is reported, not judged. How the CPUs are shared at the
+	// moment varies too (other test packages run beside this one), so a
+	// run whose flood did not overflow the worker is measured again on
+	// fresh topologies, up to three times, and only then reported; every
+	// other check applies to every run.
 	var (
 		tp          *topo
 		r           floodResult
@@ -288,14 +307,14 @@ func TestGatewayFloodBudget(t *testing.T) {
 				t.Errorf("ue%d: %.3f delivered under the flood, want ≥ 0.9", i+1, d)
 			}
 		}
-		if r.floodRate >= 1.5*verify {
+		if unprotected.ringLost >= unprotected.seen/20 {
 			break
 		}
 		if attempt == 3 {
-			t.Errorf("the flood reached %.0f pps, %.1fx the worker's verify rate, in %d runs: not a flood that could starve it", r.floodRate, r.floodRate/verify, attempt)
+			t.Errorf("without budgets the worker kept up with the flood (%d of %d lost at its full ring) in %d runs: not a flood that could starve it", unprotected.ringLost, unprotected.seen, attempt)
 			break
 		}
-		t.Logf("run %d: the flood reached only %.1fx the worker's verify rate; measuring again", attempt, r.floodRate/verify)
+		t.Logf("run %d: without budgets the worker kept up with the flood (%d of %d lost at its full ring); measuring again", attempt, unprotected.ringLost, unprotected.seen)
 		tp.g.Stop(false)
 	}
 	// The worker saw about the budget: burst 1000 plus 1000/s for the
@@ -304,8 +323,12 @@ func TestGatewayFloodBudget(t *testing.T) {
 	if limit := uint64(3000 + 1000*r.elapsed.Seconds()*1.5); r.integ > limit {
 		t.Errorf("the worker verified %d forged packets in %v, the budget allows about %d", r.integ, r.elapsed, limit)
 	}
-	if r.xdpDropped == 0 || r.xdpDropped+r.integ < r.flooded*9/10 {
-		t.Errorf("XDP dropped %d, the worker rejected %d, of %d forged packets", r.xdpDropped, r.integ, r.flooded)
+	// Every forged packet that reached the gateway was dropped in XDP or
+	// rejected by the worker (or lost at a full ring, which counts it):
+	// none went through.
+	if r.xdpDropped == 0 || r.xdpDropped+r.integ+r.ringLost < r.seen*99/100 {
+		t.Errorf("XDP dropped %d, the worker rejected %d, full rings lost %d, of %d forged packets seen by XDP (%d sent)",
+			r.xdpDropped, r.integ, r.ringLost, r.seen, r.flooded)
 	}
 	id := sa.ID{Dir: sa.In, SPI: spiIn}
 	home := netip.MustParseAddrPort("192.0.2.10:4500")
@@ -378,4 +401,19 @@ func ifindexIn(t *testing.T, tp *topo, ifname string) int {
 		t.Fatal(err)
 	}
 	return idx
+}
+
+// xskLost is the packets the gateway's sockets lost to full RX rings or
+// an empty fill ring.
+func xskLost(t *testing.T, g *Gateway) uint64 {
+	t.Helper()
+	var n uint64
+	for _, q := range g.RX {
+		st, err := q.XSK.Stats()
+		if err != nil {
+			t.Fatal(err)
+		}
+		n += st.RxDropped + st.RxRingFull
+	}
+	return n
 }
