@@ -80,11 +80,11 @@ type floodResult struct {
 	// redirected or flood-dropped, less the phones' packets. The rest
 	// of flooded was lost on the way (veth rings) on a host whose sender
 	// outruns the receiving CPU: not the gateway's to account for.
-	seen       uint64
-	ringLost   uint64 // redirected, but lost at a full XSK ring (any packet)
-	integ      uint64
-	delivered  []float64 // per phone, ue1 first
-	elapsed    time.Duration
+	seen      uint64
+	ringLost  uint64 // redirected, but lost at a full XSK ring (any packet)
+	integ     uint64
+	delivered []float64 // per phone, ue1 first
+	elapsed   time.Duration
 }
 
 // runFlood floods ue1's SPI with forged ESP from the spoofed source for
