@@ -1006,7 +1006,18 @@ func (m *Manager) publish(installs []*installed) error {
 	prefixes := make([]netip.Prefix, 0, len(installs)-nIn) // trie policies, written in batches
 	pols := make([]bpf.Policy, 0, len(installs)-nIn)
 	var errs []error
-	for _, s := range installs {
+	// Which outbound SAs are their key's newest, read under one lock: a
+	// publish runs beside the next page's build (pipeline), which takes
+	// the lock once per SA, and a read lock per SA here made the two
+	// hand the lock over a million times (futex wake-ups: a 1M-pair
+	// config load took 1.5x as long).
+	newest := make([]bool, len(installs))
+	m.mu.RLock()
+	for i, s := range installs {
+		newest[i] = s.entry.Dir != worker.Inbound && m.policies[s.policy] == s
+	}
+	m.mu.RUnlock()
+	for i, s := range installs {
 		if s.entry.Dir == worker.Inbound {
 			var flags uint16
 			if s.encap {
@@ -1016,10 +1027,7 @@ func (m *Manager) publish(installs []*installed) error {
 			vals = append(vals, bpf.SASteer{SaIndex: s.index, Worker: s.worker, Flags: flags})
 			continue
 		}
-		m.mu.RLock()
-		newest := m.policies[s.policy]
-		m.mu.RUnlock()
-		if newest == s {
+		if newest[i] {
 			pol := bpf.Policy{SaIndex: s.index, Worker: s.worker}
 			if !s.policy.isCore() {
 				prefixes, pols = append(prefixes, s.policy.prefix()), append(pols, pol)
