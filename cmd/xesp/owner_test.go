@@ -22,14 +22,15 @@ import (
 // stream sends numbered requests from p every interval until stop is
 // called and counts the distinct replies. await blocks until n more
 // replies than had arrived at its call have come (false after d without
-// them); stop returns sent and received once the replies in flight had
-// time to come back.
+// them); stop stops sending and returns sent and received once every
+// reply has come back or 10 s passed without all of them.
 func stream(t *testing.T, p *ue.Phone, inner netip.AddrPort, every time.Duration) (await func(n int, d time.Duration) bool, stop func() (sent, got int)) {
 	t.Helper()
 	var mu sync.Mutex
 	replies := map[string]bool{}
 	arrived := make(chan struct{}, 1)
-	done := make(chan struct{})
+	done := make(chan struct{})     // the receiver stops
+	stopSend := make(chan struct{}) // the sender stops
 	sentCh := make(chan int, 1)
 	go func() {
 		buf := make([]byte, 2048)
@@ -60,7 +61,7 @@ func stream(t *testing.T, p *ue.Phone, inner netip.AddrPort, every time.Duration
 		defer tk.Stop()
 		for {
 			select {
-			case <-done:
+			case <-stopSend:
 				sentCh <- n
 				return
 			case <-tk.C:
@@ -74,10 +75,11 @@ func stream(t *testing.T, p *ue.Phone, inner netip.AddrPort, every time.Duration
 		defer mu.Unlock()
 		return len(replies)
 	}
-	await = func(n int, d time.Duration) bool {
+	// reach waits until want replies have arrived, false after d.
+	reach := func(want int, d time.Duration) bool {
 		timeout := time.NewTimer(d)
 		defer timeout.Stop()
-		for want := count() + n; count() < want; {
+		for count() < want {
 			select {
 			case <-arrived:
 			case <-timeout.C:
@@ -86,21 +88,13 @@ func stream(t *testing.T, p *ue.Phone, inner netip.AddrPort, every time.Duration
 		}
 		return true
 	}
+	await = func(n int, d time.Duration) bool { return reach(count()+n, d) }
 	return await, func() (int, int) {
-		close(done)
+		close(stopSend)
 		n := <-sentCh
-		// Replies still in flight: wait for all of them or 2 s.
-		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
-			mu.Lock()
-			got := len(replies)
-			mu.Unlock()
-			if got >= n {
-				break
-			}
-		}
-		mu.Lock()
-		defer mu.Unlock()
-		return n, len(replies)
+		reach(n, 10*time.Second) // the replies still in flight
+		close(done)
+		return n, count()
 	}
 }
 
