@@ -24,6 +24,7 @@ import (
 
 	"github.com/xesp/xesp/bench/benchnet"
 	"github.com/xesp/xesp/bench/gen"
+	"github.com/xesp/xesp/bench/pktgen"
 	"github.com/xesp/xesp/bpf"
 	"github.com/xesp/xesp/control/config"
 	"github.com/xesp/xesp/control/sa"
@@ -510,9 +511,9 @@ func BenchmarkLoadSAs(b *testing.B) {
 	if testing.Short() {
 		b.Skip("loads 2,000,000 SAs; skipped under -short")
 	}
-	pairs := 1_000_000
-	if v, err := strconv.Atoi(os.Getenv("XESP_LOAD_PAIRS")); err == nil && v > 0 {
-		pairs = v // XESP_LOAD_PAIRS: fewer pairs for iterating on the heap figure
+	pairs, err := pktgen.LoadPairs(1_000_000) // fewer for iterating on the heap figure
+	if err != nil {
+		b.Fatal(err)
 	}
 	tp := newBenchTopo(b)
 	g := tp.start(b, 1, "")

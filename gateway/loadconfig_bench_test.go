@@ -7,7 +7,6 @@ import (
 	"path/filepath"
 	"runtime"
 	"runtime/pprof"
-	"strconv"
 	"syscall"
 	"testing"
 	"time"
@@ -26,13 +25,9 @@ func BenchmarkLoadConfig(b *testing.B) {
 	if testing.Short() {
 		b.Skip("loads hundreds of thousands of SAs; skipped under -short")
 	}
-	pairs := 200_000
-	if v := os.Getenv("XESP_LOAD_PAIRS"); v != "" {
-		n, err := strconv.Atoi(v)
-		if err != nil || n < 1 || n > pktgen.MaxSAs {
-			b.Fatalf("XESP_LOAD_PAIRS=%q: want 1..%d", v, pktgen.MaxSAs)
-		}
-		pairs = n
+	pairs, err := pktgen.LoadPairs(200_000)
+	if err != nil {
+		b.Fatal(err)
 	}
 	tp := newBenchTopo(b)
 	dir := b.TempDir()

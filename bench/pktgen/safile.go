@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"strconv"
 	"strings"
 )
 
@@ -66,4 +67,18 @@ func WriteSAFile(ctx context.Context, path string, n int, nw Net) (err error) {
 		return fmt.Errorf("write SA file: %w", err)
 	}
 	return nil
+}
+
+// LoadPairs is the SA pair count the load benchmarks use: XESP_LOAD_PAIRS
+// when set (1..MaxSAs, an error naming the variable otherwise), else def.
+func LoadPairs(def int) (int, error) {
+	v := os.Getenv("XESP_LOAD_PAIRS")
+	if v == "" {
+		return def, nil
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n < 1 || n > MaxSAs {
+		return 0, fmt.Errorf("XESP_LOAD_PAIRS=%q: want 1..%d", v, MaxSAs)
+	}
+	return n, nil
 }

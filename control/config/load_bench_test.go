@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strconv"
 	"testing"
 
 	"github.com/xesp/xesp/bench/pktgen"
@@ -15,13 +14,9 @@ import (
 // file of XESP_LOAD_PAIRS pairs (default 200,000), the file the
 // benchmark harness's config install loads (pktgen.WriteSAFile).
 func BenchmarkLoadSAFile(b *testing.B) {
-	pairs := 200_000
-	if v := os.Getenv("XESP_LOAD_PAIRS"); v != "" {
-		n, err := strconv.Atoi(v)
-		if err != nil || n < 1 || n > pktgen.MaxSAs {
-			b.Fatalf("XESP_LOAD_PAIRS=%q: want 1..%d", v, pktgen.MaxSAs)
-		}
-		pairs = n
+	pairs, err := pktgen.LoadPairs(200_000)
+	if err != nil {
+		b.Fatal(err)
 	}
 	dir := b.TempDir()
 	file := filepath.Join(dir, "phones.jsonl")
