@@ -490,15 +490,11 @@ func (s *Sender) RunPaced(ctx context.Context) (Result, error) {
 	if s.tx == nil {
 		return s.runPacedLive(ctx)
 	}
-	if s.o.CPU >= 0 {
-		runtime.LockOSThread()
-		defer runtime.UnlockOSThread()
-		restore, err := gen.PinThread(s.o.CPU)
-		if err != nil {
-			return Result{}, err
-		}
-		defer restore()
+	release, err := s.pin()
+	if err != nil {
+		return Result{}, err
 	}
+	defer release()
 	s.g.MarkSent()
 	chunk := int(max(s.o.Rate*0.002, 16))
 	var res Result
@@ -529,15 +525,11 @@ func (s *Sender) RunPaced(ctx context.Context) (Result, error) {
 const PacedBatch = 4
 
 func (s *Sender) runPacedLive(ctx context.Context) (Result, error) {
-	if s.o.CPU >= 0 {
-		runtime.LockOSThread()
-		defer runtime.UnlockOSThread()
-		restore, err := gen.PinThread(s.o.CPU)
-		if err != nil {
-			return Result{}, err
-		}
-		defer restore()
+	release, err := s.pin()
+	if err != nil {
+		return Result{}, err
 	}
+	defer release()
 	if s.o.RealTime {
 		undo, err := realTime()
 		if err != nil {
@@ -572,6 +564,21 @@ func realTime() (func(), error) {
 		return nil, fmt.Errorf("pktgen: SCHED_FIFO for the paced sender: %w", err)
 	}
 	return func() { unix.SchedSetAttr(0, old, 0) }, nil
+}
+
+// pin locks the calling goroutine to its thread and the thread to
+// Options.CPU, when one is set; release undoes both.
+func (s *Sender) pin() (release func(), err error) {
+	if s.o.CPU < 0 {
+		return func() {}, nil
+	}
+	runtime.LockOSThread()
+	restore, err := gen.PinThread(s.o.CPU)
+	if err != nil {
+		runtime.UnlockOSThread()
+		return nil, err
+	}
+	return func() { restore(); runtime.UnlockOSThread() }, nil
 }
 
 func (s *Sender) sendPinned(n int) (int, time.Duration, error) {
