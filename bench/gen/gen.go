@@ -48,6 +48,7 @@ import (
 	"unsafe"
 
 	"github.com/xesp/xesp/internal/pkt"
+	"github.com/xesp/xesp/internal/procs"
 	"github.com/xesp/xesp/lab/xdptest"
 
 	"github.com/cilium/ebpf"
@@ -598,6 +599,7 @@ func (g *Gen) SentNs(dst []int64) error {
 func (g *Gen) SendPinned(cpu int) (int, time.Duration, error) {
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
+	defer procs.Reserve()() // back from each send, no wait for a P (internal/procs)
 	restore, err := PinThread(cpu)
 	if err != nil {
 		return 0, 0, err

@@ -19,6 +19,7 @@ import (
 	"github.com/xesp/xesp/bench/pktgen"
 	"github.com/xesp/xesp/dataplane/esp"
 	"github.com/xesp/xesp/internal/pkt"
+	"github.com/xesp/xesp/internal/procs"
 	"github.com/xesp/xesp/lab/netns"
 	"github.com/xesp/xesp/lab/xsktest"
 )
@@ -359,6 +360,7 @@ func (b *socketLoop) start(ns *netns.NS) (err error) {
 		defer b.wg.Done()
 		runtime.LockOSThread()
 		defer runtime.UnlockOSThread()
+		defer procs.Reserve()() // as the worker's, so the baseline shares its scheduling
 		if _, err := gen.PinThread(GwCPU); err != nil {
 			b.err = err
 			return

@@ -17,6 +17,7 @@ import (
 	"github.com/xesp/xesp/control/config"
 	"github.com/xesp/xesp/dataplane/esp"
 	"github.com/xesp/xesp/dataplane/xsk"
+	"github.com/xesp/xesp/internal/procs"
 	"github.com/xesp/xesp/lab/xsktest"
 )
 
@@ -215,6 +216,7 @@ func startAFXDP(e end, port uint16, reflect bool) (_ *afxdp, err error) {
 		defer a.wg.Done()
 		runtime.LockOSThread()
 		defer runtime.UnlockOSThread()
+		defer procs.Reserve()() // as the worker's, so the ceiling shares its scheduling
 		if _, err := gen.PinThread(GwCPU); err != nil {
 			a.err = err
 			return

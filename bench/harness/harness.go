@@ -39,6 +39,7 @@ import (
 	"github.com/xesp/xesp/bench/pktgen"
 	"github.com/xesp/xesp/dataplane/esp"
 	"github.com/xesp/xesp/gateway"
+	"github.com/xesp/xesp/internal/procs"
 	"github.com/xesp/xesp/lab/netns"
 )
 
@@ -744,6 +745,7 @@ func startObserver(count func() (uint64, error), before uint64, gens *tidSet) *o
 		runtime.LockOSThread()
 		// Left locked: the thread is pinned to GenCPU and exits with
 		// the goroutine rather than serving others there.
+		defer procs.Reserve()() // a late observer would stretch the trial
 		gens.addSelf()
 		close(ready)
 		if _, err := gen.PinThread(GenCPU); err != nil {

@@ -35,6 +35,7 @@ import (
 	"github.com/xesp/xesp/bench/gen"
 	"github.com/xesp/xesp/control/sa"
 	"github.com/xesp/xesp/dataplane/esp"
+	"github.com/xesp/xesp/internal/procs"
 )
 
 // MaxSAs is the largest SA set: inner addresses come from 100.64.0.0/10.
@@ -578,12 +579,16 @@ func (s *Sender) pin() (release func(), err error) {
 		runtime.UnlockOSThread()
 		return nil, err
 	}
-	return func() { restore(); runtime.UnlockOSThread() }, nil
+	// Back from each send syscall the sender must not wait for a P
+	// (internal/procs): a late sender is a lower offered rate.
+	unreserve := procs.Reserve()
+	return func() { unreserve(); restore(); runtime.UnlockOSThread() }, nil
 }
 
 func (s *Sender) sendPinned(n int) (int, time.Duration, error) {
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
+	defer procs.Reserve()() // see pin
 	restore, err := gen.PinThread(s.o.CPU)
 	if err != nil {
 		return 0, 0, err

@@ -13,6 +13,7 @@ import (
 	"github.com/xesp/xesp/dataplane/esp"
 	"github.com/xesp/xesp/dataplane/flood"
 	"github.com/xesp/xesp/dataplane/xsk"
+	"github.com/xesp/xesp/internal/procs"
 )
 
 // Config is what one worker needs. Public and Private are this worker's
@@ -275,6 +276,9 @@ func (w *Worker) drainCommands() {
 func (w *Worker) Run(ctx context.Context) error {
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
+	// A P of its own: back from poll(2), the loop must not wait for a
+	// busy goroutine's preemption (internal/procs).
+	defer procs.Reserve()()
 	stop := context.AfterFunc(ctx, w.poke)
 	defer stop()
 
