@@ -15,10 +15,18 @@ import (
 )
 
 // The regression gate (make bench-check) compares ratios, never absolute
-// rates, and only ratios whose two sides share a bottleneck, measured
-// interleaved in the same run (gate.go): xesp's CPU time per packet
-// against the AF_XDP reflect ceiling's and against the UDP-socket
-// baseline's, each the median over the run's trial pairs.
+// rates, and fails only on ratios whose two sides share a bottleneck,
+// measured interleaved in the same run (gate.go): xesp's CPU time per
+// packet against the AF_XDP reflect ceiling's (both forward RX → TX
+// through copy-mode AF_XDP), each the median over the run's trial pairs.
+// The ratio to the UDP-socket baseline is measured, calibrated and
+// printed beside it but never fails the gate: the kernel's UDP stack is
+// another bottleneck, and ratios across bottlenecks move by their own
+// factors from host to host (issue 13: 17–19 such ratios "regressed" on
+// a second host with no code change). Its 2026-12-05 calibration showed
+// it: the median of five runs sat 4% above each of the next four runs
+// on the same host, half its 8% tolerance. ÷ reflect alone failed all
+// four knob runs of the gate proofs of 2026-12-04 and 2026-12-05.
 //
 // What it promises: to fail on a regression that costs the worker 30%
 // more CPU per packet (a rate 1/1.3 = 0.77 of before, a 23% drop), and
@@ -150,7 +158,7 @@ func Calibrate(ctx context.Context, o Options, n int) (*Baseline, error) {
 		if !ok {
 			continue
 		}
-		if m.Noisy && isGeomean(k) {
+		if m.Noisy && isGeomean(k) && gates(k) {
 			tooNoisy = append(tooNoisy, fmt.Sprintf("%s: range %.1f%% needs a tolerance of %.0f%%, above the %.0f%% cap", k, 100*m.Range, 100*toleranceFactor*m.Range, 100*MaxGeomeanTolerance))
 		}
 		b.Metrics[k] = m
@@ -254,9 +262,15 @@ func (b *Baseline) Compare(r *Report, w io.Writer) error {
 	now := GateRatios(r)
 	var failed []string
 	fmt.Fprintf(w, "\nbench-check against the baseline of %s (%d runs on %s):\n", b.Measured.Format("2006-01-02"), b.Runs, b.Machine.CPU)
+	gated := 0
 	for _, k := range b.keys() {
 		m := b.Metrics[k]
 		v, ok := now[k]
+		if !gates(k) {
+			fmt.Fprintf(w, "  %-58s base %.3f  now %.3f  %+6.1f%%  (reported, not gated: another bottleneck)\n", k, m.Value, v, 100*(v/m.Value-1))
+			continue
+		}
+		gated++
 		verdict := "ok"
 		switch {
 		case !ok:
@@ -271,6 +285,10 @@ func (b *Baseline) Compare(r *Report, w io.Writer) error {
 	if len(failed) > 0 {
 		return fmt.Errorf("bench-check: %d ratio(s) regressed:\n  %s", len(failed), strings.Join(failed, "\n  "))
 	}
-	fmt.Fprintf(w, "bench-check: all %d ratios within tolerance\n", len(b.Metrics))
+	fmt.Fprintf(w, "bench-check: all %d gated ratios within tolerance\n", gated)
 	return nil
 }
+
+// gates reports whether bench-check fails on the figure key: only ratios
+// to the AF_XDP reflect ceiling, which shares xesp's bottleneck.
+func gates(key string) bool { return strings.HasSuffix(key, "÷ afxdp_reflect") }
