@@ -6,12 +6,15 @@ import (
 	"encoding/binary"
 	"encoding/hex"
 	"fmt"
-	"github.com/xesp/xesp/internal/pkt"
 	"net"
 	"net/netip"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/xesp/xesp/internal/pkt"
+	"github.com/xesp/xesp/internal/procs"
 
 	"golang.org/x/sys/unix"
 
@@ -585,5 +588,35 @@ func TestGatewayPMTUProbe(t *testing.T) {
 	inner, packets := recvInner(t, phone, phoneIn)
 	if packets != 2 || len(inner) != 1488 || inner[9] != 1 || inner[20] != 8 {
 		t.Fatalf("phone got %d bytes (proto %d) in %d ESP packets: % x", len(inner), inner[9], packets, inner[:min(len(inner), 64)])
+	}
+}
+
+// Each running worker holds a Go P of its own (internal/procs): while the
+// gateway runs, GOMAXPROCS is what it was plus one per worker, so a
+// worker back from poll(2) never waits for the Go scheduler; Stop gives
+// them back.
+func TestWorkersHoldTheirOwnP(t *testing.T) {
+	base, held := runtime.GOMAXPROCS(0), procs.Held()
+	t.Cleanup(func() { // runs after the gateway's Stop (cleanups run last first)
+		if got := procs.Held(); got != held {
+			t.Errorf("after Stop: %d Ps held, want %d", got, held)
+		}
+		if got := runtime.GOMAXPROCS(0); got != base {
+			t.Errorf("after Stop: GOMAXPROCS %d, want %d", got, base)
+		}
+	})
+	tp := newTopo(t, 2)
+	for _, w := range tp.g.Workers {
+		// Sync returns once the worker's loop has drained its commands,
+		// so it has reserved its P.
+		if err := w.Sync(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := procs.Held(); got != held+2 {
+		t.Fatalf("2 workers running: %d Ps held, want %d", got, held+2)
+	}
+	if got := runtime.GOMAXPROCS(0); got != base+2 {
+		t.Fatalf("2 workers running: GOMAXPROCS %d, want %d", got, base+2)
 	}
 }
