@@ -29,8 +29,8 @@ const baselineBatch = 64
 // The socket baselines measure what a careful engineer would write without
 // XDP: the same ESP engine behind plain UDP sockets, one thread on GwCPU
 // reading with blocking recvmmsg and writing with sendmmsg (socketLoop),
-// counted at the far end like xesp. The kernel's receive path runs in the generator's softirq
-// on GenCPU, as XDP does for xesp.
+// counted at the far end like xesp. The kernel's receive path runs in the
+// generator's softirq on GenCPU, as XDP does for xesp.
 
 // baseline measures one direction of the socket baseline with n SAs.
 // Decap: a UDP socket on the gateway's 4500, each datagram opened
