@@ -128,32 +128,53 @@ func churn(t *testing.T, r *rand.Rand, m model, ids *[]seqstore.Key, next *int, 
 	}
 }
 
+// churned is a journal test's moving state: a model changed interval by
+// interval (churn) and the journal that follows it.
+type churned struct {
+	r    *rand.Rand
+	m    model
+	ids  []seqstore.Key
+	next int
+	b    Batch
+	j    *Journal
+}
+
+// newChurned churns a first interval into an empty model (the PCG seeds
+// s1, s2), then opens the journal at path with that state as its base.
+func newChurned(t *testing.T, path string, s1, s2 uint64) *churned {
+	t.Helper()
+	c := &churned{r: rand.New(rand.NewPCG(s1, s2)), m: model{}}
+	churn(t, c.r, c.m, &c.ids, &c.next, &c.b)
+	c.j = OpenJournal(path)
+	t.Cleanup(func() { c.j.Close() })
+	if err := c.j.Rebase(c.m.snapshot()); err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// appendInterval churns one more interval and appends it to the journal.
+func (c *churned) appendInterval(t *testing.T) {
+	t.Helper()
+	c.b.Reset()
+	churn(t, c.r, c.m, &c.ids, &c.next, &c.b)
+	if err := c.j.Append(&c.b); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // After each of many intervals of mixed changes (adds, deletions, SAs
 // added again under a deleted identity, key updates, bindings, windows,
 // counters), the base and journal restore exactly what a full snapshot
 // of the same moment restores; compactions on the way change nothing.
 func TestJournalRestoresAsFullSnapshot(t *testing.T) {
-	dir := t.TempDir()
-	path := filepath.Join(dir, "rx.state")
-	r := rand.New(rand.NewPCG(13, 1))
-	m := model{}
-	var ids []seqstore.Key
-	next := 0
-	var b Batch
-	churn(t, r, m, &ids, &next, &b) // before the first base
-	j := OpenJournal(path)
+	path := filepath.Join(t.TempDir(), "rx.state")
+	c := newChurned(t, path, 13, 1)
+	j, m := c.j, c.m
 	j.Floor = 0
-	defer j.Close()
-	if err := j.Rebase(m.snapshot()); err != nil {
-		t.Fatal(err)
-	}
 	compactions := 0
 	for interval := range 200 {
-		b.Reset()
-		churn(t, r, m, &ids, &next, &b)
-		if err := j.Append(&b); err != nil {
-			t.Fatal(err)
-		}
+		c.appendInterval(t)
 		if j.Due() {
 			if err := j.Compact(); err != nil {
 				t.Fatal(err)
@@ -169,7 +190,7 @@ func TestJournalRestoresAsFullSnapshot(t *testing.T) {
 	if compactions < 3 {
 		t.Fatalf("%d compactions in 200 intervals: the test did not exercise them", compactions)
 	}
-	t.Logf("%d SAs live of %d identities, %d compactions", len(m), len(ids), compactions)
+	t.Logf("%d SAs live of %d identities, %d compactions", len(m), len(c.ids), compactions)
 }
 
 // A crash while appending leaves a torn last record: whatever the length
@@ -177,22 +198,9 @@ func TestJournalRestoresAsFullSnapshot(t *testing.T) {
 // holds exactly the records written whole before it.
 func TestJournalTornTailIgnored(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "rx.state")
-	r := rand.New(rand.NewPCG(7, 7))
-	m := model{}
-	var ids []seqstore.Key
-	next := 0
-	var b Batch
-	churn(t, r, m, &ids, &next, &b)
-	j := OpenJournal(path)
-	defer j.Close()
-	if err := j.Rebase(m.snapshot()); err != nil {
-		t.Fatal(err)
-	}
-	b.Reset()
-	churn(t, r, m, &ids, &next, &b)
-	if err := j.Append(&b); err != nil {
-		t.Fatal(err)
-	}
+	c := newChurned(t, path, 7, 7)
+	c.appendInterval(t)
+	j, m, ids, b := c.j, c.m, c.ids, &c.b
 	before := canonical(t, m.snapshot())
 	// The last append: one window set, whole or torn.
 	id := ids[0]
@@ -208,7 +216,7 @@ func TestJournalTornTailIgnored(t *testing.T) {
 	if err := b.Set(&rec, HasReplay|HasKey); err != nil {
 		t.Fatal(err)
 	}
-	if err := j.Append(&b); err != nil {
+	if err := j.Append(b); err != nil {
 		t.Fatal(err)
 	}
 	m[id] = rec
@@ -313,25 +321,11 @@ func TestJournalDeletionNotResurrected(t *testing.T) {
 // but before the new journal (the new base and the old journal, stale).
 func TestJournalCrashMidCompaction(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "rx.state")
-	r := rand.New(rand.NewPCG(3, 4))
-	m := model{}
-	var ids []seqstore.Key
-	next := 0
-	var b Batch
-	churn(t, r, m, &ids, &next, &b)
-	j := OpenJournal(path)
-	defer j.Close()
-	if err := j.Rebase(m.snapshot()); err != nil {
-		t.Fatal(err)
-	}
+	c := newChurned(t, path, 3, 4)
 	for range 5 {
-		b.Reset()
-		churn(t, r, m, &ids, &next, &b)
-		if err := j.Append(&b); err != nil {
-			t.Fatal(err)
-		}
+		c.appendInterval(t)
 	}
-	want := m.snapshot()
+	want := c.m.snapshot()
 	merged, err := Load(path)
 	if err != nil {
 		t.Fatal(err)
