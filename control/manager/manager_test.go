@@ -89,6 +89,20 @@ type fixture struct {
 	seq  *seqstore.Store
 }
 
+// newOverrunFixture is a 2-worker fixture whose SAD's change log holds
+// only 4 changes, so a test can overrun it and force a resync.
+func newOverrunFixture(t *testing.T) *fixture {
+	t.Helper()
+	f := newFixture(t, 2, "")
+	d, err := sad.New(sad.Options{Workers: 2, MaxSAs: 1000, LogSize: 4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.d = d
+	f.m, _ = New(Options{SAD: d, Maps: f.maps, Workers: f.w, Events: make(chan worker.BindingChange)})
+	return f
+}
+
 func newFixture(t *testing.T, workers int, seqDir string) *fixture {
 	t.Helper()
 	netns.RequireRoot(t)
@@ -332,13 +346,8 @@ func TestPolicyOlderRemovedFirst(t *testing.T) {
 func TestPipelinedPages(t *testing.T) {
 	defer func(n int) { resyncPage = n }(resyncPage)
 	resyncPage = 3
-	f := newFixture(t, 2, "")
-	d, err := sad.New(sad.Options{Workers: 2, MaxSAs: 1000, LogSize: 4})
-	if err != nil {
-		t.Fatal(err)
-	}
-	f.d = d
-	f.m, _ = New(Options{SAD: d, Maps: f.maps, Workers: f.w, Events: make(chan worker.BindingChange)})
+	f := newOverrunFixture(t)
+	d := f.d
 	pair := func(i int, key byte) (in, out sa.SA) {
 		inner := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 97, 0, byte(i)}), 32).String()
 		return mkSA("", 0x4000+uint32(i), sa.In, inner, key), mkSA("", 0x5000+uint32(i), sa.Out, inner, key+1)
@@ -482,13 +491,8 @@ func TestSequenceReservation(t *testing.T) {
 // everything the SAD holds ends up installed and published, and what it
 // dropped meanwhile is unpublished and uninstalled.
 func TestResyncAfterLogOverrun(t *testing.T) {
-	f := newFixture(t, 2, "")
-	d, err := sad.New(sad.Options{Workers: 2, MaxSAs: 1000, LogSize: 4})
-	if err != nil {
-		t.Fatal(err)
-	}
-	f.d = d
-	f.m, _ = New(Options{SAD: d, Maps: f.maps, Workers: f.w, Events: make(chan worker.BindingChange)})
+	f := newOverrunFixture(t)
+	d := f.d
 	var ids []sa.ID
 	for i := 0; i < 40; i++ { // 40 changes > the log's 4: a resync
 		s := mkSA("", 0x3000+uint32(i), sa.In, "10.99.1.0/24", byte(i))

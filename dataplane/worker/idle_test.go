@@ -112,11 +112,10 @@ func TestIdleCipherReleaseRebuild(t *testing.T) {
 	}
 }
 
-// The sweep is chunked: a pass over more listed ciphers than one chunk
-// spreads over loop turns, and releases every idle one.
-func TestIdleSweepChunked(t *testing.T) {
-	const n = 3*sweepChunk + 7
-	p := &pipeline{stats: &Stats{}, idle: idler{limit: 1}}
+// fillIdle gives p a table of n outbound slots, each used at the current
+// clock, so each is listed on the idle wheel.
+func fillIdle(t *testing.T, p *pipeline, n int) {
+	t.Helper()
 	for i := range n {
 		s, err := NewSlot(esp.Config{SPI: uint32(0x1000 + i), Proposal: esp.AES128GCM16, EncKey: pipeKey, Mode: esp.ModeTunnel})
 		if err != nil {
@@ -126,6 +125,14 @@ func TestIdleSweepChunked(t *testing.T) {
 		p.table = append(p.table, s)
 		p.touch(s)
 	}
+}
+
+// The sweep is chunked: a pass over more listed ciphers than one chunk
+// spreads over loop turns, and releases every idle one.
+func TestIdleSweepChunked(t *testing.T) {
+	const n = 3*sweepChunk + 7
+	p := &pipeline{stats: &Stats{}, idle: idler{limit: 1}}
+	fillIdle(t, p, n)
 	now := int64(1e9)
 	p.tick(now) // clock 1: every entry idle 1 tick, first chunk
 	if got := p.stats.CipherReleases.Load(); got != sweepChunk {
@@ -146,15 +153,7 @@ func TestIdleSweepChunked(t *testing.T) {
 func TestIdleWheelLooksOncePerLimit(t *testing.T) {
 	const n, limit = 2 * sweepChunk, 10
 	p := &pipeline{stats: &Stats{}, idle: idler{limit: limit}}
-	for i := range n {
-		s, err := NewSlot(esp.Config{SPI: uint32(0x1000 + i), Proposal: esp.AES128GCM16, EncKey: pipeKey, Mode: esp.ModeTunnel})
-		if err != nil {
-			t.Fatal(err)
-		}
-		s.index, s.Dir = uint32(i), Outbound
-		p.table = append(p.table, s)
-		p.touch(s) // clock 0: due at 10
-	}
+	fillIdle(t, p, n) // clock 0: due at 10
 	now := int64(0)
 	step := func() {
 		now += int64(idleTick)
