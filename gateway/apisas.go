@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"hash/maphash"
 	"path/filepath"
-	"reflect"
 	"sync"
 	"time"
 
@@ -44,8 +43,11 @@ type apiSAs struct {
 	g    *Gateway
 	path string
 	// config finds a config-file SA by identity: its index in
-	// g.Config.SAList.
-	config map[sa.Key]int32
+	// g.Config.SAList. Built by the first keep, not at start: with a
+	// million config SAs it costs a second, which is not the start's to
+	// pay (nothing reads it before the first flush).
+	config     map[sa.Key]int32
+	configOnce sync.Once
 
 	mu    sync.Mutex
 	store *sastore.Store
@@ -118,12 +120,19 @@ func (p *apiSAs) setEtcd(src *etcdsrc.Source) {
 }
 
 func newAPISAs(g *Gateway) *apiSAs {
-	p := &apiSAs{g: g, path: filepath.Join(g.Config.StateDir, apiSAsFile), config: make(map[sa.Key]int32, len(g.Config.SAList)),
-		held: newHeldSet(), seed: maphash.MakeSeed()}
-	for i := range g.Config.SAList {
-		p.config[g.Config.SAList[i].ID().Key()] = int32(i)
-	}
-	return p
+	return &apiSAs{g: g, path: filepath.Join(g.Config.StateDir, apiSAsFile), held: newHeldSet(), seed: maphash.MakeSeed()}
+}
+
+// configIndex is config, built on first use.
+func (p *apiSAs) configIndex() map[sa.Key]int32 {
+	p.configOnce.Do(func() {
+		list := p.g.Config.SAList
+		p.config = make(map[sa.Key]int32, len(list))
+		for i := range list {
+			p.config[list[i].ID().Key()] = int32(i)
+		}
+	})
+	return p.config
 }
 
 // fingerprint is what held keeps of an entry: 63 bits of a keyed hash,
@@ -189,7 +198,7 @@ func (p *apiSAs) keep(e *sad.Record, etcd map[sa.ID]bool) bool {
 	if etcd[e.ID] {
 		return false
 	}
-	if i, ok := p.config[e.ID.Key()]; ok && reflect.DeepEqual(p.g.Config.SAList[i], e.SA) {
+	if i, ok := p.configIndex()[e.ID.Key()]; ok && p.g.Config.SAList[i].Equal(&e.SA) {
 		return false
 	}
 	return true

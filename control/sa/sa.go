@@ -9,6 +9,7 @@
 package sa
 
 import (
+	"crypto/subtle"
 	"fmt"
 	"net/netip"
 	"strconv"
@@ -134,6 +135,25 @@ type SA struct {
 	// IdleTimeout is the inbound SA's idle timeout in seconds (0: the
 	// gateway's idle.timeout).
 	IdleTimeout uint64
+}
+
+// Equal says whether s and o are the same SA, every field and both keys
+// alike (a nil and an empty key are the same key). It is reflect's deep
+// equality without its cost: the gateway compares each of a million
+// SAs with the config's to tell the API's apart, where DeepEqual's
+// boxing of two 300-byte values took ~5 µs an SA.
+// TestEqualSeesEveryField fails when a field is added and not here.
+func (s *SA) Equal(o *SA) bool {
+	return s.Name == o.Name && s.Pair == o.Pair && s.SPI == o.SPI &&
+		s.Direction == o.Direction && s.Mode == o.Mode && s.Proposal == o.Proposal &&
+		subtle.ConstantTimeCompare(s.EncKey, o.EncKey) == 1 &&
+		subtle.ConstantTimeCompare(s.AuthKey, o.AuthKey) == 1 &&
+		s.ESN == o.ESN && s.ReplayWindow == o.ReplayWindow &&
+		s.Local == o.Local && s.Peer == o.Peer &&
+		(s.Encap == nil) == (o.Encap == nil) && (s.Encap == nil || *s.Encap == *o.Encap) &&
+		s.InnerLocal == o.InnerLocal && s.InnerPeer == o.InnerPeer && s.Core == o.Core &&
+		s.Lifetime == o.Lifetime && s.Ports == o.Ports &&
+		s.DSCP == o.DSCP && s.HasDSCP == o.HasDSCP && s.IdleTimeout == o.IdleTimeout
 }
 
 // Ports are inner UDP/TCP port selectors: Local on this side (the SIP
