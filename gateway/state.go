@@ -196,12 +196,6 @@ func (g *Gateway) saveState(ctx context.Context) error {
 // (nil: none).
 func (g *Gateway) snapshotState(_ context.Context, stopped bool, exported ...manager.Changed) (*rxstate.Snapshot, error) {
 	windows := make(map[sa.ID]*esp.ReplayState, len(exported))
-	if stopped {
-		states := g.Manager.SnapshotInbound()
-		for i := range states {
-			windows[states[i].ID] = &states[i].Replay
-		}
-	}
 	for i := range exported {
 		if exported[i].Replay != nil {
 			windows[exported[i].ID] = exported[i].Replay
@@ -217,12 +211,22 @@ func (g *Gateway) snapshotState(_ context.Context, stopped bool, exported ...man
 		page, cur = g.SAD.List(cur, 4096, page[:0])
 		for i := range page {
 			e := &page[i]
-			rec := g.stateRecord(e)
-			rec.Replay = windows[e.ID]
-			if !stopped && rec.Replay == nil {
-				// Not installed yet (or not exported): keep what the
-				// previous run persisted rather than drop it.
-				g.rest.carry(&rec, e.ID.Dir == sa.In)
+			var rec rxstate.Record
+			if stopped {
+				// The window from the entry itself, in the lookup
+				// that reads the counters: no map of a million
+				// windows on the side.
+				c, w, ok := g.Manager.Stopped(e.ID)
+				rec = g.recordOf(e, c, ok)
+				rec.Replay = w
+			} else {
+				rec = g.stateRecord(e)
+				rec.Replay = windows[e.ID]
+				if rec.Replay == nil {
+					// Not installed yet (or not exported): keep what the
+					// previous run persisted rather than drop it.
+					g.rest.carry(&rec, e.ID.Dir == sa.In)
+				}
 			}
 			snap.Records = append(snap.Records, rec)
 		}
@@ -235,6 +239,13 @@ func (g *Gateway) snapshotState(_ context.Context, stopped bool, exported ...man
 
 // stateRecord is e's record without its window.
 func (g *Gateway) stateRecord(e *sad.Record) rxstate.Record {
+	c, ok := g.Manager.Counters(e.ID)
+	return g.recordOf(e, c, ok)
+}
+
+// recordOf is e's record without its window, with counters c when
+// counted (installed).
+func (g *Gateway) recordOf(e *sad.Record, c manager.SACounters, counted bool) rxstate.Record {
 	rec := rxstate.Record{ID: stateID(e.ID), Key: stateKey(g.Seq, e.ID, &e.SA), Created: e.Created.UnixNano()}
 	if b := g.rest.since(e.ID); !b.IsZero() && b.Before(e.Created) {
 		rec.Created = b.UnixNano()
@@ -242,7 +253,7 @@ func (g *Gateway) stateRecord(e *sad.Record) rxstate.Record {
 	if e.Binding.IsValid() && e.Binding != configuredBinding(&e.SA) {
 		rec.Binding = e.Binding
 	}
-	if c, ok := g.Manager.Counters(e.ID); ok {
+	if counted {
 		rec.Packets, rec.Bytes = c.Packets, c.Bytes
 	}
 	return rec

@@ -1269,13 +1269,18 @@ func (m *Manager) Counters(id sa.ID) (SACounters, bool) {
 	if s == nil {
 		return SACounters{}, false
 	}
+	return countersOf(s), true
+}
+
+// countersOf reads s's counters from its entry.
+func countersOf(s *installed) SACounters {
 	c := &s.entry.Counters
 	out := SACounters{Packets: c.Packets.Load(), Bytes: c.Bytes.Load(), Drops: c.Drops.Load(),
 		Seq: c.Seq.Load(), Binding: *s.entry.Binding.Load()}
 	if ns := c.LastSeen.Load(); ns != 0 {
 		out.LastSeen = time.Unix(0, ns)
 	}
-	return out, true
+	return out
 }
 
 // Installed is the number of SAs in the data path.

@@ -9,38 +9,26 @@ import (
 	"github.com/xesp/xesp/dataplane/worker"
 )
 
-// InboundState is what a restarted gateway needs of an inbound SA that
-// the BPF maps do not hold: its replay window.
-type InboundState struct {
-	ID     sa.ID
-	Replay esp.ReplayState
-}
-
-// snapshotWant is an inbound SA SnapshotInbound reads directly from its
-// entry (workers stopped).
-type snapshotWant struct {
-	id    sa.ID
-	entry *worker.Slot
-}
-
-// SnapshotInbound returns every installed inbound SA's replay window,
-// read directly from its entry: the workers must no longer run (their Run
-// returned), as at shutdown or a hand-over. While they run, ExportChanged
-// returns what changed.
-func (m *Manager) SnapshotInbound() []InboundState {
+// Stopped returns an installed SA's counters and, for an inbound SA,
+// its replay window read directly from its entry (nil for an outbound
+// one); false when the SA is not installed. The workers must
+// no longer run (their Run returned), as at shutdown or a hand-over.
+// While they run, ExportChanged returns what changed. One lookup gives
+// both: a stop's final snapshot asks it of every SA, a million at a
+// carrier edge.
+func (m *Manager) Stopped(id sa.ID) (SACounters, *esp.ReplayState, bool) {
 	m.mu.RLock()
-	var ws []snapshotWant
-	for s := range m.live.all() {
-		if s.entry.Dir == worker.Inbound {
-			ws = append(ws, snapshotWant{s.id(), s.entry})
-		}
-	}
+	s := m.live.get(id)
 	m.mu.RUnlock()
-	out := make([]InboundState, 0, len(ws))
-	for _, x := range ws {
-		out = append(out, InboundState{ID: x.id, Replay: x.entry.SA.Replay().Export()})
+	if s == nil {
+		return SACounters{}, nil, false
 	}
-	return out
+	var w *esp.ReplayState
+	if s.entry.Dir == worker.Inbound {
+		st := s.entry.SA.Replay().Export()
+		w = &st
+	}
+	return countersOf(s), w, true
 }
 
 // Changed is an SA whose persisted state (package rxstate) changed since
