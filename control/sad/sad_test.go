@@ -726,3 +726,64 @@ func TestTransportModeNeedsCore(t *testing.T) {
 		t.Fatalf("transport pair split: workers %d %d", a.Worker, b.Worker)
 	}
 }
+
+// TestAddAllReservedMatchesGrown loads a list large enough for AddAll to
+// size the indexes up front (reserve) and checks the SAD is the one that
+// small loads, which grow them, build: the same records in the same
+// order, found by identity, name and core address, duplicates refused.
+func TestAddAllReservedMatchesGrown(t *testing.T) {
+	const pairs = reserveMin
+	var list []sa.SA
+	for i := range pairs {
+		for _, dir := range []sa.Direction{sa.In, sa.Out} {
+			s := phone(i, dir)
+			if i%3 == 0 {
+				s.Core = netip.AddrFrom4([4]byte{100, 127, byte(i >> 8), byte(i)})
+			}
+			list = append(list, s)
+		}
+	}
+	reserved := newSAD(t, Options{Workers: 3})
+	if err := reserved.AddAll(list); err != nil {
+		t.Fatal(err)
+	}
+	grown := newSAD(t, Options{Workers: 3})
+	for i := 0; i < len(list); i += 100 {
+		if err := grown.AddAll(list[i:min(i+100, len(list))]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if in, out := reserved.Len(); in != pairs || out != pairs {
+		t.Fatalf("Len %d %d, want %d each", in, out, pairs)
+	}
+	a, _ := reserved.List(0, len(list)+1, nil)
+	b, _ := grown.List(0, len(list)+1, nil)
+	if len(a) != len(list) || len(b) != len(list) {
+		t.Fatalf("listed %d and %d of %d", len(a), len(b), len(list))
+	}
+	for i := range a {
+		x, y := &a[i], &b[i]
+		if x.ID != y.ID || x.Worker != y.Worker || x.Index != y.Index || x.Binding != y.Binding || !x.SA.Equal(&y.SA) {
+			t.Fatalf("record %d: %v on worker %d slot %d, grown: %v on worker %d slot %d", i, x.ID, x.Worker, x.Index, y.ID, y.Worker, y.Index)
+		}
+	}
+	for _, i := range []int{0, 1, pairs / 2, pairs - 1} {
+		s := phone(i, sa.Out)
+		if r, ok := reserved.Get(s.ID()); !ok || r.SA.Name != s.Name {
+			t.Errorf("Get %v: %v", s.ID(), ok)
+		}
+		if _, ok := reserved.GetName(fmt.Sprintf("ue%d-%s", i, sa.In)); !ok {
+			t.Errorf("GetName ue%d-in: not found", i)
+		}
+		if got := len(reserved.Group(s.ID())); got != 2 {
+			t.Errorf("group of %v has %d SAs", s.ID(), got)
+		}
+	}
+	c := list[2*3]
+	if core, ok := reserved.CoreOf(netip.AddrPortFrom(c.Peer, c.Encap.PeerPort), c.InnerPeer); !ok || core != c.Core {
+		t.Errorf("CoreOf phone 3: %v %v, want %v", core, ok, c.Core)
+	}
+	if _, err := reserved.Add(phone(7, sa.In)); err == nil {
+		t.Error("a duplicate of a reserved load's SA was added")
+	}
+}
