@@ -43,6 +43,11 @@ type Install struct {
 	ConfigSeconds      float64 `json:"config_seconds"`
 	ConfigParseSeconds float64 `json:"config_parse_seconds"` // config.Load alone
 	ConfigSAsPerSec    float64 `json:"config_sas_per_sec"`
+	// ConfigStopSeconds is the stop of that gateway, all its SAs
+	// installed: the final state snapshot (every SA's window, binding
+	// and counters), the API store's flush, the sockets closed. A
+	// restart's outage is this plus ConfigSeconds.
+	ConfigStopSeconds float64 `json:"config_stop_seconds"`
 	// ConfigCPUSeconds and APICPUSeconds are the process's CPU time
 	// (user + system, every thread) over each path: on a shared machine
 	// they move less than wall time. The API's includes its client.
@@ -100,7 +105,7 @@ func measureInstall(ctx context.Context, pairs int, logf func(string, ...any)) (
 	if err := in.config(ctx, tp, dir, file, pairs); err != nil {
 		return nil, fmt.Errorf("install from config: %w", err)
 	}
-	logf("install: %d pairs from config in %.2f s (config.Load %.2f s, CPU %.2f s): %.0f SAs/s", pairs, in.ConfigSeconds, in.ConfigParseSeconds, in.ConfigCPUSeconds, in.ConfigSAsPerSec)
+	logf("install: %d pairs from config in %.2f s (config.Load %.2f s, CPU %.2f s): %.0f SAs/s; stopped in %.2f s", pairs, in.ConfigSeconds, in.ConfigParseSeconds, in.ConfigCPUSeconds, in.ConfigSAsPerSec, in.ConfigStopSeconds)
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
@@ -160,13 +165,18 @@ func (in *Install) config(ctx context.Context, tp *topo, dir, file string, pairs
 	if err != nil {
 		return err
 	}
-	defer g.Stop(false)
+	defer g.Stop(false) // on an early return; once stopped, a no-op
 	if err := waitInstalled(ctx, g, pairs); err != nil {
 		return err
 	}
 	in.ConfigSeconds = time.Since(t0).Seconds()
 	in.ConfigCPUSeconds = cpuSeconds() - c0
 	in.ConfigSAsPerSec = float64(2*pairs) / in.ConfigSeconds
+	t1 := time.Now()
+	if err := g.Stop(false); err != nil {
+		return fmt.Errorf("stop: %w", err)
+	}
+	in.ConfigStopSeconds = time.Since(t1).Seconds()
 	return nil
 }
 
@@ -365,4 +375,7 @@ func (in *Install) markdown(w io.Writer) {
 		in.APICPUSeconds, 1e6*in.APICPUSeconds/float64(max(in.APISAs, 1)), in.APIVsMap)
 	fmt.Fprintf(w, "| ceiling: BPF batch updates | %d | %d | %.2f | %.0f | | | 1 |\n", in.Pairs, 2*in.Pairs, float64(2*in.Pairs)/in.MapSAsPerSec, in.MapSAsPerSec)
 	fmt.Fprintln(w)
+	if in.ConfigStopSeconds > 0 {
+		fmt.Fprintf(w, "Stopping the config-loaded gateway with its %d SAs installed (final state snapshot, API store flush, sockets closed) took %.2f s: a restart's outage is that plus the load.\n\n", 2*in.Pairs, in.ConfigStopSeconds)
+	}
 }
