@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime/pprof"
 	"strconv"
 	"syscall"
 
@@ -62,6 +63,7 @@ subset N times and writes FILE from the spread it measured.`)
 	list := fs.Bool("list", false, "list the selected scenarios and exit")
 	check := fs.String("check", "", "compare the check subset's ratios with this baseline file")
 	calibrate := fs.Int("calibrate", 0, "run the check subset this many times and write -check's file from the spread")
+	cpuProfile := fs.String("cpuprofile", "", "write the bench process's CPU profile (gateway, generator and harness alike) to this file")
 	render := fs.String("render", "", "redraw results.{json,md,svg} in -out from this results.json, ratios and targets recomputed, and exit")
 	if err := fs.Parse(args); err != nil {
 		return errors.Join(errUsage, err)
@@ -133,6 +135,17 @@ subset N times and writes FILE from the spread it measured.`)
 		return nil
 	}
 	o.Log = os.Stderr
+	if *cpuProfile != "" {
+		f, err := os.Create(*cpuProfile)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return fmt.Errorf("-cpuprofile: %w", err)
+		}
+		defer pprof.StopCPUProfile()
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 
