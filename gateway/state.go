@@ -60,8 +60,10 @@ type restorer struct {
 }
 
 func newRestorer(seq *seqstore.Store, s *rxstate.Snapshot) *restorer {
+	// born gets an entry per restored record: sized for them, not
+	// rehashed a million SAs long.
 	r := &restorer{seq: seq, clean: s.Clean, byKey: make(map[seqstore.Key]*rxstate.Record, len(s.Records)),
-		born: make(map[sa.ID]time.Time)}
+		born: make(map[sa.ID]time.Time, len(s.Records))}
 	for i := range s.Records {
 		r.byKey[s.Records[i].Key] = &s.Records[i]
 	}
