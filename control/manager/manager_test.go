@@ -195,8 +195,12 @@ func TestAddPublishesAfterInstall(t *testing.T) {
 func TestDeleteUnpublishesFirst(t *testing.T) {
 	f := newFixture(t, 1, "")
 	in, out := mkSA("in", 0x1001, sa.In, "10.99.0.1/32", 1), mkSA("out", 0x2001, sa.Out, "10.99.0.1/32", 2)
-	f.d.Add(in)
-	f.d.Add(out)
+	if _, err := f.d.Add(in); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.d.Add(out); err != nil {
+		t.Fatal(err)
+	}
 	f.sync(t)
 	if _, err := f.d.Delete(in.ID()); err != nil {
 		t.Fatal(err)
@@ -222,8 +226,12 @@ func TestDeleteUnpublishesFirst(t *testing.T) {
 func TestUpdateCarriesSequenceAndWindow(t *testing.T) {
 	f := newFixture(t, 1, "")
 	in, out := mkSA("in", 0x1001, sa.In, "10.99.0.1/32", 1), mkSA("out", 0x2001, sa.Out, "10.99.0.1/32", 2)
-	f.d.Add(in)
-	f.d.Add(out)
+	if _, err := f.d.Add(in); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.d.Add(out); err != nil {
+		t.Fatal(err)
+	}
 	f.sync(t)
 	eo, _ := f.d.Get(out.ID())
 	ei, _ := f.d.Get(in.ID())
@@ -267,22 +275,35 @@ func TestUpdateCarriesSequenceAndWindow(t *testing.T) {
 func TestPolicyFollowsNewestOutbound(t *testing.T) {
 	f := newFixture(t, 1, "")
 	old, nw := mkSA("old", 0x2001, sa.Out, "10.99.0.1/32", 1), mkSA("new", 0x2002, sa.Out, "10.99.0.1/32", 2)
-	f.d.Add(old)
+	if _, err := f.d.Add(old); err != nil {
+		t.Fatal(err)
+	}
 	f.sync(t)
-	f.d.Add(nw)
+	// A rekey's new SA may overlap the SA it replaces, and only that one
+	// (a plain Add of it is refused as ambiguous).
+	if _, err := f.d.AddRekey(nw, []sa.ID{old.ID()}); err != nil {
+		t.Fatal(err)
+	}
 	f.sync(t)
-	eo, _ := f.d.Get(old.ID())
-	en, _ := f.d.Get(nw.ID())
+	eo, okOld := f.d.Get(old.ID())
+	en, okNew := f.d.Get(nw.ID())
+	if !okOld || !okNew || eo.Index == en.Index {
+		t.Fatalf("old in the SAD %v at slot %d, new %v at slot %d: want both, in two slots", okOld, eo.Index, okNew, en.Index)
+	}
 	dst := netip.MustParseAddr("10.99.0.1")
 	if p, _ := f.maps.Policies.Lookup(dst); p.SaIndex != en.Index {
 		t.Fatalf("policy at %d, want the newer SA's %d", p.SaIndex, en.Index)
 	}
-	f.d.Delete(nw.ID())
+	if _, err := f.d.Delete(nw.ID()); err != nil {
+		t.Fatal(err)
+	}
 	f.sync(t)
 	if p, err := f.maps.Policies.Lookup(dst); err != nil || p.SaIndex != eo.Index {
 		t.Fatalf("policy %+v %v, want back at the older SA's %d", p, err, eo.Index)
 	}
-	f.d.Delete(old.ID())
+	if _, err := f.d.Delete(old.ID()); err != nil {
+		t.Fatal(err)
+	}
 	f.sync(t)
 	if _, err := f.maps.Policies.Lookup(dst); !errors.Is(err, maps.ErrNotFound) {
 		t.Fatalf("policy left after both SAs went: %v", err)
@@ -321,13 +342,19 @@ func TestPolicyOlderRemovedFirst(t *testing.T) {
 		}
 	}
 	want(ids[2], "all three")
-	f.d.Delete(ids[1])
+	if _, err := f.d.Delete(ids[1]); err != nil {
+		t.Fatal(err)
+	}
 	f.sync(t)
 	want(ids[2], "middle removed")
-	f.d.Delete(ids[2])
+	if _, err := f.d.Delete(ids[2]); err != nil {
+		t.Fatal(err)
+	}
 	f.sync(t)
 	want(ids[0], "newest removed")
-	f.d.Delete(ids[0])
+	if _, err := f.d.Delete(ids[0]); err != nil {
+		t.Fatal(err)
+	}
 	f.sync(t)
 	if _, err := f.maps.Policies.Lookup(dst); !errors.Is(err, maps.ErrNotFound) {
 		t.Fatalf("policy left after every SA went: %v", err)
@@ -445,7 +472,9 @@ func TestPipelinedPages(t *testing.T) {
 func TestBindingEventReachesSAD(t *testing.T) {
 	f := newFixture(t, 1, "")
 	in := mkSA("in", 0x1001, sa.In, "10.99.0.1/32", 1)
-	f.d.Add(in)
+	if _, err := f.d.Add(in); err != nil {
+		t.Fatal(err)
+	}
 	f.sync(t)
 	e, _ := f.d.Get(in.ID())
 	moved := netip.MustParseAddrPort("203.0.113.7:61000")
@@ -462,7 +491,9 @@ func TestSequenceReservation(t *testing.T) {
 	dir := t.TempDir()
 	out := mkSA("out", 0x2001, sa.Out, "10.99.0.1/32", 2)
 	f := newFixture(t, 1, dir)
-	f.d.Add(out)
+	if _, err := f.d.Add(out); err != nil {
+		t.Fatal(err)
+	}
 	f.sync(t)
 	e, _ := f.d.Get(out.ID())
 	we := f.w.entry(0, e.Index)
@@ -479,7 +510,9 @@ func TestSequenceReservation(t *testing.T) {
 	f.seq.Close()
 
 	g := newFixture(t, 1, dir) // a restart: same state, fresh everything else
-	g.d.Add(out)
+	if _, err := g.d.Add(out); err != nil {
+		t.Fatal(err)
+	}
 	g.sync(t)
 	e, _ = g.d.Get(out.ID())
 	if got := g.w.entry(0, e.Index).SA.NextSeq(); got != 2001 {
