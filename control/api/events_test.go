@@ -45,7 +45,9 @@ func TestLifetimeEvents(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	d.AddAll(sas)
+	if err := d.AddAll(sas); err != nil {
+		t.Fatal(err)
+	}
 	lt, err := lifetime.New(lifetime.Options{SAD: d, Usage: func(id sa.ID) (lifetime.Usage, bool) {
 		c, ok := countersOf(id) // 0x1001 packets
 		return lifetime.Usage{Packets: c.Packets}, ok

@@ -156,8 +156,12 @@ func TestUnreportedSA(t *testing.T) {
 	e, _ := New(Options{SAD: d, Usage: func(sa.ID) (Usage, bool) { return Usage{}, false }, Now: func() time.Time { return clock }})
 	old := phoneSA(1, sa.In, sa.Lifetime{HardSeconds: 60}, false)
 	young := phoneSA(2, sa.In, sa.Lifetime{HardPackets: 1}, false)
-	d.Add(old)
-	d.Add(young)
+	if _, err := d.Add(old); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.Add(young); err != nil {
+		t.Fatal(err)
+	}
 	e.Check()
 	if _, ok := d.Get(old.ID()); ok {
 		t.Fatal("an SA past its hard time survived")
@@ -172,7 +176,9 @@ func TestUnreportedSA(t *testing.T) {
 func TestSinceCarriesAge(t *testing.T) {
 	d, _ := sad.New(sad.Options{Workers: 1})
 	s := phoneSA(1, sa.In, sa.Lifetime{HardSeconds: 60}, false)
-	d.Add(s)
+	if _, err := d.Add(s); err != nil {
+		t.Fatal(err)
+	}
 	born := time.Now().Add(-time.Minute)
 	e, _ := New(Options{SAD: d, Usage: func(sa.ID) (Usage, bool) { return Usage{Since: born}, false }})
 	e.Check()

@@ -121,8 +121,12 @@ func TestInstallRetriedAfterReserveFailure(t *testing.T) {
 	t.Cleanup(func() { cancel(); <-done })
 
 	in, out := mkSA("in", 0x1001, sa.In, "10.99.0.1/32", 1), mkSA("out", 0x2001, sa.Out, "10.99.0.1/32", 2)
-	f.d.Add(in)
-	f.d.Add(out)
+	if _, err := f.d.Add(in); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.d.Add(out); err != nil {
+		t.Fatal(err)
+	}
 	if err := m.WaitVersion(ctx, f.d.Version()); err != nil {
 		t.Fatal(err)
 	}

@@ -22,7 +22,9 @@ func TestLifetimeFigures(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	d.AddAll(sas)
+	if err := d.AddAll(sas); err != nil {
+		t.Fatal(err)
+	}
 	lt, _ := lifetime.New(lifetime.Options{SAD: d, Usage: func(sa.ID) (lifetime.Usage, bool) {
 		return lifetime.Usage{Packets: 5, Bytes: 100}, true
 	}})

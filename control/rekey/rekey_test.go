@@ -37,7 +37,9 @@ var noWait = func(context.Context, uint64) error { return nil }
 func TestOrder(t *testing.T) {
 	d, _ := sad.New(sad.Options{Workers: 4})
 	old := pair(0x1001, 0x2001)
-	d.AddAll(old)
+	if err := d.AddAll(old); err != nil {
+		t.Fatal(err)
+	}
 	var atWait []sa.ID
 	wait := func(context.Context, uint64) error {
 		in, out := d.Len()
@@ -75,10 +77,15 @@ func TestOrder(t *testing.T) {
 func TestAllOrNothing(t *testing.T) {
 	d, _ := sad.New(sad.Options{Workers: 1, MaxSAs: 2})
 	old := pair(0x1001, 0x2001)
-	d.AddAll(old)
+	if err := d.AddAll(old); err != nil {
+		t.Fatal(err)
+	}
 	other := pair(0x1002, 0x2002)[1]
 	other.InnerPeer = netip.MustParsePrefix("10.99.0.2/32")
-	d.Add(other) // outbound full; the new inbound SA fits and must be rolled back
+	// Outbound full; the new inbound SA fits and must be rolled back.
+	if _, err := d.Add(other); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := Do(context.Background(), d, noWait, Request{Old: ids(old), New: pair(0x1011, 0x2011)}); !errors.Is(err, sad.ErrFull) {
 		t.Fatalf("rekey into a full table: %v", err)
 	}

@@ -109,7 +109,9 @@ func TestCoreGrouping(t *testing.T) {
 	}
 	for _, e := range d.order {
 		if s := e.p.unpack(); s.Core == core {
-			d.Delete(e.id())
+			if _, err := d.Delete(e.id()); err != nil {
+				t.Fatal(err)
+			}
 		}
 	}
 	if d.CoreInUse(core) {
