@@ -348,7 +348,8 @@ func (d *SAD) AddAll(sas []sa.SA) error {
 // grown one rehash at a time, the maps of a million-SA config load cost
 // a quarter of the load in rehashing alone.
 func (d *SAD) reserve(sas []sa.SA) {
-	if d.in+d.out != 0 || len(d.order) != 0 || len(sas) < reserveMin {
+	// Every entry, live or deleted and not yet compacted, is in order.
+	if len(d.order) != 0 || len(sas) < reserveMin {
 		return
 	}
 	var in, out, named, cored int
