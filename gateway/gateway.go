@@ -244,19 +244,23 @@ func (g *Gateway) start(ctx context.Context, o Options) (err error) {
 	}
 	var adopted []*xsk.Socket
 	if g.upgrade != nil {
-		// A hand-over passes one socket per worker and side: the
-		// predecessor served one RX queue per side (handover.go refuses
-		// to export more), and so must this process.
-		if queues[0] != 1 || queues[1] != 1 {
-			return fmt.Errorf("upgrade: --upgrade-from serves one RX queue per side; %s has %d and %s %d: stop and start instead", pubIf.Name, queues[0], privIf.Name, queues[1])
+		// A hand-over passes a socket per worker on every RX queue the
+		// predecessor served, and this process serves the same queues.
+		if err := compareQueues(queues, g.upgrade.queues(), g.upgrade.Handover.PID); err != nil {
+			return err
 		}
 		// The slots hold the predecessor's sockets, which are ours now.
 		if g.UMEM, adopted, err = g.upgrade.adoptUMEM(); err != nil {
 			return fmt.Errorf("upgrade: %w", err)
 		}
-		for i, s := range adopted {
-			if want := [2]int{pubIf.Index, privIf.Index}[i%2]; s.Ifindex() != want || s.Queue() != 0 {
-				return fmt.Errorf("upgrade: handed-over socket %d is on ifindex %d queue %d, want ifindex %d queue 0", i, s.Ifindex(), s.Queue(), want)
+		for w := range cfg.Workers {
+			for side, ifi := range []*net.Interface{pubIf, privIf} {
+				for q := range queues[side] {
+					i := handoverIndex(w, side, q, queues)
+					if s := adopted[i]; s.Ifindex() != ifi.Index || s.Queue() != q {
+						return fmt.Errorf("upgrade: handed-over socket %d is on ifindex %d queue %d, want worker %d's on %s (ifindex %d) queue %d", i, s.Ifindex(), s.Queue(), w, ifi.Name, ifi.Index, q)
+					}
+				}
 			}
 		}
 	} else {
@@ -366,7 +370,7 @@ func (g *Gateway) start(ctx context.Context, o Options) (err error) {
 				w := (q + k) % cfg.Workers
 				var s *xsk.Socket
 				if adopted != nil {
-					s = adopted[2*w+side] // one queue: worker w's public, then private
+					s = adopted[handoverIndex(w, side, q, queues)]
 				} else if s, err = g.UMEM.Open(ifi.Index, q); err != nil {
 					return fmt.Errorf("worker %d: AF_XDP socket on %s queue %d: %w", w, ifi.Name, q, err)
 				}
@@ -534,8 +538,8 @@ func (g *Gateway) start(ctx context.Context, o Options) (err error) {
 	g.Started = time.Now()
 	g.upgrade = nil // from here this gateway owns what it was handed
 	o.Log.Info("xesp data path up", "upgraded_from", upgradedFrom(o.Upgrade),
-		"public", fmt.Sprintf("%s (xdp %s)", pubIf.Name, g.Loader.Public.Mode),
-		"private", fmt.Sprintf("%s (xdp %s)", privIf.Name, g.Loader.Private.Mode),
+		"public", fmt.Sprintf("%s (xdp %s, %d rx queues)", pubIf.Name, g.Loader.Public.Mode, queues[0]),
+		"private", fmt.Sprintf("%s (xdp %s, %d rx queues)", privIf.Name, g.Loader.Private.Mode, queues[1]),
 		"af_xdp", g.Sockets[0][0].Mode().String(), "workers", cfg.Workers, "sas", len(cfg.SAList), "api_sas", g.Restored.APISAs,
 		"restored_windows", g.Restored.Windows, "restored_bindings", g.Restored.Bindings, "restored_counters", g.Restored.Counters, "clean_snapshot", g.Restored.Clean, "journal_records", g.Restored.JournalRecords, "journal_torn_bytes", g.Restored.TornBytes,
 		"warmed_neighbors", g.Restored.Neighbors, "pruned_sas", g.Restored.StaleSAs, "pruned_policies", g.Restored.StalePolicies)

@@ -20,8 +20,8 @@ import (
 // hitless upgrade (docs/operations.md "Upgrades and restarts"). It
 // travels as JSON with its descriptors passed alongside (SCM_RIGHTS), in
 // this order: the state_dir lock, the pin_dir lock, the UMEM's memfd,
-// then every worker's public and private AF_XDP socket (worker 0 first).
-// The pinned maps and links are adopted from bpffs as in any restart.
+// then the AF_XDP sockets in handoverOrder. The pinned maps and links are
+// adopted from bpffs as in any restart.
 type Handover struct {
 	PID      int // the handing-over daemon
 	Workers  int
@@ -29,6 +29,10 @@ type Handover struct {
 	Private  string
 	StateDir string
 	PinDir   string
+	// RXQueues is how many RX queues of the public and the private
+	// interface the sockets serve. Zero: an exporter that predates the
+	// field, which served one queue per side.
+	RXQueues [2]int
 	UMEM     xsk.Handover
 	// RxState is the clean replay-window and binding snapshot taken with
 	// the workers stopped (rxstate.Encode), used instead of state_dir's
@@ -65,12 +69,52 @@ type Shape struct {
 	Workers                           int
 	Public, Private, StateDir, PinDir string
 	UMEM                              config.UMEM
+	// RXQueues is how many RX queues the successor finds on the public
+	// and the private interface; the hand-over carries a socket per
+	// worker on each, so they must be the ones the running daemon
+	// serves. Zero: a successor that predates the field, which can take
+	// over one queue per side only.
+	RXQueues [2]int
 }
 
-// ShapeOf is cfg's shape, as a successor sends it with its request.
+// ShapeOf is cfg's shape without the interfaces' queue counts.
 func ShapeOf(cfg *config.Config) Shape {
 	return Shape{Workers: cfg.Workers, Public: cfg.Public.Interface, Private: cfg.Private.Interface,
 		StateDir: cfg.StateDir, PinDir: cfg.PinDir, UMEM: cfg.UMEM}
+}
+
+// SuccessorShape is cfg's shape with the RX queue counts of its
+// interfaces as this process sees them: what a successor sends with its
+// request.
+func SuccessorShape(cfg *config.Config) (Shape, error) {
+	s := ShapeOf(cfg)
+	for i, f := range []struct{ field, name string }{{"public.interface", cfg.Public.Interface}, {"private.interface", cfg.Private.Interface}} {
+		ifi, err := interfaceByName(f.field, f.name)
+		if err != nil {
+			return Shape{}, err
+		}
+		if s.RXQueues[i], err = rxQueues(ifi.Name); err != nil {
+			return Shape{}, err
+		}
+	}
+	return s, nil
+}
+
+// compareQueues says what differs between the RX queues a successor
+// finds (next) and those the running daemon's sockets serve.
+func compareQueues(next, running [2]int, pid int) error {
+	if next == [2]int{} {
+		if running == [2]int{1, 1} {
+			return nil
+		}
+		return fmt.Errorf("upgrade: the new daemon does not say how many RX queues it serves (it is an older xesp than the running daemon, pid %d); a hand-over of %d public and %d private RX queues needs one that does: upgrade by stop and start", pid, running[0], running[1])
+	}
+	for i, side := range []string{"public", "private"} {
+		if next[i] != running[i] {
+			return fmt.Errorf("upgrade: %s.interface has %d RX queues now and the running daemon (pid %d) serves %d (the queue count changed since it started, ethtool -L): stop and start to serve the new count", side, next[i], pid, running[i])
+		}
+	}
+	return nil
 }
 
 func (h *Handover) shape() Shape {
@@ -128,26 +172,63 @@ func (g *Gateway) CheckSuccessor(next Shape) error {
 	// adopts the running UMEM's sizes whatever its config says.
 	running.UMEM = config.UMEM{Frames: int(c.FrameCount), FrameSize: int(c.FrameSize), FillRing: g.Config.UMEM.FillRing,
 		CompletionRing: int(c.CompletionSize), RXRing: int(c.RxSize), TXRing: int(c.TxSize)}
-	return next.compare(running, os.Getpid())
+	if err := next.compare(running, os.Getpid()); err != nil {
+		return err
+	}
+	return compareQueues(next.RXQueues, g.rxQueues(), os.Getpid())
 }
 
 func (g *Gateway) canHandOver() error {
 	if g.Loader == nil || g.Loader.PinLock() == nil || g.stateLock == nil || g.Started.IsZero() {
 		return errors.New("upgrade: the running daemon has no pinned maps (pin_dir): nothing can be handed over")
 	}
-	if len(g.RX) != 2*len(g.Sockets) {
-		return fmt.Errorf("upgrade: the running daemon serves %d AF_XDP sockets for %d workers (several RX queues); a hand-over carries one RX queue per side: stop and start instead", len(g.RX), len(g.Sockets))
-	}
 	return nil
+}
+
+// rxQueues is how many RX queues of each side the sockets serve.
+func (g *Gateway) rxQueues() [2]int {
+	var n [2]int
+	for _, s := range g.RX {
+		if s.Private {
+			n[1]++
+		} else {
+			n[0]++
+		}
+	}
+	w := max(len(g.Workers), 1)
+	return [2]int{n[0] / w, n[1] / w}
+}
+
+// handoverIndex is where worker w's socket on RX queue q of side (0
+// public, 1 private) travels among a hand-over's sockets: worker by
+// worker, each worker's public sockets by queue, then its private ones.
+// With one queue per side that is worker 0's public and private socket,
+// then worker 1's: the order of the exporters that served one queue, so
+// a hand-over of one queue per side goes both ways between versions.
+func handoverIndex(w, side, q int, queues [2]int) int {
+	i := w*(queues[0]+queues[1]) + q
+	if side == 1 {
+		i += queues[0]
+	}
+	return i
 }
 
 // check repeats the comparison on what actually arrived.
 func (u *Upgrade) check(cfg *config.Config) error {
 	h := &u.Handover
-	if want := 3 + 2*h.Workers; len(u.FDs) != want || len(h.UMEM.Sockets) != 2*h.Workers {
-		return fmt.Errorf("upgrade: %d descriptors and %d sockets for %d workers: not a hand-over from this xesp version", len(u.FDs), len(h.UMEM.Sockets), h.Workers)
+	q := u.queues()
+	if n := h.Workers * (q[0] + q[1]); len(u.FDs) != 3+n || len(h.UMEM.Sockets) != n {
+		return fmt.Errorf("upgrade: %d descriptors and %d sockets for %d workers on %d+%d RX queues: not a hand-over from this xesp version", len(u.FDs), len(h.UMEM.Sockets), h.Workers, q[0], q[1])
 	}
 	return ShapeOf(cfg).compare(h.shape(), h.PID)
+}
+
+// queues is how many RX queues per side the handed-over sockets serve.
+func (u *Upgrade) queues() [2]int {
+	if q := u.Handover.RXQueues; q != [2]int{} {
+		return q
+	}
+	return [2]int{1, 1}
 }
 
 // locks takes over the two instance locks: an flock belongs to the open
@@ -213,9 +294,14 @@ func (g *Gateway) HandOver(ctx context.Context) (*Handover, []int, error) {
 		return nil, nil, fmt.Errorf("upgrade: close sequence store: %w", err)
 	}
 	g.Seq = nil
-	var socks []*xsk.Socket
-	for _, s := range g.Sockets {
-		socks = append(socks, s[0], s[1])
+	queues := g.rxQueues()
+	socks := make([]*xsk.Socket, len(g.RX))
+	for _, s := range g.RX {
+		side := 0
+		if s.Private {
+			side = 1
+		}
+		socks[handoverIndex(s.Worker, side, s.Queue, queues)] = s.XSK
 	}
 	uh, ufds, err := g.UMEM.Export(socks)
 	if err != nil {
@@ -223,7 +309,7 @@ func (g *Gateway) HandOver(ctx context.Context) (*Handover, []int, error) {
 	}
 	cfg := g.Config
 	h := &Handover{PID: os.Getpid(), Workers: cfg.Workers, Public: cfg.Public.Interface, Private: cfg.Private.Interface,
-		StateDir: cfg.StateDir, PinDir: cfg.PinDir, UMEM: uh, RxState: rx, Neighbors: g.Neighbors.Resolved()}
+		StateDir: cfg.StateDir, PinDir: cfg.PinDir, RXQueues: queues, UMEM: uh, RxState: rx, Neighbors: g.Neighbors.Resolved()}
 	fds := append([]int{int(g.stateLock.File().Fd()), int(g.Loader.PinLock().File().Fd())}, ufds...)
 	return h, fds, nil
 }

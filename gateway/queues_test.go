@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"net"
+	"strings"
 	"testing"
 	"time"
 
@@ -148,6 +149,57 @@ func TestFillRingFor(t *testing.T) {
 	} {
 		if got := fillRingFor(c.configured, c.frames, c.queues); got != c.want {
 			t.Errorf("fillRingFor(%d, %d, %d) = %d, want %d", c.configured, c.frames, c.queues, got, c.want)
+		}
+	}
+}
+
+// A hand-over lists every socket once, worker by worker, and with one
+// queue per side in the order the one-queue exporters used (worker 0's
+// public and private socket, then worker 1's), so it goes both ways
+// between versions.
+func TestHandoverIndex(t *testing.T) {
+	for _, c := range []struct{ workers, pub, priv int }{{2, 1, 1}, {2, 4, 4}, {3, 4, 2}, {1, 8, 1}} {
+		queues := [2]int{c.pub, c.priv}
+		n := c.workers * (c.pub + c.priv)
+		seen := make([]bool, n)
+		for w := range c.workers {
+			for side := range 2 {
+				for q := range queues[side] {
+					i := handoverIndex(w, side, q, queues)
+					if i < 0 || i >= n || seen[i] {
+						t.Fatalf("%+v: worker %d side %d queue %d at %d: outside 0..%d or taken", c, w, side, q, i, n-1)
+					}
+					seen[i] = true
+				}
+			}
+		}
+	}
+	for w := range 3 {
+		for side := range 2 {
+			if got := handoverIndex(w, side, 0, [2]int{1, 1}); got != 2*w+side {
+				t.Errorf("one queue per side: worker %d side %d at %d, want %d", w, side, got, 2*w+side)
+			}
+		}
+	}
+}
+
+// The queue counts a successor reports must be the running sockets'; one
+// that reports none (an older xesp) can take over one queue per side only.
+func TestCompareQueues(t *testing.T) {
+	for _, c := range []struct {
+		next, running [2]int
+		want          string
+	}{
+		{[2]int{4, 4}, [2]int{4, 4}, ""},
+		{[2]int{1, 1}, [2]int{1, 1}, ""},
+		{[2]int{}, [2]int{1, 1}, ""},
+		{[2]int{}, [2]int{4, 4}, "does not say how many RX queues"},
+		{[2]int{8, 4}, [2]int{4, 4}, "public.interface has 8 RX queues now and the running daemon (pid 7) serves 4"},
+		{[2]int{4, 2}, [2]int{4, 4}, "private.interface has 2 RX queues"},
+	} {
+		err := compareQueues(c.next, c.running, 7)
+		if c.want == "" && err != nil || c.want != "" && (err == nil || !strings.Contains(err.Error(), c.want)) {
+			t.Errorf("compareQueues(%v, %v) = %v, want %q", c.next, c.running, err, c.want)
 		}
 	}
 }

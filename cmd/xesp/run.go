@@ -72,7 +72,11 @@ func runDaemon(args []string) error {
 	var up *gateway.Upgrade
 	var upConn *net.UnixConn
 	if *upgradeFrom != "" {
-		if up, upConn, err = requestUpgrade(*upgradeFrom, gateway.ShapeOf(cfg)); err != nil {
+		shape, err := gateway.SuccessorShape(cfg)
+		if err != nil {
+			return err
+		}
+		if up, upConn, err = requestUpgrade(*upgradeFrom, shape); err != nil {
 			return err
 		}
 		// The old daemon waits for an answer before it lets go of the

@@ -5,7 +5,6 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
-	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -80,9 +79,16 @@ type daemonTopo struct {
 
 func newDaemonTopo(t *testing.T) *daemonTopo {
 	t.Helper()
+	return newDaemonTopoQueues(t, 1, saYAML("ue1-in", 0x1001, "in", runKeyIn, 1)+saYAML("ue1-out", 0x2001, "out", runKeyOut, 1))
+}
+
+// newDaemonTopoQueues is newDaemonTopo with queues TX and RX queues on
+// every veth end and sas (YAML list items) as the configured SAs.
+func newDaemonTopoQueues(t *testing.T, queues int, sas string) *daemonTopo {
+	t.Helper()
 	d := &daemonTopo{phone: netns.ForTest(t, "rph"), gw: netns.ForTest(t, "rgw"), core: netns.ForTest(t, "rco")}
-	phIf, pubIf := netns.VethForTest(t, d.phone, d.gw)
-	privIf, coreIf := netns.VethForTest(t, d.gw, d.core)
+	phIf, pubIf := netns.VethQueuesForTest(t, d.phone, d.gw, queues)
+	privIf, coreIf := netns.VethQueuesForTest(t, d.gw, d.core, queues)
 	d.pubIf, d.privIf = pubIf, privIf
 	d.phone.MustRun("ip", "addr", "add", "192.0.2.10/24", "dev", phIf)
 	d.gw.MustRun("ip", "addr", "add", "192.0.2.1/24", "dev", pubIf)
@@ -94,9 +100,8 @@ func newDaemonTopo(t *testing.T) *daemonTopo {
 	d.sock = filepath.Join(d.dir, "api.sock")
 	cfg := fmt.Sprintf("public: {interface: %s, addresses: [192.0.2.1]}\nprivate: {interface: %s}\nworkers: 2\n"+
 		"umem: {frames: 4096, fill_ring: 1024, completion_ring: 1024, rx_ring: 1024, tx_ring: 1024}\n"+
-		"pin_dir: /sys/fs/bpf/xesp-test-%d\nstate_dir: %s\napi: {unix: %s}\nmetrics: {listen: 127.0.0.1:19109}\nsas:\n%s%s",
-		pubIf, privIf, os.Getpid(), filepath.Join(d.dir, "state"), d.sock,
-		saYAML("ue1-in", 0x1001, "in", runKeyIn, 1), saYAML("ue1-out", 0x2001, "out", runKeyOut, 1))
+		"pin_dir: /sys/fs/bpf/xesp-test-%d\nstate_dir: %s\napi: {unix: %s}\nmetrics: {listen: 127.0.0.1:19109}\nsas:\n%s",
+		pubIf, privIf, os.Getpid(), filepath.Join(d.dir, "state"), d.sock, sas)
 	d.cfg = filepath.Join(d.dir, "xesp.yaml")
 	if err := os.WriteFile(d.cfg, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
@@ -307,20 +312,7 @@ func TestRunDaemon(t *testing.T) {
 	if !strings.Contains(stats, "redirect_esp_udp") {
 		t.Fatalf("stats lack XDP verdicts:\n%s", stats)
 	}
-	var scrape string
-	if err := gw.Do(func() error {
-		c, err := net.Dial("tcp", "127.0.0.1:19109")
-		if err != nil {
-			return err
-		}
-		defer c.Close()
-		fmt.Fprint(c, "GET /metrics HTTP/1.0\r\n\r\n")
-		b, err := io.ReadAll(c)
-		scrape = string(b)
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
+	scrape := scrapeIn(t, d)
 	for _, want := range []string{`xesp_packets_total{direction="decap",result="ok"} 3`, `xesp_packets_total{direction="encap",result="ok"} 3`,
 		`xesp_slowpath_packets_total{result="esp_injected"} 0`} {
 		if !strings.Contains(scrape, want) {

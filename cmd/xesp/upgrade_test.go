@@ -63,9 +63,15 @@ type countingCore struct {
 
 func startCountingCore(t *testing.T, core *netns.NS) *countingCore {
 	t.Helper()
+	return startCountingCoreOn(t, core, 5070)
+}
+
+// startCountingCoreOn is startCountingCore on another port.
+func startCountingCoreOn(t *testing.T, core *netns.NS, port int) *countingCore {
+	t.Helper()
 	var conn *net.UDPConn
 	if err := core.Do(func() (err error) {
-		conn, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(10, 0, 0, 1), Port: 5070})
+		conn, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(10, 0, 0, 1), Port: port})
 		return err
 	}); err != nil {
 		t.Fatal(err)
@@ -353,6 +359,26 @@ func (r lossReport) String() string {
 		r.sent, r.pps, r.sent-r.atCore, r.atCore-r.replies, r.sent-r.replies, r.sent, r.atPhoneSocket, r.gap.Round(time.Millisecond), r.took.Round(time.Millisecond))
 }
 
+// upgrade starts `xesp run --upgrade-from` and waits until old has
+// exited naming it and it answers on the API; it returns the new daemon.
+func (d *daemonTopo) upgrade(t *testing.T, old *daemon) *daemon {
+	t.Helper()
+	nw := d.launch(t, "run", "--config", d.cfg, "--upgrade-from", filepath.Join(d.dir, "state", "upgrade.sock"))
+	select {
+	case <-old.exited:
+	case <-time.After(10 * time.Second):
+		t.Fatalf("the old daemon did not exit after the hand-over:\n%s", old.logs.String())
+	}
+	if old.err != nil || !strings.Contains(old.logs.String(), fmt.Sprintf("handed over to the new daemon\" pid=%d", nw.cmd.Process.Pid)) {
+		t.Fatalf("old daemon: %v\n%s", old.err, old.logs.String())
+	}
+	d.waitAPI(t, nw)
+	if !strings.Contains(nw.logs.String(), fmt.Sprintf("upgraded_from=%d", old.cmd.Process.Pid)) {
+		t.Fatalf("the new daemon's log does not name the old one (pid %d):\n%s", old.cmd.Process.Pid, nw.logs.String())
+	}
+	return nw
+}
+
 // Issue 18 item 5: `xesp run --upgrade-from state_dir/upgrade.sock`
 // while a phone talks to the core at 4000 packets/s each way, twice in a
 // row (the new daemon hands over again). Each new process takes the
@@ -366,24 +392,7 @@ func TestRunDaemonUpgradeHitless(t *testing.T) {
 	d := newDaemonTopo(t)
 	d.sharedPins(t)
 	cur := d.start(t)
-	sock := filepath.Join(d.dir, "state", "upgrade.sock")
-	upgrade := func() {
-		old := cur
-		nw := d.launch(t, "run", "--config", d.cfg, "--upgrade-from", sock)
-		select {
-		case <-old.exited:
-		case <-time.After(10 * time.Second):
-			t.Fatalf("the old daemon did not exit after the hand-over:\n%s", old.logs.String())
-		}
-		if old.err != nil || !strings.Contains(old.logs.String(), fmt.Sprintf("handed over to the new daemon\" pid=%d", nw.cmd.Process.Pid)) {
-			t.Fatalf("old daemon: %v\n%s", old.err, old.logs.String())
-		}
-		d.waitAPI(t, nw)
-		if !strings.Contains(nw.logs.String(), fmt.Sprintf("upgraded_from=%d", old.cmd.Process.Pid)) {
-			t.Fatalf("the new daemon's log does not name the old one (pid %d):\n%s", old.cmd.Process.Pid, nw.logs.String())
-		}
-		cur = nw
-	}
+	upgrade := func() { cur = d.upgrade(t, cur) }
 	r := measureTransition(t, d, func() { upgrade(); upgrade() })
 	t.Logf("two upgrades: %v", r)
 	if lost := r.sent - r.replies; lost != 0 {

@@ -39,6 +39,11 @@ type SocketState struct {
 	Mode           Mode
 	Wakeup         bool
 	BudgetOK       bool
+	// Owner marks the socket that feeds its (device, queue)'s fill ring
+	// and drains its completion ring. An exporter that predates the
+	// field marks none; then the first socket listed on a queue owns it,
+	// which is how that exporter listed them.
+	Owner bool
 }
 
 // Export describes the UMEM and socks for a successor and returns the
@@ -68,7 +73,8 @@ func (u *UMEM) Export(socks []*Socket) (Handover, []int, error) {
 		if s.u != u || s.closed.Load() {
 			return Handover{}, nil, fmt.Errorf("export umem: socket fd %d is not an open socket of this umem", s.fd)
 		}
-		h.Sockets = append(h.Sockets, SocketState{Ifindex: s.q.key.ifindex, Queue: s.q.key.queue, Mode: s.mode, Wakeup: s.wakeup, BudgetOK: s.budgetOK})
+		h.Sockets = append(h.Sockets, SocketState{Ifindex: s.q.key.ifindex, Queue: s.q.key.queue, Mode: s.mode, Wakeup: s.wakeup, BudgetOK: s.budgetOK,
+			Owner: s.owns.Load()})
 		fds = append(fds, s.fd)
 	}
 	return h, fds, nil
@@ -149,6 +155,14 @@ func Adopt(h Handover, memfd int, sockFDs []int) (_ *UMEM, _ []*Socket, err erro
 		u.spare = append(u.spare, a&^u.frameMask)
 	}
 	u.lost.Store(h.Lost)
+	marked, err := owners(h.Sockets)
+	if err != nil {
+		u.Abandon()
+		for _, fd := range sockFDs {
+			unix.Close(fd)
+		}
+		return nil, nil, fmt.Errorf("adopt umem: %w", err)
+	}
 	for _, qs := range h.Queues {
 		k := queueKey{qs.Ifindex, qs.Queue}
 		u.queues[k] = &queue{key: k, rxRetired: qs.RxRetired, txRetired: qs.TxRetired}
@@ -196,10 +210,10 @@ func Adopt(h Handover, memfd int, sockFDs []int) (_ *UMEM, _ []*Socket, err erro
 		}
 		s.rxDescs = s.rx.descs(off.Rx.Desc)
 		s.txDescs = s.tx.descs(off.Tx.Desc)
-		// The first socket on a queue owns its fill and completion
-		// rings, as when the sockets were opened (socket.go): the
-		// exporter lists them in opening order.
-		s.owns.Store(len(q.sockets) == 0)
+		// The socket that owned the queue's fill and completion rings
+		// keeps them: its worker's pool is where the frames on them
+		// came from and go back to.
+		s.owns.Store(st.Owner || !marked && len(q.sockets) == 0)
 		q.sockets = append(q.sockets, s)
 	}
 	for k, q := range u.queues {
@@ -208,6 +222,29 @@ func Adopt(h Handover, memfd int, sockFDs []int) (_ *UMEM, _ []*Socket, err erro
 		}
 	}
 	return u, append([]*Socket(nil), u.sockets...), nil
+}
+
+// owners checks that an exporter which marks ring owners marked exactly
+// one socket on every (device, queue), and says whether it marked any.
+func owners(socks []SocketState) (marked bool, err error) {
+	n := map[queueKey]int{}
+	for _, st := range socks {
+		k := queueKey{st.Ifindex, st.Queue}
+		n[k] += 0
+		if st.Owner {
+			n[k]++
+			marked = true
+		}
+	}
+	if !marked {
+		return false, nil
+	}
+	for k, c := range n {
+		if c != 1 {
+			return true, fmt.Errorf("queue %d of ifindex %d has %d ring owners among the handed-over sockets, want 1", k.queue, k.ifindex, c)
+		}
+	}
+	return true, nil
 }
 
 // Reclaim takes the rings back after a hand-over whose successor failed:

@@ -1,7 +1,10 @@
 package xsk_test
 
 import (
+	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/xesp/xesp/dataplane/xsk"
 )
@@ -39,5 +42,64 @@ func TestRingOwnerHandOver(t *testing.T) {
 	}
 	if a := u.Accounting(); a.Fill != 256 || a.Total() != 1024 {
 		t.Fatalf("after the new owner's refill: %+v", a)
+	}
+}
+
+// A hand-over keeps each queue's ring owner whatever order the exporter
+// lists the sockets in: the owner's worker pool is where the frames on
+// the fill ring came from. A hand-over naming two owners on one queue is
+// refused, and one from an exporter that marks none (older xesp) gives
+// the rings to the first socket listed, as that exporter meant.
+func TestAdoptKeepsRingOwner(t *testing.T) {
+	tp := newTopo(t, false)
+	u := newUMEM(t, xsk.Config{FrameCount: 1024, FillSize: 256, CompletionSize: 256, RxSize: 256, TxSize: 256})
+	s0, s1 := open(t, u, tp.a), open(t, u, tp.a)
+	h, fds, err := u.Export([]*xsk.Socket{s1, s0}) // the owner second
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h.Sockets[0].Owner || !h.Sockets[1].Owner {
+		t.Fatalf("exported owners %v, %v; want the second socket only", h.Sockets[0].Owner, h.Sockets[1].Owner)
+	}
+	dup := func() []int {
+		t.Helper()
+		out := make([]int, len(fds))
+		for i, fd := range fds {
+			if out[i], err = unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return out
+	}
+
+	bad := h
+	bad.Sockets = append([]xsk.SocketState(nil), h.Sockets...)
+	bad.Sockets[0].Owner = true
+	d := dup()
+	if _, _, err := xsk.Adopt(bad, d[0], d[1:]); err == nil || !strings.Contains(err.Error(), "2 ring owners") {
+		t.Fatalf("adopt with two owners on one queue: %v", err)
+	}
+
+	legacy := h
+	legacy.Sockets = append([]xsk.SocketState(nil), h.Sockets...)
+	legacy.Sockets[1].Owner = false
+	d = dup()
+	u2, socks, err := xsk.Adopt(legacy, d[0], d[1:])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !socks[0].OwnsRings() || socks[1].OwnsRings() {
+		t.Fatalf("unmarked hand-over: owners %v, %v; want the first listed", socks[0].OwnsRings(), socks[1].OwnsRings())
+	}
+	u2.Abandon()
+
+	d = dup()
+	u3, socks, err := xsk.Adopt(h, d[0], d[1:])
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer u3.Abandon()
+	if socks[0].OwnsRings() || !socks[1].OwnsRings() {
+		t.Fatalf("adopted owners %v, %v; want the exporter's owner, listed second", socks[0].OwnsRings(), socks[1].OwnsRings())
 	}
 }
