@@ -112,6 +112,9 @@ type Gateway struct {
 	// succeeds, its teardown must leave the sockets, XSK slots and XDP
 	// programs alone (the predecessor's, still in use).
 	upgrade *Upgrade
+	// handoverState is the memfd of the replay windows handed to a
+	// successor, held until the hand-over ends.
+	handoverState int
 }
 
 // Options change how Start behaves beyond the configuration.
@@ -322,7 +325,9 @@ func (g *Gateway) start(ctx context.Context, o Options) (err error) {
 	var snap *rxstate.Snapshot
 	if g.upgrade != nil {
 		// Taken with the predecessor's workers stopped: exact.
-		snap, err = rxstate.Decode(g.upgrade.Handover.RxState)
+		if snap, err = g.upgrade.rxState(); err != nil {
+			return fmt.Errorf("upgrade: %w", err)
+		}
 	} else {
 		var info rxstate.LoadInfo
 		snap, info, err = rxstate.LoadDetail(filepath.Join(cfg.StateDir, rxStateFile))

@@ -12,6 +12,7 @@ import (
 	"github.com/xesp/xesp/control/config"
 	"github.com/xesp/xesp/control/rxstate"
 	"github.com/xesp/xesp/dataplane/xsk"
+	"github.com/xesp/xesp/internal/fdpass"
 	"github.com/xesp/xesp/internal/instlock"
 	"golang.org/x/sys/unix"
 )
@@ -20,8 +21,9 @@ import (
 // hitless upgrade (docs/operations.md "Upgrades and restarts"). It
 // travels as JSON with its descriptors passed alongside (SCM_RIGHTS), in
 // this order: the state_dir lock, the pin_dir lock, the UMEM's memfd,
-// then the AF_XDP sockets in handoverOrder. The pinned maps and links are
-// adopted from bpffs as in any restart.
+// the AF_XDP sockets in handoverIndex order, then, with RxStateFD, the
+// replay-window snapshot's memfd. The pinned maps and links are adopted
+// from bpffs as in any restart.
 type Handover struct {
 	PID      int // the handing-over daemon
 	Workers  int
@@ -36,10 +38,15 @@ type Handover struct {
 	UMEM     xsk.Handover
 	// RxState is the clean replay-window and binding snapshot taken with
 	// the workers stopped (rxstate.Encode), used instead of state_dir's
-	// copy. The outbound sequence reservations are the seqstore's: the
+	// copy. It travels inline only to a successor that cannot take it
+	// as a descriptor (Shape.StateFD): at ~170 bytes of JSON per SA it
+	// outgrows the socket message's 64 MiB near 400k SAs. Otherwise
+	// RxStateFD is set and the bytes are in the last descriptor, a sealed
+	// memfd. The outbound sequence reservations are the seqstore's: the
 	// successor reserves its first block above everything this daemon
 	// reserved, so no (SPI, sequence number) pair is ever sent twice.
-	RxState []byte
+	RxState   []byte `json:",omitempty"`
+	RxStateFD bool   `json:",omitempty"`
 	// Neighbors are the next hops the old daemon had resolved, for the
 	// successor to resolve before its workers read the queued packets.
 	Neighbors []netip.Addr
@@ -75,6 +82,10 @@ type Shape struct {
 	// serves. Zero: a successor that predates the field, which can take
 	// over one queue per side only.
 	RXQueues [2]int
+	// StateFD says the successor takes the replay-window snapshot as a
+	// descriptor (Handover.RxStateFD). One that predates it takes it
+	// inline, which bounds the SAs it can take over.
+	StateFD bool
 }
 
 // ShapeOf is cfg's shape without the interfaces' queue counts.
@@ -84,10 +95,11 @@ func ShapeOf(cfg *config.Config) Shape {
 }
 
 // SuccessorShape is cfg's shape with the RX queue counts of its
-// interfaces as this process sees them: what a successor sends with its
-// request.
+// interfaces as this process sees them, and what it can take: what a
+// successor sends with its request.
 func SuccessorShape(cfg *config.Config) (Shape, error) {
 	s := ShapeOf(cfg)
+	s.StateFD = true
 	for i, f := range []struct{ field, name string }{{"public.interface", cfg.Public.Interface}, {"private.interface", cfg.Private.Interface}} {
 		ifi, err := interfaceByName(f.field, f.name)
 		if err != nil {
@@ -175,8 +187,32 @@ func (g *Gateway) CheckSuccessor(next Shape) error {
 	if err := next.compare(running, os.Getpid()); err != nil {
 		return err
 	}
-	return compareQueues(next.RXQueues, g.rxQueues(), os.Getpid())
+	if err := compareQueues(next.RXQueues, g.rxQueues(), os.Getpid()); err != nil {
+		return err
+	}
+	if !next.StateFD {
+		// The snapshot would travel inline: refuse, while everything
+		// still runs, what would not fit the message. The state files'
+		// sizes stand in for it (the base is the snapshot's encoding,
+		// the journal what changed since: together at least as large).
+		var n int64
+		for _, f := range []string{rxStateFile, rxstate.JournalPath(rxStateFile)} {
+			if st, err := os.Stat(filepath.Join(g.Config.StateDir, f)); err == nil {
+				n += st.Size()
+			}
+		}
+		in, out := g.SAD.Len()
+		if inline := n * 4 / 3; inline > inlineStateMax {
+			return fmt.Errorf("upgrade: the new daemon takes the replay state inline (an older xesp), and this daemon's %d SAs need about %d MiB of it, more than the %d MiB it can receive: upgrade by stop and start", in+out, inline>>20, inlineStateMax>>20)
+		}
+	}
+	return nil
 }
+
+// inlineStateMax is how much inline replay state (base64 in the JSON) a
+// successor that takes it so is sent at most: the message limit less room
+// for the rest of the hand-over (the UMEM's free list above all).
+const inlineStateMax = fdpass.MaxMessage - 16<<20
 
 func (g *Gateway) canHandOver() error {
 	if g.Loader == nil || g.Loader.PinLock() == nil || g.stateLock == nil || g.Started.IsZero() {
@@ -217,7 +253,11 @@ func handoverIndex(w, side, q int, queues [2]int) int {
 func (u *Upgrade) check(cfg *config.Config) error {
 	h := &u.Handover
 	q := u.queues()
-	if n := h.Workers * (q[0] + q[1]); len(u.FDs) != 3+n || len(h.UMEM.Sockets) != n {
+	extra := 0
+	if h.RxStateFD {
+		extra = 1
+	}
+	if n := h.Workers * (q[0] + q[1]); len(u.FDs) != 3+n+extra || len(h.UMEM.Sockets) != n {
 		return fmt.Errorf("upgrade: %d descriptors and %d sockets for %d workers on %d+%d RX queues: not a hand-over from this xesp version", len(u.FDs), len(h.UMEM.Sockets), h.Workers, q[0], q[1])
 	}
 	return ShapeOf(cfg).compare(h.shape(), h.PID)
@@ -247,9 +287,27 @@ func (u *Upgrade) locks(cfg *config.Config) (state, pin *instlock.Lock, err erro
 // adoptUMEM continues the UMEM and sockets; the descriptors are Adopt's
 // from here.
 func (u *Upgrade) adoptUMEM() (*xsk.UMEM, []*xsk.Socket, error) {
-	memfd, socks := u.FDs[2], append([]int(nil), u.FDs[3:]...)
-	u.FDs = nil
+	memfd, socks := u.FDs[2], append([]int(nil), u.FDs[3:3+len(u.Handover.UMEM.Sockets)]...)
+	for i := 2; i < 3+len(socks); i++ {
+		u.FDs[i] = -1
+	}
 	return xsk.Adopt(u.Handover.UMEM, memfd, socks)
+}
+
+// rxState is the handed-over replay-window snapshot, from the memfd
+// (which it closes) or inline.
+func (u *Upgrade) rxState() (*rxstate.Snapshot, error) {
+	if !u.Handover.RxStateFD {
+		return rxstate.Decode(u.Handover.RxState)
+	}
+	last := len(u.FDs) - 1
+	fd := u.FDs[last]
+	u.FDs[last] = -1
+	s, err := readHandedState(fd)
+	if err != nil {
+		return nil, fmt.Errorf("handed-over replay windows: %w", err)
+	}
+	return s, nil
 }
 
 // HandOver stops the workers at a batch boundary (every frame they held
@@ -264,7 +322,7 @@ func (u *Upgrade) adoptUMEM() (*xsk.UMEM, []*xsk.Socket, error) {
 // Then send the Handover with the descriptors (owned by the gateway:
 // send them, never close them) and call FinishHandOver once the successor
 // runs, or Stop(true) if it failed.
-func (g *Gateway) HandOver(ctx context.Context) (*Handover, []int, error) {
+func (g *Gateway) HandOver(ctx context.Context, next Shape) (*Handover, []int, error) {
 	if err := g.canHandOver(); err != nil {
 		return nil, nil, err
 	}
@@ -309,9 +367,60 @@ func (g *Gateway) HandOver(ctx context.Context) (*Handover, []int, error) {
 	}
 	cfg := g.Config
 	h := &Handover{PID: os.Getpid(), Workers: cfg.Workers, Public: cfg.Public.Interface, Private: cfg.Private.Interface,
-		StateDir: cfg.StateDir, PinDir: cfg.PinDir, RXQueues: queues, UMEM: uh, RxState: rx, Neighbors: g.Neighbors.Resolved()}
+		StateDir: cfg.StateDir, PinDir: cfg.PinDir, RXQueues: queues, UMEM: uh, Neighbors: g.Neighbors.Resolved()}
 	fds := append([]int{int(g.stateLock.File().Fd()), int(g.Loader.PinLock().File().Fd())}, ufds...)
-	return h, fds, nil
+	if !next.StateFD {
+		h.RxState = rx
+		return h, fds, nil
+	}
+	if g.handoverState, err = sealedMemfd("xesp-rxstate", rx); err != nil {
+		return nil, nil, fmt.Errorf("upgrade: replay windows: %w", err)
+	}
+	h.RxStateFD = true
+	return h, append(fds, g.handoverState), nil
+}
+
+// sealedMemfd is a memfd holding b, sealed against any change: the
+// successor reads exactly what was written.
+func sealedMemfd(name string, b []byte) (int, error) {
+	fd, err := unix.MemfdCreate(name, unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
+	if err != nil {
+		return -1, fmt.Errorf("memfd_create: %w", err)
+	}
+	for off := 0; off < len(b); {
+		n, err := unix.Write(fd, b[off:])
+		if err != nil {
+			unix.Close(fd)
+			return -1, fmt.Errorf("write memfd: %w", err)
+		}
+		off += n
+	}
+	if _, err := unix.FcntlInt(uintptr(fd), unix.F_ADD_SEALS, unix.F_SEAL_SHRINK|unix.F_SEAL_GROW|unix.F_SEAL_WRITE|unix.F_SEAL_SEAL); err != nil {
+		unix.Close(fd)
+		return -1, fmt.Errorf("seal memfd: %w", err)
+	}
+	return fd, nil
+}
+
+// readHandedState reads the replay-window snapshot from the handed-over
+// memfd, which it closes.
+func readHandedState(fd int) (*rxstate.Snapshot, error) {
+	f := os.NewFile(uintptr(fd), "handed-over replay windows")
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if st.Size() > rxstate.MaxSize {
+		return nil, fmt.Errorf("%d bytes, at most %d", st.Size(), rxstate.MaxSize)
+	}
+	// At offset 0: the exporter's writes left the shared offset at the
+	// end.
+	b := make([]byte, st.Size())
+	if _, err := f.ReadAt(b, 0); err != nil {
+		return nil, err
+	}
+	return rxstate.Decode(b)
 }
 
 // AbortHandOver stops this gateway after a hand-over whose successor
@@ -319,10 +428,18 @@ func (g *Gateway) HandOver(ctx context.Context) (*Handover, []int, error) {
 // have served the rings for a while, so their positions are taken back
 // from the rings first.
 func (g *Gateway) AbortHandOver() error {
+	g.closeHandoverState()
 	if g.UMEM != nil {
 		g.UMEM.Reclaim()
 	}
 	return g.Stop(true)
+}
+
+func (g *Gateway) closeHandoverState() {
+	if g.handoverState > 0 {
+		unix.Close(g.handoverState)
+		g.handoverState = 0
+	}
 }
 
 // FinishHandOver ends this gateway after its successor took over: it
@@ -330,6 +447,7 @@ func (g *Gateway) AbortHandOver() error {
 // files) without unsteering, unbinding, detaching or draining anything
 // the successor now uses. Stop is a no-op afterwards.
 func (g *Gateway) FinishHandOver() {
+	g.closeHandoverState()
 	g.once.Do(func() {
 		for _, w := range g.Workers {
 			w.Close()

@@ -45,9 +45,15 @@ state_dir: %s
 // startConfigured starts the real data path with cfg in the topology's
 // gateway namespace, unpinned.
 func startConfigured(ctx context.Context, tp *topo, cfg *config.Config) (*gateway.Gateway, error) {
+	return startConfiguredPin(ctx, tp, cfg, true)
+}
+
+// startConfiguredPin is startConfigured, pinning the maps in cfg's
+// pin_dir unless noPin.
+func startConfiguredPin(ctx context.Context, tp *topo, cfg *config.Config, noPin bool) (*gateway.Gateway, error) {
 	var g *gateway.Gateway
 	err := tp.gw.Do(func() (err error) {
-		g, err = gateway.Start(ctx, cfg, gateway.Options{NoPin: true, CipherIdle: benchCipherIdle})
+		g, err = gateway.Start(ctx, cfg, gateway.Options{NoPin: noPin, CipherIdle: benchCipherIdle})
 		return err
 	})
 	return g, err

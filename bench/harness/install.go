@@ -2,6 +2,8 @@ package harness
 
 import (
 	"context"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/netip"
@@ -18,6 +20,7 @@ import (
 	"github.com/xesp/xesp/control/sa"
 	"github.com/xesp/xesp/gateway"
 	"github.com/xesp/xesp/loader"
+	"golang.org/x/sys/unix"
 )
 
 // Install is SA installation at carrier speed (issue 13, item 3),
@@ -51,6 +54,19 @@ type Install struct {
 	// reservations restored). A restart's outage is the two together.
 	ConfigStopSeconds    float64 `json:"config_stop_seconds"`
 	ConfigRestartSeconds float64 `json:"config_restart_seconds"`
+	// HandOver* is a hitless upgrade of the restarted gateway
+	// (`xesp run --upgrade-from`, in one process: the descriptors are
+	// duplicated as SCM_RIGHTS would, the hand-over goes through JSON as
+	// on the socket). The successor parses its config first, as the
+	// daemon does before it asks. HandOverStopSeconds is the running
+	// gateway's side (workers stopped, exact snapshot, API store flushed,
+	// state exported); HandOverStartSeconds the successor's start with
+	// it, until its workers serve. Packets arriving meanwhile wait on the
+	// RX rings, up to their size: the sum is the gap they must bridge.
+	HandOverStopSeconds float64 `json:"handover_stop_seconds,omitempty"`
+	// HandOverBytes is the JSON and the replay-window snapshot's memfd.
+	HandOverBytes        int     `json:"handover_bytes,omitempty"`
+	HandOverStartSeconds float64 `json:"handover_start_seconds,omitempty"`
 	// ConfigCPUSeconds and APICPUSeconds are the process's CPU time
 	// (user + system, every thread) over each path: on a shared machine
 	// they move less than wall time. The API's includes its client.
@@ -108,8 +124,9 @@ func measureInstall(ctx context.Context, pairs int, logf func(string, ...any)) (
 	if err := in.config(ctx, tp, dir, file, pairs); err != nil {
 		return nil, fmt.Errorf("install from config: %w", err)
 	}
-	logf("install: %d pairs from config in %.2f s (config.Load %.2f s, CPU %.2f s): %.0f SAs/s; stopped in %.2f s, started again from its state in %.2f s",
-		pairs, in.ConfigSeconds, in.ConfigParseSeconds, in.ConfigCPUSeconds, in.ConfigSAsPerSec, in.ConfigStopSeconds, in.ConfigRestartSeconds)
+	logf("install: %d pairs from config in %.2f s (config.Load %.2f s, CPU %.2f s): %.0f SAs/s; stopped in %.2f s, started again from its state in %.2f s; handed over in %.2f s (%d bytes) + %.2f s",
+		pairs, in.ConfigSeconds, in.ConfigParseSeconds, in.ConfigCPUSeconds, in.ConfigSAsPerSec, in.ConfigStopSeconds, in.ConfigRestartSeconds,
+		in.HandOverStopSeconds, in.HandOverBytes, in.HandOverStartSeconds)
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
@@ -172,10 +189,24 @@ func (in *Install) config(ctx context.Context, tp *topo, dir, file string, pairs
 		return err
 	}
 	in.ConfigParseSeconds = parse
+	// The restart pins its maps (a hand-over needs them) on a bpffs of
+	// its own, unmounted afterwards.
+	pins := filepath.Join(dir, "bpffs")
+	if err := os.Mkdir(pins, 0o700); err != nil {
+		return err
+	}
+	if err := syscall.Mount("bpf", pins, "bpf", 0, "mode=0700"); err != nil {
+		return fmt.Errorf("mount bpffs for the hand-over's pins: %w", err)
+	}
+	defer syscall.Unmount(pins, syscall.MNT_DETACH)
+	pinned := filepath.Join(dir, "xesp-pinned.yaml")
+	if err := os.WriteFile(pinned, []byte(installConfig(tp, dir, file)+fmt.Sprintf("pin_dir: %s\n", filepath.Join(pins, "xesp"))), 0o600); err != nil {
+		return err
+	}
 	t2 := time.Now()
-	_, err = startFromConfig(ctx, tp, path, pairs, func(*gateway.Gateway) error {
+	_, err = startFromConfigWith(ctx, tp, pinned, pairs, false, func(g *gateway.Gateway) error {
 		in.ConfigRestartSeconds = time.Since(t2).Seconds()
-		return nil
+		return in.handOver(ctx, tp, g, pinned, pairs)
 	})
 	if err != nil {
 		return fmt.Errorf("restart: %w", err)
@@ -183,11 +214,71 @@ func (in *Install) config(ctx context.Context, tp *topo, dir, file string, pairs
 	return nil
 }
 
+// handOver hands g over to a successor started from the config at path,
+// as `xesp run --upgrade-from` does, and stops the successor once it
+// holds every SA.
+func (in *Install) handOver(ctx context.Context, tp *topo, g *gateway.Gateway, path string, pairs int) error {
+	cfg, err := config.Load(path)
+	if err != nil {
+		return err
+	}
+	t0 := time.Now()
+	h, fds, err := g.HandOver(ctx, gateway.Shape{StateFD: true})
+	if err != nil {
+		return fmt.Errorf("hand over: %w", err)
+	}
+	// What crosses the socket: JSON, and duplicates of the descriptors.
+	b, err := json.Marshal(h)
+	if err != nil {
+		return err
+	}
+	var up gateway.Upgrade
+	if err := json.Unmarshal(b, &up.Handover); err != nil {
+		return err
+	}
+	for _, fd := range fds {
+		d, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
+		if err != nil {
+			for _, d := range up.FDs {
+				unix.Close(d)
+			}
+			return err
+		}
+		up.FDs = append(up.FDs, d)
+	}
+	in.HandOverStopSeconds, in.HandOverBytes = time.Since(t0).Seconds(), len(b)
+	if h.RxStateFD {
+		var st unix.Stat_t
+		if err := unix.Fstat(fds[len(fds)-1], &st); err != nil {
+			return err
+		}
+		in.HandOverBytes += int(st.Size)
+	}
+	t1 := time.Now()
+	var next *gateway.Gateway
+	err = tp.gw.Do(func() (err error) {
+		next, err = gateway.Start(ctx, cfg, gateway.Options{Upgrade: &up, CipherIdle: benchCipherIdle})
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("successor: %w", errors.Join(err, g.AbortHandOver()))
+	}
+	in.HandOverStartSeconds = time.Since(t1).Seconds()
+	g.FinishHandOver()
+	defer next.Stop(false)
+	return waitInstalled(ctx, next, pairs)
+}
+
 // startFromConfig runs `xesp run`'s start with the config file at path
 // (config.Load, gateway.Start), waits until every SA is installed, then
 // calls installed and stops the gateway. It returns config.Load's
 // seconds.
 func startFromConfig(ctx context.Context, tp *topo, path string, pairs int, installed func(*gateway.Gateway) error) (float64, error) {
+	return startFromConfigWith(ctx, tp, path, pairs, true, installed)
+}
+
+// startFromConfigWith is startFromConfig, pinning the maps unless noPin.
+func startFromConfigWith(ctx context.Context, tp *topo, path string, pairs int, noPin bool, installed func(*gateway.Gateway) error) (float64, error) {
 	t0 := time.Now()
 	cfg, err := config.Load(path)
 	if err != nil {
@@ -197,11 +288,11 @@ func startFromConfig(ctx context.Context, tp *topo, path string, pairs int, inst
 	if err := ctx.Err(); err != nil {
 		return 0, err
 	}
-	g, err := startConfigured(ctx, tp, cfg)
+	g, err := startConfiguredPin(ctx, tp, cfg, noPin)
 	if err != nil {
 		return 0, err
 	}
-	defer g.Stop(false) // a no-op once installed stopped it
+	defer g.Stop(false) // a no-op once installed stopped it or handed it over
 	if err := waitInstalled(ctx, g, pairs); err != nil {
 		return 0, err
 	}
@@ -409,5 +500,9 @@ func (in *Install) markdown(w io.Writer) {
 	if in.ConfigStopSeconds > 0 {
 		fmt.Fprintf(w, "Restart with %d SAs: stopping the config-loaded gateway (final state snapshot, API store flush, sockets closed) took %.2f s, and starting it again from the state it left (windows, bindings, counters and sequence reservations restored) %.2f s: an outage of %.1f s.\n\n",
 			2*in.Pairs, in.ConfigStopSeconds, in.ConfigRestartSeconds, in.ConfigStopSeconds+in.ConfigRestartSeconds)
+	}
+	if in.HandOverStartSeconds > 0 {
+		fmt.Fprintf(w, "Hitless upgrade with %d SAs (`--upgrade-from`, the successor's config parsed before it asks): the running gateway stopped its workers and exported its state in %.2f s (%.1f MB of JSON and replay state), the successor's start took %.2f s until its workers served: %.1f s that the RX rings must bridge.\n\n",
+			2*in.Pairs, in.HandOverStopSeconds, float64(in.HandOverBytes)/1e6, in.HandOverStartSeconds, in.HandOverStopSeconds+in.HandOverStartSeconds)
 	}
 }

@@ -48,8 +48,9 @@ type upgradeReply struct {
 
 // pendingUpgrade is an accepted request from a would-be successor.
 type pendingUpgrade struct {
-	conn *net.UnixConn
-	pid  int
+	conn  *net.UnixConn
+	pid   int
+	shape gateway.Shape
 }
 
 // listenUpgrades accepts successors on state_dir/upgrade.sock (root
@@ -84,6 +85,7 @@ func listenUpgrades(stateDir string, check func(gateway.Shape) error, log *slog.
 			if err != nil {
 				return
 			}
+			var req upgradeRequest
 			pid, err := fdpass.CheckPeer(c)
 			if err == nil {
 				c.SetReadDeadline(time.Now().Add(5 * time.Second))
@@ -91,7 +93,6 @@ func listenUpgrades(stateDir string, check func(gateway.Shape) error, log *slog.
 				var fds []int
 				if msg, fds, err = fdpass.Recv(c); err == nil {
 					closeFDs(fds)
-					var req upgradeRequest
 					if err = json.Unmarshal(msg, &req); err == nil {
 						err = check(req.Shape)
 					}
@@ -105,7 +106,7 @@ func listenUpgrades(stateDir string, check func(gateway.Shape) error, log *slog.
 				continue
 			}
 			select {
-			case out <- pendingUpgrade{conn: c, pid: pid}:
+			case out <- pendingUpgrade{conn: c, pid: pid, shape: req.Shape}:
 			case <-done:
 				c.Close()
 				return
@@ -132,7 +133,7 @@ func listenUpgrades(stateDir string, check func(gateway.Shape) error, log *slog.
 func handOver(ctx context.Context, g *gateway.Gateway, p pendingUpgrade, log *slog.Logger) error {
 	defer p.conn.Close()
 	start := time.Now()
-	h, fds, err := g.HandOver(ctx)
+	h, fds, err := g.HandOver(ctx, p.shape)
 	if err != nil {
 		err = fmt.Errorf("%w; the running daemon (pid %d) stopped with the XDP programs pinned: start `xesp run --keep-pinned`", err, os.Getpid())
 		sendJSON(p.conn, upgradeOffer{Error: err.Error()}, nil)

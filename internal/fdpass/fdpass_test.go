@@ -2,6 +2,7 @@ package fdpass
 
 import (
 	"bytes"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
@@ -89,5 +90,64 @@ func TestRecvTruncated(t *testing.T) {
 	a.Close()
 	if _, _, err := Recv(b); err == nil {
 		t.Fatal("a truncated message was accepted")
+	}
+}
+
+// More descriptors than one SCM_RIGHTS message carries (a hand-over of
+// 8 workers on 16 RX queues a side passes 259) arrive in order, each the
+// open file that was sent, with the message intact.
+func TestSendRecvManyDescriptors(t *testing.T) {
+	const n = 2*MaxFDs + 17
+	a, b := pair(t)
+	var sent []int
+	dir := t.TempDir()
+	for i := range n {
+		f, err := os.Create(filepath.Join(dir, fmt.Sprint(i)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		sent = append(sent, int(f.Fd()))
+	}
+	msg := []byte("the hand-over")
+	errc := make(chan error, 1)
+	go func() { errc <- Send(a, msg, sent) }()
+	got, fds, err := Recv(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := <-errc; err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		for _, fd := range fds {
+			unix.Close(fd)
+		}
+	}()
+	if string(got) != string(msg) || len(fds) != n {
+		t.Fatalf("got %q and %d fds, want %q and %d", got, len(fds), msg, n)
+	}
+	for i, fd := range fds {
+		var want, have unix.Stat_t
+		if err := unix.Fstat(sent[i], &want); err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.Fstat(fd, &have); err != nil {
+			t.Fatal(err)
+		}
+		if want.Ino != have.Ino || want.Dev != have.Dev {
+			t.Fatalf("descriptor %d is inode %d, want %d (order lost)", i, have.Ino, want.Ino)
+		}
+	}
+	// The next message on the connection still frames correctly.
+	go func() { errc <- Send(a, []byte("next"), nil) }()
+	if got, fds, err := Recv(b); err != nil || string(got) != "next" || len(fds) != 0 {
+		t.Fatalf("next message: %q, %d fds, %v", got, len(fds), err)
+	}
+	if err := <-errc; err != nil {
+		t.Fatal(err)
+	}
+	if err := Send(a, nil, make([]int, MaxTotalFDs+1)); err == nil {
+		t.Fatalf("sending %d descriptors: no error", MaxTotalFDs+1)
 	}
 }
