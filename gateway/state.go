@@ -196,7 +196,7 @@ func (g *Gateway) saveState(ctx context.Context) error {
 // windows read directly when stopped (the workers no longer run: the
 // snapshot is exact and marked clean), else the windows in exported
 // (nil: none).
-func (g *Gateway) snapshotState(_ context.Context, stopped bool, exported ...manager.Changed) (*rxstate.Snapshot, error) {
+func (g *Gateway) snapshotState(ctx context.Context, stopped bool, exported ...manager.Changed) (*rxstate.Snapshot, error) {
 	windows := make(map[sa.ID]*esp.ReplayState, len(exported))
 	for i := range exported {
 		if exported[i].Replay != nil {
@@ -234,6 +234,11 @@ func (g *Gateway) snapshotState(_ context.Context, stopped bool, exported ...man
 		}
 		if cur == 0 {
 			break
+		}
+		if !stopped && ctx.Err() != nil {
+			// A periodic snapshot the stop overtook: the stop takes
+			// an exact one of its own.
+			return nil, ctx.Err()
 		}
 	}
 	return snap, nil
@@ -348,7 +353,7 @@ func (p *persister) snapshot(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		if err := p.j.Rebase(snap); err != nil {
+		if err := p.j.RebaseContext(ctx, snap); err != nil {
 			return err
 		}
 		p.version, p.carry = v, nil
@@ -451,7 +456,7 @@ func (p *persister) snapshot(ctx context.Context) error {
 	// (rxstate.Journal.Due). A failed append is retried inside it (its
 	// records are kept).
 	if appendErr != nil || p.j.Due() {
-		if err := p.j.Compact(); err != nil {
+		if err := p.j.CompactContext(ctx); err != nil {
 			return errors.Join(appendErr, err)
 		}
 		if appendErr != nil {

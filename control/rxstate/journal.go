@@ -37,6 +37,7 @@ package rxstate
 // already holds it.
 
 import (
+	"context"
 	"crypto/rand"
 	"encoding/binary"
 	"errors"
@@ -316,6 +317,12 @@ func replayJournal(j []byte, gen uint64, a *applier) (n, used int, ok bool, err 
 // starts its empty journal. A crash between the two leaves the old
 // journal, of the old generation: stale against the new base, ignored.
 func writeBase(path string, s *Snapshot) (gen uint64, err error) {
+	return writeBaseContext(context.Background(), path, s)
+}
+
+// writeBaseContext is writeBase that stops, leaving the old base, once
+// ctx ends.
+func writeBaseContext(ctx context.Context, path string, s *Snapshot) (gen uint64, err error) {
 	var g [8]byte
 	if _, err := rand.Read(g[:]); err != nil {
 		return 0, fmt.Errorf("save %s: generation: %w", path, err)
@@ -325,7 +332,7 @@ func writeBase(path string, s *Snapshot) (gen uint64, err error) {
 	if err != nil {
 		return 0, fmt.Errorf("save %s: %w", path, err)
 	}
-	if err := safefile.Replace(path, b); err != nil {
+	if err := safefile.ReplaceContext(ctx, path, b); err != nil {
 		return 0, err
 	}
 	return gen, nil
@@ -369,8 +376,14 @@ func (j *Journal) Sizes() (base, journal int64) { return j.baseSize, j.size }
 // Rebase replaces the state with s: a fresh base, after which the old
 // journal is stale.
 func (j *Journal) Rebase(s *Snapshot) error {
+	return j.RebaseContext(context.Background(), s)
+}
+
+// RebaseContext is Rebase that gives up once ctx ends, leaving the old
+// base and journal on disk, which restore as they did before.
+func (j *Journal) RebaseContext(ctx context.Context, s *Snapshot) error {
 	j.Close()
-	gen, err := writeBase(j.path, s)
+	gen, err := writeBaseContext(ctx, j.path, s)
 	if err != nil {
 		return err
 	}
@@ -494,9 +507,18 @@ func (j *Journal) dropPending() {
 // while it runs leaves the old base and journal, or the new base and the
 // stale old journal (ignored), which restore alike.
 func (j *Journal) Compact() error {
+	return j.CompactContext(context.Background())
+}
+
+// CompactContext is Compact that gives up once ctx ends; what was pending
+// stays pending.
+func (j *Journal) CompactContext(ctx context.Context) error {
 	s, info, err := load(j.path)
 	if err != nil {
 		return err
+	}
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("compact %s: %w", j.path, err)
 	}
 	if j.gen != 0 && info.Gen != j.gen {
 		return fmt.Errorf("compact %s: base generation %x, want %x: replaced behind the gateway's back", j.path, info.Gen, j.gen)
@@ -509,7 +531,7 @@ func (j *Journal) Compact() error {
 		s = a.snapshot()
 	}
 	s.Clean = false
-	if err := j.Rebase(s); err != nil {
+	if err := j.RebaseContext(ctx, s); err != nil {
 		return err
 	}
 	j.pending = nil

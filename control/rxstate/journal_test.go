@@ -2,6 +2,8 @@ package rxstate
 
 import (
 	"bytes"
+	"context"
+	"errors"
 	"math/rand/v2"
 	"net/netip"
 	"os"
@@ -443,4 +445,39 @@ func TestJournalSweep(t *testing.T) {
 		t.Fatal(err)
 	}
 	sameState(t, "swept", got, &Snapshot{Records: []Record{a, d}})
+}
+
+// A stop overtaking a periodic rewrite of the base (RebaseContext,
+// CompactContext with its context cancelled) leaves the state on disk as
+// it was: the old base and its journal restore the same records, and the
+// journal keeps what was pending for the next compaction.
+func TestRebaseCancelledKeepsState(t *testing.T) {
+	r := rand.New(rand.NewPCG(7, 8))
+	path := filepath.Join(t.TempDir(), "rx.state")
+	m, ids, next := model{}, []seqstore.Key(nil), 0
+	j := OpenJournal(path)
+	var b Batch
+	churn(t, r, m, &ids, &next, &b)
+	if err := j.Rebase(m.snapshot()); err != nil {
+		t.Fatal(err)
+	}
+	b.Reset()
+	churn(t, r, m, &ids, &next, &b)
+	if err := j.Append(&b); err != nil {
+		t.Fatal(err)
+	}
+	want := m.snapshot()
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := j.CompactContext(ctx); !errors.Is(err, context.Canceled) {
+		t.Fatalf("compact with a cancelled context: %v", err)
+	}
+	if err := j.RebaseContext(ctx, &Snapshot{}); !errors.Is(err, context.Canceled) {
+		t.Fatalf("rebase with a cancelled context: %v", err)
+	}
+	got, err := Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sameState(t, "after cancelled rewrites", got, want)
 }

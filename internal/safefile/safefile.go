@@ -7,6 +7,7 @@
 package safefile
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"os"
@@ -69,6 +70,18 @@ func readAll(r io.Reader, b []byte) ([]byte, error) {
 // contents, never a mix, and a returned nil means the new contents
 // survive a power cut.
 func Replace(path string, b []byte) error {
+	return ReplaceContext(context.Background(), path, b)
+}
+
+// replaceChunk is how much ReplaceContext writes between looks at its
+// context: a few milliseconds of page-cache copying.
+const replaceChunk = 8 << 20
+
+// ReplaceContext is Replace that gives up, leaving the old file and no
+// temporary one, when ctx ends before the new contents are synced: a
+// stopping daemon's periodic state write of hundreds of megabytes must
+// not hold the stop up.
+func ReplaceContext(ctx context.Context, path string, b []byte) error {
 	tmp := path + ".tmp"
 	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err != nil {
@@ -81,9 +94,21 @@ func Replace(path string, b []byte) error {
 		f.Close()
 		return fmt.Errorf("save %s: %w", path, err)
 	}
-	if _, err := f.Write(b); err != nil {
-		f.Close()
-		return fmt.Errorf("save %s: %w", path, err)
+	// The context is looked at before each chunk and once more before
+	// the fsync, the part a cancelled write spares the most.
+	for off := 0; ; off += replaceChunk {
+		if err := ctx.Err(); err != nil {
+			f.Close()
+			os.Remove(tmp)
+			return fmt.Errorf("save %s: %w", path, err)
+		}
+		if off >= len(b) {
+			break
+		}
+		if _, err := f.Write(b[off:min(off+replaceChunk, len(b))]); err != nil {
+			f.Close()
+			return fmt.Errorf("save %s: %w", path, err)
+		}
 	}
 	if err := f.Sync(); err != nil {
 		f.Close()

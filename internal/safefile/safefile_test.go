@@ -1,6 +1,9 @@
 package safefile
 
 import (
+	"bytes"
+	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -78,5 +81,50 @@ func TestReplace(t *testing.T) {
 	}
 	if err := Replace(filepath.Join(dir, "missing", "state"), nil); err == nil {
 		t.Error("Replace into a missing directory succeeded")
+	}
+}
+
+// errAfter is a context whose Err turns context.Canceled after n calls:
+// a cancellation that lands in the middle of a write, deterministically.
+type errAfter struct {
+	context.Context
+	n int
+}
+
+func (c *errAfter) Err() error {
+	if c.n--; c.n < 0 {
+		return context.Canceled
+	}
+	return nil
+}
+
+// A cancelled ReplaceContext leaves the old contents and no temporary
+// file, whether it was cancelled before it began, between chunks, or
+// after the last chunk (before the fsync); one that is not cancelled
+// writes a multi-chunk file whole.
+func TestReplaceContextCancelled(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "state")
+	if err := os.WriteFile(path, []byte("old"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	b := bytes.Repeat([]byte{7}, 3*replaceChunk+5) // four chunks
+	for _, n := range []int{0, 2, 4} {
+		err := ReplaceContext(&errAfter{Context: context.Background(), n: n}, path, b)
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("cancelled after %d looks: %v, want context.Canceled", n, err)
+		}
+		if got, _ := os.ReadFile(path); string(got) != "old" {
+			t.Fatalf("cancelled after %d looks: the file holds %d bytes, want the old contents", n, len(got))
+		}
+		if _, err := os.Stat(path + ".tmp"); !os.IsNotExist(err) {
+			t.Fatalf("cancelled after %d looks: temporary file left behind: %v", n, err)
+		}
+	}
+	if err := ReplaceContext(&errAfter{Context: context.Background(), n: 5}, path, b); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := os.ReadFile(path); !bytes.Equal(got, b) {
+		t.Fatalf("the file holds %d bytes, want %d", len(got), len(b))
 	}
 }
