@@ -113,8 +113,10 @@ type Gateway struct {
 	// programs alone (the predecessor's, still in use).
 	upgrade *Upgrade
 	// handoverState is the memfd of the replay windows handed to a
-	// successor, held until the hand-over ends.
+	// successor, held until the hand-over ends; handoverSnap the same
+	// snapshot, written to state_dir if the successor fails.
 	handoverState int
+	handoverSnap  *rxstate.Snapshot
 }
 
 // Options change how Start behaves beyond the configuration.
@@ -138,7 +140,32 @@ type Options struct {
 	// steered throughout. Start owns its descriptors.
 	Upgrade *Upgrade
 
+	// Prepared is what Prepare built for this config ahead of the start.
+	Prepared *Prepared
+
 	pinLock *instlock.Lock // handed over by a previous process
+}
+
+// Prepared is the part of a start that needs nothing of a running
+// daemon: the SA database with the configured SAs placed on their
+// workers. A successor in a hitless upgrade builds it before it asks for
+// the hand-over, so it stays out of the gap the RX rings must bridge (at
+// a million SA pairs it is seconds).
+type Prepared struct {
+	cfg *config.Config
+	sad *sad.SAD
+}
+
+// Prepare builds cfg's SA database for a Start with cfg.
+func Prepare(cfg *config.Config) (*Prepared, error) {
+	d, err := sad.New(sad.Options{Workers: cfg.Workers, MaxSAs: cfg.MaxSAs})
+	if err != nil {
+		return nil, err
+	}
+	if err := d.AddAll(cfg.SAList); err != nil {
+		return nil, fmt.Errorf("load configured SAs: %w", err)
+	}
+	return &Prepared{cfg: cfg, sad: d}, nil
 }
 
 // Start brings the data path up. On error everything it built is torn
@@ -432,8 +459,12 @@ func (g *Gateway) start(ctx context.Context, o Options) (err error) {
 		g.Workers = append(g.Workers, wk)
 	}
 
-	g.SAD, err = sad.New(sad.Options{Workers: cfg.Workers, MaxSAs: cfg.MaxSAs})
-	if err != nil {
+	if p := o.Prepared; p != nil {
+		if p.cfg != cfg {
+			return errors.New("gateway: Prepared was built for another config")
+		}
+		g.SAD = p.sad
+	} else if g.SAD, err = sad.New(sad.Options{Workers: cfg.Workers, MaxSAs: cfg.MaxSAs}); err != nil {
 		return err
 	}
 	g.Manager, err = manager.New(manager.Options{SAD: g.SAD, Maps: g.Maps, Workers: g.Workers, Events: events,
@@ -465,8 +496,10 @@ func (g *Gateway) start(ctx context.Context, o Options) (err error) {
 			return fmt.Errorf("worker %d: publish %s socket of queue %d: %w", s.Worker, side, s.Queue, err)
 		}
 	}
-	if err := g.SAD.AddAll(cfg.SAList); err != nil {
-		return fmt.Errorf("load configured SAs: %w", err)
+	if o.Prepared == nil {
+		if err := g.SAD.AddAll(cfg.SAList); err != nil {
+			return fmt.Errorf("load configured SAs: %w", err)
+		}
 	}
 	// Before the bindings and the first sync, so the SAs added through the
 	// API in an earlier run continue their state as the config's do.

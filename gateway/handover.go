@@ -313,15 +313,16 @@ func (u *Upgrade) rxState() (*rxstate.Snapshot, error) {
 // HandOver stops the workers at a batch boundary (every frame they held
 // goes back to the free list; what the kernel holds stays on the rings)
 // and prepares the hand-over: a clean snapshot of the replay windows and
-// bindings (also written to state_dir, so a failed successor can be
-// replaced by a plain start), the SAs added through the API flushed, the
+// bindings (written to state_dir by AbortHandOver if the hand-over
+// fails, so a plain start can replace the successor), the SAs added
+// through the API flushed, the
 // sequence store and the slow path's socket closed so the successor can
 // open them. The XSK map slots keep pointing at the same sockets:
 // packets arriving meanwhile wait on their RX rings.
 //
 // Then send the Handover with the descriptors (owned by the gateway:
 // send them, never close them) and call FinishHandOver once the successor
-// runs, or Stop(true) if it failed.
+// runs, or AbortHandOver if it failed.
 func (g *Gateway) HandOver(ctx context.Context, next Shape) (*Handover, []int, error) {
 	if err := g.canHandOver(); err != nil {
 		return nil, nil, err
@@ -336,9 +337,12 @@ func (g *Gateway) HandOver(ctx context.Context, next Shape) (*Handover, []int, e
 	if err != nil {
 		return nil, nil, fmt.Errorf("upgrade: encode replay windows: %w", err)
 	}
-	if err := rxstate.Save(filepath.Join(g.Config.StateDir, rxStateFile), snap); err != nil {
-		return nil, nil, fmt.Errorf("upgrade: %w", err)
-	}
+	// Not written to state_dir here: at a million SAs that is seconds
+	// of the gap the RX rings must bridge. The successor persists its
+	// own; a crash meanwhile restores from the last periodic snapshot
+	// as any crash does, and a failed hand-over writes this one
+	// (AbortHandOver).
+	g.handoverSnap = snap
 	if err := g.apiSAs.flush(g.SAD.Version()); err != nil {
 		return nil, nil, fmt.Errorf("upgrade: %w", err)
 	}
@@ -429,10 +433,22 @@ func readHandedState(fd int) (*rxstate.Snapshot, error) {
 // from the rings first.
 func (g *Gateway) AbortHandOver() error {
 	g.closeHandoverState()
+	var saveErr error
+	if s := g.handoverSnap; s != nil {
+		// The successor may have accepted packets before it gave up,
+		// which this snapshot does not know: saved as not clean, the
+		// next start trusts each window only up to its top, as after a
+		// crash.
+		s.Clean = false
+		if err := rxstate.Save(filepath.Join(g.Config.StateDir, rxStateFile), s); err != nil {
+			saveErr = fmt.Errorf("upgrade: save the replay windows for the next start: %w", err)
+		}
+		g.handoverSnap = nil
+	}
 	if g.UMEM != nil {
 		g.UMEM.Reclaim()
 	}
-	return g.Stop(true)
+	return errors.Join(saveErr, g.Stop(true))
 }
 
 func (g *Gateway) closeHandoverState() {
@@ -448,6 +464,7 @@ func (g *Gateway) closeHandoverState() {
 // the successor now uses. Stop is a no-op afterwards.
 func (g *Gateway) FinishHandOver() {
 	g.closeHandoverState()
+	g.handoverSnap = nil
 	g.once.Do(func() {
 		for _, w := range g.Workers {
 			w.Close()

@@ -86,6 +86,12 @@ func TestHandOverLargeState(t *testing.T) {
 		t.Fatalf("a current successor: %v", err)
 	}
 
+	// As `xesp run --upgrade-from` does: the SA database is built
+	// before the running gateway is asked.
+	prepared, err := Prepare(&cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
 	h, fds, err := tp.g.HandOver(context.Background(), next)
 	if err != nil {
 		t.Fatal(err)
@@ -122,7 +128,7 @@ func TestHandOverLargeState(t *testing.T) {
 		t.Fatal(err)
 	}
 	old := tp.g
-	tp.startWith(t, &cfg, Options{Upgrade: up})
+	tp.startWith(t, &cfg, Options{Upgrade: up, Prepared: prepared})
 	old.FinishHandOver()
 	t.Logf("%d SAs: %d bytes of replay state in the memfd, %d of JSON", 2*pairs+2, st.Size, len(msg))
 

@@ -57,8 +57,9 @@ type Install struct {
 	// HandOver* is a hitless upgrade of the restarted gateway
 	// (`xesp run --upgrade-from`, in one process: the descriptors are
 	// duplicated as SCM_RIGHTS would, the hand-over goes through JSON as
-	// on the socket). The successor parses its config first, as the
-	// daemon does before it asks. HandOverStopSeconds is the running
+	// on the socket). The successor parses its config and builds its SA
+	// database first (gateway.Prepare), as the daemon does before it
+	// asks. HandOverStopSeconds is the running
 	// gateway's side (workers stopped, exact snapshot, API store flushed,
 	// state exported); HandOverStartSeconds the successor's start with
 	// it, until its workers serve. Packets arriving meanwhile wait on the
@@ -222,6 +223,10 @@ func (in *Install) handOver(ctx context.Context, tp *topo, g *gateway.Gateway, p
 	if err != nil {
 		return err
 	}
+	prepared, err := gateway.Prepare(cfg)
+	if err != nil {
+		return err
+	}
 	t0 := time.Now()
 	h, fds, err := g.HandOver(ctx, gateway.Shape{StateFD: true})
 	if err != nil {
@@ -257,7 +262,7 @@ func (in *Install) handOver(ctx context.Context, tp *topo, g *gateway.Gateway, p
 	t1 := time.Now()
 	var next *gateway.Gateway
 	err = tp.gw.Do(func() (err error) {
-		next, err = gateway.Start(ctx, cfg, gateway.Options{Upgrade: &up, CipherIdle: benchCipherIdle})
+		next, err = gateway.Start(ctx, cfg, gateway.Options{Upgrade: &up, Prepared: prepared, CipherIdle: benchCipherIdle})
 		return err
 	})
 	if err != nil {

@@ -71,9 +71,15 @@ func runDaemon(args []string) error {
 	defer stop()
 	var up *gateway.Upgrade
 	var upConn *net.UnixConn
+	var prepared *gateway.Prepared
 	if *upgradeFrom != "" {
 		shape, err := gateway.SuccessorShape(cfg)
 		if err != nil {
+			return err
+		}
+		// Everything that needs nothing of the running daemon is built
+		// while it still serves: not in the hand-over's gap.
+		if prepared, err = gateway.Prepare(cfg); err != nil {
 			return err
 		}
 		if up, upConn, err = requestUpgrade(*upgradeFrom, shape); err != nil {
@@ -87,7 +93,7 @@ func runDaemon(args []string) error {
 			}
 		}()
 	}
-	g, err := gateway.Start(ctx, cfg, gateway.Options{Log: log, Upgrade: up})
+	g, err := gateway.Start(ctx, cfg, gateway.Options{Log: log, Upgrade: up, Prepared: prepared})
 	if err != nil {
 		if upConn != nil {
 			replyUpgrade(upConn, err)

@@ -137,8 +137,13 @@ func handOver(ctx context.Context, g *gateway.Gateway, p pendingUpgrade, log *sl
 	if err != nil {
 		err = fmt.Errorf("%w; the running daemon (pid %d) stopped with the XDP programs pinned: start `xesp run --keep-pinned`", err, os.Getpid())
 		sendJSON(p.conn, upgradeOffer{Error: err.Error()}, nil)
-		return errors.Join(err, g.Stop(true))
+		return errors.Join(err, g.AbortHandOver())
 	}
+	// The gap the RX rings bridge is this part and the successor's
+	// start: logged apart, so an operator sees which side a slow
+	// hand-over spent it on.
+	log.Info("handing over: workers stopped, state exported", "pid", p.pid, "took", time.Since(start).Round(time.Millisecond),
+		"sockets", len(h.UMEM.Sockets), "state_in_memfd", h.RxStateFD)
 	if err := sendJSON(p.conn, upgradeOffer{Handover: h}, fds); err != nil {
 		return errors.Join(fmt.Errorf("upgrade: hand over to pid %d: %w", p.pid, err), g.AbortHandOver())
 	}

@@ -19,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/xesp/xesp/control/api"
+	"github.com/xesp/xesp/dataplane/esp"
 	"github.com/xesp/xesp/internal/pkt"
 	"github.com/xesp/xesp/lab/netns"
 	"github.com/xesp/xesp/lab/ue"
@@ -521,4 +522,35 @@ func TestRunDaemonUpgradeFailedSuccessor(t *testing.T) {
 	}
 	d.start(t)
 	talk(t, ph, inner, "OPTIONS after")
+	// The windows the old daemon saved when the hand-over failed hold:
+	// sequence number 1 again (the phone's first packet, under its key)
+	// is a replay to the next daemon.
+	dup := mustESP(t, 0x1001, runKeyIn, 0)
+	plain := pkt.UDP4(inner, netip.MustParseAddrPort("10.0.0.1:5060"), []byte("replayed"))
+	buf := make([]byte, 64+len(plain)+64)
+	copy(buf[64:], plain)
+	start, end, err := dup.Seal(buf, 64, len(plain), esp.NextHeaderFor(plain), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.phone.Do(func() error {
+		c, err := net.DialUDP("udp4", &net.UDPAddr{IP: net.IPv4(192, 0, 2, 10), Port: 4600}, &net.UDPAddr{IP: net.IPv4(192, 0, 2, 1), Port: 4500})
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		_, err = c.Write(buf[start:end])
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	c, err := api.NewClient("unix:"+d.sock, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	waitFor(t, "the replayed packet dropped as a replay", 5*time.Second, func() bool {
+		st, err := c.Stats(context.Background())
+		return err == nil && st.In.Drops["replay"]+st.In.Drops["replay_old"] == 1
+	})
 }
