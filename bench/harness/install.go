@@ -507,7 +507,7 @@ func (in *Install) markdown(w io.Writer) {
 			2*in.Pairs, in.ConfigStopSeconds, in.ConfigRestartSeconds, in.ConfigStopSeconds+in.ConfigRestartSeconds)
 	}
 	if in.HandOverStartSeconds > 0 {
-		fmt.Fprintf(w, "Hitless upgrade with %d SAs (`--upgrade-from`, the successor's config parsed before it asks): the running gateway stopped its workers and exported its state in %.2f s (%.1f MB of JSON and replay state), the successor's start took %.2f s until its workers served: %.1f s that the RX rings must bridge.\n\n",
+		fmt.Fprintf(w, "Hitless upgrade with %d SAs (`--upgrade-from`; the successor parsed its config and built its SA database before it asked): the running gateway stopped its workers and exported its state in %.2f s (%.1f MB of JSON and replay state), the successor's start took %.2f s until its workers served: %.1f s that the RX rings must bridge. Both gateways run in this one process here, sharing a heap and its collector; between two processes the successor's share is smaller (docs/operations.md, \"Stop and start\").\n\n",
 			2*in.Pairs, in.HandOverStopSeconds, float64(in.HandOverBytes)/1e6, in.HandOverStartSeconds, in.HandOverStopSeconds+in.HandOverStartSeconds)
 	}
 }
