@@ -315,10 +315,9 @@ func (u *Upgrade) rxState() (*rxstate.Snapshot, error) {
 // and prepares the hand-over: a clean snapshot of the replay windows and
 // bindings (written to state_dir by AbortHandOver if the hand-over
 // fails, so a plain start can replace the successor), the SAs added
-// through the API flushed, the
-// sequence store and the slow path's socket closed so the successor can
-// open them. The XSK map slots keep pointing at the same sockets:
-// packets arriving meanwhile wait on their RX rings.
+// through the API flushed, the sequence store and the slow path's socket
+// closed so the successor can open them. The XSK map slots keep pointing
+// at the same sockets: packets arriving meanwhile wait on their RX rings.
 //
 // Then send the Handover with the descriptors (owned by the gateway:
 // send them, never close them) and call FinishHandOver once the successor
