@@ -576,8 +576,9 @@ func (g *Gateway) start(ctx context.Context, o Options) (err error) {
 	g.Started = time.Now()
 	g.upgrade = nil // from here this gateway owns what it was handed
 	o.Log.Info("xesp data path up", "upgraded_from", upgradedFrom(o.Upgrade),
-		"public", fmt.Sprintf("%s (xdp %s, %d rx queues)", pubIf.Name, g.Loader.Public.Mode, queues[0]),
-		"private", fmt.Sprintf("%s (xdp %s, %d rx queues)", privIf.Name, g.Loader.Private.Mode, queues[1]),
+		"public", fmt.Sprintf("%s (xdp %s)", pubIf.Name, g.Loader.Public.Mode),
+		"private", fmt.Sprintf("%s (xdp %s)", privIf.Name, g.Loader.Private.Mode),
+		"public_rx_queues", queues[0], "private_rx_queues", queues[1],
 		"af_xdp", g.Sockets[0][0].Mode().String(), "workers", cfg.Workers, "sas", len(cfg.SAList), "api_sas", g.Restored.APISAs,
 		"restored_windows", g.Restored.Windows, "restored_bindings", g.Restored.Bindings, "restored_counters", g.Restored.Counters, "clean_snapshot", g.Restored.Clean, "journal_records", g.Restored.JournalRecords, "journal_torn_bytes", g.Restored.TornBytes,
 		"warmed_neighbors", g.Restored.Neighbors, "pruned_sas", g.Restored.StaleSAs, "pruned_policies", g.Restored.StalePolicies)
