@@ -71,11 +71,7 @@ func TestHandOverLargeState(t *testing.T) {
 	}
 
 	// The refusal reads the state files' size: wait for the first base.
-	for deadline := time.Now().Add(60 * time.Second); tp.g.Persisted.Load() == 0; time.Sleep(20 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("no state snapshot within 60 s")
-		}
-	}
+	eventually(t, "the first state snapshot", func() bool { return tp.g.Persisted.Load() > 0 })
 	next := ShapeOf(&cfg)
 	next.RXQueues = [2]int{1, 1}
 	if err := tp.g.CheckSuccessor(next); err == nil || !strings.Contains(err.Error(), "MiB") || !strings.Contains(err.Error(), "stop and start") {
