@@ -1,6 +1,7 @@
 package lifetime
 
 import (
+	"context"
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
@@ -166,5 +167,49 @@ func TestDueHeapOrder(t *testing.T) {
 	}
 	if len(h) != 0 {
 		t.Fatalf("%d items left", len(h))
+	}
+}
+
+// A stop does not wait for a pass over every SA: a pass whose context has
+// ended stops within a page (checkPage SAs), in both modes, and the next
+// pass checks what it left.
+func TestPassStopsWithItsContext(t *testing.T) {
+	const n = 3 * checkPage
+	d, err := sad.New(sad.Options{Workers: 1, MaxSAs: 2 * n})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sas := make([]sa.SA, n)
+	for i := range sas {
+		s := phoneSA(1, sa.Out, sa.Lifetime{}, false)
+		s.Name = fmt.Sprintf("sa%d", i)
+		s.SPI = uint32(0x10000 + i)
+		s.InnerPeer = netip.PrefixFrom(netip.AddrFrom4([4]byte{100, 64 + byte(i>>16), byte(i >> 8), byte(i)}), 32)
+		s.Encap = &sa.Encap{LocalPort: 4500, PeerPort: uint16(1024 + i%60000)}
+		sas[i] = s
+	}
+	if err := d.AddAll(sas); err != nil {
+		t.Fatal(err)
+	}
+	zero := func(sa.ID) (Usage, bool) { return Usage{}, true }
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	for _, c := range []struct {
+		name          string
+		pkts, byteMax float64
+	}{{"sweep", 0, 0}, {"scheduled", GatewayMaxPacketRate, GatewayMaxByteRate}} {
+		e, err := New(Options{SAD: d, Usage: zero, MaxPacketRate: c.pkts, MaxByteRate: c.byteMax})
+		if err != nil {
+			t.Fatal(err)
+		}
+		e.checkUntil(ctx)
+		if got := e.Checked(); got == 0 || got > checkPage {
+			t.Fatalf("%s: a cancelled pass checked %d of %d SAs, want at most a page (%d)", c.name, got, n, checkPage)
+		}
+		first := e.Checked()
+		e.Check()
+		if got := e.Checked() - first; got < n-first {
+			t.Fatalf("%s: the next pass checked %d, want at least the %d left", c.name, got, n-first)
+		}
 	}
 }
