@@ -100,19 +100,9 @@ func BenchmarkLifetimePass(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		sas := make([]sa.SA, n)
-		for i := range sas {
-			s := phoneSA(1, sa.Out, sa.Lifetime{}, false)
-			s.Name = fmt.Sprintf("sa%d", i)
-			s.SPI = uint32(0x10000 + i)
-			s.InnerPeer = netip.PrefixFrom(netip.AddrFrom4([4]byte{100, 64 + byte(i>>16), byte(i >> 8), byte(i)}), 32)
-			s.Encap = &sa.Encap{LocalPort: 4500, PeerPort: uint16(1024 + i%60000)}
-			sas[i] = s
-		}
-		if err := d.AddAll(sas); err != nil {
+		if err := d.AddAll(quietSAs(n)); err != nil {
 			b.Fatal(err)
 		}
-		sas = nil
 		zero := func(sa.ID) (Usage, bool) { return Usage{}, true }
 		for _, c := range []struct {
 			name          string
@@ -179,16 +169,7 @@ func TestPassStopsWithItsContext(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sas := make([]sa.SA, n)
-	for i := range sas {
-		s := phoneSA(1, sa.Out, sa.Lifetime{}, false)
-		s.Name = fmt.Sprintf("sa%d", i)
-		s.SPI = uint32(0x10000 + i)
-		s.InnerPeer = netip.PrefixFrom(netip.AddrFrom4([4]byte{100, 64 + byte(i>>16), byte(i >> 8), byte(i)}), 32)
-		s.Encap = &sa.Encap{LocalPort: 4500, PeerPort: uint16(1024 + i%60000)}
-		sas[i] = s
-	}
-	if err := d.AddAll(sas); err != nil {
+	if err := d.AddAll(quietSAs(n)); err != nil {
 		t.Fatal(err)
 	}
 	zero := func(sa.ID) (Usage, bool) { return Usage{}, true }
@@ -212,4 +193,19 @@ func TestPassStopsWithItsContext(t *testing.T) {
 			t.Fatalf("%s: the next pass checked %d, want at least the %d left", c.name, got, n-first)
 		}
 	}
+}
+
+// quietSAs are n outbound SAs with no limits of their own, each its own
+// phone (SPI, inner address and NAT port differ).
+func quietSAs(n int) []sa.SA {
+	sas := make([]sa.SA, n)
+	for i := range sas {
+		s := phoneSA(1, sa.Out, sa.Lifetime{}, false)
+		s.Name = fmt.Sprintf("sa%d", i)
+		s.SPI = uint32(0x10000 + i)
+		s.InnerPeer = netip.PrefixFrom(netip.AddrFrom4([4]byte{100, 64 + byte(i>>16), byte(i >> 8), byte(i)}), 32)
+		s.Encap = &sa.Encap{LocalPort: 4500, PeerPort: uint16(1024 + i%60000)}
+		sas[i] = s
+	}
+	return sas
 }
