@@ -233,23 +233,27 @@ func (in *Install) handOver(ctx context.Context, tp *topo, g *gateway.Gateway, p
 		return fmt.Errorf("hand over: %w", err)
 	}
 	// What crosses the socket: JSON, and duplicates of the descriptors.
-	b, err := json.Marshal(h)
-	if err != nil {
-		return err
-	}
+	// Until a successor has them, a failure ends the hand-over as the
+	// daemon does (AbortHandOver), not by the deferred plain Stop.
 	var up gateway.Upgrade
-	if err := json.Unmarshal(b, &up.Handover); err != nil {
-		return err
+	b, err := json.Marshal(h)
+	if err == nil {
+		err = json.Unmarshal(b, &up.Handover)
 	}
 	for _, fd := range fds {
-		d, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
 		if err != nil {
-			for _, d := range up.FDs {
-				unix.Close(d)
-			}
-			return err
+			break
 		}
-		up.FDs = append(up.FDs, d)
+		var d int
+		if d, err = unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0); err == nil {
+			up.FDs = append(up.FDs, d)
+		}
+	}
+	if err != nil {
+		for _, d := range up.FDs {
+			unix.Close(d)
+		}
+		return fmt.Errorf("hand over: %w", errors.Join(err, g.AbortHandOver()))
 	}
 	in.HandOverStopSeconds, in.HandOverBytes = time.Since(t0).Seconds(), len(b)
 	if h.RxStateFD {
