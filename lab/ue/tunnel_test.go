@@ -125,6 +125,9 @@ func TestTunnelTUNToTUN(t *testing.T) {
 			t.Fatalf("echo %d: from %s, bytes differ", i, from2)
 		}
 	}
+	// A side counts a packet sent after the send returns, which can be
+	// after the far side has received it: both sent counters are awaited.
+	waitFor(t, "a's sent counter", func() bool { return ta.Counters().Sent >= n })
 	waitFor(t, "b's sent counter", func() bool { return tb.Counters().Sent >= n })
 	// The reader gets the last echo from the TUN before a's ToTUN counts
 	// the write that delivered it.
